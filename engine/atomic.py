@@ -1,0 +1,64 @@
+"""Atomic file writes: a temporary file in the target folder, fsync, then rename over the target.
+
+An interrupted run (cancel, crash, power loss) leaves either the old file or the new one, never half a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from .errors import invalid
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `target`; on success it replaces `target`, on error it is removed."""
+    target = Path(target)
+    folder = target.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise invalid("output path", str(target), f"a writable folder ({e})") from e
+    if not os.access(folder, os.W_OK):
+        raise invalid("output path", str(target), "a path in a writable folder")
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, target)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_bytes_atomic(target: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json_atomic(target: str | os.PathLike, obj) -> None:
+    write_bytes_atomic(target, json.dumps(obj, indent=1, sort_keys=True).encode())
+
+
+def save_safetensors_atomic(tensors: dict, target: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """safetensors.torch.save_file through a temporary file. Tensors are made contiguous (safetensors requires it)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    with atomic_path(target) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def torch_save_atomic(obj, target: str | os.PathLike) -> None:
+    import torch
+
+    with atomic_path(target) as tmp:
+        torch.save(obj, tmp)

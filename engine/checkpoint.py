@@ -1,0 +1,304 @@
+"""Read weights from the files users actually have, one tensor at a time.
+
+Supported: safetensors (single file, `-0000N-of-0000M` shards, `*.safetensors.index.json`), and pickle-based
+`.pt/.pth/.ckpt/.bin` loaded with `torch.load(weights_only=True)` only (memory-mapped when the file allows it).
+
+A `Checkpoint` is a read-only name -> tensor view. Tensors are produced on demand, so a 14B model is streamed into
+its module (see `load_into_module`) without a second full copy in RAM. Views can strip key prefixes
+(`model.diffusion_model.` and friends) without touching the files.
+
+ComfyUI "scaled fp8" files store `<layer>.weight` in float8_e4m3fn plus a `<layer>.scale_weight` tensor (a scalar or
+one value per output channel) and an empty marker tensor `scaled_fp8`. `get(..., dequantize=True)` returns
+`weight.float() * scale_weight` for those; `raw` access keeps the fp8 tensor for the memory engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from .errors import MusubiInputError, invalid
+
+SAFETENSORS_EXT = (".safetensors", ".sft")
+PICKLE_EXT = (".pt", ".pth", ".ckpt", ".bin")
+_SHARD_RE = re.compile(r"^(?P<stem>.*)-(?P<idx>\d{5})-of-(?P<total>\d{5})(?P<ext>\.safetensors)$")
+# Keys under which trainers nest the real state dict inside a pickle file.
+_NESTED_STATE_KEYS = ("state_dict", "model", "module", "ema", "params")
+SCALE_SUFFIX = ".scale_weight"
+SCALED_FP8_MARKER = "scaled_fp8"
+
+
+def expand_shards(path: Path) -> list[Path]:
+    """`x-00001-of-00003.safetensors` -> all three shards; an index json -> the files it names; else [path]."""
+    if path.name.endswith(".safetensors.index.json"):
+        try:
+            index = json.loads(path.read_text())
+            files = sorted(set(index["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            raise invalid(f"checkpoint index {path}", "unreadable", "a json file with a 'weight_map' object") from e
+        return [path.parent / f for f in files]
+    m = _SHARD_RE.match(path.name)
+    if not m:
+        return [path]
+    total = int(m["total"])
+    shards = [path.parent / f"{m['stem']}-{i:05d}-of-{total:05d}{m['ext']}" for i in range(1, total + 1)]
+    missing = [s.name for s in shards if not s.is_file()]
+    if missing:
+        raise invalid(f"checkpoint {path}", f"{total} shards with {missing} missing", "every shard in the same folder")
+    return shards
+
+
+class _SafetensorsFile:
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self.path = path
+        try:
+            self._f = safe_open(str(path), framework="pt", device="cpu")
+            self.keys = list(self._f.keys())
+            self.metadata = dict(self._f.metadata() or {})
+        except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
+            raise invalid(f"checkpoint {path}", f"unreadable safetensors ({type(e).__name__}: {e})",
+                          "a complete .safetensors file (it is truncated or corrupt)") from e
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._f.get_tensor(key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._f.get_slice(key).get_shape())
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.get(key).dtype if self.shape(key) == () else _ST_DTYPES[self._f.get_slice(key).get_dtype()]
+
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+class _PickleFile:
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            try:
+                obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)  # legacy (non-zip) format
+        except Exception as e:
+            raise invalid(f"checkpoint {path}", f"not loadable with weights_only=True ({type(e).__name__}: {e})",
+                          "a plain tensor state dict (pickled code is never executed; convert it to .safetensors)") from e
+        self.state = _find_state_dict(obj, path)
+        self.keys = list(self.state.keys())
+        self.metadata = {}
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.state[key]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.state[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.state[key].dtype
+
+
+def _find_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict):
+        tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+        if tensors and len(tensors) >= len(obj) // 2:
+            return tensors
+        for k in _NESTED_STATE_KEYS:
+            if isinstance(obj.get(k), dict):
+                return _find_state_dict(obj[k], path)
+    raise invalid(f"checkpoint {path}", type(obj).__name__, "a dict of tensors (a state dict)")
+
+
+class Checkpoint:
+    """A read-only, streaming name -> tensor view over one or more weight files."""
+
+    def __init__(self, files: list, key_map: dict[str, tuple[int, str]] | None = None, source: Path | None = None):
+        self._files = files
+        if key_map is None:
+            key_map = {}
+            for i, f in enumerate(files):
+                for k in f.keys:
+                    key_map[k] = (i, k)
+        self._map = key_map
+        self.source = source or files[0].path
+
+    # --- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "Checkpoint":
+        path = Path(path)
+        if not path.is_file():
+            raise invalid("checkpoint", str(path), "an existing weight file")
+        files = []
+        for p in expand_shards(path):
+            name = p.name.lower()
+            if name.endswith(SAFETENSORS_EXT):
+                files.append(_SafetensorsFile(p))
+            elif name.endswith(PICKLE_EXT):
+                files.append(_PickleFile(p))
+            else:
+                raise invalid("checkpoint", str(p), f"a file ending in one of {SAFETENSORS_EXT + PICKLE_EXT}")
+        ckpt = cls(files, source=path)
+        if not len(ckpt):
+            raise invalid(f"checkpoint {path}", "no tensors", "a file with model weights")
+        return ckpt
+
+    def renamed(self, fn: Callable[[str], str | None]) -> "Checkpoint":
+        """A view whose keys are `fn(key)`; keys mapped to None are hidden."""
+        new = {}
+        for k, loc in self._map.items():
+            nk = fn(k)
+            if nk is not None:
+                new[nk] = loc
+        view = Checkpoint(self._files, new, self.source)
+        return view
+
+    def strip_prefix(self, prefixes: Iterable[str]) -> "Checkpoint":
+        """Strip the first of `prefixes` that *every* weight key starts with (e.g. `model.diffusion_model.`)."""
+        keys = [k for k in self._map if k != SCALED_FP8_MARKER]
+        for p in prefixes:
+            if keys and all(k.startswith(p) for k in keys):
+                return self.renamed(lambda k, p=p: k[len(p):] if k.startswith(p) else k)
+        return self
+
+    # --- access -----------------------------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self._map)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._map
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for f in self._files:
+            out.update(f.metadata)
+        return out
+
+    @property
+    def files(self) -> list[Path]:
+        return [f.path for f in self._files]
+
+    def _loc(self, key: str):
+        try:
+            i, k = self._map[key]
+        except KeyError:
+            raise invalid(f"checkpoint {self.source}", f"no tensor named {key!r}", "the key to be present") from None
+        return self._files[i], k
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        f, k = self._loc(key)
+        return f.shape(k)
+
+    def dtype(self, key: str) -> torch.dtype:
+        f, k = self._loc(key)
+        return f.dtype(k)
+
+    def raw(self, key: str) -> torch.Tensor:
+        """The stored tensor, as stored (may be fp8). Treat as read-only."""
+        f, k = self._loc(key)
+        return f.get(k)
+
+    @property
+    def is_scaled_fp8(self) -> bool:
+        return SCALED_FP8_MARKER in self._map or any(k.endswith(SCALE_SUFFIX) for k in self._map)
+
+    def scale_key(self, key: str) -> str | None:
+        """The ComfyUI scaled-fp8 scale tensor of `key` (`x.weight` -> `x.scale_weight`), if there is one."""
+        if key.endswith(".weight"):
+            sk = key[: -len(".weight")] + SCALE_SUFFIX
+            if sk in self._map:
+                return sk
+        return None
+
+    def get(self, key: str, dtype: torch.dtype | None = None, dequantize: bool = True) -> torch.Tensor:
+        """A CPU tensor (safetensors copies, pickles are private copy-on-write maps: writing never touches the file).
+
+        Scaled fp8 weights are multiplied by their scale when `dequantize`."""
+        t = self.raw(key)
+        sk = self.scale_key(key) if dequantize else None
+        if sk is not None:
+            scale = self.raw(sk).float()
+            if scale.numel() > 1 and t.ndim >= 1:  # per output channel
+                scale = scale.reshape(-1, *([1] * (t.ndim - 1)))
+            t = t.float() * scale
+        if dtype is not None and t.dtype != dtype:
+            t = t.to(dtype)
+        return t
+
+    def weight_keys(self) -> list[str]:
+        """Keys that are model tensors (not scaled-fp8 bookkeeping)."""
+        return [k for k in self._map if k != SCALED_FP8_MARKER and not k.endswith((SCALE_SUFFIX, ".scale_input"))]
+
+    def items(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        for k in self.weight_keys():
+            yield k, self.get(k, dtype)
+
+    def main_dtype(self) -> torch.dtype:
+        """The dtype most weight tensors are stored in (what a user calls the file's precision)."""
+        counts: dict[torch.dtype, int] = {}
+        for k in self.weight_keys():
+            dt = self.dtype(k)
+            counts[dt] = counts.get(dt, 0) + 1
+        return max(counts, key=counts.get)
+
+
+def load_into_module(module: torch.nn.Module, ckpt: Checkpoint, dtype: torch.dtype | None = None,
+                     device: torch.device | str = "cpu", strict: bool = True,
+                     keep_dtype: Callable[[str], bool] | None = None) -> list[str]:
+    """Fill `module` (usually built on the meta device) from `ckpt`, one tensor at a time.
+
+    Each parameter/buffer is replaced by the checkpoint tensor cast to `dtype` (or the module's own dtype when
+    None; names for which `keep_dtype(name)` is true stay float32). Returns the checkpoint keys that were not used.
+    With `strict`, missing or mis-shaped tensors raise `MusubiInputError` naming the file and the key.
+    """
+    expected = dict(module.named_parameters())
+    expected.update(dict(module.named_buffers()))
+    missing = [k for k in expected if k not in ckpt]
+    if strict and missing:
+        raise invalid(f"checkpoint {ckpt.source}", f"{len(missing)} missing tensors, e.g. {missing[:3]}",
+                      f"every weight of {type(module).__name__}")
+    for name, current in expected.items():
+        if name not in ckpt:
+            continue
+        shape = ckpt.shape(name)
+        if tuple(shape) != tuple(current.shape):
+            raise invalid(f"checkpoint {ckpt.source} tensor {name!r}", tuple(shape),
+                          f"shape {tuple(current.shape)} for {type(module).__name__}")
+        target_dtype = current.dtype if dtype is None or not current.is_floating_point() else dtype
+        if keep_dtype is not None and keep_dtype(name):
+            target_dtype = torch.float32
+        value = ckpt.get(name, target_dtype).to(device)
+        _set_tensor(module, name, value, is_param=isinstance(current, torch.nn.Parameter))
+    return [k for k in ckpt.weight_keys() if k not in expected]
+
+
+def _set_tensor(module: torch.nn.Module, name: str, value: torch.Tensor, is_param: bool) -> None:
+    *path, leaf = name.split(".")
+    owner = module
+    for p in path:
+        owner = getattr(owner, p)
+    if is_param:
+        old = owner._parameters[leaf]
+        owner._parameters[leaf] = torch.nn.Parameter(value, requires_grad=old.requires_grad)
+    else:
+        owner._buffers[leaf] = value
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise MusubiInputError(message)

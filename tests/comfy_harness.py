@@ -1,0 +1,1 @@
+"""Placeholder: the ComfyUI fixtures are being written (in-process, server, browser)."""

@@ -1,0 +1,82 @@
+"""Checkpoint reading: formats, shards, prefixes, scaled fp8, refusal of bad files."""
+
+import torch
+import pytest
+from safetensors.torch import save_file
+
+from engine.checkpoint import Checkpoint, load_into_module
+from engine.errors import MusubiInputError
+
+
+def _tensors():
+    g = torch.Generator().manual_seed(0)
+    return {"a.weight": torch.randn(4, 3, generator=g), "a.bias": torch.randn(4, generator=g),
+            "b.weight": torch.randn(2, 4, generator=g)}
+
+
+def test_safetensors_pth_and_shards_give_identical_tensors(tmp_path):
+    t = _tensors()
+    save_file(t, str(tmp_path / "m.safetensors"))
+    torch.save(t, tmp_path / "m.pth")
+    torch.save({"state_dict": t}, tmp_path / "nested.pt")
+    save_file({"a.weight": t["a.weight"], "a.bias": t["a.bias"]}, str(tmp_path / "s-00001-of-00002.safetensors"))
+    save_file({"b.weight": t["b.weight"]}, str(tmp_path / "s-00002-of-00002.safetensors"))
+    for name in ("m.safetensors", "m.pth", "nested.pt", "s-00002-of-00002.safetensors"):
+        ck = Checkpoint.open(tmp_path / name)
+        assert sorted(ck.keys()) == sorted(t), name
+        for k in t:
+            assert torch.equal(ck.get(k), t[k]), (name, k)
+
+
+def test_prefix_is_stripped_only_when_every_key_has_it(tmp_path):
+    t = {f"model.diffusion_model.{k}": v for k, v in _tensors().items()}
+    save_file(t, str(tmp_path / "p.safetensors"))
+    ck = Checkpoint.open(tmp_path / "p.safetensors").strip_prefix(["diffusion_model.", "model.diffusion_model."])
+    assert sorted(ck.keys()) == sorted(_tensors())
+
+
+def test_scaled_fp8_is_dequantized(tmp_path):
+    w = torch.randn(4, 3)
+    scale = torch.tensor(0.5)
+    fp8 = (w / scale).to(torch.float8_e4m3fn)
+    save_file({"a.weight": fp8, "a.scale_weight": scale, "scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)},
+              str(tmp_path / "f.safetensors"))
+    ck = Checkpoint.open(tmp_path / "f.safetensors")
+    assert ck.is_scaled_fp8 and ck.weight_keys() == ["a.weight"]
+    assert torch.equal(ck.get("a.weight", torch.float32), fp8.float() * 0.5)
+    assert ck.raw("a.weight").dtype == torch.float8_e4m3fn
+
+
+def test_truncated_and_foreign_files_are_refused(tmp_path):
+    save_file(_tensors(), str(tmp_path / "m.safetensors"))
+    data = (tmp_path / "m.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-10])
+    with pytest.raises(MusubiInputError, match="cut.safetensors.*truncated or corrupt"):
+        Checkpoint.open(tmp_path / "cut.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file at all")
+    with pytest.raises(MusubiInputError, match="junk.safetensors"):
+        Checkpoint.open(tmp_path / "junk.safetensors")
+
+
+def test_pickle_with_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(MusubiInputError, match="weights_only=True"):
+        Checkpoint.open(tmp_path / "evil.pt")
+
+
+def test_load_into_meta_module_streams_and_checks_shapes(tmp_path):
+    t = _tensors()
+    save_file(t, str(tmp_path / "m.safetensors"))
+    with torch.device("meta"):
+        mod = torch.nn.ModuleDict({"a": torch.nn.Linear(3, 4), "b": torch.nn.Linear(4, 2, bias=False)})
+    unused = load_into_module(mod, Checkpoint.open(tmp_path / "m.safetensors"), dtype=torch.bfloat16)
+    assert unused == []
+    assert mod["a"].weight.dtype == torch.bfloat16 and mod["a"].weight.device.type == "cpu"
+    assert torch.equal(mod["b"].weight, t["b.weight"].bfloat16())
+    with torch.device("meta"):
+        wrong = torch.nn.ModuleDict({"a": torch.nn.Linear(5, 4), "b": torch.nn.Linear(4, 2, bias=False)})
+    with pytest.raises(MusubiInputError, match="a.weight"):
+        load_into_module(wrong, Checkpoint.open(tmp_path / "m.safetensors"))
