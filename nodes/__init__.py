@@ -1,0 +1,17 @@
+"""Node classes of the pack (classic V1 API). One module per theme; each exports its own mappings.
+
+Node ids are prefixed `Musubi` and are never renamed once released: saved workflows refer to them.
+"""
+
+from . import utility
+
+_MODULES = [utility]
+
+NODE_CLASS_MAPPINGS: dict = {}
+NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+for _m in _MODULES:
+    clash = set(NODE_CLASS_MAPPINGS) & set(_m.NODE_CLASS_MAPPINGS)
+    if clash:
+        raise RuntimeError(f"duplicate node ids {sorted(clash)} in {_m.__name__}")
+    NODE_CLASS_MAPPINGS.update(_m.NODE_CLASS_MAPPINGS)
+    NODE_DISPLAY_NAME_MAPPINGS.update(_m.NODE_DISPLAY_NAME_MAPPINGS)

@@ -1,0 +1,242 @@
+"""The only module of the pack that imports ComfyUI.
+
+Users run ComfyUI 0.38.x, the tests run 0.3.75; between them ComfyUI changed exactly what a training pack leans on
+(see ../shared/reference/comfyui_compat.md). Every function here has one implementation that works on both, chosen by
+feature detection (hasattr / signature), never by version string:
+
+* cancel: `check_interrupt()` every step, whatever the progress-bar throttle does; `is_interrupt(exc)` recognises
+  the interrupt whether it derives from Exception (0.3.75) or BaseException (0.38);
+* `Progress`: a progress bar that checks cancel on every step and can send a preview image and a text line;
+* `training_context()`: leave inference mode, enable grad, set/restore `model_management.in_training` if it exists;
+* `make_room()` / `free_all()`: ask ComfyUI to evict its models (dynamic VRAM or not) before ours move to the GPU;
+* `make_video()`: a core VIDEO from IMAGE frames and fps;
+* model folder lookups and output paths.
+
+ComfyUI modules are imported lazily inside functions: importing the pack must never fail because an optional
+ComfyUI module moved, and `engine/` stays importable without ComfyUI at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from fractions import Fraction
+from typing import Iterator
+
+import torch
+
+log = logging.getLogger("ComfyUI-Musubi")
+
+# The ComfyUI attributes this module uses: tests/test_compat_symbols.py checks each exists (with a compatible
+# signature) in the installed ComfyUI. Keep it in sync when you touch ComfyUI from here.
+USED_SYMBOLS = {
+    "comfy.model_management": ["throw_exception_if_processing_interrupted", "processing_interrupted",
+                               "InterruptProcessingException", "get_torch_device", "free_memory",
+                               "unload_all_models", "soft_empty_cache", "get_free_memory"],
+    "comfy.utils": ["ProgressBar"],
+    "folder_paths": ["get_filename_list", "get_full_path", "get_folder_paths", "get_output_directory",
+                     "get_temp_directory", "get_save_image_path", "models_dir"],
+    "server": ["PromptServer"],
+    "comfy_api.latest": ["InputImpl", "Types"],
+}
+
+
+def _mm():
+    import comfy.model_management as mm
+
+    return mm
+
+
+# --- cancel ------------------------------------------------------------------------------------------------------
+def interrupt_exception_type() -> type:
+    return _mm().InterruptProcessingException
+
+
+def check_interrupt() -> None:
+    """Raise ComfyUI's interrupt exception if the user pressed cancel. Call it every step of every long loop."""
+    _mm().throw_exception_if_processing_interrupted()
+
+
+def is_interrupt(exc: BaseException) -> bool:
+    return isinstance(exc, interrupt_exception_type())
+
+
+# --- progress ----------------------------------------------------------------------------------------------------
+class Progress:
+    """Per-node progress that is also a cancel point on every step.
+
+    0.38 throttles `ProgressBar` updates (only some reach the hook, and the hook is where the server checks for
+    cancel), so `update` calls `check_interrupt()` itself first.
+    """
+
+    def __init__(self, total: int, node_id: str | None = None):
+        from comfy.utils import ProgressBar
+
+        self.total = max(int(total), 1)
+        self.node_id = node_id
+        self._bar = ProgressBar(self.total, node_id=node_id) if _accepts(ProgressBar, "node_id") else ProgressBar(self.total)
+
+    def update(self, value: int, preview=None, text: str | None = None) -> None:
+        check_interrupt()
+        if preview is not None:
+            preview = ("JPEG", preview, 512)
+        self._bar.update_absolute(min(int(value), self.total), self.total, preview)
+        if text is not None:
+            send_text(self.node_id, text)
+
+    def callback(self):
+        """An engine-style `progress(step, total, preview_or_info)` callable bound to this bar."""
+        def progress(step, total=None, extra=None):
+            if total is not None:
+                self.total = max(int(total), 1)
+            preview = extra if _is_pil(extra) else None
+            text = extra if isinstance(extra, str) else None
+            self.update(step, preview=preview, text=text)
+        return progress
+
+
+def _is_pil(obj) -> bool:
+    try:
+        from PIL import Image
+    except ImportError:
+        return False
+    return isinstance(obj, Image.Image)
+
+
+def _accepts(fn, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def send_text(node_id: str | None, text: str) -> None:
+    """Show a text line on the node (progress text). A no-op without a running server (in-process tests)."""
+    if node_id is None:
+        return
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    instance = getattr(PromptServer, "instance", None)
+    if instance is None or not hasattr(instance, "send_progress_text"):
+        return
+    instance.send_progress_text(text, node_id, getattr(instance, "client_id", None))
+
+
+# --- training ----------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def training_context() -> Iterator[None]:
+    """ComfyUI runs every prompt under `torch.inference_mode()`: training needs it off and grad on.
+
+    `model_management.in_training` exists only on newer ComfyUI (it switches off inference-only kernels); it is
+    process-global, so the old value is restored whatever happens.
+    """
+    mm = _mm()
+    had_flag = hasattr(mm, "in_training")
+    old = getattr(mm, "in_training", None)
+    if had_flag:
+        mm.in_training = True
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            yield
+    finally:
+        if had_flag:
+            mm.in_training = old
+
+
+def unwrap_inference_tensor(t: torch.Tensor) -> torch.Tensor:
+    """Tensors made earlier in the prompt are inference tensors; autograd refuses them until cloned."""
+    if isinstance(t, torch.Tensor) and t.is_inference():
+        with torch.inference_mode(False):
+            return t.clone()
+    return t
+
+
+# --- memory manners ----------------------------------------------------------------------------------------------
+def torch_device() -> torch.device:
+    return _mm().get_torch_device()
+
+
+def make_room(bytes_needed: int, device: torch.device | str | None = None) -> int:
+    """Ask ComfyUI to evict its own models (classic or dynamic VRAM) until `bytes_needed` are free on `device`.
+
+    Returns the free bytes measured *after* asking (under dynamic VRAM a plain measurement under-reports what can
+    be freed, so always ask first). The pack's own modules are never touched by ComfyUI.
+    """
+    mm = _mm()
+    device = torch.device(device) if device is not None else mm.get_torch_device()
+    if device.type == "cpu":
+        return 0
+    mm.free_memory(int(bytes_needed), device)
+    mm.soft_empty_cache()
+    return int(mm.get_free_memory(device))
+
+
+def free_all() -> None:
+    """Before training: evict everything ComfyUI holds on the GPU."""
+    mm = _mm()
+    mm.unload_all_models()
+    mm.soft_empty_cache()
+
+
+# --- media -------------------------------------------------------------------------------------------------------
+def make_video(images: torch.Tensor, fps: float, audio=None):
+    """A core VIDEO (what CreateVideo outputs) from IMAGE frames [F,H,W,C] and a frame rate."""
+    try:
+        from comfy_api.latest import InputImpl, Types
+    except ImportError:  # older shim location
+        from comfy_api.input_impl import VideoFromComponents as _V  # type: ignore
+        from comfy_api.util import VideoComponents as _C  # type: ignore
+        return _V(_C(images=images[..., :3], frame_rate=Fraction(fps).limit_denominator(1000), audio=audio))
+    return InputImpl.VideoFromComponents(
+        Types.VideoComponents(images=images[..., :3], frame_rate=Fraction(fps).limit_denominator(1000), audio=audio))
+
+
+# --- files -------------------------------------------------------------------------------------------------------
+def list_model_files(folder_key: str) -> list[str]:
+    import folder_paths
+
+    try:
+        return list(folder_paths.get_filename_list(folder_key))
+    except KeyError:
+        return []
+
+
+def model_file_path(folder_key: str, name: str) -> str | None:
+    import folder_paths
+
+    try:
+        return folder_paths.get_full_path(folder_key, name)
+    except KeyError:
+        return None
+
+
+def model_folders(folder_key: str) -> list[str]:
+    import folder_paths
+
+    try:
+        return list(folder_paths.get_folder_paths(folder_key))
+    except KeyError:
+        return []
+
+
+def output_directory() -> str:
+    import folder_paths
+
+    return folder_paths.get_output_directory()
+
+
+def temp_directory() -> str:
+    import folder_paths
+
+    return folder_paths.get_temp_directory()
+
+
+def save_path(prefix: str, width: int = 0, height: int = 0, temp: bool = False):
+    """(folder, filename, counter, subfolder, prefix) as ComfyUI's own savers use it."""
+    import folder_paths
+
+    base = folder_paths.get_temp_directory() if temp else folder_paths.get_output_directory()
+    return folder_paths.get_save_image_path(prefix, base, width, height)

@@ -1,0 +1,18 @@
+"""Custom ComfyUI socket types of the pack, and the small wrappers that travel on them.
+
+Type names are part of saved workflows: never rename them.
+"""
+
+WAN_DIT = "MUSUBI_WAN_DIT"
+WAN_VAE = "MUSUBI_WAN_VAE"
+TEXT_ENCODER = "MUSUBI_TEXT_ENCODER"
+CLIP_VISION = "MUSUBI_CLIP_VISION"
+EMBEDS = "MUSUBI_EMBEDS"            # text embeddings (positive + negative)
+IMAGE_EMBEDS = "MUSUBI_IMAGE_EMBEDS"  # I2V/FLF2V conditioning (y + CLIP features)
+LATENTS = "MUSUBI_LATENTS"
+DATASET = "MUSUBI_DATASET"
+LORA = "MUSUBI_LORA"
+LORA_CONFIG = "MUSUBI_LORA_CONFIG"
+OPTIMIZER_CONFIG = "MUSUBI_OPTIMIZER_CONFIG"
+TRAINING_SESSION = "MUSUBI_TRAINING_SESSION"
+VALIDATION_PROMPTS = "MUSUBI_VALIDATION_PROMPTS"
