@@ -3,9 +3,9 @@
 Node ids are prefixed `Musubi` and are never renamed once released: saved workflows refer to them.
 """
 
-from . import utility
+from . import generation, loaders, utility
 
-_MODULES = [utility]
+_MODULES = [loaders, generation, utility]
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}

@@ -1,0 +1,122 @@
+"""Write a LoRA in one of three formats (atomic write, never over an input file).
+
+  comfyui (default)  diffusion_model.<module>.lora_down.weight / .lora_up.weight / .alpha
+  musubi             lora_unet_<module with "_">.lora_down.weight / .lora_up.weight / .alpha  (+ ss_* metadata)
+  diffusers          transformer.<diffusers module>.lora_A.weight / .lora_B.weight, alpha folded into lora_B
+                     (B·scale), so a loader without alpha support computes the same ΔW
+
+LoHa/LoKr keep their LyCORIS tensor names under the comfyui / musubi stems; diffusers has no such format.
+Every format gets the same metadata (Musubi ss_* + ModelSpec + hashes, plus the caller's entries).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..atomic import save_safetensors_atomic
+from ..errors import invalid
+from . import targets as T
+from .dialects import LoRAFile, read_lora
+from .metadata import lora_metadata, with_hashes
+from .weights import ModuleWeights
+
+FORMATS = ("comfyui", "musubi", "diffusers")
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def lora_file_from_network(network) -> LoRAFile:
+    """An attached/trained `AdapterNetwork` as a LoRAFile (tensors detached, on CPU, adapter dtype)."""
+    modules = {}
+    for name, adapter in network.adapters().items():
+        sd = {k: v.detach().cpu() for k, v in adapter.state_dict().items()}
+        alpha = float(sd.pop("alpha"))
+        if adapter.kind == "lora":
+            tensors = {"down": sd["lora_down.weight"], "up": sd["lora_up.weight"]}
+        else:
+            tensors = sd
+        modules[name] = ModuleWeights(adapter.kind, tensors, alpha, [])
+    return LoRAFile(modules, {}, "network", None)
+
+
+def refuse_overwrite(out_path, inputs) -> None:
+    out = Path(out_path).resolve()
+    for p in inputs:
+        if p is not None and Path(p).resolve() == out:
+            raise invalid("output path", str(out_path), "a file different from every input file")
+
+
+def save_lora(source, path, format: str = "comfyui", metadata: dict | None = None, dtype=torch.float32,
+              input_paths=()) -> Path:
+    """Write `source` (LoRAFile, AdapterNetwork, path or state dict) to `path` in `format`. Returns the path."""
+    if format not in FORMATS:
+        raise invalid("LoRA format", format, f"one of {FORMATS}")
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise invalid("save dtype", dtype, f"one of {sorted(DTYPES)}")
+        dtype = DTYPES[dtype]
+    inputs = list(input_paths)
+    if isinstance(source, (str, os.PathLike)):
+        inputs.append(source)
+        refuse_overwrite(path, inputs)
+        source = read_lora(source)
+    elif isinstance(source, dict):
+        source = read_lora(source)
+    elif not isinstance(source, LoRAFile):
+        source = lora_file_from_network(source)  # AdapterNetwork
+    inputs.append(source.source)
+    refuse_overwrite(path, inputs)
+    if source.unresolved:
+        raise invalid(f"LoRA {source.source or ''} module names", sorted(source.unresolved)[:3],
+                      "Wan module names (read the LoRA with its model to resolve them)")
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, mw in source.modules.items():
+        tensors.update(_module_tensors(name, mw, format, dtype))
+
+    ranks = {mw.rank for mw in source.modules.values()}
+    alphas = {_written_alpha(mw) for mw in source.modules.values()}
+    kinds = source.kinds
+    meta = lora_metadata(next(iter(kinds)) if len(kinds) == 1 else "mixed",
+                         ranks.pop() if len(ranks) == 1 else None, alphas.pop() if len(alphas) == 1 else None,
+                         user=metadata, title=Path(path).stem)
+    meta = with_hashes(tensors, meta)
+    save_safetensors_atomic(tensors, path, meta)
+    return Path(path)
+
+
+def _written_alpha(mw: ModuleWeights) -> float:
+    """The alpha that reproduces the module's scale in readers that use alpha / rank (rank when the file had none)."""
+    if mw.rank is None:        # LoKr with two full factors: scale is 1; alpha = max(w2) also gives 1 in Musubi
+        w2 = mw.tensors.get("lokr_w2")
+        return float(max(w2.shape)) if w2 is not None else 1.0
+    return mw.scale * mw.rank
+
+
+def _module_tensors(name: str, mw: ModuleWeights, format: str, dtype) -> dict[str, torch.Tensor]:
+    def cast(t):
+        return t.detach().to("cpu", dtype)
+
+    if format == "diffusers":
+        if mw.kind != "lora":
+            raise invalid(f"LoRA module {name}", mw.kind, "plain LoRA weights (diffusers/PEFT has no LoHa/LoKr format;"
+                                                          " save as comfyui or musubi)")
+        dname = T.official_to_diffusers(name)
+        if dname is None:
+            raise invalid(f"LoRA module {name}", "no diffusers equivalent", "a Wan DiT Linear layer")
+        stem = T.DIFFUSERS_PREFIX + dname
+        up = mw.tensors["up"].float() * mw.scale
+        return {f"{stem}.lora_A.weight": cast(mw.tensors["down"]), f"{stem}.lora_B.weight": cast(up)}
+
+    stem = T.COMFY_PREFIX + name if format == "comfyui" else T.musubi_stem(name)
+    out = {f"{stem}.alpha": torch.tensor(_written_alpha(mw), dtype=dtype)}
+    if mw.kind == "lora":
+        out[f"{stem}.lora_down.weight"] = cast(mw.tensors["down"])
+        out[f"{stem}.lora_up.weight"] = cast(mw.tensors["up"])
+    else:
+        for part, t in mw.tensors.items():
+            out[f"{stem}.{part}"] = cast(t)
+    return out

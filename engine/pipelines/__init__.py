@@ -1,0 +1,1 @@
+"""Generation pipelines: in-memory models + a request dataclass -> latents. One module per family (`wan`)."""

@@ -1,0 +1,379 @@
+"""Wan 2.1 generation: T2V, T2I, I2V, FLF2V, Fun-Control and one-frame inference on in-memory models.
+
+Flow: `WanGenerateRequest` (per-task defaults of the official release, §6.2) -> `resolve()` fills the defaults ->
+`validate_request(model, request)` (every user mistake raises MusubiInputError before any model call) -> noise ->
+the generic loop (`engine.sampling`) with CFG / CFG skip / SLG -> latents [B, 16, F_lat, H/8, W/8].
+
+Only the conditioning layout is Wan specific; it is built by the `prepare_*` helpers from VAE-encoded frames:
+* I2V:      y = [mask(4), VAE([image, zeros × (F−1)])(16)], mask 1 on latent frame 0 (the 4 mask channels are the
+            4 pixel frames folded into a latent frame; frame 0 stands for all four).
+* FLF2V:    y = [mask, VAE([first, zeros × (F−2), last])] in one pass; mask 1 on latent frame 0 and on the last
+            mask channel of the last latent frame (the last pixel frame).
+* Fun-Control: y = [control latents(16), image latents(16)] (image: first latent frame of the I2V encode, rest 0;
+            zeros without an image). No mask channels.
+* One-frame: latent frames are the sorted [control indices + target index]; each control image and a mid-gray
+            "black" target (all zeros in [−1, 1]) encoded alone; mask 1 on control slots; RoPE frame positions =
+            those indices. Only the target frame is returned.
+All images/videos are [3, H, W] / [3, F, H, W] (or with a leading batch of 1) in [−1, 1].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..errors import MusubiInputError, invalid
+from ..sampling import GuidanceConfig, GuidedVelocity, make_noise, make_solver, run_sampler
+from ..sampling.noise import NOISE_DEVICES, check_seed
+from ..sampling.solvers import ALIASES, SOLVERS
+
+TASKS = ("t2v", "t2i", "i2v", "flf2v", "fun_control", "one_frame")
+LATENT_CHANNELS = 16
+VAE_STRIDE = (4, 8, 8)           # time, height, width
+SIZE_MULTIPLE = 16               # VAE 8× and DiT patch 2×
+MASK_CHANNELS = 4
+CLIP_TOKENS = 257
+I2V_480P_SIZES = ((832, 480), (480, 832))
+
+Progress = Callable[[int, int, "torch.Tensor | None"], None]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Conditioning
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class WanConditioning:
+    """What the `prepare_*` helpers produce; `generate` concatenates `y` to the noisy latents on channels."""
+    kind: str                                   # "i2v" | "flf2v" | "fun_control" | "one_frame"
+    y: torch.Tensor                             # [C_y, F_lat, H/8, W/8]: 20 (4 mask + 16) or 32 (16 control + 16 image)
+    frame_indices: tuple[int, ...] | None = None  # one-frame: RoPE frame position of each latent frame
+    target_slot: int | None = None              # one-frame: latent frame returned as the result
+    has_image: bool = True                      # Fun-Control: False when no start image was given
+
+
+def _as_video(x: torch.Tensor, name: str, frames_axis: bool) -> torch.Tensor:
+    """[3, H, W] image / [3, F, H, W] video (optionally with a batch of 1) -> [1, 3, F, H, W]."""
+    want = 4 if frames_axis else 3
+    if x.ndim == want + 1 and x.shape[0] == 1:
+        x = x[0]
+    if x.ndim != want or x.shape[0] != 3:
+        shape = "[3, F, H, W]" if frames_axis else "[3, H, W]"
+        raise invalid(name, tuple(x.shape), f"an RGB {'video' if frames_axis else 'image'} {shape} in [-1, 1]")
+    if x.shape[-1] % SIZE_MULTIPLE or x.shape[-2] % SIZE_MULTIPLE:
+        raise invalid(f"{name} size", (x.shape[-1], x.shape[-2]), f"width and height divisible by {SIZE_MULTIPLE}")
+    return (x if frames_axis else x[:, None])[None]
+
+
+def _check_frames(frames: int, name: str = "frames") -> None:
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1 or (frames - 1) % 4:
+        raise invalid(name, frames, "a frame count of the form 4k+1 (1, 5, 9, ..., 81)")
+
+
+def latent_frames(frames: int) -> int:
+    return (frames - 1) // VAE_STRIDE[0] + 1
+
+
+def _encode(vae, video: torch.Tensor) -> torch.Tensor:
+    """[1, 3, F, H, W] -> [16, F_lat, H/8, W/8] float32 on CPU (conditioning is small; the pipeline moves it)."""
+    with torch.no_grad():
+        return vae.encode(video).float()[0].cpu()
+
+
+def _i2v_latents(vae, image: torch.Tensor, frames: int) -> torch.Tensor:
+    """VAE([image, zeros × (F−1)]) -> [16, F_lat, h, w]. Zeros are mid-gray in [−1, 1]."""
+    img = _as_video(image, "image", frames_axis=False)
+    video = torch.cat([img, img.new_zeros(1, 3, frames - 1, *img.shape[-2:])], dim=2)
+    return _encode(vae, video)
+
+
+def prepare_i2v(vae, image: torch.Tensor, frames: int) -> WanConditioning:
+    _check_frames(frames)
+    lat = _i2v_latents(vae, image, frames)                       # [16, F_lat, h, w]
+    mask = torch.zeros(MASK_CHANNELS, *lat.shape[1:])
+    mask[:, 0] = 1.0
+    return WanConditioning("i2v", torch.cat([mask, lat]))
+
+
+def prepare_flf2v(vae, first: torch.Tensor, last: torch.Tensor, frames: int) -> WanConditioning:
+    _check_frames(frames)
+    if frames < 5:
+        raise invalid("frames", frames, "at least 5 for first/last-frame video (the two images are 4 frames apart)")
+    a = _as_video(first, "image", frames_axis=False)
+    b = _as_video(last, "end_image", frames_axis=False)
+    if a.shape != b.shape:
+        raise invalid("end_image size", tuple(b.shape[-2:]), f"the start image's size {tuple(a.shape[-2:])}")
+    video = torch.cat([a, a.new_zeros(1, 3, frames - 2, *a.shape[-2:]), b], dim=2)
+    lat = _encode(vae, video)
+    mask = torch.zeros(MASK_CHANNELS, *lat.shape[1:])
+    mask[:, 0] = 1.0
+    mask[-1, -1] = 1.0          # the last latent frame folds pixel frames F−4..F−1; only the last one is given
+    return WanConditioning("flf2v", torch.cat([mask, lat]))
+
+
+def prepare_fun_control(vae, control_video: torch.Tensor, frames: int,
+                        image: torch.Tensor | None = None) -> WanConditioning:
+    """control_video [3, F', H, W] with F' ≥ frames (the first `frames` are used)."""
+    _check_frames(frames)
+    ctrl = _as_video(control_video, "control_video", frames_axis=True)
+    if ctrl.shape[2] < frames:
+        raise invalid("control_video frames", ctrl.shape[2], f"at least {frames} (the requested frame count)")
+    control = _encode(vae, ctrl[:, :, :frames])                 # [16, F_lat, h, w]
+    image_lat = torch.zeros_like(control)
+    if image is not None:
+        img = _as_video(image, "image", frames_axis=False)
+        if img.shape[-2:] != ctrl.shape[-2:]:
+            raise invalid("image size", tuple(img.shape[-2:]), f"the control video's size {tuple(ctrl.shape[-2:])}")
+        image_lat[:, :1] = _i2v_latents(vae, image, frames)[:, :1]   # VideoX-Fun keeps only the first frame
+    return WanConditioning("fun_control", torch.cat([control, image_lat]), has_image=image is not None)
+
+
+def prepare_one_frame(vae, control_images: Sequence[torch.Tensor], control_indices: Sequence[int],
+                      target_index: int = 0) -> WanConditioning:
+    """One latent frame per index (controls + target), positioned on the RoPE time axis by its index."""
+    if not 1 <= len(control_indices) <= 2:
+        raise invalid("control_index", list(control_indices), "one or two control frame indices (e.g. 0 or 0;2)")
+    if len(control_images) != len(control_indices):
+        raise invalid("control images", len(control_images), f"{len(control_indices)} (one per control index)")
+    indices = [int(i) for i in control_indices] + [int(target_index)]
+    if min(indices) < 0 or len(set(indices)) != len(indices):
+        raise invalid("one-frame indices", indices, "distinct non-negative frame indices (target not a control)")
+    images = [_as_video(im, f"control_image[{k}]", frames_axis=False) for k, im in enumerate(control_images)]
+    size = images[0].shape[-2:]
+    if any(im.shape[-2:] != size for im in images):
+        raise invalid("control image sizes", [tuple(im.shape[-2:]) for im in images], "all the same size")
+    target = images[0].new_zeros(1, 3, 1, *size)                  # "black" target: zeros = mid-gray
+    by_index = dict(zip(indices, images + [target]))
+    order = sorted(indices)
+    lat = torch.cat([_encode(vae, by_index[i]) for i in order], dim=1)   # [16, n, h, w], each a 1-frame encode
+    mask = torch.zeros(MASK_CHANNELS, *lat.shape[1:])
+    for slot, i in enumerate(order):
+        if i != target_index:
+            mask[:, slot] = 1.0
+    return WanConditioning("one_frame", torch.cat([mask, lat]), frame_indices=tuple(order),
+                           target_slot=order.index(int(target_index)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Request
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class WanGenerateRequest:
+    task: str                                    # one of TASKS
+    context: torch.Tensor                        # [L, text_dim] prompt embeddings (umT5, trimmed)
+    negative_context: torch.Tensor               # [L', text_dim]: Wan always runs a negative prompt
+    width: int = 832
+    height: int = 480
+    frames: int | None = None                    # None: 81 (1 for t2i / one_frame, where it must be 1)
+    steps: int | None = None                     # None: 50 T2V/T2I/T2V-Fun-Control, 40 I2V/FLF2V/one-frame
+    shift: float | None = None                   # None: 5.0; 3.0 for I2V-type tasks at 832x480 / 480x832
+    guidance_scale: float | None = None          # None: 5.0
+    solver: str = "unipc"                        # unipc | dpm++ | euler (vanilla)
+    seed: int = 0
+    batch_size: int = 1                          # sample b uses seed + b
+    noise_device: str = "cpu"                    # "cpu": same noise on any machine; "gpu": generator on the device
+    cfg_skip_mode: str = "none"
+    cfg_apply_ratio: float | None = None
+    slg_layers: tuple[int, ...] = ()
+    slg_mode: str = "original"
+    slg_scale: float = 3.0
+    slg_start: float = 0.0
+    slg_end: float = 0.3
+    batch_cfg: bool = True                       # cond + uncond in one B=2 forward (faster, more memory)
+    conditioning: WanConditioning | None = None  # from a prepare_* helper (I2V/FLF2V/Fun-Control/one-frame)
+    clip_fea: torch.Tensor | None = None         # [257, clip_dim] (FLF2V: [514, clip_dim]: first then last image)
+    device: torch.device | str | None = None     # None: the device of the model's patch embedding
+
+    def resolve(self) -> "WanGenerateRequest":
+        """A copy with the per-task defaults filled in (the official release's values, reference §6.2)."""
+        r = dataclasses.replace(self)
+        if r.frames is None:
+            r.frames = 1 if r.task in ("t2i", "one_frame") else 81
+        i2v_like = r.task in ("i2v", "one_frame") or (
+            r.task == "fun_control" and r.conditioning is not None and r.conditioning.has_image)
+        if r.steps is None:
+            r.steps = 40 if r.task in ("i2v", "flf2v", "one_frame") or i2v_like else 50
+        if r.shift is None:
+            r.shift = 3.0 if i2v_like and (r.width, r.height) in I2V_480P_SIZES else 5.0
+        if r.guidance_scale is None:
+            r.guidance_scale = 5.0
+        return r
+
+    def guidance(self) -> GuidanceConfig:
+        return GuidanceConfig(scale=float(self.guidance_scale), cfg_skip_mode=self.cfg_skip_mode,
+                              cfg_apply_ratio=self.cfg_apply_ratio, slg_layers=tuple(self.slg_layers),
+                              slg_mode=self.slg_mode, slg_scale=self.slg_scale, slg_start=self.slg_start,
+                              slg_end=self.slg_end, batch_cfg=self.batch_cfg)
+
+
+def model_task_kind(config) -> str:
+    """What a loaded Wan DiT can do: "t2v" (in_dim 16), "i2v"/"flf2v" (36), "fun_control" (48)."""
+    if config.in_dim == 48:
+        return "fun_control"
+    if config.in_dim == 36:
+        return "flf2v" if config.model_type == "flf2v" else "i2v"
+    return "t2v"
+
+
+# which model kinds each task runs on; one-frame uses an I2V (or, for intermediate frames, an FLF2V) model
+_TASK_MODELS = {"t2v": ("t2v",), "t2i": ("t2v",), "i2v": ("i2v",), "flf2v": ("flf2v",),
+                "fun_control": ("fun_control",), "one_frame": ("i2v", "flf2v")}
+_TASK_CONDITIONING = {"i2v": "i2v", "flf2v": "flf2v", "fun_control": "fun_control", "one_frame": "one_frame"}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def validate_request(model, r: WanGenerateRequest) -> None:
+    """Raise MusubiInputError for anything that would fail (or silently misbehave) later. `r` is resolved."""
+    cfg = model.config
+    if r.task not in TASKS:
+        raise invalid("task", r.task, f"one of {TASKS}")
+    kind = model_task_kind(cfg)
+    if kind not in _TASK_MODELS[r.task]:
+        raise invalid("task", r.task, f"a task the loaded {cfg.variant} model ({kind}, in_dim={cfg.in_dim}) runs: "
+                      f"{[t for t, kinds in _TASK_MODELS.items() if kind in kinds]}")
+    # sizes
+    for name, v in (("width", r.width), ("height", r.height)):
+        if not _is_int(v) or v < SIZE_MULTIPLE or v % SIZE_MULTIPLE:
+            raise invalid(name, v, f"a positive multiple of {SIZE_MULTIPLE} pixels")
+    _check_frames(r.frames)
+    if r.task in ("t2i", "one_frame") and r.frames != 1:
+        raise invalid("frames", r.frames, f"1 for task {r.task}")
+    if not _is_int(r.steps) or r.steps < 1:
+        raise invalid("steps", r.steps, "an integer >= 1")
+    if not _is_int(r.batch_size) or r.batch_size < 1:
+        raise invalid("batch_size", r.batch_size, "an integer >= 1")
+    if not isinstance(r.shift, (int, float)) or not r.shift > 0:
+        raise invalid("shift", r.shift, "a number > 0")
+    key = ALIASES.get(str(r.solver).lower(), str(r.solver).lower())
+    if key not in SOLVERS:
+        raise invalid("solver", r.solver, f"one of {sorted(SOLVERS)} (or 'vanilla' for euler)")
+    check_seed(r.seed)
+    if r.noise_device not in NOISE_DEVICES:
+        raise invalid("noise_device", r.noise_device, f"one of {NOISE_DEVICES}")
+    r.guidance().validate(num_blocks=cfg.num_layers)
+    # prompts
+    for name, ctx in (("prompt embeddings", r.context), ("negative prompt embeddings", r.negative_context)):
+        if not isinstance(ctx, torch.Tensor) or ctx.ndim != 2 or ctx.shape[1] != cfg.text_dim \
+                or not 1 <= ctx.shape[0] <= cfg.text_len:
+            shown = tuple(ctx.shape) if isinstance(ctx, torch.Tensor) else ctx
+            raise invalid(name, shown, f"[tokens (1..{cfg.text_len}), {cfg.text_dim}] text embeddings "
+                          f"for {cfg.variant}")
+    _validate_conditioning(cfg, r)
+
+
+def _validate_conditioning(cfg, r: WanGenerateRequest) -> None:
+    cond = r.conditioning
+    wanted = _TASK_CONDITIONING.get(r.task)
+    if wanted is None:
+        if cond is not None:
+            raise invalid("conditioning", cond.kind, f"none for task {r.task} (text only)")
+        return
+    if cond is None:
+        what = {"i2v": "a start image", "flf2v": "a start and an end image", "fun_control": "a control video",
+                "one_frame": "control images"}[r.task]
+        raise invalid("conditioning", None, f"{what} for task {r.task} (prepare it with prepare_{wanted})")
+    if cond.kind != wanted:
+        extra = " (an end image is required)" if r.task == "flf2v" else ""
+        raise invalid("conditioning", cond.kind, f"{wanted} conditioning for task {r.task}{extra}")
+    f_lat = len(cond.frame_indices) if r.task == "one_frame" else latent_frames(r.frames)
+    shape = (cfg.in_dim - LATENT_CHANNELS, f_lat, r.height // VAE_STRIDE[1], r.width // VAE_STRIDE[2])
+    if tuple(cond.y.shape) != shape:
+        raise invalid("conditioning y", tuple(cond.y.shape), f"{list(shape)} for {r.width}x{r.height}, "
+                      f"{r.frames} frames (re-prepare it with the request's size and frame count)")
+    needs_clip = r.task in ("i2v", "flf2v", "one_frame") or (r.task == "fun_control" and cond.has_image)
+    if r.clip_fea is None:
+        if needs_clip:
+            raise invalid("clip_fea", None, f"CLIP vision features of the image(s) for task {r.task}")
+        return
+    tokens = CLIP_TOKENS * (2 if cfg.has_flf_pos_emb else 1)
+    if r.clip_fea.ndim != 2 or tuple(r.clip_fea.shape) != (tokens, cfg.clip_dim):
+        raise invalid("clip_fea", tuple(r.clip_fea.shape), f"[{tokens}, {cfg.clip_dim}] for {cfg.variant}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------------------------
+
+def _model_device(model) -> torch.device:
+    return model.patch_embedding.weight.device
+
+
+def _wan_predict(model, frame_indices):
+    """The family-specific forward for the generic guidance: cond = {"context": [..], "clip_fea", "y"}."""
+
+    def predict(x, t, cond, skip_blocks):
+        return model(x, t, cond["context"], clip_fea=cond["clip_fea"], y=cond["y"],
+                     skip_blocks=set(skip_blocks) if skip_blocks else None, frame_indices=frame_indices)
+    return predict
+
+
+def _merge(conds: Sequence[dict]) -> dict:
+    """Stack conditionings on the batch axis (the DiT takes a list of per-sample text embeddings)."""
+    cat = lambda key: None if conds[0][key] is None else torch.cat([c[key] for c in conds])  # noqa: E731
+    return {"context": [ctx for c in conds for ctx in c["context"]], "clip_fea": cat("clip_fea"), "y": cat("y")}
+
+
+@torch.no_grad()
+def generate(model, request: WanGenerateRequest, progress: Progress | None = None) -> torch.Tensor:
+    """-> float32 latents [B, 16, F_lat, H/8, W/8] on the model device (one-frame: the target frame only).
+
+    `progress(step, total, x0_estimate)` runs after every step; it may raise (ComfyUI interrupt) to cancel."""
+    r = request.resolve()
+    validate_request(model, r)
+    device = torch.device(r.device) if r.device is not None else _model_device(model)
+    b = r.batch_size
+    cond_in = r.conditioning
+    f_lat = len(cond_in.frame_indices) if r.task == "one_frame" else latent_frames(r.frames)
+    shape = (LATENT_CHANNELS, f_lat, r.height // VAE_STRIDE[1], r.width // VAE_STRIDE[2])
+    noise = make_noise(shape, r.seed, b, r.noise_device, device)           # [B, 16, F_lat, h, w]
+
+    y = None if cond_in is None else cond_in.y.to(device, torch.float32)[None].expand(b, *cond_in.y.shape)
+    clip = None if r.clip_fea is None else r.clip_fea.to(device)[None].expand(b, *r.clip_fea.shape)
+    cond = {"context": [r.context.to(device)] * b, "clip_fea": clip, "y": y}
+    uncond = {"context": [r.negative_context.to(device)] * b, "clip_fea": clip, "y": y}
+    frame_indices = None
+    if cond_in is not None and cond_in.frame_indices is not None:
+        frame_indices = torch.tensor(cond_in.frame_indices, dtype=torch.long, device=device)
+
+    solver = make_solver(r.solver, r.steps, r.shift)
+    guided = GuidedVelocity(_wan_predict(model, frame_indices), cond, uncond, r.guidance(), r.steps, merge=_merge)
+    latents = run_sampler(solver, noise, guided, progress)
+    if r.task == "one_frame":
+        slot = cond_in.target_slot
+        latents = latents[:, :, slot:slot + 1]
+    return latents
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Live preview
+# ---------------------------------------------------------------------------------------------------------------
+
+# ComfyUI's Wan 2.1 latent→RGB linear map (comfy/latent_formats.py, Wan21.latent_rgb_factors / _bias), applied to
+# the normalized latents the sampler works on; [16 channels][R, G, B].
+WAN21_RGB_FACTORS = (
+    (-0.1299, -0.1692, 0.2932), (0.0671, 0.0406, 0.0442), (0.3568, 0.2548, 0.1747), (0.0372, 0.2344, 0.1420),
+    (0.0313, 0.0189, -0.0328), (0.0296, -0.0956, -0.0665), (-0.3477, -0.4059, -0.2925), (0.0166, 0.1902, 0.1975),
+    (-0.0412, 0.0267, -0.1364), (-0.1293, 0.0740, 0.1636), (0.0680, 0.3019, 0.1128), (0.0032, 0.0581, 0.0639),
+    (-0.1251, 0.0927, 0.1699), (0.0060, -0.0633, 0.0005), (0.3477, 0.2275, 0.2950), (0.1984, 0.0913, 0.1861),
+)
+WAN21_RGB_BIAS = (-0.1835, -0.0868, -0.3360)
+
+
+def latent_to_rgb_preview(latents: torch.Tensor, frame: int = 0) -> torch.Tensor:
+    """latents [B, 16, F, h, w] or [16, F, h, w] -> float32 RGB [h, w, 3] in [0, 1] of sample 0, latent `frame`
+    (a cheap approximation at 1/8 resolution; no VAE)."""
+    if latents.ndim == 5:
+        latents = latents[0]
+    if latents.ndim != 4 or latents.shape[0] != LATENT_CHANNELS:
+        raise invalid("latents", tuple(latents.shape), "[B, 16, F, h, w] or [16, F, h, w] Wan latents")
+    x = latents[:, frame].float().movedim(0, -1)                               # [h, w, 16]
+    w = torch.tensor(WAN21_RGB_FACTORS, device=x.device)                        # [16, 3]
+    rgb = x @ w + torch.tensor(WAN21_RGB_BIAS, device=x.device)                 # [h, w, 3] in ~[-1, 1]
+    return ((rgb + 1.0) / 2.0).clamp(0.0, 1.0).cpu()

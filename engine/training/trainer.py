@@ -1,0 +1,504 @@
+"""The LoRA training session: one object that owns the adapter, optimizer, scheduler, RNG and data position, and
+runs optimizer steps on demand (`train_steps(n)` may be called many times, e.g. by several "Train Steps" nodes).
+
+One optimizer step = `gradient_accumulation_steps` micro-batches:
+    x0 = cached latents [B, 16, F, H, W]; per sample (in order): t ~ timestep sampler, ε ~ N(0, I) from the
+    session's CPU generator; x_t = (1 − t)·x0 + t·ε; v̂ = DiT(x_t, 1000·t, context, clip_fea, y);
+    loss = mean((v̂ − (ε − x0))²·w) / accum, backward; then clip, optimizer/scheduler step.
+Drawing t and ε per sample makes "accumulate 2 × batch 1" see the same noise as "batch 2".
+
+Crash/cancel safety: at every step boundary the session snapshots the cheap, fast-moving parts of its state (RNGs,
+data position, timestep pool, step). Weights and optimizer only change inside the optimizer step, so on any
+exception (including BaseException: ComfyUI's interrupt) the `finally` of `train_steps` writes a state that is
+exactly the last completed step, and re-raises. Resuming from it reproduces the uninterrupted run bit for bit (CPU).
+
+Data source protocol (engine.data.loader.CachedBatchLoader satisfies it): iterating yields the rest of the current
+epoch's batches (dicts with `latents`, `context`, optional `y`/`clip_fea`/`control_latents`), `len()` = batches
+per epoch, attributes `epoch` / `index` (position), `state_dict()` / `load_state_dict()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import MusubiInputError, invalid
+from .config import SAVE_DTYPES, TRAINING_BACKENDS_REFUSED, NetworkConfig, TrainingConfig, to_plain
+from .logging import LossHistory, StepTimer, TensorBoardLogger, current_lrs, status_text
+from .loss import flow_matching_loss, noisy_latents, velocity_target
+from .optimizers import OptimizerConfig, build_optimizer, optimizer_train_mode
+from .schedulers import build_scheduler
+from .state import capture_rng, lora_path, prune, read_state, restore_rng, state_dir, write_state
+from .timesteps import TimestepSampler
+from .validation import ValidationConfig, run_validation
+
+Progress = Callable[[int, int, dict], None]
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class StepInfo:
+    step: int
+    total: int
+    loss: float
+    avg_loss: float | None
+    lr: float | None
+    it_per_s: float
+    epoch: int
+    status: str
+    timesteps: list[float] = field(default_factory=list)
+
+
+# --- checks that run before any heavy work -------------------------------------------------------------------
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def check_attention(model, config: TrainingConfig) -> None:
+    backend = config.attention_backend or getattr(model, "attention_backend", "sdpa")
+    if backend in TRAINING_BACKENDS_REFUSED:
+        raise invalid("attention_backend", backend, TRAINING_BACKENDS_REFUSED[backend])
+
+
+def check_loader(loader) -> None:
+    missing = [m for m in ("__iter__", "__len__", "state_dict", "load_state_dict") if not hasattr(loader, m)]
+    if missing:
+        raise invalid("dataset loader", type(loader).__name__, f"a batch loader with {missing}")
+    if len(loader) < 1:
+        raise invalid("dataset", "0 batches per epoch", "at least one cached batch")
+
+
+def peek_batch(loader) -> dict:
+    """The next batch without moving the loader (position saved and restored)."""
+    saved = copy.deepcopy(loader.state_dict())
+    try:
+        it = iter(loader)
+        batch = next(it, None)
+        if batch is None:  # at the very end of an epoch: the next epoch starts
+            batch = next(iter(loader), None)
+    finally:
+        loader.load_state_dict(saved)
+    if batch is None:
+        raise invalid("dataset", "no batches", "at least one cached batch")
+    return batch
+
+
+def check_batch_for_model(model, batch: dict) -> None:
+    """Is the cache made for this DiT? (latent channels, text width, image conditioning channels)."""
+    cfg = getattr(model, "config", None)
+    lat = batch.get("latents") if isinstance(batch, dict) else None
+    if not isinstance(lat, torch.Tensor) or lat.ndim != 5:
+        raise invalid("dataset latents", getattr(lat, "shape", type(lat).__name__),
+                      "cached video latents [B, 16, F, H, W]")
+    if cfg is None:
+        return
+    variant = getattr(cfg, "variant", "this model")
+    out_dim = getattr(cfg, "out_dim", 16)
+    if lat.shape[1] != out_dim:
+        raise invalid("dataset latents", tuple(lat.shape),
+                      f"{out_dim}-channel latents cached with the VAE of {variant}: re-cache the dataset")
+    ctx = batch.get("context")
+    if ctx is None:
+        raise invalid("dataset text cache", "missing", f"cached text embeddings for {variant}: cache the captions")
+    widths = {c.shape[-1] for c in (ctx if isinstance(ctx, (list, tuple)) else [ctx])}
+    text_dim = getattr(cfg, "text_dim", None)
+    if text_dim is not None and widths != {text_dim}:
+        raise invalid("dataset text embeddings", f"width {sorted(widths)}",
+                      f"{text_dim}-wide embeddings (the text encoder of {variant}): re-cache the captions")
+    extra = getattr(cfg, "in_dim", out_dim) - out_dim
+    if extra > 0:
+        y = build_y(batch, extra)
+        if y is None or y.shape[1] != extra:
+            raise invalid("dataset image conditioning", None if y is None else tuple(y.shape),
+                          f"{extra} conditioning channels (y) for {variant}: cache the dataset for this task "
+                          "(I2V image latents / Fun-Control control latents)")
+        if getattr(cfg, "model_type", "t2v") in ("i2v", "flf2v") and extra != 32 and batch.get("clip_fea") is None:
+            raise invalid("dataset CLIP features", "missing", f"cached CLIP vision features for {variant}")
+
+
+def build_y(batch: dict, channels: int) -> torch.Tensor | None:
+    """The DiT's channel-concatenated conditioning. Fun-Control: [control(16), image latents(16)] with the image
+    part taken from the cached I2V latents (mask channels dropped) or zeros — the inference layout."""
+    y, control = batch.get("y"), batch.get("control_latents")
+    if control is None:
+        return y
+    image = y[:, -16:] if y is not None else torch.zeros_like(control)
+    out = torch.cat([control, image.to(control.dtype)], dim=1)
+    return out if out.shape[1] == channels else out[:, :channels]
+
+
+def resolve_total_steps(config: TrainingConfig, loader) -> int:
+    if config.max_train_epochs:
+        return config.max_train_epochs * math.ceil(len(loader) / config.gradient_accumulation_steps)
+    return config.max_train_steps
+
+
+# --- the session ---------------------------------------------------------------------------------------------
+
+class TrainingSession:
+    def __init__(self, model: torch.nn.Module, network: NetworkConfig, optimizer: OptimizerConfig, loader,
+                 config: TrainingConfig, validation: ValidationConfig | None = None,
+                 resume_from: str | Path | None = None):
+        # 1. everything a user can get wrong, before touching the model
+        config.validate()
+        network.validate()
+        optimizer.validate()
+        if validation is not None:
+            validation.validate()
+        check_attention(model, config)
+        check_loader(loader)
+        check_batch_for_model(model, peek_batch(loader))
+        if resume_from is not None:
+            resume_state = read_state(resume_from)
+            _check_resume_compatible(resume_state, network)
+        else:
+            resume_state = None
+
+        self.model, self.loader, self.config = model, loader, config
+        self.network_config, self.optimizer_config, self.validation = network, optimizer, validation
+        self.device = model_device(model)
+        self.output_dir = Path(config.output_dir)
+        self.total_steps = resolve_total_steps(config, loader)
+
+        # 2. model: frozen base, chosen attention, checkpointing
+        model.requires_grad_(False)
+        if config.attention_backend:
+            model.attention_backend = config.attention_backend
+        if hasattr(model, "gradient_checkpointing"):
+            model.gradient_checkpointing = bool(config.gradient_checkpointing)
+        elif config.gradient_checkpointing:
+            warnings.warn(f"{type(model).__name__} has no gradient_checkpointing switch; training without it")
+
+        # 3. adapter (fp32, seeded init), optimizer, scheduler, scaler, RNG
+        _seed_everything(config.seed)
+        from ..lora.adapters import AdapterNetwork
+
+        self.network = AdapterNetwork.create(model, network.adapter_config(), name=network.name)
+        if network.network_weights:
+            self._load_network_weights(network.network_weights)
+        built = build_optimizer(list(self.network.named_parameters()), optimizer)
+        self.optimizer, self.optimizer_name = built.optimizer, built.name
+        self.scheduler = build_scheduler(self.optimizer, optimizer, self.total_steps, built.forced_scheduler)
+        self.scaler = torch.amp.GradScaler(self.device.type) if config.mixed_precision == "fp16" else None
+        self.generator = torch.Generator("cpu").manual_seed(config.seed)
+        self.timesteps = TimestepSampler(config.timesteps)
+
+        self.step = 0
+        self.history = LossHistory()
+        self.timer = StepTimer()
+        self.last_samples: list[torch.Tensor] | None = None
+        self.last_info: StepInfo | None = None
+        self._iter = None
+        self._epochs_done = self._completed_epochs()
+        self._tb: TensorBoardLogger | None = None
+        if resume_state is not None:
+            self._apply_state(resume_state)
+        self._boundary = self._snapshot()
+
+    # --- public API -----------------------------------------------------------------------------------------
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.total_steps
+
+    @property
+    def epoch(self) -> int:
+        return self._completed_epochs()
+
+    def train_steps(self, n: int, progress: Progress | None = None) -> list[float]:
+        """Run up to `n` optimizer steps (fewer at the end of training); returns their losses.
+
+        `progress(step, total, info: dict)` runs after every optimizer step and may raise to cancel. On any
+        exception the full state of the last completed step is written to `<output>/<name>-state` and the
+        exception re-raised."""
+        if not isinstance(n, int) or n < 1:
+            raise invalid("steps", n, "an integer ≥ 1")
+        end = min(self.total_steps, self.step + n)
+        losses: list[float] = []
+        completed = False
+        self.model.train()
+        self.network.train()
+        optimizer_train_mode(self.optimizer, True)
+        self.timer.reset()
+        try:
+            if self.step == 0 and self.validation is not None and self.validation.at_first and self.last_samples is None:
+                self.sample()
+            while self.step < end:
+                loss, t = self._optimizer_step()
+                losses.append(loss)
+                info = self._after_step(loss, t)
+                if progress is not None:
+                    progress(self.step, self.total_steps, info.__dict__)
+            completed = True
+        finally:
+            self.model.eval()
+            if not completed:
+                self._save_state_safely(state_dir(self.output_dir, self.config.output_name))
+            if self._tb is not None:
+                self._tb.flush()
+        if self.finished and losses:
+            self._save_final()
+        return losses
+
+    def save_state(self, folder: str | Path | None = None) -> Path:
+        """The state of the last completed step (weights, optimizer, scheduler, scaler, RNGs, data position)."""
+        folder = Path(folder) if folder is not None else state_dir(self.output_dir, self.config.output_name)
+        write_state(folder, self._state())
+        return folder
+
+    def load_state(self, folder: str | Path) -> None:
+        state = read_state(folder)
+        _check_resume_compatible(state, self.network_config)
+        self._apply_state(state)
+        self._boundary = self._snapshot()
+
+    def save_lora(self, path: str | Path | None = None, epoch: int | None = None, step: int | None = None) -> Path:
+        from ..lora.writer import save_lora
+
+        path = Path(path) if path is not None else lora_path(self.output_dir, self.config.output_name, step, epoch)
+        optimizer_train_mode(self.optimizer, False)  # schedule-free: save the averaged weights
+        try:
+            return save_lora(self.network, path, format=self.config.save_format, metadata=self._metadata(epoch),
+                             dtype=SAVE_DTYPES[self.config.save_precision],
+                             input_paths=[getattr(self.model, "source_path", None)])
+        finally:
+            optimizer_train_mode(self.optimizer, True)
+
+    def sample(self, progress=None) -> list[torch.Tensor]:
+        """Run the validation prompts now (model + adapter as trained so far)."""
+        v = self.validation
+        if v is None or not v.prompts:
+            return []
+        optimizer_train_mode(self.optimizer, False)
+        try:
+            self.last_samples = run_validation(self.model, v.prompts, self.network, v.vae, v.sample_fn, progress)
+        finally:
+            optimizer_train_mode(self.optimizer, True)
+        return self.last_samples
+
+    def loss_map(self) -> dict[str, list[float]]:
+        return self.history.loss_map()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    # --- one optimizer step ----------------------------------------------------------------------------------
+    def _optimizer_step(self) -> tuple[float, torch.Tensor]:
+        accum = self.config.gradient_accumulation_steps
+        params = self.network.trainable_parameters()
+        total, ts = 0.0, []
+        for _ in range(accum):
+            loss, t = self._micro_step(self._next_batch(), 1.0 / accum)
+            total += float(loss)
+            ts.append(t)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.optimizer_config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.optimizer_config.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self._boundary = self._snapshot()
+        return total / accum, torch.cat(ts)
+
+    def _micro_step(self, batch: dict, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        x0 = batch["latents"].to(self.device, torch.float32)                     # [B, 16, F, H, W]
+        draws = [self.timesteps.sample(1, x0.shape, self.generator) for _ in range(x0.shape[0])]
+        noise = torch.stack([torch.randn(x0.shape[1:], generator=self.generator) for _ in draws]).to(self.device)
+        t = torch.cat([d.t for d in draws])                                       # [B] in [0, 1]
+        model_t = torch.cat([d.model_t for d in draws]).to(self.device)           # [B] 0..1000
+        weight = None if draws[0].weight is None else torch.cat([d.weight for d in draws]).to(self.device)
+
+        x_t = noisy_latents(x0, noise, t.to(self.device))
+        context = batch["context"]
+        context = [c.to(self.device) for c in context] if isinstance(context, (list, tuple)) else context.to(self.device)
+        clip_fea = batch.get("clip_fea")
+        extra = getattr(getattr(self.model, "config", None), "in_dim", 16) - x0.shape[1]
+        y = build_y(batch, extra) if extra > 0 else None
+        with self._autocast():
+            pred = self.model(x_t, model_t, context,
+                              clip_fea=None if clip_fea is None else clip_fea.to(self.device),
+                              y=None if y is None else y.to(self.device))
+        loss = flow_matching_loss(pred, velocity_target(x0, noise), weight)
+        scaled = loss * scale
+        if self.scaler is not None:
+            scaled = self.scaler.scale(scaled)
+        scaled.backward()
+        return loss.detach(), t
+
+    def _autocast(self):
+        dtype = AMP_DTYPES.get(self.config.mixed_precision)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _next_batch(self) -> dict:
+        for _ in range(2):
+            if self._iter is None:
+                self._iter = iter(self.loader)
+            batch = next(self._iter, None)
+            if batch is not None:
+                return batch
+            self._iter = None  # epoch finished: the loader moved to the next epoch
+        raise invalid("dataset", "no batches", "at least one cached batch")
+
+    def _completed_epochs(self) -> int:
+        epoch = int(getattr(self.loader, "epoch", 0))
+        index = getattr(self.loader, "index", None)
+        return epoch + (1 if index is not None and index >= len(self.loader) else 0)
+
+    # --- after a step: history, logging, periodic saves, sampling ----------------------------------------------
+    def _after_step(self, loss: float, t: torch.Tensor) -> StepInfo:
+        cfg = self.config
+        self.history.add(self.step, loss)
+        self.timer.tick()
+        lrs = current_lrs(self.optimizer)
+        lr = lrs.get("lr/unet")
+        avg = self.history.moving_average()
+        it_s = self.timer.it_per_s
+        if cfg.logging_dir and self.step % cfg.log_every_n_steps == 0:
+            if self._tb is None:
+                self._tb = TensorBoardLogger(cfg.logging_dir, prefix=f"{cfg.output_name}_")
+            self._tb.log_step(self.step, loss, avg, lrs, it_s, t)
+
+        epochs = self._completed_epochs()
+        new_epoch = epochs > self._epochs_done
+        self._epochs_done = epochs
+        if not self.finished:
+            if cfg.save_every_n_steps and self.step % cfg.save_every_n_steps == 0:
+                self._periodic_save(step=self.step)
+            if new_epoch and cfg.save_every_n_epochs and epochs % cfg.save_every_n_epochs == 0:
+                self._periodic_save(epoch=epochs)
+        if self.validation is not None and self.validation.due(self.step):
+            self.sample()
+        info = StepInfo(self.step, self.total_steps, loss, avg, lr, it_s, epochs,
+                        status_text(self.step, self.total_steps, loss, avg, lr, it_s, self.device),
+                        [float(v) for v in t])
+        self.last_info = info
+        return info
+
+    def _periodic_save(self, step: int | None = None, epoch: int | None = None) -> None:
+        cfg, out = self.config, self.output_dir
+        kind = "step" if step is not None else "epoch"
+        self.save_lora(step=step, epoch=epoch)
+        prune(out, cfg.output_name, kind, cfg.keep_last_n_saves)
+        if cfg.save_state:
+            self.save_state(state_dir(out, cfg.output_name, step, epoch))
+            prune(out, cfg.output_name, f"{kind}-state", cfg.keep_last_n_states)
+
+    def _save_final(self) -> None:
+        self.save_lora()
+        self.save_state()
+
+    def _save_state_safely(self, folder: Path) -> None:
+        """Called while an exception propagates: never replace it with a saving error."""
+        try:
+            self.save_state(folder)
+        except Exception as e:  # noqa: BLE001 - the original exception matters more
+            warnings.warn(f"could not save the training state to {folder}: {type(e).__name__}: {e}")
+
+    # --- state -----------------------------------------------------------------------------------------------
+    def _snapshot(self) -> dict:
+        return {"step": self.step, "rng": capture_rng(self.generator),
+                "loader": copy.deepcopy(self.loader.state_dict()), "timesteps": self.timesteps.state_dict(),
+                "epochs_done": self._epochs_done}
+
+    def _state(self) -> dict:
+        b = self._boundary
+        return {
+            "step": b["step"], "epochs_done": b["epochs_done"], "rng": b["rng"], "loader": b["loader"],
+            "timesteps": b["timesteps"], "history": self.history.state_dict(),
+            "network": {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            "config": {"training": to_plain(self.config), "network": to_plain(self.network_config),
+                       "optimizer": to_plain(self.optimizer_config), "total_steps": self.total_steps},
+        }
+
+    def _apply_state(self, state: dict) -> None:
+        self.network.load_state_dict({k: v.to(self.device) for k, v in state["network"].items()})
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        restore_rng(state["rng"], self.generator)
+        self.loader.load_state_dict(state["loader"])
+        self._iter = None
+        self.timesteps.load_state_dict(state.get("timesteps", {}))
+        self.step = int(state["step"])
+        self._epochs_done = int(state.get("epochs_done", 0))
+        self.history.load_state_dict(state.get("history", {}))
+
+    def _load_network_weights(self, path: str) -> None:
+        from ..lora.dialects import read_lora
+
+        lora = read_lora(path)
+        adapters = self.network.adapters()
+        missing = [n for n in adapters if n not in lora.modules]
+        if missing:
+            raise invalid("network_weights", path, f"a LoRA with weights for every trained module (missing {missing[:3]})")
+        for name, adapter in adapters.items():
+            mw = lora.modules[name]
+            if adapter.kind != "lora" or mw.kind != "lora":
+                raise invalid("network_weights", path, "a LoRA (LoHa/LoKr initialisation is not supported)")
+            down, up = mw.tensors["down"], mw.tensors["up"]
+            if tuple(down.shape) != tuple(adapter.lora_down.weight.shape):
+                raise invalid("network_weights rank", down.shape[0], f"the configured rank {adapter.rank}")
+            adapter.load_factors(down, up)
+            adapter.set_alpha(mw.scale * adapter.rank)
+
+    def _metadata(self, epoch: int | None) -> dict[str, str]:
+        cfg, o, ts = self.config, self.optimizer_config, self.config.timesteps
+        meta = {
+            "ss_learning_rate": o.learning_rate, "ss_optimizer": self.optimizer_name, "ss_lr_scheduler": o.lr_scheduler,
+            "ss_lr_warmup_steps": o.lr_warmup_steps, "ss_max_grad_norm": o.max_grad_norm,
+            "ss_steps": self.step, "ss_epoch": epoch if epoch is not None else self._epochs_done,
+            "ss_max_train_steps": self.total_steps, "ss_gradient_checkpointing": cfg.gradient_checkpointing,
+            "ss_gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+            "ss_mixed_precision": cfg.mixed_precision, "ss_seed": cfg.seed,
+            "ss_timestep_sampling": ts.timestep_sampling, "ss_discrete_flow_shift": ts.discrete_flow_shift,
+            "ss_sigmoid_scale": ts.sigmoid_scale, "ss_weighting_scheme": ts.weighting_scheme,
+            "ss_output_name": cfg.output_name,
+        }
+        if getattr(self.model, "source_path", None):
+            meta["ss_sd_model_name"] = Path(self.model.source_path).name
+        return {k: str(v) for k, v in meta.items()}
+
+
+def _check_resume_compatible(state: dict, network: NetworkConfig) -> None:
+    saved = state.get("config", {}).get("network", {})
+    for key in ("kind", "rank"):
+        if key in saved and saved[key] != getattr(network, key):
+            raise invalid(f"resume state network {key}", saved[key], f"{getattr(network, key)} (the current network)")
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2 ** 32)
+    except ImportError:
+        pass
+
+
+__all__ = ["TrainingSession", "StepInfo", "check_batch_for_model", "peek_batch", "MusubiInputError"]

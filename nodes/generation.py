@@ -1,0 +1,250 @@
+"""Generation nodes for Wan 2.1: text encode, image encode (I2V/FLF2V), sampler, VAE decode, save video."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import comfy_compat as compat
+from . import types as T
+from .placement import on_compute_device
+from ..engine.errors import invalid
+
+# The official Wan 2.1 default negative prompt (used when the negative prompt is left empty, as the release does).
+WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+                       "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+                       "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
+SOLVERS = ["unipc", "dpm++", "euler"]
+CFG_SKIP = ["none", "early", "late", "middle", "early_late", "alternate"]
+
+
+def image_to_video_tensor(image: torch.Tensor, width: int, height: int, field: str) -> torch.Tensor:
+    """IMAGE [B,H,W,C] 0..1 (first image used) -> [3, H', W'] in [-1, 1] resized to width x height (bicubic)."""
+    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] < 3:
+        raise invalid(field, getattr(image, "shape", type(image).__name__), "an IMAGE [batch, height, width, 3]")
+    x = compat.unwrap_inference_tensor(image[:1, :, :, :3]).movedim(-1, 1).float()  # [1,3,H,W]
+    x = torch.nn.functional.interpolate(x, size=(height, width), mode="bicubic", align_corners=False)
+    return (x[0].clamp(0, 1) * 2.0 - 1.0)
+
+
+class MusubiWanTextEncode:
+    DESCRIPTION = "Encode a prompt and a negative prompt with umT5 for Wan sampling (and training validation)."
+    CATEGORY = "Musubi/generation"
+    FUNCTION = "encode"
+    RETURN_TYPES = (T.EMBEDS,)
+    RETURN_NAMES = ("embeds",)
+    OUTPUT_TOOLTIPS = ("Prompt and negative-prompt embeddings.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "text_encoder": (T.TEXT_ENCODER, {"tooltip": "The umT5 text encoder."}),
+            "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "What to generate."}),
+            "negative_prompt": ("STRING", {"multiline": True, "default": "",
+                                "tooltip": "What to avoid. Empty: Wan's official default negative prompt."}),
+            "offload_after": ("BOOLEAN", {"default": True,
+                              "tooltip": "Move the encoder back to CPU memory after encoding (frees VRAM)."}),
+        }}
+
+    def encode(self, text_encoder, prompt, negative_prompt, offload_after):
+        negative = negative_prompt.strip() or WAN_NEGATIVE_PROMPT
+        with on_compute_device(text_encoder, offload_after):
+            pos, neg = text_encoder.encode([prompt, negative])
+        return ({"context": pos.float().cpu(), "negative_context": neg.float().cpu(), "prompt": prompt,
+                 "negative_prompt": negative},)
+
+
+class MusubiWanImageEncode:
+    DESCRIPTION = ("Prepare image conditioning for Wan I2V (start image) or FLF2V (start + end image): VAE latents "
+                   "with the frame mask, and CLIP vision features.")
+    CATEGORY = "Musubi/generation"
+    FUNCTION = "encode"
+    RETURN_TYPES = (T.IMAGE_EMBEDS,)
+    RETURN_NAMES = ("image_embeds",)
+    OUTPUT_TOOLTIPS = ("I2V/FLF2V conditioning for the sampler (its size and frame count must match the sampler's).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "vae": (T.WAN_VAE, {"tooltip": "The Wan VAE."}),
+            "clip_vision": (T.CLIP_VISION, {"tooltip": "The CLIP ViT-H/14 image encoder."}),
+            "start_image": ("IMAGE", {"tooltip": "The first frame of the video."}),
+            "width": ("INT", {"default": 832, "min": 16, "max": 4096, "step": 16, "tooltip": "Video width (multiple of 16)."}),
+            "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16, "tooltip": "Video height (multiple of 16)."}),
+            "frames": ("INT", {"default": 81, "min": 1, "max": 1025, "step": 4, "tooltip": "Video length, 4k+1 frames."}),
+        }, "optional": {
+            "end_image": ("IMAGE", {"tooltip": "Optional last frame (FLF2V models)."}),
+        }}
+
+    def encode(self, vae, clip_vision, start_image, width, height, frames, end_image=None):
+        from ..engine.pipelines.wan import prepare_flf2v, prepare_i2v
+
+        if width % 16 or height % 16:
+            raise invalid("width/height", (width, height), "multiples of 16")
+        first = image_to_video_tensor(start_image, width, height, "start_image")
+        last = image_to_video_tensor(end_image, width, height, "end_image") if end_image is not None else None
+        with on_compute_device(clip_vision):
+            clips = [clip_vision.encode(first[None])[0]]
+            if last is not None:
+                clips.append(clip_vision.encode(last[None])[0])
+        with on_compute_device(vae):
+            cond = prepare_i2v(vae, first, frames) if last is None else prepare_flf2v(vae, first, last, frames)
+        clip_fea = torch.cat(clips).float().cpu()
+        return ({"conditioning": cond, "clip_fea": clip_fea, "width": width, "height": height, "frames": frames,
+                 "task": "i2v" if last is None else "flf2v"},)
+
+
+class MusubiWanSampler:
+    DESCRIPTION = ("Generate Wan 2.1 latents: T2V, T2I (1 frame), I2V and FLF2V (with image embeds). Flow-matching "
+                   "UniPC / DPM++ / Euler, CFG with negative prompt, CFG skip and skip-layer guidance. A LoRA applied "
+                   "to (or being trained on) the model is used as it is.")
+    CATEGORY = "Musubi/generation"
+    FUNCTION = "sample"
+    RETURN_TYPES = (T.LATENTS,)
+    RETURN_NAMES = ("latents",)
+    OUTPUT_TOOLTIPS = ("Generated latents; decode them with Musubi Wan VAE Decode.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": (T.WAN_DIT, {"tooltip": "The Wan DiT (optionally with LoRAs applied or trained)."}),
+            "embeds": (T.EMBEDS, {"tooltip": "Prompt embeddings from Musubi Wan Text Encode."}),
+            "width": ("INT", {"default": 832, "min": 16, "max": 4096, "step": 16, "tooltip": "Width in pixels (multiple of 16)."}),
+            "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16, "tooltip": "Height in pixels (multiple of 16)."}),
+            "frames": ("INT", {"default": 81, "min": 1, "max": 1025, "step": 4, "tooltip": "Frames, 4k+1 (1 = a still image)."}),
+            "steps": ("INT", {"default": 0, "min": 0, "max": 1000,
+                      "tooltip": "Denoising steps; 0 = the official default of the task (50 T2V, 40 I2V/FLF2V)."}),
+            "guidance_scale": ("FLOAT", {"default": 5.0, "min": 1.0, "max": 30.0, "step": 0.1,
+                               "tooltip": "Classifier-free guidance scale."}),
+            "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.1,
+                      "tooltip": "Flow shift; 0 = the task default (5.0, or 3.0 for I2V at 832x480)."}),
+            "solver": (SOLVERS, {"default": "unipc", "tooltip": "Sampler: UniPC (official default), DPM++ 2M or Euler."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1, "control_after_generate": True,
+                     "tooltip": "Noise seed."}),
+            "noise_device": (["cpu", "gpu"], {"default": "cpu",
+                             "tooltip": "cpu: the same noise on any machine (as ComfyUI); gpu: drawn on the GPU."}),
+        }, "optional": {
+            "image_embeds": (T.IMAGE_EMBEDS, {"tooltip": "I2V/FLF2V conditioning from Musubi Wan Image Encode."}),
+            "cfg_skip_mode": (CFG_SKIP, {"default": "none", "tooltip": "Skip the negative pass on some steps (faster)."}),
+            "cfg_apply_ratio": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05,
+                                "tooltip": "Fraction of steps that apply CFG when cfg_skip_mode is not none."}),
+            "slg_layers": ("STRING", {"default": "", "tooltip": "Skip-layer guidance blocks, e.g. '9' or '4,5,6'; empty = off."}),
+            "slg_scale": ("FLOAT", {"default": 3.0, "min": 0.0, "max": 20.0, "step": 0.1, "tooltip": "Skip-layer guidance scale."}),
+            "slg_start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "SLG start (fraction of steps)."}),
+            "slg_end": ("FLOAT", {"default": 0.3, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "SLG end (fraction of steps)."}),
+            "offload_after": ("BOOLEAN", {"default": False, "tooltip": "Move the DiT back to CPU memory after sampling."}),
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    def sample(self, model, embeds, width, height, frames, steps, guidance_scale, shift, solver, seed, noise_device,
+               image_embeds=None, cfg_skip_mode="none", cfg_apply_ratio=1.0, slg_layers="", slg_scale=3.0,
+               slg_start=0.0, slg_end=0.3, offload_after=False, unique_id=None):
+        from ..engine.pipelines.wan import WanGenerateRequest, generate, latent_to_rgb_preview
+
+        try:
+            layers = tuple(int(s) for s in slg_layers.replace(" ", "").split(",") if s)
+        except ValueError:
+            raise invalid("slg_layers", slg_layers, "comma-separated block indices such as '9' or '4,5,6'") from None
+        task = image_embeds["task"] if image_embeds is not None else ("t2i" if frames == 1 else "t2v")
+        if image_embeds is not None and (image_embeds["width"], image_embeds["height"], image_embeds["frames"]) != \
+                (width, height, frames):
+            raise invalid("image_embeds", (image_embeds["width"], image_embeds["height"], image_embeds["frames"]),
+                          f"the sampler's width/height/frames {(width, height, frames)}")
+        request = WanGenerateRequest(
+            task=task, context=embeds["context"], negative_context=embeds["negative_context"], width=width,
+            height=height, frames=frames, steps=steps or None, shift=shift or None, guidance_scale=guidance_scale,
+            solver=solver, seed=seed, noise_device=noise_device, cfg_skip_mode=cfg_skip_mode,
+            cfg_apply_ratio=cfg_apply_ratio if cfg_skip_mode != "none" else None, slg_layers=layers,
+            slg_scale=slg_scale, slg_start=slg_start, slg_end=slg_end,
+            conditioning=image_embeds["conditioning"] if image_embeds is not None else None,
+            clip_fea=image_embeds["clip_fea"] if image_embeds is not None else None).resolve()
+        bar = compat.Progress(request.steps, unique_id)
+
+        def progress(step, total, x0):
+            preview = None
+            if x0 is not None:
+                from PIL import Image
+                rgb = latent_to_rgb_preview(x0)
+                preview = Image.fromarray((rgb.numpy() * 255).astype("uint8"))
+            bar.update(step, preview=preview)
+
+        with on_compute_device(model, offload_after):
+            latents = generate(model, request, progress)
+        return ({"samples": latents.float().cpu(), "fps": 16.0, "task": task},)
+
+
+class MusubiWanVAEDecode:
+    DESCRIPTION = "Decode Wan latents to IMAGE frames (usable by core CreateVideo/SaveVideo/PreviewImage) and their fps."
+    CATEGORY = "Musubi/generation"
+    FUNCTION = "decode"
+    RETURN_TYPES = ("IMAGE", "FLOAT")
+    RETURN_NAMES = ("images", "fps")
+    OUTPUT_TOOLTIPS = ("Decoded frames [frames, height, width, 3] (samples of a batch one after another).",
+                       "Frame rate of the video (16 for Wan 2.1).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "vae": (T.WAN_VAE, {"tooltip": "The Wan VAE."}),
+            "latents": (T.LATENTS, {"tooltip": "Latents from the sampler."}),
+            "tile_size": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 32,
+                          "tooltip": "Spatial tile size in pixels (0 = no tiling; tiling lowers VRAM)."}),
+            "tile_overlap": ("INT", {"default": 64, "min": 0, "max": 1024, "step": 16, "tooltip": "Tile overlap in pixels."}),
+        }}
+
+    def decode(self, vae, latents, tile_size, tile_overlap):
+        with on_compute_device(vae) as device:
+            dtype = next(vae.parameters()).dtype
+            video = vae.decode(latents["samples"].to(device, dtype), tile_size=tile_size or None,
+                               tile_overlap=tile_overlap if tile_size else None)
+        frames = ((video.float().cpu() + 1.0) / 2.0).clamp(0, 1)          # [B,3,F,H,W]
+        images = frames.permute(0, 2, 3, 4, 1).reshape(-1, *frames.shape[-2:], 3)
+        return (images.contiguous(), float(latents.get("fps", 16.0)))
+
+
+class MusubiSaveVideo:
+    DESCRIPTION = ("Save IMAGE frames as an H.264 mp4 in the output folder, with the workflow embedded (drop the "
+                   "video onto ComfyUI to get the graph back).")
+    CATEGORY = "Musubi/generation"
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ()
+    OUTPUT_TOOLTIPS = ()
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "images": ("IMAGE", {"tooltip": "Frames to save."}),
+            "fps": ("FLOAT", {"default": 16.0, "min": 1.0, "max": 120.0, "step": 1.0, "tooltip": "Frame rate."}),
+            "filename_prefix": ("STRING", {"default": "musubi/video", "tooltip": "Output file prefix (subfolders allowed)."}),
+            "crf": ("INT", {"default": 19, "min": 0, "max": 51, "tooltip": "H.264 quality (lower = better, bigger)."}),
+        }, "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}}
+
+    def save(self, images, fps, filename_prefix, crf, prompt=None, extra_pnginfo=None):
+        from ..engine.video_io import write_mp4
+
+        folder, filename, counter, subfolder, _ = compat.save_path(filename_prefix, images.shape[2], images.shape[1])
+        name = f"{filename}_{counter:05}_.mp4"
+        metadata = {}
+        if extra_pnginfo:
+            metadata.update(extra_pnginfo)
+        if prompt is not None:
+            metadata["prompt"] = prompt
+        write_mp4(images, os.path.join(folder, name), fps, metadata=metadata, crf=crf)
+        return {"ui": {"images": [{"filename": name, "subfolder": subfolder, "type": "output"}], "animated": (True,)}}
+
+
+NODE_CLASS_MAPPINGS = {
+    "MusubiWanTextEncode": MusubiWanTextEncode,
+    "MusubiWanImageEncode": MusubiWanImageEncode,
+    "MusubiWanSampler": MusubiWanSampler,
+    "MusubiWanVAEDecode": MusubiWanVAEDecode,
+    "MusubiSaveVideo": MusubiSaveVideo,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "MusubiWanTextEncode": "Musubi Wan Text Encode",
+    "MusubiWanImageEncode": "Musubi Wan Image Encode (I2V/FLF2V)",
+    "MusubiWanSampler": "Musubi Wan Sampler",
+    "MusubiWanVAEDecode": "Musubi Wan VAE Decode",
+    "MusubiSaveVideo": "Musubi Save Video",
+}

@@ -1,0 +1,179 @@
+"""Loader nodes for Wan 2.1: DiT, VAE, umT5 text encoder, CLIP vision. Files are listed from ComfyUI's own model
+folders; tiny random-weight presets (real architectures and key names) are offered first so graphs run without any
+download. Loaded models go through the pack registry: a re-run (or an evicted cache entry) never loads a second
+copy."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import comfy_compat as compat
+from . import types as T
+from .registry import MODELS
+from ..engine.errors import invalid
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DIT_PRESETS = ["preset:tiny-t2v", "preset:tiny-i2v", "preset:tiny-flf2v", "preset:tiny-fun-control"]
+VAE_PRESETS = ["preset:tiny-vae"]
+T5_PRESETS = ["preset:tiny-umt5"]
+CLIP_PRESETS = ["preset:tiny-clip"]
+ATTENTION = ["sdpa", "flash", "sage", "xformers", "sdpa_split"]
+
+
+def _choices(presets: list[str], folder: str) -> list[str]:
+    return presets + compat.list_model_files(folder)
+
+
+def resolve_source(name: str, folder: str, field: str) -> str:
+    """A preset name stays as it is; a file name becomes its full path in ComfyUI's model folder."""
+    if name.startswith("preset:"):
+        return name
+    path = compat.model_file_path(folder, name)
+    if path is None:
+        if os.path.isfile(name):
+            return name
+        raise invalid(field, name, f"a file in ComfyUI's models/{folder} folder(s) {compat.model_folders(folder)} "
+                                   "or a preset")
+    return path
+
+
+def source_identity(source: str) -> tuple:
+    if source.startswith("preset:"):
+        return (source,)
+    st = os.stat(source)
+    return (os.path.realpath(source), st.st_size, st.st_mtime_ns)
+
+
+class MusubiWanDiTLoader:
+    DESCRIPTION = ("Load a Wan 2.1 diffusion transformer (T2V 1.3B/14B, I2V, FLF2V, Fun-Control) from "
+                   "models/diffusion_models: official or ComfyUI files, bf16/fp16/fp8/scaled fp8. The variant is "
+                   "detected from the file. The model stays loaded between runs and serves training and sampling.")
+    CATEGORY = "Musubi/loaders"
+    FUNCTION = "load"
+    RETURN_TYPES = (T.WAN_DIT,)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The loaded Wan DiT (kept in the pack's memory; train it or sample with it).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model_name": (_choices(DIT_PRESETS, "diffusion_models"), {
+                "tooltip": "A Wan 2.1 DiT file from models/diffusion_models, or a tiny built-in preset for tests."}),
+            "dtype": (["bf16", "fp16", "fp32", "keep"], {"default": "bf16",
+                      "tooltip": "Compute precision of the weights; 'keep' keeps the file's precision (fp8 files are "
+                                 "upcast to bf16)."}),
+            "attention": (ATTENTION, {"default": "sdpa",
+                          "tooltip": "Attention kernel. Missing backends fall back to sdpa with a warning; 'sage' "
+                                     "is for sampling only (it has no backward pass)."}),
+        }}
+
+    def load(self, model_name, dtype, attention):
+        from ..engine.models.wan.loader import load_wan_dit
+
+        source = resolve_source(model_name, "diffusion_models", "model_name")
+        dt = None if dtype == "keep" else DTYPES[dtype]
+        key = ("wan_dit", source_identity(source), dtype)
+        model = MODELS.get_or_create(key, lambda: load_wan_dit(source, dtype=dt, device="cpu"))
+        model.attention_backend = attention
+        return (model,)
+
+
+class MusubiWanVAELoader:
+    DESCRIPTION = "Load the Wan 2.1 VAE (Wan2.1_VAE.pth or ComfyUI's wan_2.1_vae.safetensors) from models/vae."
+    CATEGORY = "Musubi/loaders"
+    FUNCTION = "load"
+    RETURN_TYPES = (T.WAN_VAE,)
+    RETURN_NAMES = ("vae",)
+    OUTPUT_TOOLTIPS = ("The loaded Wan VAE.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "vae_name": (_choices(VAE_PRESETS, "vae"), {"tooltip": "A Wan 2.1 VAE file from models/vae, or the tiny preset."}),
+            "dtype": (["bf16", "fp16", "fp32"], {"default": "bf16", "tooltip": "Precision of the VAE weights."}),
+            "cache_on_cpu": ("BOOLEAN", {"default": False,
+                             "tooltip": "Keep the VAE's temporal feature caches in CPU memory (less VRAM, slower)."}),
+        }}
+
+    def load(self, vae_name, dtype, cache_on_cpu):
+        from ..engine.models.wan.vae import load_wan_vae
+
+        source = resolve_source(vae_name, "vae", "vae_name")
+        key = ("wan_vae", source_identity(source), dtype)
+        vae = MODELS.get_or_create(key, lambda: load_wan_vae(source, dtype=DTYPES[dtype], device="cpu"))
+        vae.cache_device = "cpu" if cache_on_cpu else None
+        vae.identity = ":".join(map(str, key[1]))
+        return (vae,)
+
+
+class MusubiUMT5Loader:
+    DESCRIPTION = ("Load the umT5-XXL text encoder from models/text_encoders: the official "
+                   "models_t5_umt5-xxl-enc-bf16.pth or ComfyUI's umt5_xxl fp16 / fp8 scaled safetensors. The "
+                   "tokenizer comes from the file itself or from the given path, never from the internet.")
+    CATEGORY = "Musubi/loaders"
+    FUNCTION = "load"
+    RETURN_TYPES = (T.TEXT_ENCODER,)
+    RETURN_NAMES = ("text_encoder",)
+    OUTPUT_TOOLTIPS = ("The loaded umT5 text encoder with its tokenizer.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "text_encoder_name": (_choices(T5_PRESETS, "text_encoders"), {
+                "tooltip": "A umT5-XXL file from models/text_encoders, or the tiny preset."}),
+            "dtype": (["bf16", "fp16", "fp32"], {"default": "bf16", "tooltip": "Precision of the encoder weights."}),
+        }, "optional": {
+            "tokenizer_path": ("STRING", {"default": "",
+                               "tooltip": "Optional: a folder with spiece.model/tokenizer.json, or a .model file. "
+                                          "Empty: use the tokenizer embedded in the weight file."}),
+        }}
+
+    def load(self, text_encoder_name, dtype, tokenizer_path=""):
+        from ..engine.encoders.umt5 import load_umt5
+
+        source = resolve_source(text_encoder_name, "text_encoders", "text_encoder_name")
+        tok = tokenizer_path.strip() or None
+        key = ("umt5", source_identity(source), dtype, tok)
+        enc = MODELS.get_or_create(key, lambda: load_umt5(source, dtype=DTYPES[dtype], device="cpu", tokenizer_path=tok))
+        return (enc,)
+
+
+class MusubiClipVisionLoader:
+    DESCRIPTION = ("Load the CLIP ViT-H/14 image encoder used by Wan I2V/FLF2V from models/clip_vision "
+                   "(ComfyUI's clip_vision_h.safetensors or the official open-clip .pth).")
+    CATEGORY = "Musubi/loaders"
+    FUNCTION = "load"
+    RETURN_TYPES = (T.CLIP_VISION,)
+    RETURN_NAMES = ("clip_vision",)
+    OUTPUT_TOOLTIPS = ("The loaded CLIP vision encoder.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "clip_name": (_choices(CLIP_PRESETS, "clip_vision"), {
+                "tooltip": "A CLIP ViT-H/14 file from models/clip_vision, or the tiny preset."}),
+            "dtype": (["fp16", "bf16", "fp32"], {"default": "fp16", "tooltip": "Precision (Wan runs CLIP in fp16)."}),
+        }}
+
+    def load(self, clip_name, dtype):
+        from ..engine.encoders.clip_vision import load_clip_vision
+
+        source = resolve_source(clip_name, "clip_vision", "clip_name")
+        key = ("clip_vision", source_identity(source), dtype)
+        return (MODELS.get_or_create(key, lambda: load_clip_vision(source, dtype=DTYPES[dtype], device="cpu")),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "MusubiWanDiTLoader": MusubiWanDiTLoader,
+    "MusubiWanVAELoader": MusubiWanVAELoader,
+    "MusubiUMT5Loader": MusubiUMT5Loader,
+    "MusubiClipVisionLoader": MusubiClipVisionLoader,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "MusubiWanDiTLoader": "Musubi Wan DiT Loader",
+    "MusubiWanVAELoader": "Musubi Wan VAE Loader",
+    "MusubiUMT5Loader": "Musubi umT5 Text Encoder Loader",
+    "MusubiClipVisionLoader": "Musubi CLIP Vision Loader",
+}

@@ -1,0 +1,133 @@
+"""Write the UI-format workflow files in workflows/ from compact descriptions below.
+
+UI format is what ComfyUI's File -> Save writes (nodes with positional `widgets_values`, links as
+[id, from, from_slot, to, to_slot, type]). Node input/output specs come from the real ComfyUI (booted in-process by
+the test harness), so the files always match the nodes. The tests run every file in workflows/, and the browser test
+drops one onto the real frontend. Re-run after changing a node's inputs:
+
+    python scripts/build_workflows.py        (with the venv python; COMFYUI_DIR as for the tests)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+# Each node: (id, type, widget values by name, {input name: (source id, output index)}, title or None)
+TINY_T2V = [
+    (1, "MusubiWanDiTLoader", {"model_name": "preset:tiny-t2v", "dtype": "fp32", "attention": "sdpa"}, {}),
+    (2, "MusubiUMT5Loader", {"text_encoder_name": "preset:tiny-umt5", "dtype": "fp32", "tokenizer_path": ""}, {}),
+    (3, "MusubiWanVAELoader", {"vae_name": "preset:tiny-vae", "dtype": "fp32", "cache_on_cpu": False}, {}),
+    (4, "MusubiWanTextEncode", {"prompt": "a red square moving to the right", "negative_prompt": "",
+                                "offload_after": True}, {"text_encoder": (2, 0)}),
+    (5, "MusubiWanSampler", {"width": 64, "height": 48, "frames": 9, "steps": 6, "guidance_scale": 5.0, "shift": 0.0,
+                             "solver": "unipc", "seed": 42, "noise_device": "cpu"},
+     {"model": (1, 0), "embeds": (4, 0)}),
+    (6, "MusubiWanVAEDecode", {"tile_size": 0, "tile_overlap": 64}, {"vae": (3, 0), "latents": (5, 0)}),
+    (7, "MusubiSaveVideo", {"filename_prefix": "musubi/t2v", "crf": 19}, {"images": (6, 0), "fps": (6, 1)}),
+    (8, "PreviewImage", {}, {"images": (6, 0)}),
+]
+
+TINY_I2V = [
+    (1, "MusubiWanDiTLoader", {"model_name": "preset:tiny-i2v", "dtype": "fp32", "attention": "sdpa"}, {}),
+    (2, "MusubiUMT5Loader", {"text_encoder_name": "preset:tiny-umt5", "dtype": "fp32", "tokenizer_path": ""}, {}),
+    (3, "MusubiWanVAELoader", {"vae_name": "preset:tiny-vae", "dtype": "fp32", "cache_on_cpu": False}, {}),
+    (4, "MusubiClipVisionLoader", {"clip_name": "preset:tiny-clip", "dtype": "fp32"}, {}),
+    (5, "EmptyImage", {"width": 64, "height": 48, "batch_size": 1, "color": 0xCC3322}, {}),
+    (6, "MusubiWanTextEncode", {"prompt": "the square starts to spin", "negative_prompt": "", "offload_after": True},
+     {"text_encoder": (2, 0)}),
+    (7, "MusubiWanImageEncode", {"width": 64, "height": 48, "frames": 9},
+     {"vae": (3, 0), "clip_vision": (4, 0), "start_image": (5, 0)}),
+    (8, "MusubiWanSampler", {"width": 64, "height": 48, "frames": 9, "steps": 6, "guidance_scale": 5.0, "shift": 0.0,
+                             "solver": "unipc", "seed": 7, "noise_device": "cpu"},
+     {"model": (1, 0), "embeds": (6, 0), "image_embeds": (7, 0)}),
+    (9, "MusubiWanVAEDecode", {"tile_size": 0, "tile_overlap": 64}, {"vae": (3, 0), "latents": (8, 0)}),
+    (10, "CreateVideo", {"fps": 16.0}, {"images": (9, 0)}),
+    (11, "SaveVideo", {"filename_prefix": "musubi/i2v", "format": "auto", "codec": "auto"}, {"video": (10, 0)}),
+]
+
+WORKFLOWS = {"wan_t2v_generate.json": TINY_T2V, "wan_i2v_generate.json": TINY_I2V}
+
+
+def _spec_lists(cls):
+    spec = cls.INPUT_TYPES()
+    sockets, widgets = [], []
+    from comfy_harness import WIDGET_TYPES, _has_control_widget
+
+    for section in ("required", "optional"):
+        for name, s in spec.get(section, {}).items():
+            typ, opts = s[0], (s[1] if len(s) > 1 else {})
+            if (isinstance(typ, list) or typ in WIDGET_TYPES) and not opts.get("forceInput"):
+                widgets.append((name, typ, opts))
+            else:
+                sockets.append((name, typ))
+    return sockets, widgets, _has_control_widget
+
+
+def build(nodes: list, classes: dict) -> dict:
+    links, ui_nodes = [], []
+    out_links: dict[tuple[int, int], list[int]] = {}
+    link_id = 0
+    for order, (nid, ntype, values, inputs, *rest) in enumerate(nodes):
+        cls = classes[ntype]
+        sockets, widgets, has_control = _spec_lists(cls)
+        ui_inputs = []
+        for name, typ in sockets:
+            if name in inputs:
+                src, slot = inputs[name]
+                link_id += 1
+                src_cls = classes[next(n[1] for n in nodes if n[0] == src)]
+                ltype = src_cls.RETURN_TYPES[slot]
+                links.append([link_id, src, slot, nid, len(ui_inputs), ltype])
+                out_links.setdefault((src, slot), []).append(link_id)
+                ui_inputs.append({"name": name, "type": typ, "link": link_id})
+            else:
+                ui_inputs.append({"name": name, "type": typ, "link": None})
+        wv = []
+        for name, typ, opts in widgets:
+            if name in inputs:  # a widget driven by a link: the frontend keeps a value and adds a widget input
+                src, slot = inputs[name]
+                link_id += 1
+                src_cls = classes[next(n[1] for n in nodes if n[0] == src)]
+                links.append([link_id, src, slot, nid, len(ui_inputs), src_cls.RETURN_TYPES[slot]])
+                out_links.setdefault((src, slot), []).append(link_id)
+                ui_inputs.append({"name": name, "type": typ if isinstance(typ, str) else "COMBO", "link": link_id,
+                                  "widget": {"name": name}})
+                value = opts.get("default", 0)
+            else:
+                value = values.get(name, opts.get("default", typ[0] if isinstance(typ, list) else None))
+            wv.append(value)
+            if has_control(name, typ, opts):
+                wv.append("fixed")
+        col, row = order % 4, order // 4
+        ui_nodes.append({
+            "id": nid, "type": ntype, "pos": [40 + 380 * col, 60 + 420 * row], "size": [340, 60 + 28 * len(wv)],
+            "flags": {}, "order": order, "mode": 0, "inputs": ui_inputs,
+            "outputs": [], "properties": {"Node name for S&R": ntype}, "widgets_values": wv,
+            "_returns": list(getattr(cls, "RETURN_TYPES", ())), "_names": list(getattr(cls, "RETURN_NAMES", ()) or ()),
+        })
+    for n in ui_nodes:
+        rtypes, rnames = n.pop("_returns"), n.pop("_names")
+        n["outputs"] = [{"name": (rnames[i] if i < len(rnames) else t), "type": t,
+                         "links": out_links.get((n["id"], i), []), "slot_index": i} for i, t in enumerate(rtypes)]
+    return {"last_node_id": max(n["id"] for n in ui_nodes), "last_link_id": link_id, "nodes": ui_nodes,
+            "links": links, "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}},
+            "version": 0.4}
+
+
+def main():
+    from comfy_harness import boot
+
+    classes = boot().nodes.NODE_CLASS_MAPPINGS
+    for name, nodes in WORKFLOWS.items():
+        path = REPO / "workflows" / name
+        path.write_text(json.dumps(build(nodes, classes), indent=1, ensure_ascii=False) + "\n")
+        print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()

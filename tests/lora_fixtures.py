@@ -1,0 +1,63 @@
+"""Shared helpers for the LoRA engine tests: the real tiny Wan DiT and hand-built LoRA state dicts.
+
+Keys are spelled here from the published patterns (not through engine.lora's writer), so the reader is checked
+against an independent source."""
+
+import torch
+
+from engine.models.wan.loader import load_wan_dit
+
+T2V_TARGETS_PER_BLOCK = ["self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+                         "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2"]
+I2V_EXTRA = ["cross_attn.k_img", "cross_attn.v_img"]
+
+DIFFUSERS_NAME = {"self_attn.q": "attn1.to_q", "self_attn.k": "attn1.to_k", "self_attn.v": "attn1.to_v",
+                  "self_attn.o": "attn1.to_out.0", "cross_attn.q": "attn2.to_q", "cross_attn.k": "attn2.to_k",
+                  "cross_attn.v": "attn2.to_v", "cross_attn.o": "attn2.to_out.0",
+                  "cross_attn.k_img": "attn2.add_k_proj", "cross_attn.v_img": "attn2.add_v_proj",
+                  "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2"}
+
+
+def tiny_model(variant="t2v"):
+    return load_wan_dit(f"preset:tiny-{variant}", dtype=torch.float32).eval()
+
+
+def weight_shapes(model):
+    return {n: tuple(m.weight.shape) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def random_lora_factors(model, rank=4, seed=0, variant_targets=None, blocks=None):
+    """{module: (down [r, in], up [out, r], alpha)} for the default Wan targets of `model`."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = weight_shapes(model)
+    out = {}
+    for name, (o, i) in shapes.items():
+        if not name.startswith("blocks."):
+            continue
+        sub = name.split(".", 2)[2]
+        if sub not in T2V_TARGETS_PER_BLOCK + I2V_EXTRA:
+            continue
+        if blocks is not None and int(name.split(".")[1]) not in blocks:
+            continue
+        down = torch.randn(rank, i, generator=g) * 0.1
+        up = torch.randn(o, rank, generator=g) * 0.1
+        out[name] = (down, up, float(rank) * 2.0)  # alpha = 2·rank -> scale 2
+    return out
+
+
+def reference_delta(down, up, alpha, rank=None):
+    rank = rank or down.shape[0]
+    scale = 1.0 if alpha is None else alpha / rank
+    return (up.double() @ down.double() * scale).float()
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matmuls are ~300x slower with 2 threads on a loaded 2-core box; restore the setting afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

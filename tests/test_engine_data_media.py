@@ -1,0 +1,203 @@
+"""Frame extraction, fps dropping, bucketing, resize/crop, media decoding and media errors."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.data.buckets import bucket_resolutions, resize_and_crop, select_bucket
+from engine.data.config import dataset_from_folder
+from engine.data.frames import extract_clips, kept_frame_indices, round_down_4k1
+from engine.data.items import DatasetWarning, list_items
+from engine.data.media import load_image, read_video
+from engine.errors import MusubiInputError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _sample_module():
+    spec = importlib.util.spec_from_file_location("make_sample_media", REPO / "scripts" / "make_sample_media.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# --- frame extraction (hand-computed indices) ------------------------------------------------------------------
+
+def test_round_down_4k1():
+    assert [round_down_4k1(n) for n in (1, 2, 4, 5, 8, 9, 48, 49)] == [1, 1, 1, 5, 5, 9, 45, 49]
+
+
+def test_head():
+    assert extract_clips(20, "head", [1, 5, 25]) == [(0, 1), (0, 5)]
+
+
+def test_chunk():
+    assert extract_clips(20, "chunk", [5, 9]) == [(0, 5), (5, 5), (10, 5), (15, 5), (0, 9), (9, 9)]
+
+
+def test_slide():
+    assert extract_clips(20, "slide", [9], frame_stride=4) == [(0, 9), (4, 9), (8, 9)]
+    assert extract_clips(9, "slide", [9], frame_stride=4) == [(0, 9)]
+
+
+def test_uniform():
+    # linspace(0, 11, 3) = 0, 5.5, 11 -> truncated
+    assert extract_clips(20, "uniform", [9], frame_sample=3) == [(0, 9), (5, 9), (11, 9)]
+    # frame_sample 1 behaves as head
+    assert extract_clips(20, "uniform", [5, 9], frame_sample=1) == [(0, 5), (0, 9)]
+    # duplicates possible when L - T is small: linspace(0, 1, 4) = 0, 1/3, 2/3, 1
+    assert extract_clips(10, "uniform", [9], frame_sample=4) == [(0, 9), (0, 9), (0, 9), (1, 9)]
+
+
+def test_full():
+    assert extract_clips(20, "full", [1], max_frames=129) == [(0, 17)]
+    assert extract_clips(20, "full", [1], max_frames=10) == [(0, 9)]
+    assert extract_clips(0, "full", [1]) == []
+
+
+def test_too_short_and_bad_mode():
+    assert extract_clips(4, "head", [5, 9]) == []
+    with pytest.raises(MusubiInputError, match="chain"):
+        extract_clips(10, "chain", [5])
+
+
+def test_source_fps_dropping():
+    # 30 -> 16 fps: frame i maps to floor(i * 16 / 30); repeats dropped
+    assert kept_frame_indices(16, 30.0, 16.0) == [0, 2, 4, 6, 8, 10, 12, 14, 15]
+    # 24 -> 16: floor(2i/3) = 0,0,1,2,2,3,4,4
+    assert kept_frame_indices(8, 24.0, 16.0) == [0, 2, 3, 5, 6]
+    # never duplicates: a slower source keeps every frame; no source_fps: no dropping
+    assert kept_frame_indices(5, 12.0, 16.0) == [0, 1, 2, 3, 4]
+    assert kept_frame_indices(5, None, 16.0) == [0, 1, 2, 3, 4]
+
+
+# --- buckets ---------------------------------------------------------------------------------------------------------
+
+def test_bucket_list_960x544():
+    buckets = bucket_resolutions((960, 544))
+    area = 960 * 544
+    assert all(w % 16 == 0 and h % 16 == 0 and w * h <= area for w, h in buckets)
+    # sqrt(A) = 722: widths floor(361)->352, 368, ..., 736 (< 722 + 16), each with height floor(A / w) to 16
+    for w in range(352, 737, 16):
+        assert (w, area // w // 16 * 16) in buckets
+    assert (336, area // 336 // 16 * 16) not in buckets and max(w for w, h in buckets) == 1472
+    assert len(buckets) == 2 * 25 - 3  # 25 widths, both orientations, 3 pairs coincide
+    assert (352, 1472) in buckets and (1472, 352) in buckets  # 522240 / 352 = 1483.6 -> 1472
+    assert (736, 704) in buckets and (704, 736) in buckets
+    assert (960, 544) in buckets and (544, 960) in buckets
+
+
+def test_select_bucket():
+    # 16:9 -> nearest aspect ratio: (960, 544) ar 1.765 beats (976, 528) 1.848 and (928, 560) 1.657
+    assert select_bucket((1920, 1080), (960, 544), True) == (960, 544)
+    assert select_bucket((1080, 1920), (960, 544), True) == (544, 960)
+    # no bucketing: the resolution itself
+    assert select_bucket((1080, 1920), (960, 544), False) == (960, 544)
+    # no upscale: small images keep their size floored to 16; large ones bucket normally
+    assert select_bucket((200, 100), (512, 512), True, bucket_no_upscale=True) == (192, 96)
+    assert select_bucket((2000, 1000), (512, 512), True, bucket_no_upscale=True) == select_bucket(
+        (2000, 1000), (512, 512), True)
+    with pytest.raises(MusubiInputError, match="frame size"):
+        select_bucket((8, 100), (512, 512), True)
+
+
+def test_resize_and_crop():
+    img = np.zeros((32, 64, 3), np.uint8)
+    img[:, :32] = (255, 0, 0)
+    img[:, 32:] = (0, 0, 255)
+    out = resize_and_crop(img, (32, 32))  # cover scale 1 -> center crop columns 16..48
+    assert out.shape == (32, 32, 3)
+    assert (out[:, :16] == (255, 0, 0)).all() and (out[:, 16:] == (0, 0, 255)).all()
+    # downscale: 128x64 -> cover (32, 32): scale 0.5 -> 64x32, crop columns 16..48
+    big = np.repeat(np.repeat(img, 2, 0), 2, 1)
+    assert (resize_and_crop(big, (32, 32)) == out).all()
+    # upscale a flat frame stays flat; video input keeps its frame axis
+    flat = np.full((3, 16, 16, 3), 77, np.uint8)
+    up = resize_and_crop(flat, (32, 48))
+    assert up.shape == (3, 48, 32, 3) and (up == 77).all()
+
+
+# --- media -----------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    root = tmp_path_factory.mktemp("media")
+    return _sample_module().make_sample_dataset(root, num_images=2, num_videos=1, num_frame_folders=1,
+                                                size=(64, 48), frames=17)
+
+
+def test_sample_media_deterministic(tmp_path, media):
+    again = _sample_module().make_sample_dataset(tmp_path, num_images=2, num_videos=1, num_frame_folders=1,
+                                                 size=(64, 48), frames=17)
+    for name in ("image_000.png", "video_000.mp4"):
+        sub = "images" if name.endswith(".png") else "videos"
+        assert (Path(again[sub]) / name).read_bytes() == (Path(media[sub]) / name).read_bytes()
+
+
+def test_read_video_and_drop(media):
+    path = Path(media["videos"]) / "video_000.mp4"
+    frames = read_video(path)
+    assert frames.shape == (17, 48, 64, 3) and frames.dtype == np.uint8
+    mod = _sample_module()
+    expected, _ = mod.render_clip(64, 48, 17, 0)
+    assert np.abs(frames.astype(int) - expected.astype(int)).mean() < 4  # lossy codec, near-lossless settings
+    assert (read_video(path, max_frames=5) == frames[:5]).all()
+    halved = read_video(path, source_fps=32.0, target_fps=16.0)
+    assert (halved == frames[::2]).all()
+
+
+def test_image_folder_as_video_sorted_by_name(tmp_path):
+    from PIL import Image
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    for name, value in (("b.png", 20), ("a.png", 10), ("c.jpg", 30)):
+        Image.fromarray(np.full((16, 16, 3), value, np.uint8)).save(folder / name, quality=100)
+    frames = read_video(folder)
+    assert [int(round(f.mean())) for f in frames] == [10, 20, 30]
+
+
+def test_corrupt_video_named(tmp_path):
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"\x00not a video" * 100)
+    with pytest.raises(MusubiInputError, match="broken.mp4"):
+        read_video(bad)
+
+
+def test_unreadable_image_named(tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG garbage")
+    with pytest.raises(MusubiInputError, match="broken.png"):
+        load_image(bad)
+
+
+def test_missing_caption_image_warns_and_skips(tmp_path):
+    from PIL import Image
+    for n in ("a", "b"):
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / f"{n}.png")
+    (tmp_path / "a.txt").write_text("caption a")
+    with pytest.warns(DatasetWarning, match="b.png"):
+        items = list_items(dataset_from_folder(tmp_path, kind="image").datasets[0])
+    assert [it.key for it in items] == ["a"] and items[0].caption == "caption a"
+
+
+def test_missing_caption_video_is_error(tmp_path, media):
+    import shutil
+    shutil.copy(Path(media["videos"]) / "video_000.mp4", tmp_path / "v.mp4")
+    with pytest.raises(MusubiInputError, match="v.mp4"):
+        list_items(dataset_from_folder(tmp_path, kind="video").datasets[0])
+
+
+def test_jsonl_items(tmp_path, media):
+    lines = [f'{{"video_path": "{media["videos"]}/video_000.mp4", "caption": "one"}}',
+             f'{{"video_path": "{media["videos"]}/frames_000", "caption": "two"}}']
+    (tmp_path / "v.jsonl").write_text("\n".join(lines) + "\n")
+    from engine.data.config import load_dataset_config
+    cfg = load_dataset_config(f'[[datasets]]\nvideo_jsonl_file = "v.jsonl"\ncache_directory = "c"\n', base_dir=tmp_path)
+    items = list_items(cfg.datasets[0])
+    assert [(it.key, it.caption) for it in items] == [("frames_000", "two"), ("video_000", "one")]
+    (tmp_path / "bad.jsonl").write_text('{"video_path": 3}\n')
+    cfg = load_dataset_config('[[datasets]]\nvideo_jsonl_file = "bad.jsonl"\ncache_directory = "c"\n', base_dir=tmp_path)
+    with pytest.raises(MusubiInputError, match="bad.jsonl line 1"):
+        list_items(cfg.datasets[0])

@@ -1,0 +1,86 @@
+"""Interop: a comfyui-format file written by the engine is fully consumed by ComfyUI's own LoRA loader and patches
+the weights to exactly what the engine computes (W + strength·ΔW). ComfyUI runs in one subprocess for all cases."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine.lora import AdapterConfig, AdapterNetwork, merge_into_model, read_lora, save_lora
+from engine.models.wan.presets import build_preset_state_dict
+
+from lora_fixtures import _one_thread, tiny_model  # noqa: F401
+
+COMFYUI_DIR = Path(os.environ.get("COMFYUI_DIR", Path.home() / ".cache/comfyui-musubi/ComfyUI"))
+PROBE = Path(__file__).with_name("comfy_lora_probe.py")
+CASES = [("t2v", "lora"), ("i2v", "lora"), ("t2v", "loha"), ("i2v", "lokr")]
+STRENGTH = 0.75
+
+
+def _comfy_base(variant):
+    """The tiny preset resized where ComfyUI's Wan detection does not read sizes from the weights: it derives dim,
+    heads (dim/128), ffn_dim, layers and in_dim, but fixes text_dim = 4096 and the CLIP width = 1280."""
+    sd = build_preset_state_dict(f"tiny-{variant}")
+    g = torch.Generator().manual_seed(11)
+    dim = sd["head.modulation"].shape[-1]
+    sd["text_embedding.0.weight"] = torch.randn(dim, 4096, generator=g) * 0.01
+    if "img_emb.proj.1.weight" in sd:
+        sd |= {"img_emb.proj.0.weight": torch.ones(1280), "img_emb.proj.0.bias": torch.zeros(1280),
+               "img_emb.proj.1.weight": torch.randn(1280, 1280, generator=g) * 0.01,
+               "img_emb.proj.1.bias": torch.zeros(1280),
+               "img_emb.proj.3.weight": torch.randn(dim, 1280, generator=g) * 0.01}
+    return sd
+
+
+@pytest.fixture(scope="module")
+def comfy_runs(tmp_path_factory):
+    assert (COMFYUI_DIR / "comfy" / "lora.py").is_file(), f"ComfyUI not found at {COMFYUI_DIR} (set COMFYUI_DIR)"
+    tmp = tmp_path_factory.mktemp("comfy_lora")
+    jobs, cases = [], []
+    for i, (variant, kind) in enumerate(CASES):
+        model = tiny_model(variant)
+        net = AdapterNetwork.create(model, AdapterConfig(kind=kind, rank=4, alpha=2.0))
+        g = torch.Generator().manual_seed(5 + i)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        net.detach()
+        lora_path = save_lora(net, tmp / f"lora_{i}.safetensors", format="comfyui")
+        base = _comfy_base(variant)
+        save_file(base, str(tmp / f"base_{i}.safetensors"))
+        jobs.append({"base": str(tmp / f"base_{i}.safetensors"), "lora": str(lora_path), "strength": STRENGTH,
+                     "out": str(tmp / f"patched_{i}.safetensors")})
+        cases.append((variant, base, lora_path))
+    (tmp / "jobs.json").write_text(json.dumps(jobs))
+    proc = subprocess.run([sys.executable, str(PROBE), str(tmp / "jobs.json")], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "COMFYUI_DIR": str(COMFYUI_DIR)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    return [(c, r, load_file(j["out"])) for c, r, j in zip(cases, results, jobs)]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=[f"{v}-{k}" for v, k in CASES])
+def test_comfyui_loader_maps_every_key_and_patches_identically(comfy_runs, case):
+    (variant, base, lora_path), result, patched = comfy_runs[case]
+    assert result["model_class"] == "WAN21"
+    assert result["not_loaded"] == []                       # every LoRA key consumed by ComfyUI's key map
+    lora = read_lora(lora_path)
+    assert sorted(result["patched_keys"]) == sorted(f"{m}.weight" for m in lora.modules)
+    assert len(lora.modules) == (24 if variant == "i2v" else 20)
+
+    # the engine's answer: W + strength·ΔW through its own in-memory merge, on a float32 model with the same weights
+    ours = tiny_model(variant)
+    own_keys = set(ours.state_dict())
+    ours.load_state_dict({k: v for k, v in base.items() if k in own_keys and v.shape == ours.state_dict()[k].shape},
+                         strict=False)
+    merge_into_model(ours, lora, STRENGTH)
+    mods = dict(ours.named_modules())
+    for key, theirs in patched.items():
+        mine = mods[key[: -len(".weight")]].weight.detach()
+        assert not torch.equal(theirs, base[key])
+        torch.testing.assert_close(theirs, mine, rtol=1e-6, atol=1e-7)

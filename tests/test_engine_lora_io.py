@@ -1,0 +1,187 @@
+"""Reader (every dialect), writer (every format), convert, match/refusals, bad files."""
+
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from engine.errors import MusubiInputError
+from engine.lora import AdapterConfig, AdapterNetwork, convert_lora, match_lora, read_lora, save_lora
+from engine.lora.metadata import sshs_hashes
+
+from lora_fixtures import _one_thread, DIFFUSERS_NAME, random_lora_factors, reference_delta, tiny_model, weight_shapes
+
+
+def _dialect_sd(factors, dialect):
+    """Keys spelled from each dialect's published pattern."""
+    sd = {}
+    for name, (down, up, alpha) in factors.items():
+        blk, sub = name.split(".", 2)[1], name.split(".", 2)[2]
+        under = name.replace(".", "_")
+        if dialect == "musubi":
+            s = f"lora_unet_{under}"; sd |= {f"{s}.lora_down.weight": down, f"{s}.lora_up.weight": up,
+                                            f"{s}.alpha": torch.tensor(alpha)}
+        elif dialect == "wan-fun":
+            s = f"lora_unet__{under}"; sd |= {f"{s}.lora_down.weight": down, f"{s}.lora_up.weight": up,
+                                             f"{s}.alpha": torch.tensor(alpha)}
+        elif dialect == "comfyui":
+            s = f"diffusion_model.{name}"; sd |= {f"{s}.lora_down.weight": down, f"{s}.lora_up.weight": up,
+                                                 f"{s}.alpha": torch.tensor(alpha)}
+        elif dialect == "diffusion-pipe":  # lora_A/B, alpha folded (no alpha key)
+            s = f"diffusion_model.{name}"; sd |= {f"{s}.lora_A.weight": down,
+                                                 f"{s}.lora_B.weight": up * (alpha / down.shape[0])}
+        elif dialect == "diffusers":
+            s = f"transformer.blocks.{blk}.{DIFFUSERS_NAME[sub]}"
+            sd |= {f"{s}.lora_A.weight": down, f"{s}.lora_B.weight": up * (alpha / down.shape[0])}
+        elif dialect == "peft":
+            s = f"base_model.model.blocks.{blk}.{DIFFUSERS_NAME[sub]}"
+            sd |= {f"{s}.lora_A.weight": down, f"{s}.lora_B.weight": up * (alpha / down.shape[0])}
+    return sd
+
+
+@pytest.fixture(scope="module")
+def i2v():
+    return tiny_model("i2v")
+
+
+@pytest.mark.parametrize("dialect", ["musubi", "wan-fun", "comfyui", "diffusion-pipe", "diffusers", "peft"])
+@pytest.mark.parametrize("with_model", [True, False])
+def test_every_lora_dialect_reads_to_same_delta(i2v, dialect, with_model):
+    factors = random_lora_factors(i2v, rank=4, seed=1)
+    lora = read_lora(_dialect_sd(factors, dialect), model=i2v if with_model else None)
+    assert set(lora.modules) == set(factors)  # self_attn/cross_attn/k_img recovered exactly
+    for name, (down, up, alpha) in factors.items():
+        torch.testing.assert_close(lora.modules[name].delta(), reference_delta(down, up, alpha), rtol=1e-5, atol=1e-7)
+    report = match_lora(lora, i2v)
+    assert report.complete and len(report.matched) == 24 and report.uncovered == []
+
+
+def test_lycoris_loha_and_lokr_read(i2v):
+    g = torch.Generator().manual_seed(3)
+    q = "blocks.0.self_attn.q"  # [256, 256]
+    w = {k: torch.randn(s, generator=g) for k, s in
+         [("hada_w1_a", (256, 4)), ("hada_w1_b", (4, 256)), ("hada_w2_a", (256, 4)), ("hada_w2_b", (4, 256))]}
+    k1, k2 = torch.randn(16, 16, generator=g), torch.randn(16, 2, generator=g)
+    k3 = torch.randn(2, 16, generator=g)
+    sd = {f"lora_unet_blocks_0_self_attn_q.{k}": v for k, v in w.items()}
+    sd["lora_unet_blocks_0_self_attn_q.alpha"] = torch.tensor(2.0)
+    sd |= {"diffusion_model.blocks.1.ffn.2.lokr_w1": k1, "diffusion_model.blocks.1.ffn.2.lokr_w2_a": k2,
+           "diffusion_model.blocks.1.ffn.2.lokr_w2_b": torch.randn(2, 32, generator=g),
+           "diffusion_model.blocks.1.ffn.2.alpha": torch.tensor(1.0)}
+    lora = read_lora(sd, model=i2v)
+    ref_h = (w["hada_w1_a"] @ w["hada_w1_b"]) * (w["hada_w2_a"] @ w["hada_w2_b"]) * 0.5
+    torch.testing.assert_close(lora.modules[q].delta(), ref_h)
+    ref_k = torch.kron(k1, k2 @ sd["diffusion_model.blocks.1.ffn.2.lokr_w2_b"]) * 0.5  # ffn.2: [256, 512]
+    torch.testing.assert_close(lora.modules["blocks.1.ffn.2"].delta(), ref_k)
+    assert match_lora(lora, i2v).complete
+    with pytest.raises(MusubiInputError, match="diffusers"):
+        save_lora(lora, "/tmp/lt/x.safetensors", format="diffusers")
+
+
+@pytest.mark.parametrize("fmt", ["comfyui", "musubi", "diffusers"])
+def test_format_round_trip_preserves_w_plus_delta(tmp_path, i2v, fmt):
+    factors = random_lora_factors(i2v, rank=4, seed=2)
+    src = read_lora(_dialect_sd(factors, "musubi"), model=i2v)
+    out = save_lora(src, tmp_path / f"l_{fmt}.safetensors", format=fmt, metadata={"ss_steps": 100, "data": {"a": 1}})
+    back = read_lora(out, model=i2v)
+    shapes = weight_shapes(i2v)
+    W = dict(i2v.named_modules())
+    for name in factors:
+        w = W[name].weight.detach()
+        torch.testing.assert_close(w + back.modules[name].delta(), w + src.modules[name].delta(), rtol=0, atol=1e-6)
+        assert back.modules[name].shape == shapes[name]
+    with safe_open(str(out), "pt") as f:
+        meta, keys = f.metadata(), list(f.keys())
+    assert meta["ss_steps"] == "100" and meta["data"] == '{"a": 1}' and meta["modelspec.architecture"] == "wan2.1/lora"
+    prefix = {"comfyui": "diffusion_model.blocks.", "musubi": "lora_unet_blocks_", "diffusers": "transformer.blocks."}
+    assert all(k.startswith(prefix[fmt]) for k in keys)
+    if fmt == "diffusers":
+        assert any(".attn2.add_k_proj.lora_A.weight" in k for k in keys) and not any(k.endswith("alpha") for k in keys)
+    # hashes: recomputed independently as sd-scripts does (ss_* metadata only, tensor bytes after the header)
+    from safetensors.torch import load_file
+    assert (meta["sshs_model_hash"], meta["sshs_legacy_hash"]) == sshs_hashes(
+        load_file(str(out)), {k: v for k, v in meta.items() if k.startswith("ss_")})
+
+
+def test_musubi_metadata_and_network_save(tmp_path):
+    model = tiny_model("t2v")
+    net = AdapterNetwork.create(model, AdapterConfig(kind="loha", rank=4, alpha=2))
+    out = save_lora(net, tmp_path / "n.safetensors", format="musubi")
+    with safe_open(str(out), "pt") as f:
+        meta, keys = f.metadata(), set(f.keys())
+    assert meta["ss_base_model_version"] == "wan" and meta["ss_network_dim"] == "4"
+    assert meta["ss_network_alpha"] == "2.0" and meta["ss_network_module"] == "networks.loha"
+    assert "lora_unet_blocks_0_cross_attn_o.hada_w2_b" in keys
+    back = read_lora(out, model=model)
+    torch.testing.assert_close(back.modules["blocks.1.ffn.0"].delta(), net.delta_weight("blocks.1.ffn.0"))
+
+
+def test_convert_any_to_any(tmp_path, i2v):
+    factors = random_lora_factors(i2v, rank=2, seed=4)
+    save_file(_dialect_sd(factors, "peft"), str(tmp_path / "peft.safetensors"))
+    a = convert_lora(tmp_path / "peft.safetensors", tmp_path / "m.safetensors", "musubi")
+    b = convert_lora(a, tmp_path / "c.safetensors", "comfyui", model=i2v)
+    lora = read_lora(b, model=i2v)
+    for name, (down, up, alpha) in factors.items():
+        torch.testing.assert_close(lora.modules[name].delta(), reference_delta(down, up, alpha), rtol=1e-5, atol=1e-7)
+    with pytest.raises(MusubiInputError, match="output path"):
+        convert_lora(a, a, "comfyui")
+    with pytest.raises(MusubiInputError, match="output path"):
+        save_lora(str(b), str(tmp_path / "." / "c.safetensors"))
+
+
+def test_refuses_other_families_variants_and_sizes():
+    t2v = tiny_model("t2v")
+    hv = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(4, 8),
+          "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(8, 4)}
+    with pytest.raises(MusubiInputError, match="HunyuanVideo"):
+        match_lora(read_lora(hv), t2v)
+    fp = {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 8),
+          "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(8, 4)}
+    with pytest.raises(MusubiInputError, match="FramePack"):
+        match_lora(read_lora(fp), t2v)
+    i2v_lora = read_lora(_dialect_sd(random_lora_factors(tiny_model("i2v"), seed=5), "musubi"))
+    with pytest.raises(MusubiInputError, match="k_img"):
+        match_lora(i2v_lora, t2v)
+    big = {"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.zeros(4, 512),
+           "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.zeros(512, 4)}
+    with pytest.raises(MusubiInputError, match=r"blocks\.0\.self_attn\.q.*\(512, 512\).*\(256, 256\)"):
+        match_lora(read_lora(big), t2v)
+    partial = dict(big)
+    partial = {"diffusion_model.blocks.9.self_attn.q.lora_down.weight": torch.zeros(4, 256),
+               "diffusion_model.blocks.9.self_attn.q.lora_up.weight": torch.zeros(256, 4)}
+    report = match_lora(read_lora(partial), t2v)
+    assert not report.complete and "blocks.9" in report.unmatched_keys[0] and len(report.uncovered) == 20
+    assert "0/1" in report.summary
+
+
+def test_bad_files_refused(tmp_path):
+    good = tmp_path / "good.safetensors"
+    save_file({"lora_unet_blocks_0_self_attn_q.lora_down.weight": torch.zeros(4, 256),
+               "lora_unet_blocks_0_self_attn_q.lora_up.weight": torch.zeros(256, 4)}, str(good))
+    trunc = tmp_path / "trunc.safetensors"
+    trunc.write_bytes(good.read_bytes()[:-100])
+    with pytest.raises(MusubiInputError, match="truncated or corrupt"):
+        read_lora(trunc)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\xff" * 64)
+    with pytest.raises(MusubiInputError):
+        read_lora(garbage)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+    evil = tmp_path / "evil.pt"
+    torch.save({"x": Evil()}, evil)  # a pickle that would run code
+    with pytest.raises(MusubiInputError, match="weights_only"):
+        read_lora(evil)
+    assert not (tmp_path / "pwned").exists()
+    mismatch = {"lora_unet_blocks_0_self_attn_q.lora_down.weight": torch.zeros(4, 256),
+                "lora_unet_blocks_0_self_attn_q.lora_up.weight": torch.zeros(256, 8)}
+    with pytest.raises(MusubiInputError, match="factor shapes"):
+        read_lora(mismatch)
+    with pytest.raises(MusubiInputError, match="no adapter weights"):
+        read_lora({"foo.weight": torch.zeros(2)})

@@ -1,0 +1,312 @@
+"""Sampling engine: schedules, solvers (vs diffusers and vs an exact Gaussian flow), guidance masks/combination,
+noise seeds."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from engine.errors import MusubiInputError
+from engine.sampling import (GuidanceConfig, GuidedVelocity, cfg_step_mask, make_noise, make_solver,
+                             run_sampler, shift_sigmas, slg_step_mask)
+
+# --- schedules ---------------------------------------------------------------------------------------------------
+
+
+def test_shift_formula_hand_values():
+    s = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    # S=3: 3·0.5/(1+2·0.5) = 0.75
+    assert shift_sigmas(s, 3.0).tolist() == pytest.approx([0.0, 0.75, 1.0])
+    assert shift_sigmas(s, 1.0).tolist() == pytest.approx([0.0, 0.5, 1.0])
+
+
+def test_schedules_match_reference_definitions():
+    n, shift = 4, 5.0
+    unipc = make_solver("unipc", n, shift)
+    # official Wan: σ_max read back from a float32 tensor, linspace/shift/×1000 in float64, truncated to int64
+    base = np.linspace(float(np.float32(0.999)), 0, n + 1)[:n]
+    expected = shift * base / (1 + (shift - 1) * base)
+    assert unipc.sigmas[:n].numpy() == pytest.approx(expected)
+    assert float(unipc.sigmas[-1]) == 0.0
+    assert unipc.timesteps.dtype == torch.int64
+    assert unipc.timesteps.tolist() == [int(v * 1000) for v in expected]
+
+    dpm = make_solver("dpm++", n, shift)
+    assert float(dpm.sigmas[0]) == 1.0 and float(dpm.sigmas[-1]) == 0.0 and len(dpm.sigmas) == n + 1
+    assert dpm.timesteps[0].item() == 1000
+
+    euler = make_solver("vanilla", n, shift)
+    lin = np.linspace(1, 0, n + 1)
+    assert euler.sigmas.numpy() == pytest.approx(shift * lin / (1 + (shift - 1) * lin))
+    assert euler.timesteps.dtype == torch.float32
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_bad_steps_rejected(bad):
+    with pytest.raises(MusubiInputError, match="steps"):
+        make_solver("unipc", bad, 5.0)
+
+
+def test_bad_solver_and_shift_rejected():
+    with pytest.raises(MusubiInputError, match="solver"):
+        make_solver("ddim", 10, 5.0)
+    with pytest.raises(MusubiInputError, match="shift"):
+        make_solver("euler", 10, 0.0)
+
+
+# --- solvers vs diffusers (independent implementation) ------------------------------------------------------------
+
+def _toy_model():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 6, generator=g) * 0.3
+
+    def velocity(x, t):          # deterministic, nonlinear in x and dependent on t
+        return torch.tanh(x @ w) + (float(t) / 1000.0) * x
+    return velocity
+
+
+def _diffusers_trajectory(name, n, shift, x, velocity, our_sigmas):
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+    if name == "unipc":
+        sch = UniPCMultistepScheduler(num_train_timesteps=1000, solver_order=2, prediction_type="flow_prediction",
+                                      use_flow_sigmas=True, flow_shift=shift, solver_type="bh2", predict_x0=True,
+                                      lower_order_final=True)
+        sch.set_timesteps(sigmas=np.linspace(float(np.float32(0.999)), 0, n + 1)[:n])     # shifted inside, final 0 appended
+    elif name == "dpm++":
+        sch = DPMSolverMultistepScheduler(num_train_timesteps=1000, solver_order=2, prediction_type="flow_prediction",
+                                          use_flow_sigmas=True, flow_shift=shift, algorithm_type="dpmsolver++",
+                                          solver_type="midpoint", lower_order_final=True, final_sigmas_type="zero")
+        sch.set_timesteps(n)
+        # diffusers' DPM builds its flow sigmas from 0.999; Wan/Musubi's start at 1.0: hand it the same schedule
+        sch.sigmas = our_sigmas.float().clone()
+        sch.timesteps = (our_sigmas[:n] * 1000).long()
+    else:
+        sch = FlowMatchEulerDiscreteScheduler(shift=shift)
+        sch.set_timesteps(sigmas=np.linspace(1, 0, n + 1)[:n])
+    xs = [x]
+    for t in sch.timesteps:
+        x = sch.step(velocity(x, t), t, x, return_dict=False)[0]
+        xs.append(x)
+    return sch, xs
+
+
+@pytest.mark.parametrize("name", ["unipc", "dpm++", "euler"])
+@pytest.mark.parametrize("n,shift", [(12, 5.0), (20, 3.0), (3, 1.0)])
+def test_solver_trajectory_matches_diffusers(name, n, shift):
+    velocity = _toy_model()
+    x0 = torch.randn(3, 6, generator=torch.Generator().manual_seed(1))
+    solver = make_solver(name, n, shift)
+    sch, ref = _diffusers_trajectory(name, n, shift, x0.clone(), velocity, solver.sigmas)
+    assert torch.allclose(sch.sigmas.double(), solver.sigmas, atol=1e-6)
+    # diffusers truncates float32 products (332 for 0.333·1000): allow one unit on the int schedules
+    assert torch.allclose(sch.timesteps.double(), solver.timesteps.double(), atol=1.0 if name != "euler" else 1e-3)
+    x = x0.clone()
+    for i in range(n):
+        x = solver.step(velocity(x, solver.timesteps[i]), i, x)
+        assert torch.allclose(x, ref[i + 1], atol=2e-5, rtol=1e-5), (name, i, (x - ref[i + 1]).abs().max())
+
+
+def test_multistep_solver_refuses_out_of_order_steps():
+    solver = make_solver("unipc", 4, 5.0)
+    x = torch.zeros(1, 2)
+    solver.step(torch.ones(1, 2), 0, x)
+    with pytest.raises(RuntimeError, match="expected step 1"):
+        solver.step(torch.ones(1, 2), 2, x)
+
+
+# --- solvers vs the exact flow of a Gaussian ----------------------------------------------------------------------
+
+MU, STD = 1.5, 0.4
+
+
+def _gaussian_velocity(x, t):
+    """Exact E[ε − x0 | x_σ] for x0 ~ N(MU, STD²), x_σ = (1 − σ)x0 + σε."""
+    s = t.double().reshape(-1, *([1] * (x.dim() - 1))) / 1000.0
+    a = 1.0 - s
+    var = a * a * STD**2 + s * s
+    centred = x.double() - a * MU
+    e_x0 = MU + a * STD**2 / var * centred
+    e_eps = s / var * centred
+    return (e_eps - e_x0).float()
+
+
+@pytest.mark.parametrize("name,steps,tol", [("unipc", 30, 0.03), ("dpm++", 30, 0.03), ("euler", 200, 0.04)])
+def test_samples_follow_exact_gaussian_flow(name, steps, tol):
+    # The probability-flow ODE of a Gaussian maps noise ε to MU + STD·ε exactly (it preserves the standardized
+    # value), so every sample, not just the moments, is known. The tolerance is dominated by the last step, which
+    # (in every flow solver, official Wan included) jumps to the posterior mean E[x0 | x_σ] — shrunk towards MU by a
+    # factor ≈ 1 − σ²/(2·STD²) at the last nonzero σ.
+    noise = torch.randn(4096, 4, generator=torch.Generator().manual_seed(3))
+    solver = make_solver(name, steps, 3.0)
+    if name == "unipc":      # starts at σ = 0.999·(shift): the exact latent there is a mix, not pure noise
+        s0 = float(solver.sigmas[0])
+        sd0 = math.sqrt((1 - s0) ** 2 * STD**2 + s0**2)
+        start = (1 - s0) * MU + sd0 * noise
+    else:
+        start = noise
+    # the exact velocity at the solver's σ (Wan's int64 timesteps would add their own truncation error)
+    out = run_sampler(solver, start, lambda x, t, i: _gaussian_velocity(x, solver.sigmas[i] * 1000))
+    assert (out - (MU + STD * noise)).abs().max().item() < tol
+    assert out.mean().item() == pytest.approx(MU, abs=0.02)
+    assert out.std().item() == pytest.approx(STD, abs=0.02)
+
+
+def test_run_sampler_progress_and_cancel():
+    calls = []
+    solver = make_solver("euler", 5, 1.0)
+    run_sampler(solver, torch.zeros(1, 2), lambda x, t, i: torch.ones_like(x),
+                progress=lambda s, n, x0: calls.append((s, n, tuple(x0.shape))))
+    assert calls == [(i, 5, (1, 2)) for i in range(1, 6)]
+
+    class Interrupt(BaseException):
+        pass
+
+    def cancel(step, total, x0):
+        if step == 2:
+            raise Interrupt()
+    seen = []
+    with pytest.raises(Interrupt):
+        run_sampler(make_solver("unipc", 6, 5.0), torch.zeros(1, 2),
+                    lambda x, t, i: seen.append(i) or torch.ones_like(x), progress=cancel)
+    assert seen == [0, 1]
+
+
+# --- guidance -----------------------------------------------------------------------------------------------------
+
+def test_cfg_masks_hand_computed():
+    n = 10
+    A, S = True, False
+    # a = floor(10·0.4) = 4
+    assert cfg_step_mask(n, "early", 0.4) == [S] * 6 + [A] * 4
+    assert cfg_step_mask(n, "late", 0.4) == [A] * 4 + [S] * 6
+    assert cfg_step_mask(n, "early_late", 0.4) == [S, S, S, A, A, A, A, S, S, S]
+    # skip n − a = 6 steps starting at (n − 6)//2 = 2
+    assert cfg_step_mask(n, "middle", 0.4) == [A, A, S, S, S, S, S, S, A, A]
+    # accumulate 0.4: .4 .8 1.2→A(.2) .6 1.0→A(0) .4 .8 1.2→A(.2) .6 1.0→A
+    assert cfg_step_mask(n, "alternate", 0.4) == [S, S, A, S, A, S, S, A, S, A]
+    assert cfg_step_mask(n, "none", 0.4) == [A] * n
+    assert cfg_step_mask(n, "early", None) == [A] * n
+    # a = floor(7·0.5) = 3
+    assert cfg_step_mask(7, "early_late", 0.5) == [S, S, A, A, A, S, S]
+    assert cfg_step_mask(7, "middle", 0.5) == [A, S, S, S, S, A, A]
+
+
+def test_slg_mask_hand_computed():
+    # floor(0.1·10)=1 .. floor(0.35·10)=3 → steps 1, 2
+    assert slg_step_mask(10, 0.1, 0.35) == [False, True, True] + [False] * 7
+    assert slg_step_mask(10, 0.0, 0.3) == [True] * 3 + [False] * 7
+
+
+class _Recorder:
+    """Fake model: velocity depends on which conditioning and which skipped blocks were used."""
+
+    VALUES = {"c": 2.0, "u": 0.5}
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x, t, cond, skip):
+        self.calls.append((tuple(cond) if isinstance(cond, list) else cond, skip, x.shape[0]))
+        skip_shift = 0.25 * len(skip) if skip else 0.0
+        if isinstance(cond, list):      # merged batch: one sample per conditioning
+            vals = [self.VALUES[c] + skip_shift for c in cond]
+            return torch.stack([torch.full_like(x[0], v) for v in vals])
+        return torch.full_like(x, self.VALUES[cond] + skip_shift)
+
+
+def _guided(cfg, steps=4, merge=None):
+    rec = _Recorder()
+    return rec, GuidedVelocity(rec, "c", "u", cfg, steps, merge=merge)
+
+
+def test_cfg_combination_and_uncond_runs_at_scale_one():
+    x, t = torch.zeros(1, 3), torch.zeros(1)
+    rec, g = _guided(GuidanceConfig(scale=1.0, batch_cfg=False))
+    out = g(x, t, 0)
+    assert torch.allclose(out, torch.full_like(x, 2.0))
+    assert [c[0] for c in rec.calls] == ["c", "u"]           # uncond pass even at g = 1
+    rec, g = _guided(GuidanceConfig(scale=5.0, batch_cfg=False))
+    assert torch.allclose(g(x, t, 0), torch.full_like(x, 0.5 + 5.0 * 1.5))
+
+
+def test_cfg_batched_equals_sequential():
+    x, t = torch.zeros(1, 3), torch.zeros(1)
+    merge = lambda conds: [conds[0], conds[1]]  # noqa: E731
+    rec, g = _guided(GuidanceConfig(scale=4.0, batch_cfg=True), merge=merge)
+    out = g(x, t, 0)
+    assert rec.calls == [(("c", "u"), None, 2)] and g.forwards == 1
+    assert torch.allclose(out, torch.full_like(x, 0.5 + 4.0 * 1.5))
+
+
+def test_cfg_skip_runs_cond_only():
+    x, t = torch.zeros(1, 3), torch.zeros(1)
+    rec, g = _guided(GuidanceConfig(scale=5.0, cfg_skip_mode="late", cfg_apply_ratio=0.5, batch_cfg=False))
+    outs = [g(x, t, i)[0, 0].item() for i in range(4)]
+    assert outs == [8.0, 8.0, 2.0, 2.0]
+    assert [c[0] for c in rec.calls] == ["c", "u", "c", "u", "c", "c"]
+
+
+def test_slg_original_and_uncond_modes():
+    x, t = torch.zeros(1, 3), torch.zeros(1)
+    base = dict(scale=3.0, slg_layers=(1, 2), slg_scale=2.0, slg_start=0.0, slg_end=0.5, batch_cfg=True)
+    merge = lambda conds: list(conds)  # noqa: E731
+    rec, g = _guided(GuidanceConfig(slg_mode="original", **base), merge=merge)
+    # step 0: SLG active; skip pass = uncond with 2 blocks skipped → 0.5 + 0.5 = 1.0
+    out0 = g(x, t, 0)[0, 0].item()
+    assert out0 == pytest.approx(0.5 + 3.0 * 1.5 + 2.0 * (2.0 - 1.0))
+    assert rec.calls[-1] == ("u", frozenset({1, 2}), 1)
+    out3 = g(x, t, 3)[0, 0].item()                 # outside the window: plain CFG
+    assert out3 == pytest.approx(0.5 + 3.0 * 1.5)
+
+    rec, g = _guided(GuidanceConfig(slg_mode="uncond", **base), merge=merge)
+    out0 = g(x, t, 0)[0, 0].item()                 # uncond replaced by the skipped-layer uncond (1.0)
+    assert out0 == pytest.approx(1.0 + 3.0 * (2.0 - 1.0))
+    assert rec.calls == [("c", None, 1), ("u", frozenset({1, 2}), 1)]
+
+
+@pytest.mark.parametrize("field,value", [("cfg_skip_mode", "sometimes"), ("cfg_apply_ratio", 1.5),
+                                         ("slg_mode", "both"), ("slg_layers", (-1,)), ("slg_end", 2.0)])
+def test_guidance_config_validation(field, value):
+    cfg = GuidanceConfig(**{field: value})
+    with pytest.raises(MusubiInputError, match=field.split("_")[0]):
+        cfg.validate(num_blocks=4)
+
+
+def test_slg_layer_beyond_model_rejected():
+    with pytest.raises(MusubiInputError, match="slg_layers"):
+        GuidanceConfig(slg_layers=(7,)).validate(num_blocks=4)
+
+
+# --- noise --------------------------------------------------------------------------------------------------------
+
+def test_noise_seeded_and_per_sample():
+    a = make_noise([16, 2, 4, 4], seed=42, batch=2)
+    b = make_noise([16, 2, 4, 4], seed=42, batch=2)
+    assert a.dtype == torch.float32 and a.shape == (2, 16, 2, 4, 4)
+    assert torch.equal(a, b)
+    assert not torch.equal(a[0], a[1])
+    # sample 1 of seed 42 == sample 0 of seed 43 (regenerable alone)
+    assert torch.equal(a[1], make_noise([16, 2, 4, 4], seed=43)[0])
+    # cpu noise is exactly torch's CPU generator stream, whatever the target device
+    ref = torch.randn(16, 2, 4, 4, generator=torch.Generator().manual_seed(42))
+    assert torch.equal(a[0], ref)
+    assert not torch.equal(a, make_noise([16, 2, 4, 4], seed=41, batch=2))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU to compare devices")
+def test_cpu_noise_identical_on_gpu_target():
+    cpu = make_noise([16, 1, 8, 8], seed=7)
+    gpu = make_noise([16, 1, 8, 8], seed=7, device="cuda")
+    assert gpu.device.type == "cuda" and torch.equal(cpu, gpu.cpu())
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64, 1.5, "3"])
+def test_bad_seed_rejected(seed):
+    with pytest.raises(MusubiInputError, match="seed"):
+        make_noise([16, 1, 2, 2], seed=seed)
+
+
+def test_bad_noise_device_rejected():
+    with pytest.raises(MusubiInputError, match="noise_device"):
+        make_noise([16, 1, 2, 2], seed=0, noise_device="tpu")
