@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from engine.checkpoint import Checkpoint
 from engine.errors import MusubiInputError
 from engine.models.wan.detect import detect_wan_config, require_task
-from engine.models.wan.dit import WanModel, keep_fp32, rope_axis_dims
+from engine.models.wan.dit import WanConfig, WanModel, keep_fp32, rope_axis_dims
 from engine.models.wan.loader import PRESET_PREFIX, load_wan_dit
 from engine.models.wan.presets import PRESETS, build_preset_state_dict, preset_config, write_preset_checkpoint
 
@@ -175,17 +175,19 @@ def test_keep_file_dtype_and_preset(tmp_path):
 
 
 def test_detect_official_sizes():
-    from engine.models.wan.presets import OFFICIAL, random_state_dict  # noqa: F401  (shapes only, via meta)
     from engine.models.wan.dit import build_wan_model
+    from engine.models.wan.presets import OFFICIAL
 
     for name, cfg in OFFICIAL.items():
-        shapes = {k: v for k, v in build_wan_model(cfg, "meta").state_dict().items()}
-        ckpt = Checkpoint([_MetaFile(shapes)])
+        ckpt = Checkpoint([_MetaFile(build_wan_model(cfg, "meta").state_dict())])  # shapes only
         got = detect_wan_config(ckpt)
         assert got.variant == name
         for field in ("model_type", "dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "text_dim",
                       "clip_dim", "has_image_input", "has_flf_pos_emb"):
             assert getattr(got, field) == getattr(cfg, field), (name, field)
+    wan22_5b = WanConfig(model_type="t2v", dim=3072, ffn_dim=14336, num_heads=24, num_layers=2, in_dim=48, out_dim=48)
+    with pytest.raises(MusubiInputError, match="TI2V-5B"):
+        detect_wan_config(Checkpoint([_MetaFile(build_wan_model(wan22_5b, "meta").state_dict())]))
 
 
 class _MetaFile:

@@ -313,3 +313,17 @@ def test_file_formats_load_identical_weights(tmp_path):
     vae = load_wan_vae(files["st_bf16"], dtype=torch.bfloat16, cache_device="cpu")
     assert vae.conv1.weight.dtype == torch.bfloat16 and vae.cache_device == "cpu"
     assert not any(p.requires_grad for p in vae.parameters())
+
+
+def test_loads_diffusers_layout(tmp_path, weights, reference):
+    # A diffusers `vae/diffusion_pytorch_model.safetensors`: written from diffusers' own model (whose weights came
+    # through diffusers' official->diffusers converter), read back under the official names.
+    from safetensors.torch import save_file
+
+    path = tmp_path / "diffusion_pytorch_model.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
+    vae = load_wan_vae(path, dtype=torch.float32)
+    assert vae.config == tiny_vae_config()
+    loaded = vae.state_dict()
+    assert set(loaded) == set(weights)
+    assert all(torch.equal(loaded[k], v) for k, v in weights.items())

@@ -15,14 +15,14 @@ Lt = text_len (512), Li = image tokens (257, 514 for FLF2V).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ...attention import attention
+from ...attention import BACKENDS, attention
 from ...errors import invalid
 
 CLIP_TOKENS = 257          # CLIP ViT-H/14 penultimate tokens per image (256 patches + class token)
@@ -320,7 +320,6 @@ class WanModel(nn.Module):
 
     @attention_backend.setter
     def attention_backend(self, name: str) -> None:
-        from ...attention import BACKENDS
         if name not in BACKENDS:
             raise invalid("attention_backend", name, f"one of {list(BACKENDS)}")
         self._attention_backend = name

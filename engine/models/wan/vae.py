@@ -1,7 +1,7 @@
 """Wan 2.1 causal video VAE: 8x spatial and 4x temporal compression to 16 latent channels.
 
 Module names match the official `Wan2.1_VAE.pth` (ComfyUI's `wan_2.1_vae.safetensors` uses the same ones), so both
-files load without renaming:
+files load without renaming (diffusers-layout files are renamed to these on load):
 
     encoder.conv1, encoder.downsamples.N.{residual.{0,2,3,6}, shortcut, resample.1, time_conv}, encoder.middle.{0,1,2},
     encoder.head.{0,2}, conv1 (posterior 1x1), conv2 (post-quant 1x1), decoder.conv1, decoder.middle.{0,1,2},
@@ -502,9 +502,51 @@ def _describe_foreign(keys: set[str]) -> str | None:
         return "a Wan DiT (diffusion model) checkpoint (found 'blocks.0.self_attn.*' / 'patch_embedding.weight')"
     if any(k.startswith(("encoder.block.", "shared.", "token_embedding.")) for k in keys):
         return "a text encoder checkpoint (T5-style keys)"
-    if "encoder.conv_in.weight" in keys and "quant_conv.weight" in keys:
-        return "a diffusers-format VAE (found 'encoder.conv_in.weight'); use the original Wan2.1_VAE.pth or ComfyUI's wan_2.1_vae.safetensors"
     return None
+
+
+# diffusers' AutoencoderKLWan names -> official names (diffusers `vae/diffusion_pytorch_model.safetensors`).
+_DIFFUSERS_RESNET = {"norm1": "residual.0", "conv1": "residual.2", "norm2": "residual.3", "conv2": "residual.6",
+                     "conv_shortcut": "shortcut"}
+_DIFFUSERS_TOP = {"quant_conv.": "conv1.", "post_quant_conv.": "conv2."}
+_DIFFUSERS_PART = {"conv_in.": "conv1.", "norm_out.": "head.0.", "conv_out.": "head.2.",
+                   "mid_block.resnets.0.": "middle.0.", "mid_block.attentions.0.": "middle.1.",
+                   "mid_block.resnets.1.": "middle.2."}
+
+
+def _is_diffusers_layout(keys) -> bool:
+    return "encoder.conv_in.weight" in keys and "quant_conv.weight" in keys
+
+
+def _from_diffusers_key(key: str, up_stride: int) -> str:
+    """One diffusers key -> official key. Decoder stage i holds `up_stride - 1` residual blocks then its upsampler,
+    flattened into the official `decoder.upsamples.N` list (Wan 2.1 has no attention blocks there)."""
+    for a, b in _DIFFUSERS_TOP.items():
+        if key.startswith(a):
+            return b + key[len(a):]
+    side, rest = key.split(".", 1)                     # "encoder" | "decoder", the rest
+    for a, b in _DIFFUSERS_PART.items():
+        if rest.startswith(a):
+            rest = b + rest[len(a):]
+            break
+    parts = rest.split(".")
+    if parts[0] == "down_blocks":                      # same flat list as the official one
+        parts[0] = "downsamples"
+    elif parts[0] == "up_blocks":                      # up_blocks.i.resnets.j.* / up_blocks.i.upsamplers.0.*
+        stage, kind, j = int(parts[1]), parts[2], int(parts[3])
+        index = stage * up_stride + (j if kind == "resnets" else up_stride - 1)
+        parts = ["upsamples", str(index)] + parts[4:]
+    # Residual block internals: <list>.<N>.<name>.<param>
+    if len(parts) == 4 and parts[2] in _DIFFUSERS_RESNET:
+        parts[2] = _DIFFUSERS_RESNET[parts[2]]
+    return ".".join([side] + parts)
+
+
+def _official_view(ckpt: Checkpoint) -> Checkpoint:
+    if not _is_diffusers_layout(set(ckpt.keys())):
+        return ckpt
+    resnets = {int(k.split(".")[4]) for k in ckpt.keys() if k.startswith("decoder.up_blocks.0.resnets.")}
+    return ckpt.renamed(lambda k: _from_diffusers_key(k, len(resnets) + 1))
 
 
 def infer_vae_config(ckpt: Checkpoint) -> WanVAEConfig:
@@ -547,8 +589,8 @@ def infer_vae_config(ckpt: Checkpoint) -> WanVAEConfig:
 
 
 def _open_vae_checkpoint(path) -> Checkpoint:
-    ckpt = Checkpoint.open(path)
-    return ckpt.strip_prefix(_VAE_PREFIXES)
+    """Official, ComfyUI or diffusers files, as a view with official key names."""
+    return _official_view(Checkpoint.open(path).strip_prefix(_VAE_PREFIXES))
 
 
 def load_wan_vae(source: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
