@@ -202,9 +202,9 @@ def test_loss_weights():
 def test_mode_weighting_shapes_sigma_sampler():
     cfg = TimestepConfig("sigma", weighting_scheme="mode", mode_scale=1.29)
     t = draw(cfg).t
-    # u' = 1 − u − m(cos²(πu/2) − 1 + u) is increasing for m = 1.29; timestep = 1000 − ⌊1000·u'⌋
+    # u' = 1 − u − m(cos²(πu/2) − 1 + u) falls from 1 to 0 (m = 1.29); t ≈ 1 − u' rises with u
     for p in PS:
-        u = 1 - p
+        u = p
         up = 1 - u - 1.29 * (math.cos(math.pi * u / 2) ** 2 - 1 + u)
         assert abs(torch.quantile(t.double(), p).item() - (1 - up)) < 0.015
 

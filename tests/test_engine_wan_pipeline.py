@@ -9,7 +9,7 @@ import torch
 from engine.errors import MusubiInputError
 from engine.models.wan.loader import load_wan_dit
 from engine.models.wan.vae import load_wan_vae
-from engine.pipelines.wan import (WanConditioning, WanGenerateRequest, generate, latent_to_rgb_preview,
+from engine.pipelines.wan import (WanGenerateRequest, generate, latent_to_rgb_preview,
                                   prepare_flf2v, prepare_fun_control, prepare_i2v, prepare_one_frame,
                                   WAN21_RGB_BIAS, WAN21_RGB_FACTORS)
 
@@ -196,6 +196,18 @@ def test_i2v_conditioning_layout_and_run(models, prompts, vae):
     assert not torch.allclose(a, generate(m, _req(prompts, "i2v", conditioning=other, clip_fea=clip)), atol=1e-4)
 
 
+def test_i2v_with_end_image_appends_a_latent_frame(models, prompts, vae):
+    img, end = _image(3), _image(14)
+    c = prepare_i2v(vae, img, frames=5, end_image=end)
+    assert c.y.shape == (20, 3, 4, 4) and c.extra_latent_frames == 1
+    assert (c.y[:4, 0] == 1).all() and (c.y[:4, 1] == 0).all() and (c.y[:4, 2] == 1).all()
+    assert torch.allclose(c.y[4:, 2], vae.encode(end[:, None][None])[0, :, 0], atol=1e-5)
+    out = generate(models["i2v"], _req(prompts, "i2v", steps=1, conditioning=c, clip_fea=torch.zeros(257, CLIP_DIM)))
+    assert out.shape == (1, 16, 3, 4, 4)
+    with pytest.raises(MusubiInputError, match="end_image size"):
+        prepare_i2v(vae, img, frames=5, end_image=_image(1, h=48))
+
+
 def test_flf2v_conditioning_layout_and_run(models, prompts, vae):
     first, last = _image(6), _image(7)
     c = prepare_flf2v(vae, first, last, frames=9)
@@ -243,8 +255,12 @@ def test_one_frame_layout_and_frame_indices(models, prompts, vae):
 
 # --- validation (all before the first model call) -----------------------------------------------------------------
 
-def _bad_cases(prompts, vae):
-    i2v_c = prepare_i2v(vae, _image(1), frames=5)
+@pytest.fixture(scope="module")
+def i2v_cond(vae):
+    return prepare_i2v(vae, _image(1), frames=5)
+
+
+def _bad_cases(i2v_c):
     clip = torch.zeros(257, CLIP_DIM)
     return [
         ("t2v", dict(frames=6), "frames"),
@@ -268,8 +284,8 @@ def _bad_cases(prompts, vae):
 
 
 @pytest.mark.parametrize("case", range(16))
-def test_validation_errors_before_model_calls(models, prompts, vae, case):
-    model_name, kw, match = _bad_cases(prompts, vae)[case]
+def test_validation_errors_before_model_calls(models, prompts, i2v_cond, case):
+    model_name, kw, match = _bad_cases(i2v_cond)[case]
     kw = dict(kw)
     task = kw.pop("task_override", model_name)
     ctx = kw.pop("context", prompts["pos"])

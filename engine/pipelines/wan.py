@@ -20,12 +20,12 @@ All images/videos are [3, H, W] / [3, F, H, W] (or with a leading batch of 1) in
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 
-from ..errors import MusubiInputError, invalid
+from ..errors import invalid
 from ..sampling import GuidanceConfig, GuidedVelocity, make_noise, make_solver, run_sampler
 from ..sampling.noise import NOISE_DEVICES, check_seed
 from ..sampling.solvers import ALIASES, SOLVERS
@@ -53,6 +53,7 @@ class WanConditioning:
     frame_indices: tuple[int, ...] | None = None  # one-frame: RoPE frame position of each latent frame
     target_slot: int | None = None              # one-frame: latent frame returned as the result
     has_image: bool = True                      # Fun-Control: False when no start image was given
+    extra_latent_frames: int = 0                # I2V + end image (non-FLF2V model): 1 appended latent frame
 
 
 def _as_video(x: torch.Tensor, name: str, frames_axis: bool) -> torch.Tensor:
@@ -90,12 +91,25 @@ def _i2v_latents(vae, image: torch.Tensor, frames: int) -> torch.Tensor:
     return _encode(vae, video)
 
 
-def prepare_i2v(vae, image: torch.Tensor, frames: int) -> WanConditioning:
+def prepare_i2v(vae, image: torch.Tensor, frames: int, end_image: torch.Tensor | None = None) -> WanConditioning:
+    """With `end_image` (Musubi's unofficial end frame for a plain I2V model): the end image is encoded alone and
+    appended as one extra latent frame with all 4 mask channels set, so the result is 4 frames longer (decode and
+    trim the tail frames)."""
     _check_frames(frames)
     lat = _i2v_latents(vae, image, frames)                       # [16, F_lat, h, w]
+    extra = 0
+    if end_image is not None:
+        end = _as_video(end_image, "end_image", frames_axis=False)
+        start_hw = tuple(_as_video(image, "image", frames_axis=False).shape[-2:])
+        if tuple(end.shape[-2:]) != start_hw:
+            raise invalid("end_image size", tuple(end.shape[-2:]), f"the start image's size {start_hw}")
+        lat = torch.cat([lat, _encode(vae, end)], dim=1)         # [16, F_lat + 1, h, w]
+        extra = 1
     mask = torch.zeros(MASK_CHANNELS, *lat.shape[1:])
     mask[:, 0] = 1.0
-    return WanConditioning("i2v", torch.cat([mask, lat]))
+    if extra:
+        mask[:, -1] = 1.0
+    return WanConditioning("i2v", torch.cat([mask, lat]), extra_latent_frames=extra)
 
 
 def prepare_flf2v(vae, first: torch.Tensor, last: torch.Tensor, frames: int) -> WanConditioning:
@@ -282,7 +296,7 @@ def _validate_conditioning(cfg, r: WanGenerateRequest) -> None:
     if cond.kind != wanted:
         extra = " (an end image is required)" if r.task == "flf2v" else ""
         raise invalid("conditioning", cond.kind, f"{wanted} conditioning for task {r.task}{extra}")
-    f_lat = len(cond.frame_indices) if r.task == "one_frame" else latent_frames(r.frames)
+    f_lat = _latent_frame_count(r)
     shape = (cfg.in_dim - LATENT_CHANNELS, f_lat, r.height // VAE_STRIDE[1], r.width // VAE_STRIDE[2])
     if tuple(cond.y.shape) != shape:
         raise invalid("conditioning y", tuple(cond.y.shape), f"{list(shape)} for {r.width}x{r.height}, "
@@ -300,6 +314,13 @@ def _validate_conditioning(cfg, r: WanGenerateRequest) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Generation
 # ---------------------------------------------------------------------------------------------------------------
+
+def _latent_frame_count(r: WanGenerateRequest) -> int:
+    cond = r.conditioning
+    if r.task == "one_frame":
+        return len(cond.frame_indices)
+    return latent_frames(r.frames) + (cond.extra_latent_frames if cond is not None else 0)
+
 
 def _model_device(model) -> torch.device:
     return model.patch_embedding.weight.device
@@ -330,7 +351,7 @@ def generate(model, request: WanGenerateRequest, progress: Progress | None = Non
     device = torch.device(r.device) if r.device is not None else _model_device(model)
     b = r.batch_size
     cond_in = r.conditioning
-    f_lat = len(cond_in.frame_indices) if r.task == "one_frame" else latent_frames(r.frames)
+    f_lat = _latent_frame_count(r)
     shape = (LATENT_CHANNELS, f_lat, r.height // VAE_STRIDE[1], r.width // VAE_STRIDE[2])
     noise = make_noise(shape, r.seed, b, r.noise_device, device)           # [B, 16, F_lat, h, w]
 

@@ -1,0 +1,293 @@
+"""TrainingSession on a small WanModel-shaped stand-in (fast on CPU): learning, resume/cancel bit-exactness,
+gradient accumulation equivalence, input validation before training, saving/retention, logging, validation."""
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+
+from engine.errors import MusubiInputError
+from engine.training import (InMemoryBatchLoader, NetworkConfig, OptimizerConfig, TimestepConfig, TrainingConfig,
+                             TrainingSession, ValidationConfig, ValidationPrompt, loss_curve_image, read_state)
+
+TEXT_DIM = 8
+
+
+class Block(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.self_attn = nn.Module()
+        self.self_attn.q = nn.Linear(dim, dim)
+        self.self_attn.o = nn.Linear(dim, dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, h):
+        h = h + self.self_attn.o(torch.tanh(self.self_attn.q(h)))
+        return h + self.ffn(h)
+
+
+class StandInDiT(nn.Module):
+    """WanModel's calling convention and module names (blocks.N.self_attn.q/o, ffn.0/2), pixel tokens."""
+
+    def __init__(self, dim=32, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.config = SimpleNamespace(in_dim=16, out_dim=16, text_dim=TEXT_DIM, variant="stand-in", model_type="t2v")
+        self.patch_embedding = nn.Linear(16, dim)
+        self.time_embedding = nn.Linear(1, dim)
+        self.text_embedding = nn.Linear(TEXT_DIM, dim)
+        self.blocks = nn.ModuleList([Block(dim) for _ in range(2)])
+        self.head = nn.Linear(dim, 16)
+        self.gradient_checkpointing = False
+        self.attention_backend = "sdpa"
+        self.calls = 0
+
+    def forward(self, x, t, context, clip_fea=None, y=None):
+        self.calls += 1
+        b, c, f, h, w = x.shape
+        tok = self.patch_embedding(x.flatten(2).transpose(1, 2))                    # [B, FHW, D]
+        ctx = torch.stack([cc.mean(0) for cc in context]) if isinstance(context, list) else context.mean(1)
+        tok = tok + self.time_embedding(t.reshape(-1, 1, 1).float() / 1000) + self.text_embedding(ctx)[:, None]
+        for blk in self.blocks:
+            tok = torch.utils.checkpoint.checkpoint(blk, tok, use_reentrant=False) \
+                if self.gradient_checkpointing and torch.is_grad_enabled() else blk(tok)
+        return self.head(tok).transpose(1, 2).reshape(b, c, f, h, w)
+
+
+def make_batches(n=4, batch=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    items = [{"latents": torch.randn(1, 16, 1, 4, 4, generator=g) * 0.3 + 0.8,
+              "context": [torch.randn(5, TEXT_DIM, generator=g)]} for _ in range(n)]
+    out = []
+    for i in range(0, n, batch):
+        group = items[i:i + batch]
+        out.append({"latents": torch.cat([it["latents"] for it in group]),
+                    "context": [c for it in group for c in it["context"]]})
+    return out
+
+
+def session(tmp_path, steps=20, model=None, batches=None, network=None, optimizer=None, resume=None, **train_kw):
+    train_kw.setdefault("mixed_precision", "no")
+    train_kw.setdefault("timesteps", TimestepConfig("uniform"))
+    cfg = TrainingConfig(output_dir=str(tmp_path), max_train_steps=steps, seed=7, **train_kw)
+    return TrainingSession(model or StandInDiT(), network or NetworkConfig(rank=4, alpha=4),
+                           optimizer or OptimizerConfig(learning_rate=3e-3),
+                           InMemoryBatchLoader(batches or make_batches(), seed=3), cfg, resume_from=resume)
+
+
+class Cancel(BaseException):  # ComfyUI 0.38's interrupt derives from BaseException
+    pass
+
+
+def test_loss_falls_and_base_is_frozen(tmp_path):
+    model = StandInDiT()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    s = session(tmp_path, steps=60, model=model)
+    assert all(not p.requires_grad for p in model.parameters())
+    losses = s.train_steps(60)
+    assert len(losses) == 60 and s.finished
+    assert sum(losses[-10:]) / 10 < 0.6 * sum(losses[:10]) / 10
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, base[k]), k
+    # adapter stays attached: the model output differs from the bare model's
+    x, t, ctx = torch.randn(1, 16, 1, 4, 4), torch.tensor([500.0]), [torch.randn(3, TEXT_DIM)]
+    with torch.no_grad():
+        with_lora = model(x, t, ctx)
+        s.network.multiplier = 0.0
+        without = model(x, t, ctx)
+    assert not torch.allclose(with_lora, without)
+    assert (tmp_path / "lora.safetensors").is_file() and (tmp_path / "lora-state").is_dir()
+
+
+def test_repeated_train_steps_equal_one_call(tmp_path):
+    a = session(tmp_path / "a", steps=8).train_steps(8)
+    s = session(tmp_path / "b", steps=8)
+    b = s.train_steps(3) + s.train_steps(2) + s.train_steps(10)  # the last call stops at the end
+    assert a == b
+
+
+def test_resume_is_bit_exact(tmp_path):
+    full = session(tmp_path / "full", steps=10, gradient_accumulation_steps=2).train_steps(10)
+    first = session(tmp_path / "part", steps=10, gradient_accumulation_steps=2)
+    head = first.train_steps(4)
+    folder = first.save_state()
+    resumed = session(tmp_path / "part", steps=10, gradient_accumulation_steps=2, model=StandInDiT(seed=0),
+                      resume=folder)
+    assert resumed.step == 4
+    assert head + resumed.train_steps(6) == full
+
+
+def test_cancel_mid_run_leaves_resumable_state(tmp_path):
+    full = session(tmp_path / "full", steps=10, network=NetworkConfig(rank=4, alpha=4, dropout=0.1)).train_steps(10)
+
+    def progress(step, total, info):
+        assert total == 10 and "status" in info
+        if step == 6:
+            raise Cancel()
+
+    s = session(tmp_path / "run", steps=10, network=NetworkConfig(rank=4, alpha=4, dropout=0.1))
+    with pytest.raises(Cancel):
+        s.train_steps(10, progress=progress)
+    state = tmp_path / "run" / "lora-state"
+    assert read_state(state)["step"] == 6
+    resumed = session(tmp_path / "run", steps=10, network=NetworkConfig(rank=4, alpha=4, dropout=0.1), resume=state)
+    assert resumed.history.losses == full[:6]
+    assert resumed.train_steps(10) == full[6:]
+
+
+def test_cancel_inside_a_micro_batch_saves_the_previous_step(tmp_path):
+    full = session(tmp_path / "full", steps=6).train_steps(6)
+    model = StandInDiT()
+    s = session(tmp_path / "run", steps=6, model=model)
+    s.train_steps(3)
+    original = model.forward
+
+    def exploding(*a, **k):
+        raise Cancel()
+    model.forward = exploding
+    with pytest.raises(Cancel):
+        s.train_steps(2)
+    model.forward = original
+    resumed = session(tmp_path / "run", steps=6, resume=tmp_path / "run" / "lora-state")
+    assert resumed.step == 3 and resumed.train_steps(3) == full[3:]
+
+
+def test_grad_accumulation_matches_bigger_batch(tmp_path):
+    opt = OptimizerConfig(learning_rate=1e-2, optimizer_type="SGD", max_grad_norm=0)
+    net = NetworkConfig(rank=4, alpha=4)
+    a = session(tmp_path / "a", steps=1, batches=make_batches(2, batch=2), optimizer=opt, network=net,
+                gradient_accumulation_steps=1)
+    b = session(tmp_path / "b", steps=1, batches=make_batches(2, batch=1), optimizer=opt, network=net,
+                gradient_accumulation_steps=2)
+    b.loader.shuffle = a.loader.shuffle = False
+    la, lb = a.train_steps(1), b.train_steps(1)
+    assert la[0] == pytest.approx(lb[0], rel=1e-5)
+    for (ka, va), (kb, vb) in zip(a.network.state_dict().items(), b.network.state_dict().items()):
+        assert ka == kb and torch.allclose(va, vb, atol=1e-6), ka
+    assert any(v.abs().sum() > 0 for k, v in a.network.state_dict().items() if "lora_up" in k)
+
+
+def test_clipping_bounds_the_update(tmp_path):
+    opt = OptimizerConfig(learning_rate=1.0, optimizer_type="SGD", max_grad_norm=1e-3)
+    s = session(tmp_path, steps=1, optimizer=opt)
+    before = torch.cat([p.detach().flatten().clone() for p in s.network.trainable_parameters()])
+    s.train_steps(1)
+    after = torch.cat([p.detach().flatten() for p in s.network.trainable_parameters()])
+    assert (after - before).norm().item() == pytest.approx(1e-3, rel=1e-3)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_keeps_fp32_adapter(tmp_path, precision):
+    s = session(tmp_path, steps=3, mixed_precision=precision, gradient_checkpointing=True)
+    losses = s.train_steps(3)
+    assert all(math.isfinite(v) for v in losses)
+    assert all(p.dtype == torch.float32 for p in s.network.trainable_parameters())
+    assert (s.scaler is not None) == (precision == "fp16")
+    assert s.model.gradient_checkpointing is True
+
+
+def test_periodic_saves_and_retention(tmp_path):
+    s = session(tmp_path, steps=10, save_every_n_steps=2, keep_last_n_saves=2, save_state=True,
+                keep_last_n_states=1)
+    s.train_steps(10)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["lora-state", "lora-step00000006.safetensors", "lora-step00000008-state",
+                     "lora-step00000008.safetensors", "lora.safetensors"]
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "lora.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        meta = f.metadata()
+    assert "lora_unet_blocks_0_self_attn_q.lora_down.weight" in keys
+    assert meta["ss_steps"] == "10" and meta["ss_timestep_sampling"] == "uniform"
+
+
+def test_epoch_saves(tmp_path):
+    s = session(tmp_path, steps=1, max_train_epochs=3, save_every_n_epochs=1)  # 4 batches/epoch -> 12 steps
+    assert s.total_steps == 12
+    s.train_steps(100)
+    assert sorted(p.name for p in tmp_path.glob("lora-0*.safetensors")) == [
+        "lora-000001.safetensors", "lora-000002.safetensors"]  # the final epoch is the final file
+
+
+def test_tensorboard_status_loss_map_and_curve(tmp_path):
+    s = session(tmp_path / "out", steps=5, logging_dir=str(tmp_path / "logs"))
+    infos = []
+    s.train_steps(5, progress=lambda st, tot, info: infos.append(info))
+    s.close()
+    assert [i["step"] for i in infos] == [1, 2, 3, 4, 5]
+    assert infos[-1]["status"].startswith("step 5/5 | loss ") and "it/s" in infos[-1]["status"]
+    assert s.loss_map() == {"loss": s.history.losses} and len(s.history.losses) == 5
+    events = list((tmp_path / "logs").rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    img = loss_curve_image(s.history.losses, 200, 100)
+    assert img.shape == (1, 100, 200, 3) and img.dtype == torch.float32
+    assert 0 <= img.min() and img.max() <= 1 and img.std() > 0.01
+
+
+def test_validation_samples_with_adapter_in_eval(tmp_path):
+    seen = []
+
+    def fake_generate(model, request, progress):
+        seen.append((model.training, torch.is_grad_enabled(), request.width, request.seed))
+        return torch.zeros(1, 16, 1, request.height // 8, request.width // 8)
+
+    prompt = ValidationPrompt(context=torch.randn(4, TEXT_DIM), width=64, height=32, seed=9, steps=2)
+    val = ValidationConfig(prompts=[prompt], every_n_steps=2, sample_fn=fake_generate)
+    cfg = TrainingConfig(output_dir=str(tmp_path), max_train_steps=4, mixed_precision="no",
+                         timesteps=TimestepConfig("uniform"))
+    s = TrainingSession(StandInDiT(), NetworkConfig(), OptimizerConfig(learning_rate=1e-3),
+                        InMemoryBatchLoader(make_batches()), cfg, validation=val)
+    s.train_steps(4)
+    assert seen == [(False, False, 64, 9)] * 2
+    assert s.last_samples[0].shape == (1, 16, 1, 4, 8)
+
+
+# --- validation before training ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw,field", [
+    ({"network": NetworkConfig(rank=0)}, "rank"),
+    ({"network": NetworkConfig(alpha=-1.0)}, "alpha"),
+    ({"optimizer": OptimizerConfig(learning_rate=0.0)}, "learning_rate"),
+    ({"attention_backend": "sage"}, "attention_backend"),
+    ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps"),
+    ({"mixed_precision": "fp8"}, "mixed_precision"),
+])
+def test_bad_inputs_raise_before_training(tmp_path, kw, field):
+    model = StandInDiT()
+    with pytest.raises(MusubiInputError, match=field):
+        session(tmp_path, model=model, **kw)
+    assert model.calls == 0
+
+
+def test_model_with_sage_backend_is_refused(tmp_path):
+    model = StandInDiT()
+    model.attention_backend = "sage"
+    with pytest.raises(MusubiInputError, match="attention_backend"):
+        session(tmp_path, model=model)
+
+
+def test_dataset_for_another_model_is_refused(tmp_path):
+    wrong_text = [{"latents": torch.randn(1, 16, 1, 4, 4), "context": [torch.randn(5, 4096)]}]
+    with pytest.raises(MusubiInputError, match="text embeddings"):
+        session(tmp_path, batches=wrong_text)
+    wrong_latents = [{"latents": torch.randn(1, 48, 1, 4, 4), "context": [torch.randn(5, TEXT_DIM)]}]
+    with pytest.raises(MusubiInputError, match="latents"):
+        session(tmp_path, batches=wrong_latents)
+
+
+def test_unwritable_output_is_refused(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(MusubiInputError, match="output_dir"):
+        session(blocker / "sub")
+
+
+def test_resume_with_other_rank_is_refused(tmp_path):
+    s = session(tmp_path, steps=2)
+    s.train_steps(1)
+    folder = s.save_state()
+    with pytest.raises(MusubiInputError, match="rank"):
+        session(tmp_path, steps=2, network=NetworkConfig(rank=8, alpha=4), resume=folder)
