@@ -110,6 +110,23 @@ class _PickleFile:
         return self.state[key].dtype
 
 
+class _InMemoryFile:
+    def __init__(self, state: dict[str, torch.Tensor], name: str, metadata: dict[str, str]):
+        self.path = Path(name)
+        self.state = state
+        self.keys = list(state)
+        self.metadata = dict(metadata)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.state[key]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.state[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.state[key].dtype
+
+
 def _find_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
     if isinstance(obj, dict):
         tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
@@ -135,6 +152,12 @@ class Checkpoint:
         self.source = source or files[0].path
 
     # --- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor], name: str = "<in memory>",
+                        metadata: dict[str, str] | None = None) -> "Checkpoint":
+        """A checkpoint view over tensors already in memory (presets, tests), read through the same code as files."""
+        return cls([_InMemoryFile(state, name, metadata or {})], source=Path(name))
+
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Checkpoint":
         path = Path(path)
@@ -166,7 +189,7 @@ class Checkpoint:
 
     def strip_prefix(self, prefixes: Iterable[str]) -> "Checkpoint":
         """Strip the first of `prefixes` that *every* weight key starts with (e.g. `model.diffusion_model.`)."""
-        keys = [k for k in self._map if k != SCALED_FP8_MARKER]
+        keys = [k for k in self._map if "." in k]  # bookkeeping keys (`scaled_fp8`, `spiece_model`) have no dot
         for p in prefixes:
             if keys and all(k.startswith(p) for k in keys):
                 return self.renamed(lambda k, p=p: k[len(p):] if k.startswith(p) else k)
@@ -249,11 +272,14 @@ class Checkpoint:
             yield k, self.get(k, dtype)
 
     def main_dtype(self) -> torch.dtype:
-        """The dtype most weight tensors are stored in (what a user calls the file's precision)."""
+        """The dtype most weight *elements* are stored in (what a user calls the file's precision; counting keys would
+        be fooled by the many small fp32 biases/norms of a scaled-fp8 file)."""
         counts: dict[torch.dtype, int] = {}
         for k in self.weight_keys():
-            dt = self.dtype(k)
-            counts[dt] = counts.get(dt, 0) + 1
+            n = 1
+            for d in self.shape(k):
+                n *= d
+            counts[self.dtype(k)] = counts.get(self.dtype(k), 0) + n
         return max(counts, key=counts.get)
 
 
@@ -266,25 +292,50 @@ def load_into_module(module: torch.nn.Module, ckpt: Checkpoint, dtype: torch.dty
     None; names for which `keep_dtype(name)` is true stay float32). Returns the checkpoint keys that were not used.
     With `strict`, missing or mis-shaped tensors raise `MusubiInputError` naming the file and the key.
     """
-    expected = dict(module.named_parameters())
-    expected.update(dict(module.named_buffers()))
-    missing = [k for k in expected if k not in ckpt]
+    params = dict(module.named_parameters(remove_duplicate=False))
+    expected: dict[str, torch.Tensor] = dict(params)
+    for mod_name, mod in module.named_modules():
+        for b_name, buf in mod._buffers.items():
+            if buf is not None and b_name not in mod._non_persistent_buffers_set:
+                expected[f"{mod_name}.{b_name}" if mod_name else b_name] = buf
+    # tied parameters (one tensor, several names): fill once from whichever name the file has, share it everywhere
+    tied: dict[int, list[str]] = {}
+    for name, p in params.items():
+        tied.setdefault(id(p), []).append(name)
+    missing = [k for k in expected if k not in ckpt and not any(n in ckpt for n in tied.get(id(expected[k]), []))]
     if strict and missing:
         raise invalid(f"checkpoint {ckpt.source}", f"{len(missing)} missing tensors, e.g. {missing[:3]}",
                       f"every weight of {type(module).__name__}")
+    done: dict[int, torch.Tensor] = {}
     for name, current in expected.items():
-        if name not in ckpt:
+        group = tied.get(id(current), [name]) if name in params else [name]
+        if id(current) in done:
+            _set_tensor(module, name, done[id(current)], is_param=True)
             continue
-        shape = ckpt.shape(name)
+        source_name = next((n for n in group if n in ckpt), None)
+        if source_name is None:
+            continue
+        shape = ckpt.shape(source_name)
         if tuple(shape) != tuple(current.shape):
-            raise invalid(f"checkpoint {ckpt.source} tensor {name!r}", tuple(shape),
+            raise invalid(f"checkpoint {ckpt.source} tensor {source_name!r}", tuple(shape),
                           f"shape {tuple(current.shape)} for {type(module).__name__}")
         target_dtype = current.dtype if dtype is None or not current.is_floating_point() else dtype
         if keep_dtype is not None and keep_dtype(name):
             target_dtype = torch.float32
-        value = ckpt.get(name, target_dtype).to(device)
-        _set_tensor(module, name, value, is_param=isinstance(current, torch.nn.Parameter))
+        value = ckpt.get(source_name, target_dtype).to(device)
+        is_param = name in params
+        _set_tensor(module, name, value, is_param=is_param)
+        if is_param:
+            done[id(current)] = _get_tensor(module, name)
     return [k for k in ckpt.weight_keys() if k not in expected]
+
+
+def _get_tensor(module: torch.nn.Module, name: str) -> torch.Tensor:
+    *path, leaf = name.split(".")
+    owner = module
+    for p in path:
+        owner = getattr(owner, p)
+    return owner._parameters[leaf]
 
 
 def _set_tensor(module: torch.nn.Module, name: str, value: torch.Tensor, is_param: bool) -> None:
@@ -294,7 +345,8 @@ def _set_tensor(module: torch.nn.Module, name: str, value: torch.Tensor, is_para
         owner = getattr(owner, p)
     if is_param:
         old = owner._parameters[leaf]
-        owner._parameters[leaf] = torch.nn.Parameter(value, requires_grad=old.requires_grad)
+        owner._parameters[leaf] = value if isinstance(value, torch.nn.Parameter) else \
+            torch.nn.Parameter(value, requires_grad=old.requires_grad)
     else:
         owner._buffers[leaf] = value
 

@@ -50,7 +50,7 @@ def _require_comfy_dir() -> None:
 class _Booted:
     """ComfyUI's modules, imported once per test session in the order main.py uses."""
 
-    def __init__(self):
+    def __init__(self, output_dir: Path | None = None):
         _require_comfy_dir()
         sys.path.insert(0, str(COMFYUI_DIR))
         from comfy.cli_args import args  # parses [] unless enable_args_parsing() was called: pytest argv is ignored
@@ -64,7 +64,7 @@ class _Booted:
 
         for sub in ("output", "input", "temp", "models", "user"):
             (self.work / sub).mkdir(exist_ok=True)
-        folder_paths.set_output_directory(str(self.work / "output"))
+        folder_paths.set_output_directory(str(output_dir or self.work / "output"))
         folder_paths.set_input_directory(str(self.work / "input"))
         folder_paths.set_temp_directory(str(self.work / "temp"))
         import comfy.model_management
@@ -103,10 +103,10 @@ def load_pack(pack_dir: Path):
 _BOOT: _Booted | None = None
 
 
-def boot() -> _Booted:
+def boot(output_dir: Path | None = None) -> _Booted:
     global _BOOT
     if _BOOT is None:
-        _BOOT = _Booted()
+        _BOOT = _Booted(output_dir)
     return _BOOT
 
 

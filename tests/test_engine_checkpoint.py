@@ -80,3 +80,35 @@ def test_load_into_meta_module_streams_and_checks_shapes(tmp_path):
         wrong = torch.nn.ModuleDict({"a": torch.nn.Linear(5, 4), "b": torch.nn.Linear(4, 2, bias=False)})
     with pytest.raises(MusubiInputError, match="a.weight"):
         load_into_module(wrong, Checkpoint.open(tmp_path / "m.safetensors"))
+
+
+def test_tied_parameters_are_filled_once_and_stay_tied(tmp_path):
+    save_file({"emb.weight": torch.randn(5, 3)}, str(tmp_path / "t.safetensors"))
+    with torch.device("meta"):
+        mod = torch.nn.ModuleDict({"emb": torch.nn.Embedding(5, 3), "out": torch.nn.Linear(3, 5, bias=False)})
+    mod["out"].weight = mod["emb"].weight
+    load_into_module(mod, Checkpoint.open(tmp_path / "t.safetensors"))
+    assert mod["out"].weight is mod["emb"].weight and mod["out"].weight.device.type == "cpu"
+
+
+def test_non_persistent_buffers_are_not_required_and_main_dtype_counts_elements(tmp_path):
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(64, 64)
+            self.register_buffer("pos", torch.arange(3), persistent=False)
+    save_file({"lin.weight": torch.randn(64, 64).to(torch.float8_e4m3fn), "lin.bias": torch.randn(64),
+               "lin.scale_weight": torch.tensor(1.0), "x.norm": torch.ones(4), "y.norm": torch.ones(4)},
+              str(tmp_path / "m.safetensors"))
+    ck = Checkpoint.open(tmp_path / "m.safetensors")
+    assert ck.main_dtype() == torch.float8_e4m3fn
+    m = M()
+    load_into_module(m, ck, dtype=torch.float32, strict=False)
+    assert torch.equal(m.pos, torch.arange(3))
+
+
+def test_from_state_dict_reads_like_a_file():
+    t = _tensors()
+    ck = Checkpoint.from_state_dict({f"model.diffusion_model.{k}": v for k, v in t.items()}, "preset:x")
+    ck = ck.strip_prefix(["model.diffusion_model."])
+    assert sorted(ck.keys()) == sorted(t) and torch.equal(ck.get("a.weight"), t["a.weight"])

@@ -19,7 +19,7 @@ from engine.models.wan.loader import PRESET_PREFIX, load_wan_dit
 from engine.models.wan.presets import PRESETS, build_preset_state_dict, preset_config, write_preset_checkpoint
 
 # float32 end to end; differences come only from summation order inside matmuls/softmax.
-PARITY_RTOL = 1e-4
+PARITY_RTOL = 2e-5  # observed 0.6-3.2e-6; a wrong RoPE split gives 8e-3
 
 
 def _inputs(cfg, batch=1, frames=3, h=6, w=8, text_tokens=7, seed=1):

@@ -96,13 +96,13 @@ def prepare_i2v(vae, image: torch.Tensor, frames: int, end_image: torch.Tensor |
     appended as one extra latent frame with all 4 mask channels set, so the result is 4 frames longer (decode and
     trim the tail frames)."""
     _check_frames(frames)
+    start_hw = tuple(_as_video(image, "image", frames_axis=False).shape[-2:])
+    end = None if end_image is None else _as_video(end_image, "end_image", frames_axis=False)
+    if end is not None and tuple(end.shape[-2:]) != start_hw:
+        raise invalid("end_image size", tuple(end.shape[-2:]), f"the start image's size {start_hw}")
     lat = _i2v_latents(vae, image, frames)                       # [16, F_lat, h, w]
     extra = 0
-    if end_image is not None:
-        end = _as_video(end_image, "end_image", frames_axis=False)
-        start_hw = tuple(_as_video(image, "image", frames_axis=False).shape[-2:])
-        if tuple(end.shape[-2:]) != start_hw:
-            raise invalid("end_image size", tuple(end.shape[-2:]), f"the start image's size {start_hw}")
+    if end is not None:
         lat = torch.cat([lat, _encode(vae, end)], dim=1)         # [16, F_lat + 1, h, w]
         extra = 1
     mask = torch.zeros(MASK_CHANNELS, *lat.shape[1:])
@@ -115,7 +115,7 @@ def prepare_i2v(vae, image: torch.Tensor, frames: int, end_image: torch.Tensor |
 def prepare_flf2v(vae, first: torch.Tensor, last: torch.Tensor, frames: int) -> WanConditioning:
     _check_frames(frames)
     if frames < 5:
-        raise invalid("frames", frames, "at least 5 for first/last-frame video (the two images are 4 frames apart)")
+        raise invalid("frames", frames, "at least 5 for first/last-frame video (1 frame cannot hold two images)")
     a = _as_video(first, "image", frames_axis=False)
     b = _as_video(last, "end_image", frames_axis=False)
     if a.shape != b.shape:

@@ -319,8 +319,11 @@ class TrainingSession:
 
     def _micro_step(self, batch: dict, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         x0 = batch["latents"].to(self.device, torch.float32)                     # [B, 16, F, H, W]
-        draws = [self.timesteps.sample(1, x0.shape, self.generator) for _ in range(x0.shape[0])]
-        noise = torch.stack([torch.randn(x0.shape[1:], generator=self.generator) for _ in draws]).to(self.device)
+        draws, noises = [], []
+        for _ in range(x0.shape[0]):  # t then ε for each sample in turn: batch 2 == 2 micro-batches of 1
+            draws.append(self.timesteps.sample(1, x0.shape, self.generator))
+            noises.append(torch.randn(x0.shape[1:], generator=self.generator))
+        noise = torch.stack(noises).to(self.device)                               # [B, 16, F, H, W]
         t = torch.cat([d.t for d in draws])                                       # [B] in [0, 1]
         model_t = torch.cat([d.model_t for d in draws]).to(self.device)           # [B] 0..1000
         weight = None if draws[0].weight is None else torch.cat([d.weight for d in draws]).to(self.device)

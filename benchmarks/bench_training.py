@@ -1,0 +1,131 @@
+"""Benchmark LoRA training steps on the Wan 2.1 T2V DiT (engine only, random weights, no files).
+
+    python benchmarks/bench_training.py --model 1.3B --device cuda          # 832×480×81, LoRA rank 32, checkpointing
+    python benchmarks/bench_training.py --model tiny --device cpu --steps 3 # seconds, anywhere
+
+Reports seconds per optimizer step, peak GPU memory and achieved TFLOP/s; prints one JSON line (prefix `JSON `).
+
+FLOP count (multiply-add = 2 FLOPs). One DiT forward over L video tokens, Lt = 512 text tokens, D dim, Fd ffn dim:
+    per block  12·L·D² (self q,k,v,o + cross q,o) + 4·Lt·D² (cross k,v) + 4·L·D·Fd (FFN)
+               + 4·L²·D (self QKᵀ, PV) + 4·L·Lt·D (cross QKᵀ, PV)
+    once       2·L·in_dim·P·D (patch) + 2·Lt·(text_dim·D + D²) (text) + 2·L·D·out_dim·P (head)
+LoRA training step ≈ forward + backward w.r.t. activations (≈ 1 forward: the frozen base gets no weight gradient)
++ the recomputed forward of gradient checkpointing (1 forward): 3 × forward with checkpointing, 2 × without.
+The adapter's own FLOPs (rank r ≪ D) are left out, as are norms, modulation, RoPE and softmax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DEFAULT_SIZE = {"tiny": (64, 64, 5)}   # real models: the official 832×480×81 clip (latent 21×60×104)
+
+
+def forward_flops(cfg, tokens: int) -> float:
+    L, D, Fd, Lt = tokens, cfg.dim, cfg.ffn_dim, cfg.text_len
+    P = cfg.patch_size[0] * cfg.patch_size[1] * cfg.patch_size[2]
+    per_block = 12 * L * D**2 + 4 * Lt * D**2 + 4 * L * D * Fd + 4 * L**2 * D + 4 * L * Lt * D
+    once = 2 * L * cfg.in_dim * P * D + 2 * Lt * (cfg.text_dim * D + D**2) + 2 * L * D * cfg.out_dim * P
+    return float(cfg.num_layers * per_block + once)
+
+
+def build_random_model(name: str, device: torch.device, dtype: torch.dtype):
+    """The DiT is imported here, lazily: `--help` and argument errors never touch it."""
+    from engine.models.wan.dit import build_wan_model, keep_fp32
+    from engine.models.wan.presets import OFFICIAL, PRESETS, random_state_dict
+
+    cfg = {"1.3B": OFFICIAL["t2v-1.3B"], "14B": OFFICIAL["t2v-14B"], "tiny": PRESETS["tiny-t2v"]}[name]
+    model = build_wan_model(cfg, "meta")
+    state = random_state_dict(cfg, seed=0, device=device, dtype=dtype)
+    model.load_state_dict({k: v.float() if keep_fp32(k) else v for k, v in state.items()}, assign=True)
+    return model.requires_grad_(False)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=["1.3B", "14B", "tiny"], default="1.3B")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--width", type=int), ap.add_argument("--height", type=int), ap.add_argument("--frames", type=int)
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=5, help="timed optimizer steps (after one warm-up step)")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="DiT weight dtype")
+    ap.add_argument("--mixed-precision", choices=["bf16", "fp16", "no"], default="bf16")
+    ap.add_argument("--no-checkpointing", action="store_true")
+    ap.add_argument("--backend", default="sdpa")
+    ap.add_argument("--output-dir", default=None, help="where the session may write (default: a temp folder)")
+    args = ap.parse_args(argv)
+
+    width, height, frames = DEFAULT_SIZE.get(args.model, (832, 480, 81))
+    width, height, frames = args.width or width, args.height or height, args.frames or frames
+    if width % 16 or height % 16 or (frames - 1) % 4:
+        ap.error("width and height must be multiples of 16 and frames of the form 4k+1")
+    device = torch.device(args.device)
+    if args.device == "cpu":
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    import tempfile
+
+    from engine.training import (InMemoryBatchLoader, NetworkConfig, OptimizerConfig, TimestepConfig,
+                                 TrainingConfig, TrainingSession)
+
+    model = build_random_model(args.model, device, DTYPES[args.dtype])
+    cfg = model.config
+    latent = (1, 16, (frames - 1) // 4 + 1, height // 8, width // 8)
+    tokens = latent[2] * (latent[3] // 2) * (latent[4] // 2)
+    g = torch.Generator().manual_seed(0)
+    batches = [{"latents": torch.randn(latent, generator=g).to(torch.bfloat16),
+                "context": [torch.randn(120, cfg.text_dim, generator=g).to(torch.bfloat16)]} for _ in range(2)]
+    out = args.output_dir or tempfile.mkdtemp(prefix="bench_training_")
+    checkpointing = not args.no_checkpointing
+    session = TrainingSession(
+        model, NetworkConfig(rank=args.rank, alpha=args.rank), OptimizerConfig(learning_rate=1e-4),
+        InMemoryBatchLoader(batches), TrainingConfig(
+            output_dir=out, max_train_steps=args.steps + 1, mixed_precision=args.mixed_precision,
+            gradient_checkpointing=checkpointing, attention_backend=args.backend,
+            timesteps=TimestepConfig("shift", discrete_flow_shift=3.0)))
+
+    session.train_steps(1)  # warm-up: kernel selection, allocator, optimizer state
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    losses = session.train_steps(args.steps)
+    _sync(device)
+    per_step = (time.perf_counter() - start) / args.steps
+
+    fwd = forward_flops(cfg, tokens)
+    factor = 3 if checkpointing else 2
+    result = {
+        "bench": "training", "model": args.model, "variant": cfg.variant,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": args.dtype, "mixed_precision": args.mixed_precision, "gradient_checkpointing": checkpointing,
+        "backend": args.backend, "rank": args.rank, "width": width, "height": height, "frames": frames,
+        "latent": list(latent), "tokens": tokens, "steps": args.steps, "s_per_step": per_step,
+        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "trainable_params": sum(p.numel() for p in session.network.trainable_parameters()),
+        "tflop_per_step": factor * fwd / 1e12, "flop_factor_vs_forward": factor,
+        "achieved_tflops": factor * fwd / per_step / 1e12, "final_loss": losses[-1],
+    }
+    print(f"{result['variant']} {width}x{height}x{frames} rank {args.rank}: {per_step:.3f} s/step, "
+          f"{result['achieved_tflops']:.2f} TFLOP/s, peak {result['peak_mem_gib']} GiB")
+    print("JSON " + json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
