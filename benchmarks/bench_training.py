@@ -75,8 +75,6 @@ def main(argv=None) -> dict:
     if width % 16 or height % 16 or (frames - 1) % 4:
         ap.error("width and height must be multiples of 16 and frames of the form 4k+1")
     device = torch.device(args.device)
-    if args.device == "cpu":
-        torch.set_num_threads(max(1, torch.get_num_threads()))
 
     import tempfile
 

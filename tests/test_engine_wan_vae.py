@@ -1,7 +1,5 @@
 """Wan 2.1 VAE: numerics against diffusers' AutoencoderKLWan, caching, tiling, validation, loading, tiny preset."""
 
-import math
-
 import pytest
 import torch
 
@@ -159,11 +157,12 @@ def test_tile_larger_than_frame_equals_untiled(vae):
 
 
 def test_tiled_close_to_untiled_and_overlap_helps(vae):
-    # Tiling is an approximation, not an identity: each tile sees only its own pixels (the mid-block attention is
-    # global per frame and the conv receptive field spans the whole tile). With the tiny random preset the mean
-    # deviation is ~10 % of the signal for encode and ~30 % for decode (random weights are far more chaotic than a
-    # trained VAE), so we bound the mean error loosely and check the *behaviour* that matters: overlapping tiles
-    # with linear ramps deviate less than hard-edged tiles with no overlap.
+    # Tiling is an approximation, not an identity: each tile sees only its own pixels, zero-padded at its borders
+    # (the mid-block attention is global per frame, and the decoder's receptive field at latent resolution is wider
+    # than the 8-latent-pixel tiles used here). With the tiny random preset (random weights amplify border effects far
+    # more than a trained VAE) the mean deviation is ~9 % of the signal for encode and ~44 % for decode; it falls
+    # with bigger tiles (~4 % / ~24 % at 96 px). So the error is bounded loosely and the *behaviour* that matters is
+    # asserted: overlapping tiles blended with linear ramps deviate less than hard-edged tiles with no overlap.
     video = _clip(f=1, h=128, w=128, seed=3)   # one frame: tiling is purely spatial, time adds only cost
     z, y = vae.encode(video), vae.decode(vae.encode(video))
 
@@ -174,6 +173,7 @@ def test_tiled_close_to_untiled_and_overlap_helps(vae):
     dec_hard, dec_soft = (err(vae.decode(z, tile_size=64, tile_overlap=o), y) for o in (0, 32))
     assert 0 < enc_soft < enc_hard and enc_soft < 0.25
     assert 0 < dec_soft < dec_hard and dec_soft < 0.6
+    assert err(vae.decode(z, tile_size=96, tile_overlap=32), y) < dec_soft   # bigger tiles, closer to untiled
     # Instance defaults are used when no per-call value is given.
     vae.tile_size, vae.tile_overlap = 64, 32
     try:

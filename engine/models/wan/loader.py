@@ -25,31 +25,11 @@ PRESET_PREFIX = "preset:"
 _COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-class _InMemoryFile:
-    """A state dict seen through the same small interface as the checkpoint reader's file objects, so presets
-    go through exactly the same detection and loading path as real files."""
-
-    def __init__(self, state: dict[str, torch.Tensor], name: str):
-        self.path = Path(name)
-        self.state = state
-        self.keys = list(state)
-        self.metadata: dict[str, str] = {}
-
-    def get(self, key: str) -> torch.Tensor:
-        return self.state[key]
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.state[key].shape)
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self.state[key].dtype
-
-
 def open_wan_checkpoint(source: str | Path) -> Checkpoint:
     """A prefix-stripped checkpoint view of a file path or `preset:<name>`."""
     if isinstance(source, str) and source.startswith(PRESET_PREFIX):
         name = source[len(PRESET_PREFIX):]
-        return Checkpoint([_InMemoryFile(build_preset_state_dict(name), source)])
+        return Checkpoint.from_state_dict(build_preset_state_dict(name), source)
     return strip_wan_prefix(Checkpoint.open(source))
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...checkpoint import Checkpoint, load_into_module
-from ...errors import MusubiInputError, invalid
+from ...errors import invalid
 
 # Per-channel statistics of Wan 2.1 posterior means (official constants; musubi_tuner_reference.md §4.2).
 LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -393,11 +393,12 @@ class WanVAE(nn.Module):
     def _param(self) -> torch.Tensor:
         return self.conv2.weight
 
-    def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def _stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         # [1, z, 1, 1, 1] float32; kept out of the state dict so checkpoints need no extra tensors.
         shape = (1, -1, 1, 1, 1)
-        mean = torch.tensor(LATENT_MEAN, dtype=torch.float32, device=like.device).view(shape)
-        std = torch.tensor(LATENT_STD, dtype=torch.float32, device=like.device).view(shape)
+        mean = torch.tensor(LATENT_MEAN, dtype=torch.float32, device=device).view(shape)
+        std = torch.tensor(LATENT_STD, dtype=torch.float32, device=device).view(shape)
         return mean, std
 
     def _options(self, tile_size, tile_overlap, cache_device):
@@ -446,7 +447,7 @@ class WanVAE(nn.Module):
             mu = tiled_apply(run, video, tile_size, tile_overlap, 1 / SPATIAL_FACTOR, tile_overlap // SPATIAL_FACTOR)
         else:
             mu = run(video)
-        mean, std = self._stats(mu)
+        mean, std = self._stats(mu.device)
         return ((mu - mean) / std).to(video.device, video.dtype)
 
     # --- decode -----------------------------------------------------------------------------------------------
@@ -466,12 +467,16 @@ class WanVAE(nn.Module):
         self.validate_latents(latents)
         cache = FeatureCache(cache_device)
         dev, dt = self._param.device, self._param.dtype
-        mean, std = self._stats(latents.to(dev))
-        frames = []
-        for t in range(latents.shape[2]):
-            z = latents[:, :, t:t + 1].to(dev).float() * std + mean   # undo the normalization in fp32
-            frames.append(self.decoder(self.conv2(z.to(dt)), cache).float())
-        return torch.cat(frames, dim=2)
+        mean, std = self._stats(dev)
+        b, _, t, h, w = latents.shape
+        out = torch.empty(b, 3, 1 + TEMPORAL_FACTOR * (t - 1), h * SPATIAL_FACTOR, w * SPATIAL_FACTOR, device=dev)
+        start = 0
+        for i in range(t):
+            z = latents[:, :, i:i + 1].to(dev).float() * std + mean   # undo the normalization in fp32
+            frames = self.decoder(self.conv2(z.to(dt)), cache)        # [B, 3, 1 (i = 0) or 4, 8h, 8w]
+            out[:, :, start:start + frames.shape[2]] = frames
+            start += frames.shape[2]
+        return out
 
     def decode(self, latents: torch.Tensor, *, tile_size: int | None = None, tile_overlap: int | None = None,
                cache_device=None) -> torch.Tensor:
