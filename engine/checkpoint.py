@@ -294,15 +294,20 @@ def load_into_module(module: torch.nn.Module, ckpt: Checkpoint, dtype: torch.dty
     """
     params = dict(module.named_parameters(remove_duplicate=False))
     expected: dict[str, torch.Tensor] = dict(params)
+    optional: set[str] = set()  # non-persistent buffers: loaded when the checkpoint (or its view) provides them
     for mod_name, mod in module.named_modules():
         for b_name, buf in mod._buffers.items():
-            if buf is not None and b_name not in mod._non_persistent_buffers_set:
-                expected[f"{mod_name}.{b_name}" if mod_name else b_name] = buf
+            if buf is not None:
+                full = f"{mod_name}.{b_name}" if mod_name else b_name
+                expected[full] = buf
+                if b_name in mod._non_persistent_buffers_set:
+                    optional.add(full)
     # tied parameters (one tensor, several names): fill once from whichever name the file has, share it everywhere
     tied: dict[int, list[str]] = {}
     for name, p in params.items():
         tied.setdefault(id(p), []).append(name)
-    missing = [k for k in expected if k not in ckpt and not any(n in ckpt for n in tied.get(id(expected[k]), []))]
+    missing = [k for k in expected if k not in optional and k not in ckpt
+               and not any(n in ckpt for n in tied.get(id(expected[k]), []))]
     if strict and missing:
         raise invalid(f"checkpoint {ckpt.source}", f"{len(missing)} missing tensors, e.g. {missing[:3]}",
                       f"every weight of {type(module).__name__}")

@@ -3,9 +3,9 @@
 Node ids are prefixed `Musubi` and are never renamed once released: saved workflows refer to them.
 """
 
-from . import generation, loaders, utility
+from . import generation, loaders, lora, utility
 
-_MODULES = [loaders, generation, utility]
+_MODULES = [loaders, generation, utility, lora]
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}

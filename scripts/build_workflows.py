@@ -50,7 +50,41 @@ TINY_I2V = [
     (11, "SaveVideo", {"filename_prefix": "musubi/i2v", "format": "auto", "codec": "auto"}, {"video": (10, 0)}),
 ]
 
-WORKFLOWS = {"wan_t2v_generate.json": TINY_T2V, "wan_i2v_generate.json": TINY_I2V}
+# Self-contained LoRA toolbox demo: no LoRA file exists in a fresh install, so the graph makes two random LoRAs, saves
+# them (Save also outputs the LoRA read back and the file path), converts one by path, averages both by path (post-hoc
+# EMA), applies the converted + averaged LoRAs as adapters, chains a merged one on top, and samples with the result.
+LORA_TOOLS = [
+    (1, "MusubiWanDiTLoader", {"model_name": "preset:tiny-t2v", "dtype": "fp32", "attention": "sdpa"}, {}),
+    (2, "MusubiUMT5Loader", {"text_encoder_name": "preset:tiny-umt5", "dtype": "fp32", "tokenizer_path": ""}, {}),
+    (3, "MusubiWanVAELoader", {"vae_name": "preset:tiny-vae", "dtype": "fp32", "cache_on_cpu": False}, {}),
+    (4, "MusubiWanTextEncode", {"prompt": "a red square moving to the right", "negative_prompt": "",
+                                "offload_after": True}, {"text_encoder": (2, 0)}),
+    (5, "MusubiCreateRandomLoRA", {"rank": 4, "seed": 1}, {"model": (1, 0)}),
+    (6, "MusubiSaveLoRA", {"filename_prefix": "musubi_demo/random_lora_a", "format": "comfyui", "dtype": "fp32",
+                           "save_to": "output", "metadata": '{"title": "random demo LoRA A"}'}, {"lora": (5, 0)}),
+    (7, "MusubiCreateRandomLoRA", {"rank": 4, "seed": 2}, {"model": (1, 0)}),
+    (8, "MusubiSaveLoRA", {"filename_prefix": "musubi_demo/random_lora_b", "format": "comfyui", "dtype": "fp32",
+                           "save_to": "output", "metadata": ""}, {"lora": (7, 0)}),
+    (9, "MusubiLoRAInfo", {}, {"lora": (6, 0)}),
+    (10, "MusubiConvertLoRA", {"lora_name": "none", "format": "diffusers",
+                               "output_name": "musubi_demo/random_lora_a_diffusers", "save_to": "output",
+                               "dtype": "fp32"}, {"lora_path": (6, 1)}),
+    (11, "StringConcatenate", {"delimiter": "\n"}, {"string_a": (6, 1), "string_b": (8, 1)}),
+    (12, "MusubiLoRAPostHocEMA", {"beta": 0.9, "beta2": 0.0, "sigma_rel": 0.0, "sort_by_mtime": False,
+                                  "output_name": "musubi_demo/random_lora_ema", "save_to": "output"},
+     {"files": (11, 0)}),
+    (13, "MusubiApplyLoRA", {"strength": 0.8, "mode": "adapter", "block_filter": "", "strength_2": 0.5},
+     {"model": (1, 0), "lora": (10, 0), "lora_2": (12, 0)}),
+    (14, "MusubiApplyLoRA", {"strength": 0.5, "mode": "merge", "block_filter": "1", "strength_2": 1.0},
+     {"model": (13, 0), "lora": (8, 0)}),
+    (15, "MusubiWanSampler", {"width": 64, "height": 48, "frames": 9, "steps": 6, "guidance_scale": 5.0,
+                              "shift": 0.0, "solver": "unipc", "seed": 42, "noise_device": "cpu"},
+     {"model": (14, 0), "embeds": (4, 0)}),
+    (16, "MusubiWanVAEDecode", {"tile_size": 0, "tile_overlap": 64}, {"vae": (3, 0), "latents": (15, 0)}),
+    (17, "PreviewImage", {}, {"images": (16, 0)}),
+]
+
+WORKFLOWS = {"wan_t2v_generate.json": TINY_T2V, "wan_i2v_generate.json": TINY_I2V, "lora_tools.json": LORA_TOOLS}
 
 
 def _spec_lists(cls):

@@ -131,9 +131,11 @@ def media(tmp_path_factory):
 def test_sample_media_deterministic(tmp_path, media):
     again = _sample_module().make_sample_dataset(tmp_path, num_images=2, num_videos=1, num_frame_folders=1,
                                                  size=(64, 48), frames=17)
-    for name in ("image_000.png", "video_000.mp4"):
-        sub = "images" if name.endswith(".png") else "videos"
-        assert (Path(again[sub]) / name).read_bytes() == (Path(media[sub]) / name).read_bytes()
+    name = "image_000.png"
+    assert (Path(again["images"]) / name).read_bytes() == (Path(media["images"]) / name).read_bytes()
+    # mp4 headers carry the creation time, so compare what a reader gets: the decoded frames
+    name = "video_000.mp4"
+    assert np.array_equal(read_video(Path(again["videos"]) / name), read_video(Path(media["videos"]) / name))
 
 
 def test_read_video_and_drop(media):
