@@ -3,9 +3,9 @@
 Node ids are prefixed `Musubi` and are never renamed once released: saved workflows refer to them.
 """
 
-from . import generation, loaders, lora, utility
+from . import data, generation, loaders, lora, training, utility
 
-_MODULES = [loaders, generation, utility, lora]
+_MODULES = [loaders, generation, utility, lora, training, data]
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}

@@ -317,7 +317,8 @@ class MusubiApplyLoRA:
                          "tooltip": "Multiplier of the LoRA's change (1.0 = as trained, 0 = off, negative = invert)."}),
             "mode": (["adapter", "merge"], {"default": "adapter",
                      "tooltip": "adapter: hooks compute the LoRA term on the fly (no weight copy); merge: W + "
-                                "strength·ΔW baked into private copies of the changed layers (faster, more memory)."}),
+                                "strength·ΔW baked into private copies of the changed layers (faster, more "
+                                "memory)."}),
         }, "optional": {
             "block_filter": ("STRING", {"default": "",
                              "tooltip": "Only apply to some blocks: indices/ranges such as '0-9,12', or a regex "
@@ -365,6 +366,7 @@ class MusubiApplyLoRA:
                 src = _trainable_copy(item)
                 if mode == "adapter":
                     net = network_from_lora(view, src, f"musubi-apply:{node}:{i}:{item.name}", s, keep)
+                    net.requires_grad_(False)   # applied, not trained (a training session on top trains its own)
                     net.attach(view)
                     view.__dict__[_NETWORKS].append(net)
                 else:
@@ -379,8 +381,8 @@ class MusubiApplyLoRA:
             if report.uncovered:
                 lines.append(f"  not covered (e.g.): {', '.join(report.uncovered[:4])}")
         stack = view.__dict__[_STACK]
-        lines.append("LoRAs on this model: " + ", ".join(f"{e['name']}@{e['strength']:g} ({e['mode']}, node {e['node']})"
-                                                         for e in stack))
+        lines.append("LoRAs on this model: " + ", ".join(
+            f"{e['name']}@{e['strength']:g} ({e['mode']}, node {e['node']})" for e in stack))
         text = "\n".join(lines)
         return {"ui": {"text": [text]}, "result": (view, text)}
 
@@ -582,14 +584,13 @@ class MusubiLoRAPostHocEMA:
             if found is None:
                 raise invalid("files", folder, "an existing folder (full path or relative to models/loras) or "
                                                "one .safetensors file per line")
-            inputs = str(found)
-            listed = sorted(found.glob("*.safetensors"))
+            inputs = str(found)      # the engine leaves the output file out of a folder's listing
         else:
             sources = [resolve_lora_file(ln, "files") for ln in lines]
-            inputs, listed = sources, [Path(p) for p in sources]
+            inputs = sources
         out = output_file(save_to, "loras", output_name, "output_name")
-        for p in listed:
-            if _same_file(out, p) and sources:
+        for p in sources:
+            if _same_file(out, p):
                 raise invalid("output_name", output_name, f"a file different from every input (it is {p})")
         config = EMAConfig(beta=float(beta), beta2=float(beta2) or None, sigma_rel=float(sigma_rel) or None,
                            sort=bool(sort_by_mtime))

@@ -84,7 +84,26 @@ LORA_TOOLS = [
     (17, "PreviewImage", {}, {"images": (16, 0)}),
 ]
 
-WORKFLOWS = {"wan_t2v_generate.json": TINY_T2V, "wan_i2v_generate.json": TINY_I2V, "lora_tools.json": LORA_TOOLS}
+# Self-contained dataset demo: two solid-color images made in the graph (media always exists on a fresh install),
+# one caption per line, cached with the tiny VAE and umT5 (re-queueing reuses the cache), then the debug preview.
+DATASET_CACHE = [
+    (1, "EmptyImage", {"width": 64, "height": 48, "batch_size": 1, "color": 0xCC3322}, {}),
+    (2, "EmptyImage", {"width": 64, "height": 48, "batch_size": 1, "color": 0x2255CC}, {}),
+    (3, "ImageBatch", {}, {"image1": (1, 0), "image2": (2, 0)}),
+    (4, "MusubiDatasetFromImages", {"captions": "a plain red picture\na plain blue picture", "width": 64, "height": 48,
+                                    "num_repeats": 1, "as_video": False, "cache_directory": "", "batch_size": 1},
+     {"images": (3, 0)}),
+    (5, "MusubiWanVAELoader", {"vae_name": "preset:tiny-vae", "dtype": "fp32", "cache_on_cpu": False}, {}),
+    (6, "MusubiUMT5Loader", {"text_encoder_name": "preset:tiny-umt5", "dtype": "fp32", "tokenizer_path": ""}, {}),
+    (7, "MusubiCacheLatents", {"task": "t2v", "keep_cache": False, "workers": 2}, {"dataset": (4, 0), "vae": (5, 0)}),
+    (8, "MusubiCacheTextEmbeddings", {"keep_cache": False}, {"dataset": (7, 0), "text_encoder": (6, 0)}),
+    (9, "MusubiDatasetPreview", {"max_items": 8, "frames_per_clip": 1, "tile_size": 128}, {"dataset": (8, 0)}),
+    (10, "PreviewImage", {}, {"images": (9, 0)}),
+    (11, "PreviewAny", {}, {"source": (9, 1)}),
+]
+
+WORKFLOWS = {"wan_t2v_generate.json": TINY_T2V, "wan_i2v_generate.json": TINY_I2V, "lora_tools.json": LORA_TOOLS,
+             "wan_dataset_cache.json": DATASET_CACHE}
 
 
 def _spec_lists(cls):

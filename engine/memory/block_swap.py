@@ -1,0 +1,319 @@
+"""Block swap: keep N transformer blocks' frozen weights in host memory and stream them to the device just in time.
+
+How it works (see docs/memory.md):
+
+* `attach()` packs each swapped block's frozen tensors (frozen parameters and buffers: base weights, fp8 weights and
+  their scales, norms, biases) into one host master (pinned on CUDA) and points the block's tensors at it. Trainable
+  parameters (e.g. a full fine-tune's) and LoRA adapters (separate modules hooked on the Linear) never move.
+* A forward pre-hook on every block loads the block about to run (waits for its copy) and starts the copies of the
+  next `prefetch` swapped blocks on a side stream; a forward hook evicts blocks that are not needed soon. Eviction
+  costs nothing: frozen tensors are re-pointed at the host master (no device->host copy).
+* The order of upcoming blocks follows the pass: forward 0..n-1; under autograd's backward (gradient checkpointing
+  recomputes each block there) n-1..0; after a training forward the first blocks needed are the last ones (the
+  recompute), after an inference forward they are the first ones of the next step. Whether recompute happens is
+  learned from the previous step (or set with `recompute=`).
+* Tensors are re-bound by replacing the module's Parameter objects, never with `param.data = ...`: autograd may hold
+  the previous (device) Parameter for backward; replacing keeps that one intact, so gradients are exact with and
+  without gradient checkpointing (without it, autograd keeps the weights it needs alive until backward, so block
+  swap saves little memory in training; use gradient checkpointing with it).
+
+At most `prefetch + 1` swapped blocks are on the device at any time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..errors import invalid
+from .placement import move_to, request_room
+from .transfer import FakeTransfer, HostMaster, PendingLoad, Transfer, default_transfer, views
+
+PLACEMENTS = ("spread", "tail")
+
+
+@dataclass
+class BlockSwapConfig:
+    blocks_to_swap: int = 0
+    prefetch: int = 1                 # swapped blocks copied ahead of use (1 = double buffering)
+    pin_memory: bool = True           # pinned host masters (CUDA only; faster, async copies)
+    offload_non_blocks: bool = False  # keep embeddings/head on the host between forward calls too
+    placement: str = "spread"         # "spread": evenly spaced swapped blocks (copies overlap resident blocks);
+                                      # "tail": the last N (Musubi's classic mode)
+    recompute: bool | None = None     # does backward call the blocks again (gradient checkpointing)? None: learn
+
+
+def validate_blocks_to_swap(n, num_blocks: int, model_name: str = "model") -> int:
+    """0 <= n <= num_blocks - 1 (one block always stays on the device): 39 for Wan 14B, 29 for Wan 1.3B."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= num_blocks - 1:
+        raise invalid("blocks_to_swap", n, f"an integer from 0 to {num_blocks - 1} ({model_name} has {num_blocks} "
+                                           f"blocks and at least one stays on the GPU)")
+    return n
+
+
+def choose_swapped(num_blocks: int, n: int, placement: str = "spread") -> list[int]:
+    """Indices of the swapped blocks. spread: k -> floor((2k+1)·num_blocks / 2n), evenly spaced block centres."""
+    if placement not in PLACEMENTS:
+        raise invalid("block swap placement", placement, f"one of {PLACEMENTS}")
+    if n == 0:
+        return []
+    if placement == "tail":
+        return list(range(num_blocks - n, num_blocks))
+    return sorted({(2 * k + 1) * num_blocks // (2 * n) for k in range(n)})
+
+
+class _Entry:
+    """One frozen tensor slot of a block: where it is registered."""
+    __slots__ = ("owner", "name", "is_param")
+
+    def __init__(self, owner: nn.Module, name: str, is_param: bool):
+        self.owner, self.name, self.is_param = owner, name, is_param
+
+    def get(self) -> torch.Tensor:
+        return (self.owner._parameters if self.is_param else self.owner._buffers)[self.name]
+
+    def set(self, t: torch.Tensor) -> None:
+        if self.is_param:
+            self.owner._parameters[self.name] = nn.Parameter(t, requires_grad=False)
+        else:
+            self.owner._buffers[self.name] = t
+
+
+def _frozen_entries(block: nn.Module) -> tuple[list[_Entry], list[nn.Parameter]]:
+    """(frozen parameter/buffer slots, trainable parameters) of a block; shared tensors listed once."""
+    entries, trainable, seen = [], [], set()
+    for m in block.modules():
+        for name, p in m._parameters.items():
+            if p is None or id(p) in seen:
+                continue
+            seen.add(id(p))
+            (trainable.append(p) if p.requires_grad else entries.append(_Entry(m, name, True)))
+        for name, b in m._buffers.items():
+            if b is not None and id(b) not in seen:
+                seen.add(id(b))
+                entries.append(_Entry(m, name, False))
+    return entries, trainable
+
+
+class BlockSwapper:
+    """Attach to an `nn.ModuleList` of blocks (called as modules, e.g. `WanModel.blocks`).
+
+    `with BlockSwapper(model.blocks, "cuda", BlockSwapConfig(blocks_to_swap=20), model=model):` or
+    `attach()` / `detach()`. `transfer` defaults to `CudaTransfer` on CUDA; tests pass a `FakeTransfer`."""
+
+    def __init__(self, blocks: nn.ModuleList, device: torch.device | str, config: BlockSwapConfig | None = None,
+                 transfer: Transfer | None = None, model: nn.Module | None = None, model_name: str = "model"):
+        self.config = config or BlockSwapConfig()
+        self.blocks = blocks
+        self.num_blocks = len(blocks)
+        validate_blocks_to_swap(self.config.blocks_to_swap, self.num_blocks, model_name)
+        if isinstance(self.config.prefetch, bool) or not isinstance(self.config.prefetch, int) \
+                or self.config.prefetch < 0:
+            raise invalid("block swap prefetch", self.config.prefetch, "an integer >= 0")
+        self.transfer = transfer or default_transfer(device, self.config.pin_memory)
+        self.device = self.transfer.device
+        self.model = model
+        self.swapped = choose_swapped(self.num_blocks, self.config.blocks_to_swap, self.config.placement)
+        self._swapped_set = set(self.swapped)
+        self._entries: dict[int, list[_Entry]] = {}
+        self._masters: dict[int, HostMaster] = {}
+        self._loads: dict[int, PendingLoad] = {}    # swapped blocks loading or on the device
+        self._bound: set[int] = set()                # swapped blocks whose tensors point at device memory
+        self._handles: list = []
+        self._attached = False
+        self._expect_recompute = True if self.config.recompute is None else bool(self.config.recompute)
+        self._last_forward_index = -1
+        self._last_forward_grad = False
+        self._saw_backward_call = False
+
+    # --- lifecycle --------------------------------------------------------------------------------------------------
+    def attach(self) -> "BlockSwapper":
+        if self._attached:
+            return self
+        resident = [b for i, b in enumerate(self.blocks) if i not in self._swapped_set]
+        for block in resident:
+            move_to(block, self.device)
+        for i in self.swapped:
+            entries, trainable = _frozen_entries(self.blocks[i])
+            for p in trainable:   # trainable tensors never swap
+                request_room(p.numel() * p.element_size(), self.device)
+                p.data = p.data.to(self.device)
+            master = self.transfer.make_master([e.get() for e in entries])
+            for e, v in zip(entries, self.transfer.evicted_views(master)):
+                e.set(v)
+            self._entries[i], self._masters[i] = entries, master
+        if self.model is not None:
+            if self.config.offload_non_blocks:
+                self._handles.append(self.model.register_forward_pre_hook(self._model_pre))
+                self._handles.append(self.model.register_forward_hook(self._model_post))
+            else:
+                move_to(self.model, self.device, exclude=[self.blocks])
+        for i, block in enumerate(self.blocks):
+            self._handles.append(block.register_forward_pre_hook(self._make_pre(i)))
+            self._handles.append(block.register_forward_hook(self._make_post(i)))
+        self._attached = True
+        return self
+
+    def detach(self, device: torch.device | str | None = None) -> None:
+        """Remove the hooks, put every swapped tensor on `device` (default: the compute device) as ordinary tensors
+        and release the host masters."""
+        target = torch.device(device) if device is not None else self.device
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for i in list(self._masters):
+            master, entries = self._masters[i], self._entries[i]
+            request_room(master.nbytes, target)
+            for e, v in zip(entries, views(master.flat, master.slots)):   # the masters are exact copies
+                e.set(v.to(target, copy=True))
+            master.release()
+        if self.model is not None and self.config.offload_non_blocks and self._attached:
+            move_to(self.model, target, exclude=[self.blocks])
+        self._masters.clear()
+        self._entries.clear()
+        self._loads.clear()
+        self._bound.clear()
+        self.transfer.release_cached_host_memory()
+        self._attached = False
+
+    close = detach
+
+    def __enter__(self) -> "BlockSwapper":
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    @property
+    def host_bytes(self) -> int:
+        """Bytes of host masters this swapper holds (pinned on CUDA)."""
+        return sum(m.nbytes for m in self._masters.values())
+
+    @property
+    def resident_swapped(self) -> set[int]:
+        return set(self._loads)
+
+    # --- schedule ---------------------------------------------------------------------------------------------------
+    def _upcoming(self, i: int, backward: bool) -> list[int]:
+        """Swapped blocks in the order they are expected after the call of block i (deduplicated)."""
+        n = self.num_blocks
+        if backward:
+            seq = list(range(i - 1, -1, -1)) + list(range(n))
+        elif torch.is_grad_enabled() and self._expect_recompute:
+            seq = list(range(i + 1, n)) + list(range(n - 1, -1, -1))
+        else:
+            seq = list(range(i + 1, n)) + list(range(n))
+        out, seen = [], set()
+        for j in seq:
+            if j in self._swapped_set and j not in seen:
+                seen.add(j)
+                out.append(j)
+        return out
+
+    def _track_pass(self, i: int, backward: bool) -> None:
+        if backward:
+            self._saw_backward_call = True
+            return
+        if i <= self._last_forward_index:   # a new forward pass began: learn whether the last backward recomputed
+            if self.config.recompute is None and self._last_forward_grad:
+                self._expect_recompute = self._saw_backward_call
+            self._saw_backward_call = False
+        self._last_forward_index = i
+        self._last_forward_grad = torch.is_grad_enabled()
+
+    # --- loads / evictions ------------------------------------------------------------------------------------------
+    def _start(self, j: int) -> None:
+        if j not in self._loads:
+            request_room(self._masters[j].nbytes, self.device)
+            self._loads[j] = self.transfer.start(j, self._masters[j])
+
+    def _bind(self, i: int) -> None:
+        self._start(i)
+        device_views = self.transfer.finish(self._loads[i])
+        if i not in self._bound:
+            for e, v in zip(self._entries[i], device_views):
+                e.set(v)
+            self._bound.add(i)
+
+    def _evict(self, j: int) -> None:
+        self._loads.pop(j, None)
+        if j in self._bound:
+            for e, v in zip(self._entries[j], self.transfer.evicted_views(self._masters[j])):
+                e.set(v)
+            self._bound.discard(j)
+        self.transfer.note("evict", j)
+
+    def _check_resident(self, i: int) -> None:
+        for e in self._entries.get(i, ()):
+            t = e.get()
+            if t.device.type != self.device.type:
+                raise RuntimeError(f"block swap: block {i} tensor {e.name!r} is on {t.device}, not {self.device}")
+
+    def _make_pre(self, i: int):
+        def pre_hook(module, args):
+            backward = torch._C._current_graph_task_id() != -1
+            self._track_pass(i, backward)
+            upcoming = self._upcoming(i, backward)
+            k = self.config.prefetch
+            want = ([i] + [j for j in upcoming if j != i][:k]) if i in self._swapped_set else upcoming[:k]
+            for j in list(self._loads):
+                if j not in want:
+                    self._evict(j)
+            for j in want:
+                self._start(j)
+            if i in self._swapped_set:
+                self._bind(i)
+                self._check_resident(i)
+            self.transfer.note("run", i)
+        return pre_hook
+
+    def _make_post(self, i: int):
+        def post_hook(module, args, output):
+            backward = torch._C._current_graph_task_id() != -1
+            upcoming = self._upcoming(i, backward)
+            keep = set(upcoming[: self.config.prefetch + 1])
+            for j in list(self._loads):
+                if j not in keep:
+                    self._evict(j)
+            for j in upcoming[: self.config.prefetch]:
+                self._start(j)
+        return post_hook
+
+    # --- non-block layers -------------------------------------------------------------------------------------------
+    def _model_pre(self, module, args):
+        move_to(self.model, self.device, exclude=[self.blocks])
+
+    def _model_post(self, module, args, output):
+        # frozen tensors only: trainable ones stay where the optimizer expects them; autograd keeps the device
+        # copies it needs for backward
+        for m in self.model.modules():
+            if any(m is b for b in self.blocks) or self._inside_blocks(m):
+                continue
+            for name, p in m._parameters.items():
+                if p is not None and not p.requires_grad and p.device.type != "cpu":
+                    m._parameters[name] = nn.Parameter(p.detach().to("cpu"), requires_grad=False)
+            for name, b in m._buffers.items():
+                if b is not None and b.device.type != "cpu":
+                    m._buffers[name] = b.to("cpu")
+
+    def _inside_blocks(self, m: nn.Module) -> bool:
+        if not hasattr(self, "_block_module_ids"):
+            self._block_module_ids = {id(x) for x in self.blocks.modules()}
+        return id(m) in self._block_module_ids
+
+
+def swap_blocks(model: nn.Module, blocks_to_swap: int, device: torch.device | str, **options) -> BlockSwapper:
+    """Attach a BlockSwapper to `model.blocks` (any model with a `blocks` ModuleList, e.g. WanModel)."""
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.ModuleList):
+        raise invalid("block swap model", type(model).__name__, "a model with a `blocks` nn.ModuleList")
+    transfer = options.pop("transfer", None)
+    name = getattr(getattr(model, "config", None), "variant", None) or type(model).__name__
+    config = BlockSwapConfig(blocks_to_swap=blocks_to_swap, **options)
+    return BlockSwapper(blocks, device, config, transfer=transfer, model=model, model_name=name).attach()
+
+
+__all__ = ["BlockSwapConfig", "BlockSwapper", "FakeTransfer", "choose_swapped", "swap_blocks",
+           "validate_blocks_to_swap"]

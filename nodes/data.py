@@ -1,0 +1,603 @@
+"""Dataset nodes: a dataset from a Musubi Tuner TOML, a folder or an in-graph IMAGE batch; latent and text-encoder
+caching; a debug preview.
+
+The `DATASET` socket carries a `MusubiDataset`: the validated dataset config (engine `DatasetConfig`) plus what the
+caching nodes built for it (encoder identities and options). The training nodes get what they need from it:
+
+    dataset.requirements(text_dim=...)      -> engine `CacheRequirements` matching the caches that were built
+    dataset.cached_datasets(text_dim=...)   -> `check_cache_for_model(...)`: the validated `CachedDataset` list
+    dataset.batch_loader(seed, text_dim=...) -> a `CachedBatchLoader` over them
+
+Where caches go:
+* Dataset from TOML: the TOML's `cache_directory` (default: the media folder, as Musubi Tuner).
+* Dataset from Folder: the `cache_directory` input; empty = `<ComfyUI output>/musubi_cache/<folder name>-<hash of
+  the folder's absolute path>` (output, not temp: ComfyUI empties temp at every start and caches are expensive).
+* Dataset from Images: the `cache_directory` input; empty = `<ComfyUI output>/musubi_cache/images-<hash of the
+  pixels>` (the same images share one cache from any workflow; changing the images starts a new folder).
+
+ComfyUI only re-runs a node whose inputs changed. The source nodes' `IS_CHANGED` returns a fingerprint of the media
+and caption files (names, sizes, mtimes, caption hashes), so editing a caption or adding a video re-runs the graph;
+the on-disk cache manifest then re-encodes only what changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import comfy_compat as compat
+from . import types as T
+from .placement import on_compute_device
+from ..engine.data import (CachedBatchLoader, CacheRequirements, DatasetConfig, WanCacheAdapter, build_cache,
+                           check_cache_for_model, dataset_from_folder, dataset_from_tensors, list_items,
+                           load_dataset_config, read_manifest, wan_cache_requirements)
+from ..engine.data.cache import prepare_item
+from ..engine.data.frames import FRAME_EXTRACTION_MODES
+from ..engine.errors import invalid
+
+log = logging.getLogger("ComfyUI-Musubi")
+
+CATEGORY = "Musubi/data"
+ARCH = "wan"
+TASKS = ["t2v", "i2v", "fun-control"]
+KINDS = ["auto", "image", "video"]
+
+
+# --- the DATASET object ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class MusubiDataset:
+    """What travels on a DATASET socket. Immutable: the caching nodes return a new object."""
+
+    config: DatasetConfig
+    arch: str = ARCH
+    latent: dict | None = None   # Cache Latents: {"vae", "clip"?, "task", "i2v", "control", "dtype"}
+    text: dict | None = None     # Cache Text Embeddings: {"text_encoder", "dtype"}
+    history: tuple = ()          # summaries of the caching steps, oldest first
+
+    @property
+    def datasets(self):
+        return self.config.datasets
+
+    @property
+    def cache_directories(self) -> list[str]:
+        return [ds.cache_directory for ds in self.config.datasets]
+
+    def requirements(self, text_dim: int | None = None) -> CacheRequirements:
+        """What a model needs from this dataset's caches (for `check_cache_for_model`); `text_dim` None = not checked."""
+        lat, txt = self.latent or {}, self.text or {}
+        return wan_cache_requirements(text_dim=text_dim, i2v=bool(lat.get("i2v")), clip="clip" in lat,
+                                      control=bool(lat.get("control")), vae_identity=lat.get("vae"),
+                                      clip_identity=lat.get("clip"), text_identity=txt.get("text_encoder"))
+
+    def cached_datasets(self, text_dim: int | None = None):
+        """The validated caches (engine `CachedDataset` list); raises naming what is missing or out of date."""
+        if self.latent is None:
+            raise invalid("dataset", "no latent cache", "a dataset that went through Musubi Cache Latents")
+        if self.text is None:
+            raise invalid("dataset", "no text-encoder cache", "a dataset that went through Musubi Cache Text Embeddings")
+        return check_cache_for_model(self.config, self.requirements(text_dim))
+
+    def batch_loader(self, seed: int = 0, shuffle: bool = True, text_dim: int | None = None) -> CachedBatchLoader:
+        return CachedBatchLoader(self.cached_datasets(text_dim), seed=seed, shuffle=shuffle)
+
+    def with_cache(self, **changes) -> "MusubiDataset":
+        return dataclasses.replace(self, **changes)
+
+
+def _dataset(value, field: str = "dataset") -> MusubiDataset:
+    if not (hasattr(value, "config") and hasattr(value, "with_cache")):
+        raise invalid(field, type(value).__name__, "a DATASET from a Musubi dataset node")
+    return value
+
+
+# --- helpers ---------------------------------------------------------------------------------------------------------
+def _cache_root() -> Path:
+    return Path(compat.output_directory()) / "musubi_cache"
+
+
+def _short_hash(text: str | bytes) -> str:
+    return hashlib.sha1(text if isinstance(text, bytes) else text.encode("utf-8")).hexdigest()[:10]
+
+
+@contextlib.contextmanager
+def _collect_warnings(into: list[str]):
+    """Record engine DatasetWarnings (skipped items...) to show them on the node, and log them."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        msg = str(w.message)
+        into.append(msg)
+        log.warning("%s", msg)
+
+
+def _list_all(config: DatasetConfig) -> tuple[list[list], list[str]]:
+    """Items of every dataset (validates sources and captions early) and the warnings raised while listing."""
+    notes: list[str] = []
+    with _collect_warnings(notes):
+        items = [list_items(ds) for ds in config.datasets]
+    return items, notes
+
+
+def _fingerprint(config: DatasetConfig, extra: str = "") -> str:
+    """Names + sizes + mtimes of the media, and caption hashes, of every item (what IS_CHANGED compares)."""
+    h = hashlib.sha1(extra.encode("utf-8"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for ds in config.datasets:
+            for it in list_items(ds):
+                h.update(json.dumps([it.key, str(it.path), it.fingerprint(), it.caption_hash()]).encode())
+    return h.hexdigest()
+
+
+def _source_summary(dataset: MusubiDataset, items: list[list], notes: list[str]) -> str:
+    lines = []
+    for ds, its in zip(dataset.datasets, items):
+        lines.append(f"dataset #{ds.index}: {len(its)} {ds.kind} item(s) from {ds.source or 'the graph'}, "
+                     f"resolution {ds.resolution[0]}x{ds.resolution[1]}, batch {ds.batch_size}, repeats "
+                     f"{ds.num_repeats}, bucketing {'on' if ds.enable_bucket else 'off'}; cache {ds.cache_directory}")
+    lines += [f"warning: {n}" for n in notes]
+    return "\n".join(lines)
+
+
+def _parse_int_list(text: str, field: str) -> list[int]:
+    try:
+        values = [int(s) for s in str(text).replace(" ", "").replace(";", ",").split(",") if s]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values):
+        raise invalid(field, text, "comma-separated frame counts >= 1, e.g. '1,17,33' (4k+1)")
+    return values
+
+
+def _resolution(width: int, height: int) -> tuple[int, int]:
+    if width % 16 or height % 16 or width < 16 or height < 16:
+        raise invalid("width/height", (width, height), "multiples of 16 (at least 16)")
+    return (int(width), int(height))
+
+
+# --- source nodes ----------------------------------------------------------------------------------------------------
+class MusubiDatasetFromTOML:
+    DESCRIPTION = ("A dataset from a Musubi Tuner dataset config (.toml, or .json): [general] and [[datasets]] with "
+                   "image/video directories or JSONL files, captions, buckets, target frames, cache_directory. "
+                   "Relative paths inside are resolved against the TOML's folder; caches go to each dataset's "
+                   "cache_directory (default: its media folder). Editing media or captions re-runs the graph.")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = (T.DATASET,)
+    RETURN_NAMES = ("dataset",)
+    OUTPUT_TOOLTIPS = ("The dataset (config + cache state), not cached yet: connect Musubi Cache Latents.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "toml_path": ("STRING", {"default": "", "tooltip": "Full path of a Musubi Tuner dataset .toml (or .json) file."}),
+        }}
+
+    @classmethod
+    def IS_CHANGED(cls, toml_path="", **_):
+        try:
+            path = Path(str(toml_path).strip()).expanduser()
+            return _fingerprint(load_dataset_config(path), path.read_text(encoding="utf-8"))
+        except Exception:  # let the node run and raise its named error
+            return float("nan")
+
+    def load(self, toml_path):
+        path = str(toml_path).strip()
+        if not path:
+            raise invalid("toml_path", toml_path, "the full path of a Musubi Tuner dataset .toml file")
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise invalid("toml_path", path, "an existing dataset config file (.toml or .json)")
+        if p.suffix.lower() not in (".toml", ".json"):
+            raise invalid("toml_path", path, "a .toml or .json dataset config")
+        dataset = MusubiDataset(load_dataset_config(p))
+        items, notes = _list_all(dataset.config)
+        return {"ui": {"text": [_source_summary(dataset, items, notes)]}, "result": (dataset,)}
+
+
+class MusubiDatasetFromFolder:
+    DESCRIPTION = ("A dataset from one folder of images or videos with a caption file next to each (the same "
+                   "options as a Musubi Tuner [[datasets]] entry). Video folders may also hold folders of frames. "
+                   "Empty cache_directory: <ComfyUI output>/musubi_cache/<folder name>-<path hash>. Editing media or "
+                   "captions re-runs the graph.")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = (T.DATASET,)
+    RETURN_NAMES = ("dataset",)
+    OUTPUT_TOOLTIPS = ("The dataset (config + cache state), not cached yet: connect Musubi Cache Latents.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "folder": ("STRING", {"default": "", "tooltip": "Full path of the folder with the images or videos and their captions."}),
+            "kind": (KINDS, {"default": "auto", "tooltip": "auto: video if the folder holds any video file, else image."}),
+            "caption_extension": ("STRING", {"default": ".txt", "tooltip": "Extension of the caption files (image.png -> image.txt)."}),
+            "width": ("INT", {"default": 960, "min": 16, "max": 4096, "step": 16,
+                      "tooltip": "Training resolution width (the bucket area is width x height)."}),
+            "height": ("INT", {"default": 544, "min": 16, "max": 4096, "step": 16, "tooltip": "Training resolution height."}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 256, "tooltip": "Samples per training batch."}),
+            "num_repeats": ("INT", {"default": 1, "min": 1, "max": 10000, "tooltip": "How many times each item is seen per epoch."}),
+            "enable_bucket": ("BOOLEAN", {"default": True,
+                              "tooltip": "Aspect-ratio buckets of about width x height (else everything is cropped to width x height)."}),
+            "bucket_no_upscale": ("BOOLEAN", {"default": False,
+                                  "tooltip": "Media smaller than the bucket area keep their own size (no upscaling)."}),
+            "target_frames": ("STRING", {"default": "1,25,45",
+                              "tooltip": "Video clip lengths in frames, comma-separated (4k+1, e.g. 1,17,33). Ignored for images."}),
+            "frame_extraction": (list(FRAME_EXTRACTION_MODES), {"default": "head",
+                                 "tooltip": "How clips are cut from each video: head, chunk, slide (frame_stride), "
+                                            "uniform (frame_sample clips), full (whole video up to max_frames)."}),
+            "frame_stride": ("INT", {"default": 1, "min": 1, "max": 10000, "tooltip": "slide: frames between clip starts."}),
+            "frame_sample": ("INT", {"default": 1, "min": 1, "max": 10000, "tooltip": "uniform: clips per video."}),
+            "max_frames": ("INT", {"default": 129, "min": 1, "max": 10000, "tooltip": "full: longest clip in frames."}),
+            "source_fps": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1000.0, "step": 0.001,
+                           "tooltip": "Frame rate of the videos; frames are dropped to Wan's 16 fps. 0 = use every frame."}),
+            "cache_directory": ("STRING", {"default": "",
+                                "tooltip": "Where the latent/text caches go. Empty: <ComfyUI output>/musubi_cache/<folder name>-<path hash>."}),
+        }}
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        try:
+            return _fingerprint(cls._config(**kwargs), json.dumps(kwargs, sort_keys=True, default=str))
+        except Exception:
+            return float("nan")
+
+    @staticmethod
+    def _config(folder, kind, caption_extension, width, height, batch_size, num_repeats, enable_bucket,
+                bucket_no_upscale, target_frames, frame_extraction, frame_stride, frame_sample, max_frames,
+                source_fps, cache_directory, **_) -> DatasetConfig:
+        folder_s = str(folder).strip()
+        if not folder_s or not Path(folder_s).expanduser().is_dir():
+            raise invalid("folder", folder, "an existing folder with images or videos and their caption files")
+        root = Path(folder_s).expanduser().resolve()
+        ext = str(caption_extension).strip() or ".txt"
+        if not ext.startswith("."):
+            raise invalid("caption_extension", caption_extension, "an extension starting with '.', e.g. '.txt'")
+        cache = str(cache_directory).strip() or str(_cache_root() / f"{root.name}-{_short_hash(str(root))}")
+        common = dict(caption_extension=ext, resolution=_resolution(width, height), batch_size=batch_size,
+                      num_repeats=num_repeats, enable_bucket=enable_bucket, bucket_no_upscale=bucket_no_upscale,
+                      cache_directory=cache)
+        config = dataset_from_folder(root, kind=kind, **common)
+        if config.datasets[0].kind == "video":
+            video = dict(target_frames=_parse_int_list(target_frames, "target_frames"),
+                         frame_extraction=frame_extraction, frame_stride=frame_stride, frame_sample=frame_sample,
+                         max_frames=max_frames)
+            if source_fps:
+                video["source_fps"] = float(source_fps)
+            config = dataset_from_folder(root, kind="video", **common, **video)
+        return config
+
+    def load(self, **kwargs):
+        dataset = MusubiDataset(self._config(**kwargs))
+        Path(dataset.config.datasets[0].cache_directory).mkdir(parents=True, exist_ok=True)
+        items, notes = _list_all(dataset.config)
+        return {"ui": {"text": [_source_summary(dataset, items, notes)]}, "result": (dataset,)}
+
+
+class MusubiDatasetFromImages:
+    DESCRIPTION = ("A dataset from an IMAGE batch made in the graph (Load Image, a video loader's frames...): each "
+                   "image is an item, or the whole batch is one video clip ('as_video'). Captions: one line per "
+                   "image, or one line for all. Empty cache_directory: <ComfyUI output>/musubi_cache/images-<hash of "
+                   "the pixels>.")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = (T.DATASET,)
+    RETURN_NAMES = ("dataset",)
+    OUTPUT_TOOLTIPS = ("The dataset (config + cache state), not cached yet: connect Musubi Cache Latents.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "images": ("IMAGE", {"tooltip": "The images (or the frames of one video when 'as_video' is on)."}),
+            "captions": ("STRING", {"multiline": True, "default": "",
+                         "tooltip": "One caption per line, in the order of the images; a single line applies to "
+                                    "every image. With 'as_video' the whole text is the clip's caption."}),
+            "width": ("INT", {"default": 960, "min": 16, "max": 4096, "step": 16,
+                      "tooltip": "Training resolution width (the bucket area is width x height)."}),
+            "height": ("INT", {"default": 544, "min": 16, "max": 4096, "step": 16, "tooltip": "Training resolution height."}),
+            "num_repeats": ("INT", {"default": 1, "min": 1, "max": 10000, "tooltip": "How many times each item is seen per epoch."}),
+            "as_video": ("BOOLEAN", {"default": False,
+                         "tooltip": "Treat the batch as the frames of one video clip (trimmed to 4k+1 frames)."}),
+            "cache_directory": ("STRING", {"default": "",
+                                "tooltip": "Where the latent/text caches go. Empty: <ComfyUI output>/musubi_cache/images-<pixel hash>."}),
+        }, "optional": {
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 256, "tooltip": "Samples per training batch."}),
+        }}
+
+    def load(self, images, captions, width, height, num_repeats, as_video, cache_directory, batch_size=1):
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] not in (3, 4):
+            raise invalid("images", getattr(images, "shape", type(images).__name__), "an IMAGE [batch, height, width, 3]")
+        if images.shape[1] < 16 or images.shape[2] < 16:
+            raise invalid("images", f"{images.shape[2]}x{images.shape[1]} pixels", "images of at least 16x16 pixels")
+        images = compat.unwrap_inference_tensor(images[..., :3]).float().cpu().contiguous()
+        lines = [ln.strip() for ln in str(captions).splitlines() if ln.strip()]  # blank lines are ignored
+        if as_video:
+            if not lines:
+                raise invalid("captions", captions, "a caption for the clip")
+            frames, caps = [images], [" ".join(lines)]
+        else:
+            n = images.shape[0]
+            if len(lines) == 1:
+                lines = lines * n
+            if len(lines) != n:
+                raise invalid("captions", f"{len(lines)} non-empty line(s) for {n} image(s)",
+                              f"{n} lines (one caption per image) or a single line for all")
+            frames, caps = images, lines
+        cache = str(cache_directory).strip()
+        if not cache:
+            digest = hashlib.sha1(images.numpy().tobytes())
+            digest.update(f"{tuple(images.shape)}|{as_video}".encode())
+            cache = str(_cache_root() / f"images-{digest.hexdigest()[:10]}")
+        Path(cache).mkdir(parents=True, exist_ok=True)
+        config = dataset_from_tensors(frames, caps, cache, resolution=_resolution(width, height),
+                                      batch_size=batch_size, num_repeats=num_repeats)
+        dataset = MusubiDataset(config)
+        items, notes = _list_all(config)
+        return {"ui": {"text": [_source_summary(dataset, items, notes)]}, "result": (dataset,)}
+
+
+# --- caching nodes ---------------------------------------------------------------------------------------------------
+def _progress(unique_id, what: str):
+    bar = compat.Progress(1, unique_id)
+    bar.update(0)  # a cancel pressed before the node started stops here
+
+    def progress(done: int, total: int):
+        bar.total = max(int(total), 1)
+        bar.update(done, text=f"{what} {done}/{total}")
+    return progress
+
+
+def _cache_summary(what: str, encoded: list, items: int, removed: list, dataset: MusubiDataset, extra: str = "") -> str:
+    text = (f"{what}: {len(encoded)} encoded, {items - len(set(encoded))} reused, {len(removed)} removed "
+            f"({items} item(s){extra}) in {', '.join(dataset.cache_directories)}")
+    if encoded:
+        text += "\nencoded: " + ", ".join(encoded[:12]) + (" ..." if len(encoded) > 12 else "")
+    if removed:
+        text += "\nremoved: " + ", ".join(removed[:12]) + (" ..." if len(removed) > 12 else "")
+    return text
+
+
+class MusubiCacheLatents:
+    DESCRIPTION = ("Encode every item of the dataset with the Wan VAE (and CLIP vision for I2V) into the cache "
+                   "directory, as Musubi Tuner's wan_cache_latents. Incremental: items whose media, settings and "
+                   "encoders did not change are reused; cancel keeps everything finished and the next run resumes.")
+    CATEGORY = CATEGORY
+    FUNCTION = "cache"
+    RETURN_TYPES = (T.DATASET,)
+    RETURN_NAMES = ("dataset",)
+    OUTPUT_TOOLTIPS = ("The dataset with its latent cache recorded (connect Musubi Cache Text Embeddings next).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "dataset": (T.DATASET, {"tooltip": "The dataset to cache."}),
+            "vae": (T.WAN_VAE, {"tooltip": "The Wan 2.1 VAE (the one the model was trained with)."}),
+            "task": (TASKS, {"default": "t2v",
+                     "tooltip": "t2v: latents only; i2v: + first-frame conditioning and CLIP features (needs "
+                                "clip_vision); fun-control: + control-video latents (needs control files)."}),
+            "keep_cache": ("BOOLEAN", {"default": False,
+                           "tooltip": "Keep cache files of items no longer in the dataset (off: they are deleted)."}),
+            "workers": ("INT", {"default": 2, "min": 0, "max": 32,
+                        "tooltip": "Threads decoding media ahead of the VAE (0 = decode in the main thread)."}),
+        }, "optional": {
+            "clip_vision": (T.CLIP_VISION, {"tooltip": "CLIP ViT-H/14 for Wan 2.1 I2V (required for task i2v)."}),
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    def cache(self, dataset, vae, task, keep_cache, workers, clip_vision=None, unique_id=None):
+        dataset = _dataset(dataset)
+        if task not in TASKS:
+            raise invalid("task", task, f"one of {TASKS}")
+        if task == "i2v" and clip_vision is None:
+            raise invalid("clip_vision", None, "a CLIP vision encoder for task i2v (Wan 2.1 I2V uses CLIP features)")
+        if task == "t2v" and clip_vision is not None:
+            raise invalid("clip_vision", "connected", "no CLIP vision for task t2v (pick i2v or disconnect it)")
+        adapter = WanCacheAdapter(vae=vae, clip=clip_vision, i2v=task == "i2v", control=task == "fun-control")
+        progress = _progress(unique_id, "latents")
+        with on_compute_device(vae), (on_compute_device(clip_vision) if clip_vision is not None
+                                      else contextlib.nullcontext()):
+            report = build_cache(dataset.config, adapter, keep_cache=keep_cache, num_workers=workers,
+                                 progress=progress)
+        latent = {**adapter.latent_description(), "task": task}
+        summary = _cache_summary("latents", report.latents_encoded, report.items, report.removed_files, dataset,
+                                 f", {report.clips_written} clip(s) written")
+        out = dataset.with_cache(latent=latent, history=dataset.history + (summary,))
+        return {"ui": {"text": [summary]}, "result": (out,)}
+
+
+class MusubiCacheTextEmbeddings:
+    DESCRIPTION = ("Encode every caption of the dataset with umT5 into the cache directory, as Musubi Tuner's "
+                   "wan_cache_text_encoder_outputs. Only new or edited captions (or another encoder) are encoded; "
+                   "cancel keeps everything finished.")
+    CATEGORY = CATEGORY
+    FUNCTION = "cache"
+    RETURN_TYPES = (T.DATASET,)
+    RETURN_NAMES = ("dataset",)
+    OUTPUT_TOOLTIPS = ("The dataset with its text cache recorded (ready for training once latents are cached too).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "dataset": (T.DATASET, {"tooltip": "The dataset whose captions to encode."}),
+            "text_encoder": (T.TEXT_ENCODER, {"tooltip": "The umT5 text encoder."}),
+            "keep_cache": ("BOOLEAN", {"default": False,
+                           "tooltip": "Keep cache files of items no longer in the dataset (off: they are deleted)."}),
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    def cache(self, dataset, text_encoder, keep_cache, unique_id=None):
+        dataset = _dataset(dataset)
+        adapter = WanCacheAdapter(text_encoder=text_encoder)
+        progress = _progress(unique_id, "captions")
+        with on_compute_device(text_encoder):
+            # One caption per step: every item is a cancel point and results never depend on batch padding.
+            report = build_cache(dataset.config, adapter, keep_cache=keep_cache, text_batch_size=1, progress=progress)
+        summary = _cache_summary("text", report.texts_encoded, report.items, report.removed_files, dataset)
+        out = dataset.with_cache(text=adapter.text_description(), history=dataset.history + (summary,))
+        return {"ui": {"text": [summary]}, "result": (out,)}
+
+
+# --- preview ---------------------------------------------------------------------------------------------------------
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _wrap(text: str, font, width: int, max_lines: int = 3) -> list[str]:
+    words, lines, cur = text.split(), [], ""
+    for w in words:
+        trial = f"{cur} {w}".strip()
+        if font.getlength(trial) <= width or not cur:
+            cur = trial
+        else:
+            lines.append(cur)
+            cur = w
+    if cur:
+        lines.append(cur)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1][: max(0, len(lines[-1]) - 3)] + "..."
+    return lines or ["(empty caption)"]
+
+
+def _render_grid(rows: list[dict], frames_per_clip: int, tile: int) -> np.ndarray:
+    """rows: {"frames": [F,H,W,3] uint8, "label": str, "caption": str} -> one RGB uint8 image."""
+    from PIL import Image, ImageDraw
+
+    font = _font(13)
+    pad, line_h = 6, 16
+    width = pad + frames_per_clip * (tile + pad)
+    blocks = []
+    for row in rows:
+        caption = _wrap(row["caption"], font, width - 2 * pad)
+        h = pad + tile + pad + line_h * (1 + len(caption)) + pad
+        im = Image.new("RGB", (width, h), (32, 32, 36))
+        draw = ImageDraw.Draw(im)
+        frames = row["frames"]
+        picks = np.unique(np.linspace(0, len(frames) - 1, min(frames_per_clip, len(frames))).round().astype(int))
+        for j, fi in enumerate(picks):
+            f = Image.fromarray(frames[fi])
+            f.thumbnail((tile, tile))
+            im.paste(f, (pad + j * (tile + pad) + (tile - f.width) // 2, pad + (tile - f.height) // 2))
+        y = pad + tile + pad
+        draw.text((pad, y), row["label"], fill=(255, 210, 90), font=font)
+        for k, ln in enumerate(caption):
+            draw.text((pad, y + line_h * (k + 1)), ln, fill=(235, 235, 235), font=font)
+        blocks.append(im)
+    if not blocks:
+        im = Image.new("RGB", (width, tile), (32, 32, 36))
+        ImageDraw.Draw(im).text((pad, pad), "no clips (videos shorter than target_frames?)", fill=(255, 120, 120),
+                                font=font)
+        blocks.append(im)
+    out = Image.new("RGB", (width, sum(b.height for b in blocks)), (20, 20, 24))
+    y = 0
+    for b in blocks:
+        out.paste(b, (0, y))
+        y += b.height
+    return np.asarray(out)
+
+
+class MusubiDatasetPreview:
+    DESCRIPTION = ("Show what training will see, like Musubi Tuner's debug mode: the first items bucketed and "
+                   "cropped, a few frames of each clip with its bucket and caption, and a summary (items and clips "
+                   "per bucket, frame counts, skipped items, missing captions, cache state).")
+    CATEGORY = CATEGORY
+    FUNCTION = "preview"
+    RETURN_TYPES = ("IMAGE", "STRING")
+    RETURN_NAMES = ("grid", "summary")
+    OUTPUT_TOOLTIPS = ("One image: a row per clip (frames in their bucket) with key, bucket and caption drawn.",
+                       "Text summary of the dataset and its caches.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "dataset": (T.DATASET, {"tooltip": "The dataset to inspect (before or after caching)."}),
+            "max_items": ("INT", {"default": 8, "min": 1, "max": 256,
+                          "tooltip": "Items decoded per dataset (their clips are drawn and counted per bucket)."}),
+            "frames_per_clip": ("INT", {"default": 4, "min": 1, "max": 16, "tooltip": "Frames shown per clip (evenly spaced)."}),
+            "tile_size": ("INT", {"default": 160, "min": 32, "max": 1024, "step": 16,
+                          "tooltip": "Longest side of each frame in the grid, in pixels."}),
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    def preview(self, dataset, max_items, frames_per_clip, tile_size, unique_id=None):
+        dataset = _dataset(dataset)
+        items, notes = _list_all(dataset.config)
+        todo = [(ds, it) for ds, its in zip(dataset.datasets, items) for it in its[:max_items]]
+        bar = compat.Progress(len(todo), unique_id)
+        bar.update(0)
+        rows, buckets, lines = [], {}, []
+        with _collect_warnings(notes):
+            for n, (ds, it) in enumerate(todo):
+                for pc in prepare_item(it, ds, WanCacheAdapter.target_fps, ARCH):
+                    key = (ds.index, pc.bucket[0], pc.bucket[1], pc.frames)
+                    buckets[key] = buckets.get(key, 0) + 1
+                    rows.append({"frames": pc.clip.frames, "caption": it.caption,
+                                 "label": f"#{ds.index} {it.key}  {pc.bucket[0]}x{pc.bucket[1]}  {pc.frames} frame(s)"
+                                          + (f" from {pc.start}" if it.kind == "video" else "")})
+                bar.update(n + 1)
+        for ds, its in zip(dataset.datasets, items):
+            analysed = min(len(its), max_items)
+            lines.append(f"dataset #{ds.index} ({ds.kind}, {ds.source or 'in-graph images'}): {len(its)} item(s), "
+                         f"resolution {ds.resolution[0]}x{ds.resolution[1]}, bucketing "
+                         f"{'on' if ds.enable_bucket else 'off'}{', no upscale' if ds.bucket_no_upscale else ''}, "
+                         f"batch {ds.batch_size}, repeats {ds.num_repeats}")
+            if ds.kind == "video":
+                lines.append(f"  frames: target {ds.target_frames}, extraction {ds.frame_extraction}, "
+                             f"max {ds.max_frames}, source fps {ds.source_fps or 'as is'}")
+            per = {k[1:]: v for k, v in buckets.items() if k[0] == ds.index}
+            clips = sum(per.values())
+            lines.append(f"  buckets ({clips} clip(s) from {analysed} analysed item(s)"
+                         f"{'' if analysed == len(its) else f'; raise max_items to analyse all {len(its)}'}): "
+                         + (", ".join(f"{w}x{h}x{t}f: {c}" for (w, h, t), c in sorted(per.items())) or "none"))
+            empty = [it.key for it in its if not it.caption.strip()]
+            lines.append(f"  empty captions: {len(empty)}" + (f" ({', '.join(empty[:6])})" if empty else ""))
+            lines.append("  " + _cache_state(ds, its))
+        missing = [n for n in notes if "no caption file" in n]
+        lines.append(f"missing caption files (items skipped): {len(missing)}")
+        lines += [f"warning: {n}" for n in notes]
+        lines.append(f"cached for training: latents {'yes' if dataset.latent else 'no'}"
+                     f" ({(dataset.latent or {}).get('task', '-')}), text {'yes' if dataset.text else 'no'}")
+        summary = "\n".join(lines)
+        grid = _render_grid(rows[: max(1, max_items) * max(1, len(dataset.datasets))], frames_per_clip, tile_size)
+        image = torch.from_numpy(grid.astype(np.float32) / 255.0)[None]
+        return {"ui": {"text": [summary]}, "result": (image, summary)}
+
+
+def _cache_state(ds, items) -> str:
+    m = read_manifest(Path(ds.cache_directory), ARCH) if Path(ds.cache_directory).is_dir() else None
+    if m is None:
+        return f"cache {ds.cache_directory}: none yet"
+    entries = m.get("items", {})
+    lat = sum(1 for it in items if "latents" in entries.get(it.key, {}))
+    txt = sum(1 for it in items if "text" in entries.get(it.key, {}))
+    return f"cache {ds.cache_directory}: latents for {lat}/{len(items)} item(s), text for {txt}/{len(items)}"
+
+
+NODE_CLASS_MAPPINGS = {
+    "MusubiDatasetFromTOML": MusubiDatasetFromTOML,
+    "MusubiDatasetFromFolder": MusubiDatasetFromFolder,
+    "MusubiDatasetFromImages": MusubiDatasetFromImages,
+    "MusubiCacheLatents": MusubiCacheLatents,
+    "MusubiCacheTextEmbeddings": MusubiCacheTextEmbeddings,
+    "MusubiDatasetPreview": MusubiDatasetPreview,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "MusubiDatasetFromTOML": "Musubi Dataset from TOML",
+    "MusubiDatasetFromFolder": "Musubi Dataset from Folder",
+    "MusubiDatasetFromImages": "Musubi Dataset from Images",
+    "MusubiCacheLatents": "Musubi Cache Latents",
+    "MusubiCacheTextEmbeddings": "Musubi Cache Text Embeddings",
+    "MusubiDatasetPreview": "Musubi Dataset Preview",
+}

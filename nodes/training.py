@@ -1,0 +1,930 @@
+"""LoRA training nodes: LoRA Config, Optimizer Config, Init Training, Train Steps, Validate, Save Trained LoRA, Resume
+Training, and the all-in-one Train LoRA.
+
+The session is trained on a *LoRA view* of the loaded DiT (see nodes/lora.py): new module objects that share every
+weight with the loader's model, carrying the training adapter's hooks. The loader's model therefore never gets an
+adapter (graphs without training stay clean), the view is what the Sampler receives to generate with the LoRA still
+in memory, and replacing a session drops its view: adapters can never stack.
+
+Sessions live in the pack's `SESSIONS` registry, keyed by (node kind, node id, model, dataset content, configs):
+ComfyUI may evict node outputs and re-run Init Training; the same inputs then return the session already in memory
+(training continues) and changed inputs replace this node's previous session. Train Steps nodes remember, per
+(node, steps, upstream session handle), the step they must reach: a re-execution caused by eviction trains nothing
+more, and re-queueing after a cancel continues to the same target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from . import comfy_compat as compat
+from . import types as T
+from .placement import current_device, module_bytes
+from .registry import SESSIONS
+from ..engine.errors import invalid
+
+CATEGORY = "Musubi/training"
+LOSS_MAP = "LOSS_MAP"  # core ComfyUI type: {"loss": [floats]}
+NETWORK_KINDS = ["lora", "loha", "lokr"]
+OPTIMIZERS = ["AdamW", "AdamW8bit", "Adafactor", "Prodigy", "custom"]
+MIXED_PRECISION = ["bf16", "fp16", "no"]
+SAVE_FORMATS = ["comfyui", "musubi", "diffusers"]
+SAVE_DTYPES = ["fp32", "bf16", "fp16"]
+TRAIN_ATTENTION = ["model", "sdpa", "flash", "xformers", "sdpa_split"]  # sage has no backward pass
+_SERIAL = itertools.count(1)
+
+
+def _schedulers() -> list[str]:
+    from ..engine.training import SCHEDULERS
+
+    return list(SCHEDULERS)
+
+
+def _sampling_modes() -> list[str]:
+    from ..engine.training.timesteps import SAMPLING_MODES
+
+    return list(SAMPLING_MODES)
+
+
+def _weighting_schemes() -> list[str]:
+    from ..engine.training.timesteps import WEIGHTING_SCHEMES
+
+    return list(WEIGHTING_SCHEMES)
+
+
+# --- small parsers ---------------------------------------------------------------------------------------------------
+def split_kwargs(text: str) -> list[str]:
+    """'weight_decay=0.01 betas=(0.9, 0.99)' -> ['weight_decay=0.01', 'betas=(0.9, 0.99)'].
+
+    Entries are separated by spaces, commas, semicolons or new lines outside brackets and quotes; spaces around '='
+    are allowed."""
+    tokens, cur, depth, quote = [], "", 0, None
+    for ch in text or "":
+        if quote:
+            cur += ch
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+            cur += ch
+        elif ch in "([{":
+            depth += 1
+            cur += ch
+        elif ch in ")]}":
+            depth -= 1
+            cur += ch
+        elif depth == 0 and (ch.isspace() or ch in ",;"):
+            if cur:
+                tokens.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if cur:
+        tokens.append(cur)
+    merged: list[str] = []
+    for tok in tokens:
+        if merged and (tok.startswith("=") or merged[-1].endswith("=")):
+            merged[-1] += tok
+        else:
+            merged.append(tok)
+    return merged
+
+
+def _kwargs(text: str, name: str) -> dict:
+    from ..engine.training import parse_kwargs
+
+    return parse_kwargs(split_kwargs(text), name)
+
+
+def _lines(text: str) -> list[str]:
+    return [line.strip() for line in (text or "").splitlines() if line.strip()]
+
+
+def _steps_value(text, name: str):
+    """'0' / '100' -> int, '0.1' -> float fraction, '10%' stays a string (the engine resolves all three)."""
+    s = str(text).strip()
+    if not s:
+        return 0
+    if s.endswith("%"):
+        return s
+    try:
+        v = float(s)
+    except ValueError:
+        raise invalid(name, text, 'a step count, a fraction < 1 of the total steps, or "N%"') from None
+    return int(v) if v.is_integer() else v
+
+
+def _regexes(text: str, name: str) -> list[str]:
+    out = _lines(text)
+    for r in out:
+        try:
+            re.compile(r)
+        except re.error as e:
+            raise invalid(name, r, f"a valid regular expression ({e})") from None
+    return out
+
+
+def _plain_key(obj) -> str:
+    from ..engine.training.config import to_plain
+
+    return json.dumps(to_plain(obj), sort_keys=True, default=str)
+
+
+def resolve_output_dir(text: str) -> str:
+    """Empty: <ComfyUI output>/musubi_training; relative: inside ComfyUI's output folder; absolute: as given."""
+    text = (text or "").strip()
+    base = Path(compat.output_directory())
+    if not text:
+        return str(base / "musubi_training")
+    p = Path(os.path.expanduser(text))
+    return str(p if p.is_absolute() else base / p)
+
+
+# --- dataset adapter -------------------------------------------------------------------------------------------------
+def dataset_config(dataset):
+    """The engine DatasetConfig inside a DATASET socket value (nodes/data.py), whatever wrapper carries it."""
+    def is_config(obj) -> bool:  # duck-typed: engine.data.DatasetConfig (a list of dataset blueprints)
+        return isinstance(getattr(obj, "datasets", None), list) and hasattr(obj, "general")
+
+    if is_config(dataset):
+        return dataset
+    for attr in ("config", "dataset_config", "dataset"):
+        value = dataset.get(attr) if isinstance(dataset, dict) else getattr(dataset, attr, None)
+        if is_config(value):
+            return value
+    raise invalid("dataset", type(dataset).__name__, "a DATASET from the Musubi dataset nodes (cached latents and "
+                                                     "text embeddings)")
+
+
+def cache_requirements(model):
+    """What the DiT needs from a cache: T2V latents + text; I2V/FLF2V also image latents and CLIP; Fun-Control
+    control latents."""
+    from ..engine.data import wan_cache_requirements
+
+    cfg = model.config
+    extra = int(getattr(cfg, "in_dim", 16)) - int(getattr(cfg, "out_dim", 16))
+    i2v = extra == 20
+    control = extra == 32
+    clip = i2v and getattr(cfg, "model_type", "t2v") in ("i2v", "flf2v")
+    return wan_cache_requirements(text_dim=cfg.text_dim, i2v=i2v, clip=clip, control=control)
+
+
+def dataset_loader(dataset, model, seed: int):
+    """(CachedBatchLoader, content identity) for a cached DATASET; refuses a dataset not cached for this model."""
+    from ..engine.data import CachedBatchLoader, check_cache_for_model, manifest_path
+
+    config = dataset_config(dataset)
+    cached = check_cache_for_model(config, cache_requirements(model))
+    h = hashlib.sha1()
+    for ds, c in zip(config.datasets, cached):
+        h.update(str(c.cache_dir).encode())
+        h.update(f"{c.batch_size}/{c.num_repeats}/{len(c.samples)}".encode())
+        m = manifest_path(c.cache_dir, c.arch)
+        if m.is_file():
+            h.update(m.read_bytes())
+    return CachedBatchLoader(cached, seed=seed), h.hexdigest()[:16]
+
+
+# --- the object on the TRAINING_SESSION socket ----------------------------------------------------------------------
+class TrainingRun:
+    """One training session of the pack: the engine session (on a LoRA view of the DiT) + node bookkeeping."""
+
+    def __init__(self, session, key, node_id: str):
+        self.session = session
+        self.key = key
+        self.node_id = node_id
+        self.targets: dict[tuple, int] = {}   # Train Steps token -> the step it must reach
+
+    @property
+    def model(self):
+        return self.session.model
+
+    @property
+    def network(self):
+        return self.session.network
+
+    def activate(self) -> None:
+        """Before training or sampling: this session's adapter attached, model/adapter/optimizer on its device."""
+        from ..engine.training.trainer import check_attention
+
+        s = self.session
+        check_attention(s.model, s.config)
+        if not s.network.is_attached:
+            s.network.attach(s.model)
+        device = s.device
+        if current_device(s.model) != device:
+            compat.make_room(int(module_bytes(s.model) * 1.1) + (256 << 20), device)
+            s.model.to(device)
+        s.network.to(device)
+        _move_optimizer_state(s.optimizer, device)
+
+    def to(self, device) -> "TrainingRun":
+        """Offload (Musubi Unload Models): adapter and optimizer state to `device`; `activate` brings them back."""
+        self.session.network.to(device)
+        _move_optimizer_state(self.session.optimizer, torch.device(device))
+        return self
+
+    def close(self) -> None:
+        self.session.network.detach()
+        self.session.close()
+
+
+def _move_optimizer_state(optimizer, device: torch.device) -> None:
+    for state in optimizer.state.values():
+        for k, v in list(state.items()):
+            if isinstance(v, torch.Tensor) and v.device != device and v.dim() > 0:
+                state[k] = v.to(device)
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionHandle:
+    """TRAINING_SESSION socket value: the run and a token naming the point of the graph it comes from."""
+
+    run: TrainingRun
+    token: tuple
+
+    @property
+    def session(self):
+        return self.run.session
+
+
+def _handle(value, field: str = "session") -> SessionHandle:
+    if not isinstance(value, SessionHandle):
+        raise invalid(field, type(value).__name__, "a TRAINING_SESSION from Musubi Init Training / Resume Training")
+    return value
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise invalid("model", type(model).__name__, "a Wan DiT from Musubi Wan DiT Loader")
+
+
+def _register_view(view, network, node_id: str, name: str) -> None:
+    """Let nodes/lora.py's view machinery see the training adapter (device sync, 'LoRAs on this model')."""
+    from . import lora as lora_nodes
+
+    nets = getattr(lora_nodes, "_NETWORKS", None)
+    stack = getattr(lora_nodes, "_STACK", None)
+    if nets and isinstance(view.__dict__.get(nets), list):
+        view.__dict__[nets].append(network)
+    if stack and isinstance(view.__dict__.get(stack), list):
+        view.__dict__[stack].append({"name": name, "strength": 1.0, "mode": "training", "node": node_id})
+
+
+def make_trainable(model: torch.nn.Module) -> None:
+    """Weights loaded inside ComfyUI's prompt are inference tensors, which autograd refuses to save for backward:
+    replace each by a normal copy, one tensor at a time (peak memory: one tensor), in the module's own parameter and
+    buffer dicts (shared with every LoRA view of the model). Values are unchanged; later runs find nothing to do."""
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for name, t in list(store.items()):
+                if isinstance(t, torch.Tensor) and t.is_inference():
+                    plain = compat.unwrap_inference_tensor(t.detach())
+                    store[name] = (torch.nn.Parameter(plain, requires_grad=False)
+                                   if isinstance(t, torch.nn.Parameter) else plain)
+
+
+def open_run(kind: str, node_id, model, dataset, network, optimizer, config, resume_from=None) -> TrainingRun:
+    """The session of this node for these inputs: the one in memory, or a new one replacing this node's old one.
+
+    Everything a user can get wrong is checked before ComfyUI's models are evicted or a weight moves."""
+    from ..engine.training import TrainingSession
+    from ..engine.training.trainer import check_attention
+    from .lora import make_lora_view
+
+    _check_model(model)
+    node_id = str(node_id)
+    loader, ds_identity = dataset_loader(dataset, model, config.seed)
+    key = (kind, node_id, id(model), ds_identity, _plain_key(network), _plain_key(optimizer), _plain_key(config),
+           str(resume_from) if resume_from else "")
+    existing = SESSIONS.get(key)
+    if existing is not None:
+        return existing
+    config.validate()
+    network.validate()
+    optimizer.validate()
+    check_attention(model, config)
+
+    stale = [k for k in SESSIONS.keys() if isinstance(k, tuple) and k[:2] == (kind, node_id) and k != key]
+    for k in stale:
+        old = SESSIONS.get(k)
+        if old is not None:
+            old.close()
+    if stale:
+        SESSIONS.release(lambda k: k in stale)
+
+    compat.free_all()
+    device = compat.torch_device()
+    if current_device(model) != device:
+        compat.make_room(int(module_bytes(model) * 1.1) + (1 << 30), device)
+        model.to(device)
+    make_trainable(model)
+    view = make_lora_view(model)
+    with compat.training_context():  # adapter and optimizer tensors must be normal (autograd) tensors
+        session = TrainingSession(view, network, optimizer, loader, config, resume_from=resume_from)
+    _register_view(view, session.network, node_id, config.output_name)
+    run = TrainingRun(session, key, node_id)
+    SESSIONS.put(key, run)
+    return run
+
+
+def train_to(run: TrainingRun, target: int, node_id) -> list[float]:
+    """Train `run` until step `target` (capped at max_train_steps) with a per-step progress bar, text status and a
+    loss-curve preview; cancel stops within one step (the engine saves a resumable state and re-raises)."""
+    from PIL import Image
+
+    from ..engine.training import loss_curve_image
+
+    s = run.session
+    todo = min(target, s.total_steps) - s.step
+    if todo <= 0:
+        return []
+    compat.free_all()
+    run.activate()
+    start = s.step
+    bar = compat.Progress(todo, node_id)
+    every = max(1, todo // 10)
+
+    def progress(step, total, info):
+        done = step - start
+        preview = None
+        if done % every == 0 or done >= todo:
+            img = loss_curve_image(s.history.losses, 384, 192)[0]
+            preview = Image.fromarray((img.numpy() * 255).astype("uint8"))
+        bar.update(done, preview=preview, text=info.get("status"))
+
+    with compat.training_context():
+        return s.train_steps(todo, progress)
+
+
+def status_of(run: TrainingRun) -> str:
+    s = run.session
+    if s.last_info is not None:
+        text = s.last_info.status
+    else:
+        last = s.history.losses[-1] if s.history.losses else None
+        text = f"step {s.step}/{s.total_steps}" + (f" | loss {last:.4f}" if last is not None else "")
+    if s.finished:
+        text += " | training finished (max_train_steps reached)"
+    return text
+
+
+def _loss_image(run: TrainingRun) -> torch.Tensor:
+    from ..engine.training import loss_curve_image
+
+    return loss_curve_image(run.session.history.losses)
+
+
+# --- shared input specs ----------------------------------------------------------------------------------------------
+def _timestep_inputs() -> dict:
+    return {
+        "timestep_sampling": (_sampling_modes(), {"default": "shift",
+                              "tooltip": "How training timesteps are drawn (Musubi --timestep_sampling). 'shift' with "
+                                         "discrete_flow_shift 3.0 is the usual Wan choice."}),
+        "discrete_flow_shift": ("FLOAT", {"default": 3.0, "min": 0.01, "max": 100.0, "step": 0.01,
+                                "tooltip": "Shift of the timestep distribution (shift / sigma modes)."}),
+        "sigmoid_scale": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 100.0, "step": 0.01,
+                          "tooltip": "Scale of the logistic draw (sigmoid / shift modes)."}),
+        "weighting_scheme": (_weighting_schemes(), {"default": "none",
+                             "tooltip": "Per-timestep loss weighting (none = plain MSE)."}),
+        "min_timestep": ("INT", {"default": 0, "min": 0, "max": 999,
+                         "tooltip": "Lowest timestep trained (0..999)."}),
+        "max_timestep": ("INT", {"default": 1000, "min": 1, "max": 1000,
+                         "tooltip": "Highest timestep trained (1..1000)."}),
+    }
+
+
+def _training_config(*, seed, max_train_steps, mixed_precision, gradient_checkpointing, gradient_accumulation_steps,
+                     timestep_sampling, discrete_flow_shift, sigmoid_scale, weighting_scheme, min_timestep,
+                     max_timestep, save_every_n_steps, keep_last_n_saves, output_dir, output_name, save_state,
+                     attention_backend, save_format="comfyui"):
+    from ..engine.training import TimestepConfig, TrainingConfig
+
+    ts = TimestepConfig(timestep_sampling=timestep_sampling, sigmoid_scale=float(sigmoid_scale),
+                        discrete_flow_shift=float(discrete_flow_shift), weighting_scheme=weighting_scheme,
+                        min_timestep=int(min_timestep) or None,
+                        max_timestep=None if int(max_timestep) == 1000 else int(max_timestep))
+    return TrainingConfig(
+        output_dir=resolve_output_dir(output_dir), output_name=(output_name or "").strip(),
+        max_train_steps=int(max_train_steps), gradient_accumulation_steps=int(gradient_accumulation_steps),
+        mixed_precision=mixed_precision, gradient_checkpointing=bool(gradient_checkpointing),
+        attention_backend=None if attention_backend in ("model", "", None) else attention_backend,
+        seed=int(seed), timesteps=ts, save_every_n_steps=int(save_every_n_steps) or None,
+        keep_last_n_saves=int(keep_last_n_saves) or None, save_state=bool(save_state),
+        keep_last_n_states=int(keep_last_n_saves) or None, save_format=save_format)
+
+
+# --- nodes -----------------------------------------------------------------------------------------------------------
+class MusubiLoRAConfig:
+    DESCRIPTION = ("The adapter to train: LoRA, LoHa or LoKr with rank, alpha, dropouts and which layers to adapt "
+                   "(Musubi Tuner's --network_* options; defaults target Wan's attention and FFN Linear layers).")
+    CATEGORY = CATEGORY
+    FUNCTION = "build"
+    RETURN_TYPES = (T.LORA_CONFIG,)
+    RETURN_NAMES = ("lora_config",)
+    OUTPUT_TOOLTIPS = ("The network configuration for Musubi Init Training / Train LoRA.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "network_kind": (NETWORK_KINDS, {"default": "lora",
+                             "tooltip": "lora: low-rank pair; loha: Hadamard product (LyCORIS); lokr: Kronecker "
+                                        "product (LyCORIS)."}),
+            "rank": ("INT", {"default": 16, "min": 0, "max": 1024,
+                     "tooltip": "Network dimension (network_dim), an integer ≥ 1. Higher = more capacity and size."}),
+            "alpha": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1024.0, "step": 0.5,
+                      "tooltip": "network_alpha: the adapter is scaled by alpha/rank. 0 = alpha equals rank."}),
+            "dropout": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.99, "step": 0.01,
+                        "tooltip": "Neuron dropout on the rank activations during training (0 = off)."}),
+            "rank_dropout": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.99, "step": 0.01,
+                             "tooltip": "Randomly drop ranks during training (0 = off)."}),
+            "module_dropout": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.99, "step": 0.01,
+                               "tooltip": "Skip whole adapted layers with this probability during training (0 = off)."}),
+        }, "optional": {
+            "include_patterns": ("STRING", {"default": "", "multiline": True,
+                                 "tooltip": "Regexes (one per line) re-admitting layers the default exclusion drops."}),
+            "exclude_patterns": ("STRING", {"default": "", "multiline": True,
+                                 "tooltip": "Regexes (one per line) of module names not to adapt, e.g. 'cross_attn'."}),
+            "lokr_factor": ("INT", {"default": -1, "min": -1, "max": 1024,
+                            "tooltip": "LoKr Kronecker factor (-1 = balanced). Ignored by lora/loha."}),
+            "network_weights": ("STRING", {"default": "",
+                                "tooltip": "Optional LoRA file (full path) to start from instead of a fresh adapter; "
+                                           "same kind and rank."}),
+        }}
+
+    def build(self, network_kind, rank, alpha, dropout, rank_dropout, module_dropout, include_patterns="",
+              exclude_patterns="", lokr_factor=-1, network_weights=""):
+        from ..engine.training import NetworkConfig
+
+        if network_kind not in NETWORK_KINDS:
+            raise invalid("network_kind", network_kind, f"one of {NETWORK_KINDS}")
+        cfg = NetworkConfig(kind=network_kind, rank=int(rank), alpha=float(alpha) or None,
+                            dropout=float(dropout) or None, rank_dropout=float(rank_dropout) or None,
+                            module_dropout=float(module_dropout) or None, lokr_factor=int(lokr_factor),
+                            include=_regexes(include_patterns, "include_patterns"),
+                            exclude=_regexes(exclude_patterns, "exclude_patterns"),
+                            network_weights=(network_weights or "").strip() or None)
+        cfg.validate()
+        cfg.adapter_config().validate()
+        return (cfg,)
+
+
+class MusubiOptimizerConfig:
+    DESCRIPTION = ("Optimizer and learning-rate schedule for training (Musubi Tuner's --optimizer_type, "
+                   "--optimizer_args, --lr_scheduler...). 'custom' takes any optimizer class by import path.")
+    CATEGORY = CATEGORY
+    FUNCTION = "build"
+    RETURN_TYPES = (T.OPTIMIZER_CONFIG,)
+    RETURN_NAMES = ("optimizer_config",)
+    OUTPUT_TOOLTIPS = ("The optimizer configuration for Musubi Init Training.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "optimizer_type": (OPTIMIZERS, {"default": "AdamW",
+                               "tooltip": "AdamW (torch), AdamW8bit (bitsandbytes), Adafactor (transformers), "
+                                          "Prodigy (prodigyopt), or custom: the class in custom_optimizer."}),
+            "learning_rate": ("FLOAT", {"default": 2e-4, "min": 0.0, "max": 10.0, "step": 1e-6, "round": False,
+                              "tooltip": "Base learning rate (> 0). Typical Wan LoRA: 1e-4 to 3e-4; Prodigy: 1.0."}),
+            "max_grad_norm": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1000.0, "step": 0.1,
+                              "tooltip": "Clip the gradient norm to this value (0 = no clipping)."}),
+            "lr_scheduler": (_schedulers(), {"default": "constant",
+                             "tooltip": "Learning-rate schedule over max_train_steps (Init Training)."}),
+            "lr_warmup_steps": ("STRING", {"default": "0",
+                                "tooltip": "Warm-up: a step count, a fraction < 1 of the total steps, or 'N%'."}),
+        }, "optional": {
+            "optimizer_args": ("STRING", {"default": "", "multiline": True,
+                               "tooltip": "Extra optimizer arguments as k=v, e.g. 'weight_decay=0.01 "
+                                          "betas=(0.9,0.99)'."}),
+            "custom_optimizer": ("STRING", {"default": "",
+                                 "tooltip": "With optimizer_type 'custom': a class by import path, e.g. "
+                                            "torch.optim.SGD or bitsandbytes.optim.AdEMAMix8bit."}),
+            "lr_scheduler_args": ("STRING", {"default": "", "multiline": True,
+                                  "tooltip": "Extra scheduler arguments as k=v (for a scheduler given by import path)."}),
+            "lr_scheduler_num_cycles": ("INT", {"default": 1, "min": 1, "max": 1000,
+                                        "tooltip": "Restarts of cosine_with_restarts."}),
+            "lr_scheduler_power": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.1,
+                                   "tooltip": "Power of the polynomial schedule."}),
+            "lr_scheduler_min_lr_ratio": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                          "tooltip": "Floor of cosine_with_min_lr / warmup_stable_decay, as a "
+                                                     "fraction of the learning rate."}),
+        }}
+
+    def build(self, optimizer_type, learning_rate, max_grad_norm, lr_scheduler, lr_warmup_steps, optimizer_args="",
+              custom_optimizer="", lr_scheduler_args="", lr_scheduler_num_cycles=1, lr_scheduler_power=1.0,
+              lr_scheduler_min_lr_ratio=0.0):
+        from ..engine.training import OptimizerConfig
+
+        kind = optimizer_type
+        if optimizer_type == "custom":
+            kind = (custom_optimizer or "").strip()
+            if not kind:
+                raise invalid("custom_optimizer", custom_optimizer, "an optimizer class path such as torch.optim.SGD "
+                                                                    "when optimizer_type is 'custom'")
+        cfg = OptimizerConfig(optimizer_type=kind, learning_rate=float(learning_rate),
+                              optimizer_args=_kwargs(optimizer_args, "optimizer_args"),
+                              max_grad_norm=float(max_grad_norm), lr_scheduler=lr_scheduler,
+                              lr_warmup_steps=_steps_value(lr_warmup_steps, "lr_warmup_steps"),
+                              lr_scheduler_num_cycles=int(lr_scheduler_num_cycles),
+                              lr_scheduler_power=float(lr_scheduler_power),
+                              lr_scheduler_min_lr_ratio=float(lr_scheduler_min_lr_ratio) or None,
+                              lr_scheduler_args=_kwargs(lr_scheduler_args, "lr_scheduler_args"))
+        cfg.validate()
+        if kind.lower() not in ("adamw", "adamw8bit", "adafactor", "prodigy"):
+            from ..engine.training.optimizers import import_class
+
+            cls = import_class(kind, "custom_optimizer")
+            if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+                raise invalid("custom_optimizer", kind, "a torch.optim.Optimizer subclass")
+        return (cfg,)
+
+
+class MusubiInitTraining:
+    DESCRIPTION = ("Start a LoRA training session on the loaded Wan DiT with a cached dataset. Everything is checked "
+                   "before any step (rank, learning rate, attention, dataset cached for this model, output folder "
+                   "writable); ComfyUI's models are evicted first. The adapter lives on a view of the model sharing "
+                   "its weights, so the loader's model stays clean. Re-queueing the same graph continues the same "
+                   "session (even if ComfyUI evicted this node's output); changing an input here starts a new "
+                   "session that replaces this node's previous one (never two adapters).")
+    CATEGORY = CATEGORY
+    FUNCTION = "init"
+    RETURN_TYPES = (T.TRAINING_SESSION, T.WAN_DIT)
+    RETURN_NAMES = ("session", "model")
+    OUTPUT_TOOLTIPS = ("The training session (connect Musubi Train Steps, Validate, Save Trained LoRA).",
+                       "The model with the session's adapter attached (what the Sampler should use to generate "
+                       "with the LoRA as trained so far).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": (T.WAN_DIT, {"tooltip": "The Wan DiT to train a LoRA for (from Musubi Wan DiT Loader)."}),
+            "dataset": (T.DATASET, {"tooltip": "A dataset with cached latents and text embeddings for this model."}),
+            "lora_config": (T.LORA_CONFIG, {"tooltip": "The adapter to train (Musubi LoRA Config)."}),
+            "optimizer_config": (T.OPTIMIZER_CONFIG, {"tooltip": "Optimizer and LR schedule (Musubi Optimizer Config)."}),
+            "seed": ("INT", {"default": 42, "min": 0, "max": 2**31 - 1,
+                     "tooltip": "Seed of adapter init, noise, timesteps and data order (same seed = same run)."}),
+            "max_train_steps": ("INT", {"default": 1000, "min": 1, "max": 10_000_000,
+                                "tooltip": "Total optimizer steps of the session: the LR schedule spans them and "
+                                           "training stops there (the final LoRA is saved then)."}),
+            "mixed_precision": (MIXED_PRECISION, {"default": "bf16",
+                                "tooltip": "Autocast precision of the forward pass; adapter weights stay fp32."}),
+            "gradient_checkpointing": ("BOOLEAN", {"default": True,
+                                       "tooltip": "Recompute activations in the backward pass (much less memory)."}),
+            "gradient_accumulation_steps": ("INT", {"default": 1, "min": 1, "max": 1024,
+                                            "tooltip": "Micro-batches per optimizer step."}),
+            **_timestep_inputs(),
+            "save_every_n_steps": ("INT", {"default": 0, "min": 0, "max": 10_000_000,
+                                   "tooltip": "Also save the LoRA every N steps while training (0 = only at the end)."}),
+            "keep_last_n_saves": ("INT", {"default": 0, "min": 0, "max": 10_000,
+                                  "tooltip": "Keep only the newest N periodic saves (0 = keep all)."}),
+            "output_dir": ("STRING", {"default": "",
+                           "tooltip": "Folder for LoRA files and training states. Empty = <ComfyUI "
+                                      "output>/musubi_training; a relative path is inside ComfyUI's output folder."}),
+            "output_name": ("STRING", {"default": "my_wan_lora",
+                            "tooltip": "Base file name (NAME.safetensors, NAME-stepXXXXXXXX.safetensors, "
+                                       "NAME-state/ for resuming)."}),
+            "save_state": ("BOOLEAN", {"default": False,
+                           "tooltip": "Also write a resumable state folder at every periodic save (a state is "
+                                      "always written on cancel, error and at the end)."}),
+            "attention_backend": (TRAIN_ATTENTION, {"default": "model",
+                                  "tooltip": "Attention kernel for training; 'model' keeps the loader's choice. Sage "
+                                             "has no backward pass and is refused."}),
+        }, "optional": {
+            "save_format": (SAVE_FORMATS, {"default": "comfyui",
+                            "tooltip": "Format of the LoRA files written during and at the end of training."}),
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    def init(self, model, dataset, lora_config, optimizer_config, seed, max_train_steps, mixed_precision,
+             gradient_checkpointing, gradient_accumulation_steps, timestep_sampling, discrete_flow_shift,
+             sigmoid_scale, weighting_scheme, min_timestep, max_timestep, save_every_n_steps, keep_last_n_saves,
+             output_dir, output_name, save_state, attention_backend, save_format="comfyui", unique_id=None):
+        config = _training_config(
+            seed=seed, max_train_steps=max_train_steps, mixed_precision=mixed_precision,
+            gradient_checkpointing=gradient_checkpointing, gradient_accumulation_steps=gradient_accumulation_steps,
+            timestep_sampling=timestep_sampling, discrete_flow_shift=discrete_flow_shift, sigmoid_scale=sigmoid_scale,
+            weighting_scheme=weighting_scheme, min_timestep=min_timestep, max_timestep=max_timestep,
+            save_every_n_steps=save_every_n_steps, keep_last_n_saves=keep_last_n_saves, output_dir=output_dir,
+            output_name=output_name, save_state=save_state, attention_backend=attention_backend,
+            save_format=save_format)
+        network, optimizer = _network_config(lora_config), _optimizer_config(optimizer_config)
+        run = open_run("init", unique_id, model, dataset, dataclasses.replace(network),
+                       dataclasses.replace(optimizer), config)
+        return (SessionHandle(run, ("init",) + run.key[1:]), run.model)
+
+
+def _network_config(value):
+    from ..engine.training import NetworkConfig
+
+    if not isinstance(value, NetworkConfig):
+        raise invalid("lora_config", type(value).__name__, "a LORA_CONFIG from Musubi LoRA Config")
+    return value
+
+
+def _optimizer_config(value):
+    from ..engine.training import OptimizerConfig
+
+    if not isinstance(value, OptimizerConfig):
+        raise invalid("optimizer_config", type(value).__name__, "an OPTIMIZER_CONFIG from Musubi Optimizer Config")
+    return value
+
+
+class MusubiTrainSteps:
+    DESCRIPTION = ("Run N more optimizer steps on a training session each time this node executes. ComfyUI executes "
+                   "it again only when its inputs (or anything upstream) change, so re-queueing an unchanged graph "
+                   "trains nothing more; turn on train_on_every_queue for 'N more steps per Queue'. Chain several "
+                   "Train Steps (with Validate / Save between them) to build a schedule. Cancel stops within one "
+                   "step and writes a resumable state; re-queueing continues to this node's target. Shows step, "
+                   "loss, lr, it/s, ETA and memory as progress text, and the loss curve as preview.")
+    CATEGORY = CATEGORY
+    FUNCTION = "train"
+    RETURN_TYPES = (T.TRAINING_SESSION, "IMAGE", LOSS_MAP, "STRING", T.WAN_DIT)
+    RETURN_NAMES = ("session", "loss_curve", "loss_map", "status", "model")
+    OUTPUT_TOOLTIPS = ("The same session, trained further (chain another Train Steps, Validate or Save).",
+                       "Loss curve of the whole session so far (raw and smoothed).",
+                       "Loss per step of the whole session, core LOSS_MAP {'loss': [...]}.",
+                       "Status: step, loss, learning rate, speed, ETA, memory.",
+                       "The model with the adapter as trained so far (connect to Musubi Wan Sampler).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "session": (T.TRAINING_SESSION, {"tooltip": "The training session (Init Training, Resume, or a previous "
+                                                        "Train Steps)."}),
+            "steps": ("INT", {"default": 100, "min": 1, "max": 10_000_000,
+                      "tooltip": "Optimizer steps to run each time this node executes (stops early at "
+                                 "max_train_steps)."}),
+        }, "optional": {
+            "train_on_every_queue": ("BOOLEAN", {"default": False,
+                                     "tooltip": "Execute on every Queue even when nothing changed: each queue then "
+                                                "trains N more steps."}),
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    @classmethod
+    def IS_CHANGED(cls, train_on_every_queue=False, **kwargs):
+        return float("nan") if train_on_every_queue else ""
+
+    def train(self, session, steps, train_on_every_queue=False, unique_id=None):
+        handle = _handle(session)
+        if not isinstance(steps, int) or steps < 1:
+            raise invalid("steps", steps, "an integer ≥ 1")
+        run = handle.run
+        token = (str(unique_id), int(steps), handle.token)
+        if train_on_every_queue:
+            token += (next(_SERIAL),)
+        target = run.targets.get(token)
+        if target is None:
+            target = run.targets[token] = run.session.step + steps
+        train_to(run, target, unique_id)
+        return (SessionHandle(run, token), _loss_image(run), run.session.loss_map(), status_of(run), run.model)
+
+
+class MusubiValidate:
+    DESCRIPTION = ("Sample a prompt with the session's model and adapter as trained so far (the in-memory weights, "
+                   "no file), decode it with the VAE and output the frames. Sampling never changes the training's "
+                   "random stream.")
+    CATEGORY = CATEGORY
+    FUNCTION = "validate"
+    RETURN_TYPES = ("IMAGE", T.TRAINING_SESSION)
+    RETURN_NAMES = ("images", "session")
+    OUTPUT_TOOLTIPS = ("Decoded frames [frames, height, width, 3].",
+                       "The session, unchanged (chain it to order Validate before the next Train Steps).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "session": (T.TRAINING_SESSION, {"tooltip": "The training session to sample with."}),
+            "vae": (T.WAN_VAE, {"tooltip": "The Wan VAE to decode the samples."}),
+            "embeds": (T.EMBEDS, {"tooltip": "Prompt embeddings from Musubi Wan Text Encode."}),
+            "width": ("INT", {"default": 256, "min": 16, "max": 4096, "step": 16, "tooltip": "Width (multiple of 16)."}),
+            "height": ("INT", {"default": 256, "min": 16, "max": 4096, "step": 16,
+                       "tooltip": "Height (multiple of 16)."}),
+            "frames": ("INT", {"default": 1, "min": 1, "max": 1025, "step": 4, "tooltip": "Frames, 4k+1 (1 = image)."}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 1000, "tooltip": "Denoising steps."}),
+            "guidance_scale": ("FLOAT", {"default": 5.0, "min": 1.0, "max": 30.0, "step": 0.1,
+                               "tooltip": "Classifier-free guidance scale."}),
+            "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.1,
+                      "tooltip": "Flow shift; 0 = the task default."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1, "tooltip": "Noise seed."}),
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    def validate(self, session, vae, embeds, width, height, frames, steps, guidance_scale, shift, seed,
+                 unique_id=None):
+        from ..engine.training import ValidationPrompt, run_validation
+        from .generation import MusubiWanVAEDecode
+
+        handle = _handle(session)
+        if width % 16 or height % 16:
+            raise invalid("width/height", (width, height), "multiples of 16")
+        if not isinstance(embeds, dict) or "context" not in embeds:
+            raise invalid("embeds", type(embeds).__name__, "prompt embeddings from Musubi Wan Text Encode")
+        run = handle.run
+        run.activate()
+        prompt = ValidationPrompt(context=embeds["context"], negative_context=embeds.get("negative_context"),
+                                  width=width, height=height, frames=frames, seed=int(seed), steps=steps,
+                                  guidance_scale=guidance_scale, shift=shift or None)
+        bar = compat.Progress(steps, unique_id)
+        (latents,) = run_validation(run.model, [prompt], run.network, None, None,
+                                    lambda step, total, x0: bar.update(step))
+        images, _ = MusubiWanVAEDecode().decode(vae, {"samples": latents}, 0, 64)
+        return (images, handle)
+
+
+class MusubiSaveTrainedLoRA:
+    DESCRIPTION = ("Save the session's adapter as trained so far as a .safetensors LoRA (comfyui format loads in "
+                   "core Load LoRA; musubi = Musubi Tuner/kohya names; diffusers = PEFT names), numbered like "
+                   "ComfyUI's savers, with Musubi's training metadata.")
+    CATEGORY = CATEGORY
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    RETURN_TYPES = (T.LORA, "STRING")
+    RETURN_NAMES = ("lora", "path")
+    OUTPUT_TOOLTIPS = ("The saved LoRA, read back (for Musubi Apply LoRA / LoRA Info).", "Full path of the saved file.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "session": (T.TRAINING_SESSION, {"tooltip": "The training session whose adapter is saved."}),
+            "format": (SAVE_FORMATS, {"default": "comfyui",
+                       "tooltip": "comfyui: diffusion_model.* keys; musubi: lora_unet_* keys; diffusers: PEFT keys "
+                                  "(plain LoRA only)."}),
+            "filename_prefix": ("STRING", {"default": "loras/musubi_trained",
+                                "tooltip": "File name prefix (subfolders allowed); a counter and .safetensors are "
+                                           "appended."}),
+            "dtype": (SAVE_DTYPES, {"default": "bf16", "tooltip": "Precision of the saved tensors."}),
+            "save_to": (["output", "models/loras"], {"default": "output",
+                        "tooltip": "output: ComfyUI's output folder; models/loras: the first loras folder."}),
+        }}
+
+    def save(self, session, format, filename_prefix, dtype, save_to):
+        from ..engine.lora import read_lora
+        from .lora import numbered_file
+
+        run = _handle(session).run
+        if format not in SAVE_FORMATS:
+            raise invalid("format", format, f"one of {SAVE_FORMATS}")
+        path = numbered_file(save_to, "loras", filename_prefix, "filename_prefix")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cfg = run.session.config
+        old = (cfg.save_format, cfg.save_precision)
+        cfg.save_format, cfg.save_precision = format, dtype
+        try:
+            saved = run.session.save_lora(path)
+        finally:
+            cfg.save_format, cfg.save_precision = old
+        return {"ui": {"text": [str(saved)]}, "result": (read_lora(saved), str(saved))}
+
+
+class MusubiResumeTraining:
+    DESCRIPTION = ("Continue a training session from a state folder (NAME-state, written on cancel, on error, at "
+                   "the end and optionally at every save): adapter, optimizer, scheduler, RNGs and data position "
+                   "are restored, so training continues exactly as if it had never stopped. The network, optimizer "
+                   "and training options are those saved in the state unless configs are connected.")
+    CATEGORY = CATEGORY
+    FUNCTION = "resume"
+    RETURN_TYPES = (T.TRAINING_SESSION, T.WAN_DIT)
+    RETURN_NAMES = ("session", "model")
+    OUTPUT_TOOLTIPS = ("The resumed training session.", "The model with the resumed adapter attached.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": (T.WAN_DIT, {"tooltip": "The same Wan DiT the state was trained on."}),
+            "dataset": (T.DATASET, {"tooltip": "The same cached dataset (same seed) the state was trained on."}),
+            "state_path": ("STRING", {"default": "",
+                           "tooltip": "The state folder (…/NAME-state) or its training_state.pt; a relative path is "
+                                      "inside ComfyUI's output folder."}),
+        }, "optional": {
+            "lora_config": (T.LORA_CONFIG, {"tooltip": "Override the saved network config (must keep kind and rank)."}),
+            "optimizer_config": (T.OPTIMIZER_CONFIG, {"tooltip": "Override the saved optimizer config."}),
+            "max_train_steps": ("INT", {"default": 0, "min": 0, "max": 10_000_000,
+                                "tooltip": "0 = as saved; otherwise a new total (changes the LR schedule)."}),
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    def resume(self, model, dataset, state_path, lora_config=None, optimizer_config=None, max_train_steps=0,
+               unique_id=None):
+        from ..engine.training import NetworkConfig, OptimizerConfig, read_state
+
+        text = (state_path or "").strip()
+        if not text:
+            raise invalid("state_path", state_path, "a training state folder (…/NAME-state)")
+        path = Path(os.path.expanduser(text))
+        if not path.is_absolute():
+            path = Path(compat.output_directory()) / path
+        saved = read_state(path).get("config", {})
+        network = _network_config(lora_config) if lora_config is not None else _from_plain(
+            NetworkConfig, saved.get("network", {}))
+        optimizer = _optimizer_config(optimizer_config) if optimizer_config is not None else _from_plain(
+            OptimizerConfig, saved.get("optimizer", {}))
+        config = _training_config_from_plain(saved.get("training", {}))
+        if max_train_steps:
+            config.max_train_steps = int(max_train_steps)
+        run = open_run("resume", unique_id, model, dataset, dataclasses.replace(network),
+                       dataclasses.replace(optimizer), config, resume_from=str(path))
+        return (SessionHandle(run, ("resume",) + run.key[1:]), run.model)
+
+
+def _from_plain(cls, plain: dict):
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in plain.items() if k in names})
+
+
+def _training_config_from_plain(plain: dict):
+    from ..engine.training import TimestepConfig, TrainingConfig
+
+    plain = dict(plain)
+    ts = _from_plain(TimestepConfig, plain.pop("timesteps", {}) or {})
+    cfg = _from_plain(TrainingConfig, plain)
+    cfg.timesteps = ts
+    return cfg
+
+
+class MusubiTrainLoRA:
+    DESCRIPTION = ("All-in-one LoRA training for simple graphs: train `steps` steps on a cached dataset and save "
+                   "NAME.safetensors, then output the model with the trained adapter attached (connect it to the "
+                   "Sampler). Idempotent: re-queueing the same inputs trains nothing more; changing an input starts "
+                   "a new run that replaces this node's previous one. Cancel writes a resumable state; re-queueing "
+                   "continues it.")
+    CATEGORY = CATEGORY
+    FUNCTION = "train"
+    RETURN_TYPES = (T.WAN_DIT, "IMAGE", "STRING")
+    RETURN_NAMES = ("model", "loss_curve", "lora_path")
+    OUTPUT_TOOLTIPS = ("The model with the trained adapter attached (shares the loader's weights).",
+                       "Loss curve of the training.", "Full path of the saved LoRA file.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": (T.WAN_DIT, {"tooltip": "The Wan DiT to train a LoRA for."}),
+            "dataset": (T.DATASET, {"tooltip": "A dataset with cached latents and text embeddings for this model."}),
+            "steps": ("INT", {"default": 1000, "min": 1, "max": 10_000_000, "tooltip": "Total optimizer steps."}),
+            "network_kind": (NETWORK_KINDS, {"default": "lora", "tooltip": "lora, loha or lokr."}),
+            "rank": ("INT", {"default": 16, "min": 0, "max": 1024, "tooltip": "Network dimension, an integer ≥ 1."}),
+            "alpha": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1024.0, "step": 0.5,
+                      "tooltip": "network_alpha (scale alpha/rank); 0 = alpha equals rank."}),
+            "optimizer_type": (OPTIMIZERS[:-1], {"default": "AdamW", "tooltip": "The optimizer."}),
+            "learning_rate": ("FLOAT", {"default": 2e-4, "min": 0.0, "max": 10.0, "step": 1e-6, "round": False,
+                              "tooltip": "Learning rate (> 0)."}),
+            "lr_scheduler": (_schedulers(), {"default": "constant", "tooltip": "Learning-rate schedule over the steps."}),
+            "seed": ("INT", {"default": 42, "min": 0, "max": 2**31 - 1, "tooltip": "Training seed."}),
+            "mixed_precision": (MIXED_PRECISION, {"default": "bf16", "tooltip": "Autocast precision."}),
+            "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip": "Trade compute for memory."}),
+            "timestep_sampling": (_sampling_modes(), {"default": "shift", "tooltip": "Timestep distribution."}),
+            "discrete_flow_shift": ("FLOAT", {"default": 3.0, "min": 0.01, "max": 100.0, "step": 0.01,
+                                    "tooltip": "Shift of the timestep distribution."}),
+            "output_name": ("STRING", {"default": "my_wan_lora", "tooltip": "Base name of the saved LoRA file."}),
+            "save_format": (SAVE_FORMATS, {"default": "comfyui", "tooltip": "Format of the saved LoRA."}),
+        }, "optional": {
+            "output_dir": ("STRING", {"default": "", "tooltip": "Folder for the LoRA and state; empty = <ComfyUI "
+                                                               "output>/musubi_training."}),
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    def train(self, model, dataset, steps, network_kind, rank, alpha, optimizer_type, learning_rate, lr_scheduler,
+              seed, mixed_precision, gradient_checkpointing, timestep_sampling, discrete_flow_shift, output_name,
+              save_format, output_dir="", unique_id=None):
+        from ..engine.training.state import lora_path
+
+        (network,) = MusubiLoRAConfig().build(network_kind, rank, alpha, 0.0, 0.0, 0.0)
+        (optimizer,) = MusubiOptimizerConfig().build(optimizer_type, learning_rate, 1.0, lr_scheduler, "0")
+        config = _training_config(
+            seed=seed, max_train_steps=steps, mixed_precision=mixed_precision,
+            gradient_checkpointing=gradient_checkpointing, gradient_accumulation_steps=1,
+            timestep_sampling=timestep_sampling, discrete_flow_shift=discrete_flow_shift, sigmoid_scale=1.0,
+            weighting_scheme="none", min_timestep=0, max_timestep=1000, save_every_n_steps=0, keep_last_n_saves=0,
+            output_dir=output_dir, output_name=output_name, save_state=False, attention_backend="model",
+            save_format=save_format)
+        run = open_run("train_lora", unique_id, model, dataset, network, optimizer, config)
+        train_to(run, run.session.total_steps, unique_id)
+        path = lora_path(Path(config.output_dir), config.output_name)
+        if not path.is_file():
+            path = run.session.save_lora(path)
+        return {"ui": {"text": [status_of(run), str(path)]}, "result": (run.model, _loss_image(run), str(path))}
+
+
+NODE_CLASS_MAPPINGS = {
+    "MusubiLoRAConfig": MusubiLoRAConfig,
+    "MusubiOptimizerConfig": MusubiOptimizerConfig,
+    "MusubiInitTraining": MusubiInitTraining,
+    "MusubiTrainSteps": MusubiTrainSteps,
+    "MusubiValidate": MusubiValidate,
+    "MusubiSaveTrainedLoRA": MusubiSaveTrainedLoRA,
+    "MusubiResumeTraining": MusubiResumeTraining,
+    "MusubiTrainLoRA": MusubiTrainLoRA,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "MusubiLoRAConfig": "Musubi LoRA Config",
+    "MusubiOptimizerConfig": "Musubi Optimizer Config",
+    "MusubiInitTraining": "Musubi Init Training",
+    "MusubiTrainSteps": "Musubi Train Steps",
+    "MusubiValidate": "Musubi Validate (sample during training)",
+    "MusubiSaveTrainedLoRA": "Musubi Save Trained LoRA",
+    "MusubiResumeTraining": "Musubi Resume Training",
+    "MusubiTrainLoRA": "Musubi Train LoRA (all-in-one)",
+}
