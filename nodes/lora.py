@@ -527,12 +527,9 @@ class MusubiMergeLoRAIntoModel:
         if device == "gpu":
             dev = compat.torch_device()
             compat.make_room(1 << 30, dev)
-        # The engine's streaming merge has no per-tensor callback: cancel is checked before and after.
-        bar = compat.Progress(2, unique_id)
-        bar.update(0)
+        bar = compat.Progress(1, unique_id)  # per tensor: a cancel stops within one tensor, nothing is written
         merge_loras_into_checkpoint(base, loras, out, out_dtype=None if out_dtype == "keep" else out_dtype,
-                                    device=dev)
-        bar.update(2)
+                                    device=dev, progress=bar.callback())
         return {"ui": {"text": [str(out)]}, "result": (str(out),)}
 
 
@@ -594,11 +591,8 @@ class MusubiLoRAPostHocEMA:
                 raise invalid("output_name", output_name, f"a file different from every input (it is {p})")
         config = EMAConfig(beta=float(beta), beta2=float(beta2) or None, sigma_rel=float(sigma_rel) or None,
                            sort=bool(sort_by_mtime))
-        # The engine's EMA has no per-file callback: cancel is checked before and after.
-        bar = compat.Progress(2, unique_id)
-        bar.update(0)
-        post_hoc_ema(inputs, out, config)
-        bar.update(2)
+        bar = compat.Progress(1, unique_id)  # per checkpoint file; a cancel writes nothing
+        post_hoc_ema(inputs, out, config, progress=bar.callback())
         lora = read_lora(out)
         method = json.loads(lora.metadata.get("musubi_ema", "{}"))
         used = json.loads(lora.metadata.get("musubi_ema_files", "[]"))

@@ -182,7 +182,10 @@ def dataset_loader(dataset, model, seed: int):
     from ..engine.data import CachedBatchLoader, check_cache_for_model, manifest_path
 
     config = dataset_config(dataset)
-    cached = check_cache_for_model(config, cache_requirements(model))
+    if callable(getattr(dataset, "cached_datasets", None)):  # nodes/data.py's MusubiDataset: checks its encoders too
+        cached = dataset.cached_datasets(text_dim=model.config.text_dim)
+    else:
+        cached = check_cache_for_model(config, cache_requirements(model))
     h = hashlib.sha1()
     for ds, c in zip(config.datasets, cached):
         h.update(str(c.cache_dir).encode())

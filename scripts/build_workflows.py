@@ -150,7 +150,7 @@ def build(nodes: list, classes: dict) -> dict:
                 out_links.setdefault((src, slot), []).append(link_id)
                 ui_inputs.append({"name": name, "type": typ if isinstance(typ, str) else "COMBO", "link": link_id,
                                   "widget": {"name": name}})
-                value = opts.get("default", 0)
+                value = opts.get("default", "" if typ == "STRING" else 0)
             else:
                 value = values.get(name, opts.get("default", typ[0] if isinstance(typ, list) else None))
             wv.append(value)

@@ -74,7 +74,7 @@ def _list_files(files, output) -> list[Path]:
     return paths
 
 
-def post_hoc_ema(files, output, config: EMAConfig | None = None) -> Path:
+def post_hoc_ema(files, output, config: EMAConfig | None = None, progress=None) -> Path:
     """Average LoRA checkpoints `files` (list or folder) into `output` (.safetensors). Returns the output path."""
     config = config or EMAConfig()
     paths = _list_files(files, output)
@@ -87,7 +87,9 @@ def post_hoc_ema(files, output, config: EMAConfig | None = None) -> Path:
     dtypes = {k: first.dtype(k) for k in first.keys()}
     avg = {k: (first.get(k).float() if dtypes[k].is_floating_point else first.get(k)) for k in first.keys()}
     metadata = dict(first.metadata)
-    for path, beta in zip(paths[1:], betas):
+    for i, (path, beta) in enumerate(zip(paths[1:], betas)):
+        if progress is not None:  # may raise to cancel; nothing has been written yet
+            progress(i, len(betas))
         ckpt = Checkpoint.open(path)
         missing = sorted(set(avg) - set(ckpt.keys()))
         if missing:

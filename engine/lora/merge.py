@@ -28,7 +28,7 @@ def _as_lora(item, module_names) -> LoRAFile:
     return item if isinstance(item, LoRAFile) else read_lora(item, module_names=module_names)
 
 
-def merge_loras_into_checkpoint(base_path, loras, out_path, out_dtype=None, device="cpu") -> Path:
+def merge_loras_into_checkpoint(base_path, loras, out_path, out_dtype=None, device="cpu", progress=None) -> Path:
     """Write base + Σ multiplier·ΔW to `out_path`, streaming one tensor at a time.
 
     `loras`: [(path or LoRAFile, multiplier), ...]. The original key layout is kept (a `model.diffusion_model.`
@@ -39,7 +39,8 @@ def merge_loras_into_checkpoint(base_path, loras, out_path, out_dtype=None, devi
     Peak RAM: the LoRA files (small) plus about two copies of the largest single tensor (one read, one fp32 sum);
     the output is written tensor by tensor through a streaming safetensors writer, so neither the base nor the merged
     model is ever held in memory as a whole.
-    Refuses LoRA keys that match no weight of the base (nothing is written then).
+    Refuses LoRA keys that match no weight of the base (nothing is written then). `progress(i, total)` runs after
+    every tensor and may raise to cancel (the temporary file is removed; the output is untouched).
     """
     if out_dtype not in OUT_DTYPES:
         raise invalid("out_dtype", out_dtype, f"one of {list(OUT_DTYPES)}")
@@ -73,7 +74,11 @@ def merge_loras_into_checkpoint(base_path, loras, out_path, out_dtype=None, devi
             dt = torch.float32
         specs[k] = (_out_dtype(k, dt, ckpt.shape(k), target_dtype), ckpt.shape(k))
 
+    order = {k: i for i, k in enumerate(specs)}
+
     def produce(key: str) -> torch.Tensor:
+        if progress is not None:
+            progress(order[key], len(specs))
         w = ckpt.get(key)  # scaled fp8 -> dequantized float32
         adds = plan.get(key)
         if adds:
