@@ -27,7 +27,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import warnings
 from pathlib import Path
 
@@ -372,6 +371,7 @@ class MusubiCacheLatents:
                    "directory, as Musubi Tuner's wan_cache_latents. Incremental: items whose media, settings and "
                    "encoders did not change are reused; cancel keeps everything finished and the next run resumes.")
     CATEGORY = CATEGORY
+    OUTPUT_NODE = True  # a graph that only caches (or previews) can be queued
     FUNCTION = "cache"
     RETURN_TYPES = (T.DATASET,)
     RETURN_NAMES = ("dataset",)
@@ -419,6 +419,7 @@ class MusubiCacheTextEmbeddings:
                    "wan_cache_text_encoder_outputs. Only new or edited captions (or another encoder) are encoded; "
                    "cancel keeps everything finished.")
     CATEGORY = CATEGORY
+    OUTPUT_NODE = True  # a graph that only caches (or previews) can be queued
     FUNCTION = "cache"
     RETURN_TYPES = (T.DATASET,)
     RETURN_NAMES = ("dataset",)
@@ -514,6 +515,7 @@ class MusubiDatasetPreview:
                    "cropped, a few frames of each clip with its bucket and caption, and a summary (items and clips "
                    "per bucket, frame counts, skipped items, missing captions, cache state).")
     CATEGORY = CATEGORY
+    OUTPUT_NODE = True  # a graph that only caches (or previews) can be queued
     FUNCTION = "preview"
     RETURN_TYPES = ("IMAGE", "STRING")
     RETURN_NAMES = ("grid", "summary")

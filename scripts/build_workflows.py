@@ -102,8 +102,54 @@ DATASET_CACHE = [
     (11, "PreviewAny", {}, {"source": (9, 1)}),
 ]
 
+# The product's heart in one graph, self-contained on a fresh install (tiny presets, a dataset made in the graph):
+# cache a dataset, train a LoRA on the in-memory model, watch loss and a validation sample, save the LoRA, then
+# generate with the LoRA still in memory. Every stage shares the one loaded DiT (training uses a view of it).
+TRAIN_THEN_GENERATE = [
+    (1, "MusubiWanDiTLoader", {"model_name": "preset:tiny-t2v", "dtype": "fp32", "attention": "sdpa"}, {}),
+    (2, "MusubiUMT5Loader", {"text_encoder_name": "preset:tiny-umt5", "dtype": "fp32", "tokenizer_path": ""}, {}),
+    (3, "MusubiWanVAELoader", {"vae_name": "preset:tiny-vae", "dtype": "fp32", "cache_on_cpu": False}, {}),
+    (4, "EmptyImage", {"width": 48, "height": 48, "batch_size": 1, "color": 0xCC2222}, {}),
+    (5, "EmptyImage", {"width": 48, "height": 48, "batch_size": 1, "color": 0x2244CC}, {}),
+    (6, "ImageBatch", {}, {"image1": (4, 0), "image2": (5, 0)}),
+    (7, "MusubiDatasetFromImages", {"captions": "a red square\na blue square", "width": 48, "height": 48,
+                                    "num_repeats": 1, "as_video": False, "cache_directory": "", "batch_size": 1},
+     {"images": (6, 0)}),
+    (8, "MusubiCacheLatents", {"task": "t2v", "keep_cache": False, "workers": 0}, {"dataset": (7, 0), "vae": (3, 0)}),
+    (9, "MusubiCacheTextEmbeddings", {"keep_cache": False}, {"dataset": (8, 0), "text_encoder": (2, 0)}),
+    (10, "MusubiLoRAConfig", {"network_kind": "lora", "rank": 8, "alpha": 8.0, "dropout": 0.0, "rank_dropout": 0.0,
+                              "module_dropout": 0.0}, {}),
+    (11, "MusubiOptimizerConfig", {"optimizer_type": "AdamW", "learning_rate": 3e-3, "max_grad_norm": 1.0,
+                                   "lr_scheduler": "constant", "lr_warmup_steps": "0"}, {}),
+    (12, "MusubiInitTraining", {"seed": 1, "max_train_steps": 60, "mixed_precision": "no",
+                                "gradient_checkpointing": True, "gradient_accumulation_steps": 1,
+                                "timestep_sampling": "shift", "discrete_flow_shift": 2.0, "sigmoid_scale": 1.0,
+                                "weighting_scheme": "none", "min_timestep": 0, "max_timestep": 1000,
+                                "save_every_n_steps": 0, "keep_last_n_saves": 0, "output_dir": "",
+                                "output_name": "tiny_wan_lora", "save_state": False, "attention_backend": "model",
+                                "save_format": "comfyui"},
+     {"model": (1, 0), "dataset": (9, 0), "lora_config": (10, 0), "optimizer_config": (11, 0)}),
+    (13, "MusubiTrainSteps", {"steps": 60, "train_on_every_queue": False}, {"session": (12, 0)}),
+    (14, "PreviewImage", {}, {"images": (13, 1)}),
+    (15, "MusubiWanTextEncode", {"prompt": "a red square", "negative_prompt": "", "offload_after": True},
+     {"text_encoder": (2, 0)}),
+    (16, "MusubiValidate", {"width": 48, "height": 48, "frames": 1, "steps": 8, "guidance_scale": 1.0, "shift": 0.0,
+                            "seed": 3}, {"session": (13, 0), "vae": (3, 0), "embeds": (15, 0)}),
+    (17, "PreviewImage", {}, {"images": (16, 0)}),
+    (18, "MusubiSaveTrainedLoRA", {"format": "comfyui", "filename_prefix": "loras/tiny_wan_lora", "dtype": "bf16",
+                                   "save_to": "output"}, {"session": (16, 1)}),
+    (19, "MusubiWanSampler", {"width": 48, "height": 48, "frames": 5, "steps": 10, "guidance_scale": 1.0, "shift": 0.0,
+                              "solver": "unipc", "seed": 42, "noise_device": "cpu"},
+     {"model": (13, 4), "embeds": (15, 0)}),
+    (20, "MusubiWanVAEDecode", {"tile_size": 0, "tile_overlap": 64}, {"vae": (3, 0), "latents": (19, 0)}),
+    (21, "MusubiSaveVideo", {"filename_prefix": "musubi/train_then_generate", "crf": 19},
+     {"images": (20, 0), "fps": (20, 1)}),
+    (22, "PreviewImage", {}, {"images": (20, 0)}),
+]
+
 WORKFLOWS = {"wan_t2v_generate.json": TINY_T2V, "wan_i2v_generate.json": TINY_I2V, "lora_tools.json": LORA_TOOLS,
-             "wan_dataset_cache.json": DATASET_CACHE}
+             "wan_dataset_cache.json": DATASET_CACHE,
+             "wan_train_then_generate.json": TRAIN_THEN_GENERATE}
 
 
 def _spec_lists(cls):

@@ -211,7 +211,13 @@ class InProcessComfy:
         return asyncio.run(self.b.execution.validate_prompt(str(uuid.uuid4()), prompt, None))
 
     def run(self, prompt: dict, expect_success: bool = True, extra_pnginfo: dict | None = None):
-        """Validate and execute an API-format prompt. Returns the executor's history result."""
+        """Validate and execute an API-format prompt. Returns the executor's history result.
+
+        The prompt is deep-copied first: ComfyUI writes `is_changed` values into the dict it executes, and the
+        frontend always sends a fresh one."""
+        import copy
+
+        prompt = copy.deepcopy(prompt)
         ok, err, outputs, node_errors = self.validate(prompt)
         if not ok:
             raise AssertionError(f"invalid prompt: {err} {json.dumps(node_errors)[:3000]}")

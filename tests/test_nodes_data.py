@@ -1,13 +1,13 @@
 """Dataset nodes in a real ComfyUI: TOML / folder / IMAGE sources, latent + text caching (incremental, resumable
 after a cancel, under 0.3.75 and emulated 0.38 behaviour), the debug preview, and named errors for bad inputs."""
 
+import copy
 import importlib.util
 import json
 import re
 from pathlib import Path
 
 import pytest
-import torch
 
 from comfy_harness import REPO_ROOT
 
@@ -58,6 +58,12 @@ def cache_prompt(source: dict, *, text=True, preview=False, workers=2, task="t2v
     return p
 
 
+def run(comfy, prompt: dict, **kw):
+    """Queue a fresh copy, as the frontend does: ComfyUI stores each node's IS_CHANGED value into the prompt dict it
+    executes, so re-running the same dict would never re-evaluate IS_CHANGED."""
+    return comfy.run(copy.deepcopy(prompt), **kw)
+
+
 def text_of(result, node_id: str) -> str:
     return result["outputs"][node_id]["text"][0]
 
@@ -82,26 +88,26 @@ def test_toml_cache_then_reuse_then_one_caption_edit(comfy, tmp_path):
                     '[[datasets]]\nimage_directory = "media/images"\n')
     prompt = cache_prompt({"class_type": "MusubiDatasetFromTOML", "inputs": {"toml_path": str(toml)}})
 
-    r = comfy.run(prompt)
+    r = run(comfy, prompt)
     assert counts(text_of(r, "5")) == (3, 0, 0)
     assert counts(text_of(r, "6")) == (3, 0, 0)
     images = Path(data["images"])
     assert len(list(images.glob("*_wan.safetensors"))) == 3 and len(list(images.glob("*_wan_te.safetensors"))) == 3
 
     # Same graph, same files: ComfyUI serves every node from its cache (the fingerprint ignores the cache files).
-    comfy.run(prompt)
+    run(comfy, prompt)
     cached = {n for e in comfy.events_of("execution_cached") for n in e["nodes"]}
     assert {"1", "5", "6"} <= cached, comfy.server.events
 
     # Fresh ComfyUI caches (as after a restart): the nodes run again and the on-disk cache is reused entirely.
     comfy.executor.reset()
-    r = comfy.run(prompt)
+    r = run(comfy, prompt)
     assert counts(text_of(r, "5")) == (0, 3, 0)
     assert counts(text_of(r, "6")) == (0, 3, 0)
 
     # Edit one caption: IS_CHANGED re-runs the source, only that caption is encoded again.
     (images / "image_001.txt").write_text("a completely different caption for this picture")
-    r = comfy.run(prompt)
+    r = run(comfy, prompt)
     assert counts(text_of(r, "5")) == (0, 3, 0)
     assert counts(text_of(r, "6")) == (1, 2, 0)
     assert "image_001" in text_of(r, "6")
@@ -119,7 +125,7 @@ def test_toml_cache_then_reuse_then_one_caption_edit(comfy, tmp_path):
 # --- folder -----------------------------------------------------------------------------------------------------------
 def test_dataset_from_folder_videos_cache_and_preview(comfy, tmp_path):
     data = make_sample_dataset(tmp_path / "media", num_images=0, num_videos=1, num_frame_folders=1, frames=9)
-    r = comfy.run(cache_prompt(folder_node(data["videos"]), preview=True))
+    r = run(comfy, cache_prompt(folder_node(data["videos"]), preview=True))
     assert "2 video item(s)" in text_of(r, "1")
     lat = text_of(r, "5")
     assert counts(lat) == (2, 0, 0) and "4 clip(s) written" in lat  # target_frames 1,5 -> 2 clips per video
@@ -141,12 +147,12 @@ def test_dataset_from_folder_videos_cache_and_preview(comfy, tmp_path):
 def test_folder_is_changed_picks_up_a_new_image(comfy, tmp_path):
     data = make_sample_dataset(tmp_path / "media", num_images=2, num_videos=0, num_frame_folders=0)
     prompt = cache_prompt(folder_node(data["images"], tmp_path / "cache"), text=False)
-    assert counts(text_of(comfy.run(prompt), "5")) == (2, 0, 0)
+    assert counts(text_of(run(comfy, prompt), "5")) == (2, 0, 0)
     extra = make_sample_dataset(tmp_path / "more", num_images=3, num_videos=0, num_frame_folders=0)
     for suffix in (".png", ".txt"):
         src = Path(extra["images"]) / f"image_002{suffix}"
         (Path(data["images"]) / f"image_002{suffix}").write_bytes(src.read_bytes())
-    r = comfy.run(prompt)
+    r = run(comfy, prompt)
     assert counts(text_of(r, "5")) == (1, 2, 0) and "image_002" in text_of(r, "5")
 
 
@@ -164,7 +170,7 @@ def images_node(captions: str, as_video=False, batch=3, cache=""):
 def test_dataset_from_images_batch(comfy, tmp_path):
     nodes = images_node("a green picture\nanother green picture\na third one", cache=tmp_path / "c")
     prompt = {**cache_prompt(nodes.pop("1"), preview=True), **nodes}
-    r = comfy.run(prompt)
+    r = run(comfy, prompt)
     assert counts(text_of(r, "5")) == (3, 0, 0) and counts(text_of(r, "6")) == (3, 0, 0)
     dataset = comfy.output("6")
     (cached,) = dataset.cached_datasets()
@@ -174,7 +180,7 @@ def test_dataset_from_images_batch(comfy, tmp_path):
     # As one video clip: 5 frames -> one 5-frame clip; a single caption line applies.
     nodes = images_node("a green clip", as_video=True, batch=5, cache=tmp_path / "v")
     prompt = {**cache_prompt(nodes.pop("1"), text=False), **nodes}
-    r = comfy.run(prompt)
+    r = run(comfy, prompt)
     assert counts(text_of(r, "5")) == (1, 0, 0) and "1 clip(s) written" in text_of(r, "5")
     (clip,) = manifest(tmp_path / "v")["items"].values()
     assert clip["latents"]["clips"][0]["frames"] == 5
@@ -183,7 +189,7 @@ def test_dataset_from_images_batch(comfy, tmp_path):
 def test_dataset_from_images_caption_count_mismatch_is_named(comfy):
     nodes = images_node("one\ntwo")
     prompt = {**cache_prompt(nodes.pop("1"), text=False), **nodes}
-    comfy.run(prompt, expect_success=False)
+    run(comfy, prompt, expect_success=False)
     msg = comfy.error_message()
     assert "captions" in msg and "3 image" in msg, msg
 
@@ -198,9 +204,9 @@ def test_cancel_during_cache_latents_stops_within_one_item_and_resumes(comfy, tm
     try:
         if emulate:
             with comfy.emulate_038():
-                comfy.run(prompt, expect_success=False)
+                run(comfy, prompt, expect_success=False)
         else:
-            comfy.run(prompt, expect_success=False)
+            run(comfy, prompt, expect_success=False)
     finally:
         comfy.cancel_after = None
     assert not comfy.executor.success and comfy.events_of("execution_interrupted"), comfy.server.events[-3:]
@@ -209,14 +215,14 @@ def test_cancel_during_cache_latents_stops_within_one_item_and_resumes(comfy, tm
     assert 2 <= len(done) <= 3, done
     assert len(list(cache.glob("*_wan.safetensors"))) == len(done)
 
-    r = comfy.run(prompt)
+    r = run(comfy, prompt)
     assert counts(text_of(r, "5")) == (5 - len(done), len(done), 0)
 
 
 # --- bad inputs -------------------------------------------------------------------------------------------------------
 def test_missing_folder_is_named(comfy, tmp_path):
     missing = tmp_path / "no_such_folder"
-    comfy.run(cache_prompt(folder_node(missing), text=False), expect_success=False)
+    run(comfy, cache_prompt(folder_node(missing), text=False), expect_success=False)
     msg = comfy.error_message()
     assert "folder" in msg and str(missing) in msg, msg
 
@@ -225,17 +231,17 @@ def test_toml_unknown_key_is_named(comfy, tmp_path):
     make_sample_dataset(tmp_path / "media", num_images=1, num_videos=0, num_frame_folders=0)
     toml = tmp_path / "bad.toml"
     toml.write_text('[[datasets]]\nimage_directory = "media/images"\nresoluton = [64, 48]\n')
-    comfy.run(cache_prompt({"class_type": "MusubiDatasetFromTOML", "inputs": {"toml_path": str(toml)}}, text=False),
+    run(comfy, cache_prompt({"class_type": "MusubiDatasetFromTOML", "inputs": {"toml_path": str(toml)}}, text=False),
               expect_success=False)
     msg = comfy.error_message()
     assert "bad.toml" in msg and "#0" in msg and "resoluton" in msg, msg
 
 
 def test_missing_toml_and_i2v_without_clip_are_named(comfy, tmp_path):
-    comfy.run(cache_prompt({"class_type": "MusubiDatasetFromTOML",
+    run(comfy, cache_prompt({"class_type": "MusubiDatasetFromTOML",
                             "inputs": {"toml_path": str(tmp_path / "nope.toml")}}, text=False), expect_success=False)
     assert "toml_path" in comfy.error_message() and "nope.toml" in comfy.error_message()
 
     data = make_sample_dataset(tmp_path / "media", num_images=1, num_videos=0, num_frame_folders=0)
-    comfy.run(cache_prompt(folder_node(data["images"], tmp_path / "c"), text=False, task="i2v"), expect_success=False)
+    run(comfy, cache_prompt(folder_node(data["images"], tmp_path / "c"), text=False, task="i2v"), expect_success=False)
     assert "clip_vision" in comfy.error_message(), comfy.error_message()

@@ -94,11 +94,11 @@ def normalize_scale(scale: torch.Tensor, weight_shape: tuple[int, ...], name: st
     out_f = weight_shape[0]
     if scale.numel() == 1:
         return scale.reshape(())
-    if scale.numel() == out_f and (scale.ndim == 1 or scale.shape[0] == out_f):
-        return scale.reshape(out_f, 1)
     if scale.ndim == 3 and scale.shape[0] == out_f and scale.shape[2] == 1 and len(weight_shape) == 2 \
             and weight_shape[1] % scale.shape[1] == 0:
         return scale
+    if scale.numel() == out_f and (scale.ndim == 1 or scale.shape[0] == out_f):
+        return scale.reshape(out_f, 1)
     raise invalid(f"fp8 scale {name!r}", tuple(scale.shape),
                   f"a scalar, [{out_f}] / [{out_f}, 1] per channel, or [{out_f}, blocks, 1] for weight {weight_shape}")
 

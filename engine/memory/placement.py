@@ -86,7 +86,11 @@ def move_to(module: nn.Module, device: torch.device | str, exclude: Iterable[nn.
                 continue
             moved = t.to(device, non_blocking=non_blocking)
             if is_param:
-                t.data = moved                      # same Parameter object: optimizers/adapters keep working
+                try:
+                    t.data = moved                  # same Parameter object: optimizers/adapters keep working
+                except RuntimeError:                # to/from meta: incompatible tensor types, replace the Parameter
+                    owner._parameters[name] = nn.Parameter(moved, requires_grad=t.requires_grad)
+                    continue
                 if t.grad is not None:
                     t.grad = t.grad.to(device, non_blocking=non_blocking)
             else:

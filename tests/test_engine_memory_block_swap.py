@@ -1,0 +1,263 @@
+"""Block swap on CPU with the fake transfer layer (engine.memory.block_swap / transfer).
+
+FakeTransfer keeps evicted weights on the meta device, so a block that runs without its weights raises; results
+with and without block swap must be bit-identical (the same CPU kernels run on the same values)."""
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from engine.errors import MusubiInputError
+from engine.memory import (BlockSwapConfig, BlockSwapper, FakeTransfer, Transfer, choose_swapped,
+                           estimate_module_bytes, pinned_bytes_in_use, quantize_model_fp8, validate_blocks_to_swap)
+
+
+class Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.self_attn = nn.Module()
+        self.self_attn.q = nn.Linear(d, d)
+        self.ffn = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.register_buffer("gain", torch.linspace(0.5, 1.5, d))
+
+    def forward(self, x, ctx):
+        h = self.self_attn.q(self.norm(x)) * self.gain + ctx
+        return x + self.ffn(h)
+
+
+class Net(nn.Module):
+    def __init__(self, d=64, n=6, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Linear(8, d)
+        self.blocks = nn.ModuleList(Block(d) for _ in range(n))
+        self.head = nn.Linear(d, 8)
+        self.gradient_checkpointing = False
+
+    def forward(self, x):
+        x = self.embed(x)
+        ctx = x.mean(dim=1, keepdim=True)
+        for b in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(b, x, ctx, use_reentrant=False)
+            else:
+                x = b(x, ctx)
+        return self.head(x)
+
+
+class Lora(nn.Module):
+    """Minimal adapter hooked on a Linear (like engine.lora): its params are not part of the block."""
+
+    def __init__(self, lin, rank=4, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.down = nn.Parameter(torch.randn(rank, lin.in_features, generator=g) * 0.1)
+        self.up = nn.Parameter(torch.randn(lin.out_features, rank, generator=g) * 0.1)
+        lin.register_forward_hook(lambda m, a, out: out + a[0] @ self.down.t() @ self.up.t())
+
+
+def make_net(fp8=False, lora=True):
+    net = Net()
+    net.requires_grad_(False)
+    if fp8:
+        quantize_model_fp8(net, "scaled")
+    adapters = nn.ModuleList()
+    if lora:
+        for i, b in enumerate(net.blocks):
+            adapters.append(Lora(b.self_attn.q, seed=i))
+            adapters.append(Lora(b.ffn[0], seed=100 + i))
+    return net, adapters
+
+
+def run_steps(net, adapters, steps=2, train=True):
+    """Outputs and adapter/input gradients of `steps` forward(+backward) passes."""
+    results = []
+    for s in range(steps):
+        x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(s), requires_grad=train)
+        if train:
+            y = net(x)
+            y.pow(2).mean().backward()
+            grads = [p.grad.clone() for p in adapters.parameters()] + [x.grad.clone()]
+            adapters.zero_grad(set_to_none=True)
+            results.append((y.detach(), grads))
+        else:
+            with torch.no_grad():
+                results.append((net(x), []))
+    return results
+
+
+def assert_same(a, b):
+    for (ya, ga), (yb, gb) in zip(a, b):
+        assert torch.equal(ya, yb)
+        assert len(ga) == len(gb)
+        for u, v in zip(ga, gb):
+            assert torch.equal(u, v)
+
+
+def attach(net, n, **kw):
+    cfg = BlockSwapConfig(blocks_to_swap=n, **kw)
+    return BlockSwapper(net.blocks, "cpu", cfg, transfer=FakeTransfer(), model=net).attach()
+
+
+# --- equality ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [1, 3, 5])
+@pytest.mark.parametrize("gc", [False, True])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_training_identical_with_and_without_swap(n, gc, fp8):
+    ref_net, ref_ad = make_net(fp8)
+    ref_net.gradient_checkpointing = gc
+    expected = run_steps(ref_net, ref_ad)
+    net, ad = make_net(fp8)
+    net.gradient_checkpointing = gc
+    sw = attach(net, n)
+    assert_same(run_steps(net, ad), expected)
+    assert any(t.device.type == "meta" for t in net.blocks[sw.swapped[0]].parameters()) or sw.swapped[0] in sw.resident_swapped
+    sw.detach()
+    assert_same(run_steps(net, ad, steps=1), expected[:1])   # detached model is an ordinary model again
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+def test_inference_identical_and_prefetched_ahead(prefetch):
+    ref_net, ref_ad = make_net()
+    expected = run_steps(ref_net, ref_ad, steps=3, train=False)
+    net, ad = make_net()
+    sw = attach(net, 4, prefetch=prefetch)
+    log = sw.transfer.log
+    log.events.clear()
+    assert_same(run_steps(net, ad, steps=3, train=False), expected)
+    runs = [i for k, i in log.events if k == "run"]
+    assert runs == list(range(6)) * 3
+    if prefetch:
+        # every swapped block's copy was started before the block preceding it in execution ran
+        events = log.events
+        for step in range(1, 3):   # steps after the first: the wrap-around prefetch is in place
+            run_pos = [p for p, e in enumerate(events) if e[0] == "run"][step * 6:(step + 1) * 6]
+            for j in sw.swapped:
+                prev_run = run_pos[j - 1] if j > 0 else run_pos[0] - 1
+                loads = [p for p, e in enumerate(events) if e == ("load", j) and p < run_pos[j]]
+                assert loads and loads[-1] < prev_run, (j, step)
+    sw.detach()
+
+
+def test_backward_recompute_loads_in_reverse_order_and_bounds_residency():
+    net, ad = make_net()
+    net.gradient_checkpointing = True
+    sw = attach(net, 5, prefetch=1)
+    resident_counts = []
+    for b in net.blocks:   # registered after the swapper's hook: sees the state the block runs with
+        b.register_forward_pre_hook(lambda m, a: resident_counts.append(len(sw.resident_swapped)))
+    run_steps(net, ad, steps=2)
+    sw.detach()
+    assert max(resident_counts) <= 2
+    events = sw.transfer.log.events
+    runs = [i for k, i in events if k == "run"]
+    assert runs == (list(range(6)) + list(range(5, -1, -1))) * 2   # forward, then recompute in reverse
+    # second step's backward: blocks still resident from the forward->backward turn (the last prefetch+1 swapped
+    # ones) are not reloaded; every other swapped block is loaded before the block after it (in forward order),
+    # i.e. one block ahead of its recompute
+    runs_pos = [p for p, e in enumerate(events) if e[0] == "run"]
+    bwd = events[runs_pos[18]:]
+    assert sw.swapped == [0, 1, 3, 4, 5]
+    loaded = [i for k, i in bwd if k == "load"]
+    assert loaded == [3, 1, 0]
+    for j in loaded:
+        assert bwd.index(("load", j)) < bwd.index(("run", j + 1))
+
+
+def test_non_resident_weights_cannot_be_used():
+    net, _ = make_net(lora=False)
+    sw = attach(net, 2)
+    j = sw.swapped[0]
+    assert net.blocks[j].self_attn.q.weight.device.type == "meta"
+    assert net.blocks[j].gain.device.type == "meta"
+    with pytest.raises(Exception):
+        net.blocks[j].forward(torch.randn(1, 3, 64), torch.zeros(1, 1, 64))   # bypasses the hooks
+    sw.detach()
+
+
+# --- what moves -------------------------------------------------------------------------------------------------------
+
+def test_adapters_and_trainable_params_stay_on_device_host_bytes_match():
+    net, ad = make_net()
+    extra = net.blocks[1].norm.weight
+    extra.requires_grad_(True)   # a trainable base tensor in a swapped block: never swapped
+    sw = attach(net, 3, placement="tail")
+    assert sw.swapped == [3, 4, 5]
+    frozen = sum(estimate_module_bytes(net.blocks[i], only_frozen=True) for i in (3, 4, 5))
+    assert frozen <= sw.host_bytes <= frozen + 256 * 8 * 3
+    assert all(p.device.type == "cpu" for p in ad.parameters())
+    sw.detach()
+    sw2 = attach(net, 5)
+    assert 1 in sw2.swapped and extra.device.type == "cpu" and net.blocks[1].norm.weight is extra
+    x = torch.randn(2, 5, 8)
+    net(x).sum().backward()
+    assert extra.grad is not None and extra.grad.abs().sum() > 0
+    sw2.detach()
+
+
+def test_host_memory_is_released_on_detach_no_growth():
+    base = pinned_bytes_in_use()
+    net, ad = make_net()
+    sizes = []
+    for _ in range(3):
+        sw = attach(net, 4)
+        sizes.append(pinned_bytes_in_use() - base)
+        assert sizes[-1] == sw.host_bytes > 0
+        run_steps(net, ad, steps=1)
+        sw.detach()
+        assert pinned_bytes_in_use() == base
+    assert sizes[0] == sizes[1] == sizes[2]
+    assert all(t.device.type == "cpu" for t in net.parameters())
+
+
+def test_real_synchronous_transfer_path_matches():
+    base = pinned_bytes_in_use()
+    ref_net, ref_ad = make_net()
+    expected = run_steps(ref_net, ref_ad)
+    net, ad = make_net()
+    sw = BlockSwapper(net.blocks, "cpu", BlockSwapConfig(blocks_to_swap=3), transfer=Transfer("cpu"), model=net)
+    with sw:
+        assert_same(run_steps(net, ad), expected)
+        assert sw.transfer.log.bytes_h2d > 0
+    assert pinned_bytes_in_use() == base
+
+
+def test_offload_non_blocks_keeps_results():
+    ref_net, ref_ad = make_net()
+    expected = run_steps(ref_net, ref_ad)
+    net, ad = make_net()
+    sw = attach(net, 2, offload_non_blocks=True)
+    assert_same(run_steps(net, ad), expected)
+    sw.detach()
+
+
+# --- validation -------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [6, -1, 7, 2.5, True, "3"])
+def test_blocks_to_swap_validated(bad):
+    net, _ = make_net(lora=False)
+    with pytest.raises(MusubiInputError, match=r"blocks_to_swap.*0 to 5"):
+        BlockSwapper(net.blocks, "cpu", BlockSwapConfig(blocks_to_swap=bad), transfer=FakeTransfer())
+
+
+def test_wan_limits():
+    assert validate_blocks_to_swap(39, 40, "Wan 14B") == 39
+    assert validate_blocks_to_swap(29, 30, "Wan 1.3B") == 29
+    with pytest.raises(MusubiInputError, match="Wan 14B has 40 blocks"):
+        validate_blocks_to_swap(40, 40, "Wan 14B")
+    with pytest.raises(MusubiInputError, match="0 to 29"):
+        validate_blocks_to_swap(30, 30, "Wan 1.3B")
+
+
+def test_choose_swapped():
+    for n in range(1, 40):
+        s = choose_swapped(40, n)
+        assert len(s) == n and len(set(s)) == n and 0 <= min(s) and max(s) < 40
+    assert choose_swapped(30, 3) == [5, 15, 25]       # centres of three equal thirds
+    assert choose_swapped(30, 2, "tail") == [28, 29]
+    assert choose_swapped(30, 0) == []
+    with pytest.raises(MusubiInputError, match="placement"):
+        choose_swapped(30, 2, "middle")
