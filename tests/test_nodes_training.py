@@ -163,6 +163,12 @@ def test_requeue_continues_the_same_session_and_never_stacks(comfy, data, tmp_pa
     comfy.run(p)
     assert sessions(comfy) == [run] and run.session.step == 8
 
+    p["6"]["inputs"]["train_on_every_queue"] = True  # opt-in: every Queue runs N more steps
+    comfy.run(p)
+    comfy.run(p)
+    assert sessions(comfy) == [run] and run.session.step == 14
+    del p["6"]["inputs"]["train_on_every_queue"]
+
     p["3"]["inputs"]["rank"] = 4   # a changed config: a new session replaces this node's old one
     comfy.run(p)
     (new,) = sessions(comfy)

@@ -1,0 +1,189 @@
+"""Memory-engine benchmark: Wan DiT with random weights, block swap × fp8 mode × training/inference.
+
+    python benchmarks/bench_memory.py                        # GPU: 1.3B and 14B at 832×480×81 (latent 21×60×104)
+    python benchmarks/bench_memory.py --device cpu --model tiny   # quick CPU smoke run, same output format
+
+One JSON line per configuration: seconds per step, peak device memory, host (pinned) memory held by block swap,
+bytes copied host->device per step, the measured host->device bandwidth, the transfer time those bytes imply, and the
+swap overhead (time with swap ÷ time without, same model / fp8 mode / task). Training = LoRA rank 32 (fp32 adapters)
+on every default target, gradient checkpointing, one forward+backward per step; inference = one no-grad forward.
+Engine only (no ComfyUI); the DiT is imported lazily.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+MODELS = {"tiny": "tiny-t2v", "1.3B": "t2v-1.3B", "14B": "t2v-14B"}
+TINY_LAYERS = 6   # the tiny preset has 2 blocks; 6 leave room for swapped blocks beyond the prefetch window
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--model", default="1.3B,14B", help="comma list of tiny, 1.3B, 14B")
+    p.add_argument("--task", default="train,infer")
+    p.add_argument("--swap", default=None, help="comma list of block counts or 'max' (default 0,10,20,30,max; tiny: 0,2,4,max)")
+    p.add_argument("--fp8", default="none,e4m3,scaled")
+    p.add_argument("--latent", default=None, help="F,H,W of the latent (default 21,60,104; tiny: 2,8,8)")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--prefetch", type=int, default=1)
+    return p.parse_args(argv)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def h2d_bandwidth(device, nbytes=256 << 20) -> float | None:
+    """Bytes/s of a pinned host->device copy (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst.copy_(src, non_blocking=True)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        dst.copy_(src, non_blocking=True)
+    sync(device)
+    return 5 * nbytes / (time.perf_counter() - t0)
+
+
+def build_model(name: str, fp8: str):
+    """Random-weight bf16 model on the CPU (fp8-quantized if asked)."""
+    import dataclasses
+
+    from engine.memory import quantize_model_fp8
+    from engine.models.wan.dit import build_wan_model
+    from engine.models.wan.presets import OFFICIAL, preset_config
+
+    if name == "tiny":
+        config = dataclasses.replace(preset_config(MODELS[name]), num_layers=TINY_LAYERS)
+    else:
+        config = OFFICIAL[MODELS[name]]
+    model = build_wan_model(config, "meta").to_empty(device="cpu")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0, p.shape[-1] ** -0.5)
+            else:
+                p.fill_(1.0 if "norm" in n else 0.0)
+    model.to(torch.bfloat16)
+    model.requires_grad_(False)
+    if fp8 != "none":
+        quantize_model_fp8(model, fp8)
+    return model
+
+
+def make_inputs(model, latent, device):
+    cfg = model.config
+    f, h, w = latent
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, f, h, w, generator=g).to(device, torch.bfloat16)
+    ctx = torch.randn(1, cfg.text_len, cfg.text_dim, generator=g).to(device, torch.bfloat16)
+    return x, torch.tensor([500.0], device=device), ctx
+
+
+def run_config(model, name, task, swap, fp8, latent, args, device, bandwidth):
+    from engine.lora.adapters import AdapterConfig, AdapterNetwork
+    from engine.memory import move_to, pinned_bytes_in_use, swap_blocks
+
+    n_blocks = len(model.blocks)
+    n_swap = n_blocks - 1 if swap == "max" else int(swap)
+    row = {"model": name, "task": task, "fp8": fp8, "blocks_to_swap": n_swap, "latent": list(latent),
+           "device": str(device)}
+    if n_swap > n_blocks - 1:
+        return None
+    net = None
+    swapper = None
+    try:
+        if n_swap:
+            swapper = swap_blocks(model, n_swap, device, prefetch=args.prefetch)
+        else:
+            move_to(model, device)
+        if task == "train":
+            model.gradient_checkpointing = True
+            net = AdapterNetwork.create(model, AdapterConfig(rank=args.rank, alpha=args.rank))
+            move_to(net, device)
+        x, t, ctx = make_inputs(model, latent, device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        for step in range(args.warmup + args.steps):
+            if swapper is not None and step == args.warmup:
+                swapper.transfer.log.bytes_h2d = 0
+            sync(device)
+            t0 = time.perf_counter()
+            if task == "train":
+                model(x, t, ctx).float().pow(2).mean().backward()
+                net.zero_grad(set_to_none=True)
+            else:
+                with torch.no_grad():
+                    model(x, t, ctx)
+            sync(device)
+            if step >= args.warmup:
+                times.append(time.perf_counter() - t0)
+        moved = (swapper.transfer.log.bytes_h2d / args.steps) if swapper is not None else 0
+        row.update({
+            "s_per_step": sum(times) / len(times),
+            "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+            "pinned_host_bytes": pinned_bytes_in_use(),
+            "bytes_h2d_per_step": moved,
+            "h2d_bandwidth_Bps": bandwidth,
+            "h2d_seconds_per_step": (moved / bandwidth) if bandwidth else None,
+        })
+    except torch.OutOfMemoryError as e:
+        row.update({"oom": True, "error": str(e).splitlines()[0]})
+    finally:
+        if net is not None:
+            net.detach()
+            model.gradient_checkpointing = False
+        if swapper is not None:
+            swapper.detach(device="cpu")
+        move_to(model, "cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    bandwidth = h2d_bandwidth(device)
+    for name in args.model.split(","):
+        latent = tuple(int(v) for v in args.latent.split(",")) if args.latent else \
+            ((2, 8, 8) if name == "tiny" else (21, 60, 104))
+        swaps = args.swap or ("0,2,4,max" if name == "tiny" else "0,10,20,30,max")
+        for fp8 in args.fp8.split(","):
+            model = build_model(name, fp8)
+            baseline: dict[str, float] = {}
+            for task in args.task.split(","):
+                for swap in swaps.split(","):
+                    row = run_config(model, name, task, swap, fp8, latent, args, device, bandwidth)
+                    if row is None:
+                        continue
+                    if "s_per_step" in row:
+                        if row["blocks_to_swap"] == 0:
+                            baseline[task] = row["s_per_step"]
+                        base = baseline.get(task)
+                        row["swap_overhead"] = (row["s_per_step"] / base) if base else None
+                    print(json.dumps(row), flush=True)
+            del model
+
+
+if __name__ == "__main__":
+    main()
