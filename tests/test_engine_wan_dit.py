@@ -348,3 +348,24 @@ def test_benchmark_flop_formula_matches_counted_matmuls():
     flops = bench.forward_flops(model.config, tokens=3 * 4 * 6)
     assert counter.get_total_flops() == flops["total"] - flops["attention"]
     assert flops["attention"] == 2 * (4 * 72**2 * 256 + 4 * 72 * 512 * 256)
+
+
+@pytest.mark.parametrize("mode", ["e4m3", "scaled"])
+def test_fp8_loading_keeps_block_linears_in_fp8_and_stays_close(tmp_path, mode):
+    from engine.memory import Fp8Linear
+    from engine.models.wan.loader import load_wan_dit
+
+    path = tmp_path / "dit.safetensors"
+    from engine.models.wan.presets import write_preset_checkpoint
+    write_preset_checkpoint("tiny-t2v", path, dtype=torch.float32)
+    ref = load_wan_dit(path, dtype=torch.float32)
+    q = load_wan_dit(path, dtype=torch.float32, fp8=mode)
+    assert isinstance(q.blocks[0].self_attn.q, Fp8Linear) and q.blocks[0].self_attn.q.weight.dtype == torch.float8_e4m3fn
+    assert not isinstance(q.patch_embedding, Fp8Linear) and q.head.head.weight.dtype == torch.float32
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 1, 8, 8, generator=g)
+    ctx = torch.randn(1, 5, q.config.text_dim, generator=g)
+    t = torch.tensor([500.0])
+    a, b = ref(x, t, ctx), q(x, t, ctx)
+    rel = ((a - b).norm() / a.norm()).item()
+    assert 0 < rel < 0.08, rel  # fp8 is lossy (e4m3 has a 3-bit mantissa) but close

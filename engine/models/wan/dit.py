@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from ...attention import BACKENDS, attention
 from ...errors import invalid
+from ...memory.offload import checkpoint_block
 
 CLIP_TOKENS = 257          # CLIP ViT-H/14 penultimate tokens per image (256 patches + class token)
 ROPE_THETA = 10000.0
@@ -310,6 +310,7 @@ class WanModel(nn.Module):
         if config.has_image_input:
             self.img_emb = WanImageEmbedding(config)
         self.gradient_checkpointing = False
+        self.activation_offload = False  # with gradient checkpointing: checkpointed inputs live in CPU memory
         self.source_path = None
         self._attention_backend = "sdpa"
 
@@ -408,8 +409,9 @@ class WanModel(nn.Module):
             if i in skip:
                 continue
             if use_ckpt:
-                # the block is passed as a module so its hooks (block swap) fire in forward and in recompute
-                x = checkpoint(block, x, e0, context, context_img, rope, use_reentrant=False)
+                # the block is passed as a module so its hooks (block swap) fire in forward and in recompute;
+                # activation offload keeps the checkpointed block input in host memory
+                x = checkpoint_block(block, x, e0, context, context_img, rope, offload=self.activation_offload)
             else:
                 x = block(x, e0, context, context_img, rope)
 

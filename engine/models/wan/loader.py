@@ -44,9 +44,19 @@ def resolve_dtype(ckpt: Checkpoint, dtype: torch.dtype | None) -> torch.dtype:
     return dtype
 
 
+FP8_MODES = (None, "e4m3", "scaled")
+
+
 def load_wan_dit(source: str | Path, dtype: torch.dtype | None = torch.bfloat16, device: torch.device | str = "cpu",
-                 attention_backend: str = "sdpa", expected_task: str | None = None) -> WanModel:
-    """A `WanModel` in eval mode with `model.config` and `model.source_path` set."""
+                 attention_backend: str = "sdpa", expected_task: str | None = None, fp8: str | None = None) -> WanModel:
+    """A `WanModel` in eval mode with `model.config` and `model.source_path` set.
+
+    fp8: None keeps `dtype` everywhere; "e4m3" (plain cast) or "scaled" (block-wise scales) stores the block Linears
+    in float8_e4m3fn (`engine.memory.Fp8Linear`; Musubi's Wan excludes stay in `dtype`). fp8 tensors of the file
+    (plain or ComfyUI scaled fp8) are used as they are, never upcast first: peak RAM is the fp8 model plus one tensor.
+    """
+    if fp8 not in FP8_MODES:
+        raise invalid("fp8", fp8, f"one of {FP8_MODES}")
     ckpt = open_wan_checkpoint(source)
     config = detect_wan_config(ckpt)
     if isinstance(source, str) and source.startswith(PRESET_PREFIX):
@@ -59,7 +69,12 @@ def load_wan_dit(source: str | Path, dtype: torch.dtype | None = torch.bfloat16,
 
     model = build_wan_model(config, "meta")
     model.attention_backend = attention_backend
-    unused = load_into_module(model, ckpt, dtype=target, device=device, keep_dtype=keep_fp32)
+    if fp8 is None:
+        unused = load_into_module(model, ckpt, dtype=target, device=device, keep_dtype=keep_fp32)
+    else:
+        from ...memory.fp8 import load_fp8_checkpoint
+
+        unused = load_fp8_checkpoint(model, ckpt, mode=fp8, dtype=target, device=device, keep_dtype=keep_fp32)
     if unused:
         raise invalid(f"DiT file {source}", f"{len(unused)} unexpected tensors, e.g. {unused[:3]}",
                       f"only the weights of a {config.variant} Wan DiT")
