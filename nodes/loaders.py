@@ -67,16 +67,33 @@ class MusubiWanDiTLoader:
             "attention": (ATTENTION, {"default": "sdpa",
                           "tooltip": "Attention kernel. Missing backends fall back to sdpa with a warning; 'sage' "
                                      "is for sampling only (it has no backward pass)."}),
+        }, "optional": {
+            "fp8": (["none", "scaled", "e4m3"], {"default": "none",
+                    "tooltip": "Store the transformer blocks' linear weights in fp8 (half the memory of bf16): "
+                               "'scaled' keeps block-wise scales (more accurate), 'e4m3' is a plain cast. fp8 files "
+                               "are used as they are. LoRAs train on top in full precision."}),
+            "blocks_to_swap": ("INT", {"default": 0, "min": 0, "max": 39,
+                               "tooltip": "Keep this many transformer blocks in CPU memory and stream them to the "
+                                          "GPU just before use (at most blocks-1: 39 for 14B, 29 for 1.3B). Saves "
+                                          "VRAM at some speed cost; ignored on CPU."}),
+            "activation_offload": ("BOOLEAN", {"default": False,
+                                   "tooltip": "With gradient checkpointing, keep the checkpointed activations in CPU "
+                                              "memory during training (less VRAM, slower)."}),
         }}
 
-    def load(self, model_name, dtype, attention):
+    def load(self, model_name, dtype, attention, fp8="none", blocks_to_swap=0, activation_offload=False):
+        from ..engine.memory import validate_blocks_to_swap
         from ..engine.models.wan.loader import load_wan_dit
 
         source = resolve_source(model_name, "diffusion_models", "model_name")
         dt = None if dtype == "keep" else DTYPES[dtype]
-        key = ("wan_dit", source_identity(source), dtype)
-        model = MODELS.get_or_create(key, lambda: load_wan_dit(source, dtype=dt, device="cpu"))
+        fp8_mode = None if fp8 == "none" else fp8
+        key = ("wan_dit", source_identity(source), dtype, fp8)
+        model = MODELS.get_or_create(key, lambda: load_wan_dit(source, dtype=dt, device="cpu", fp8=fp8_mode))
+        validate_blocks_to_swap(blocks_to_swap, model.config.num_layers, model.config.variant)
         model.attention_backend = attention
+        model.blocks_to_swap = blocks_to_swap
+        model.activation_offload = activation_offload
         return (model,)
 
 
