@@ -80,8 +80,7 @@ class MusubiWanImageEncode:
     def encode(self, vae, clip_vision, start_image, width, height, frames, end_image=None):
         from ..engine.pipelines.wan import prepare_flf2v, prepare_i2v
 
-        if width % 16 or height % 16:
-            raise invalid("width/height", (width, height), "multiples of 16")
+        _check_size(width, height)
         first = image_to_video_tensor(start_image, width, height, "start_image")
         last = image_to_video_tensor(end_image, width, height, "end_image") if end_image is not None else None
         with on_compute_device(clip_vision):
@@ -95,8 +94,106 @@ class MusubiWanImageEncode:
                  "task": "i2v" if last is None else "flf2v"},)
 
 
+def video_frames_tensor(images: torch.Tensor, width: int, height: int, field: str) -> torch.Tensor:
+    """IMAGE frames [F,H,W,C] 0..1 -> [3, F, height, width] in [-1, 1] (each frame resized bicubic)."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] < 3:
+        raise invalid(field, getattr(images, "shape", type(images).__name__), "IMAGE frames [frames, height, width, 3]")
+    x = compat.unwrap_inference_tensor(images[..., :3]).movedim(-1, 1).float()          # [F,3,H,W]
+    x = torch.nn.functional.interpolate(x, size=(height, width), mode="bicubic", align_corners=False)
+    return (x.clamp(0, 1) * 2.0 - 1.0).movedim(0, 1)                                    # [3,F,H,W]
+
+
+def _check_size(width: int, height: int) -> None:
+    if width % 16 or height % 16:
+        raise invalid("width/height", (width, height), "multiples of 16")
+
+
+class MusubiWanFunControlEncode:
+    DESCRIPTION = ("Prepare Fun-Control conditioning (Wan2.1-Fun Control models): a control video (depth, pose, "
+                   "edges... as IMAGE frames) and an optional start image with its CLIP features.")
+    CATEGORY = "Musubi/generation"
+    FUNCTION = "encode"
+    RETURN_TYPES = (T.IMAGE_EMBEDS,)
+    RETURN_NAMES = ("image_embeds",)
+    OUTPUT_TOOLTIPS = ("Fun-Control conditioning for the sampler (same width/height/frames as the sampler).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "vae": (T.WAN_VAE, {"tooltip": "The Wan VAE."}),
+            "control_video": ("IMAGE", {"tooltip": "Control frames; at least `frames` of them (the first are used)."}),
+            "width": ("INT", {"default": 832, "min": 16, "max": 4096, "step": 16, "tooltip": "Video width (multiple of 16)."}),
+            "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16, "tooltip": "Video height (multiple of 16)."}),
+            "frames": ("INT", {"default": 81, "min": 1, "max": 1025, "step": 4, "tooltip": "Video length, 4k+1 frames."}),
+        }, "optional": {
+            "start_image": ("IMAGE", {"tooltip": "Optional first frame (needs clip_vision too)."}),
+            "clip_vision": (T.CLIP_VISION, {"tooltip": "CLIP ViT-H/14, required with a start image."}),
+        }}
+
+    def encode(self, vae, control_video, width, height, frames, start_image=None, clip_vision=None):
+        from ..engine.pipelines.wan import prepare_fun_control
+
+        _check_size(width, height)
+        if start_image is not None and clip_vision is None:
+            raise invalid("clip_vision", None, "a CLIP vision model when a start image is given")
+        control = video_frames_tensor(control_video, width, height, "control_video")
+        image = image_to_video_tensor(start_image, width, height, "start_image") if start_image is not None else None
+        clip_fea = None
+        if image is not None:
+            with on_compute_device(clip_vision):
+                clip_fea = clip_vision.encode(image[None])[0].float().cpu()
+        with on_compute_device(vae):
+            cond = prepare_fun_control(vae, control, frames, image=image)
+        return ({"conditioning": cond, "clip_fea": clip_fea, "width": width, "height": height, "frames": frames,
+                 "task": "fun_control"},)
+
+
+class MusubiWanOneFrameEncode:
+    DESCRIPTION = ("One-frame inference (Musubi's one_frame_inference, for I2V models): generate a single frame at "
+                   "`target_index` from one or two control images placed at `control_indices` on the time axis — "
+                   "edits, poses and next-frame prediction. Set the sampler's frames to 1.")
+    CATEGORY = "Musubi/generation"
+    FUNCTION = "encode"
+    RETURN_TYPES = (T.IMAGE_EMBEDS,)
+    RETURN_NAMES = ("image_embeds",)
+    OUTPUT_TOOLTIPS = ("One-frame conditioning for the sampler (frames = 1).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "vae": (T.WAN_VAE, {"tooltip": "The Wan VAE."}),
+            "clip_vision": (T.CLIP_VISION, {"tooltip": "CLIP ViT-H/14 (features of the first control image are used)."}),
+            "control_image": ("IMAGE", {"tooltip": "The first control image."}),
+            "control_indices": ("STRING", {"default": "0", "tooltip": "Frame index of each control image, e.g. '0' or '0;10'."}),
+            "target_index": ("INT", {"default": 9, "min": 0, "max": 1000, "tooltip": "Frame index of the generated frame."}),
+            "width": ("INT", {"default": 832, "min": 16, "max": 4096, "step": 16, "tooltip": "Width (multiple of 16)."}),
+            "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16, "tooltip": "Height (multiple of 16)."}),
+        }, "optional": {
+            "control_image_2": ("IMAGE", {"tooltip": "Optional second control image (needs two control indices)."}),
+        }}
+
+    def encode(self, vae, clip_vision, control_image, control_indices, target_index, width, height,
+               control_image_2=None):
+        from ..engine.pipelines.wan import prepare_one_frame
+
+        _check_size(width, height)
+        try:
+            indices = [int(s) for s in control_indices.replace(",", ";").split(";") if s.strip()]
+        except ValueError:
+            raise invalid("control_indices", control_indices, "frame indices separated by ';', e.g. '0;10'") from None
+        images = [image_to_video_tensor(control_image, width, height, "control_image")]
+        if control_image_2 is not None:
+            images.append(image_to_video_tensor(control_image_2, width, height, "control_image_2"))
+        with on_compute_device(clip_vision):
+            clip_fea = clip_vision.encode(images[0][None])[0].float().cpu()
+        with on_compute_device(vae):
+            cond = prepare_one_frame(vae, images, indices, target_index)
+        return ({"conditioning": cond, "clip_fea": clip_fea, "width": width, "height": height, "frames": 1,
+                 "task": "one_frame"},)
+
+
 class MusubiWanSampler:
-    DESCRIPTION = ("Generate Wan 2.1 latents: T2V, T2I (1 frame), I2V and FLF2V (with image embeds). Flow-matching "
+    DESCRIPTION = ("Generate Wan 2.1 latents: T2V, T2I (1 frame), I2V, FLF2V, Fun-Control and one-frame (with image embeds). Flow-matching "
                    "UniPC / DPM++ / Euler, CFG with negative prompt, CFG skip and skip-layer guidance. A LoRA applied "
                    "to (or being trained on) the model is used as it is.")
     CATEGORY = "Musubi/generation"
@@ -125,7 +222,8 @@ class MusubiWanSampler:
             "noise_device": (["cpu", "gpu"], {"default": "cpu",
                              "tooltip": "cpu: the same noise on any machine (as ComfyUI); gpu: drawn on the GPU."}),
         }, "optional": {
-            "image_embeds": (T.IMAGE_EMBEDS, {"tooltip": "I2V/FLF2V conditioning from Musubi Wan Image Encode."}),
+            "image_embeds": (T.IMAGE_EMBEDS, {"tooltip": "I2V/FLF2V, Fun-Control or one-frame conditioning from a "
+                                                         "Musubi Wan ... Encode node."}),
             "cfg_skip_mode": (CFG_SKIP, {"default": "none", "tooltip": "Skip the negative pass on some steps (faster)."}),
             "cfg_apply_ratio": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05,
                                 "tooltip": "Fraction of steps that apply CFG when cfg_skip_mode is not none."}),
@@ -145,6 +243,12 @@ class MusubiWanSampler:
             layers = tuple(int(s) for s in slg_layers.replace(" ", "").split(",") if s)
         except ValueError:
             raise invalid("slg_layers", slg_layers, "comma-separated block indices such as '9' or '4,5,6'") from None
+        from ..engine.pipelines.wan import model_task_kind
+
+        kind = model_task_kind(model.config)
+        if image_embeds is None and kind in ("i2v", "flf2v"):
+            raise invalid("image_embeds", None, f"a start image from Musubi Wan Image Encode: the loaded "
+                                                f"{model.config.variant} model is an image-to-video model")
         task = image_embeds["task"] if image_embeds is not None else ("t2i" if frames == 1 else "t2v")
         if image_embeds is not None and (image_embeds["width"], image_embeds["height"], image_embeds["frames"]) != \
                 (width, height, frames):
@@ -237,6 +341,8 @@ class MusubiSaveVideo:
 NODE_CLASS_MAPPINGS = {
     "MusubiWanTextEncode": MusubiWanTextEncode,
     "MusubiWanImageEncode": MusubiWanImageEncode,
+    "MusubiWanFunControlEncode": MusubiWanFunControlEncode,
+    "MusubiWanOneFrameEncode": MusubiWanOneFrameEncode,
     "MusubiWanSampler": MusubiWanSampler,
     "MusubiWanVAEDecode": MusubiWanVAEDecode,
     "MusubiSaveVideo": MusubiSaveVideo,
@@ -244,6 +350,8 @@ NODE_CLASS_MAPPINGS = {
 NODE_DISPLAY_NAME_MAPPINGS = {
     "MusubiWanTextEncode": "Musubi Wan Text Encode",
     "MusubiWanImageEncode": "Musubi Wan Image Encode (I2V/FLF2V)",
+    "MusubiWanFunControlEncode": "Musubi Wan Fun-Control Encode",
+    "MusubiWanOneFrameEncode": "Musubi Wan One-Frame Encode",
     "MusubiWanSampler": "Musubi Wan Sampler",
     "MusubiWanVAEDecode": "Musubi Wan VAE Decode",
     "MusubiSaveVideo": "Musubi Save Video",

@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from . import comfy_compat as compat
 from . import types as T
+from .placement import SWAP_ATTR, release_swap
 from .registry import MODELS
 from ..engine.errors import invalid
 
@@ -196,6 +197,7 @@ def _copy_module(module: nn.Module, root: bool) -> nn.Module:
         elif "hook" in k and isinstance(v, dict):
             v = type(v)(v)
         d[k] = v
+    _drop_block_swap_hooks(d)
     if root:
         for k in [k for k in d if k.startswith("_musubi_")]:
             del d[k]
@@ -209,6 +211,27 @@ def _copy_module(module: nn.Module, root: bool) -> nn.Module:
         d[_COW] = set(module.__dict__.get(_COW, set()))
     new.__dict__.update(d)
     return new
+
+
+def _is_block_swap_hook(fn) -> bool:
+    from ..engine.memory import BlockSwapper
+
+    return isinstance(getattr(fn, "__self__", None), BlockSwapper) or \
+        getattr(fn, "__qualname__", "").startswith("BlockSwapper.")
+
+
+def _drop_block_swap_hooks(d: dict) -> None:
+    """A view made while a block swapper is attached to the source must not inherit the swapper's hooks (they would
+    outlive its detach): drop them, and their ids from the companion dicts (`*_with_kwargs`, `*_always_called`)."""
+    doomed = set()
+    for k, v in d.items():
+        if "hook" in k and isinstance(v, dict):
+            doomed.update(hid for hid, fn in v.items() if callable(fn) and _is_block_swap_hook(fn))
+    if doomed:
+        for k, v in d.items():
+            if "hook" in k and isinstance(v, dict):
+                for hid in doomed:
+                    v.pop(hid, None)
 
 
 def make_lora_view(model: nn.Module) -> nn.Module:
@@ -229,7 +252,11 @@ def _sync_lora_devices(view, args):
             q = next(iter(net.buffers()), None)
         if q is not None and q.device != device:
             net.to(device)
+    swapper = view.__dict__.get(SWAP_ATTR)   # block swap (nodes/placement.py) places the swapped blocks' weights
+    swapped = tuple(f"blocks.{i}." for i in swapper.swapped) if swapper is not None else ()
     for name in view.__dict__.get(_COW, ()):
+        if swapped and name.startswith(swapped):
+            continue
         m = view.get_submodule(name)
         if m.weight.device != device:
             m.to(device)
@@ -360,6 +387,7 @@ class MusubiApplyLoRA:
             plans.append((field, item, s, report, kept))
 
         node = str(unique_id) if unique_id is not None else "?"
+        release_swap(model)   # block swap: real weights in the shared dicts (merge reads them), no hooks to copy
         view = make_lora_view(model)
         with torch.inference_mode(False):
             for i, (field, item, s, report, kept) in enumerate(plans):
