@@ -8,7 +8,7 @@ import torch
 
 from . import comfy_compat as compat
 from . import types as T
-from .placement import on_compute_device
+from .placement import dit_on_device, on_compute_device
 from ..engine.errors import invalid
 
 # The official Wan 2.1 default negative prompt (used when the negative prompt is left empty, as the release does).
@@ -272,7 +272,7 @@ class MusubiWanSampler:
                 preview = Image.fromarray((rgb.numpy() * 255).astype("uint8"))
             bar.update(step, preview=preview)
 
-        with on_compute_device(model, offload_after):
+        with dit_on_device(model, offload_after):
             latents = generate(model, request, progress)
         return ({"samples": latents.float().cpu(), "fps": 16.0, "task": task},)
 

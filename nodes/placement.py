@@ -115,6 +115,13 @@ def _swapped_indices(module, n: int) -> list[int]:
     return choose_swapped(num, n)
 
 
+def check_blocks_to_swap(module) -> None:
+    """Raise MusubiInputError naming blocks_to_swap when the model's value is out of its range (checked on every
+    device, as the loader does, so a graph that fails on the GPU fails on CPU too)."""
+    if getattr(module, "blocks_to_swap", 0) and isinstance(getattr(module, "blocks", None), torch.nn.ModuleList):
+        _swapped_indices(module, module.blocks_to_swap)
+
+
 def _swap_room(module, swapped: list[int], device: torch.device, prefetch: int = 1) -> int:
     """Bytes that will land on the device when swapping: what of the resident part is not there yet, plus the
     swapped blocks in flight (prefetch + 1 at most)."""

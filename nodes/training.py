@@ -27,7 +27,7 @@ import torch
 
 from . import comfy_compat as compat
 from . import types as T
-from .placement import current_device, module_bytes
+from .placement import check_blocks_to_swap, place_dit, prepare_for_view, release_swap
 from .registry import SESSIONS
 from ..engine.errors import invalid
 
@@ -200,10 +200,11 @@ def dataset_loader(dataset, model, seed: int):
 class TrainingRun:
     """One training session of the pack: the engine session (on a LoRA view of the DiT) + node bookkeeping."""
 
-    def __init__(self, session, key, node_id: str):
+    def __init__(self, session, key, node_id: str, base=None):
         self.session = session
         self.key = key
         self.node_id = node_id
+        self.base = base                      # the loader's model the view was made from (memory settings)
         self.targets: dict[tuple, int] = {}   # Train Steps token -> the step it must reach
 
     @property
@@ -214,28 +215,42 @@ class TrainingRun:
     def network(self):
         return self.session.network
 
+    def sync_memory_settings(self) -> None:
+        """The loader sets blocks_to_swap / activation_offload on its model each run; the view copied them when it
+        was made, so a session kept across runs follows the loader's current values."""
+        base, view = self.base, self.session.model
+        if base is None or base is view:
+            return
+        for attr in ("blocks_to_swap", "activation_offload"):
+            if attr in base.__dict__:
+                setattr(view, attr, base.__dict__[attr])
+
     def activate(self) -> None:
-        """Before training or sampling: this session's adapter attached, model/adapter/optimizer on its device."""
+        """Before training or sampling: this session's adapter attached, the view on the compute device (with block
+        swap: the weight set's swapper on the view), adapter and optimizer state there too."""
         from ..engine.training.trainer import check_attention
 
         s = self.session
         check_attention(s.model, s.config)
         if not s.network.is_attached:
             s.network.attach(s.model)
-        device = s.device
-        if current_device(s.model) != device:
-            compat.make_room(int(module_bytes(s.model) * 1.1) + (256 << 20), device)
-            s.model.to(device)
-        s.network.to(device)
-        _move_optimizer_state(s.optimizer, device)
+        self.sync_memory_settings()
+        device = place_dit(s.model, training=True)
+        with torch.inference_mode(False):   # adapters swapped in CPU blocks were created on the CPU: move them
+            s.network.to(device)
+            _move_optimizer_state(s.optimizer, device)
 
     def to(self, device) -> "TrainingRun":
-        """Offload (Musubi Unload Models): adapter and optimizer state to `device`; `activate` brings them back."""
-        self.session.network.to(device)
-        _move_optimizer_state(self.session.optimizer, torch.device(device))
+        """Offload (Musubi Unload Models): the view's block swapper detached (to CPU), adapter and optimizer state
+        to `device`; `activate` brings them back."""
+        release_swap(self.session.model, only_if_attached_to_it=True)
+        with torch.inference_mode(False):
+            self.session.network.to(device)
+            _move_optimizer_state(self.session.optimizer, torch.device(device))
         return self
 
     def close(self) -> None:
+        release_swap(self.session.model, only_if_attached_to_it=True)
         self.session.network.detach()
         self.session.close()
 
@@ -315,6 +330,7 @@ def open_run(kind: str, node_id, model, dataset, network, optimizer, config, res
     network.validate()
     optimizer.validate()
     check_attention(model, config)
+    check_blocks_to_swap(model)
 
     stale = [k for k in SESSIONS.keys() if isinstance(k, tuple) and k[:2] == (kind, node_id) and k != key]
     for k in stale:
@@ -325,16 +341,15 @@ def open_run(kind: str, node_id, model, dataset, network, optimizer, config, res
         SESSIONS.release(lambda k: k in stale)
 
     compat.free_all()
-    device = compat.torch_device()
-    if current_device(model) != device:
-        compat.make_room(int(module_bytes(model) * 1.1) + (1 << 30), device)
-        model.to(device)
+    # no swapper on the weight set while the view and its adapters are made; with block swap the swapped blocks
+    # stay in CPU memory (their adapters are created there and moved by activate, which attaches the swapper)
+    prepare_for_view(model)
     make_trainable(model)
     view = make_lora_view(model)
     with compat.training_context():  # adapter and optimizer tensors must be normal (autograd) tensors
         session = TrainingSession(view, network, optimizer, loader, config, resume_from=resume_from)
     _register_view(view, session.network, node_id, config.output_name)
-    run = TrainingRun(session, key, node_id)
+    run = TrainingRun(session, key, node_id, base=model)
     SESSIONS.put(key, run)
     return run
 

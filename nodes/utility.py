@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from . import comfy_compat as compat
+from .placement import release_swap
 from .registry import MODELS, SESSIONS
 
 
@@ -37,6 +38,8 @@ class MusubiUnloadModels:
     def run(self, mode, what, passthrough=None):
         registries = {"models": [MODELS], "training sessions": [SESSIONS], "everything": [MODELS, SESSIONS]}[what]
         count = 0
+        # block swap first: detached to CPU, host (pinned) masters freed, no hook left on a model that moves or goes
+        release_swap()
         for reg in registries:
             if mode == "release":
                 count += reg.release()

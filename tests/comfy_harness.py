@@ -471,8 +471,10 @@ CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first
                   "--disable-dev-shm-usage"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser_page(comfy_server):
+    """Module-scoped on purpose: playwright's sync API keeps an event loop running in this thread while it is open,
+    and the in-process tier needs asyncio.run() afterwards."""
     if not Path(CHROMIUM).exists():
         raise pytest.UsageError(f"{CHROMIUM} missing: run WITH_BROWSER=1 scripts/setup_env.sh")
     from playwright.sync_api import sync_playwright
