@@ -203,14 +203,14 @@ def place_dit(module: torch.nn.Module, training: bool = False) -> torch.device:
     if it already has it, moved over from another module of the weight set otherwise); else it moves whole."""
     from ..engine.memory import move_to, swap_blocks
 
+    check_blocks_to_swap(module)   # a bad value fails before anything moves
     device = compat.torch_device()
     key = weight_key(module)
     with _LOCK:
         entry = _ACTIVE.get(key)
         swap = _swap_enabled(module, device)
         n = blocks_to_swap(module)
-        if swap:
-            swapped = _swapped_indices(module, n)   # a bad value fails before anything moves
+        swapped = _swapped_indices(module, n) if swap else []
         keep = swap and entry is not None and entry.module is module and entry.blocks_to_swap == n \
             and entry.device == device
         if entry is not None and not keep:
