@@ -1,5 +1,5 @@
-"""LoRA training nodes: LoRA Config, Optimizer Config, Init Training, Train Steps, Validate, Save Trained LoRA, Resume
-Training, and the all-in-one Train LoRA.
+"""LoRA training nodes: LoRA Config, Optimizer Config, Init Training, Train Steps, Validation Prompt, Validate, Save
+Trained LoRA, Resume Training, and the all-in-one Train LoRA.
 
 The session is trained on a *LoRA view* of the loaded DiT (see nodes/lora.py): new module objects that share every
 weight with the loader's model, carrying the training adapter's hooks. The loader's model therefore never gets an
@@ -27,7 +27,7 @@ import torch
 
 from . import comfy_compat as compat
 from . import types as T
-from .placement import check_blocks_to_swap, place_dit, prepare_for_view, release_swap
+from .placement import check_blocks_to_swap, on_compute_device, place_dit, prepare_for_view, release_swap
 from .registry import SESSIONS
 from ..engine.errors import invalid
 
@@ -206,6 +206,7 @@ class TrainingRun:
         self.node_id = node_id
         self.base = base                      # the loader's model the view was made from (memory settings)
         self.targets: dict[tuple, int] = {}   # Train Steps token -> the step it must reach
+        self.listener = None                  # the running Train Steps node's ValidationListener (set by train_to)
 
     @property
     def model(self):
@@ -379,8 +380,144 @@ def train_to(run: TrainingRun, target: int, node_id) -> list[float]:
             preview = Image.fromarray((img.numpy() * 255).astype("uint8"))
         bar.update(done, preview=preview, text=info.get("status"))
 
-    with compat.training_context():
-        return s.train_steps(todo, progress)
+    run.listener = ValidationListener(bar, node_id, start)
+    try:
+        with compat.training_context():
+            return s.train_steps(todo, progress)
+    finally:
+        run.listener = None
+
+
+# --- sampling during training (the session's ValidationConfig) -------------------------------------------------------
+def _first_frame_pil(video: torch.Tensor):
+    """[B, 3, F, H, W] in [-1, 1] -> PIL image of the first frame of the first sample."""
+    from PIL import Image
+
+    frame = ((video[0, :, 0].float().cpu() + 1.0) / 2.0).clamp(0, 1).permute(1, 2, 0)
+    return Image.fromarray((frame.numpy() * 255).round().astype("uint8"))
+
+
+def video_to_image(video: torch.Tensor) -> torch.Tensor:
+    """[B, 3, F, H, W] in [-1, 1] -> IMAGE [B·F, H, W, 3] in [0, 1] (as Musubi Wan VAE Decode outputs)."""
+    frames = ((video.float().cpu() + 1.0) / 2.0).clamp(0, 1)
+    return frames.permute(0, 2, 3, 4, 1).reshape(-1, *frames.shape[-2:], 3).contiguous()
+
+
+class ValidationListener:
+    """What the running Train Steps node shows while the session samples its validation prompts: a progress text
+    per denoising step (which is also a cancel point) and each decoded sample's first frame as the node's preview."""
+
+    def __init__(self, bar, node_id, start: int):
+        self.bar, self.node_id, self.start = bar, node_id, start
+        self.step, self.index = None, 0
+
+    def _sample_index(self, step: int) -> int:
+        if step != self.step:
+            self.step, self.index = step, 0
+        return self.index + 1
+
+    def sampling(self, session, step: int, total: int) -> None:
+        compat.check_interrupt()
+        n = len(session.validation.prompts) if session.validation is not None else 1
+        compat.send_text(self.node_id, f"step {session.step}/{session.total_steps} | validation sample "
+                                       f"{self._sample_index(session.step)}/{n}: denoising {step}/{total}")
+
+    def decoded(self, session, video: torch.Tensor) -> None:
+        n = len(session.validation.prompts) if session.validation is not None else 1
+        k = self._sample_index(session.step)
+        self.index += 1
+        self.bar.update(session.step - self.start, preview=_first_frame_pil(video),
+                        text=f"step {session.step}/{session.total_steps} | validation sample {k}/{n} decoded")
+
+
+class _ValidationVAE:
+    """The VAE as the session's validation sees it (`decode(latents) -> [B, 3, F, H, W]` in [-1, 1]): decoded on the
+    compute device, then shown on the running Train Steps node."""
+
+    def __init__(self, vae, run: "TrainingRun"):
+        self.vae, self.run = vae, run
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        with on_compute_device(self.vae) as device:
+            dtype = next(self.vae.parameters()).dtype
+            video = self.vae.decode(latents.to(device, dtype)).float().cpu()
+        listener = self.run.listener
+        if listener is not None:
+            listener.decoded(self.run.session, video)
+        return video
+
+
+def _validation_sample_fn(run: "TrainingRun"):
+    """engine.pipelines.wan.generate with the running Train Steps node's progress text and cancel check."""
+    def sample(model, request, progress=None):
+        from ..engine.pipelines.wan import generate
+
+        def step_progress(step, total, x0=None):
+            listener = run.listener
+            if listener is not None:
+                listener.sampling(run.session, step, total)
+            if progress is not None:
+                progress(step, total, x0)
+
+        return generate(model, request, step_progress)
+    return sample
+
+
+def check_validation_inputs(model, prompts, vae, every_n_steps, at_start) -> bool:
+    """Init Training's validation inputs, checked before any session exists; True when validation is on."""
+    from ..engine.training import ValidationPrompt
+    from ..engine.training.validation import build_request
+    from ..engine.pipelines.wan import validate_request
+
+    every_n_steps = int(every_n_steps or 0)
+    if every_n_steps < 0:
+        raise invalid("validate_every_n_steps", every_n_steps, "an integer ≥ 0 (0 = no sampling during training)")
+    if prompts is not None and (not isinstance(prompts, (list, tuple))
+                                or not all(isinstance(p, ValidationPrompt) for p in prompts)):
+        raise invalid("validation_prompts", type(prompts).__name__, "VALIDATION_PROMPTS from Musubi Validation Prompt")
+    enabled = every_n_steps > 0 or bool(at_start)
+    if not enabled:
+        return False
+    why = f"validate_every_n_steps={every_n_steps}" if every_n_steps > 0 else "validate_at_start"
+    if not prompts:
+        raise invalid("validation_prompts", None, f"at least one prompt from Musubi Validation Prompt (connected) "
+                                                  f"when {why} is set")
+    if vae is None:
+        raise invalid("validation_vae", None, f"a Wan VAE (Musubi Wan VAE Loader) to decode the samples when {why} "
+                                              "is set")
+    if not callable(getattr(vae, "decode", None)) or not callable(getattr(vae, "parameters", None)):
+        raise invalid("validation_vae", type(vae).__name__, "a Wan VAE from Musubi Wan VAE Loader")
+    for i, p in enumerate(prompts):
+        try:
+            validate_request(model, build_request(p).resolve())
+        except Exception as e:  # noqa: BLE001 - restate it as an input error naming the prompt
+            raise invalid(f"validation_prompts[{i}]", f"{p.width}x{p.height}x{p.frames}",
+                          f"a prompt the loaded model can sample: {e}") from e
+    return True
+
+
+def validation_config(run: "TrainingRun", prompts, vae, every_n_steps, at_start):
+    from ..engine.training import ValidationConfig
+
+    cfg = ValidationConfig(prompts=list(prompts), every_n_steps=int(every_n_steps) or None, at_first=bool(at_start),
+                           vae=_ValidationVAE(vae, run), sample_fn=_validation_sample_fn(run))
+    cfg.validate()
+    return cfg
+
+
+def samples_image(run: "TrainingRun") -> torch.Tensor:
+    """The session's latest validation samples as one IMAGE (every prompt's frames one after another, resized to
+    the first prompt's size), or a 1×64×64 black image before the first validation."""
+    videos = [v for v in (run.session.last_samples or []) if isinstance(v, torch.Tensor) and v.ndim == 5
+              and v.shape[1] == 3]
+    if not videos:
+        return torch.zeros(1, 64, 64, 3)
+    images = [video_to_image(v) for v in videos]
+    h, w = images[0].shape[1:3]
+    same = [im if tuple(im.shape[1:3]) == (h, w) else torch.nn.functional.interpolate(
+        im.movedim(-1, 1), size=(h, w), mode="bilinear", align_corners=False).movedim(1, -1).clamp(0, 1)
+        for im in images]
+    return torch.cat(same)
 
 
 def status_of(run: TrainingRun) -> str:
@@ -571,7 +708,9 @@ class MusubiInitTraining:
                    "writable); ComfyUI's models are evicted first. The adapter lives on a view of the model sharing "
                    "its weights, so the loader's model stays clean. Re-queueing the same graph continues the same "
                    "session (even if ComfyUI evicted this node's output); changing an input here starts a new "
-                   "session that replaces this node's previous one (never two adapters).")
+                   "session that replaces this node's previous one (never two adapters), except the validation and "
+                   "tensorboard inputs, which apply to the running session. Optional: sample validation prompts "
+                   "every N steps (shown on Train Steps) and write TensorBoard logs to <output_dir>/logs.")
     CATEGORY = CATEGORY
     FUNCTION = "init"
     RETURN_TYPES = (T.TRAINING_SESSION, T.WAN_DIT)
@@ -618,12 +757,29 @@ class MusubiInitTraining:
         }, "optional": {
             "save_format": (SAVE_FORMATS, {"default": "comfyui",
                             "tooltip": "Format of the LoRA files written during and at the end of training."}),
+            "validation_prompts": (T.VALIDATION_PROMPTS, {
+                "tooltip": "Prompts to sample during training (Musubi Validation Prompt, chained for several). Used "
+                           "when validate_every_n_steps > 0 or validate_at_start is on."}),
+            "validation_vae": (T.WAN_VAE, {"tooltip": "The Wan VAE that decodes the validation samples (required "
+                                                      "when validation is on)."}),
+            "validate_every_n_steps": ("INT", {"default": 0, "min": 0, "max": 10_000_000,
+                                       "tooltip": "Sample the validation prompts every N steps with the model and "
+                                                  "adapter as trained so far; shown as Train Steps' preview and "
+                                                  "'samples' output. 0 = off. Never changes the training results."}),
+            "validate_at_start": ("BOOLEAN", {"default": False,
+                                  "tooltip": "Also sample the validation prompts before the first step (the model "
+                                             "without training, to compare against)."}),
+            "tensorboard": ("BOOLEAN", {"default": False,
+                            "tooltip": "Write TensorBoard event files (loss, average loss, learning rate, speed, "
+                                       "timesteps) to <output_dir>/logs; view with `tensorboard --logdir` there."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def init(self, model, dataset, lora_config, optimizer_config, seed, max_train_steps, mixed_precision,
              gradient_checkpointing, gradient_accumulation_steps, timestep_sampling, discrete_flow_shift,
              sigmoid_scale, weighting_scheme, min_timestep, max_timestep, save_every_n_steps, keep_last_n_saves,
-             output_dir, output_name, save_state, attention_backend, save_format="comfyui", unique_id=None):
+             output_dir, output_name, save_state, attention_backend, save_format="comfyui", validation_prompts=None,
+             validation_vae=None, validate_every_n_steps=0, validate_at_start=False, tensorboard=False,
+             unique_id=None):
         config = _training_config(
             seed=seed, max_train_steps=max_train_steps, mixed_precision=mixed_precision,
             gradient_checkpointing=gradient_checkpointing, gradient_accumulation_steps=gradient_accumulation_steps,
@@ -633,9 +789,38 @@ class MusubiInitTraining:
             output_name=output_name, save_state=save_state, attention_backend=attention_backend,
             save_format=save_format)
         network, optimizer = _network_config(lora_config), _optimizer_config(optimizer_config)
+        _check_model(model)
+        validate = check_validation_inputs(model, validation_prompts, validation_vae, validate_every_n_steps,
+                                           validate_at_start)
+        logging_dir = tensorboard_dir(config.output_dir) if tensorboard else None
         run = open_run("init", unique_id, model, dataset, dataclasses.replace(network),
                        dataclasses.replace(optimizer), config)
+        # validation and TensorBoard apply to the session in memory: changing them never restarts training
+        run.session.validation = validation_config(run, validation_prompts, validation_vae, validate_every_n_steps,
+                                                   validate_at_start) if validate else None
+        set_logging_dir(run, logging_dir)
         return (SessionHandle(run, ("init",) + run.key[1:]), run.model)
+
+
+def tensorboard_dir(output_dir: str) -> str:
+    """<output_dir>/logs, checked writable and tensorboardX importable (before any session exists)."""
+    from ..engine.training.config import check_writable
+
+    try:
+        import tensorboardX  # noqa: F401
+    except ImportError:
+        raise invalid("tensorboard", True, "the tensorboardX package installed (pip install tensorboardX), or "
+                                           "tensorboard off") from None
+    return str(check_writable(Path(output_dir) / "logs", "output_dir"))
+
+
+def set_logging_dir(run: TrainingRun, logging_dir: str | None) -> None:
+    """Turn the session's TensorBoard logging on (event files appear at the next step) or off."""
+    s = run.session
+    if (s.config.logging_dir or None) == logging_dir:
+        return
+    s.close()  # the engine's close() only closes the TensorBoard writer; the next step opens a new one if on
+    s.config.logging_dir = logging_dir
 
 
 def _network_config(value):
@@ -663,13 +848,15 @@ class MusubiTrainSteps:
                    "loss, lr, it/s, ETA and memory as progress text, and the loss curve as preview.")
     CATEGORY = CATEGORY
     FUNCTION = "train"
-    RETURN_TYPES = (T.TRAINING_SESSION, "IMAGE", LOSS_MAP, "STRING", T.WAN_DIT)
-    RETURN_NAMES = ("session", "loss_curve", "loss_map", "status", "model")
+    RETURN_TYPES = (T.TRAINING_SESSION, "IMAGE", LOSS_MAP, "STRING", T.WAN_DIT, "IMAGE")
+    RETURN_NAMES = ("session", "loss_curve", "loss_map", "status", "model", "samples")
     OUTPUT_TOOLTIPS = ("The same session, trained further (chain another Train Steps, Validate or Save).",
                        "Loss curve of the whole session so far (raw and smoothed).",
                        "Loss per step of the whole session, core LOSS_MAP {'loss': [...]}.",
                        "Status: step, loss, learning rate, speed, ETA, memory.",
-                       "The model with the adapter as trained so far (connect to Musubi Wan Sampler).")
+                       "The model with the adapter as trained so far (connect to Musubi Wan Sampler).",
+                       "The latest validation samples (Init Training's validation prompts; every prompt's frames "
+                       "one after another), or a 64x64 black image before the first validation.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -701,7 +888,77 @@ class MusubiTrainSteps:
         if target is None:
             target = run.targets[token] = run.session.step + steps
         train_to(run, target, unique_id)
-        return (SessionHandle(run, token), _loss_image(run), run.session.loss_map(), status_of(run), run.model)
+        return (SessionHandle(run, token), _loss_image(run), run.session.loss_map(), status_of(run), run.model,
+                samples_image(run))
+
+
+class MusubiValidationPrompt:
+    DESCRIPTION = ("One prompt to sample during training (Musubi Init Training's validation_prompts) with its size, "
+                   "length, seed, steps and guidance. Chain several: connect a previous Validation Prompt to "
+                   "validation_prompts to build a list.")
+    CATEGORY = CATEGORY
+    FUNCTION = "build"
+    RETURN_TYPES = (T.VALIDATION_PROMPTS,)
+    RETURN_NAMES = ("validation_prompts",)
+    OUTPUT_TOOLTIPS = ("The prompts so far (the connected ones, then this one), for Musubi Init Training or another "
+                       "Validation Prompt.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "embeds": (T.EMBEDS, {"tooltip": "Prompt embeddings from Musubi Wan Text Encode (its negative prompt is "
+                                             "used for guidance)."}),
+            "width": ("INT", {"default": 256, "min": 16, "max": 4096, "step": 16, "tooltip": "Width (multiple of 16)."}),
+            "height": ("INT", {"default": 256, "min": 16, "max": 4096, "step": 16,
+                       "tooltip": "Height (multiple of 16)."}),
+            "frames": ("INT", {"default": 1, "min": 1, "max": 1025, "step": 4, "tooltip": "Frames, 4k+1 (1 = image)."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1,
+                     "tooltip": "Noise seed (fixed, so samples at different steps are comparable)."}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 1000, "tooltip": "Denoising steps."}),
+            "guidance_scale": ("FLOAT", {"default": 5.0, "min": 1.0, "max": 30.0, "step": 0.1,
+                               "tooltip": "Classifier-free guidance scale (1 = no negative pass, faster)."}),
+            "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.1,
+                      "tooltip": "Flow shift; 0 = the task default."}),
+        }, "optional": {
+            "validation_prompts": (T.VALIDATION_PROMPTS, {"tooltip": "Earlier prompts to add this one to (chain "
+                                                                     "Validation Prompt nodes)."}),
+            "image_embeds": (T.IMAGE_EMBEDS, {"tooltip": "I2V/FLF2V or Fun-Control conditioning (Musubi Wan ... "
+                                                         "Encode) with the same width/height/frames, for training "
+                                                         "an image-to-video model."}),
+        }}
+
+    def build(self, embeds, width, height, frames, seed, steps, guidance_scale, shift, validation_prompts=None,
+              image_embeds=None):
+        from ..engine.training import ValidationPrompt
+
+        if not isinstance(embeds, dict) or not isinstance(embeds.get("context"), torch.Tensor):
+            raise invalid("embeds", type(embeds).__name__, "prompt embeddings from Musubi Wan Text Encode")
+        if width % 16 or height % 16:
+            raise invalid("width/height", (width, height), "multiples of 16")
+        if (frames - 1) % 4:
+            raise invalid("frames", frames, "a frame count of the form 4k+1 (1, 5, 9, ..., 81)")
+        previous = [] if validation_prompts is None else validation_prompts
+        if not isinstance(previous, (list, tuple)) or not all(isinstance(p, ValidationPrompt) for p in previous):
+            raise invalid("validation_prompts", type(previous).__name__, "VALIDATION_PROMPTS from Musubi Validation "
+                                                                         "Prompt")
+        task = conditioning = clip_fea = None
+        if image_embeds is not None:
+            if not isinstance(image_embeds, dict) or "conditioning" not in image_embeds:
+                raise invalid("image_embeds", type(image_embeds).__name__, "conditioning from a Musubi Wan ... Encode "
+                                                                           "node")
+            size = (image_embeds.get("width"), image_embeds.get("height"), image_embeds.get("frames"))
+            if size != (width, height, frames):
+                raise invalid("image_embeds", size, f"this prompt's width/height/frames {(width, height, frames)}")
+            task, conditioning = image_embeds.get("task"), image_embeds["conditioning"]
+            clip_fea = image_embeds.get("clip_fea")
+        negative = embeds.get("negative_context")
+        prompt = ValidationPrompt(
+            context=compat.unwrap_inference_tensor(embeds["context"]),
+            negative_context=None if negative is None else compat.unwrap_inference_tensor(negative),
+            width=int(width), height=int(height), frames=int(frames), seed=int(seed), steps=int(steps),
+            guidance_scale=float(guidance_scale), shift=float(shift) or None, task=task, clip_fea=clip_fea,
+            conditioning=conditioning)
+        return (list(previous) + [prompt],)
 
 
 class MusubiValidate:
@@ -931,6 +1188,7 @@ NODE_CLASS_MAPPINGS = {
     "MusubiOptimizerConfig": MusubiOptimizerConfig,
     "MusubiInitTraining": MusubiInitTraining,
     "MusubiTrainSteps": MusubiTrainSteps,
+    "MusubiValidationPrompt": MusubiValidationPrompt,
     "MusubiValidate": MusubiValidate,
     "MusubiSaveTrainedLoRA": MusubiSaveTrainedLoRA,
     "MusubiResumeTraining": MusubiResumeTraining,
@@ -941,6 +1199,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "MusubiOptimizerConfig": "Musubi Optimizer Config",
     "MusubiInitTraining": "Musubi Init Training",
     "MusubiTrainSteps": "Musubi Train Steps",
+    "MusubiValidationPrompt": "Musubi Validation Prompt",
     "MusubiValidate": "Musubi Validate (sample during training)",
     "MusubiSaveTrainedLoRA": "Musubi Save Trained LoRA",
     "MusubiResumeTraining": "Musubi Resume Training",
