@@ -79,9 +79,14 @@ class MusubiWanDiTLoader:
             "activation_offload": ("BOOLEAN", {"default": False,
                                    "tooltip": "With gradient checkpointing, keep the checkpointed activations in CPU "
                                               "memory during training (less VRAM, slower)."}),
+            "offload_after_use": ("BOOLEAN", {"default": False,
+                                  "tooltip": "Move the DiT back to CPU memory after every node that uses it (frees "
+                                             "VRAM for other models; slower re-runs). Off: it stays on the GPU "
+                                             "until Musubi Unload Models or a node's own offload option."}),
         }}
 
-    def load(self, model_name, dtype, attention, fp8="none", blocks_to_swap=0, activation_offload=False):
+    def load(self, model_name, dtype, attention, fp8="none", blocks_to_swap=0, activation_offload=False,
+             offload_after_use=False):
         from ..engine.memory import validate_blocks_to_swap
         from ..engine.models.wan.loader import load_wan_dit
 
@@ -94,6 +99,7 @@ class MusubiWanDiTLoader:
         model.attention_backend = attention
         model.blocks_to_swap = blocks_to_swap
         model.activation_offload = activation_offload
+        model.offload_after_use = offload_after_use
         return (model,)
 
 
@@ -112,9 +118,13 @@ class MusubiWanVAELoader:
             "dtype": (["bf16", "fp16", "fp32"], {"default": "bf16", "tooltip": "Precision of the VAE weights."}),
             "cache_on_cpu": ("BOOLEAN", {"default": False,
                              "tooltip": "Keep the VAE's temporal feature caches in CPU memory (less VRAM, slower)."}),
+        }, "optional": {
+            "keep_on_gpu": ("BOOLEAN", {"default": False,
+                            "tooltip": "Keep this model on the GPU between uses (faster, uses VRAM). Off: it goes "
+                                       "back to CPU memory after each use."}),
         }}
 
-    def load(self, vae_name, dtype, cache_on_cpu):
+    def load(self, vae_name, dtype, cache_on_cpu, keep_on_gpu=False):
         from ..engine.models.wan.vae import load_wan_vae
 
         source = resolve_source(vae_name, "vae", "vae_name")
@@ -122,6 +132,7 @@ class MusubiWanVAELoader:
         vae = MODELS.get_or_create(key, lambda: load_wan_vae(source, dtype=DTYPES[dtype], device="cpu"))
         vae.cache_device = "cpu" if cache_on_cpu else None
         vae.identity = ":".join(map(str, key[1]))
+        vae.keep_on_gpu = keep_on_gpu
         return (vae,)
 
 
@@ -145,15 +156,19 @@ class MusubiUMT5Loader:
             "tokenizer_path": ("STRING", {"default": "",
                                "tooltip": "Optional: a folder with spiece.model/tokenizer.json, or a .model file. "
                                           "Empty: use the tokenizer embedded in the weight file."}),
+            "keep_on_gpu": ("BOOLEAN", {"default": False,
+                            "tooltip": "Keep this model on the GPU between uses (faster, uses VRAM). Off: it goes "
+                                       "back to CPU memory after each use."}),
         }}
 
-    def load(self, text_encoder_name, dtype, tokenizer_path=""):
+    def load(self, text_encoder_name, dtype, tokenizer_path="", keep_on_gpu=False):
         from ..engine.encoders.umt5 import load_umt5
 
         source = resolve_source(text_encoder_name, "text_encoders", "text_encoder_name")
         tok = tokenizer_path.strip() or None
         key = ("umt5", source_identity(source), dtype, tok)
         enc = MODELS.get_or_create(key, lambda: load_umt5(source, dtype=DTYPES[dtype], device="cpu", tokenizer_path=tok))
+        enc.keep_on_gpu = keep_on_gpu
         return (enc,)
 
 
@@ -172,14 +187,20 @@ class MusubiClipVisionLoader:
             "clip_name": (_choices(CLIP_PRESETS, "clip_vision"), {
                 "tooltip": "A CLIP ViT-H/14 file from models/clip_vision, or the tiny preset."}),
             "dtype": (["fp16", "bf16", "fp32"], {"default": "fp16", "tooltip": "Precision (Wan runs CLIP in fp16)."}),
+        }, "optional": {
+            "keep_on_gpu": ("BOOLEAN", {"default": False,
+                            "tooltip": "Keep this model on the GPU between uses (faster, uses VRAM). Off: it goes "
+                                       "back to CPU memory after each use."}),
         }}
 
-    def load(self, clip_name, dtype):
+    def load(self, clip_name, dtype, keep_on_gpu=False):
         from ..engine.encoders.clip_vision import load_clip_vision
 
         source = resolve_source(clip_name, "clip_vision", "clip_name")
         key = ("clip_vision", source_identity(source), dtype)
-        return (MODELS.get_or_create(key, lambda: load_clip_vision(source, dtype=DTYPES[dtype], device="cpu")),)
+        clip = MODELS.get_or_create(key, lambda: load_clip_vision(source, dtype=DTYPES[dtype], device="cpu"))
+        clip.keep_on_gpu = keep_on_gpu
+        return (clip,)
 
 
 NODE_CLASS_MAPPINGS = {

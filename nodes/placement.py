@@ -67,7 +67,7 @@ def on_compute_device(obj, offload_after: bool = True) -> Iterator[torch.device]
     try:
         yield device
     finally:
-        if moved and offload_after:
+        if moved and offload_after and not getattr(obj, "keep_on_gpu", False):  # the loader's option wins
             obj.to("cpu")
 
 
@@ -252,5 +252,5 @@ def dit_on_device(module: torch.nn.Module, offload_after: bool = False,
     try:
         yield device
     finally:
-        if offload_after:
+        if offload_after or getattr(module, "offload_after_use", False):  # node option or the loader's option
             offload_dit(module)

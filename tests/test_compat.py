@@ -102,3 +102,25 @@ def test_rerun_without_cache_keeps_one_model_in_memory(comfy):
     wan_cls = type(first)
     live = [o for o in gc.get_objects() if type(o) is wan_cls and getattr(o, "source_path", None) == first.source_path]
     assert len(live) == 1
+
+
+def test_loader_placement_options_decide_whether_models_go_back_to_cpu(comfy, monkeypatch):
+    """keep_on_gpu (VAE/encoder loaders) keeps a model on the GPU after use; otherwise it returns to CPU."""
+    placement = comfy.pack_module("nodes.placement")
+    compat = _compat(comfy)
+    monkeypatch.setattr(compat, "torch_device", lambda: torch.device("cuda"))
+    monkeypatch.setattr(compat, "make_room", lambda *a, **k: 0)
+
+    class Encoder:  # records moves; no real GPU needed
+        def __init__(self, keep):
+            self.keep_on_gpu, self.moves = keep, []
+
+        def to(self, device):
+            self.moves.append(str(device))
+            return self
+
+    for keep, expected in ((False, ["cuda", "cpu"]), (True, ["cuda"])):
+        enc = Encoder(keep)
+        with placement.on_compute_device(enc) as device:
+            assert device.type == "cuda"
+        assert enc.moves == expected
