@@ -24,6 +24,7 @@ _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.floa
                 torch.int64: "int64", torch.int32: "int32", torch.bool: "bool"}
 _DTYPE_SUFFIX = re.compile(r"_(float16|bfloat16|float32|int64|int32|bool)$")
 _SHAPE_SUFFIX = re.compile(r"_\d+x\d+x\d+$")
+MASK_CH = 4  # Wan I2V conditioning: 4 mask channels before the 16 latent channels
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -48,11 +49,21 @@ def strip_key(stored: str) -> str:
 
 
 @dataclass
+class OneFrameSpec:
+    """Musubi's "one frame" training item (image dataset with `fp_1f_target_index` and control images)."""
+
+    clean_indices: tuple[int, ...]     # `fp_1f_clean_indices`: one RoPE frame index per control image, in order
+    target_index: int                  # `fp_1f_target_index`
+
+
+@dataclass
 class Clip:
     """One decoded training sample, already in its bucket."""
 
     frames: np.ndarray                 # [F, H, W, 3] uint8, H/W = bucket size, F = 4k + 1 (1 for images)
     control: np.ndarray | None = None  # [F, H, W, 3] uint8 control frames (same bucket and length), if any
+    controls: list[np.ndarray] | None = None  # one-frame: the control images [H, W, 3] uint8 (same size as frames)
+    one_frame: OneFrameSpec | None = None     # one-frame: the indices (set together with `controls`)
 
 
 @runtime_checkable
@@ -102,6 +113,13 @@ class WanCacheAdapter:
     Latent file:  `latents_{F}x{H}x{W}` [16, F_lat, H/8, W/8]; I2V: `latents_image_…` [20, F_lat, H/8, W/8] (4 mask
                   channels + 16 latent channels of [first frame, zeros...]) and `clip` [257, clip_dim] from the first
                   frame when a CLIP encoder is given; Fun-Control: `latents_control_…` [16, F_lat, H/8, W/8].
+    One-frame items (`Clip.one_frame` set; image dataset with `fp_1f_target_index` + control images, reference
+                  §3.7), n = number of controls + 1 latent frames ordered by the sorted index list:
+                  `latents_{n}x{H}x{W}` [16, n, H/8, W/8] control latents in the control slots and the target image
+                  latent in its slot (each a 1-frame encode); `latents_image_…` [20, n, H/8, W/8] = the `y` of
+                  `engine.pipelines.wan.prepare_one_frame` (mask 1 on control slots, mid-gray latent in the target
+                  slot); `f_indices_int32` [n] the RoPE frame positions; `f_target_slot_int32` [1] the target's slot;
+                  `clip` [257, clip_dim] of the first control image (required: one-frame uses an I2V model).
     Text file:    `varlen_t5` [L, text_dim] (true token length).
     Encoders are already loaded objects: `vae.encode([B,3,F,H,W] in [-1,1]) -> [B,16,F_lat,H/8,W/8]`,
     `text_encoder.encode(list[str]) -> list[[L, D]]`, `clip.encode([B,3,H,W] in [-1,1]) -> [B, 257, D]`; each has an
@@ -111,12 +129,17 @@ class WanCacheAdapter:
     target_fps = 16.0
 
     def __init__(self, vae=None, text_encoder=None, clip=None, *, i2v: bool = False, control: bool = False,
-                 dtype: torch.dtype = torch.bfloat16, text_dtype: torch.dtype = torch.bfloat16):
+                 one_frame: bool = False, dtype: torch.dtype = torch.bfloat16,
+                 text_dtype: torch.dtype = torch.bfloat16):
         if dtype not in _DTYPE_NAMES or text_dtype not in _DTYPE_NAMES:
             raise invalid("cache dtype", (dtype, text_dtype), "float16, bfloat16 or float32")
         self.vae, self.text_encoder, self.clip = vae, text_encoder, clip
         self.i2v = i2v or clip is not None  # a CLIP encoder implies I2V (as Musubi's --clip)
         self.control = control
+        # one_frame=True (Musubi's `--one_frame`): image datasets with control images must be one-frame datasets
+        # (`fp_1f_target_index` required). Without it, datasets that set `fp_1f_target_index` are still cached
+        # for one-frame training (the cache builder decides per dataset, see `cache.prepare_item`).
+        self.one_frame = bool(one_frame)
         self.dtype, self.text_dtype = dtype, text_dtype
         if (self.i2v or control) and vae is None:
             raise invalid("Wan cache", "i2v/control without a VAE", "a VAE to encode conditioning latents")
@@ -128,6 +151,8 @@ class WanCacheAdapter:
             return None
         d = {"vae": _identity(self.vae, "VAE"), "dtype": dtype_name(self.dtype), "i2v": self.i2v,
              "control": self.control}
+        if self.one_frame:
+            d["one_frame"] = True
         if self.clip is not None:
             d["clip"] = _identity(self.clip, "CLIP vision encoder")
         return d
@@ -147,6 +172,8 @@ class WanCacheAdapter:
     def encode_clip(self, clip: Clip) -> dict[str, torch.Tensor]:
         if self.vae is None:
             raise invalid("Wan cache", "no VAE", "a VAE to encode latents")
+        if clip.one_frame is not None:
+            return self._encode_one_frame(clip)
         frames = clip.frames
         out = {}
         latents = self._encode_video(frames)                           # [16, F_lat, h, w]
@@ -174,6 +201,35 @@ class WanCacheAdapter:
         return out
 
     @torch.no_grad()
+    def _encode_one_frame(self, clip: Clip) -> dict[str, torch.Tensor]:
+        """One-frame tensors (see the class docstring); `y` comes from the inference helper so the layouts agree."""
+        from ..pipelines.wan import prepare_one_frame
+
+        spec, controls = clip.one_frame, clip.controls or []
+        if self.clip is None:
+            raise invalid("Wan one-frame cache", "no CLIP vision encoder",
+                          "a CLIP vision encoder (one-frame training uses an I2V model; Musubi requires --clip)")
+        if len(controls) != len(spec.clean_indices):
+            raise invalid("fp_1f_clean_indices", list(spec.clean_indices),
+                          f"one index per control image ({len(controls)} found)")
+        if any(c.shape != clip.frames.shape[1:] for c in controls):
+            raise invalid("Wan one-frame control image size", [tuple(c.shape[:2]) for c in controls],
+                          f"the target's size {tuple(clip.frames.shape[1:3])} (H, W)")
+        device, dtype = _placement(self.vae)
+        images = [pixels_to_video(c[None], device, dtype)[0, :, 0] for c in controls]     # each [3, H, W]
+        cond = prepare_one_frame(self.vae, images, spec.clean_indices, spec.target_index)
+        y = cond.y.to("cpu", self.dtype)                                                # [20, n, h, w]
+        target = self._encode_video(clip.frames[:1])                                   # [16, 1, h, w]
+        latents = y[MASK_CH:].clone()                   # control latents in the control slots ...
+        latents[:, cond.target_slot] = target[:, 0]     # ... and the target latent in its slot
+        cdev, cdt = _placement(self.clip)
+        fea = self.clip.encode(images[0][None].to(cdev, cdt))[0].to("cpu", self.dtype)  # [257, clip_dim]
+        return {latent_key("latents", latents): latents, latent_key("latents_image", y): y,
+                f"clip_{dtype_name(self.dtype)}": fea,
+                "f_indices_int32": torch.tensor(cond.frame_indices, dtype=torch.int32),
+                "f_target_slot_int32": torch.tensor([cond.target_slot], dtype=torch.int32)}
+
+    @torch.no_grad()
     def encode_texts(self, captions: list[str]) -> list[dict[str, torch.Tensor]]:
         if self.text_encoder is None:
             raise invalid("Wan cache", "no text encoder", "a umT5 text encoder to encode captions")
@@ -188,13 +244,17 @@ class WanCacheAdapter:
         """Loaded samples (batch names) -> Wan batch.
 
         latents [B,16,F,H,W]; context: list of B [L_i, D]; y [B,20,F,H,W] (I2V); clip_fea [B,257,D] (I2V with CLIP);
-        control_latents [B,16,F,H,W] (Fun-Control; the trainer builds the DiT's `y` from them)."""
+        control_latents [B,16,F,H,W] (Fun-Control; the trainer builds the DiT's `y` from them); one-frame:
+        frame_indices [B, n] int64 (RoPE frame position of each latent slot) and target_slot [B] int64."""
         batch: dict = {"latents": torch.stack([s["latents"] for s in samples])}
         if all("t5" in s for s in samples):
             batch["context"] = [s["t5"] for s in samples]
         for stored, name in (("latents_image", "y"), ("clip", "clip_fea"), ("latents_control", "control_latents")):
             if all(stored in s for s in samples):
                 batch[name] = torch.stack([s[stored] for s in samples])
+        if all("f_indices" in s and "f_target_slot" in s for s in samples):
+            batch["frame_indices"] = torch.stack([s["f_indices"].long() for s in samples])
+            batch["target_slot"] = torch.cat([s["f_target_slot"].long().reshape(1) for s in samples])
         return batch
 
 
@@ -211,10 +271,10 @@ class CacheRequirements:
 
 
 def wan_cache_requirements(*, text_dim: int = 4096, i2v: bool = False, clip: bool = False, control: bool = False,
-                           vae_identity: str | None = None, text_identity: str | None = None,
+                           one_frame: bool = False, vae_identity: str | None = None, text_identity: str | None = None,
                            clip_identity: str | None = None) -> CacheRequirements:
     required = ["latents", "t5"] + (["latents_image"] if i2v else []) + (["clip"] if clip else []) + (
-        ["latents_control"] if control else [])
+        ["latents_control"] if control else []) + (["f_indices", "f_target_slot"] if one_frame else [])
     ids = {k: v for k, v in (("vae", vae_identity), ("text_encoder", text_identity), ("clip", clip_identity)) if v}
     return CacheRequirements("wan", 16, text_dim, tuple(required), {"latents_image": 20, "latents_control": 16}, ids)
 

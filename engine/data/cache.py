@@ -32,7 +32,7 @@ import torch
 
 from ..atomic import save_safetensors_atomic, write_json_atomic
 from ..errors import invalid
-from .adapters import CacheAdapter, CacheRequirements, Clip, collate_for, strip_key
+from .adapters import CacheAdapter, CacheRequirements, Clip, OneFrameSpec, collate_for, strip_key
 from .buckets import resize_and_crop, select_bucket
 from .config import DatasetConfig, settings_for_cache
 from .frames import extract_clips, frames_needed
@@ -64,8 +64,76 @@ class PreparedClip:
     clip: Clip
 
 
-def prepare_item(item: SourceItem, ds, target_fps: float, arch: str) -> list[PreparedClip]:
-    """Decode one item, extract its clips, put each into its bucket. Pure CPU work (thread-pool safe)."""
+def one_frame_spec(ds, required: bool = False) -> OneFrameSpec | None:
+    """The one-frame indices of an image dataset with control images (reference §3.1), or None for a normal dataset.
+
+    A dataset is one-frame when it sets `fp_1f_target_index`; `required` (Musubi's `--one_frame` caching flag) makes
+    every image dataset with control images one-frame. Wan one-frame caching fails without `fp_1f_target_index` (no
+    default in Musubi) or `fp_1f_clean_indices` (only FramePack falls back to [0]); `fp_1f_no_post` is ignored for
+    Wan. Datasets that set `fp_1f_clean_indices` alone are refused too (the target index is missing)."""
+    if getattr(ds, "kind", None) != "image":
+        return None
+    target, clean = getattr(ds, "fp_1f_target_index", None), getattr(ds, "fp_1f_clean_indices", None)
+    where = f"dataset #{ds.index} ({ds.source or 'in-memory'})"
+    if target is None:
+        if required or clean is not None:
+            raise invalid(f"{where} fp_1f_target_index", None,
+                          "the target frame index for one-frame training (e.g. 9 with fp_1f_clean_indices = [0]; "
+                          "Musubi has no default)")
+        return None
+    if clean is None:
+        raise invalid(f"{where} fp_1f_clean_indices", None,
+                      "one control frame index per control image for Wan one-frame training (e.g. [0])")
+    clean = tuple(int(i) for i in clean)
+    if not 1 <= len(clean) <= 2:
+        raise invalid(f"{where} fp_1f_clean_indices", list(clean), "one or two control indices (Wan one-frame)")
+    if target in clean or len(set(clean)) != len(clean):
+        raise invalid(f"{where} fp_1f_clean_indices / fp_1f_target_index", (list(clean), target),
+                      "distinct indices, the target not among the control indices")
+    return OneFrameSpec(clean, int(target))
+
+
+def _one_frame_control(path, ds, bucket: tuple[int, int]) -> np.ndarray:
+    """A one-frame control image sized like the target: resized into the target's bucket by default.
+
+    `no_resize_control` keeps the control's own size (cropped to multiples of 16) and `control_resolution` resizes
+    it to that area (with both: only when larger), reference §3.1. Wan stacks control and target latents on the frame
+    axis, so the result must still be the target's size; anything else is refused naming the key."""
+    img = load_image(path)
+    no_resize, control_res = getattr(ds, "no_resize_control", False), getattr(ds, "control_resolution", None)
+    if not no_resize and control_res is None:
+        return resize_and_crop(img, bucket)
+    h, w = img.shape[:2]
+    size = (w // 16 * 16, h // 16 * 16) if no_resize else None
+    if control_res is not None:
+        if size is None or w * h > control_res[0] * control_res[1]:
+            size = select_bucket((w, h), control_res, True, False)
+    if tuple(size) != tuple(bucket):
+        key = "no_resize_control" if no_resize else "control_resolution"
+        raise invalid(f"dataset #{ds.index} {key} (control {path})", f"{size[0]}x{size[1]}",
+                      f"the target's bucket {bucket[0]}x{bucket[1]}: Wan one-frame needs control images the size of "
+                      "the target (unset no_resize_control / control_resolution)")
+    return resize_and_crop(img, size)
+
+
+def cache_settings(ds) -> dict:
+    """`settings_for_cache` plus the one-frame settings of image datasets that use them (manifest field)."""
+    out = settings_for_cache(ds)
+    if getattr(ds, "kind", None) == "image":
+        res = getattr(ds, "control_resolution", None)
+        extra = {"fp_1f_clean_indices": getattr(ds, "fp_1f_clean_indices", None),
+                 "fp_1f_target_index": getattr(ds, "fp_1f_target_index", None),
+                 "no_resize_control": getattr(ds, "no_resize_control", False),
+                 "control_resolution": None if res is None else list(res)}
+        if extra["fp_1f_target_index"] is not None or extra["fp_1f_clean_indices"] is not None:
+            out["one_frame"] = _jsonable(extra)  # only then: other datasets keep their existing cache keys
+    return out
+
+
+def prepare_item(item: SourceItem, ds, target_fps: float, arch: str, one_frame: bool = False) -> list[PreparedClip]:
+    """Decode one item, extract its clips, put each into its bucket. Pure CPU work (thread-pool safe).
+
+    One-frame datasets (`one_frame_spec`) give one clip whose `Clip.controls` holds the control images."""
     if item.frames is not None:
         video = item.frames
     elif item.kind == "image":
@@ -83,6 +151,16 @@ def prepare_item(item: SourceItem, ds, target_fps: float, arch: str) -> list[Pre
         if not spans:
             warnings.warn(f"dataset #{ds.index}: video {item.path or item.key} has {len(video)} frames, fewer than "
                           f"every target_frames {ds.target_frames}; skipped", DatasetWarning, stacklevel=2)
+    spec = one_frame_spec(ds, one_frame) if item.control_paths else None
+    if spec is not None:
+        if len(item.control_paths) != len(spec.clean_indices):
+            raise invalid(f"dataset #{ds.index} image {item.path or item.key} fp_1f_clean_indices",
+                          list(spec.clean_indices), f"one index per control image ({len(item.control_paths)} found: "
+                          f"{[p.name for p in item.control_paths]})")
+        frames = resize_and_crop(video[:1], bucket)
+        controls = [_one_frame_control(p, ds, bucket) for p in item.control_paths]
+        name = f"{item.key}_{W:04d}x{H:04d}_{arch}.safetensors"
+        return [PreparedClip(name, 0, 1, bucket, Clip(frames, None, controls, spec))]
     control = _load_control(item, ds, bucket, len(video), target_fps) if item.control_paths else None
     out = []
     for start, T in spans:
@@ -187,7 +265,7 @@ def _plan_dataset(ds, adapter: CacheAdapter) -> _Plan:
                                                           "items": {}}
     latent_desc = adapter.latent_description()
     if latent_desc is not None:
-        latent_desc = {**latent_desc, "settings": settings_for_cache(ds), "target_fps": adapter.target_fps}
+        latent_desc = {**latent_desc, "settings": cache_settings(ds), "target_fps": adapter.target_fps}
         latent_desc["key"] = _digest(latent_desc)
     text_desc = adapter.text_description()
     if text_desc is not None:
@@ -199,6 +277,8 @@ def _plan_dataset(ds, adapter: CacheAdapter) -> _Plan:
             latent_todo.append(it)
         if text_desc is not None and not _text_valid(entry.get("text"), it, text_desc["key"], cache_dir):
             text_todo.append(it)
+    if latent_desc is not None and items and any(it.control_paths for it in items):
+        one_frame_spec(ds, getattr(adapter, "one_frame", False))  # refuse bad one-frame keys before any encoding
     for it in latent_todo:
         _probe(it)
     return _Plan(ds, cache_dir, items, manifest, latent_desc, text_desc, latent_todo, text_todo)
@@ -245,7 +325,8 @@ def _run_latents(plan: _Plan, adapter: CacheAdapter, workers: int, report: Cache
         return
     plan.manifest["latent"] = {k: v for k, v in plan.latent_desc.items()}
     ds = plan.ds
-    prepare = lambda it: prepare_item(it, ds, adapter.target_fps, adapter.arch)  # noqa: E731
+    one_frame = bool(getattr(adapter, "one_frame", False))
+    prepare = lambda it: prepare_item(it, ds, adapter.target_fps, adapter.arch, one_frame)  # noqa: E731
     for item, clips in _prefetch(prepare, plan.latent_todo, workers):
         records = []
         for pc in clips:
@@ -377,9 +458,9 @@ def check_cache_for_model(config: DatasetConfig, req: CacheRequirements) -> list
             found = m["latent"].get(name, m["text"].get(name))
             if found != ident:
                 raise invalid(f"{where} encoder {name!r}", found, f"{ident} (the model's encoder; re-run caching)")
-        if settings_for_cache(ds) != m["latent"].get("settings"):
+        if cache_settings(ds) != m["latent"].get("settings"):
             raise invalid(where, f"built with {m['latent'].get('settings')}",
-                          f"the dataset's current settings {settings_for_cache(ds)} (re-run caching)")
+                          f"the dataset's current settings {cache_settings(ds)} (re-run caching)")
         samples = []
         stale = []
         for it in list_items(ds):
@@ -420,4 +501,4 @@ def _check_sample_shapes(sample: CachedSample, req: CacheRequirements, where: st
 
 
 __all__ = ["build_cache", "CacheReport", "check_cache_for_model", "CachedDataset", "CachedSample", "load_cache_file",
-           "read_manifest", "manifest_path", "prepare_item", "PreparedClip"]
+           "read_manifest", "manifest_path", "prepare_item", "PreparedClip", "one_frame_spec", "cache_settings"]

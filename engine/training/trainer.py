@@ -13,7 +13,8 @@ exception (including BaseException: ComfyUI's interrupt) the `finally` of `train
 exactly the last completed step, and re-raises. Resuming from it reproduces the uninterrupted run bit for bit (CPU).
 
 Data source protocol (engine.data.loader.CachedBatchLoader satisfies it): iterating yields the rest of the current
-epoch's batches (dicts with `latents`, `context`, optional `y`/`clip_fea`/`control_latents`), `len()` = batches
+epoch's batches (dicts with `latents`, `context`, optional `y`/`clip_fea`/`control_latents`; one-frame batches add
+`frame_indices`/`target_slot`: the positions go to the DiT and the loss covers the target slot only), `len()` = batches
 per epoch, attributes `epoch` / `index` (position), `state_dict()` / `load_state_dict()`.
 """
 
@@ -135,6 +136,25 @@ def build_y(batch: dict, channels: int) -> torch.Tensor | None:
     image = y[:, -16:] if y is not None else torch.zeros_like(control)
     out = torch.cat([control, image.to(control.dtype)], dim=1)
     return out if out.shape[1] == channels else out[:, :channels]
+
+
+def one_frame_inputs(batch: dict, slots: int) -> tuple[torch.Tensor | None, int | None]:
+    """One-frame batches (`frame_indices` [B, n], `target_slot` [B]): the DiT's RoPE frame positions [n] and the
+    target slot; (None, None) for normal batches. Unlike Musubi (reference §8.5) the positions are fed to the DiT,
+    as at inference."""
+    fi, slot = batch.get("frame_indices"), batch.get("target_slot")
+    if fi is None and slot is None:
+        return None, None
+    if fi is None or slot is None:
+        raise invalid("one-frame batch", sorted(k for k in ("frame_indices", "target_slot") if k in batch),
+                      "both frame_indices and target_slot (re-cache the one-frame dataset)")
+    fi, slot = torch.as_tensor(fi).long().reshape(-1, slots), torch.as_tensor(slot).long().reshape(-1)
+    if (fi != fi[0]).any() or (slot != slot[0]).any():
+        raise invalid("one-frame batch frame_indices", fi.tolist(), "the same indices for every sample of a batch")
+    s = int(slot[0])
+    if not 0 <= s < slots:
+        raise invalid("one-frame target_slot", s, f"a latent slot 0..{slots - 1}")
+    return fi[0], s
 
 
 def resolve_total_steps(config: TrainingConfig, loader) -> int:
@@ -329,16 +349,21 @@ class TrainingSession:
         weight = None if draws[0].weight is None else torch.cat([d.weight for d in draws]).to(self.device)
 
         x_t = noisy_latents(x0, noise, t.to(self.device))
+        frame_indices, slot = one_frame_inputs(batch, x0.shape[2])
         context = batch["context"]
         context = [c.to(self.device) for c in context] if isinstance(context, (list, tuple)) else context.to(self.device)
         clip_fea = batch.get("clip_fea")
         extra = getattr(getattr(self.model, "config", None), "in_dim", 16) - x0.shape[1]
         y = build_y(batch, extra) if extra > 0 else None
+        extra_kw = {} if frame_indices is None else {"frame_indices": frame_indices.to(self.device)}
         with self._autocast():
             pred = self.model(x_t, model_t, context,
                               clip_fea=None if clip_fea is None else clip_fea.to(self.device),
-                              y=None if y is None else y.to(self.device))
-        loss = flow_matching_loss(pred, velocity_target(x0, noise), weight)
+                              y=None if y is None else y.to(self.device), **extra_kw)
+        target = velocity_target(x0, noise)
+        if slot is not None:  # one-frame: only the target slot is learned (controls are given through y)
+            pred, target = pred[:, :, slot:slot + 1], target[:, :, slot:slot + 1]
+        loss = flow_matching_loss(pred, target, weight)
         scaled = loss * scale
         if self.scaler is not None:
             scaled = self.scaler.scale(scaled)
