@@ -11,6 +11,7 @@ from torch.utils.checkpoint import checkpoint
 from engine.errors import MusubiInputError
 from engine.memory import (BlockSwapConfig, BlockSwapper, FakeTransfer, Transfer, choose_swapped,
                            estimate_module_bytes, pinned_bytes_in_use, quantize_model_fp8, validate_blocks_to_swap)
+from engine.memory.block_swap import stream_plan
 
 
 class Block(nn.Module):
@@ -58,8 +59,8 @@ class Lora(nn.Module):
         lin.register_forward_hook(lambda m, a, out: out + a[0] @ self.down.t() @ self.up.t())
 
 
-def make_net(fp8=False, lora=True):
-    net = Net()
+def make_net(fp8=False, lora=True, blocks=6):
+    net = Net(n=blocks)
     net.requires_grad_(False)
     if fp8:
         quantize_model_fp8(net, "scaled")
@@ -121,20 +122,22 @@ def test_training_identical_with_and_without_swap(n, gc, fp8):
 
 @pytest.mark.parametrize("prefetch", [0, 1, 2])
 def test_inference_identical_and_prefetched_ahead(prefetch):
-    ref_net, ref_ad = make_net()
+    nb = 12
+    ref_net, ref_ad = make_net(blocks=nb)
     expected = run_steps(ref_net, ref_ad, steps=3, train=False)
-    net, ad = make_net()
+    net, ad = make_net(blocks=nb)
     sw = attach(net, 4, prefetch=prefetch)
+    assert sw.slots == prefetch + 1 and len(sw.swapped) == 4 + prefetch + 1 and sw.max_device_blocks == nb - 4
     log = sw.transfer.log
     log.events.clear()
     assert_same(run_steps(net, ad, steps=3, train=False), expected)
     runs = [i for k, i in log.events if k == "run"]
-    assert runs == list(range(6)) * 3
+    assert runs == list(range(nb)) * 3
     if prefetch:
         # every swapped block's copy was started before the block preceding it in execution ran
         events = log.events
         for step in range(1, 3):   # steps after the first: the wrap-around prefetch is in place
-            run_pos = [p for p, e in enumerate(events) if e[0] == "run"][step * 6:(step + 1) * 6]
+            run_pos = [p for p, e in enumerate(events) if e[0] == "run"][step * nb:(step + 1) * nb]
             for j in sw.swapped:
                 prev_run = run_pos[j - 1] if j > 0 else run_pos[0] - 1
                 loads = [p for p, e in enumerate(events) if e == ("load", j) and p < run_pos[j]]
@@ -145,7 +148,8 @@ def test_inference_identical_and_prefetched_ahead(prefetch):
 def test_backward_recompute_loads_in_reverse_order_and_bounds_residency():
     net, ad = make_net()
     net.gradient_checkpointing = True
-    sw = attach(net, 5, prefetch=1)
+    sw = attach(net, 3, prefetch=1)
+    assert sw.chosen == [1, 3, 5] and sw.swapped == [0, 1, 3, 4, 5] and sw.slots == 2   # 2 extra blocks: 2 slots
     resident_counts = []
     for b in net.blocks:   # registered after the swapper's hook: sees the state the block runs with
         b.register_forward_pre_hook(lambda m, a: resident_counts.append(len(sw.resident_swapped)))
@@ -155,16 +159,85 @@ def test_backward_recompute_loads_in_reverse_order_and_bounds_residency():
     events = sw.transfer.log.events
     runs = [i for k, i in events if k == "run"]
     assert runs == (list(range(6)) + list(range(5, -1, -1))) * 2   # forward, then recompute in reverse
-    # second step's backward: blocks still resident from the forward->backward turn (the last prefetch+1 swapped
-    # ones) are not reloaded; every other swapped block is loaded before the block after it (in forward order),
-    # i.e. one block ahead of its recompute
+    # second step's forward: each block that ran gives its slot to the next streamed block (exchange)
     runs_pos = [p for p, e in enumerate(events) if e[0] == "run"]
+    fwd = [e for e in events[runs_pos[12]:runs_pos[18]] if e[0] in ("load", "evict")]
+    assert fwd == [("evict", 0), ("load", 3), ("evict", 1), ("load", 4), ("evict", 3), ("load", 5)]
+    # second step's backward: the blocks still loaded from the forward->backward turn (the last 2 streamed ones)
+    # are not reloaded; every other streamed block is loaded before the block after it (in forward order) runs,
+    # i.e. one block ahead of its recompute
     bwd = events[runs_pos[18]:]
-    assert sw.swapped == [0, 1, 3, 4, 5]
     loaded = [i for k, i in bwd if k == "load"]
     assert loaded == [3, 1, 0]
     for j in loaded:
         assert bwd.index(("load", j)) < bwd.index(("run", j + 1))
+
+
+class CountingTransfer(FakeTransfer):
+    """FakeTransfer that records how many blocks have frozen weights on the device (bound, or a copy started)
+    right after every load starts and whenever a block runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.swapper, self.counts = None, []
+
+    def on_device(self, extra=()) -> set:
+        sw = self.swapper
+        bound = {i for i, b in enumerate(sw.blocks)
+                 if any(t.device.type != "meta" for t in list(b.parameters()) + list(b.buffers())
+                        if not t.requires_grad)}
+        return bound | set(sw._loads) | set(extra)
+
+    def start(self, block, master):
+        load = super().start(block, master)
+        self.counts.append(len(self.on_device([block])))
+        return load
+
+    def note(self, kind, block):
+        super().note(kind, block)
+        self.counts.append(len(self.on_device()))
+
+
+@pytest.mark.parametrize("placement", ["spread", "tail"])
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 6, 7])
+def test_device_holds_at_most_num_blocks_minus_n(n, prefetch, placement):
+    nb = 8
+    ref_net, ref_ad = make_net(blocks=nb)
+    ref_net.gradient_checkpointing = True
+    expected_train = run_steps(ref_net, ref_ad, steps=2)
+    expected_infer = run_steps(ref_net, ref_ad, steps=2, train=False)
+    net, ad = make_net(blocks=nb)
+    net.gradient_checkpointing = True
+    transfer = CountingTransfer()
+    sw = BlockSwapper(net.blocks, "cpu", BlockSwapConfig(blocks_to_swap=n, prefetch=prefetch, placement=placement),
+                      transfer=transfer, model=net)
+    transfer.swapper = sw
+    sw.attach()
+    assert set(sw.chosen) <= set(sw.swapped) and len(sw.swapped) == n + sw.slots - (n == nb - 1)
+    budget = nb - n if n < nb - 1 else 2   # n = num_blocks - 1: one resident block + one slot
+    assert sw.max_device_blocks == budget
+    assert sw.slots == (min(prefetch + 1, nb - n - 1) or 1)
+    for mode, expected in (("inference", expected_infer), ("training", expected_train)):
+        transfer.counts.clear()
+        assert_same(run_steps(net, ad, steps=2, train=mode == "training"), expected)
+        assert max(transfer.counts) <= budget, (mode, max(transfer.counts))
+        assert max(transfer.counts) == budget   # the budget is used: prefetch fills every slot
+    sw.detach()
+
+
+def test_stream_plan():
+    assert stream_plan(40, 0) == ([], 0)
+    assert stream_plan(40, 20, 1, "tail") == (list(range(18, 40)), 2)   # last 20 + 2 that pay for the slots
+    s, slots = stream_plan(40, 20, 1)
+    assert slots == 2 and len(s) == 22 and set(choose_swapped(40, 20)) <= set(s)
+    assert stream_plan(40, 38, 1, "tail") == (list(range(1, 40)), 1)    # 2 blocks of room: 1 slot, no overlap
+    assert stream_plan(40, 39, 1) == (choose_swapped(40, 39), 1)          # max: 1 resident + 1 slot
+    for n in range(1, 40):
+        for p in range(4):
+            s, slots = stream_plan(40, n, p)
+            assert len(set(s)) == len(s) and set(choose_swapped(40, n)) <= set(s)
+            assert 40 - len(s) + slots == (40 - n if n < 39 else 2)
 
 
 def test_non_resident_weights_cannot_be_used():
@@ -185,9 +258,9 @@ def test_adapters_and_trainable_params_stay_on_device_host_bytes_match():
     extra = net.blocks[1].norm.weight
     extra.requires_grad_(True)   # a trainable base tensor in a swapped block: never swapped
     sw = attach(net, 3, placement="tail")
-    assert sw.swapped == [3, 4, 5]
-    frozen = sum(estimate_module_bytes(net.blocks[i], only_frozen=True) for i in (3, 4, 5))
-    assert frozen <= sw.host_bytes <= frozen + 256 * 8 * 3
+    assert sw.chosen == [3, 4, 5] and sw.swapped == [1, 2, 3, 4, 5]   # + 2 blocks that pay for 2 slots
+    frozen = sum(estimate_module_bytes(net.blocks[i], only_frozen=True) for i in sw.swapped)
+    assert frozen <= sw.host_bytes <= frozen + 256 * 8 * 5
     assert all(p.device.type == "cpu" for p in ad.parameters())
     sw.detach()
     sw2 = attach(net, 5)

@@ -5,9 +5,16 @@ How it works (see docs/memory.md):
 * `attach()` packs each swapped block's frozen tensors (frozen parameters and buffers: base weights, fp8 weights and
   their scales, norms, biases) into one host master (pinned on CUDA) and points the block's tensors at it. Trainable
   parameters (e.g. a full fine-tune's) and LoRA adapters (separate modules hooked on the Linear) never move.
+* VRAM budget (Musubi's exchange): the device holds at most `num_blocks - n` blocks' frozen weights. Besides the n
+  chosen blocks, `e = min(prefetch + 1, num_blocks - n - 1)` more blocks are streamed (`swapped` lists all), so that
+  `e` device *slots* exist for streamed blocks: the block running (if streamed) plus the next ones copied ahead.
+  A block that has run and is not needed before the ones being prefetched gives its slot to the next one. The
+  effective prefetch is `slots - 1` (below `prefetch` only when n is close to num_blocks). With n = num_blocks - 1
+  one block stays resident plus one slot (num_blocks - n + 1 blocks; no room for an exchange).
 * A forward pre-hook on every block loads the block about to run (waits for its copy) and starts the copies of the
-  next `prefetch` swapped blocks on a side stream; a forward hook evicts blocks that are not needed soon. Eviction
-  costs nothing: frozen tensors are re-pointed at the host master (no device->host copy).
+  next streamed blocks on a side stream, as many as the free slots allow; a forward hook evicts the block that ran
+  (unless it is needed again first) and fills its slot. Eviction costs nothing: frozen tensors are re-pointed at
+  the host master (no device->host copy).
 * The order of upcoming blocks follows the pass: forward 0..n-1; under autograd's backward (gradient checkpointing
   recomputes each block there) n-1..0; after a training forward the first blocks needed are the last ones (the
   recompute), after an inference forward they are the first ones of the next step. Whether recompute happens is
@@ -17,7 +24,7 @@ How it works (see docs/memory.md):
   without gradient checkpointing (without it, autograd keeps the weights it needs alive until backward, so block
   swap saves little memory in training; use gradient checkpointing with it).
 
-At most `prefetch + 1` swapped blocks are on the device at any time.
+`swapped` lists every streamed block (the n chosen and the extra ones): the swapper owns their placement.
 """
 
 from __future__ import annotations
@@ -62,6 +69,24 @@ def choose_swapped(num_blocks: int, n: int, placement: str = "spread") -> list[i
     if placement == "tail":
         return list(range(num_blocks - n, num_blocks))
     return sorted({(2 * k + 1) * num_blocks // (2 * n) for k in range(n)})
+
+
+def stream_plan(num_blocks: int, n: int, prefetch: int = 1, placement: str = "spread") -> tuple[list[int], int]:
+    """(streamed blocks, device slots for them). The streamed blocks are the n chosen ones plus
+    e = min(prefetch + 1, num_blocks - n - 1) extra ones, so the device holds num_blocks - n blocks at most
+    (num_blocks - |streamed| resident + slots). The extra blocks never include a chosen one: the n chosen blocks are
+    always off the device before attach (`choose_swapped` stays the set callers keep on the host)."""
+    chosen = choose_swapped(num_blocks, n, placement)
+    if n == 0:
+        return [], 0
+    e = min(prefetch + 1, num_blocks - n - 1)
+    if e <= 0:                       # n = num_blocks - 1: one resident block and one slot
+        return chosen, 1
+    if placement == "tail":
+        return list(range(num_blocks - n - e, num_blocks)), e
+    rest = [i for i in range(num_blocks) if i not in set(chosen)]
+    extra = {rest[(2 * k + 1) * len(rest) // (2 * e)] for k in range(e)}
+    return sorted(set(chosen) | extra), e
 
 
 class _Entry:
@@ -115,7 +140,10 @@ class BlockSwapper:
         self.transfer = transfer or default_transfer(device, self.config.pin_memory)
         self.device = self.transfer.device
         self.model = model
-        self.swapped = choose_swapped(self.num_blocks, self.config.blocks_to_swap, self.config.placement)
+        n = self.config.blocks_to_swap
+        self.chosen = choose_swapped(self.num_blocks, n, self.config.placement)   # the n blocks asked for
+        # every streamed block (chosen + extra ones that pay for the prefetch slots) and the device slots
+        self.swapped, self.slots = stream_plan(self.num_blocks, n, self.config.prefetch, self.config.placement)
         self._swapped_set = set(self.swapped)
         self._entries: dict[int, list[_Entry]] = {}
         self._masters: dict[int, HostMaster] = {}
@@ -193,7 +221,13 @@ class BlockSwapper:
 
     @property
     def resident_swapped(self) -> set[int]:
+        """Streamed blocks loading or on the device now (at most `slots`)."""
         return set(self._loads)
+
+    @property
+    def max_device_blocks(self) -> int:
+        """Most blocks whose frozen weights are on the device at once: num_blocks - n (n < num_blocks - 1)."""
+        return self.num_blocks - len(self.swapped) + self.slots if self.swapped else self.num_blocks
 
     # --- schedule ---------------------------------------------------------------------------------------------------
     def _upcoming(self, i: int, backward: bool) -> list[int]:
@@ -256,8 +290,10 @@ class BlockSwapper:
             backward = torch._C._current_graph_task_id() != -1
             self._track_pass(i, backward)
             upcoming = self._upcoming(i, backward)
-            k = self.config.prefetch
-            want = ([i] + [j for j in upcoming if j != i][:k]) if i in self._swapped_set else upcoming[:k]
+            if i in self._swapped_set:   # the running block takes a slot; the others go to the next blocks
+                want = [i] + [j for j in upcoming if j != i][: self.slots - 1]
+            else:
+                want = upcoming[: self.slots]
             for j in list(self._loads):
                 if j not in want:
                     self._evict(j)
@@ -273,11 +309,11 @@ class BlockSwapper:
         def post_hook(module, args, output):
             backward = torch._C._current_graph_task_id() != -1
             upcoming = self._upcoming(i, backward)
-            keep = set(upcoming[: self.config.prefetch + 1])
+            want = upcoming[: self.slots]   # block i has run: its slot goes to the next block (exchange)
             for j in list(self._loads):
-                if j not in keep:
+                if j not in want:
                     self._evict(j)
-            for j in upcoming[: self.config.prefetch]:
+            for j in want:
                 self._start(j)
         return post_hook
 
@@ -315,5 +351,5 @@ def swap_blocks(model: nn.Module, blocks_to_swap: int, device: torch.device | st
     return BlockSwapper(blocks, device, config, transfer=transfer, model=model, model_name=name).attach()
 
 
-__all__ = ["BlockSwapConfig", "BlockSwapper", "FakeTransfer", "choose_swapped", "swap_blocks",
+__all__ = ["BlockSwapConfig", "BlockSwapper", "FakeTransfer", "choose_swapped", "stream_plan", "swap_blocks",
            "validate_blocks_to_swap"]
