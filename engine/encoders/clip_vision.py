@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..model_kind import foreign_hint
 from ..checkpoint import Checkpoint, load_into_module
 from ..errors import invalid
 
@@ -180,25 +181,13 @@ def clip_view(ckpt: Checkpoint) -> _TensorView:
     elif wan:
         entries = _wan_entries(ckpt, wan[0][: -len("patch_embedding.weight")])
     else:
-        raise invalid(f"image encoder {ckpt.source}", f"keys like {keys[:3]} ({_family_hint(keys)})", EXPECTED_FILES)
+        hint = foreign_hint(keys, "CLIP vision model")
+        raise invalid(f"image encoder {ckpt.source}", f"keys like {keys[:3]} ({hint})", EXPECTED_FILES)
     pos = entries.get("embeddings.position_embedding.weight")
     n = pos[0][0] if pos else 0
     # transformers' non-persistent position ids buffer: not in any file, supplied so the strict load passes.
     entries["embeddings.position_ids"] = ((1, n), lambda n=n: torch.arange(n).unsqueeze(0))
     return _TensorView(ckpt.source, entries)
-
-
-def _family_hint(keys: list[str]) -> str:
-    joined = " ".join(keys[:2000])
-    if "SelfAttention" in joined or "token_embedding" in joined or "shared.weight" in joined:
-        return "this looks like a T5 text encoder"
-    if "cross_attn" in joined:
-        return "this looks like a diffusion model (DiT)"
-    if "decoder.conv" in joined or "encoder.conv1" in joined:
-        return "this looks like a VAE"
-    if "text_model." in joined:
-        return "this looks like a CLIP text encoder"
-    return "not a CLIP vision model"
 
 
 def infer_clip_config(view: _TensorView) -> ClipVisionConfig:

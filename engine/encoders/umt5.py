@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from ..model_kind import foreign_hint
 from ..checkpoint import Checkpoint, load_into_module
 from ..errors import invalid
 
@@ -239,22 +240,10 @@ def to_transformers_view(ckpt: Checkpoint) -> Checkpoint:
     if wan:
         prefix = wan[0][: -len(_WAN_PROBE)]
         return ckpt.renamed(lambda k: wan_to_transformers_key(k[len(prefix):]) if k.startswith(prefix) else None)
-    raise invalid(f"text encoder {ckpt.source}", f"keys like {keys[:3]} ({_family_hint(keys)})",
+    hint = foreign_hint(keys, "T5 text encoder", "not a umT5 encoder")
+    raise invalid(f"text encoder {ckpt.source}", f"keys like {keys[:3]} ({hint})",
                   "a umT5-XXL text encoder: official Wan models_t5_umt5-xxl-enc-bf16.pth or ComfyUI "
                   "umt5_xxl_fp16 / umt5_xxl_fp8_e4m3fn_scaled .safetensors")
-
-
-def _family_hint(keys: list[str]) -> str:
-    joined = " ".join(keys[:2000])
-    if "vision_model." in joined or "visual.transformer" in joined:
-        return "this looks like a CLIP vision model"
-    if "self_attn.q" in joined and "cross_attn" in joined:
-        return "this looks like a diffusion model (DiT)"
-    if "decoder.conv" in joined or "encoder.conv1" in joined:
-        return "this looks like a VAE"
-    if "text_model." in joined:
-        return "this looks like a CLIP text encoder"
-    return "not a umT5 encoder"
 
 
 def infer_umt5_config(view: Checkpoint) -> UMT5Config:
