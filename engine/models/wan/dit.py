@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from ...attention import BACKENDS, attention
 from ...errors import invalid
 from ...memory.offload import checkpoint_block
+from .ops import rms_norm
 
 CLIP_TOKENS = 257          # CLIP ViT-H/14 penultimate tokens per image (256 patches + class token)
 ROPE_THETA = 10000.0
@@ -158,9 +159,8 @@ class WanRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-        return (normed * self.weight).to(x.dtype)
+        # = (normalize(x.float()).to(x.dtype) * weight).to(x.dtype); in training saves x, not its float32 copy
+        return rms_norm(x, self.weight, self.eps)
 
 
 def _qk_norm(dim: int, eps: float, enabled: bool) -> nn.Module:
@@ -311,6 +311,7 @@ class WanModel(nn.Module):
             self.img_emb = WanImageEmbedding(config)
         self.gradient_checkpointing = False
         self.activation_offload = False  # with gradient checkpointing: checkpointed inputs live in CPU memory
+        self.activation_offload_host = "cpu"   # that memory's device (the memory simulation uses "meta")
         self.source_path = None
         self._attention_backend = "sdpa"
 
@@ -411,7 +412,8 @@ class WanModel(nn.Module):
             if use_ckpt:
                 # the block is passed as a module so its hooks (block swap) fire in forward and in recompute;
                 # activation offload keeps the checkpointed block input in host memory
-                x = checkpoint_block(block, x, e0, context, context_img, rope, offload=self.activation_offload)
+                x = checkpoint_block(block, x, e0, context, context_img, rope, offload=self.activation_offload,
+                                     host=self.activation_offload_host)
             else:
                 x = block(x, e0, context, context_img, rope)
 

@@ -1,0 +1,296 @@
+"""Memory simulation of Wan training and inference at real shapes, on any machine (no GPU, no weights, no RAM).
+
+    python benchmarks/sim_memory.py                                  # 1.3B and 14B grid at 832×480×81 (~10 min)
+    python benchmarks/sim_memory.py --model 14B --task train --fp8 scaled --swap 0,20 --offload 1
+    python benchmarks/sim_memory.py --model tiny --latent 2,8,8      # seconds
+    python benchmarks/sim_memory.py --markdown docs/memory_table.md  # also write the docs tables
+
+Runs the engine's own code — the Wan DiT with fp8 quantization, LoRA adapters (rank 32, fp32), gradient
+checkpointing, activation offload, block swap and an AdamW step — under `FakeTensorMode`: tensors have shapes and
+devices but no data. The "GPU" is played by fake `cpu` tensors, host memory by fake `meta` tensors, and
+`engine.memory.meter.LiveMemoryMeter` counts every live storage on the "GPU" op by op. What it reports is exact for
+the tensors the code keeps alive (weights, adapters, optimizer state, activations saved for backward, attention
+outputs, block-swap slots, inputs). Not included: the CUDA caching allocator's rounding and fragmentation, cuBLAS /
+attention workspaces and the CUDA context (~0.5–1 GB): budget 10–15 % + 1 GB on top (`fits` below does).
+
+Time: `engine.memory.timing.replay` replays the op-order timeline (FLOPs, host<->device copies, block-swap waits)
+on a modelled GPU (`GPU_MODELS`: assumed throughput and PCIe bandwidth) to estimate the swap/offload overhead
+(modelled step time ÷ pure compute time). Measured numbers come from `bench_memory.py` on a real card.
+
+One JSON line per configuration. Attention is PyTorch's flash kernel (memory linear in the sequence length), as
+on a GPU with SDPA, FlashAttention or SageAttention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+DEVICE = torch.device("cpu")    # the simulated GPU
+HOST = torch.device("meta")     # the simulated host memory
+MODELS = {"tiny": "tiny-t2v", "1.3B": "t2v-1.3B", "14B": "t2v-14B"}
+TINY_LAYERS = 6
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    model: str = "14B"                 # tiny | 1.3B | 14B
+    task: str = "train"                # train | infer
+    fp8: str = "none"                  # none | e4m3 | scaled
+    blocks_to_swap: int | str = 0      # an int or "max"
+    activation_offload: bool = False   # training only
+    latent: tuple[int, int, int] = (21, 60, 104)   # 832×480×81 frames
+    rank: int = 32
+    prefetch: int = 1
+    placement: str = "spread"
+    cfg_batch: int = 2                 # inference: cond + uncond in one forward (the sampler's batch_cfg default)
+    steps: int = 2                     # the first training step allocates the optimizer state
+
+
+def _model_config(name: str):
+    from engine.models.wan.presets import OFFICIAL, preset_config
+    if name == "tiny":
+        return dataclasses.replace(preset_config(MODELS[name]), num_layers=TINY_LAYERS)
+    return OFFICIAL[MODELS[name]]
+
+
+def num_blocks(name: str) -> int:
+    return _model_config(name).num_layers
+
+
+def resolve_swap(name: str, swap) -> int:
+    return num_blocks(name) - 1 if swap == "max" else int(swap)
+
+
+def _build_on_host(config, fp8: str):
+    """The model as the loader leaves it in host memory: bf16, float32 where the official code computes in float32,
+    fp8 targets quantized. Built (and quantized) on the simulated GPU, then moved to the host, like a fake load."""
+    from engine.memory import move_to, quantize_model_fp8
+    from engine.models.wan.dit import build_wan_model, keep_fp32
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)   # Module.to() cannot swap fake parameters: build in the target dtype
+    try:
+        model = build_wan_model(config, DEVICE)
+    finally:
+        torch.set_default_dtype(previous)
+    for prefix, module in model.named_modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and keep_fp32(f"{prefix}.{name}" if prefix else name):
+                module._parameters[name] = torch.nn.Parameter(p.detach().float(), requires_grad=False)
+    model.requires_grad_(False)
+    if fp8 != "none":
+        quantize_model_fp8(model, fp8)
+    return move_to(model, HOST)
+
+
+class _MeteredTransfer:
+    """Block-swap transfers that tell the meter which copies run on the side stream and when compute waits."""
+
+    def __new__(cls, meter):
+        from engine.memory.transfer import Transfer
+
+        class MeteredTransfer(Transfer):
+            def start(self, block, master):
+                meter.mark("load", block, stream="swap")
+                with meter.stream("swap"):
+                    load = super().start(block, master)
+                meter.mark("loaded", block, stream="swap")
+                return load
+
+            def finish(self, load):
+                meter.mark("wait", load.block)
+                return super().finish(load)
+
+        return MeteredTransfer(DEVICE, pin_memory=False, host=HOST)
+
+
+class _AdamWState:
+    """AdamW's memory: two fp32 moments per trainable tensor, created at the first step, plus the update's
+    temporaries. (torch.optim reads the step count with .item(), which fake tensors do not have.)"""
+
+    def __init__(self, params):
+        self.params = [p for p in params if p.requires_grad]
+        self.state = None
+
+    def step(self):
+        if self.state is None:
+            self.state = [(torch.zeros_like(p), torch.zeros_like(p)) for p in self.params]
+        with torch.no_grad():
+            for p, (m, v) in zip(self.params, self.state):
+                m.mul_(0.9).add_(p.grad, alpha=0.1)
+                v.mul_(0.999).addcmul_(p.grad, p.grad, value=0.001)
+                p.add_(m / (v.sqrt() + 1e-8), alpha=-1e-4)
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+
+def simulate(cfg: SimConfig) -> dict:
+    """Peak live bytes on the simulated GPU (and what else a row of the tables needs) for one configuration."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from engine.lora.adapters import AdapterConfig, AdapterNetwork
+    from engine.memory import move_to, swap_blocks
+    from engine.memory.meter import LiveMemoryMeter
+
+    config = _model_config(cfg.model)
+    n_swap = resolve_swap(cfg.model, cfg.blocks_to_swap)
+    train = cfg.task == "train"
+    started = time.perf_counter()
+    with FakeTensorMode(allow_non_fake_inputs=True), LiveMemoryMeter(DEVICE) as meter:
+        model = _build_on_host(config, cfg.fp8)
+        model.gradient_checkpointing = train
+        model.activation_offload = train and cfg.activation_offload
+        model.activation_offload_host = HOST
+        net = optimizer = None
+        if train:   # adapters first, then block swap (the training nodes' order): adapters are device tensors
+            net = AdapterNetwork.create(model, AdapterConfig(rank=cfg.rank, alpha=cfg.rank))
+            move_to(net, DEVICE)
+            optimizer = _AdamWState(net.parameters())
+        swapper = None
+        if n_swap:
+            swapper = swap_blocks(model, n_swap, DEVICE, prefetch=cfg.prefetch, placement=cfg.placement,
+                                  transfer=_MeteredTransfer(meter))
+        else:
+            move_to(model, DEVICE)
+        weights = meter.live_bytes()
+        host_masters = swapper.host_bytes if swapper is not None else 0
+
+        f, h, w = cfg.latent
+        batch = 1 if train else cfg.cfg_batch
+        x0 = torch.randn(batch, 16, f, h, w, device=DEVICE)
+        context = torch.randn(batch, config.text_len, config.text_dim, device=DEVICE, dtype=torch.bfloat16)
+        t = torch.full((batch,), 500.0, device=DEVICE)
+        meter.reset_peak()
+        for _ in range(cfg.steps):
+            meter.reset_counters()
+            if train:
+                noise = torch.randn_like(x0)
+                x_t = 0.5 * x0 + 0.5 * noise
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    pred = model(x_t, t, context)
+                loss = torch.nn.functional.mse_loss(pred.float(), noise - x0)
+                loss.backward()
+                del pred, loss, x_t, noise
+                optimizer.step()
+                optimizer.zero_grad()
+            else:
+                with torch.no_grad():
+                    model(x0, t, context)
+        report = meter.report()
+        if swapper is not None:
+            swapper.detach(device=HOST)
+
+    return {
+        "model": cfg.model, "task": cfg.task, "fp8": cfg.fp8, "blocks_to_swap": n_swap,
+        "activation_offload": bool(train and cfg.activation_offload), "latent": list(cfg.latent),
+        "tokens": f * h * w // 4, "batch": batch,
+        "peak_gb": report.peak_bytes / GB,
+        "weights_on_gpu_gb": weights / GB,
+        "host_swap_gb": host_masters / GB,
+        "h2d_gb_per_step": report.h2d_bytes / GB, "d2h_gb_per_step": report.d2h_bytes / GB,
+        "tflop_per_step": report.flops / 1e12,
+        "sim_seconds": round(time.perf_counter() - started, 1),
+        "_timeline": report.timeline,
+    }
+
+
+def fits(row: dict, memory_gb: float) -> bool:
+    """Simulated peak + allocator/workspace margin (12 % + 1 GB) within the card's memory."""
+    return row["peak_gb"] * 1.12 + 1.0 <= memory_gb
+
+
+def add_timing(row: dict, gpus: dict) -> dict:
+    from engine.memory.timing import replay
+
+    for key, gpu in gpus.items():
+        t = replay(row["_timeline"], gpu)
+        row[f"overhead_{key}"] = round(t.seconds / t.compute_seconds, 3) if t.compute_seconds else None
+        row[f"step_s_{key}"] = round(t.seconds, 2)
+    return row
+
+
+def public(row: dict) -> dict:
+    return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if not k.startswith("_")}
+
+
+# --- the docs tables ----------------------------------------------------------------------------------------------
+
+def markdown_tables(rows: list[dict], gpus: dict) -> str:
+    lines = []
+    for model in sorted({r["model"] for r in rows}, key=lambda m: list(MODELS).index(m)):
+        for task in ("train", "infer"):
+            sel = [r for r in rows if r["model"] == model and r["task"] == task]
+            if not sel:
+                continue
+            what = "LoRA rank 32 training step" if task == "train" else f"inference forward (batch {sel[0]['batch']})"
+            lines += [f"### Wan {model}, {what}, latent {'×'.join(map(str, sel[0]['latent']))} "
+                      f"({sel[0]['tokens']} tokens)", "",
+                      "| fp8 | swap | act. offload | peak GB | weights GB | host (swap) GB | H2D GB/step | "
+                      + " | ".join(f"overhead {k}" for k in gpus) + " |",
+                      "|---|---|---|---|---|---|---|" + "---|" * len(gpus)]
+            for r in sel:
+                lines.append(f"| {r['fp8']} | {r['blocks_to_swap']} | {'yes' if r['activation_offload'] else 'no'} "
+                             f"| {r['peak_gb']:.1f} | {r['weights_on_gpu_gb']:.1f} | {r['host_swap_gb']:.1f} | "
+                             f"{r['h2d_gb_per_step']:.1f} | "
+                             + " | ".join(f"{r.get(f'overhead_{k}', 0):.2f}×" for k in gpus) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="1.3B,14B")
+    p.add_argument("--task", default="train,infer")
+    p.add_argument("--fp8", default="none,scaled")
+    p.add_argument("--swap", default="0,10,20,30,max")
+    p.add_argument("--offload", default="0,1", help="activation offload settings to try for training: 0, 1 or 0,1")
+    p.add_argument("--latent", default="21,60,104")
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--gpus", default="rtx4060ti-16,rtx4090-24,h100-80")
+    p.add_argument("--markdown", default=None, help="write the tables to this file")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> list[dict]:
+    from engine.memory.timing import GPU_MODELS
+
+    args = parse_args(argv)
+    gpus = {k: GPU_MODELS[k] for k in args.gpus.split(",") if k}
+    latent = tuple(int(v) for v in args.latent.split(","))
+    rows = []
+    for model in args.model.split(","):
+        swaps = []
+        for s in args.swap.split(","):
+            n = resolve_swap(model, s)
+            if n <= num_blocks(model) - 1 and n not in swaps:
+                swaps.append(n)
+        for task in args.task.split(","):
+            for fp8 in args.fp8.split(","):
+                for n in swaps:
+                    for off in (args.offload.split(",") if task == "train" else ["0"]):
+                        row = simulate(SimConfig(model=model, task=task, fp8=fp8, blocks_to_swap=n,
+                                                 activation_offload=off == "1", latent=latent, steps=args.steps))
+                        add_timing(row, gpus)
+                        rows.append(row)
+                        print(json.dumps(public(row)), flush=True)
+    if args.markdown:
+        Path(args.markdown).write_text(markdown_tables(rows, gpus), encoding="utf-8")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
