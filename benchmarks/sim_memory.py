@@ -73,7 +73,7 @@ def resolve_swap(name: str, swap) -> int:
     return num_blocks(name) - 1 if swap == "max" else int(swap)
 
 
-def _build_on_host(config, fp8: str):
+def _build_on_host(config, fp8: str, device=DEVICE, host=HOST):
     """The model as the loader leaves it in host memory: bf16, float32 where the official code computes in float32,
     fp8 targets quantized. Built (and quantized) on the simulated GPU, then moved to the host, like a fake load."""
     from engine.memory import move_to, quantize_model_fp8
@@ -82,7 +82,7 @@ def _build_on_host(config, fp8: str):
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)   # Module.to() cannot swap fake parameters: build in the target dtype
     try:
-        model = build_wan_model(config, DEVICE)
+        model = build_wan_model(config, device)
     finally:
         torch.set_default_dtype(previous)
     for prefix, module in model.named_modules():
@@ -92,7 +92,7 @@ def _build_on_host(config, fp8: str):
     model.requires_grad_(False)
     if fp8 != "none":
         quantize_model_fp8(model, fp8)
-    return move_to(model, HOST)
+    return move_to(model, host)
 
 
 class _MeteredTransfer:
@@ -138,8 +138,10 @@ class _AdamWState:
             p.grad = None
 
 
-def simulate(cfg: SimConfig) -> dict:
-    """Peak live bytes on the simulated GPU (and what else a row of the tables needs) for one configuration."""
+def simulate(cfg: SimConfig, fake: bool = True) -> dict:
+    """Peak live bytes on the simulated GPU (and what else a row of the tables needs) for one configuration.
+    `fake=False` runs the same step with real CPU tensors (small models; no block swap or activation offload,
+    which need a host distinct from the device): the tests use it to check that simulation and reality agree."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from engine.lora.adapters import AdapterConfig, AdapterNetwork
@@ -149,12 +151,16 @@ def simulate(cfg: SimConfig) -> dict:
     config = _model_config(cfg.model)
     n_swap = resolve_swap(cfg.model, cfg.blocks_to_swap)
     train = cfg.task == "train"
+    host = HOST if fake else DEVICE
+    if not fake and (n_swap or cfg.activation_offload):
+        raise ValueError("a real (fake=False) run has no separate host memory: no block swap or activation offload")
     started = time.perf_counter()
-    with FakeTensorMode(allow_non_fake_inputs=True), LiveMemoryMeter(DEVICE) as meter:
-        model = _build_on_host(config, cfg.fp8)
+    with (FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()), \
+            LiveMemoryMeter(DEVICE) as meter:
+        model = _build_on_host(config, cfg.fp8, DEVICE, host)
         model.gradient_checkpointing = train
         model.activation_offload = train and cfg.activation_offload
-        model.activation_offload_host = HOST
+        model.activation_offload_host = host
         net = optimizer = None
         if train:   # adapters first, then block swap (the training nodes' order): adapters are device tensors
             net = AdapterNetwork.create(model, AdapterConfig(rank=cfg.rank, alpha=cfg.rank))
@@ -192,7 +198,7 @@ def simulate(cfg: SimConfig) -> dict:
                     model(x0, t, context)
         report = meter.report()
         if swapper is not None:
-            swapper.detach(device=HOST)
+            swapper.detach(device=host)
 
     return {
         "model": cfg.model, "task": cfg.task, "fp8": cfg.fp8, "blocks_to_swap": n_swap,

@@ -3,15 +3,19 @@
 FakeTransfer keeps evicted weights on the meta device, so a block that runs without its weights raises; results
 with and without block swap must be bit-identical (the same CPU kernels run on the same values)."""
 
+from collections import deque
+
 import pytest
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from engine.errors import MusubiInputError
-from engine.memory import (BlockSwapConfig, BlockSwapper, FakeTransfer, Transfer, choose_swapped,
-                           estimate_module_bytes, pinned_bytes_in_use, quantize_model_fp8, validate_blocks_to_swap)
+from engine.memory import (BlockSwapConfig, BlockSwapper, CudaTransfer, FakeTransfer, Transfer, checkpoint_block,
+                           choose_swapped, estimate_module_bytes, pinned_bytes_in_use, quantize_model_fp8,
+                           validate_blocks_to_swap)
 from engine.memory.block_swap import stream_plan
+from engine.memory.transfer import TransferLog
 
 
 class Block(nn.Module):
@@ -36,12 +40,15 @@ class Net(nn.Module):
         self.blocks = nn.ModuleList(Block(d) for _ in range(n))
         self.head = nn.Linear(d, 8)
         self.gradient_checkpointing = False
+        self.activation_offload = False
 
     def forward(self, x):
         x = self.embed(x)
         ctx = x.mean(dim=1, keepdim=True)
         for b in self.blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+            if self.gradient_checkpointing and torch.is_grad_enabled() and self.activation_offload:
+                x = checkpoint_block(b, x, ctx, offload=True)
+            elif self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(b, x, ctx, use_reentrant=False)
             else:
                 x = b(x, ctx)
@@ -171,6 +178,97 @@ def test_backward_recompute_loads_in_reverse_order_and_bounds_residency():
     assert loaded == [3, 1, 0]
     for j in loaded:
         assert bwd.index(("load", j)) < bwd.index(("run", j + 1))
+
+
+@pytest.mark.parametrize("n", [1, 3, 5])
+def test_activation_offload_with_swap_identical_and_same_schedule(n):
+    """checkpoint_block(offload=True) runs the forward without a graph (grad mode off); block swap still schedules it
+    as a training pass (the recompute follows), exactly as with torch.utils.checkpoint."""
+    ref_net, ref_ad = make_net()
+    expected = run_steps(ref_net, ref_ad)
+    logs = []
+    for offload in (False, True):
+        net, ad = make_net()
+        net.gradient_checkpointing, net.activation_offload = True, offload
+        sw = attach(net, n, prefetch=1)
+        assert_same(run_steps(net, ad), expected)
+        logs.append(sw.transfer.log.events)
+        sw.detach()
+    assert logs[0] == logs[1]
+
+
+class EvictionTracking(FakeTransfer):
+    """Records the order of `start` and `evicted` calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def start(self, block, master):
+        self.calls.append(("start", block))
+        return super().start(block, master)
+
+    def evicted(self, block):
+        super().evicted(block)
+        self.calls.append(("evicted", block))
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_every_eviction_is_reported_before_its_slot_is_reused(offload):
+    net, ad = make_net(blocks=6)
+    net.gradient_checkpointing, net.activation_offload = True, offload
+    transfer = EvictionTracking()
+    sw = BlockSwapper(net.blocks, "cpu", BlockSwapConfig(blocks_to_swap=3, prefetch=1), transfer=transfer,
+                      model=net).attach()
+    assert sw.slots == 2
+    run_steps(net, ad, steps=2)
+    run_steps(net, ad, steps=1, train=False)
+    sw.detach()
+    evicted = [b for k, b in transfer.calls if k == "evicted"]
+    assert evicted == transfer.log.of("evict") and len(evicted) > 0   # once per eviction, same order
+    assert len(transfer.calls) == len(transfer.log.of("load")) + len(evicted)
+    occupied = set()
+    for kind, b in transfer.calls:
+        if kind == "start":
+            assert b not in occupied and len(occupied) < sw.slots, (b, occupied)   # a free slot, freed by evicted
+            occupied.add(b)
+        else:
+            occupied.remove(b)
+    assert transfer.log.eviction_waits == 0   # only CudaTransfer waits for the GPU
+
+
+def test_cuda_transfer_waits_for_evicted_blocks_before_loading(monkeypatch):
+    """The host-side bookkeeping of CudaTransfer (events faked: no GPU here)."""
+    synced = []
+
+    class FakeEvent:
+        count = 0
+
+        def __init__(self):
+            FakeEvent.count += 1
+            self.id, self.stream = FakeEvent.count, None
+
+        def record(self, stream):
+            self.stream = stream
+
+        def synchronize(self):
+            synced.append((self.id, self.stream))
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "compute")
+    t = CudaTransfer.__new__(CudaTransfer)   # skips the CUDA stream
+    t.device, t.log, t.max_pending_evictions, t._evictions = torch.device("cuda"), TransferLog(), 0, deque()
+    t.evicted(4)
+    t.evicted(5)
+    t._wait_for_evictions()
+    assert synced == [(1, "compute"), (2, "compute")] and t.log.eviction_waits == 2 and t.log.events == []
+    t._wait_for_evictions()
+    assert t.log.eviction_waits == 2
+    t.max_pending_evictions = 1
+    for b in range(3):
+        t.evicted(b)
+    t._wait_for_evictions()
+    assert [i for i, _ in synced] == [1, 2, 3, 4] and len(t._evictions) == 1   # the newest may stay pending
 
 
 class CountingTransfer(FakeTransfer):

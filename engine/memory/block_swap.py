@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import invalid
+from .offload import in_offloaded_forward
 from .placement import move_to, request_room
 from .transfer import FakeTransfer, HostMaster, PendingLoad, Transfer, default_transfer, views
 
@@ -87,6 +88,12 @@ def stream_plan(num_blocks: int, n: int, prefetch: int = 1, placement: str = "sp
     rest = [i for i in range(num_blocks) if i not in set(chosen)]
     extra = {rest[(2 * k + 1) * len(rest) // (2 * e)] for k in range(e)}
     return sorted(set(chosen) | extra), e
+
+
+def _training_forward() -> bool:
+    """A forward pass that backward will follow: grad mode is on, or activation offload runs the block without a
+    graph (its recompute builds one in backward)."""
+    return torch.is_grad_enabled() or in_offloaded_forward()
 
 
 class _Entry:
@@ -235,7 +242,7 @@ class BlockSwapper:
         n = self.num_blocks
         if backward:
             seq = list(range(i - 1, -1, -1)) + list(range(n))
-        elif torch.is_grad_enabled() and self._expect_recompute:
+        elif _training_forward() and self._expect_recompute:
             seq = list(range(i + 1, n)) + list(range(n - 1, -1, -1))
         else:
             seq = list(range(i + 1, n)) + list(range(n))
@@ -255,7 +262,7 @@ class BlockSwapper:
                 self._expect_recompute = self._saw_backward_call
             self._saw_backward_call = False
         self._last_forward_index = i
-        self._last_forward_grad = torch.is_grad_enabled()
+        self._last_forward_grad = _training_forward()
 
     # --- loads / evictions ------------------------------------------------------------------------------------------
     def _start(self, j: int) -> None:
@@ -278,6 +285,7 @@ class BlockSwapper:
                 e.set(v)
             self._bound.discard(j)
         self.transfer.note("evict", j)
+        self.transfer.evicted(j)   # after the references are dropped: CUDA marks where compute is done with them
 
     def _check_resident(self, i: int) -> None:
         for e in self._entries.get(i, ()):

@@ -3,23 +3,25 @@
 Two tools:
 
 * `checkpoint_block(block, x, *rest, offload=True)`: gradient checkpointing of one block whose *input* (the only
-  activation checkpointing keeps: the residual stream x, [B, L, D]) is stored on the host. The block runs on the
-  device: x goes host->device at the start of the forward and again at the recompute in backward. This is Musubi's
-  `--gradient_checkpointing_cpu_offload` (§2.6); for Wan 14B at 832×480×81 it moves ~40 × 335 MB off the GPU.
-  Only x is offloaded: the other arguments (time embedding, text context, RoPE tables) are shared by all blocks,
-  so checkpointing stores them once anyway.
+  activation checkpointing keeps: the residual stream x, [B, L, D]) is stored on the host. This is Musubi's
+  `--gradient_checkpointing_cpu_offload` (§2.6); for Wan 14B at 832×480×81 it moves 40 × 0.67 GB (fp32) off the GPU.
+  x crosses the bus twice per block and step: device->host once in forward (on a side stream, overlapping the
+  block's compute; the forward itself runs on the caller's x) and host->device once for the recompute in backward.
+  Gradients never leave the device. Only x is copied: the other arguments (time embedding, text context, RoPE
+  tables) are shared by all blocks, so keeping references to them costs nothing.
 * `offload_saved_tensors()`: a saved-tensor-hooks context (like `torch.autograd.graph.save_on_cpu`) for code that
   is not checkpointed: every tensor autograd saves is copied to the host and brought back in backward.
 
-Both give exactly the gradients of the plain computation (copies are exact). Host copies are pinned when CUDA is
-available so the copies can overlap compute.
+Both give exactly the gradients of the plain computation (copies are exact, the recompute replays the RNG and
+autocast state of the forward). Host copies are pinned when x is on CUDA so the copies are asynchronous.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -40,37 +42,197 @@ def _host_copy(t: torch.Tensor, host: torch.device) -> torch.Tensor:
     return out
 
 
-class _ToHost(torch.autograd.Function):
-    """Differentiable copy to host memory (pinned where possible); gradients go back to the source device."""
+# --- checkpoint_block(offload=True) ---------------------------------------------------------------------------------
+
+_state = threading.local()
+_side_streams: dict[torch.device, Any] = {}
+
+
+def in_offloaded_forward() -> bool:
+    """True while `checkpoint_block(offload=True)` runs a block's forward. That forward runs with grad mode off (it
+    keeps no graph) but belongs to a training pass whose backward will call the block again; block swap reads this
+    to schedule the recompute."""
+    return getattr(_state, "depth", 0) > 0
+
+
+def _side_stream(device: torch.device):
+    device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+    if device not in _side_streams:
+        _side_streams[device] = torch.cuda.Stream(device)
+    return _side_streams[device]
+
+
+_LEAF = object()   # where a tensor sat in the arguments
+
+
+def _split(obj, leaves: list) -> Any:
+    """`obj` with every tensor (also inside tuples, lists, dicts) replaced by _LEAF; the tensors go to `leaves`."""
+    if isinstance(obj, torch.Tensor):
+        leaves.append(obj)
+        return _LEAF
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):   # namedtuple
+        return type(obj)(*(_split(o, leaves) for o in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_split(o, leaves) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _split(v, leaves) for k, v in obj.items()}
+    return obj
+
+
+def _fill(spec, leaves: Iterator[torch.Tensor]) -> Any:
+    if spec is _LEAF:
+        return next(leaves)
+    if isinstance(spec, tuple) and hasattr(spec, "_fields"):
+        return type(spec)(*(_fill(s, leaves) for s in spec))
+    if isinstance(spec, (tuple, list)):
+        return type(spec)(_fill(s, leaves) for s in spec)
+    if isinstance(spec, dict):
+        return {k: _fill(v, leaves) for k, v in spec.items()}
+    return spec
+
+
+@dataclass
+class _Call:
+    """The non-differentiable part of one checkpointed call: the block, the argument structure, where x goes."""
+    block: nn.Module
+    spec: tuple            # (args, kwargs) with tensors replaced by _LEAF
+    host: torch.device
+    stats: OffloadStats | None
+
+    def run(self, x: torch.Tensor, leaves) -> Any:
+        args, kwargs = _fill(self.spec, iter(leaves))
+        return self.block(x, *args, **kwargs)   # as a module: forward hooks (block swap) fire
+
+
+def _autocast_state(device_type: str) -> list[tuple[str, bool, torch.dtype, bool]]:
+    types = ["cpu"] + ([device_type] if device_type not in ("cpu", "meta") else [])
+    cache = torch.is_autocast_cache_enabled()
+    return [(t, torch.is_autocast_enabled(t), torch.get_autocast_dtype(t), cache) for t in types]
+
+
+@contextlib.contextmanager
+def _replayed_rng(cpu_state: torch.Tensor, cuda_states: dict[int, torch.Tensor]) -> Iterator[None]:
+    """Set the RNG state captured in forward; give the caller's state back afterwards."""
+    saved_cpu = torch.get_rng_state()
+    saved_cuda = {d: torch.cuda.get_rng_state(d) for d in cuda_states}
+    torch.set_rng_state(cpu_state)
+    for d, s in cuda_states.items():
+        torch.cuda.set_rng_state(s, d)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(saved_cpu)
+        for d, s in saved_cuda.items():
+            torch.cuda.set_rng_state(s, d)
+
+
+class _OffloadedCheckpoint(torch.autograd.Function):
+    """Reentrant-style checkpoint: forward runs the block without a graph and keeps only a host copy of x (not x);
+    backward copies x back, recomputes the block with grad and backpropagates through it. Gradients of parameters
+    used by the block (LoRA adapters hooked on its Linears) accumulate in that inner backward.
+
+    Inputs: (call, anchor, x, *leaves). `anchor` is an empty tensor that requires grad, so the output requires grad
+    (and backward runs) even when no input does: the block's parameters are not inputs of this Function."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, host: torch.device) -> torch.Tensor:
-        ctx.device = x.device
-        return _host_copy(x, host)
+    def forward(ctx, call: _Call, anchor: torch.Tensor, x: torch.Tensor, *leaves: torch.Tensor):
+        ctx.call, ctx.device = call, x.device
+        ctx.autocast = _autocast_state(x.device.type)
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.cuda_rng = {}
+        if torch.cuda.is_initialized():
+            for d in sorted({t.device.index for t in (x, *leaves) if t.is_cuda}):
+                ctx.cuda_rng[d] = torch.cuda.get_rng_state(d)
+        _state.depth = getattr(_state, "depth", 0) + 1
+        try:
+            out = call.run(x, leaves)   # grad mode is off inside Function.forward: no graph, nothing saved
+        finally:
+            _state.depth -= 1
+        # host copy of x; on CUDA on a side stream once the compute stream has produced x
+        ctx.pinned = call.host.type == "cpu" and x.is_cuda
+        host_x = torch.empty(x.shape, dtype=x.dtype, device=call.host, pin_memory=ctx.pinned)
+        ctx.event = None
+        if x.is_cuda:
+            side = _side_stream(x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side):
+                host_x.copy_(x, non_blocking=ctx.pinned)
+                ctx.event = torch.cuda.Event()
+                ctx.event.record(side)
+            x.record_stream(side)   # x's memory is not reused before the copy has read it
+        else:
+            host_x.copy_(x)
+        ctx.host_x = host_x
+        ctx.save_for_backward(*leaves)
+        if call.stats is not None:
+            call.stats.tensors_offloaded += 1
+            call.stats.bytes_offloaded += x.numel() * x.element_size()
+        return out
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad.to(ctx.device, non_blocking=True), None
+    def backward(ctx, *grads):
+        call = ctx.call
+        need_x, need_leaves = ctx.needs_input_grad[2], ctx.needs_input_grad[3:]
+        if ctx.event is not None:
+            torch.cuda.current_stream(ctx.device).wait_event(ctx.event)
+        x = ctx.host_x.to(ctx.device, non_blocking=ctx.pinned).detach().requires_grad_(need_x)
+        ctx.host_x = None   # the host copy is not needed any more
+        if call.stats is not None:
+            call.stats.tensors_restored += 1
+        leaves = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, need_leaves)]
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_replayed_rng(ctx.cpu_rng, ctx.cuda_rng))
+            for device_type, enabled, dtype, cache in ctx.autocast:
+                stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=cache))
+            with torch.enable_grad():
+                out = call.run(x, leaves)
+        outs = out if isinstance(out, tuple) else (out,)
+        # Seed the recomputed graph through empty stand-ins, so the recomputed outputs themselves (Wan: a float32
+        # [B, L, D], 0.67 GB at 14B/832x480x81) are freed before the block's backward runs instead of living on
+        # through it as roots of torch.autograd.backward.
+        with torch.enable_grad():
+            seeds = [_Seed.apply(o, g) for o, g in zip(outs, grads)
+                     if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
+        del out, outs
+        if seeds:
+            torch.autograd.backward(seeds, [torch.empty(0, device=s.device) for s in seeds])
+        return (None, None, x.grad if need_x else None,
+                *(t.grad if need else None for t, need in zip(leaves, need_leaves)))
+
+
+class _Seed(torch.autograd.Function):
+    """An empty tensor standing for `out` in backward: its gradient is `grad` (kept by the node, not `out`)."""
+
+    @staticmethod
+    def forward(ctx, out, grad):
+        ctx.grad = grad
+        return out.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, _):
+        grad, ctx.grad = ctx.grad, None
+        return grad, None
 
 
 def checkpoint_block(block: nn.Module, x: torch.Tensor, *args, offload: bool = False,
                      host: torch.device | str = "cpu", stats: OffloadStats | None = None, **kwargs) -> torch.Tensor:
-    """`torch.utils.checkpoint` (non-reentrant) of `block(x, *args, **kwargs)`, called as a module so block-swap
-    hooks fire in forward and in the recompute. With `offload`, the saved input x lives on `host`."""
+    """Gradient checkpointing of `block(x, *args, **kwargs)`, called as a module so block-swap hooks fire in forward
+    and in the recompute.
+
+    Without `offload`: `torch.utils.checkpoint` (non-reentrant). With `offload`: the block runs on the caller's x
+    without keeping a graph, x is copied to `host` (pinned, asynchronously on CUDA) and only that copy is kept; in
+    backward it is copied back once, the block recomputed (same RNG and autocast state) and backpropagated. Tensors
+    anywhere in the arguments (also inside tuples/lists/dicts, e.g. RoPE tables) get their gradients; the block
+    may return a tensor or a tuple of tensors."""
     if not offload:
         return checkpoint(block, x, *args, use_reentrant=False, **kwargs)
-    device = x.device
-    x_host = _ToHost.apply(x, torch.device(host))
-    if stats is not None:
-        stats.tensors_offloaded += 1
-        stats.bytes_offloaded += x.numel() * x.element_size()
-
-    def run(xh: torch.Tensor, *a, **kw):
-        if stats is not None:
-            stats.tensors_restored += 1
-        return block(xh.to(device, non_blocking=True), *a, **kw)
-
-    return checkpoint(run, x_host, *args, use_reentrant=False, **kwargs)
+    if not torch.is_grad_enabled():   # nothing to save for a backward
+        return block(x, *args, **kwargs)
+    leaves: list[torch.Tensor] = []
+    spec = _split((args, kwargs), leaves)
+    call = _Call(block, spec, torch.device(host), stats)
+    anchor = torch.empty(0, device=x.device, requires_grad=True)
+    return _OffloadedCheckpoint.apply(call, anchor, x, *leaves)
 
 
 @contextlib.contextmanager

@@ -8,7 +8,9 @@ Three implementations share one interface:
 
 * `Transfer`      synchronous `.to(device)`; any device PyTorch supports (MPS, XPU, CPU).
 * `CudaTransfer`  copies on a dedicated CUDA stream from pinned masters; the compute stream waits on an event only
-                  when the block is about to run, so copies overlap the previous blocks' compute.
+                  when the block is about to run, so copies overlap the previous blocks' compute. Before a new load
+                  it makes the host wait until the GPU is done with the blocks evicted so far (see `evicted`), so
+                  the host cannot run ahead and device memory stays within the slot budget.
 * `FakeTransfer`  CPU-only test double: "device" copies are CPU clones, evicted tensors point at the *meta* device
                   (so running a non-resident block fails loudly), and every load/wait/evict is logged in order.
 
@@ -19,6 +21,7 @@ check that memory is released on detach.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -101,6 +104,7 @@ class TransferLog:
     """Ordered record of what the swapper asked for: ("load"|"wait"|"evict"|"run", block index)."""
     events: list[tuple[str, int]] = field(default_factory=list)
     bytes_h2d: int = 0
+    eviction_waits: int = 0       # CUDA: times a load made the host wait for the GPU to finish an evicted block
 
     def of(self, kind: str) -> list[int]:
         return [b for k, b in self.events if k == kind]
@@ -109,16 +113,17 @@ class TransferLog:
 class Transfer:
     """Synchronous transfers to `device`. Subclasses make them asynchronous or fake."""
 
-    def __init__(self, device: torch.device | str, pin_memory: bool = False):
+    def __init__(self, device: torch.device | str, pin_memory: bool = False, host: torch.device | str = "cpu"):
         self.device = torch.device(device)
-        self.pin_memory = bool(pin_memory) and torch.cuda.is_available()
+        self.host = torch.device(host)   # where masters live (the memory simulation uses fake "meta" tensors)
+        self.pin_memory = bool(pin_memory) and torch.cuda.is_available() and self.host.type == "cpu"
         self.log = TransferLog()
 
     # --- host masters ---------------------------------------------------------------------------------------------
     def make_master(self, tensors: list[torch.Tensor]) -> HostMaster:
         """Pack `tensors` (wherever they are) into a new host master."""
         slots, nbytes = pack_layout(tensors)
-        flat = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin_memory)
+        flat = torch.empty(nbytes, dtype=torch.uint8, device=self.host, pin_memory=self.pin_memory)
         _account(nbytes)
         for dst, src in zip(views(flat, slots), tensors):
             dst.copy_(src.detach())
@@ -142,21 +147,48 @@ class Transfer:
     def note(self, kind: str, block: int) -> None:
         self.log.events.append((kind, block))
 
+    def evicted(self, block: int) -> None:
+        """The swapper has dropped its references to `block`'s device copy (its slot is free for the next load).
+        Synchronous transfers need nothing; `CudaTransfer` remembers where the compute stream is."""
+
     def release_cached_host_memory(self) -> None:
         pass
 
 
 class CudaTransfer(Transfer):
     """Async H2D on a side stream. Device buffers are allocated on that stream and `record_stream`-ed onto the compute
-    stream when used, so the caching allocator never reuses one while a kernel (or autograd) still reads it."""
+    stream when used, so the caching allocator never reuses one while a kernel (or autograd) still reads it.
 
-    def __init__(self, device: torch.device | str, pin_memory: bool = True):
+    The host (Python) usually runs far ahead of the GPU: when a block is evicted its buffer is still read by queued
+    kernels, so the allocator cannot hand it to the next load yet and would allocate fresh memory, growing device
+    memory beyond the slot budget. So `evicted` records an event on the compute stream, and `start` first waits on
+    the host for all but the newest `max_pending_evictions` of those events (default 0: all of them). This bounds
+    device memory to the slot budget; the price is that the host waits for the GPU at most once per swapped block.
+    The GPU keeps running what is queued while the host waits, so it idles only until the host launches the next
+    kernel (a launch latency plus hook overhead: small next to a large block's compute). `max_pending_evictions=k`
+    lets the host stay k evictions ahead, for up to k more blocks of device memory. Musubi Tuner synchronises once
+    per block too."""
+
+    def __init__(self, device: torch.device | str, pin_memory: bool = True, max_pending_evictions: int = 0):
         super().__init__(device, pin_memory)
         if self.device.type != "cuda":
             raise ValueError(f"CudaTransfer needs a cuda device, got {self.device}")
         self.stream = torch.cuda.Stream(self.device)
+        self.max_pending_evictions = max(0, int(max_pending_evictions))
+        self._evictions: deque = deque()   # torch.cuda.Event per eviction not yet waited for, oldest first
+
+    def evicted(self, block: int) -> None:
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        self._evictions.append(event)
+
+    def _wait_for_evictions(self) -> None:
+        while len(self._evictions) > self.max_pending_evictions:
+            self._evictions.popleft().synchronize()
+            self.log.eviction_waits += 1
 
     def start(self, block: int, master: HostMaster) -> PendingLoad:
+        self._wait_for_evictions()
         self.log.events.append(("load", block))
         self.log.bytes_h2d += master.nbytes
         with torch.cuda.stream(self.stream):
