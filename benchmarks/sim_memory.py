@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import sys
 import time
@@ -56,6 +57,8 @@ class SimConfig:
     placement: str = "spread"
     cfg_batch: int = 2                 # inference: cond + uncond in one forward (the sampler's batch_cfg default)
     steps: int = 2                     # the first training step allocates the optimizer state
+    offload_non_blocks: bool = False   # with block swap: embeddings/head on the host between forwards
+    optimizer: str = "adamw"           # adamw (two fp32 moments) | adamw8bit (two uint8 moments, bitsandbytes)
 
 
 def _model_config(name: str):
@@ -117,17 +120,24 @@ class _MeteredTransfer:
 
 
 class _AdamWState:
-    """AdamW's memory: two fp32 moments per trainable tensor, created at the first step, plus the update's
-    temporaries. (torch.optim reads the step count with .item(), which fake tensors do not have.)"""
+    """AdamW's memory: two moments per trainable tensor (fp32; uint8 for bitsandbytes' AdamW8bit, whose fused
+    kernel makes no temporaries), created at the first step, plus the update's temporaries. (torch.optim reads the
+    step count with .item(), which fake tensors do not have.)"""
 
-    def __init__(self, params):
+    def __init__(self, params, eight_bit: bool = False):
         self.params = [p for p in params if p.requires_grad]
+        self.eight_bit = eight_bit
         self.state = None
 
     def step(self):
         if self.state is None:
-            self.state = [(torch.zeros_like(p), torch.zeros_like(p)) for p in self.params]
+            dtype = torch.uint8 if self.eight_bit else None
+            self.state = [(torch.zeros_like(p, dtype=dtype), torch.zeros_like(p, dtype=dtype)) for p in self.params]
         with torch.no_grad():
+            if self.eight_bit:
+                for p in self.params:
+                    p.add_(p.grad, alpha=-1e-4)
+                return
             for p, (m, v) in zip(self.params, self.state):
                 m.mul_(0.9).add_(p.grad, alpha=0.1)
                 v.mul_(0.999).addcmul_(p.grad, p.grad, value=0.001)
@@ -165,11 +175,11 @@ def simulate(cfg: SimConfig, fake: bool = True) -> dict:
         if train:   # adapters first, then block swap (the training nodes' order): adapters are device tensors
             net = AdapterNetwork.create(model, AdapterConfig(rank=cfg.rank, alpha=cfg.rank))
             move_to(net, DEVICE)
-            optimizer = _AdamWState(net.parameters())
+            optimizer = _AdamWState(net.parameters(), eight_bit=cfg.optimizer == "adamw8bit")
         swapper = None
         if n_swap:
             swapper = swap_blocks(model, n_swap, DEVICE, prefetch=cfg.prefetch, placement=cfg.placement,
-                                  transfer=_MeteredTransfer(meter))
+                                  offload_non_blocks=cfg.offload_non_blocks, transfer=_MeteredTransfer(meter))
         else:
             move_to(model, DEVICE)
         weights = meter.live_bytes()
@@ -202,7 +212,9 @@ def simulate(cfg: SimConfig, fake: bool = True) -> dict:
 
     return {
         "model": cfg.model, "task": cfg.task, "fp8": cfg.fp8, "blocks_to_swap": n_swap,
-        "activation_offload": bool(train and cfg.activation_offload), "latent": list(cfg.latent),
+        "activation_offload": bool(train and cfg.activation_offload),
+        "offload_non_blocks": bool(n_swap and cfg.offload_non_blocks), "optimizer": cfg.optimizer if train else None,
+        "latent": list(cfg.latent),
         "tokens": f * h * w // 4, "batch": batch,
         "peak_gb": report.peak_bytes / GB,
         "weights_on_gpu_gb": weights / GB,
@@ -264,6 +276,8 @@ def parse_args(argv=None):
     p.add_argument("--fp8", default="none,scaled")
     p.add_argument("--swap", default="0,10,20,30,max")
     p.add_argument("--offload", default="0,1", help="activation offload settings to try for training: 0, 1 or 0,1")
+    p.add_argument("--non-blocks", default="0", help="offload_non_blocks settings for rows with swap: 0, 1 or 0,1")
+    p.add_argument("--optimizer", default="adamw", help="training optimizers: adamw, adamw8bit or both")
     p.add_argument("--latent", default="21,60,104")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--gpus", default="rtx4060ti-16,rtx4090-24,h100-80")
@@ -287,9 +301,13 @@ def main(argv=None) -> list[dict]:
         for task in args.task.split(","):
             for fp8 in args.fp8.split(","):
                 for n in swaps:
-                    for off in (args.offload.split(",") if task == "train" else ["0"]):
+                    for off, nb, opt in itertools.product(
+                            args.offload.split(",") if task == "train" else ["0"],
+                            args.non_blocks.split(",") if n else ["0"],
+                            args.optimizer.split(",") if task == "train" else ["adamw"]):
                         row = simulate(SimConfig(model=model, task=task, fp8=fp8, blocks_to_swap=n,
-                                                 activation_offload=off == "1", latent=latent, steps=args.steps))
+                                                 activation_offload=off == "1", offload_non_blocks=nb == "1",
+                                                 optimizer=opt, latent=latent, steps=args.steps))
                         add_timing(row, gpus)
                         rows.append(row)
                         print(json.dumps(public(row)), flush=True)

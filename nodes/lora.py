@@ -242,10 +242,11 @@ def make_lora_view(model: nn.Module) -> nn.Module:
 
 def _sync_lora_devices(view, args):
     """Adapters and merged weights follow the shared weights' device (they are not submodules of the view)."""
-    p = next(iter(view.parameters()), None)
-    if p is None:
+    from ..engine.memory.placement import execution_device
+
+    if next(iter(view.parameters()), None) is None:
         return None
-    device = p.device
+    device = execution_device(view)   # with offload_non_blocks the first layers sit in host memory between calls
     for net in view.__dict__.get(_NETWORKS, ()):
         q = next(iter(net.parameters()), None)
         if q is None:

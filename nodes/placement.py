@@ -78,6 +78,7 @@ class _Active:
     swapper: object              # engine.memory.BlockSwapper
     blocks_to_swap: int
     device: torch.device
+    offload_non_blocks: bool = False
 
 
 _ACTIVE: dict[int, _Active] = {}          # weight-set key -> the one attached swapper
@@ -211,8 +212,9 @@ def place_dit(module: torch.nn.Module, training: bool = False) -> torch.device:
         swap = _swap_enabled(module, device)
         n = blocks_to_swap(module)
         swapped = _swapped_indices(module, n) if swap else []
+        non_blocks = bool(getattr(module, "offload_non_blocks", False))
         keep = swap and entry is not None and entry.module is module and entry.blocks_to_swap == n \
-            and entry.device == device
+            and entry.device == device and entry.offload_non_blocks == non_blocks
         if entry is not None and not keep:
             _detach(key, "cpu")
         if not swap:
@@ -224,12 +226,13 @@ def place_dit(module: torch.nn.Module, training: bool = False) -> torch.device:
             if keep:
                 if training:
                     _drop_loaded(entry.swapper)
-                move_to(module, device, exclude=[module.blocks])   # non-block layers (no-op when already there)
+                if not non_blocks:   # (offloaded non-block layers come to the device in each forward)
+                    move_to(module, device, exclude=[module.blocks])   # no-op when already there
             else:
                 transfer = _test_transfer() if _test_transfer is not None else None
                 swapper = swap_blocks(module, n, device if transfer is None else transfer.device,
-                                      transfer=transfer)
-                _ACTIVE[key] = _Active(module, swapper, n, device)
+                                      transfer=transfer, offload_non_blocks=non_blocks)
+                _ACTIVE[key] = _Active(module, swapper, n, device, non_blocks)
                 module.__dict__[SWAP_ATTR] = swapper
     return device
 

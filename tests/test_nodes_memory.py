@@ -39,10 +39,11 @@ def swap(comfy):
     comfy.pack_module("nodes.registry").SESSIONS.release()
 
 
-def loader(blocks_to_swap=0, activation_offload=False) -> dict:
+def loader(blocks_to_swap=0, activation_offload=False, non_blocks=False) -> dict:
     return {"class_type": "MusubiWanDiTLoader",
             "inputs": {"model_name": "preset:tiny-t2v", "dtype": "fp32", "attention": "sdpa", "fp8": "none",
-                       "blocks_to_swap": blocks_to_swap, "activation_offload": activation_offload}}
+                       "blocks_to_swap": blocks_to_swap, "activation_offload": activation_offload,
+                       "offload_non_block_weights": non_blocks}}
 
 
 def t2v_prompt(blocks_to_swap, seed=3, frames=5) -> dict:
@@ -52,11 +53,11 @@ def t2v_prompt(blocks_to_swap, seed=3, frames=5) -> dict:
     return p
 
 
-def swap_prompt(out_dir, tag, blocks_to_swap=0, activation_offload=False, steps=4) -> dict:
+def swap_prompt(out_dir, tag, blocks_to_swap=0, activation_offload=False, steps=4, non_blocks=False) -> dict:
     """The training graph of test_nodes_training with the loader's memory options; `tag` names the session (a new
     session per tag, everything that affects the losses equal)."""
     p = train_prompt(out_dir, steps=steps)
-    p["1"] = loader(blocks_to_swap, activation_offload)
+    p["1"] = loader(blocks_to_swap, activation_offload, non_blocks)
     p["5"]["inputs"]["output_name"] = f"lora_{tag}"
     return p
 
@@ -88,6 +89,20 @@ def test_sampling_with_block_swap_is_bit_identical_and_stays_attached(comfy, swa
     assert swap["memory"].pinned_bytes_in_use() == swap["baseline"]
 
 
+def test_offloaded_non_block_weights_give_identical_samples(comfy, swap):
+    """offload_non_block_weights: the swapper keeps embeddings/head on the host between forwards (the fake
+    transfer's device is the CPU, so this checks the wiring and the results, not where the bytes are)."""
+    placement = swap["placement"]
+    comfy.run(t2v_prompt(0))
+    reference = comfy.output("31")["samples"].clone()
+    p = t2v_prompt(1)
+    p["1"]["inputs"]["offload_non_block_weights"] = True
+    comfy.run(p)
+    assert torch.equal(comfy.output("31")["samples"], reference)
+    sw = placement.active_swapper(comfy.output("1"))
+    assert sw is not None and sw.config.offload_non_blocks
+
+
 def test_training_losses_identical_with_swap_and_activation_offload(comfy, data, swap, tmp_path, monkeypatch):
     dit = importlib.import_module(comfy.pack_module().__name__ + ".engine.models.wan.dit")
     original, offload_flags = dit.checkpoint_block, []
@@ -98,11 +113,13 @@ def test_training_losses_identical_with_swap_and_activation_offload(comfy, data,
 
     monkeypatch.setattr(dit, "checkpoint_block", spy)
     results = {}
-    for tag, n, offload in [("plain", 0, False), ("swap", 1, False), ("swap_offload", 1, True),
-                            ("offload", 0, True)]:
+    # (with the fake transfer, offloaded weights are meta tensors between uses: using one would fail)
+    for tag, n, offload, non_blocks in [("plain", 0, False, False), ("swap", 1, False, False),
+                                        ("swap_offload", 1, True, False), ("offload", 0, True, False),
+                                        ("swap_non_blocks", 1, True, True)]:
         offload_flags.clear()
         before = len(loads(swap["transfers"]))
-        comfy.run(swap_prompt(tmp_path / tag, tag, n, offload))
+        comfy.run(swap_prompt(tmp_path / tag, tag, n, offload, non_blocks=non_blocks))
         results[tag] = comfy.output("6", 2)["loss"]
         view = comfy.output("6", 4)
         assert view.activation_offload is offload and view.blocks_to_swap == n
@@ -113,7 +130,7 @@ def test_training_losses_identical_with_swap_and_activation_offload(comfy, data,
             net = view.__dict__["_musubi_lora_networks"][-1]
             assert all(p.device.type == "cpu" for p in net.parameters())   # not meta: real adapter weights
     assert len(results["plain"]) == 4
-    for tag in ("swap", "swap_offload", "offload"):
+    for tag in ("swap", "swap_offload", "offload", "swap_non_blocks"):
         assert results[tag] == results["plain"], (tag, results[tag], results["plain"])
 
 

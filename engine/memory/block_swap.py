@@ -36,7 +36,7 @@ import torch.nn as nn
 
 from ..errors import invalid
 from .offload import in_offloaded_forward
-from .placement import move_to, request_room
+from .placement import EXECUTION_DEVICE_ATTR, move_to, request_room
 from .transfer import FakeTransfer, HostMaster, PendingLoad, Transfer, default_transfer, views
 
 PLACEMENTS = ("spread", "tail")
@@ -113,10 +113,16 @@ class _Entry:
             self.owner._buffers[self.name] = t
 
 
-def _frozen_entries(block: nn.Module) -> tuple[list[_Entry], list[nn.Parameter]]:
-    """(frozen parameter/buffer slots, trainable parameters) of a block; shared tensors listed once."""
+NON_BLOCKS = -1   # the transfer-log index of the non-block layers (offload_non_blocks)
+
+
+def _frozen_entries(module: nn.Module, skip: set[int] = frozenset()) -> tuple[list[_Entry], list[nn.Parameter]]:
+    """(frozen parameter/buffer slots, trainable parameters) of a module, leaving out the submodules whose id is in
+    `skip`; shared tensors listed once."""
     entries, trainable, seen = [], [], set()
-    for m in block.modules():
+    for m in module.modules():
+        if id(m) in skip:
+            continue
         for name, p in m._parameters.items():
             if p is None or id(p) in seen:
                 continue
@@ -154,6 +160,7 @@ class BlockSwapper:
         self._swapped_set = set(self.swapped)
         self._entries: dict[int, list[_Entry]] = {}
         self._masters: dict[int, HostMaster] = {}
+        self._non_block: tuple[list[_Entry], HostMaster] | None = None   # offload_non_blocks
         self._loads: dict[int, PendingLoad] = {}    # swapped blocks loading or on the device
         self._bound: set[int] = set()                # swapped blocks whose tensors point at device memory
         self._handles: list = []
@@ -181,6 +188,14 @@ class BlockSwapper:
             self._entries[i], self._masters[i] = entries, master
         if self.model is not None:
             if self.config.offload_non_blocks:
+                # the embeddings/head are packed into one more host master, loaded for each forward call
+                entries, trainable = _frozen_entries(self.model, skip={id(m) for m in self.blocks.modules()})
+                for p in trainable:
+                    p.data = p.data.to(self.device)
+                master = self.transfer.make_master([e.get() for e in entries])
+                for e, v in zip(entries, self.transfer.evicted_views(master)):
+                    e.set(v)
+                self._non_block = (entries, master)
                 self._handles.append(self.model.register_forward_pre_hook(self._model_pre))
                 self._handles.append(self.model.register_forward_hook(self._model_post))
             else:
@@ -188,6 +203,8 @@ class BlockSwapper:
         for i, block in enumerate(self.blocks):
             self._handles.append(block.register_forward_pre_hook(self._make_pre(i)))
             self._handles.append(block.register_forward_hook(self._make_post(i)))
+        if self.model is not None:
+            self.model.__dict__[EXECUTION_DEVICE_ATTR] = self.device
         self._attached = True
         return self
 
@@ -198,14 +215,21 @@ class BlockSwapper:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self.model is not None:
+            self.model.__dict__.pop(EXECUTION_DEVICE_ATTR, None)
         for i in list(self._masters):
             master, entries = self._masters[i], self._entries[i]
             request_room(master.nbytes, target)
             for e, v in zip(entries, views(master.flat, master.slots)):   # the masters are exact copies
                 e.set(v.to(target, copy=True))
             master.release()
-        if self.model is not None and self.config.offload_non_blocks and self._attached:
-            move_to(self.model, target, exclude=[self.blocks])
+        if self._non_block is not None:
+            entries, master = self._non_block
+            request_room(master.nbytes, target)
+            for e, v in zip(entries, views(master.flat, master.slots)):
+                e.set(v.to(target, copy=True))
+            master.release()
+            self._non_block = None
         self._masters.clear()
         self._entries.clear()
         self._loads.clear()
@@ -327,25 +351,16 @@ class BlockSwapper:
 
     # --- non-block layers -------------------------------------------------------------------------------------------
     def _model_pre(self, module, args):
-        move_to(self.model, self.device, exclude=[self.blocks])
+        entries, master = self._non_block
+        request_room(master.nbytes, self.device)
+        for e, v in zip(entries, self.transfer.finish(self.transfer.start(NON_BLOCKS, master))):
+            e.set(v)
 
     def _model_post(self, module, args, output):
-        # frozen tensors only: trainable ones stay where the optimizer expects them; autograd keeps the device
-        # copies it needs for backward
-        for m in self.model.modules():
-            if any(m is b for b in self.blocks) or self._inside_blocks(m):
-                continue
-            for name, p in m._parameters.items():
-                if p is not None and not p.requires_grad and p.device.type != "cpu":
-                    m._parameters[name] = nn.Parameter(p.detach().to("cpu"), requires_grad=False)
-            for name, b in m._buffers.items():
-                if b is not None and b.device.type != "cpu":
-                    m._buffers[name] = b.to("cpu")
-
-    def _inside_blocks(self, m: nn.Module) -> bool:
-        if not hasattr(self, "_block_module_ids"):
-            self._block_module_ids = {id(x) for x in self.blocks.modules()}
-        return id(m) in self._block_module_ids
+        # re-point at the host master (autograd keeps the device copies it saved for backward)
+        entries, master = self._non_block
+        for e, v in zip(entries, self.transfer.evicted_views(master)):
+            e.set(v)
 
 
 def swap_blocks(model: nn.Module, blocks_to_swap: int, device: torch.device | str, **options) -> BlockSwapper:

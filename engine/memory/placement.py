@@ -111,6 +111,16 @@ def offload_after_use(module: nn.Module, device: torch.device | str, offload_dev
             move_to(module, offload_device, exclude)
 
 
+EXECUTION_DEVICE_ATTR = "_musubi_execution_device"   # set by an attached block swapper
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """Where `module` computes: the attached block swapper's device (its weights may sit in host memory between
+    calls, e.g. with offload_non_blocks), else the device of its first tensor."""
+    device = module.__dict__.get(EXECUTION_DEVICE_ATTR)
+    return device if device is not None else module_device(module)
+
+
 def module_device(module: nn.Module) -> torch.device:
     """Device of the first parameter or buffer (cpu for an empty module)."""
     for _, _, t, _ in _own_tensors(module):

@@ -169,8 +169,9 @@ class CudaTransfer(Transfer):
     lets the host stay k evictions ahead, for up to k more blocks of device memory. Musubi Tuner synchronises once
     per block too."""
 
-    def __init__(self, device: torch.device | str, pin_memory: bool = True, max_pending_evictions: int = 0):
-        super().__init__(device, pin_memory)
+    def __init__(self, device: torch.device | str, pin_memory: bool = True, max_pending_evictions: int = 0,
+                 host: torch.device | str = "cpu"):
+        super().__init__(device, pin_memory, host)
         if self.device.type != "cuda":
             raise ValueError(f"CudaTransfer needs a cuda device, got {self.device}")
         self.stream = torch.cuda.Stream(self.device)

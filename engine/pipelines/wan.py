@@ -323,7 +323,8 @@ def _latent_frame_count(r: WanGenerateRequest) -> int:
 
 
 def _model_device(model) -> torch.device:
-    return model.patch_embedding.weight.device
+    from ..memory.placement import execution_device
+    return execution_device(model)
 
 
 def _wan_predict(model, frame_indices):

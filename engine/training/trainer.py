@@ -60,9 +60,8 @@ class StepInfo:
 # --- checks that run before any heavy work -------------------------------------------------------------------
 
 def model_device(model: torch.nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
+    from ..memory.placement import execution_device
+    return execution_device(model)
 
 
 def check_attention(model, config: TrainingConfig) -> None:
