@@ -5,14 +5,17 @@
 
 One JSON line per configuration: seconds per step, peak device memory, host (pinned) memory held by block swap,
 bytes copied host->device per step, the measured host->device bandwidth, the transfer time those bytes imply, and the
-swap overhead (time with swap ÷ time without, same model / fp8 mode / task). Training = LoRA rank 32 (fp32 adapters)
-on every default target, gradient checkpointing, one forward+backward per step; inference = one no-grad forward.
+swap overhead (time with swap ÷ time without, same model / fp8 mode / task / activation offload). Training = LoRA rank
+32 (fp32 adapters) on every default target, bf16 autocast, gradient checkpointing (activation offload per --offload),
+one forward+backward per step (no optimizer); inference = one no-grad forward. `--sim` adds the peak that
+benchmarks/sim_memory.py predicts for the same row, so one GPU run also checks the simulation.
 Engine only (no ComfyUI); the DiT is imported lazily.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -38,6 +41,11 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--prefetch", type=int, default=1)
+    p.add_argument("--offload", default="1", help="activation offload for training rows: 0, 1 or 0,1")
+    p.add_argument("--non-blocks", default="0", help="offload_non_blocks for rows with swap: 0, 1 or 0,1")
+    p.add_argument("--sim", action="store_true",
+                   help="also run benchmarks/sim_memory.py's simulation of each row and report its peak next to the "
+                        "measured one (checks the simulation against the GPU)")
     return p.parse_args(argv)
 
 
@@ -97,27 +105,30 @@ def make_inputs(model, latent, device):
     return x, torch.tensor([500.0], device=device), ctx
 
 
-def run_config(model, name, task, swap, fp8, latent, args, device, bandwidth):
+def run_config(model, name, task, swap, fp8, latent, args, device, bandwidth, offload=False, non_blocks=False):
     from engine.lora.adapters import AdapterConfig, AdapterNetwork
     from engine.memory import move_to, pinned_bytes_in_use, swap_blocks
 
     n_blocks = len(model.blocks)
     n_swap = n_blocks - 1 if swap == "max" else int(swap)
-    row = {"model": name, "task": task, "fp8": fp8, "blocks_to_swap": n_swap, "latent": list(latent),
-           "device": str(device)}
+    offload = offload and task == "train"
+    non_blocks = non_blocks and n_swap > 0
+    row = {"model": name, "task": task, "fp8": fp8, "blocks_to_swap": n_swap, "activation_offload": offload,
+           "offload_non_blocks": non_blocks, "latent": list(latent), "device": str(device)}
     if n_swap > n_blocks - 1:
         return None
     net = None
     swapper = None
     try:
-        if n_swap:
-            swapper = swap_blocks(model, n_swap, device, prefetch=args.prefetch)
-        else:
-            move_to(model, device)
-        if task == "train":
+        if task == "train":   # adapters before the swapper (the training nodes' order)
             model.gradient_checkpointing = True
+            model.activation_offload = offload
             net = AdapterNetwork.create(model, AdapterConfig(rank=args.rank, alpha=args.rank))
             move_to(net, device)
+        if n_swap:
+            swapper = swap_blocks(model, n_swap, device, prefetch=args.prefetch, offload_non_blocks=non_blocks)
+        else:
+            move_to(model, device)
         x, t, ctx = make_inputs(model, latent, device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -129,7 +140,10 @@ def run_config(model, name, task, swap, fp8, latent, args, device, bandwidth):
             sync(device)
             t0 = time.perf_counter()
             if task == "train":
-                model(x, t, ctx).float().pow(2).mean().backward()
+                with torch.autocast(device.type, dtype=torch.bfloat16):   # the trainer's mixed precision
+                    pred = model(x, t, ctx)
+                pred.float().pow(2).mean().backward()
+                del pred
                 net.zero_grad(set_to_none=True)
             else:
                 with torch.no_grad():
@@ -152,12 +166,29 @@ def run_config(model, name, task, swap, fp8, latent, args, device, bandwidth):
         if net is not None:
             net.detach()
             model.gradient_checkpointing = False
+            model.activation_offload = False
         if swapper is not None:
             swapper.detach(device="cpu")
         move_to(model, "cpu")
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return row
+
+
+def simulated_peak(row: dict, args) -> int:
+    """The peak benchmarks/sim_memory.py predicts for this row (live tensor bytes; the measured peak adds the
+    allocator's rounding and the kernels' workspaces)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sim_memory", Path(__file__).with_name("sim_memory.py"))
+    sim = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = sim
+    spec.loader.exec_module(sim)
+    cfg = sim.SimConfig(model=row["model"], task=row["task"], fp8=row["fp8"], blocks_to_swap=row["blocks_to_swap"],
+                        activation_offload=row["activation_offload"], offload_non_blocks=row["offload_non_blocks"],
+                        latent=tuple(row["latent"]), rank=args.rank, prefetch=args.prefetch, cfg_batch=1,
+                        steps=1 if row["task"] == "infer" else 2, optimizer="none")
+    return int(sim.simulate(cfg)["peak_gb"] * sim.GB)
 
 
 def main(argv=None):
@@ -173,15 +204,22 @@ def main(argv=None):
             baseline: dict[str, float] = {}
             for task in args.task.split(","):
                 for swap in swaps.split(","):
-                    row = run_config(model, name, task, swap, fp8, latent, args, device, bandwidth)
-                    if row is None:
-                        continue
-                    if "s_per_step" in row:
-                        if row["blocks_to_swap"] == 0:
-                            baseline[task] = row["s_per_step"]
-                        base = baseline.get(task)
-                        row["swap_overhead"] = (row["s_per_step"] / base) if base else None
-                    print(json.dumps(row), flush=True)
+                    for off, nb in itertools.product(args.offload.split(","), args.non_blocks.split(",")):
+                        if (off == "1" and task != "train") or (nb == "1" and swap == "0"):
+                            continue
+                        row = run_config(model, name, task, swap, fp8, latent, args, device, bandwidth,
+                                         offload=off == "1", non_blocks=nb == "1")
+                        if row is None:
+                            continue
+                        if "s_per_step" in row:
+                            variant = (task, row["activation_offload"])
+                            if row["blocks_to_swap"] == 0:
+                                baseline[variant] = row["s_per_step"]
+                            base = baseline.get(variant)
+                            row["swap_overhead"] = (row["s_per_step"] / base) if base else None
+                        if args.sim:
+                            row["simulated_peak_bytes"] = simulated_peak(row, args)
+                        print(json.dumps(row), flush=True)
             del model
 
 

@@ -56,9 +56,10 @@ class SimConfig:
     prefetch: int = 1
     placement: str = "spread"
     cfg_batch: int = 2                 # inference: cond + uncond in one forward (the sampler's batch_cfg default)
-    steps: int = 2                     # the first training step allocates the optimizer state
+    steps: int = 1                     # optimizer state exists from the start, so one step is the steady state
     offload_non_blocks: bool = False   # with block swap: embeddings/head on the host between forwards
-    optimizer: str = "adamw"           # adamw (two fp32 moments) | adamw8bit (two uint8 moments, bitsandbytes)
+    optimizer: str = "adamw"           # adamw (two fp32 moments) | adamw8bit (two uint8 moments, bitsandbytes) |
+                                       # none (forward + backward only, like bench_memory.py)
 
 
 def _model_config(name: str):
@@ -127,12 +128,12 @@ class _AdamWState:
     def __init__(self, params, eight_bit: bool = False):
         self.params = [p for p in params if p.requires_grad]
         self.eight_bit = eight_bit
-        self.state = None
+        # allocated up front: from the second step on they are live during the whole step, so one simulated step
+        # shows the steady state
+        dtype = torch.uint8 if eight_bit else None
+        self.state = [(torch.zeros_like(p, dtype=dtype), torch.zeros_like(p, dtype=dtype)) for p in self.params]
 
     def step(self):
-        if self.state is None:
-            dtype = torch.uint8 if self.eight_bit else None
-            self.state = [(torch.zeros_like(p, dtype=dtype), torch.zeros_like(p, dtype=dtype)) for p in self.params]
         with torch.no_grad():
             if self.eight_bit:
                 for p in self.params:
@@ -175,15 +176,16 @@ def simulate(cfg: SimConfig, fake: bool = True) -> dict:
         if train:   # adapters first, then block swap (the training nodes' order): adapters are device tensors
             net = AdapterNetwork.create(model, AdapterConfig(rank=cfg.rank, alpha=cfg.rank))
             move_to(net, DEVICE)
-            optimizer = _AdamWState(net.parameters(), eight_bit=cfg.optimizer == "adamw8bit")
         swapper = None
         if n_swap:
             swapper = swap_blocks(model, n_swap, DEVICE, prefetch=cfg.prefetch, placement=cfg.placement,
                                   offload_non_blocks=cfg.offload_non_blocks, transfer=_MeteredTransfer(meter))
         else:
             move_to(model, DEVICE)
-        weights = meter.live_bytes()
+        weights = meter.live_bytes()   # base weights on the device (+ adapters)
         host_masters = swapper.host_bytes if swapper is not None else 0
+        if train and cfg.optimizer != "none":
+            optimizer = _AdamWState(net.parameters(), eight_bit=cfg.optimizer == "adamw8bit")
 
         f, h, w = cfg.latent
         batch = 1 if train else cfg.cfg_batch
@@ -201,8 +203,9 @@ def simulate(cfg: SimConfig, fake: bool = True) -> dict:
                 loss = torch.nn.functional.mse_loss(pred.float(), noise - x0)
                 loss.backward()
                 del pred, loss, x_t, noise
-                optimizer.step()
-                optimizer.zero_grad()
+                if optimizer is not None:
+                    optimizer.step()
+                net.zero_grad(set_to_none=True)
             else:
                 with torch.no_grad():
                     model(x0, t, context)
@@ -279,7 +282,7 @@ def parse_args(argv=None):
     p.add_argument("--non-blocks", default="0", help="offload_non_blocks settings for rows with swap: 0, 1 or 0,1")
     p.add_argument("--optimizer", default="adamw", help="training optimizers: adamw, adamw8bit or both")
     p.add_argument("--latent", default="21,60,104")
-    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--steps", type=int, default=1)
     p.add_argument("--gpus", default="rtx4060ti-16,rtx4090-24,h100-80")
     p.add_argument("--markdown", default=None, help="write the tables to this file")
     return p.parse_args(argv)

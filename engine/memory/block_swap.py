@@ -247,8 +247,9 @@ class BlockSwapper:
 
     @property
     def host_bytes(self) -> int:
-        """Bytes of host masters this swapper holds (pinned on CUDA)."""
-        return sum(m.nbytes for m in self._masters.values())
+        """Bytes of host masters this swapper holds (pinned on CUDA), the non-block layers' one included."""
+        non_block = self._non_block[1].nbytes if self._non_block is not None else 0
+        return sum(m.nbytes for m in self._masters.values()) + non_block
 
     @property
     def resident_swapped(self) -> set[int]:
