@@ -260,15 +260,58 @@ def markdown_tables(rows: list[dict], gpus: dict) -> str:
             what = "LoRA rank 32 training step" if task == "train" else f"inference forward (batch {sel[0]['batch']})"
             lines += [f"### Wan {model}, {what}, latent {'×'.join(map(str, sel[0]['latent']))} "
                       f"({sel[0]['tokens']} tokens)", "",
-                      "| fp8 | swap | act. offload | peak GB | weights GB | host (swap) GB | H2D GB/step | "
+                      "| fp8 | swap | act. offload | non-block offload | optimizer | peak GB | weights GB | "
+                      "host (swap) GB | H2D GB/step | "
                       + " | ".join(f"overhead {k}" for k in gpus) + " |",
-                      "|---|---|---|---|---|---|---|" + "---|" * len(gpus)]
+                      "|---|---|---|---|---|---|---|---|---|" + "---|" * len(gpus)]
             for r in sel:
                 lines.append(f"| {r['fp8']} | {r['blocks_to_swap']} | {'yes' if r['activation_offload'] else 'no'} "
+                             f"| {'yes' if r.get('offload_non_blocks') else 'no'} | {r.get('optimizer') or '-'} "
                              f"| {r['peak_gb']:.1f} | {r['weights_on_gpu_gb']:.1f} | {r['host_swap_gb']:.1f} | "
                              f"{r['h2d_gb_per_step']:.1f} | "
                              + " | ".join(f"{r.get(f'overhead_{k}', 0):.2f}×" for k in gpus) + " |")
             lines.append("")
+    return "\n".join(lines)
+
+
+QUALITY = {"none": 0, "scaled": 1, "e4m3": 2}   # bf16 > fp8 scaled > fp8 e4m3 (Musubi's docs)
+CARDS_GB = (8, 12, 16, 24, 32, 48, 80)
+
+
+def recommend(rows: list[dict], memory_gb: float, model: str, task: str) -> dict | None:
+    """The setting to use on a card of `memory_gb`: among the simulated rows that fit (`fits`), the best weight
+    quality, then the fewest swapped blocks, then no activation offload, then the default optimizer."""
+    fitting = [r for r in rows if r["model"] == model and r["task"] == task and fits(r, memory_gb)]
+    if not fitting:
+        return None
+    return min(fitting, key=lambda r: (QUALITY[r["fp8"]], r["blocks_to_swap"], r["activation_offload"],
+                                       r.get("offload_non_blocks", False), r.get("optimizer") == "adamw8bit"))
+
+
+def describe(r: dict) -> str:
+    parts = ["bf16" if r["fp8"] == "none" else f"fp8 {r['fp8']}"]
+    parts.append(f"swap {r['blocks_to_swap']}" if r["blocks_to_swap"] else "no swap")
+    if r.get("activation_offload"):
+        parts.append("activation offload")
+    if r.get("offload_non_blocks"):
+        parts.append("offload non-block weights")
+    if r.get("optimizer") == "adamw8bit":
+        parts.append("AdamW8bit")
+    return ", ".join(parts)
+
+
+def recommendation_table(rows: list[dict], overhead_key: str = "rtx4090-24") -> str:
+    models = sorted({r["model"] for r in rows}, key=lambda m: list(MODELS).index(m))
+    cols = [(m, t) for m in models for t in ("train", "infer") if any(r["model"] == m and r["task"] == t for r in rows)]
+    lines = ["| GPU memory | " + " | ".join(f"Wan {m} {'training' if t == 'train' else 'inference'}" for m, t in cols)
+             + " |", "|---|" + "---|" * len(cols)]
+    for gb in CARDS_GB:
+        cells = []
+        for m, t in cols:
+            r = recommend(rows, gb, m, t)
+            cells.append("does not fit" if r is None else
+                         f"{describe(r)} ({r['peak_gb']:.1f} GB, {r.get(f'overhead_{overhead_key}', 1.0):.2f}×)")
+        lines.append(f"| {gb} GB | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -285,6 +328,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--gpus", default="rtx4060ti-16,rtx4090-24,h100-80")
     p.add_argument("--markdown", default=None, help="write the tables to this file")
+    p.add_argument("--from-jsonl", default=None, help="no simulation: read rows this script printed earlier")
     return p.parse_args(argv)
 
 
@@ -293,6 +337,12 @@ def main(argv=None) -> list[dict]:
 
     args = parse_args(argv)
     gpus = {k: GPU_MODELS[k] for k in args.gpus.split(",") if k}
+    if args.from_jsonl:
+        rows = [json.loads(line) for line in Path(args.from_jsonl).read_text().splitlines() if line.startswith("{")]
+        if args.markdown:
+            Path(args.markdown).write_text(recommendation_table(rows) + "\n\n" + markdown_tables(rows, gpus),
+                                           encoding="utf-8")
+        return rows
     latent = tuple(int(v) for v in args.latent.split(","))
     rows = []
     for model in args.model.split(","):
@@ -315,7 +365,8 @@ def main(argv=None) -> list[dict]:
                         rows.append(row)
                         print(json.dumps(public(row)), flush=True)
     if args.markdown:
-        Path(args.markdown).write_text(markdown_tables(rows, gpus), encoding="utf-8")
+        Path(args.markdown).write_text(recommendation_table(rows) + "\n\n" + markdown_tables(rows, gpus),
+                                       encoding="utf-8")
     return rows
 
 

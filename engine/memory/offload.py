@@ -143,12 +143,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         if torch.cuda.is_initialized():
             for d in sorted({t.device.index for t in (x, *leaves) if t.is_cuda}):
                 ctx.cuda_rng[d] = torch.cuda.get_rng_state(d)
-        _state.depth = getattr(_state, "depth", 0) + 1
-        try:
-            out = call.run(x, leaves)   # grad mode is off inside Function.forward: no graph, nothing saved
-        finally:
-            _state.depth -= 1
-        # host copy of x; on CUDA on a side stream once the compute stream has produced x
+        # host copy of x first: on CUDA it runs on a side stream while the block computes
         ctx.pinned = call.host.type == "cpu" and x.is_cuda
         host_x = torch.empty(x.shape, dtype=x.dtype, device=call.host, pin_memory=ctx.pinned)
         ctx.event = None
@@ -162,6 +157,11 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             x.record_stream(side)   # x's memory is not reused before the copy has read it
         else:
             host_x.copy_(x)
+        _state.depth = getattr(_state, "depth", 0) + 1
+        try:
+            out = call.run(x, leaves)   # grad mode is off inside Function.forward: no graph, nothing saved
+        finally:
+            _state.depth -= 1
         ctx.host_x = host_x
         ctx.save_for_backward(*leaves)
         if call.stats is not None:

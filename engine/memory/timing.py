@@ -3,7 +3,9 @@
 The model has one compute stream and side streams for copies:
 
 * "compute" entries take `FLOPs / throughput` on the compute stream;
-* copies tagged with the compute stream (activation offload, inputs) take `bytes / bandwidth` there, in order;
+* host->device copies tagged with the compute stream (activation offload's restore in backward, inputs) take
+  `bytes / bandwidth` there, in order; device->host copies (activation offload in forward) run on a side stream
+  in the engine and nothing waits for them;
 * copies on a side stream (block-swap loads, between a "load" and a "loaded" mark) start when the side stream is
   free and no earlier than the compute stream reached the point where they were issued (the swapper waits for the
   slot's previous block before reusing it, so the host cannot run further ahead); a "wait" mark makes the compute
@@ -66,12 +68,17 @@ def replay(timeline: list[TimelineEntry], gpu: GpuModel) -> StepTime:
             flops += e.amount
         elif e.kind in ("h2d", "d2h"):
             seconds = e.amount / ((gpu.h2d_gbps if e.kind == "h2d" else gpu.d2h_gbps) * 1e9)
-            if e.stream == "compute":
+            stream = e.stream
+            if e.kind == "d2h" and stream == "compute":
+                # the engine's device->host copies (activation offload) run on a side stream and are read only in
+                # backward: nothing waits for them
+                stream = "d2h"
+            if stream == "compute":
                 compute += seconds
                 sync_copies += seconds
             else:
-                start = max(side_clock.get(e.stream, 0.0), compute)
-                side_clock[e.stream] = start + seconds
+                start = max(side_clock.get(stream, 0.0), compute)
+                side_clock[stream] = start + seconds
                 side_busy += seconds
         elif e.kind == "loaded":
             done[e.tag] = side_clock.get(e.stream, compute)
