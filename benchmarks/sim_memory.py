@@ -261,13 +261,13 @@ def markdown_tables(rows: list[dict], gpus: dict) -> str:
             lines += [f"### Wan {model}, {what}, latent {'×'.join(map(str, sel[0]['latent']))} "
                       f"({sel[0]['tokens']} tokens)", "",
                       "| fp8 | swap | act. offload | non-block offload | optimizer | peak GB | weights GB | "
-                      "host (swap) GB | H2D GB/step | "
+                      "host GB (swap + act.) | H2D GB/step | "
                       + " | ".join(f"overhead {k}" for k in gpus) + " |",
                       "|---|---|---|---|---|---|---|---|---|" + "---|" * len(gpus)]
             for r in sel:
                 lines.append(f"| {r['fp8']} | {r['blocks_to_swap']} | {'yes' if r['activation_offload'] else 'no'} "
                              f"| {'yes' if r.get('offload_non_blocks') else 'no'} | {r.get('optimizer') or '-'} "
-                             f"| {r['peak_gb']:.1f} | {r['weights_on_gpu_gb']:.1f} | {r['host_swap_gb']:.1f} | "
+                             f"| {r['peak_gb']:.1f} | {r['weights_on_gpu_gb']:.1f} | {host_gb(r):.1f} | "
                              f"{r['h2d_gb_per_step']:.1f} | "
                              + " | ".join(f"{r.get(f'overhead_{k}', 0):.2f}×" for k in gpus) + " |")
             lines.append("")
@@ -278,10 +278,23 @@ QUALITY = {"none": 0, "scaled": 1, "e4m3": 2}   # bf16 > fp8 scaled > fp8 e4m3 (
 CARDS_GB = (8, 12, 16, 24, 32, 48, 80)
 
 
+def host_gb(row: dict) -> float:
+    """Host RAM the setting holds (pinned on CUDA): block-swap masters plus the offloaded activations, which are
+    all live at the end of the forward pass."""
+    return row["host_swap_gb"] + (row["d2h_gb_per_step"] if row.get("activation_offload") else 0.0)
+
+
+def ram_budget_gb(memory_gb: float) -> float:
+    """The host RAM assumed next to a card (2× its memory + 16 GB: 48 GB for 16 GB cards, 64 GB for 24 GB)."""
+    return 2 * memory_gb + 16
+
+
 def recommend(rows: list[dict], memory_gb: float, model: str, task: str) -> dict | None:
-    """The setting to use on a card of `memory_gb`: among the simulated rows that fit (`fits`), the best weight
-    quality, then the fewest swapped blocks, then no activation offload, then the default optimizer."""
-    fitting = [r for r in rows if r["model"] == model and r["task"] == task and fits(r, memory_gb)]
+    """The setting to use on a card of `memory_gb`: among the simulated rows that fit (`fits`) and whose host RAM
+    fits `ram_budget_gb`, the best weight quality, then the fewest swapped blocks, then no activation offload,
+    then the default optimizer."""
+    fitting = [r for r in rows if r["model"] == model and r["task"] == task and fits(r, memory_gb)
+               and host_gb(r) <= ram_budget_gb(memory_gb)]
     if not fitting:
         return None
     return min(fitting, key=lambda r: (QUALITY[r["fp8"]], r["blocks_to_swap"], r["activation_offload"],
@@ -301,6 +314,7 @@ def describe(r: dict) -> str:
 
 
 def recommendation_table(rows: list[dict], overhead_key: str = "rtx4090-24") -> str:
+    """GPU memory -> setting per model and task, for the rows of one latent shape."""
     models = sorted({r["model"] for r in rows}, key=lambda m: list(MODELS).index(m))
     cols = [(m, t) for m in models for t in ("train", "infer") if any(r["model"] == m and r["task"] == t for r in rows)]
     lines = ["| GPU memory | " + " | ".join(f"Wan {m} {'training' if t == 'train' else 'inference'}" for m, t in cols)
@@ -310,7 +324,8 @@ def recommendation_table(rows: list[dict], overhead_key: str = "rtx4090-24") -> 
         for m, t in cols:
             r = recommend(rows, gb, m, t)
             cells.append("does not fit" if r is None else
-                         f"{describe(r)} ({r['peak_gb']:.1f} GB, {r.get(f'overhead_{overhead_key}', 1.0):.2f}×)")
+                         f"{describe(r)} ({r['peak_gb']:.1f} GB, host {host_gb(r):.0f} GB, "
+                         f"{r.get(f'overhead_{overhead_key}', 1.0):.2f}×)")
         lines.append(f"| {gb} GB | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -340,8 +355,7 @@ def main(argv=None) -> list[dict]:
     if args.from_jsonl:
         rows = [json.loads(line) for line in Path(args.from_jsonl).read_text().splitlines() if line.startswith("{")]
         if args.markdown:
-            Path(args.markdown).write_text(recommendation_table(rows) + "\n\n" + markdown_tables(rows, gpus),
-                                           encoding="utf-8")
+            write_markdown(args.markdown, rows, gpus)
         return rows
     latent = tuple(int(v) for v in args.latent.split(","))
     rows = []
@@ -365,9 +379,19 @@ def main(argv=None) -> list[dict]:
                         rows.append(row)
                         print(json.dumps(public(row)), flush=True)
     if args.markdown:
-        Path(args.markdown).write_text(recommendation_table(rows) + "\n\n" + markdown_tables(rows, gpus),
-                                       encoding="utf-8")
+        write_markdown(args.markdown, rows, gpus)
     return rows
+
+
+def write_markdown(path: str, rows: list[dict], gpus: dict) -> None:
+    """Per latent shape: the recommendation table, then every simulated row."""
+    parts = []
+    for latent in sorted({tuple(r["latent"]) for r in rows}, key=lambda x: -x[0] * x[1] * x[2]):
+        sel = [r for r in rows if tuple(r["latent"]) == latent]
+        f, h, w = latent
+        parts += [f"## {w * 8}×{h * 8}×{(f - 1) * 4 + 1} (latent {f}×{h}×{w}, {sel[0]['tokens']} tokens)", "",
+                  recommendation_table(sel), "", markdown_tables(sel, gpus)]
+    Path(path).write_text("\n".join(parts), encoding="utf-8")
 
 
 if __name__ == "__main__":
