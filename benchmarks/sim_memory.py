@@ -314,12 +314,16 @@ def describe(r: dict) -> str:
 
 
 def recommendation_table(rows: list[dict], overhead_key: str = "rtx4090-24") -> str:
-    """GPU memory -> setting per model and task, for the rows of one latent shape."""
+    """GPU memory -> setting per model and task, for the rows of one latent shape. A grid without swap-0 rows for
+    some column only answers for cards up to 24 GB (bigger cards would want less swap than it has)."""
     models = sorted({r["model"] for r in rows}, key=lambda m: list(MODELS).index(m))
     cols = [(m, t) for m in models for t in ("train", "infer") if any(r["model"] == m and r["task"] == t for r in rows)]
+    complete = all(any(r["model"] == m and r["task"] == t and r["blocks_to_swap"] == 0 for r in rows)
+                   for m, t in cols)
+    cards = CARDS_GB if complete else tuple(gb for gb in CARDS_GB if gb <= 24)
     lines = ["| GPU memory | " + " | ".join(f"Wan {m} {'training' if t == 'train' else 'inference'}" for m, t in cols)
              + " |", "|---|" + "---|" * len(cols)]
-    for gb in CARDS_GB:
+    for gb in cards:
         cells = []
         for m, t in cols:
             r = recommend(rows, gb, m, t)
