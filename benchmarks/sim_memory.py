@@ -99,31 +99,30 @@ def _build_on_host(config, fp8: str, device=DEVICE, host=HOST):
     return move_to(model, host)
 
 
-class _MeteredTransfer:
-    """Block-swap transfers that tell the meter which copies run on the side stream and when compute waits."""
+def metered_transfer(meter):
+    """A block-swap transfer (simulated GPU <- simulated host) that tells the meter which copies run on the side
+    stream and when compute waits for them."""
+    from engine.memory.transfer import Transfer
 
-    def __new__(cls, meter):
-        from engine.memory.transfer import Transfer
+    class MeteredTransfer(Transfer):
+        def start(self, block, master):
+            meter.mark("load", block, stream="swap")
+            with meter.stream("swap"):
+                load = super().start(block, master)
+            meter.mark("loaded", block, stream="swap")
+            return load
 
-        class MeteredTransfer(Transfer):
-            def start(self, block, master):
-                meter.mark("load", block, stream="swap")
-                with meter.stream("swap"):
-                    load = super().start(block, master)
-                meter.mark("loaded", block, stream="swap")
-                return load
+        def finish(self, load):
+            meter.mark("wait", load.block)
+            return super().finish(load)
 
-            def finish(self, load):
-                meter.mark("wait", load.block)
-                return super().finish(load)
-
-        return MeteredTransfer(DEVICE, pin_memory=False, host=HOST)
+    return MeteredTransfer(DEVICE, pin_memory=False, host=HOST)
 
 
 class _AdamWState:
     """AdamW's memory: two moments per trainable tensor (fp32; uint8 for bitsandbytes' AdamW8bit, whose fused
-    kernel makes no temporaries), created at the first step, plus the update's temporaries. (torch.optim reads the
-    step count with .item(), which fake tensors do not have.)"""
+    kernel makes no temporaries) plus the update's temporaries. (torch.optim reads the step count with .item(),
+    which fake tensors do not have.)"""
 
     def __init__(self, params, eight_bit: bool = False):
         self.params = [p for p in params if p.requires_grad]
@@ -143,10 +142,6 @@ class _AdamWState:
                 m.mul_(0.9).add_(p.grad, alpha=0.1)
                 v.mul_(0.999).addcmul_(p.grad, p.grad, value=0.001)
                 p.add_(m / (v.sqrt() + 1e-8), alpha=-1e-4)
-
-    def zero_grad(self):
-        for p in self.params:
-            p.grad = None
 
 
 def simulate(cfg: SimConfig, fake: bool = True) -> dict:
@@ -179,7 +174,7 @@ def simulate(cfg: SimConfig, fake: bool = True) -> dict:
         swapper = None
         if n_swap:
             swapper = swap_blocks(model, n_swap, DEVICE, prefetch=cfg.prefetch, placement=cfg.placement,
-                                  offload_non_blocks=cfg.offload_non_blocks, transfer=_MeteredTransfer(meter))
+                                  offload_non_blocks=cfg.offload_non_blocks, transfer=metered_transfer(meter))
         else:
             move_to(model, DEVICE)
         weights = meter.live_bytes()   # base weights on the device (+ adapters)

@@ -41,6 +41,16 @@ def test_meter_counts_live_storages_and_peak():
         assert m.live_bytes() == 0
 
 
+def test_peak_snapshot_says_what_the_peak_is_made_of():
+    with LiveMemoryMeter("cpu", snapshot_peak=True) as m:
+        a = torch.ones(100, 10)                   # 4000 B
+        b = a.to(torch.float64)                   # 8000 B
+        del a, b
+    assert sum(n for _, n in m.peak_snapshot) == m.peak == 12000
+    assert sorted(origin for origin, _ in m.peak_snapshot) == ["aten._to_copy (100, 10) torch.float64",
+                                                               "aten.ones (100, 10) torch.float32"]
+
+
 def test_meter_ignores_other_devices_and_counts_copies_and_flops():
     with FakeTensorMode(allow_non_fake_inputs=True), LiveMemoryMeter("cpu") as m:
         host = torch.empty(1024, dtype=torch.uint8, device="meta")

@@ -15,6 +15,7 @@ reports minus allocator rounding; kernel workspaces (cuBLAS, attention) and frag
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -80,12 +81,14 @@ class LiveMemoryMeter(TorchDispatchMode):
     def __init__(self, device: torch.device | str = "cuda", record_timeline: bool = True,
                  snapshot_peak: bool = False):
         super().__init__()
-        self.snapshot_peak = snapshot_peak
-        self.peak_snapshot: list[tuple[str, int]] = []   # (op that made it, bytes) of every storage live at the peak
-        self._origin: dict[int, str] = {}
-        self._shapes: dict[int, str] = {}
         self.device = torch.device(device)
         self.record_timeline = record_timeline
+        # with snapshot_peak: ("op shape dtype" that made it, bytes) of every storage live at the peak, to see what
+        # a peak is made of
+        self.snapshot_peak = snapshot_peak
+        self.peak_snapshot: list[tuple[str, int]] = []
+        self._origin: dict[int, str] = {}
+        self._shapes: dict[int, str] = {}
         # live storages by StorageImpl address, in two generations: checking every storage after every op would
         # make a 14B step take minutes; young ones are checked after each op, old ones when a peak is at stake
         self._young: dict[int, tuple[StorageWeakRef, int]] = {}
@@ -122,17 +125,14 @@ class LiveMemoryMeter(TorchDispatchMode):
         if self.record_timeline:
             self.timeline.append(TimelineEntry(kind, 0, stream or self._stream, tag))
 
+    @contextlib.contextmanager
     def stream(self, name: str):
-        meter = self
-
-        class _Stream:
-            def __enter__(self):
-                self.previous, meter._stream = meter._stream, name
-
-            def __exit__(self, *exc):
-                meter._stream = self.previous
-
-        return _Stream()
+        """Copies made inside are tagged with this stream name (a side stream) instead of "compute"."""
+        previous, self._stream = self._stream, name
+        try:
+            yield
+        finally:
+            self._stream = previous
 
     def report(self) -> MeterReport:
         self._sweep()
