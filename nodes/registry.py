@@ -50,6 +50,8 @@ class Registry:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+            from ..engine.memory import release_pinned_cache
+            release_pinned_cache()   # pinned blocks of freed offload copies / swap masters back to the OS
         return len(doomed)
 
 

@@ -11,7 +11,8 @@ from .fp8 import (DEFAULT_BLOCK_SIZE, FP8_DTYPE, WAN_FP8_EXCLUDE, WAN_FP8_INCLUD
 from .offload import OffloadStats, checkpoint_block, offload_saved_tensors
 from .placement import (bytes_to_move, estimate_module_bytes, module_device, move_to, offload_after_use,
                         request_room, set_before_move_hook)
-from .transfer import CudaTransfer, FakeTransfer, Transfer, default_transfer, pinned_bytes_in_use
+from .transfer import (CudaTransfer, FakeTransfer, Transfer, default_transfer, pinned_bytes_in_use,
+                       release_pinned_cache)
 
 __all__ = [
     "BlockSwapConfig", "BlockSwapper", "choose_swapped", "swap_blocks", "validate_blocks_to_swap",
@@ -22,5 +23,5 @@ __all__ = [
     "OffloadStats", "checkpoint_block", "offload_saved_tensors",
     "bytes_to_move", "estimate_module_bytes", "module_device", "move_to", "offload_after_use", "request_room",
     "set_before_move_hook",
-    "CudaTransfer", "FakeTransfer", "Transfer", "default_transfer", "pinned_bytes_in_use",
+    "CudaTransfer", "FakeTransfer", "Transfer", "default_transfer", "pinned_bytes_in_use", "release_pinned_cache",
 ]

@@ -31,6 +31,15 @@ _live_host_bytes = 0
 _lock = threading.Lock()
 
 
+def release_pinned_cache() -> None:
+    """Give the pinned host blocks PyTorch's caching host allocator keeps after they were freed (block-swap masters,
+    activation-offload copies: tens of GB for Wan 14B) back to the OS."""
+    if torch.cuda.is_available():
+        empty = getattr(torch._C, "_host_emptyCache", None)
+        if empty is not None:
+            empty()
+
+
 def pinned_bytes_in_use() -> int:
     """Bytes of host masters allocated by block swap and not yet released (pinned ones and fake/pageable ones)."""
     return _live_host_bytes
@@ -209,10 +218,7 @@ class CudaTransfer(Transfer):
         return views(load.device_flat, load.master.slots)
 
     def release_cached_host_memory(self) -> None:
-        # the pinned (host) caching allocator keeps freed blocks; give them back to the OS
-        empty = getattr(torch._C, "_host_emptyCache", None)
-        if empty is not None:
-            empty()
+        release_pinned_cache()
 
 
 class FakeTransfer(Transfer):
