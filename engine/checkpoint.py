@@ -83,33 +83,6 @@ _ST_DTYPES = {
 }
 
 
-class _PickleFile:
-    def __init__(self, path: Path):
-        self.path = path
-        try:
-            try:
-                obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:
-                if "mmap" not in str(e):
-                    raise
-                obj = torch.load(str(path), map_location="cpu", weights_only=True)  # legacy (non-zip) format
-        except Exception as e:
-            raise invalid(f"checkpoint {path}", f"not loadable with weights_only=True ({type(e).__name__}: {e})",
-                          "a plain tensor state dict (pickled code is never executed; convert it to .safetensors)") from e
-        self.state = _find_state_dict(obj, path)
-        self.keys = list(self.state.keys())
-        self.metadata = {}
-
-    def get(self, key: str) -> torch.Tensor:
-        return self.state[key]
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.state[key].shape)
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self.state[key].dtype
-
-
 class _InMemoryFile:
     def __init__(self, state: dict[str, torch.Tensor], name: str, metadata: dict[str, str]):
         self.path = Path(name)
@@ -125,6 +98,24 @@ class _InMemoryFile:
 
     def dtype(self, key: str) -> torch.dtype:
         return self.state[key].dtype
+
+
+class _PickleFile(_InMemoryFile):
+    """A .pt/.pth state dict (memory-mapped where the format allows), read with weights_only=True."""
+
+    def __init__(self, path: Path):
+        try:
+            try:
+                obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)  # legacy (non-zip) format
+        except Exception as e:
+            raise invalid(f"checkpoint {path}", f"not loadable with weights_only=True ({type(e).__name__}: {e})",
+                          "a plain tensor state dict (pickled code is never executed; convert it to .safetensors)") from e
+        super().__init__(_find_state_dict(obj, path), str(path), {})
+        self.path = path
 
 
 def _find_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
