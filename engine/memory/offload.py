@@ -25,6 +25,7 @@ from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
 
@@ -62,46 +63,25 @@ def _side_stream(device: torch.device):
     return _side_streams[device]
 
 
-_LEAF = object()   # where a tensor sat in the arguments
-
-
-def _split(obj, leaves: list) -> Any:
-    """`obj` with every tensor (also inside tuples, lists, dicts) replaced by _LEAF; the tensors go to `leaves`."""
-    if isinstance(obj, torch.Tensor):
-        leaves.append(obj)
-        return _LEAF
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):   # namedtuple
-        return type(obj)(*(_split(o, leaves) for o in obj))
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_split(o, leaves) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _split(v, leaves) for k, v in obj.items()}
-    return obj
-
-
-def _fill(spec, leaves: Iterator[torch.Tensor]) -> Any:
-    if spec is _LEAF:
-        return next(leaves)
-    if isinstance(spec, tuple) and hasattr(spec, "_fields"):
-        return type(spec)(*(_fill(s, leaves) for s in spec))
-    if isinstance(spec, (tuple, list)):
-        return type(spec)(_fill(s, leaves) for s in spec)
-    if isinstance(spec, dict):
-        return {k: _fill(v, leaves) for k, v in spec.items()}
-    return spec
+class _TensorSlot:
+    """Where a tensor sat among the flattened arguments."""
 
 
 @dataclass
 class _Call:
     """The non-differentiable part of one checkpointed call: the block, the argument structure, where x goes."""
     block: nn.Module
-    spec: tuple            # (args, kwargs) with tensors replaced by _LEAF
+    spec: TreeSpec         # structure of (args, kwargs) (tuples, lists, dicts, namedtuples)
+    values: list           # its flattened values, a _TensorSlot where a tensor sits (tensors are Function inputs)
     host: torch.device
     stats: OffloadStats | None
 
     def run(self, x: torch.Tensor, leaves) -> Any:
-        args, kwargs = _fill(self.spec, iter(leaves))
+        tensors = iter(leaves)
+        values = [next(tensors) if isinstance(v, _TensorSlot) else v for v in self.values]
+        args, kwargs = tree_unflatten(values, self.spec)
         return self.block(x, *args, **kwargs)   # as a module: forward hooks (block swap) fire
+
 
 
 def _autocast_state(device_type: str) -> list[tuple[str, bool, torch.dtype, bool]]:
@@ -228,9 +208,10 @@ def checkpoint_block(block: nn.Module, x: torch.Tensor, *args, offload: bool = F
         return checkpoint(block, x, *args, use_reentrant=False, **kwargs)
     if not torch.is_grad_enabled():   # nothing to save for a backward
         return block(x, *args, **kwargs)
-    leaves: list[torch.Tensor] = []
-    spec = _split((args, kwargs), leaves)
-    call = _Call(block, spec, torch.device(host), stats)
+    values, spec = tree_flatten((args, kwargs))
+    leaves = [v for v in values if isinstance(v, torch.Tensor)]
+    values = [_TensorSlot() if isinstance(v, torch.Tensor) else v for v in values]
+    call = _Call(block, spec, values, torch.device(host), stats)
     anchor = torch.empty(0, device=x.device, requires_grad=True)
     return _OffloadedCheckpoint.apply(call, anchor, x, *leaves)
 
