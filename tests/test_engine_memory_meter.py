@@ -62,9 +62,11 @@ def test_meter_ignores_other_devices_and_counts_copies_and_flops():
         w = torch.empty(32, 16)
         _ = x @ w.t()                                         # 2·8·16·32 FLOPs
         assert (m.h2d_bytes, m.d2h_bytes) == (1024, 1024)
+        torch.ops.aten.copy(torch.empty(64, device="meta"), torch.ones(64))   # functional copy: D2H 256 B
+        assert m.d2h_bytes == 1024 + 256
         assert m.flops == 2 * 8 * 16 * 32
         kinds = [e.kind for e in m.timeline]
-        assert kinds == ["h2d", "d2h", "compute"]
+        assert kinds == ["h2d", "d2h", "compute", "d2h"]
         del dev
 
 

@@ -165,10 +165,10 @@ class LiveMemoryMeter(TorchDispatchMode):
         return 0
 
     def _count_copy(self, packet, args, kwargs, out) -> None:
-        if packet is _aten.copy_:
-            dst, src = args[0], args[1]
-        else:
+        if packet is _aten._to_copy:       # _to_copy(src, ...) -> dst
             src, dst = args[0], out
+        else:                                # copy_(dst, src) / copy(dst_like, src) -> dst
+            src, dst = args[1], args[0] if packet is _aten.copy_ else out
         if not (isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor)) or src.device == dst.device:
             return
         nbytes = src.numel() * src.element_size()
