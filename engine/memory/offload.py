@@ -83,7 +83,6 @@ class _Call:
         return self.block(x, *args, **kwargs)   # as a module: forward hooks (block swap) fire
 
 
-
 def _autocast_state(device_type: str) -> list[tuple[str, bool, torch.dtype, bool]]:
     types = ["cpu"] + ([device_type] if device_type not in ("cpu", "meta") else [])
     cache = torch.is_autocast_cache_enabled()

@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..errors import invalid
+from ..memory.placement import execution_device
 from ..sampling import GuidanceConfig, GuidedVelocity, make_noise, make_solver, run_sampler
 from ..sampling.noise import NOISE_DEVICES, check_seed
 from ..sampling.solvers import ALIASES, SOLVERS
@@ -322,11 +323,6 @@ def _latent_frame_count(r: WanGenerateRequest) -> int:
     return latent_frames(r.frames) + (cond.extra_latent_frames if cond is not None else 0)
 
 
-def _model_device(model) -> torch.device:
-    from ..memory.placement import execution_device
-    return execution_device(model)
-
-
 def _wan_predict(model, frame_indices):
     """The family-specific forward for the generic guidance: cond = {"context": [..], "clip_fea", "y"}."""
 
@@ -349,7 +345,7 @@ def generate(model, request: WanGenerateRequest, progress: Progress | None = Non
     `progress(step, total, x0_estimate)` runs after every step; it may raise (ComfyUI interrupt) to cancel."""
     r = request.resolve()
     validate_request(model, r)
-    device = torch.device(r.device) if r.device is not None else _model_device(model)
+    device = torch.device(r.device) if r.device is not None else execution_device(model)
     b = r.batch_size
     cond_in = r.conditioning
     f_lat = _latent_frame_count(r)

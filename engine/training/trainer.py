@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 
 from ..errors import MusubiInputError, invalid
+from ..memory.placement import execution_device
 from .config import SAVE_DTYPES, TRAINING_BACKENDS_REFUSED, NetworkConfig, TrainingConfig, to_plain
 from .logging import LossHistory, StepTimer, TensorBoardLogger, current_lrs, status_text
 from .loss import flow_matching_loss, noisy_latents, velocity_target
@@ -58,11 +59,6 @@ class StepInfo:
 
 
 # --- checks that run before any heavy work -------------------------------------------------------------------
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    from ..memory.placement import execution_device
-    return execution_device(model)
-
 
 def check_attention(model, config: TrainingConfig) -> None:
     backend = config.attention_backend or getattr(model, "attention_backend", "sdpa")
@@ -185,7 +181,7 @@ class TrainingSession:
 
         self.model, self.loader, self.config = model, loader, config
         self.network_config, self.optimizer_config, self.validation = network, optimizer, validation
-        self.device = model_device(model)
+        self.device = execution_device(model)   # the swapper's device when layers sit on the host
         self.output_dir = Path(config.output_dir)
         self.total_steps = resolve_total_steps(config, loader)
 
