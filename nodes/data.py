@@ -138,6 +138,12 @@ def _fingerprint(config: DatasetConfig, extra: str = "") -> str:
     return h.hexdigest()
 
 
+def _source_result(dataset: MusubiDataset) -> dict:
+    """What a source node returns: the dataset, and its summary (items listed now, so bad sources fail here)."""
+    items, notes = _list_all(dataset.config)
+    return {"ui": {"text": [_source_summary(dataset, items, notes)]}, "result": (dataset,)}
+
+
 def _source_summary(dataset: MusubiDataset, items: list[list], notes: list[str]) -> str:
     lines = []
     for ds, its in zip(dataset.datasets, items):
@@ -199,9 +205,7 @@ class MusubiDatasetFromTOML:
             raise invalid("toml_path", path, "an existing dataset config file (.toml or .json)")
         if p.suffix.lower() not in (".toml", ".json"):
             raise invalid("toml_path", path, "a .toml or .json dataset config")
-        dataset = MusubiDataset(load_dataset_config(p))
-        items, notes = _list_all(dataset.config)
-        return {"ui": {"text": [_source_summary(dataset, items, notes)]}, "result": (dataset,)}
+        return _source_result(MusubiDataset(load_dataset_config(p)))
 
 
 class MusubiDatasetFromFolder:
@@ -279,8 +283,7 @@ class MusubiDatasetFromFolder:
     def load(self, **kwargs):
         dataset = MusubiDataset(self._config(**kwargs))
         Path(dataset.config.datasets[0].cache_directory).mkdir(parents=True, exist_ok=True)
-        items, notes = _list_all(dataset.config)
-        return {"ui": {"text": [_source_summary(dataset, items, notes)]}, "result": (dataset,)}
+        return _source_result(dataset)
 
 
 class MusubiDatasetFromImages:
@@ -340,9 +343,7 @@ class MusubiDatasetFromImages:
         Path(cache).mkdir(parents=True, exist_ok=True)
         config = dataset_from_tensors(frames, caps, cache, resolution=_resolution(width, height),
                                       batch_size=batch_size, num_repeats=num_repeats)
-        dataset = MusubiDataset(config)
-        items, notes = _list_all(config)
-        return {"ui": {"text": [_source_summary(dataset, items, notes)]}, "result": (dataset,)}
+        return _source_result(MusubiDataset(config))
 
 
 # --- caching nodes ---------------------------------------------------------------------------------------------------
