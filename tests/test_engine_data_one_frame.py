@@ -18,17 +18,10 @@ from engine.models.wan.vae import load_wan_vae
 from engine.pipelines.wan import prepare_one_frame
 from engine.training import NetworkConfig, OptimizerConfig, TimestepConfig, TrainingConfig, TrainingSession
 from engine.training import trainer as trainer_mod
+from lora_fixtures import _one_thread  # noqa: F401  (autouse: one thread for tiny matmuls)
 
 SIZE = 32
 N_ITEMS = 3
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -12,17 +12,9 @@ import torch.nn as nn
 from engine.errors import MusubiInputError
 from engine.training import (InMemoryBatchLoader, NetworkConfig, OptimizerConfig, TimestepConfig, TrainingConfig,
                              TrainingSession, ValidationConfig, ValidationPrompt, loss_curve_image, read_state)
+from lora_fixtures import _one_thread  # noqa: F401  (autouse: one thread for tiny matmuls)
 
 TEXT_DIM = 8
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: thread fan-out costs more than it saves (and the CI box has 2 busy cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class Block(nn.Module):

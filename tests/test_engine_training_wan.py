@@ -7,14 +7,7 @@ import torch
 from engine.models.wan.loader import load_wan_dit
 from engine.training import (InMemoryBatchLoader, NetworkConfig, OptimizerConfig, TimestepConfig, TrainingConfig,
                              TrainingSession, ValidationConfig, ValidationPrompt)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from lora_fixtures import _one_thread  # noqa: F401  (autouse: one thread for tiny matmuls)
 
 
 def batches(text_dim, n=2):
