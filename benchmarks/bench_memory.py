@@ -25,8 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-MODELS = {"tiny": "tiny-t2v", "1.3B": "t2v-1.3B", "14B": "t2v-14B"}
-TINY_LAYERS = 6   # the tiny preset has 2 blocks; 6 leave room for swapped blocks beyond the prefetch window
+from benchmarks.sim_memory import model_config  # noqa: E402  (one list of models for measurement and simulation)
 
 
 def parse_args(argv=None):
@@ -71,17 +70,10 @@ def h2d_bandwidth(device, nbytes=256 << 20) -> float | None:
 
 def build_model(name: str, fp8: str):
     """Random-weight bf16 model on the CPU (fp8-quantized if asked)."""
-    import dataclasses
-
     from engine.memory import quantize_model_fp8
     from engine.models.wan.dit import build_wan_model
-    from engine.models.wan.presets import OFFICIAL, preset_config
 
-    if name == "tiny":
-        config = dataclasses.replace(preset_config(MODELS[name]), num_layers=TINY_LAYERS)
-    else:
-        config = OFFICIAL[MODELS[name]]
-    model = build_wan_model(config, "meta").to_empty(device="cpu")
+    model = build_wan_model(model_config(name), "meta").to_empty(device="cpu")
     torch.manual_seed(0)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -178,12 +170,8 @@ def run_config(model, name, task, swap, fp8, latent, args, device, bandwidth, of
 def simulated_peak(row: dict, args) -> int:
     """The peak benchmarks/sim_memory.py predicts for this row (live tensor bytes; the measured peak adds the
     allocator's rounding and the kernels' workspaces)."""
-    import importlib.util
+    from benchmarks import sim_memory as sim
 
-    spec = importlib.util.spec_from_file_location("sim_memory", Path(__file__).with_name("sim_memory.py"))
-    sim = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = sim
-    spec.loader.exec_module(sim)
     cfg = sim.SimConfig(model=row["model"], task=row["task"], fp8=row["fp8"], blocks_to_swap=row["blocks_to_swap"],
                         activation_offload=row["activation_offload"], offload_non_blocks=row["offload_non_blocks"],
                         latent=tuple(row["latent"]), rank=args.rank, prefetch=args.prefetch, cfg_batch=1,

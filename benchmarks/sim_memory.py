@@ -62,15 +62,17 @@ class SimConfig:
                                        # none (forward + backward only, like bench_memory.py)
 
 
-def _model_config(name: str):
+def model_config(name: str):
+    """The Wan config of a benchmark model name (tiny gets 6 blocks, so swapped blocks exist past the prefetch)."""
     from engine.models.wan.presets import OFFICIAL, preset_config
+
     if name == "tiny":
         return dataclasses.replace(preset_config(MODELS[name]), num_layers=TINY_LAYERS)
     return OFFICIAL[MODELS[name]]
 
 
 def num_blocks(name: str) -> int:
-    return _model_config(name).num_layers
+    return model_config(name).num_layers
 
 
 def resolve_swap(name: str, swap) -> int:
@@ -154,7 +156,7 @@ def simulate(cfg: SimConfig, fake: bool = True) -> dict:
     from engine.memory import move_to, swap_blocks
     from engine.memory.meter import LiveMemoryMeter
 
-    config = _model_config(cfg.model)
+    config = model_config(cfg.model)
     n_swap = resolve_swap(cfg.model, cfg.blocks_to_swap)
     train = cfg.task == "train"
     host = HOST if fake else DEVICE

@@ -1,26 +1,13 @@
 """The live-memory meter (engine/memory/meter.py), the timing replay (engine/memory/timing.py) and the memory
 simulation built on them (benchmarks/sim_memory.py)."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from benchmarks import sim_memory as sim
 from engine.memory.meter import LiveMemoryMeter, TimelineEntry
 from engine.memory.timing import GpuModel, replay
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def load_sim():
-    spec = importlib.util.spec_from_file_location("sim_memory", REPO / "benchmarks" / "sim_memory.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module   # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_meter_counts_live_storages_and_peak():
@@ -72,7 +59,6 @@ def test_meter_ignores_other_devices_and_counts_copies_and_flops():
 
 def test_fake_simulation_equals_a_real_run():
     """The same tiny Wan training step measured with real CPU tensors and simulated with fake ones: same bytes."""
-    sim = load_sim()
     cfg = sim.SimConfig(model="tiny", task="train", latent=(2, 8, 8), steps=2)
     fake = sim.simulate(cfg)
     real = sim.simulate(cfg, fake=False)
@@ -83,7 +69,6 @@ def test_fake_simulation_equals_a_real_run():
 
 
 def test_simulation_sees_what_each_setting_saves():
-    sim = load_sim()
     base = dict(model="tiny", latent=(8, 64, 64), steps=2)   # 8192 tokens: activations dominate
     plain = sim.simulate(sim.SimConfig(task="train", **base))
     offload = sim.simulate(sim.SimConfig(task="train", activation_offload=True, **base))

@@ -5,18 +5,11 @@ docs/memory.md). Targets: â‰¤ 24 GB with at most 10 % slowdown from swapping, â‰
 `fits` adds 12 % + 1 GB to the simulated peak for the CUDA allocator, kernel workspaces and the context; the
 slowdown is the timing model's (engine/memory/timing.py) step time over pure compute time on the named card."""
 
-import pytest
-
+from benchmarks import sim_memory as sim
 from engine.memory.timing import GPU_MODELS
-from test_engine_memory_meter import load_sim
 
 
-@pytest.fixture(scope="module")
-def sim():
-    return load_sim()
-
-
-def test_wan14b_lora_training_fits_24gb_with_swap_costing_under_10_percent(sim):
+def test_wan14b_lora_training_fits_24gb_with_swap_costing_under_10_percent():
     cfg = sim.SimConfig(model="14B", task="train", fp8="scaled", blocks_to_swap=30, activation_offload=True)
     row = sim.add_timing(sim.simulate(cfg), {"rtx4090-24": GPU_MODELS["rtx4090-24"]})
     assert row["tokens"] == 32760
@@ -26,7 +19,7 @@ def test_wan14b_lora_training_fits_24gb_with_swap_costing_under_10_percent(sim):
     assert row["weights_on_gpu_gb"] < 5 < row["peak_gb"]
 
 
-def test_wan14b_lora_training_fits_16gb_within_1_5x(sim):
+def test_wan14b_lora_training_fits_16gb_within_1_5x():
     cfg = sim.SimConfig(model="14B", task="train", fp8="scaled", blocks_to_swap="max", activation_offload=True,
                         offload_non_blocks=True, optimizer="adamw8bit")
     row = sim.add_timing(sim.simulate(cfg), {k: GPU_MODELS[k] for k in ("rtx4060ti-16", "rtx4080-16")})
