@@ -192,9 +192,8 @@ def main(argv=None):
             baseline: dict[str, float] = {}
             for task in args.task.split(","):
                 for swap in swaps.split(","):
-                    for off, nb in itertools.product(args.offload.split(","), args.non_blocks.split(",")):
-                        if (off == "1" and task != "train") or (nb == "1" and swap == "0"):
-                            continue
+                    for off, nb in itertools.product(args.offload.split(",") if task == "train" else ["0"],
+                                                     args.non_blocks.split(",") if swap != "0" else ["0"]):
                         row = run_config(model, name, task, swap, fp8, latent, args, device, bandwidth,
                                          offload=off == "1", non_blocks=nb == "1")
                         if row is None:

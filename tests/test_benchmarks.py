@@ -30,3 +30,6 @@ def test_benchmark_runs_on_cpu_and_reports_json(script):
     assert rows, r.stdout[-2000:]
     values = [row[KEYS[script]] for row in rows if KEYS[script] in row]
     assert values and all(v is not None and v > 0 for v in values), rows
+    if script == "bench_memory.py":   # the default grid has both tasks, with and without swap
+        assert {(row["task"], row["blocks_to_swap"] > 0) for row in rows} == \
+            {("train", False), ("train", True), ("infer", False), ("infer", True)}, rows
