@@ -28,6 +28,7 @@ from . import types as T
 from .placement import SWAP_ATTR, release_swap
 from .registry import MODELS
 from ..engine.errors import invalid
+from ..engine.memory.placement import execution_device
 
 FORMATS = ["comfyui", "musubi", "diffusers"]
 SAVE_DTYPES = ["fp32", "bf16", "fp16"]
@@ -242,8 +243,6 @@ def make_lora_view(model: nn.Module) -> nn.Module:
 
 def _sync_lora_devices(view, args):
     """Adapters and merged weights follow the shared weights' device (they are not submodules of the view)."""
-    from ..engine.memory.placement import execution_device
-
     if next(iter(view.parameters()), None) is None:
         return None
     device = execution_device(view)   # with offload_non_blocks the first layers sit in host memory between calls
