@@ -111,11 +111,11 @@ class _Adapter(nn.Module):
             return 0.0
         if self.training and self.module_dropout and torch.rand(()) < self.module_dropout:
             return 0.0
-        if not torch.is_autocast_enabled(x.device.type):
-            x = x.to(self.param_dtype)
         # Under autocast (mixed-precision training) x goes in as it is: autocast runs the adapter in its dtype like
         # the base layer, and autograd saves x itself. Casting it to float32 first would make autograd keep a
         # full-size copy per adapted layer (1.8 GB for a Wan 14B FFN input at 832x480x81); the result is the same.
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.param_dtype)
         out = self._delta(x)
         return (out * self.multiplier).to(out_dtype)
 
