@@ -1,7 +1,7 @@
 """Caching throughput: clips/s through decode + bucket + encode on a synthetic dataset.
 
 Runs twice: with a stub encoder (near-free; measures file reading, decoding and bucketing, i.e. shows the data path
-is not the bottleneck) and with the tiny Wan VAE preset when `engine.models.wan.loader.load_wan_vae` exists.
+is not the bottleneck) and with the tiny Wan VAE preset when `engine.families.wan.loader.load_wan_vae` exists.
 Prints one JSON line per run.
 
     python benchmarks/bench_dataset.py [--videos 8] [--frames 33] [--size 256x192] [--workers 2]
@@ -22,7 +22,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from engine.data import WanCacheAdapter, build_cache, dataset_from_folder  # noqa: E402
+from engine.data import build_cache, dataset_from_folder  # noqa: E402
+from engine.families.wan.cache import WanCacheAdapter  # noqa: E402
 
 
 class StubVAE:
@@ -59,10 +60,10 @@ def _device(vae):
 
 
 def _find_vae_loader():
-    """`load_wan_vae` lives in engine.models.wan.vae or .loader (written by another module owner)."""
+    """`load_wan_vae` lives in engine.families.wan.vae or .loader (written by another module owner)."""
     import importlib
 
-    for mod in ("engine.models.wan.vae", "engine.models.wan.loader"):
+    for mod in ("engine.families.wan.vae", "engine.families.wan.loader"):
         try:
             fn = getattr(importlib.import_module(mod), "load_wan_vae", None)
         except ImportError:

@@ -71,7 +71,7 @@ def h2d_bandwidth(device, nbytes=256 << 20) -> float | None:
 def build_model(name: str, fp8: str):
     """Random-weight bf16 model on the CPU (fp8-quantized if asked)."""
     from engine.memory import quantize_model_fp8
-    from engine.models.wan.dit import build_wan_model
+    from engine.families.wan.dit import build_wan_model
 
     model = build_wan_model(model_config(name), "meta").to_empty(device="cpu")
     torch.manual_seed(0)
@@ -99,7 +99,7 @@ def make_inputs(model, latent, device):
 
 def run_config(model, name, task, swap, fp8, latent, args, device, bandwidth, offload=False, non_blocks=False):
     from engine.lora.adapters import AdapterConfig, AdapterNetwork
-    from engine.memory import move_to, pinned_bytes_in_use, swap_blocks
+    from engine.memory import move_to, pinned_bytes_in_use, set_block_checkpointing, swap_blocks
 
     n_blocks = len(model.blocks)
     n_swap = n_blocks - 1 if swap == "max" else int(swap)
@@ -113,8 +113,7 @@ def run_config(model, name, task, swap, fp8, latent, args, device, bandwidth, of
     swapper = None
     try:
         if task == "train":   # adapters before the swapper (the training nodes' order)
-            model.gradient_checkpointing = True
-            model.activation_offload = offload
+            set_block_checkpointing(model, True, offload=offload)
             net = AdapterNetwork.create(model, AdapterConfig(rank=args.rank, alpha=args.rank))
             move_to(net, device)
         if n_swap:
@@ -157,8 +156,7 @@ def run_config(model, name, task, swap, fp8, latent, args, device, bandwidth, of
     finally:
         if net is not None:
             net.detach()
-            model.gradient_checkpointing = False
-            model.activation_offload = False
+            set_block_checkpointing(model, False)
         if swapper is not None:
             swapper.detach(device="cpu")
         move_to(model, "cpu")

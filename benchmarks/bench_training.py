@@ -41,8 +41,8 @@ def forward_flops(cfg, tokens: int) -> float:
 
 def build_random_model(name: str, device: torch.device, dtype: torch.dtype):
     """The DiT is imported here, lazily: `--help` and argument errors never touch it."""
-    from engine.models.wan.dit import build_wan_model, keep_fp32
-    from engine.models.wan.presets import OFFICIAL, PRESETS, random_state_dict
+    from engine.families.wan.dit import build_wan_model, keep_fp32
+    from engine.families.wan.presets import OFFICIAL, PRESETS, random_state_dict
 
     cfg = {"1.3B": OFFICIAL["t2v-1.3B"], "14B": OFFICIAL["t2v-14B"], "tiny": PRESETS["tiny-t2v"]}[name]
     model = build_wan_model(cfg, "meta")

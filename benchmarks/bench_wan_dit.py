@@ -31,8 +31,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from engine.models.wan.dit import WanConfig, build_wan_model, keep_fp32  # noqa: E402
-from engine.models.wan.presets import OFFICIAL, PRESETS, random_state_dict  # noqa: E402
+from engine.families.wan.dit import WanConfig, build_wan_model, keep_fp32  # noqa: E402
+from engine.families.wan.presets import OFFICIAL, PRESETS, random_state_dict  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODELS = {"1.3B": OFFICIAL["t2v-1.3B"], "14B": OFFICIAL["t2v-14B"], "tiny": PRESETS["tiny-t2v"]}

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from engine.models.wan.vae import WanVAE, WanVAEConfig, tiny_vae_config  # noqa: E402
+from engine.families.wan.vae import WanVAE, WanVAEConfig, tiny_vae_config  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

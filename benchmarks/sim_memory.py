@@ -64,7 +64,7 @@ class SimConfig:
 
 def model_config(name: str):
     """The Wan config of a benchmark model name (tiny gets 6 blocks, so swapped blocks exist past the prefetch)."""
-    from engine.models.wan.presets import OFFICIAL, preset_config
+    from engine.families.wan.presets import OFFICIAL, preset_config
 
     if name == "tiny":
         return dataclasses.replace(preset_config(MODELS[name]), num_layers=TINY_LAYERS)
@@ -83,7 +83,7 @@ def _build_on_host(config, fp8: str, device=DEVICE, host=HOST):
     """The model as the loader leaves it in host memory: bf16, float32 where the official code computes in float32,
     fp8 targets quantized. Built (and quantized) on the simulated GPU, then moved to the host, like a fake load."""
     from engine.memory import move_to, quantize_model_fp8
-    from engine.models.wan.dit import build_wan_model, keep_fp32
+    from engine.families.wan.dit import build_wan_model, keep_fp32
 
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)   # Module.to() cannot swap fake parameters: build in the target dtype
@@ -153,7 +153,7 @@ def simulate(cfg: SimConfig, fake: bool = True) -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from engine.lora.adapters import AdapterConfig, AdapterNetwork
-    from engine.memory import move_to, swap_blocks
+    from engine.memory import move_to, set_block_checkpointing, swap_blocks
     from engine.memory.meter import LiveMemoryMeter
 
     config = model_config(cfg.model)
@@ -166,9 +166,7 @@ def simulate(cfg: SimConfig, fake: bool = True) -> dict:
     with (FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()), \
             LiveMemoryMeter(DEVICE) as meter:
         model = _build_on_host(config, cfg.fp8, DEVICE, host)
-        model.gradient_checkpointing = train
-        model.activation_offload = train and cfg.activation_offload
-        model.activation_offload_host = host
+        set_block_checkpointing(model, train, offload=train and cfg.activation_offload, host=str(host))
         net = optimizer = None
         if train:   # adapters first, then block swap (the training nodes' order): adapters are device tensors
             net = AdapterNetwork.create(model, AdapterConfig(rank=cfg.rank, alpha=cfg.rank))

@@ -36,9 +36,10 @@ import torch
 from . import comfy_compat as compat
 from . import types as T
 from .placement import on_compute_device
-from ..engine.data import (CachedBatchLoader, CacheRequirements, DatasetConfig, WanCacheAdapter, build_cache,
-                           check_cache_for_model, dataset_from_folder, dataset_from_tensors, list_items,
-                           load_dataset_config, read_manifest, wan_cache_requirements)
+from ..engine.data import (CachedBatchLoader, CacheRequirements, DatasetConfig, build_cache, check_cache_for_model,
+                           dataset_from_folder, dataset_from_tensors, list_items, load_dataset_config, read_manifest)
+from ..engine.families.wan.cache import WanCacheAdapter
+from ..engine.families.wan.cache import cache_requirements as wan_cache_requirements
 from ..engine.data.cache import prepare_item
 from ..engine.data.frames import FRAME_EXTRACTION_MODES
 from ..engine.errors import invalid
@@ -543,7 +544,7 @@ class MusubiDatasetPreview:
         rows, buckets, lines = [], {}, []
         with _collect_warnings(notes):
             for n, (ds, it) in enumerate(todo):
-                for pc in prepare_item(it, ds, WanCacheAdapter.target_fps, ARCH):
+                for pc in prepare_item(it, ds, WanCacheAdapter.target_fps, ARCH, WanCacheAdapter()):
                     key = (ds.index, pc.bucket[0], pc.bucket[1], pc.frames)
                     buckets[key] = buckets.get(key, 0) + 1
                     rows.append({"frames": pc.clip.frames, "caption": it.caption,

@@ -78,7 +78,7 @@ class MusubiWanImageEncode:
         }}
 
     def encode(self, vae, clip_vision, start_image, width, height, frames, end_image=None):
-        from ..engine.pipelines.wan import prepare_flf2v, prepare_i2v
+        from ..engine.families.wan.pipeline import prepare_flf2v, prepare_i2v
 
         _check_size(width, height)
         first = image_to_video_tensor(start_image, width, height, "start_image")
@@ -131,7 +131,7 @@ class MusubiWanFunControlEncode:
         }}
 
     def encode(self, vae, control_video, width, height, frames, start_image=None, clip_vision=None):
-        from ..engine.pipelines.wan import prepare_fun_control
+        from ..engine.families.wan.pipeline import prepare_fun_control
 
         _check_size(width, height)
         if start_image is not None and clip_vision is None:
@@ -174,7 +174,7 @@ class MusubiWanOneFrameEncode:
 
     def encode(self, vae, clip_vision, control_image, control_indices, target_index, width, height,
                control_image_2=None):
-        from ..engine.pipelines.wan import prepare_one_frame
+        from ..engine.families.wan.pipeline import prepare_one_frame
 
         _check_size(width, height)
         try:
@@ -237,13 +237,13 @@ class MusubiWanSampler:
     def sample(self, model, embeds, width, height, frames, steps, guidance_scale, shift, solver, seed, noise_device,
                image_embeds=None, cfg_skip_mode="none", cfg_apply_ratio=1.0, slg_layers="", slg_scale=3.0,
                slg_start=0.0, slg_end=0.3, offload_after=False, unique_id=None):
-        from ..engine.pipelines.wan import WanGenerateRequest, generate, latent_to_rgb_preview
+        from ..engine.families.wan.pipeline import WanGenerateRequest, generate, latent_to_rgb_preview
 
         try:
             layers = tuple(int(s) for s in slg_layers.replace(" ", "").split(",") if s)
         except ValueError:
             raise invalid("slg_layers", slg_layers, "comma-separated block indices such as '9' or '4,5,6'") from None
-        from ..engine.pipelines.wan import model_task_kind
+        from ..engine.families.wan.pipeline import model_task_kind
 
         kind = model_task_kind(model.config)
         if image_embeds is None and kind in ("i2v", "flf2v"):

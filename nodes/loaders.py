@@ -93,7 +93,7 @@ class MusubiWanDiTLoader:
     def load(self, model_name, dtype, attention, fp8="none", blocks_to_swap=0, activation_offload=False,
              offload_after_use=False, offload_non_block_weights=False):
         from ..engine.memory import validate_blocks_to_swap
-        from ..engine.models.wan.loader import load_wan_dit
+        from ..engine.families.wan.loader import load_wan_dit
 
         source = resolve_source(model_name, "diffusion_models", "model_name")
         dt = None if dtype == "keep" else DTYPES[dtype]
@@ -131,7 +131,7 @@ class MusubiWanVAELoader:
         }}
 
     def load(self, vae_name, dtype, cache_on_cpu, keep_on_gpu=False):
-        from ..engine.models.wan.vae import load_wan_vae
+        from ..engine.families.wan.vae import load_wan_vae
 
         source = resolve_source(vae_name, "vae", "vae_name")
         key = ("wan_vae", source_identity(source), dtype)

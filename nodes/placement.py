@@ -29,6 +29,7 @@ from typing import Callable, Iterator
 import torch
 
 from . import comfy_compat as compat
+from ..engine.families import blocks_of
 
 SWAP_ATTR = "_musubi_block_swap"   # module.__dict__ entry: the BlockSwapper attached to that module (views drop it)
 _MARGIN = 256 << 20
@@ -110,7 +111,7 @@ def _swap_enabled(module, device: torch.device) -> bool:
 def _swapped_indices(module, n: int) -> list[int]:
     from ..engine.memory import choose_swapped, validate_blocks_to_swap
 
-    num = len(module.blocks)
+    num = len(blocks_of(module))
     name = getattr(getattr(module, "config", None), "variant", None) or type(module).__name__
     validate_blocks_to_swap(n, num, name)
     return choose_swapped(num, n)
@@ -119,7 +120,7 @@ def _swapped_indices(module, n: int) -> list[int]:
 def check_blocks_to_swap(module) -> None:
     """Raise MusubiInputError naming blocks_to_swap when the model's value is out of its range (checked on every
     device, as the loader does, so a graph that fails on the GPU fails on CPU too)."""
-    if getattr(module, "blocks_to_swap", 0) and isinstance(getattr(module, "blocks", None), torch.nn.ModuleList):
+    if getattr(module, "blocks_to_swap", 0):
         _swapped_indices(module, module.blocks_to_swap)
 
 
@@ -128,7 +129,8 @@ def _swap_room(module, swapped: list[int], device: torch.device, prefetch: int =
     swapped blocks in flight (prefetch + 1 at most)."""
     from ..engine.memory import bytes_to_move, estimate_module_bytes
 
-    blocks = [module.blocks[i] for i in swapped]
+    all_blocks = blocks_of(module)
+    blocks = [all_blocks[i] for i in swapped]
     biggest = max((estimate_module_bytes(b) for b in blocks), default=0)
     return bytes_to_move(module, device, exclude=blocks) + (prefetch + 1) * biggest
 
@@ -194,7 +196,8 @@ def prepare_for_view(model: torch.nn.Module) -> torch.device:
         swapped = _swapped_indices(model, blocks_to_swap(model)) if _swap_enabled(model, device) else []
         release_swap(model)
         if device.type != "cpu":
-            _move_whole(model, device, exclude=[model.blocks[i] for i in swapped])
+            all_blocks = blocks_of(model)
+            _move_whole(model, device, exclude=[all_blocks[i] for i in swapped])
     return device
 
 
@@ -227,7 +230,7 @@ def place_dit(module: torch.nn.Module, training: bool = False) -> torch.device:
                 if training:
                     _drop_loaded(entry.swapper)
                 if not non_blocks:   # (offloaded non-block layers come to the device in each forward)
-                    move_to(module, device, exclude=[module.blocks])   # no-op when already there
+                    move_to(module, device, exclude=list(blocks_of(module)))   # no-op when already there
             else:
                 transfer = _test_transfer() if _test_transfer is not None else None
                 swapper = swap_blocks(module, n, device if transfer is None else transfer.device,

@@ -165,16 +165,10 @@ def dataset_config(dataset):
 
 
 def cache_requirements(model):
-    """What the DiT needs from a cache: T2V latents + text; I2V/FLF2V also image latents and CLIP; Fun-Control
-    control latents."""
-    from ..engine.data import wan_cache_requirements
+    """What the DiT needs from a cache (its family decides)."""
+    from ..engine.families import family_of
 
-    cfg = model.config
-    extra = int(getattr(cfg, "in_dim", 16)) - int(getattr(cfg, "out_dim", 16))
-    i2v = extra == 20
-    control = extra == 32
-    clip = i2v and getattr(cfg, "model_type", "t2v") in ("i2v", "flf2v")
-    return wan_cache_requirements(text_dim=cfg.text_dim, i2v=i2v, clip=clip, control=control)
+    return family_of(model).cache_requirements(model)
 
 
 def dataset_loader(dataset, model, seed: int):
@@ -448,9 +442,9 @@ class _ValidationVAE:
 
 
 def _validation_sample_fn(run: "TrainingRun"):
-    """engine.pipelines.wan.generate with the running Train Steps node's progress text and cancel check."""
+    """engine.families.wan.pipeline.generate with the running Train Steps node's progress text and cancel check."""
     def sample(model, request, progress=None):
-        from ..engine.pipelines.wan import generate
+        from ..engine.families.wan.pipeline import generate
 
         def step_progress(step, total, x0=None):
             listener = run.listener
@@ -467,7 +461,7 @@ def check_validation_inputs(model, prompts, vae, every_n_steps, at_start) -> boo
     """Init Training's validation inputs, checked before any session exists; True when validation is on."""
     from ..engine.training import ValidationPrompt
     from ..engine.training.validation import build_request
-    from ..engine.pipelines.wan import validate_request
+    from ..engine.families.wan.pipeline import validate_request
 
     every_n_steps = int(every_n_steps or 0)
     if every_n_steps < 0:
@@ -489,7 +483,7 @@ def check_validation_inputs(model, prompts, vae, every_n_steps, at_start) -> boo
         raise invalid("validation_vae", type(vae).__name__, "a Wan VAE from Musubi Wan VAE Loader")
     for i, p in enumerate(prompts):
         try:
-            validate_request(model, build_request(p).resolve())
+            validate_request(model, build_request(model, p).resolve())
         except Exception as e:  # noqa: BLE001 - restate it as an input error naming the prompt
             raise invalid(f"validation_prompts[{i}]", f"{p.width}x{p.height}x{p.frames}",
                           f"a prompt the loaded model can sample: {e}") from e

@@ -5,7 +5,7 @@ against an independent source."""
 
 import torch
 
-from engine.models.wan.loader import load_wan_dit
+from engine.families.wan.loader import load_wan_dit
 
 T2V_TARGETS_PER_BLOCK = ["self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
                          "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2"]

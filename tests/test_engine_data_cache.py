@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine.data import (CachedBatchLoader, WanCacheAdapter, build_cache, check_cache_for_model,
-                         dataset_from_tensors, load_dataset_config, manifest_path, wan_cache_requirements)
+from engine.data import (CachedBatchLoader, build_cache, check_cache_for_model, dataset_from_tensors,
+                         load_dataset_config, manifest_path)
+from engine.families.wan.cache import WanCacheAdapter
+from engine.families.wan.cache import cache_requirements as wan_cache_requirements
 from engine.data.cache import prepare_item
 from engine.data.items import list_items
 from engine.errors import MusubiInputError

@@ -8,14 +8,15 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.data import (CachedBatchLoader, WanCacheAdapter, build_cache, check_cache_for_model, load_dataset_config,
-                         wan_cache_requirements)
+from engine.data import CachedBatchLoader, build_cache, check_cache_for_model, load_dataset_config
+from engine.families.wan.cache import WanCacheAdapter
+from engine.families.wan.cache import cache_requirements as wan_cache_requirements
 from engine.data.cache import load_cache_file
 from engine.encoders import load_clip_vision, load_umt5
 from engine.errors import MusubiInputError
-from engine.models.wan.loader import load_wan_dit
-from engine.models.wan.vae import load_wan_vae
-from engine.pipelines.wan import prepare_one_frame
+from engine.families.wan.loader import load_wan_dit
+from engine.families.wan.vae import load_wan_vae
+from engine.families.wan.pipeline import prepare_one_frame
 from engine.training import NetworkConfig, OptimizerConfig, TimestepConfig, TrainingConfig, TrainingSession
 from engine.training import trainer as trainer_mod
 from lora_fixtures import _one_thread  # noqa: F401  (autouse: one thread for tiny matmuls)

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.lora import AdapterConfig, AdapterNetwork, merge_into_model, read_lora, save_lora
-from engine.models.wan.presets import build_preset_state_dict
+from engine.families.wan.presets import build_preset_state_dict
 
 from lora_fixtures import _one_thread, tiny_model  # noqa: F401
 

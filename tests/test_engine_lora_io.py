@@ -24,7 +24,7 @@ def _dialect_sd(factors, dialect):
         if dialect == "musubi":
             s = f"lora_unet_{under}"; sd |= {f"{s}.lora_down.weight": down, f"{s}.lora_up.weight": up,
                                             f"{s}.alpha": torch.tensor(alpha)}
-        elif dialect == "wan-fun":
+        elif dialect == "videox-fun":
             s = f"lora_unet__{under}"; sd |= {f"{s}.lora_down.weight": down, f"{s}.lora_up.weight": up,
                                              f"{s}.alpha": torch.tensor(alpha)}
         elif dialect == "comfyui":
@@ -47,7 +47,7 @@ def i2v():
     return tiny_model("i2v")
 
 
-@pytest.mark.parametrize("dialect", ["musubi", "wan-fun", "comfyui", "diffusion-pipe", "diffusers", "peft"])
+@pytest.mark.parametrize("dialect", ["musubi", "videox-fun", "comfyui", "diffusion-pipe", "diffusers", "peft"])
 @pytest.mark.parametrize("with_model", [True, False])
 def test_every_lora_dialect_reads_to_same_delta(i2v, dialect, with_model):
     factors = random_lora_factors(i2v, rank=4, seed=1)

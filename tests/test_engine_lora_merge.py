@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from engine.errors import MusubiInputError
 from engine.lora import (EMAConfig, apply_loras, attached_networks, merge_into_model, merge_loras_into_checkpoint,
                          post_hoc_ema, read_lora, sigma_rel_to_gamma)
-from engine.models.wan.presets import build_preset_state_dict
+from engine.families.wan.presets import build_preset_state_dict
 
 from lora_fixtures import _one_thread, random_lora_factors, reference_delta, tiny_model  # noqa: F401
 

@@ -134,6 +134,7 @@ class Block(nn.Module):
 
 
 class TinyWanLike(nn.Module):
+    family = "wan"   # quantize_model_fp8 takes its targets from the Wan family
     def __init__(self, d=64, n=3):
         super().__init__()
         self.text_embedding = nn.Sequential(nn.Linear(32, d), nn.GELU(), nn.Linear(d, d))

@@ -3,11 +3,12 @@
 import pytest
 import torch
 
+from engine.memory.checkpointing import set_block_checkpointing
 from engine.errors import MusubiInputError
 from engine.lora.adapters import AdapterConfig, AdapterNetwork
 from engine.memory import (FakeTransfer, Fp8Linear, fp8_summary, pinned_bytes_in_use, quantize_model_fp8,
                            swap_blocks)
-from engine.models.wan.loader import load_wan_dit
+from engine.families.wan.loader import load_wan_dit
 
 
 def tiny(dtype=torch.float32):
@@ -61,7 +62,7 @@ def test_block_swap_with_lora_identical_on_wan(gc, fp8):
         m.requires_grad_(False)
         if fp8:
             quantize_model_fp8(m, "scaled")
-        m.gradient_checkpointing = gc
+        set_block_checkpointing(m, gc)
         net = AdapterNetwork.create(m, AdapterConfig(rank=4, alpha=4))
         with torch.no_grad():
             for p in net.parameters():

@@ -12,6 +12,7 @@ import torch.nn as nn
 from engine.errors import MusubiInputError
 from engine.training import (InMemoryBatchLoader, NetworkConfig, OptimizerConfig, TimestepConfig, TrainingConfig,
                              TrainingSession, ValidationConfig, ValidationPrompt, loss_curve_image, read_state)
+from engine.memory.checkpointing import block_checkpointing
 from lora_fixtures import _one_thread  # noqa: F401  (autouse: one thread for tiny matmuls)
 
 TEXT_DIM = 8
@@ -31,7 +32,10 @@ class Block(nn.Module):
 
 
 class StandInDiT(nn.Module):
-    """WanModel's calling convention and module names (blocks.N.self_attn.q/o, ffn.0/2), pixel tokens."""
+    """WanModel's calling convention and module names (blocks.N.self_attn.q/o, ffn.0/2), pixel tokens; the Wan
+    family's rules apply to it."""
+
+    family = "wan"
 
     def __init__(self, dim=32, seed=0):
         super().__init__()
@@ -42,7 +46,6 @@ class StandInDiT(nn.Module):
         self.text_embedding = nn.Linear(TEXT_DIM, dim)
         self.blocks = nn.ModuleList([Block(dim) for _ in range(2)])
         self.head = nn.Linear(dim, 16)
-        self.gradient_checkpointing = False
         self.attention_backend = "sdpa"
         self.calls = 0
 
@@ -53,8 +56,7 @@ class StandInDiT(nn.Module):
         ctx = torch.stack([cc.mean(0) for cc in context]) if isinstance(context, list) else context.mean(1)
         tok = tok + self.time_embedding(t.reshape(-1, 1, 1).float() / 1000) + self.text_embedding(ctx)[:, None]
         for blk in self.blocks:
-            tok = torch.utils.checkpoint.checkpoint(blk, tok, use_reentrant=False) \
-                if self.gradient_checkpointing and torch.is_grad_enabled() else blk(tok)
+            tok = blk(tok)
         return self.head(tok).transpose(1, 2).reshape(b, c, f, h, w)
 
 
@@ -187,7 +189,7 @@ def test_mixed_precision_keeps_fp32_adapter(tmp_path, precision):
     assert all(math.isfinite(v) for v in losses)
     assert all(p.dtype == torch.float32 for p in s.network.trainable_parameters())
     assert (s.scaler is not None) == (precision == "fp16")
-    assert s.model.gradient_checkpointing is True
+    assert block_checkpointing(s.model) == (True, False)
 
 
 def test_periodic_saves_and_retention(tmp_path):

@@ -4,7 +4,7 @@ and the trained adapter stays attached for sampling through the Wan pipeline."""
 import pytest
 import torch
 
-from engine.models.wan.loader import load_wan_dit
+from engine.families.wan.loader import load_wan_dit
 from engine.training import (InMemoryBatchLoader, NetworkConfig, OptimizerConfig, TimestepConfig, TrainingConfig,
                              TrainingSession, ValidationConfig, ValidationPrompt)
 from lora_fixtures import _one_thread  # noqa: F401  (autouse: one thread for tiny matmuls)

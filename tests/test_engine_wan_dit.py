@@ -11,12 +11,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from engine.memory.checkpointing import set_block_checkpointing
 from engine.checkpoint import Checkpoint
 from engine.errors import MusubiInputError
-from engine.models.wan.detect import detect_wan_config, require_task
-from engine.models.wan.dit import WanConfig, WanModel, keep_fp32, rope_axis_dims
-from engine.models.wan.loader import PRESET_PREFIX, load_wan_dit
-from engine.models.wan.presets import PRESETS, build_preset_state_dict, preset_config, write_preset_checkpoint
+from engine.families.wan.detect import detect_wan_config, require_task
+from engine.families.wan.dit import WanConfig, WanModel, keep_fp32, rope_axis_dims
+from engine.families.wan.loader import PRESET_PREFIX, load_wan_dit
+from engine.families.wan.presets import PRESETS, build_preset_state_dict, preset_config, write_preset_checkpoint
 
 # float32 end to end; differences come only from summation order inside matmuls/softmax.
 PARITY_RTOL = 2e-5  # observed 0.6-3.2e-6; a wrong RoPE split gives 8e-3
@@ -175,8 +176,8 @@ def test_keep_file_dtype_and_preset(tmp_path):
 
 
 def test_detect_official_sizes():
-    from engine.models.wan.dit import build_wan_model
-    from engine.models.wan.presets import OFFICIAL
+    from engine.families.wan.dit import build_wan_model
+    from engine.families.wan.presets import OFFICIAL
 
     for name, cfg in OFFICIAL.items():
         ckpt = Checkpoint([_MetaFile(build_wan_model(cfg, "meta").state_dict())])  # shapes only
@@ -280,7 +281,7 @@ def test_gradient_checkpointing_same_grads_and_hooks_fire():
 
     def grads(flag):
         model.zero_grad(set_to_none=True)
-        model.gradient_checkpointing = flag
+        set_block_checkpointing(model, flag)   # wrapped from outside the model
         model(x, t, context, clip, y).square().mean().backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -353,10 +354,10 @@ def test_benchmark_flop_formula_matches_counted_matmuls():
 @pytest.mark.parametrize("mode", ["e4m3", "scaled"])
 def test_fp8_loading_keeps_block_linears_in_fp8_and_stays_close(tmp_path, mode):
     from engine.memory import Fp8Linear
-    from engine.models.wan.loader import load_wan_dit
+    from engine.families.wan.loader import load_wan_dit
 
     path = tmp_path / "dit.safetensors"
-    from engine.models.wan.presets import write_preset_checkpoint
+    from engine.families.wan.presets import write_preset_checkpoint
     write_preset_checkpoint("tiny-t2v", path, dtype=torch.float32)
     ref = load_wan_dit(path, dtype=torch.float32)
     q = load_wan_dit(path, dtype=torch.float32, fp8=mode)

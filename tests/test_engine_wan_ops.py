@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from engine.memory.fp8 import Fp8Linear, dequantize_weight, quantize_weight
-from engine.models.wan import ops
+from engine.families.wan import ops
 
 
 def _plain_rms(x, w, eps):
@@ -89,9 +89,9 @@ def test_chunked_dequantize_is_exact(monkeypatch):
 def test_block_gradients_match_plain_ops(monkeypatch):
     """A tiny Wan model with LoRA: the lean RMSNorm gives the gradients of the plain expression."""
     from engine.lora.adapters import AdapterConfig, AdapterNetwork
-    from engine.models.wan import dit
-    from engine.models.wan.dit import build_wan_model
-    from engine.models.wan.presets import preset_config, random_state_dict
+    from engine.families.wan import dit
+    from engine.families.wan.dit import build_wan_model
+    from engine.families.wan.presets import preset_config, random_state_dict
 
     cfg = preset_config("tiny-t2v")
     model = build_wan_model(cfg, "meta")

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from engine.errors import MusubiInputError
-from engine.models.wan.loader import load_wan_dit
-from engine.models.wan.vae import load_wan_vae
-from engine.pipelines.wan import (WanGenerateRequest, generate, latent_to_rgb_preview,
+from engine.families.wan.loader import load_wan_dit
+from engine.families.wan.vae import load_wan_vae
+from engine.families.wan.pipeline import (WanGenerateRequest, generate, latent_to_rgb_preview,
                                   prepare_flf2v, prepare_fun_control, prepare_i2v, prepare_one_frame,
                                   WAN21_RGB_BIAS, WAN21_RGB_FACTORS)
 

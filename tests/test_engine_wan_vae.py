@@ -5,7 +5,7 @@ import torch
 
 from engine.checkpoint import Checkpoint
 from engine.errors import MusubiInputError
-from engine.models.wan.vae import (
+from engine.families.wan.vae import (
     LATENT_MEAN, LATENT_STD, TINY_VAE_PRESET, WanVAE, WanVAEConfig, build_vae_preset_state_dict, infer_vae_config,
     load_wan_vae, ramp_weights, tile_starts, tiled_apply, tiny_vae_config, write_vae_preset,
 )

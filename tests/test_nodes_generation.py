@@ -86,7 +86,7 @@ def test_bad_input_gives_a_clear_error(comfy, change, needle):
 
 def test_vae_file_in_the_dit_loader_is_refused(comfy, tmp_path):
     """A VAE file put in models/diffusion_models is listed by the loader, then refused with a clear message."""
-    from engine.models.wan.vae import write_vae_preset
+    from engine.families.wan.vae import write_vae_preset
 
     write_vae_preset(tmp_path / "wan_2.1_vae.safetensors")
     comfy.b.folder_paths.add_model_folder_path("diffusion_models", str(tmp_path))

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.lora import EMAConfig, merge_into_model, post_hoc_ema
-from engine.models.wan.presets import build_preset_state_dict
+from engine.families.wan.presets import build_preset_state_dict
 
 from lora_fixtures import _one_thread, random_lora_factors, tiny_model  # noqa: F401
 

@@ -104,7 +104,7 @@ def test_offloaded_non_block_weights_give_identical_samples(comfy, swap):
 
 
 def test_training_losses_identical_with_swap_and_activation_offload(comfy, data, swap, tmp_path, monkeypatch):
-    dit = importlib.import_module(comfy.pack_module().__name__ + ".engine.models.wan.dit")
+    dit = importlib.import_module(comfy.pack_module().__name__ + ".engine.memory.checkpointing")   # wraps the blocks
     original, offload_flags = dit.checkpoint_block, []
 
     def spy(*args, offload=False, **kw):

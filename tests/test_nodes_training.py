@@ -40,6 +40,8 @@ class MusubiTestCachedDataset:
 def data(comfy, tmp_path_factory):
     """Two solid-colour 32x32 images ('red' / 'blue'), cached for the tiny T2V preset; one dataset left uncached."""
     edata = comfy.pack_module("engine.data")
+    wan_cache = comfy.pack_module("engine.families.wan.cache")
+    WanCacheAdapter, wan_cache_requirements = wan_cache.WanCacheAdapter, wan_cache.cache_requirements
     ld = comfy.pack_module("nodes.loaders")
     (vae,) = ld.MusubiWanVAELoader().load("preset:tiny-vae", "fp32", False)
     (te,) = ld.MusubiUMT5Loader().load("preset:tiny-umt5", "fp32")
@@ -50,13 +52,13 @@ def data(comfy, tmp_path_factory):
     captions = ["a red square", "a blue square"]
     cfg = edata.dataset_from_tensors(images, captions, root / "cache", resolution=(SIZE, SIZE))
     with torch.inference_mode():
-        edata.build_cache(cfg, edata.WanCacheAdapter(vae=vae, text_encoder=te, dtype=torch.float32,
+        edata.build_cache(cfg, WanCacheAdapter(vae=vae, text_encoder=te, dtype=torch.float32,
                                                      text_dtype=torch.float32))
     DATASETS["cached"] = cfg
     DATASETS["uncached"] = edata.dataset_from_tensors(images, captions, root / "never", resolution=(SIZE, SIZE))
     mappings = comfy.b.nodes.NODE_CLASS_MAPPINGS
     mappings["MusubiTestCachedDataset"] = MusubiTestCachedDataset
-    cached = edata.check_cache_for_model(cfg, edata.wan_cache_requirements(text_dim=32))
+    cached = edata.check_cache_for_model(cfg, wan_cache_requirements(text_dim=32))
     latents = {s.key: s.load()["latents"].float() for s in cached[0].samples}
     yield {"root": root, "latents": [latents[k] for k in sorted(latents)], "vae": vae}
     del mappings["MusubiTestCachedDataset"]

@@ -1,12 +1,11 @@
 """Datasets and caches: TOML config, media reading, bucketing, frame extraction, caches, per-family adapters.
 
 Flow: `load_dataset_config` (or `dataset_from_folder` / `dataset_from_tensors`) -> `build_cache(config, adapter)`
-with the family's adapter (`WanCacheAdapter(vae=..., text_encoder=..., clip=...)`) -> the trainer calls
-`check_cache_for_model(config, wan_cache_requirements(...))` and iterates `CachedBatchLoader(cached, seed)`.
+with the family's adapter (`family.cache_adapter(vae=..., text_encoder=..., ...)`) -> the trainer calls
+`check_cache_for_model(config, family.cache_requirements(model))` and iterates `CachedBatchLoader(cached, seed)`.
 """
 
-from .adapters import (ADAPTERS, CacheAdapter, CacheRequirements, Clip, WanCacheAdapter, strip_key,
-                       wan_cache_requirements)
+from .adapters import CacheAdapter, CacheRequirements, Clip, OneFrameSpec, strip_key
 from .buckets import bucket_resolutions, resize_and_crop, select_bucket
 from .cache import (CachedDataset, CachedSample, CacheReport, build_cache, check_cache_for_model, load_cache_file,
                     manifest_path, read_manifest)
@@ -18,7 +17,7 @@ from .loader import CachedBatchLoader
 from .media import load_image, read_video
 
 __all__ = [
-    "ADAPTERS", "CacheAdapter", "CacheRequirements", "Clip", "WanCacheAdapter", "strip_key", "wan_cache_requirements",
+    "CacheAdapter", "CacheRequirements", "Clip", "OneFrameSpec", "strip_key",
     "bucket_resolutions", "resize_and_crop", "select_bucket",
     "CachedDataset", "CachedSample", "CacheReport", "build_cache", "check_cache_for_model", "load_cache_file",
     "manifest_path", "read_manifest",

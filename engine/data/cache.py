@@ -64,58 +64,6 @@ class PreparedClip:
     clip: Clip
 
 
-def one_frame_spec(ds, required: bool = False) -> OneFrameSpec | None:
-    """The one-frame indices of an image dataset with control images (reference §3.1), or None for a normal dataset.
-
-    A dataset is one-frame when it sets `fp_1f_target_index`; `required` (Musubi's `--one_frame` caching flag) makes
-    every image dataset with control images one-frame. Wan one-frame caching fails without `fp_1f_target_index` (no
-    default in Musubi) or `fp_1f_clean_indices` (only FramePack falls back to [0]); `fp_1f_no_post` is ignored for
-    Wan. Datasets that set `fp_1f_clean_indices` alone are refused too (the target index is missing)."""
-    if getattr(ds, "kind", None) != "image":
-        return None
-    target, clean = getattr(ds, "fp_1f_target_index", None), getattr(ds, "fp_1f_clean_indices", None)
-    where = f"dataset #{ds.index} ({ds.source or 'in-memory'})"
-    if target is None:
-        if required or clean is not None:
-            raise invalid(f"{where} fp_1f_target_index", None,
-                          "the target frame index for one-frame training (e.g. 9 with fp_1f_clean_indices = [0]; "
-                          "Musubi has no default)")
-        return None
-    if clean is None:
-        raise invalid(f"{where} fp_1f_clean_indices", None,
-                      "one control frame index per control image for Wan one-frame training (e.g. [0])")
-    clean = tuple(int(i) for i in clean)
-    if not 1 <= len(clean) <= 2:
-        raise invalid(f"{where} fp_1f_clean_indices", list(clean), "one or two control indices (Wan one-frame)")
-    if target in clean or len(set(clean)) != len(clean):
-        raise invalid(f"{where} fp_1f_clean_indices / fp_1f_target_index", (list(clean), target),
-                      "distinct indices, the target not among the control indices")
-    return OneFrameSpec(clean, int(target))
-
-
-def _one_frame_control(path, ds, bucket: tuple[int, int]) -> np.ndarray:
-    """A one-frame control image sized like the target: resized into the target's bucket by default.
-
-    `no_resize_control` keeps the control's own size (cropped to multiples of 16) and `control_resolution` resizes
-    it to that area (with both: only when larger), reference §3.1. Wan stacks control and target latents on the frame
-    axis, so the result must still be the target's size; anything else is refused naming the key."""
-    img = load_image(path)
-    no_resize, control_res = getattr(ds, "no_resize_control", False), getattr(ds, "control_resolution", None)
-    if not no_resize and control_res is None:
-        return resize_and_crop(img, bucket)
-    h, w = img.shape[:2]
-    size = (w // 16 * 16, h // 16 * 16) if no_resize else None
-    if control_res is not None:
-        if size is None or w * h > control_res[0] * control_res[1]:
-            size = select_bucket((w, h), control_res, True, False)
-    if tuple(size) != tuple(bucket):
-        key = "no_resize_control" if no_resize else "control_resolution"
-        raise invalid(f"dataset #{ds.index} {key} (control {path})", f"{size[0]}x{size[1]}",
-                      f"the target's bucket {bucket[0]}x{bucket[1]}: Wan one-frame needs control images the size of "
-                      "the target (unset no_resize_control / control_resolution)")
-    return resize_and_crop(img, size)
-
-
 def cache_settings(ds) -> dict:
     """`settings_for_cache` plus the one-frame settings of image datasets that use them (manifest field)."""
     out = settings_for_cache(ds)
@@ -130,10 +78,11 @@ def cache_settings(ds) -> dict:
     return out
 
 
-def prepare_item(item: SourceItem, ds, target_fps: float, arch: str, one_frame: bool = False) -> list[PreparedClip]:
+def prepare_item(item: SourceItem, ds, target_fps: float, arch: str, adapter=None) -> list[PreparedClip]:
     """Decode one item, extract its clips, put each into its bucket. Pure CPU work (thread-pool safe).
 
-    One-frame datasets (`one_frame_spec`) give one clip whose `Clip.controls` holds the control images."""
+    One-frame datasets (the adapter's `one_frame_spec`, a family rule) give one clip whose `Clip.controls` holds the
+    control images, each sized by the adapter's `one_frame_control`."""
     if item.frames is not None:
         video = item.frames
     elif item.kind == "image":
@@ -151,14 +100,14 @@ def prepare_item(item: SourceItem, ds, target_fps: float, arch: str, one_frame: 
         if not spans:
             warnings.warn(f"dataset #{ds.index}: video {item.path or item.key} has {len(video)} frames, fewer than "
                           f"every target_frames {ds.target_frames}; skipped", DatasetWarning, stacklevel=2)
-    spec = one_frame_spec(ds, one_frame) if item.control_paths else None
+    spec = _one_frame_spec(adapter, ds) if item.control_paths else None
     if spec is not None:
         if len(item.control_paths) != len(spec.clean_indices):
             raise invalid(f"dataset #{ds.index} image {item.path or item.key} fp_1f_clean_indices",
                           list(spec.clean_indices), f"one index per control image ({len(item.control_paths)} found: "
                           f"{[p.name for p in item.control_paths]})")
         frames = resize_and_crop(video[:1], bucket)
-        controls = [_one_frame_control(p, ds, bucket) for p in item.control_paths]
+        controls = [adapter.one_frame_control(p, ds, bucket) for p in item.control_paths]
         name = f"{item.key}_{W:04d}x{H:04d}_{arch}.safetensors"
         return [PreparedClip(name, 0, 1, bucket, Clip(frames, None, controls, spec))]
     control = _load_control(item, ds, bucket, len(video), target_fps) if item.control_paths else None
@@ -172,6 +121,11 @@ def prepare_item(item: SourceItem, ds, target_fps: float, arch: str, one_frame: 
             name = f"{item.key}_{start:05d}-{T:03d}_{W:04d}x{H:04d}_{arch}.safetensors"
         out.append(PreparedClip(name, start, T, bucket, Clip(frames, ctrl)))
     return out
+
+
+def _one_frame_spec(adapter, ds) -> OneFrameSpec | None:
+    rule = getattr(adapter, "one_frame_spec", None)
+    return rule(ds) if rule is not None else None
 
 
 def _load_control(item: SourceItem, ds, bucket, length: int, target_fps: float) -> np.ndarray:
@@ -278,7 +232,7 @@ def _plan_dataset(ds, adapter: CacheAdapter) -> _Plan:
         if text_desc is not None and not _text_valid(entry.get("text"), it, text_desc["key"], cache_dir):
             text_todo.append(it)
     if latent_desc is not None and items and any(it.control_paths for it in items):
-        one_frame_spec(ds, getattr(adapter, "one_frame", False))  # refuse bad one-frame keys before any encoding
+        _one_frame_spec(adapter, ds)  # refuse bad one-frame keys before any encoding
     for it in latent_todo:
         _probe(it)
     return _Plan(ds, cache_dir, items, manifest, latent_desc, text_desc, latent_todo, text_todo)
@@ -325,8 +279,7 @@ def _run_latents(plan: _Plan, adapter: CacheAdapter, workers: int, report: Cache
         return
     plan.manifest["latent"] = {k: v for k, v in plan.latent_desc.items()}
     ds = plan.ds
-    one_frame = bool(getattr(adapter, "one_frame", False))
-    prepare = lambda it: prepare_item(it, ds, adapter.target_fps, adapter.arch, one_frame)  # noqa: E731
+    prepare = lambda it: prepare_item(it, ds, adapter.target_fps, adapter.arch, adapter)  # noqa: E731
     for item, clips in _prefetch(prepare, plan.latent_todo, workers):
         records = []
         for pc in clips:
@@ -501,4 +454,4 @@ def _check_sample_shapes(sample: CachedSample, req: CacheRequirements, where: st
 
 
 __all__ = ["build_cache", "CacheReport", "check_cache_for_model", "CachedDataset", "CachedSample", "load_cache_file",
-           "read_manifest", "manifest_path", "prepare_item", "PreparedClip", "one_frame_spec", "cache_settings"]
+           "read_manifest", "manifest_path", "prepare_item", "PreparedClip", "cache_settings"]

@@ -1,7 +1,7 @@
 """Which frames of a video become training clips (pure functions on frame counts; no decoding here).
 
-A clip is a `(start, T)` pair: frames [start, start + T) of the video *after* `source_fps` dropping. Wan/HV/FramePack
-VAEs compress time by 4 with a causal first frame, so T is always 4k + 1.
+A clip is a `(start, T)` pair: frames [start, start + T) of the video *after* `source_fps` dropping. The video
+families' VAEs compress time by 4 with a causal first frame, so T is always 4k + 1.
 """
 
 from __future__ import annotations

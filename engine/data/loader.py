@@ -6,14 +6,8 @@ Epoch e's order depends only on (seed, e): per dataset, samples are repeated `nu
 (epoch, index of the next batch) is saved with `state_dict()` and restored with `load_state_dict()`, so a resumed
 run sees exactly the batches an uninterrupted run would have.
 
-Batch keys (Wan; see `WanCacheAdapter.collate`): `latents` [B,16,F,H,W]; `context` list of B [L_i, 4096];
-`y` [B,20,F,H,W] (I2V); `clip_fea` [B,257,1280] (I2V with CLIP); `control_latents` [B,16,F,H,W] (Fun-Control);
-plus `keys` (list of item keys) and `bucket` (W, H, T). Tensors keep the cache dtype; the trainer casts.
-One-frame datasets (image + control images with `fp_1f_target_index`) give F = n = #controls + 1 latent slots
-ordered by frame index: `latents` holds the control latents in the control slots and the target latent in its slot,
-`y` [B,20,n,H,W] is `prepare_one_frame`'s conditioning, `clip_fea` [B,257,1280] is from the first control image,
-and two extra keys: `frame_indices` [B, n] int64 (RoPE frame position per slot; equal within a batch, since a
-batch comes from one dataset) and `target_slot` [B] int64 (the slot the loss is computed on).
+Batch keys are the family's (`Family.collate`): at least `latents` [B, C, F, H, W] and the text embeddings; plus
+`keys` (list of item keys) and `bucket` (W, H, T). Tensors keep the cache dtype; the trainer casts.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ..model_kind import foreign_hint
+from ..families.identify import foreign_hint
 from ..checkpoint import Checkpoint, load_into_module
 from ..errors import invalid
 

@@ -37,7 +37,7 @@ class AdapterConfig:
     module_dropout: float | None = None  # skip the whole adapter with this probability (training only)
     lokr_factor: int = -1              # LoKr Kronecker factor, -1 = balanced
     include: list[str] = field(default_factory=list)  # regexes re-admitting excluded modules
-    exclude: list[str] = field(default_factory=list)  # regexes, added to Musubi's Wan default exclusion
+    exclude: list[str] = field(default_factory=list)  # regexes, added to the family's default exclusion
     dtype: torch.dtype = torch.float32
 
     def validate(self) -> None:
@@ -113,7 +113,7 @@ class _Adapter(nn.Module):
             return 0.0
         # Under autocast (mixed-precision training) x goes in as it is: autocast runs the adapter in its dtype like
         # the base layer, and autograd saves x itself. Casting it to float32 first would make autograd keep a
-        # full-size copy per adapted layer (1.8 GB for a Wan 14B FFN input at 832x480x81); the result is the same.
+        # full-size copy per adapted layer (1.8 GB for a 14B video DiT's FFN input at 832x480x81); the result is the same.
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.param_dtype)
         out = self._delta(x)
@@ -270,7 +270,7 @@ class AdapterNetwork(nn.Module):
     @classmethod
     def create(cls, model: nn.Module, config: AdapterConfig, name: str = "default",
                multiplier: float = 1.0) -> "AdapterNetwork":
-        """Fresh adapters (Musubi init) on the default Wan targets filtered by `config`, attached to `model`."""
+        """Fresh adapters (Musubi init) on the family's default targets filtered by `config`, attached to `model`."""
         config.validate()
         targets = select_targets(model, config.include, config.exclude)
         if not targets:

@@ -75,10 +75,10 @@ def block_filter_fn(block_filter):
             raise invalid("block_filter", block_filter, f"a valid regular expression ({e})") from e
         return lambda name: bool(pattern.search(name))
     try:
-        wanted = {int(i) for i in block_filter}
+        chosen = {int(i) for i in block_filter}
     except (TypeError, ValueError):
         raise invalid("block_filter", block_filter, "a list of block indices or a regex string") from None
-    return lambda name: block_index(name) in wanted
+    return lambda name: block_index(name) in chosen
 
 
 @dataclass

@@ -1,16 +1,17 @@
-"""Read any Wan LoRA dialect into one normalized form: official module name -> `ModuleWeights`.
+"""Read any LoRA dialect into one normalized form: canonical module name -> `ModuleWeights`.
 
 Dialects (key examples for module `blocks.0.self_attn.q`):
   musubi / kohya     lora_unet_blocks_0_self_attn_q.lora_down.weight, .lora_up.weight, .alpha
-  Wan Fun            lora_unet__blocks_0_self_attn_q.lora_down.weight          (double underscore)
+  VideoX-Fun         lora_unet__blocks_0_self_attn_q.lora_down.weight          (double underscore)
   comfyui            diffusion_model.blocks.0.self_attn.q.lora_down.weight     (or lora_A / lora_B, optional .alpha)
   diffusion-pipe     diffusion_model.blocks.0.self_attn.q.lora_A.weight
   diffusers / PEFT   transformer.blocks.0.attn1.to_q.lora_A.weight, base_model.model.blocks.0.attn1.to_q.lora_A.weight
   LyCORIS            <any of the stems above>.hada_w1_a ... / .lokr_w1 ... (+ .alpha)
 
 Underscore names are resolved against the model's real module list when one is given (so `self_attn`, `k_img`
-come back exactly); without a model the known Wan 2.1 layout is used. `match_lora` checks a file against a model
-and refuses other model families, other Wan variants and shape mismatches before any weight is touched.
+come back exactly); without a model each registered family's layout is tried (engine.families). `match_lora` checks
+a file against a model and refuses other model families, other variants and shape mismatches before any weight is
+touched.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import torch.nn as nn
 
 from ..checkpoint import Checkpoint
 from ..errors import MusubiInputError, invalid
+from ..families import family_for_lora_names, family_of, names_in_blocks
+from ..families.identify import foreign_lora_layout
 from . import targets as T
 from .weights import ModuleWeights
 
@@ -49,7 +52,7 @@ _BOOKKEEPING = {"lokr_factor"}  # Musubi LoKr network buffer, not a module
 class LoRAFile:
     modules: dict[str, ModuleWeights]              # official dotted name (or raw stem if unresolved) -> weights
     metadata: dict[str, str] = field(default_factory=dict)
-    dialect: str = ""                              # e.g. "musubi", "comfyui", "diffusers", "wan-fun" (+ "/lycoris")
+    dialect: str = ""                              # e.g. "musubi", "comfyui", "diffusers", "videox-fun" (+ "/lycoris")
     source: Path | None = None
     unresolved: set[str] = field(default_factory=set)       # module keys whose name could not be resolved
     unused_keys: list[str] = field(default_factory=list)    # file keys not understood (unsupported parts)
@@ -141,7 +144,7 @@ def read_lora(source, model: nn.Module | None = None, module_names=None,
 
 def normalize_stem(stem: str, known: dict[str, str] | None) -> tuple[str | None, str]:
     """Raw key stem -> (official module name or None, dialect)."""
-    for prefix, dialect in (("lora_unet__", "wan-fun"), ("lora_unet_", "musubi"), ("lycoris_", "lycoris")):
+    for prefix, dialect in (("lora_unet__", "videox-fun"), ("lora_unet_", "musubi"), ("lycoris_", "lycoris")):
         if stem.startswith(prefix):
             return T.resolve_underscore(stem[len(prefix):], known), dialect
     for prefix, dialect in (("model.diffusion_model.", "comfyui"), ("diffusion_model.", "comfyui"),
@@ -180,10 +183,14 @@ def model_linear_shapes(model) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _default_targets(names) -> list[str]:
-    import re
-    ex = re.compile(T.WAN_DEFAULT_EXCLUDE)
-    return [n for n in names if T.WAN_BLOCK_RE.match(n) and not ex.fullmatch(n)]
+def _model_family(model, shapes: dict):
+    """The family of the model a LoRA is matched against (a module, or the module names of a checkpoint)."""
+    if isinstance(model, nn.Module):
+        return family_of(model)
+    family = family_for_lora_names(shapes)
+    if family is None:
+        raise invalid("model", f"{len(shapes)} weights (e.g. {list(shapes)[:2]})", "the weights of a known DiT")
+    return family
 
 
 def match_lora(lora: LoRAFile, model, label: str | None = None) -> MatchReport:
@@ -194,10 +201,11 @@ def match_lora(lora: LoRAFile, model, label: str | None = None) -> MatchReport:
     label = label or (str(lora.source) if lora.source else "LoRA")
     shapes = model_linear_shapes(model)
     raw = [stem for _, stem in lora.stems.values()]
-    foreign = T.foreign_family(raw)
+    family = _model_family(model, shapes)
+    foreign = foreign_lora_layout(raw)
     if foreign:
-        family, example = foreign
-        raise invalid(f"{label}", f"a {family} LoRA (key {example!r})", "a LoRA trained for Wan 2.1/2.2")
+        other, example = foreign
+        raise invalid(f"{label}", f"a {other} LoRA (key {example!r})", f"a LoRA trained for {family.display_name}")
     known = T.underscore_map(shapes)
     matched, unmatched = [], list(lora.unused_keys)
     for name, mw in lora.modules.items():
@@ -217,7 +225,7 @@ def match_lora(lora: LoRAFile, model, label: str | None = None) -> MatchReport:
                           f"the model's {target}.weight shape {shapes[target]} (LoRA made for another model size, "
                           "e.g. 14B vs 1.3B)")
         matched.append(target)
-    uncovered = [n for n in _default_targets(shapes) if n not in set(matched)]
+    uncovered = [n for n in names_in_blocks(shapes, family.lora) if n not in set(matched)]
     summary = (f"{label}: {len(matched)}/{len(lora.modules)} LoRA modules matched"
                + (f", {len(unmatched)} keys unmatched (e.g. {unmatched[0]})" if unmatched else "")
                + f"; {len(uncovered)} default targets not covered")

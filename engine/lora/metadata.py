@@ -15,8 +15,7 @@ import json
 
 import torch
 
-NETWORK_MODULE = {"lora": "networks.lora_wan", "loha": "networks.loha", "lokr": "networks.lokr"}
-WAN_IMPLEMENTATION = "https://github.com/Wan-Video/Wan2.1"
+LYCORIS_MODULES = {"loha": "networks.loha", "lokr": "networks.lokr"}
 
 
 def stringify(value) -> str:
@@ -45,17 +44,19 @@ def with_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> d
     return meta
 
 
-def lora_metadata(kind: str, rank: int | None, alpha: float | None, user: dict | None = None,
-                  title: str | None = None, architecture: str = "wan2.1/lora") -> dict[str, str]:
-    """Musubi's minimal ss_* keys + ModelSpec; `user` entries (any values) are stored as strings and win."""
+def lora_metadata(kind: str, rank: int | None, alpha: float | None, spec, user: dict | None = None,
+                  title: str | None = None) -> dict[str, str]:
+    """Musubi's minimal ss_* keys + ModelSpec for a family's `LoRASpec`; `user` entries (any values) are stored as
+    strings and win."""
+    network_module = spec.network_module if kind == "lora" else LYCORIS_MODULES.get(kind, kind)
     meta = {
-        "ss_base_model_version": "wan",
-        "ss_network_module": NETWORK_MODULE.get(kind, kind),
+        "ss_base_model_version": spec.base_model_version,
+        "ss_network_module": network_module,
         "ss_network_dim": stringify(rank if rank is not None else "mixed"),
         "ss_network_alpha": stringify(alpha if alpha is not None else "mixed"),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": architecture,
-        "modelspec.implementation": WAN_IMPLEMENTATION,
+        "modelspec.architecture": spec.architecture,
+        "modelspec.implementation": spec.implementation,
         "modelspec.title": title or f"LoRA@{datetime.datetime.now().strftime('%Y-%m-%d %H:%M:%S')}",
         "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
     }

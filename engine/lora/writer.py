@@ -18,6 +18,7 @@ import torch
 
 from ..atomic import save_safetensors_atomic
 from ..errors import invalid
+from ..families import family_for_lora_names
 from . import targets as T
 from .dialects import LoRAFile, read_lora
 from .metadata import lora_metadata, with_hashes
@@ -71,18 +72,22 @@ def save_lora(source, path, format: str = "comfyui", metadata: dict | None = Non
     refuse_overwrite(path, inputs)
     if source.unresolved:
         raise invalid(f"LoRA {source.source or ''} module names", sorted(source.unresolved)[:3],
-                      "Wan module names (read the LoRA with its model to resolve them)")
+                      "module names of the model (read the LoRA with its model to resolve them)")
 
+    family = family_for_lora_names(source.modules)
+    if family is None:
+        raise invalid(f"LoRA {source.source or ''} module names", sorted(source.modules)[:3],
+                      "module names of a known model family")
     tensors: dict[str, torch.Tensor] = {}
     for name, mw in source.modules.items():
-        tensors.update(_module_tensors(name, mw, format, dtype))
+        tensors.update(_module_tensors(name, mw, format, dtype, family.lora))
 
     ranks = {mw.rank for mw in source.modules.values()}
     alphas = {_written_alpha(mw) for mw in source.modules.values()}
     kinds = source.kinds
     meta = lora_metadata(next(iter(kinds)) if len(kinds) == 1 else "mixed",
                          ranks.pop() if len(ranks) == 1 else None, alphas.pop() if len(alphas) == 1 else None,
-                         user=metadata, title=Path(path).stem)
+                         spec=family.lora, user=metadata, title=Path(path).stem)
     meta = with_hashes(tensors, meta)
     save_safetensors_atomic(tensors, path, meta)
     return Path(path)
@@ -96,7 +101,7 @@ def _written_alpha(mw: ModuleWeights) -> float:
     return mw.scale * mw.rank
 
 
-def _module_tensors(name: str, mw: ModuleWeights, format: str, dtype) -> dict[str, torch.Tensor]:
+def _module_tensors(name: str, mw: ModuleWeights, format: str, dtype, spec) -> dict[str, torch.Tensor]:
     def cast(t):
         return t.detach().to("cpu", dtype)
 
@@ -104,9 +109,9 @@ def _module_tensors(name: str, mw: ModuleWeights, format: str, dtype) -> dict[st
         if mw.kind != "lora":
             raise invalid(f"LoRA module {name}", mw.kind, "plain LoRA weights (diffusers/PEFT has no LoHa/LoKr format;"
                                                           " save as comfyui or musubi)")
-        dname = T.official_to_diffusers(name)
+        dname = T.official_to_diffusers(name, spec)
         if dname is None:
-            raise invalid(f"LoRA module {name}", "no diffusers equivalent", "a Wan DiT Linear layer")
+            raise invalid(f"LoRA module {name}", "no diffusers equivalent", "a DiT Linear layer that diffusers names")
         stem = T.DIFFUSERS_PREFIX + dname
         up = mw.tensors["up"].float() * mw.scale
         return {f"{stem}.lora_A.weight": cast(mw.tensors["down"]), f"{stem}.lora_B.weight": cast(up)}

@@ -4,8 +4,9 @@ See docs/memory.md for how the pieces work together and which settings fit which
 """
 
 from .block_swap import BlockSwapConfig, BlockSwapper, choose_swapped, swap_blocks, validate_blocks_to_swap
+from .checkpointing import set_block_checkpointing
 from .compile import CompileConfig, CompileReport, compile_blocks, uncompile_blocks
-from .fp8 import (DEFAULT_BLOCK_SIZE, FP8_DTYPE, WAN_FP8_EXCLUDE, WAN_FP8_INCLUDE, Fp8Linear, dequantize_weight,
+from .fp8 import (DEFAULT_BLOCK_SIZE, FP8_DTYPE, Fp8Linear, dequantize_weight,
                   enable_fp8_matmul, fp8_matmul_supported, fp8_summary, is_fp8_target, load_fp8_checkpoint,
                   load_fp8_linears, quantize_model_fp8, quantize_weight)
 from .offload import OffloadStats, checkpoint_block, offload_saved_tensors
@@ -16,8 +17,9 @@ from .transfer import (CudaTransfer, FakeTransfer, Transfer, default_transfer, p
 
 __all__ = [
     "BlockSwapConfig", "BlockSwapper", "choose_swapped", "swap_blocks", "validate_blocks_to_swap",
+    "set_block_checkpointing",
     "CompileConfig", "CompileReport", "compile_blocks", "uncompile_blocks",
-    "DEFAULT_BLOCK_SIZE", "FP8_DTYPE", "WAN_FP8_EXCLUDE", "WAN_FP8_INCLUDE", "Fp8Linear", "dequantize_weight",
+    "DEFAULT_BLOCK_SIZE", "FP8_DTYPE", "Fp8Linear", "dequantize_weight",
     "enable_fp8_matmul", "fp8_matmul_supported", "fp8_summary", "is_fp8_target", "load_fp8_checkpoint",
     "load_fp8_linears", "quantize_model_fp8", "quantize_weight",
     "OffloadStats", "checkpoint_block", "offload_saved_tensors",

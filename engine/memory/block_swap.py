@@ -54,7 +54,7 @@ class BlockSwapConfig:
 
 
 def validate_blocks_to_swap(n, num_blocks: int, model_name: str = "model") -> int:
-    """0 <= n <= num_blocks - 1 (one block always stays on the device): 39 for Wan 14B, 29 for Wan 1.3B."""
+    """0 <= n <= num_blocks - 1 (one block always stays on the device), e.g. 39 for a 40-block DiT."""
     if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= num_blocks - 1:
         raise invalid("blocks_to_swap", n, f"an integer from 0 to {num_blocks - 1} ({model_name} has {num_blocks} "
                                            f"blocks and at least one stays on the GPU)")
@@ -136,7 +136,7 @@ def _frozen_entries(module: nn.Module, skip: set[int] = frozenset()) -> tuple[li
 
 
 class BlockSwapper:
-    """Attach to an `nn.ModuleList` of blocks (called as modules, e.g. `WanModel.blocks`).
+    """Attach to an `nn.ModuleList` of blocks (called as modules; a DiT's blocks in run order, `engine.families.blocks_of`).
 
     `with BlockSwapper(model.blocks, "cuda", BlockSwapConfig(blocks_to_swap=20), model=model):` or
     `attach()` / `detach()`. `transfer` defaults to `CudaTransfer` on CUDA; tests pass a `FakeTransfer`."""
@@ -199,7 +199,7 @@ class BlockSwapper:
                 self._handles.append(self.model.register_forward_pre_hook(self._model_pre))
                 self._handles.append(self.model.register_forward_hook(self._model_post))
             else:
-                move_to(self.model, self.device, exclude=[self.blocks])
+                move_to(self.model, self.device, exclude=list(self.blocks))
         for i, block in enumerate(self.blocks):
             self._handles.append(block.register_forward_pre_hook(self._make_pre(i)))
             self._handles.append(block.register_forward_hook(self._make_post(i)))
@@ -324,13 +324,13 @@ class BlockSwapper:
             self._track_pass(i, backward)
             upcoming = self._upcoming(i, backward)
             if i in self._swapped_set:   # the running block takes a slot; the others go to the next blocks
-                want = [i] + [j for j in upcoming if j != i][: self.slots - 1]
+                keep = [i] + [j for j in upcoming if j != i][: self.slots - 1]
             else:
-                want = upcoming[: self.slots]
+                keep = upcoming[: self.slots]
             for j in list(self._loads):
-                if j not in want:
+                if j not in keep:
                     self._evict(j)
-            for j in want:
+            for j in keep:
                 self._start(j)
             if i in self._swapped_set:
                 self._bind(i)
@@ -342,11 +342,11 @@ class BlockSwapper:
         def post_hook(module, args, output):
             backward = torch._C._current_graph_task_id() != -1
             upcoming = self._upcoming(i, backward)
-            want = upcoming[: self.slots]   # block i has run: its slot goes to the next block (exchange)
+            keep = upcoming[: self.slots]   # block i has run: its slot goes to the next block (exchange)
             for j in list(self._loads):
-                if j not in want:
+                if j not in keep:
                     self._evict(j)
-            for j in want:
+            for j in keep:
                 self._start(j)
         return post_hook
 
@@ -365,10 +365,10 @@ class BlockSwapper:
 
 
 def swap_blocks(model: nn.Module, blocks_to_swap: int, device: torch.device | str, **options) -> BlockSwapper:
-    """Attach a BlockSwapper to `model.blocks` (any model with a `blocks` ModuleList, e.g. WanModel)."""
-    blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, nn.ModuleList):
-        raise invalid("block swap model", type(model).__name__, "a model with a `blocks` nn.ModuleList")
+    """Attach a BlockSwapper to a DiT's blocks, every block list of its family in run order."""
+    from ..families import blocks_of
+
+    blocks = blocks_of(model)
     transfer = options.pop("transfer", None)
     name = getattr(getattr(model, "config", None), "variant", None) or type(model).__name__
     config = BlockSwapConfig(blocks_to_swap=blocks_to_swap, **options)

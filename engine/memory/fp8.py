@@ -16,8 +16,8 @@ row-wise scales, so block-wise layers are first requantized to row-wise scales (
 It is used only for inference (no autograd through ``_scaled_mm``) on GPUs with compute capability ≥ 8.9; everything
 else falls back to the dequantizing path.
 
-Wan targets (§2.5): Linear layers under ``blocks.`` except names containing norm / patch_embedding / text_embedding /
-time_embedding / time_projection / head / modulation / img_emb. Those stay in high precision.
+Targets: the model family's `Fp8Spec` (e.g. Linear layers inside the transformer blocks minus norms, embeddings,
+modulations and the head), unless `include` / `exclude` are given; everything else stays in high precision.
 """
 
 from __future__ import annotations
@@ -40,9 +40,6 @@ MODES = ("e4m3", "scaled")
 GRANULARITIES = ("block", "channel", "tensor")
 COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-WAN_FP8_INCLUDE = ("blocks.",)
-WAN_FP8_EXCLUDE = ("norm", "patch_embedding", "text_embedding", "time_embedding", "time_projection", "head",
-                   "modulation", "img_emb")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -80,7 +77,7 @@ _DEQUANT_CHUNK_BYTES = 64 << 20   # float32 bytes of one row chunk when dequanti
 
 def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Exact inverse layout of `quantize_weight`: (q.float() * scale) -> dtype, shape of q. Large 2-D weights are
-    done in row chunks, so the float32 intermediate is at most 64 MB instead of the whole weight (0.28 GB for a Wan
+    done in row chunks, so the float32 intermediate is at most 64 MB instead of the whole weight (0.28 GB for a
     14B FFN layer); the result is the same."""
     rows = max(1, _DEQUANT_CHUNK_BYTES // (4 * max(1, q[0].numel()))) if q.ndim == 2 and q.shape[0] else 0
     if dtype != torch.float32 and rows and q.shape[0] > rows and (scale.numel() == 1 or scale.shape[0] == q.shape[0]):
@@ -151,7 +148,7 @@ def _fp8_linear_scaled_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
 class _Fp8LinearFunction(torch.autograd.Function):
     """F.linear on the dequantized weight, for training on a frozen fp8 base. Autograd would keep the dequantized
     (bf16) weight of every layer until backward; this keeps only the fp8 weight it already has (and never the input:
-    the frozen weight needs no gradient) and dequantizes again in backward: 0.7 GB less per Wan 14B block."""
+    the frozen weight needs no gradient) and dequantizes again in backward: 0.7 GB less per 14B video DiT block."""
 
     @staticmethod
     def forward(ctx, x, weight_fp8, scale, bias, dtype):
@@ -238,12 +235,24 @@ _SCALED_MM_ON_CPU = False
 # Model conversion
 # ---------------------------------------------------------------------------------------------------------------
 
-def is_fp8_target(name: str, include: Iterable[str] | None = WAN_FP8_INCLUDE,
-                  exclude: Iterable[str] = WAN_FP8_EXCLUDE) -> bool:
+def is_fp8_target(name: str, include: Iterable[str] | None = None, exclude: Iterable[str] = ()) -> bool:
     """Musubi's rule: the module name starts with an include prefix and contains none of the exclude substrings."""
     if include is not None and not any(name.startswith(p) for p in include):
         return False
     return not any(e in name for e in exclude)
+
+
+def _targets(model: nn.Module, include, exclude) -> tuple[tuple[str, ...] | None, tuple[str, ...]]:
+    """The given include/exclude, or the model family's fp8 spec when neither is given (a model of no family: every
+    Linear layer)."""
+    if include is None and exclude is None:
+        from ..families import family_of
+
+        if getattr(type(model), "family", None) is None:
+            return None, ()
+        spec = family_of(model).fp8
+        return tuple(spec.include), tuple(spec.exclude)
+    return (None if include is None else tuple(include)), tuple(exclude or ())
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -252,8 +261,8 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, leaf, module)
 
 
-def quantize_model_fp8(model: nn.Module, mode: str = "scaled", include: Iterable[str] | None = WAN_FP8_INCLUDE,
-                       exclude: Iterable[str] = WAN_FP8_EXCLUDE, block_size: int = DEFAULT_BLOCK_SIZE,
+def quantize_model_fp8(model: nn.Module, mode: str = "scaled", include: Iterable[str] | None = None,
+                       exclude: Iterable[str] | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
                        granularity: str = "block") -> list[str]:
     """Replace every target nn.Linear of a loaded model by an Fp8Linear, one layer at a time (peak extra memory is
     one layer: the high-precision weight is released as soon as its fp8 copy exists). Quantization runs where the
@@ -264,8 +273,7 @@ def quantize_model_fp8(model: nn.Module, mode: str = "scaled", include: Iterable
         raise invalid("fp8 mode", mode, f"one of {MODES}")
     if block_size < 1:
         raise invalid("fp8 block size", block_size, "an integer >= 1 (Musubi uses 64)")
-    exclude = tuple(exclude)
-    include = None if include is None else tuple(include)
+    include, exclude = _targets(model, include, exclude)
     targets = [(n, m) for n, m in model.named_modules()
                if type(m) is nn.Linear and is_fp8_target(n, include, exclude)]
     for name, linear in targets:
@@ -308,7 +316,7 @@ def enable_fp8_matmul(model: nn.Module, enabled: bool = True, granularity: str =
 
 def load_fp8_linears(model: nn.Module, ckpt: Checkpoint, mode: str | None = "scaled",
                      device: torch.device | str = "cpu", bias_dtype: torch.dtype | None = None,
-                     include: Iterable[str] | None = WAN_FP8_INCLUDE, exclude: Iterable[str] = WAN_FP8_EXCLUDE,
+                     include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
                      block_size: int = DEFAULT_BLOCK_SIZE) -> list[str]:
     """Install an Fp8Linear for every target Linear of `model` (built on meta or loaded), reading from `ckpt`.
 
@@ -321,8 +329,7 @@ def load_fp8_linears(model: nn.Module, ckpt: Checkpoint, mode: str | None = "sca
     hiding them (see `load_fp8_checkpoint`)."""
     if mode is not None and mode not in MODES:
         raise invalid("fp8 mode", mode, f"one of {MODES} or None (keep high-precision weights)")
-    include = None if include is None else tuple(include)
-    exclude = tuple(exclude)
+    include, exclude = _targets(model, include, exclude)
     consumed: list[str] = []
     targets = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and is_fp8_target(n, include, exclude)]
     for name, linear in targets:
@@ -357,7 +364,7 @@ def load_fp8_linears(model: nn.Module, ckpt: Checkpoint, mode: str | None = "sca
 def load_fp8_checkpoint(model: nn.Module, ckpt: Checkpoint, mode: str | None = "scaled",
                         dtype: torch.dtype | None = torch.bfloat16, device: torch.device | str = "cpu",
                         keep_dtype: Callable[[str], bool] | None = None,
-                        include: Iterable[str] | None = WAN_FP8_INCLUDE, exclude: Iterable[str] = WAN_FP8_EXCLUDE,
+                        include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
                         block_size: int = DEFAULT_BLOCK_SIZE) -> list[str]:
     """Fill a model built on the meta device: target Linears become Fp8Linear (`load_fp8_linears`), every other
     tensor is streamed by `load_into_module` in `dtype`. Peak RAM: the fp8 model plus one tensor.

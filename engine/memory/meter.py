@@ -7,7 +7,7 @@ It also counts matmul/convolution/attention FLOPs and every cross-device copy, i
 what `engine.memory.schedule` replays to estimate the time of a step.
 
 Used under `FakeTensorMode` it measures real shapes on a machine that has neither the GPU nor the memory: the
-memory simulation (`benchmarks/sim_memory.py`) runs the real Wan DiT, LoRA, optimizer, block swap and activation
+memory simulation (`benchmarks/sim_memory.py`) runs a real DiT, LoRA, optimizer, block swap and activation
 offload with the "GPU" played by fake `cpu` tensors and the host by fake `meta` tensors (autograd needs no CUDA
 context for either). On a real GPU the same meter reports live bytes, which is what `torch.cuda.max_memory_allocated`
 reports minus allocator rounding; kernel workspaces (cuBLAS, attention) and fragmentation come on top.

@@ -4,7 +4,7 @@ Two tools:
 
 * `checkpoint_block(block, x, *rest, offload=True)`: gradient checkpointing of one block whose *input* (the only
   activation checkpointing keeps: the residual stream x, [B, L, D]) is stored on the host. This is Musubi's
-  `--gradient_checkpointing_cpu_offload` (§2.6); for Wan 14B at 832×480×81 it moves 40 × 0.67 GB (fp32) off the GPU.
+  `--gradient_checkpointing_cpu_offload` (§2.6); for a 14B DiT at 832×480×81 it moves 40 × 0.67 GB (fp32) off the GPU.
   x crosses the bus twice per block and step: device->host once in forward (on a side stream, overlapping the
   block's compute; the forward itself runs on the caller's x) and host->device once for the recompute in backward.
   Gradients never leave the device. Only x is copied: the other arguments (time embedding, text context, RoPE
@@ -166,7 +166,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             with torch.enable_grad():
                 out = call.run(x, leaves)
         outs = out if isinstance(out, tuple) else (out,)
-        # Seed the recomputed graph through empty stand-ins, so the recomputed outputs themselves (Wan: a float32
+        # Seed the recomputed graph through empty stand-ins, so the recomputed outputs themselves (e.g. a float32
         # [B, L, D], 0.67 GB at 14B/832x480x81) are freed before the block's backward runs instead of living on
         # through it as roots of torch.autograd.backward.
         with torch.enable_grad():

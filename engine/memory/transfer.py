@@ -33,7 +33,7 @@ _lock = threading.Lock()
 
 def release_pinned_cache() -> None:
     """Give the pinned host blocks PyTorch's caching host allocator keeps after they were freed (block-swap masters,
-    activation-offload copies: tens of GB for Wan 14B) back to the OS."""
+    activation-offload copies: tens of GB for a 14B DiT) back to the OS."""
     if torch.cuda.is_available():
         empty = getattr(torch._C, "_host_emptyCache", None)
         if empty is not None:

@@ -2,7 +2,7 @@
 
 Generic over the model family: the family supplies `predict(x, t, cond, skip_blocks) -> velocity` and, to run
 cond and uncond in one batched forward, `merge(conds) -> cond` that stacks two conditioning objects on the batch
-axis (for Wan: list concatenation of per-sample text embeddings, cat of y/clip features).
+axis (e.g. list concatenation of per-sample text embeddings, cat of y/clip features).
 
 Per step i (n steps):
 * CFG applied (mask from `cfg_step_mask`): pred = uncond + g·(cond − uncond). The uncond pass runs even at g = 1
@@ -45,7 +45,7 @@ class GuidanceConfig:
 
     def validate(self, num_blocks: int | None = None) -> None:
         if not isinstance(self.scale, (int, float)) or self.scale != self.scale:
-            raise invalid("guidance_scale", self.scale, "a number (5.0 is Wan 2.1's default)")
+            raise invalid("guidance_scale", self.scale, "a number (5.0 is a common default)")
         if self.cfg_skip_mode not in CFG_SKIP_MODES:
             raise invalid("cfg_skip_mode", self.cfg_skip_mode, f"one of {CFG_SKIP_MODES}")
         if self.cfg_apply_ratio is not None and not (0.0 <= self.cfg_apply_ratio <= 1.0):

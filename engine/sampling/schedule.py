@@ -1,4 +1,4 @@
-"""Flow-matching sigma schedules (Musubi Tuner / official Wan, reference §6.2).
+"""Flow-matching sigma schedules (Musubi Tuner and the official model releases, reference §6.2).
 
 Convention (docs/ENGINE_INTERFACES.md): x_σ = (1 − σ)·x0 + σ·ε, the model predicts v = ε − x0 at timestep 1000·σ.
 A schedule is N+1 descending sigmas (the last one is 0: the clean sample) plus the N timesteps fed to the model.
@@ -34,11 +34,11 @@ def _check(steps: int, shift: float) -> None:
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise invalid("steps", steps, "an integer >= 1")
     if not (shift > 0):
-        raise invalid("shift", shift, "a number > 0 (flow shift; 5.0 is Wan's default)")
+        raise invalid("shift", shift, "a number > 0 (flow shift, e.g. 5.0)")
 
 
 def unipc_schedule(steps: int, shift: float) -> FlowSchedule:
-    """Official Wan FlowUniPC: σ = linspace(0.999, 0, N+1)[:N] shifted, final σ 0, timesteps int64(σ·1000).
+    """The official FlowUniPC schedule: σ = linspace(0.999, 0, N+1)[:N] shifted, final σ 0, timesteps int64(σ·1000).
 
     0.999 (not 1) keeps log(1 − σ) finite in the UniPC coefficient math on the first step. The official scheduler
     reads its σ_max back from a float32 tensor, so it is float32(0.999) = 0.99900001287...; using the same value
@@ -53,7 +53,7 @@ def unipc_schedule(steps: int, shift: float) -> FlowSchedule:
 
 
 def dpmpp_schedule(steps: int, shift: float) -> FlowSchedule:
-    """Wan FlowDPM-Solver++: σ = shifted linspace(1, 0, N+1)[:N], final σ 0, timesteps int64(σ·1000)."""
+    """The official FlowDPM-Solver++ schedule: σ = shifted linspace(1, 0, N+1)[:N], final σ 0, timesteps int64(σ·1000)."""
     _check(steps, shift)
     sig = shift_sigmas(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)[:steps], shift)
     timesteps = (sig * NUM_TRAIN_TIMESTEPS).to(torch.int64)

@@ -111,7 +111,7 @@ class DPMPP2MSolver(FlowSolver):
 
 
 class UniPCSolver(FlowSolver):
-    """UniPC multistep (Zhao et al. 2023) as used by the official Wan code: x0 prediction, B(h) = e^{h}−1 ("bh2"),
+    """UniPC multistep (Zhao et al. 2023) as used by the official releases: x0 prediction, B(h) = e^{h}−1 ("bh2"),
     predictor order ≤ 2 (1 on the first and the last step), UniC corrector after every model call but the first.
 
     Step i: the corrector refines the sample handed to the model at σ_i using the new x0 prediction m_i (it costs no
@@ -182,7 +182,7 @@ ALIASES = {"vanilla": "euler", "dpmpp": "dpm++", "dpm++2m": "dpm++"}
 
 
 def make_solver(name: str, steps: int, shift: float) -> FlowSolver:
-    """A fresh solver for one run. name: "unipc" (Wan default), "dpm++", "euler" (alias "vanilla")."""
+    """A fresh solver for one run. name: "unipc" (the official default), "dpm++", "euler" (alias "vanilla")."""
     key = ALIASES.get(str(name).lower(), str(name).lower())
     if key not in SOLVERS:
         raise invalid("solver", name, f"one of {sorted(SOLVERS)} (or 'vanilla' for euler)")

@@ -2,9 +2,10 @@
 runs optimizer steps on demand (`train_steps(n)` may be called many times, e.g. by several "Train Steps" nodes).
 
 One optimizer step = `gradient_accumulation_steps` micro-batches:
-    x0 = cached latents [B, 16, F, H, W]; per sample (in order): t ~ timestep sampler, ε ~ N(0, I) from the
-    session's CPU generator; x_t = (1 − t)·x0 + t·ε; v̂ = DiT(x_t, 1000·t, context, clip_fea, y);
-    loss = mean((v̂ − (ε − x0))²·w) / accum, backward; then clip, optimizer/scheduler step.
+    x0 = cached latents [B, C, F, H, W]; per sample (in order): t ~ timestep sampler, ε ~ N(0, I) from the
+    session's CPU generator; x_t = (1 − t)·x0 + t·ε; (v̂, target) = family.training_forward(model, batch, x_t,
+    1000·t, ε − x0) (the model's family runs its DiT on the batch's conditioning and may narrow the target);
+    loss = mean((v̂ − target)²·w) / accum, backward; then clip, optimizer/scheduler step.
 Drawing t and ε per sample makes "accumulate 2 × batch 1" see the same noise as "batch 2".
 
 Crash/cancel safety: at every step boundary the session snapshots the cheap, fast-moving parts of its state (RNGs,
@@ -13,8 +14,7 @@ exception (including BaseException: ComfyUI's interrupt) the `finally` of `train
 exactly the last completed step, and re-raises. Resuming from it reproduces the uninterrupted run bit for bit (CPU).
 
 Data source protocol (engine.data.loader.CachedBatchLoader satisfies it): iterating yields the rest of the current
-epoch's batches (dicts with `latents`, `context`, optional `y`/`clip_fea`/`control_latents`; one-frame batches add
-`frame_indices`/`target_slot`: the positions go to the DiT and the loss covers the target slot only), `len()` = batches
+epoch's batches (dicts with `latents` and the family's conditioning keys, see `Family.collate`), `len()` = batches
 per epoch, attributes `epoch` / `index` (position), `state_dict()` / `load_state_dict()`.
 """
 
@@ -31,6 +31,8 @@ from typing import Callable
 import torch
 
 from ..errors import MusubiInputError, invalid
+from ..families import family_of
+from ..memory.checkpointing import set_block_checkpointing
 from ..memory.placement import execution_device
 from .config import SAVE_DTYPES, TRAINING_BACKENDS_REFUSED, NetworkConfig, TrainingConfig, to_plain
 from .logging import LossHistory, StepTimer, TensorBoardLogger, current_lrs, status_text
@@ -90,66 +92,8 @@ def peek_batch(loader) -> dict:
 
 
 def check_batch_for_model(model, batch: dict) -> None:
-    """Is the cache made for this DiT? (latent channels, text width, image conditioning channels)."""
-    cfg = getattr(model, "config", None)
-    lat = batch.get("latents") if isinstance(batch, dict) else None
-    if not isinstance(lat, torch.Tensor) or lat.ndim != 5:
-        raise invalid("dataset latents", getattr(lat, "shape", type(lat).__name__),
-                      "cached video latents [B, 16, F, H, W]")
-    if cfg is None:
-        return
-    variant = getattr(cfg, "variant", "this model")
-    out_dim = getattr(cfg, "out_dim", 16)
-    if lat.shape[1] != out_dim:
-        raise invalid("dataset latents", tuple(lat.shape),
-                      f"{out_dim}-channel latents cached with the VAE of {variant}: re-cache the dataset")
-    ctx = batch.get("context")
-    if ctx is None:
-        raise invalid("dataset text cache", "missing", f"cached text embeddings for {variant}: cache the captions")
-    widths = {c.shape[-1] for c in (ctx if isinstance(ctx, (list, tuple)) else [ctx])}
-    text_dim = getattr(cfg, "text_dim", None)
-    if text_dim is not None and widths != {text_dim}:
-        raise invalid("dataset text embeddings", f"width {sorted(widths)}",
-                      f"{text_dim}-wide embeddings (the text encoder of {variant}): re-cache the captions")
-    extra = getattr(cfg, "in_dim", out_dim) - out_dim
-    if extra > 0:
-        y = build_y(batch, extra)
-        if y is None or y.shape[1] != extra:
-            raise invalid("dataset image conditioning", None if y is None else tuple(y.shape),
-                          f"{extra} conditioning channels (y) for {variant}: cache the dataset for this task "
-                          "(I2V image latents / Fun-Control control latents)")
-        if getattr(cfg, "model_type", "t2v") in ("i2v", "flf2v") and extra != 32 and batch.get("clip_fea") is None:
-            raise invalid("dataset CLIP features", "missing", f"cached CLIP vision features for {variant}")
-
-
-def build_y(batch: dict, channels: int) -> torch.Tensor | None:
-    """The DiT's channel-concatenated conditioning. Fun-Control: [control(16), image latents(16)] with the image
-    part taken from the cached I2V latents (mask channels dropped) or zeros — the inference layout."""
-    y, control = batch.get("y"), batch.get("control_latents")
-    if control is None:
-        return y
-    image = y[:, -16:] if y is not None else torch.zeros_like(control)
-    out = torch.cat([control, image.to(control.dtype)], dim=1)
-    return out if out.shape[1] == channels else out[:, :channels]
-
-
-def one_frame_inputs(batch: dict, slots: int) -> tuple[torch.Tensor | None, int | None]:
-    """One-frame batches (`frame_indices` [B, n], `target_slot` [B]): the DiT's RoPE frame positions [n] and the
-    target slot; (None, None) for normal batches. Unlike Musubi (reference §8.5) the positions are fed to the DiT,
-    as at inference."""
-    fi, slot = batch.get("frame_indices"), batch.get("target_slot")
-    if fi is None and slot is None:
-        return None, None
-    if fi is None or slot is None:
-        raise invalid("one-frame batch", sorted(k for k in ("frame_indices", "target_slot") if k in batch),
-                      "both frame_indices and target_slot (re-cache the one-frame dataset)")
-    fi, slot = torch.as_tensor(fi).long().reshape(-1, slots), torch.as_tensor(slot).long().reshape(-1)
-    if (fi != fi[0]).any() or (slot != slot[0]).any():
-        raise invalid("one-frame batch frame_indices", fi.tolist(), "the same indices for every sample of a batch")
-    s = int(slot[0])
-    if not 0 <= s < slots:
-        raise invalid("one-frame target_slot", s, f"a latent slot 0..{slots - 1}")
-    return fi[0], s
+    """Is the cache made for this DiT? The model's family decides (latent channels, text width, conditioning)."""
+    family_of(model).check_batch(model, batch)
 
 
 def resolve_total_steps(config: TrainingConfig, loader) -> int:
@@ -180,19 +124,16 @@ class TrainingSession:
             resume_state = None
 
         self.model, self.loader, self.config = model, loader, config
+        self.family = family_of(model)
         self.network_config, self.optimizer_config, self.validation = network, optimizer, validation
         self.device = execution_device(model)   # the swapper's device when layers sit on the host
         self.output_dir = Path(config.output_dir)
         self.total_steps = resolve_total_steps(config, loader)
 
-        # 2. model: frozen base, chosen attention, checkpointing
+        # 2. model: frozen base, chosen attention (checkpointing is set per train_steps call)
         model.requires_grad_(False)
         if config.attention_backend:
             model.attention_backend = config.attention_backend
-        if hasattr(model, "gradient_checkpointing"):
-            model.gradient_checkpointing = bool(config.gradient_checkpointing)
-        elif config.gradient_checkpointing:
-            warnings.warn(f"{type(model).__name__} has no gradient_checkpointing switch; training without it")
 
         # 3. adapter (fp32, seeded init), optimizer, scheduler, scaler, RNG
         _seed_everything(config.seed)
@@ -242,6 +183,9 @@ class TrainingSession:
         completed = False
         self.model.train()
         self.network.train()
+        # activation offload is a model-level memory option (the DiT loader's), read at each call
+        set_block_checkpointing(self.model, bool(self.config.gradient_checkpointing),
+                                offload=bool(getattr(self.model, "activation_offload", False)))
         optimizer_train_mode(self.optimizer, True)
         self.timer.reset()
         try:
@@ -333,31 +277,20 @@ class TrainingSession:
         return total / accum, torch.cat(ts)
 
     def _micro_step(self, batch: dict, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        x0 = batch["latents"].to(self.device, torch.float32)                     # [B, 16, F, H, W]
+        x0 = batch["latents"].to(self.device, torch.float32)                     # [B, C, F, H, W]
         draws, noises = [], []
         for _ in range(x0.shape[0]):  # t then ε for each sample in turn: batch 2 == 2 micro-batches of 1
             draws.append(self.timesteps.sample(1, x0.shape, self.generator))
             noises.append(torch.randn(x0.shape[1:], generator=self.generator))
-        noise = torch.stack(noises).to(self.device)                               # [B, 16, F, H, W]
+        noise = torch.stack(noises).to(self.device)                               # [B, C, F, H, W]
         t = torch.cat([d.t for d in draws])                                       # [B] in [0, 1]
         model_t = torch.cat([d.model_t for d in draws]).to(self.device)           # [B] 0..1000
         weight = None if draws[0].weight is None else torch.cat([d.weight for d in draws]).to(self.device)
 
         x_t = noisy_latents(x0, noise, t.to(self.device))
-        frame_indices, slot = one_frame_inputs(batch, x0.shape[2])
-        context = batch["context"]
-        context = [c.to(self.device) for c in context] if isinstance(context, (list, tuple)) else context.to(self.device)
-        clip_fea = batch.get("clip_fea")
-        extra = getattr(getattr(self.model, "config", None), "in_dim", 16) - x0.shape[1]
-        y = build_y(batch, extra) if extra > 0 else None
-        extra_kw = {} if frame_indices is None else {"frame_indices": frame_indices.to(self.device)}
-        with self._autocast():
-            pred = self.model(x_t, model_t, context,
-                              clip_fea=None if clip_fea is None else clip_fea.to(self.device),
-                              y=None if y is None else y.to(self.device), **extra_kw)
         target = velocity_target(x0, noise)
-        if slot is not None:  # one-frame: only the target slot is learned (controls are given through y)
-            pred, target = pred[:, :, slot:slot + 1], target[:, :, slot:slot + 1]
+        with self._autocast():   # the family runs its DiT on the batch's conditioning
+            pred, target = self.family.training_forward(self.model, batch, x_t, model_t, target)
         loss = flow_matching_loss(pred, target, weight)
         scaled = loss * scale
         if self.scaler is not None:

@@ -2,7 +2,8 @@
 
 The model and the adapter network switch to eval + no_grad for the duration and back to their previous mode
 afterwards; the global torch RNG is restored so sampling never changes the training's random stream.
-Generation goes through `engine.pipelines.wan.generate` (or a `sample_fn` with the same signature).
+Generation goes through the model's family (`Family.sampling_request` + `Family.sample`), or a `sample_fn` with the
+signature of `Family.sample`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Callable
 import torch
 
 from ..errors import invalid
+from ..families import family_of
 
 
 @dataclass
@@ -29,7 +31,7 @@ class ValidationPrompt:
     shift: float | None = None                     # None: the pipeline's task default
     task: str | None = None                        # None: "t2i" for 1 frame, else "t2v"
     clip_fea: torch.Tensor | None = None
-    conditioning: object | None = None            # engine.pipelines.wan.WanConditioning (I2V/FLF2V/Fun-Control)
+    conditioning: object | None = None            # the family's image/control conditioning (its pipeline's type)
 
 
 @dataclass
@@ -37,8 +39,8 @@ class ValidationConfig:
     prompts: list[ValidationPrompt] = field(default_factory=list)
     every_n_steps: int | None = None
     at_first: bool = False                         # sample before the first step
-    vae: object | None = None                      # WanVAE: decode to frames; None -> return latents
-    sample_fn: Callable | None = None              # (model, request, progress) -> latents; default pipelines.wan
+    vae: object | None = None                      # the family's VAE: decode to frames; None -> return latents
+    sample_fn: Callable | None = None              # (model, request, progress) -> latents; default: Family.sample
 
     def validate(self) -> None:
         if self.every_n_steps is not None and (not isinstance(self.every_n_steps, int) or self.every_n_steps < 1):
@@ -52,14 +54,8 @@ class ValidationConfig:
         return bool(self.prompts) and self.every_n_steps is not None and step % self.every_n_steps == 0
 
 
-def build_request(p: ValidationPrompt):
-    from ..pipelines.wan import WanGenerateRequest
-
-    task = p.task or ("t2i" if p.frames == 1 else "t2v")
-    neg = p.negative_context if p.negative_context is not None else torch.zeros(1, p.context.shape[-1])
-    return WanGenerateRequest(task=task, context=p.context, negative_context=neg, width=p.width, height=p.height,
-                              frames=p.frames, steps=p.steps, shift=p.shift, guidance_scale=p.guidance_scale,
-                              seed=p.seed, clip_fea=p.clip_fea, conditioning=p.conditioning)
+def build_request(model, p: ValidationPrompt):
+    return family_of(model).sampling_request(p)
 
 
 @contextlib.contextmanager
@@ -84,13 +80,13 @@ def sampling_mode(*modules: torch.nn.Module):
 def run_validation(model: torch.nn.Module, prompts: list[ValidationPrompt], network: torch.nn.Module | None = None,
                    vae=None, sample_fn: Callable | None = None, progress=None) -> list[torch.Tensor]:
     """One output per prompt: frames [B, 3, F, H, W] in [-1, 1] when `vae` is given, else latents
-    [B, 16, F_lat, H/8, W/8]. `progress(step, total, x0)` is passed to the sampler (it may raise to cancel)."""
+    [B, C, F_lat, h, w]. `progress(step, total, x0)` is passed to the sampler (it may raise to cancel)."""
     if sample_fn is None:
-        from ..pipelines.wan import generate as sample_fn
+        sample_fn = family_of(model).sample
     outputs = []
     modules = [model] + ([network] if network is not None else [])
     with sampling_mode(*modules):
         for p in prompts:
-            latents = sample_fn(model, build_request(p), progress)
+            latents = sample_fn(model, build_request(model, p), progress)
             outputs.append(vae.decode(latents).float().cpu() if vae is not None else latents.float().cpu())
     return outputs

@@ -25,11 +25,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..errors import invalid
-from ..memory.placement import execution_device
-from ..sampling import GuidanceConfig, GuidedVelocity, make_noise, make_solver, run_sampler
-from ..sampling.noise import NOISE_DEVICES, check_seed
-from ..sampling.solvers import ALIASES, SOLVERS
+from ...errors import invalid
+from ...memory.placement import execution_device
+from ...sampling import GuidanceConfig, GuidedVelocity, make_noise, make_solver, run_sampler
+from ...sampling.noise import NOISE_DEVICES, check_seed
+from ...sampling.solvers import ALIASES, SOLVERS
 
 TASKS = ("t2v", "t2i", "i2v", "flf2v", "fun_control", "one_frame")
 LATENT_CHANNELS = 16

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 
 from ...attention import BACKENDS, attention
 from ...errors import invalid
-from ...memory.offload import checkpoint_block
 from .ops import rms_norm
 
 CLIP_TOKENS = 257          # CLIP ViT-H/14 penultimate tokens per image (256 patches + class token)
@@ -294,7 +293,9 @@ class WanImageEmbedding(nn.Module):
 
 class WanModel(nn.Module):
     """Wan 2.1 DiT. Build it on the meta device and fill it with `engine.checkpoint.load_into_module`
-    (see `engine.models.wan.loader.load_wan_dit`)."""
+    (see `engine.families.wan.loader.load_wan_dit`)."""
+
+    family = "wan"   # engine.families registry key: the generic engine finds this family's rules through it
 
     def __init__(self, config: WanConfig):
         super().__init__()
@@ -309,9 +310,6 @@ class WanModel(nn.Module):
         self.head = WanHead(config)
         if config.has_image_input:
             self.img_emb = WanImageEmbedding(config)
-        self.gradient_checkpointing = False
-        self.activation_offload = False  # with gradient checkpointing: checkpointed inputs live in CPU memory
-        self.activation_offload_host = "cpu"   # that memory's device (the memory simulation uses "meta")
         self.source_path = None
         self._attention_backend = "sdpa"
 
@@ -405,16 +403,8 @@ class WanModel(nn.Module):
         context_img = self._image_context(clip_fea, batch, device, dtype)                  # [B, Li, D] | None
 
         skip = set(skip_blocks or ())
-        use_ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
-        for i, block in enumerate(self.blocks):
-            if i in skip:
-                continue
-            if use_ckpt:
-                # the block is passed as a module so its hooks (block swap) fire in forward and in recompute;
-                # activation offload keeps the checkpointed block input in host memory
-                x = checkpoint_block(block, x, e0, context, context_img, rope, offload=self.activation_offload,
-                                     host=self.activation_offload_host)
-            else:
+        for i, block in enumerate(self.blocks):   # checkpointing/offload/swap wrap the blocks from outside
+            if i not in skip:
                 x = block(x, e0, context, context_img, rope)
 
         out = self.head(x, e)                                  # [B, L, pt*ph*pw*C] float32

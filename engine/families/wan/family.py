@@ -1,0 +1,163 @@
+"""The Wan 2.1 family as the generic engine sees it (`engine.families.Family`): Wan's capability rules live here,
+once. Everything else of the family is in this folder: the DiT (`dit`), VAE (`vae`), checkpoint detection
+(`detect`), loaders (`loader`), tiny presets (`presets`), generation (`pipeline`), caches (`cache`), LoRA names
+(`names`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ...errors import invalid
+from ..family import Fp8Spec, LoRASpec
+from . import cache, names, pipeline
+
+LATENT_CHANNELS = 16
+CONTROL_CHANNELS = 32      # Fun-Control y: 16 control + 16 image latent channels
+I2V_CHANNELS = 20          # I2V/FLF2V y: 4 mask + 16 image latent channels
+
+
+def needs_clip(config) -> bool:
+    """Does this DiT take CLIP vision tokens? (I2V/FLF2V; Fun-Control feeds zeros when there is no image)."""
+    return config.model_type in ("i2v", "flf2v") and config.in_dim - config.out_dim == I2V_CHANNELS
+
+
+def conditioning_channels(config) -> int:
+    return int(config.in_dim) - int(config.out_dim)
+
+
+class WanFamily:
+    name = "wan"
+    display_name = "Wan 2.1"
+    cache_arch = cache.ARCH
+    lora = LoRASpec(
+        block_lists=("blocks",), default_exclude=names.DEFAULT_EXCLUDE, base_model_version="wan",
+        architecture="wan2.1/lora", implementation="https://github.com/Wan-Video/Wan2.1",
+        network_module="networks.lora_wan", underscore_to_name=names.underscore_to_name,
+        diffusers_to_name=names.diffusers_to_name, name_to_diffusers=names.name_to_diffusers,
+        diffusers_marker=names.DIFFUSERS_MARKER)
+    # Musubi's Wan fp8 targets (reference §2.5): Linear layers under `blocks.` minus these substrings
+    fp8 = Fp8Spec(include=("blocks.",), exclude=("norm", "patch_embedding", "text_embedding", "time_embedding",
+                                                 "time_projection", "head", "modulation", "img_emb"))
+
+    # --- models ---------------------------------------------------------------------------------------------------
+    @staticmethod
+    def block_lists(model: nn.Module) -> list[nn.ModuleList]:
+        return [model.blocks]
+
+    # --- data -----------------------------------------------------------------------------------------------------
+    @staticmethod
+    def cache_adapter(**encoders_and_options) -> cache.WanCacheAdapter:
+        return cache.WanCacheAdapter(**encoders_and_options)
+
+    @staticmethod
+    def cache_requirements(model: nn.Module, **identities) -> "cache.CacheRequirements":
+        """T2V: latents + text; I2V/FLF2V also image latents and CLIP; Fun-Control control latents."""
+        cfg = model.config
+        extra = conditioning_channels(cfg)
+        return cache.cache_requirements(text_dim=cfg.text_dim, i2v=extra == I2V_CHANNELS, clip=needs_clip(cfg),
+                                        control=extra == CONTROL_CHANNELS, **identities)
+
+    collate = staticmethod(cache.WanCacheAdapter.collate)
+
+    # --- training -------------------------------------------------------------------------------------------------
+    @staticmethod
+    def check_batch(model: nn.Module, batch: dict) -> None:
+        """Is the cache made for this DiT? (latent channels, text width, image conditioning channels)."""
+        cfg = model.config
+        lat = batch.get("latents") if isinstance(batch, dict) else None
+        if not isinstance(lat, torch.Tensor) or lat.ndim != 5:
+            raise invalid("dataset latents", getattr(lat, "shape", type(lat).__name__),
+                          "cached video latents [B, 16, F, H, W]")
+        variant = cfg.variant
+        if lat.shape[1] != cfg.out_dim:
+            raise invalid("dataset latents", tuple(lat.shape),
+                          f"{cfg.out_dim}-channel latents cached with the VAE of {variant}: re-cache the dataset")
+        ctx = batch.get("context")
+        if ctx is None:
+            raise invalid("dataset text cache", "missing", f"cached text embeddings for {variant}: cache the captions")
+        widths = {c.shape[-1] for c in (ctx if isinstance(ctx, (list, tuple)) else [ctx])}
+        if widths != {cfg.text_dim}:
+            raise invalid("dataset text embeddings", f"width {sorted(widths)}",
+                          f"{cfg.text_dim}-wide embeddings (the text encoder of {variant}): re-cache the captions")
+        extra = conditioning_channels(cfg)
+        if extra > 0:
+            y = build_y(batch, extra)
+            if y is None or y.shape[1] != extra:
+                raise invalid("dataset image conditioning", None if y is None else tuple(y.shape),
+                              f"{extra} conditioning channels (y) for {variant}: cache the dataset for this task "
+                              "(I2V image latents / Fun-Control control latents)")
+            if needs_clip(cfg) and batch.get("clip_fea") is None:
+                raise invalid("dataset CLIP features", "missing", f"cached CLIP vision features for {variant}")
+
+    @staticmethod
+    def training_forward(model: nn.Module, batch: dict, noisy: torch.Tensor, t: torch.Tensor,
+                         target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """v̂ = DiT(x_t, t, context, clip_fea, y); one-frame batches learn only the target slot (the controls are
+        given through y), with the RoPE frame positions fed to the DiT as at inference (Musubi does not, §8.5)."""
+        device = noisy.device
+        frame_indices, slot = one_frame_inputs(batch, noisy.shape[2])
+        context = batch["context"]
+        context = [c.to(device) for c in context] if isinstance(context, (list, tuple)) else context.to(device)
+        clip_fea = batch.get("clip_fea")
+        extra = conditioning_channels(model.config)
+        y = build_y(batch, extra) if extra > 0 else None
+        kw = {} if frame_indices is None else {"frame_indices": frame_indices.to(device)}
+        pred = model(noisy, t, context, clip_fea=None if clip_fea is None else clip_fea.to(device),
+                     y=None if y is None else y.to(device), **kw)
+        if slot is not None:
+            pred, target = pred[:, :, slot:slot + 1], target[:, :, slot:slot + 1]
+        return pred, target
+
+    # --- sampling -------------------------------------------------------------------------------------------------
+    @staticmethod
+    def sampling_request(prompt) -> pipeline.WanGenerateRequest:
+        task = prompt.task or ("t2i" if prompt.frames == 1 else "t2v")
+        neg = prompt.negative_context
+        if neg is None:
+            neg = torch.zeros(1, prompt.context.shape[-1])
+        return pipeline.WanGenerateRequest(
+            task=task, context=prompt.context, negative_context=neg, width=prompt.width, height=prompt.height,
+            frames=prompt.frames, steps=prompt.steps, shift=prompt.shift, guidance_scale=prompt.guidance_scale,
+            seed=prompt.seed, clip_fea=prompt.clip_fea, conditioning=prompt.conditioning)
+
+    @staticmethod
+    def sample(model: nn.Module, request, progress=None) -> torch.Tensor:
+        return pipeline.generate(model, request, progress)
+
+    @staticmethod
+    def latent_preview(latents: torch.Tensor) -> torch.Tensor:
+        return pipeline.latent_to_rgb_preview(latents)
+
+
+def build_y(batch: dict, channels: int) -> torch.Tensor | None:
+    """The DiT's channel-concatenated conditioning. Fun-Control: [control(16), image latents(16)] with the image
+    part taken from the cached I2V latents (mask channels dropped) or zeros — the inference layout."""
+    y, control = batch.get("y"), batch.get("control_latents")
+    if control is None:
+        return y
+    image = y[:, -LATENT_CHANNELS:] if y is not None else torch.zeros_like(control)
+    out = torch.cat([control, image.to(control.dtype)], dim=1)
+    return out if out.shape[1] == channels else out[:, :channels]
+
+
+def one_frame_inputs(batch: dict, slots: int) -> tuple[torch.Tensor | None, int | None]:
+    """One-frame batches (`frame_indices` [B, n], `target_slot` [B]): the DiT's RoPE frame positions [n] and the
+    target slot; (None, None) for normal batches."""
+    fi, slot = batch.get("frame_indices"), batch.get("target_slot")
+    if fi is None and slot is None:
+        return None, None
+    if fi is None or slot is None:
+        raise invalid("one-frame batch", sorted(k for k in ("frame_indices", "target_slot") if k in batch),
+                      "both frame_indices and target_slot (re-cache the one-frame dataset)")
+    fi, slot = torch.as_tensor(fi).long().reshape(-1, slots), torch.as_tensor(slot).long().reshape(-1)
+    if (fi != fi[0]).any() or (slot != slot[0]).any():
+        raise invalid("one-frame batch frame_indices", fi.tolist(), "the same indices for every sample of a batch")
+    s = int(slot[0])
+    if not 0 <= s < slots:
+        raise invalid("one-frame target_slot", s, f"a latent slot 0..{slots - 1}")
+    return fi[0], s
+
+
+FAMILY = WanFamily()

@@ -1,1 +1,0 @@
-"""Model families (pure PyTorch). One sub-package per family: `wan` (Wan 2.1), later `hunyuan`, `framepack`."""
