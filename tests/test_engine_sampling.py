@@ -42,6 +42,30 @@ def test_schedules_match_reference_definitions():
     assert euler.timesteps.dtype == torch.float32
 
 
+@pytest.mark.parametrize("n,shift", [(4, 5.0), (7, 3.0), (20, 8.0)])
+def test_dpmpp_schedule_matches_closed_form_and_diffusers(n, shift):
+    """The DPM++ schedule from outside the pack: Wan's closed form, and diffusers' own flow-sigma construction."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    dpm = make_solver("dpm++", n, shift)
+    # Wan (get_sampling_sigmas): σ_i = S·u/(1 + (S−1)·u), u = 1 − i/N, i < N; final σ 0; timesteps int64(σ·1000)
+    u = 1.0 - np.arange(n) / n
+    closed = shift * u / (1 + (shift - 1) * u)
+    assert dpm.sigmas.numpy() == pytest.approx(np.append(closed, 0.0), abs=1e-12)
+    assert dpm.timesteps.dtype == torch.int64 and dpm.timesteps.tolist() == [int(v * 1000) for v in closed]
+
+    # diffusers builds the same shifted line from σ_max = 0.999 instead of 1: undo its shift, rescale the line to
+    # start at 1 and shift again; that is exactly our schedule (the shift itself is not taken from the pack)
+    sch = DPMSolverMultistepScheduler(num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True,
+                                      flow_shift=shift, final_sigmas_type="zero")
+    sch.set_timesteps(n)
+    theirs = sch.sigmas.double().numpy()
+    assert theirs[-1] == 0.0 and len(theirs) == n + 1
+    unshifted = theirs[:n] / (shift - (shift - 1) * theirs[:n])
+    line = unshifted / unshifted[0]
+    assert dpm.sigmas[:n].numpy() == pytest.approx(shift * line / (1 + (shift - 1) * line), abs=1e-5)
+
+
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True])
 def test_bad_steps_rejected(bad):
     with pytest.raises(MusubiInputError, match="steps"):
