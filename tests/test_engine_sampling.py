@@ -68,15 +68,34 @@ def test_dpmpp_schedule_matches_closed_form_and_diffusers(n, shift):
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True])
 def test_bad_steps_rejected(bad):
-    with pytest.raises(MusubiInputError, match="steps"):
+    with pytest.raises(MusubiInputError) as e:
         make_solver("unipc", bad, 5.0)
+    assert str(e.value) == f"steps: got {bad!r}; expected an integer >= 1"
 
 
 def test_bad_solver_and_shift_rejected():
-    with pytest.raises(MusubiInputError, match="solver"):
+    with pytest.raises(MusubiInputError) as e:
         make_solver("ddim", 10, 5.0)
-    with pytest.raises(MusubiInputError, match="shift"):
+    assert str(e.value) == "solver: got 'ddim'; expected one of ['dpm++', 'euler', 'unipc'] (or 'vanilla' for euler)"
+    with pytest.raises(MusubiInputError) as e:
         make_solver("euler", 10, 0.0)
+    assert str(e.value) == "shift: got 0.0; expected a number > 0 (flow shift; 5.0 is Wan's default)"
+
+
+@pytest.mark.parametrize("name", ["unipc", "dpm++", "euler"])
+def test_one_step_lands_on_the_data_point_and_a_further_step_is_refused(name):
+    """One data point x0: the exact velocity ε − x0 is constant, so a single step (the smallest valid count) from any
+    σ lands on x0, and the x0 estimate used for previews is x0 at every σ."""
+    g = torch.Generator().manual_seed(2)
+    x0, eps = torch.randn(2, 5, generator=g), torch.randn(2, 5, generator=g)
+    solver = make_solver(name, 1, 3.0)
+    s0 = float(solver.sigmas[0])
+    x = (1 - s0) * x0 + s0 * eps
+    assert torch.allclose(solver.denoised(eps - x0, 0, x), x0, atol=1e-6)
+    out = solver.step(eps - x0, 0, x)
+    assert torch.allclose(out, x0, atol=1e-6)
+    with pytest.raises(RuntimeError, match="expected step 1 of 1"):
+        solver.step(eps - x0, 1, out)
 
 
 # --- solvers vs diffusers (independent implementation) ------------------------------------------------------------

@@ -145,8 +145,9 @@ class UniPCSolver(FlowSolver):
             out = out - a_phi * 0.5 * d1
         return out
 
-    def _correct(self, x_t: torch.Tensor, m_t: torch.Tensor, i: int) -> torch.Tensor:
-        """Refine the sample at σ_i (the previous predictor's output) with the fresh prediction m_t."""
+    def _correct(self, m_t: torch.Tensor, i: int) -> torch.Tensor:
+        """Refine the sample at σ_i (the previous predictor's output, kept as _last_sample) with the fresh
+        prediction m_t."""
         s, t = self.sigma(i - 1), self.sigma(i)
         h, ratio, a_phi = self._coeffs(s, t)
         m0 = self._ms[-1]
@@ -168,7 +169,7 @@ class UniPCSolver(FlowSolver):
     def _step(self, v, i, x):
         m = x - self.sigma(i) * v
         if i > 0:
-            x = self._correct(x, m, i)
+            x = self._correct(m, i)
         self._ms = (self._ms + [m])[-self.max_order:]
         # warm-up (order grows with the history) and lower order on the final step(s)
         order = min(self.max_order, i + 1, self.steps - i)
