@@ -16,7 +16,6 @@ from engine.models.wan.presets import build_preset_state_dict
 
 from lora_fixtures import _one_thread, tiny_model  # noqa: F401
 
-COMFYUI_DIR = Path(os.environ.get("COMFYUI_DIR", Path.home() / ".cache/comfyui-musubi/ComfyUI"))
 PROBE = Path(__file__).with_name("comfy_lora_probe.py")
 CASES = [("t2v", "lora"), ("i2v", "lora"), ("t2v", "loha"), ("i2v", "lokr")]
 STRENGTH = 0.75
@@ -38,8 +37,7 @@ def _comfy_base(variant):
 
 
 @pytest.fixture(scope="module")
-def comfy_runs(tmp_path_factory):
-    assert (COMFYUI_DIR / "comfy" / "lora.py").is_file(), f"ComfyUI not found at {COMFYUI_DIR} (set COMFYUI_DIR)"
+def comfy_runs(tmp_path_factory, comfyui_dir):
     tmp = tmp_path_factory.mktemp("comfy_lora")
     jobs, cases = [], []
     for i, (variant, kind) in enumerate(CASES):
@@ -60,7 +58,7 @@ def comfy_runs(tmp_path_factory):
         cases.append((variant, base, lora_path, expected))
     (tmp / "jobs.json").write_text(json.dumps(jobs))
     proc = subprocess.run([sys.executable, str(PROBE), str(tmp / "jobs.json")], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "COMFYUI_DIR": str(COMFYUI_DIR)})
+                          timeout=600, env={**os.environ, "COMFYUI_DIR": str(comfyui_dir)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     return [(c, r, load_file(j["out"])) for c, r, j in zip(cases, results, jobs)]

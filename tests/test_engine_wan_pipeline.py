@@ -1,7 +1,6 @@
 """Wan generation pipeline end to end on the tiny presets (CPU, float32, 32x32 px, few steps)."""
 
 import ast
-from pathlib import Path
 
 import pytest
 import torch
@@ -326,10 +325,8 @@ def test_latent_preview_projection():
     assert big.min() >= 0 and big.max() <= 1
 
 
-def test_preview_factors_equal_comfyui_tree():
-    src = Path.home() / ".cache/comfyui-musubi/ComfyUI/comfy/latent_formats.py"
-    if not src.is_file():
-        pytest.skip("local ComfyUI tree not present")
+def test_preview_factors_equal_comfyui_tree(comfyui_dir):
+    src = comfyui_dir / "comfy" / "latent_formats.py"
     tree = ast.parse(src.read_text())
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Wan21")
     values = {t.targets[0].id: ast.literal_eval(t.value) for t in cls.body
