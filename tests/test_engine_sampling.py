@@ -42,6 +42,18 @@ def test_schedules_match_reference_definitions():
     assert euler.timesteps.dtype == torch.float32
 
 
+def test_unipc_sigma_max_is_float32_whatever_the_default_dtype():
+    """The official scheduler reads σ_max back from a float32 tensor: int64(σ·1000) is 666, not float64's 665."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        solver = make_solver("unipc", 3, 1.0)
+    finally:
+        torch.set_default_dtype(before)
+    assert solver.timesteps.tolist() == [999, 666, 333]
+    assert float(solver.sigmas[0]) == float(np.float32(0.999))
+
+
 @pytest.mark.parametrize("n,shift", [(4, 5.0), (7, 3.0), (20, 8.0)])
 def test_dpmpp_schedule_matches_closed_form_and_diffusers(n, shift):
     """The DPM++ schedule from outside the pack: Wan's closed form, and diffusers' own flow-sigma construction."""

@@ -124,8 +124,9 @@ class UniPCSolver(FlowSolver):
     def __init__(self, schedule: FlowSchedule):
         super().__init__(schedule)
         self._ms: list[torch.Tensor] = []        # last x0 predictions, newest last (≤ 2)
-        self._last_sample: torch.Tensor | None = None
-        self._last_order = 0
+        # written by step 0 before the corrector first reads them (steps >= 1): their initial values never matter
+        self._last_sample: torch.Tensor | None = None  # pragma: no mutate
+        self._last_order = 0  # pragma: no mutate
 
     @staticmethod
     def _coeffs(s: float, t: float) -> tuple[float, float, float]:
