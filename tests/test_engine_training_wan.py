@@ -1,5 +1,6 @@
 """Training the tiny Wan DiT preset end to end: loss falls, the adapter covers Musubi's Wan targets, resume is exact,
-and the trained adapter stays attached for sampling through the Wan pipeline."""
+the trained adapter stays attached for sampling through the Wan pipeline and samples deterministically (dropout off);
+resume/cancel/accumulation/bad inputs with LoRA, rank and module dropout on."""
 
 import pytest
 import torch
