@@ -320,12 +320,82 @@ def test_slg_original_and_uncond_modes():
     assert rec.calls == [("c", None, 1), ("u", frozenset({1, 2}), 1)]
 
 
-@pytest.mark.parametrize("field,value", [("cfg_skip_mode", "sometimes"), ("cfg_apply_ratio", 1.5),
-                                         ("slg_mode", "both"), ("slg_layers", (-1,)), ("slg_end", 2.0)])
-def test_guidance_config_validation(field, value):
-    cfg = GuidanceConfig(**{field: value})
-    with pytest.raises(MusubiInputError, match=field.split("_")[0]):
+def test_cfg_mask_rounding_edges():
+    # a = floor(10·0.3) = 3, window start (10 − 3)//2 = 3 (integer division, not 3.5)
+    assert cfg_step_mask(10, "early_late", 0.3) == [False] * 3 + [True] * 3 + [False] * 4
+    # accumulating 0.5 reaches exactly 1.0 every second step: applied at ≥ 1, then 1 is taken off
+    assert cfg_step_mask(4, "alternate", 0.5) == [False, True, False, True]
+
+
+class _TimedRecorder(_Recorder):
+    """_Recorder that also records the timesteps each pass received."""
+
+    def __init__(self):
+        super().__init__()
+        self.ts = []
+
+    def __call__(self, x, t, cond, skip):
+        self.ts.append(t.clone())
+        return super().__call__(x, t, cond, skip)
+
+
+@pytest.mark.parametrize("batch_cfg", [True, False])
+def test_every_pass_gets_the_step_timesteps_and_is_counted(batch_cfg):
+    """Batch 3 (a batched pass has 6 rows), one SLG layer, a CFG-skipped step: every forward sees the step's t (both
+    halves of a batched pass) and `forwards` counts each model call once."""
+    x, t = torch.zeros(3, 2), torch.tensor([0.7, 0.7, 0.7])
+    rec = _TimedRecorder()
+    cfg = GuidanceConfig(scale=2.0, slg_layers=(3,), slg_scale=1.5, slg_end=0.25, batch_cfg=batch_cfg,
+                         cfg_skip_mode="late", cfg_apply_ratio=0.5)
+    g = GuidedVelocity(rec, "c", "u", cfg, 4, merge=lambda conds: list(conds))
+    out0 = g(x, t, 0)      # CFG + SLG (one skipped block: uncond 0.5 + 0.25)
+    assert torch.allclose(out0, torch.full_like(x, 0.5 + 2.0 * 1.5 + 1.5 * (2.0 - 0.75)))
+    out3 = g(x, t, 3)      # CFG skipped: cond only
+    assert torch.allclose(out3, torch.full_like(x, 2.0))
+    calls = 1 + (1 if batch_cfg else 2) + 1
+    assert g.forwards == len(rec.calls) == calls
+    assert rec.calls[calls - 2] == ("u", frozenset({3}), 3)
+    for ts in rec.ts:
+        assert torch.equal(ts, torch.cat([t, t]) if ts.shape[0] == 6 else t)
+    assert [ts.shape[0] for ts in rec.ts] == ([6] if batch_cfg else [3, 3]) + [3, 3]
+
+
+def test_guidance_config_edges_are_valid():
+    for cfg in (GuidanceConfig(cfg_apply_ratio=0.0), GuidanceConfig(cfg_apply_ratio=1.0),
+                GuidanceConfig(slg_start=0.4, slg_end=0.4), GuidanceConfig(slg_start=0.0, slg_end=1.0),
+                GuidanceConfig(slg_layers=(0, 3)), GuidanceConfig(scale=0)):
         cfg.validate(num_blocks=4)
+    GuidanceConfig(slg_layers=(40,)).validate()          # no block count known: any index ≥ 0
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({"scale": float("nan")}, "guidance_scale: got nan; expected a number (5.0 is Wan 2.1's default)"),
+    ({"scale": "5"}, "guidance_scale: got '5'; expected a number (5.0 is Wan 2.1's default)"),
+    ({"cfg_skip_mode": "sometimes"},
+     "cfg_skip_mode: got 'sometimes'; expected one of ('none', 'early', 'late', 'middle', 'early_late', 'alternate')"),
+    ({"cfg_apply_ratio": -0.1}, "cfg_apply_ratio: got -0.1; expected a fraction between 0 and 1"),
+    ({"cfg_apply_ratio": 1.5}, "cfg_apply_ratio: got 1.5; expected a fraction between 0 and 1"),
+    ({"slg_mode": "both"}, "slg_mode: got 'both'; expected one of ('original', 'uncond')"),
+    ({"slg_start": 0.5, "slg_end": 0.4}, "slg_start/slg_end: got (0.5, 0.4); expected 0 <= start <= end <= 1"),
+    ({"slg_end": 1.5}, "slg_start/slg_end: got (0.0, 1.5); expected 0 <= start <= end <= 1"),
+    ({"slg_layers": (-1,)}, "slg_layers: got [-1]; expected block indices 0 <= i < 4"),
+    ({"slg_layers": (1, 4)}, "slg_layers: got [1, 4]; expected block indices 0 <= i < 4"),
+    ({"slg_layers": (1.0,)}, "slg_layers: got [1.0]; expected block indices 0 <= i < 4"),
+])
+def test_guidance_config_messages(kw, message):
+    with pytest.raises(MusubiInputError) as e:
+        GuidanceConfig(**kw).validate(num_blocks=4)
+    assert str(e.value) == message
+
+
+def test_guidance_messages_without_a_block_count_and_for_the_mask():
+    with pytest.raises(MusubiInputError) as e:
+        GuidanceConfig(slg_layers=(-2,)).validate()
+    assert str(e.value) == "slg_layers: got [-2]; expected block indices 0 <= i"
+    with pytest.raises(MusubiInputError) as e:
+        cfg_step_mask(4, "often", 0.5)
+    assert str(e.value) == ("cfg_skip_mode: got 'often'; expected one of "
+                            "('none', 'early', 'late', 'middle', 'early_late', 'alternate')")
 
 
 def test_slg_layer_beyond_model_rejected():
@@ -360,6 +430,20 @@ def test_cpu_noise_identical_on_gpu_target():
 def test_bad_seed_rejected(seed):
     with pytest.raises(MusubiInputError, match="seed"):
         make_noise([16, 1, 2, 2], seed=seed)
+
+
+def test_largest_seed_is_valid_and_the_batch_wraps_to_zero():
+    from engine.sampling.noise import MAX_SEED
+    noise = make_noise((3, 2), MAX_SEED, batch=2)
+    assert torch.equal(noise[0], torch.randn(3, 2, generator=torch.Generator().manual_seed(MAX_SEED)))
+    assert torch.equal(noise[1], torch.randn(3, 2, generator=torch.Generator().manual_seed(0)))
+    for bad in (MAX_SEED + 1, -1):
+        with pytest.raises(MusubiInputError) as e:
+            make_noise((3, 2), bad)
+        assert str(e.value) == f"seed: got {bad}; expected an integer between 0 and {MAX_SEED}"
+    with pytest.raises(MusubiInputError) as e:
+        make_noise((3, 2), 1, noise_device="tpu")
+    assert str(e.value) == "noise_device: got 'tpu'; expected one of ('cpu', 'gpu')"
 
 
 def test_bad_noise_device_rejected():
