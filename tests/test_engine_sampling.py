@@ -320,6 +320,18 @@ def test_slg_original_and_uncond_modes():
     assert rec.calls == [("c", None, 1), ("u", frozenset({1, 2}), 1)]
 
 
+def test_defaults_cfg_on_every_step_and_one_float32_noise_sample():
+    assert cfg_step_mask(4, ratio=0.5) == [True] * 4           # mode defaults to "none"
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        noise = make_noise((3, 2), 5)
+    finally:
+        torch.set_default_dtype(before)
+    assert noise.shape == (1, 3, 2) and noise.dtype == torch.float32   # whatever the default dtype
+    assert torch.equal(noise[0], torch.randn(3, 2, generator=torch.Generator().manual_seed(5)))
+
+
 def test_cfg_mask_rounding_edges():
     # a = floor(10·0.3) = 3, window start (10 − 3)//2 = 3 (integer division, not 3.5)
     assert cfg_step_mask(10, "early_late", 0.3) == [False] * 3 + [True] * 3 + [False] * 4
@@ -336,6 +348,11 @@ class _TimedRecorder(_Recorder):
 
     def __call__(self, x, t, cond, skip):
         self.ts.append(t.clone())
+        if isinstance(cond, list):   # a merged batch: one block of rows per conditioning, shaped like x
+            skip_shift = 0.25 * len(skip) if skip else 0.0
+            self.calls.append((tuple(cond), skip, x.shape[0]))
+            rows = x.shape[0] // len(cond)
+            return torch.cat([torch.full_like(x[:rows], self.VALUES[c] + skip_shift) for c in cond])
         return super().__call__(x, t, cond, skip)
 
 
