@@ -9,8 +9,20 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.append(str(REPO_ROOT))
 
 pytest_plugins = ["comfy_harness"]
+
+
+@pytest.fixture(scope="session")
+def comfyui_dir() -> Path:
+    """The ComfyUI tree the harness uses (COMFYUI_DIR / MUSUBI_ENV, as set up by scripts/setup_env.sh), for tests that
+    only read its files. A missing tree fails: a reference check that is skipped checks nothing."""
+    from comfy_harness import COMFYUI_DIR
+
+    assert (COMFYUI_DIR / "comfy").is_dir(), f"no ComfyUI tree at {COMFYUI_DIR}: set COMFYUI_DIR or MUSUBI_ENV"
+    return COMFYUI_DIR

@@ -16,7 +16,6 @@ from engine.families.wan.presets import build_preset_state_dict
 
 from lora_fixtures import _one_thread, tiny_model  # noqa: F401
 
-COMFYUI_DIR = Path(os.environ.get("COMFYUI_DIR", Path.home() / ".cache/comfyui-musubi/ComfyUI"))
 PROBE = Path(__file__).with_name("comfy_lora_probe.py")
 CASES = [("t2v", "lora"), ("i2v", "lora"), ("t2v", "loha"), ("i2v", "lokr")]
 STRENGTH = 0.75
@@ -38,8 +37,7 @@ def _comfy_base(variant):
 
 
 @pytest.fixture(scope="module")
-def comfy_runs(tmp_path_factory):
-    assert (COMFYUI_DIR / "comfy" / "lora.py").is_file(), f"ComfyUI not found at {COMFYUI_DIR} (set COMFYUI_DIR)"
+def comfy_runs(tmp_path_factory, comfyui_dir):
     tmp = tmp_path_factory.mktemp("comfy_lora")
     jobs, cases = [], []
     for i, (variant, kind) in enumerate(CASES):
@@ -50,15 +48,17 @@ def comfy_runs(tmp_path_factory):
             for p in net.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
         net.detach()
-        lora_path = save_lora(net, tmp / f"lora_{i}.safetensors", format="comfyui")
         base = _comfy_base(variant)
+        # the in-memory trained network's answer, captured before anything is written: W + strength·scale·ΔW
+        expected = {f"{m}.weight": base[f"{m}.weight"] + STRENGTH * net.delta_weight(m) for m in net.adapters()}
+        lora_path = save_lora(net, tmp / f"lora_{i}.safetensors", format="comfyui")
         save_file(base, str(tmp / f"base_{i}.safetensors"))
         jobs.append({"base": str(tmp / f"base_{i}.safetensors"), "lora": str(lora_path), "strength": STRENGTH,
                      "out": str(tmp / f"patched_{i}.safetensors")})
-        cases.append((variant, base, lora_path))
+        cases.append((variant, base, lora_path, expected))
     (tmp / "jobs.json").write_text(json.dumps(jobs))
     proc = subprocess.run([sys.executable, str(PROBE), str(tmp / "jobs.json")], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "COMFYUI_DIR": str(COMFYUI_DIR)})
+                          timeout=600, env={**os.environ, "COMFYUI_DIR": str(comfyui_dir)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     return [(c, r, load_file(j["out"])) for c, r, j in zip(cases, results, jobs)]
@@ -66,14 +66,20 @@ def comfy_runs(tmp_path_factory):
 
 @pytest.mark.parametrize("case", range(len(CASES)), ids=[f"{v}-{k}" for v, k in CASES])
 def test_comfyui_loader_maps_every_key_and_patches_identically(comfy_runs, case):
-    (variant, base, lora_path), result, patched = comfy_runs[case]
+    (variant, base, lora_path, expected), result, patched = comfy_runs[case]
     assert result["model_class"] == "WAN21"
     assert result["not_loaded"] == []                       # every LoRA key consumed by ComfyUI's key map
     lora = read_lora(lora_path)
     assert sorted(result["patched_keys"]) == sorted(f"{m}.weight" for m in lora.modules)
     assert len(lora.modules) == (24 if variant == "i2v" else 20)
 
-    # the engine's answer: W + strength·ΔW through its own in-memory merge, on a float32 model with the same weights
+    # ComfyUI's patch equals the network that was trained (alpha 2 ≠ rank 4, so a dropped scale shows), not only
+    # the engine's re-reading of the same file
+    assert sorted(patched) == sorted(expected)
+    for key, theirs in patched.items():
+        torch.testing.assert_close(theirs, expected[key], rtol=1e-6, atol=1e-7)
+
+    # and the engine's reading of the file agrees: W + strength·ΔW through its own merge, float32, the same weights
     ours = tiny_model(variant)
     own_keys = set(ours.state_dict())
     ours.load_state_dict({k: v for k, v in base.items() if k in own_keys and v.shape == ours.state_dict()[k].shape},

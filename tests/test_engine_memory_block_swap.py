@@ -143,13 +143,44 @@ def test_inference_identical_and_prefetched_ahead(prefetch):
     if prefetch:
         # every swapped block's copy was started before the block preceding it in execution ran
         events = log.events
+        all_runs = [p for p, e in enumerate(events) if e[0] == "run"]
         for step in range(1, 3):   # steps after the first: the wrap-around prefetch is in place
-            run_pos = [p for p, e in enumerate(events) if e[0] == "run"][step * nb:(step + 1) * nb]
             for j in sw.swapped:
-                prev_run = run_pos[j - 1] if j > 0 else run_pos[0] - 1
-                loads = [p for p, e in enumerate(events) if e == ("load", j) and p < run_pos[j]]
+                run_j = all_runs[step * nb + j]
+                prev_run = all_runs[step * nb + j - 1]   # j = 0: the previous step's last block
+                loads = [p for p, e in enumerate(events) if e == ("load", j) and p < run_j]
                 assert loads and loads[-1] < prev_run, (j, step)
     sw.detach()
+
+
+@pytest.mark.parametrize("prefetch", [1, 2])
+@pytest.mark.parametrize("train", [False, True])
+def test_exchange_refills_the_freed_slot_before_the_block_returns(prefetch, train):
+    """The exchange: a streamed block that has run gives its slot to the next streamed block at once, from its own
+    forward hook, so that copy overlaps everything up to the next block's hook too. Only performance depends on it,
+    so it is checked on the transfer timeline: ("done", i) is noted by a hook registered after the swapper's."""
+    nb = 12
+    net, ad = make_net(blocks=nb)
+    net.gradient_checkpointing = train
+    sw = attach(net, 4, prefetch=prefetch)
+    for i, b in enumerate(net.blocks):
+        b.register_forward_hook(lambda m, a, o, i=i: sw.transfer.note("done", i))
+    run_steps(net, ad, steps=2, train=train)
+    sw.detach()
+    events = sw.transfer.log.events
+    exchanges = 0
+    for p, (kind, i) in enumerate(events):
+        if kind != "run":
+            continue
+        nxt = next((q for q in range(p + 1, len(events)) if events[q][0] in ("run", "done")), len(events))
+        if nxt == len(events) or events[nxt] != ("done", i):
+            continue   # a recompute that checkpoint stopped early: its forward hooks never ran
+        inside = events[p + 1:nxt]
+        if ("evict", i) in inside:   # block i gave its slot back at its own end: the refill is issued right there
+            after = inside[inside.index(("evict", i)) + 1:]
+            assert after and after[0][0] == "load" and after[0][1] in sw.swapped, (p, inside)
+            exchanges += 1
+    assert exchanges >= 2 * (len(sw.swapped) - sw.slots)   # every step streams its blocks through the slots
 
 
 def test_backward_recompute_loads_in_reverse_order_and_bounds_residency():

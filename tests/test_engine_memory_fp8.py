@@ -269,6 +269,92 @@ def test_load_comfy_scaled_fp8_keeps_fp8_bytes(tmp_path):
     torch.testing.assert_close(q(x), F.linear(x, w, sd["blocks.0.self_attn.q.bias"].float()))
 
 
+def _hand_dequant(q, scale):
+    """q.float() times its scale expanded to q's shape by hand (independent of dequantize_weight's layout code):
+    a scalar, one scale per output row ([out] or [out, 1]) or per (row, block of in/nb columns) ([out, nb, 1])."""
+    q = q.float()
+    if scale.numel() == 1:
+        return q * float(scale)
+    if scale.ndim == 3:
+        return q * scale[..., 0].repeat_interleave(q.shape[1] // scale.shape[1], dim=1)
+    return q * scale.reshape(-1)[:, None]
+
+
+def _assert_fp8_layer_is(layer, q, scale, bias=None):
+    """The layer's weight, dequantization and forward are those of (q, scale): values, not only shapes."""
+    assert torch.equal(layer.weight.view(torch.uint8), q.view(torch.uint8))
+    expected = _hand_dequant(q, scale)
+    torch.testing.assert_close(layer.dequantized_weight(), expected, rtol=0, atol=0)
+    x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = layer(x.float())
+    torch.testing.assert_close(y.float(), F.linear(x, expected, None if bias is None else bias.float()),
+                               rtol=1e-5, atol=1e-5)
+
+
+def _within_e4m3_of(deq, w, scale_full):
+    """One e4m3 rounding of w/scale: relative 2^-4 for normals, absolute scale·2^-9 (the subnormal step) below."""
+    return bool(((deq - w).abs() <= w.abs() / 16 + scale_full * 2.0 ** -9 + 1e-12).all())
+
+
+@pytest.mark.parametrize("layout", ["[out]", "[out, 1]", "[out, nb, 1]"])
+def test_per_channel_and_block_scales_on_a_non_square_layer(layout, monkeypatch):
+    """Rows of very different magnitude, 48 × 192: a scale applied along the wrong axis (or to the wrong block) is
+    off by orders of magnitude, not by rounding."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(48, 192, generator=g) * torch.logspace(-3, 1, 48)[:, None]
+    w[:, 64:128] *= 30                                    # block 1 of every row is larger: block scales differ
+    granularity = "block" if layout == "[out, nb, 1]" else "channel"
+    q, scale = quantize_weight(w, "scaled", block_size=64, granularity=granularity)
+    assert scale.shape == ((48, 3, 1) if granularity == "block" else (48, 1))
+    given = scale.reshape(48) if layout == "[out]" else scale
+    layer = Fp8Linear(q, given, None)
+    _assert_fp8_layer_is(layer, q, given)
+    scale_full = _hand_dequant(torch.ones_like(w).to(torch.float8_e4m3fn), given)
+    assert _within_e4m3_of(dequantize_weight(q, layer.scale_weight), w, scale_full)
+    # in bf16 too (the dtype generation runs in)
+    torch.testing.assert_close(layer.dequantized_weight(torch.bfloat16).float(),
+                               _hand_dequant(q, given).to(torch.bfloat16).float(), rtol=0, atol=0)
+    if granularity == "channel":   # the fp8 GEMM path takes row-wise scales too (PyTorch's CPU kernel here)
+        monkeypatch.setattr(fp8mod, "_SCALED_MM_ON_CPU", True)
+        layer.use_fp8_matmul = True
+        x = torch.randn(5, 192, generator=g)
+        with torch.no_grad():
+            y = layer(x.to(torch.bfloat16)).float()
+        ref = F.linear(x, _hand_dequant(q, given))
+        # per output channel: the rows span four decades, so a scale on the wrong row shows in the small ones
+        col_err = (y - ref).norm(dim=0) / ref.norm(dim=0)
+        assert col_err.max().item() < 2 * SCALED_TOL, col_err.max()
+
+
+def test_every_layer_of_a_comfy_scaled_file_dequantizes_with_its_own_scales(tmp_path):
+    """Both load paths, layer by layer: fp8 weights of the file with their scalar / [out] scales (ffn.0 is 256 × 64,
+    not square), and the file's high-precision Linears quantized on load (block-wise; per channel when the block
+    size does not divide in_features)."""
+    src = make_model()
+    path, sd = _scaled_fp8_file(tmp_path, src)
+    for block_size, hp_layout in ((64, "block"), (48, "channel")):
+        with torch.device("meta"):
+            m = TinyWanLike().to(torch.bfloat16)
+        load_fp8_checkpoint(m, Checkpoint.open(path), mode="scaled", dtype=torch.bfloat16, block_size=block_size)
+        seen = set()
+        for name, layer in m.named_modules():
+            if not isinstance(layer, Fp8Linear):
+                continue
+            w = sd[f"{name}.weight"]
+            if w.dtype == torch.float8_e4m3fn:
+                scale = sd[f"{name}.scale_weight"]
+                _assert_fp8_layer_is(layer, w, scale, sd[f"{name}.bias"])
+                seen.add("tensor" if scale.numel() == 1 else "channel-file")
+            else:
+                assert layer.scale_layout == hp_layout, name
+                _assert_fp8_layer_is(layer, layer.weight, layer.scale_weight, sd[f"{name}.bias"])
+                scale_full = _hand_dequant(torch.ones(w.shape).to(torch.float8_e4m3fn), layer.scale_weight)
+                assert _within_e4m3_of(layer.dequantized_weight(), w.float(), scale_full), name
+                seen.add(hp_layout)
+        assert seen == {"tensor", "channel-file", hp_layout}
+
+
 def test_load_reports_missing_tensors(tmp_path):
     src = make_model()
     sd = {k: v.contiguous() for k, v in src.state_dict().items() if not k.startswith("head.")}

@@ -49,8 +49,9 @@ def test_fp8_wan_forward_close_to_bf16():
             m = tiny(torch.bfloat16)
             quantize_model_fp8(m, mode)
             errs[mode] = rel_err(m(x, t, ctx), ref)
-    # fp8 rounding (≈2.5 % rms per weight) through two blocks and a residual stream
-    assert errs["scaled"] < 0.05 and errs["e4m3"] < 0.08
+    # fp8 rounding through two blocks and a residual stream: measured 0.0096 (e4m3) / 0.0102 (scaled) on CPU; 2×
+    # that still fails a coarser format (rounding through e5m2 gives 0.028–0.030)
+    assert errs["scaled"] < 0.02 and errs["e4m3"] < 0.02, errs
 
 
 @pytest.mark.parametrize("gc", [False, True])

@@ -42,17 +42,72 @@ def test_schedules_match_reference_definitions():
     assert euler.timesteps.dtype == torch.float32
 
 
+def test_unipc_sigma_max_is_float32_whatever_the_default_dtype():
+    """The official scheduler reads σ_max back from a float32 tensor: int64(σ·1000) is 666, not float64's 665."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        solver = make_solver("unipc", 3, 1.0)
+    finally:
+        torch.set_default_dtype(before)
+    assert solver.timesteps.tolist() == [999, 666, 333]
+    assert float(solver.sigmas[0]) == float(np.float32(0.999))
+
+
+@pytest.mark.parametrize("n,shift", [(4, 5.0), (7, 3.0), (20, 8.0)])
+def test_dpmpp_schedule_matches_closed_form_and_diffusers(n, shift):
+    """The DPM++ schedule from outside the pack: Wan's closed form, and diffusers' own flow-sigma construction."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    dpm = make_solver("dpm++", n, shift)
+    # Wan (get_sampling_sigmas): σ_i = S·u/(1 + (S−1)·u), u = 1 − i/N, i < N; final σ 0; timesteps int64(σ·1000)
+    u = 1.0 - np.arange(n) / n
+    closed = shift * u / (1 + (shift - 1) * u)
+    assert dpm.sigmas.numpy() == pytest.approx(np.append(closed, 0.0), abs=1e-12)
+    assert dpm.timesteps.dtype == torch.int64 and dpm.timesteps.tolist() == [int(v * 1000) for v in closed]
+
+    # diffusers builds the same shifted line from σ_max = 0.999 instead of 1: undo its shift, rescale the line to
+    # start at 1 and shift again; that is exactly our schedule (the shift itself is not taken from the pack)
+    sch = DPMSolverMultistepScheduler(num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True,
+                                      flow_shift=shift, final_sigmas_type="zero")
+    sch.set_timesteps(n)
+    theirs = sch.sigmas.double().numpy()
+    assert theirs[-1] == 0.0 and len(theirs) == n + 1
+    unshifted = theirs[:n] / (shift - (shift - 1) * theirs[:n])
+    line = unshifted / unshifted[0]
+    assert dpm.sigmas[:n].numpy() == pytest.approx(shift * line / (1 + (shift - 1) * line), abs=1e-5)
+
+
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True])
 def test_bad_steps_rejected(bad):
-    with pytest.raises(MusubiInputError, match="steps"):
+    with pytest.raises(MusubiInputError) as e:
         make_solver("unipc", bad, 5.0)
+    assert str(e.value) == f"steps: got {bad!r}; expected an integer >= 1"
 
 
 def test_bad_solver_and_shift_rejected():
-    with pytest.raises(MusubiInputError, match="solver"):
+    with pytest.raises(MusubiInputError) as e:
         make_solver("ddim", 10, 5.0)
-    with pytest.raises(MusubiInputError, match="shift"):
+    assert str(e.value) == "solver: got 'ddim'; expected one of ['dpm++', 'euler', 'unipc'] (or 'vanilla' for euler)"
+    with pytest.raises(MusubiInputError) as e:
         make_solver("euler", 10, 0.0)
+    assert str(e.value) == "shift: got 0.0; expected a number > 0 (flow shift; 5.0 is Wan's default)"
+
+
+@pytest.mark.parametrize("name", ["unipc", "dpm++", "euler"])
+def test_one_step_lands_on_the_data_point_and_a_further_step_is_refused(name):
+    """One data point x0: the exact velocity ε − x0 is constant, so a single step (the smallest valid count) from any
+    σ lands on x0, and the x0 estimate used for previews is x0 at every σ."""
+    g = torch.Generator().manual_seed(2)
+    x0, eps = torch.randn(2, 5, generator=g), torch.randn(2, 5, generator=g)
+    solver = make_solver(name, 1, 3.0)
+    s0 = float(solver.sigmas[0])
+    x = (1 - s0) * x0 + s0 * eps
+    assert torch.allclose(solver.denoised(eps - x0, 0, x), x0, atol=1e-6)
+    out = solver.step(eps - x0, 0, x)
+    assert torch.allclose(out, x0, atol=1e-6)
+    with pytest.raises(RuntimeError, match="expected step 1 of 1"):
+        solver.step(eps - x0, 1, out)
 
 
 # --- solvers vs diffusers (independent implementation) ------------------------------------------------------------
@@ -265,12 +320,99 @@ def test_slg_original_and_uncond_modes():
     assert rec.calls == [("c", None, 1), ("u", frozenset({1, 2}), 1)]
 
 
-@pytest.mark.parametrize("field,value", [("cfg_skip_mode", "sometimes"), ("cfg_apply_ratio", 1.5),
-                                         ("slg_mode", "both"), ("slg_layers", (-1,)), ("slg_end", 2.0)])
-def test_guidance_config_validation(field, value):
-    cfg = GuidanceConfig(**{field: value})
-    with pytest.raises(MusubiInputError, match=field.split("_")[0]):
+def test_defaults_cfg_on_every_step_and_one_float32_noise_sample():
+    assert cfg_step_mask(4, ratio=0.5) == [True] * 4           # mode defaults to "none"
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        noise = make_noise((3, 2), 5)
+    finally:
+        torch.set_default_dtype(before)
+    assert noise.shape == (1, 3, 2) and noise.dtype == torch.float32   # whatever the default dtype
+    assert torch.equal(noise[0], torch.randn(3, 2, generator=torch.Generator().manual_seed(5)))
+
+
+def test_cfg_mask_rounding_edges():
+    # a = floor(10·0.3) = 3, window start (10 − 3)//2 = 3 (integer division, not 3.5)
+    assert cfg_step_mask(10, "early_late", 0.3) == [False] * 3 + [True] * 3 + [False] * 4
+    # accumulating 0.5 reaches exactly 1.0 every second step: applied at ≥ 1, then 1 is taken off
+    assert cfg_step_mask(4, "alternate", 0.5) == [False, True, False, True]
+
+
+class _TimedRecorder(_Recorder):
+    """_Recorder that also records the timesteps each pass received."""
+
+    def __init__(self):
+        super().__init__()
+        self.ts = []
+
+    def __call__(self, x, t, cond, skip):
+        self.ts.append(t.clone())
+        if isinstance(cond, list):   # a merged batch: one block of rows per conditioning, shaped like x
+            skip_shift = 0.25 * len(skip) if skip else 0.0
+            self.calls.append((tuple(cond), skip, x.shape[0]))
+            rows = x.shape[0] // len(cond)
+            return torch.cat([torch.full_like(x[:rows], self.VALUES[c] + skip_shift) for c in cond])
+        return super().__call__(x, t, cond, skip)
+
+
+@pytest.mark.parametrize("batch_cfg", [True, False])
+def test_every_pass_gets_the_step_timesteps_and_is_counted(batch_cfg):
+    """Batch 3 (a batched pass has 6 rows), one SLG layer, a CFG-skipped step: every forward sees the step's t (both
+    halves of a batched pass) and `forwards` counts each model call once."""
+    x, t = torch.zeros(3, 2), torch.tensor([0.7, 0.7, 0.7])
+    rec = _TimedRecorder()
+    cfg = GuidanceConfig(scale=2.0, slg_layers=(3,), slg_scale=1.5, slg_end=0.25, batch_cfg=batch_cfg,
+                         cfg_skip_mode="late", cfg_apply_ratio=0.5)
+    g = GuidedVelocity(rec, "c", "u", cfg, 4, merge=lambda conds: list(conds))
+    out0 = g(x, t, 0)      # CFG + SLG (one skipped block: uncond 0.5 + 0.25)
+    assert torch.allclose(out0, torch.full_like(x, 0.5 + 2.0 * 1.5 + 1.5 * (2.0 - 0.75)))
+    out3 = g(x, t, 3)      # CFG skipped: cond only
+    assert torch.allclose(out3, torch.full_like(x, 2.0))
+    calls = 1 + (1 if batch_cfg else 2) + 1
+    assert g.forwards == len(rec.calls) == calls
+    assert rec.calls[calls - 2] == ("u", frozenset({3}), 3)
+    for ts in rec.ts:
+        assert torch.equal(ts, torch.cat([t, t]) if ts.shape[0] == 6 else t)
+    assert [ts.shape[0] for ts in rec.ts] == ([6] if batch_cfg else [3, 3]) + [3, 3]
+
+
+def test_guidance_config_edges_are_valid():
+    for cfg in (GuidanceConfig(cfg_apply_ratio=0.0), GuidanceConfig(cfg_apply_ratio=1.0),
+                GuidanceConfig(slg_start=0.4, slg_end=0.4), GuidanceConfig(slg_start=0.0, slg_end=1.0),
+                GuidanceConfig(slg_layers=(0, 3)), GuidanceConfig(scale=0)):
         cfg.validate(num_blocks=4)
+    GuidanceConfig(slg_layers=(40,)).validate()          # no block count known: any index ≥ 0
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({"scale": float("nan")}, "guidance_scale: got nan; expected a number (5.0 is Wan 2.1's default)"),
+    ({"scale": "5"}, "guidance_scale: got '5'; expected a number (5.0 is Wan 2.1's default)"),
+    ({"cfg_skip_mode": "sometimes"},
+     "cfg_skip_mode: got 'sometimes'; expected one of ('none', 'early', 'late', 'middle', 'early_late', 'alternate')"),
+    ({"cfg_apply_ratio": -0.1}, "cfg_apply_ratio: got -0.1; expected a fraction between 0 and 1"),
+    ({"cfg_apply_ratio": 1.5}, "cfg_apply_ratio: got 1.5; expected a fraction between 0 and 1"),
+    ({"slg_mode": "both"}, "slg_mode: got 'both'; expected one of ('original', 'uncond')"),
+    ({"slg_start": 0.5, "slg_end": 0.4}, "slg_start/slg_end: got (0.5, 0.4); expected 0 <= start <= end <= 1"),
+    ({"slg_end": 1.5}, "slg_start/slg_end: got (0.0, 1.5); expected 0 <= start <= end <= 1"),
+    ({"slg_layers": (-1,)}, "slg_layers: got [-1]; expected block indices 0 <= i < 4"),
+    ({"slg_layers": (1, 4)}, "slg_layers: got [1, 4]; expected block indices 0 <= i < 4"),
+    ({"slg_layers": (1.0,)}, "slg_layers: got [1.0]; expected block indices 0 <= i < 4"),
+])
+def test_guidance_config_messages(kw, message):
+    with pytest.raises(MusubiInputError) as e:
+        GuidanceConfig(**kw).validate(num_blocks=4)
+    assert str(e.value) == message
+
+
+def test_guidance_messages_without_a_block_count_and_for_the_mask():
+    with pytest.raises(MusubiInputError) as e:
+        GuidanceConfig(slg_layers=(-2,)).validate()
+    assert str(e.value) == "slg_layers: got [-2]; expected block indices 0 <= i"
+    with pytest.raises(MusubiInputError) as e:
+        cfg_step_mask(4, "often", 0.5)
+    assert str(e.value) == ("cfg_skip_mode: got 'often'; expected one of "
+                            "('none', 'early', 'late', 'middle', 'early_late', 'alternate')")
 
 
 def test_slg_layer_beyond_model_rejected():
@@ -305,6 +447,20 @@ def test_cpu_noise_identical_on_gpu_target():
 def test_bad_seed_rejected(seed):
     with pytest.raises(MusubiInputError, match="seed"):
         make_noise([16, 1, 2, 2], seed=seed)
+
+
+def test_largest_seed_is_valid_and_the_batch_wraps_to_zero():
+    from engine.sampling.noise import MAX_SEED
+    noise = make_noise((3, 2), MAX_SEED, batch=2)
+    assert torch.equal(noise[0], torch.randn(3, 2, generator=torch.Generator().manual_seed(MAX_SEED)))
+    assert torch.equal(noise[1], torch.randn(3, 2, generator=torch.Generator().manual_seed(0)))
+    for bad in (MAX_SEED + 1, -1):
+        with pytest.raises(MusubiInputError) as e:
+            make_noise((3, 2), bad)
+        assert str(e.value) == f"seed: got {bad}; expected an integer between 0 and {MAX_SEED}"
+    with pytest.raises(MusubiInputError) as e:
+        make_noise((3, 2), 1, noise_device="tpu")
+    assert str(e.value) == "noise_device: got 'tpu'; expected one of ('cpu', 'gpu')"
 
 
 def test_bad_noise_device_rejected():

@@ -369,4 +369,5 @@ def test_fp8_loading_keeps_block_linears_in_fp8_and_stays_close(tmp_path, mode):
     t = torch.tensor([500.0])
     a, b = ref(x, t, ctx), q(x, t, ctx)
     rel = ((a - b).norm() / a.norm()).item()
-    assert 0 < rel < 0.08, rel  # fp8 is lossy (e4m3 has a 3-bit mantissa) but close
+    # fp8 is lossy but close: measured 0.0097 (e4m3) / 0.0095 (scaled); rounding through e5m2 gives 0.023–0.026
+    assert 0 < rel < 0.02, rel

@@ -1,4 +1,4 @@
-"""Memory-lean training ops: Wan's q/k RMSNorm (engine/models/wan/ops.py) and the fp8 Linear's autograd Function:
+"""Memory-lean training ops: Wan's q/k RMSNorm (engine/families/wan/ops.py) and the fp8 Linear's autograd Function:
 same forward bit for bit, same gradients, less saved for backward."""
 
 import pytest

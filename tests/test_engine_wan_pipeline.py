@@ -1,7 +1,6 @@
 """Wan generation pipeline end to end on the tiny presets (CPU, float32, 32x32 px, few steps)."""
 
 import ast
-from pathlib import Path
 
 import pytest
 import torch
@@ -42,6 +41,24 @@ def _req(prompts, task="t2v", **kw):
     base = dict(width=32, height=32, frames=5, steps=2, seed=1)
     base.update(kw)
     return WanGenerateRequest(task, prompts["pos"], prompts["neg"], **base)
+
+
+def _hand_euler(m, prompts, latent_frames, y=None, clip=None, steps=2, shift=2.0, g=4.0, seed=1):
+    """The whole Euler + CFG loop written out independently of the pipeline; y and the CLIP features go to both the
+    conditional and the negative pass (official Wan)."""
+    x = torch.randn(1, 16, latent_frames, 4, 4, generator=torch.Generator().manual_seed(seed))
+    line = [1 - k / steps for k in range(steps + 1)]
+    sig = [shift * s / (1 + (shift - 1) * s) for s in line]
+    kw = {"y": None if y is None else y[None], "clip_fea": None if clip is None else clip[None]}
+    with torch.no_grad():
+        for i in range(steps):
+            t = torch.tensor([sig[i] * 1000.0])
+            vc, vu = m(x, t, [prompts["pos"]], **kw), m(x, t, [prompts["neg"]], **kw)
+            x = x + (vu + g * (vc - vu)) * (sig[i + 1] - sig[i])
+    return x
+
+
+EULER = dict(solver="euler", steps=2, shift=2.0, guidance_scale=4.0)
 
 
 class Spy:
@@ -191,6 +208,8 @@ def test_i2v_conditioning_layout_and_run(models, prompts, vae):
     m = models["i2v"]
     a = generate(m, _req(prompts, "i2v", conditioning=c, clip_fea=clip))
     assert a.shape == (1, 16, 2, 4, 4)
+    hand = _hand_euler(m, prompts, 2, y=c.y, clip=clip)
+    assert torch.allclose(generate(m, _req(prompts, "i2v", conditioning=c, clip_fea=clip, **EULER)), hand, atol=1e-4)
     assert torch.equal(a, generate(m, _req(prompts, "i2v", conditioning=c, clip_fea=clip)))
     other = prepare_i2v(vae, _image(5), frames=5)
     assert not torch.allclose(a, generate(m, _req(prompts, "i2v", conditioning=other, clip_fea=clip)), atol=1e-4)
@@ -218,8 +237,9 @@ def test_flf2v_conditioning_layout_and_run(models, prompts, vae):
     video = torch.cat([first[:, None], torch.zeros(3, 7, 32, 32), last[:, None]], dim=1)[None]
     assert torch.allclose(c.y[4:], vae.encode(video)[0], atol=1e-5)
     clip = torch.randn(514, CLIP_DIM, generator=torch.Generator().manual_seed(8))
-    out = generate(models["flf2v"], _req(prompts, "flf2v", frames=9, conditioning=c, clip_fea=clip))
-    assert out.shape == (1, 16, 3, 4, 4) and torch.isfinite(out).all()
+    out = generate(models["flf2v"], _req(prompts, "flf2v", frames=9, conditioning=c, clip_fea=clip, **EULER))
+    assert out.shape == (1, 16, 3, 4, 4)
+    assert torch.allclose(out, _hand_euler(models["flf2v"], prompts, 3, y=c.y, clip=clip), atol=1e-4)
 
 
 def test_fun_control_conditioning_and_run(models, prompts, vae):
@@ -230,8 +250,14 @@ def test_fun_control_conditioning_and_run(models, prompts, vae):
     assert (c.y[16:] == 0).all()
     with_img = prepare_fun_control(vae, control, frames=5, image=_image(10))
     assert (with_img.y[16:, 1:] == 0).all() and with_img.y[16:, 0].abs().sum() > 0
-    out = generate(models["fun-control"], _req(prompts, "fun_control", conditioning=c))
-    assert out.shape == (1, 16, 2, 4, 4) and torch.isfinite(out).all()
+    out = generate(models["fun-control"], _req(prompts, "fun_control", conditioning=c, **EULER))
+    assert out.shape == (1, 16, 2, 4, 4)
+    assert torch.allclose(out, _hand_euler(models["fun-control"], prompts, 2, y=c.y), atol=1e-4)
+    clip = torch.randn(257, CLIP_DIM, generator=torch.Generator().manual_seed(15))
+    out_img = generate(models["fun-control"], _req(prompts, "fun_control", conditioning=with_img, clip_fea=clip,
+                                                   **EULER))
+    assert torch.allclose(out_img, _hand_euler(models["fun-control"], prompts, 2, y=with_img.y, clip=clip), atol=1e-4)
+    assert not torch.allclose(out_img, out, atol=1e-4)   # the start image reaches the DiT
 
 
 def test_one_frame_layout_and_frame_indices(models, prompts, vae):
@@ -326,10 +352,8 @@ def test_latent_preview_projection():
     assert big.min() >= 0 and big.max() <= 1
 
 
-def test_preview_factors_equal_comfyui_tree():
-    src = Path.home() / ".cache/comfyui-musubi/ComfyUI/comfy/latent_formats.py"
-    if not src.is_file():
-        pytest.skip("local ComfyUI tree not present")
+def test_preview_factors_equal_comfyui_tree(comfyui_dir):
+    src = comfyui_dir / "comfy" / "latent_formats.py"
     tree = ast.parse(src.read_text())
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Wan21")
     values = {t.targets[0].id: ast.literal_eval(t.value) for t in cls.body

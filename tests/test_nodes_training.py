@@ -66,14 +66,14 @@ def data(comfy, tmp_path_factory):
 
 
 def train_prompt(out_dir, *, steps=12, max_steps=200, rank=8, lr=3e-3, attention="sdpa", dataset="cached",
-                 seed=1, train_node=True) -> dict:
+                 seed=1, train_node=True, dropout=0.0) -> dict:
     p = {
         "1": {"class_type": "MusubiWanDiTLoader",
               "inputs": {"model_name": "preset:tiny-t2v", "dtype": "fp32", "attention": attention}},
         "2": {"class_type": "MusubiTestCachedDataset", "inputs": {"name": dataset}},
         "3": {"class_type": "MusubiLoRAConfig",
-              "inputs": {"network_kind": "lora", "rank": rank, "alpha": float(rank), "dropout": 0.0,
-                         "rank_dropout": 0.0, "module_dropout": 0.0}},
+              "inputs": {"network_kind": "lora", "rank": rank, "alpha": float(rank), "dropout": dropout,
+                         "rank_dropout": dropout / 2, "module_dropout": dropout / 2}},
         "4": {"class_type": "MusubiOptimizerConfig",
               "inputs": {"optimizer_type": "AdamW", "learning_rate": lr, "max_grad_norm": 1.0,
                          "lr_scheduler": "constant", "lr_warmup_steps": "0"}},
@@ -195,11 +195,12 @@ def test_chained_train_steps_with_validate_between(comfy, data, tmp_path):
 
 @pytest.mark.parametrize("emulate", [False, True], ids=["0.3.75", "0.38-emulated"])
 def test_cancel_stops_within_one_step_and_resume_is_exact(comfy, data, tmp_path, emulate):
+    # with dropout: the resumed run must also continue the global RNG stream the dropout masks come from
     total = 12
-    comfy.run(train_prompt(tmp_path / "ref", steps=total))
+    comfy.run(train_prompt(tmp_path / "ref", steps=total, dropout=0.3))
     reference = comfy.output("6", 2)["loss"]
 
-    p = train_prompt(tmp_path / "cut", steps=total)
+    p = train_prompt(tmp_path / "cut", steps=total, dropout=0.3)
     comfy.cancel_after = ("6", 4)
     try:
         if emulate:
@@ -227,6 +228,18 @@ def test_cancel_stops_within_one_step_and_resume_is_exact(comfy, data, tmp_path,
     }
     comfy.run(resume)
     assert comfy.output("6", 2)["loss"] == reference
+
+
+def test_same_seed_samples_after_training_with_dropout_are_identical(comfy, data, tmp_path):
+    p = train_prompt(tmp_path / "out", steps=4, dropout=0.5)
+    sample_nodes(p, ["6", 4], "3")
+    sample_nodes(p, ["6", 4], "4")   # the same sampler inputs again, as a second node
+    sample_nodes(p, ["1", 0], "5")   # the base model: the adapter must matter for the comparison to mean anything
+    comfy.run(p)
+    first, second = comfy.output("31")["samples"], comfy.output("41")["samples"]
+    assert torch.equal(first, second), float((first - second).abs().max())
+    assert not torch.allclose(first, comfy.output("51")["samples"])
+    assert networks(comfy.output("6", 4))["training"].training is False
 
 
 def test_train_lora_all_in_one_and_save_trained_lora(comfy, data, tmp_path):

@@ -24,6 +24,13 @@ def test_requirements_txt_mirrors_pyproject_dependencies():
     assert sorted(deps) == sorted(reqs)
 
 
+def test_requirements_dev_txt_mirrors_the_dev_extra():
+    dev = _pyproject()["project"]["optional-dependencies"]["dev"]
+    reqs = [l.strip() for l in (REPO_ROOT / "requirements-dev.txt").read_text().splitlines()
+            if l.strip() and not l.startswith("#")]
+    assert sorted(dev) == sorted(reqs)
+
+
 def test_dependencies_have_lower_bounds_only():
     for dep in _pyproject()["project"]["dependencies"]:
         assert ">=" in dep and "==" not in dep and "<" not in dep.replace("<=", "X"), dep

@@ -26,11 +26,21 @@ def test_workflow_runs_in_process(comfy, path):
     result = comfy.run_workflow(wf)
     outputs = result["outputs"]
     assert outputs, "the workflow produced no output"
+    links = {link[0]: (str(link[1]), link[2]) for link in wf["links"]}
     for node in wf["nodes"]:
         if node["type"] == "MusubiWanVAEDecode":
             images = comfy.output(str(node["id"]))
             assert images.ndim == 4 and images.shape[-1] == 3 and torch.isfinite(images).all()
             assert images.std() > 0.01, "decoded frames are constant"
+            # the value: the VAE's decode of the latents the sampler produced, as [F, H, W, 3] in [0, 1]
+            src = {i["name"]: comfy.output(*links[i["link"]]) for i in node["inputs"] if i.get("link") is not None}
+            tile = node["widgets_values"][0]
+            vae = src["vae"]
+            with torch.no_grad():
+                video = vae.decode(src["latents"]["samples"].to(next(vae.parameters()).dtype), tile_size=tile or None,
+                                   tile_overlap=node["widgets_values"][1] if tile else None)
+            expected = ((video.float().cpu() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 4, 1).flatten(0, 1)
+            torch.testing.assert_close(images, expected, rtol=1e-4, atol=1e-4)
         if node["type"] in ("MusubiSaveVideo", "SaveVideo"):
             saved = outputs[str(node["id"])]["images"][0]
             f = Path(comfy.b.folder_paths.get_output_directory()) / saved["subfolder"] / saved["filename"]

@@ -13,6 +13,7 @@ to the output dtype.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -381,3 +382,19 @@ def attached_networks(model: nn.Module) -> dict[str, AdapterNetwork]:
 def detach_all(model: nn.Module) -> None:
     for net in list(attached_networks(model).values()):
         net.detach()
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """`model` and every network attached to it in eval mode (no LoRA/rank/module dropout) for the duration; each
+    one's train/eval flag is restored after. Generation runs inside it: a network left in train mode (a training
+    session, a user's script) would otherwise make same-seed samples differ."""
+    modules = [model, *attached_networks(model).values()]
+    flags = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, flag in zip(modules, flags):
+            m.train(flag)

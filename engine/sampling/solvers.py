@@ -124,8 +124,9 @@ class UniPCSolver(FlowSolver):
     def __init__(self, schedule: FlowSchedule):
         super().__init__(schedule)
         self._ms: list[torch.Tensor] = []        # last x0 predictions, newest last (≤ 2)
-        self._last_sample: torch.Tensor | None = None
-        self._last_order = 0
+        # written by step 0 before the corrector first reads them (steps >= 1): their initial values never matter
+        self._last_sample: torch.Tensor | None = None  # pragma: no mutate
+        self._last_order = 0  # pragma: no mutate
 
     @staticmethod
     def _coeffs(s: float, t: float) -> tuple[float, float, float]:
@@ -145,8 +146,9 @@ class UniPCSolver(FlowSolver):
             out = out - a_phi * 0.5 * d1
         return out
 
-    def _correct(self, x_t: torch.Tensor, m_t: torch.Tensor, i: int) -> torch.Tensor:
-        """Refine the sample at σ_i (the previous predictor's output) with the fresh prediction m_t."""
+    def _correct(self, m_t: torch.Tensor, i: int) -> torch.Tensor:
+        """Refine the sample at σ_i (the previous predictor's output, kept as _last_sample) with the fresh
+        prediction m_t."""
         s, t = self.sigma(i - 1), self.sigma(i)
         h, ratio, a_phi = self._coeffs(s, t)
         m0 = self._ms[-1]
@@ -168,7 +170,7 @@ class UniPCSolver(FlowSolver):
     def _step(self, v, i, x):
         m = x - self.sigma(i) * v
         if i > 0:
-            x = self._correct(x, m, i)
+            x = self._correct(m, i)
         self._ms = (self._ms + [m])[-self.max_order:]
         # warm-up (order grows with the history) and lower order on the final step(s)
         order = min(self.max_order, i + 1, self.steps - i)

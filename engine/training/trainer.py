@@ -200,6 +200,7 @@ class TrainingSession:
             completed = True
         finally:
             self.model.eval()
+            self.network.eval()  # dropout is for training steps only: samples after training must be deterministic
             if not completed:
                 self._save_state_safely(state_dir(self.output_dir, self.config.output_name))
             if self._tb is not None:

@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 import torch
 
 from ...errors import invalid
+from ...lora.adapters import eval_mode
 from ...memory.placement import execution_device
 from ...sampling import GuidanceConfig, GuidedVelocity, make_noise, make_solver, run_sampler
 from ...sampling.noise import NOISE_DEVICES, check_seed
@@ -362,7 +363,8 @@ def generate(model, request: WanGenerateRequest, progress: Progress | None = Non
 
     solver = make_solver(r.solver, r.steps, r.shift)
     guided = GuidedVelocity(_wan_predict(model, frame_indices), cond, uncond, r.guidance(), r.steps, merge=_merge)
-    latents = run_sampler(solver, noise, guided, progress)
+    with eval_mode(model):  # adapter dropout never applies to samples, whatever mode a trainer left it in
+        latents = run_sampler(solver, noise, guided, progress)
     if r.task == "one_frame":
         slot = cond_in.target_slot
         latents = latents[:, :, slot:slot + 1]
