@@ -223,9 +223,16 @@ class Checkpoint:
         return f.dtype(k)
 
     def raw(self, key: str) -> torch.Tensor:
-        """The stored tensor, as stored (may be fp8). Treat as read-only."""
+        """The stored tensor, as stored (may be fp8). Treat as read-only.
+
+        Every read goes through here, so NaN/Inf weights are refused (naming the file and the tensor) whatever
+        loads them: a LoRA of NaN would otherwise give an all-black video reported as success."""
         f, k = self._loc(key)
-        return f.get(k)
+        t = f.get(k)
+        if not is_finite(t):
+            raise invalid(f"checkpoint {f.path} tensor {key!r}", "non-finite values (NaN or Inf)",
+                          "finite weights (the file is corrupt or was saved from a diverged training)")
+        return t
 
     @property
     def is_scaled_fp8(self) -> bool:
@@ -272,6 +279,17 @@ class Checkpoint:
                 n *= d
             counts[self.dtype(k)] = counts.get(self.dtype(k), 0) + n
         return max(counts, key=counts.get)
+
+
+def is_finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf in a floating tensor (fp8 checked on its bit patterns: isfinite has no fp8 kernel everywhere)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    if t.dtype == torch.float8_e4m3fn:       # no Inf; NaN is S.1111.111
+        return not bool(((t.view(torch.uint8) & 0x7F) == 0x7F).any())
+    if t.dtype == torch.float8_e5m2:         # Inf/NaN have all exponent bits set
+        return not bool(((t.view(torch.uint8) & 0x7C) == 0x7C).any())
+    return bool(torch.isfinite(t).all())
 
 
 def load_into_module(module: torch.nn.Module, ckpt: Checkpoint, dtype: torch.dtype | None = None,
