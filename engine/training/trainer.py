@@ -317,6 +317,12 @@ class TrainingSession:
             loss, t = self._micro_step(self._next_batch(), 1.0 / accum)
             total += float(loss)
             ts.append(t)
+        if not math.isfinite(total):
+            # stop before the optimizer step turns the adapter into NaN; train_steps saves the last good step
+            folder = state_dir(self.output_dir, self.config.output_name)
+            raise invalid(f"training loss at step {self.step + 1}", total,
+                          f"a finite value: training diverged (lower the learning rate, or use bf16/fp32 instead of "
+                          f"fp16); the state of step {self.step} is saved in {folder} to resume from")
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.optimizer_config.max_grad_norm > 0:
