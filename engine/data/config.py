@@ -219,7 +219,9 @@ def _read_source(path_or_text, base_dir) -> tuple[str, str, Path]:
         p = Path(s).expanduser()
         if not p.is_file():
             raise invalid("dataset config", s, "an existing .toml or .json file")
-        return p.read_text(encoding="utf-8"), str(p), p.resolve().parent
+        from .items import read_text_file  # late: items imports this module
+
+        return read_text_file(p, "dataset config"), str(p), p.resolve().parent
     return s, "<toml text>", Path(base_dir or os.getcwd()).resolve()
 
 

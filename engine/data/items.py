@@ -88,11 +88,23 @@ def _from_directory(ds) -> list[SourceItem]:
                 continue
             raise invalid(f"dataset #{ds.index} video {p}", f"no caption file {cap_path.name}",
                           f"a caption file next to every video ({cap_path})")
-        caption = cap_path.read_text(encoding="utf-8").strip()
+        caption = read_text_file(cap_path, f"dataset #{ds.index} caption file").strip()
         controls = _find_controls(ds, p, control_dir) if control_dir else []
         items.append(SourceItem(key=p.stem if p.is_file() else p.name, kind=ds.kind, caption=caption, path=p,
                                 control_paths=controls))
     return items
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """UTF-8 text; a leading byte-order mark (Windows Notepad) is dropped rather than kept in the caption.
+
+    Other encodings (cp1252, UTF-16) are refused naming the file: guessing would silently train on mojibake."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise invalid(f"{what} {path}", f"byte {data[e.start:e.start + 1]!r} at offset {e.start} is not UTF-8",
+                      "a UTF-8 text file (re-save it as UTF-8)") from None
 
 
 def _find_controls(ds, media: Path, control_dir: Path) -> list[Path]:
@@ -118,7 +130,7 @@ def _from_jsonl(ds, path: Path) -> list[SourceItem]:
         raise invalid(f"dataset #{ds.index} {ds.kind}_jsonl_file", str(path), "an existing JSONL file")
     media_key = f"{ds.kind}_path"
     items = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(read_text_file(path, f"dataset #{ds.index} {ds.kind}_jsonl_file").splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path} line {n}"
