@@ -7,6 +7,7 @@ import os
 import torch
 
 from . import comfy_compat as compat
+from . import checks
 from . import types as T
 from .placement import dit_on_device, on_compute_device
 from ..engine.errors import invalid
@@ -65,6 +66,10 @@ class MusubiWanImageEncode:
     OUTPUT_TOOLTIPS = ("I2V/FLF2V conditioning for the sampler (its size and frame count must match the sampler's).",)
 
     @classmethod
+    def VALIDATE_INPUTS(cls, width=None, height=None, frames=None):
+        return checks.validate_inputs(cls, checks.VIDEO_SIZE, width=width, height=height, frames=frames)
+
+    @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "vae": (T.WAN_VAE, {"tooltip": "The Wan VAE."}),
@@ -118,6 +123,10 @@ class MusubiWanFunControlEncode:
     OUTPUT_TOOLTIPS = ("Fun-Control conditioning for the sampler (same width/height/frames as the sampler).",)
 
     @classmethod
+    def VALIDATE_INPUTS(cls, width=None, height=None, frames=None):
+        return checks.validate_inputs(cls, checks.VIDEO_SIZE, width=width, height=height, frames=frames)
+
+    @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "vae": (T.WAN_VAE, {"tooltip": "The Wan VAE."}),
@@ -157,6 +166,10 @@ class MusubiWanOneFrameEncode:
     RETURN_TYPES = (T.IMAGE_EMBEDS,)
     RETURN_NAMES = ("image_embeds",)
     OUTPUT_TOOLTIPS = ("One-frame conditioning for the sampler (frames = 1).",)
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, width=None, height=None):
+        return checks.validate_inputs(cls, checks.VIDEO_SIZE, width=width, height=height)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -201,6 +214,10 @@ class MusubiWanSampler:
     RETURN_TYPES = (T.LATENTS,)
     RETURN_NAMES = ("latents",)
     OUTPUT_TOOLTIPS = ("Generated latents; decode them with Musubi Wan VAE Decode.",)
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, width=None, height=None, frames=None):
+        return checks.validate_inputs(cls, checks.VIDEO_SIZE, width=width, height=height, frames=frames)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -314,6 +331,10 @@ class MusubiSaveVideo:
     OUTPUT_NODE = True
     RETURN_TYPES = ()
     OUTPUT_TOOLTIPS = ()
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename_prefix=None):
+        return checks.validate_inputs(cls, {"filename_prefix": checks.relative_name}, filename_prefix=filename_prefix)
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from . import comfy_compat as compat
+from . import checks
 from . import types as T
 from .placement import SWAP_ATTR, release_swap
 from .registry import MODELS
@@ -427,6 +428,10 @@ class MusubiSaveLoRA:
     OUTPUT_TOOLTIPS = ("The LoRA read back from the saved file.", "Full path of the saved file.")
 
     @classmethod
+    def VALIDATE_INPUTS(cls, filename_prefix=None):
+        return checks.validate_inputs(cls, {"filename_prefix": checks.relative_name}, filename_prefix=filename_prefix)
+
+    @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "lora": (T.LORA, {"tooltip": "The LoRA to save."}),
@@ -466,6 +471,10 @@ class MusubiConvertLoRA:
     RETURN_TYPES = (T.LORA, "STRING")
     RETURN_NAMES = ("lora", "path")
     OUTPUT_TOOLTIPS = ("The converted LoRA, read back from the new file.", "Full path of the converted file.")
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, output_name=None):
+        return checks.validate_inputs(cls, {"output_name": checks.relative_name}, output_name=output_name)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -511,6 +520,10 @@ class MusubiMergeLoRAIntoModel:
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("path",)
     OUTPUT_TOOLTIPS = ("Full path of the merged checkpoint.",)
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, output_name=None):
+        return checks.validate_inputs(cls, {"output_name": checks.relative_name}, output_name=output_name)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -572,6 +585,10 @@ class MusubiLoRAPostHocEMA:
     RETURN_NAMES = ("lora", "path", "summary")
     OUTPUT_TOOLTIPS = ("The averaged LoRA, read back from the new file.", "Full path of the averaged file.",
                        "Method, β values and the files averaged, in order.")
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, output_name=None):
+        return checks.validate_inputs(cls, {"output_name": checks.relative_name}, output_name=output_name)
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from . import comfy_compat as compat
+from . import checks
 from . import types as T
 from .placement import check_blocks_to_swap, on_compute_device, place_dit, prepare_for_view, release_swap
 from .registry import SESSIONS
@@ -593,7 +594,7 @@ class MusubiLoRAConfig:
             "network_kind": (NETWORK_KINDS, {"default": "lora",
                              "tooltip": "lora: low-rank pair; loha: Hadamard product (LyCORIS); lokr: Kronecker "
                                         "product (LyCORIS)."}),
-            "rank": ("INT", {"default": 16, "min": 0, "max": 1024,
+            "rank": ("INT", {"default": 16, "min": 1, "max": 1024,
                      "tooltip": "Network dimension (network_dim), an integer ≥ 1. Higher = more capacity and size."}),
             "alpha": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1024.0, "step": 0.5,
                       "tooltip": "network_alpha: the adapter is scaled by alpha/rank. 0 = alpha equals rank."}),
@@ -647,7 +648,7 @@ class MusubiOptimizerConfig:
             "optimizer_type": (OPTIMIZERS, {"default": "AdamW",
                                "tooltip": "AdamW (torch), AdamW8bit (bitsandbytes), Adafactor (transformers), "
                                           "Prodigy (prodigyopt), or custom: the class in custom_optimizer."}),
-            "learning_rate": ("FLOAT", {"default": 2e-4, "min": 0.0, "max": 10.0, "step": 1e-6, "round": False,
+            "learning_rate": ("FLOAT", {"default": 2e-4, "min": 1e-8, "max": 10.0, "step": 1e-6, "round": False,
                               "tooltip": "Base learning rate (> 0). Typical Wan LoRA: 1e-4 to 3e-4; Prodigy: 1.0."}),
             "max_grad_norm": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1000.0, "step": 0.1,
                               "tooltip": "Clip the gradient norm to this value (0 = no clipping)."}),
@@ -718,6 +719,10 @@ class MusubiInitTraining:
     OUTPUT_TOOLTIPS = ("The training session (connect Musubi Train Steps, Validate, Save Trained LoRA).",
                        "The model with the session's adapter attached (what the Sampler should use to generate "
                        "with the LoRA as trained so far).")
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, output_name=None):
+        return checks.validate_inputs(cls, {"output_name": checks.plain_file_name}, output_name=output_name)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -904,6 +909,10 @@ class MusubiValidationPrompt:
                        "Validation Prompt.",)
 
     @classmethod
+    def VALIDATE_INPUTS(cls, width=None, height=None, frames=None):
+        return checks.validate_inputs(cls, checks.VIDEO_SIZE, width=width, height=height, frames=frames)
+
+    @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "embeds": (T.EMBEDS, {"tooltip": "Prompt embeddings from Musubi Wan Text Encode (its negative prompt is "
@@ -973,6 +982,10 @@ class MusubiValidate:
                        "The session, unchanged (chain it to order Validate before the next Train Steps).")
 
     @classmethod
+    def VALIDATE_INPUTS(cls, width=None, height=None, frames=None):
+        return checks.validate_inputs(cls, checks.VIDEO_SIZE, width=width, height=height, frames=frames)
+
+    @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "session": (T.TRAINING_SESSION, {"tooltip": "The training session to sample with."}),
@@ -1022,6 +1035,10 @@ class MusubiSaveTrainedLoRA:
     RETURN_TYPES = (T.LORA, "STRING")
     RETURN_NAMES = ("lora", "path")
     OUTPUT_TOOLTIPS = ("The saved LoRA, read back (for Musubi Apply LoRA / LoRA Info).", "Full path of the saved file.")
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename_prefix=None):
+        return checks.validate_inputs(cls, {"filename_prefix": checks.relative_name}, filename_prefix=filename_prefix)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -1135,17 +1152,21 @@ class MusubiTrainLoRA:
                        "Loss curve of the training.", "Full path of the saved LoRA file.")
 
     @classmethod
+    def VALIDATE_INPUTS(cls, output_name=None):
+        return checks.validate_inputs(cls, {"output_name": checks.plain_file_name}, output_name=output_name)
+
+    @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "model": (T.WAN_DIT, {"tooltip": "The Wan DiT to train a LoRA for."}),
             "dataset": (T.DATASET, {"tooltip": "A dataset with cached latents and text embeddings for this model."}),
             "steps": ("INT", {"default": 1000, "min": 1, "max": 10_000_000, "tooltip": "Total optimizer steps."}),
             "network_kind": (NETWORK_KINDS, {"default": "lora", "tooltip": "lora, loha or lokr."}),
-            "rank": ("INT", {"default": 16, "min": 0, "max": 1024, "tooltip": "Network dimension, an integer ≥ 1."}),
+            "rank": ("INT", {"default": 16, "min": 1, "max": 1024, "tooltip": "Network dimension, an integer ≥ 1."}),
             "alpha": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1024.0, "step": 0.5,
                       "tooltip": "network_alpha (scale alpha/rank); 0 = alpha equals rank."}),
             "optimizer_type": (OPTIMIZERS[:-1], {"default": "AdamW", "tooltip": "The optimizer."}),
-            "learning_rate": ("FLOAT", {"default": 2e-4, "min": 0.0, "max": 10.0, "step": 1e-6, "round": False,
+            "learning_rate": ("FLOAT", {"default": 2e-4, "min": 1e-8, "max": 10.0, "step": 1e-6, "round": False,
                               "tooltip": "Learning rate (> 0)."}),
             "lr_scheduler": (_schedulers(), {"default": "constant", "tooltip": "Learning-rate schedule over the steps."}),
             "seed": ("INT", {"default": 42, "min": 0, "max": 2**31 - 1, "tooltip": "Training seed."}),
