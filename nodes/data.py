@@ -35,6 +35,7 @@ import torch
 
 from . import comfy_compat as compat
 from . import types as T
+from .paths import folder_problem, resolve_write_folder
 from .placement import on_compute_device
 from ..engine.data import (CachedBatchLoader, CacheRequirements, DatasetConfig, WanCacheAdapter, build_cache,
                            check_cache_for_model, dataset_from_folder, dataset_from_tensors, list_items,
@@ -220,6 +221,11 @@ class MusubiDatasetFromFolder:
     OUTPUT_TOOLTIPS = ("The dataset (config + cache state), not cached yet: connect Musubi Cache Latents.",)
 
     @classmethod
+    def VALIDATE_INPUTS(cls, cache_directory=None):
+        problem = folder_problem(cache_directory)
+        return f"cache_directory: {problem}" if problem else True
+
+    @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "folder": ("STRING", {"default": "", "tooltip": "Full path of the folder with the images or videos and their captions."}),
@@ -266,7 +272,8 @@ class MusubiDatasetFromFolder:
         ext = str(caption_extension).strip() or ".txt"
         if not ext.startswith("."):
             raise invalid("caption_extension", caption_extension, "an extension starting with '.', e.g. '.txt'")
-        cache = str(cache_directory).strip() or str(_cache_root() / f"{root.name}-{_short_hash(str(root))}")
+        cache = str(resolve_write_folder(cache_directory, "cache_directory",
+                                         _cache_root() / f"{root.name}-{_short_hash(str(root))}"))
         common = dict(caption_extension=ext, resolution=_resolution(width, height), batch_size=batch_size,
                       num_repeats=num_repeats, enable_bucket=enable_bucket, bucket_no_upscale=bucket_no_upscale,
                       cache_directory=cache)
@@ -296,6 +303,11 @@ class MusubiDatasetFromImages:
     RETURN_TYPES = (T.DATASET,)
     RETURN_NAMES = ("dataset",)
     OUTPUT_TOOLTIPS = ("The dataset (config + cache state), not cached yet: connect Musubi Cache Latents.",)
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, cache_directory=None):
+        problem = folder_problem(cache_directory)
+        return f"cache_directory: {problem}" if problem else True
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -340,6 +352,7 @@ class MusubiDatasetFromImages:
             digest = hashlib.sha1(images.numpy().tobytes())
             digest.update(f"{tuple(images.shape)}|{as_video}".encode())
             cache = str(_cache_root() / f"images-{digest.hexdigest()[:10]}")
+        cache = str(resolve_write_folder(cache, "cache_directory", Path(cache)))
         Path(cache).mkdir(parents=True, exist_ok=True)
         config = dataset_from_tensors(frames, caps, cache, resolution=_resolution(width, height),
                                       batch_size=batch_size, num_repeats=num_repeats)

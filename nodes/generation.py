@@ -8,6 +8,7 @@ import torch
 
 from . import comfy_compat as compat
 from . import checks
+from .paths import check_write_path
 from . import types as T
 from .placement import dit_on_device, on_compute_device
 from ..engine.errors import invalid
@@ -349,6 +350,7 @@ class MusubiSaveVideo:
         from ..engine.video_io import write_mp4
 
         folder, filename, counter, subfolder, _ = compat.save_path(filename_prefix, images.shape[2], images.shape[1])
+        check_write_path(folder, "filename_prefix")
         name = f"{filename}_{counter:05}_.mp4"
         metadata = {}
         if extra_pnginfo:

@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from . import comfy_compat as compat
 from . import checks
+from .paths import check_write_path
 from . import types as T
 from .placement import SWAP_ATTR, release_swap
 from .registry import MODELS
@@ -80,7 +81,7 @@ def output_file(save_to: str, folder_key: str, name: str, field: str, suffix: st
     path = base.joinpath(*parts)
     if path.suffix.lower() != suffix:
         path = path.with_name(path.name + suffix)
-    return path
+    return check_write_path(path, field)  # a symlinked subfolder may still lead elsewhere
 
 
 def numbered_file(save_to: str, folder_key: str, prefix: str, field: str) -> Path:

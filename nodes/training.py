@@ -27,6 +27,7 @@ import torch
 
 from . import comfy_compat as compat
 from . import checks
+from .paths import check_write_path, folder_problem, resolve_write_folder
 from . import types as T
 from .placement import check_blocks_to_swap, on_compute_device, place_dit, prepare_for_view, release_swap
 from .registry import SESSIONS
@@ -140,13 +141,10 @@ def _plain_key(obj) -> str:
 
 
 def resolve_output_dir(text: str) -> str:
-    """Empty: <ComfyUI output>/musubi_training; relative: inside ComfyUI's output folder; absolute: as given."""
-    text = (text or "").strip()
+    """Empty: <ComfyUI output>/musubi_training; relative: inside ComfyUI's output folder; absolute: as given, if
+    inside ComfyUI's folders (nodes/paths.py)."""
     base = Path(compat.output_directory())
-    if not text:
-        return str(base / "musubi_training")
-    p = Path(os.path.expanduser(text))
-    return str(p if p.is_absolute() else base / p)
+    return str(resolve_write_folder(text, "output_dir", base / "musubi_training", base))
 
 
 # --- dataset adapter -------------------------------------------------------------------------------------------------
@@ -721,8 +719,9 @@ class MusubiInitTraining:
                        "with the LoRA as trained so far).")
 
     @classmethod
-    def VALIDATE_INPUTS(cls, output_name=None):
-        return checks.validate_inputs(cls, {"output_name": checks.plain_file_name}, output_name=output_name)
+    def VALIDATE_INPUTS(cls, output_name=None, output_dir=None):
+        return checks.validate_inputs(cls, {"output_name": checks.plain_file_name, "output_dir": folder_problem},
+                                      output_name=output_name, output_dir=output_dir)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -749,7 +748,8 @@ class MusubiInitTraining:
                                   "tooltip": "Keep only the newest N periodic saves (0 = keep all)."}),
             "output_dir": ("STRING", {"default": "",
                            "tooltip": "Folder for LoRA files and training states. Empty = <ComfyUI "
-                                      "output>/musubi_training; a relative path is inside ComfyUI's output folder."}),
+                                      "output>/musubi_training; a relative path is inside ComfyUI's output folder; "
+                                      "paths outside ComfyUI's folders are refused (see README)."}),
             "output_name": ("STRING", {"default": "my_wan_lora",
                             "tooltip": "Base file name (NAME.safetensors, NAME-stepXXXXXXXX.safetensors, "
                                        "NAME-state/ for resuming)."}),
@@ -1116,6 +1116,7 @@ class MusubiResumeTraining:
         optimizer = _optimizer_config(optimizer_config) if optimizer_config is not None else _from_plain(
             OptimizerConfig, saved.get("optimizer", {}))
         config = _training_config_from_plain(saved.get("training", {}))
+        check_write_path(config.output_dir, "state_path (its saved output_dir)")
         if max_train_steps:
             config.max_train_steps = int(max_train_steps)
         run = open_run("resume", unique_id, model, dataset, dataclasses.replace(network),
@@ -1152,8 +1153,9 @@ class MusubiTrainLoRA:
                        "Loss curve of the training.", "Full path of the saved LoRA file.")
 
     @classmethod
-    def VALIDATE_INPUTS(cls, output_name=None):
-        return checks.validate_inputs(cls, {"output_name": checks.plain_file_name}, output_name=output_name)
+    def VALIDATE_INPUTS(cls, output_name=None, output_dir=None):
+        return checks.validate_inputs(cls, {"output_name": checks.plain_file_name, "output_dir": folder_problem},
+                                      output_name=output_name, output_dir=output_dir)
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -90,3 +90,13 @@ def test_widget_minimums_are_accepted_by_the_engine(comfy):
         lr_min = types[node]["required"]["learning_rate"][1]["min"]
         assert lr_min > 0
         OptimizerConfig(learning_rate=lr_min).validate()
+
+
+def test_validation_prompt_size_refused_when_queued(comfy, data, tmp_path):
+    from test_nodes_training_validation import add_validation
+
+    p = train_prompt(tmp_path / "out", steps=2)
+    add_validation(p)
+    p["31"]["inputs"]["frames"] = 3
+    errors = _errors(comfy, p)
+    assert "frames: 3 frames is not of the form 4k+1" in errors.get("31", ""), errors

@@ -253,13 +253,11 @@ def test_train_lora_all_in_one_and_save_trained_lora(comfy, data, tmp_path):
     assert lora.dialect.startswith("musubi")
 
 
-@pytest.mark.parametrize("case", ["rank 0", "lr 0", "sage", "not cached", "not writable"])
+@pytest.mark.parametrize("case", ["sage", "not cached", "not writable"])  # rank/lr 0: refused when queued (test_nodes_checks)
 def test_bad_inputs_fail_before_training_naming_the_input(comfy, data, tmp_path, case):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     kw, expect = {
-        "rank 0": ({"rank": 0}, "rank"),
-        "lr 0": ({"lr": 0.0}, "learning_rate"),
         "sage": ({"attention": "sage"}, "attention_backend"),
         "not cached": ({"dataset": "uncached"}, "no latent cache"),
         "not writable": ({}, "output_dir"),
