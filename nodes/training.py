@@ -140,6 +140,21 @@ def _plain_key(obj) -> str:
     return json.dumps(to_plain(obj), sort_keys=True, default=str)
 
 
+TRAINED_LORA_SUBFOLDER = "musubi"
+
+
+def default_lora_dir(output_dir_text: str) -> str | None:
+    """With the default output_dir, LoRA files go to <first models/loras folder>/musubi, where ComfyUI's LoRA pickers
+    (core and the pack's) list them right after training; the states stay in <output>/musubi_training (their .pt
+    files would show up in those pickers). An explicit output_dir keeps LoRAs and states together."""
+    if (output_dir_text or "").strip():
+        return None
+    folders = compat.model_folders("loras")
+    if not folders:
+        return None
+    return str(check_write_path(Path(folders[0]) / TRAINED_LORA_SUBFOLDER, "output_dir"))
+
+
 def resolve_output_dir(text: str) -> str:
     """Empty: <ComfyUI output>/musubi_training; relative: inside ComfyUI's output folder; absolute: as given, if
     inside ComfyUI's folders (nodes/paths.py)."""
@@ -568,6 +583,7 @@ def _training_config(*, seed, max_train_steps, mixed_precision, gradient_checkpo
                         max_timestep=None if int(max_timestep) == 1000 else int(max_timestep))
     return TrainingConfig(
         output_dir=resolve_output_dir(output_dir), output_name=(output_name or "").strip(),
+        lora_dir=default_lora_dir(output_dir),
         max_train_steps=int(max_train_steps), gradient_accumulation_steps=int(gradient_accumulation_steps),
         mixed_precision=mixed_precision, gradient_checkpointing=bool(gradient_checkpointing),
         attention_backend=None if attention_backend in ("model", "", None) else attention_backend,
@@ -747,7 +763,8 @@ class MusubiInitTraining:
             "keep_last_n_saves": ("INT", {"default": 0, "min": 0, "max": 10_000,
                                   "tooltip": "Keep only the newest N periodic saves (0 = keep all)."}),
             "output_dir": ("STRING", {"default": "",
-                           "tooltip": "Folder for LoRA files and training states. Empty = <ComfyUI "
+                           "tooltip": "Folder for LoRA files and training states. Empty = LoRA files in "
+                                      "models/loras/musubi (listed by the LoRA loaders), states in <ComfyUI "
                                       "output>/musubi_training; a relative path is inside ComfyUI's output folder; "
                                       "paths outside ComfyUI's folders are refused (see README)."}),
             "output_name": ("STRING", {"default": "my_wan_lora",
@@ -1047,12 +1064,13 @@ class MusubiSaveTrainedLoRA:
             "format": (SAVE_FORMATS, {"default": "comfyui",
                        "tooltip": "comfyui: diffusion_model.* keys; musubi: lora_unet_* keys; diffusers: PEFT keys "
                                   "(plain LoRA only)."}),
-            "filename_prefix": ("STRING", {"default": "loras/musubi_trained",
+            "filename_prefix": ("STRING", {"default": "musubi/musubi_trained",
                                 "tooltip": "File name prefix (subfolders allowed); a counter and .safetensors are "
                                            "appended."}),
             "dtype": (SAVE_DTYPES, {"default": "bf16", "tooltip": "Precision of the saved tensors."}),
-            "save_to": (["output", "models/loras"], {"default": "output",
-                        "tooltip": "output: ComfyUI's output folder; models/loras: the first loras folder."}),
+            "save_to": (["output", "models/loras"], {"default": "models/loras",
+                        "tooltip": "models/loras: the first loras folder, so the LoRA loaders list the file right "
+                                   "away; output: ComfyUI's output folder."}),
         }}
 
     def save(self, session, format, filename_prefix, dtype, save_to):
@@ -1117,6 +1135,8 @@ class MusubiResumeTraining:
             OptimizerConfig, saved.get("optimizer", {}))
         config = _training_config_from_plain(saved.get("training", {}))
         check_write_path(config.output_dir, "state_path (its saved output_dir)")
+        if config.lora_dir:
+            check_write_path(config.lora_dir, "state_path (its saved lora_dir)")
         if max_train_steps:
             config.max_train_steps = int(max_train_steps)
         run = open_run("resume", unique_id, model, dataset, dataclasses.replace(network),
@@ -1180,7 +1200,8 @@ class MusubiTrainLoRA:
             "output_name": ("STRING", {"default": "my_wan_lora", "tooltip": "Base name of the saved LoRA file."}),
             "save_format": (SAVE_FORMATS, {"default": "comfyui", "tooltip": "Format of the saved LoRA."}),
         }, "optional": {
-            "output_dir": ("STRING", {"default": "", "tooltip": "Folder for the LoRA and state; empty = <ComfyUI "
+            "output_dir": ("STRING", {"default": "", "tooltip": "Folder for the LoRA and state; empty = the LoRA in "
+                                                               "models/loras/musubi, the state in <ComfyUI "
                                                                "output>/musubi_training."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
@@ -1200,7 +1221,7 @@ class MusubiTrainLoRA:
             save_format=save_format)
         run = open_run("train_lora", unique_id, model, dataset, network, optimizer, config)
         train_to(run, run.session.total_steps, unique_id)
-        path = lora_path(Path(config.output_dir), config.output_name)
+        path = lora_path(Path(config.lora_dir or config.output_dir), config.output_name)
         if not path.is_file():
             path = run.session.save_lora(path)
         return {"ui": {"text": [status_of(run), str(path)]}, "result": (run.model, _loss_image(run), str(path))}
