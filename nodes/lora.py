@@ -312,13 +312,14 @@ class MusubiLoadLoRA:
     def INPUT_TYPES(cls):
         return {"required": {
             "lora_name": (_lora_files(), {"tooltip": "A LoRA file from ComfyUI's models/loras folder(s)."}),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
-    def load(self, lora_name):
+    def load(self, lora_name, unique_id=None):
         from ..engine.lora import read_lora
 
         path = resolve_lora_file(lora_name, "lora_name")
-        lora = MODELS.get_or_create(("lora",) + _file_identity(path), lambda: read_lora(path))
+        owner = None if unique_id is None else ("MusubiLoadLoRA", str(unique_id))  # one file held per node
+        lora = MODELS.get_or_create(("lora",) + _file_identity(path), lambda: read_lora(path), owner=owner)
         return (lora, describe_lora(lora))
 
 
