@@ -281,6 +281,18 @@ class Checkpoint:
         return max(counts, key=counts.get)
 
 
+def same_tensors(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Two weight files hold the same tensors (names, dtypes, values, bit for bit). Metadata is not compared (a
+    title or a date differs between two saves of one LoRA). Unreadable files are simply not the same."""
+    try:
+        ca, cb = Checkpoint.open(a), Checkpoint.open(b)
+        if set(ca.keys()) != set(cb.keys()):
+            return False
+        return all(ca.dtype(k) == cb.dtype(k) and torch.equal(ca.raw(k), cb.raw(k)) for k in ca.keys())
+    except MusubiInputError:
+        return False
+
+
 def is_finite(t: torch.Tensor) -> bool:
     """No NaN/Inf in a floating tensor (fp8 checked on its bit patterns: isfinite has no fp8 kernel everywhere)."""
     if not t.is_floating_point() or t.numel() == 0:

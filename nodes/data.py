@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -153,6 +154,16 @@ def _source_summary(dataset: MusubiDataset, items: list[list], notes: list[str])
                      f"{ds.num_repeats}, bucketing {'on' if ds.enable_bucket else 'off'}; cache {ds.cache_directory}")
     lines += [f"warning: {n}" for n in notes]
     return "\n".join(lines)
+
+
+def _check_cache_folder(cache: str) -> None:
+    """The cache folder can be created (checked on the nearest existing folder) but is not created here: the caching
+    node creates it when it writes the first file, so a dataset that fails leaves no empty folder behind."""
+    p = Path(cache)
+    while not p.exists() and p.parent != p:
+        p = p.parent
+    if not p.is_dir() or not os.access(p, os.W_OK | os.X_OK):
+        raise invalid("cache_directory", cache, f"a folder that can be created and written ({p} is not writable)")
 
 
 def _parse_int_list(text: str, field: str) -> list[int]:
@@ -289,7 +300,7 @@ class MusubiDatasetFromFolder:
 
     def load(self, **kwargs):
         dataset = MusubiDataset(self._config(**kwargs))
-        Path(dataset.config.datasets[0].cache_directory).mkdir(parents=True, exist_ok=True)
+        _check_cache_folder(dataset.config.datasets[0].cache_directory)
         return _source_result(dataset)
 
 
@@ -353,7 +364,7 @@ class MusubiDatasetFromImages:
             digest.update(f"{tuple(images.shape)}|{as_video}".encode())
             cache = str(_cache_root() / f"images-{digest.hexdigest()[:10]}")
         cache = str(resolve_write_folder(cache, "cache_directory", Path(cache)))
-        Path(cache).mkdir(parents=True, exist_ok=True)
+        _check_cache_folder(cache)
         config = dataset_from_tensors(frames, caps, cache, resolution=_resolution(width, height),
                                       batch_size=batch_size, num_repeats=num_repeats)
         return _source_result(MusubiDataset(config))

@@ -93,6 +93,17 @@ def numbered_file(save_to: str, folder_key: str, prefix: str, field: str) -> Pat
     return folder / f"{base}_{max(taken, default=0) + 1:05}_.safetensors"
 
 
+def previous_numbered(path: Path) -> Path | None:
+    """The newest existing `<prefix>_NNNNN_.safetensors` before `path` (a name from `numbered_file`), if any."""
+    m = re.match(r"^(?P<base>.*)_(?P<n>\d+)_\.safetensors$", path.name)
+    if not m or not path.parent.is_dir():
+        return None
+    pattern = re.compile(rf"^{re.escape(m['base'])}_(\d+)_\.safetensors$")
+    older = [(int(k.group(1)), f) for f in os.listdir(path.parent)
+             if (k := pattern.match(f)) and int(k.group(1)) < int(m["n"])]
+    return path.parent / max(older)[1] if older else None
+
+
 def _same_file(a, b) -> bool:
     return Path(a).resolve() == Path(b).resolve()
 

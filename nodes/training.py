@@ -1074,8 +1074,9 @@ class MusubiSaveTrainedLoRA:
         }}
 
     def save(self, session, format, filename_prefix, dtype, save_to):
+        from ..engine.checkpoint import same_tensors
         from ..engine.lora import read_lora
-        from .lora import numbered_file
+        from .lora import numbered_file, previous_numbered
 
         run = _handle(session).run
         if format not in SAVE_FORMATS:
@@ -1089,6 +1090,11 @@ class MusubiSaveTrainedLoRA:
             saved = run.session.save_lora(path)
         finally:
             cfg.save_format, cfg.save_precision = old
+        # ComfyUI re-runs this node when its cached output was evicted: the same adapter is not saved twice
+        previous = previous_numbered(saved)
+        if previous is not None and same_tensors(previous, saved):
+            saved.unlink()
+            saved = previous
         return {"ui": {"text": [str(saved)]}, "result": (read_lora(saved), str(saved))}
 
 

@@ -245,3 +245,20 @@ def test_missing_toml_and_i2v_without_clip_are_named(comfy, tmp_path):
     data = make_sample_dataset(tmp_path / "media", num_images=1, num_videos=0, num_frame_folders=0)
     run(comfy, cache_prompt(folder_node(data["images"], tmp_path / "c"), text=False, task="i2v"), expect_success=False)
     assert "clip_vision" in comfy.error_message(), comfy.error_message()
+
+
+def test_failed_dataset_from_folder_leaves_no_empty_cache_folder(comfy, tmp_path):
+    """Issue 23 item 7: the cache folder appears only when something is written into it."""
+    folder = tmp_path / "uncaptioned"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"")   # no caption next to it: the dataset has no usable items
+    cache = tmp_path / "cache_never"
+    run(comfy, cache_prompt(folder_node(folder, cache), text=False), expect_success=False)
+    assert "no usable items" in comfy.error_message(), comfy.error_message()
+    assert not cache.exists()
+    nodes_data = comfy.pack_module("nodes.data")
+    default = nodes_data._cache_root()
+    before = set(default.iterdir()) if default.is_dir() else set()
+    run(comfy, cache_prompt(folder_node(folder), text=False), expect_success=False)
+    after = set(default.iterdir()) if default.is_dir() else set()
+    assert after == before, after - before

@@ -322,3 +322,23 @@ def test_trained_loras_land_where_the_lora_pickers_look(comfy, data):
     saved = Path(comfy.output("8", 1))
     assert saved.parent.resolve().is_relative_to(loras.resolve())
     assert saved.relative_to(loras).as_posix() in comfy.b.folder_paths.get_filename_list("loras")
+
+
+def test_save_trained_lora_writes_no_second_copy_when_its_output_was_evicted(comfy, data, tmp_path):
+    """Issue 23 item 7: ComfyUI (RAM-pressure cache) drops outputs and re-runs nodes; the same adapter is not saved
+    again under the next number. A changed adapter still gets its own file."""
+    p = train_prompt(tmp_path / "dedupe", steps=2)
+    p["8"] = {"class_type": "MusubiSaveTrainedLoRA", "inputs": {
+        "session": ["6", 0], "format": "comfyui", "filename_prefix": "t23_dedupe/lora", "dtype": "bf16",
+        "save_to": "output"}}
+    comfy.run(p)
+    first = Path(comfy.output("8", 1))
+    folder = first.parent
+    comfy.executor.reset()                       # every cached output evicted, as RAM pressure would
+    comfy.run(p)
+    assert Path(comfy.output("8", 1)) == first
+    assert sorted(f.name for f in folder.iterdir()) == [first.name]
+    p["6"]["inputs"]["steps"] = 3                # trains on: a different adapter
+    comfy.run(p)
+    second = Path(comfy.output("8", 1))
+    assert second != first and sorted(f.name for f in folder.iterdir()) == sorted([first.name, second.name])
