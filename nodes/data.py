@@ -140,10 +140,22 @@ def _fingerprint(config: DatasetConfig, extra: str = "") -> str:
     return h.hexdigest()
 
 
-def _source_result(dataset: MusubiDataset) -> dict:
-    """What a source node returns: the dataset, and its summary (items listed now, so bad sources fail here)."""
-    items, notes = _list_all(dataset.config)
-    return {"ui": {"text": [_source_summary(dataset, items, notes)]}, "result": (dataset,)}
+def _source_result(dataset: MusubiDataset, unique_id=None, notes: list[str] | None = None) -> dict:
+    """What a source node returns: the dataset, and its summary (items listed now, so bad sources fail here).
+
+    `notes`: warnings raised while the config was built (frame counts rounded to 4k+1...)."""
+    items, listed = _list_all(dataset.config)
+    return _shown(unique_id, _source_summary(dataset, items, (notes or []) + listed), (dataset,))
+
+
+def _shown(unique_id, text: str, result: tuple) -> dict:
+    """The node's summary (with its warnings) as progress text on the node, where users see it, and as ui text."""
+    compat.send_text(unique_id, text)
+    return {"ui": {"text": [text]}, "result": result}
+
+
+def _with_warnings(summary: str, notes: list[str]) -> str:
+    return "\n".join([summary] + [f"warning: {n}" for n in dict.fromkeys(notes)])
 
 
 def _source_summary(dataset: MusubiDataset, items: list[list], notes: list[str]) -> str:
@@ -198,7 +210,7 @@ class MusubiDatasetFromTOML:
     def INPUT_TYPES(cls):
         return {"required": {
             "toml_path": ("STRING", {"default": "", "tooltip": "Full path of a Musubi Tuner dataset .toml (or .json) file."}),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     @classmethod
     def IS_CHANGED(cls, toml_path="", **_):
@@ -208,7 +220,7 @@ class MusubiDatasetFromTOML:
         except Exception:  # let the node run and raise its named error
             return float("nan")
 
-    def load(self, toml_path):
+    def load(self, toml_path, unique_id=None):
         path = str(toml_path).strip()
         if not path:
             raise invalid("toml_path", toml_path, "the full path of a Musubi Tuner dataset .toml file")
@@ -217,7 +229,10 @@ class MusubiDatasetFromTOML:
             raise invalid("toml_path", path, "an existing dataset config file (.toml or .json)")
         if p.suffix.lower() not in (".toml", ".json"):
             raise invalid("toml_path", path, "a .toml or .json dataset config")
-        return _source_result(MusubiDataset(load_dataset_config(p)))
+        notes: list[str] = []
+        with _collect_warnings(notes):
+            dataset = MusubiDataset(load_dataset_config(p))
+        return _source_result(dataset, unique_id, notes)
 
 
 class MusubiDatasetFromFolder:
@@ -263,7 +278,7 @@ class MusubiDatasetFromFolder:
                            "tooltip": "Frame rate of the videos; frames are dropped to Wan's 16 fps. 0 = use every frame."}),
             "cache_directory": ("STRING", {"default": "",
                                 "tooltip": "Where the latent/text caches go. Empty: <ComfyUI output>/musubi_cache/<folder name>-<path hash>."}),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     @classmethod
     def IS_CHANGED(cls, **kwargs):
@@ -298,10 +313,12 @@ class MusubiDatasetFromFolder:
             config = dataset_from_folder(root, kind="video", **common, **video)
         return config
 
-    def load(self, **kwargs):
-        dataset = MusubiDataset(self._config(**kwargs))
+    def load(self, unique_id=None, **kwargs):
+        notes: list[str] = []
+        with _collect_warnings(notes):
+            dataset = MusubiDataset(self._config(**kwargs))
         _check_cache_folder(dataset.config.datasets[0].cache_directory)
-        return _source_result(dataset)
+        return _source_result(dataset, unique_id, notes)
 
 
 class MusubiDatasetFromImages:
@@ -337,9 +354,10 @@ class MusubiDatasetFromImages:
                                 "tooltip": "Where the latent/text caches go. Empty: <ComfyUI output>/musubi_cache/images-<pixel hash>."}),
         }, "optional": {
             "batch_size": ("INT", {"default": 1, "min": 1, "max": 256, "tooltip": "Samples per training batch."}),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
-    def load(self, images, captions, width, height, num_repeats, as_video, cache_directory, batch_size=1):
+    def load(self, images, captions, width, height, num_repeats, as_video, cache_directory, batch_size=1,
+             unique_id=None):
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] not in (3, 4):
             raise invalid("images", getattr(images, "shape", type(images).__name__), "an IMAGE [batch, height, width, 3]")
         if images.shape[1] < 16 or images.shape[2] < 16:
@@ -365,9 +383,11 @@ class MusubiDatasetFromImages:
             cache = str(_cache_root() / f"images-{digest.hexdigest()[:10]}")
         cache = str(resolve_write_folder(cache, "cache_directory", Path(cache)))
         _check_cache_folder(cache)
-        config = dataset_from_tensors(frames, caps, cache, resolution=_resolution(width, height),
-                                      batch_size=batch_size, num_repeats=num_repeats)
-        return _source_result(MusubiDataset(config))
+        notes: list[str] = []
+        with _collect_warnings(notes):
+            config = dataset_from_tensors(frames, caps, cache, resolution=_resolution(width, height),
+                                          batch_size=batch_size, num_repeats=num_repeats)
+        return _source_result(MusubiDataset(config), unique_id, notes)
 
 
 # --- caching nodes ---------------------------------------------------------------------------------------------------
@@ -428,15 +448,16 @@ class MusubiCacheLatents:
             raise invalid("clip_vision", "connected", "no CLIP vision for task t2v (pick i2v or disconnect it)")
         adapter = WanCacheAdapter(vae=vae, clip=clip_vision, i2v=task == "i2v", control=task == "fun-control")
         progress = _progress(unique_id, "latents")
+        notes: list[str] = []
         with on_compute_device(vae), (on_compute_device(clip_vision) if clip_vision is not None
-                                      else contextlib.nullcontext()):
+                                      else contextlib.nullcontext()), _collect_warnings(notes):
             report = build_cache(dataset.config, adapter, keep_cache=keep_cache, num_workers=workers,
                                  progress=progress)
         latent = {**adapter.latent_description(), "task": task}
         summary = _cache_summary("latents", report.latents_encoded, report.items, report.removed_files, dataset,
                                  f", {report.clips_written} clip(s) written")
         out = dataset.with_cache(latent=latent, history=dataset.history + (summary,))
-        return {"ui": {"text": [summary]}, "result": (out,)}
+        return _shown(unique_id, _with_warnings(summary, notes), (out,))
 
 
 class MusubiCacheTextEmbeddings:
@@ -463,12 +484,13 @@ class MusubiCacheTextEmbeddings:
         dataset = _dataset(dataset)
         adapter = WanCacheAdapter(text_encoder=text_encoder)
         progress = _progress(unique_id, "captions")
-        with on_compute_device(text_encoder):
+        notes: list[str] = []
+        with on_compute_device(text_encoder), _collect_warnings(notes):
             # One caption per step: every item is a cancel point and results never depend on batch padding.
             report = build_cache(dataset.config, adapter, keep_cache=keep_cache, text_batch_size=1, progress=progress)
         summary = _cache_summary("text", report.texts_encoded, report.items, report.removed_files, dataset)
         out = dataset.with_cache(text=adapter.text_description(), history=dataset.history + (summary,))
-        return {"ui": {"text": [summary]}, "result": (out,)}
+        return _shown(unique_id, _with_warnings(summary, notes), (out,))
 
 
 # --- preview ---------------------------------------------------------------------------------------------------------

@@ -47,12 +47,19 @@ class MusubiWanTextEncode:
                                 "tooltip": "What to avoid. Empty: Wan's official default negative prompt."}),
             "offload_after": ("BOOLEAN", {"default": True,
                               "tooltip": "Move the encoder back to CPU memory after encoding (frees VRAM)."}),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
-    def encode(self, text_encoder, prompt, negative_prompt, offload_after):
+    def encode(self, text_encoder, prompt, negative_prompt, offload_after, unique_id=None):
+        import warnings
+
         negative = negative_prompt.strip() or WAN_NEGATIVE_PROMPT
-        with on_compute_device(text_encoder, offload_after):
+        with on_compute_device(text_encoder, offload_after), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             pos, neg = text_encoder.encode([prompt, negative])
+        notes = [f"warning: {w.message}" for w in caught]
+        if notes:   # e.g. a prompt longer than 512 tokens: shown on the node, not only in the console
+            compat.log.warning("%s", "; ".join(notes))
+            compat.send_text(unique_id, "\n".join(notes))
         return ({"context": pos.float().cpu(), "negative_context": neg.float().cpu(), "prompt": prompt,
                  "negative_prompt": negative},)
 

@@ -151,6 +151,9 @@ def prepare_item(item: SourceItem, ds, target_fps: float, arch: str, one_frame: 
         if not spans:
             warnings.warn(f"dataset #{ds.index}: video {item.path or item.key} has {len(video)} frames, fewer than "
                           f"every target_frames {ds.target_frames}; skipped", DatasetWarning, stacklevel=2)
+        elif ds.frame_extraction == "full" and spans[0][1] != min(len(video), ds.max_frames):
+            warnings.warn(f"dataset #{ds.index}: video {item.path or item.key}: {min(len(video), ds.max_frames)} "
+                          f"frames is not 4k+1; using the first {spans[0][1]}", DatasetWarning, stacklevel=2)
     spec = one_frame_spec(ds, one_frame) if item.control_paths else None
     if spec is not None:
         if len(item.control_paths) != len(spec.clean_indices):
