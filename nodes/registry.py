@@ -12,8 +12,10 @@ else still holds it (a training session, ComfyUI's output cache) asking for the 
 instead of loading a second copy; once nothing holds it, its memory is gone.
 
 RAM-pressure caching (ComfyUI 0.38's default): ComfyUI may drop a loader's cached output and re-run the node; the
-registry answers with the object already in memory, so the eviction never doubles RAM, and the bound above keeps what
-the pack holds to what the current graphs use.
+registry answers with the object already in memory, so the eviction never doubles RAM. ComfyUI cannot free what the
+registry holds, so the registry does its part when RAM is short: before a loader loads a new model that does not fit
+in the available RAM, the models owned by loader nodes that are not in the running prompt (another workflow's) are
+released first (`make_room`).
 """
 
 from __future__ import annotations
@@ -75,6 +77,21 @@ class Registry:
             del self._released[k]
         return value
 
+    def make_room(self, need_bytes: int, keep_owners) -> int:
+        """Under RAM pressure (less than `need_bytes` available), release the entries whose owners are not in
+        `keep_owners` (loader nodes of the running prompt). Unowned entries are kept. Returns how many went."""
+        if available_ram() >= need_bytes:
+            return 0
+        keep_owners = set(keep_owners)
+        with self._lock:
+            keep = {k for o, k in self._owners.items() if o in keep_owners}
+            gone = {k for o, k in self._owners.items() if o not in keep_owners and k not in keep}
+            self._owners = {o: k for o, k in self._owners.items() if o in keep_owners}
+            dropped = sum(self._drop_if_unowned(k) for k in gone)
+        if dropped:
+            _collect()
+        return dropped
+
     def live_released(self) -> int:
         """Released entries still alive because something else holds them (for tests and diagnostics)."""
         with self._lock:
@@ -104,6 +121,16 @@ class Registry:
                 del self._released[k]
         _collect()
         return len(doomed)
+
+
+def available_ram() -> int:
+    """Bytes of RAM available now (psutil is a ComfyUI dependency; without it, never under pressure)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # noqa: BLE001 - no psutil, or no /proc in a sandbox
+        return 1 << 62
 
 
 def _collect() -> None:

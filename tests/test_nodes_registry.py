@@ -7,6 +7,7 @@ import gc
 import weakref
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.comfy
 
@@ -81,14 +82,14 @@ def test_a_released_copy_still_held_elsewhere_is_handed_back_not_loaded_again(co
 
 
 def test_load_lora_releases_the_previous_file(comfy, models, tmp_path):
-    import torch
     from safetensors.torch import save_file
 
     folder = tmp_path / "loras"
     folder.mkdir()
     for name in ("a", "b"):
         save_file({"lora_unet_blocks_0_self_attn_q.lora_down.weight": torch.randn(2, 32),
-                   "lora_unet_blocks_0_self_attn_q.lora_up.weight": torch.randn(32, 2)}, str(folder / f"{name}.safetensors"))
+                   "lora_unet_blocks_0_self_attn_q.lora_up.weight": torch.randn(32, 2)},
+                  str(folder / f"{name}.safetensors"))
     comfy.b.folder_paths.add_model_folder_path("loras", str(folder))
     try:
         def prompt(name):
@@ -101,3 +102,37 @@ def test_load_lora_releases_the_previous_file(comfy, models, tmp_path):
         assert a() is None and len([k for k in models.keys() if k[0] == "lora"]) == 1
     finally:
         comfy.b.folder_paths.folder_names_and_paths["loras"][0].remove(str(folder))
+
+
+def test_under_ram_pressure_a_load_first_releases_the_models_of_other_graphs(comfy, models, tmp_path, monkeypatch):
+    """ComfyUI's RAM-pressure cache cannot free what the registry holds: when a new file does not fit in the
+    available RAM, the models of loader nodes that are not in the running prompt go first."""
+    from engine.models.wan.presets import write_preset_checkpoint
+
+    registry = comfy.pack_module("nodes.registry")
+    folder = tmp_path / "dits"
+    folder.mkdir()
+    write_preset_checkpoint("tiny-t2v", folder / "dit_a.safetensors", dtype=torch.float32, seed=0)
+    write_preset_checkpoint("tiny-t2v", folder / "dit_b.safetensors", dtype=torch.float32, seed=1)
+    comfy.b.folder_paths.add_model_folder_path("diffusion_models", str(folder))
+
+    def graph(node: str, name: str) -> dict:
+        return {node: {"class_type": "MusubiWanDiTLoader", "inputs": {"model_name": name, "dtype": "fp32",
+                                                                      "attention": "sdpa"}},
+                node + "9": {"class_type": "MusubiUnloadModels", "inputs": {"mode": "offload", "what": "models",
+                                                                            "passthrough": [node, 0]}}}
+    try:
+        plenty, short = (lambda: 1 << 50), (lambda: 0)
+        monkeypatch.setattr(registry, "available_ram", plenty, raising=False)   # both graphs stay loaded
+        comfy.run(graph("1", "dit_a.safetensors"))
+        comfy.run(graph("5", "dit_b.safetensors"))
+        assert len(_dits(models)) == 2
+        comfy.run(graph("1", "dit_a.safetensors"))
+        a = weakref.ref(comfy.output("1"))
+        monkeypatch.setattr(registry, "available_ram", short, raising=False)
+        models.release(lambda k: k[0] == "wan_dit" and "dit_b.safetensors" in str(k[1]))
+        comfy.run(graph("5", "dit_b.safetensors"))                           # another workflow loads a new file
+        gc.collect()
+        assert a() is None and len(_dits(models)) == 1, _dits(models)
+    finally:
+        comfy.b.folder_paths.folder_names_and_paths["diffusion_models"][0].remove(str(folder))
