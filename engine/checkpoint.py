@@ -15,6 +15,7 @@ one value per output channel) and an empty marker tensor `scaled_fp8`. `get(...,
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -294,14 +295,17 @@ def same_tensors(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 
 
 def is_finite(t: torch.Tensor) -> bool:
-    """No NaN/Inf in a floating tensor (fp8 checked on its bit patterns: isfinite has no fp8 kernel everywhere)."""
+    """No NaN/Inf in a floating tensor, by reductions only (every weight of a 14B model is checked at load:
+    `isfinite(t).all()` is ~40x slower on CPU). min/max propagate NaN and show ±Inf; fp8 is checked on its bytes
+    (no min/max kernel): the non-finite patterns are the largest values as uint8 (sign set) or int8 (sign clear)."""
     if not t.is_floating_point() or t.numel() == 0:
         return True
-    if t.dtype == torch.float8_e4m3fn:       # no Inf; NaN is S.1111.111
-        return not bool(((t.view(torch.uint8) & 0x7F) == 0x7F).any())
-    if t.dtype == torch.float8_e5m2:         # Inf/NaN have all exponent bits set
-        return not bool(((t.view(torch.uint8) & 0x7C) == 0x7C).any())
-    return bool(torch.isfinite(t).all())
+    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        # e4m3fn: NaN is S.1111.111 (no Inf); e5m2: Inf/NaN have all five exponent bits set
+        low = 0x7F if t.dtype == torch.float8_e4m3fn else 0x7C
+        return int(t.view(torch.uint8).max()) < 0x80 + low and int(t.view(torch.int8).max()) < low
+    lo, hi = torch.aminmax(t)
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
 
 
 def load_into_module(module: torch.nn.Module, ckpt: Checkpoint, dtype: torch.dtype | None = None,

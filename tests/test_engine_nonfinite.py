@@ -71,3 +71,21 @@ def test_vae_and_encoder_files_with_nan_are_refused(tmp_path):
     save_file(_poison(clip, ckey), str(tmp_path / "clip.safetensors"))
     with pytest.raises(MusubiInputError, match=r"clip\.safetensors.*non-finite"):
         load_clip_vision(str(tmp_path / "clip.safetensors"), dtype=torch.float32)
+
+
+def test_is_finite_agrees_with_isfinite_on_every_fp8_pattern_and_float_dtype():
+    from engine.checkpoint import is_finite
+
+    for dt in (torch.float8_e4m3fn, torch.float8_e5m2):
+        for byte in range(256):
+            t = torch.zeros(4, dtype=torch.uint8)
+            t[2] = byte
+            v = t.view(dt)
+            assert is_finite(v) == bool(torch.isfinite(v.float()).all()), (dt, hex(byte))
+    for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        t = torch.randn(64).to(dt)
+        assert is_finite(t)
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            u = t.clone()
+            u[7] = bad
+            assert not is_finite(u), (dt, bad)
