@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-# '<>:"|?*' and control characters are refused by Windows and by ComfyUI's own savers' users' expectations
+# characters Windows refuses in file names (a workflow shared from Linux must still save there)
 _BAD_NAME_CHARS = set('<>:"|?*') | {chr(i) for i in range(32)}
 
 
