@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from . import comfy_compat as compat
+from . import checks
 from . import types as T
 from .paths import folder_problem, resolve_write_folder
 from .placement import on_compute_device
@@ -247,9 +248,9 @@ class MusubiDatasetFromFolder:
     OUTPUT_TOOLTIPS = ("The dataset (config + cache state), not cached yet: connect Musubi Cache Latents.",)
 
     @classmethod
-    def VALIDATE_INPUTS(cls, cache_directory=None):
-        problem = folder_problem(cache_directory)
-        return f"cache_directory: {problem}" if problem else True
+    def VALIDATE_INPUTS(cls, cache_directory=None, width=None, height=None):
+        return checks.validate_inputs(cls, {"cache_directory": folder_problem, **checks.VIDEO_SIZE},
+                                      cache_directory=cache_directory, width=width, height=height)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -333,9 +334,9 @@ class MusubiDatasetFromImages:
     OUTPUT_TOOLTIPS = ("The dataset (config + cache state), not cached yet: connect Musubi Cache Latents.",)
 
     @classmethod
-    def VALIDATE_INPUTS(cls, cache_directory=None):
-        problem = folder_problem(cache_directory)
-        return f"cache_directory: {problem}" if problem else True
+    def VALIDATE_INPUTS(cls, cache_directory=None, width=None, height=None):
+        return checks.validate_inputs(cls, {"cache_directory": folder_problem, **checks.VIDEO_SIZE},
+                                      cache_directory=cache_directory, width=width, height=height)
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -100,3 +100,11 @@ def test_validation_prompt_size_refused_when_queued(comfy, data, tmp_path):
     p["31"]["inputs"]["frames"] = 3
     errors = _errors(comfy, p)
     assert "frames: 3 frames is not of the form 4k+1" in errors.get("31", ""), errors
+
+
+def test_dataset_resolution_refused_when_queued(comfy, tmp_path):
+    from test_nodes_data import cache_prompt, folder_node
+
+    p = cache_prompt(folder_node(tmp_path, width=100), text=False)
+    errors = _errors(comfy, p)
+    assert "width: 100 is not a multiple of 16" in errors.get("1", ""), errors
