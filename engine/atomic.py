@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -26,7 +27,9 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         raise invalid("output path", str(target), f"a writable folder ({e})") from e
     if not os.access(folder, os.W_OK):
         raise invalid("output path", str(target), "a path in a writable folder")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    sweep_stale_tmp(folder)
+    # the pid in the name tells a later run whether the writer is gone (crash, kill -9) or still writing
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=folder)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -37,6 +40,60 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+# `.<name>.<pid>.<8 random>.tmp` (older versions: no pid); only names of the files this pack writes
+_TMP_RE = re.compile(r"^\.(?P<name>.+?)\.(?:(?P<pid>\d+)\.)?[a-z0-9_]{8}\.tmp$")
+_OUR_SUFFIXES = (".safetensors", ".sft", ".pt", ".json", ".mp4")
+_SWEPT: set[str] = set()
+
+
+def sweep_stale_tmp(folder: str | os.PathLike) -> list[Path]:
+    """Remove the hidden temporary files a crashed or killed save left in `folder` (once per folder and process).
+
+    A file is stale when its writer process is gone; files of a live writer, of this process, and files that are
+    not ours are left alone. Returns what was removed."""
+    folder = Path(folder)
+    key = os.path.realpath(folder)
+    if key in _SWEPT:
+        return []
+    _SWEPT.add(key)
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    for e in entries:
+        m = _TMP_RE.match(e.name)
+        if not m or not m["name"].endswith(_OUR_SUFFIXES) or not e.is_file(follow_symlinks=False):
+            continue
+        pid = int(m["pid"]) if m["pid"] else None
+        if pid is not None and (pid == os.getpid() or _pid_alive(pid)):
+            continue
+        try:
+            os.unlink(e.path)
+            removed.append(Path(e.path))
+        except OSError:
+            pass
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        import psutil  # ComfyUI's own dependency; works on Windows, where os.kill(pid, 0) would kill the process
+
+        return psutil.pid_exists(pid)
+    except ImportError:
+        pass
+    if os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True   # exists (another user's process) or unknown: keep the file
+    return True
 
 
 def write_bytes_atomic(target: str | os.PathLike, data: bytes) -> None:

@@ -36,7 +36,8 @@ USED_SYMBOLS = {
                                "unload_all_models", "soft_empty_cache", "get_free_memory"],
     "comfy.utils": ["ProgressBar"],
     "folder_paths": ["get_filename_list", "get_full_path", "get_folder_paths", "get_output_directory",
-                     "get_temp_directory", "get_save_image_path", "models_dir"],
+                     "get_temp_directory", "get_save_image_path", "models_dir", "get_input_directory",
+                     "folder_names_and_paths"],
     "server": ["PromptServer"],
     "comfy_api.latest": ["InputImpl", "Types"],
 }
@@ -226,6 +227,19 @@ def output_directory() -> str:
     import folder_paths
 
     return folder_paths.get_output_directory()
+
+
+def user_folders() -> list[str]:
+    """Every folder ComfyUI lets a graph write to: output, input, temp, models and each registered model folder
+    (extra_model_paths.yaml included); not custom_nodes (writing code there would run it at the next start)."""
+    import folder_paths
+
+    out = [folder_paths.get_output_directory(), folder_paths.get_input_directory(),
+           folder_paths.get_temp_directory(), folder_paths.models_dir]
+    for key in list(folder_paths.folder_names_and_paths):
+        if key != "custom_nodes":
+            out += model_folders(key)
+    return list(dict.fromkeys(out))
 
 
 def temp_directory() -> str:

@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -34,7 +35,9 @@ import numpy as np
 import torch
 
 from . import comfy_compat as compat
+from . import checks
 from . import types as T
+from .paths import folder_problem, resolve_write_folder
 from .placement import on_compute_device
 from ..engine.data import (CachedBatchLoader, CacheRequirements, DatasetConfig, build_cache, check_cache_for_model,
                            dataset_from_folder, dataset_from_tensors, list_items, load_dataset_config, read_manifest)
@@ -139,10 +142,22 @@ def _fingerprint(config: DatasetConfig, extra: str = "") -> str:
     return h.hexdigest()
 
 
-def _source_result(dataset: MusubiDataset) -> dict:
-    """What a source node returns: the dataset, and its summary (items listed now, so bad sources fail here)."""
-    items, notes = _list_all(dataset.config)
-    return {"ui": {"text": [_source_summary(dataset, items, notes)]}, "result": (dataset,)}
+def _source_result(dataset: MusubiDataset, unique_id=None, notes: list[str] | None = None) -> dict:
+    """What a source node returns: the dataset, and its summary (items listed now, so bad sources fail here).
+
+    `notes`: warnings raised while the config was built (frame counts rounded to 4k+1...)."""
+    items, listed = _list_all(dataset.config)
+    return _shown(unique_id, _source_summary(dataset, items, (notes or []) + listed), (dataset,))
+
+
+def _shown(unique_id, text: str, result: tuple) -> dict:
+    """The node's summary (with its warnings) as progress text on the node, where users see it, and as ui text."""
+    compat.send_text(unique_id, text)
+    return {"ui": {"text": [text]}, "result": result}
+
+
+def _with_warnings(summary: str, notes: list[str]) -> str:
+    return "\n".join([summary] + [f"warning: {n}" for n in dict.fromkeys(notes)])
 
 
 def _source_summary(dataset: MusubiDataset, items: list[list], notes: list[str]) -> str:
@@ -153,6 +168,16 @@ def _source_summary(dataset: MusubiDataset, items: list[list], notes: list[str])
                      f"{ds.num_repeats}, bucketing {'on' if ds.enable_bucket else 'off'}; cache {ds.cache_directory}")
     lines += [f"warning: {n}" for n in notes]
     return "\n".join(lines)
+
+
+def _check_cache_folder(cache: str) -> None:
+    """The cache folder can be created (checked on the nearest existing folder) but is not created here: the caching
+    node creates it when it writes the first file, so a dataset that fails leaves no empty folder behind."""
+    p = Path(cache)
+    while not p.exists() and p.parent != p:
+        p = p.parent
+    if not p.is_dir() or not os.access(p, os.W_OK | os.X_OK):
+        raise invalid("cache_directory", cache, f"a folder that can be created and written ({p} is not writable)")
 
 
 def _parse_int_list(text: str, field: str) -> list[int]:
@@ -187,7 +212,7 @@ class MusubiDatasetFromTOML:
     def INPUT_TYPES(cls):
         return {"required": {
             "toml_path": ("STRING", {"default": "", "tooltip": "Full path of a Musubi Tuner dataset .toml (or .json) file."}),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     @classmethod
     def IS_CHANGED(cls, toml_path="", **_):
@@ -197,7 +222,7 @@ class MusubiDatasetFromTOML:
         except Exception:  # let the node run and raise its named error
             return float("nan")
 
-    def load(self, toml_path):
+    def load(self, toml_path, unique_id=None):
         path = str(toml_path).strip()
         if not path:
             raise invalid("toml_path", toml_path, "the full path of a Musubi Tuner dataset .toml file")
@@ -206,7 +231,10 @@ class MusubiDatasetFromTOML:
             raise invalid("toml_path", path, "an existing dataset config file (.toml or .json)")
         if p.suffix.lower() not in (".toml", ".json"):
             raise invalid("toml_path", path, "a .toml or .json dataset config")
-        return _source_result(MusubiDataset(load_dataset_config(p)))
+        notes: list[str] = []
+        with _collect_warnings(notes):
+            dataset = MusubiDataset(load_dataset_config(p))
+        return _source_result(dataset, unique_id, notes)
 
 
 class MusubiDatasetFromFolder:
@@ -219,6 +247,11 @@ class MusubiDatasetFromFolder:
     RETURN_TYPES = (T.DATASET,)
     RETURN_NAMES = ("dataset",)
     OUTPUT_TOOLTIPS = ("The dataset (config + cache state), not cached yet: connect Musubi Cache Latents.",)
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, cache_directory=None, width=None, height=None):
+        return checks.validate_inputs(cls, {"cache_directory": folder_problem, **checks.VIDEO_SIZE},
+                                      cache_directory=cache_directory, width=width, height=height)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -247,7 +280,7 @@ class MusubiDatasetFromFolder:
                            "tooltip": "Frame rate of the videos; frames are dropped to Wan's 16 fps. 0 = use every frame."}),
             "cache_directory": ("STRING", {"default": "",
                                 "tooltip": "Where the latent/text caches go. Empty: <ComfyUI output>/musubi_cache/<folder name>-<path hash>."}),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     @classmethod
     def IS_CHANGED(cls, **kwargs):
@@ -267,7 +300,8 @@ class MusubiDatasetFromFolder:
         ext = str(caption_extension).strip() or ".txt"
         if not ext.startswith("."):
             raise invalid("caption_extension", caption_extension, "an extension starting with '.', e.g. '.txt'")
-        cache = str(cache_directory).strip() or str(_cache_root() / f"{root.name}-{_short_hash(str(root))}")
+        cache = str(resolve_write_folder(cache_directory, "cache_directory",
+                                         _cache_root() / f"{root.name}-{_short_hash(str(root))}"))
         common = dict(caption_extension=ext, resolution=_resolution(width, height), batch_size=batch_size,
                       num_repeats=num_repeats, enable_bucket=enable_bucket, bucket_no_upscale=bucket_no_upscale,
                       cache_directory=cache)
@@ -281,10 +315,12 @@ class MusubiDatasetFromFolder:
             config = dataset_from_folder(root, kind="video", **common, **video)
         return config
 
-    def load(self, **kwargs):
-        dataset = MusubiDataset(self._config(**kwargs))
-        Path(dataset.config.datasets[0].cache_directory).mkdir(parents=True, exist_ok=True)
-        return _source_result(dataset)
+    def load(self, unique_id=None, **kwargs):
+        notes: list[str] = []
+        with _collect_warnings(notes):
+            dataset = MusubiDataset(self._config(**kwargs))
+        _check_cache_folder(dataset.config.datasets[0].cache_directory)
+        return _source_result(dataset, unique_id, notes)
 
 
 class MusubiDatasetFromImages:
@@ -297,6 +333,11 @@ class MusubiDatasetFromImages:
     RETURN_TYPES = (T.DATASET,)
     RETURN_NAMES = ("dataset",)
     OUTPUT_TOOLTIPS = ("The dataset (config + cache state), not cached yet: connect Musubi Cache Latents.",)
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, cache_directory=None, width=None, height=None):
+        return checks.validate_inputs(cls, {"cache_directory": folder_problem, **checks.VIDEO_SIZE},
+                                      cache_directory=cache_directory, width=width, height=height)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -315,9 +356,10 @@ class MusubiDatasetFromImages:
                                 "tooltip": "Where the latent/text caches go. Empty: <ComfyUI output>/musubi_cache/images-<pixel hash>."}),
         }, "optional": {
             "batch_size": ("INT", {"default": 1, "min": 1, "max": 256, "tooltip": "Samples per training batch."}),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
-    def load(self, images, captions, width, height, num_repeats, as_video, cache_directory, batch_size=1):
+    def load(self, images, captions, width, height, num_repeats, as_video, cache_directory, batch_size=1,
+             unique_id=None):
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] not in (3, 4):
             raise invalid("images", getattr(images, "shape", type(images).__name__), "an IMAGE [batch, height, width, 3]")
         if images.shape[1] < 16 or images.shape[2] < 16:
@@ -341,10 +383,13 @@ class MusubiDatasetFromImages:
             digest = hashlib.sha1(images.numpy().tobytes())
             digest.update(f"{tuple(images.shape)}|{as_video}".encode())
             cache = str(_cache_root() / f"images-{digest.hexdigest()[:10]}")
-        Path(cache).mkdir(parents=True, exist_ok=True)
-        config = dataset_from_tensors(frames, caps, cache, resolution=_resolution(width, height),
-                                      batch_size=batch_size, num_repeats=num_repeats)
-        return _source_result(MusubiDataset(config))
+        cache = str(resolve_write_folder(cache, "cache_directory", Path(cache)))
+        _check_cache_folder(cache)
+        notes: list[str] = []
+        with _collect_warnings(notes):
+            config = dataset_from_tensors(frames, caps, cache, resolution=_resolution(width, height),
+                                          batch_size=batch_size, num_repeats=num_repeats)
+        return _source_result(MusubiDataset(config), unique_id, notes)
 
 
 # --- caching nodes ---------------------------------------------------------------------------------------------------
@@ -405,15 +450,16 @@ class MusubiCacheLatents:
             raise invalid("clip_vision", "connected", "no CLIP vision for task t2v (pick i2v or disconnect it)")
         adapter = WanCacheAdapter(vae=vae, clip=clip_vision, i2v=task == "i2v", control=task == "fun-control")
         progress = _progress(unique_id, "latents")
+        notes: list[str] = []
         with on_compute_device(vae), (on_compute_device(clip_vision) if clip_vision is not None
-                                      else contextlib.nullcontext()):
+                                      else contextlib.nullcontext()), _collect_warnings(notes):
             report = build_cache(dataset.config, adapter, keep_cache=keep_cache, num_workers=workers,
                                  progress=progress)
         latent = {**adapter.latent_description(), "task": task}
         summary = _cache_summary("latents", report.latents_encoded, report.items, report.removed_files, dataset,
                                  f", {report.clips_written} clip(s) written")
         out = dataset.with_cache(latent=latent, history=dataset.history + (summary,))
-        return {"ui": {"text": [summary]}, "result": (out,)}
+        return _shown(unique_id, _with_warnings(summary, notes), (out,))
 
 
 class MusubiCacheTextEmbeddings:
@@ -440,12 +486,13 @@ class MusubiCacheTextEmbeddings:
         dataset = _dataset(dataset)
         adapter = WanCacheAdapter(text_encoder=text_encoder)
         progress = _progress(unique_id, "captions")
-        with on_compute_device(text_encoder):
+        notes: list[str] = []
+        with on_compute_device(text_encoder), _collect_warnings(notes):
             # One caption per step: every item is a cancel point and results never depend on batch padding.
             report = build_cache(dataset.config, adapter, keep_cache=keep_cache, text_batch_size=1, progress=progress)
         summary = _cache_summary("text", report.texts_encoded, report.items, report.removed_files, dataset)
         out = dataset.with_cache(text=adapter.text_description(), history=dataset.history + (summary,))
-        return {"ui": {"text": [summary]}, "result": (out,)}
+        return _shown(unique_id, _with_warnings(summary, notes), (out,))
 
 
 # --- preview ---------------------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ import os
 import torch
 
 from . import comfy_compat as compat
+from . import checks
+from .paths import check_write_path
 from . import types as T
 from .placement import dit_on_device, on_compute_device
 from ..engine.errors import invalid
@@ -45,12 +47,19 @@ class MusubiWanTextEncode:
                                 "tooltip": "What to avoid. Empty: Wan's official default negative prompt."}),
             "offload_after": ("BOOLEAN", {"default": True,
                               "tooltip": "Move the encoder back to CPU memory after encoding (frees VRAM)."}),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
-    def encode(self, text_encoder, prompt, negative_prompt, offload_after):
+    def encode(self, text_encoder, prompt, negative_prompt, offload_after, unique_id=None):
+        import warnings
+
         negative = negative_prompt.strip() or WAN_NEGATIVE_PROMPT
-        with on_compute_device(text_encoder, offload_after):
+        with on_compute_device(text_encoder, offload_after), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             pos, neg = text_encoder.encode([prompt, negative])
+        notes = [f"warning: {w.message}" for w in caught]
+        if notes:   # e.g. a prompt longer than 512 tokens: shown on the node, not only in the console
+            compat.log.warning("%s", "; ".join(notes))
+            compat.send_text(unique_id, "\n".join(notes))
         return ({"context": pos.float().cpu(), "negative_context": neg.float().cpu(), "prompt": prompt,
                  "negative_prompt": negative},)
 
@@ -63,6 +72,10 @@ class MusubiWanImageEncode:
     RETURN_TYPES = (T.IMAGE_EMBEDS,)
     RETURN_NAMES = ("image_embeds",)
     OUTPUT_TOOLTIPS = ("I2V/FLF2V conditioning for the sampler (its size and frame count must match the sampler's).",)
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, width=None, height=None, frames=None):
+        return checks.validate_inputs(cls, checks.VIDEO_SIZE, width=width, height=height, frames=frames)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -118,6 +131,10 @@ class MusubiWanFunControlEncode:
     OUTPUT_TOOLTIPS = ("Fun-Control conditioning for the sampler (same width/height/frames as the sampler).",)
 
     @classmethod
+    def VALIDATE_INPUTS(cls, width=None, height=None, frames=None):
+        return checks.validate_inputs(cls, checks.VIDEO_SIZE, width=width, height=height, frames=frames)
+
+    @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "vae": (T.WAN_VAE, {"tooltip": "The Wan VAE."}),
@@ -157,6 +174,10 @@ class MusubiWanOneFrameEncode:
     RETURN_TYPES = (T.IMAGE_EMBEDS,)
     RETURN_NAMES = ("image_embeds",)
     OUTPUT_TOOLTIPS = ("One-frame conditioning for the sampler (frames = 1).",)
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, width=None, height=None):
+        return checks.validate_inputs(cls, checks.VIDEO_SIZE, width=width, height=height)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -201,6 +222,10 @@ class MusubiWanSampler:
     RETURN_TYPES = (T.LATENTS,)
     RETURN_NAMES = ("latents",)
     OUTPUT_TOOLTIPS = ("Generated latents; decode them with Musubi Wan VAE Decode.",)
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, width=None, height=None, frames=None):
+        return checks.validate_inputs(cls, checks.VIDEO_SIZE, width=width, height=height, frames=frames)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -316,6 +341,10 @@ class MusubiSaveVideo:
     OUTPUT_TOOLTIPS = ()
 
     @classmethod
+    def VALIDATE_INPUTS(cls, filename_prefix=None):
+        return checks.validate_inputs(cls, {"filename_prefix": checks.relative_name}, filename_prefix=filename_prefix)
+
+    @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "images": ("IMAGE", {"tooltip": "Frames to save."}),
@@ -328,6 +357,7 @@ class MusubiSaveVideo:
         from ..engine.video_io import write_mp4
 
         folder, filename, counter, subfolder, _ = compat.save_path(filename_prefix, images.shape[2], images.shape[1])
+        check_write_path(folder, "filename_prefix")
         name = f"{filename}_{counter:05}_.mp4"
         metadata = {}
         if extra_pnginfo:

@@ -39,6 +39,22 @@ def resolve_source(name: str, folder: str, field: str) -> str:
     return path
 
 
+def owner_of(node, unique_id) -> tuple | None:
+    """The registry owner of a loader node: its class and node id (None outside a prompt: no bound applies)."""
+    return None if unique_id is None else (type(node).__name__, str(unique_id))
+
+
+def room_for(source: str, prompt, load):
+    """`load`, preceded under RAM pressure by releasing the models of loader nodes that are not in this prompt
+    (another workflow's): ComfyUI's RAM-pressure cache cannot free what the registry holds."""
+    def create():
+        if isinstance(prompt, dict) and not source.startswith("preset:") and os.path.isfile(source):
+            keep = {(node.get("class_type"), str(nid)) for nid, node in prompt.items() if isinstance(node, dict)}
+            MODELS.make_room(os.path.getsize(source), keep)
+        return load()
+    return create
+
+
 def source_identity(source: str) -> tuple:
     if source.startswith("preset:"):
         return (source,)
@@ -88,10 +104,10 @@ class MusubiWanDiTLoader:
                                                      "output head in CPU memory, copied to the GPU for each "
                                                      "forward pass (about 0.85 GB less VRAM for 14B, which keeps "
                                                      "its time projection in fp32)."}),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"}}
 
     def load(self, model_name, dtype, attention, fp8="none", blocks_to_swap=0, activation_offload=False,
-             offload_after_use=False, offload_non_block_weights=False):
+             offload_after_use=False, offload_non_block_weights=False, unique_id=None, prompt=None):
         from ..engine.memory import validate_blocks_to_swap
         from ..engine.families.wan.loader import load_wan_dit
 
@@ -99,7 +115,8 @@ class MusubiWanDiTLoader:
         dt = None if dtype == "keep" else DTYPES[dtype]
         fp8_mode = None if fp8 == "none" else fp8
         key = ("wan_dit", source_identity(source), dtype, fp8)
-        model = MODELS.get_or_create(key, lambda: load_wan_dit(source, dtype=dt, device="cpu", fp8=fp8_mode))
+        create = room_for(source, prompt, lambda: load_wan_dit(source, dtype=dt, device="cpu", fp8=fp8_mode))
+        model = MODELS.get_or_create(key, create, owner=owner_of(self, unique_id))
         validate_blocks_to_swap(blocks_to_swap, model.config.num_layers, model.config.variant)
         model.attention_backend = attention
         model.blocks_to_swap = blocks_to_swap
@@ -128,14 +145,15 @@ class MusubiWanVAELoader:
             "keep_on_gpu": ("BOOLEAN", {"default": False,
                             "tooltip": "Keep this model on the GPU between uses (faster, uses VRAM). Off: it goes "
                                        "back to CPU memory after each use."}),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"}}
 
-    def load(self, vae_name, dtype, cache_on_cpu, keep_on_gpu=False):
+    def load(self, vae_name, dtype, cache_on_cpu, keep_on_gpu=False, unique_id=None, prompt=None):
         from ..engine.families.wan.vae import load_wan_vae
 
         source = resolve_source(vae_name, "vae", "vae_name")
         key = ("wan_vae", source_identity(source), dtype)
-        vae = MODELS.get_or_create(key, lambda: load_wan_vae(source, dtype=DTYPES[dtype], device="cpu"))
+        create = room_for(source, prompt, lambda: load_wan_vae(source, dtype=DTYPES[dtype], device="cpu"))
+        vae = MODELS.get_or_create(key, create, owner=owner_of(self, unique_id))
         vae.cache_device = "cpu" if cache_on_cpu else None
         vae.identity = ":".join(map(str, key[1]))
         vae.keep_on_gpu = keep_on_gpu
@@ -165,15 +183,18 @@ class MusubiUMT5Loader:
             "keep_on_gpu": ("BOOLEAN", {"default": False,
                             "tooltip": "Keep this model on the GPU between uses (faster, uses VRAM). Off: it goes "
                                        "back to CPU memory after each use."}),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"}}
 
-    def load(self, text_encoder_name, dtype, tokenizer_path="", keep_on_gpu=False):
+    def load(self, text_encoder_name, dtype, tokenizer_path="", keep_on_gpu=False, unique_id=None,
+             prompt=None):
         from ..engine.encoders.umt5 import load_umt5
 
         source = resolve_source(text_encoder_name, "text_encoders", "text_encoder_name")
         tok = tokenizer_path.strip() or None
         key = ("umt5", source_identity(source), dtype, tok)
-        enc = MODELS.get_or_create(key, lambda: load_umt5(source, dtype=DTYPES[dtype], device="cpu", tokenizer_path=tok))
+        create = room_for(source, prompt, lambda: load_umt5(source, dtype=DTYPES[dtype], device="cpu",
+                                                            tokenizer_path=tok))
+        enc = MODELS.get_or_create(key, create, owner=owner_of(self, unique_id))
         enc.keep_on_gpu = keep_on_gpu
         return (enc,)
 
@@ -197,14 +218,15 @@ class MusubiClipVisionLoader:
             "keep_on_gpu": ("BOOLEAN", {"default": False,
                             "tooltip": "Keep this model on the GPU between uses (faster, uses VRAM). Off: it goes "
                                        "back to CPU memory after each use."}),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"}}
 
-    def load(self, clip_name, dtype, keep_on_gpu=False):
+    def load(self, clip_name, dtype, keep_on_gpu=False, unique_id=None, prompt=None):
         from ..engine.encoders.clip_vision import load_clip_vision
 
         source = resolve_source(clip_name, "clip_vision", "clip_name")
         key = ("clip_vision", source_identity(source), dtype)
-        clip = MODELS.get_or_create(key, lambda: load_clip_vision(source, dtype=DTYPES[dtype], device="cpu"))
+        create = room_for(source, prompt, lambda: load_clip_vision(source, dtype=DTYPES[dtype], device="cpu"))
+        clip = MODELS.get_or_create(key, create, owner=owner_of(self, unique_id))
         clip.keep_on_gpu = keep_on_gpu
         return (clip,)
 

@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 
 from . import comfy_compat as compat
+from . import checks
+from .paths import check_write_path
 from . import types as T
 from .placement import SWAP_ATTR, release_swap
 from .registry import MODELS
@@ -79,7 +81,7 @@ def output_file(save_to: str, folder_key: str, name: str, field: str, suffix: st
     path = base.joinpath(*parts)
     if path.suffix.lower() != suffix:
         path = path.with_name(path.name + suffix)
-    return path
+    return check_write_path(path, field)  # a symlinked subfolder may still lead elsewhere
 
 
 def numbered_file(save_to: str, folder_key: str, prefix: str, field: str) -> Path:
@@ -89,6 +91,17 @@ def numbered_file(save_to: str, folder_key: str, prefix: str, field: str) -> Pat
     pattern = re.compile(rf"^{re.escape(base)}_(\d+)_\.safetensors$")
     taken = [int(m.group(1)) for f in (os.listdir(folder) if folder.is_dir() else []) if (m := pattern.match(f))]
     return folder / f"{base}_{max(taken, default=0) + 1:05}_.safetensors"
+
+
+def previous_numbered(path: Path) -> Path | None:
+    """The newest existing `<prefix>_NNNNN_.safetensors` before `path` (a name from `numbered_file`), if any."""
+    m = re.match(r"^(?P<base>.*)_(?P<n>\d+)_\.safetensors$", path.name)
+    if not m or not path.parent.is_dir():
+        return None
+    pattern = re.compile(rf"^{re.escape(m['base'])}_(\d+)_\.safetensors$")
+    older = [(int(k.group(1)), f) for f in os.listdir(path.parent)
+             if (k := pattern.match(f)) and int(k.group(1)) < int(m["n"])]
+    return path.parent / max(older)[1] if older else None
 
 
 def _same_file(a, b) -> bool:
@@ -310,13 +323,14 @@ class MusubiLoadLoRA:
     def INPUT_TYPES(cls):
         return {"required": {
             "lora_name": (_lora_files(), {"tooltip": "A LoRA file from ComfyUI's models/loras folder(s)."}),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
-    def load(self, lora_name):
+    def load(self, lora_name, unique_id=None):
         from ..engine.lora import read_lora
 
         path = resolve_lora_file(lora_name, "lora_name")
-        lora = MODELS.get_or_create(("lora",) + _file_identity(path), lambda: read_lora(path))
+        owner = None if unique_id is None else ("MusubiLoadLoRA", str(unique_id))  # one file held per node
+        lora = MODELS.get_or_create(("lora",) + _file_identity(path), lambda: read_lora(path), owner=owner)
         return (lora, describe_lora(lora))
 
 
@@ -427,6 +441,10 @@ class MusubiSaveLoRA:
     OUTPUT_TOOLTIPS = ("The LoRA read back from the saved file.", "Full path of the saved file.")
 
     @classmethod
+    def VALIDATE_INPUTS(cls, filename_prefix=None):
+        return checks.validate_inputs(cls, {"filename_prefix": checks.relative_name}, filename_prefix=filename_prefix)
+
+    @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "lora": (T.LORA, {"tooltip": "The LoRA to save."}),
@@ -466,6 +484,10 @@ class MusubiConvertLoRA:
     RETURN_TYPES = (T.LORA, "STRING")
     RETURN_NAMES = ("lora", "path")
     OUTPUT_TOOLTIPS = ("The converted LoRA, read back from the new file.", "Full path of the converted file.")
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, output_name=None):
+        return checks.validate_inputs(cls, {"output_name": checks.relative_name}, output_name=output_name)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -511,6 +533,10 @@ class MusubiMergeLoRAIntoModel:
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("path",)
     OUTPUT_TOOLTIPS = ("Full path of the merged checkpoint.",)
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, output_name=None):
+        return checks.validate_inputs(cls, {"output_name": checks.relative_name}, output_name=output_name)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -572,6 +598,10 @@ class MusubiLoRAPostHocEMA:
     RETURN_NAMES = ("lora", "path", "summary")
     OUTPUT_TOOLTIPS = ("The averaged LoRA, read back from the new file.", "Full path of the averaged file.",
                        "Method, β values and the files averaged, in order.")
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, output_name=None):
+        return checks.validate_inputs(cls, {"output_name": checks.relative_name}, output_name=output_name)
 
     @classmethod
     def INPUT_TYPES(cls):

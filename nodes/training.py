@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 
 from . import comfy_compat as compat
+from . import checks
+from .paths import check_write_path, folder_problem, resolve_write_folder
 from . import types as T
 from .placement import check_blocks_to_swap, on_compute_device, place_dit, prepare_for_view, release_swap
 from .registry import SESSIONS
@@ -138,14 +140,26 @@ def _plain_key(obj) -> str:
     return json.dumps(to_plain(obj), sort_keys=True, default=str)
 
 
+TRAINED_LORA_SUBFOLDER = "musubi"
+
+
+def default_lora_dir(output_dir_text: str) -> str | None:
+    """With the default output_dir, LoRA files go to <first models/loras folder>/musubi, where ComfyUI's LoRA pickers
+    (core and the pack's) list them right after training; the states stay in <output>/musubi_training (their .pt
+    files would show up in those pickers). An explicit output_dir keeps LoRAs and states together."""
+    if (output_dir_text or "").strip():
+        return None
+    folders = compat.model_folders("loras")
+    if not folders:
+        return None
+    return str(check_write_path(Path(folders[0]) / TRAINED_LORA_SUBFOLDER, "output_dir"))
+
+
 def resolve_output_dir(text: str) -> str:
-    """Empty: <ComfyUI output>/musubi_training; relative: inside ComfyUI's output folder; absolute: as given."""
-    text = (text or "").strip()
+    """Empty: <ComfyUI output>/musubi_training; relative: inside ComfyUI's output folder; absolute: as given, if
+    inside ComfyUI's folders (nodes/paths.py)."""
     base = Path(compat.output_directory())
-    if not text:
-        return str(base / "musubi_training")
-    p = Path(os.path.expanduser(text))
-    return str(p if p.is_absolute() else base / p)
+    return str(resolve_write_folder(text, "output_dir", base / "musubi_training", base))
 
 
 # --- dataset adapter -------------------------------------------------------------------------------------------------
@@ -563,6 +577,7 @@ def _training_config(*, seed, max_train_steps, mixed_precision, gradient_checkpo
                         max_timestep=None if int(max_timestep) == 1000 else int(max_timestep))
     return TrainingConfig(
         output_dir=resolve_output_dir(output_dir), output_name=(output_name or "").strip(),
+        lora_dir=default_lora_dir(output_dir),
         max_train_steps=int(max_train_steps), gradient_accumulation_steps=int(gradient_accumulation_steps),
         mixed_precision=mixed_precision, gradient_checkpointing=bool(gradient_checkpointing),
         attention_backend=None if attention_backend in ("model", "", None) else attention_backend,
@@ -587,7 +602,7 @@ class MusubiLoRAConfig:
             "network_kind": (NETWORK_KINDS, {"default": "lora",
                              "tooltip": "lora: low-rank pair; loha: Hadamard product (LyCORIS); lokr: Kronecker "
                                         "product (LyCORIS)."}),
-            "rank": ("INT", {"default": 16, "min": 0, "max": 1024,
+            "rank": ("INT", {"default": 16, "min": 1, "max": 1024,
                      "tooltip": "Network dimension (network_dim), an integer ≥ 1. Higher = more capacity and size."}),
             "alpha": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1024.0, "step": 0.5,
                       "tooltip": "network_alpha: the adapter is scaled by alpha/rank. 0 = alpha equals rank."}),
@@ -641,7 +656,7 @@ class MusubiOptimizerConfig:
             "optimizer_type": (OPTIMIZERS, {"default": "AdamW",
                                "tooltip": "AdamW (torch), AdamW8bit (bitsandbytes), Adafactor (transformers), "
                                           "Prodigy (prodigyopt), or custom: the class in custom_optimizer."}),
-            "learning_rate": ("FLOAT", {"default": 2e-4, "min": 0.0, "max": 10.0, "step": 1e-6, "round": False,
+            "learning_rate": ("FLOAT", {"default": 2e-4, "min": 1e-8, "max": 10.0, "step": 1e-6, "round": False,
                               "tooltip": "Base learning rate (> 0). Typical Wan LoRA: 1e-4 to 3e-4; Prodigy: 1.0."}),
             "max_grad_norm": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1000.0, "step": 0.1,
                               "tooltip": "Clip the gradient norm to this value (0 = no clipping)."}),
@@ -714,6 +729,11 @@ class MusubiInitTraining:
                        "with the LoRA as trained so far).")
 
     @classmethod
+    def VALIDATE_INPUTS(cls, output_name=None, output_dir=None):
+        return checks.validate_inputs(cls, {"output_name": checks.plain_file_name, "output_dir": folder_problem},
+                                      output_name=output_name, output_dir=output_dir)
+
+    @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "model": (T.WAN_DIT, {"tooltip": "The Wan DiT to train a LoRA for (from Musubi Wan DiT Loader)."}),
@@ -737,8 +757,10 @@ class MusubiInitTraining:
             "keep_last_n_saves": ("INT", {"default": 0, "min": 0, "max": 10_000,
                                   "tooltip": "Keep only the newest N periodic saves (0 = keep all)."}),
             "output_dir": ("STRING", {"default": "",
-                           "tooltip": "Folder for LoRA files and training states. Empty = <ComfyUI "
-                                      "output>/musubi_training; a relative path is inside ComfyUI's output folder."}),
+                           "tooltip": "Folder for LoRA files and training states. Empty = LoRA files in "
+                                      "models/loras/musubi (listed by the LoRA loaders), states in <ComfyUI "
+                                      "output>/musubi_training; a relative path is inside ComfyUI's output folder; "
+                                      "paths outside ComfyUI's folders are refused (see README)."}),
             "output_name": ("STRING", {"default": "my_wan_lora",
                             "tooltip": "Base file name (NAME.safetensors, NAME-stepXXXXXXXX.safetensors, "
                                        "NAME-state/ for resuming)."}),
@@ -898,6 +920,10 @@ class MusubiValidationPrompt:
                        "Validation Prompt.",)
 
     @classmethod
+    def VALIDATE_INPUTS(cls, width=None, height=None, frames=None):
+        return checks.validate_inputs(cls, checks.VIDEO_SIZE, width=width, height=height, frames=frames)
+
+    @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "embeds": (T.EMBEDS, {"tooltip": "Prompt embeddings from Musubi Wan Text Encode (its negative prompt is "
@@ -967,6 +993,10 @@ class MusubiValidate:
                        "The session, unchanged (chain it to order Validate before the next Train Steps).")
 
     @classmethod
+    def VALIDATE_INPUTS(cls, width=None, height=None, frames=None):
+        return checks.validate_inputs(cls, checks.VIDEO_SIZE, width=width, height=height, frames=frames)
+
+    @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "session": (T.TRAINING_SESSION, {"tooltip": "The training session to sample with."}),
@@ -1018,23 +1048,29 @@ class MusubiSaveTrainedLoRA:
     OUTPUT_TOOLTIPS = ("The saved LoRA, read back (for Musubi Apply LoRA / LoRA Info).", "Full path of the saved file.")
 
     @classmethod
+    def VALIDATE_INPUTS(cls, filename_prefix=None):
+        return checks.validate_inputs(cls, {"filename_prefix": checks.relative_name}, filename_prefix=filename_prefix)
+
+    @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "session": (T.TRAINING_SESSION, {"tooltip": "The training session whose adapter is saved."}),
             "format": (SAVE_FORMATS, {"default": "comfyui",
                        "tooltip": "comfyui: diffusion_model.* keys; musubi: lora_unet_* keys; diffusers: PEFT keys "
                                   "(plain LoRA only)."}),
-            "filename_prefix": ("STRING", {"default": "loras/musubi_trained",
+            "filename_prefix": ("STRING", {"default": "musubi/musubi_trained",
                                 "tooltip": "File name prefix (subfolders allowed); a counter and .safetensors are "
                                            "appended."}),
             "dtype": (SAVE_DTYPES, {"default": "bf16", "tooltip": "Precision of the saved tensors."}),
-            "save_to": (["output", "models/loras"], {"default": "output",
-                        "tooltip": "output: ComfyUI's output folder; models/loras: the first loras folder."}),
+            "save_to": (["output", "models/loras"], {"default": "models/loras",
+                        "tooltip": "models/loras: the first loras folder, so the LoRA loaders list the file right "
+                                   "away; output: ComfyUI's output folder."}),
         }}
 
     def save(self, session, format, filename_prefix, dtype, save_to):
+        from ..engine.checkpoint import same_tensors
         from ..engine.lora import read_lora
-        from .lora import numbered_file
+        from .lora import numbered_file, previous_numbered
 
         run = _handle(session).run
         if format not in SAVE_FORMATS:
@@ -1048,6 +1084,11 @@ class MusubiSaveTrainedLoRA:
             saved = run.session.save_lora(path)
         finally:
             cfg.save_format, cfg.save_precision = old
+        # ComfyUI re-runs this node when its cached output was evicted: the same adapter is not saved twice
+        previous = previous_numbered(saved)
+        if previous is not None and same_tensors(previous, saved):
+            saved.unlink()
+            saved = previous
         return {"ui": {"text": [str(saved)]}, "result": (read_lora(saved), str(saved))}
 
 
@@ -1093,6 +1134,9 @@ class MusubiResumeTraining:
         optimizer = _optimizer_config(optimizer_config) if optimizer_config is not None else _from_plain(
             OptimizerConfig, saved.get("optimizer", {}))
         config = _training_config_from_plain(saved.get("training", {}))
+        check_write_path(config.output_dir, "state_path (its saved output_dir)")
+        if config.lora_dir:
+            check_write_path(config.lora_dir, "state_path (its saved lora_dir)")
         if max_train_steps:
             config.max_train_steps = int(max_train_steps)
         run = open_run("resume", unique_id, model, dataset, dataclasses.replace(network),
@@ -1129,17 +1173,22 @@ class MusubiTrainLoRA:
                        "Loss curve of the training.", "Full path of the saved LoRA file.")
 
     @classmethod
+    def VALIDATE_INPUTS(cls, output_name=None, output_dir=None):
+        return checks.validate_inputs(cls, {"output_name": checks.plain_file_name, "output_dir": folder_problem},
+                                      output_name=output_name, output_dir=output_dir)
+
+    @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "model": (T.WAN_DIT, {"tooltip": "The Wan DiT to train a LoRA for."}),
             "dataset": (T.DATASET, {"tooltip": "A dataset with cached latents and text embeddings for this model."}),
             "steps": ("INT", {"default": 1000, "min": 1, "max": 10_000_000, "tooltip": "Total optimizer steps."}),
             "network_kind": (NETWORK_KINDS, {"default": "lora", "tooltip": "lora, loha or lokr."}),
-            "rank": ("INT", {"default": 16, "min": 0, "max": 1024, "tooltip": "Network dimension, an integer ≥ 1."}),
+            "rank": ("INT", {"default": 16, "min": 1, "max": 1024, "tooltip": "Network dimension, an integer ≥ 1."}),
             "alpha": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1024.0, "step": 0.5,
                       "tooltip": "network_alpha (scale alpha/rank); 0 = alpha equals rank."}),
             "optimizer_type": (OPTIMIZERS[:-1], {"default": "AdamW", "tooltip": "The optimizer."}),
-            "learning_rate": ("FLOAT", {"default": 2e-4, "min": 0.0, "max": 10.0, "step": 1e-6, "round": False,
+            "learning_rate": ("FLOAT", {"default": 2e-4, "min": 1e-8, "max": 10.0, "step": 1e-6, "round": False,
                               "tooltip": "Learning rate (> 0)."}),
             "lr_scheduler": (_schedulers(), {"default": "constant", "tooltip": "Learning-rate schedule over the steps."}),
             "seed": ("INT", {"default": 42, "min": 0, "max": 2**31 - 1, "tooltip": "Training seed."}),
@@ -1151,7 +1200,8 @@ class MusubiTrainLoRA:
             "output_name": ("STRING", {"default": "my_wan_lora", "tooltip": "Base name of the saved LoRA file."}),
             "save_format": (SAVE_FORMATS, {"default": "comfyui", "tooltip": "Format of the saved LoRA."}),
         }, "optional": {
-            "output_dir": ("STRING", {"default": "", "tooltip": "Folder for the LoRA and state; empty = <ComfyUI "
+            "output_dir": ("STRING", {"default": "", "tooltip": "Folder for the LoRA and state; empty = the LoRA in "
+                                                               "models/loras/musubi, the state in <ComfyUI "
                                                                "output>/musubi_training."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
@@ -1171,7 +1221,7 @@ class MusubiTrainLoRA:
             save_format=save_format)
         run = open_run("train_lora", unique_id, model, dataset, network, optimizer, config)
         train_to(run, run.session.total_steps, unique_id)
-        path = lora_path(Path(config.output_dir), config.output_name)
+        path = lora_path(Path(config.lora_dir or config.output_dir), config.output_name)
         if not path.is_file():
             path = run.session.save_lora(path)
         return {"ui": {"text": [status_of(run), str(path)]}, "result": (run.model, _loss_image(run), str(path))}

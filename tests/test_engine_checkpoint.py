@@ -112,3 +112,34 @@ def test_from_state_dict_reads_like_a_file():
     ck = Checkpoint.from_state_dict({f"model.diffusion_model.{k}": v for k, v in t.items()}, "preset:x")
     ck = ck.strip_prefix(["model.diffusion_model."])
     assert sorted(ck.keys()) == sorted(t) and torch.equal(ck.get("a.weight"), t["a.weight"])
+
+
+# --- leftovers of a crash mid-save (issue 23 item 7) ---------------------------------------------------------------
+
+def test_tmp_file_of_a_killed_save_is_removed_by_the_next_save_in_that_folder(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from engine import atomic
+
+    repo = Path(__file__).resolve().parent.parent
+    crash = (f"import os, signal, sys; sys.path.insert(0, {str(repo)!r}); from engine.atomic import atomic_path\n"
+             f"with atomic_path({str(tmp_path / 'lora.safetensors')!r}) as tmp:\n"
+             f"    tmp.write_bytes(b'half a file')\n"
+             f"    os.kill(os.getpid(), signal.SIGKILL)\n")
+    r = subprocess.run([sys.executable, "-c", crash])
+    assert r.returncode == -signal.SIGKILL
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".lora.safetensors.") and left[0].endswith(".tmp"), left
+    legacy = tmp_path / ".old.safetensors.abcd1234.tmp"          # written by a version without the pid in the name
+    legacy.write_bytes(b"x")
+    mine = tmp_path / f".busy.safetensors.{os.getpid()}.abcd1234.tmp"   # a save of this process in progress
+    mine.write_bytes(b"x")
+    foreign = tmp_path / ".notes.txt.abcd1234.tmp"                # not a file this pack writes
+    foreign.write_bytes(b"x")
+    atomic._SWEPT.discard(os.path.realpath(tmp_path))
+    atomic.write_json_atomic(tmp_path / "manifest.json", {"a": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["manifest.json", mine.name, foreign.name])

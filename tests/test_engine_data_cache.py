@@ -304,3 +304,74 @@ def test_loader_buckets_repeats_and_resume(data):
     assert [tuple(b["keys"]) for b in CachedBatchLoader(cached, seed=8)] != [k for k, _ in epoch0]
     with pytest.raises(MusubiInputError, match="seed"):
         resumed.load_state_dict({"seed": 1, "epoch": 0, "index": 0})
+
+
+def test_tiny_image_named_while_planning_before_any_encode(data):
+    from PIL import Image
+
+    Image.new("RGB", (12, 40), (9, 9, 9)).save(data / "images" / "zz_tiny.png")
+    (data / "images" / "zz_tiny.txt").write_text("tiny")
+    vae = FakeVAE()
+    with pytest.raises(MusubiInputError, match=r"zz_tiny\.png.*12x40.*at least 16x16"):
+        build_cache(_config(data), _adapter(vae=vae))
+    assert vae.calls == 0
+
+
+def test_caption_not_utf8_names_the_file_and_bom_is_dropped(data):
+    images = sorted((data / "images").glob("*.txt"))
+    images[0].write_bytes("caf\u00e9 au lait".encode("cp1252"))
+    with pytest.raises(MusubiInputError, match=rf"{images[0].name}.*offset 3.*UTF-8"):
+        build_cache(_config(data), _adapter())
+    images[0].write_bytes(b"\xef\xbb\xbf" + "caf\u00e9".encode("utf-8"))
+    items = list_items(_config(data).datasets[0])
+    assert next(it for it in items if it.path.stem == images[0].stem).caption == "caf\u00e9"
+
+
+def test_dataset_config_with_bom_and_bad_encoding(tmp_path):
+    toml = '[general]\nresolution = [64, 48]\n[[datasets]]\nimage_directory = "images"\n'
+    (tmp_path / "images").mkdir()
+    (tmp_path / "d.toml").write_bytes(b"\xef\xbb\xbf" + toml.encode())
+    assert load_dataset_config(tmp_path / "d.toml").datasets[0].resolution == (64, 48)
+    (tmp_path / "d.toml").write_bytes(toml.encode() + b"# \xe9\n")
+    with pytest.raises(MusubiInputError, match=r"d\.toml.*not UTF-8"):
+        load_dataset_config(tmp_path / "d.toml")
+
+
+# --- warnings the nodes show (issue 23 item 8) --------------------------------------------------------------------
+
+def test_bom_and_empty_captions_warn(data):
+    from engine.data.items import DatasetWarning
+
+    caps = sorted((data / "images").glob("*.txt"))
+    caps[0].write_bytes(b"\xef\xbb\xbfa red square")
+    caps[1].write_text("   ")
+    with pytest.warns(DatasetWarning) as record:
+        items = list_items(_config(data).datasets[0])
+    text = " | ".join(str(w.message) for w in record)
+    assert "byte-order mark" in text and caps[0].name in text, text
+    assert "1 item(s) with an empty caption" in text and caps[1].stem in text, text
+    assert next(it for it in items if it.path.stem == caps[0].stem).caption == "a red square"
+
+
+def test_in_memory_clip_not_4k1_warns_when_built_and_when_cached(tmp_path):
+    from engine.data import dataset_from_tensors
+
+    clip = torch.rand(10, 32, 32, 3)
+    with pytest.warns(UserWarning, match="10 frames is not 4k\\+1; using the first 9"):
+        cfg = dataset_from_tensors([clip], ["a clip"], tmp_path / "c", resolution=(32, 32))
+    (item,) = list_items(cfg.datasets[0])
+    with pytest.warns(UserWarning, match="10 frames is not 4k\\+1; using the first 9"):
+        (pc,) = prepare_item(item, cfg.datasets[0], 16.0, "wan")
+    assert pc.frames == 9
+
+
+def test_caption_over_512_tokens_warns_that_it_is_truncated():
+    from engine.encoders.umt5 import TINY_SPIECE, PromptTokenizer, PromptTruncatedWarning
+
+    tok = PromptTokenizer.from_spiece_bytes(TINY_SPIECE.read_bytes(), "tiny")
+    short = "a red square"
+    tok([short])  # no warning
+    long = " ".join(["a red square moving to the right"] * 200)
+    with pytest.warns(PromptTruncatedWarning, match="truncated to 512"):
+        ids, mask = tok([long])
+    assert int(mask.sum()) == 512

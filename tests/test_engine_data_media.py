@@ -203,3 +203,68 @@ def test_jsonl_items(tmp_path, media):
     cfg = load_dataset_config('[[datasets]]\nvideo_jsonl_file = "bad.jsonl"\ncache_directory = "c"\n', base_dir=tmp_path)
     with pytest.raises(MusubiInputError, match="bad.jsonl line 1"):
         list_items(cfg.datasets[0])
+
+
+# --- every Pillow mode read as the picture it shows (issue 23 item 4) -------------------------------------------
+
+def test_16bit_greyscale_png_scaled_not_whitened(tmp_path):
+    from PIL import Image
+
+    ramp = (np.arange(32 * 32, dtype=np.uint32).reshape(32, 32) * 64).astype(np.uint16)  # 0..65472
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    got = load_image(tmp_path / "g16.png")
+    assert got.shape == (32, 32, 3) and got.dtype == np.uint8
+    expect = np.rint(ramp / 257.0).astype(np.uint8)
+    assert np.array_equal(got[..., 0], expect) and np.array_equal(got[..., 2], expect)
+    assert (got == 255).mean() < 0.01
+
+
+def test_32bit_integer_mode_scaled_from_16bit_range():
+    from PIL import Image
+    from engine.data.media import to_rgb8
+
+    # older Pillow opens 16-bit PNGs as mode "I"; the current one cannot write "I" to PNG, so build it in memory
+    im = Image.fromarray(np.full((16, 16), 32896, dtype=np.int32))  # 128 * 257
+    assert im.mode == "I"
+    assert np.all(to_rgb8(im) == 128)
+
+
+def test_rgba_composited_on_white(tmp_path):
+    from PIL import Image
+    from engine.data.media import ALPHA_BACKGROUND
+
+    assert ALPHA_BACKGROUND == (255, 255, 255)
+    a = np.zeros((16, 16, 4), dtype=np.uint8)
+    a[..., 0] = 200          # red hidden under alpha 0 on the left half, half-transparent on the right
+    a[:, 8:, 3] = 128
+    Image.fromarray(a, "RGBA").save(tmp_path / "rgba.png")
+    got = load_image(tmp_path / "rgba.png").astype(int)
+    assert np.all(got[:, :8] == 255)                     # fully transparent -> background
+    assert np.all(np.abs(got[:, 8:, 0] - 227) <= 1)      # 200*128/255 + 255*127/255
+    assert np.all(np.abs(got[:, 8:, 1] - 127) <= 1)
+
+
+def test_palette_with_transparency_and_greyscale_alpha(tmp_path):
+    from PIL import Image
+
+    p = Image.new("P", (8, 8), 0)
+    p.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    p.paste(1, (0, 0, 4, 8))
+    p.info["transparency"] = 0
+    p.save(tmp_path / "p.png", transparency=0)
+    got = load_image(tmp_path / "p.png")
+    assert np.all(got[:, :4] == [10, 200, 30]) and np.all(got[:, 4:] == 255)
+    la = Image.fromarray(np.stack([np.full((8, 8), 50, np.uint8), np.zeros((8, 8), np.uint8)], -1), "LA")
+    la.save(tmp_path / "la.png")
+    assert np.all(load_image(tmp_path / "la.png") == 255)
+
+
+def test_cmyk_and_greyscale_converted(tmp_path):
+    from PIL import Image
+
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "c.jpg", quality=100)
+    got = load_image(tmp_path / "c.jpg").astype(int)
+    assert np.all(np.abs(got - [255, 0, 0]) <= 8)
+    Image.new("L", (8, 8), 77).save(tmp_path / "l.png")
+    assert np.all(load_image(tmp_path / "l.png") == 77)

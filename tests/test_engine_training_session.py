@@ -214,3 +214,32 @@ def test_resume_with_other_rank_is_refused(tmp_path):
     folder = s.save_state()
     with pytest.raises(MusubiInputError, match="rank"):
         session(tmp_path, steps=2, network=NetworkConfig(rank=8, alpha=4), resume=folder)
+
+
+def test_non_finite_loss_stops_with_a_clear_error_and_a_saved_state(tmp_path):
+    full = session(tmp_path / "full", steps=6).train_steps(6)
+    model = StandInDiT()
+    s = session(tmp_path / "run", steps=6, model=model)
+    s.train_steps(3)
+    good = {k: v.clone() for k, v in s.network.state_dict().items()}
+    original = model.forward
+    model.forward = lambda *a, **k: original(*a, **k) * float("nan")
+    with pytest.raises(MusubiInputError, match=r"training loss at step 4.*nan.*diverged.*state of step 3"):
+        s.train_steps(3)
+    model.forward = original
+    for k, v in s.network.state_dict().items():          # the optimizer never stepped on the NaN gradients
+        assert torch.equal(v, good[k]), k
+    state = read_state(tmp_path / "run" / "lora-state")
+    assert state["step"] == 3 and all(torch.isfinite(v).all() for v in state["network"].values())
+    resumed = session(tmp_path / "run", steps=6, resume=tmp_path / "run" / "lora-state")
+    assert resumed.train_steps(3) == full[3:]
+
+
+def test_lora_dir_takes_the_lora_files_and_the_states_stay_in_output_dir(tmp_path):
+    s = session(tmp_path / "states", steps=6, save_every_n_steps=2, keep_last_n_saves=1, save_state=True,
+                lora_dir=str(tmp_path / "loras"))
+    s.train_steps(6)   # periodic LoRAs at steps 2 and 4 (step 2 pruned in lora_dir), the final one at 6
+    assert sorted(p.name for p in (tmp_path / "loras").iterdir()) == ["lora-step00000004.safetensors",
+                                                                      "lora.safetensors"]
+    assert not list((tmp_path / "states").glob("*.safetensors"))
+    assert (tmp_path / "states" / "lora-state").is_dir() and (tmp_path / "states" / "lora-step00000004-state").is_dir()

@@ -245,3 +245,50 @@ def test_missing_toml_and_i2v_without_clip_are_named(comfy, tmp_path):
     data = make_sample_dataset(tmp_path / "media", num_images=1, num_videos=0, num_frame_folders=0)
     run(comfy, cache_prompt(folder_node(data["images"], tmp_path / "c"), text=False, task="i2v"), expect_success=False)
     assert "clip_vision" in comfy.error_message(), comfy.error_message()
+
+
+def test_failed_dataset_from_folder_leaves_no_empty_cache_folder(comfy, tmp_path):
+    """Issue 23 item 7: the cache folder appears only when something is written into it."""
+    folder = tmp_path / "uncaptioned"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"")   # no caption next to it: the dataset has no usable items
+    cache = tmp_path / "cache_never"
+    run(comfy, cache_prompt(folder_node(folder, cache), text=False), expect_success=False)
+    assert "no usable items" in comfy.error_message(), comfy.error_message()
+    assert not cache.exists()
+    nodes_data = comfy.pack_module("nodes.data")
+    default = nodes_data._cache_root()
+    before = set(default.iterdir()) if default.is_dir() else set()
+    run(comfy, cache_prompt(folder_node(folder), text=False), expect_success=False)
+    after = set(default.iterdir()) if default.is_dir() else set()
+    assert after == before, after - before
+
+
+def test_dataset_warnings_are_shown_on_the_nodes(comfy, tmp_path):
+    """Issue 23 item 8: frame counts rounded to 4k+1, a UTF-8 BOM, empty captions and captions cut at 512 tokens are
+    shown on the node (progress text), not only in the console."""
+    data = make_sample_dataset(tmp_path / "media", num_images=0, num_videos=3, num_frame_folders=0)
+    caps = sorted(Path(data["videos"]).glob("*.txt"))
+    caps[0].write_bytes(b"\xef\xbb\xbfa moving square")
+    caps[1].write_text("")
+    caps[2].write_text(" ".join(["a red square moving to the right"] * 200))
+    r = run(comfy, cache_prompt(folder_node(data["videos"], tmp_path / "cache", kind="video", target_frames="1,6")))
+    shown = {}
+    for node, text in comfy.server.texts:
+        shown.setdefault(node, []).append(text)
+    source, texts = "\n".join(shown.get("1", [])), "\n".join(shown.get("6", []))
+    assert "6 frames is not 4k+1; using 5" in source, shown
+    assert "byte-order mark" in source and caps[0].name in source, shown
+    assert "empty caption" in source and caps[1].stem in source, shown
+    assert "truncated to 512" in texts, shown
+    assert "truncated to 512" in text_of(r, "6")
+
+
+def test_text_encode_node_shows_a_truncated_prompt(comfy):
+    p = {"1": {"class_type": "MusubiUMT5Loader", "inputs": {"text_encoder_name": "preset:tiny-umt5", "dtype": "fp32"}},
+         "2": {"class_type": "MusubiWanTextEncode", "inputs": {
+             "text_encoder": ["1", 0], "prompt": " ".join(["a red square moving to the right"] * 200),
+             "negative_prompt": "", "offload_after": True}},
+         "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}}}
+    run(comfy, p)
+    assert any(n == "2" and "truncated to 512" in t for n, t in comfy.server.texts), comfy.server.texts

@@ -2,6 +2,7 @@
 shared model, Save -> Load round trip, Convert (checked by ComfyUI's own LoRA key map), merge into a DiT file, post-hoc
 EMA, and the error messages for bad inputs."""
 
+import json
 import os
 import re
 import time
@@ -375,12 +376,14 @@ def test_bad_inputs_name_the_input(comfy, lora_files):
 
     save = {"1": LOADER,
             "2": {"class_type": "MusubiCreateRandomLoRA", "inputs": {"model": ["1", 0], "rank": 2, "seed": 0}},
-            "3": {"class_type": "MusubiSaveLoRA", "inputs": {"lora": ["2", 0], "filename_prefix": "../escape",
+            "3": {"class_type": "MusubiSaveLoRA", "inputs": {"lora": ["2", 0], "filename_prefix": "nodes_test/x",
                                                              "format": "comfyui", "dtype": "fp32", "save_to": "output",
                                                              "metadata": "[1, 2]"}}}
     assert "metadata" in _error(comfy, save)
     save["3"]["inputs"]["metadata"] = ""
-    assert "filename_prefix" in _error(comfy, save)
+    save["3"]["inputs"]["filename_prefix"] = "../escape"
+    ok, _, _, node_errors = comfy.validate(save)  # refused when queued (VALIDATE_INPUTS)
+    assert not ok and "filename_prefix" in json.dumps(node_errors)
 
 
 @pytest.mark.parametrize("case", ["other family", "i2v on t2v", "matches nothing", "block filter"])

@@ -268,13 +268,11 @@ def test_train_lora_all_in_one_and_save_trained_lora(comfy, data, tmp_path):
     assert lora.dialect.startswith("musubi")
 
 
-@pytest.mark.parametrize("case", ["rank 0", "lr 0", "sage", "not cached", "not writable"])
+@pytest.mark.parametrize("case", ["sage", "not cached", "not writable"])  # rank/lr 0: refused when queued (test_nodes_checks)
 def test_bad_inputs_fail_before_training_naming_the_input(comfy, data, tmp_path, case):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     kw, expect = {
-        "rank 0": ({"rank": 0}, "rank"),
-        "lr 0": ({"lr": 0.0}, "learning_rate"),
         "sage": ({"attention": "sage"}, "attention_backend"),
         "not cached": ({"dataset": "uncached"}, "no latent cache"),
         "not writable": ({}, "output_dir"),
@@ -305,3 +303,57 @@ def test_train_then_generate_workflow(comfy, data):
     saved = comfy.output(by_type["MusubiSaveTrainedLoRA"][0], 1)
     assert Path(saved).is_file()
     assert result["outputs"]
+
+
+def test_trained_loras_land_where_the_lora_pickers_look(comfy, data):
+    """Default output_dir: Train LoRA's file is in models/loras/musubi and listed by core and pack LoRA loaders; the
+    training state (a .pt) stays out of models/loras. Save Trained LoRA saves to models/loras by default."""
+    p = {
+        "1": train_prompt("x")["1"], "2": train_prompt("x")["2"],
+        "3": {"class_type": "MusubiTrainLoRA", "inputs": {
+            "model": ["1", 0], "dataset": ["2", 0], "steps": 2, "network_kind": "lora", "rank": 4, "alpha": 4.0,
+            "optimizer_type": "AdamW", "learning_rate": 1e-3, "lr_scheduler": "constant", "seed": 0,
+            "mixed_precision": "no", "gradient_checkpointing": False, "timestep_sampling": "shift",
+            "discrete_flow_shift": 3.0, "output_name": "t23_picker", "save_format": "comfyui"}},
+        "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 1]}},
+    }
+    comfy.run(p)
+    loras = Path(comfy.b.folder_paths.get_folder_paths("loras")[0])
+    assert Path(comfy.output("3", 2)) == loras / "musubi" / "t23_picker.safetensors"
+    listed = comfy.b.folder_paths.get_filename_list("loras")
+    assert "musubi/t23_picker.safetensors" in listed
+    assert "musubi/t23_picker.safetensors" in comfy.b.nodes.LoraLoaderModelOnly.INPUT_TYPES()["required"]["lora_name"][0]
+    assert "musubi/t23_picker.safetensors" in comfy.input_types()["MusubiLoadLoRA"]["required"]["lora_name"][0]
+    assert not [f for f in listed if f.endswith(".pt")], "training states must not show up as LoRAs"
+
+    spec = comfy.input_types()["MusubiSaveTrainedLoRA"]["required"]
+    q = train_prompt(None, steps=1)
+    q["5"]["inputs"]["output_dir"] = ""
+    q["5"]["inputs"]["output_name"] = "t23_picker_session"
+    q["8"] = {"class_type": "MusubiSaveTrainedLoRA", "inputs": {
+        "session": ["6", 0], "format": "comfyui", "dtype": "bf16",
+        "filename_prefix": spec["filename_prefix"][1]["default"], "save_to": spec["save_to"][1]["default"]}}
+    comfy.run(q)
+    saved = Path(comfy.output("8", 1))
+    assert saved.parent.resolve().is_relative_to(loras.resolve())
+    assert saved.relative_to(loras).as_posix() in comfy.b.folder_paths.get_filename_list("loras")
+
+
+def test_save_trained_lora_writes_no_second_copy_when_its_output_was_evicted(comfy, data, tmp_path):
+    """Issue 23 item 7: ComfyUI (RAM-pressure cache) drops outputs and re-runs nodes; the same adapter is not saved
+    again under the next number. A changed adapter still gets its own file."""
+    p = train_prompt(tmp_path / "dedupe", steps=2)
+    p["8"] = {"class_type": "MusubiSaveTrainedLoRA", "inputs": {
+        "session": ["6", 0], "format": "comfyui", "filename_prefix": "t23_dedupe/lora", "dtype": "bf16",
+        "save_to": "output"}}
+    comfy.run(p)
+    first = Path(comfy.output("8", 1))
+    folder = first.parent
+    comfy.executor.reset()                       # every cached output evicted, as RAM pressure would
+    comfy.run(p)
+    assert Path(comfy.output("8", 1)) == first
+    assert sorted(f.name for f in folder.iterdir()) == [first.name]
+    p["6"]["inputs"]["steps"] = 3                # trains on: a different adapter
+    comfy.run(p)
+    second = Path(comfy.output("8", 1))
+    assert second != first and sorted(f.name for f in folder.iterdir()) == sorted([first.name, second.name])

@@ -33,7 +33,7 @@ import torch
 from ..atomic import save_safetensors_atomic, write_json_atomic
 from ..errors import invalid
 from .adapters import CacheAdapter, CacheRequirements, Clip, OneFrameSpec, collate_for, strip_key
-from .buckets import resize_and_crop, select_bucket
+from .buckets import STEP, resize_and_crop, select_bucket
 from .config import DatasetConfig, settings_for_cache
 from .frames import extract_clips, frames_needed
 from .items import DatasetWarning, SourceItem, list_items
@@ -100,6 +100,9 @@ def prepare_item(item: SourceItem, ds, target_fps: float, arch: str, adapter=Non
         if not spans:
             warnings.warn(f"dataset #{ds.index}: video {item.path or item.key} has {len(video)} frames, fewer than "
                           f"every target_frames {ds.target_frames}; skipped", DatasetWarning, stacklevel=2)
+        elif ds.frame_extraction == "full" and spans[0][1] != min(len(video), ds.max_frames):
+            warnings.warn(f"dataset #{ds.index}: video {item.path or item.key}: {min(len(video), ds.max_frames)} "
+                          f"frames is not 4k+1; using the first {spans[0][1]}", DatasetWarning, stacklevel=2)
     spec = _one_frame_spec(adapter, ds) if item.control_paths else None
     if spec is not None:
         if len(item.control_paths) != len(spec.clean_indices):
@@ -142,13 +145,15 @@ def _load_control(item: SourceItem, ds, bucket, length: int, target_fps: float) 
 
 
 def _probe(item: SourceItem) -> None:
-    """Cheap check that an item's media can be read at all (before any encoder runs)."""
+    """Cheap check that an item's media can be read at all and is big enough (before any encoder runs)."""
     if item.frames is not None:
-        return
-    if item.kind == "image":
-        image_size(item.path)
+        w, h = item.frames.shape[2], item.frames.shape[1]
+    elif item.kind == "image":
+        w, h = image_size(item.path)
     else:
-        video_first_frame_size(item.path)
+        w, h = video_first_frame_size(item.path)
+    if w < STEP or h < STEP:
+        raise invalid(f"{item.kind} {item.path or item.key}", f"{w}x{h} pixels", f"at least {STEP}x{STEP} pixels")
 
 
 # --- building ----------------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import invalid
-from .frames import FRAME_EXTRACTION_MODES, normalize_target_frames
+from .frames import FRAME_EXTRACTION_MODES, normalize_target_frames, round_down_4k1
 
 DEFAULT_RESOLUTION = (960, 544)
 
@@ -219,7 +219,9 @@ def _read_source(path_or_text, base_dir) -> tuple[str, str, Path]:
         p = Path(s).expanduser()
         if not p.is_file():
             raise invalid("dataset config", s, "an existing .toml or .json file")
-        return p.read_text(encoding="utf-8"), str(p), p.resolve().parent
+        from .items import read_text_file  # late: items imports this module
+
+        return read_text_file(p, "dataset config"), str(p), p.resolve().parent
     return s, "<toml text>", Path(base_dir or os.getcwd()).resolve()
 
 
@@ -365,6 +367,9 @@ def dataset_from_tensors(frames, captions: list[str], cache_directory: str | os.
             raise invalid(f"clip #{i}", getattr(clip, "shape", type(clip).__name__), "a tensor [F, H, W, 3] in 0..1")
         if not isinstance(caption, str):
             raise invalid(f"caption #{i}", caption, "a string")
+        if images is None and round_down_4k1(clip.shape[0]) != clip.shape[0]:
+            warnings.warn(f"clip #{i}: {clip.shape[0]} frames is not 4k+1; using the first "
+                          f"{round_down_4k1(clip.shape[0])}", stacklevel=2)
         arr = (clip[..., :3].detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
         items.append(InMemoryItem(name=f"item{i:05d}", frames=np.ascontiguousarray(arr), caption=caption))
     res = _check(_resolution, list(resolution) if isinstance(resolution, tuple) else resolution, "resolution")

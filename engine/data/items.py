@@ -56,13 +56,25 @@ def _stat(p: Path) -> list:
 def list_items(ds: ImageDatasetConfig | VideoDatasetConfig) -> list[SourceItem]:
     """Every usable item of a dataset, sorted by key."""
     if ds.in_memory is not None:
-        return [SourceItem(key=m.name, kind=ds.kind, caption=m.caption, frames=m.frames) for m in ds.in_memory]
+        items = [SourceItem(key=m.name, kind=ds.kind, caption=m.caption, frames=m.frames) for m in ds.in_memory]
+        _warn_empty_captions(ds, items)
+        return items
     jsonl = ds.image_jsonl_file if ds.kind == "image" else ds.video_jsonl_file
     items = _from_jsonl(ds, Path(jsonl)) if jsonl else _from_directory(ds)
+    _warn_empty_captions(ds, items)
     if not items:
         raise invalid(f"dataset #{ds.index} ({ds.source})", "no usable items",
                       f"{ds.kind} files with captions ({ds.caption_extension or DEFAULT_CAPTION_EXTENSION})")
     return _unique_keys(items)
+
+
+def _warn_empty_captions(ds, items: list[SourceItem]) -> None:
+    """An empty caption trains the item unconditioned (as Musubi does); usually a forgotten file, so say so."""
+    empty = [str(it.path or it.key) for it in items if not it.caption.strip()]
+    if empty:
+        shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        warnings.warn(f"dataset #{ds.index}: {len(empty)} item(s) with an empty caption (trained without a prompt): "
+                      f"{shown}", DatasetWarning, stacklevel=3)
 
 
 def _from_directory(ds) -> list[SourceItem]:
@@ -88,11 +100,26 @@ def _from_directory(ds) -> list[SourceItem]:
                 continue
             raise invalid(f"dataset #{ds.index} video {p}", f"no caption file {cap_path.name}",
                           f"a caption file next to every video ({cap_path})")
-        caption = cap_path.read_text(encoding="utf-8").strip()
+        caption = read_text_file(cap_path, f"dataset #{ds.index} caption file").strip()
         controls = _find_controls(ds, p, control_dir) if control_dir else []
         items.append(SourceItem(key=p.stem if p.is_file() else p.name, kind=ds.kind, caption=caption, path=p,
                                 control_paths=controls))
     return items
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """UTF-8 text; a leading byte-order mark (Windows Notepad) is dropped rather than kept in the caption.
+
+    Other encodings (cp1252, UTF-16) are refused naming the file: guessing would silently train on mojibake."""
+    data = Path(path).read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        warnings.warn(f"{what} {path} starts with a UTF-8 byte-order mark (Notepad); it was removed, not trained on",
+                      DatasetWarning, stacklevel=3)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise invalid(f"{what} {path}", f"byte {data[e.start:e.start + 1]!r} at offset {e.start} is not UTF-8",
+                      "a UTF-8 text file (re-save it as UTF-8)") from None
 
 
 def _find_controls(ds, media: Path, control_dir: Path) -> list[Path]:
@@ -118,7 +145,7 @@ def _from_jsonl(ds, path: Path) -> list[SourceItem]:
         raise invalid(f"dataset #{ds.index} {ds.kind}_jsonl_file", str(path), "an existing JSONL file")
     media_key = f"{ds.kind}_path"
     items = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(read_text_file(path, f"dataset #{ds.index} {ds.kind}_jsonl_file").splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path} line {n}"

@@ -30,14 +30,44 @@ def is_video(path: str | os.PathLike) -> bool:
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
-    """[H, W, 3] uint8 RGB (alpha dropped, palette/greyscale converted)."""
+    """[H, W, 3] uint8 RGB, whatever the Pillow mode (see `to_rgb8`)."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+            return to_rgb8(im)
     except Exception as e:  # Pillow raises several types (UnidentifiedImageError, OSError for truncated data, ...)
         raise invalid(f"image {path}", f"unreadable ({type(e).__name__}: {e})", "a valid png/jpg/webp/bmp image") from e
+
+
+# Transparent pixels are composited on white: what image viewers and browsers show for a transparent image, and
+# the colour hidden under alpha=0 (often black or garbage) is never what the author meant to train on.
+ALPHA_BACKGROUND = (255, 255, 255)
+
+
+def to_rgb8(im) -> np.ndarray:
+    """A Pillow image as [H, W, 3] uint8 RGB.
+
+    * 16/32-bit integer greyscale (`I;16*`, `I`): scaled from 0..65535 to 0..255 (`convert("RGB")` would clip
+      them, turning almost every pixel white); `F` (float) is read as 0..1.
+    * anything with alpha (`RGBA`, `LA`, `PA`, palette or greyscale with a transparent colour): composited on
+      `ALPHA_BACKGROUND` (white).
+    * palette, CMYK, YCbCr, LAB, 1-bit, greyscale: Pillow's own conversion to RGB.
+    """
+    from PIL import Image
+
+    mode = im.mode
+    if mode.startswith("I;16") or mode == "I":
+        g = np.clip(np.rint(np.asarray(im, dtype=np.float64) / 257.0), 0, 255).astype(np.uint8)
+        return np.repeat(g[..., None], 3, axis=2)
+    if mode == "F":
+        g = np.clip(np.rint(np.asarray(im, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
+        return np.repeat(g[..., None], 3, axis=2)
+    if mode in ("RGBA", "LA", "La", "RGBa", "PA") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+        return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"), dtype=np.uint8).copy()
+    return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import html
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,6 +91,10 @@ def clean_prompt(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+class PromptTruncatedWarning(UserWarning):
+    """A prompt or caption longer than Wan's 512-token context: the end is cut off."""
+
+
 class PromptTokenizer:
     """SentencePiece (`.model` bytes) or HF `tokenizers` (`tokenizer.json`) behind one small interface.
 
@@ -139,7 +144,11 @@ class PromptTokenizer:
         ids = torch.full((len(prompts), text_len), PAD_ID, dtype=torch.long)
         mask = torch.zeros((len(prompts), text_len), dtype=torch.long)
         for i, p in enumerate(prompts):
-            toks = self.encode(clean_prompt(p))[: text_len - 1] + [self.eos_id]
+            content = self.encode(clean_prompt(p))
+            if len(content) > text_len - 1:
+                warnings.warn(f"prompt of {len(content) + 1} tokens truncated to {text_len} (the rest is not used): "
+                              f"{p[:60]!r}...", PromptTruncatedWarning, stacklevel=2)
+            toks = content[: text_len - 1] + [self.eos_id]
             ids[i, : len(toks)] = torch.tensor(toks, dtype=torch.long)
             mask[i, : len(toks)] = 1
         return ids, mask

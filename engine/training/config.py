@@ -58,6 +58,7 @@ class NetworkConfig:
 class TrainingConfig:
     output_dir: str = "output"
     output_name: str = "lora"
+    lora_dir: str | None = None               # where the LoRA files go (None = output_dir; states stay in output_dir)
     max_train_steps: int = 1600
     max_train_epochs: int | None = None       # overrides steps: epochs × ceil(batches per epoch / grad accum)
     gradient_accumulation_steps: int = 1
@@ -104,6 +105,8 @@ class TrainingConfig:
             raise invalid("output_name", self.output_name, "a file name without path separators")
         self.timesteps.validate()
         check_writable(self.output_dir, "output_dir")
+        if self.lora_dir:
+            check_writable(self.lora_dir, "lora_dir")
         if self.logging_dir:
             check_writable(self.logging_dir, "logging_dir")
 

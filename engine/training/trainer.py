@@ -128,6 +128,7 @@ class TrainingSession:
         self.network_config, self.optimizer_config, self.validation = network, optimizer, validation
         self.device = execution_device(model)   # the swapper's device when layers sit on the host
         self.output_dir = Path(config.output_dir)
+        self.lora_dir = Path(config.lora_dir) if config.lora_dir else self.output_dir
         self.total_steps = resolve_total_steps(config, loader)
 
         # 2. model: frozen base, chosen attention (checkpointing is set per train_steps call)
@@ -224,7 +225,7 @@ class TrainingSession:
     def save_lora(self, path: str | Path | None = None, epoch: int | None = None, step: int | None = None) -> Path:
         from ..lora.writer import save_lora
 
-        path = Path(path) if path is not None else lora_path(self.output_dir, self.config.output_name, step, epoch)
+        path = Path(path) if path is not None else lora_path(self.lora_dir, self.config.output_name, step, epoch)
         optimizer_train_mode(self.optimizer, False)  # schedule-free: save the averaged weights
         try:
             return save_lora(self.network, path, format=self.config.save_format, metadata=self._metadata(epoch),
@@ -262,6 +263,12 @@ class TrainingSession:
             loss, t = self._micro_step(self._next_batch(), 1.0 / accum)
             total += float(loss)
             ts.append(t)
+        if not math.isfinite(total):
+            # stop before the optimizer step turns the adapter into NaN; train_steps saves the last good step
+            folder = state_dir(self.output_dir, self.config.output_name)
+            raise invalid(f"training loss at step {self.step + 1}", total,
+                          f"a finite value: training diverged (lower the learning rate, or use bf16/fp32 instead of "
+                          f"fp16); the state of step {self.step} is saved in {folder} to resume from")
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.optimizer_config.max_grad_norm > 0:
@@ -354,7 +361,7 @@ class TrainingSession:
         cfg, out = self.config, self.output_dir
         kind = "step" if step is not None else "epoch"
         self.save_lora(step=step, epoch=epoch)
-        prune(out, cfg.output_name, kind, cfg.keep_last_n_saves)
+        prune(self.lora_dir, cfg.output_name, kind, cfg.keep_last_n_saves)
         if cfg.save_state:
             self.save_state(state_dir(out, cfg.output_name, step, epoch))
             prune(out, cfg.output_name, f"{kind}-state", cfg.keep_last_n_states)
