@@ -42,6 +42,24 @@ USED_SYMBOLS = {
 }
 
 
+# --- socket types ------------------------------------------------------------------------------------------------
+class AnyType(str):
+    """The wildcard socket type `"*"` that both ComfyUI versions accept on either end of a link.
+
+    The frontend treats "*" as a wildcard, but 0.3.75's backend compares types with `received != expected` before
+    anything else (comfy_execution/validation.py, "pre-union behaviour"): a plain "*" output is refused by every typed
+    input. A str whose `!=` is always False passes that check; it still serialises as "*" for the frontend.
+    """
+
+    def __ne__(self, other) -> bool:
+        return False
+
+    __hash__ = str.__hash__
+
+
+ANY = AnyType("*")
+
+
 def _mm():
     import comfy.model_management as mm
 

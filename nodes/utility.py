@@ -13,7 +13,7 @@ class MusubiUnloadModels:
     CATEGORY = "Musubi/utils"
     FUNCTION = "run"
     OUTPUT_NODE = True
-    RETURN_TYPES = ("*",)
+    RETURN_TYPES = (compat.ANY,)
     RETURN_NAMES = ("passthrough",)
     OUTPUT_TOOLTIPS = ("The 'passthrough' input, unchanged, so the unload can be ordered inside a graph.",)
 
@@ -27,7 +27,7 @@ class MusubiUnloadModels:
                          "tooltip": "Which of the pack's objects to unload."}),
             },
             "optional": {
-                "passthrough": ("*", {"tooltip": "Any value; connect it to run this node after another one."}),
+                "passthrough": (compat.ANY, {"tooltip": "Any value; connect it to run this node after another one."}),
             },
         }
 
