@@ -661,7 +661,8 @@ class MusubiCreateRandomLoRA:
         return {"required": {
             "model": (T.WAN_DIT, {"tooltip": "The DiT whose layers the LoRA targets (sizes are read from it)."}),
             "rank": ("INT", {"default": 4, "min": 1, "max": 256, "tooltip": "LoRA rank."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1, "tooltip": "Random seed."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1, "control_after_generate": False,
+                     "tooltip": "Random seed."}),
         }}
 
     def create(self, model, rank, seed):

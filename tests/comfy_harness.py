@@ -278,7 +278,9 @@ def _widget_inputs(spec: dict) -> list[tuple[str, tuple]]:
 
 
 def _has_control_widget(name: str, typ, opts: dict) -> bool:
-    return typ == "INT" and (opts.get("control_after_generate") or name in ("seed", "noise_seed"))
+    # the frontend's rule (useIntWidget): `control_after_generate ?? name in (seed, noise_seed)`; an explicit False
+    # means no control widget, hence no extra widgets_values entry
+    return typ == "INT" and bool(opts.get("control_after_generate", name in ("seed", "noise_seed")))
 
 
 def ui_to_api(workflow: dict, input_types: dict) -> dict:
