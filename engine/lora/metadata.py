@@ -45,9 +45,15 @@ def with_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> d
     return meta
 
 
+# What the tensors of the file are: never taken from a source file's (or caller's) metadata when writing.
+TENSOR_FACTS = ("ss_network_dim", "ss_network_alpha")
+
+
 def lora_metadata(kind: str, rank: int | None, alpha: float | None, user: dict | None = None,
-                  title: str | None = None, architecture: str = "wan2.1/lora") -> dict[str, str]:
-    """Musubi's minimal ss_* keys + ModelSpec; `user` entries (any values) are stored as strings and win."""
+                  title: str | None = None, architecture: str = "wan2.1/lora",
+                  facts_win: bool = False) -> dict[str, str]:
+    """Musubi's minimal ss_* keys + ModelSpec; `user` entries (any values) are stored as strings and win, except
+    the TENSOR_FACTS when `facts_win` (a converted file must not keep the alpha its source had)."""
     meta = {
         "ss_base_model_version": "wan",
         "ss_network_module": NETWORK_MODULE.get(kind, kind),
@@ -59,6 +65,9 @@ def lora_metadata(kind: str, rank: int | None, alpha: float | None, user: dict |
         "modelspec.title": title or f"LoRA@{datetime.datetime.now().strftime('%Y-%m-%d %H:%M:%S')}",
         "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
     }
+    facts = {k: meta[k] for k in TENSOR_FACTS}
     for k, v in (user or {}).items():
         meta[str(k)] = stringify(v)
+    if facts_win:
+        meta.update(facts)
     return meta
