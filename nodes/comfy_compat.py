@@ -35,6 +35,9 @@ USED_SYMBOLS = {
                                "InterruptProcessingException", "get_torch_device", "free_memory",
                                "unload_all_models", "soft_empty_cache", "get_free_memory"],
     "comfy.utils": ["ProgressBar"],
+    "comfy.cli_args": ["args"],
+    "comfy.latent_formats": ["Wan21"],
+    "latent_preview": ["get_previewer"],
     "folder_paths": ["get_filename_list", "get_full_path", "get_folder_paths", "get_output_directory",
                      "get_temp_directory", "get_save_image_path", "models_dir"],
     "server": ["PromptServer"],
@@ -97,8 +100,8 @@ class Progress:
 
     def update(self, value: int, preview=None, text: str | None = None) -> None:
         check_interrupt()
-        if preview is not None:
-            preview = ("JPEG", preview, 512)
+        if _is_pil(preview):  # a ready (format, image, size) tuple from ComfyUI's previewer passes as is
+            preview = ("JPEG", preview, preview_max_size())
         self._bar.update_absolute(min(int(value), self.total), self.total, preview)
         if text is not None:
             send_text(self.node_id, text)
@@ -141,6 +144,40 @@ def send_text(node_id: str | None, text: str) -> None:
     if instance is None or not hasattr(instance, "send_progress_text"):
         return
     instance.send_progress_text(text, node_id, getattr(instance, "client_id", None))
+
+
+# --- previews and metadata (the user's command-line choices) -----------------------------------------------------
+def _args():
+    from comfy.cli_args import args
+
+    return args
+
+
+def preview_max_size() -> int:
+    """`--preview-size` (ComfyUI's default 512)."""
+    return int(getattr(_args(), "preview_size", 512) or 512)
+
+
+def latent_previewer():
+    """ComfyUI's own previewer for Wan 2.1 latents, or None when previews are off (`--preview-method none`, the
+    default). It follows --preview-method (latent2rgb; taesd uses TAEHV `lighttaew2_1` from models/vae_approx when
+    installed) and --preview-size. Its `decode_latent_to_preview_image("JPEG", x0)` takes x0 [B,16,F,h,w] (the
+    sampler's normalized latents) and returns the tuple a progress bar sends."""
+    try:
+        import latent_preview
+        from comfy import latent_formats
+    except ImportError:
+        return None
+    try:
+        return latent_preview.get_previewer(torch_device(), latent_formats.Wan21())
+    except Exception as e:  # noqa: BLE001 - a broken preview model must never fail sampling
+        log.warning("ComfyUI-Musubi: no latent previews (%s: %s)", type(e).__name__, e)
+        return None
+
+
+def metadata_disabled() -> bool:
+    """`--disable-metadata`: saved files carry no prompt/workflow."""
+    return bool(getattr(_args(), "disable_metadata", False))
 
 
 # --- training ----------------------------------------------------------------------------------------------------

@@ -237,7 +237,7 @@ class MusubiWanSampler:
     def sample(self, model, embeds, width, height, frames, steps, guidance_scale, shift, solver, seed, noise_device,
                image_embeds=None, cfg_skip_mode="none", cfg_apply_ratio=1.0, slg_layers="", slg_scale=3.0,
                slg_start=0.0, slg_end=0.3, offload_after=False, unique_id=None):
-        from ..engine.pipelines.wan import WanGenerateRequest, generate, latent_to_rgb_preview
+        from ..engine.pipelines.wan import WanGenerateRequest, generate
 
         try:
             layers = tuple(int(s) for s in slg_layers.replace(" ", "").split(",") if s)
@@ -263,13 +263,12 @@ class MusubiWanSampler:
             conditioning=image_embeds["conditioning"] if image_embeds is not None else None,
             clip_fea=image_embeds["clip_fea"] if image_embeds is not None else None).resolve()
         bar = compat.Progress(request.steps, unique_id)
+        previewer = compat.latent_previewer()   # None with --preview-method none
 
         def progress(step, total, x0):
             preview = None
-            if x0 is not None:
-                from PIL import Image
-                rgb = latent_to_rgb_preview(x0)
-                preview = Image.fromarray((rgb.numpy() * 255).astype("uint8"))
+            if x0 is not None and previewer is not None:
+                preview = previewer.decode_latent_to_preview_image("JPEG", x0)
             bar.update(step, preview=preview)
 
         with dit_on_device(model, offload_after):
@@ -330,10 +329,11 @@ class MusubiSaveVideo:
         folder, filename, counter, subfolder, _ = compat.save_path(filename_prefix, images.shape[2], images.shape[1])
         name = f"{filename}_{counter:05}_.mp4"
         metadata = {}
-        if extra_pnginfo:
-            metadata.update(extra_pnginfo)
-        if prompt is not None:
-            metadata["prompt"] = prompt
+        if not compat.metadata_disabled():   # --disable-metadata, as core savers honour it
+            if extra_pnginfo:
+                metadata.update(extra_pnginfo)
+            if prompt is not None:
+                metadata["prompt"] = prompt
         write_mp4(images, os.path.join(folder, name), fps, metadata=metadata, crf=crf)
         return {"ui": {"images": [{"filename": name, "subfolder": subfolder, "type": "output"}], "animated": (True,)}}
 

@@ -160,6 +160,7 @@ class InProcessComfy:
         self.throttle = False
         self.cancel_after: tuple[str | None, int] | None = None
         self.progress_calls: list[tuple[str, int, int]] = []
+        self.previews: list[tuple[str, tuple]] = []   # (node id, (format, PIL image, max size)) as the hook got them
         self.b.comfy_utils.set_progress_bar_global_hook(self._progress_hook)
         self._install_prompt_server()
 
@@ -180,6 +181,8 @@ class InProcessComfy:
             prompt_id = prompt_id or ctx.prompt_id
             node_id = node_id or ctx.node_id
         self.progress_calls.append((str(node_id), int(value), int(total)))
+        if preview_image is not None:
+            self.previews.append((str(node_id), preview_image))
         if self.cancel_after is not None:
             target, n = self.cancel_after
             if (target is None or str(node_id) == target) and \
@@ -224,6 +227,7 @@ class InProcessComfy:
         self.server.events.clear()
         self.server.texts.clear()
         self.progress_calls.clear()
+        self.previews.clear()
         self.b.mm.interrupt_current_processing(False)
         extra = {"client_id": "pytest"}
         if extra_pnginfo is not None:
@@ -456,7 +460,8 @@ def comfy() -> InProcessComfy:
 
 @pytest.fixture(scope="session")
 def comfy_server():
-    srv = ComfyServer([REPO_ROOT]).start()
+    # ComfyUI's default is no latent previews; the server tier runs as a user who turned them on
+    srv = ComfyServer([REPO_ROOT], ("--preview-method", "auto")).start()
     try:
         failures = srv.import_failures(REPO_ROOT.name)
         if failures:
