@@ -34,6 +34,7 @@ USED_SYMBOLS = {
     "comfy.model_management": ["throw_exception_if_processing_interrupted", "processing_interrupted",
                                "InterruptProcessingException", "get_torch_device", "free_memory",
                                "unload_all_models", "soft_empty_cache", "get_free_memory"],
+    "execution": ["PromptQueue"],
     "comfy.utils": ["ProgressBar"],
     "comfy.cli_args": ["args"],
     "comfy.latent_formats": ["Wan21"],
@@ -214,17 +215,22 @@ def torch_device() -> torch.device:
     return _mm().get_torch_device()
 
 
-def make_room(bytes_needed: int, device: torch.device | str | None = None) -> int:
+def make_room(bytes_needed: int, device: torch.device | str | None = None, pins_required: int = 0) -> int:
     """Ask ComfyUI to evict its own models (classic or dynamic VRAM) until `bytes_needed` are free on `device`.
 
-    Returns the free bytes measured *after* asking (under dynamic VRAM a plain measurement under-reports what can
-    be freed, so always ask first). The pack's own modules are never touched by ComfyUI.
+    `pins_required`: pinned host bytes the pack is about to allocate (block-swap masters); newer ComfyUI's
+    `free_memory(..., pins_required=)` budgets its own pinned memory around them, older versions have no such
+    parameter and are not told. Returns the free bytes measured *after* asking (under dynamic VRAM a plain
+    measurement under-reports what can be freed, so always ask first). ComfyUI never touches the pack's modules.
     """
     mm = _mm()
     device = torch.device(device) if device is not None else mm.get_torch_device()
     if device.type == "cpu":
         return 0
-    mm.free_memory(int(bytes_needed), device)
+    if pins_required and _accepts(mm.free_memory, "pins_required"):
+        mm.free_memory(int(bytes_needed), device, pins_required=int(pins_required))
+    else:
+        mm.free_memory(int(bytes_needed), device)
     mm.soft_empty_cache()
     return int(mm.get_free_memory(device))
 
@@ -234,6 +240,45 @@ def free_all() -> None:
     mm = _mm()
     mm.unload_all_models()
     mm.soft_empty_cache()
+
+
+def install_free_hooks(on_unload, on_free) -> bool:
+    """Let ComfyUI's "Unload models" / "Free model and node cache" buttons (POST /free) reach the pack's models.
+
+    The route only sets flags on the prompt queue; between prompts the worker takes them with
+    `PromptQueue.get_flags()` and then unloads its models (both buttons) and resets its node cache ("free"). The
+    pack wraps `get_flags` (feature-detected) to act on the same flags on the same thread, never during a prompt:
+    `on_unload()` for either button, `on_free()` for "free". Installing again only swaps the callbacks.
+    Returns False when this ComfyUI has no such queue."""
+    try:
+        import execution
+    except ImportError:
+        return False
+    queue = getattr(execution, "PromptQueue", None)
+    current = getattr(queue, "get_flags", None)
+    if not callable(current):
+        return False
+    if not hasattr(current, "__musubi_original__"):
+        original = current
+
+        def get_flags(self, *args, **kwargs):
+            flags = original(self, *args, **kwargs)
+            consumed = kwargs.get("reset", args[0] if args else True)
+            if consumed and isinstance(flags, dict):
+                free = bool(flags.get("free_memory", False))
+                try:
+                    if flags.get("unload_models", free):
+                        get_flags.on_unload()
+                    if free:
+                        get_flags.on_free()
+                except Exception as e:  # noqa: BLE001 - the worker loop must go on
+                    log.warning("ComfyUI-Musubi: freeing the pack's models failed: %s: %s", type(e).__name__, e)
+            return flags
+
+        get_flags.__musubi_original__ = original
+        queue.get_flags = current = get_flags
+    current.on_unload, current.on_free = on_unload, on_free
+    return True
 
 
 # --- media -------------------------------------------------------------------------------------------------------

@@ -231,12 +231,13 @@ class MusubiWanSampler:
             "slg_scale": ("FLOAT", {"default": 3.0, "min": 0.0, "max": 20.0, "step": 0.1, "tooltip": "Skip-layer guidance scale."}),
             "slg_start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "SLG start (fraction of steps)."}),
             "slg_end": ("FLOAT", {"default": 0.3, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "SLG end (fraction of steps)."}),
-            "offload_after": ("BOOLEAN", {"default": False, "tooltip": "Move the DiT back to CPU memory after sampling."}),
+            "offload_after": ("BOOLEAN", {"default": True, "tooltip": "Move the DiT back to CPU memory after sampling "
+                              "(frees VRAM for the VAE and other models, as ComfyUI does; off: faster re-runs)."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def sample(self, model, embeds, width, height, frames, steps, guidance_scale, shift, solver, seed, noise_device,
                image_embeds=None, cfg_skip_mode="none", cfg_apply_ratio=1.0, slg_layers="", slg_scale=3.0,
-               slg_start=0.0, slg_end=0.3, offload_after=False, unique_id=None):
+               slg_start=0.0, slg_end=0.3, offload_after=True, unique_id=None):
         from ..engine.pipelines.wan import WanGenerateRequest, generate
 
         try:
