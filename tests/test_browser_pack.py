@@ -1,4 +1,5 @@
-"""Browser tier: training-side seeds stay fixed when a user builds a training graph by hand and queues it again.
+"""Browser tier, graphs built by hand in the frontend as a user would: training-side seeds stay fixed across
+queues, and the nodes' status text is shown on the node (web/musubi_status.js).
 
 The frontend gives every INT input named `seed` a "control after generate" widget defaulting to "randomize"
 (useIntWidget: `control_after_generate ?? name in (seed, noise_seed)`). A new seed on the second Queue would
@@ -103,3 +104,23 @@ def test_hand_built_training_graph_keeps_its_seeds_and_continues_training(comfy_
             assert entry["prompt"][2][str(ids[str(nid)])]["inputs"]["seed"] == seed
     # the same session trained 2 more steps: not a new session restarted from step 0
     assert (_step(first, ids["12"]), _step(second, ids["12"])) == (2, 4)
+
+
+def test_status_text_is_shown_on_the_node(comfy_server, browser_page):
+    """A node's {"ui": {"text": ...}} summary appears on the node (a DOM check, no screenshot)."""
+    page = browser_page
+    wait_ui_idle(page)
+    graph = [(1, "MusubiWanDiTLoader", {"model_name": "preset:tiny-t2v", "dtype": "fp32"}, {}),
+             (2, "MusubiUnloadModels", {"mode": "offload", "what": "models"}, {"passthrough": (1, 0)})]
+    ids = page.evaluate(BUILD, [[list(n[:3]) + [{k: list(v) for k, v in n[3].items()}] for n in graph]])
+    entry = _queue_and_wait(page, comfy_server)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    node_id = ids["2"]
+    expected = "".join(entry["outputs"][str(node_id)]["text"])
+    assert expected.startswith("offload:")
+    page.wait_for_function("""([id, text]) => [...document.querySelectorAll('textarea.musubi-status')]
+        .some(el => el.dataset.musubiNode === String(id) && el.value === text && el.offsetParent !== null)""",
+                           arg=[node_id, expected], timeout=30000)
+    # the status widget stays out of the prompt the frontend sends
+    api = page.evaluate("async () => (await app.graphToPrompt()).output")
+    assert "musubi_status" not in api[str(node_id)]["inputs"]
