@@ -33,7 +33,9 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-COMFYUI_DIR = Path(os.environ.get("COMFYUI_DIR", Path.home() / ".cache/comfyui-musubi/ComfyUI")).resolve()
+# Where scripts/setup_env.sh puts ComfyUI: $COMFYUI_DIR if given, else $MUSUBI_ENV/ComfyUI (~/.cache/comfyui-musubi).
+COMFYUI_DIR = Path(os.environ.get("COMFYUI_DIR") or Path(os.environ.get("MUSUBI_ENV") or Path.home() / ".cache/comfyui-musubi")
+                   .expanduser() / "ComfyUI").resolve()
 PACK_ALIAS = "musubi_pack"  # importable name of the pack as ComfyUI loaded it
 ARTIFACTS = Path(os.environ.get("MUSUBI_TEST_ARTIFACTS", REPO_ROOT / "test-artifacts"))
 CACHE_ARGS = {"lru": 0, "ram": 0, "ram_inactive": 0}  # 0.38 reads ram_inactive too; 0.3.75 ignores it

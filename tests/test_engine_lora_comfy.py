@@ -16,7 +16,7 @@ from engine.models.wan.presets import build_preset_state_dict
 
 from lora_fixtures import _one_thread, tiny_model  # noqa: F401
 
-COMFYUI_DIR = Path(os.environ.get("COMFYUI_DIR", Path.home() / ".cache/comfyui-musubi/ComfyUI"))
+COMFYUI_DIR = Path(os.environ.get("COMFYUI_DIR") or Path(os.environ.get("MUSUBI_ENV") or Path.home() / ".cache/comfyui-musubi").expanduser() / "ComfyUI")
 PROBE = Path(__file__).with_name("comfy_lora_probe.py")
 CASES = [("t2v", "lora"), ("i2v", "lora"), ("t2v", "loha"), ("i2v", "lokr")]
 STRENGTH = 0.75

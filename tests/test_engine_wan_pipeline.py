@@ -327,9 +327,10 @@ def test_latent_preview_projection():
 
 
 def test_preview_factors_equal_comfyui_tree():
-    src = Path.home() / ".cache/comfyui-musubi/ComfyUI/comfy/latent_formats.py"
-    if not src.is_file():
-        pytest.skip("local ComfyUI tree not present")
+    from comfy_harness import COMFYUI_DIR   # wherever COMFYUI_DIR / MUSUBI_ENV put the tree
+
+    src = COMFYUI_DIR / "comfy" / "latent_formats.py"
+    assert src.is_file(), f"no ComfyUI tree at {COMFYUI_DIR} (set COMFYUI_DIR or MUSUBI_ENV, see scripts/setup_env.sh)"
     tree = ast.parse(src.read_text())
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Wan21")
     values = {t.targets[0].id: ast.literal_eval(t.value) for t in cls.body
