@@ -14,6 +14,11 @@ import json
 import sys
 from pathlib import Path
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the backport the pack depends on there
+    import tomli as tomllib
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
@@ -166,10 +171,6 @@ def _spec_lists(cls):
 
 def _pack_version() -> tuple[str, str]:
     """(registry id, version) from pyproject.toml: what the frontend's cnr_id / ver point ComfyUI Manager at."""
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:
-        import tomli as tomllib
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     return project["name"], project["version"]
 

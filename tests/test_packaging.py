@@ -93,3 +93,28 @@ def test_tomllib_backport_is_a_dependency_below_3_11():
     deps = _pyproject()["project"]["dependencies"]
     tomli = [d for d in deps if _name(d) == "tomli"]
     assert tomli and 'python_version < "3.11"' in tomli[0], deps
+
+
+def test_registry_icon_and_issues_url():
+    p = _pyproject()
+    repo = p["project"]["urls"]["Repository"].rstrip("/")
+    assert p["project"]["urls"]["Issues"] == repo + "/issues"
+    icon = p["tool"]["comfy"]["Icon"]
+    raw = repo.replace("https://github.com/", "https://raw.githubusercontent.com/") + "/main/"
+    assert icon.startswith(raw), icon                # served from this repository: check the file itself
+    from PIL import Image
+
+    with Image.open(REPO_ROOT / icon[len(raw):]) as img:
+        assert img.width == img.height <= 400        # the registry shows a square icon
+
+
+def test_readme_installs_only_what_exists():
+    # the pack is installed by ComfyUI Manager / git clone, not from PyPI: an extra of it cannot be pip-installed
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert "comfyui-musubi[" not in readme
+    optional = {_name(d) for deps in _pyproject()["project"]["optional-dependencies"].values() for d in deps}
+    for line in re.findall(r"pip install ([^`\n]+)", readme):
+        for word in line.split("#")[0].split():
+            if word.startswith("-") or "/" in word:   # options and requirement files
+                continue
+            assert _name(word) in optional, f"README installs {word!r}, which is no optional dependency"
