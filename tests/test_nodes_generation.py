@@ -144,3 +144,16 @@ def test_save_video_honours_disable_metadata(comfy, monkeypatch, disabled):
     assert ("workflow" in meta and "prompt" in meta) is not disabled
     if disabled:
         assert not {"workflow", "prompt"} & set(meta)
+
+
+def test_image_previews_use_the_preview_size(comfy, monkeypatch):
+    """Non-latent previews (loss curve, validation frames) are sent at --preview-size too."""
+    from PIL import Image
+    from comfy.cli_args import args
+
+    compat = comfy.pack_module("nodes.comfy_compat")
+    monkeypatch.setattr(args, "preview_size", 77)
+    comfy.previews.clear()
+    compat.Progress(4, "42").update(1, preview=Image.new("RGB", (300, 200)))
+    ((node, (fmt, img, size)),) = comfy.previews
+    assert (node, fmt, img.size, size) == ("42", "JPEG", (300, 200), 77)
