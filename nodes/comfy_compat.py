@@ -9,6 +9,10 @@ feature detection (hasattr / signature), never by version string:
 * `Progress`: a progress bar that checks cancel on every step and can send a preview image and a text line;
 * `training_context()`: leave inference mode, enable grad, set/restore `model_management.in_training` if it exists;
 * `make_room()` / `free_all()`: ask ComfyUI to evict its models (dynamic VRAM or not) before ours move to the GPU;
+* `install_free_hooks()`: ComfyUI's "Unload models" / "Free model and node cache" buttons reach the pack's models;
+* `latent_previewer()` / `preview_max_size()` / `metadata_disabled()`: the user's --preview-method, --preview-size
+  and --disable-metadata;
+* `ANY`: a wildcard socket type both versions accept on typed inputs;
 * `make_video()`: a core VIDEO from IMAGE frames and fps;
 * model folder lookups and output paths.
 
@@ -248,7 +252,7 @@ def install_free_hooks(on_unload, on_free) -> bool:
     The route only sets flags on the prompt queue; between prompts the worker takes them with
     `PromptQueue.get_flags()` and then unloads its models (both buttons) and resets its node cache ("free"). The
     pack wraps `get_flags` (feature-detected) to act on the same flags on the same thread, never during a prompt:
-    `on_unload()` for either button, `on_free()` for "free". Installing again only swaps the callbacks.
+    `on_free()` for "free", else `on_unload()` for "unload". Installing again only swaps the callbacks.
     Returns False when this ComfyUI has no such queue."""
     try:
         import execution
@@ -267,10 +271,10 @@ def install_free_hooks(on_unload, on_free) -> bool:
             if consumed and isinstance(flags, dict):
                 free = bool(flags.get("free_memory", False))
                 try:
-                    if flags.get("unload_models", free):
-                        get_flags.on_unload()
-                    if free:
+                    if free:                                   # dropping them makes offloading them moot
                         get_flags.on_free()
+                    elif flags.get("unload_models", False):
+                        get_flags.on_unload()
                 except Exception as e:  # noqa: BLE001 - the worker loop must go on
                     log.warning("ComfyUI-Musubi: freeing the pack's models failed: %s: %s", type(e).__name__, e)
             return flags

@@ -39,7 +39,8 @@ def test_sampler_offloads_the_dit_after_use_by_default(comfy, monkeypatch):
 
 
 @pytest.mark.parametrize("flags, expected", [({"unload_models": True}, ["offload"]),
-                                             ({"free_memory": True}, ["offload", "release"]),
+                                             ({"free_memory": True}, ["release"]),
+                                             ({"unload_models": True, "free_memory": True}, ["release"]),
                                              ({}, [])])
 def test_free_flags_reach_the_pack_on_the_worker(comfy, monkeypatch, flags, expected):
     import execution
