@@ -80,6 +80,7 @@ def _text(history, node):
     return "".join(history["outputs"][node]["text"])
 
 
+@pytest.mark.server
 def test_free_button_releases_the_packs_models(comfy_server):
     """POST /free {"unload_models", "free_memory"} (the "Free model and node cache" button) on the real server."""
     def load_and_count(what):
