@@ -3,4 +3,8 @@ them in one ComfyUI graph. ComfyUI loads this file; the node classes live in nod
 
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+# The frontend extension that shows the nodes' status text (web/musubi_status.js). WEB_DIRECTORY only: a
+# `[tool.comfy] web` entry as well would load it twice.
+WEB_DIRECTORY = "./web"
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -1,6 +1,8 @@
 """Atomic file writes: a temporary file in the target folder, fsync, then rename over the target.
 
 An interrupted run (cancel, crash, power loss) leaves either the old file or the new one, never half a file.
+The file gets the mode a plain `open(path, "w")` would give (0644 under umask 022, like ComfyUI's own outputs), not
+mkstemp's private 0600; the folder is fsynced after the rename so the new name itself survives a power loss.
 """
 
 from __future__ import annotations
@@ -34,9 +36,12 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # after the body: writers such as safetensors' save_file may recreate the file (0600 again)
+        os.chmod(tmp_path, 0o666 & ~current_umask())
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, target)
+        _fsync_folder(folder)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -94,6 +99,29 @@ def _pid_alive(pid: int) -> bool:
     except (PermissionError, OSError):
         return True   # exists (another user's process) or unknown: keep the file
     return True
+
+def current_umask() -> int:
+    """The process umask. Linux shows it in /proc (no race); elsewhere set-and-restore is the only way to read it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def _fsync_folder(folder: Path) -> None:
+    if os.name == "nt":  # Windows cannot open a folder for fsync; NTFS journals the rename itself
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_bytes_atomic(target: str | os.PathLike, data: bytes) -> None:

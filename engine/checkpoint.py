@@ -7,9 +7,16 @@ A `Checkpoint` is a read-only name -> tensor view. Tensors are produced on deman
 its module (see `load_into_module`) without a second full copy in RAM. Views can strip key prefixes
 (`model.diffusion_model.` and friends) without touching the files.
 
-ComfyUI "scaled fp8" files store `<layer>.weight` in float8_e4m3fn plus a `<layer>.scale_weight` tensor (a scalar or
-one value per output channel) and an empty marker tensor `scaled_fp8`. `get(..., dequantize=True)` returns
-`weight.float() * scale_weight` for those; `raw` access keeps the fp8 tensor for the memory engine.
+Quantized ComfyUI files, two layouts (read the same way; `get(..., dequantize=True)` returns `weight.float() * scale`,
+`raw` keeps the stored fp8/int8 tensor for the memory engine):
+
+* legacy "scaled fp8": `<layer>.weight` in float8_e4m3fn, `<layer>.scale_weight` (a scalar or one value per output
+  channel), optional `<layer>.scale_input`, and an empty marker tensor `scaled_fp8`;
+* current (ComfyUI's mixed-precision ops, what its converter turns the legacy layout into): `<layer>.weight` (fp8 or
+  int8), `<layer>.weight_scale`, optional `<layer>.input_scale`, and the layer's format as JSON either in a uint8
+  tensor `<layer>.comfy_quant` ({"format": "float8_e4m3fn"} / "float8_e5m2" / "int8_tensorwise", ...) or in the
+  safetensors metadata `_quantization_metadata` ({"layers": {"<layer>": {"format": ...}}}). Formats that need more
+  than a scale to decode (nvfp4, mxfp8, rotated int8) are refused by name.
 """
 
 from __future__ import annotations
@@ -30,8 +37,15 @@ PICKLE_EXT = (".pt", ".pth", ".ckpt", ".bin")
 _SHARD_RE = re.compile(r"^(?P<stem>.*)-(?P<idx>\d{5})-of-(?P<total>\d{5})(?P<ext>\.safetensors)$")
 # Keys under which trainers nest the real state dict inside a pickle file.
 _NESTED_STATE_KEYS = ("state_dict", "model", "module", "ema", "params")
-SCALE_SUFFIX = ".scale_weight"
+SCALE_SUFFIX = ".scale_weight"            # legacy scaled fp8
+WEIGHT_SCALE_SUFFIX = ".weight_scale"      # current ComfyUI quantized layout
 SCALED_FP8_MARKER = "scaled_fp8"
+QUANT_CONF_SUFFIX = ".comfy_quant"
+QUANT_METADATA_KEY = "_quantization_metadata"
+# Per-layer bookkeeping tensors of both layouts: never model weights.
+QUANT_AUX_SUFFIXES = (SCALE_SUFFIX, ".scale_input", WEIGHT_SCALE_SUFFIX, ".input_scale", QUANT_CONF_SUFFIX)
+# Formats that decode as stored.float() * scale (scalar, or one per output row)
+DEQUANT_FORMATS = ("float8_e4m3fn", "float8_e5m2", "int8_tensorwise")
 
 
 def expand_shards(path: Path) -> list[Path]:
@@ -237,24 +251,71 @@ class Checkpoint:
 
     @property
     def is_scaled_fp8(self) -> bool:
-        return SCALED_FP8_MARKER in self._map or any(k.endswith(SCALE_SUFFIX) for k in self._map)
+        """Any ComfyUI quantized layout (legacy scaled fp8 or the current weight_scale/comfy_quant one)."""
+        return (SCALED_FP8_MARKER in self._map or any(k.endswith(QUANT_AUX_SUFFIXES) for k in self._map)
+                or any(QUANT_METADATA_KEY in f.metadata for f in self._files))
+
+    is_quantized = is_scaled_fp8
 
     def scale_key(self, key: str) -> str | None:
-        """The ComfyUI scaled-fp8 scale tensor of `key` (`x.weight` -> `x.scale_weight`), if there is one."""
+        """The scale tensor of quantized weight `key` (`x.weight` -> `x.weight_scale` or legacy `x.scale_weight`)."""
         if key.endswith(".weight"):
-            sk = key[: -len(".weight")] + SCALE_SUFFIX
-            if sk in self._map:
-                return sk
+            layer = key[: -len(".weight")]
+            for suffix in (WEIGHT_SCALE_SUFFIX, SCALE_SUFFIX):
+                if layer + suffix in self._map:
+                    return layer + suffix
         return None
+
+    def quant_format(self, key: str) -> str | None:
+        """The ComfyUI quantization format of weight `key` ("float8_e4m3fn", "int8_tensorwise", ...), or None.
+
+        Looked up by the key's name in its own file (`<layer>.comfy_quant`, else the file's `_quantization_metadata`)
+        so prefix-stripped and renamed views still find it; a legacy scale without either means scaled fp8."""
+        if not key.endswith(".weight") or key not in self._map:
+            return None
+        f, raw_key = self._loc(key)
+        layer = raw_key[: -len(".weight")]
+        keyset, layers = self._quant_index(f)
+        conf = None
+        if layer + QUANT_CONF_SUFFIX in keyset:
+            conf = _json_conf(f.get(layer + QUANT_CONF_SUFFIX), f"{self.source} {layer}{QUANT_CONF_SUFFIX}")
+        elif layer in layers:
+            conf = layers[layer]
+            if isinstance(conf, str):
+                conf = {"format": conf}
+        if conf is None:
+            return "float8_e4m3fn" if self.scale_key(key) else None
+        fmt = str(conf.get("format"))
+        if conf.get("convrot"):
+            fmt += "+convrot"
+        return fmt
+
+    def _quant_index(self, f) -> tuple[set, dict]:
+        """(the file's raw key set, its `_quantization_metadata` layers), parsed once per file."""
+        cache = self.__dict__.setdefault("_quant_cache", {})
+        if id(f) not in cache:
+            layers = {}
+            if QUANT_METADATA_KEY in f.metadata:
+                layers = _json_conf(f.metadata[QUANT_METADATA_KEY], f"{self.source} {QUANT_METADATA_KEY}")
+                layers = layers.get("layers") or {}
+            cache[id(f)] = (set(f.keys), layers)
+        return cache[id(f)]
 
     def get(self, key: str, dtype: torch.dtype | None = None, dequantize: bool = True) -> torch.Tensor:
         """A CPU tensor (safetensors copies, pickles are private copy-on-write maps: writing never touches the file).
 
-        Scaled fp8 weights are multiplied by their scale when `dequantize`."""
+        Quantized weights (fp8 / int8 with a scale) are multiplied by their scale when `dequantize`."""
         t = self.raw(key)
-        sk = self.scale_key(key) if dequantize else None
-        if sk is not None:
-            scale = self.raw(sk).float()
+        fmt = self.quant_format(key) if dequantize else None
+        if fmt is not None:
+            if fmt not in DEQUANT_FORMATS:
+                raise invalid(f"checkpoint {self.source} tensor {key!r}", f"quantization format {fmt!r}",
+                              f"one of {DEQUANT_FORMATS} (convert the file, or use an fp8/int8 one)")
+            sk = self.scale_key(key)
+            if sk is None and fmt.startswith("int8"):
+                raise invalid(f"checkpoint {self.source} tensor {key!r}", "int8 without a weight_scale",
+                              "a weight_scale tensor next to every int8 weight")
+            scale = self.raw(sk).float() if sk is not None else torch.ones(())
             if scale.numel() > 1 and t.ndim >= 1:  # per output channel
                 scale = scale.reshape(-1, *([1] * (t.ndim - 1)))
             t = t.float() * scale
@@ -263,8 +324,8 @@ class Checkpoint:
         return t
 
     def weight_keys(self) -> list[str]:
-        """Keys that are model tensors (not scaled-fp8 bookkeeping)."""
-        return [k for k in self._map if k != SCALED_FP8_MARKER and not k.endswith((SCALE_SUFFIX, ".scale_input"))]
+        """Keys that are model tensors (not quantization bookkeeping)."""
+        return [k for k in self._map if k != SCALED_FP8_MARKER and not k.endswith(QUANT_AUX_SUFFIXES)]
 
     def items(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         for k in self.weight_keys():
@@ -306,6 +367,18 @@ def is_finite(t: torch.Tensor) -> bool:
         return int(t.view(torch.uint8).max()) < 0x80 + low and int(t.view(torch.int8).max()) < low
     lo, hi = torch.aminmax(t)
     return math.isfinite(float(lo)) and math.isfinite(float(hi))
+
+
+def _json_conf(value, where: str) -> dict:
+    """A comfy_quant entry: uint8 tensor of UTF-8 JSON bytes, or a JSON string (metadata)."""
+    try:
+        text = value if isinstance(value, str) else bytes(value.to(torch.uint8).flatten().tolist()).decode("utf-8")
+        conf = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise invalid(where, "unreadable quantization config", "ComfyUI's JSON quantization config") from e
+    if not isinstance(conf, dict):
+        raise invalid(where, type(conf).__name__, "a JSON object")
+    return conf
 
 
 def load_into_module(module: torch.nn.Module, ckpt: Checkpoint, dtype: torch.dtype | None = None,

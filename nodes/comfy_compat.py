@@ -9,6 +9,10 @@ feature detection (hasattr / signature), never by version string:
 * `Progress`: a progress bar that checks cancel on every step and can send a preview image and a text line;
 * `training_context()`: leave inference mode, enable grad, set/restore `model_management.in_training` if it exists;
 * `make_room()` / `free_all()`: ask ComfyUI to evict its models (dynamic VRAM or not) before ours move to the GPU;
+* `install_free_hooks()`: ComfyUI's "Unload models" / "Free model and node cache" buttons reach the pack's models;
+* `latent_previewer()` / `preview_max_size()` / `metadata_disabled()`: the user's --preview-method, --preview-size
+  and --disable-metadata;
+* `ANY`: a wildcard socket type both versions accept on typed inputs;
 * `make_video()`: a core VIDEO from IMAGE frames and fps;
 * model folder lookups and output paths.
 
@@ -34,13 +38,35 @@ USED_SYMBOLS = {
     "comfy.model_management": ["throw_exception_if_processing_interrupted", "processing_interrupted",
                                "InterruptProcessingException", "get_torch_device", "free_memory",
                                "unload_all_models", "soft_empty_cache", "get_free_memory"],
+    "execution": ["PromptQueue"],
     "comfy.utils": ["ProgressBar"],
+    "comfy.cli_args": ["args"],
+    "comfy.latent_formats": ["Wan21"],
+    "latent_preview": ["get_previewer"],
     "folder_paths": ["get_filename_list", "get_full_path", "get_folder_paths", "get_output_directory",
                      "get_temp_directory", "get_save_image_path", "models_dir", "get_input_directory",
                      "folder_names_and_paths"],
     "server": ["PromptServer"],
     "comfy_api.latest": ["InputImpl", "Types"],
 }
+
+
+# --- socket types ------------------------------------------------------------------------------------------------
+class AnyType(str):
+    """The wildcard socket type `"*"` that both ComfyUI versions accept on either end of a link.
+
+    The frontend treats "*" as a wildcard, but 0.3.75's backend compares types with `received != expected` before
+    anything else (comfy_execution/validation.py, "pre-union behaviour"): a plain "*" output is refused by every typed
+    input. A str whose `!=` is always False passes that check; it still serialises as "*" for the frontend.
+    """
+
+    def __ne__(self, other) -> bool:
+        return False
+
+    __hash__ = str.__hash__
+
+
+ANY = AnyType("*")
 
 
 def _mm():
@@ -80,8 +106,8 @@ class Progress:
 
     def update(self, value: int, preview=None, text: str | None = None) -> None:
         check_interrupt()
-        if preview is not None:
-            preview = ("JPEG", preview, 512)
+        if _is_pil(preview):  # a ready (format, image, size) tuple from ComfyUI's previewer passes as is
+            preview = ("JPEG", preview, preview_max_size())
         self._bar.update_absolute(min(int(value), self.total), self.total, preview)
         if text is not None:
             send_text(self.node_id, text)
@@ -126,6 +152,40 @@ def send_text(node_id: str | None, text: str) -> None:
     instance.send_progress_text(text, node_id, getattr(instance, "client_id", None))
 
 
+# --- previews and metadata (the user's command-line choices) -----------------------------------------------------
+def _args():
+    from comfy.cli_args import args
+
+    return args
+
+
+def preview_max_size() -> int:
+    """`--preview-size` (ComfyUI's default 512)."""
+    return int(getattr(_args(), "preview_size", 512) or 512)
+
+
+def latent_previewer():
+    """ComfyUI's own previewer for Wan 2.1 latents, or None when previews are off (`--preview-method none`, the
+    default). It follows --preview-method (latent2rgb; taesd uses TAEHV `lighttaew2_1` from models/vae_approx when
+    installed) and --preview-size. Its `decode_latent_to_preview_image("JPEG", x0)` takes x0 [B,16,F,h,w] (the
+    sampler's normalized latents) and returns the tuple a progress bar sends."""
+    try:
+        import latent_preview
+        from comfy import latent_formats
+    except ImportError:
+        return None
+    try:
+        return latent_preview.get_previewer(torch_device(), latent_formats.Wan21())
+    except Exception as e:  # noqa: BLE001 - a broken preview model must never fail sampling
+        log.warning("ComfyUI-Musubi: no latent previews (%s: %s)", type(e).__name__, e)
+        return None
+
+
+def metadata_disabled() -> bool:
+    """`--disable-metadata`: saved files carry no prompt/workflow."""
+    return bool(getattr(_args(), "disable_metadata", False))
+
+
 # --- training ----------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def training_context() -> Iterator[None]:
@@ -160,17 +220,22 @@ def torch_device() -> torch.device:
     return _mm().get_torch_device()
 
 
-def make_room(bytes_needed: int, device: torch.device | str | None = None) -> int:
+def make_room(bytes_needed: int, device: torch.device | str | None = None, pins_required: int = 0) -> int:
     """Ask ComfyUI to evict its own models (classic or dynamic VRAM) until `bytes_needed` are free on `device`.
 
-    Returns the free bytes measured *after* asking (under dynamic VRAM a plain measurement under-reports what can
-    be freed, so always ask first). The pack's own modules are never touched by ComfyUI.
+    `pins_required`: pinned host bytes the pack is about to allocate (block-swap masters); newer ComfyUI's
+    `free_memory(..., pins_required=)` budgets its own pinned memory around them, older versions have no such
+    parameter and are not told. Returns the free bytes measured *after* asking (under dynamic VRAM a plain
+    measurement under-reports what can be freed, so always ask first). ComfyUI never touches the pack's modules.
     """
     mm = _mm()
     device = torch.device(device) if device is not None else mm.get_torch_device()
     if device.type == "cpu":
         return 0
-    mm.free_memory(int(bytes_needed), device)
+    if pins_required and _accepts(mm.free_memory, "pins_required"):
+        mm.free_memory(int(bytes_needed), device, pins_required=int(pins_required))
+    else:
+        mm.free_memory(int(bytes_needed), device)
     mm.soft_empty_cache()
     return int(mm.get_free_memory(device))
 
@@ -180,6 +245,45 @@ def free_all() -> None:
     mm = _mm()
     mm.unload_all_models()
     mm.soft_empty_cache()
+
+
+def install_free_hooks(on_unload, on_free) -> bool:
+    """Let ComfyUI's "Unload models" / "Free model and node cache" buttons (POST /free) reach the pack's models.
+
+    The route only sets flags on the prompt queue; between prompts the worker takes them with
+    `PromptQueue.get_flags()` and then unloads its models (both buttons) and resets its node cache ("free"). The
+    pack wraps `get_flags` (feature-detected) to act on the same flags on the same thread, never during a prompt:
+    `on_free()` for "free", else `on_unload()` for "unload". Installing again only swaps the callbacks.
+    Returns False when this ComfyUI has no such queue."""
+    try:
+        import execution
+    except ImportError:
+        return False
+    queue = getattr(execution, "PromptQueue", None)
+    current = getattr(queue, "get_flags", None)
+    if not callable(current):
+        return False
+    if not hasattr(current, "__musubi_original__"):
+        original = current
+
+        def get_flags(self, *args, **kwargs):
+            flags = original(self, *args, **kwargs)
+            consumed = kwargs.get("reset", args[0] if args else True)
+            if consumed and isinstance(flags, dict):
+                free = bool(flags.get("free_memory", False))
+                try:
+                    if free:                                   # dropping them makes offloading them moot
+                        get_flags.on_free()
+                    elif flags.get("unload_models", False):
+                        get_flags.on_unload()
+                except Exception as e:  # noqa: BLE001 - the worker loop must go on
+                    log.warning("ComfyUI-Musubi: freeing the pack's models failed: %s: %s", type(e).__name__, e)
+            return flags
+
+        get_flags.__musubi_original__ = original
+        queue.get_flags = current = get_flags
+    current.on_unload, current.on_free = on_unload, on_free
+    return True
 
 
 # --- media -------------------------------------------------------------------------------------------------------

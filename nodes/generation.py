@@ -256,13 +256,14 @@ class MusubiWanSampler:
             "slg_scale": ("FLOAT", {"default": 3.0, "min": 0.0, "max": 20.0, "step": 0.1, "tooltip": "Skip-layer guidance scale."}),
             "slg_start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "SLG start (fraction of steps)."}),
             "slg_end": ("FLOAT", {"default": 0.3, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "SLG end (fraction of steps)."}),
-            "offload_after": ("BOOLEAN", {"default": False, "tooltip": "Move the DiT back to CPU memory after sampling."}),
+            "offload_after": ("BOOLEAN", {"default": True, "tooltip": "Move the DiT back to CPU memory after sampling "
+                              "(frees VRAM for the VAE and other models, as ComfyUI does; off: faster re-runs)."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def sample(self, model, embeds, width, height, frames, steps, guidance_scale, shift, solver, seed, noise_device,
                image_embeds=None, cfg_skip_mode="none", cfg_apply_ratio=1.0, slg_layers="", slg_scale=3.0,
-               slg_start=0.0, slg_end=0.3, offload_after=False, unique_id=None):
-        from ..engine.families.wan.pipeline import WanGenerateRequest, generate, latent_to_rgb_preview
+               slg_start=0.0, slg_end=0.3, offload_after=True, unique_id=None):
+        from ..engine.families.wan.pipeline import WanGenerateRequest, generate
 
         try:
             layers = tuple(int(s) for s in slg_layers.replace(" ", "").split(",") if s)
@@ -288,13 +289,12 @@ class MusubiWanSampler:
             conditioning=image_embeds["conditioning"] if image_embeds is not None else None,
             clip_fea=image_embeds["clip_fea"] if image_embeds is not None else None).resolve()
         bar = compat.Progress(request.steps, unique_id)
+        previewer = compat.latent_previewer()   # None with --preview-method none
 
         def progress(step, total, x0):
             preview = None
-            if x0 is not None:
-                from PIL import Image
-                rgb = latent_to_rgb_preview(x0)
-                preview = Image.fromarray((rgb.numpy() * 255).astype("uint8"))
+            if x0 is not None and previewer is not None:
+                preview = previewer.decode_latent_to_preview_image("JPEG", x0)
             bar.update(step, preview=preview)
 
         with dit_on_device(model, offload_after):
@@ -360,10 +360,11 @@ class MusubiSaveVideo:
         check_write_path(folder, "filename_prefix")
         name = f"{filename}_{counter:05}_.mp4"
         metadata = {}
-        if extra_pnginfo:
-            metadata.update(extra_pnginfo)
-        if prompt is not None:
-            metadata["prompt"] = prompt
+        if not compat.metadata_disabled():   # --disable-metadata, as core savers honour it
+            if extra_pnginfo:
+                metadata.update(extra_pnginfo)
+            if prompt is not None:
+                metadata["prompt"] = prompt
         write_mp4(images, os.path.join(folder, name), fps, metadata=metadata, crf=crf)
         return {"ui": {"images": [{"filename": name, "subfolder": subfolder, "type": "output"}], "animated": (True,)}}
 

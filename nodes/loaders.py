@@ -1,6 +1,6 @@
 """Loader nodes for Wan 2.1: DiT, VAE, umT5 text encoder, CLIP vision. Files are listed from ComfyUI's own model
-folders; tiny random-weight presets (real architectures and key names) are offered first so graphs run without any
-download. Loaded models go through the pack registry: a re-run (or an evicted cache entry) never loads a second
+folders, first (a combo's first entry is a new node's default: a user's real model, not a test preset); tiny
+random-weight presets (real architectures and key names) follow, so graphs also run without any download. Loaded models go through the pack registry: a re-run (or an evicted cache entry) never loads a second
 copy."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ ATTENTION = ["sdpa", "flash", "sage", "xformers", "sdpa_split"]
 
 
 def _choices(presets: list[str], folder: str) -> list[str]:
-    return presets + compat.list_model_files(folder)
+    return compat.list_model_files(folder) + presets
 
 
 def resolve_source(name: str, folder: str, field: str) -> str:

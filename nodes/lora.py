@@ -32,7 +32,7 @@ from .registry import MODELS
 from ..engine.errors import invalid
 from ..engine.memory.placement import execution_device
 
-FORMATS = ["comfyui", "musubi", "diffusers"]
+FORMATS = ["comfyui", "musubi", "diffusers", "musubi-other"]
 SAVE_DTYPES = ["fp32", "bf16", "fp16"]
 NONE = "none"
 LORA_DESTINATIONS = ["models/loras", "output"]
@@ -453,7 +453,9 @@ class MusubiSaveLoRA:
                                            "appended."}),
             "format": (FORMATS, {"default": "comfyui",
                        "tooltip": "comfyui: diffusion_model.* keys; musubi: lora_unet_* keys; diffusers: "
-                                  "transformer.* lora_A/lora_B (plain LoRA only)."}),
+                                  "transformer.* lora_A/lora_B (plain LoRA only); musubi-other: Musubi Tuner's "
+                                  "convert_lora --target other layout (diffusion_model.* lora_A/lora_B, alpha "
+                                  "folded in)."}),
             "dtype": (SAVE_DTYPES, {"default": "bf16", "tooltip": "Precision of the saved tensors."}),
             "save_to": (["output", "models/loras"], {"default": "output",
                         "tooltip": "output: ComfyUI's output folder; models/loras: the first loras folder (Load "
@@ -494,7 +496,8 @@ class MusubiConvertLoRA:
         return {"required": {
             "lora_name": ([NONE] + _lora_files(), {"tooltip": "The LoRA to convert, from models/loras ('none': "
                                                              "use lora_path)."}),
-            "format": (FORMATS, {"default": "comfyui", "tooltip": "Target format."}),
+            "format": (FORMATS, {"default": "comfyui", "tooltip": "Target format (musubi-other: Musubi Tuner's "
+                                                                "convert_lora --target other layout)."}),
             "output_name": ("STRING", {"default": "converted/lora_comfyui",
                             "tooltip": "Output file name (subfolders allowed; .safetensors is appended)."}),
             "save_to": (LORA_DESTINATIONS, {"default": "models/loras",
@@ -691,7 +694,8 @@ class MusubiCreateRandomLoRA:
         return {"required": {
             "model": (T.WAN_DIT, {"tooltip": "The DiT whose layers the LoRA targets (sizes are read from it)."}),
             "rank": ("INT", {"default": 4, "min": 1, "max": 256, "tooltip": "LoRA rank."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1, "tooltip": "Random seed."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1, "control_after_generate": False,
+                     "tooltip": "Random seed."}),
         }}
 
     def create(self, model, rank, seed):

@@ -135,6 +135,13 @@ def _swap_room(module, swapped: list[int], device: torch.device, prefetch: int =
     return bytes_to_move(module, device, exclude=blocks) + (prefetch + 1) * biggest
 
 
+def _pinned_masters(module, swapped: list[int]) -> int:
+    """Pinned host bytes the swapper allocates: the swapped blocks' masters (declared to newer ComfyUI)."""
+    from ..engine.memory import estimate_module_bytes
+
+    return sum(estimate_module_bytes(module.blocks[i]) for i in swapped)
+
+
 def active_swapper(module=None):
     """The swapper attached to `module` (None if another module of its weight set, or none, holds it); without a
     module: the list of all attached swappers."""
@@ -224,7 +231,8 @@ def place_dit(module: torch.nn.Module, training: bool = False) -> torch.device:
             if device.type != "cpu":
                 _move_whole(module, device)
             return device
-        compat.make_room(_swap_room(module, swapped, device) + _MARGIN, device)
+        compat.make_room(_swap_room(module, swapped, device) + _MARGIN, device,
+                         pins_required=_pinned_masters(module, swapped))
         with torch.inference_mode(False):
             if keep:
                 if training:

@@ -38,7 +38,7 @@ LOSS_MAP = "LOSS_MAP"  # core ComfyUI type: {"loss": [floats]}
 NETWORK_KINDS = ["lora", "loha", "lokr"]
 OPTIMIZERS = ["AdamW", "AdamW8bit", "Adafactor", "Prodigy", "custom"]
 MIXED_PRECISION = ["bf16", "fp16", "no"]
-SAVE_FORMATS = ["comfyui", "musubi", "diffusers"]
+SAVE_FORMATS = ["comfyui", "musubi", "diffusers", "musubi-other"]
 SAVE_DTYPES = ["fp32", "bf16", "fp16"]
 TRAIN_ATTENTION = ["model", "sdpa", "flash", "xformers", "sdpa_split"]  # sage has no backward pass
 _SERIAL = itertools.count(1)
@@ -740,7 +740,7 @@ class MusubiInitTraining:
             "dataset": (T.DATASET, {"tooltip": "A dataset with cached latents and text embeddings for this model."}),
             "lora_config": (T.LORA_CONFIG, {"tooltip": "The adapter to train (Musubi LoRA Config)."}),
             "optimizer_config": (T.OPTIMIZER_CONFIG, {"tooltip": "Optimizer and LR schedule (Musubi Optimizer Config)."}),
-            "seed": ("INT", {"default": 42, "min": 0, "max": 2**31 - 1,
+            "seed": ("INT", {"default": 42, "min": 0, "max": 2**31 - 1, "control_after_generate": False,
                      "tooltip": "Seed of adapter init, noise, timesteps and data order (same seed = same run)."}),
             "max_train_steps": ("INT", {"default": 1000, "min": 1, "max": 10_000_000,
                                 "tooltip": "Total optimizer steps of the session: the LR schedule spans them and "
@@ -932,7 +932,7 @@ class MusubiValidationPrompt:
             "height": ("INT", {"default": 256, "min": 16, "max": 4096, "step": 16,
                        "tooltip": "Height (multiple of 16)."}),
             "frames": ("INT", {"default": 1, "min": 1, "max": 1025, "step": 4, "tooltip": "Frames, 4k+1 (1 = image)."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1,
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1, "control_after_generate": False,
                      "tooltip": "Noise seed (fixed, so samples at different steps are comparable)."}),
             "steps": ("INT", {"default": 20, "min": 1, "max": 1000, "tooltip": "Denoising steps."}),
             "guidance_scale": ("FLOAT", {"default": 5.0, "min": 1.0, "max": 30.0, "step": 0.1,
@@ -1011,7 +1011,8 @@ class MusubiValidate:
                                "tooltip": "Classifier-free guidance scale."}),
             "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.1,
                       "tooltip": "Flow shift; 0 = the task default."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1, "tooltip": "Noise seed."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1, "control_after_generate": False,
+                     "tooltip": "Noise seed."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def validate(self, session, vae, embeds, width, height, frames, steps, guidance_scale, shift, seed,
@@ -1191,7 +1192,8 @@ class MusubiTrainLoRA:
             "learning_rate": ("FLOAT", {"default": 2e-4, "min": 1e-8, "max": 10.0, "step": 1e-6, "round": False,
                               "tooltip": "Learning rate (> 0)."}),
             "lr_scheduler": (_schedulers(), {"default": "constant", "tooltip": "Learning-rate schedule over the steps."}),
-            "seed": ("INT", {"default": 42, "min": 0, "max": 2**31 - 1, "tooltip": "Training seed."}),
+            "seed": ("INT", {"default": 42, "min": 0, "max": 2**31 - 1, "control_after_generate": False,
+                     "tooltip": "Training seed."}),
             "mixed_precision": (MIXED_PRECISION, {"default": "bf16", "tooltip": "Autocast precision."}),
             "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip": "Trade compute for memory."}),
             "timestep_sampling": (_sampling_modes(), {"default": "shift", "tooltip": "Timestep distribution."}),

@@ -13,7 +13,7 @@ class MusubiUnloadModels:
     CATEGORY = "Musubi/utils"
     FUNCTION = "run"
     OUTPUT_NODE = True
-    RETURN_TYPES = ("*",)
+    RETURN_TYPES = (compat.ANY,)
     RETURN_NAMES = ("passthrough",)
     OUTPUT_TOOLTIPS = ("The 'passthrough' input, unchanged, so the unload can be ordered inside a graph.",)
 
@@ -27,7 +27,7 @@ class MusubiUnloadModels:
                          "tooltip": "Which of the pack's objects to unload."}),
             },
             "optional": {
-                "passthrough": ("*", {"tooltip": "Any value; connect it to run this node after another one."}),
+                "passthrough": (compat.ANY, {"tooltip": "Any value; connect it to run this node after another one."}),
             },
         }
 
@@ -36,22 +36,33 @@ class MusubiUnloadModels:
         return True
 
     def run(self, mode, what, passthrough=None):
-        registries = {"models": [MODELS], "training sessions": [SESSIONS], "everything": [MODELS, SESSIONS]}[what]
-        count = 0
-        # block swap first: detached to CPU, host (pinned) masters freed, no hook left on a model that moves or goes
-        release_swap()
-        for reg in registries:
-            if mode == "release":
-                count += reg.release()
-            else:
-                for obj in reg.values():
-                    to = getattr(obj, "to", None)
-                    if callable(to):
-                        to("cpu")
-                        count += 1
+        count = unload(mode, what)
         if mode == "release":
             compat.free_all()
         return {"ui": {"text": [f"{mode}: {count} object(s)"]}, "result": (passthrough,)}
+
+
+def unload(mode: str, what: str = "everything") -> int:
+    """Offload ("offload": to CPU RAM) or drop ("release") the pack's models and/or training sessions."""
+    registries = {"models": [MODELS], "training sessions": [SESSIONS], "everything": [MODELS, SESSIONS]}[what]
+    count = 0
+    # block swap first: detached to CPU, host (pinned) masters freed, no hook left on a model that moves or goes
+    release_swap()
+    for reg in registries:
+        if mode == "release":
+            count += reg.release()
+        else:
+            for obj in reg.values():
+                to = getattr(obj, "to", None)
+                if callable(to):
+                    to("cpu")
+                    count += 1
+    return count
+
+
+# ComfyUI's "Unload models" button (POST /free) offloads the pack's models to CPU RAM as it unloads its own; "Free
+# model and node cache" drops them and the training sessions, as it drops its node cache.
+compat.install_free_hooks(lambda: unload("offload"), lambda: unload("release"))
 
 
 NODE_CLASS_MAPPINGS = {"MusubiUnloadModels": MusubiUnloadModels}

@@ -14,6 +14,11 @@ import json
 import sys
 from pathlib import Path
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the backport the pack depends on there
+    import tomli as tomllib
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
@@ -84,15 +89,14 @@ LORA_TOOLS = [
     (17, "PreviewImage", {}, {"images": (16, 0)}),
 ]
 
-# Self-contained dataset demo: two solid-color images made in the graph (media always exists on a fresh install),
-# one caption per line, cached with the tiny VAE and umT5 (re-queueing reuses the cache), then the debug preview.
+# Self-contained dataset demo: a solid-color image made in the graph (media always exists on a fresh install; no
+# ImageBatch, which current ComfyUI deprecates), one caption per line, cached with the tiny VAE and umT5
+# (re-queueing reuses the cache), then the debug preview.
 DATASET_CACHE = [
     (1, "EmptyImage", {"width": 64, "height": 48, "batch_size": 1, "color": 0xCC3322}, {}),
-    (2, "EmptyImage", {"width": 64, "height": 48, "batch_size": 1, "color": 0x2255CC}, {}),
-    (3, "ImageBatch", {}, {"image1": (1, 0), "image2": (2, 0)}),
-    (4, "MusubiDatasetFromImages", {"captions": "a plain red picture\na plain blue picture", "width": 64, "height": 48,
+    (4, "MusubiDatasetFromImages", {"captions": "a plain red picture", "width": 64, "height": 48,
                                     "num_repeats": 1, "as_video": False, "cache_directory": "", "batch_size": 1},
-     {"images": (3, 0)}),
+     {"images": (1, 0)}),
     (5, "MusubiWanVAELoader", {"vae_name": "preset:tiny-vae", "dtype": "fp32", "cache_on_cpu": False}, {}),
     (6, "MusubiUMT5Loader", {"text_encoder_name": "preset:tiny-umt5", "dtype": "fp32", "tokenizer_path": ""}, {}),
     (7, "MusubiCacheLatents", {"task": "t2v", "keep_cache": False, "workers": 2}, {"dataset": (4, 0), "vae": (5, 0)}),
@@ -110,11 +114,9 @@ TRAIN_THEN_GENERATE = [
     (2, "MusubiUMT5Loader", {"text_encoder_name": "preset:tiny-umt5", "dtype": "fp32", "tokenizer_path": ""}, {}),
     (3, "MusubiWanVAELoader", {"vae_name": "preset:tiny-vae", "dtype": "fp32", "cache_on_cpu": False}, {}),
     (4, "EmptyImage", {"width": 48, "height": 48, "batch_size": 1, "color": 0xCC2222}, {}),
-    (5, "EmptyImage", {"width": 48, "height": 48, "batch_size": 1, "color": 0x2244CC}, {}),
-    (6, "ImageBatch", {}, {"image1": (4, 0), "image2": (5, 0)}),
-    (7, "MusubiDatasetFromImages", {"captions": "a red square\na blue square", "width": 48, "height": 48,
+    (7, "MusubiDatasetFromImages", {"captions": "a red square", "width": 48, "height": 48,
                                     "num_repeats": 1, "as_video": False, "cache_directory": "", "batch_size": 1},
-     {"images": (6, 0)}),
+     {"images": (4, 0)}),
     (8, "MusubiCacheLatents", {"task": "t2v", "keep_cache": False, "workers": 0}, {"dataset": (7, 0), "vae": (3, 0)}),
     (9, "MusubiCacheTextEmbeddings", {"keep_cache": False}, {"dataset": (8, 0), "text_encoder": (2, 0)}),
     (10, "MusubiLoRAConfig", {"network_kind": "lora", "rank": 8, "alpha": 8.0, "dropout": 0.0, "rank_dropout": 0.0,
@@ -167,6 +169,25 @@ def _spec_lists(cls):
     return sockets, widgets, _has_control_widget
 
 
+def _pack_version() -> tuple[str, str]:
+    """(registry id, version) from pyproject.toml: what the frontend's cnr_id / ver point ComfyUI Manager at."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    return project["name"], project["version"]
+
+
+def _comfy_version() -> str:
+    from comfy_harness import COMFYUI_DIR
+
+    text = (COMFYUI_DIR / "comfyui_version.py").read_text()
+    return text.split("__version__", 1)[1].split("=", 1)[1].strip().split()[0].strip("'\"")
+
+
+def _properties(ntype: str) -> dict:
+    """Node properties as the frontend saves them: `cnr_id`/`ver` let it offer to install a missing pack."""
+    cnr_id, ver = _pack_version() if ntype.startswith("Musubi") else ("comfy-core", _comfy_version())
+    return {"cnr_id": cnr_id, "ver": ver, "Node name for S&R": ntype}
+
+
 def build(nodes: list, classes: dict) -> dict:
     links, ui_nodes = [], []
     out_links: dict[tuple[int, int], list[int]] = {}
@@ -206,7 +227,7 @@ def build(nodes: list, classes: dict) -> dict:
         ui_nodes.append({
             "id": nid, "type": ntype, "pos": [40 + 380 * col, 60 + 420 * row], "size": [340, 60 + 28 * len(wv)],
             "flags": {}, "order": order, "mode": 0, "inputs": ui_inputs,
-            "outputs": [], "properties": {"Node name for S&R": ntype}, "widgets_values": wv,
+            "outputs": [], "properties": _properties(ntype), "widgets_values": wv,
             "_returns": list(getattr(cls, "RETURN_TYPES", ())), "_names": list(getattr(cls, "RETURN_NAMES", ()) or ()),
         })
     for n in ui_nodes:
@@ -218,6 +239,28 @@ def build(nodes: list, classes: dict) -> dict:
             "version": 0.4}
 
 
+TITLES = {"wan_t2v_generate.json": "Wan 2.1 text to video", "wan_i2v_generate.json": "Wan 2.1 image to video",
+          "lora_tools.json": "LoRA tools", "wan_dataset_cache.json": "Dataset caching",
+          "wan_train_then_generate.json": "Train a LoRA, then generate"}
+
+
+def thumbnail(name: str, nodes: list, path: Path) -> None:
+    """The same-name .jpg the template browser shows: the title and the graph's nodes, in order."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (512, 384), (30, 34, 44))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([0, 0, 511, 56], fill=(72, 96, 160))
+    draw.text((16, 12), "ComfyUI-Musubi", fill=(220, 228, 255))
+    draw.text((16, 32), TITLES.get(name, name), fill=(255, 255, 255))
+    y = 72
+    for n in nodes[:14]:
+        draw.rounded_rectangle([16, y, 496, y + 18], 4, fill=(52, 58, 72) if n[1].startswith("Musubi") else (44, 48, 58))
+        draw.text((24, y + 3), n[1].removeprefix("Musubi"), fill=(235, 235, 235))
+        y += 22
+    img.save(path, "JPEG", quality=85)
+
+
 def main():
     from comfy_harness import boot
 
@@ -225,7 +268,8 @@ def main():
     for name, nodes in WORKFLOWS.items():
         path = REPO / "workflows" / name
         path.write_text(json.dumps(build(nodes, classes), indent=1, ensure_ascii=False) + "\n")
-        print("wrote", path)
+        thumbnail(name, nodes, path.with_suffix(".jpg"))
+        print("wrote", path, "and its thumbnail")
 
 
 if __name__ == "__main__":

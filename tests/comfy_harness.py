@@ -33,9 +33,9 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# Where scripts/setup_env.sh puts it: COMFYUI_DIR, else $MUSUBI_ENV/ComfyUI, else ~/.cache/comfyui-musubi/ComfyUI.
-COMFYUI_DIR = Path(os.environ.get("COMFYUI_DIR") or Path(os.environ.get(
-    "MUSUBI_ENV", Path.home() / ".cache/comfyui-musubi")).expanduser() / "ComfyUI").resolve()
+# Where scripts/setup_env.sh puts ComfyUI: $COMFYUI_DIR if given, else $MUSUBI_ENV/ComfyUI (~/.cache/comfyui-musubi).
+COMFYUI_DIR = Path(os.environ.get("COMFYUI_DIR") or Path(os.environ.get("MUSUBI_ENV") or Path.home() / ".cache/comfyui-musubi")
+                   .expanduser() / "ComfyUI").resolve()
 PACK_ALIAS = "musubi_pack"  # importable name of the pack as ComfyUI loaded it
 ARTIFACTS = Path(os.environ.get("MUSUBI_TEST_ARTIFACTS", REPO_ROOT / "test-artifacts"))
 CACHE_ARGS = {"lru": 0, "ram": 0, "ram_inactive": 0}  # 0.38 reads ram_inactive too; 0.3.75 ignores it
@@ -162,6 +162,7 @@ class InProcessComfy:
         self.throttle = False
         self.cancel_after: tuple[str | None, int] | None = None
         self.progress_calls: list[tuple[str, int, int]] = []
+        self.previews: list[tuple[str, tuple]] = []   # (node id, (format, PIL image, max size)) as the hook got them
         self.b.comfy_utils.set_progress_bar_global_hook(self._progress_hook)
         self._install_prompt_server()
 
@@ -182,6 +183,8 @@ class InProcessComfy:
             prompt_id = prompt_id or ctx.prompt_id
             node_id = node_id or ctx.node_id
         self.progress_calls.append((str(node_id), int(value), int(total)))
+        if preview_image is not None:
+            self.previews.append((str(node_id), preview_image))
         if self.cancel_after is not None:
             target, n = self.cancel_after
             if (target is None or str(node_id) == target) and \
@@ -226,6 +229,7 @@ class InProcessComfy:
         self.server.events.clear()
         self.server.texts.clear()
         self.progress_calls.clear()
+        self.previews.clear()
         self.b.mm.interrupt_current_processing(False)
         extra = {"client_id": "pytest"}
         if extra_pnginfo is not None:
@@ -280,7 +284,9 @@ def _widget_inputs(spec: dict) -> list[tuple[str, tuple]]:
 
 
 def _has_control_widget(name: str, typ, opts: dict) -> bool:
-    return typ == "INT" and (opts.get("control_after_generate") or name in ("seed", "noise_seed"))
+    # the frontend's rule (useIntWidget): `control_after_generate ?? name in (seed, noise_seed)`; an explicit False
+    # means no control widget, hence no extra widgets_values entry
+    return typ == "INT" and bool(opts.get("control_after_generate", name in ("seed", "noise_seed")))
 
 
 def ui_to_api(workflow: dict, input_types: dict) -> dict:
@@ -456,7 +462,8 @@ def comfy() -> InProcessComfy:
 
 @pytest.fixture(scope="session")
 def comfy_server():
-    srv = ComfyServer([REPO_ROOT]).start()
+    # ComfyUI's default is no latent previews; the server tier runs as a user who turned them on
+    srv = ComfyServer([REPO_ROOT], ("--preview-method", "auto")).start()
     try:
         failures = srv.import_failures(REPO_ROOT.name)
         if failures:

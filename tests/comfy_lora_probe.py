@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-COMFYUI_DIR = os.environ.get("COMFYUI_DIR", str(Path.home() / ".cache/comfyui-musubi/ComfyUI"))
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR") or str(Path(os.environ.get("MUSUBI_ENV") or Path.home() / ".cache/comfyui-musubi").expanduser() / "ComfyUI")
 sys.path.insert(0, COMFYUI_DIR)
 sys.argv, args = sys.argv[:1], sys.argv[1:]
 

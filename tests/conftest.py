@@ -31,3 +31,46 @@ def comfyui_dir() -> Path:
 
     assert (COMFYUI_DIR / "comfy").is_dir(), f"no ComfyUI tree at {COMFYUI_DIR}: set COMFYUI_DIR or MUSUBI_ENV"
     return COMFYUI_DIR
+
+
+def _comfy_quantize(sd: dict, is_target, fmt: str = "float8_e4m3fn", conf_in_metadata: bool = False,
+                    per_row: bool = False, input_scale: bool = False):
+    """Quantize the selected 2-D weights of `sd` into ComfyUI's current quantized layout (what its mixed-precision
+    ops load): `<layer>.weight` (fp8 / int8), `<layer>.weight_scale`, optional `<layer>.input_scale`, and the
+    format either as a uint8 JSON tensor `<layer>.comfy_quant` or in the `_quantization_metadata` header entry.
+    Returns (tensors to save, dequantized reference weights, safetensors metadata)."""
+    import json
+
+    import torch
+
+    stored, dequant, layers = {}, {}, {}
+    for k, w in sd.items():
+        if not (k.endswith(".weight") and w.ndim == 2 and is_target(k)):
+            stored[k] = dequant[k] = w
+            continue
+        layer, w32 = k[: -len(".weight")], w.float()
+        amax = w32.abs().amax(dim=1, keepdim=True) if per_row else w32.abs().amax()
+        if fmt.startswith("int8"):
+            scale = amax / 127.0
+            q = (w32 / scale).round().clamp(-127, 127).to(torch.int8)
+        else:
+            dt = getattr(torch, fmt)
+            scale = amax / torch.finfo(dt).max
+            q = (w32 / scale).to(dt)
+        stored[k], stored[layer + ".weight_scale"] = q, scale.float()
+        if input_scale:
+            stored[layer + ".input_scale"] = torch.tensor(1.0)
+        dequant[k] = q.float() * scale
+        conf = {"format": fmt}
+        if conf_in_metadata:
+            layers[layer] = conf
+        else:
+            stored[layer + ".comfy_quant"] = torch.tensor(list(json.dumps(conf).encode()), dtype=torch.uint8)
+    meta = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})} if layers else {}
+    return stored, dequant, meta
+
+
+@pytest.fixture
+def comfy_quantize():
+    """`_comfy_quantize` as a fixture (used by the DiT and text-encoder loading tests)."""
+    return _comfy_quantize

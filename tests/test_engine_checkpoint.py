@@ -47,6 +47,19 @@ def test_scaled_fp8_is_dequantized(tmp_path):
     assert ck.raw("a.weight").dtype == torch.float8_e4m3fn
 
 
+def test_quantized_formats_that_need_more_than_a_scale_are_refused_by_name(tmp_path):
+    import json
+
+    conf = torch.tensor(list(json.dumps({"format": "nvfp4"}).encode()), dtype=torch.uint8)
+    save_file({"a.weight": torch.zeros(4, 2, dtype=torch.uint8), "a.weight_scale": torch.ones(4, 1),
+               "a.comfy_quant": conf, "b.weight": torch.ones(3)}, str(tmp_path / "q.safetensors"))
+    ck = Checkpoint.open(tmp_path / "q.safetensors")
+    assert ck.is_quantized and sorted(ck.weight_keys()) == ["a.weight", "b.weight"]
+    with pytest.raises(MusubiInputError, match="nvfp4"):
+        ck.get("a.weight")
+    assert ck.raw("a.weight").dtype == torch.uint8 and torch.equal(ck.get("b.weight"), torch.ones(3))
+
+
 def test_truncated_and_foreign_files_are_refused(tmp_path):
     save_file(_tensors(), str(tmp_path / "m.safetensors"))
     data = (tmp_path / "m.safetensors").read_bytes()

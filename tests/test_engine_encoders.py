@@ -211,6 +211,18 @@ def test_umt5_scaled_fp8_dequantizes_like_comfyui(t5_files):
     torch.testing.assert_close(out, ref[0, : out.shape[0]], atol=ATOL, rtol=1e-5)
 
 
+@pytest.mark.parametrize("fmt,conf_in_metadata", [("float8_e4m3fn", False), ("int8_tensorwise", True)])
+def test_umt5_comfy_current_quantized_layout(t5_files, tmp_path, comfy_quantize, fmt, conf_in_metadata):
+    linear = ("SelfAttention.q.weight", "SelfAttention.k.weight", "SelfAttention.v.weight", "SelfAttention.o.weight",
+              "wi_0.weight", "wi_1.weight", "wo.weight")
+    stored, dequant, meta = comfy_quantize(t5_files["hf"], lambda k: k.endswith(linear), fmt, conf_in_metadata)
+    path = tmp_path / f"umt5_{fmt}.safetensors"
+    save_file({**stored, "spiece_model": _spiece_tensor()}, str(path), meta)
+    params = _params(load_umt5(path, dtype=torch.float32))
+    for k, v in dequant.items():
+        torch.testing.assert_close(params[k], v.float(), atol=0, rtol=0)
+
+
 def test_umt5_tokenization_padding_and_trim(t5_files):
     enc = load_umt5(t5_files["dir"] / "umt5_fp16.safetensors", dtype=torch.float32)
     sp = spm.SentencePieceProcessor(model_file=str(SPIECE))

@@ -185,3 +185,61 @@ def test_bad_files_refused(tmp_path):
         read_lora(mismatch)
     with pytest.raises(MusubiInputError, match="no adapter weights"):
         read_lora({"foo.weight": torch.zeros(2)})
+
+
+def _musubi_target_default(sd: dict) -> dict:
+    """Musubi Tuner's `convert_lora --target default`, as its docs describe it: strip `diffusion_model.` /
+    `transformer.`, module path dots -> underscores under `lora_unet_`, lora_A/B -> lora_down/up, alpha = rank
+    where the file has none."""
+    out = {}
+    for k, v in sd.items():
+        for prefix in ("diffusion_model.", "transformer."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        for src, dst in ((".lora_A.weight", ".lora_down.weight"), (".lora_B.weight", ".lora_up.weight"),
+                         (".alpha", ".alpha")):
+            if k.endswith(src):
+                stem = "lora_unet_" + k[:-len(src)].replace(".", "_")
+                out[stem + dst] = v
+    for k in [k for k in out if k.endswith(".lora_down.weight")]:
+        out.setdefault(k.replace(".lora_down.weight", ".alpha"), torch.tensor(out[k].shape[0]))
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "musubi-other"])
+def test_folded_alpha_formats_say_alpha_equals_rank(tmp_path, i2v, fmt):
+    # alpha 8 on rank 4 (scale 2): the folded file's ss_network_alpha must be its rank, also when converted from a
+    # file whose metadata said otherwise, or a reader applying alpha/rank would double the effect
+    factors = {n: (d, u, 8.0) for n, (d, u, _) in random_lora_factors(i2v, rank=4, seed=6).items()}
+    save_file(_dialect_sd(factors, "musubi"), str(tmp_path / "m.safetensors"),
+              {"ss_network_alpha": "8.0", "ss_network_dim": "4"})
+    out = convert_lora(tmp_path / "m.safetensors", tmp_path / f"{fmt}.safetensors", fmt, model=i2v)
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("4", "4.0")
+    back = read_lora(out, model=i2v)
+    for name, (down, up, alpha) in factors.items():
+        torch.testing.assert_close(back.modules[name].delta(), reference_delta(down, up, alpha), rtol=1e-5, atol=1e-6)
+
+
+def test_musubi_other_layout_is_what_musubi_tuner_reads_back(tmp_path, i2v):
+    from safetensors.torch import load_file
+    from engine.lora.targets import musubi_stem
+
+    factors = {n: (d, u, 2.0) for n, (d, u, _) in random_lora_factors(i2v, rank=4, seed=7).items()}
+    src = read_lora(_dialect_sd(factors, "musubi"), model=i2v)
+    out = save_lora(src, tmp_path / "other.safetensors", format="musubi-other")
+    sd = load_file(str(out))
+    # convert_lora --target other: diffusion_model.<native path>.lora_A/B, no alpha, each factor times sqrt(a/r)
+    assert all(k.startswith("diffusion_model.blocks.") and k.endswith((".lora_A.weight", ".lora_B.weight"))
+               for k in sd)
+    name = "blocks.0.self_attn.q"
+    down, up, alpha = factors[name]
+    torch.testing.assert_close(sd[f"diffusion_model.{name}.lora_A.weight"], down * (alpha / 4) ** 0.5)
+    torch.testing.assert_close(sd[f"diffusion_model.{name}.lora_B.weight"], up * (alpha / 4) ** 0.5)
+    # ... and Musubi's --target default turns it into its own lora_unet_* names with the same ΔW
+    musubi = read_lora(_musubi_target_default(sd), model=i2v)
+    assert {musubi_stem(n) for n in musubi.modules} == {musubi_stem(n) for n in factors}
+    for name, (down, up, alpha) in factors.items():
+        torch.testing.assert_close(musubi.modules[name].delta(), reference_delta(down, up, alpha), rtol=1e-5,
+                                   atol=1e-6)

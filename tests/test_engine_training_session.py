@@ -243,3 +243,40 @@ def test_lora_dir_takes_the_lora_files_and_the_states_stay_in_output_dir(tmp_pat
                                                                       "lora.safetensors"]
     assert not list((tmp_path / "states").glob("*.safetensors"))
     assert (tmp_path / "states" / "lora-state").is_dir() and (tmp_path / "states" / "lora-step00000004-state").is_dir()
+
+
+def test_saved_lora_carries_the_trainer_metadata_musubi_writes(tmp_path):
+    import json
+    import time
+
+    from safetensors import safe_open
+    from engine.data.cache import CachedDataset, CachedSample
+
+    loader = InMemoryBatchLoader(make_batches(), seed=3)  # 4 batches per epoch
+    # what the cached-dataset loader exposes: 2 images at 48x32 and one 5-frame clip, 3 repeats
+    samples = [CachedSample(f"img{i}", tmp_path / f"{i}.st", None, (48, 32, 1)) for i in range(2)]
+    samples.append(CachedSample("clip", tmp_path / "c.st", None, (64, 48, 5)))
+    loader.datasets = [CachedDataset("wan", samples, 1, 3, tmp_path / "cache_a")]
+    cfg = TrainingConfig(output_dir=str(tmp_path / "out"), max_train_steps=6, seed=7, mixed_precision="no",
+                         save_state=True,
+                         timesteps=TimestepConfig("uniform", min_timestep=100, max_timestep=900))
+    net = NetworkConfig(rank=4, alpha=4, dropout=0.1, rank_dropout=0.2, exclude=["ffn"])
+    t0 = time.time()
+    s = TrainingSession(StandInDiT(), net, OptimizerConfig(learning_rate=3e-3), loader, cfg)
+    s.train_steps(6)
+    with safe_open(str(tmp_path / "out" / "lora.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_session_id"] == str(s.session_id) and 0 <= s.session_id < 2**32
+    started, finished = float(meta["ss_training_started_at"]), float(meta["ss_training_finished_at"])
+    assert t0 <= started <= finished <= time.time()
+    assert (meta["ss_num_batches_per_epoch"], meta["ss_num_epochs"], meta["ss_num_train_items"]) == ("4", "2", "9")
+    datasets = json.loads(meta["ss_datasets"])
+    assert len(datasets) == 1 and datasets[0]["num_items"] == 3 and datasets[0]["num_repeats"] == 3
+    assert datasets[0]["bucket_info"] == {"48x32x1": 6, "64x48x5": 3} and datasets[0]["is_image_dataset"] is False
+    assert meta["modelspec.resolution"] == "48x32" and meta["modelspec.timestep_range"] == "100,900"
+    assert meta["ss_network_dropout"] == "0.1"
+    assert json.loads(meta["ss_network_args"]) == {"rank_dropout": "0.2", "exclude_patterns": "['ffn']"}
+    # a resumed run is the same session
+    s2 = TrainingSession(StandInDiT(), net, OptimizerConfig(learning_rate=3e-3), loader, cfg,
+                         resume_from=tmp_path / "out" / "lora-state")
+    assert (s2.session_id, s2.started_at) == (s.session_id, s.started_at)

@@ -146,6 +146,27 @@ def test_comfy_scaled_fp8(tmp_path, master):
         assert p.dtype == (torch.float32 if keep_fp32(name) else torch.bfloat16), name
 
 
+@pytest.mark.parametrize("fmt,conf_in_metadata,per_row", [
+    ("float8_e4m3fn", False, False), ("float8_e4m3fn", True, False), ("float8_e5m2", False, False),
+    ("int8_tensorwise", False, False), ("int8_tensorwise", True, True)])
+def test_comfy_current_quantized_layout(tmp_path, master, comfy_quantize, fmt, conf_in_metadata, per_row):
+    # ComfyUI's current layout: weight_scale + comfy_quant (or _quantization_metadata), keys under its model prefix
+    stored, expected, meta = comfy_quantize({f"model.diffusion_model.{k}": v for k, v in master.items()},
+                                            lambda k: ".blocks." in k, fmt, conf_in_metadata, per_row, True)
+    path = tmp_path / f"dit_{fmt}.safetensors"
+    save_file(stored, str(path), meta)
+    expected = {k[len("model.diffusion_model."):]: v for k, v in expected.items()}
+    _assert_same(_loaded(path), expected)
+    if fmt == "float8_e4m3fn":  # fp8 straight into Fp8Linear: the file's bytes, never upcast
+        from engine.memory.fp8 import Fp8Linear
+
+        model = load_wan_dit(path, dtype=torch.bfloat16, fp8="scaled")
+        q = model.blocks[0].self_attn.q
+        assert isinstance(q, Fp8Linear)
+        assert torch.equal(q.weight.view(torch.uint8),
+                           stored["model.diffusion_model.blocks.0.self_attn.q.weight"].view(torch.uint8))
+
+
 def test_prefix_shards_and_pth(tmp_path, master):
     save_file({f"model.diffusion_model.{k}": v for k, v in master.items()}, str(tmp_path / "prefixed.safetensors"))
     _assert_same(_loaded(tmp_path / "prefixed.safetensors"), master)

@@ -98,3 +98,60 @@ def test_vae_file_in_the_dit_loader_is_refused(comfy, tmp_path):
         assert "wan_2.1_vae.safetensors" in msg and "VAE" in msg, msg
     finally:
         comfy.b.folder_paths.folder_names_and_paths["diffusion_models"][0].remove(str(tmp_path))
+
+
+def _t2v_save(seed):
+    """A fresh seed per run: ComfyUI would otherwise serve the cached sampler and saver outputs."""
+    p = _base("preset:tiny-t2v")
+    p["8"] = _sampler(F)
+    p["8"]["inputs"]["seed"] = seed
+    p["9"] = {"class_type": "MusubiWanVAEDecode", "inputs": {"vae": ["3", 0], "latents": ["8", 0], "tile_size": 0, "tile_overlap": 64}}
+    p["10"] = {"class_type": "MusubiSaveVideo", "inputs": {"images": ["9", 0], "fps": 16.0,
+                                                          "filename_prefix": "musubi/test_settings", "crf": 30}}
+    return p
+
+
+@pytest.mark.parametrize("method", ["none", "latent2rgb", "taesd"])
+def test_sampler_previews_follow_the_users_preview_settings(comfy, monkeypatch, method):
+    import latent_preview
+    from comfy.cli_args import LatentPreviewMethod, args
+
+    # as ComfyUI started with --preview-method METHOD --preview-size 96 (the module reads the size at import)
+    monkeypatch.setattr(args, "preview_method", LatentPreviewMethod(method))
+    monkeypatch.setattr(args, "preview_size", 96)
+    monkeypatch.setattr(latent_preview, "MAX_PREVIEW_RESOLUTION", 96)
+    comfy.run(_t2v_save(100 + ["none", "latent2rgb", "taesd"].index(method)))
+    previews = [p for node, p in comfy.previews if node == "8"]
+    if method == "none":
+        assert previews == []
+        return
+    # taesd without a TAEHV file in models/vae_approx falls back to latent2rgb, as in core samplers
+    assert len(previews) == 3 and all(p[0] == "JPEG" and p[2] == 96 for p in previews)
+    assert previews[-1][1].size == (W // 8, H // 8)
+
+
+@pytest.mark.parametrize("disabled", [False, True])
+def test_save_video_honours_disable_metadata(comfy, monkeypatch, disabled):
+    from comfy.cli_args import args
+    from engine.video_io import read_mp4_metadata
+
+    monkeypatch.setattr(args, "disable_metadata", disabled)
+    result = comfy.run(_t2v_save(200 + disabled), extra_pnginfo={"workflow": {"nodes": []}})
+    item = result["outputs"]["10"]["images"][0]
+    meta = read_mp4_metadata(Path(comfy.b.folder_paths.get_output_directory()) / item["subfolder"] / item["filename"])
+    assert ("workflow" in meta and "prompt" in meta) is not disabled
+    if disabled:
+        assert not {"workflow", "prompt"} & set(meta)
+
+
+def test_image_previews_use_the_preview_size(comfy, monkeypatch):
+    """Non-latent previews (loss curve, validation frames) are sent at --preview-size too."""
+    from PIL import Image
+    from comfy.cli_args import args
+
+    compat = comfy.pack_module("nodes.comfy_compat")
+    monkeypatch.setattr(args, "preview_size", 77)
+    comfy.previews.clear()
+    compat.Progress(4, "42").update(1, preview=Image.new("RGB", (300, 200)))
+    ((node, (fmt, img, size)),) = comfy.previews
+    assert (node, fmt, img.size, size) == ("42", "JPEG", (300, 200), 77)

@@ -97,7 +97,8 @@ def train_prompt(out_dir, *, steps=12, max_steps=200, rank=8, lr=3e-3, attention
 
 
 def sample_nodes(p: dict, model_src, prefix: str, seed=5) -> None:
-    """Text encode 'a red square', sample 1 frame at 32x32 with the given model, decode, preview."""
+    """Text encode 'a red square', sample 1 frame at 32x32 with the given model, decode, preview. The DiT stays
+    where sampling put it (offload_after off), so the memory tests can see the swapper that ran."""
     p.setdefault("20", {"class_type": "MusubiUMT5Loader", "inputs": {"text_encoder_name": "preset:tiny-umt5",
                                                                      "dtype": "fp32"}})
     p.setdefault("21", {"class_type": "MusubiWanTextEncode", "inputs": {"text_encoder": ["20", 0],
@@ -106,7 +107,8 @@ def sample_nodes(p: dict, model_src, prefix: str, seed=5) -> None:
                                                                       "cache_on_cpu": False}})
     p[f"{prefix}1"] = {"class_type": "MusubiWanSampler", "inputs": {
         "model": model_src, "embeds": ["21", 0], "width": SIZE, "height": SIZE, "frames": 1, "steps": 12,
-        "guidance_scale": 1.0, "shift": 0.0, "solver": "euler", "seed": seed, "noise_device": "cpu"}}
+        "guidance_scale": 1.0, "shift": 0.0, "solver": "euler", "seed": seed, "noise_device": "cpu",
+        "offload_after": False}}
     p[f"{prefix}2"] = {"class_type": "MusubiWanVAEDecode", "inputs": {"vae": ["22", 0], "latents": [f"{prefix}1", 0],
                                                                      "tile_size": 0, "tile_overlap": 64}}
     p[f"{prefix}3"] = {"class_type": "PreviewImage", "inputs": {"images": [f"{prefix}2", 0]}}

@@ -46,3 +46,15 @@ def test_invalid_prompt_is_rejected_with_the_node_named(comfy_server):
     status, body = comfy_server.post_json("/prompt", {"prompt": prompt, "client_id": "x",
                                                       "prompt_id": str(uuid.uuid4())})
     assert status == 400 and "1" in body["node_errors"]
+
+
+def test_workflows_are_listed_as_the_packs_templates(comfy_server):
+    """ComfyUI's template browser reads `workflows/` too: every shipped workflow and its thumbnail are served."""
+    module = REPO_ROOT.name                          # the pack's folder name under custom_nodes
+    shipped = sorted(p.stem for p in (REPO_ROOT / "workflows").glob("*.json"))
+    templates = comfy_server.get_json("/workflow_templates")
+    assert sorted(templates.get(module, [])) == shipped, templates
+    for name in shipped:
+        served = json.loads(comfy_server.get_bytes(f"/api/workflow_templates/{module}/{name}.json"))
+        assert served == json.loads((REPO_ROOT / "workflows" / f"{name}.json").read_text())
+        assert comfy_server.get_bytes(f"/api/workflow_templates/{module}/{name}.jpg")[:3] == b"\xff\xd8\xff"

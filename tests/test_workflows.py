@@ -15,6 +15,32 @@ def test_there_are_workflows():
     assert {p.name for p in WORKFLOWS} >= {"wan_t2v_generate.json", "wan_i2v_generate.json"}
 
 
+def _project():
+    import sys
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:
+        import tomli as tomllib
+    return tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_shipped_workflow_is_a_good_template(path):
+    """What the template browser and the missing-pack dialog need, and nothing current ComfyUI deprecates."""
+    wf = json.loads(path.read_text())
+    project = _project()
+    thumb = path.with_suffix(".jpg")               # the template browser asks for <name>.jpg
+    assert thumb.is_file() and thumb.read_bytes()[:3] == b"\xff\xd8\xff", f"{thumb.name}: a JPEG thumbnail"
+    for node in wf["nodes"]:
+        assert node["type"] != "ImageBatch", "ImageBatch is deprecated in current ComfyUI"
+        props = node["properties"]
+        if node["type"].startswith("Musubi"):      # cnr_id/ver: the frontend offers to install the pack
+            assert (props["cnr_id"], props["ver"]) == (project["name"], project["version"]), node["type"]
+        else:
+            assert props["cnr_id"] == "comfy-core" and props["ver"], node["type"]
+
+
 @pytest.mark.comfy
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
 def test_workflow_runs_in_process(comfy, path):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-import tomllib
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +29,12 @@ from typing import Any, Callable
 
 from ..errors import invalid
 from .frames import FRAME_EXTRACTION_MODES, normalize_target_frames, round_down_4k1
+
+# tomllib is 3.11+; ComfyUI installs on 3.10 get the same parser from the `tomli` backport (a dependency there).
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised by the 3.10 check in tests/test_packaging.py
+    import tomli as tomllib
 
 DEFAULT_RESOLUTION = (960, 544)
 

@@ -44,10 +44,15 @@ def with_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> d
     return meta
 
 
+# What the tensors of the file are: never taken from a source file's (or caller's) metadata when writing.
+TENSOR_FACTS = ("ss_network_dim", "ss_network_alpha")
+
+
 def lora_metadata(kind: str, rank: int | None, alpha: float | None, spec, user: dict | None = None,
-                  title: str | None = None) -> dict[str, str]:
+                  title: str | None = None, facts_win: bool = False) -> dict[str, str]:
     """Musubi's minimal ss_* keys + ModelSpec for a family's `LoRASpec`; `user` entries (any values) are stored as
-    strings and win."""
+    strings and win, except the TENSOR_FACTS when `facts_win` (a converted file must not keep the alpha its source
+    had)."""
     network_module = spec.network_module if kind == "lora" else LYCORIS_MODULES.get(kind, kind)
     meta = {
         "ss_base_model_version": spec.base_model_version,
@@ -60,6 +65,9 @@ def lora_metadata(kind: str, rank: int | None, alpha: float | None, spec, user: 
         "modelspec.title": title or f"LoRA@{datetime.datetime.now().strftime('%Y-%m-%d %H:%M:%S')}",
         "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
     }
+    facts = {k: meta[k] for k in TENSOR_FACTS}
     for k, v in (user or {}).items():
         meta[str(k)] = stringify(v)
+    if facts_win:
+        meta.update(facts)
     return meta

@@ -4,13 +4,19 @@
   musubi             lora_unet_<module with "_">.lora_down.weight / .lora_up.weight / .alpha  (+ ss_* metadata)
   diffusers          transformer.<diffusers module>.lora_A.weight / .lora_B.weight, alpha folded into lora_B
                      (B·scale), so a loader without alpha support computes the same ΔW
+  musubi-other       diffusion_model.<module>.lora_A.weight / .lora_B.weight, no alpha key: Musubi Tuner's
+                     `convert_lora --target other` layout (diffusion-pipe style). Like Musubi, alpha is folded into
+                     both factors (each times sqrt(alpha/rank)); its `--target default` reads it back with alpha = rank
 
-LoHa/LoKr keep their LyCORIS tensor names under the comfyui / musubi stems; diffusers has no such format.
-Every format gets the same metadata (Musubi ss_* + ModelSpec + hashes, plus the caller's entries).
+LoHa/LoKr keep their LyCORIS tensor names under the comfyui / musubi / musubi-other stems (with .alpha); diffusers
+has no such format. Every format gets the same metadata (Musubi ss_* + ModelSpec + hashes, plus the caller's
+entries), except that ss_network_dim / ss_network_alpha always describe the tensors written: with alpha folded in,
+alpha = rank (scale 1), whatever the source file's metadata said.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -24,7 +30,8 @@ from .dialects import LoRAFile, read_lora
 from .metadata import lora_metadata, with_hashes
 from .weights import ModuleWeights
 
-FORMATS = ("comfyui", "musubi", "diffusers")
+FORMATS = ("comfyui", "musubi", "diffusers", "musubi-other")
+FOLDED = ("diffusers", "musubi-other")  # alpha multiplied into the factors: the file's alpha is its rank
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
@@ -83,18 +90,20 @@ def save_lora(source, path, format: str = "comfyui", metadata: dict | None = Non
         tensors.update(_module_tensors(name, mw, format, dtype, family.lora))
 
     ranks = {mw.rank for mw in source.modules.values()}
-    alphas = {_written_alpha(mw) for mw in source.modules.values()}
+    alphas = {_written_alpha(mw, format) for mw in source.modules.values()}
     kinds = source.kinds
     meta = lora_metadata(next(iter(kinds)) if len(kinds) == 1 else "mixed",
                          ranks.pop() if len(ranks) == 1 else None, alphas.pop() if len(alphas) == 1 else None,
-                         spec=family.lora, user=metadata, title=Path(path).stem)
+                         spec=family.lora, user=metadata, title=Path(path).stem, facts_win=True)
     meta = with_hashes(tensors, meta)
     save_safetensors_atomic(tensors, path, meta)
     return Path(path)
 
 
-def _written_alpha(mw: ModuleWeights) -> float:
+def _written_alpha(mw: ModuleWeights, format: str = "comfyui") -> float:
     """The alpha that reproduces the module's scale in readers that use alpha / rank (rank when the file had none)."""
+    if format in FOLDED and mw.kind == "lora":
+        return float(mw.rank)   # the scale is already in the factors
     if mw.rank is None:        # LoKr with two full factors: scale is 1; alpha = max(w2) also gives 1 in Musubi
         w2 = mw.tensors.get("lokr_w2")
         return float(max(w2.shape)) if w2 is not None else 1.0
@@ -116,7 +125,13 @@ def _module_tensors(name: str, mw: ModuleWeights, format: str, dtype, spec) -> d
         up = mw.tensors["up"].float() * mw.scale
         return {f"{stem}.lora_A.weight": cast(mw.tensors["down"]), f"{stem}.lora_B.weight": cast(up)}
 
-    stem = T.COMFY_PREFIX + name if format == "comfyui" else T.musubi_stem(name)
+    if format == "musubi-other" and mw.kind == "lora":
+        stem = T.COMFY_PREFIX + name
+        root = math.sqrt(mw.scale)
+        return {f"{stem}.lora_A.weight": cast(mw.tensors["down"].float() * root),
+                f"{stem}.lora_B.weight": cast(mw.tensors["up"].float() * root)}
+
+    stem = T.COMFY_PREFIX + name if format in ("comfyui", "musubi-other") else T.musubi_stem(name)
     out = {f"{stem}.alpha": torch.tensor(_written_alpha(mw), dtype=dtype)}
     if mw.kind == "lora":
         out[f"{stem}.lora_down.weight"] = cast(mw.tensors["down"])

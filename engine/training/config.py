@@ -73,7 +73,7 @@ class TrainingConfig:
     keep_last_n_saves: int | None = None
     save_state: bool = False                  # also write a state folder at every periodic save
     keep_last_n_states: int | None = None
-    save_format: str = "musubi"               # engine.lora.writer format: "musubi" | "comfyui" | "diffusers"
+    save_format: str = "musubi"               # engine.lora.writer format: "musubi" | "comfyui" | "diffusers" | "musubi-other"
     save_precision: str = "fp32"
     # logging
     logging_dir: str | None = None            # TensorBoard event files (tensorboardX); None = off

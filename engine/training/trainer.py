@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
+import secrets
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,6 +154,9 @@ class TrainingSession:
         self.timesteps = TimestepSampler(config.timesteps)
 
         self.step = 0
+        # Musubi's ss_session_id / ss_training_started_at; secrets leaves the seeded RNGs untouched
+        self.session_id = secrets.randbelow(2**32)
+        self.started_at = time.time()
         self.history = LossHistory()
         self.timer = StepTimer()
         self.last_samples: list[torch.Tensor] | None = None
@@ -381,12 +387,13 @@ class TrainingSession:
     def _snapshot(self) -> dict:
         return {"step": self.step, "rng": capture_rng(self.generator),
                 "loader": copy.deepcopy(self.loader.state_dict()), "timesteps": self.timesteps.state_dict(),
-                "epochs_done": self._epochs_done}
+                "epochs_done": self._epochs_done, "session_id": self.session_id, "started_at": self.started_at}
 
     def _state(self) -> dict:
         b = self._boundary
         return {
             "step": b["step"], "epochs_done": b["epochs_done"], "rng": b["rng"], "loader": b["loader"],
+            "session_id": b["session_id"], "started_at": b["started_at"],
             "timesteps": b["timesteps"], "history": self.history.state_dict(),
             "network": {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()},
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -407,6 +414,8 @@ class TrainingSession:
         self.timesteps.load_state_dict(state.get("timesteps", {}))
         self.step = int(state["step"])
         self._epochs_done = int(state.get("epochs_done", 0))
+        self.session_id = int(state.get("session_id", self.session_id))   # a resumed run is the same session
+        self.started_at = float(state.get("started_at", self.started_at))
         self.history.load_state_dict(state.get("history", {}))
 
     def _load_network_weights(self, path: str) -> None:
@@ -439,10 +448,65 @@ class TrainingSession:
             "ss_timestep_sampling": ts.timestep_sampling, "ss_discrete_flow_shift": ts.discrete_flow_shift,
             "ss_sigmoid_scale": ts.sigmoid_scale, "ss_weighting_scheme": ts.weighting_scheme,
             "ss_output_name": cfg.output_name,
+            "ss_session_id": self.session_id, "ss_training_started_at": self.started_at,
+            "ss_training_finished_at": time.time(), "ss_network_dropout": self.network_config.dropout,
         }
+        batches = len(self.loader)
+        meta["ss_num_batches_per_epoch"] = batches
+        meta["ss_num_epochs"] = math.ceil(self.total_steps / max(1, math.ceil(batches / cfg.gradient_accumulation_steps)))
+        datasets = _datasets_metadata(self.loader)
+        if datasets:
+            meta["ss_datasets"] = json.dumps(datasets)
+            meta["ss_num_train_items"] = sum(d["num_train_items"] for d in datasets)
+            buckets = {}
+            for d in datasets:
+                for b, n in d["bucket_info"].items():
+                    buckets[b] = buckets.get(b, 0) + n
+            w, h = max(buckets, key=buckets.get).split("x")[:2]
+            meta["modelspec.resolution"] = f"{w}x{h}"   # the most used training bucket
+        args = _network_args(self.network_config)
+        if args:  # Musubi writes ss_network_args only when some were given
+            meta["ss_network_args"] = json.dumps(args)
+        if ts.min_timestep is not None or ts.max_timestep is not None:
+            meta["modelspec.timestep_range"] = f"{ts.min_timestep or 0},{ts.max_timestep or 1000}"
         if getattr(self.model, "source_path", None):
             meta["ss_sd_model_name"] = Path(self.model.source_path).name
         return {k: str(v) for k, v in meta.items()}
+
+
+def _network_args(net: NetworkConfig) -> dict[str, str]:
+    """The extra network arguments of Musubi's `--network_args` (values as strings, as Musubi stores them)."""
+    args = {}
+    for key in ("rank_dropout", "module_dropout"):
+        if getattr(net, key) is not None:
+            args[key] = str(getattr(net, key))
+    if net.include:
+        args["include_patterns"] = str(list(net.include))
+    if net.exclude:
+        args["exclude_patterns"] = str(list(net.exclude))
+    if net.kind == "lokr" and net.lokr_factor != -1:
+        args["factor"] = str(net.lokr_factor)
+    return args
+
+
+def _datasets_metadata(loader) -> list[dict]:
+    """Per-dataset entries of ss_datasets (empty for loaders that are not the cached-dataset loader)."""
+    out = []
+    for ds in getattr(loader, "datasets", None) or []:
+        samples = getattr(ds, "samples", None)
+        if samples is None:
+            continue
+        buckets: dict[str, int] = {}
+        for s in samples:
+            w, h, t = s.bucket
+            key = f"{w}x{h}x{t}"
+            buckets[key] = buckets.get(key, 0) + ds.num_repeats
+        out.append({"is_image_dataset": all(s.bucket[2] == 1 for s in samples),
+                    "num_items": len({s.key for s in samples}), "num_clips": len(samples),
+                    "num_repeats": ds.num_repeats, "num_train_items": len(samples) * ds.num_repeats,
+                    "batch_size": ds.batch_size, "bucket_info": buckets,
+                    "cache_directory": Path(ds.cache_dir).name})
+    return out
 
 
 def _check_resume_compatible(state: dict, network: NetworkConfig) -> None:
