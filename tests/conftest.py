@@ -74,3 +74,15 @@ def _comfy_quantize(sd: dict, is_target, fmt: str = "float8_e4m3fn", conf_in_met
 def comfy_quantize():
     """`_comfy_quantize` as a fixture (used by the DiT and text-encoder loading tests)."""
     return _comfy_quantize
+
+
+@pytest.fixture
+def dual_family():
+    """The test-only second model family (tests/dual_family.py), registered for one test."""
+    from engine.families import register, unregister
+
+    import dual_family as module
+
+    register(module.FAMILY)
+    yield module
+    unregister(module.FAMILY.name)

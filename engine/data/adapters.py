@@ -116,6 +116,7 @@ class CacheRequirements:
     required: tuple[str, ...] = ("latents",)           # batch names every sample must have
     channels: dict | None = None                       # batch name -> expected first-dim size (e.g. y: 20)
     identities: dict | None = None                     # e.g. {"vae": ..., "text_encoder": ..., "clip": ...}
+    text_key: str | None = None                        # batch name of the text embeddings whose width is text_dim
 
 
 def collate_for(arch: str):

@@ -452,7 +452,7 @@ def _check_sample_shapes(sample: CachedSample, req: CacheRequirements, where: st
         if name in req.required and tensors[name].shape[0] != ch:
             raise invalid(f"{where} {name}", tuple(tensors[name].shape), f"{ch} channels")
     if req.text_dim is not None:
-        text = [v for k, v in tensors.items() if k in ("t5", "llm", "llama_vec")]
+        text = [v for k, v in tensors.items() if k == req.text_key]
         if text and text[0].shape[-1] != req.text_dim:
             raise invalid(f"{where} text encoding", tuple(text[0].shape), f"last dimension {req.text_dim} (the "
                           "model's text_dim: cache with the matching text encoder)")

@@ -1,7 +1,7 @@
 """What a model family tells the generic engine (docs/ARCHITECTURE.md): the `Family` protocol and its two data specs.
 
 Generic code (training, data, LoRA, memory, sampling) holds a `Family` and calls it; it never imports a family.
-A family is composed of plain functions and data (no base class to inherit): see `engine/families/wan/family.py`.
+A family is composed of plain functions and data (no base class to inherit): each family folder's `family.py`.
 """
 
 from __future__ import annotations
@@ -61,11 +61,11 @@ class Fp8Spec:
 class Family(Protocol):
     """The interface of a model family. Attributes are data; methods are called by the generic engine."""
 
-    name: str                    # registry key and `model.family` of its DiT ("wan")
-    display_name: str            # for messages ("Wan 2.1")
+    name: str                    # registry key and `model.family` of its DiT
+    display_name: str            # for messages
     lora: LoRASpec
     fp8: Fp8Spec
-    cache_arch: str              # short name in cache file names (Musubi: "wan", "hv", "fp")
+    cache_arch: str              # short name in cache file names (Musubi's architecture names)
 
     # --- models -------------------------------------------------------------------------------------------------
     def block_lists(self, model: nn.Module) -> list[nn.ModuleList]:

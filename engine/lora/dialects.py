@@ -202,7 +202,8 @@ def match_lora(lora: LoRAFile, model, label: str | None = None) -> MatchReport:
     shapes = model_linear_shapes(model)
     raw = [stem for _, stem in lora.stems.values()]
     family = _model_family(model, shapes)
-    foreign = foreign_lora_layout(raw)
+    # another model's layout, unless the names are this family's own (a family may share a layout's names)
+    foreign = None if any(family.lora.owns(n) for n in lora.modules) else foreign_lora_layout(raw)
     if foreign:
         other, example = foreign
         raise invalid(f"{label}", f"a {other} LoRA (key {example!r})", f"a LoRA trained for {family.display_name}")

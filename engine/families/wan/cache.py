@@ -76,7 +76,8 @@ def cache_requirements(*, text_dim: int = 4096, i2v: bool = False, clip: bool = 
     required = ["latents", "t5"] + (["latents_image"] if i2v else []) + (["clip"] if clip else []) + (
         ["latents_control"] if control else []) + (["f_indices", "f_target_slot"] if one_frame else [])
     ids = {k: v for k, v in (("vae", vae_identity), ("text_encoder", text_identity), ("clip", clip_identity)) if v}
-    return CacheRequirements(ARCH, 16, text_dim, tuple(required), {"latents_image": 20, "latents_control": 16}, ids)
+    return CacheRequirements(ARCH, 16, text_dim, tuple(required), {"latents_image": 20, "latents_control": 16}, ids,
+                             text_key="t5")
 
 
 class WanCacheAdapter:
