@@ -428,7 +428,7 @@ class MusubiCacheLatents:
     def INPUT_TYPES(cls):
         return {"required": {
             "dataset": (T.DATASET, {"tooltip": "The dataset to cache."}),
-            "vae": (T.WAN_VAE, {"tooltip": "The Wan 2.1 VAE (the one the model was trained with)."}),
+            "vae": (T.VAE, {"tooltip": "The Wan 2.1 VAE (the one the model was trained with)."}),
             "task": (TASKS, {"default": "t2v",
                      "tooltip": "t2v: latents only; i2v: + first-frame conditioning and CLIP features (needs "
                                 "clip_vision); fun-control: + control-video latents (needs control files)."}),

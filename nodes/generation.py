@@ -80,7 +80,7 @@ class MusubiWanImageEncode:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "vae": (T.WAN_VAE, {"tooltip": "The Wan VAE."}),
+            "vae": (T.VAE, {"tooltip": "The Wan VAE."}),
             "clip_vision": (T.CLIP_VISION, {"tooltip": "The CLIP ViT-H/14 image encoder."}),
             "start_image": ("IMAGE", {"tooltip": "The first frame of the video."}),
             "width": ("INT", {"default": 832, "min": 16, "max": 4096, "step": 16, "tooltip": "Video width (multiple of 16)."}),
@@ -137,7 +137,7 @@ class MusubiWanFunControlEncode:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "vae": (T.WAN_VAE, {"tooltip": "The Wan VAE."}),
+            "vae": (T.VAE, {"tooltip": "The Wan VAE."}),
             "control_video": ("IMAGE", {"tooltip": "Control frames; at least `frames` of them (the first are used)."}),
             "width": ("INT", {"default": 832, "min": 16, "max": 4096, "step": 16, "tooltip": "Video width (multiple of 16)."}),
             "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16, "tooltip": "Video height (multiple of 16)."}),
@@ -182,7 +182,7 @@ class MusubiWanOneFrameEncode:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "vae": (T.WAN_VAE, {"tooltip": "The Wan VAE."}),
+            "vae": (T.VAE, {"tooltip": "The Wan VAE."}),
             "clip_vision": (T.CLIP_VISION, {"tooltip": "CLIP ViT-H/14 (features of the first control image are used)."}),
             "control_image": ("IMAGE", {"tooltip": "The first control image."}),
             "control_indices": ("STRING", {"default": "0", "tooltip": "Frame index of each control image, e.g. '0' or '0;10'."}),
@@ -230,7 +230,7 @@ class MusubiWanSampler:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": (T.WAN_DIT, {"tooltip": "The Wan DiT (optionally with LoRAs applied or trained)."}),
+            "model": (T.DIT, {"tooltip": "The Wan DiT (optionally with LoRAs applied or trained)."}),
             "embeds": (T.EMBEDS, {"tooltip": "Prompt embeddings from Musubi Wan Text Encode."}),
             "width": ("INT", {"default": 832, "min": 16, "max": 4096, "step": 16, "tooltip": "Width in pixels (multiple of 16)."}),
             "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16, "tooltip": "Height in pixels (multiple of 16)."}),
@@ -314,7 +314,7 @@ class MusubiWanVAEDecode:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "vae": (T.WAN_VAE, {"tooltip": "The Wan VAE."}),
+            "vae": (T.VAE, {"tooltip": "The Wan VAE."}),
             "latents": (T.LATENTS, {"tooltip": "Latents from the sampler."}),
             "tile_size": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 32,
                           "tooltip": "Spatial tile size in pixels (0 = no tiling; tiling lowers VRAM)."}),

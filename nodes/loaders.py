@@ -68,7 +68,7 @@ class MusubiWanDiTLoader:
                    "detected from the file. The model stays loaded between runs and serves training and sampling.")
     CATEGORY = "Musubi/loaders"
     FUNCTION = "load"
-    RETURN_TYPES = (T.WAN_DIT,)
+    RETURN_TYPES = (T.DIT,)
     RETURN_NAMES = ("model",)
     OUTPUT_TOOLTIPS = ("The loaded Wan DiT (kept in the pack's memory; train it or sample with it).",)
 
@@ -130,7 +130,7 @@ class MusubiWanVAELoader:
     DESCRIPTION = "Load the Wan 2.1 VAE (Wan2.1_VAE.pth or ComfyUI's wan_2.1_vae.safetensors) from models/vae."
     CATEGORY = "Musubi/loaders"
     FUNCTION = "load"
-    RETURN_TYPES = (T.WAN_VAE,)
+    RETURN_TYPES = (T.VAE,)
     RETURN_NAMES = ("vae",)
     OUTPUT_TOOLTIPS = ("The loaded Wan VAE.",)
 

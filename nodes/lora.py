@@ -343,7 +343,7 @@ class MusubiApplyLoRA:
                    "for another model family, variant or size, or one that matches nothing, is refused.")
     CATEGORY = "Musubi/lora"
     FUNCTION = "apply"
-    RETURN_TYPES = (T.WAN_DIT, "STRING")
+    RETURN_TYPES = (T.DIT, "STRING")
     RETURN_NAMES = ("model", "report")
     OUTPUT_TOOLTIPS = ("The model with the LoRA(s) applied (a view sharing the input model's weights).",
                        "Match report: modules matched, keys unmatched, default targets not covered, LoRAs on the "
@@ -352,7 +352,7 @@ class MusubiApplyLoRA:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": (T.WAN_DIT, {"tooltip": "The Wan DiT (from the loader, or from another Apply LoRA node)."}),
+            "model": (T.DIT, {"tooltip": "The Wan DiT (from the loader, or from another Apply LoRA node)."}),
             "lora": (T.LORA, {"tooltip": "The LoRA to apply (from Musubi Load LoRA or another LoRA node)."}),
             "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
                          "tooltip": "Multiplier of the LoRA's change (1.0 = as trained, 0 = off, negative = invert)."}),
@@ -507,7 +507,7 @@ class MusubiConvertLoRA:
             "lora_path": ("STRING", {"default": "",
                           "tooltip": "Instead of lora_name: a full path, or a name relative to models/loras (e.g. "
                                      "the path output of Musubi Save LoRA). Wins when not empty."}),
-            "model": (T.WAN_DIT, {"tooltip": "Optional DiT to resolve underscore module names exactly (only needed "
+            "model": (T.DIT, {"tooltip": "Optional DiT to resolve underscore module names exactly (only needed "
                                              "for unusual layouts)."}),
         }}
 
@@ -692,7 +692,7 @@ class MusubiCreateRandomLoRA:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": (T.WAN_DIT, {"tooltip": "The DiT whose layers the LoRA targets (sizes are read from it)."}),
+            "model": (T.DIT, {"tooltip": "The DiT whose layers the LoRA targets (sizes are read from it)."}),
             "rank": ("INT", {"default": 4, "min": 1, "max": 256, "tooltip": "LoRA rank."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1, "control_after_generate": False,
                      "tooltip": "Random seed."}),

@@ -722,7 +722,7 @@ class MusubiInitTraining:
                    "every N steps (shown on Train Steps) and write TensorBoard logs to <output_dir>/logs.")
     CATEGORY = CATEGORY
     FUNCTION = "init"
-    RETURN_TYPES = (T.TRAINING_SESSION, T.WAN_DIT)
+    RETURN_TYPES = (T.TRAINING_SESSION, T.DIT)
     RETURN_NAMES = ("session", "model")
     OUTPUT_TOOLTIPS = ("The training session (connect Musubi Train Steps, Validate, Save Trained LoRA).",
                        "The model with the session's adapter attached (what the Sampler should use to generate "
@@ -736,7 +736,7 @@ class MusubiInitTraining:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": (T.WAN_DIT, {"tooltip": "The Wan DiT to train a LoRA for (from Musubi Wan DiT Loader)."}),
+            "model": (T.DIT, {"tooltip": "The Wan DiT to train a LoRA for (from Musubi Wan DiT Loader)."}),
             "dataset": (T.DATASET, {"tooltip": "A dataset with cached latents and text embeddings for this model."}),
             "lora_config": (T.LORA_CONFIG, {"tooltip": "The adapter to train (Musubi LoRA Config)."}),
             "optimizer_config": (T.OPTIMIZER_CONFIG, {"tooltip": "Optimizer and LR schedule (Musubi Optimizer Config)."}),
@@ -776,7 +776,7 @@ class MusubiInitTraining:
             "validation_prompts": (T.VALIDATION_PROMPTS, {
                 "tooltip": "Prompts to sample during training (Musubi Validation Prompt, chained for several). Used "
                            "when validate_every_n_steps > 0 or validate_at_start is on."}),
-            "validation_vae": (T.WAN_VAE, {"tooltip": "The Wan VAE that decodes the validation samples (required "
+            "validation_vae": (T.VAE, {"tooltip": "The Wan VAE that decodes the validation samples (required "
                                                       "when validation is on)."}),
             "validate_every_n_steps": ("INT", {"default": 0, "min": 0, "max": 10_000_000,
                                        "tooltip": "Sample the validation prompts every N steps with the model and "
@@ -864,7 +864,7 @@ class MusubiTrainSteps:
                    "loss, lr, it/s, ETA and memory as progress text, and the loss curve as preview.")
     CATEGORY = CATEGORY
     FUNCTION = "train"
-    RETURN_TYPES = (T.TRAINING_SESSION, "IMAGE", LOSS_MAP, "STRING", T.WAN_DIT, "IMAGE")
+    RETURN_TYPES = (T.TRAINING_SESSION, "IMAGE", LOSS_MAP, "STRING", T.DIT, "IMAGE")
     RETURN_NAMES = ("session", "loss_curve", "loss_map", "status", "model", "samples")
     OUTPUT_TOOLTIPS = ("The same session, trained further (chain another Train Steps, Validate or Save).",
                        "Loss curve of the whole session so far (raw and smoothed).",
@@ -1000,7 +1000,7 @@ class MusubiValidate:
     def INPUT_TYPES(cls):
         return {"required": {
             "session": (T.TRAINING_SESSION, {"tooltip": "The training session to sample with."}),
-            "vae": (T.WAN_VAE, {"tooltip": "The Wan VAE to decode the samples."}),
+            "vae": (T.VAE, {"tooltip": "The Wan VAE to decode the samples."}),
             "embeds": (T.EMBEDS, {"tooltip": "Prompt embeddings from Musubi Wan Text Encode."}),
             "width": ("INT", {"default": 256, "min": 16, "max": 4096, "step": 16, "tooltip": "Width (multiple of 16)."}),
             "height": ("INT", {"default": 256, "min": 16, "max": 4096, "step": 16,
@@ -1100,14 +1100,14 @@ class MusubiResumeTraining:
                    "and training options are those saved in the state unless configs are connected.")
     CATEGORY = CATEGORY
     FUNCTION = "resume"
-    RETURN_TYPES = (T.TRAINING_SESSION, T.WAN_DIT)
+    RETURN_TYPES = (T.TRAINING_SESSION, T.DIT)
     RETURN_NAMES = ("session", "model")
     OUTPUT_TOOLTIPS = ("The resumed training session.", "The model with the resumed adapter attached.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": (T.WAN_DIT, {"tooltip": "The same Wan DiT the state was trained on."}),
+            "model": (T.DIT, {"tooltip": "The same Wan DiT the state was trained on."}),
             "dataset": (T.DATASET, {"tooltip": "The same cached dataset (same seed) the state was trained on."}),
             "state_path": ("STRING", {"default": "",
                            "tooltip": "The state folder (…/NAME-state) or its training_state.pt; a relative path is "
@@ -1168,7 +1168,7 @@ class MusubiTrainLoRA:
                    "continues it.")
     CATEGORY = CATEGORY
     FUNCTION = "train"
-    RETURN_TYPES = (T.WAN_DIT, "IMAGE", "STRING")
+    RETURN_TYPES = (T.DIT, "IMAGE", "STRING")
     RETURN_NAMES = ("model", "loss_curve", "lora_path")
     OUTPUT_TOOLTIPS = ("The model with the trained adapter attached (shares the loader's weights).",
                        "Loss curve of the training.", "Full path of the saved LoRA file.")
@@ -1181,7 +1181,7 @@ class MusubiTrainLoRA:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": (T.WAN_DIT, {"tooltip": "The Wan DiT to train a LoRA for."}),
+            "model": (T.DIT, {"tooltip": "The Wan DiT to train a LoRA for."}),
             "dataset": (T.DATASET, {"tooltip": "A dataset with cached latents and text embeddings for this model."}),
             "steps": ("INT", {"default": 1000, "min": 1, "max": 10_000_000, "tooltip": "Total optimizer steps."}),
             "network_kind": (NETWORK_KINDS, {"default": "lora", "tooltip": "lora, loha or lokr."}),

@@ -3,8 +3,8 @@
 Type names are part of saved workflows: never rename them.
 """
 
-WAN_DIT = "MUSUBI_WAN_DIT"
-WAN_VAE = "MUSUBI_WAN_VAE"
+DIT = "MUSUBI_DIT"                  # a diffusion transformer of any family (its class names the family)
+VAE = "MUSUBI_VAE"                  # a video VAE of any family
 TEXT_ENCODER = "MUSUBI_TEXT_ENCODER"
 CLIP_VISION = "MUSUBI_CLIP_VISION"
 EMBEDS = "MUSUBI_EMBEDS"            # text embeddings (positive + negative)

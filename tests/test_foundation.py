@@ -87,7 +87,9 @@ def _broken_copy(tmp_path: Path) -> Path:
     dst = tmp_path / "comfyui-musubi-broken"
     shutil.copytree(REPO_ROOT, dst, ignore=shutil.ignore_patterns(".git", "test-artifacts", "__pycache__"))
     init = dst / "__init__.py"
-    init.write_text(init.read_text() + "\nimport this_module_does_not_exist_musubi  # deliberately broken\n")
+    # broken before anything is imported: a half-loaded copy would install its own hooks (e.g. the /free hook)
+    # over the tested pack's for the rest of the session
+    init.write_text("import this_module_does_not_exist_musubi  # deliberately broken\n" + init.read_text())
     return dst
 
 
