@@ -1,19 +1,13 @@
 """LoRA toolbox nodes: load, apply (adapter or merge), save, convert, merge into a DiT file, post-hoc EMA, info,
 and a random LoRA for tests and demos.
 
-Applying a LoRA never touches the model that comes in. The loaded DiT is shared (the pack registry hands the same
-object to every graph), so Apply LoRA outputs a *LoRA view* of it instead: new module objects that share every
-parameter and buffer with the input model (no weight is copied; moving one to a device moves both), carrying the
-LoRA hooks (adapter mode) or private merged copies of the touched weights (merge mode). Consequences:
-
-* re-queueing with another strength builds a fresh view from the clean input: exactly one application, no stacking;
-* a graph without the Apply node uses the loader's model, which never had a LoRA on it;
-* chaining Apply nodes keeps every LoRA of the upstream view (the downstream view is a view of that view).
+Applying a LoRA never touches the model that comes in: Apply LoRA outputs a *LoRA view* of it (engine/lora/views.py),
+so re-queueing never stacks, a graph without the Apply node uses a clean model, and chained Apply nodes keep every
+upstream LoRA.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -27,10 +21,10 @@ from . import comfy_compat as compat
 from . import checks
 from .paths import check_write_path
 from . import types as T
-from .placement import SWAP_ATTR, release_swap
+from .placement import release_swap
 from .registry import MODELS
 from ..engine.errors import invalid
-from ..engine.memory.placement import execution_device
+from ..engine.lora.views import add_network, lora_stack, make_lora_view, merge_into_view, trainable_copy
 
 FORMATS = ["comfyui", "musubi", "diffusers", "musubi-other"]
 SAVE_DTYPES = ["fp32", "bf16", "fp16"]
@@ -184,129 +178,6 @@ def parse_metadata(text: str) -> dict[str, str]:
     return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in data.items()}
 
 
-# --- LoRA views (see the module docstring) ------------------------------------------------------------------------
-_STACK = "_musubi_lora_stack"          # view attribute: [{"name", "strength", "mode", "node"}] (inherited + own)
-_NETWORKS = "_musubi_lora_networks"    # view attribute: AdapterNetworks whose hooks the view carries
-_COW = "_musubi_lora_cow"              # view attribute: names of modules holding private merged weights
-_VIEW_CLASSES: dict[type, type] = {}
-
-
-def _view_class(cls: type) -> type:
-    if getattr(cls, "_musubi_lora_view", False):
-        return cls
-    if cls not in _VIEW_CLASSES:
-        _VIEW_CLASSES[cls] = type(f"{cls.__name__}WithLoRA", (cls,), {"_musubi_lora_view": True,
-                                                                       "__module__": __name__})
-    return _VIEW_CLASSES[cls]
-
-
-def _copy_module(module: nn.Module, root: bool) -> nn.Module:
-    """New module objects sharing `_parameters` / `_buffers` with `module`; own children and own hook dicts."""
-    cls = _view_class(type(module)) if root else type(module)
-    new = cls.__new__(cls)
-    d = {}
-    for k, v in module.__dict__.items():
-        if k == "_modules":
-            v = type(v)((name, None if child is None else _copy_module(child, False)) for name, child in v.items())
-        elif "hook" in k and isinstance(v, dict):
-            v = type(v)(v)
-        d[k] = v
-    _drop_block_swap_hooks(d)
-    if root:
-        for k in [k for k in d if k.startswith("_musubi_")]:
-            del d[k]
-        pre = d.get("_forward_pre_hooks")
-        if pre:
-            for hid in [hid for hid, fn in pre.items() if fn is _sync_lora_devices]:
-                del pre[hid]
-                d.get("_forward_pre_hooks_with_kwargs", {}).pop(hid, None)
-        d[_STACK] = list(module.__dict__.get(_STACK, []))
-        d[_NETWORKS] = list(module.__dict__.get(_NETWORKS, []))
-        d[_COW] = set(module.__dict__.get(_COW, set()))
-    new.__dict__.update(d)
-    return new
-
-
-def _is_block_swap_hook(fn) -> bool:
-    from ..engine.memory import BlockSwapper
-
-    return isinstance(getattr(fn, "__self__", None), BlockSwapper) or \
-        getattr(fn, "__qualname__", "").startswith("BlockSwapper.")
-
-
-def _drop_block_swap_hooks(d: dict) -> None:
-    """A view made while a block swapper is attached to the source must not inherit the swapper's hooks (they would
-    outlive its detach): drop them, and their ids from the companion dicts (`*_with_kwargs`, `*_always_called`)."""
-    doomed = set()
-    for k, v in d.items():
-        if "hook" in k and isinstance(v, dict):
-            doomed.update(hid for hid, fn in v.items() if callable(fn) and _is_block_swap_hook(fn))
-    if doomed:
-        for k, v in d.items():
-            if "hook" in k and isinstance(v, dict):
-                for hid in doomed:
-                    v.pop(hid, None)
-
-
-def make_lora_view(model: nn.Module) -> nn.Module:
-    view = _copy_module(model, root=True)
-    view.register_forward_pre_hook(_sync_lora_devices)
-    return view
-
-
-def _sync_lora_devices(view, args):
-    """Adapters and merged weights follow the shared weights' device (they are not submodules of the view)."""
-    if next(iter(view.parameters()), None) is None:
-        return None
-    device = execution_device(view)   # with offload_non_blocks the first layers sit in host memory between calls
-    for net in view.__dict__.get(_NETWORKS, ()):
-        q = next(iter(net.parameters()), None)
-        if q is None:
-            q = next(iter(net.buffers()), None)
-        if q is not None and q.device != device:
-            net.to(device)
-    swapper = view.__dict__.get(SWAP_ATTR)   # block swap (nodes/placement.py) places the swapped blocks' weights
-    swapped = tuple(f"blocks.{i}." for i in swapper.swapped) if swapper is not None else ()
-    for name in view.__dict__.get(_COW, ()):
-        if swapped and name.startswith(swapped):
-            continue
-        m = view.get_submodule(name)
-        if m.weight.device != device:
-            m.to(device)
-    return None
-
-
-def lora_stack(model) -> list[dict]:
-    return list(getattr(model, "__dict__", {}).get(_STACK, []))
-
-
-def _trainable_copy(lora):
-    """The LoRA's tensors as normal tensors (ComfyUI runs under inference mode; training on top needs autograd)."""
-    modules = {name: dataclasses.replace(mw, tensors={k: compat.unwrap_inference_tensor(v)
-                                                      for k, v in mw.tensors.items()})
-               for name, mw in lora.modules.items()}
-    return dataclasses.replace(lora, modules=modules)
-
-
-def _merge_into_view(view: nn.Module, lora, strength: float, names: list[str]) -> None:
-    """Give each touched module a private copy of its weight (copy-on-write), then merge W + strength·ΔW into it."""
-    from ..engine.lora import merge_into_model
-    from ..engine.lora.merge import MergeHandle
-
-    modules = dict(view.named_modules())
-    handle = MergeHandle(view)
-    for name in names:
-        compat.check_interrupt()
-        m = modules[name]
-        w = m._parameters["weight"]
-        params = type(m._parameters)(m._parameters)
-        params["weight"] = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
-        m._parameters = params
-        merge_into_model(view, lora, strength, lambda n, name=name: n == name, handle)
-        handle.backups.clear()   # the view's private copy is the only thing changed: no undo record needed
-        view.__dict__[_COW].add(name)
-
-
 # --- nodes -----------------------------------------------------------------------------------------------------------
 class MusubiLoadLoRA:
     DESCRIPTION = ("Load a LoRA file from models/loras (any Wan dialect: Musubi/kohya, ComfyUI, diffusers/PEFT, "
@@ -405,15 +276,15 @@ class MusubiApplyLoRA:
         view = make_lora_view(model)
         with torch.inference_mode(False):
             for i, (field, item, s, report, kept) in enumerate(plans):
-                src = _trainable_copy(item)
+                src = trainable_copy(item)
+                entry = {"name": item.name, "strength": s, "mode": mode, "node": node}
                 if mode == "adapter":
                     net = network_from_lora(view, src, f"musubi-apply:{node}:{i}:{item.name}", s, keep)
                     net.requires_grad_(False)   # applied, not trained (a training session on top trains its own)
                     net.attach(view)
-                    view.__dict__[_NETWORKS].append(net)
+                    add_network(view, net, entry)
                 else:
-                    _merge_into_view(view, src, s, kept)
-                view.__dict__[_STACK].append({"name": item.name, "strength": s, "mode": mode, "node": node})
+                    merge_into_view(view, src, s, kept, entry, compat.check_interrupt)
 
         lines = [f"Applied {len(plans)} LoRA(s) in {mode} mode:"]
         for field, item, s, report, kept in plans:
@@ -422,7 +293,7 @@ class MusubiApplyLoRA:
                          "covered" + (f", block filter kept {len(kept)}" if keep is not None else ""))
             if report.uncovered:
                 lines.append(f"  not covered (e.g.): {', '.join(report.uncovered[:4])}")
-        stack = view.__dict__[_STACK]
+        stack = lora_stack(view)
         lines.append("LoRAs on this model: " + ", ".join(
             f"{e['name']}@{e['strength']:g} ({e['mode']}, node {e['node']})" for e in stack))
         text = "\n".join(lines)

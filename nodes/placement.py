@@ -30,8 +30,8 @@ import torch
 
 from . import comfy_compat as compat
 from ..engine.families import blocks_of
+from ..engine.memory.block_swap import SWAPPER_ATTR
 
-SWAP_ATTR = "_musubi_block_swap"   # module.__dict__ entry: the BlockSwapper attached to that module (views drop it)
 _MARGIN = 256 << 20
 
 
@@ -154,7 +154,7 @@ def active_swapper(module=None):
 
 def _detach(key: int, device="cpu") -> None:
     entry = _ACTIVE.pop(key)
-    entry.module.__dict__.pop(SWAP_ATTR, None)
+    entry.module.__dict__.pop(SWAPPER_ATTR, None)
     with torch.inference_mode(False):   # weights made here must stay usable by autograd (training)
         entry.swapper.detach(device)
 
@@ -244,7 +244,7 @@ def place_dit(module: torch.nn.Module, training: bool = False) -> torch.device:
                 swapper = swap_blocks(module, n, device if transfer is None else transfer.device,
                                       transfer=transfer, offload_non_blocks=non_blocks)
                 _ACTIVE[key] = _Active(module, swapper, n, device, non_blocks)
-                module.__dict__[SWAP_ATTR] = swapper
+                module.__dict__[SWAPPER_ATTR] = swapper
     return device
 
 

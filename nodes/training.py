@@ -294,18 +294,6 @@ def _check_model(model) -> None:
         raise invalid("model", type(model).__name__, "a Wan DiT from Musubi Wan DiT Loader")
 
 
-def _register_view(view, network, node_id: str, name: str) -> None:
-    """Let nodes/lora.py's view machinery see the training adapter (device sync, 'LoRAs on this model')."""
-    from . import lora as lora_nodes
-
-    nets = getattr(lora_nodes, "_NETWORKS", None)
-    stack = getattr(lora_nodes, "_STACK", None)
-    if nets and isinstance(view.__dict__.get(nets), list):
-        view.__dict__[nets].append(network)
-    if stack and isinstance(view.__dict__.get(stack), list):
-        view.__dict__[stack].append({"name": name, "strength": 1.0, "mode": "training", "node": node_id})
-
-
 def make_trainable(model: torch.nn.Module) -> None:
     """Weights loaded inside ComfyUI's prompt are inference tensors, which autograd refuses to save for backward:
     replace each by a normal copy, one tensor at a time (peak memory: one tensor), in the module's own parameter and
@@ -325,7 +313,7 @@ def open_run(kind: str, node_id, model, dataset, network, optimizer, config, res
     Everything a user can get wrong is checked before ComfyUI's models are evicted or a weight moves."""
     from ..engine.training import TrainingSession
     from ..engine.training.trainer import check_attention
-    from .lora import make_lora_view
+    from ..engine.lora.views import add_network, make_lora_view
 
     _check_model(model)
     node_id = str(node_id)
@@ -357,7 +345,8 @@ def open_run(kind: str, node_id, model, dataset, network, optimizer, config, res
     view = make_lora_view(model)
     with compat.training_context():  # adapter and optimizer tensors must be normal (autograd) tensors
         session = TrainingSession(view, network, optimizer, loader, config, resume_from=resume_from)
-    _register_view(view, session.network, node_id, config.output_name)
+    add_network(view, session.network, {"name": config.output_name, "strength": 1.0, "mode": "training",
+                                        "node": node_id})
     run = TrainingRun(session, key, node_id, base=model)
     SESSIONS.put(key, run)
     return run

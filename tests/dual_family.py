@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from engine.data.adapters import CacheRequirements, Clip, latent_key, pixels_to_video
+from engine.data.encoding import CacheRequirements, Clip, latent_key, pixels_to_video
 from engine.errors import invalid
 from engine.families import Fp8Spec, LoRASpec
 from engine.sampling import make_noise, make_solver, run_sampler

@@ -182,7 +182,7 @@ def test_view_made_while_swapped_inherits_no_swap_hook(comfy, swap):
     model = comfy.output("1")
     placement, lora = swap["placement"], comfy.pack_module("nodes.lora")
     assert placement.active_swapper(model) is not None and model.blocks[0]._forward_pre_hooks
-    view = lora.make_lora_view(model)
+    view = comfy.pack_module("engine.lora.views").make_lora_view(model)
     assert "_musubi_block_swap" not in view.__dict__
     for block in view.blocks:
         assert not block._forward_pre_hooks and not block._forward_hooks

@@ -1,11 +1,11 @@
-"""Datasets and caches: TOML config, media reading, bucketing, frame extraction, caches, per-family adapters.
+"""Datasets and caches: TOML config, media reading, bucketing, frame extraction, caches (the family encodes).
 
 Flow: `load_dataset_config` (or `dataset_from_folder` / `dataset_from_tensors`) -> `build_cache(config, adapter)`
 with the family's adapter (`family.cache_adapter(vae=..., text_encoder=..., ...)`) -> the trainer calls
 `check_cache_for_model(config, family.cache_requirements(model))` and iterates `CachedBatchLoader(cached, seed)`.
 """
 
-from .adapters import CacheAdapter, CacheRequirements, Clip, OneFrameSpec, strip_key
+from .encoding import CacheAdapter, CacheRequirements, Clip, OneFrameSpec, strip_key
 from .buckets import bucket_resolutions, resize_and_crop, select_bucket
 from .cache import (CachedDataset, CachedSample, CacheReport, build_cache, check_cache_for_model, load_cache_file,
                     manifest_path, read_manifest)

@@ -32,7 +32,7 @@ import torch
 
 from ..atomic import save_safetensors_atomic, write_json_atomic
 from ..errors import invalid
-from .adapters import CacheAdapter, CacheRequirements, Clip, OneFrameSpec, collate_for, strip_key
+from .encoding import CacheAdapter, CacheRequirements, Clip, OneFrameSpec, collate_for, strip_key
 from .buckets import STEP, resize_and_crop, select_bucket
 from .config import DatasetConfig, settings_for_cache
 from .frames import extract_clips, frames_needed

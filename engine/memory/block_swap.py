@@ -135,6 +135,9 @@ def _frozen_entries(module: nn.Module, skip: set[int] = frozenset()) -> tuple[li
     return entries, trainable
 
 
+SWAPPER_ATTR = "_musubi_block_swap"   # module.__dict__ entry: the swapper placement attached to that module
+
+
 class BlockSwapper:
     """Attach to an `nn.ModuleList` of blocks (called as modules; a DiT's blocks in run order, `engine.families.blocks_of`).
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ...data.adapters import (DTYPE_NAMES, CacheRequirements, Clip, OneFrameSpec, dtype_name, encoder_identity,
+from ...data.encoding import (DTYPE_NAMES, CacheRequirements, Clip, OneFrameSpec, dtype_name, encoder_identity,
                               latent_key, pixels_to_video, weights_placement)
 from ...data.buckets import resize_and_crop, select_bucket
 from ...data.media import load_image

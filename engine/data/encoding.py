@@ -1,4 +1,4 @@
-"""Per-family cache adapters: what a model family encodes from a clip/caption and how cached tensors form a batch.
+"""Encoding for caches: the `CacheAdapter` protocol a family implements, stored tensor names, `CacheRequirements`.
 
 The generic cache builder (`cache.py`) decodes, buckets and stores; an adapter (made by the family,
 `Family.cache_adapter`) only turns pixels and captions into named tensors, and the family's `collate` turns loaded
