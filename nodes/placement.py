@@ -31,8 +31,12 @@ import torch
 from . import comfy_compat as compat
 from ..engine.families import blocks_of
 from ..engine.memory.block_swap import SWAPPER_ATTR
+from ..engine.memory.placement import set_before_move_hook
 
 _MARGIN = 256 << 20
+
+# the engine's own room requests (block swap loading a block, detach to the GPU) ask ComfyUI to free memory first
+set_before_move_hook(lambda bytes_needed, device: compat.make_room(bytes_needed, device))
 
 
 def _module_of(obj) -> torch.nn.Module | None:

@@ -83,6 +83,18 @@ def test_make_room_asks_comfyui_before_measuring(comfy, monkeypatch):
     assert compat.make_room(1000, "cpu") == 0
 
 
+def test_engine_room_requests_reach_comfyui(comfy, monkeypatch):
+    """Inside ComfyUI, the engine's own room requests (block swap loading a block, detaching to the GPU) ask
+    ComfyUI to free memory first: the before-move hook is wired to make_room when the pack loads."""
+    placement = comfy.pack_module("engine.memory.placement")
+    calls = []
+    monkeypatch.setattr(comfy.b.mm, "free_memory", lambda need, dev, *a, **k: calls.append((need, str(dev))))
+    monkeypatch.setattr(comfy.b.mm, "soft_empty_cache", lambda *a, **k: None)
+    monkeypatch.setattr(comfy.b.mm, "get_free_memory", lambda dev=None, *a, **k: 0)
+    placement.request_room(4096, "cuda:0")
+    assert calls == [(4096, "cuda:0")]
+
+
 def test_make_video_builds_a_core_video(comfy):
     video = _compat(comfy).make_video(torch.rand(5, 16, 24, 3), 16.0)
     comps = video.get_components()
