@@ -240,6 +240,14 @@ def make_room(bytes_needed: int, device: torch.device | str | None = None, pins_
     return int(mm.get_free_memory(device))
 
 
+def ask_for_room(bytes_needed: int, device: torch.device | str) -> None:
+    """The engine's per-move request (block swap loads a block many times per step): ComfyUI unloads its own models
+    only if `bytes_needed` are not free; no cache flush and no measurement, which would stall every block load."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        _mm().free_memory(int(bytes_needed), device)
+
+
 def free_all() -> None:
     """Before training: evict everything ComfyUI holds on the GPU."""
     mm = _mm()

@@ -36,7 +36,7 @@ from ..engine.memory.placement import set_before_move_hook
 _MARGIN = 256 << 20
 
 # the engine's own room requests (block swap loading a block, detach to the GPU) ask ComfyUI to free memory first
-set_before_move_hook(lambda bytes_needed, device: compat.make_room(bytes_needed, device))
+set_before_move_hook(compat.ask_for_room)
 
 
 def _module_of(obj) -> torch.nn.Module | None:
