@@ -23,6 +23,17 @@ if str(REPO_ROOT) not in sys.path:
 pytest_plugins = ["comfy_harness"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matmuls are ~300x slower with 2 threads on a loaded 2-core box; restore the setting afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def comfyui_dir() -> Path:
     """The ComfyUI tree the harness uses (COMFYUI_DIR / MUSUBI_ENV, as set up by scripts/setup_env.sh), for tests that

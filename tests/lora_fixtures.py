@@ -18,8 +18,9 @@ DIFFUSERS_NAME = {"self_attn.q": "attn1.to_q", "self_attn.k": "attn1.to_k", "sel
                   "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2"}
 
 
-def tiny_model(variant="t2v"):
-    return load_wan_dit(f"preset:tiny-{variant}", dtype=torch.float32).eval()
+def tiny_model(variant="t2v", dtype=torch.float32):
+    """The tiny Wan DiT preset (real architecture and key names), in eval mode: the tests' one tiny-DiT factory."""
+    return load_wan_dit(f"preset:tiny-{variant}", dtype=dtype).eval()
 
 
 def weight_shapes(model):
@@ -49,15 +50,3 @@ def reference_delta(down, up, alpha, rank=None):
     rank = rank or down.shape[0]
     scale = 1.0 if alpha is None else alpha / rank
     return (up.double() @ down.double() * scale).float()
-
-
-import pytest  # noqa: E402
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls are ~300x slower with 2 threads on a loaded 2-core box; restore the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

@@ -19,7 +19,6 @@ from engine.families.wan.vae import load_wan_vae
 from engine.families.wan.pipeline import prepare_one_frame
 from engine.training import NetworkConfig, OptimizerConfig, TimestepConfig, TrainingConfig, TrainingSession
 from engine.training import trainer as trainer_mod
-from lora_fixtures import _one_thread  # noqa: F401  (autouse: one thread for tiny matmuls)
 
 SIZE = 32
 N_ITEMS = 3

@@ -9,7 +9,7 @@ from engine.errors import MusubiInputError
 from engine.lora import AdapterConfig, AdapterNetwork, LoHaModule, LoKrModule, LoRAModule, select_targets
 from engine.lora.adapters import attached_networks, lokr_factorization
 
-from lora_fixtures import _one_thread, I2V_EXTRA, T2V_TARGETS_PER_BLOCK, tiny_model
+from lora_fixtures import I2V_EXTRA, T2V_TARGETS_PER_BLOCK, tiny_model
 
 
 def _randomize(adapter, seed=0):

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from engine.lora import AdapterConfig, AdapterNetwork, merge_into_model, read_lora, save_lora
 from engine.families.wan.presets import build_preset_state_dict
 
-from lora_fixtures import _one_thread, tiny_model  # noqa: F401
+from lora_fixtures import tiny_model
 
 PROBE = Path(__file__).with_name("comfy_lora_probe.py")
 CASES = [("t2v", "lora"), ("i2v", "lora"), ("t2v", "loha"), ("i2v", "lokr")]

@@ -12,7 +12,7 @@ from engine.errors import MusubiInputError
 from engine.lora import AdapterConfig, AdapterNetwork, convert_lora, match_lora, read_lora, save_lora
 from engine.lora.metadata import sshs_hashes
 
-from lora_fixtures import _one_thread, DIFFUSERS_NAME, random_lora_factors, reference_delta, tiny_model, weight_shapes
+from lora_fixtures import DIFFUSERS_NAME, random_lora_factors, reference_delta, tiny_model, weight_shapes
 
 
 def _dialect_sd(factors, dialect):

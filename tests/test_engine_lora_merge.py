@@ -13,7 +13,7 @@ from engine.lora import (EMAConfig, apply_loras, attached_networks, merge_into_m
                          post_hoc_ema, read_lora, sigma_rel_to_gamma)
 from engine.families.wan.presets import build_preset_state_dict
 
-from lora_fixtures import _one_thread, random_lora_factors, reference_delta, tiny_model  # noqa: F401
+from lora_fixtures import random_lora_factors, reference_delta, tiny_model
 
 
 def _musubi_file(path, factors):

@@ -5,7 +5,7 @@ import torch
 
 from engine.lora import network_from_lora, read_lora
 from engine.lora.views import add_network, lora_stack, make_lora_view, merge_into_view
-from lora_fixtures import _one_thread, random_lora_factors, reference_delta, tiny_model  # noqa: F401
+from lora_fixtures import random_lora_factors, reference_delta, tiny_model
 
 
 def _lora(model, seed):

@@ -8,11 +8,7 @@ from engine.errors import MusubiInputError
 from engine.lora.adapters import AdapterConfig, AdapterNetwork
 from engine.memory import (FakeTransfer, Fp8Linear, fp8_summary, pinned_bytes_in_use, quantize_model_fp8,
                            swap_blocks)
-from engine.families.wan.loader import load_wan_dit
-
-
-def tiny(dtype=torch.float32):
-    return load_wan_dit("preset:tiny-t2v", dtype=dtype)
+from lora_fixtures import tiny_model
 
 
 def inputs(seed=0):
@@ -28,7 +24,7 @@ def rel_err(a, b):
 
 
 def test_fp8_targets_on_wan_are_block_linears_without_norms_or_modulation():
-    m = tiny(torch.bfloat16)
+    m = tiny_model(dtype=torch.bfloat16)
     converted = set(quantize_model_fp8(m, "scaled"))
     block_linears = {"self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
                      "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2"}
@@ -43,10 +39,10 @@ def test_fp8_targets_on_wan_are_block_linears_without_norms_or_modulation():
 def test_fp8_wan_forward_close_to_bf16():
     x, t, ctx = inputs()
     with torch.no_grad():
-        ref = tiny(torch.bfloat16)(x, t, ctx).float()
+        ref = tiny_model(dtype=torch.bfloat16)(x, t, ctx).float()
         errs = {}
         for mode in ("e4m3", "scaled"):
-            m = tiny(torch.bfloat16)
+            m = tiny_model(dtype=torch.bfloat16)
             quantize_model_fp8(m, mode)
             errs[mode] = rel_err(m(x, t, ctx), ref)
     # fp8 rounding through two blocks and a residual stream: measured 0.0096 (e4m3) / 0.0102 (scaled) on CPU; 2×
@@ -59,7 +55,7 @@ def test_fp8_wan_forward_close_to_bf16():
 def test_block_swap_with_lora_identical_on_wan(gc, fp8):
     def run(swap: bool):
         torch.manual_seed(0)
-        m = tiny()
+        m = tiny_model()
         m.requires_grad_(False)
         if fp8:
             quantize_model_fp8(m, "scaled")
@@ -91,6 +87,6 @@ def test_block_swap_with_lora_identical_on_wan(gc, fp8):
 
 
 def test_block_swap_count_validated_per_model():
-    m = tiny()
+    m = tiny_model()
     with pytest.raises(MusubiInputError, match=r"blocks_to_swap.*0 to 1 \(tiny-t2v has 2 blocks"):
         swap_blocks(m, 2, "cpu", transfer=FakeTransfer())

@@ -13,7 +13,6 @@ from engine.errors import MusubiInputError
 from engine.training import (InMemoryBatchLoader, NetworkConfig, OptimizerConfig, TimestepConfig, TrainingConfig,
                              TrainingSession, ValidationConfig, ValidationPrompt, loss_curve_image, read_state)
 from engine.memory.checkpointing import block_checkpointing
-from lora_fixtures import _one_thread  # noqa: F401  (autouse: one thread for tiny matmuls)
 
 TEXT_DIM = 8
 

@@ -6,12 +6,10 @@ import pytest
 import torch
 
 from engine.errors import MusubiInputError
-
-from engine.families.wan.loader import load_wan_dit
 from engine.families.wan.pipeline import WanGenerateRequest, generate
 from engine.training import (InMemoryBatchLoader, NetworkConfig, OptimizerConfig, TimestepConfig, TrainingConfig,
                              TrainingSession, ValidationConfig, ValidationPrompt, read_state)
-from lora_fixtures import _one_thread  # noqa: F401  (autouse: one thread for tiny matmuls)
+from lora_fixtures import tiny_model
 
 
 def batches(text_dim, n=2):
@@ -21,7 +19,7 @@ def batches(text_dim, n=2):
 
 
 def make(tmp_path, steps, resume=None, validation=None, network=None):
-    model = load_wan_dit("preset:tiny-t2v", dtype=torch.float32)
+    model = tiny_model()
     cfg = TrainingConfig(output_dir=str(tmp_path), max_train_steps=steps, mixed_precision="no", seed=1,
                          gradient_checkpointing=True, timesteps=TimestepConfig("shift", discrete_flow_shift=2.0))
     return TrainingSession(model, network or NetworkConfig(rank=8, alpha=8), OptimizerConfig(learning_rate=2e-3),
@@ -87,7 +85,7 @@ class Cancel(BaseException):  # ComfyUI 0.38's interrupt derives from BaseExcept
 
 def tiny_session(out, steps=6, resume=None, network=DROPOUT, optimizer=None, loader_batches=None, shuffle=True,
                  model=None, mixed_precision="no", **train_kw):
-    model = model or load_wan_dit("preset:tiny-t2v", dtype=torch.float32)
+    model = model or tiny_model()
     train_kw.setdefault("gradient_accumulation_steps", 2)
     cfg = TrainingConfig(output_dir=str(out), max_train_steps=steps, mixed_precision=mixed_precision, seed=5,
                          timesteps=TimestepConfig("shift", discrete_flow_shift=2.0), **train_kw)
@@ -127,7 +125,7 @@ def test_tiny_cancel_mid_run_with_dropout_resumes_bit_exact(tmp_path):
 
 def test_tiny_cancel_inside_a_micro_batch_saves_the_previous_step(tmp_path):
     full = tiny_session(tmp_path / "full").train_steps(6)
-    model = load_wan_dit("preset:tiny-t2v", dtype=torch.float32)
+    model = tiny_model()
     s = tiny_session(tmp_path / "run", model=model)
     s.train_steps(2)
     calls = []
@@ -177,7 +175,7 @@ def test_tiny_grad_accumulation_matches_bigger_batch(tmp_path):
      "text embeddings"),
 ])
 def test_tiny_bad_inputs_raise_before_the_model_runs(tmp_path, kw, field):
-    model = load_wan_dit("preset:tiny-t2v", dtype=torch.float32)
+    model = tiny_model()
     calls = []
     model.register_forward_pre_hook(lambda m, a: calls.append(1))
     with pytest.raises(MusubiInputError, match=field):

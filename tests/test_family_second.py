@@ -12,7 +12,6 @@ from engine.memory import FakeTransfer, quantize_model_fp8, swap_blocks
 from engine.memory.checkpointing import block_checkpointing
 from engine.training import (NetworkConfig, OptimizerConfig, TrainingConfig, TrainingSession, ValidationConfig,
                              ValidationPrompt)
-from lora_fixtures import _one_thread  # noqa: F401  (autouse: one thread for tiny matmuls)
 
 
 def _cached_loader(family, folder, model):

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from engine.lora import EMAConfig, merge_into_model, post_hoc_ema
 from engine.families.wan.presets import build_preset_state_dict
 
-from lora_fixtures import _one_thread, random_lora_factors, tiny_model  # noqa: F401
+from lora_fixtures import random_lora_factors, tiny_model
 
 pytestmark = pytest.mark.comfy
 
