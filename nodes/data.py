@@ -51,7 +51,7 @@ log = logging.getLogger("ComfyUI-Musubi")
 
 CATEGORY = "Musubi/data"
 ARCH = "wan"
-TASKS = ["t2v", "i2v", "fun-control"]
+TASKS = ["t2v", "i2v", "fun_control"]   # the pipeline's task names
 KINDS = ["auto", "image", "video"]
 
 
@@ -431,7 +431,7 @@ class MusubiCacheLatents:
             "vae": (T.VAE, {"tooltip": "The Wan 2.1 VAE (the one the model was trained with)."}),
             "task": (TASKS, {"default": "t2v",
                      "tooltip": "t2v: latents only; i2v: + first-frame conditioning and CLIP features (needs "
-                                "clip_vision); fun-control: + control-video latents (needs control files)."}),
+                                "clip_vision); fun_control: + control-video latents (needs control files)."}),
             "keep_cache": ("BOOLEAN", {"default": False,
                            "tooltip": "Keep cache files of items no longer in the dataset (off: they are deleted)."}),
             "workers": ("INT", {"default": 2, "min": 0, "max": 32,
@@ -448,7 +448,7 @@ class MusubiCacheLatents:
             raise invalid("clip_vision", None, "a CLIP vision encoder for task i2v (Wan 2.1 I2V uses CLIP features)")
         if task == "t2v" and clip_vision is not None:
             raise invalid("clip_vision", "connected", "no CLIP vision for task t2v (pick i2v or disconnect it)")
-        adapter = WanCacheAdapter(vae=vae, clip=clip_vision, i2v=task == "i2v", control=task == "fun-control")
+        adapter = WanCacheAdapter(vae=vae, clip=clip_vision, i2v=task == "i2v", control=task == "fun_control")
         progress = _progress(unique_id, "latents")
         notes: list[str] = []
         with on_compute_device(vae), (on_compute_device(clip_vision) if clip_vision is not None

@@ -128,15 +128,15 @@ _TASKS = {
     "t2i": (16, None, False, "a T2V (or T2I) model, e.g. wan2.1_t2v_14B"),
     "i2v": (36, True, False, "an I2V model, e.g. wan2.1_i2v_480p_14B / wan2.1_i2v_720p_14B"),
     "flf2v": (36, True, True, "the FLF2V model, e.g. wan2.1_flf2v_720p_14B"),
-    "fun-control": (48, True, False, "a Wan2.1-Fun Control model (48 input channels)"),
+    "fun_control": (48, True, False, "a Wan2.1-Fun Control model (48 input channels)"),
 }
 
 
 def normalize_task(task: str) -> str:
-    """'i2v-14B' -> 'i2v', 't2v-1.3B-FC' -> 'fun-control', 't2i-14B' -> 't2i', 'one-frame' -> 'i2v'."""
+    """'i2v-14B' -> 'i2v', 't2v-1.3B-FC' -> 'fun_control', 't2i-14B' -> 't2i', 'one-frame' -> 'i2v'."""
     t = task.strip().lower()
     if t.endswith("-fc") or t.startswith(("fun-control", "fun_control", "control")):
-        return "fun-control"
+        return "fun_control"
     if t.startswith(("one-frame", "one_frame")):
         return "i2v"
     base = t.split("-", 1)[0]
