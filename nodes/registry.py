@@ -114,11 +114,16 @@ class Registry:
         """Drop entries (all, or those whose key matches). Returns how many were dropped."""
         with self._lock:
             doomed = [k for k in self._items if predicate is None or predicate(k)]
+            closing = [self._items[k] for k in doomed]
             for k in doomed:
                 del self._items[k]
             self._owners = {o: k for o, k in self._owners.items() if k not in doomed}
             for k in [k for k in self._released if predicate is None or predicate(k)]:
                 del self._released[k]
+        for value in closing:   # a training session saves its unsaved steps before it goes
+            close = getattr(value, "close", None)
+            if callable(close):
+                close()
         _collect()
         return len(doomed)
 

@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -31,8 +32,9 @@ from .paths import check_write_path, folder_problem, resolve_write_folder
 from . import types as T
 from .placement import check_blocks_to_swap, on_compute_device, place_dit, prepare_for_view, release_swap
 from .registry import SESSIONS
-from ..engine.errors import invalid
+from ..engine.errors import MusubiInputError, invalid
 
+log = logging.getLogger("ComfyUI-Musubi")
 CATEGORY = "Musubi/training"
 LOSS_MAP = "LOSS_MAP"  # core ComfyUI type: {"loss": [floats]}
 NETWORK_KINDS = ["lora", "loha", "lokr"]
@@ -42,6 +44,10 @@ SAVE_FORMATS = ["comfyui", "musubi", "diffusers", "musubi-other"]
 SAVE_DTYPES = ["fp32", "bf16", "fp16"]
 TRAIN_ATTENTION = ["model", "sdpa", "flash", "xformers", "sdpa_split"]  # sage has no backward pass
 _SERIAL = itertools.count(1)
+CONTINUE_INPUT = ("BOOLEAN", {"default": True, "tooltip": (
+    "Continue from the training state saved under this output name (NAME-state in the output folder: an earlier "
+    "run, or the one before a ComfyUI restart) when there is no session in memory. Off: start from step 0; the "
+    "saved state is kept, and while this run is behind it, this run saves to NAME-run<id>-state instead.")})
 
 
 def _schedulers() -> list[str]:
@@ -259,9 +265,10 @@ class TrainingRun:
         return self
 
     def close(self) -> None:
+        """Replaced or released: unsaved steps go to the state folder first, then the adapter comes off."""
+        self.session.close(save=True)
         release_swap(self.session.model, only_if_attached_to_it=True)
         self.session.network.detach()
-        self.session.close()
 
 
 def _move_optimizer_state(optimizer, device: torch.device) -> None:
@@ -307,8 +314,11 @@ def make_trainable(model: torch.nn.Module) -> None:
                                    if isinstance(t, torch.nn.Parameter) else plain)
 
 
-def open_run(kind: str, node_id, model, dataset, network, optimizer, config, resume_from=None) -> TrainingRun:
-    """The session of this node for these inputs: the one in memory, or a new one replacing this node's old one.
+def open_run(kind: str, node_id, model, dataset, network, optimizer, config, resume_from=None,
+             continue_saved: bool = False) -> TrainingRun:
+    """The session of this node for these inputs: the one in memory, or a new one replacing this node's old one
+    (which saves its unsaved steps first). `continue_saved`: a new session continues from the state saved under
+    the output name, when there is one the network fits (else it starts fresh; the state is kept).
 
     Everything a user can get wrong is checked before ComfyUI's models are evicted or a weight moves."""
     from ..engine.training import TrainingSession
@@ -319,7 +329,7 @@ def open_run(kind: str, node_id, model, dataset, network, optimizer, config, res
     node_id = str(node_id)
     loader, ds_identity = dataset_loader(dataset, model, config.seed)
     key = (kind, node_id, id(model), ds_identity, _plain_key(network), _plain_key(optimizer), _plain_key(config),
-           str(resume_from) if resume_from else "")
+           str(resume_from) if resume_from else "", bool(continue_saved))
     existing = SESSIONS.get(key)
     if existing is not None:
         return existing
@@ -330,26 +340,43 @@ def open_run(kind: str, node_id, model, dataset, network, optimizer, config, res
     check_blocks_to_swap(model)
 
     stale = [k for k in SESSIONS.keys() if isinstance(k, tuple) and k[:2] == (kind, node_id) and k != key]
-    for k in stale:
+    for k in stale:   # their steps on disk before anything else (a new session may continue from them)
         old = SESSIONS.get(k)
         if old is not None:
-            old.close()
-    if stale:
-        SESSIONS.release(lambda k: k in stale)
-
+            old.session.save_progress()
     compat.free_all()
     # no swapper on the weight set while the view and its adapters are made; with block swap the swapped blocks
     # stay in CPU memory (their adapters are created there and moved by activate, which attaches the swapper)
     prepare_for_view(model)
     make_trainable(model)
     view = make_lora_view(model)
+    saved = _saved_state(config) if continue_saved and not resume_from else None
     with compat.training_context():  # adapter and optimizer tensors must be normal (autograd) tensors
-        session = TrainingSession(view, network, optimizer, loader, config, resume_from=resume_from)
+        session = None
+        if saved is not None:
+            try:
+                session = TrainingSession(view, network, optimizer, loader, config, resume_from=saved)
+            except MusubiInputError as e:   # saved for another network (kind/rank): a fresh run beside it
+                log.warning("ComfyUI-Musubi: not continuing from %s (%s); starting from step 0", saved, e)
+                view = make_lora_view(model)
+        if session is None:
+            session = TrainingSession(view, network, optimizer, loader, config, resume_from=resume_from)
     add_network(view, session.network, {"name": config.output_name, "strength": 1.0, "mode": "training",
                                         "node": node_id})
     run = TrainingRun(session, key, node_id, base=model)
+    # only now that the new session exists (a bad config fails above and leaves the old one intact) is this
+    # node's previous session replaced
+    if stale:
+        SESSIONS.release(lambda k: k in stale)
     SESSIONS.put(key, run)
     return run
+
+
+def _saved_state(config) -> Path | None:
+    from ..engine.training.state import state_dir, state_run
+
+    folder = state_dir(Path(config.output_dir), config.output_name)
+    return folder if state_run(folder) is not None else None
 
 
 def train_to(run: TrainingRun, target: int, node_id) -> list[float]:
@@ -777,6 +804,7 @@ class MusubiInitTraining:
             "tensorboard": ("BOOLEAN", {"default": False,
                             "tooltip": "Write TensorBoard event files (loss, average loss, learning rate, speed, "
                                        "timesteps) to <output_dir>/logs; view with `tensorboard --logdir` there."}),
+            "continue_saved_state": CONTINUE_INPUT,
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def init(self, model, dataset, lora_config, optimizer_config, seed, max_train_steps, mixed_precision,
@@ -784,7 +812,7 @@ class MusubiInitTraining:
              sigmoid_scale, weighting_scheme, min_timestep, max_timestep, save_every_n_steps, keep_last_n_saves,
              output_dir, output_name, save_state, attention_backend, save_format="comfyui", validation_prompts=None,
              validation_vae=None, validate_every_n_steps=0, validate_at_start=False, tensorboard=False,
-             unique_id=None):
+             continue_saved_state=True, unique_id=None):
         config = _training_config(
             seed=seed, max_train_steps=max_train_steps, mixed_precision=mixed_precision,
             gradient_checkpointing=gradient_checkpointing, gradient_accumulation_steps=gradient_accumulation_steps,
@@ -799,7 +827,7 @@ class MusubiInitTraining:
                                            validate_at_start)
         logging_dir = tensorboard_dir(config.output_dir) if tensorboard else None
         run = open_run("init", unique_id, model, dataset, dataclasses.replace(network),
-                       dataclasses.replace(optimizer), config)
+                       dataclasses.replace(optimizer), config, continue_saved=bool(continue_saved_state))
         # validation and TensorBoard apply to the session in memory: changing them never restarts training
         run.session.validation = validation_config(run, validation_prompts, validation_vae, validate_every_n_steps,
                                                    validate_at_start) if validate else None
@@ -824,7 +852,7 @@ def set_logging_dir(run: TrainingRun, logging_dir: str | None) -> None:
     s = run.session
     if (s.config.logging_dir or None) == logging_dir:
         return
-    s.close()  # the engine's close() only closes the TensorBoard writer; the next step opens a new one if on
+    s.close(save=False)  # closes the TensorBoard writer; the next step opens a new one if logging is on
     s.config.logging_dir = logging_dir
 
 
@@ -1194,11 +1222,12 @@ class MusubiTrainLoRA:
             "output_dir": ("STRING", {"default": "", "tooltip": "Folder for the LoRA and state; empty = the LoRA in "
                                                                "models/loras/musubi, the state in <ComfyUI "
                                                                "output>/musubi_training."}),
+            "continue_saved_state": CONTINUE_INPUT,
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def train(self, model, dataset, steps, network_kind, rank, alpha, optimizer_type, learning_rate, lr_scheduler,
               seed, mixed_precision, gradient_checkpointing, timestep_sampling, discrete_flow_shift, output_name,
-              save_format, output_dir="", unique_id=None):
+              save_format, output_dir="", continue_saved_state=True, unique_id=None):
         from ..engine.training.state import lora_path
 
         (network,) = MusubiLoRAConfig().build(network_kind, rank, alpha, 0.0, 0.0, 0.0)
@@ -1210,7 +1239,8 @@ class MusubiTrainLoRA:
             weighting_scheme="none", min_timestep=0, max_timestep=1000, save_every_n_steps=0, keep_last_n_saves=0,
             output_dir=output_dir, output_name=output_name, save_state=False, attention_backend="model",
             save_format=save_format)
-        run = open_run("train_lora", unique_id, model, dataset, network, optimizer, config)
+        run = open_run("train_lora", unique_id, model, dataset, network, optimizer, config,
+                       continue_saved=bool(continue_saved_state))
         train_to(run, run.session.total_steps, unique_id)
         path = lora_path(Path(config.lora_dir or config.output_dir), config.output_name)
         if not path.is_file():

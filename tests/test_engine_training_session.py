@@ -279,3 +279,37 @@ def test_saved_lora_carries_the_trainer_metadata_musubi_writes(tmp_path):
     s2 = TrainingSession(StandInDiT(), net, OptimizerConfig(learning_rate=3e-3), loader, cfg,
                          resume_from=tmp_path / "out" / "lora-state")
     assert (s2.session_id, s2.started_at) == (s.session_id, s.started_at)
+
+
+def test_closing_a_session_saves_unsaved_progress_and_time_based_saves(tmp_path):
+    s = session(tmp_path, steps=10)
+    s.train_steps(3)
+    assert not (tmp_path / "lora-state").exists()
+    s.close()                                                  # replaced / released: its steps are not lost
+    assert read_state(tmp_path / "lora-state")["step"] == 3
+    resumed = session(tmp_path, steps=10, resume=tmp_path / "lora-state")
+    resumed.close()                                            # nothing new: the state is not rewritten
+    assert read_state(tmp_path / "lora-state")["step"] == 3
+
+    clock = [0.0]
+    t = session(tmp_path / "timed", steps=10, save_state_every_minutes=5)
+    t._clock = lambda: clock[0]
+    t._last_state_save = 0.0
+    t.train_steps(2)
+    assert not (tmp_path / "timed" / "lora-state").exists()
+    clock[0] = 301.0                                           # five minutes of training later
+    t.train_steps(1)
+    assert read_state(tmp_path / "timed" / "lora-state")["step"] == 3
+    t.train_steps(1)                                           # the next save is five minutes after that one
+    assert read_state(tmp_path / "timed" / "lora-state")["step"] == 3
+
+
+def test_a_fresh_run_never_overwrites_a_later_state_of_another_run(tmp_path):
+    first = session(tmp_path, steps=10)
+    first.train_steps(6)
+    first.save_state()
+    fresh = session(tmp_path, steps=10)                        # same output name, started from scratch
+    fresh.train_steps(2)
+    fresh.close()
+    assert read_state(tmp_path / "lora-state")["step"] == 6    # kept
+    assert read_state(tmp_path / f"lora-run{fresh.session_id}-state")["step"] == 2

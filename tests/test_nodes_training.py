@@ -195,6 +195,41 @@ def test_chained_train_steps_with_validate_between(comfy, data, tmp_path):
     assert frames.shape == (1, SIZE, SIZE, 3) and torch.isfinite(frames).all()
 
 
+def test_training_progress_survives_a_bad_new_config_a_release_and_a_restart(comfy, data, tmp_path):
+    """#23: a failing new config leaves the old session intact; a released session saves its steps; a new
+    session (after a restart, or after Unload Models) continues from the saved state exactly."""
+    comfy.run(train_prompt(tmp_path / "ref", steps=8))
+    reference = comfy.output("6", 2)["loss"]
+
+    p = train_prompt(tmp_path / "out", steps=4)
+    comfy.run(p)
+    (run,) = sessions(comfy)
+    assert run.session.step == 4
+    bad = train_prompt(tmp_path / "out", steps=4)
+    bad["4"]["inputs"]["optimizer_args"] = "betas=(0.9"          # a typo in a new config
+    comfy.run(bad, expect_success=False)
+    assert "optimizer_args" in comfy.error_message()
+    assert sessions(comfy) == [run] and run.session.step == 4 and run.network.is_attached
+
+    comfy.pack_module("nodes.utility").unload("release", "training sessions")   # or a restart after a save
+    assert sessions(comfy) == [] and not run.network.is_attached
+    comfy.executor.reset()
+    comfy.run(p)                                                   # a new session continues at step 4
+    (new,) = sessions(comfy)
+    assert new is not run and new.session.step == 8
+    assert comfy.output("6", 2)["loss"][4:] == reference[4:]      # the same losses as the uninterrupted run
+
+    p["5"]["inputs"]["continue_saved_state"] = False               # the visible choice to start from step 0
+    comfy.run(p)
+    (fresh,) = sessions(comfy)
+    assert fresh.session.step == 4 and fresh.session.history.losses == reference[:4]
+    fresh.close()                                                  # behind the saved run: saved beside it
+    from engine.training.state import state_run   # (the engine is importable standalone)
+
+    assert state_run(tmp_path / "out" / "lora-state")["step"] == 8
+    assert state_run(tmp_path / "out" / f"lora-run{fresh.session.session_id}-state")["step"] == 4
+
+
 @pytest.mark.parametrize("emulate", [False, True], ids=["0.3.75", "0.38-emulated"])
 def test_cancel_stops_within_one_step_and_resume_is_exact(comfy, data, tmp_path, emulate):
     # with dropout: the resumed run must also continue the global RNG stream the dropout masks come from

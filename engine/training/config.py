@@ -73,6 +73,7 @@ class TrainingConfig:
     keep_last_n_saves: int | None = None
     save_state: bool = False                  # also write a state folder at every periodic save
     keep_last_n_states: int | None = None
+    save_state_every_minutes: float | None = 10.0   # also write the latest state after this much training time
     save_format: str = "musubi"               # engine.lora.writer format: "musubi" | "comfyui" | "diffusers" | "musubi-other"
     save_precision: str = "fp32"
     # logging
@@ -101,6 +102,9 @@ class TrainingConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise invalid(name, v, "an integer ≥ 1 or empty")
+        m = self.save_state_every_minutes
+        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0):
+            raise invalid("save_state_every_minutes", m, "a number of minutes > 0 or empty (no time-based saves)")
         if not self.output_name or any(c in self.output_name for c in '/\\:*?"<>|'):
             raise invalid("output_name", self.output_name, "a file name without path separators")
         self.timesteps.validate()

@@ -8,13 +8,14 @@ written atomically and read with `torch.load(weights_only=True)` — only tensor
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from pathlib import Path
 
 import torch
 
-from ..atomic import torch_save_atomic
+from ..atomic import torch_save_atomic, write_json_atomic
 from ..errors import invalid
 
 STATE_FILE = "training_state.pt"
@@ -109,12 +110,26 @@ def _py_state_from_plain(st) -> tuple:
 
 # --- state file ----------------------------------------------------------------------------------------------
 
+RUN_FILE = "run.json"   # {"session_id", "step"} of the state beside it: read without loading the state
+
+
 def write_state(folder: Path, state: dict) -> Path:
-    """Atomically write `state` (plain tensors/containers) to `folder/training_state.pt`."""
+    """Atomically write `state` (plain tensors/containers) to `folder/training_state.pt` (+ its `run.json`)."""
     state = dict(state, version=STATE_VERSION)
     target = Path(folder) / STATE_FILE
     torch_save_atomic(state, target)
+    write_json_atomic(Path(folder) / RUN_FILE, {"session_id": state.get("session_id"), "step": int(state["step"])})
     return target
+
+
+def state_run(folder: Path) -> dict | None:
+    """{"session_id", "step"} of the state in `folder`, or None when there is none (or an unreadable one)."""
+    try:
+        with open(Path(folder) / RUN_FILE, encoding="utf-8") as f:
+            run = json.load(f)
+        return run if isinstance(run, dict) and isinstance(run.get("step"), int) else None
+    except (OSError, ValueError):
+        return None
 
 
 def read_state(path: str | Path) -> dict:

@@ -42,7 +42,7 @@ from .logging import LossHistory, StepTimer, TensorBoardLogger, current_lrs, sta
 from .loss import flow_matching_loss, noisy_latents, velocity_target
 from .optimizers import OptimizerConfig, build_optimizer, optimizer_train_mode
 from .schedulers import build_scheduler
-from .state import capture_rng, lora_path, prune, read_state, restore_rng, state_dir, write_state
+from .state import capture_rng, lora_path, prune, read_state, restore_rng, state_dir, state_run, write_state
 from .timesteps import TimestepSampler
 from .validation import ValidationConfig, run_validation
 
@@ -164,8 +164,12 @@ class TrainingSession:
         self._iter = None
         self._epochs_done = self._completed_epochs()
         self._tb: TensorBoardLogger | None = None
+        self._clock = time.monotonic                      # training time for time-based state saves (tests swap it)
+        self._last_state_save = self._clock()
+        self.saved_step: int | None = None                # the step of the last state written by this session
         if resume_state is not None:
             self._apply_state(resume_state)
+            self.saved_step = self.step
         self._boundary = self._snapshot()
 
     # --- public API -----------------------------------------------------------------------------------------
@@ -209,7 +213,7 @@ class TrainingSession:
             self.model.eval()
             self.network.eval()  # dropout is for training steps only: samples after training must be deterministic
             if not completed:
-                self._save_state_safely(state_dir(self.output_dir, self.config.output_name))
+                self._save_state_safely()
             if self._tb is not None:
                 self._tb.flush()
         if self.finished and losses:
@@ -217,9 +221,22 @@ class TrainingSession:
         return losses
 
     def save_state(self, folder: str | Path | None = None) -> Path:
-        """The state of the last completed step (weights, optimizer, scheduler, scaler, RNGs, data position)."""
-        folder = Path(folder) if folder is not None else state_dir(self.output_dir, self.config.output_name)
+        """The state of the last completed step (weights, optimizer, scheduler, scaler, RNGs, data position); by
+        default the latest-state folder (`latest_state_dir`)."""
+        latest = folder is None
+        folder = self.latest_state_dir() if latest else Path(folder)
         write_state(folder, self._state())
+        if latest:   # what close() and the time-based save look at
+            self.saved_step, self._last_state_save = self._boundary["step"], self._clock()
+        return folder
+
+    def latest_state_dir(self) -> Path:
+        """`<name>-state`; when it holds a later step of another run (e.g. a fresh start under the same name), this
+        run's own `<name>-run<session id>-state` instead, so neither overwrites the other."""
+        folder = state_dir(self.output_dir, self.config.output_name)
+        other = state_run(folder)
+        if other and other.get("session_id") != self.session_id and other["step"] > self._boundary["step"]:
+            return folder.with_name(f"{self.config.output_name}-run{self.session_id}-state")
         return folder
 
     def load_state(self, folder: str | Path) -> None:
@@ -255,7 +272,16 @@ class TrainingSession:
     def loss_map(self) -> dict[str, list[float]]:
         return self.history.loss_map()
 
-    def close(self) -> None:
+    def save_progress(self) -> None:
+        """Write the latest state if steps were made since the last one (never raises: warns)."""
+        if self.step > 0 and self.saved_step != self.step:
+            self._save_state_safely()
+
+    def close(self, save: bool = True) -> None:
+        """End the session; with `save`, progress not yet in a state file is saved first (a session replaced or
+        released never loses its steps)."""
+        if save:
+            self.save_progress()
         if self._tb is not None:
             self._tb.close()
             self._tb = None
@@ -271,7 +297,7 @@ class TrainingSession:
             ts.append(t)
         if not math.isfinite(total):
             # stop before the optimizer step turns the adapter into NaN; train_steps saves the last good step
-            folder = state_dir(self.output_dir, self.config.output_name)
+            folder = self.latest_state_dir()
             raise invalid(f"training loss at step {self.step + 1}", total,
                           f"a finite value: training diverged (lower the learning rate, or use bf16/fp32 instead of "
                           f"fp16); the state of step {self.step} is saved in {folder} to resume from")
@@ -355,6 +381,9 @@ class TrainingSession:
                 self._periodic_save(step=self.step)
             if new_epoch and cfg.save_every_n_epochs and epochs % cfg.save_every_n_epochs == 0:
                 self._periodic_save(epoch=epochs)
+            minutes = cfg.save_state_every_minutes
+            if minutes and self.saved_step != self.step and self._clock() - self._last_state_save >= 60 * minutes:
+                self.save_state()   # a crash or power cut loses at most this much training time
         if self.validation is not None and self.validation.due(self.step):
             self.sample()
         info = StepInfo(self.step, self.total_steps, loss, avg, lr, it_s, epochs,
@@ -376,7 +405,7 @@ class TrainingSession:
         self.save_lora()
         self.save_state()
 
-    def _save_state_safely(self, folder: Path) -> None:
+    def _save_state_safely(self, folder: Path | None = None) -> None:
         """Called while an exception propagates: never replace it with a saving error."""
         try:
             self.save_state(folder)
