@@ -90,6 +90,9 @@ def test_free_button_releases_the_packs_models(comfy_server):
                                                                        "passthrough": ["1", 0]}}}
         return comfy_server.run_prompt(prompt)[2]
 
+    # the server is shared by the tier's tests: start from an empty registry (what earlier tests loaded is gone)
+    comfy_server.run_prompt({"0": {"class_type": "MusubiUnloadModels", "inputs": {"mode": "release",
+                                                                                  "what": "everything"}}})
     assert _text(load_and_count("models"), "2") == "offload: 1 object(s)"     # the DiT is in the pack's registry
     status, _ = comfy_server.post_json("/free", {"unload_models": True, "free_memory": True})
     assert status == 200
