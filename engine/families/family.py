@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable, Iterable, Protocol, runtime_checkable
 
 import torch
@@ -32,7 +33,7 @@ class LoRASpec:
     name_to_diffusers: NameMap = lambda s: None    # name -> diffusers/PEFT module name (None: none)
     diffusers_marker: str = r"(?!)"           # regex searched in a name: it is spelled the diffusers way
 
-    @property
+    @cached_property
     def block_re(self) -> re.Pattern:
         return re.compile(rf"^({'|'.join(map(re.escape, self.block_lists))})\.(\d+)\.")
 

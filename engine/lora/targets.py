@@ -12,7 +12,7 @@ from typing import Iterable
 
 import torch.nn as nn
 
-from ..families import LoRASpec, families, family_of
+from ..families import families, family_of
 
 MUSUBI_PREFIX = "lora_unet_"
 COMFY_PREFIX = "diffusion_model."
@@ -75,7 +75,3 @@ def looks_diffusers(name: str) -> bool:
 
 def diffusers_to_official(name: str) -> str | None:
     return next((n for f in families() if (n := f.lora.diffusers_to_name(name)) is not None), None)
-
-
-def official_to_diffusers(name: str, spec: LoRASpec) -> str | None:
-    return spec.name_to_diffusers(name)

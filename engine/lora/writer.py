@@ -118,7 +118,7 @@ def _module_tensors(name: str, mw: ModuleWeights, format: str, dtype, spec) -> d
         if mw.kind != "lora":
             raise invalid(f"LoRA module {name}", mw.kind, "plain LoRA weights (diffusers/PEFT has no LoHa/LoKr format;"
                                                           " save as comfyui or musubi)")
-        dname = T.official_to_diffusers(name, spec)
+        dname = spec.name_to_diffusers(name)
         if dname is None:
             raise invalid(f"LoRA module {name}", "no diffusers equivalent", "a DiT Linear layer that diffusers names")
         stem = T.DIFFUSERS_PREFIX + dname
