@@ -60,6 +60,8 @@ class SimConfig:
     offload_non_blocks: bool = False   # with block swap: embeddings/head on the host between forwards
     optimizer: str = "adamw"           # adamw (two fp32 moments) | adamw8bit (two uint8 moments, bitsandbytes) |
                                        # none (forward + backward only, like bench_memory.py)
+    checkpoint_dtype: str = "compute"  # what checkpointing saves of each block input: compute (bf16) | float32
+    composition: bool = False          # also list what the peak is made of (slower: snapshots the live storages)
 
 
 def model_config(name: str):
@@ -164,9 +166,10 @@ def simulate(cfg: SimConfig, fake: bool = True) -> dict:
         raise ValueError("a real (fake=False) run has no separate host memory: no block swap or activation offload")
     started = time.perf_counter()
     with (FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()), \
-            LiveMemoryMeter(DEVICE) as meter:
+            LiveMemoryMeter(DEVICE, snapshot_peak=cfg.composition) as meter:
         model = _build_on_host(config, cfg.fp8, DEVICE, host)
-        set_block_checkpointing(model, train, offload=train and cfg.activation_offload, host=str(host))
+        set_block_checkpointing(model, train, offload=train and cfg.activation_offload, host=str(host),
+                                saved_dtype=torch.bfloat16 if cfg.checkpoint_dtype == "compute" else None)
         net = optimizer = None
         if train:   # adapters first, then block swap (the training nodes' order): adapters are device tensors
             net = AdapterNetwork.create(model, AdapterConfig(rank=cfg.rank, alpha=cfg.rank))
@@ -211,6 +214,7 @@ def simulate(cfg: SimConfig, fake: bool = True) -> dict:
     return {
         "model": cfg.model, "task": cfg.task, "fp8": cfg.fp8, "blocks_to_swap": n_swap,
         "activation_offload": bool(train and cfg.activation_offload),
+        "checkpoint_dtype": cfg.checkpoint_dtype if train else None,
         "offload_non_blocks": bool(n_swap and cfg.offload_non_blocks), "optimizer": cfg.optimizer if train else None,
         "latent": list(cfg.latent),
         "tokens": f * h * w // 4, "batch": batch,
@@ -221,7 +225,19 @@ def simulate(cfg: SimConfig, fake: bool = True) -> dict:
         "tflop_per_step": report.flops / 1e12,
         "sim_seconds": round(time.perf_counter() - started, 1),
         "_timeline": report.timeline,
+        **({"peak_composition": composition(meter.peak_snapshot)} if cfg.composition else {}),
     }
+
+
+def composition(snapshot: list[tuple[str, int]], top: int = 12) -> list[str]:
+    """The storages live at the peak, grouped by (op, shape, dtype), largest groups first: "GB = count × what"."""
+    groups: dict[str, list[int]] = {}
+    for what, nbytes in snapshot:
+        groups.setdefault(what, []).append(nbytes)
+    ranked = sorted(groups.items(), key=lambda kv: -sum(kv[1]))
+    lines = [f"{sum(n) / GB:.2f} GB = {len(n)} × {what}" for what, n in ranked[:top]]
+    rest = sum(sum(n) for _, n in ranked[top:])
+    return lines + [f"{rest / GB:.2f} GB = {sum(len(n) for _, n in ranked[top:])} others"]
 
 
 def fits(row: dict, memory_gb: float) -> bool:
@@ -340,6 +356,8 @@ def parse_args(argv=None):
     p.add_argument("--optimizer", default="adamw", help="training optimizers: adamw, adamw8bit or both")
     p.add_argument("--latent", default="21,60,104")
     p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--checkpoint-dtype", default="compute", help="training: compute (bf16), float32 or both")
+    p.add_argument("--composition", action="store_true", help="list what each peak is made of")
     p.add_argument("--gpus", default="rtx4060ti-16,rtx4090-24,h100-80")
     p.add_argument("--markdown", default=None, help="write the tables to this file")
     p.add_argument("--from-jsonl", default=None, help="no simulation: read rows this script printed earlier")
@@ -367,13 +385,15 @@ def main(argv=None) -> list[dict]:
         for task in args.task.split(","):
             for fp8 in args.fp8.split(","):
                 for n in swaps:
-                    for off, nb, opt in itertools.product(
+                    for off, nb, opt, cd in itertools.product(
                             args.offload.split(",") if task == "train" else ["0"],
                             args.non_blocks.split(",") if n else ["0"],
-                            args.optimizer.split(",") if task == "train" else ["adamw"]):
+                            args.optimizer.split(",") if task == "train" else ["adamw"],
+                            args.checkpoint_dtype.split(",") if task == "train" else ["compute"]):
                         row = simulate(SimConfig(model=model, task=task, fp8=fp8, blocks_to_swap=n,
                                                  activation_offload=off == "1", offload_non_blocks=nb == "1",
-                                                 optimizer=opt, latent=latent, steps=args.steps))
+                                                 optimizer=opt, latent=latent, steps=args.steps,
+                                                 checkpoint_dtype=cd, composition=args.composition))
                         add_timing(row, gpus)
                         rows.append(row)
                         print(json.dumps(public(row)), flush=True)

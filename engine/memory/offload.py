@@ -13,7 +13,8 @@ Two tools:
   is not checkpointed: every tensor autograd saves is copied to the host and brought back in backward.
 
 Both give exactly the gradients of the plain computation (copies are exact, the recompute replays the RNG and
-autocast state of the forward). Host copies are pinned when x is on CUDA so the copies are asynchronous.
+autocast state of the forward), unless `checkpoint_block(saved_dtype=...)` narrows the kept x (e.g. to bf16, half
+the memory and traffic of a float32 x; then gradients are those at the rounded input, see docs/memory.md). Host copies are pinned when x is on CUDA so the copies are asynchronous.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ _side_streams: dict[torch.device, Any] = {}
 
 
 def in_offloaded_forward() -> bool:
-    """True while `checkpoint_block(offload=True)` runs a block's forward. That forward runs with grad mode off (it
+    """True while `checkpoint_block(offload=True or a narrowing saved_dtype)` runs a block's forward. That forward runs with grad mode off (it
     keeps no graph) but belongs to a training pass whose backward will call the block again; block swap reads this
     to schedule the recompute."""
     return getattr(_state, "depth", 0) > 0
@@ -73,8 +74,9 @@ class _Call:
     block: nn.Module
     spec: TreeSpec         # structure of (args, kwargs) (tuples, lists, dicts, namedtuples)
     values: list           # its flattened values, a _TensorSlot where a tensor sits (tensors are Function inputs)
-    host: torch.device
+    host: torch.device | None   # where the saved x is kept: None = x's own device (no offload)
     stats: OffloadStats | None
+    saved_dtype: torch.dtype | None = None   # dtype of the saved x (None: x's); upcast again for the recompute
 
     def run(self, x: torch.Tensor, leaves) -> Any:
         tensors = iter(leaves)
@@ -122,20 +124,26 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         if torch.cuda.is_initialized():
             for d in sorted({t.device.index for t in (x, *leaves) if t.is_cuda}):
                 ctx.cuda_rng[d] = torch.cuda.get_rng_state(d)
-        # host copy of x first: on CUDA it runs on a side stream while the block computes
-        ctx.pinned = call.host.type == "cpu" and x.is_cuda
-        host_x = torch.empty(x.shape, dtype=x.dtype, device=call.host, pin_memory=ctx.pinned)
-        ctx.event = None
-        if x.is_cuda:
-            side = _side_stream(x.device)
-            side.wait_stream(torch.cuda.current_stream(x.device))
-            with torch.cuda.stream(side):
-                host_x.copy_(x, non_blocking=ctx.pinned)
-                ctx.event = torch.cuda.Event()
-                ctx.event.record(side)
-            x.record_stream(side)   # x's memory is not reused before the copy has read it
+        ctx.dtype = x.dtype
+        saved_dtype = call.saved_dtype or x.dtype
+        ctx.pinned, ctx.event = False, None
+        if call.host is None:   # kept on the device, only narrowed: an ordinary op on the current stream
+            host_x = x.detach().to(saved_dtype, copy=True)
         else:
-            host_x.copy_(x)
+            # host copy of x first: on CUDA it runs on a side stream while the block computes
+            ctx.pinned = call.host.type == "cpu" and x.is_cuda
+            host_x = torch.empty(x.shape, dtype=saved_dtype, device=call.host, pin_memory=ctx.pinned)
+            if x.is_cuda:
+                side = _side_stream(x.device)
+                side.wait_stream(torch.cuda.current_stream(x.device))
+                with torch.cuda.stream(side):
+                    # narrowed on the device first: half the bus traffic when saved_dtype is 16-bit
+                    host_x.copy_(x if saved_dtype == x.dtype else x.to(saved_dtype), non_blocking=ctx.pinned)
+                    ctx.event = torch.cuda.Event()
+                    ctx.event.record(side)
+                x.record_stream(side)   # x's memory is not reused before the copy has read it
+            else:
+                host_x.copy_(x)
         _state.depth = getattr(_state, "depth", 0) + 1
         try:
             out = call.run(x, leaves)   # grad mode is off inside Function.forward: no graph, nothing saved
@@ -145,7 +153,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx.save_for_backward(*leaves)
         if call.stats is not None:
             call.stats.tensors_offloaded += 1
-            call.stats.bytes_offloaded += x.numel() * x.element_size()
+            call.stats.bytes_offloaded += host_x.numel() * host_x.element_size()
         return out
 
     @staticmethod
@@ -154,7 +162,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         need_x, need_leaves = ctx.needs_input_grad[2], ctx.needs_input_grad[3:]
         if ctx.event is not None:
             torch.cuda.current_stream(ctx.device).wait_event(ctx.event)
-        x = ctx.host_x.to(ctx.device, non_blocking=ctx.pinned).detach().requires_grad_(need_x)
+        x = ctx.host_x.to(ctx.device, non_blocking=ctx.pinned).to(ctx.dtype).detach().requires_grad_(need_x)
         ctx.host_x = None   # the host copy is not needed any more
         if call.stats is not None:
             call.stats.tensors_restored += 1
@@ -194,23 +202,29 @@ class _Seed(torch.autograd.Function):
 
 
 def checkpoint_block(block: nn.Module, x: torch.Tensor, *args, offload: bool = False,
-                     host: torch.device | str = "cpu", stats: OffloadStats | None = None, **kwargs) -> torch.Tensor:
+                     host: torch.device | str = "cpu", stats: OffloadStats | None = None,
+                     saved_dtype: torch.dtype | None = None, **kwargs) -> torch.Tensor:
     """Gradient checkpointing of `block(x, *args, **kwargs)`, called as a module so block-swap hooks fire in forward
     and in the recompute.
 
-    Without `offload`: `torch.utils.checkpoint` (non-reentrant). With `offload`: the block runs on the caller's x
-    without keeping a graph, x is copied to `host` (pinned, asynchronously on CUDA) and only that copy is kept; in
-    backward it is copied back once, the block recomputed (same RNG and autocast state) and backpropagated. Tensors
-    anywhere in the arguments (also inside tuples/lists/dicts, e.g. RoPE tables) get their gradients; the block
-    may return a tensor or a tuple of tensors."""
-    if not offload:
+    Without `offload` and `saved_dtype`: `torch.utils.checkpoint` (non-reentrant). With `offload`: the block runs on
+    the caller's x without keeping a graph, x is copied to `host` (pinned, asynchronously on CUDA) and only that copy
+    is kept; in backward it is copied back once, the block recomputed (same RNG and autocast state) and
+    backpropagated. With a `saved_dtype` other than x's (e.g. bf16 for a float32 residual stream under autocast) the
+    kept copy, on the device or on the host, is x cast to it: the forward still runs on the exact x, the recompute
+    on the rounded one (upcast to x's dtype), so gradients are those at the rounded input — half the memory (and
+    offload traffic) for a float32 x. Tensors anywhere in the arguments (also inside tuples/lists/dicts, e.g. RoPE
+    tables) get their gradients; the block may return a tensor or a tuple of tensors."""
+    narrowed = saved_dtype is not None and saved_dtype != x.dtype and x.is_floating_point()
+    if not offload and not narrowed:
         return checkpoint(block, x, *args, use_reentrant=False, **kwargs)
     if not torch.is_grad_enabled():   # nothing to save for a backward
         return block(x, *args, **kwargs)
     values, spec = tree_flatten((args, kwargs))
     leaves = [v for v in values if isinstance(v, torch.Tensor)]
     values = [_TensorSlot() if isinstance(v, torch.Tensor) else v for v in values]
-    call = _Call(block, spec, values, torch.device(host), stats)
+    call = _Call(block, spec, values, torch.device(host) if offload else None, stats,
+                 saved_dtype if narrowed else None)
     anchor = torch.empty(0, device=x.device, requires_grad=True)
     return _OffloadedCheckpoint.apply(call, anchor, x, *leaves)
 
