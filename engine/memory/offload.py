@@ -142,8 +142,8 @@ class _OffloadedCheckpoint(torch.autograd.Function):
                     ctx.event = torch.cuda.Event()
                     ctx.event.record(side)
                 x.record_stream(side)   # x's memory is not reused before the copy has read it
-            else:
-                host_x.copy_(x)
+            else:   # narrowed before the copy here too (what crosses the bus is the narrow tensor)
+                host_x.copy_(x if saved_dtype == x.dtype else x.to(saved_dtype))
         _state.depth = getattr(_state, "depth", 0) + 1
         try:
             out = call.run(x, leaves)   # grad mode is off inside Function.forward: no graph, nothing saved
