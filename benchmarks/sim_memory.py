@@ -61,6 +61,7 @@ class SimConfig:
     optimizer: str = "adamw"           # adamw (two fp32 moments) | adamw8bit (two uint8 moments, bitsandbytes) |
                                        # none (forward + backward only, like bench_memory.py)
     checkpoint_dtype: str = "compute"  # what checkpointing saves of each block input: compute (bf16) | float32
+    fp8_scale_dtype: str = "float32"   # float32 | bf16 (engine.memory.set_fp8_scale_dtype)
     composition: bool = False          # also list what the peak is made of (slower: snapshots the live storages)
 
 
@@ -81,7 +82,7 @@ def resolve_swap(name: str, swap) -> int:
     return num_blocks(name) - 1 if swap == "max" else int(swap)
 
 
-def _build_on_host(config, fp8: str, device=DEVICE, host=HOST):
+def _build_on_host(config, fp8: str, device=DEVICE, host=HOST, scale_dtype: str = "float32"):
     """The model as the loader leaves it in host memory: bf16, float32 where the official code computes in float32,
     fp8 targets quantized. Built (and quantized) on the simulated GPU, then moved to the host, like a fake load."""
     from engine.memory import move_to, quantize_model_fp8
@@ -100,6 +101,9 @@ def _build_on_host(config, fp8: str, device=DEVICE, host=HOST):
     model.requires_grad_(False)
     if fp8 != "none":
         quantize_model_fp8(model, fp8)
+        if scale_dtype == "bf16":
+            from engine.memory import set_fp8_scale_dtype
+            set_fp8_scale_dtype(model, torch.bfloat16)
     return move_to(model, host)
 
 
@@ -167,7 +171,7 @@ def simulate(cfg: SimConfig, fake: bool = True) -> dict:
     started = time.perf_counter()
     with (FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()), \
             LiveMemoryMeter(DEVICE, snapshot_peak=cfg.composition) as meter:
-        model = _build_on_host(config, cfg.fp8, DEVICE, host)
+        model = _build_on_host(config, cfg.fp8, DEVICE, host, cfg.fp8_scale_dtype)
         set_block_checkpointing(model, train, offload=train and cfg.activation_offload, host=str(host),
                                 saved_dtype=torch.bfloat16 if cfg.checkpoint_dtype == "compute" else None)
         net = optimizer = None
@@ -215,6 +219,7 @@ def simulate(cfg: SimConfig, fake: bool = True) -> dict:
         "model": cfg.model, "task": cfg.task, "fp8": cfg.fp8, "blocks_to_swap": n_swap,
         "activation_offload": bool(train and cfg.activation_offload),
         "checkpoint_dtype": cfg.checkpoint_dtype if train else None,
+        **({"fp8_scale_dtype": cfg.fp8_scale_dtype} if cfg.fp8 != "none" and cfg.fp8_scale_dtype != "float32" else {}),
         "offload_non_blocks": bool(n_swap and cfg.offload_non_blocks), "optimizer": cfg.optimizer if train else None,
         "latent": list(cfg.latent),
         "tokens": f * h * w // 4, "batch": batch,
@@ -357,6 +362,7 @@ def parse_args(argv=None):
     p.add_argument("--latent", default="21,60,104")
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--checkpoint-dtype", default="compute", help="training: compute (bf16), float32 or both")
+    p.add_argument("--fp8-scale-dtype", default="float32", help="fp8 block scales: float32 or bf16")
     p.add_argument("--composition", action="store_true", help="list what each peak is made of")
     p.add_argument("--gpus", default="rtx4060ti-16,rtx4090-24,h100-80")
     p.add_argument("--markdown", default=None, help="write the tables to this file")
@@ -393,7 +399,8 @@ def main(argv=None) -> list[dict]:
                         row = simulate(SimConfig(model=model, task=task, fp8=fp8, blocks_to_swap=n,
                                                  activation_offload=off == "1", offload_non_blocks=nb == "1",
                                                  optimizer=opt, latent=latent, steps=args.steps,
-                                                 checkpoint_dtype=cd, composition=args.composition))
+                                                 checkpoint_dtype=cd, composition=args.composition,
+                                                 fp8_scale_dtype=args.fp8_scale_dtype))
                         add_timing(row, gpus)
                         rows.append(row)
                         print(json.dumps(public(row)), flush=True)
