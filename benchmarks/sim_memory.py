@@ -61,6 +61,7 @@ class SimConfig:
     optimizer: str = "adamw"           # adamw (two fp32 moments) | adamw8bit (two uint8 moments, bitsandbytes) |
                                        # none (forward + backward only, like bench_memory.py)
     checkpoint_dtype: str = "compute"  # what checkpointing saves of each block input: compute (bf16) | float32
+    offload_prefetch: bool = False     # activation offload: prefetch the restore in backward
     fp8_scale_dtype: str = "float32"   # float32 | bf16 (engine.memory.set_fp8_scale_dtype)
     composition: bool = False          # also list what the peak is made of (slower: snapshots the live storages)
 
@@ -173,7 +174,8 @@ def simulate(cfg: SimConfig, fake: bool = True) -> dict:
             LiveMemoryMeter(DEVICE, snapshot_peak=cfg.composition) as meter:
         model = _build_on_host(config, cfg.fp8, DEVICE, host, cfg.fp8_scale_dtype)
         set_block_checkpointing(model, train, offload=train and cfg.activation_offload, host=str(host),
-                                saved_dtype=torch.bfloat16 if cfg.checkpoint_dtype == "compute" else None)
+                                saved_dtype=torch.bfloat16 if cfg.checkpoint_dtype == "compute" else None,
+                                prefetch=cfg.offload_prefetch)
         net = optimizer = None
         if train:   # adapters first, then block swap (the training nodes' order): adapters are device tensors
             net = AdapterNetwork.create(model, AdapterConfig(rank=cfg.rank, alpha=cfg.rank))
@@ -219,6 +221,7 @@ def simulate(cfg: SimConfig, fake: bool = True) -> dict:
         "model": cfg.model, "task": cfg.task, "fp8": cfg.fp8, "blocks_to_swap": n_swap,
         "activation_offload": bool(train and cfg.activation_offload),
         "checkpoint_dtype": cfg.checkpoint_dtype if train else None,
+        **({"offload_prefetch": True} if train and cfg.activation_offload and cfg.offload_prefetch else {}),
         **({"fp8_scale_dtype": cfg.fp8_scale_dtype} if cfg.fp8 != "none" and cfg.fp8_scale_dtype != "float32" else {}),
         "offload_non_blocks": bool(n_swap and cfg.offload_non_blocks), "optimizer": cfg.optimizer if train else None,
         "latent": list(cfg.latent),

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -77,6 +78,7 @@ class _Call:
     host: torch.device | None   # where the saved x is kept: None = x's own device (no offload)
     stats: OffloadStats | None
     saved_dtype: torch.dtype | None = None   # dtype of the saved x (None: x's); upcast again for the recompute
+    prefetch: bool = False   # offload: in backward, start bringing back the input of the block whose backward is next
 
     def run(self, x: torch.Tensor, leaves) -> Any:
         tensors = iter(leaves)
@@ -105,6 +107,46 @@ def _replayed_rng(cpu_state: torch.Tensor, cuda_states: dict[int, torch.Tensor])
         torch.set_rng_state(saved_cpu)
         for d, s in saved_cuda.items():
             torch.cuda.set_rng_state(s, d)
+
+
+class _Saved:
+    """The kept copy of one block's input, and (with prefetch) its copy back to the device started early."""
+
+    def __init__(self, host_x: torch.Tensor, device: torch.device, dtype: torch.dtype, pinned: bool, event):
+        self.host_x, self.device, self.dtype, self.pinned, self.event = host_x, device, dtype, pinned, event
+        self.ready: torch.Tensor | None = None   # prefetched device copy
+        self.ready_event = None
+
+    def prefetch(self) -> None:
+        """Start the host->device copy now: on CUDA on a side stream (overlapping the running block's backward),
+        elsewhere (CPU tests, the memory simulation) synchronously, so the extra live input shows in the peak."""
+        if self.host_x is None or self.ready is not None:
+            return
+        if self.device.type == "cuda":
+            side = _side_stream(self.device)
+            if self.event is not None:
+                side.wait_event(self.event)
+            with torch.cuda.stream(side):
+                self.ready = self.host_x.to(self.device, non_blocking=self.pinned)
+                self.ready_event = torch.cuda.Event()
+                self.ready_event.record(side)
+        else:
+            self.ready = self.host_x.to(self.device)
+        self.host_x = None
+
+    def restore(self) -> torch.Tensor:
+        if self.ready is not None:
+            x, self.ready = self.ready, None
+            if self.ready_event is not None:
+                stream = torch.cuda.current_stream(self.device)
+                stream.wait_event(self.ready_event)
+                x.record_stream(stream)   # allocated on the side stream, used (and freed) on this one
+        else:
+            if self.event is not None:
+                torch.cuda.current_stream(self.device).wait_event(self.event)
+            x = self.host_x.to(self.device, non_blocking=self.pinned)
+        self.host_x = None   # the host copy is not needed any more
+        return x.to(self.dtype)
 
 
 class _OffloadedCheckpoint(torch.autograd.Function):
@@ -149,7 +191,13 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             out = call.run(x, leaves)   # grad mode is off inside Function.forward: no graph, nothing saved
         finally:
             _state.depth -= 1
-        ctx.host_x = host_x
+        ctx.saved = _Saved(host_x, x.device, x.dtype, ctx.pinned, ctx.event)
+        # prefetch: the block run before this one has its backward right after this one's
+        ctx.previous = None
+        if call.prefetch and call.host is not None:
+            last = getattr(_state, "last_saved", None)
+            ctx.previous = last() if last is not None else None
+            _state.last_saved = weakref.ref(ctx.saved)
         ctx.save_for_backward(*leaves)
         if call.stats is not None:
             call.stats.tensors_offloaded += 1
@@ -160,10 +208,10 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     def backward(ctx, *grads):
         call = ctx.call
         need_x, need_leaves = ctx.needs_input_grad[2], ctx.needs_input_grad[3:]
-        if ctx.event is not None:
-            torch.cuda.current_stream(ctx.device).wait_event(ctx.event)
-        x = ctx.host_x.to(ctx.device, non_blocking=ctx.pinned).to(ctx.dtype).detach().requires_grad_(need_x)
-        ctx.host_x = None   # the host copy is not needed any more
+        x = ctx.saved.restore().detach().requires_grad_(need_x)
+        if ctx.previous is not None:   # next block's input comes back while this block recomputes + backpropagates
+            ctx.previous.prefetch()
+            ctx.previous = None
         if call.stats is not None:
             call.stats.tensors_restored += 1
         leaves = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, need_leaves)]
@@ -203,7 +251,7 @@ class _Seed(torch.autograd.Function):
 
 def checkpoint_block(block: nn.Module, x: torch.Tensor, *args, offload: bool = False,
                      host: torch.device | str = "cpu", stats: OffloadStats | None = None,
-                     saved_dtype: torch.dtype | None = None, **kwargs) -> torch.Tensor:
+                     saved_dtype: torch.dtype | None = None, prefetch: bool = False, **kwargs) -> torch.Tensor:
     """Gradient checkpointing of `block(x, *args, **kwargs)`, called as a module so block-swap hooks fire in forward
     and in the recompute.
 
@@ -214,7 +262,11 @@ def checkpoint_block(block: nn.Module, x: torch.Tensor, *args, offload: bool = F
     kept copy, on the device or on the host, is x cast to it: the forward still runs on the exact x, the recompute
     on the rounded one (upcast to x's dtype), so gradients are those at the rounded input — half the memory (and
     offload traffic) for a float32 x. Tensors anywhere in the arguments (also inside tuples/lists/dicts, e.g. RoPE
-    tables) get their gradients; the block may return a tensor or a tuple of tensors."""
+    tables) get their gradients; the block may return a tensor or a tuple of tensors.
+
+    `prefetch` (with `offload`): in backward, each block starts copying back the input of the block whose backward
+    comes next before running its own recompute, so that copy overlaps compute instead of stalling the next
+    block; costs one more saved input on the device."""
     narrowed = saved_dtype is not None and saved_dtype != x.dtype and x.is_floating_point()
     if not offload and not narrowed:
         return checkpoint(block, x, *args, use_reentrant=False, **kwargs)
@@ -224,7 +276,7 @@ def checkpoint_block(block: nn.Module, x: torch.Tensor, *args, offload: bool = F
     leaves = [v for v in values if isinstance(v, torch.Tensor)]
     values = [_TensorSlot() if isinstance(v, torch.Tensor) else v for v in values]
     call = _Call(block, spec, values, torch.device(host) if offload else None, stats,
-                 saved_dtype if narrowed else None)
+                 saved_dtype if narrowed else None, bool(prefetch and offload))
     anchor = torch.empty(0, device=x.device, requires_grad=True)
     return _OffloadedCheckpoint.apply(call, anchor, x, *leaves)
 
