@@ -279,18 +279,26 @@ def markdown_tables(rows: list[dict], gpus: dict) -> str:
             what = "LoRA rank 32 training step" if task == "train" else f"inference forward (batch {sel[0]['batch']})"
             lines += [f"### Wan {model}, {what}, latent {'×'.join(map(str, sel[0]['latent']))} "
                       f"({sel[0]['tokens']} tokens)", "",
-                      "| fp8 | swap | act. offload | non-block offload | optimizer | peak GB | weights GB | "
-                      "host GB (swap + act.) | H2D GB/step | "
+                      "| fp8 | swap | act. offload | non-block offload | optimizer | saved inputs | peak GB | "
+                      "weights GB | host GB (swap + act.) | H2D GB/step | "
                       + " | ".join(f"overhead {k}" for k in gpus) + " |",
-                      "|---|---|---|---|---|---|---|---|---|" + "---|" * len(gpus)]
+                      "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(gpus)]
             for r in sel:
                 lines.append(f"| {r['fp8']} | {r['blocks_to_swap']} | {'yes' if r['activation_offload'] else 'no'} "
                              f"| {'yes' if r.get('offload_non_blocks') else 'no'} | {r.get('optimizer') or '-'} "
-                             f"| {r['peak_gb']:.1f} | {r['weights_on_gpu_gb']:.1f} | {host_gb(r):.1f} | "
+                             f"| {saved_inputs(r)} | {r['peak_gb']:.1f} | {r['weights_on_gpu_gb']:.1f} "
+                             f"| {host_gb(r):.1f} | "
                              f"{r['h2d_gb_per_step']:.1f} | "
                              + " | ".join(f"{r.get(f'overhead_{k}', 0):.2f}×" for k in gpus) + " |")
             lines.append("")
     return "\n".join(lines)
+
+
+def saved_inputs(row: dict) -> str:
+    """The dtype of the checkpointed block inputs of a training row (rows written before the setting: float32)."""
+    if row["task"] != "train":
+        return "-"
+    return "fp32" if row.get("checkpoint_dtype", "float32") == "float32" else "bf16"
 
 
 QUALITY = {"none": 0, "scaled": 1, "e4m3": 2}   # bf16 > fp8 scaled > fp8 e4m3 (Musubi's docs)
