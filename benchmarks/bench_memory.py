@@ -41,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--prefetch", type=int, default=1)
     p.add_argument("--offload", default="1", help="activation offload for training rows: 0, 1 or 0,1")
+    p.add_argument("--checkpoint-dtype", default="compute",
+                   help="what checkpointing saves of each block input: compute (bf16, the trainer's default) or float32")
     p.add_argument("--non-blocks", default="0", help="offload_non_blocks for rows with swap: 0, 1 or 0,1")
     p.add_argument("--sim", action="store_true",
                    help="also run benchmarks/sim_memory.py's simulation of each row and report its peak next to the "
@@ -106,14 +108,16 @@ def run_config(model, name, task, swap, fp8, latent, args, device, bandwidth, of
     offload = offload and task == "train"
     non_blocks = non_blocks and n_swap > 0
     row = {"model": name, "task": task, "fp8": fp8, "blocks_to_swap": n_swap, "activation_offload": offload,
-           "offload_non_blocks": non_blocks, "latent": list(latent), "device": str(device)}
+           "offload_non_blocks": non_blocks, "latent": list(latent), "device": str(device),
+           "checkpoint_dtype": args.checkpoint_dtype if task == "train" else None}
     if n_swap > n_blocks - 1:
         return None
     net = None
     swapper = None
     try:
         if task == "train":   # adapters before the swapper (the training nodes' order)
-            set_block_checkpointing(model, True, offload=offload)
+            set_block_checkpointing(model, True, offload=offload, saved_dtype=(
+                torch.bfloat16 if args.checkpoint_dtype == "compute" else None))   # the trainer's autocast dtype
             net = AdapterNetwork.create(model, AdapterConfig(rank=args.rank, alpha=args.rank))
             move_to(net, device)
         if n_swap:
@@ -173,7 +177,8 @@ def simulated_peak(row: dict, args) -> int:
     cfg = sim.SimConfig(model=row["model"], task=row["task"], fp8=row["fp8"], blocks_to_swap=row["blocks_to_swap"],
                         activation_offload=row["activation_offload"], offload_non_blocks=row["offload_non_blocks"],
                         latent=tuple(row["latent"]), rank=args.rank, prefetch=args.prefetch, cfg_batch=1,
-                        steps=1 if row["task"] == "infer" else 2, optimizer="none")
+                        steps=1 if row["task"] == "infer" else 2, optimizer="none",
+                        checkpoint_dtype=args.checkpoint_dtype)
     return int(sim.simulate(cfg)["peak_gb"] * sim.GB)
 
 

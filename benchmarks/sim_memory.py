@@ -60,6 +60,10 @@ class SimConfig:
     offload_non_blocks: bool = False   # with block swap: embeddings/head on the host between forwards
     optimizer: str = "adamw"           # adamw (two fp32 moments) | adamw8bit (two uint8 moments, bitsandbytes) |
                                        # none (forward + backward only, like bench_memory.py)
+    checkpoint_dtype: str = "compute"  # what checkpointing saves of each block input: compute (bf16) | float32
+    offload_prefetch: bool = False     # activation offload: prefetch the restore in backward
+    fp8_scale_dtype: str = "float32"   # float32 | bf16 (engine.memory.set_fp8_scale_dtype)
+    composition: bool = False          # also list what the peak is made of (slower: snapshots the live storages)
 
 
 def model_config(name: str):
@@ -79,7 +83,7 @@ def resolve_swap(name: str, swap) -> int:
     return num_blocks(name) - 1 if swap == "max" else int(swap)
 
 
-def _build_on_host(config, fp8: str, device=DEVICE, host=HOST):
+def _build_on_host(config, fp8: str, device=DEVICE, host=HOST, scale_dtype: str = "float32"):
     """The model as the loader leaves it in host memory: bf16, float32 where the official code computes in float32,
     fp8 targets quantized. Built (and quantized) on the simulated GPU, then moved to the host, like a fake load."""
     from engine.memory import move_to, quantize_model_fp8
@@ -98,6 +102,9 @@ def _build_on_host(config, fp8: str, device=DEVICE, host=HOST):
     model.requires_grad_(False)
     if fp8 != "none":
         quantize_model_fp8(model, fp8)
+        if scale_dtype == "bf16":
+            from engine.memory import set_fp8_scale_dtype
+            set_fp8_scale_dtype(model, torch.bfloat16)
     return move_to(model, host)
 
 
@@ -164,9 +171,11 @@ def simulate(cfg: SimConfig, fake: bool = True) -> dict:
         raise ValueError("a real (fake=False) run has no separate host memory: no block swap or activation offload")
     started = time.perf_counter()
     with (FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()), \
-            LiveMemoryMeter(DEVICE) as meter:
-        model = _build_on_host(config, cfg.fp8, DEVICE, host)
-        set_block_checkpointing(model, train, offload=train and cfg.activation_offload, host=str(host))
+            LiveMemoryMeter(DEVICE, snapshot_peak=cfg.composition) as meter:
+        model = _build_on_host(config, cfg.fp8, DEVICE, host, cfg.fp8_scale_dtype)
+        set_block_checkpointing(model, train, offload=train and cfg.activation_offload, host=str(host),
+                                saved_dtype=torch.bfloat16 if cfg.checkpoint_dtype == "compute" else None,
+                                prefetch=cfg.offload_prefetch)
         net = optimizer = None
         if train:   # adapters first, then block swap (the training nodes' order): adapters are device tensors
             net = AdapterNetwork.create(model, AdapterConfig(rank=cfg.rank, alpha=cfg.rank))
@@ -211,6 +220,9 @@ def simulate(cfg: SimConfig, fake: bool = True) -> dict:
     return {
         "model": cfg.model, "task": cfg.task, "fp8": cfg.fp8, "blocks_to_swap": n_swap,
         "activation_offload": bool(train and cfg.activation_offload),
+        "checkpoint_dtype": cfg.checkpoint_dtype if train else None,
+        **({"offload_prefetch": True} if train and cfg.activation_offload and cfg.offload_prefetch else {}),
+        **({"fp8_scale_dtype": cfg.fp8_scale_dtype} if cfg.fp8 != "none" and cfg.fp8_scale_dtype != "float32" else {}),
         "offload_non_blocks": bool(n_swap and cfg.offload_non_blocks), "optimizer": cfg.optimizer if train else None,
         "latent": list(cfg.latent),
         "tokens": f * h * w // 4, "batch": batch,
@@ -221,7 +233,19 @@ def simulate(cfg: SimConfig, fake: bool = True) -> dict:
         "tflop_per_step": report.flops / 1e12,
         "sim_seconds": round(time.perf_counter() - started, 1),
         "_timeline": report.timeline,
+        **({"peak_composition": composition(meter.peak_snapshot)} if cfg.composition else {}),
     }
+
+
+def composition(snapshot: list[tuple[str, int]], top: int = 12) -> list[str]:
+    """The storages live at the peak, grouped by (op, shape, dtype), largest groups first: "GB = count × what"."""
+    groups: dict[str, list[int]] = {}
+    for what, nbytes in snapshot:
+        groups.setdefault(what, []).append(nbytes)
+    ranked = sorted(groups.items(), key=lambda kv: -sum(kv[1]))
+    lines = [f"{sum(n) / GB:.2f} GB = {len(n)} × {what}" for what, n in ranked[:top]]
+    rest = sum(sum(n) for _, n in ranked[top:])
+    return lines + [f"{rest / GB:.2f} GB = {sum(len(n) for _, n in ranked[top:])} others"]
 
 
 def fits(row: dict, memory_gb: float) -> bool:
@@ -255,18 +279,26 @@ def markdown_tables(rows: list[dict], gpus: dict) -> str:
             what = "LoRA rank 32 training step" if task == "train" else f"inference forward (batch {sel[0]['batch']})"
             lines += [f"### Wan {model}, {what}, latent {'×'.join(map(str, sel[0]['latent']))} "
                       f"({sel[0]['tokens']} tokens)", "",
-                      "| fp8 | swap | act. offload | non-block offload | optimizer | peak GB | weights GB | "
-                      "host GB (swap + act.) | H2D GB/step | "
+                      "| fp8 | swap | act. offload | non-block offload | optimizer | saved inputs | peak GB | "
+                      "weights GB | host GB (swap + act.) | H2D GB/step | "
                       + " | ".join(f"overhead {k}" for k in gpus) + " |",
-                      "|---|---|---|---|---|---|---|---|---|" + "---|" * len(gpus)]
+                      "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(gpus)]
             for r in sel:
                 lines.append(f"| {r['fp8']} | {r['blocks_to_swap']} | {'yes' if r['activation_offload'] else 'no'} "
                              f"| {'yes' if r.get('offload_non_blocks') else 'no'} | {r.get('optimizer') or '-'} "
-                             f"| {r['peak_gb']:.1f} | {r['weights_on_gpu_gb']:.1f} | {host_gb(r):.1f} | "
+                             f"| {saved_inputs(r)} | {r['peak_gb']:.1f} | {r['weights_on_gpu_gb']:.1f} "
+                             f"| {host_gb(r):.1f} | "
                              f"{r['h2d_gb_per_step']:.1f} | "
                              + " | ".join(f"{r.get(f'overhead_{k}', 0):.2f}×" for k in gpus) + " |")
             lines.append("")
     return "\n".join(lines)
+
+
+def saved_inputs(row: dict) -> str:
+    """The dtype of the checkpointed block inputs of a training row (rows written before the setting: float32)."""
+    if row["task"] != "train":
+        return "-"
+    return "fp32" if row.get("checkpoint_dtype", "float32") == "float32" else "bf16"
 
 
 QUALITY = {"none": 0, "scaled": 1, "e4m3": 2}   # bf16 > fp8 scaled > fp8 e4m3 (Musubi's docs)
@@ -340,6 +372,9 @@ def parse_args(argv=None):
     p.add_argument("--optimizer", default="adamw", help="training optimizers: adamw, adamw8bit or both")
     p.add_argument("--latent", default="21,60,104")
     p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--checkpoint-dtype", default="compute", help="training: compute (bf16), float32 or both")
+    p.add_argument("--fp8-scale-dtype", default="float32", help="fp8 block scales: float32 or bf16")
+    p.add_argument("--composition", action="store_true", help="list what each peak is made of")
     p.add_argument("--gpus", default="rtx4060ti-16,rtx4090-24,h100-80")
     p.add_argument("--markdown", default=None, help="write the tables to this file")
     p.add_argument("--from-jsonl", default=None, help="no simulation: read rows this script printed earlier")
@@ -367,13 +402,16 @@ def main(argv=None) -> list[dict]:
         for task in args.task.split(","):
             for fp8 in args.fp8.split(","):
                 for n in swaps:
-                    for off, nb, opt in itertools.product(
+                    for off, nb, opt, cd in itertools.product(
                             args.offload.split(",") if task == "train" else ["0"],
                             args.non_blocks.split(",") if n else ["0"],
-                            args.optimizer.split(",") if task == "train" else ["adamw"]):
+                            args.optimizer.split(",") if task == "train" else ["adamw"],
+                            args.checkpoint_dtype.split(",") if task == "train" else ["compute"]):
                         row = simulate(SimConfig(model=model, task=task, fp8=fp8, blocks_to_swap=n,
                                                  activation_offload=off == "1", offload_non_blocks=nb == "1",
-                                                 optimizer=opt, latent=latent, steps=args.steps))
+                                                 optimizer=opt, latent=latent, steps=args.steps,
+                                                 checkpoint_dtype=cd, composition=args.composition,
+                                                 fp8_scale_dtype=args.fp8_scale_dtype))
                         add_timing(row, gpus)
                         rows.append(row)
                         print(json.dumps(public(row)), flush=True)

@@ -26,3 +26,27 @@ def test_wan14b_lora_training_fits_16gb_within_1_5x():
     assert row["blocks_to_swap"] == 39
     assert sim.fits(row, 16), row["peak_gb"]
     assert row["overhead_rtx4060ti-16"] <= 1.5 and row["overhead_rtx4080-16"] <= 1.5
+
+
+# Musubi Tuner's peaks on the same training step (LoRA rank 32, gradient checkpointing, bf16 autocast, AdamW, no swap,
+# no activation offload), simulated by applying the same meter to Musubi's own Wan code (issue 22's table).
+MUSUBI_PEAK_GB = {("14B", "scaled", (21, 60, 104)): 42.59, ("14B", "none", (21, 60, 104)): 55.64,
+                  ("1.3B", "none", (21, 60, 104)): 11.24, ("1.3B", "scaled", (21, 60, 104)): 9.96,
+                  ("14B", "scaled", (9, 64, 64)): 24.51, ("14B", "none", (9, 64, 64)): 37.55,
+                  ("1.3B", "none", (9, 64, 64)): 5.59, ("1.3B", "scaled", (9, 64, 64)): 4.31}
+
+
+def test_bf16_saved_block_inputs_halve_what_checkpointing_keeps_and_beat_musubi_1_3b():
+    """The default keeps the checkpointed block inputs in bf16: exactly half of the float32 inputs' bytes leave the
+    peak (29 of 30 inputs are live during the last block's backward), which puts 1.3B below 0.95× Musubi."""
+    rows = {d: sim.simulate(sim.SimConfig(model="1.3B", fp8="scaled", checkpoint_dtype=d)) for d in ("compute", "float32")}
+    saved_half = 29 * 32760 * 1536 * 2 / 1e9    # 29 inputs × [L, D] × 2 bytes saved per input
+    assert abs(rows["float32"]["peak_gb"] - rows["compute"]["peak_gb"] - saved_half) < 0.05
+    assert rows["compute"]["peak_gb"] <= 0.95 * MUSUBI_PEAK_GB["1.3B", "scaled", (21, 60, 104)], rows["compute"]["peak_gb"]
+
+
+def test_wan14b_peak_below_musubi_with_bf16_saved_inputs():
+    """14B fp8 scaled at 832×480×81: 41.35 GB simulated against Musubi's 42.59 (0.971×; was 54.23, 1.27×). The 0.95×
+    goal is not reached yet: see docs/memory.md for the composition of the remaining peak."""
+    row = sim.simulate(sim.SimConfig(model="14B", fp8="scaled"))
+    assert row["peak_gb"] <= 0.975 * MUSUBI_PEAK_GB["14B", "scaled", (21, 60, 104)], row["peak_gb"]

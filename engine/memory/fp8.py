@@ -379,6 +379,24 @@ def load_fp8_checkpoint(model: nn.Module, ckpt: Checkpoint, mode: str | None = "
     return unused
 
 
+SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def set_fp8_scale_dtype(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Keep every Fp8Linear's `scale_weight` in `dtype` (Musubi keeps them in the model dtype): half the scales'
+    memory with bf16 (Wan 14B block-wise: 0.87 -> 0.44 GB) for a rounding of each scale (bf16: ≤ 0.4 %) on top of
+    fp8's own. Dequantization still multiplies in float32. Call before block swap attaches (its host masters pack
+    the buffers as they are). Returns the number of layers changed."""
+    if dtype not in SCALE_DTYPES:
+        raise invalid("fp8 scale dtype", dtype, f"one of {SCALE_DTYPES}")
+    changed = 0
+    for m in model.modules():
+        if isinstance(m, Fp8Linear) and m.scale_weight.dtype != dtype:
+            m.scale_weight = m.scale_weight.to(dtype)
+            changed += 1
+    return changed
+
+
 def fp8_summary(model: nn.Module) -> dict[str, int]:
     """Counts for logs/tests: fp8 layers by scale layout and bytes of fp8 weights."""
     out = {"block": 0, "channel": 0, "tensor": 0, "fp8_bytes": 0, "high_precision_linears": 0}

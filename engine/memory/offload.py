@@ -13,13 +13,15 @@ Two tools:
   is not checkpointed: every tensor autograd saves is copied to the host and brought back in backward.
 
 Both give exactly the gradients of the plain computation (copies are exact, the recompute replays the RNG and
-autocast state of the forward). Host copies are pinned when x is on CUDA so the copies are asynchronous.
+autocast state of the forward), unless `checkpoint_block(saved_dtype=...)` narrows the kept x (e.g. to bf16, half
+the memory and traffic of a float32 x; then gradients are those at the rounded input, see docs/memory.md). Host copies are pinned when x is on CUDA so the copies are asynchronous.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -50,7 +52,7 @@ _side_streams: dict[torch.device, Any] = {}
 
 
 def in_offloaded_forward() -> bool:
-    """True while `checkpoint_block(offload=True)` runs a block's forward. That forward runs with grad mode off (it
+    """True while `checkpoint_block(offload=True or a narrowing saved_dtype)` runs a block's forward. That forward runs with grad mode off (it
     keeps no graph) but belongs to a training pass whose backward will call the block again; block swap reads this
     to schedule the recompute."""
     return getattr(_state, "depth", 0) > 0
@@ -73,8 +75,10 @@ class _Call:
     block: nn.Module
     spec: TreeSpec         # structure of (args, kwargs) (tuples, lists, dicts, namedtuples)
     values: list           # its flattened values, a _TensorSlot where a tensor sits (tensors are Function inputs)
-    host: torch.device
+    host: torch.device | None   # where the saved x is kept: None = x's own device (no offload)
     stats: OffloadStats | None
+    saved_dtype: torch.dtype | None = None   # dtype of the saved x (None: x's); upcast again for the recompute
+    prefetch: bool = False   # offload: in backward, start bringing back the input of the block whose backward is next
 
     def run(self, x: torch.Tensor, leaves) -> Any:
         tensors = iter(leaves)
@@ -105,6 +109,46 @@ def _replayed_rng(cpu_state: torch.Tensor, cuda_states: dict[int, torch.Tensor])
             torch.cuda.set_rng_state(s, d)
 
 
+class _Saved:
+    """The kept copy of one block's input, and (with prefetch) its copy back to the device started early."""
+
+    def __init__(self, host_x: torch.Tensor, device: torch.device, dtype: torch.dtype, pinned: bool, event):
+        self.host_x, self.device, self.dtype, self.pinned, self.event = host_x, device, dtype, pinned, event
+        self.ready: torch.Tensor | None = None   # prefetched device copy
+        self.ready_event = None
+
+    def prefetch(self) -> None:
+        """Start the host->device copy now: on CUDA on a side stream (overlapping the running block's backward),
+        elsewhere (CPU tests, the memory simulation) synchronously, so the extra live input shows in the peak."""
+        if self.host_x is None or self.ready is not None:
+            return
+        if self.device.type == "cuda":
+            side = _side_stream(self.device)
+            if self.event is not None:
+                side.wait_event(self.event)
+            with torch.cuda.stream(side):
+                self.ready = self.host_x.to(self.device, non_blocking=self.pinned)
+                self.ready_event = torch.cuda.Event()
+                self.ready_event.record(side)
+        else:
+            self.ready = self.host_x.to(self.device)
+        self.host_x = None
+
+    def restore(self) -> torch.Tensor:
+        if self.ready is not None:
+            x, self.ready = self.ready, None
+            if self.ready_event is not None:
+                stream = torch.cuda.current_stream(self.device)
+                stream.wait_event(self.ready_event)
+                x.record_stream(stream)   # allocated on the side stream, used (and freed) on this one
+        else:
+            if self.event is not None:
+                torch.cuda.current_stream(self.device).wait_event(self.event)
+            x = self.host_x.to(self.device, non_blocking=self.pinned)
+        self.host_x = None   # the host copy is not needed any more
+        return x.to(self.dtype)
+
+
 class _OffloadedCheckpoint(torch.autograd.Function):
     """Reentrant-style checkpoint: forward runs the block without a graph and keeps only a host copy of x (not x);
     backward copies x back, recomputes the block with grad and backpropagates through it. Gradients of parameters
@@ -122,40 +166,52 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         if torch.cuda.is_initialized():
             for d in sorted({t.device.index for t in (x, *leaves) if t.is_cuda}):
                 ctx.cuda_rng[d] = torch.cuda.get_rng_state(d)
-        # host copy of x first: on CUDA it runs on a side stream while the block computes
-        ctx.pinned = call.host.type == "cpu" and x.is_cuda
-        host_x = torch.empty(x.shape, dtype=x.dtype, device=call.host, pin_memory=ctx.pinned)
-        ctx.event = None
-        if x.is_cuda:
-            side = _side_stream(x.device)
-            side.wait_stream(torch.cuda.current_stream(x.device))
-            with torch.cuda.stream(side):
-                host_x.copy_(x, non_blocking=ctx.pinned)
-                ctx.event = torch.cuda.Event()
-                ctx.event.record(side)
-            x.record_stream(side)   # x's memory is not reused before the copy has read it
+        ctx.dtype = x.dtype
+        saved_dtype = call.saved_dtype or x.dtype
+        ctx.pinned, ctx.event = False, None
+        if call.host is None:   # kept on the device, only narrowed: an ordinary op on the current stream
+            host_x = x.detach().to(saved_dtype, copy=True)
         else:
-            host_x.copy_(x)
+            # host copy of x first: on CUDA it runs on a side stream while the block computes
+            ctx.pinned = call.host.type == "cpu" and x.is_cuda
+            host_x = torch.empty(x.shape, dtype=saved_dtype, device=call.host, pin_memory=ctx.pinned)
+            if x.is_cuda:
+                side = _side_stream(x.device)
+                side.wait_stream(torch.cuda.current_stream(x.device))
+                with torch.cuda.stream(side):
+                    # narrowed on the device first: half the bus traffic when saved_dtype is 16-bit
+                    host_x.copy_(x if saved_dtype == x.dtype else x.to(saved_dtype), non_blocking=ctx.pinned)
+                    ctx.event = torch.cuda.Event()
+                    ctx.event.record(side)
+                x.record_stream(side)   # x's memory is not reused before the copy has read it
+            else:   # narrowed before the copy here too (what crosses the bus is the narrow tensor)
+                host_x.copy_(x if saved_dtype == x.dtype else x.to(saved_dtype))
         _state.depth = getattr(_state, "depth", 0) + 1
         try:
             out = call.run(x, leaves)   # grad mode is off inside Function.forward: no graph, nothing saved
         finally:
             _state.depth -= 1
-        ctx.host_x = host_x
+        ctx.saved = _Saved(host_x, x.device, x.dtype, ctx.pinned, ctx.event)
+        # prefetch: the block run before this one has its backward right after this one's
+        ctx.previous = None
+        if call.prefetch and call.host is not None:
+            last = getattr(_state, "last_saved", None)
+            ctx.previous = last() if last is not None else None
+            _state.last_saved = weakref.ref(ctx.saved)
         ctx.save_for_backward(*leaves)
         if call.stats is not None:
             call.stats.tensors_offloaded += 1
-            call.stats.bytes_offloaded += x.numel() * x.element_size()
+            call.stats.bytes_offloaded += host_x.numel() * host_x.element_size()
         return out
 
     @staticmethod
     def backward(ctx, *grads):
         call = ctx.call
         need_x, need_leaves = ctx.needs_input_grad[2], ctx.needs_input_grad[3:]
-        if ctx.event is not None:
-            torch.cuda.current_stream(ctx.device).wait_event(ctx.event)
-        x = ctx.host_x.to(ctx.device, non_blocking=ctx.pinned).detach().requires_grad_(need_x)
-        ctx.host_x = None   # the host copy is not needed any more
+        x = ctx.saved.restore().detach().requires_grad_(need_x)
+        if ctx.previous is not None:   # next block's input comes back while this block recomputes + backpropagates
+            ctx.previous.prefetch()
+            ctx.previous = None
         if call.stats is not None:
             call.stats.tensors_restored += 1
         leaves = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, need_leaves)]
@@ -194,23 +250,33 @@ class _Seed(torch.autograd.Function):
 
 
 def checkpoint_block(block: nn.Module, x: torch.Tensor, *args, offload: bool = False,
-                     host: torch.device | str = "cpu", stats: OffloadStats | None = None, **kwargs) -> torch.Tensor:
+                     host: torch.device | str = "cpu", stats: OffloadStats | None = None,
+                     saved_dtype: torch.dtype | None = None, prefetch: bool = False, **kwargs) -> torch.Tensor:
     """Gradient checkpointing of `block(x, *args, **kwargs)`, called as a module so block-swap hooks fire in forward
     and in the recompute.
 
-    Without `offload`: `torch.utils.checkpoint` (non-reentrant). With `offload`: the block runs on the caller's x
-    without keeping a graph, x is copied to `host` (pinned, asynchronously on CUDA) and only that copy is kept; in
-    backward it is copied back once, the block recomputed (same RNG and autocast state) and backpropagated. Tensors
-    anywhere in the arguments (also inside tuples/lists/dicts, e.g. RoPE tables) get their gradients; the block
-    may return a tensor or a tuple of tensors."""
-    if not offload:
+    Without `offload` and `saved_dtype`: `torch.utils.checkpoint` (non-reentrant). With `offload`: the block runs on
+    the caller's x without keeping a graph, x is copied to `host` (pinned, asynchronously on CUDA) and only that copy
+    is kept; in backward it is copied back once, the block recomputed (same RNG and autocast state) and
+    backpropagated. With a `saved_dtype` other than x's (e.g. bf16 for a float32 residual stream under autocast) the
+    kept copy, on the device or on the host, is x cast to it: the forward still runs on the exact x, the recompute
+    on the rounded one (upcast to x's dtype), so gradients are those at the rounded input — half the memory (and
+    offload traffic) for a float32 x. Tensors anywhere in the arguments (also inside tuples/lists/dicts, e.g. RoPE
+    tables) get their gradients; the block may return a tensor or a tuple of tensors.
+
+    `prefetch` (with `offload`): in backward, each block starts copying back the input of the block whose backward
+    comes next before running its own recompute, so that copy overlaps compute instead of stalling the next
+    block; costs one more saved input on the device."""
+    narrowed = saved_dtype is not None and saved_dtype != x.dtype and x.is_floating_point()
+    if not offload and not narrowed:
         return checkpoint(block, x, *args, use_reentrant=False, **kwargs)
     if not torch.is_grad_enabled():   # nothing to save for a backward
         return block(x, *args, **kwargs)
     values, spec = tree_flatten((args, kwargs))
     leaves = [v for v in values if isinstance(v, torch.Tensor)]
     values = [_TensorSlot() if isinstance(v, torch.Tensor) else v for v in values]
-    call = _Call(block, spec, values, torch.device(host), stats)
+    call = _Call(block, spec, values, torch.device(host) if offload else None, stats,
+                 saved_dtype if narrowed else None, bool(prefetch and offload))
     anchor = torch.empty(0, device=x.device, requires_grad=True)
     return _OffloadedCheckpoint.apply(call, anchor, x, *leaves)
 

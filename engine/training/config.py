@@ -17,6 +17,7 @@ from .optimizers import OptimizerConfig
 from .timesteps import TimestepConfig
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+CHECKPOINT_DTYPES = ("compute", "float32")
 SAVE_DTYPES = {"fp32": torch.float32, "float": torch.float32, "float32": torch.float32,
                "fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 TRAINING_BACKENDS_REFUSED = {"sage": "SageAttention has no backward pass; use sdpa, flash or xformers for training"}
@@ -64,6 +65,10 @@ class TrainingConfig:
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "bf16"             # "no" | "fp16" (GradScaler) | "bf16"; adapter weights stay fp32
     gradient_checkpointing: bool = True
+    # what checkpointing saves (and activation offload moves) of each block input: "compute" = the mixed-precision
+    # dtype (half of float32; Musubi keeps its residual stream in it), "float32" = exact gradients. No effect
+    # without mixed precision.
+    checkpoint_dtype: str = "compute"
     attention_backend: str | None = None      # None: keep the model's
     seed: int = 42
     timesteps: TimestepConfig = field(default_factory=TimestepConfig)
@@ -90,6 +95,8 @@ class TrainingConfig:
             raise invalid("gradient_accumulation_steps", self.gradient_accumulation_steps, "an integer ≥ 1")
         if self.mixed_precision not in MIXED_PRECISION:
             raise invalid("mixed_precision", self.mixed_precision, f"one of {MIXED_PRECISION}")
+        if self.checkpoint_dtype not in CHECKPOINT_DTYPES:
+            raise invalid("checkpoint_dtype", self.checkpoint_dtype, f"one of {CHECKPOINT_DTYPES}")
         if self.attention_backend in TRAINING_BACKENDS_REFUSED:
             raise invalid("attention_backend", self.attention_backend, TRAINING_BACKENDS_REFUSED[self.attention_backend])
         if self.save_precision not in SAVE_DTYPES:

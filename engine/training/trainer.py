@@ -196,7 +196,9 @@ class TrainingSession:
         self.network.train()
         # activation offload is a model-level memory option (the DiT loader's), read at each call
         set_block_checkpointing(self.model, bool(self.config.gradient_checkpointing),
-                                offload=bool(getattr(self.model, "activation_offload", False)))
+                                offload=bool(getattr(self.model, "activation_offload", False)),
+                                saved_dtype=(AMP_DTYPES.get(self.config.mixed_precision)
+                                             if self.config.checkpoint_dtype == "compute" else None))
         optimizer_train_mode(self.optimizer, True)
         self.timer.reset()
         try:
