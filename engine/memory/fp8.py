@@ -384,7 +384,7 @@ SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def set_fp8_scale_dtype(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
     """Keep every Fp8Linear's `scale_weight` in `dtype` (Musubi keeps them in the model dtype): half the scales'
-    memory with bf16 (Wan 14B block-wise: 0.87 -> 0.44 GB) for a rounding of each scale (bf16: ≤ 0.4 %) on top of
+    memory with bf16 (a 14B DiT, block-wise: 0.87 -> 0.44 GB) for a rounding of each scale (bf16: ≤ 0.4 %) on top of
     fp8's own. Dequantization still multiplies in float32. Call before block swap attaches (its host masters pack
     the buffers as they are). Returns the number of layers changed."""
     if dtype not in SCALE_DTYPES:
