@@ -442,13 +442,17 @@ class MusubiCacheLatents:
 
     def cache(self, dataset, vae, task, keep_cache, workers, clip_vision=None, unique_id=None):
         dataset = _dataset(dataset)
+        vae = T.handle(vae, "vae", "a VAE from Musubi Wan VAE Loader")
+        if clip_vision is not None:
+            clip_vision = T.handle(clip_vision, "clip_vision", "a CLIP vision model from Musubi CLIP Vision Loader")
         if task not in TASKS:
             raise invalid("task", task, f"one of {TASKS}")
         if task == "i2v" and clip_vision is None:
             raise invalid("clip_vision", None, "a CLIP vision encoder for task i2v (Wan 2.1 I2V uses CLIP features)")
         if task == "t2v" and clip_vision is not None:
             raise invalid("clip_vision", "connected", "no CLIP vision for task t2v (pick i2v or disconnect it)")
-        adapter = WanCacheAdapter(vae=vae, clip=clip_vision, i2v=task == "i2v", control=task == "fun_control")
+        adapter = WanCacheAdapter(vae=vae.module, clip=clip_vision.module if clip_vision is not None else None,
+                                  i2v=task == "i2v", control=task == "fun_control")
         progress = _progress(unique_id, "latents")
         notes: list[str] = []
         with on_compute_device(vae), (on_compute_device(clip_vision) if clip_vision is not None
@@ -484,7 +488,8 @@ class MusubiCacheTextEmbeddings:
 
     def cache(self, dataset, text_encoder, keep_cache, unique_id=None):
         dataset = _dataset(dataset)
-        adapter = WanCacheAdapter(text_encoder=text_encoder)
+        text_encoder = T.handle(text_encoder, "text_encoder", "a text encoder from Musubi umT5 Text Encoder Loader")
+        adapter = WanCacheAdapter(text_encoder=text_encoder.module)
         progress = _progress(unique_id, "captions")
         notes: list[str] = []
         with on_compute_device(text_encoder), _collect_warnings(notes):

@@ -18,6 +18,10 @@ WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，�
                        "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
                        "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
 SOLVERS = ["unipc", "dpm++", "euler"]
+DIT_EXPECTED = "a DiT from Musubi Wan DiT Loader"
+VAE_EXPECTED = "a VAE from Musubi Wan VAE Loader"
+TEXT_ENCODER_EXPECTED = "a text encoder from Musubi umT5 Text Encoder Loader"
+CLIP_EXPECTED = "a CLIP vision model from Musubi CLIP Vision Loader"
 CFG_SKIP = ["none", "early", "late", "middle", "early_late", "alternate"]
 
 
@@ -52,10 +56,11 @@ class MusubiWanTextEncode:
     def encode(self, text_encoder, prompt, negative_prompt, offload_after, unique_id=None):
         import warnings
 
+        text_encoder = T.handle(text_encoder, "text_encoder", TEXT_ENCODER_EXPECTED)
         negative = negative_prompt.strip() or WAN_NEGATIVE_PROMPT
         with on_compute_device(text_encoder, offload_after), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            pos, neg = text_encoder.encode([prompt, negative])
+            pos, neg = text_encoder.module.encode([prompt, negative])
         notes = [f"warning: {w.message}" for w in caught]
         if notes:   # e.g. a prompt longer than 512 tokens: shown on the node, not only in the console
             compat.log.warning("%s", "; ".join(notes))
@@ -93,15 +98,17 @@ class MusubiWanImageEncode:
     def encode(self, vae, clip_vision, start_image, width, height, frames, end_image=None):
         from ..engine.families.wan.pipeline import prepare_flf2v, prepare_i2v
 
+        vae, clip_vision = T.handle(vae, "vae", VAE_EXPECTED), T.handle(clip_vision, "clip_vision", CLIP_EXPECTED)
         _check_size(width, height)
         first = image_to_video_tensor(start_image, width, height, "start_image")
         last = image_to_video_tensor(end_image, width, height, "end_image") if end_image is not None else None
         with on_compute_device(clip_vision):
-            clips = [clip_vision.encode(first[None])[0]]
+            clips = [clip_vision.module.encode(first[None])[0]]
             if last is not None:
-                clips.append(clip_vision.encode(last[None])[0])
+                clips.append(clip_vision.module.encode(last[None])[0])
         with on_compute_device(vae):
-            cond = prepare_i2v(vae, first, frames) if last is None else prepare_flf2v(vae, first, last, frames)
+            cond = (prepare_i2v(vae.module, first, frames) if last is None
+                    else prepare_flf2v(vae.module, first, last, frames))
         clip_fea = torch.cat(clips).float().cpu()
         return ({"conditioning": cond, "clip_fea": clip_fea, "width": width, "height": height, "frames": frames,
                  "task": "i2v" if last is None else "flf2v"},)
@@ -150,6 +157,7 @@ class MusubiWanFunControlEncode:
     def encode(self, vae, control_video, width, height, frames, start_image=None, clip_vision=None):
         from ..engine.families.wan.pipeline import prepare_fun_control
 
+        vae = T.handle(vae, "vae", VAE_EXPECTED)
         _check_size(width, height)
         if start_image is not None and clip_vision is None:
             raise invalid("clip_vision", None, "a CLIP vision model when a start image is given")
@@ -157,10 +165,11 @@ class MusubiWanFunControlEncode:
         image = image_to_video_tensor(start_image, width, height, "start_image") if start_image is not None else None
         clip_fea = None
         if image is not None:
+            clip_vision = T.handle(clip_vision, "clip_vision", CLIP_EXPECTED)
             with on_compute_device(clip_vision):
-                clip_fea = clip_vision.encode(image[None])[0].float().cpu()
+                clip_fea = clip_vision.module.encode(image[None])[0].float().cpu()
         with on_compute_device(vae):
-            cond = prepare_fun_control(vae, control, frames, image=image)
+            cond = prepare_fun_control(vae.module, control, frames, image=image)
         return ({"conditioning": cond, "clip_fea": clip_fea, "width": width, "height": height, "frames": frames,
                  "task": "fun_control"},)
 
@@ -197,6 +206,7 @@ class MusubiWanOneFrameEncode:
                control_image_2=None):
         from ..engine.families.wan.pipeline import prepare_one_frame
 
+        vae, clip_vision = T.handle(vae, "vae", VAE_EXPECTED), T.handle(clip_vision, "clip_vision", CLIP_EXPECTED)
         _check_size(width, height)
         try:
             indices = [int(s) for s in control_indices.replace(",", ";").split(";") if s.strip()]
@@ -206,9 +216,9 @@ class MusubiWanOneFrameEncode:
         if control_image_2 is not None:
             images.append(image_to_video_tensor(control_image_2, width, height, "control_image_2"))
         with on_compute_device(clip_vision):
-            clip_fea = clip_vision.encode(images[0][None])[0].float().cpu()
+            clip_fea = clip_vision.module.encode(images[0][None])[0].float().cpu()
         with on_compute_device(vae):
-            cond = prepare_one_frame(vae, images, indices, target_index)
+            cond = prepare_one_frame(vae.module, images, indices, target_index)
         return ({"conditioning": cond, "clip_fea": clip_fea, "width": width, "height": height, "frames": 1,
                  "task": "one_frame"},)
 
@@ -271,6 +281,8 @@ class MusubiWanSampler:
             raise invalid("slg_layers", slg_layers, "comma-separated block indices such as '9' or '4,5,6'") from None
         from ..engine.families.wan.pipeline import model_task_kind
 
+        handle = T.handle(model, "model", DIT_EXPECTED)
+        model = handle.module
         kind = model_task_kind(model.config)
         if image_embeds is None and kind in ("i2v", "flf2v"):
             raise invalid("image_embeds", None, f"a start image from Musubi Wan Image Encode: the loaded "
@@ -297,7 +309,7 @@ class MusubiWanSampler:
                 preview = previewer.decode_latent_to_preview_image("JPEG", x0)
             bar.update(step, preview=preview)
 
-        with dit_on_device(model, offload_after):
+        with dit_on_device(handle, offload_after):
             latents = generate(model, request, progress)
         return ({"samples": latents.float().cpu(), "fps": 16.0, "task": task},)
 
@@ -322,13 +334,23 @@ class MusubiWanVAEDecode:
         }}
 
     def decode(self, vae, latents, tile_size, tile_overlap):
-        with on_compute_device(vae) as device:
-            dtype = next(vae.parameters()).dtype
-            video = vae.decode(latents["samples"].to(device, dtype), tile_size=tile_size or None,
-                               tile_overlap=tile_overlap if tile_size else None)
-        frames = ((video.float().cpu() + 1.0) / 2.0).clamp(0, 1)          # [B,3,F,H,W]
-        images = frames.permute(0, 2, 3, 4, 1).reshape(-1, *frames.shape[-2:], 3)
-        return (images.contiguous(), float(latents.get("fps", 16.0)))
+        vae = T.handle(vae, "vae", VAE_EXPECTED)
+        video = decode_video(vae, latents["samples"], tile_size or None, tile_overlap if tile_size else None)
+        return (video_to_image(video), float(latents.get("fps", 16.0)))
+
+
+def decode_video(vae, latents: torch.Tensor, tile_size=None, tile_overlap=None) -> torch.Tensor:
+    """Latents -> video [B, 3, F, H, W] in [-1, 1] (float32, CPU), decoded on the compute device."""
+    with on_compute_device(vae) as device:
+        dtype = next(vae.module.parameters()).dtype
+        video = vae.module.decode(latents.to(device, dtype), tile_size=tile_size, tile_overlap=tile_overlap)
+    return video.float().cpu()
+
+
+def video_to_image(video: torch.Tensor) -> torch.Tensor:
+    """[B, 3, F, H, W] in [-1, 1] -> IMAGE [B·F, H, W, 3] in [0, 1] (the samples of a batch one after another)."""
+    frames = ((video.float().cpu() + 1.0) / 2.0).clamp(0, 1)
+    return frames.permute(0, 2, 3, 4, 1).reshape(-1, *frames.shape[-2:], 3).contiguous()
 
 
 class MusubiSaveVideo:

@@ -13,6 +13,7 @@ from . import comfy_compat as compat
 from . import types as T
 from .registry import MODELS
 from ..engine.errors import invalid
+from ..engine.handle import ModelHandle
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DIT_PRESETS = ["preset:tiny-t2v", "preset:tiny-i2v", "preset:tiny-flf2v", "preset:tiny-fun-control"]
@@ -118,12 +119,9 @@ class MusubiWanDiTLoader:
         create = room_for(source, prompt, lambda: load_wan_dit(source, dtype=dt, device="cpu", fp8=fp8_mode))
         model = MODELS.get_or_create(key, create, owner=owner_of(self, unique_id))
         validate_blocks_to_swap(blocks_to_swap, model.config.num_layers, model.config.variant)
-        model.attention_backend = attention
-        model.blocks_to_swap = blocks_to_swap
-        model.activation_offload = activation_offload
-        model.offload_after_use = offload_after_use
-        model.offload_non_blocks = offload_non_block_weights
-        return (model,)
+        return (ModelHandle.of(model, attention=attention, blocks_to_swap=blocks_to_swap,
+                               activation_offload=activation_offload, offload_after_use=offload_after_use,
+                               offload_non_blocks=offload_non_block_weights),)
 
 
 class MusubiWanVAELoader:
@@ -152,12 +150,13 @@ class MusubiWanVAELoader:
 
         source = resolve_source(vae_name, "vae", "vae_name")
         key = ("wan_vae", source_identity(source), dtype)
-        create = room_for(source, prompt, lambda: load_wan_vae(source, dtype=DTYPES[dtype], device="cpu"))
-        vae = MODELS.get_or_create(key, create, owner=owner_of(self, unique_id))
-        vae.cache_device = "cpu" if cache_on_cpu else None
-        vae.identity = ":".join(map(str, key[1]))
-        vae.keep_on_gpu = keep_on_gpu
-        return (vae,)
+        def load():
+            vae = load_wan_vae(source, dtype=DTYPES[dtype], device="cpu")
+            vae.identity = ":".join(map(str, key[1]))   # names the weights in latent caches
+            return vae
+
+        vae = MODELS.get_or_create(key, room_for(source, prompt, load), owner=owner_of(self, unique_id))
+        return (ModelHandle.of(vae, keep_on_gpu=keep_on_gpu, cache_on_cpu=bool(cache_on_cpu)),)
 
 
 class MusubiUMT5Loader:
@@ -195,8 +194,7 @@ class MusubiUMT5Loader:
         create = room_for(source, prompt, lambda: load_umt5(source, dtype=DTYPES[dtype], device="cpu",
                                                             tokenizer_path=tok))
         enc = MODELS.get_or_create(key, create, owner=owner_of(self, unique_id))
-        enc.keep_on_gpu = keep_on_gpu
-        return (enc,)
+        return (ModelHandle.of(enc, keep_on_gpu=keep_on_gpu),)
 
 
 class MusubiClipVisionLoader:
@@ -227,8 +225,7 @@ class MusubiClipVisionLoader:
         key = ("clip_vision", source_identity(source), dtype)
         create = room_for(source, prompt, lambda: load_clip_vision(source, dtype=DTYPES[dtype], device="cpu"))
         clip = MODELS.get_or_create(key, create, owner=owner_of(self, unique_id))
-        clip.keep_on_gpu = keep_on_gpu
-        return (clip,)
+        return (ModelHandle.of(clip, keep_on_gpu=keep_on_gpu),)
 
 
 NODE_CLASS_MAPPINGS = {

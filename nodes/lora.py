@@ -244,8 +244,8 @@ class MusubiApplyLoRA:
         from ..engine.lora import match_lora, network_from_lora
         from ..engine.lora.dialects import LoRAFile
 
-        if not isinstance(model, nn.Module):
-            raise invalid("model", type(model).__name__, "a Wan DiT from Musubi Wan DiT Loader")
+        handle = T.handle(model, "model", "a DiT from Musubi Wan DiT Loader")
+        model = handle.module
         if mode not in ("adapter", "merge"):
             raise invalid("mode", mode, "'adapter' or 'merge'")
         keep = parse_block_filter(block_filter)
@@ -297,7 +297,7 @@ class MusubiApplyLoRA:
         lines.append("LoRAs on this model: " + ", ".join(
             f"{e['name']}@{e['strength']:g} ({e['mode']}, node {e['node']})" for e in stack))
         text = "\n".join(lines)
-        return {"ui": {"text": [text]}, "result": (view, text)}
+        return {"ui": {"text": [text]}, "result": (handle.with_module(view), text)}
 
 
 class MusubiSaveLoRA:
@@ -393,6 +393,8 @@ class MusubiConvertLoRA:
         out = output_file(save_to, "loras", output_name, "output_name")
         if _same_file(out, src):
             raise invalid("output_name", output_name, f"a file different from the input LoRA {src}")
+        if model is not None:
+            model = T.handle(model, "model", "a DiT from Musubi Wan DiT Loader").module
         convert_lora(src, out, format=format, model=model, dtype=DTYPES[dtype])
         return {"ui": {"text": [str(out)]}, "result": (read_lora(out), str(out))}
 
@@ -574,8 +576,7 @@ class MusubiCreateRandomLoRA:
         from ..engine.lora.dialects import LoRAFile
         from ..engine.lora.weights import ModuleWeights
 
-        if not isinstance(model, nn.Module):
-            raise invalid("model", type(model).__name__, "a Wan DiT from Musubi Wan DiT Loader")
+        model = T.handle(model, "model", "a DiT from Musubi Wan DiT Loader").module
         modules = dict(model.named_modules())
         g = torch.Generator().manual_seed(int(seed) % (2**63))
         out = {}

@@ -30,7 +30,8 @@ from . import comfy_compat as compat
 from . import checks
 from .paths import check_write_path, folder_problem, resolve_write_folder
 from . import types as T
-from .placement import check_blocks_to_swap, on_compute_device, place_dit, prepare_for_view, release_swap
+from .generation import decode_video, video_to_image
+from .placement import RESIDENCY, check_blocks_to_swap
 from .registry import SESSIONS
 from ..engine.errors import MusubiInputError, invalid
 
@@ -211,78 +212,13 @@ def dataset_loader(dataset, model, seed: int):
 
 
 # --- the object on the TRAINING_SESSION socket ----------------------------------------------------------------------
-class TrainingRun:
-    """One training session of the pack: the engine session (on a LoRA view of the DiT) + node bookkeeping."""
-
-    def __init__(self, session, key, node_id: str, base=None):
-        self.session = session
-        self.key = key
-        self.node_id = node_id
-        self.base = base                      # the loader's model the view was made from (memory settings)
-        self.targets: dict[tuple, int] = {}   # Train Steps token -> the step it must reach
-        self.listener = None                  # the running Train Steps node's ValidationListener (set by train_to)
-
-    @property
-    def model(self):
-        return self.session.model
-
-    @property
-    def network(self):
-        return self.session.network
-
-    def sync_memory_settings(self) -> None:
-        """The loader sets blocks_to_swap / activation_offload on its model each run; the view copied them when it
-        was made, so a session kept across runs follows the loader's current values."""
-        base, view = self.base, self.session.model
-        if base is None or base is view:
-            return
-        for attr in ("blocks_to_swap", "activation_offload"):
-            if attr in base.__dict__:
-                setattr(view, attr, base.__dict__[attr])
-
-    def activate(self) -> None:
-        """Before training or sampling: this session's adapter attached, the view on the compute device (with block
-        swap: the weight set's swapper on the view), adapter and optimizer state there too."""
-        from ..engine.training.trainer import check_attention
-
-        s = self.session
-        check_attention(s.model, s.config)
-        if not s.network.is_attached:
-            s.network.attach(s.model)
-        self.sync_memory_settings()
-        device = place_dit(s.model, training=True)
-        with torch.inference_mode(False):   # adapters swapped in CPU blocks were created on the CPU: move them
-            s.network.to(device)
-            _move_optimizer_state(s.optimizer, device)
-
-    def to(self, device) -> "TrainingRun":
-        """Offload (Musubi Unload Models): the view's block swapper detached (to CPU), adapter and optimizer state
-        to `device`; `activate` brings them back."""
-        release_swap(self.session.model, only_if_attached_to_it=True)
-        with torch.inference_mode(False):
-            self.session.network.to(device)
-            _move_optimizer_state(self.session.optimizer, torch.device(device))
-        return self
-
-    def close(self) -> None:
-        """Replaced or released: unsaved steps go to the state folder first, then the adapter comes off."""
-        self.session.close(save=True)
-        release_swap(self.session.model, only_if_attached_to_it=True)
-        self.session.network.detach()
-
-
-def _move_optimizer_state(optimizer, device: torch.device) -> None:
-    for state in optimizer.state.values():
-        for k, v in list(state.items()):
-            if isinstance(v, torch.Tensor) and v.device != device and v.dim() > 0:
-                state[k] = v.to(device)
-
-
+# A session lives in SESSIONS as an engine HostedSession (engine/training/hosted.py: the trainer on a LoRA view of the
+# loader's model, placed by the pack's Residency); the socket carries it with the point of the graph it comes from.
 @dataclasses.dataclass(frozen=True)
-class SessionHandle:
-    """TRAINING_SESSION socket value: the run and a token naming the point of the graph it comes from."""
+class SessionOutput:
+    """TRAINING_SESSION socket value: the hosted session and a token naming the point of the graph it comes from."""
 
-    run: TrainingRun
+    run: "HostedSession"
     token: tuple
 
     @property
@@ -290,15 +226,14 @@ class SessionHandle:
         return self.run.session
 
 
-def _handle(value, field: str = "session") -> SessionHandle:
-    if not isinstance(value, SessionHandle):
+def _session_output(value, field: str = "session") -> SessionOutput:
+    if not isinstance(value, SessionOutput):
         raise invalid(field, type(value).__name__, "a TRAINING_SESSION from Musubi Init Training / Resume Training")
     return value
 
 
-def _check_model(model) -> None:
-    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
-        raise invalid("model", type(model).__name__, "a Wan DiT from Musubi Wan DiT Loader")
+def _dit(model):
+    return T.handle(model, "model", "a DiT from Musubi Wan DiT Loader")
 
 
 def make_trainable(model: torch.nn.Module) -> None:
@@ -315,29 +250,29 @@ def make_trainable(model: torch.nn.Module) -> None:
 
 
 def open_run(kind: str, node_id, model, dataset, network, optimizer, config, resume_from=None,
-             continue_saved: bool = False) -> TrainingRun:
-    """The session of this node for these inputs: the one in memory, or a new one replacing this node's old one
-    (which saves its unsaved steps first). `continue_saved`: a new session continues from the state saved under
-    the output name, when there is one the network fits (else it starts fresh; the state is kept).
+             continue_saved: bool = False):
+    """The session of this node for these inputs: the one in memory (following the loader's current run options),
+    or a new one replacing this node's old one (which saves its unsaved steps first). `continue_saved`: a new
+    session continues from the state saved under the output name, when there is one the network fits.
 
     Everything a user can get wrong is checked before ComfyUI's models are evicted or a weight moves."""
-    from ..engine.training import TrainingSession
+    from ..engine.training.hosted import host_session
     from ..engine.training.trainer import check_attention
-    from ..engine.lora.views import add_network, make_lora_view
 
-    _check_model(model)
+    handle = _dit(model)
     node_id = str(node_id)
-    loader, ds_identity = dataset_loader(dataset, model, config.seed)
-    key = (kind, node_id, id(model), ds_identity, _plain_key(network), _plain_key(optimizer), _plain_key(config),
-           str(resume_from) if resume_from else "", bool(continue_saved))
+    loader, ds_identity = dataset_loader(dataset, handle.module, config.seed)
+    key = (kind, node_id, id(handle.module), ds_identity, _plain_key(network), _plain_key(optimizer),
+           _plain_key(config), str(resume_from) if resume_from else "", bool(continue_saved))
     existing = SESSIONS.get(key)
     if existing is not None:
+        existing.options = handle.options
         return existing
     config.validate()
     network.validate()
     optimizer.validate()
-    check_attention(model, config)
-    check_blocks_to_swap(model)
+    check_attention(handle.module, config, handle.options.attention)
+    check_blocks_to_swap(handle)
 
     stale = [k for k in SESSIONS.keys() if isinstance(k, tuple) and k[:2] == (kind, node_id) and k != key]
     for k in stale:   # their steps on disk before anything else (a new session may continue from them)
@@ -345,25 +280,11 @@ def open_run(kind: str, node_id, model, dataset, network, optimizer, config, res
         if old is not None:
             old.session.save_progress()
     compat.free_all()
-    # no swapper on the weight set while the view and its adapters are made; with block swap the swapped blocks
-    # stay in CPU memory (their adapters are created there and moved by activate, which attaches the swapper)
-    prepare_for_view(model)
-    make_trainable(model)
-    view = make_lora_view(model)
-    saved = _saved_state(config) if continue_saved and not resume_from else None
+    make_trainable(handle.module)
     with compat.training_context():  # adapter and optimizer tensors must be normal (autograd) tensors
-        session = None
-        if saved is not None:
-            try:
-                session = TrainingSession(view, network, optimizer, loader, config, resume_from=saved)
-            except MusubiInputError as e:   # saved for another network (kind/rank): a fresh run beside it
-                log.warning("ComfyUI-Musubi: not continuing from %s (%s); starting from step 0", saved, e)
-                view = make_lora_view(model)
-        if session is None:
-            session = TrainingSession(view, network, optimizer, loader, config, resume_from=resume_from)
-    add_network(view, session.network, {"name": config.output_name, "strength": 1.0, "mode": "training",
-                                        "node": node_id})
-    run = TrainingRun(session, key, node_id, base=model)
+        run = host_session(handle, loader, network, optimizer, config, residency=RESIDENCY,
+                           device=compat.torch_device(), resume_from=resume_from, continue_saved=continue_saved,
+                           key=key, node=node_id)
     # only now that the new session exists (a bad config fails above and leaves the old one intact) is this
     # node's previous session replaced
     if stale:
@@ -372,16 +293,9 @@ def open_run(kind: str, node_id, model, dataset, network, optimizer, config, res
     return run
 
 
-def _saved_state(config) -> Path | None:
-    from ..engine.training.state import state_dir, state_run
-
-    folder = state_dir(Path(config.output_dir), config.output_name)
-    return folder if state_run(folder) is not None else None
-
-
-def train_to(run: TrainingRun, target: int, node_id) -> list[float]:
-    """Train `run` until step `target` (capped at max_train_steps) with a per-step progress bar, text status and a
-    loss-curve preview; cancel stops within one step (the engine saves a resumable state and re-raises)."""
+def train_to(run, target: int, node_id) -> list[float]:
+    """Train `run` until step `target` with a per-step progress bar, text status and a loss-curve preview; cancel
+    stops within one step (the engine saves a resumable state and re-raises)."""
     from PIL import Image
 
     from ..engine.training import loss_curve_image
@@ -391,7 +305,6 @@ def train_to(run: TrainingRun, target: int, node_id) -> list[float]:
     if todo <= 0:
         return []
     compat.free_all()
-    run.activate()
     start = s.step
     bar = compat.Progress(todo, node_id)
     every = max(1, todo // 10)
@@ -407,7 +320,7 @@ def train_to(run: TrainingRun, target: int, node_id) -> list[float]:
     run.listener = ValidationListener(bar, node_id, start)
     try:
         with compat.training_context():
-            return s.train_steps(todo, progress)
+            return run.train_to(target, compat.torch_device(), progress)
     finally:
         run.listener = None
 
@@ -419,12 +332,6 @@ def _first_frame_pil(video: torch.Tensor):
 
     frame = ((video[0, :, 0].float().cpu() + 1.0) / 2.0).clamp(0, 1).permute(1, 2, 0)
     return Image.fromarray((frame.numpy() * 255).round().astype("uint8"))
-
-
-def video_to_image(video: torch.Tensor) -> torch.Tensor:
-    """[B, 3, F, H, W] in [-1, 1] -> IMAGE [B·F, H, W, 3] in [0, 1] (as Musubi Wan VAE Decode outputs)."""
-    frames = ((video.float().cpu() + 1.0) / 2.0).clamp(0, 1)
-    return frames.permute(0, 2, 3, 4, 1).reshape(-1, *frames.shape[-2:], 3).contiguous()
 
 
 class ValidationListener:
@@ -458,23 +365,21 @@ class _ValidationVAE:
     """The VAE as the session's validation sees it (`decode(latents) -> [B, 3, F, H, W]` in [-1, 1]): decoded on the
     compute device, then shown on the running Train Steps node."""
 
-    def __init__(self, vae, run: "TrainingRun"):
+    def __init__(self, vae, run):
         self.vae, self.run = vae, run
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        with on_compute_device(self.vae) as device:
-            dtype = next(self.vae.parameters()).dtype
-            video = self.vae.decode(latents.to(device, dtype)).float().cpu()
+        video = decode_video(self.vae, latents)
         listener = self.run.listener
         if listener is not None:
             listener.decoded(self.run.session, video)
         return video
 
 
-def _validation_sample_fn(run: "TrainingRun"):
-    """engine.families.wan.pipeline.generate with the running Train Steps node's progress text and cancel check."""
+def _validation_sample_fn(run):
+    """The family's sampler with the running Train Steps node's progress text and cancel check."""
     def sample(model, request, progress=None):
-        from ..engine.families.wan.pipeline import generate
+        from ..engine.families import family_of
 
         def step_progress(step, total, x0=None):
             listener = run.listener
@@ -483,15 +388,15 @@ def _validation_sample_fn(run: "TrainingRun"):
             if progress is not None:
                 progress(step, total, x0)
 
-        return generate(model, request, step_progress)
+        return family_of(model).sample(model, request, step_progress)
     return sample
 
 
 def check_validation_inputs(model, prompts, vae, every_n_steps, at_start) -> bool:
     """Init Training's validation inputs, checked before any session exists; True when validation is on."""
+    from ..engine.families import family_of
     from ..engine.training import ValidationPrompt
     from ..engine.training.validation import build_request
-    from ..engine.families.wan.pipeline import validate_request
 
     every_n_steps = int(every_n_steps or 0)
     if every_n_steps < 0:
@@ -507,20 +412,21 @@ def check_validation_inputs(model, prompts, vae, every_n_steps, at_start) -> boo
         raise invalid("validation_prompts", None, f"at least one prompt from Musubi Validation Prompt (connected) "
                                                   f"when {why} is set")
     if vae is None:
-        raise invalid("validation_vae", None, f"a Wan VAE (Musubi Wan VAE Loader) to decode the samples when {why} "
+        raise invalid("validation_vae", None, f"a VAE (Musubi Wan VAE Loader) to decode the samples when {why} "
                                               "is set")
-    if not callable(getattr(vae, "decode", None)) or not callable(getattr(vae, "parameters", None)):
-        raise invalid("validation_vae", type(vae).__name__, "a Wan VAE from Musubi Wan VAE Loader")
+    vae = T.handle(vae, "validation_vae", "a VAE from Musubi Wan VAE Loader")
+    if not callable(getattr(vae.module, "decode", None)):
+        raise invalid("validation_vae", type(vae.module).__name__, "a VAE from Musubi Wan VAE Loader")
     for i, p in enumerate(prompts):
         try:
-            validate_request(model, build_request(model, p).resolve())
+            family_of(model).check_sampling(model, build_request(model, p))
         except Exception as e:  # noqa: BLE001 - restate it as an input error naming the prompt
             raise invalid(f"validation_prompts[{i}]", f"{p.width}x{p.height}x{p.frames}",
                           f"a prompt the loaded model can sample: {e}") from e
     return True
 
 
-def validation_config(run: "TrainingRun", prompts, vae, every_n_steps, at_start):
+def validation_config(run, prompts, vae, every_n_steps, at_start):
     from ..engine.training import ValidationConfig
 
     cfg = ValidationConfig(prompts=list(prompts), every_n_steps=int(every_n_steps) or None, at_first=bool(at_start),
@@ -529,7 +435,7 @@ def validation_config(run: "TrainingRun", prompts, vae, every_n_steps, at_start)
     return cfg
 
 
-def samples_image(run: "TrainingRun") -> torch.Tensor:
+def samples_image(run) -> torch.Tensor:
     """The session's latest validation samples as one IMAGE (every prompt's frames one after another, resized to
     the first prompt's size), or a 1×64×64 black image before the first validation."""
     videos = [v for v in (run.session.last_samples or []) if isinstance(v, torch.Tensor) and v.ndim == 5
@@ -544,7 +450,7 @@ def samples_image(run: "TrainingRun") -> torch.Tensor:
     return torch.cat(same)
 
 
-def status_of(run: TrainingRun) -> str:
+def status_of(run) -> str:
     s = run.session
     if s.last_info is not None:
         text = s.last_info.status
@@ -556,7 +462,7 @@ def status_of(run: TrainingRun) -> str:
     return text
 
 
-def _loss_image(run: TrainingRun) -> torch.Tensor:
+def _loss_image(run) -> torch.Tensor:
     from ..engine.training import loss_curve_image
 
     return loss_curve_image(run.session.history.losses)
@@ -602,6 +508,54 @@ def _training_config(*, seed, max_train_steps, mixed_precision, gradient_checkpo
         keep_last_n_states=int(keep_last_n_saves) or None, save_format=save_format)
 
 
+def network_config(network_kind, rank, alpha, dropout, rank_dropout, module_dropout, include_patterns="",
+                   exclude_patterns="", lokr_factor=-1, network_weights=""):
+    """The LoRA Config node's inputs -> a validated engine NetworkConfig (Train LoRA builds one too)."""
+    from ..engine.training import NetworkConfig
+
+    if network_kind not in NETWORK_KINDS:
+        raise invalid("network_kind", network_kind, f"one of {NETWORK_KINDS}")
+    cfg = NetworkConfig(kind=network_kind, rank=int(rank), alpha=float(alpha) or None,
+                        dropout=float(dropout) or None, rank_dropout=float(rank_dropout) or None,
+                        module_dropout=float(module_dropout) or None, lokr_factor=int(lokr_factor),
+                        include=_regexes(include_patterns, "include_patterns"),
+                        exclude=_regexes(exclude_patterns, "exclude_patterns"),
+                        network_weights=(network_weights or "").strip() or None)
+    cfg.validate()
+    cfg.adapter_config().validate()
+    return cfg
+
+
+def optimizer_config(optimizer_type, learning_rate, max_grad_norm, lr_scheduler, lr_warmup_steps, optimizer_args="",
+                     custom_optimizer="", lr_scheduler_args="", lr_scheduler_num_cycles=1, lr_scheduler_power=1.0,
+                     lr_scheduler_min_lr_ratio=0.0):
+    """The Optimizer Config node's inputs -> a validated engine OptimizerConfig (Train LoRA builds one too)."""
+    from ..engine.training import OptimizerConfig
+
+    kind = optimizer_type
+    if optimizer_type == "custom":
+        kind = (custom_optimizer or "").strip()
+        if not kind:
+            raise invalid("custom_optimizer", custom_optimizer, "an optimizer class path such as torch.optim.SGD "
+                                                                "when optimizer_type is 'custom'")
+    cfg = OptimizerConfig(optimizer_type=kind, learning_rate=float(learning_rate),
+                          optimizer_args=_kwargs(optimizer_args, "optimizer_args"),
+                          max_grad_norm=float(max_grad_norm), lr_scheduler=lr_scheduler,
+                          lr_warmup_steps=_steps_value(lr_warmup_steps, "lr_warmup_steps"),
+                          lr_scheduler_num_cycles=int(lr_scheduler_num_cycles),
+                          lr_scheduler_power=float(lr_scheduler_power),
+                          lr_scheduler_min_lr_ratio=float(lr_scheduler_min_lr_ratio) or None,
+                          lr_scheduler_args=_kwargs(lr_scheduler_args, "lr_scheduler_args"))
+    cfg.validate()
+    if kind.lower() not in ("adamw", "adamw8bit", "adafactor", "prodigy"):
+        from ..engine.training.optimizers import import_class
+
+        cls = import_class(kind, "custom_optimizer")
+        if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+            raise invalid("custom_optimizer", kind, "a torch.optim.Optimizer subclass")
+    return cfg
+
+
 # --- nodes -----------------------------------------------------------------------------------------------------------
 class MusubiLoRAConfig:
     DESCRIPTION = ("The adapter to train: LoRA, LoHa or LoKr with rank, alpha, dropouts and which layers to adapt "
@@ -642,19 +596,8 @@ class MusubiLoRAConfig:
 
     def build(self, network_kind, rank, alpha, dropout, rank_dropout, module_dropout, include_patterns="",
               exclude_patterns="", lokr_factor=-1, network_weights=""):
-        from ..engine.training import NetworkConfig
-
-        if network_kind not in NETWORK_KINDS:
-            raise invalid("network_kind", network_kind, f"one of {NETWORK_KINDS}")
-        cfg = NetworkConfig(kind=network_kind, rank=int(rank), alpha=float(alpha) or None,
-                            dropout=float(dropout) or None, rank_dropout=float(rank_dropout) or None,
-                            module_dropout=float(module_dropout) or None, lokr_factor=int(lokr_factor),
-                            include=_regexes(include_patterns, "include_patterns"),
-                            exclude=_regexes(exclude_patterns, "exclude_patterns"),
-                            network_weights=(network_weights or "").strip() or None)
-        cfg.validate()
-        cfg.adapter_config().validate()
-        return (cfg,)
+        return (network_config(network_kind, rank, alpha, dropout, rank_dropout, module_dropout,
+                               include_patterns, exclude_patterns, lokr_factor, network_weights),)
 
 
 class MusubiOptimizerConfig:
@@ -701,30 +644,9 @@ class MusubiOptimizerConfig:
     def build(self, optimizer_type, learning_rate, max_grad_norm, lr_scheduler, lr_warmup_steps, optimizer_args="",
               custom_optimizer="", lr_scheduler_args="", lr_scheduler_num_cycles=1, lr_scheduler_power=1.0,
               lr_scheduler_min_lr_ratio=0.0):
-        from ..engine.training import OptimizerConfig
-
-        kind = optimizer_type
-        if optimizer_type == "custom":
-            kind = (custom_optimizer or "").strip()
-            if not kind:
-                raise invalid("custom_optimizer", custom_optimizer, "an optimizer class path such as torch.optim.SGD "
-                                                                    "when optimizer_type is 'custom'")
-        cfg = OptimizerConfig(optimizer_type=kind, learning_rate=float(learning_rate),
-                              optimizer_args=_kwargs(optimizer_args, "optimizer_args"),
-                              max_grad_norm=float(max_grad_norm), lr_scheduler=lr_scheduler,
-                              lr_warmup_steps=_steps_value(lr_warmup_steps, "lr_warmup_steps"),
-                              lr_scheduler_num_cycles=int(lr_scheduler_num_cycles),
-                              lr_scheduler_power=float(lr_scheduler_power),
-                              lr_scheduler_min_lr_ratio=float(lr_scheduler_min_lr_ratio) or None,
-                              lr_scheduler_args=_kwargs(lr_scheduler_args, "lr_scheduler_args"))
-        cfg.validate()
-        if kind.lower() not in ("adamw", "adamw8bit", "adafactor", "prodigy"):
-            from ..engine.training.optimizers import import_class
-
-            cls = import_class(kind, "custom_optimizer")
-            if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
-                raise invalid("custom_optimizer", kind, "a torch.optim.Optimizer subclass")
-        return (cfg,)
+        return (optimizer_config(optimizer_type, learning_rate, max_grad_norm, lr_scheduler, lr_warmup_steps,
+                                 optimizer_args, custom_optimizer, lr_scheduler_args, lr_scheduler_num_cycles,
+                                 lr_scheduler_power, lr_scheduler_min_lr_ratio),)
 
 
 class MusubiInitTraining:
@@ -822,8 +744,7 @@ class MusubiInitTraining:
             output_name=output_name, save_state=save_state, attention_backend=attention_backend,
             save_format=save_format)
         network, optimizer = _network_config(lora_config), _optimizer_config(optimizer_config)
-        _check_model(model)
-        validate = check_validation_inputs(model, validation_prompts, validation_vae, validate_every_n_steps,
+        validate = check_validation_inputs(_dit(model).module, validation_prompts, validation_vae, validate_every_n_steps,
                                            validate_at_start)
         logging_dir = tensorboard_dir(config.output_dir) if tensorboard else None
         run = open_run("init", unique_id, model, dataset, dataclasses.replace(network),
@@ -832,7 +753,7 @@ class MusubiInitTraining:
         run.session.validation = validation_config(run, validation_prompts, validation_vae, validate_every_n_steps,
                                                    validate_at_start) if validate else None
         set_logging_dir(run, logging_dir)
-        return (SessionHandle(run, ("init",) + run.key[1:]), run.model)
+        return (SessionOutput(run, ("init",) + run.key[1:]), run.handle())
 
 
 def tensorboard_dir(output_dir: str) -> str:
@@ -847,7 +768,7 @@ def tensorboard_dir(output_dir: str) -> str:
     return str(check_writable(Path(output_dir) / "logs", "output_dir"))
 
 
-def set_logging_dir(run: TrainingRun, logging_dir: str | None) -> None:
+def set_logging_dir(run, logging_dir: str | None) -> None:
     """Turn the session's TensorBoard logging on (event files appear at the next step) or off."""
     s = run.session
     if (s.config.logging_dir or None) == logging_dir:
@@ -910,18 +831,18 @@ class MusubiTrainSteps:
         return float("nan") if train_on_every_queue else ""
 
     def train(self, session, steps, train_on_every_queue=False, unique_id=None):
-        handle = _handle(session)
+        out = _session_output(session)
         if not isinstance(steps, int) or steps < 1:
             raise invalid("steps", steps, "an integer ≥ 1")
-        run = handle.run
-        token = (str(unique_id), int(steps), handle.token)
+        run = out.run
+        token = (str(unique_id), int(steps), out.token)
         if train_on_every_queue:
             token += (next(_SERIAL),)
         target = run.targets.get(token)
         if target is None:
             target = run.targets[token] = run.session.step + steps
         train_to(run, target, unique_id)
-        return (SessionHandle(run, token), _loss_image(run), run.session.loss_map(), status_of(run), run.model,
+        return (SessionOutput(run, token), _loss_image(run), run.session.loss_map(), status_of(run), run.handle(),
                 samples_image(run))
 
 
@@ -1035,23 +956,22 @@ class MusubiValidate:
     def validate(self, session, vae, embeds, width, height, frames, steps, guidance_scale, shift, seed,
                  unique_id=None):
         from ..engine.training import ValidationPrompt, run_validation
-        from .generation import MusubiWanVAEDecode
 
-        handle = _handle(session)
+        out = _session_output(session)
+        vae = T.handle(vae, "vae", "a VAE from Musubi Wan VAE Loader")
         if width % 16 or height % 16:
             raise invalid("width/height", (width, height), "multiples of 16")
         if not isinstance(embeds, dict) or "context" not in embeds:
             raise invalid("embeds", type(embeds).__name__, "prompt embeddings from Musubi Wan Text Encode")
-        run = handle.run
-        run.activate()
+        run = out.run
+        run.activate(compat.torch_device())
         prompt = ValidationPrompt(context=embeds["context"], negative_context=embeds.get("negative_context"),
                                   width=width, height=height, frames=frames, seed=int(seed), steps=steps,
                                   guidance_scale=guidance_scale, shift=shift or None)
         bar = compat.Progress(steps, unique_id)
         (latents,) = run_validation(run.model, [prompt], run.network, None, None,
                                     lambda step, total, x0: bar.update(step))
-        images, _ = MusubiWanVAEDecode().decode(vae, {"samples": latents}, 0, 64)
-        return (images, handle)
+        return (video_to_image(decode_video(vae, latents)), out)
 
 
 class MusubiSaveTrainedLoRA:
@@ -1090,7 +1010,7 @@ class MusubiSaveTrainedLoRA:
         from ..engine.lora import read_lora
         from .lora import numbered_file, previous_numbered
 
-        run = _handle(session).run
+        run = _session_output(session).run
         if format not in SAVE_FORMATS:
             raise invalid("format", format, f"one of {SAVE_FORMATS}")
         path = numbered_file(save_to, "loras", filename_prefix, "filename_prefix")
@@ -1159,7 +1079,7 @@ class MusubiResumeTraining:
             config.max_train_steps = int(max_train_steps)
         run = open_run("resume", unique_id, model, dataset, dataclasses.replace(network),
                        dataclasses.replace(optimizer), config, resume_from=str(path))
-        return (SessionHandle(run, ("resume",) + run.key[1:]), run.model)
+        return (SessionOutput(run, ("resume",) + run.key[1:]), run.handle())
 
 
 def _from_plain(cls, plain: dict):
@@ -1230,8 +1150,8 @@ class MusubiTrainLoRA:
               save_format, output_dir="", continue_saved_state=True, unique_id=None):
         from ..engine.training.state import lora_path
 
-        (network,) = MusubiLoRAConfig().build(network_kind, rank, alpha, 0.0, 0.0, 0.0)
-        (optimizer,) = MusubiOptimizerConfig().build(optimizer_type, learning_rate, 1.0, lr_scheduler, "0")
+        network = network_config(network_kind, rank, alpha, 0.0, 0.0, 0.0)
+        optimizer = optimizer_config(optimizer_type, learning_rate, 1.0, lr_scheduler, "0")
         config = _training_config(
             seed=seed, max_train_steps=steps, mixed_precision=mixed_precision,
             gradient_checkpointing=gradient_checkpointing, gradient_accumulation_steps=1,
@@ -1245,7 +1165,7 @@ class MusubiTrainLoRA:
         path = lora_path(Path(config.lora_dir or config.output_dir), config.output_name)
         if not path.is_file():
             path = run.session.save_lora(path)
-        return {"ui": {"text": [status_of(run), str(path)]}, "result": (run.model, _loss_image(run), str(path))}
+        return {"ui": {"text": [status_of(run), str(path)]}, "result": (run.handle(), _loss_image(run), str(path))}
 
 
 NODE_CLASS_MAPPINGS = {

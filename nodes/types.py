@@ -16,3 +16,15 @@ LORA_CONFIG = "MUSUBI_LORA_CONFIG"
 OPTIMIZER_CONFIG = "MUSUBI_OPTIMIZER_CONFIG"
 TRAINING_SESSION = "MUSUBI_TRAINING_SESSION"
 VALIDATION_PROMPTS = "MUSUBI_VALIDATION_PROMPTS"
+
+
+def handle(value, field: str, expected: str):
+    """The ModelHandle on a model socket (engine/handle.py); a bare model gets default run options. Anything else
+    is refused naming the input."""
+    from ..engine.errors import invalid
+    from ..engine.handle import as_handle
+
+    h = as_handle(value)
+    if h is None:
+        raise invalid(field, type(value).__name__, expected)
+    return h

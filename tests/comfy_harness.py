@@ -259,6 +259,10 @@ class InProcessComfy:
             entry = asyncio.run(entry)
         return entry.outputs[index][0]
 
+    def module(self, node_id: str, index: int = 0):
+        """The model inside a model socket's value (a ModelHandle: module + family + run options)."""
+        return self.output(node_id, index).module
+
     def input_types(self) -> dict:
         return {name: cls.INPUT_TYPES() for name, cls in self.b.nodes.NODE_CLASS_MAPPINGS.items()}
 

@@ -174,6 +174,11 @@ class DualFamily:
                            prompt.shift or 3.0)
 
     @staticmethod
+    def check_sampling(model, r: DualRequest):
+        if r.width % 8 or r.height % 8:
+            raise invalid("width/height", (r.width, r.height), "multiples of 8")
+
+    @staticmethod
     def sample(model, r: DualRequest, progress=None):
         noise = make_noise((LATENT, (r.frames - 1) // 4 + 1, r.height // 8, r.width // 8), r.seed, 1, "cpu", "cpu")
         solver = make_solver("euler", r.steps, r.shift)

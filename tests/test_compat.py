@@ -105,10 +105,10 @@ def test_rerun_without_cache_keeps_one_model_in_memory(comfy):
     prompt = ui_to_api(T2V, comfy.input_types())
     comfy.run(prompt)
     dit_id = next(str(n["id"]) for n in T2V["nodes"] if n["type"] == "MusubiWanDiTLoader")
-    first = comfy.output(dit_id)
+    first = comfy.module(dit_id)
     comfy.executor.reset()  # drop every cached output, as RAM-pressure eviction would
     comfy.run(prompt)
-    assert comfy.output(dit_id) is first
+    assert comfy.module(dit_id) is first
     gc.collect()
     wan_cls = type(first)
     live = [o for o in gc.get_objects() if type(o) is wan_cls and getattr(o, "source_path", None) == first.source_path]
@@ -122,16 +122,18 @@ def test_loader_placement_options_decide_whether_models_go_back_to_cpu(comfy, mo
     monkeypatch.setattr(compat, "torch_device", lambda: torch.device("cuda"))
     monkeypatch.setattr(compat, "make_room", lambda *a, **k: 0)
 
+    handles = comfy.pack_module("engine.handle")
+
     class Encoder:  # records moves; no real GPU needed
-        def __init__(self, keep):
-            self.keep_on_gpu, self.moves = keep, []
+        def __init__(self):
+            self.model, self.moves = torch.nn.Linear(2, 2), []
 
         def to(self, device):
             self.moves.append(str(device))
             return self
 
     for keep, expected in ((False, ["cuda", "cpu"]), (True, ["cuda"])):
-        enc = Encoder(keep)
-        with placement.on_compute_device(enc) as device:
+        enc = Encoder()
+        with placement.on_compute_device(handles.ModelHandle.of(enc, keep_on_gpu=keep)) as device:
             assert device.type == "cuda"
         assert enc.moves == expected

@@ -111,13 +111,13 @@ def _apply_prompt(lora_a, strength, mode="adapter", chain_b=None, block_filter="
 @pytest.mark.parametrize("mode", ["adapter", "merge"])
 def test_requeue_with_new_strength_replaces_instead_of_stacking(comfy, lora_files, mode):
     comfy.run(_apply_prompt(lora_files["a"], 0.5, mode))
-    base = comfy.output("1")
+    base = comfy.module("1")
     base_out = _probe(base)
-    first = comfy.output("3")
+    first = comfy.module("3")
     assert "lora_a @ 0.5: 20/20 modules matched, 0 keys unmatched" in comfy.output("3", 1)
     comfy.run(_apply_prompt(lora_files["a"], 1.0, mode))
-    view = comfy.output("3")
-    assert comfy.output("1") is base and view is not first
+    view = comfy.module("3")
+    assert comfy.module("1") is base and view is not first
     assert [(e["name"], e["strength"]) for e in _stack(comfy, view)] == [("lora_a", 1.0)]
     assert _hook_count(view) == (20 if mode == "adapter" else 0)
     expected = _probe(_reference(base, [(lora_files["a_path"], 1.0)]))
@@ -131,7 +131,7 @@ def test_requeue_with_new_strength_replaces_instead_of_stacking(comfy, lora_file
 def test_chained_apply_keeps_both_and_reruns_do_not_stack(comfy, lora_files):
     for s in (0.5, 1.0):
         comfy.run(_apply_prompt(lora_files["a"], s, "adapter", chain_b=lora_files["b"]))
-    base, view = comfy.output("1"), comfy.output("5")
+    base, view = comfy.module("1"), comfy.module("5")
     assert [(e["name"], e["strength"], e["mode"]) for e in _stack(comfy, view)] == \
         [("lora_a", 1.0, "adapter"), ("lora_b", 1.0, "merge")]
     assert _hook_count(view) == 20                 # lora_a's adapters, once
@@ -146,7 +146,7 @@ def test_two_loras_in_one_node(comfy, lora_files):
     prompt["4"] = {"class_type": "MusubiLoadLoRA", "inputs": {"lora_name": lora_files["b"]}}
     prompt["3"]["inputs"].update(lora_2=["4", 0], strength_2=-0.4)
     comfy.run(prompt)
-    base, view = comfy.output("1"), comfy.output("3")
+    base, view = comfy.module("1"), comfy.module("3")
     expected = _probe(_reference(base, [(lora_files["a_path"], 0.6), (lora_files["b_path"], -0.4)]))
     torch.testing.assert_close(_probe(view), expected, rtol=1e-4, atol=1e-5)
     assert "lora_2 lora_b @ -0.4" in comfy.output("3", 1)
@@ -154,7 +154,7 @@ def test_two_loras_in_one_node(comfy, lora_files):
 
 def test_block_filter_limits_the_modules(comfy, lora_files):
     comfy.run(_apply_prompt(lora_files["a"], 1.0, "adapter", block_filter="1"))
-    view = comfy.output("3")
+    view = comfy.module("3")
     hooked = {n for n, m in view.named_modules() if m._forward_hooks}
     assert hooked and all(n.startswith("blocks.1.") for n in hooked)
     assert "block filter kept 10" in comfy.output("3", 1)
@@ -410,4 +410,4 @@ def test_apply_refuses_loras_that_do_not_fit(comfy, lora_files, case):
         expected = "block_filter"
     msg = _error(comfy, _apply_prompt(lora_name, 1.0, block_filter=block_filter))
     assert expected in msg and ("lora" in msg or "block_filter" in msg), msg
-    assert _hook_count(comfy.output("1")) == 0
+    assert _hook_count(comfy.module("1")) == 0

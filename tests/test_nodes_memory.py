@@ -8,6 +8,7 @@ so blocks_to_swap=1 is the most it allows.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 import pytest
@@ -70,7 +71,7 @@ def test_sampling_with_block_swap_is_bit_identical_and_stays_attached(comfy, swa
     placement = swap["placement"]
     comfy.run(t2v_prompt(0))
     reference = comfy.output("31")["samples"].clone()
-    model = comfy.output("1")
+    model = comfy.output("1").module
     assert placement.active_swapper() == [] and not swap["transfers"]
 
     comfy.run(t2v_prompt(1))
@@ -121,13 +122,13 @@ def test_training_losses_identical_with_swap_and_activation_offload(comfy, data,
         before = len(loads(swap["transfers"]))
         comfy.run(swap_prompt(tmp_path / tag, tag, n, offload, non_blocks=non_blocks))
         results[tag] = comfy.output("6", 2)["loss"]
-        view = comfy.output("6", 4)
-        assert view.activation_offload is offload and view.blocks_to_swap == n
+        view = comfy.output("6", 4)   # the trained view's handle carries the loader's current options
+        assert view.options.activation_offload is offload and view.options.blocks_to_swap == n
         assert offload_flags and set(offload_flags) == {offload}, "activation offload did not reach the DiT"
         assert (len(loads(swap["transfers"])) > before) == (n > 0)
         if n:
             assert swap["placement"].active_swapper(view) is not None
-            net = view.__dict__["_musubi_lora_networks"][-1]
+            net = view.module.__dict__["_musubi_lora_networks"][-1]
             assert all(p.device.type == "cpu" for p in net.parameters())   # not meta: real adapter weights
     assert len(results["plain"]) == 4
     for tag in ("swap", "swap_offload", "offload", "swap_non_blocks"):
@@ -149,7 +150,7 @@ def test_sampling_the_base_after_training_a_view_switches_the_swapper_then_unloa
     p = swap_prompt(tmp_path / "swap", "swap", 1)
     sample_nodes(p, ["6", 4], "4")
     comfy.run(p)                       # train the view, sample with it: the view holds the swapper
-    base, view = comfy.output("1"), comfy.output("6", 4)
+    base, view = comfy.output("1").module, comfy.output("6", 4).module
     assert placement.active_swapper(view) is not None and placement.active_swapper(base) is None
     assert torch.equal(comfy.output("41")["samples"], ref_view)
 
@@ -179,7 +180,8 @@ def test_sampling_the_base_after_training_a_view_switches_the_swapper_then_unloa
 
 def test_view_made_while_swapped_inherits_no_swap_hook(comfy, swap):
     comfy.run(t2v_prompt(1, seed=12))
-    model = comfy.output("1")
+    handle = comfy.output("1")
+    model = handle.module
     placement, lora = swap["placement"], comfy.pack_module("nodes.lora")
     assert placement.active_swapper(model) is not None and model.blocks[0]._forward_pre_hooks
     view = comfy.pack_module("engine.lora.views").make_lora_view(model)
@@ -187,7 +189,7 @@ def test_view_made_while_swapped_inherits_no_swap_hook(comfy, swap):
     for block in view.blocks:
         assert not block._forward_pre_hooks and not block._forward_hooks
         assert not block._forward_pre_hooks_with_kwargs and not getattr(block, "_forward_hooks_with_kwargs", {})
-    placement.place_dit(view)         # the view takes the weight set's swapper over
+    placement.place_dit(handle.with_module(view))   # the view takes the weight set's swapper over
     assert placement.active_swapper(view) is not None and placement.active_swapper(model) is None
     assert not model.blocks[0]._forward_pre_hooks
 
@@ -196,10 +198,10 @@ def test_apply_lora_merge_on_a_swapped_model(comfy, swap):
     """Merge mode reads the base weights: Apply LoRA detaches the swapper first (no meta weight gets merged)."""
     p = t2v_prompt(1, seed=11)     # a prompt no other test ran (ComfyUI would serve it from its cache)
     comfy.run(p)
-    model = comfy.output("1")
+    model = comfy.output("1").module
     assert swap["placement"].active_swapper(model) is not None
     # 2 blocks, prefetch 1: block 1 stays loaded after sampling; evict it as a bigger model would have it
-    swap["placement"]._drop_loaded(swap["placement"].active_swapper(model))
+    swap["placement"].active_swapper(model).evict_loaded()
     assert model.blocks[1].self_attn.q.weight.device.type == "meta"
     p["50"] = {"class_type": "MusubiCreateRandomLoRA", "inputs": {"model": ["1", 0], "rank": 2, "seed": 1}}
     p["51"] = {"class_type": "MusubiApplyLoRA", "inputs": {"model": ["1", 0], "lora": ["50", 0], "strength": 1.0,
@@ -219,13 +221,10 @@ def test_blocks_to_swap_beyond_the_model_limit_fails_naming_it(comfy, swap):
     comfy.run(t2v_prompt(2), expect_success=False)
     assert not comfy.executor.success
     assert "blocks_to_swap" in comfy.error_message(), comfy.error_message()
-    # a value set on the model behind the loader's back is refused by the placement itself, before anything moves
+    # a handle made without the loader's check is refused by the placement itself, before anything moves
     placement, errors = swap["placement"], importlib.import_module(comfy.pack_module().__name__ + ".engine.errors")
-    (model,) = comfy.pack_module("nodes.loaders").MusubiWanDiTLoader().load("preset:tiny-t2v", "fp32", "sdpa")
-    model.blocks_to_swap = 2
-    try:
-        with pytest.raises(errors.MusubiInputError, match="blocks_to_swap"):
-            placement.place_dit(model)
-    finally:
-        model.blocks_to_swap = 0
+    (handle,) = comfy.pack_module("nodes.loaders").MusubiWanDiTLoader().load("preset:tiny-t2v", "fp32", "sdpa")
+    bad = dataclasses.replace(handle, options=dataclasses.replace(handle.options, blocks_to_swap=2))
+    with pytest.raises(errors.MusubiInputError, match="blocks_to_swap"):
+        placement.place_dit(bad)
     assert placement.active_swapper() == []

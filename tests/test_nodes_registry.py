@@ -51,8 +51,8 @@ def models(comfy):
 
 def test_changing_a_loader_input_releases_the_copy_it_loaded_before(comfy, models):
     comfy.run(_prompt("fp32"))
-    LOADED_CLASS[:] = [type(comfy.output("1"))]
-    first = weakref.ref(comfy.output("1"))
+    LOADED_CLASS[:] = [type(comfy.module("1"))]
+    first = weakref.ref(comfy.module("1"))
     for dtype in ("bf16", "fp16", "fp32", "bf16"):
         comfy.run(_prompt(dtype))
         assert len(_dits(models)) == 1, _dits(models)
@@ -62,8 +62,8 @@ def test_changing_a_loader_input_releases_the_copy_it_loaded_before(comfy, model
 
 def test_two_loaders_share_one_copy_and_keep_it_while_one_uses_it(comfy, models):
     comfy.run(_prompt("fp32", second="fp32"))
-    LOADED_CLASS[:] = [type(comfy.output("1"))]
-    assert comfy.output("1") is comfy.output("2") and len(_dits(models)) == 1
+    LOADED_CLASS[:] = [type(comfy.module("1"))]
+    assert comfy.module("1") is comfy.module("2") and len(_dits(models)) == 1
     comfy.run(_prompt("fp32", second="bf16"))      # node 2 moves on; node 1 still uses the fp32 copy
     assert len(_dits(models)) == 2 and _live_dits(comfy) == 2
     comfy.run(_prompt("bf16", second="bf16"))      # now nobody uses fp32
@@ -72,12 +72,12 @@ def test_two_loaders_share_one_copy_and_keep_it_while_one_uses_it(comfy, models)
 
 def test_a_released_copy_still_held_elsewhere_is_handed_back_not_loaded_again(comfy, models):
     comfy.run(_prompt("fp32"))
-    held = comfy.output("1")
+    held = comfy.module("1")
     LOADED_CLASS[:] = [type(held)]                      # e.g. a training session still holds the model
     comfy.run(_prompt("bf16"))
     assert len(_dits(models)) == 1 and models.live_released() == 1
     comfy.run(_prompt("fp32"))
-    assert comfy.output("1") is held and _live_dits(comfy) == 1   # the bf16 copy went when its output was replaced
+    assert comfy.module("1") is held and _live_dits(comfy) == 1   # the bf16 copy went when its output was replaced
     del held
 
 
@@ -128,7 +128,7 @@ def test_under_ram_pressure_a_load_first_releases_the_models_of_other_graphs(com
         comfy.run(graph("5", "dit_b.safetensors"))
         assert len(_dits(models)) == 2
         comfy.run(graph("1", "dit_a.safetensors"))
-        a = weakref.ref(comfy.output("1"))
+        a = weakref.ref(comfy.module("1"))
         monkeypatch.setattr(registry, "available_ram", short, raising=False)
         models.release(lambda k: k[0] == "wan_dit" and "dit_b.safetensors" in str(k[1]))
         comfy.run(graph("5", "dit_b.safetensors"))                           # another workflow loads a new file

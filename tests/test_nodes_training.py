@@ -52,7 +52,7 @@ def data(comfy, tmp_path_factory):
     captions = ["a red square", "a blue square"]
     cfg = edata.dataset_from_tensors(images, captions, root / "cache", resolution=(SIZE, SIZE))
     with torch.inference_mode():
-        edata.build_cache(cfg, WanCacheAdapter(vae=vae, text_encoder=te, dtype=torch.float32,
+        edata.build_cache(cfg, WanCacheAdapter(vae=vae.module, text_encoder=te.module, dtype=torch.float32,
                                                      text_dtype=torch.float32))
     DATASETS["cached"] = cfg
     DATASETS["uncached"] = edata.dataset_from_tensors(images, captions, root / "never", resolution=(SIZE, SIZE))
@@ -138,7 +138,7 @@ def test_loss_falls_and_the_lora_pulls_samples_toward_the_training_data(comfy, d
     curve = comfy.output("6", 1)
     assert curve.shape[0] == 1 and curve.shape[-1] == 3
 
-    base, trained = comfy.output("1"), comfy.output("6", 4)
+    base, trained = comfy.module("1"), comfy.module("6", 4)
     assert trained is not base and not networks(base) and list(networks(trained)) == ["training"]
     red = data["latents"][0]  # sorted keys: item00000 = red
     without = comfy.output("31")["samples"][0]
@@ -153,15 +153,15 @@ def test_requeue_continues_the_same_session_and_never_stacks(comfy, data, tmp_pa
     p = train_prompt(tmp_path / "out", steps=5)
     comfy.run(p)
     (run,) = sessions(comfy)
-    model = comfy.output("6", 4)
+    model = comfy.module("6", 4)
     assert run.session.step == 5
 
     comfy.run(p)                 # cached: nothing runs
     comfy.executor.reset()       # RAM-pressure eviction: every node runs again
     comfy.run(p)
     assert sessions(comfy) == [run] and run.session.step == 5, "re-execution after eviction trained again"
-    assert comfy.output("6", 4) is model and list(networks(model)) == ["training"]
-    assert not networks(comfy.output("1"))
+    assert comfy.module("6", 4) is model and list(networks(model)) == ["training"]
+    assert not networks(comfy.module("1"))
 
     p["6"]["inputs"]["steps"] = 3  # a changed Train Steps input: N more steps on the same session
     comfy.run(p)
@@ -177,7 +177,7 @@ def test_requeue_continues_the_same_session_and_never_stacks(comfy, data, tmp_pa
     comfy.run(p)
     (new,) = sessions(comfy)
     assert new is not run and new.session.step == 3
-    assert not run.network.is_attached and list(networks(comfy.output("6", 4))) == ["training"]
+    assert not run.network.is_attached and list(networks(comfy.module("6", 4))) == ["training"]
 
 
 def test_chained_train_steps_with_validate_between(comfy, data, tmp_path):
@@ -276,7 +276,7 @@ def test_same_seed_samples_after_training_with_dropout_are_identical(comfy, data
     first, second = comfy.output("31")["samples"], comfy.output("41")["samples"]
     assert torch.equal(first, second), float((first - second).abs().max())
     assert not torch.allclose(first, comfy.output("51")["samples"])
-    assert networks(comfy.output("6", 4))["training"].training is False
+    assert networks(comfy.module("6", 4))["training"].training is False
 
 
 def test_train_lora_all_in_one_and_save_trained_lora(comfy, data, tmp_path):
@@ -293,7 +293,7 @@ def test_train_lora_all_in_one_and_save_trained_lora(comfy, data, tmp_path):
     comfy.run(p)
     path = Path(comfy.output("3", 2))
     assert path == tmp_path / "aio" / "aio.safetensors" and path.is_file()
-    assert list(networks(comfy.output("3", 0))) == ["training"]
+    assert list(networks(comfy.module("3", 0))) == ["training"]
 
     q = train_prompt(tmp_path / "out", steps=2)
     q["8"] = {"class_type": "MusubiSaveTrainedLoRA", "inputs": {
@@ -335,7 +335,7 @@ def test_train_then_generate_workflow(comfy, data):
     losses = comfy.output(train, 2)["loss"]
     assert len(losses) >= 20 and sum(losses[-5:]) < sum(losses[:5])
     (sampler,) = by_type["MusubiWanSampler"]
-    model = comfy.output(by_type["MusubiWanDiTLoader"][0])
+    model = comfy.module(by_type["MusubiWanDiTLoader"][0])
     assert not networks(model)
     saved = comfy.output(by_type["MusubiSaveTrainedLoRA"][0], 1)
     assert Path(saved).is_file()

@@ -94,6 +94,9 @@ class Family(Protocol):
     def sampling_request(self, prompt) -> object:
         """A validation prompt (`engine.training.ValidationPrompt`) -> this family's generate request."""
 
+    def check_sampling(self, model: nn.Module, request) -> None:
+        """Raise MusubiInputError when `model` cannot sample `request` (before any model call)."""
+
     def sample(self, model: nn.Module, request, progress=None) -> torch.Tensor:
         """Latents for a request (the family's pipeline)."""
 

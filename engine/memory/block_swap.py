@@ -293,6 +293,11 @@ class BlockSwapper:
         self._last_forward_grad = _training_forward()
 
     # --- loads / evictions ------------------------------------------------------------------------------------------
+    def evict_loaded(self) -> None:
+        """Drop every swapped block on the device (prefetched or bound); the next forward loads them again."""
+        for j in list(self._loads):
+            self._evict(j)
+
     def _start(self, j: int) -> None:
         if j not in self._loads:
             request_room(self._masters[j].nbytes, self.device)

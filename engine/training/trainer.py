@@ -65,8 +65,9 @@ class StepInfo:
 
 # --- checks that run before any heavy work -------------------------------------------------------------------
 
-def check_attention(model, config: TrainingConfig) -> None:
-    backend = config.attention_backend or getattr(model, "attention_backend", "sdpa")
+def check_attention(model, config: TrainingConfig, host_backend: str | None = None) -> None:
+    """Refuse a kernel without a backward pass: the config's, else the host's choice (loader), else the model's."""
+    backend = config.attention_backend or host_backend or getattr(model, "attention_backend", "sdpa")
     if backend in TRAINING_BACKENDS_REFUSED:
         raise invalid("attention_backend", backend, TRAINING_BACKENDS_REFUSED[backend])
 
@@ -130,6 +131,7 @@ class TrainingSession:
         self.family = family_of(model)
         self.network_config, self.optimizer_config, self.validation = network, optimizer, validation
         self.device = execution_device(model)   # the swapper's device when layers sit on the host
+        self.activation_offload = False         # checkpointed block inputs in host memory (set by the host)
         self.output_dir = Path(config.output_dir)
         self.lora_dir = Path(config.lora_dir) if config.lora_dir else self.output_dir
         self.total_steps = resolve_total_steps(config, loader)
@@ -194,9 +196,9 @@ class TrainingSession:
         completed = False
         self.model.train()
         self.network.train()
-        # activation offload is a model-level memory option (the DiT loader's), read at each call
+        # activation offload is a memory option of the host's (the DiT loader's), read at each call
         set_block_checkpointing(self.model, bool(self.config.gradient_checkpointing),
-                                offload=bool(getattr(self.model, "activation_offload", False)),
+                                offload=bool(self.activation_offload),
                                 saved_dtype=(AMP_DTYPES.get(self.config.mixed_precision)
                                              if self.config.checkpoint_dtype == "compute" else None))
         optimizer_train_mode(self.optimizer, True)

@@ -123,6 +123,10 @@ class WanFamily:
             seed=prompt.seed, clip_fea=prompt.clip_fea, conditioning=prompt.conditioning)
 
     @staticmethod
+    def check_sampling(model: nn.Module, request) -> None:
+        pipeline.validate_request(model, request.resolve())
+
+    @staticmethod
     def sample(model: nn.Module, request, progress=None) -> torch.Tensor:
         return pipeline.generate(model, request, progress)
 
