@@ -15,7 +15,8 @@ import torch.nn as nn
 
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
-    """How a loaded model runs. DiT: the first five; VAE and encoders: `keep_on_gpu`, VAE: `cache_on_cpu`."""
+    """How a loaded model runs. DiT: attention, swap, offloads, compile; VAE and encoders: `keep_on_gpu`; VAE:
+    `cache_on_cpu`."""
 
     attention: str | None = None        # attention kernel of the DiT; None: the module's own
     blocks_to_swap: int = 0             # blocks kept in host memory and streamed in (memory.block_swap)
@@ -24,6 +25,7 @@ class RunOptions:
     offload_after_use: bool = False     # back to CPU memory after each use
     keep_on_gpu: bool = False           # stay on the GPU between uses even when the caller would offload
     cache_on_cpu: bool | None = None    # VAE: temporal feature caches in host memory; None: the module's own
+    compile: bool | None = None         # DiT: torch.compile each block's forward; None: as the module is
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,4 +62,13 @@ def apply_run_options(handle: ModelHandle):
         module.attention_backend = opts.attention
     if opts.cache_on_cpu is not None and hasattr(module, "cache_device"):
         module.cache_device = "cpu" if opts.cache_on_cpu else None
+    if opts.compile is not None and handle.family is not None and hasattr(type(module), "family"):   # a DiT
+        from .families import blocks_of
+        from .memory.compile import compile_blocks, is_compiled, uncompile_blocks
+
+        blocks = blocks_of(module)
+        if opts.compile and not is_compiled(blocks):
+            compile_blocks(blocks)
+        elif not opts.compile and is_compiled(blocks):
+            uncompile_blocks(blocks)
     return module

@@ -1,11 +1,12 @@
-"""Node classes of the pack (classic V1 API). One module per theme; each exports its own mappings.
+"""Node classes of the pack (classic V1 API). One module per family (`wan.py`) and per generic
+theme; each exports its own mappings.
 
 Node ids are prefixed `Musubi` and are never renamed once released: saved workflows refer to them.
 """
 
-from . import data, generation, loaders, lora, training, utility
+from . import data, lora, training, utility, video, wan
 
-_MODULES = [loaders, generation, utility, lora, training, data]
+_MODULES = [wan, video, utility, lora, training, data]   # family node files first, then the generic ones
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}

@@ -41,8 +41,7 @@ from .paths import folder_problem, resolve_write_folder
 from .placement import on_compute_device
 from ..engine.data import (CachedBatchLoader, CacheRequirements, DatasetConfig, build_cache, check_cache_for_model,
                            dataset_from_folder, dataset_from_tensors, list_items, load_dataset_config, read_manifest)
-from ..engine.families.wan.cache import WanCacheAdapter
-from ..engine.families.wan.cache import cache_requirements as wan_cache_requirements
+from ..engine.families import families, get_family
 from ..engine.data.cache import prepare_item
 from ..engine.data.frames import FRAME_EXTRACTION_MODES
 from ..engine.errors import invalid
@@ -50,7 +49,6 @@ from ..engine.errors import invalid
 log = logging.getLogger("ComfyUI-Musubi")
 
 CATEGORY = "Musubi/data"
-ARCH = "wan"
 TASKS = ["t2v", "i2v", "fun_control"]   # the pipeline's task names
 KINDS = ["auto", "image", "video"]
 
@@ -61,7 +59,7 @@ class MusubiDataset:
     """What travels on a DATASET socket. Immutable: the caching nodes return a new object."""
 
     config: DatasetConfig
-    arch: str = ARCH
+    family: str = dataclasses.field(default_factory=lambda: families()[0].name)   # set by the caching nodes
     latent: dict | None = None   # Cache Latents: {"vae", "clip"?, "task", "i2v", "control", "dtype"}
     text: dict | None = None     # Cache Text Embeddings: {"text_encoder", "dtype"}
     history: tuple = ()          # summaries of the caching steps, oldest first
@@ -76,10 +74,7 @@ class MusubiDataset:
 
     def requirements(self, text_dim: int | None = None) -> CacheRequirements:
         """What a model needs from this dataset's caches (for `check_cache_for_model`); `text_dim` None = not checked."""
-        lat, txt = self.latent or {}, self.text or {}
-        return wan_cache_requirements(text_dim=text_dim, i2v=bool(lat.get("i2v")), clip="clip" in lat,
-                                      control=bool(lat.get("control")), vae_identity=lat.get("vae"),
-                                      clip_identity=lat.get("clip"), text_identity=txt.get("text_encoder"))
+        return get_family(self.family).described_cache_requirements(self.latent, self.text, text_dim)
 
     def cached_datasets(self, text_dim: int | None = None):
         """The validated caches (engine `CachedDataset` list); raises naming what is missing or out of date."""
@@ -100,6 +95,18 @@ def _dataset(value, field: str = "dataset") -> MusubiDataset:
     if not (hasattr(value, "config") and hasattr(value, "with_cache")):
         raise invalid(field, type(value).__name__, "a DATASET from a Musubi dataset node")
     return value
+
+
+def _family_of(handle, dataset: MusubiDataset, field: str):
+    """The family an encoder was loaded for; a dataset's caches are all for one family."""
+    if handle.family is None:
+        raise invalid(field, type(handle.module).__name__, "an encoder from a Musubi loader node (it names the model "
+                                                           "family the cache is for)")
+    family = get_family(handle.family)
+    if (dataset.latent or dataset.text) and family.name != dataset.family:
+        raise invalid(field, f"an encoder for {family.display_name}", f"an encoder for {get_family(dataset.family).display_name}, "
+                                                                       "the family this dataset's other cache is for")
+    return family
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------------
@@ -451,8 +458,9 @@ class MusubiCacheLatents:
             raise invalid("clip_vision", None, "a CLIP vision encoder for task i2v (Wan 2.1 I2V uses CLIP features)")
         if task == "t2v" and clip_vision is not None:
             raise invalid("clip_vision", "connected", "no CLIP vision for task t2v (pick i2v or disconnect it)")
-        adapter = WanCacheAdapter(vae=vae.module, clip=clip_vision.module if clip_vision is not None else None,
-                                  i2v=task == "i2v", control=task == "fun_control")
+        family = _family_of(vae, dataset, "vae")
+        adapter = family.cache_adapter(vae=vae.module, clip=clip_vision.module if clip_vision is not None else None,
+                                       i2v=task == "i2v", control=task == "fun_control")
         progress = _progress(unique_id, "latents")
         notes: list[str] = []
         with on_compute_device(vae), (on_compute_device(clip_vision) if clip_vision is not None
@@ -462,7 +470,7 @@ class MusubiCacheLatents:
         latent = {**adapter.latent_description(), "task": task}
         summary = _cache_summary("latents", report.latents_encoded, report.items, report.removed_files, dataset,
                                  f", {report.clips_written} clip(s) written")
-        out = dataset.with_cache(latent=latent, history=dataset.history + (summary,))
+        out = dataset.with_cache(family=family.name, latent=latent, history=dataset.history + (summary,))
         return _shown(unique_id, _with_warnings(summary, notes), (out,))
 
 
@@ -489,14 +497,16 @@ class MusubiCacheTextEmbeddings:
     def cache(self, dataset, text_encoder, keep_cache, unique_id=None):
         dataset = _dataset(dataset)
         text_encoder = T.handle(text_encoder, "text_encoder", "a text encoder from Musubi umT5 Text Encoder Loader")
-        adapter = WanCacheAdapter(text_encoder=text_encoder.module)
+        family = _family_of(text_encoder, dataset, "text_encoder")
+        adapter = family.cache_adapter(text_encoder=text_encoder.module)
         progress = _progress(unique_id, "captions")
         notes: list[str] = []
         with on_compute_device(text_encoder), _collect_warnings(notes):
             # One caption per step: every item is a cancel point and results never depend on batch padding.
             report = build_cache(dataset.config, adapter, keep_cache=keep_cache, text_batch_size=1, progress=progress)
         summary = _cache_summary("text", report.texts_encoded, report.items, report.removed_files, dataset)
-        out = dataset.with_cache(text=adapter.text_description(), history=dataset.history + (summary,))
+        out = dataset.with_cache(family=family.name, text=adapter.text_description(),
+                                 history=dataset.history + (summary,))
         return _shown(unique_id, _with_warnings(summary, notes), (out,))
 
 
@@ -594,9 +604,11 @@ class MusubiDatasetPreview:
         bar = compat.Progress(len(todo), unique_id)
         bar.update(0)
         rows, buckets, lines = [], {}, []
+        family = get_family(dataset.family)
+        adapter = family.cache_adapter()   # no encoders: only its clip planning (target fps, one-frame rules)
         with _collect_warnings(notes):
             for n, (ds, it) in enumerate(todo):
-                for pc in prepare_item(it, ds, WanCacheAdapter.target_fps, ARCH, WanCacheAdapter()):
+                for pc in prepare_item(it, ds, adapter.target_fps, family.cache_arch, adapter):
                     key = (ds.index, pc.bucket[0], pc.bucket[1], pc.frames)
                     buckets[key] = buckets.get(key, 0) + 1
                     rows.append({"frames": pc.clip.frames, "caption": it.caption,
@@ -619,7 +631,7 @@ class MusubiDatasetPreview:
                          + (", ".join(f"{w}x{h}x{t}f: {c}" for (w, h, t), c in sorted(per.items())) or "none"))
             empty = [it.key for it in its if not it.caption.strip()]
             lines.append(f"  empty captions: {len(empty)}" + (f" ({', '.join(empty[:6])})" if empty else ""))
-            lines.append("  " + _cache_state(ds, its))
+            lines.append("  " + _cache_state(ds, its, family.cache_arch))
         missing = [n for n in notes if "no caption file" in n]
         lines.append(f"missing caption files (items skipped): {len(missing)}")
         lines += [f"warning: {n}" for n in notes]
@@ -631,8 +643,8 @@ class MusubiDatasetPreview:
         return {"ui": {"text": [summary]}, "result": (image, summary)}
 
 
-def _cache_state(ds, items) -> str:
-    m = read_manifest(Path(ds.cache_directory), ARCH) if Path(ds.cache_directory).is_dir() else None
+def _cache_state(ds, items, arch: str) -> str:
+    m = read_manifest(Path(ds.cache_directory), arch) if Path(ds.cache_directory).is_dir() else None
     if m is None:
         return f"cache {ds.cache_directory}: none yet"
     entries = m.get("items", {})

@@ -30,7 +30,7 @@ from . import comfy_compat as compat
 from . import checks
 from .paths import check_write_path, folder_problem, resolve_write_folder
 from . import types as T
-from .generation import decode_video, video_to_image
+from .video import decode_video, video_to_image
 from .placement import RESIDENCY, check_blocks_to_swap
 from .registry import SESSIONS
 from ..engine.errors import MusubiInputError, invalid

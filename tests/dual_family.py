@@ -155,6 +155,12 @@ class DualFamily:
         return CacheRequirements("ds", LATENT, TEXT, ("latents", "llm"), None, identities or None, text_key="llm")
 
     @staticmethod
+    def described_cache_requirements(latent, text, text_dim=None):
+        ids = {k: v for k, v in (("vae", (latent or {}).get("vae")), ("text_encoder", (text or {}).get("text_encoder")))
+               if v}
+        return CacheRequirements("ds", LATENT, text_dim, ("latents", "llm"), None, ids or None, text_key="llm")
+
+    @staticmethod
     def collate(samples):
         return {"latents": torch.stack([s["latents"] for s in samples]), "context": [s["llm"] for s in samples]}
 

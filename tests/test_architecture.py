@@ -7,7 +7,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 GENERIC = ["engine/training", "engine/data", "engine/lora", "engine/memory", "engine/sampling", "engine/atomic.py",
-           "engine/attention.py", "engine/checkpoint.py", "engine/errors.py", "engine/video_io.py",
+           "engine/attention.py", "engine/checkpoint.py", "engine/errors.py", "engine/video_io.py", "engine/handle.py",
            "engine/families/family.py"]   # engine/families/__init__.py: the registry, one line per built-in family
 FAMILY_WORD = re.compile(r"(?i:(^|[^a-z0-9])(wan|hunyuan|hunyuanvideo|framepack)([^a-z0-9]|$))|WAN_|Wan[A-Z]")
 
@@ -24,18 +24,31 @@ def test_generic_engine_code_names_no_family():
     assert not hits, "generic modules must ask the family (engine.families), not name it:\n" + "\n".join(hits)
 
 
-def test_generic_engine_code_imports_no_family_folder():
+def _family_imports(paths) -> list[str]:
     families = {p.name for p in (REPO / "engine" / "families").iterdir() if p.is_dir() and p.name != "__pycache__"}
     assert "wan" in families
     hits = []
-    for p in _generic_files():
+    for p in paths:
         for node in ast.walk(ast.parse(p.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module:
                 parts = node.module.split(".")
                 if "families" in parts and parts[parts.index("families") + 1:][:1] and \
                         parts[parts.index("families") + 1] in families:
                     hits.append(f"{p.relative_to(REPO)}: from {node.module}")
+    return hits
+
+
+def test_generic_engine_code_imports_no_family_folder():
+    hits = _family_imports(_generic_files())
     assert not hits, hits
+
+
+def test_generic_nodes_import_no_family_folder():
+    """Only a family's node file (nodes/<family>.py) reaches into its family folder; the data, training, LoRA,
+    video and utility nodes go through the registry and the model handles."""
+    families = {p.name for p in (REPO / "engine" / "families").iterdir() if p.is_dir() and p.name != "__pycache__"}
+    generic = [p for p in sorted((REPO / "nodes").glob("*.py")) if p.stem not in families]
+    assert len(generic) > 5 and not _family_imports(generic), _family_imports(generic)
 
 
 def test_the_check_sees_a_family_name():   # the guard itself works on a line that names a family

@@ -223,8 +223,63 @@ def test_blocks_to_swap_beyond_the_model_limit_fails_naming_it(comfy, swap):
     assert "blocks_to_swap" in comfy.error_message(), comfy.error_message()
     # a handle made without the loader's check is refused by the placement itself, before anything moves
     placement, errors = swap["placement"], importlib.import_module(comfy.pack_module().__name__ + ".engine.errors")
-    (handle,) = comfy.pack_module("nodes.loaders").MusubiWanDiTLoader().load("preset:tiny-t2v", "fp32", "sdpa")
+    (handle,) = comfy.pack_module("nodes.wan").MusubiWanDiTLoader().load("preset:tiny-t2v", "fp32", "sdpa")
     bad = dataclasses.replace(handle, options=dataclasses.replace(handle.options, blocks_to_swap=2))
     with pytest.raises(errors.MusubiInputError, match="blocks_to_swap"):
         placement.place_dit(bad)
     assert placement.active_swapper() == []
+
+
+def test_two_loaders_of_one_file_keep_their_own_options(comfy, swap):
+    """Both loader nodes get the same loaded module; each node's options travel on its own handle. They used to be
+    attributes of the shared module, so whichever loader ran last decided for every sampler, also for a sampler
+    re-run alone later with the other loader's output from the cache."""
+    p = {"1": loader(1), "2": loader(0)}
+    sample_nodes(p, ["1", 0], "3", seed=21)
+    sample_nodes(p, ["2", 0], "4", seed=21)
+    comfy.run(p)
+    assert comfy.module("1") is comfy.module("2")
+    assert comfy.output("1").options.blocks_to_swap == 1 and comfy.output("2").options.blocks_to_swap == 0
+    assert torch.equal(comfy.output("31")["samples"], comfy.output("41")["samples"])
+
+    for seed in (22, 23):   # only the swapping loader's sampler re-runs (the loaders come from the cache)
+        before = len(loads(swap["transfers"]))
+        p["31"]["inputs"]["seed"] = seed
+        comfy.run(p)
+        assert len(loads(swap["transfers"])) > before, "the sampler of the blocks_to_swap=1 loader did not swap"
+        p["41"]["inputs"]["seed"] = seed   # and the other one alone: the whole model, no streaming
+        before = len(loads(swap["transfers"]))
+        comfy.run(p)
+        assert len(loads(swap["transfers"])) == before
+        assert torch.equal(comfy.output("31")["samples"], comfy.output("41")["samples"])
+
+
+def test_compile_and_fp8_matmul_loader_options_reach_the_model(comfy, swap, monkeypatch):
+    """compile_blocks: every block's forward goes through torch.compile (here its eager backend: Dynamo traces,
+    no C++ toolchain needed) with the same samples; fp8_matmul: every fp8 layer is switched to fp8 matmul, and a
+    model without fp8 weights is refused naming the input."""
+    compile_mod = importlib.import_module(comfy.pack_module().__name__ + ".engine.memory.compile")
+    real_compile = torch.compile
+    monkeypatch.setattr(compile_mod.torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": "eager"}))
+    p = t2v_prompt(0, seed=31)
+    comfy.run(p)
+    eager = comfy.output("31")["samples"].clone()
+    p["1"]["inputs"]["compile_blocks"] = True
+    comfy.run(p)
+    blocks = comfy.module("1").blocks
+    assert compile_mod.is_compiled(blocks)
+    report = blocks[0].forward.report
+    assert report.compiled == [0, 1] and not report.fell_back, report
+    torch.testing.assert_close(comfy.output("31")["samples"], eager, rtol=0, atol=1e-6)
+    p["1"]["inputs"]["compile_blocks"] = False
+    comfy.run(p)
+    assert not compile_mod.is_compiled(comfy.module("1").blocks)
+
+    fp8 = importlib.import_module(comfy.pack_module().__name__ + ".engine.memory.fp8")
+    p["1"]["inputs"].update(fp8="scaled", fp8_matmul=True)
+    comfy.run(p)
+    layers = [m for m in comfy.module("1").modules() if isinstance(m, fp8.Fp8Linear)]
+    assert layers and all(m.use_fp8_matmul and m.scale_layout != "block" for m in layers)
+    p["1"]["inputs"].update(fp8="none")
+    comfy.run(p, expect_success=False)
+    assert "fp8_matmul" in comfy.error_message(), comfy.error_message()

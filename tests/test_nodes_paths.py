@@ -95,7 +95,7 @@ def test_lora_save_through_a_symlink_out_of_output_is_refused(comfy, strict, tmp
 def test_save_video_through_a_symlink_out_of_output_is_refused(comfy, strict, tmp_path):
     import torch
 
-    gen = comfy.pack_module("nodes.generation")
+    gen = comfy.pack_module("nodes.video")
     link = _output(comfy) / "t23_vid_escape"
     link.symlink_to(tmp_path, target_is_directory=True)
     try:

@@ -42,7 +42,7 @@ def data(comfy, tmp_path_factory):
     edata = comfy.pack_module("engine.data")
     wan_cache = comfy.pack_module("engine.families.wan.cache")
     WanCacheAdapter, wan_cache_requirements = wan_cache.WanCacheAdapter, wan_cache.cache_requirements
-    ld = comfy.pack_module("nodes.loaders")
+    ld = comfy.pack_module("nodes.wan")
     (vae,) = ld.MusubiWanVAELoader().load("preset:tiny-vae", "fp32", False)
     (te,) = ld.MusubiUMT5Loader().load("preset:tiny-umt5", "fp32")
     root = tmp_path_factory.mktemp("training_data")

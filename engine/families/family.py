@@ -79,6 +79,10 @@ class Family(Protocol):
     def cache_requirements(self, model: nn.Module, **identities):
         """`engine.data.CacheRequirements`: what `model` needs from a cache."""
 
+    def described_cache_requirements(self, latent: dict | None, text: dict | None, text_dim: int | None = None):
+        """`CacheRequirements` of a cache described by this family's adapter (`latent_description()`,
+        `text_description()`); `text_dim` None = not checked."""
+
     def collate(self, samples: list[dict[str, torch.Tensor]]) -> dict:
         """Loaded cache samples (batch names) -> a training batch."""
 

@@ -45,6 +45,7 @@ def _copy_module(module: nn.Module, root: bool) -> nn.Module:
         elif "hook" in k and isinstance(v, dict):
             v = type(v)(v)
         d[k] = v
+    d.pop("forward", None)   # an instance forward (torch.compile's wrapper) is bound to the source module: not ours
     _drop_block_swap_hooks(d)
     if root:
         for k in [k for k in d if k.startswith("_musubi_")]:

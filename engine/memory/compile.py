@@ -84,6 +84,10 @@ def compile_blocks(blocks: nn.ModuleList, config: CompileConfig | None = None) -
     return report
 
 
+def is_compiled(blocks: nn.ModuleList) -> bool:
+    return any(isinstance(b.__dict__.get("forward"), _CompiledForward) for b in blocks)
+
+
 def uncompile_blocks(blocks: nn.ModuleList) -> None:
     for block in blocks:
         if isinstance(block.__dict__.get("forward"), _CompiledForward):

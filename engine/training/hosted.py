@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from ..errors import MusubiInputError
-from ..handle import ModelHandle, RunOptions
+from ..handle import ModelHandle, RunOptions, apply_run_options
 from ..lora.views import add_network, make_lora_view
 from ..memory.residency import Residency
 from .state import state_dir, state_run
@@ -68,8 +68,9 @@ class HostedSession:
         """Before training or sampling: the adapter attached, the view placed (with block swap: the weight set's
         swapper on the view), adapter and optimizer state on the device; activation offload as the loader says."""
         s, opts = self.session, self.options
-        if opts.attention and not s.config.attention_backend:
-            s.model.attention_backend = opts.attention
+        apply_run_options(self.handle())
+        if s.config.attention_backend:   # the training config's kernel wins over the loader's
+            s.model.attention_backend = s.config.attention_backend
         check_attention(s.model, s.config)
         if not s.network.is_attached:
             s.network.attach(s.model)

@@ -59,6 +59,13 @@ class WanFamily:
         return cache.cache_requirements(text_dim=cfg.text_dim, i2v=extra == I2V_CHANNELS, clip=needs_clip(cfg),
                                         control=extra == CONTROL_CHANNELS, **identities)
 
+    @staticmethod
+    def described_cache_requirements(latent: dict | None, text: dict | None, text_dim: int | None = None):
+        lat, txt = latent or {}, text or {}
+        return cache.cache_requirements(text_dim=text_dim, i2v=bool(lat.get("i2v")), clip="clip" in lat,
+                                        control=bool(lat.get("control")), vae_identity=lat.get("vae"),
+                                        clip_identity=lat.get("clip"), text_identity=txt.get("text_encoder"))
+
     collate = staticmethod(cache.WanCacheAdapter.collate)
 
     # --- training -------------------------------------------------------------------------------------------------

@@ -377,6 +377,8 @@ class WanVAE(nn.Module):
     Instance defaults (overridable per call): `cache_device` (None = compute device; "cpu" = Musubi's
     vae_cache_cpu), `tile_size` (pixels, 0 = no tiling), `tile_overlap` (pixels)."""
 
+    family = "wan"
+
     def __init__(self, cfg: WanVAEConfig | None = None):
         super().__init__()
         self.config = cfg = cfg or WanVAEConfig()

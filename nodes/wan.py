@@ -1,18 +1,26 @@
-"""Generation nodes for Wan 2.1: text encode, image encode (I2V/FLF2V), sampler, VAE decode, save video."""
+"""Wan 2.1 nodes: loaders (DiT, VAE, umT5 text encoder, CLIP vision), encoders (text, I2V/FLF2V image,
+Fun-Control, one-frame), the sampler and the VAE decode. The family's node file (docs/ARCHITECTURE.md)."""
 
 from __future__ import annotations
-
-import os
 
 import torch
 
 from . import comfy_compat as compat
 from . import checks
-from .paths import check_write_path
 from . import types as T
+from .loading import DTYPES, model_choices, owner_of, resolve_source, room_for, source_identity
 from .placement import dit_on_device, on_compute_device
+from .registry import MODELS
+from .video import decode_video, image_to_video_tensor, video_frames_tensor, video_to_image
 from ..engine.errors import invalid
+from ..engine.handle import ModelHandle, RunOptions
 
+FAMILY = "wan"   # the family these loaders load for (encoders are shared modules; their handle names the family)
+DIT_PRESETS = ["preset:tiny-t2v", "preset:tiny-i2v", "preset:tiny-flf2v", "preset:tiny-fun-control"]
+VAE_PRESETS = ["preset:tiny-vae"]
+T5_PRESETS = ["preset:tiny-umt5"]
+CLIP_PRESETS = ["preset:tiny-clip"]
+ATTENTION = ["sdpa", "flash", "sage", "xformers", "sdpa_split"]
 # The official Wan 2.1 default negative prompt (used when the negative prompt is left empty, as the release does).
 WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
                        "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
@@ -25,13 +33,192 @@ CLIP_EXPECTED = "a CLIP vision model from Musubi CLIP Vision Loader"
 CFG_SKIP = ["none", "early", "late", "middle", "early_late", "alternate"]
 
 
-def image_to_video_tensor(image: torch.Tensor, width: int, height: int, field: str) -> torch.Tensor:
-    """IMAGE [B,H,W,C] 0..1 (first image used) -> [3, H', W'] in [-1, 1] resized to width x height (bicubic)."""
-    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] < 3:
-        raise invalid(field, getattr(image, "shape", type(image).__name__), "an IMAGE [batch, height, width, 3]")
-    x = compat.unwrap_inference_tensor(image[:1, :, :, :3]).movedim(-1, 1).float()  # [1,3,H,W]
-    x = torch.nn.functional.interpolate(x, size=(height, width), mode="bicubic", align_corners=False)
-    return (x[0].clamp(0, 1) * 2.0 - 1.0)
+
+class MusubiWanDiTLoader:
+    DESCRIPTION = ("Load a Wan 2.1 diffusion transformer (T2V 1.3B/14B, I2V, FLF2V, Fun-Control) from "
+                   "models/diffusion_models: official or ComfyUI files, bf16/fp16/fp8/scaled fp8. The variant is "
+                   "detected from the file. The model stays loaded between runs and serves training and sampling.")
+    CATEGORY = "Musubi/loaders"
+    FUNCTION = "load"
+    RETURN_TYPES = (T.DIT,)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The loaded Wan DiT (kept in the pack's memory; train it or sample with it).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model_name": (model_choices(DIT_PRESETS, "diffusion_models"), {
+                "tooltip": "A Wan 2.1 DiT file from models/diffusion_models, or a tiny built-in preset for tests."}),
+            "dtype": (["bf16", "fp16", "fp32", "keep"], {"default": "bf16",
+                      "tooltip": "Compute precision of the weights; 'keep' keeps the file's precision (fp8 files are "
+                                 "upcast to bf16)."}),
+            "attention": (ATTENTION, {"default": "sdpa",
+                          "tooltip": "Attention kernel. Missing backends fall back to sdpa with a warning; 'sage' "
+                                     "is for sampling only (it has no backward pass)."}),
+        }, "optional": {
+            "fp8": (["none", "scaled", "e4m3"], {"default": "none",
+                    "tooltip": "Store the transformer blocks' linear weights in fp8 (half the memory of bf16): "
+                               "'scaled' keeps block-wise scales (more accurate), 'e4m3' is a plain cast. fp8 files "
+                               "are used as they are. LoRAs train on top in full precision."}),
+            "blocks_to_swap": ("INT", {"default": 0, "min": 0, "max": 39,
+                               "tooltip": "Keep this many transformer blocks in CPU memory and stream them to the "
+                                          "GPU just before use (at most blocks-1: 39 for 14B, 29 for 1.3B). Saves "
+                                          "VRAM at some speed cost; ignored on CPU."}),
+            "activation_offload": ("BOOLEAN", {"default": False,
+                                   "tooltip": "With gradient checkpointing, keep the checkpointed activations in CPU "
+                                              "memory during training (less VRAM, slower)."}),
+            "offload_after_use": ("BOOLEAN", {"default": False,
+                                  "tooltip": "Move the DiT back to CPU memory after every node that uses it (frees "
+                                             "VRAM for other models; slower re-runs). Off: it stays on the GPU "
+                                             "until Musubi Unload Models or a node's own offload option."}),
+            "offload_non_block_weights": ("BOOLEAN", {"default": False,
+                                          "tooltip": "With blocks_to_swap > 0: also keep the embeddings and the "
+                                                     "output head in CPU memory, copied to the GPU for each "
+                                                     "forward pass (about 0.85 GB less VRAM for 14B, which keeps "
+                                                     "its time projection in fp32)."}),
+            "compile_blocks": ("BOOLEAN", {"default": False,
+                               "tooltip": "torch.compile each transformer block (Musubi --compile): faster steps "
+                                          "after a first slow one; needs triton on the GPU. A block that fails to "
+                                          "compile runs as usual, with a warning."}),
+            "fp8_matmul": ("BOOLEAN", {"default": False,
+                           "tooltip": "With fp8 weights: multiply in fp8 (Musubi --fp8_fast) when sampling on GPUs "
+                                      "that support it (RTX 40xx, H100 and newer); faster, slightly less exact. "
+                                      "Block-wise scales become per-row scales. Training is unaffected."}),
+        }, "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"}}
+
+    def load(self, model_name, dtype, attention, fp8="none", blocks_to_swap=0, activation_offload=False,
+             offload_after_use=False, offload_non_block_weights=False, compile_blocks=False, fp8_matmul=False,
+             unique_id=None, prompt=None):
+        from ..engine.memory import enable_fp8_matmul, validate_blocks_to_swap
+        from ..engine.families.wan.loader import load_wan_dit
+
+        source = resolve_source(model_name, "diffusion_models", "model_name")
+        dt = None if dtype == "keep" else DTYPES[dtype]
+        fp8_mode = None if fp8 == "none" else fp8
+
+        def load():
+            model = load_wan_dit(source, dtype=dt, device="cpu", fp8=fp8_mode)
+            if fp8_matmul and not enable_fp8_matmul(model) and not _has_fp8_layers(model):
+                raise invalid("fp8_matmul", True, "fp8 weights: fp8 'scaled' or 'e4m3', or an fp8 file")
+            return model
+
+        # fp8 matmul requantizes block-wise scales: a copy of its own, never the plain one's weights
+        key = ("wan_dit", source_identity(source), dtype, fp8) + (("fp8_matmul",) if fp8_matmul else ())
+        model = MODELS.get_or_create(key, room_for(source, prompt, load), owner=owner_of(self, unique_id))
+        validate_blocks_to_swap(blocks_to_swap, model.config.num_layers, model.config.variant)
+        return (ModelHandle.of(model, attention=attention, blocks_to_swap=blocks_to_swap,
+                               activation_offload=activation_offload, offload_after_use=offload_after_use,
+                               offload_non_blocks=offload_non_block_weights, compile=bool(compile_blocks)),)
+
+
+def _has_fp8_layers(model) -> bool:
+    from ..engine.memory.fp8 import Fp8Linear
+
+    return any(isinstance(m, Fp8Linear) for m in model.modules())
+
+
+class MusubiWanVAELoader:
+    DESCRIPTION = "Load the Wan 2.1 VAE (Wan2.1_VAE.pth or ComfyUI's wan_2.1_vae.safetensors) from models/vae."
+    CATEGORY = "Musubi/loaders"
+    FUNCTION = "load"
+    RETURN_TYPES = (T.VAE,)
+    RETURN_NAMES = ("vae",)
+    OUTPUT_TOOLTIPS = ("The loaded Wan VAE.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "vae_name": (model_choices(VAE_PRESETS, "vae"), {"tooltip": "A Wan 2.1 VAE file from models/vae, or the tiny preset."}),
+            "dtype": (["bf16", "fp16", "fp32"], {"default": "bf16", "tooltip": "Precision of the VAE weights."}),
+            "cache_on_cpu": ("BOOLEAN", {"default": False,
+                             "tooltip": "Keep the VAE's temporal feature caches in CPU memory (less VRAM, slower)."}),
+        }, "optional": {
+            "keep_on_gpu": ("BOOLEAN", {"default": False,
+                            "tooltip": "Keep this model on the GPU between uses (faster, uses VRAM). Off: it goes "
+                                       "back to CPU memory after each use."}),
+        }, "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"}}
+
+    def load(self, vae_name, dtype, cache_on_cpu, keep_on_gpu=False, unique_id=None, prompt=None):
+        from ..engine.families.wan.vae import load_wan_vae
+
+        source = resolve_source(vae_name, "vae", "vae_name")
+        key = ("wan_vae", source_identity(source), dtype)
+        def load():
+            vae = load_wan_vae(source, dtype=DTYPES[dtype], device="cpu")
+            vae.identity = ":".join(map(str, key[1]))   # names the weights in latent caches
+            return vae
+
+        vae = MODELS.get_or_create(key, room_for(source, prompt, load), owner=owner_of(self, unique_id))
+        return (ModelHandle.of(vae, keep_on_gpu=keep_on_gpu, cache_on_cpu=bool(cache_on_cpu)),)
+
+
+class MusubiUMT5Loader:
+    DESCRIPTION = ("Load the umT5-XXL text encoder from models/text_encoders: the official "
+                   "models_t5_umt5-xxl-enc-bf16.pth or ComfyUI's umt5_xxl fp16 / fp8 scaled safetensors. The "
+                   "tokenizer comes from the file itself or from the given path, never from the internet.")
+    CATEGORY = "Musubi/loaders"
+    FUNCTION = "load"
+    RETURN_TYPES = (T.TEXT_ENCODER,)
+    RETURN_NAMES = ("text_encoder",)
+    OUTPUT_TOOLTIPS = ("The loaded umT5 text encoder with its tokenizer.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "text_encoder_name": (model_choices(T5_PRESETS, "text_encoders"), {
+                "tooltip": "A umT5-XXL file from models/text_encoders, or the tiny preset."}),
+            "dtype": (["bf16", "fp16", "fp32"], {"default": "bf16", "tooltip": "Precision of the encoder weights."}),
+        }, "optional": {
+            "tokenizer_path": ("STRING", {"default": "",
+                               "tooltip": "Optional: a folder with spiece.model/tokenizer.json, or a .model file. "
+                                          "Empty: use the tokenizer embedded in the weight file."}),
+            "keep_on_gpu": ("BOOLEAN", {"default": False,
+                            "tooltip": "Keep this model on the GPU between uses (faster, uses VRAM). Off: it goes "
+                                       "back to CPU memory after each use."}),
+        }, "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"}}
+
+    def load(self, text_encoder_name, dtype, tokenizer_path="", keep_on_gpu=False, unique_id=None,
+             prompt=None):
+        from ..engine.encoders.umt5 import load_umt5
+
+        source = resolve_source(text_encoder_name, "text_encoders", "text_encoder_name")
+        tok = tokenizer_path.strip() or None
+        key = ("umt5", source_identity(source), dtype, tok)
+        create = room_for(source, prompt, lambda: load_umt5(source, dtype=DTYPES[dtype], device="cpu",
+                                                            tokenizer_path=tok))
+        enc = MODELS.get_or_create(key, create, owner=owner_of(self, unique_id))
+        return (ModelHandle(enc, FAMILY, RunOptions(keep_on_gpu=keep_on_gpu)),)
+
+
+class MusubiClipVisionLoader:
+    DESCRIPTION = ("Load the CLIP ViT-H/14 image encoder used by Wan I2V/FLF2V from models/clip_vision "
+                   "(ComfyUI's clip_vision_h.safetensors or the official open-clip .pth).")
+    CATEGORY = "Musubi/loaders"
+    FUNCTION = "load"
+    RETURN_TYPES = (T.CLIP_VISION,)
+    RETURN_NAMES = ("clip_vision",)
+    OUTPUT_TOOLTIPS = ("The loaded CLIP vision encoder.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "clip_name": (model_choices(CLIP_PRESETS, "clip_vision"), {
+                "tooltip": "A CLIP ViT-H/14 file from models/clip_vision, or the tiny preset."}),
+            "dtype": (["fp16", "bf16", "fp32"], {"default": "fp16", "tooltip": "Precision (Wan runs CLIP in fp16)."}),
+        }, "optional": {
+            "keep_on_gpu": ("BOOLEAN", {"default": False,
+                            "tooltip": "Keep this model on the GPU between uses (faster, uses VRAM). Off: it goes "
+                                       "back to CPU memory after each use."}),
+        }, "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"}}
+
+    def load(self, clip_name, dtype, keep_on_gpu=False, unique_id=None, prompt=None):
+        from ..engine.encoders.clip_vision import load_clip_vision
+
+        source = resolve_source(clip_name, "clip_vision", "clip_name")
+        key = ("clip_vision", source_identity(source), dtype)
+        create = room_for(source, prompt, lambda: load_clip_vision(source, dtype=DTYPES[dtype], device="cpu"))
+        clip = MODELS.get_or_create(key, create, owner=owner_of(self, unique_id))
+        return (ModelHandle(clip, FAMILY, RunOptions(keep_on_gpu=keep_on_gpu)),)
 
 
 class MusubiWanTextEncode:
@@ -112,15 +299,6 @@ class MusubiWanImageEncode:
         clip_fea = torch.cat(clips).float().cpu()
         return ({"conditioning": cond, "clip_fea": clip_fea, "width": width, "height": height, "frames": frames,
                  "task": "i2v" if last is None else "flf2v"},)
-
-
-def video_frames_tensor(images: torch.Tensor, width: int, height: int, field: str) -> torch.Tensor:
-    """IMAGE frames [F,H,W,C] 0..1 -> [3, F, height, width] in [-1, 1] (each frame resized bicubic)."""
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] < 3:
-        raise invalid(field, getattr(images, "shape", type(images).__name__), "IMAGE frames [frames, height, width, 3]")
-    x = compat.unwrap_inference_tensor(images[..., :3]).movedim(-1, 1).float()          # [F,3,H,W]
-    x = torch.nn.functional.interpolate(x, size=(height, width), mode="bicubic", align_corners=False)
-    return (x.clamp(0, 1) * 2.0 - 1.0).movedim(0, 1)                                    # [3,F,H,W]
 
 
 def _check_size(width: int, height: int) -> None:
@@ -339,73 +517,27 @@ class MusubiWanVAEDecode:
         return (video_to_image(video), float(latents.get("fps", 16.0)))
 
 
-def decode_video(vae, latents: torch.Tensor, tile_size=None, tile_overlap=None) -> torch.Tensor:
-    """Latents -> video [B, 3, F, H, W] in [-1, 1] (float32, CPU), decoded on the compute device."""
-    with on_compute_device(vae) as device:
-        dtype = next(vae.module.parameters()).dtype
-        video = vae.module.decode(latents.to(device, dtype), tile_size=tile_size, tile_overlap=tile_overlap)
-    return video.float().cpu()
-
-
-def video_to_image(video: torch.Tensor) -> torch.Tensor:
-    """[B, 3, F, H, W] in [-1, 1] -> IMAGE [B·F, H, W, 3] in [0, 1] (the samples of a batch one after another)."""
-    frames = ((video.float().cpu() + 1.0) / 2.0).clamp(0, 1)
-    return frames.permute(0, 2, 3, 4, 1).reshape(-1, *frames.shape[-2:], 3).contiguous()
-
-
-class MusubiSaveVideo:
-    DESCRIPTION = ("Save IMAGE frames as an H.264 mp4 in the output folder, with the workflow embedded (drop the "
-                   "video onto ComfyUI to get the graph back).")
-    CATEGORY = "Musubi/generation"
-    FUNCTION = "save"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ()
-    OUTPUT_TOOLTIPS = ()
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, filename_prefix=None):
-        return checks.validate_inputs(cls, {"filename_prefix": checks.relative_name}, filename_prefix=filename_prefix)
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "images": ("IMAGE", {"tooltip": "Frames to save."}),
-            "fps": ("FLOAT", {"default": 16.0, "min": 1.0, "max": 120.0, "step": 1.0, "tooltip": "Frame rate."}),
-            "filename_prefix": ("STRING", {"default": "musubi/video", "tooltip": "Output file prefix (subfolders allowed)."}),
-            "crf": ("INT", {"default": 19, "min": 0, "max": 51, "tooltip": "H.264 quality (lower = better, bigger)."}),
-        }, "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}}
-
-    def save(self, images, fps, filename_prefix, crf, prompt=None, extra_pnginfo=None):
-        from ..engine.video_io import write_mp4
-
-        folder, filename, counter, subfolder, _ = compat.save_path(filename_prefix, images.shape[2], images.shape[1])
-        check_write_path(folder, "filename_prefix")
-        name = f"{filename}_{counter:05}_.mp4"
-        metadata = {}
-        if not compat.metadata_disabled():   # --disable-metadata, as core savers honour it
-            if extra_pnginfo:
-                metadata.update(extra_pnginfo)
-            if prompt is not None:
-                metadata["prompt"] = prompt
-        write_mp4(images, os.path.join(folder, name), fps, metadata=metadata, crf=crf)
-        return {"ui": {"images": [{"filename": name, "subfolder": subfolder, "type": "output"}], "animated": (True,)}}
-
-
 NODE_CLASS_MAPPINGS = {
+    "MusubiWanDiTLoader": MusubiWanDiTLoader,
+    "MusubiWanVAELoader": MusubiWanVAELoader,
+    "MusubiUMT5Loader": MusubiUMT5Loader,
+    "MusubiClipVisionLoader": MusubiClipVisionLoader,
     "MusubiWanTextEncode": MusubiWanTextEncode,
     "MusubiWanImageEncode": MusubiWanImageEncode,
     "MusubiWanFunControlEncode": MusubiWanFunControlEncode,
     "MusubiWanOneFrameEncode": MusubiWanOneFrameEncode,
     "MusubiWanSampler": MusubiWanSampler,
     "MusubiWanVAEDecode": MusubiWanVAEDecode,
-    "MusubiSaveVideo": MusubiSaveVideo,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
+    "MusubiWanDiTLoader": "Musubi Wan DiT Loader",
+    "MusubiWanVAELoader": "Musubi Wan VAE Loader",
+    "MusubiUMT5Loader": "Musubi umT5 Text Encoder Loader",
+    "MusubiClipVisionLoader": "Musubi CLIP Vision Loader",
     "MusubiWanTextEncode": "Musubi Wan Text Encode",
     "MusubiWanImageEncode": "Musubi Wan Image Encode (I2V/FLF2V)",
     "MusubiWanFunControlEncode": "Musubi Wan Fun-Control Encode",
     "MusubiWanOneFrameEncode": "Musubi Wan One-Frame Encode",
     "MusubiWanSampler": "Musubi Wan Sampler",
     "MusubiWanVAEDecode": "Musubi Wan VAE Decode",
-    "MusubiSaveVideo": "Musubi Save Video",
 }
