@@ -3,7 +3,7 @@
     python benchmarks/sim_memory.py                                  # 1.3B and 14B grid at 832×480×81 (~10 min)
     python benchmarks/sim_memory.py --model 14B --task train --fp8 scaled --swap 0,20 --offload 1
     python benchmarks/sim_memory.py --model tiny --latent 2,8,8      # seconds
-    python benchmarks/sim_memory.py --markdown docs/memory_table.md  # also write the docs tables
+    python benchmarks/sim_memory.py --markdown docs/memory_tables.md  # also write the docs tables
 
 Runs the engine's own code — the Wan DiT with fp8 quantization, LoRA adapters (rank 32, fp32), gradient
 checkpointing, activation offload, block swap and an AdamW step — under `FakeTensorMode`: tensors have shapes and

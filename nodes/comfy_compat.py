@@ -1,7 +1,7 @@
 """The only module of the pack that imports ComfyUI.
 
 Users run ComfyUI 0.38.x, the tests run 0.3.75; between them ComfyUI changed exactly what a training pack leans on
-(see ../shared/reference/comfyui_compat.md). Every function here has one implementation that works on both, chosen by
+(the list below). Every function here has one implementation that works on both, chosen by
 feature detection (hasattr / signature), never by version string:
 
 * cancel: `check_interrupt()` every step, whatever the progress-bar throttle does; `is_interrupt(exc)` recognises

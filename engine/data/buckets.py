@@ -1,4 +1,4 @@
-"""Aspect-ratio buckets and the resize + center-crop that puts a frame into its bucket (reference §3.3).
+"""Aspect-ratio buckets and the resize + center-crop that puts a frame into its bucket.
 
 All sizes are (W, H) with W and H multiples of 16 (VAE /8, then DiT patch 2).
 """

@@ -1,6 +1,6 @@
 """Latent and text caches on disk: build (incrementally, resumably), validate for a model, read memory-mapped.
 
-Layout of a dataset's cache directory (names follow Musubi Tuner, reference §3.6; `<key>` is the file stem,
+Layout of a dataset's cache directory (names follow Musubi Tuner; `<key>` is the file stem,
 made unique with a short path hash when two JSONL entries share a stem):
 
     <key>_<W:04d>x<H:04d>_<arch>.safetensors                       image latents (W, H = original size)

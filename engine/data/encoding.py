@@ -4,7 +4,7 @@ The generic cache builder (`cache.py`) decodes, buckets and stores; an adapter (
 `Family.cache_adapter`) only turns pixels and captions into named tensors, and the family's `collate` turns loaded
 tensors back into a batch. A new family brings its own adapter; nothing generic changes.
 
-Stored tensor names follow Musubi Tuner's convention (reference §3.6): `latents_{F}x{H}x{W}_{dtype}` (latent-space
+Stored tensor names follow Musubi Tuner's convention: `latents_{F}x{H}x{W}_{dtype}` (latent-space
 dims), other tensors `<name>_{dtype}`, variable-length tensors prefixed `varlen_`. `strip_key` recovers the batch
 name (`latents`, `latents_image`, `clip`, `t5`, ...).
 """

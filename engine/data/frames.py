@@ -35,7 +35,7 @@ def normalize_target_frames(target_frames: list[int], where: str = "target_frame
 
 def extract_clips(num_frames: int, mode: str, target_frames: list[int], frame_stride: int = 1,
                   frame_sample: int = 1, max_frames: int = 129) -> list[tuple[int, int]]:
-    """(start, T) clips of a video with `num_frames` frames (see the reference §3.2).
+    """(start, T) clips of a video with `num_frames` frames (as Musubi Tuner cuts them).
 
     head:    start 0 for each T <= L
     chunk:   starts 0, T, 2T, ... while start + T <= L

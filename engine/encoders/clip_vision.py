@@ -13,7 +13,7 @@ Accepted weight files (layout from key names, sizes from shapes):
   attn.to_qkv (q|k|v stacked on the output dim), attn.proj, norm2, mlp.0, mlp.2}`, `post_norm`); the XLM-RoBERTa
   text tower (`textual.*`) is ignored.
 
-Preprocessing (musubi_tuner_reference §4.2, as the official pipeline): the whole frame, aspect not kept, bicubic
+Preprocessing (as the official pipeline): the whole frame, aspect not kept, bicubic
 resized to 224x224 (align_corners=False, no antialias) from [-1, 1], mapped to [0, 1], normalized with the OpenAI
 CLIP mean/std.
 """

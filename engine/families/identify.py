@@ -7,24 +7,56 @@ from __future__ import annotations
 import re
 from typing import Iterable
 
-# (kind, substrings of which any one marks it); checked in this order
-_MARKERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("CLIP vision model", ("vision_model.", "visual.transformer")),
-    ("T5 text encoder", ("SelfAttention", "token_embedding", "shared.weight")),
-    ("diffusion model (DiT)", ("cross_attn",)),
-    ("VAE", ("decoder.conv", "encoder.conv1")),
-    ("CLIP text encoder", ("text_model.",)),
+def _has(keys: list[str], *parts: str) -> bool:
+    return any(p in k for k in keys for p in parts)
+
+
+def _prefix(keys: list[str], *prefixes: str) -> bool:
+    return any(k.startswith(prefixes) for k in keys)
+
+
+# What a weight file holds, from its key names: (kind, test, description, where it belongs). Checked in this order;
+# a loader skips its own kind. A family's detection adds what only it knows (e.g. its own diffusers layout) first.
+_FILE_KINDS = (
+    ("CLIP vision model", lambda ks: _has(ks, "vision_model.", "visual.transformer") or _prefix(ks, "log_scale",
+                                                                                               "textual."),
+     "a CLIP vision model (keys like 'visual.' / 'vision_model.')", "load it with a CLIP vision loader"),
+    ("T5 text encoder", lambda ks: _has(ks, "SelfAttention", "token_embedding") or _prefix(ks, "shared.weight")
+     or any(re.match(r"(encoder\.)?blocks\.0\.attn\.q\.weight", k) for k in ks),
+     "a T5 text encoder (keys like 'token_embedding' / 'encoder.block.')", "load it with a text encoder loader"),
+    ("VAE", lambda ks: _has(ks, "decoder.conv", "encoder.conv1") or (_prefix(ks, "decoder.") and
+                                                                     _prefix(ks, "encoder.")),
+     "a VAE (keys like 'encoder.conv1', 'decoder.')", "load it with a VAE loader"),
+    ("HunyuanVideo or Flux DiT", lambda ks: _prefix(ks, "double_blocks.", "single_blocks.",
+                                                    "txt_in.individual_token_refiner"),
+     "a HunyuanVideo or Flux DiT (keys like 'double_blocks.')", "use the loader of that model family"),
+    ("diffusers-layout DiT", lambda ks: _prefix(ks, "transformer_blocks.", "single_transformer_blocks.", "x_embedder."),
+     "a diffusers-layout DiT (FramePack, HunyuanVideo, Flux, SD3; keys like 'transformer_blocks.')",
+     "use the loader of that model family"),
+    ("Stable Diffusion model", lambda ks: _prefix(ks, "input_blocks.", "joint_blocks.", "down_blocks.",
+                                                  "first_stage_model."),
+     "a Stable Diffusion model (keys like 'input_blocks.' / 'joint_blocks.')", "a file of a family this pack loads"),
+    ("diffusion model (DiT)", lambda ks: _has(ks, "cross_attn"),
+     "a diffusion model (DiT; keys like 'blocks.0.cross_attn')", "load it with a DiT loader"),
+    ("CLIP text encoder", lambda ks: _has(ks, "text_model."),
+     "a CLIP text encoder (keys like 'text_model.')", "load it with a text encoder loader"),
 )
 
 
+def identify_file(keys: list[str], expected: str) -> tuple[str, str, str] | None:
+    """(kind, description, where it belongs) of the first kind other than `expected` whose keys these are."""
+    keys = keys[:2000]
+    for kind, test, description, hint in _FILE_KINDS:
+        if kind != expected and test(keys):
+            return kind, description, hint
+    return None
+
+
 def foreign_hint(keys: list[str], expected: str, otherwise: str | None = None) -> str:
-    """'this looks like a <kind>' for the first kind (other than `expected`) whose markers occur in `keys`;
-    `otherwise` (default 'not a <expected>') when none does."""
-    joined = " ".join(keys[:2000])
-    for kind, markers in _MARKERS:
-        if kind != expected and any(m in joined for m in markers):
-            return f"this looks like a {kind}"
-    return otherwise or f"not a {expected}"
+    """'this looks like a <kind>' for a file that is not the `expected` kind; `otherwise` (default 'not a
+    <expected>') when no kind matches."""
+    found = identify_file(keys, expected)
+    return f"this looks like a {found[0]}" if found else (otherwise or f"not a {expected}")
 
 
 # LoRA module-name layouts of models that are not the one a LoRA is applied to (checked in this order).

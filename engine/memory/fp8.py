@@ -1,6 +1,6 @@
 """fp8 base weights: `Fp8Linear` stores its weight in float8_e4m3fn and computes in the input's dtype.
 
-Two storage modes (Musubi Tuner `--fp8_base` and `--fp8_base --fp8_scaled`, reference §2.5):
+Two storage modes (Musubi Tuner `--fp8_base` and `--fp8_base --fp8_scaled`):
 
 * ``"e4m3"``   plain cast, scale 1 (values clamped to ±448 first so nothing saturates to NaN).
 * ``"scaled"`` E4M3 with block-wise scales: each output row's input dimension is cut into blocks of 64 and

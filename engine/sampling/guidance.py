@@ -1,4 +1,4 @@
-"""Classifier-free guidance with a negative prompt, CFG skip schedules and skip-layer guidance (reference §6.2).
+"""Classifier-free guidance with a negative prompt, CFG skip schedules and skip-layer guidance.
 
 Generic over the model family: the family supplies `predict(x, t, cond, skip_blocks) -> velocity` and, to run
 cond and uncond in one batched forward, `merge(conds) -> cond` that stacks two conditioning objects on the batch

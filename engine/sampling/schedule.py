@@ -1,4 +1,4 @@
-"""Flow-matching sigma schedules (Musubi Tuner and the official model releases, reference §6.2).
+"""Flow-matching sigma schedules (Musubi Tuner and the official model releases).
 
 Convention (docs/ENGINE_INTERFACES.md): x_σ = (1 − σ)·x0 + σ·ε, the model predicts v = ε − x0 at timestep 1000·σ.
 A schedule is N+1 descending sigmas (the last one is 0: the clean sample) plus the N timesteps fed to the model.

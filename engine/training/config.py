@@ -1,6 +1,6 @@
 """The three configs a training session is built from (plus `TimestepConfig`, which lives with its sampler).
 
-Defaults follow Musubi Tuner (reference §2.1) unless a field says otherwise.
+Defaults follow Musubi Tuner unless a field says otherwise.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class TrainingConfig:
     attention_backend: str | None = None      # None: keep the model's
     seed: int = 42
     timesteps: TimestepConfig = field(default_factory=TimestepConfig)
-    # saving (reference §2.11); retention counts are "keep the last K files"
+    # saving; retention counts are "keep the last K files"
     save_every_n_steps: int | None = None
     save_every_n_epochs: int | None = None
     keep_last_n_saves: int | None = None

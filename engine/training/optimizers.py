@@ -1,4 +1,4 @@
-"""Optimizer construction (Musubi Tuner `--optimizer_type` / `--optimizer_args`, reference §2.3).
+"""Optimizer construction (Musubi Tuner `--optimizer_type` / `--optimizer_args`).
 
 Short names: AdamW (default), AdamW8bit (bitsandbytes), Adafactor (transformers), Prodigy (prodigyopt).
 Anything else is a class by import path: "torch.optim.SGD", "bitsandbytes.optim.AdEMAMix8bit", or a bare torch.optim

@@ -1,4 +1,4 @@
-"""Learning-rate schedulers (Musubi Tuner `--lr_scheduler`, reference §2.4).
+"""Learning-rate schedulers (Musubi Tuner `--lr_scheduler`).
 
 Each built-in schedule is a pure factor function f(step) -> multiplier of the base lr, wrapped in a `LambdaLR`.
 The scheduler is stepped once per optimizer step; `total_steps` = max_train_steps.

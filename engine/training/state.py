@@ -1,6 +1,6 @@
 """Saving LoRA files during training (Musubi naming + retention) and the full resumable training state.
 
-LoRA files (reference §2.11): per step `NAME-step00000500.safetensors`, per epoch `NAME-000001.safetensors`,
+LoRA files: per step `NAME-step00000500.safetensors`, per epoch `NAME-000001.safetensors`,
 final `NAME.safetensors`, written with `engine.lora.writer.save_lora`. State folders: `NAME-step00000500-state`,
 `NAME-000001-state`, `NAME-state` (latest / on cancel / on train end), each holding one `training_state.pt`
 written atomically and read with `torch.load(weights_only=True)` — only tensors, dicts, lists, numbers, strings.

@@ -7,7 +7,7 @@ Every mode is written as an inverse CDF: a uniform u ∈ (0, 1) is pushed throug
 then serves plain sampling (u from the generator) and stratified sampling (`num_timestep_buckets`: u handed out from
 a shuffled pool with equal counts per sub-interval, see `BucketPool`).
 
-Deliberate differences from Musubi Tuner (reference §8, quirks not reproduced):
+Deliberate differences from Musubi Tuner (quirks not reproduced):
 * `sigma` mode honours `discrete_flow_shift` (Musubi ignores it in training).
 * non-`sigma` modes pass `1000·t` to the model, not `1000·t + 1`.
 * `sigma` mode min/max bound the timestep values themselves ([min+1, max]), not an index into the descending table.

@@ -1,4 +1,4 @@
-"""Sampling prompts during training with the same in-memory model and attached adapter (reference §2.13).
+"""Sampling prompts during training with the same in-memory model and attached adapter.
 
 The model and the adapter network switch to eval + no_grad for the duration and back to their previous mode
 afterwards; the global torch RNG is restored so sampling never changes the training's random stream.

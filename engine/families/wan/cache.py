@@ -1,4 +1,4 @@
-"""Wan 2.1 caches (reference §3.7): the family's `CacheAdapter`, its cache requirements, batch collation and the
+"""Wan 2.1 caches: the family's `CacheAdapter`, its cache requirements, batch collation and the
 one-frame dataset rules. The generic builder (`engine.data.cache`) decodes, buckets and stores; this module only
 encodes and names tensors.
 """
@@ -19,7 +19,7 @@ ARCH = "wan"
 
 
 def one_frame_spec(ds, required: bool = False) -> OneFrameSpec | None:
-    """The one-frame indices of an image dataset with control images (reference §3.1), or None for a normal dataset.
+    """The one-frame indices of an image dataset with control images, or None for a normal dataset.
 
     A dataset is one-frame when it sets `fp_1f_target_index`; `required` (Musubi's `--one_frame` caching flag) makes
     every image dataset with control images one-frame. Wan one-frame caching fails without `fp_1f_target_index` (no
@@ -51,7 +51,7 @@ def one_frame_control(path, ds, bucket: tuple[int, int]) -> np.ndarray:
     """A one-frame control image sized like the target: resized into the target's bucket by default.
 
     `no_resize_control` keeps the control's own size (cropped to multiples of 16) and `control_resolution` resizes
-    it to that area (with both: only when larger), reference §3.1. Wan stacks control and target latents on the frame
+    it to that area (with both: only when larger), as Musubi does. Wan stacks control and target latents on the frame
     axis, so the result must still be the target's size; anything else is refused naming the key."""
     img = load_image(path)
     no_resize, control_res = getattr(ds, "no_resize_control", False), getattr(ds, "control_resolution", None)
@@ -81,7 +81,7 @@ def cache_requirements(*, text_dim: int = 4096, i2v: bool = False, clip: bool = 
 
 
 class WanCacheAdapter:
-    """Wan 2.1 caches (reference §3.7).
+    """Wan 2.1 caches.
 
     Latent file:  `latents_{F}x{H}x{W}` [16, F_lat, H/8, W/8]; I2V: `latents_image_…` [20, F_lat, H/8, W/8] (4 mask
                   channels + 16 latent channels of [first frame, zeros...]) and `clip` [257, clip_dim] from the first

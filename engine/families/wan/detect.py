@@ -12,32 +12,15 @@ import re
 from ...checkpoint import Checkpoint
 from ...errors import MusubiInputError, invalid
 from .dit import CLIP_TOKENS, WanConfig
+from ..identify import identify_file
 
 WAN_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
 MARKER_KEY = "blocks.0.self_attn.q.weight"
 EXPECTED = f"a Wan 2.1 DiT (diffusion model) file with keys like {MARKER_KEY!r}"
 _OFFICIAL_HEAD_DIM = 128
 
-# (test on the key list, what the file is, where it belongs). First match wins; checked only when the marker is absent.
-_OTHER_FILES = (
-    (lambda ks: _any(ks, "encoder.conv1.", "decoder.", "conv1.weight") and _any(ks, "decoder.", "encoder."),
-     "a Wan VAE (keys like 'encoder.conv1', 'decoder.')", "load it with the Wan VAE loader"),
-    (lambda ks: _any(ks, "encoder.block.0.layer.0.SelfAttention", "shared.weight", "token_embedding.weight")
-     or any(re.match(r"(encoder\.)?blocks\.0\.attn\.q\.weight", k) for k in ks),
-     "a T5 text encoder (keys like 'token_embedding' / 'encoder.block.')", "load it with the umT5 text encoder loader"),
-    (lambda ks: _any(ks, "visual.transformer.", "vision_model.", "log_scale", "textual."),
-     "a CLIP model (keys like 'visual.' / 'vision_model.')", "load it with the CLIP vision loader"),
-    (lambda ks: _any(ks, "double_blocks.", "single_blocks.", "txt_in.individual_token_refiner"),
-     "a HunyuanVideo or Flux DiT (keys like 'double_blocks.')", "use the loader of that model family"),
-    (lambda ks: _any(ks, "transformer_blocks.", "single_transformer_blocks.", "x_embedder."),
-     "a diffusers-layout DiT (FramePack, HunyuanVideo, Flux, SD3; keys like 'transformer_blocks.')",
-     "use the loader of that model family"),
-    (lambda ks: _any(ks, "blocks.0.attn1.", "condition_embedder."),
-     "a diffusers-layout Wan DiT (keys like 'blocks.0.attn1.to_q')",
-     "the official/ComfyUI single-file layout (e.g. Comfy-Org 'split_files/diffusion_models')"),
-    (lambda ks: _any(ks, "input_blocks.", "joint_blocks.", "down_blocks.", "first_stage_model."),
-     "a Stable Diffusion model (keys like 'input_blocks.' / 'joint_blocks.')", "a Wan 2.1 DiT file"),
-)
+# what only the Wan family knows of other files (the generic table is engine/families/identify.py)
+_DIFFUSERS_WAN = ("blocks.0.attn1.", "condition_embedder.")
 
 
 def _any(keys: list[str], *prefixes: str) -> bool:
@@ -53,9 +36,13 @@ def _refuse_non_wan(ckpt: Checkpoint) -> None:
     if MARKER_KEY in ckpt:
         return
     keys = ckpt.weight_keys()
-    for test, what, hint in _OTHER_FILES:
-        if test(keys):
-            raise invalid(f"DiT file {ckpt.source}", what, f"{EXPECTED}; {hint}")
+    if _any(keys, *_DIFFUSERS_WAN):
+        raise invalid(f"DiT file {ckpt.source}", "a diffusers-layout Wan DiT (keys like 'blocks.0.attn1.to_q')",
+                      f"{EXPECTED}; the official/ComfyUI single-file layout (e.g. Comfy-Org "
+                      "'split_files/diffusion_models')")
+    found = identify_file(keys, "diffusion model (DiT)")
+    if found is not None:
+        raise invalid(f"DiT file {ckpt.source}", found[1], f"{EXPECTED}; {found[2]}")
     raise invalid(f"DiT file {ckpt.source}", f"no {MARKER_KEY!r} among {len(keys)} keys (first: {keys[:3]})",
                   EXPECTED)
 

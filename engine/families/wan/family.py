@@ -37,7 +37,7 @@ class WanFamily:
         network_module="networks.lora_wan", underscore_to_name=names.underscore_to_name,
         diffusers_to_name=names.diffusers_to_name, name_to_diffusers=names.name_to_diffusers,
         diffusers_marker=names.DIFFUSERS_MARKER)
-    # Musubi's Wan fp8 targets (reference §2.5): Linear layers under `blocks.` minus these substrings
+    # Musubi's Wan fp8 targets: Linear layers under `blocks.` minus these substrings
     fp8 = Fp8Spec(include=("blocks.",), exclude=("norm", "patch_embedding", "text_embedding", "time_embedding",
                                                  "time_projection", "head", "modulation", "img_emb"))
 

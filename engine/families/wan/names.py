@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-# Musubi (networks/lora_wan.py): Linear layers inside WanAttentionBlock, minus this exclusion (reference §5.1).
+# Musubi (networks/lora_wan.py): Linear layers inside WanAttentionBlock, minus this exclusion.
 DEFAULT_EXCLUDE = r".*(patch_embedding|text_embedding|time_embedding|time_projection|norm|head).*"
 BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
 

@@ -205,7 +205,7 @@ class WanGenerateRequest:
     device: torch.device | str | None = None     # None: the device of the model's patch embedding
 
     def resolve(self) -> "WanGenerateRequest":
-        """A copy with the per-task defaults filled in (the official release's values, reference §6.2)."""
+        """A copy with the per-task defaults filled in (the official release's values)."""
         r = dataclasses.replace(self)
         if r.frames is None:
             r.frames = 1 if r.task in ("t2i", "one_frame") else 81

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from ...checkpoint import Checkpoint, load_into_module
 from ...errors import invalid
 
-# Per-channel statistics of Wan 2.1 posterior means (official constants; musubi_tuner_reference.md §4.2).
+# Per-channel statistics of Wan 2.1 posterior means (official constants).
 LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
                0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
 LATENT_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
