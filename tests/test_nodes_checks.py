@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from test_nodes_generation import _base, _sampler
+from test_nodes_wan import _base, _sampler
 from test_nodes_training import data, train_prompt  # noqa: F401  (data registers the test dataset node)
 
 pytestmark = pytest.mark.comfy

@@ -1,4 +1,5 @@
-"""Generation nodes in a real ComfyUI: every Wan task, the workflow embedded in saved videos, clear errors."""
+"""The Wan node file (nodes/wan.py) in a real ComfyUI: every Wan task, the workflow embedded in saved videos, clear
+errors."""
 
 import json
 from pathlib import Path
