@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import inspect
 import json
 import os
@@ -267,7 +268,8 @@ class InProcessComfy:
         return {name: cls.INPUT_TYPES() for name, cls in self.b.nodes.NODE_CLASS_MAPPINGS.items()}
 
     def pack_module(self, sub: str = ""):
-        return sys.modules[PACK_ALIAS + (("." + sub) if sub else "")]
+        """A module of the loaded pack (imported now if the pack has not imported it yet)."""
+        return importlib.import_module(PACK_ALIAS + (("." + sub) if sub else ""))
 
 
 # --------------------------------------------------------------------------------------------------------------

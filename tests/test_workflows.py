@@ -61,7 +61,7 @@ def test_workflow_runs_in_process(comfy, path):
             # the value: the VAE's decode of the latents the sampler produced, as [F, H, W, 3] in [0, 1]
             src = {i["name"]: comfy.output(*links[i["link"]]) for i in node["inputs"] if i.get("link") is not None}
             tile = node["widgets_values"][0]
-            vae = src["vae"]
+            vae = src["vae"].module
             with torch.no_grad():
                 video = vae.decode(src["latents"]["samples"].to(next(vae.parameters()).dtype), tile_size=tile or None,
                                    tile_overlap=node["widgets_values"][1] if tile else None)
