@@ -44,6 +44,7 @@ from ..engine.data import (CachedBatchLoader, CacheRequirements, DatasetConfig, 
 from ..engine.families import families, get_family
 from ..engine.data.cache import prepare_item
 from ..engine.data.frames import FRAME_EXTRACTION_MODES
+from ..engine.data.preview import render_clip_grid
 from ..engine.errors import invalid
 
 log = logging.getLogger("ComfyUI-Musubi")
@@ -511,69 +512,6 @@ class MusubiCacheTextEmbeddings:
 
 
 # --- preview ---------------------------------------------------------------------------------------------------------
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: fixed bitmap font
-        return ImageFont.load_default()
-
-
-def _wrap(text: str, font, width: int, max_lines: int = 3) -> list[str]:
-    words, lines, cur = text.split(), [], ""
-    for w in words:
-        trial = f"{cur} {w}".strip()
-        if font.getlength(trial) <= width or not cur:
-            cur = trial
-        else:
-            lines.append(cur)
-            cur = w
-    if cur:
-        lines.append(cur)
-    if len(lines) > max_lines:
-        lines = lines[:max_lines]
-        lines[-1] = lines[-1][: max(0, len(lines[-1]) - 3)] + "..."
-    return lines or ["(empty caption)"]
-
-
-def _render_grid(rows: list[dict], frames_per_clip: int, tile: int) -> np.ndarray:
-    """rows: {"frames": [F,H,W,3] uint8, "label": str, "caption": str} -> one RGB uint8 image."""
-    from PIL import Image, ImageDraw
-
-    font = _font(13)
-    pad, line_h = 6, 16
-    width = pad + frames_per_clip * (tile + pad)
-    blocks = []
-    for row in rows:
-        caption = _wrap(row["caption"], font, width - 2 * pad)
-        h = pad + tile + pad + line_h * (1 + len(caption)) + pad
-        im = Image.new("RGB", (width, h), (32, 32, 36))
-        draw = ImageDraw.Draw(im)
-        frames = row["frames"]
-        picks = np.unique(np.linspace(0, len(frames) - 1, min(frames_per_clip, len(frames))).round().astype(int))
-        for j, fi in enumerate(picks):
-            f = Image.fromarray(frames[fi])
-            f.thumbnail((tile, tile))
-            im.paste(f, (pad + j * (tile + pad) + (tile - f.width) // 2, pad + (tile - f.height) // 2))
-        y = pad + tile + pad
-        draw.text((pad, y), row["label"], fill=(255, 210, 90), font=font)
-        for k, ln in enumerate(caption):
-            draw.text((pad, y + line_h * (k + 1)), ln, fill=(235, 235, 235), font=font)
-        blocks.append(im)
-    if not blocks:
-        im = Image.new("RGB", (width, tile), (32, 32, 36))
-        ImageDraw.Draw(im).text((pad, pad), "no clips (videos shorter than target_frames?)", fill=(255, 120, 120),
-                                font=font)
-        blocks.append(im)
-    out = Image.new("RGB", (width, sum(b.height for b in blocks)), (20, 20, 24))
-    y = 0
-    for b in blocks:
-        out.paste(b, (0, y))
-        y += b.height
-    return np.asarray(out)
-
-
 class MusubiDatasetPreview:
     DESCRIPTION = ("Show what training will see, like Musubi Tuner's debug mode: the first items bucketed and "
                    "cropped, a few frames of each clip with its bucket and caption, and a summary (items and clips "
@@ -638,7 +576,7 @@ class MusubiDatasetPreview:
         lines.append(f"cached for training: latents {'yes' if dataset.latent else 'no'}"
                      f" ({(dataset.latent or {}).get('task', '-')}), text {'yes' if dataset.text else 'no'}")
         summary = "\n".join(lines)
-        grid = _render_grid(rows[: max(1, max_items) * max(1, len(dataset.datasets))], frames_per_clip, tile_size)
+        grid = render_clip_grid(rows[: max(1, max_items) * max(1, len(dataset.datasets))], frames_per_clip, tile_size)
         image = torch.from_numpy(grid.astype(np.float32) / 255.0)[None]
         return {"ui": {"text": [summary]}, "result": (image, summary)}
 

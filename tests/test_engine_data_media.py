@@ -268,3 +268,27 @@ def test_cmyk_and_greyscale_converted(tmp_path):
     assert np.all(np.abs(got - [255, 0, 0]) <= 8)
     Image.new("L", (8, 8), 77).save(tmp_path / "l.png")
     assert np.all(load_image(tmp_path / "l.png") == 77)
+
+
+# --- the dataset preview grid (engine/data/preview.py) ----------------------------------------------------------------
+def test_preview_grid_shows_evenly_spaced_frames_label_and_wrapped_caption():
+    from engine.data.preview import BACKGROUND, LINE_H, PAD, render_clip_grid
+
+    tile = 40
+    frames = np.zeros((9, 20, 30, 3), np.uint8)
+    for i in range(9):
+        frames[i] = (i * 25, 255 - i * 25, 7)          # every frame its own colour
+    long_caption = " ".join(["word"] * 200)
+    rows = [{"frames": frames, "label": "#0 clip  32x32  9 frame(s)", "caption": long_caption},
+            {"frames": frames[:1], "label": "#0 still", "caption": ""}]
+    grid = render_clip_grid(rows, frames_per_clip=3, tile=tile)
+    width = PAD + 3 * (tile + PAD)
+    row0 = PAD + tile + PAD + LINE_H * (1 + 3) + PAD   # label + caption cut to 3 lines
+    row1 = PAD + tile + PAD + LINE_H * (1 + 1) + PAD   # label + "(empty caption)"
+    assert grid.shape == (row0 + row1, width, 3) and grid.dtype == np.uint8
+    for j, fi in enumerate((0, 4, 8)):                  # frames 0, 4, 8: evenly spaced, centred in their tiles
+        x = PAD + j * (tile + PAD) + tile // 2
+        assert tuple(grid[PAD + tile // 2, x]) == tuple(frames[fi, 0, 0]), (j, fi)
+    assert tuple(grid[row0 + PAD + tile // 2, PAD + 1 * (tile + PAD) + tile // 2]) == BACKGROUND   # one frame only
+    empty = render_clip_grid([], frames_per_clip=2, tile=tile)
+    assert empty.shape[1] == PAD + 2 * (tile + PAD) and (empty != BACKGROUND).any()   # the "no clips" message
