@@ -407,9 +407,11 @@ class MusubiWanSampler:
                    "to (or being trained on) the model is used as it is.")
     CATEGORY = "Musubi/generation"
     FUNCTION = "sample"
-    RETURN_TYPES = (T.LATENTS,)
-    RETURN_NAMES = ("latents",)
-    OUTPUT_TOOLTIPS = ("Generated latents; decode them with Musubi Wan VAE Decode.",)
+    RETURN_TYPES = (T.LATENTS, "LATENT")
+    RETURN_NAMES = ("latents", "latent")
+    OUTPUT_TOOLTIPS = ("Generated latents; decode them with Musubi Wan VAE Decode.",
+                       "The same latents as ComfyUI's LATENT (Wan 2.1 format): core VAE Decode, Save Latent and "
+                       "latent nodes work on it.")
 
     @classmethod
     def VALIDATE_INPUTS(cls, width=None, height=None, frames=None):
@@ -489,7 +491,10 @@ class MusubiWanSampler:
 
         with dit_on_device(handle, offload_after):
             latents = generate(model, request, progress)
-        return ({"samples": latents.float().cpu(), "fps": 16.0, "task": task},)
+        from ..engine.families.wan.vae import to_raw_latents
+
+        latents = latents.float().cpu()
+        return ({"samples": latents, "fps": 16.0, "task": task}, {"samples": to_raw_latents(latents)})
 
 
 class MusubiWanVAEDecode:
@@ -505,14 +510,28 @@ class MusubiWanVAEDecode:
     def INPUT_TYPES(cls):
         return {"required": {
             "vae": (T.VAE, {"tooltip": "The Wan VAE."}),
-            "latents": (T.LATENTS, {"tooltip": "Latents from the sampler."}),
             "tile_size": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 32,
                           "tooltip": "Spatial tile size in pixels (0 = no tiling; tiling lowers VRAM)."}),
             "tile_overlap": ("INT", {"default": 64, "min": 0, "max": 1024, "step": 16, "tooltip": "Tile overlap in pixels."}),
+        }, "optional": {
+            "latents": (T.LATENTS, {"tooltip": "Latents from the Musubi sampler (connect this or `latent`)."}),
+            "latent": ("LATENT", {"tooltip": "A core LATENT in Wan 2.1 format (from any node; connect this or "
+                                             "`latents`)."}),
         }}
 
-    def decode(self, vae, latents, tile_size, tile_overlap):
+    def decode(self, vae, tile_size, tile_overlap, latents=None, latent=None):
+        from ..engine.families.wan.vae import from_raw_latents
+
         vae = T.handle(vae, "vae", VAE_EXPECTED)
+        if (latents is None) == (latent is None):
+            raise invalid("latents / latent", "both" if latents is not None else "neither",
+                          "exactly one of them connected")
+        if latent is not None:
+            samples = latent.get("samples") if isinstance(latent, dict) else None
+            if not isinstance(samples, torch.Tensor) or samples.ndim != 5 or samples.shape[1] != 16:
+                raise invalid("latent", getattr(samples, "shape", type(latent).__name__),
+                              "a Wan 2.1 LATENT [batch, 16, frames, height/8, width/8]")
+            latents = {"samples": from_raw_latents(samples)}
         video = decode_video(vae, latents["samples"], tile_size or None, tile_overlap if tile_size else None)
         return (video_to_image(video), float(latents.get("fps", 16.0)))
 

@@ -1,6 +1,7 @@
 """The Wan node file (nodes/wan.py) in a real ComfyUI: every Wan task, the workflow embedded in saved videos, clear
 errors."""
 
+import importlib
 import json
 from pathlib import Path
 
@@ -156,3 +157,28 @@ def test_image_previews_use_the_preview_size(comfy, monkeypatch):
     compat.Progress(4, "42").update(1, preview=Image.new("RGB", (300, 200)))
     ((node, (fmt, img, size)),) = comfy.previews
     assert (node, fmt, img.size, size) == ("42", "JPEG", (300, 200), 77)
+
+
+def test_sampler_latent_is_core_wan21_format_and_decode_takes_a_core_latent(comfy):
+    """The sampler's LATENT output is what ComfyUI's own Wan 2.1 latent format turns into the model's latents
+    (comfy.latent_formats.Wan21.process_in), core latent nodes can work on it, and the pack's decode takes it back."""
+    p = _base("preset:tiny-t2v")
+    p["8"] = _sampler(F)
+    p["9"] = {"class_type": "MusubiWanVAEDecode", "inputs": {"vae": ["3", 0], "latents": ["8", 0], "tile_size": 0,
+                                                            "tile_overlap": 64}}
+    p["10"] = {"class_type": "LatentBatch", "inputs": {"samples1": ["8", 1], "samples2": ["8", 1]}}   # a core node
+    p["11"] = {"class_type": "MusubiWanVAEDecode", "inputs": {"vae": ["3", 0], "latent": ["10", 0], "tile_size": 0,
+                                                             "tile_overlap": 64}}
+    p["12"] = {"class_type": "PreviewImage", "inputs": {"images": ["9", 0]}}
+    p["13"] = {"class_type": "PreviewImage", "inputs": {"images": ["11", 0]}}
+    comfy.run(p)
+    ours, core = comfy.output("8")["samples"], comfy.output("8", 1)["samples"]
+    wan21 = importlib.import_module("comfy.latent_formats").Wan21()   # ComfyUI's own constants
+    torch.testing.assert_close(wan21.process_in(core), ours, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(core, ours, atol=1e-2)   # really another space (raw VAE latents)
+    images = comfy.output("9")
+    torch.testing.assert_close(comfy.output("11"), torch.cat([images, images]), rtol=1e-4, atol=1e-4)
+
+    p["11"]["inputs"]["latents"] = ["8", 0]   # both connected: refused naming them
+    comfy.run(p, expect_success=False)
+    assert "latents / latent" in comfy.error_message(), comfy.error_message()

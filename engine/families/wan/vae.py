@@ -361,6 +361,18 @@ def tiled_apply(fn, x: torch.Tensor, tile: int, overlap: int, out_scale: float, 
 # The VAE
 # ----------------------------------------------------------------------------------------------------------------
 
+def to_raw_latents(latents: torch.Tensor) -> torch.Tensor:
+    """The DiT's normalized latents -> the VAE's raw ones (what ComfyUI's LATENT holds for Wan 2.1), float32."""
+    mean, std = WanVAE._stats(latents.device)
+    return latents.float() * std + mean
+
+
+def from_raw_latents(raw: torch.Tensor) -> torch.Tensor:
+    """ComfyUI's LATENT (raw VAE latents) -> the normalized latents the DiT and `WanVAE.decode` take, float32."""
+    mean, std = WanVAE._stats(raw.device)
+    return (raw.float() - mean) / std
+
+
 def _check_tiling(tile_size: int, tile_overlap: int) -> None:
     if tile_size == 0:
         return
@@ -661,7 +673,7 @@ def write_vae_preset(path: str | os.PathLike, seed: int = 0, dtype: torch.dtype 
 
 
 __all__ = [
-    "LATENT_MEAN", "LATENT_STD", "TINY_VAE_PRESET", "WanVAEConfig", "WanVAE", "FeatureCache", "tiny_vae_config",
+    "LATENT_MEAN", "LATENT_STD", "TINY_VAE_PRESET", "from_raw_latents", "to_raw_latents", "WanVAEConfig", "WanVAE", "FeatureCache", "tiny_vae_config",
     "infer_vae_config", "load_wan_vae", "build_vae_preset_state_dict", "write_vae_preset", "tile_starts",
     "ramp_weights", "tiled_apply",
 ]
