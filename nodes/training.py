@@ -320,7 +320,7 @@ def train_to(run, target: int, node_id) -> list[float]:
     run.listener = ValidationListener(bar, node_id, start)
     try:
         with compat.training_context():
-            return run.train_to(target, compat.torch_device(), progress)
+            return run.train_to(target, compat.torch_device(), progress, interrupt=compat.check_interrupt)
     finally:
         run.listener = None
 

@@ -268,8 +268,12 @@ class InProcessComfy:
         return {name: cls.INPUT_TYPES() for name, cls in self.b.nodes.NODE_CLASS_MAPPINGS.items()}
 
     def pack_module(self, sub: str = ""):
-        """A module of the loaded pack (imported now if the pack has not imported it yet)."""
-        return importlib.import_module(PACK_ALIAS + (("." + sub) if sub else ""))
+        """A module of the loaded pack, the same object the pack uses (imported under the pack's own name now if the
+        pack has not imported it yet, and aliased: importing it under the alias would make a second copy)."""
+        alias = PACK_ALIAS + (("." + sub) if sub else "")
+        if alias not in sys.modules:
+            sys.modules[alias] = importlib.import_module(self.b.pack_name + "." + sub)
+        return sys.modules[alias]
 
 
 # --------------------------------------------------------------------------------------------------------------

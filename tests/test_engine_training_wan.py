@@ -181,3 +181,27 @@ def test_tiny_bad_inputs_raise_before_the_model_runs(tmp_path, kw, field):
     with pytest.raises(MusubiInputError, match=field):
         tiny_session(tmp_path, model=model, **kw)
     assert calls == []
+
+
+def test_tiny_cancel_between_micro_batches_keeps_the_session_at_the_last_step(tmp_path):
+    """With many micro-batches per optimizer step, `interrupt` is a cancel point before each further micro-batch.
+    The saved state is the last completed step, and the session in memory goes back to it too: continuing it (as a
+    re-queue does) gives exactly the uninterrupted run, with every kind of dropout on."""
+    ref = tiny_session(tmp_path / "full", gradient_accumulation_steps=3)
+    full = ref.train_steps(6)
+    s = tiny_session(tmp_path / "run", gradient_accumulation_steps=3)
+    s.train_steps(2)
+    calls = []
+
+    def interrupt():
+        calls.append(s.step)
+        if len(calls) == 2:   # step 3: micro-batches 1 and 2 ran (their gradients accumulated), 3 is cancelled
+            raise Cancel()
+    with pytest.raises(Cancel):
+        s.train_steps(4, interrupt=interrupt)
+    assert calls == [2, 2] and s.step == 2
+    assert read_state(tmp_path / "run" / "lora-state")["step"] == 2
+    assert all(p.grad is None for p in s.network.trainable_parameters())   # the partial step's gradients are gone
+    torch.manual_seed(99)   # whatever ran in between must not matter
+    assert s.train_steps(4, interrupt=lambda: None) == full[2:]
+    assert_same_weights(weights(s), weights(ref))

@@ -394,3 +394,34 @@ def test_save_trained_lora_writes_no_second_copy_when_its_output_was_evicted(com
     comfy.run(p)
     second = Path(comfy.output("8", 1))
     assert second != first and sorted(f.name for f in folder.iterdir()) == sorted([first.name, second.name])
+
+
+def test_cancel_inside_a_long_accumulation_step_keeps_the_last_step_and_requeue_is_exact(comfy, data, tmp_path,
+                                                                                       monkeypatch):
+    """8 micro-batches per optimizer step (minutes each on a 14B model): cancel is seen at the next micro-batch,
+    the saved state is the last completed step, and re-queueing continues the session in memory exactly."""
+    def prompt(out):
+        p = train_prompt(out, steps=3, dropout=0.3)
+        p["5"]["inputs"]["gradient_accumulation_steps"] = 8
+        return p
+
+    comfy.run(prompt(tmp_path / "ref"))
+    reference = comfy.output("6", 2)["loss"]
+    family = comfy.pack_module("engine.families.wan.family").FAMILY
+    original, calls = type(family).training_forward, []
+
+    def pressing_cancel(*args, **kw):   # the user presses cancel during micro-batch 2 of step 2
+        calls.append(1)
+        if len(calls) == 10:
+            comfy.b.mm.interrupt_current_processing(True)
+        return original(*args, **kw)
+
+    monkeypatch.setattr(type(family), "training_forward", staticmethod(pressing_cancel))
+    p = prompt(tmp_path / "cut")
+    comfy.run(p, expect_success=False)
+    assert not comfy.executor.success and comfy.events_of("execution_interrupted")
+    assert len(calls) == 10, "the micro-batches after the cancel still ran"
+    saved = torch.load(tmp_path / "cut" / "lora-state" / "training_state.pt", weights_only=True)
+    assert int(saved["step"]) == 1 and saved["history"]["losses"] == reference[:1]
+    comfy.run(p)                         # re-queue: the session in memory continues from step 1
+    assert comfy.output("6", 2)["loss"] == reference

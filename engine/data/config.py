@@ -9,7 +9,7 @@
 Each key is looked up dataset -> [general] -> built-in default. Unknown keys, keys of the other dataset type and
 wrong types are refused with a `MusubiInputError` naming the file, the dataset index and the key.
 
-Deliberate differences from Musubi Tuner (see the reference, §8 and §3.1):
+Deliberate differences from Musubi Tuner:
 * `source_fps = 30` (an int) is accepted, not only `30.0`.
 * Relative paths are resolved against the folder of the TOML file (Musubi uses the working directory, which in
   ComfyUI is meaningless). A TOML given as text resolves against `base_dir` (default: the working directory).

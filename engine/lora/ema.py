@@ -1,4 +1,4 @@
-"""Post-hoc EMA of saved LoRA checkpoints (Musubi's lora_post_hoc_ema.py semantics, §5.6).
+"""Post-hoc EMA of saved LoRA checkpoints (Musubi's lora_post_hoc_ema.py semantics).
 
 avg ← β·avg + (1−β)·new over the files in order (the first file initializes avg), fp32 math:
   * constant β;

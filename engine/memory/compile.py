@@ -1,4 +1,4 @@
-"""Optional `torch.compile` of each block's forward (Musubi `--compile`, §2.9), compatible with block swap.
+"""Optional `torch.compile` of each block's forward (Musubi `--compile`), compatible with block swap.
 
 Only `block.forward` is compiled: module hooks (block swap, adapters) run in `Module.__call__` around it, eagerly.
 Compilation is lazy (it happens on the first call), so failures show up there: a Dynamo/Inductor error or a missing

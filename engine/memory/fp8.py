@@ -12,7 +12,7 @@ only error is the fp8 rounding itself. Scales are kept in float32 (Musubi stores
 costs 4 bytes per 64 weights and removes a second rounding).
 
 Optional fp8 matmul (`enable_fp8_matmul`, Musubi's ``--fp8_fast``): ``torch._scaled_mm`` accepts only per-tensor or
-row-wise scales, so block-wise layers are first requantized to row-wise scales (Musubi raises at runtime here, §8.6).
+row-wise scales, so block-wise layers are first requantized to row-wise scales (Musubi raises at runtime here).
 It is used only for inference (no autograd through ``_scaled_mm``) on GPUs with compute capability ≥ 8.9; everything
 else falls back to the dequantizing path.
 

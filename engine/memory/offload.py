@@ -4,7 +4,7 @@ Two tools:
 
 * `checkpoint_block(block, x, *rest, offload=True)`: gradient checkpointing of one block whose *input* (the only
   activation checkpointing keeps: the residual stream x, [B, L, D]) is stored on the host. This is Musubi's
-  `--gradient_checkpointing_cpu_offload` (§2.6); for a 14B DiT at 832×480×81 it moves 40 × 0.67 GB (fp32) off the GPU.
+  `--gradient_checkpointing_cpu_offload`; for a 14B DiT at 832×480×81 it moves 40 × 0.67 GB (fp32) off the GPU.
   x crosses the bus twice per block and step: device->host once in forward (on a side stream, overlapping the
   block's compute; the forward itself runs on the caller's x) and host->device once for the recompute in backward.
   Gradients never leave the device. Only x is copied: the other arguments (time embedding, text context, RoPE

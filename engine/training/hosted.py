@@ -99,15 +99,17 @@ class HostedSession:
         self.residency.release(self.session.model, only_if_attached_to_it=True)
         self.session.network.detach()
 
-    def train_to(self, target: int, device: torch.device, progress: Callable | None = None) -> list[float]:
+    def train_to(self, target: int, device: torch.device, progress: Callable | None = None,
+                 interrupt: Callable[[], None] | None = None) -> list[float]:
         """Train until step `target` (capped at the session's total); `progress(step, total, info)` after each
-        optimizer step may raise to cancel (the session then saves a resumable state and re-raises)."""
+        optimizer step and `interrupt()` between micro-batches may raise to cancel (the session then saves a
+        resumable state, goes back to its last completed step and re-raises)."""
         s = self.session
         todo = min(target, s.total_steps) - s.step
         if todo <= 0:
             return []
         self.activate(device)
-        return s.train_steps(todo, progress)
+        return s.train_steps(todo, progress, interrupt)
 
 
 def host_session(handle: ModelHandle, loader, network, optimizer, config, *, residency: Residency,

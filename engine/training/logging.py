@@ -169,7 +169,7 @@ def current_lrs(optimizer) -> dict[str, float]:
 
 
 class TensorBoardLogger:
-    """tensorboardX event files in `logdir/<prefix><YYYYmmddHHMMSS>` (Musubi layout, §2.12)."""
+    """tensorboardX event files in `logdir/<prefix><YYYYmmddHHMMSS>` (Musubi layout)."""
 
     def __init__(self, logdir: str, prefix: str = ""):
         from tensorboardX import SummaryWriter

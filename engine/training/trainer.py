@@ -132,6 +132,7 @@ class TrainingSession:
         self.network_config, self.optimizer_config, self.validation = network, optimizer, validation
         self.device = execution_device(model)   # the swapper's device when layers sit on the host
         self.activation_offload = False         # checkpointed block inputs in host memory (set by the host)
+        self._interrupt: Callable[[], None] | None = None   # cancel check between micro-batches (train_steps)
         self.output_dir = Path(config.output_dir)
         self.lora_dir = Path(config.lora_dir) if config.lora_dir else self.output_dir
         self.total_steps = resolve_total_steps(config, loader)
@@ -183,12 +184,15 @@ class TrainingSession:
     def epoch(self) -> int:
         return self._completed_epochs()
 
-    def train_steps(self, n: int, progress: Progress | None = None) -> list[float]:
+    def train_steps(self, n: int, progress: Progress | None = None,
+                    interrupt: Callable[[], None] | None = None) -> list[float]:
         """Run up to `n` optimizer steps (fewer at the end of training); returns their losses.
 
-        `progress(step, total, info: dict)` runs after every optimizer step and may raise to cancel. On any
-        exception the full state of the last completed step is written to `<output>/<name>-state` and the
-        exception re-raised."""
+        `progress(step, total, info: dict)` runs after every optimizer step and may raise to cancel; `interrupt()`
+        runs before every further micro-batch of a gradient-accumulation step and may raise too (cancel within a
+        long step). On any exception the full state of the last completed step is written to
+        `<output>/<name>-state`, the session itself goes back to that step (a later call continues exactly as a
+        resume from the state would), and the exception is re-raised."""
         if not isinstance(n, int) or n < 1:
             raise invalid("steps", n, "an integer ≥ 1")
         end = min(self.total_steps, self.step + n)
@@ -203,6 +207,10 @@ class TrainingSession:
                                              if self.config.checkpoint_dtype == "compute" else None))
         optimizer_train_mode(self.optimizer, True)
         self.timer.reset()
+        self._interrupt = interrupt
+        # the random streams as the last completed step left them: whatever ran since (a sampler, another session)
+        # does not change this run, and a call continues exactly as a resume from the saved state would
+        restore_rng(self._boundary["rng"], self.generator)
         try:
             if self.step == 0 and self.validation is not None and self.validation.at_first and self.last_samples is None:
                 self.sample()
@@ -216,8 +224,10 @@ class TrainingSession:
         finally:
             self.model.eval()
             self.network.eval()  # dropout is for training steps only: samples after training must be deterministic
+            self._interrupt = None
             if not completed:
                 self._save_state_safely()
+                self._rewind_to_boundary()
             if self._tb is not None:
                 self._tb.flush()
         if self.finished and losses:
@@ -295,7 +305,9 @@ class TrainingSession:
         accum = self.config.gradient_accumulation_steps
         params = self.network.trainable_parameters()
         total, ts = 0.0, []
-        for _ in range(accum):
+        for k in range(accum):
+            if k and self._interrupt is not None:
+                self._interrupt()
             loss, t = self._micro_step(self._next_batch(), 1.0 / accum)
             total += float(loss)
             ts.append(t)
@@ -417,6 +429,17 @@ class TrainingSession:
             warnings.warn(f"could not save the training state to {folder}: {type(e).__name__}: {e}")
 
     # --- state -----------------------------------------------------------------------------------------------
+    def _rewind_to_boundary(self) -> None:
+        """After a failed or cancelled step: drop its partial gradients and give back the batches and random
+        numbers it drew (weights and optimizer only change when a step completes)."""
+        b = self._boundary
+        self.optimizer.zero_grad(set_to_none=True)
+        restore_rng(b["rng"], self.generator)
+        self.loader.load_state_dict(copy.deepcopy(b["loader"]))
+        self._iter = None
+        self.timesteps.load_state_dict(b["timesteps"])
+        self._epochs_done = b["epochs_done"]
+
     def _snapshot(self) -> dict:
         return {"step": self.step, "rng": capture_rng(self.generator),
                 "loader": copy.deepcopy(self.loader.state_dict()), "timesteps": self.timesteps.state_dict(),

@@ -22,7 +22,7 @@ from ..families import family_of
 class ValidationPrompt:
     context: torch.Tensor                          # [L, text_dim] prompt embeddings
     negative_context: torch.Tensor | None = None   # [L', text_dim]; None -> one zero token (an "empty" negative)
-    width: int = 256                               # Musubi sample defaults (§2.13): 256×256, 1 frame, 20 steps
+    width: int = 256                               # Musubi sample defaults: 256×256, 1 frame, 20 steps
     height: int = 256
     frames: int = 1
     seed: int = 0

@@ -86,8 +86,8 @@ class WanCacheAdapter:
     Latent file:  `latents_{F}x{H}x{W}` [16, F_lat, H/8, W/8]; I2V: `latents_image_…` [20, F_lat, H/8, W/8] (4 mask
                   channels + 16 latent channels of [first frame, zeros...]) and `clip` [257, clip_dim] from the first
                   frame when a CLIP encoder is given; Fun-Control: `latents_control_…` [16, F_lat, H/8, W/8].
-    One-frame items (`Clip.one_frame` set; image dataset with `fp_1f_target_index` + control images, reference
-                  §3.7), n = number of controls + 1 latent frames ordered by the sorted index list:
+    One-frame items (`Clip.one_frame` set; image dataset with `fp_1f_target_index` + control images,
+                  Musubi's layout), n = number of controls + 1 latent frames ordered by the sorted index list:
                   `latents_{n}x{H}x{W}` [16, n, H/8, W/8] control latents in the control slots and the target image
                   latent in its slot (each a 1-frame encode); `latents_image_…` [20, n, H/8, W/8] = the `y` of
                   `pipeline.prepare_one_frame` (mask 1 on control slots, mid-gray latent in the target

@@ -102,7 +102,7 @@ class WanFamily:
     def training_forward(model: nn.Module, batch: dict, noisy: torch.Tensor, t: torch.Tensor,
                          target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """v̂ = DiT(x_t, t, context, clip_fea, y); one-frame batches learn only the target slot (the controls are
-        given through y), with the RoPE frame positions fed to the DiT as at inference (Musubi does not, §8.5)."""
+        given through y), with the RoPE frame positions fed to the DiT as at inference (Musubi does not)."""
         device = noisy.device
         frame_indices, slot = one_frame_inputs(batch, noisy.shape[2])
         context = batch["context"]

@@ -1,6 +1,6 @@
 """Wan 2.1 generation: T2V, T2I, I2V, FLF2V, Fun-Control and one-frame inference on in-memory models.
 
-Flow: `WanGenerateRequest` (per-task defaults of the official release, §6.2) -> `resolve()` fills the defaults ->
+Flow: `WanGenerateRequest` (per-task defaults of the official release) -> `resolve()` fills the defaults ->
 `validate_request(model, request)` (every user mistake raises MusubiInputError before any model call) -> noise ->
 the generic loop (`engine.sampling`) with CFG / CFG skip / SLG -> latents [B, 16, F_lat, H/8, W/8].
 
