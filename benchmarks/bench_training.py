@@ -4,6 +4,8 @@
     python benchmarks/bench_training.py --model tiny --device cpu --steps 3 # seconds, anywhere
 
 Reports seconds per optimizer step, peak GPU memory and achieved TFLOP/s; prints one JSON line (prefix `JSON `).
+The held-out eval loss (one forward per held-out clip and fixed timestep, no backward) is timed too: its cost is
+reported per forward next to the time of one training step (a step costs about 3 forwards with checkpointing).
 
 FLOP count (multiply-add = 2 FLOPs). One DiT forward over L video tokens, Lt = 512 text tokens, D dim, Fd ffn dim:
     per block  12·L·D² (self q,k,v,o + cross q,o) + 4·Lt·D² (cross k,v) + 4·L·D·Fd (FFN)
@@ -68,6 +70,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-checkpointing", action="store_true")
     ap.add_argument("--backend", default="sdpa")
     ap.add_argument("--output-dir", default=None, help="where the session may write (default: a temp folder)")
+    ap.add_argument("--eval-sigmas", type=int, default=5, help="fixed timesteps of the timed eval loss (0: skip)")
     args = ap.parse_args(argv)
 
     width, height, frames = DEFAULT_SIZE.get(args.model, (832, 480, 81))
@@ -106,6 +109,19 @@ def main(argv=None) -> dict:
     _sync(device)
     per_step = (time.perf_counter() - start) / args.steps
 
+    eval_s = None
+    if args.eval_sigmas:
+        from engine.training import EvalConfig
+
+        session.evaluation = EvalConfig(batches=batches, sigmas=tuple((i + 0.5) / args.eval_sigmas
+                                                                    for i in range(args.eval_sigmas)))
+        session.evaluate()   # warm-up
+        _sync(device)
+        start = time.perf_counter()
+        session.evaluate()
+        _sync(device)
+        eval_s = time.perf_counter() - start
+
     fwd = forward_flops(cfg, tokens)
     factor = 3 if checkpointing else 2
     result = {
@@ -118,9 +134,15 @@ def main(argv=None) -> dict:
         "trainable_params": sum(p.numel() for p in session.network.trainable_parameters()),
         "tflop_per_step": factor * fwd / 1e12, "flop_factor_vs_forward": factor,
         "achieved_tflops": factor * fwd / per_step / 1e12, "final_loss": losses[-1],
+        "eval_forwards": len(batches) * args.eval_sigmas if eval_s is not None else 0, "eval_s": eval_s,
+        "eval_s_per_forward": eval_s / (len(batches) * args.eval_sigmas) if eval_s is not None else None,
     }
     print(f"{result['variant']} {width}x{height}x{frames} rank {args.rank}: {per_step:.3f} s/step, "
           f"{result['achieved_tflops']:.2f} TFLOP/s, peak {result['peak_mem_gib']} GiB")
+    if eval_s is not None:
+        print(f"eval loss: {result['eval_forwards']} forwards in {eval_s:.3f} s, "
+              f"{result['eval_s_per_forward']:.3f} s per forward ({result['eval_s_per_forward'] / per_step:.2f} "
+              f"of a training step)")
     print("JSON " + json.dumps(result))
     return result
 

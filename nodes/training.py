@@ -313,7 +313,8 @@ def train_to(run, target: int, node_id) -> list[float]:
         done = step - start
         preview = None
         if done % every == 0 or done >= todo:
-            img = loss_curve_image(s.history.losses, 384, 192)[0]
+            h = s.history
+            img = loss_curve_image(h.losses, 384, 192, eval_points=list(zip(h.eval_steps, h.eval_losses)))[0]
             preview = Image.fromarray((img.numpy() * 255).astype("uint8"))
         bar.update(done, preview=preview, text=info.get("status"))
 
@@ -465,7 +466,8 @@ def status_of(run) -> str:
 def _loss_image(run) -> torch.Tensor:
     from ..engine.training import loss_curve_image
 
-    return loss_curve_image(run.session.history.losses)
+    h = run.session.history
+    return loss_curve_image(h.losses, eval_points=list(zip(h.eval_steps, h.eval_losses)))
 
 
 # --- shared input specs ----------------------------------------------------------------------------------------------
@@ -727,6 +729,13 @@ class MusubiInitTraining:
                             "tooltip": "Write TensorBoard event files (loss, average loss, learning rate, speed, "
                                        "timesteps) to <output_dir>/logs; view with `tensorboard --logdir` there."}),
             "continue_saved_state": CONTINUE_INPUT,
+            "eval_dataset": (T.DATASET, {"tooltip": (
+                "Held-out clips (a second cached dataset the run never trains on): their loss at fixed timesteps "
+                "and fixed noise is measured every eval_every_n_steps, shown beside the training loss (status, "
+                "loss curve in orange, LOSS_MAP 'eval_loss', TensorBoard loss/eval). Falling then rising = "
+                "overfitting.")}),
+            "eval_every_n_steps": ("INT", {"default": 100, "min": 1, "max": 1_000_000,
+                                   "tooltip": "Steps between two eval-loss measurements (with eval_dataset)."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def init(self, model, dataset, lora_config, optimizer_config, seed, max_train_steps, mixed_precision,
@@ -734,7 +743,7 @@ class MusubiInitTraining:
              sigmoid_scale, weighting_scheme, min_timestep, max_timestep, save_every_n_steps, keep_last_n_saves,
              output_dir, output_name, save_state, attention_backend, save_format="comfyui", validation_prompts=None,
              validation_vae=None, validate_every_n_steps=0, validate_at_start=False, tensorboard=False,
-             continue_saved_state=True, unique_id=None):
+             continue_saved_state=True, eval_dataset=None, eval_every_n_steps=100, unique_id=None):
         config = _training_config(
             seed=seed, max_train_steps=max_train_steps, mixed_precision=mixed_precision,
             gradient_checkpointing=gradient_checkpointing, gradient_accumulation_steps=gradient_accumulation_steps,
@@ -747,13 +756,31 @@ class MusubiInitTraining:
         validate = check_validation_inputs(_dit(model).module, validation_prompts, validation_vae, validate_every_n_steps,
                                            validate_at_start)
         logging_dir = tensorboard_dir(config.output_dir) if tensorboard else None
+        evaluation = eval_config(eval_dataset, _dit(model).module, eval_every_n_steps, config.seed) \
+            if eval_dataset is not None else None
         run = open_run("init", unique_id, model, dataset, dataclasses.replace(network),
                        dataclasses.replace(optimizer), config, continue_saved=bool(continue_saved_state))
         # validation and TensorBoard apply to the session in memory: changing them never restarts training
         run.session.validation = validation_config(run, validation_prompts, validation_vae, validate_every_n_steps,
                                                    validate_at_start) if validate else None
+        run.session.evaluation = evaluation
         set_logging_dir(run, logging_dir)
         return (SessionOutput(run, ("init",) + run.key[1:]), run.handle())
+
+
+def eval_config(eval_dataset, model, every_n_steps, seed: int):
+    """The held-out set (checked cached for this model) as batches in a fixed order, loaded once."""
+    from ..engine.training import EvalConfig
+
+    try:
+        loader, _ = dataset_loader(eval_dataset, model, seed)
+    except MusubiInputError as e:
+        raise invalid("eval_dataset", type(eval_dataset).__name__, f"a dataset cached for this model ({e})") from e
+    loader.shuffle = False
+    batches = [loader.load_batch(loader.datasets[d], samples) for d, samples in loader.epoch_batches(0)]
+    cfg = EvalConfig(batches=batches, every_n_steps=int(every_n_steps), seed=int(seed))
+    cfg.validate()
+    return cfg
 
 
 def tensorboard_dir(output_dir: str) -> str:

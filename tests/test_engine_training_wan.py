@@ -205,3 +205,35 @@ def test_tiny_cancel_between_micro_batches_keeps_the_session_at_the_last_step(tm
     torch.manual_seed(99)   # whatever ran in between must not matter
     assert s.train_steps(4, interrupt=lambda: None) == full[2:]
     assert_same_weights(weights(s), weights(ref))
+
+
+def test_held_out_eval_loss_is_deterministic_equals_a_hand_computation_and_leaves_training_alone(tmp_path):
+    from engine.training import EvalConfig
+
+    g = torch.Generator().manual_seed(11)   # held-out clips the run never trains on
+    held_out = [{"latents": torch.randn(1, 16, 1, 4, 4, generator=g) * 0.3 + 0.5,
+                 "context": [torch.randn(4, 32, generator=g)]} for _ in range(2)]
+    config = EvalConfig(batches=held_out, every_n_steps=2, sigmas=(0.25, 0.75), seed=7)
+    plain = tiny_session(tmp_path / "plain", steps=4).train_steps(4)
+    runs = []
+    for name in ("a", "b"):
+        s = tiny_session(tmp_path / name, steps=4)
+        s.evaluation = config
+        assert s.train_steps(4) == plain          # evaluating draws none of the training's random numbers
+        runs.append(s)
+    a, b = runs
+    assert a.history.eval_steps == [2, 4] and a.history.eval_losses == b.history.eval_losses
+    assert a.history.eval_losses[0] != a.history.eval_losses[1]   # the adapter changed between them
+    assert a.loss_map()["eval_loss"] == a.history.eval_losses
+    assert a.model.training is False and a.network.training is False
+
+    errors = []   # by hand: sample k gets the noise of Generator(seed + k), every sigma, unweighted MSE, no dropout
+    with torch.no_grad():
+        for k, batch in enumerate(held_out):
+            x0 = batch["latents"]
+            noise = torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(7 + k))[None]
+            for sigma in (0.25, 0.75):
+                pred = a.model((1 - sigma) * x0 + sigma * noise, torch.tensor([1000.0 * sigma]), batch["context"])
+                errors.append(((pred - (noise - x0)) ** 2).mean().item())
+    assert abs(sum(errors) / len(errors) - a.history.eval_losses[-1]) < 1e-6
+    assert a.evaluate() == a.history.eval_losses[-1]     # the same numbers whenever it runs

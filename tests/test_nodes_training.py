@@ -425,3 +425,27 @@ def test_cancel_inside_a_long_accumulation_step_keeps_the_last_step_and_requeue_
     assert int(saved["step"]) == 1 and saved["history"]["losses"] == reference[:1]
     comfy.run(p)                         # re-queue: the session in memory continues from step 1
     assert comfy.output("6", 2)["loss"] == reference
+
+
+def test_eval_loss_on_a_held_out_dataset_is_logged_beside_the_training_loss(comfy, data, tmp_path):
+    plain = train_prompt(tmp_path / "plain", steps=4)
+    comfy.run(plain)
+    reference = comfy.output("6", 2)["loss"]
+
+    p = train_prompt(tmp_path / "eval", steps=4)
+    p["8"] = {"class_type": "MusubiTestCachedDataset", "inputs": {"name": "cached"}}
+    p["5"]["inputs"].update(eval_dataset=["8", 0], eval_every_n_steps=2)
+    comfy.run(p)
+    loss_map = comfy.output("6", 2)
+    assert loss_map["loss"] == reference            # measuring changes nothing in training
+    assert len(loss_map["eval_loss"]) == 2 and all(v > 0 for v in loss_map["eval_loss"])
+    assert "eval loss" in comfy.output("6", 3)
+    (run,) = sessions(comfy)
+    assert run.session.history.eval_steps == [2, 4]
+    assert run.session.evaluate() == loss_map["eval_loss"][-1]   # fixed timesteps and noise: the same value again
+
+    p["5"]["inputs"]["eval_every_n_steps"] = 3      # an eval input changes: the same session goes on, not a new one
+    p["6"]["inputs"]["steps"] = 2
+    comfy.run(p)
+    assert sessions(comfy) == [run] and comfy.output("6", 2)["loss"][:4] == reference
+    assert run.session.history.eval_steps[-1] == 6

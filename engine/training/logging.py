@@ -19,14 +19,23 @@ class LossHistory:
 
     losses: list[float] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
+    eval_losses: list[float] = field(default_factory=list)   # held-out eval loss, at `eval_steps`
+    eval_steps: list[int] = field(default_factory=list)
 
     def add(self, step: int, loss: float) -> None:
         self.steps.append(int(step))
         self.losses.append(float(loss))
 
+    def add_eval(self, step: int, loss: float) -> None:
+        self.eval_steps.append(int(step))
+        self.eval_losses.append(float(loss))
+
     def loss_map(self) -> dict[str, list[float]]:
-        """ComfyUI's LOSS_MAP: {"loss": [floats]}."""
-        return {"loss": list(self.losses)}
+        """ComfyUI's LOSS_MAP: {"loss": [floats]}, plus "eval_loss" (one per evaluation) when there is one."""
+        out = {"loss": list(self.losses)}
+        if self.eval_losses:
+            out["eval_loss"] = list(self.eval_losses)
+        return out
 
     def moving_average(self, window: int = 25) -> float | None:
         if not self.losses:
@@ -35,11 +44,14 @@ class LossHistory:
         return sum(tail) / len(tail)
 
     def state_dict(self) -> dict:
-        return {"losses": list(self.losses), "steps": list(self.steps)}
+        return {"losses": list(self.losses), "steps": list(self.steps), "eval_losses": list(self.eval_losses),
+                "eval_steps": list(self.eval_steps)}
 
     def load_state_dict(self, state: dict) -> None:
         self.losses = [float(v) for v in state.get("losses", [])]
         self.steps = [int(v) for v in state.get("steps", [])]
+        self.eval_losses = [float(v) for v in state.get("eval_losses", [])]
+        self.eval_steps = [int(v) for v in state.get("eval_steps", [])]
 
 
 def ema_smooth(values: list[float], beta: float = 0.9) -> list[float]:
@@ -52,8 +64,9 @@ def ema_smooth(values: list[float], beta: float = 0.9) -> list[float]:
 
 
 def loss_curve_image(losses: list[float], width: int = 512, height: int = 256, smoothing: float = 0.9,
-                     log_scale: bool = False) -> torch.Tensor:
-    """[1, H, W, 3] float32 in 0..1 (a ComfyUI IMAGE): raw losses in light blue, smoothed in dark blue.
+                     log_scale: bool = False, eval_points: list[tuple[int, float]] | None = None) -> torch.Tensor:
+    """[1, H, W, 3] float32 in 0..1 (a ComfyUI IMAGE): raw losses in light blue, smoothed in dark blue, and the
+    held-out eval loss `eval_points` [(step, loss)] (step 1 = the first loss) in orange.
 
     Drawn with Pillow (no matplotlib): a plot area with a 1-pixel frame, min/max labels on the y axis."""
     from PIL import Image, ImageDraw
@@ -67,7 +80,8 @@ def loss_curve_image(losses: list[float], width: int = 512, height: int = 256, s
         tf = (lambda v: math.log10(max(v, 1e-12))) if log_scale else (lambda v: v)
         raw = [tf(v) for v in values]
         smooth = ema_smooth(raw, smoothing)
-        lo, hi = min(raw), max(raw)
+        evals = [(int(step) - 1, tf(v)) for step, v in (eval_points or []) if math.isfinite(v)]
+        lo, hi = min(raw + [v for _, v in evals]), max(raw + [v for _, v in evals])
         if hi - lo < 1e-12:
             lo, hi = lo - 0.5, hi + 0.5
         n = len(raw)
@@ -84,6 +98,11 @@ def loss_curve_image(losses: list[float], width: int = 512, height: int = 256, s
                 draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
             else:
                 draw.line(pts, fill=colour, width=w)
+        eval_pts = [xy(i, v) for i, v in evals]
+        if len(eval_pts) > 1:
+            draw.line(eval_pts, fill=(235, 120, 20), width=2)
+        for x, y in eval_pts:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(235, 120, 20))
         fmt = (lambda v: f"{10 ** v:.3g}") if log_scale else (lambda v: f"{v:.3g}")
         draw.text((2, top), fmt(hi), fill=(60, 60, 60))
         draw.text((2, bottom - 10), fmt(lo), fill=(60, 60, 60))
@@ -176,6 +195,9 @@ class TensorBoardLogger:
 
         self.path = os.path.join(logdir, prefix + time.strftime("%Y%m%d%H%M%S"))
         self.writer = SummaryWriter(self.path)
+
+    def log_eval(self, step: int, loss: float) -> None:
+        self.writer.add_scalar("loss/eval", loss, step)
 
     def log_step(self, step: int, loss: float, avg: float | None, lrs: dict[str, float], it_s: float,
                  timesteps: torch.Tensor | None) -> None:

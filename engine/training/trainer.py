@@ -38,6 +38,7 @@ from ..families import family_of
 from ..memory.checkpointing import set_block_checkpointing
 from ..memory.placement import execution_device
 from .config import SAVE_DTYPES, TRAINING_BACKENDS_REFUSED, NetworkConfig, TrainingConfig, to_plain
+from .evaluation import EvalConfig, held_out_loss
 from .logging import LossHistory, StepTimer, TensorBoardLogger, current_lrs, status_text
 from .loss import flow_matching_loss, noisy_latents, velocity_target
 from .optimizers import OptimizerConfig, build_optimizer, optimizer_train_mode
@@ -111,6 +112,7 @@ def resolve_total_steps(config: TrainingConfig, loader) -> int:
 class TrainingSession:
     def __init__(self, model: torch.nn.Module, network: NetworkConfig, optimizer: OptimizerConfig, loader,
                  config: TrainingConfig, validation: ValidationConfig | None = None,
+                 evaluation: EvalConfig | None = None,
                  resume_from: str | Path | None = None):
         # 1. everything a user can get wrong, before touching the model
         config.validate()
@@ -130,6 +132,7 @@ class TrainingSession:
         self.model, self.loader, self.config = model, loader, config
         self.family = family_of(model)
         self.network_config, self.optimizer_config, self.validation = network, optimizer, validation
+        self.evaluation = evaluation
         self.device = execution_device(model)   # the swapper's device when layers sit on the host
         self.activation_offload = False         # checkpointed block inputs in host memory (set by the host)
         self._interrupt: Callable[[], None] | None = None   # cancel check between micro-batches (train_steps)
@@ -283,6 +286,18 @@ class TrainingSession:
             optimizer_train_mode(self.optimizer, True)
         return self.last_samples
 
+    def evaluate(self) -> float:
+        """The held-out eval loss now (recorded in the history and TensorBoard); needs `evaluation` set."""
+        if self.evaluation is None:
+            raise invalid("eval dataset", None, "a held-out cached dataset to evaluate on")
+        value = held_out_loss(self.model, self.network, self.family, self.evaluation, self.device, self._autocast)
+        self.history.add_eval(self.step, value)
+        if self.config.logging_dir:
+            if self._tb is None:
+                self._tb = TensorBoardLogger(self.config.logging_dir, prefix=f"{self.config.output_name}_")
+            self._tb.log_eval(self.step, value)
+        return value
+
     def loss_map(self) -> dict[str, list[float]]:
         return self.history.loss_map()
 
@@ -402,9 +417,12 @@ class TrainingSession:
                 self.save_state()   # a crash or power cut loses at most this much training time
         if self.validation is not None and self.validation.due(self.step):
             self.sample()
-        info = StepInfo(self.step, self.total_steps, loss, avg, lr, it_s, epochs,
-                        status_text(self.step, self.total_steps, loss, avg, lr, it_s, self.device),
-                        [float(v) for v in t])
+        if self.evaluation is not None and self.evaluation.due(self.step):
+            self.evaluate()
+        status = status_text(self.step, self.total_steps, loss, avg, lr, it_s, self.device)
+        if self.history.eval_losses:
+            status += f" | eval loss {self.history.eval_losses[-1]:.4f} (step {self.history.eval_steps[-1]})"
+        info = StepInfo(self.step, self.total_steps, loss, avg, lr, it_s, epochs, status, [float(v) for v in t])
         self.last_info = info
         return info
 
