@@ -163,8 +163,7 @@ def _module_weights(g: dict, unused: list[str]) -> ModuleWeights | None:
     """One stem's parts as ComfyUI's loader reads them, or None (its keys then go to `unused`)."""
     parts, extras, keys, kind = dict(g["parts"]), g["extras"], g["keys"], g["kind"]
     if kind == "lora" and "mid" in parts and not keys.get("up", "").endswith(".lora_up.weight"):
-        unused.append(keys["mid"])          # ComfyUI reads lora_mid only beside lora_up/lora_down
-        del parts["mid"]
+        del parts["mid"]                    # ComfyUI reads lora_mid only beside lora_up/lora_down: not applied
     used = set(parts)
     alpha_t, dora = extras.get("alpha"), extras.get("dora_scale")
     alpha = (float(alpha_t.float().reshape(-1)[0]) if alpha_t.numel() else None) if alpha_t is not None else None
