@@ -285,10 +285,22 @@ def _bias_key(mw: ModuleWeights) -> str:
     return next((k for k in mw.source_keys if k.endswith((".diff_b", ".b_norm"))), "?")
 
 
+def _nonleaf_owners(params: Mapping) -> set[str]:
+    """Modules whose own parameters ComfyUI never patches: those that also have submodules with parameters (its
+    model patcher skips them as "random weights in non leaf modules", e.g. a DiT block's modulation table)."""
+    out = set()
+    for k in params:
+        parts = k.split(".")
+        out.update(".".join(parts[:i]) for i in range(len(parts) - 1))   # every ancestor above the direct owner
+    return out
+
+
 def _resolve(lora: LoRAFile, params: Mapping, label: str):
     """(target -> ModuleWeights trimmed to what the model has, unmatched keys). Raises on shape mismatches."""
     known = T.underscore_map(_target_names(params))
     linear_img = any(k.endswith(("k_img.weight", "v_img.weight")) for k in params)
+    nonleaf = _nonleaf_owners(params)
+    params = {k: v for k, v in params.items() if k.rpartition(".")[0] not in nonleaf}   # as ComfyUI: not patched
     resolved, unmatched = {}, []
     for name, mw in lora.modules.items():
         target = name
