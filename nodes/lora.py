@@ -108,8 +108,9 @@ def describe_lora(lora) -> str:
     from ..engine.lora.targets import block_index
 
     mods = lora.modules
-    ranks = sorted({mw.rank for mw in mods.values()}, key=lambda r: (r is None, r))
-    alphas = sorted({mw.alpha for mw in mods.values()}, key=lambda a: (a is None, a))
+    low_rank = [mw for mw in mods.values() if mw.low_rank] or list(mods.values())
+    ranks = sorted({mw.rank for mw in low_rank}, key=lambda r: (r is None, r))
+    alphas = sorted({mw.alpha for mw in low_rank}, key=lambda a: (a is None, a))
     blocks = sorted({b for b in (block_index(n) for n in mods) if b is not None})
     lines = [f"LoRA: {lora.name}" + (f" ({lora.source})" if lora.source else " (in memory)"),
              f"dialect: {lora.dialect}",
@@ -117,8 +118,11 @@ def describe_lora(lora) -> str:
              f"ranks: {', '.join(map(str, ranks))}",
              f"alphas: {', '.join('none' if a is None else f'{a:g}' for a in alphas)}",
              f"blocks: {_ranges(blocks) if blocks else '-'}"]
+    kinds = _patch_kinds(lora, list(mods))
+    if kinds:
+        lines.append(f"patches: {kinds}")
     if lora.unused_keys:
-        lines.append(f"unsupported keys: {len(lora.unused_keys)} (e.g. {lora.unused_keys[0]})")
+        lines.append(f"keys not applied: {len(lora.unused_keys)} (e.g. {lora.unused_keys[0]})")
     if lora.unresolved:
         lines.append(f"unresolved module names: {len(lora.unresolved)} (e.g. {sorted(lora.unresolved)[0]})")
     meta = {k: v for k, v in lora.metadata.items() if not k.startswith("sshs_")}
@@ -210,8 +214,12 @@ class MusubiApplyLoRA:
                    "untouched) or merged into the weights (faster sampling; needs memory for a copy of the changed "
                    "layers). The input model is never modified: the output is a LoRA view sharing the input's "
                    "weights. Re-queueing with another strength replaces this node's LoRA (never stacks); removing "
-                   "the node leaves the model clean; chaining Apply nodes keeps the LoRAs of every node. A LoRA "
-                   "for another model family, variant or size, or one that matches nothing, is refused.")
+                   "the node leaves the model clean; chaining Apply nodes keeps the LoRAs of every node. Applies what "
+                   "ComfyUI's loader applies: LoRA (with lora_mid), LoHa/LoKr (with Tucker cores), DoRA, .diff, "
+                   ".diff_b and .set_weight keys, with ComfyUI's formulas; in adapter mode the patches a hook cannot "
+                   "apply (DoRA, .diff, .set_weight, biases) are merged into private copies of those weights. Keys "
+                   "that match nothing are skipped and listed in the report (strict: refused). A LoRA for another "
+                   "model family, variant or size, or one that matches nothing, is refused.")
     CATEGORY = "Musubi/lora"
     FUNCTION = "apply"
     RETURN_TYPES = (T.DIT, "STRING")
@@ -238,9 +246,13 @@ class MusubiApplyLoRA:
             "lora_2": (T.LORA, {"tooltip": "Optional second LoRA, applied together with the first."}),
             "strength_2": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
                            "tooltip": "Multiplier of the second LoRA."}),
+            "strict": ("BOOLEAN", {"default": False,
+                       "tooltip": "Refuse a LoRA with keys that match no weight of the model or are not applied. "
+                                  "Off: such keys are skipped and listed in the report."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
-    def apply(self, model, lora, strength, mode, block_filter="", lora_2=None, strength_2=1.0, unique_id=None):
+    def apply(self, model, lora, strength, mode, block_filter="", lora_2=None, strength_2=1.0, strict=False,
+              unique_id=None):
         from ..engine.lora import match_lora, network_from_lora
         from ..engine.lora.dialects import LoRAFile
 
@@ -261,10 +273,10 @@ class MusubiApplyLoRA:
             if not report.matched:
                 raise invalid(field, item.name, f"a LoRA for this model: none of its {len(item.modules)} modules "
                                                 f"matches a layer of the model (e.g. key {report.unmatched_keys[:1]})")
-            if report.unmatched_keys:
+            if strict and report.unmatched_keys:
                 k = report.unmatched_keys
-                raise invalid(field, item.name, f"a LoRA whose keys all match the model; {len(k)} match no weight "
-                                                f"(e.g. {k[:3]})")
+                raise invalid(field, item.name, f"a LoRA whose keys all match the model (strict); {len(k)} match "
+                                                f"no weight or are not applied (e.g. {k[:3]})")
             kept = [n for n in report.matched if keep is None or keep(n)]
             if not kept:
                 raise invalid("block_filter", block_filter,
@@ -274,23 +286,44 @@ class MusubiApplyLoRA:
         node = str(unique_id) if unique_id is not None else "?"
         release_swap(model)   # block swap: real weights in the shared dicts (merge reads them), no hooks to copy
         view = make_lora_view(model)
+        owned: set = set()    # parameters this node made private to the view (cloned once, patched by each LoRA)
+        merged_in_adapter_mode = []
         with torch.inference_mode(False):
             for i, (field, item, s, report, kept) in enumerate(plans):
                 src = trainable_copy(item)
                 entry = {"name": item.name, "strength": s, "mode": mode, "node": node}
                 if mode == "adapter":
                     net = network_from_lora(view, src, f"musubi-apply:{node}:{i}:{item.name}", s, keep)
-                    net.requires_grad_(False)   # applied, not trained (a training session on top trains its own)
-                    net.attach(view)
-                    add_network(view, net, entry)
+                    written = merge_into_view(view, src, s, kept, None if net.adapters() else entry,
+                                              compat.check_interrupt, hooked=True, owned=owned)
+                    merged_in_adapter_mode.append(written)
+                    if net.adapters():
+                        net.requires_grad_(False)   # applied, not trained (a training session on top trains its own)
+                        net.attach(view)
+                        add_network(view, net, entry)
                 else:
-                    merge_into_view(view, src, s, kept, entry, compat.check_interrupt)
+                    merge_into_view(view, src, s, kept, entry, compat.check_interrupt, owned=owned)
 
         lines = [f"Applied {len(plans)} LoRA(s) in {mode} mode:"]
-        for field, item, s, report, kept in plans:
+        for i, (field, item, s, report, kept) in enumerate(plans):
             lines.append(f"- {field} {item.name} @ {s:g}: {len(report.matched)}/{len(item.modules)} modules matched, "
                          f"{len(report.unmatched_keys)} keys unmatched, {len(report.uncovered)} default targets not "
                          "covered" + (f", block filter kept {len(kept)}" if keep is not None else ""))
+            kinds = _patch_kinds(item, kept)
+            if kinds:
+                lines.append(f"  patches: {kinds}")
+            if mode == "adapter" and merged_in_adapter_mode[i]:
+                w = merged_in_adapter_mode[i]
+                lines.append(f"  merged into copy-on-write weights (no hook can apply DoRA / .diff / .set_weight / "
+                             f"bias patches): {len(w)} parameters (e.g. {', '.join(w[:3])})")
+            if report.unmatched_keys:
+                k = report.unmatched_keys
+                lines.append(f"  skipped {len(k)} keys that match no weight of the model or are not applied: "
+                             + ", ".join(k[:_LISTED]) + (f" (+{len(k) - _LISTED} more)" if len(k) > _LISTED else ""))
+            if report.overridden_keys:
+                k = report.overridden_keys
+                lines.append(f"  {len(k)} keys without effect (their module's .diff/.set_weight replaces them, as in "
+                             f"ComfyUI): " + ", ".join(k[:_LISTED]) + (" ..." if len(k) > _LISTED else ""))
             if report.uncovered:
                 lines.append(f"  not covered (e.g.): {', '.join(report.uncovered[:4])}")
         stack = lora_stack(view)
@@ -298,6 +331,30 @@ class MusubiApplyLoRA:
             f"{e['name']}@{e['strength']:g} ({e['mode']}, node {e['node']})" for e in stack))
         text = "\n".join(lines)
         return {"ui": {"text": [text]}, "result": (handle.with_module(view), text)}
+
+
+_LISTED = 12   # keys listed by name in a report line
+
+
+def _patch_kinds(lora, names) -> str:
+    """'lora 20, DoRA 4, .diff 6, .diff_b 30' for the modules `names` of a LoRAFile (resolved names may differ from
+    the file's for underscore dialects; the counts are over the file's modules then)."""
+    mods = [lora.modules[n] for n in names if n in lora.modules] or list(lora.modules.values())
+    counts: dict[str, int] = {}
+
+    def add(k):
+        counts[k] = counts.get(k, 0) + 1
+
+    for mw in mods:
+        if mw.low_rank:
+            add(mw.kind + ("+tucker" if {"mid", "hada_t1", "lokr_t2"} & mw.tensors.keys() else ""))
+        if mw.dora_scale is not None:
+            add("DoRA")
+        if mw.weight_patch is not None:
+            add(".diff" if mw.weight_patch[0] == "diff" else ".set_weight")
+        if mw.bias_diff is not None:
+            add(".diff_b")
+    return ", ".join(f"{k} {v}" for k, v in counts.items())
 
 
 class MusubiSaveLoRA:

@@ -411,3 +411,113 @@ def test_apply_refuses_loras_that_do_not_fit(comfy, lora_files, case):
     msg = _error(comfy, _apply_prompt(lora_name, 1.0, block_filter=block_filter))
     assert expected in msg and ("lora" in msg or "block_filter" in msg), msg
     assert _hook_count(comfy.module("1")) == 0
+
+
+# --- every patch kind, against ComfyUI's own loader ---------------------------------------------------------------
+def _core_kinds_file(g):
+    """A file with `.diff`, `.diff_b`, DoRA (both axes), `lora_mid` (LoCon/Tucker, conv-shaped as LyCORIS writes it),
+    a Tucker LoHa and a bias key ComfyUI does not apply. Sizes: tiny-t2v (dim 256, ffn 512)."""
+    P = "diffusion_model.blocks."
+
+    def r(*shape, s=0.05):
+        return torch.randn(*shape, generator=g) * s
+
+    sd = {}
+    for m, (o, i) in {"0.self_attn.q": (256, 256), "0.ffn.0": (512, 256), "1.cross_attn.v": (256, 256)}.items():
+        sd |= {f"{P}{m}.lora_down.weight": r(4, i), f"{P}{m}.lora_up.weight": r(o, 4), f"{P}{m}.alpha": torch.tensor(2.0),
+               f"{P}{m}.diff_b": r(o)}
+    sd[f"{P}0.self_attn.q.lora_mid.weight"] = r(4, 4, 1, 1, s=0.5)
+    sd[f"{P}0.ffn.0.dora_scale"] = r(512, 1, s=1.0).abs() + 0.5         # output axis
+    sd[f"{P}1.cross_attn.v.dora_scale"] = r(1, 256, s=1.0).abs() + 0.5   # input axis
+    sd |= {f"{P}1.ffn.2.hada_w1_a": r(3, 256, s=0.3), f"{P}1.ffn.2.hada_w1_b": r(3, 512, s=0.3),
+           f"{P}1.ffn.2.hada_t1": r(3, 3, 1, 1, s=0.5), f"{P}1.ffn.2.hada_w2_a": r(3, 256, s=0.3),
+           f"{P}1.ffn.2.hada_w2_b": r(3, 512, s=0.3), f"{P}1.ffn.2.hada_t2": r(3, 3, 1, 1, s=0.5),
+           f"{P}1.ffn.2.alpha": torch.tensor(3.0)}
+    for n, shape in {"0.norm3": (256,), "0.self_attn.norm_q": (256,), "1.cross_attn.norm_k": (256,),
+                     "1.modulation": (1, 6, 256), "0.self_attn.o": (256, 256)}.items():
+        sd[f"{P}{n}.diff"] = r(*shape)
+    sd[f"{P}0.norm3.diff_b"] = r(256)
+    sd["diffusion_model.head.head.diff_b"] = r(64)
+    sd[f"{P}1.self_attn.k.lora_B.bias"] = r(256)                          # ComfyUI leaves it: so do we
+    return sd
+
+
+def _comfy_patched(lora_path: Path, strength: float):
+    """ComfyUI's own loader (LoraLoaderModelOnly's path: key map, load_lora, add_patches, patch_model) on the
+    tiny Wan DiT: {native key: patched float32 tensor}, and the keys it did not load."""
+    import logging
+
+    import comfy.lora
+    import comfy.lora_convert
+    import comfy.sd
+    import comfy.utils
+    from test_engine_lora_comfy import _comfy_base
+
+    patcher = comfy.sd.load_diffusion_model_state_dict(_comfy_base("t2v"), model_options={"dtype": torch.float32})
+    key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
+    lora_sd = comfy.lora_convert.convert_lora(comfy.utils.load_torch_file(str(lora_path)))
+    not_loaded = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith("lora key not loaded:"):
+                not_loaded.append(record.getMessage().split(":", 1)[1].strip())
+
+    h = Collect(logging.WARNING)
+    logging.getLogger().addHandler(h)
+    try:
+        patches = comfy.lora.load_lora(lora_sd, key_map)
+    finally:
+        logging.getLogger().removeHandler(h)
+    keys = patcher.add_patches(patches, strength)
+    patcher.patch_model()
+    sd = patcher.model.diffusion_model.state_dict()
+    out = {k[len("diffusion_model."):]: sd[k[len("diffusion_model."):]].detach().float().clone() for k in keys}
+    patcher.unpatch_model()
+    return out, not_loaded
+
+
+@pytest.mark.parametrize("mode", ["merge", "adapter"])
+def test_core_kinds_patch_like_comfyui_core_loader(comfy, mode):
+    """`.diff`, `.diff_b`, DoRA, `lora_mid` (and Tucker LoHa, a modulation table, norms): Apply LoRA's patched weights
+    equal ComfyUI's own loader's within 1e-6; the key ComfyUI does not load is skipped and listed, not refused."""
+    path = _folder(comfy, "loras") / "core_kinds" / "mixed.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(_core_kinds_file(torch.Generator().manual_seed(7)), str(path))
+    strength = 0.8
+    theirs, not_loaded = _comfy_patched(path, strength)
+    assert not_loaded == ["diffusion_model.blocks.1.self_attn.k.lora_B.bias"]
+    # ComfyUI accepts the modulation .diff but its patcher never writes a parameter of a module with submodules
+    # ("random weights in non leaf modules"): unchanged there, so skipped (and listed) here
+    assert torch.equal(theirs.pop("blocks.1.modulation"), build_preset_state_dict("tiny-t2v")["blocks.1.modulation"])
+    assert len(theirs) == 13           # weights: 3 LoRA, 1 LoHa, 4 .diff; biases: 5 .diff_b
+
+    prompt = _apply_prompt("core_kinds/mixed.safetensors", strength, mode)
+    comfy.run(prompt)
+    base, view, report = comfy.module("1"), comfy.module("3"), comfy.output("3", 1)
+    assert "skipped 2 keys" in report and "blocks.1.self_attn.k.lora_B.bias" in report
+    assert "blocks.1.modulation.diff" in report
+    assert "DoRA 2" in report and ".diff 4" in report and ".diff_b 5" in report
+    base_sd = build_preset_state_dict("tiny-t2v")
+    for k, v in base.state_dict().items():           # the loader's preset weights are ComfyUI's base here
+        if k in theirs:
+            torch.testing.assert_close(v.float(), base_sd[k].float(), rtol=0, atol=0)
+
+    ours = {k: v.detach().float().clone() for k, v in view.named_parameters()}
+    if mode == "adapter":   # hooks apply the plain low-rank ΔW on the fly: add it to compare weights
+        assert "merged into copy-on-write weights" in report
+        for net in view.__dict__["_musubi_lora_networks"]:
+            for m, _ in net.adapters().items():
+                ours[f"{m}.weight"] += net.multiplier * net.delta_weight(m)
+    for k, w in theirs.items():
+        assert not torch.equal(w, base_sd[k].float()), k
+        torch.testing.assert_close(ours[k], w, rtol=0, atol=1e-6, msg=k)
+    # nothing else changed, and the shared model is untouched
+    for k, v in base.named_parameters():
+        if k not in theirs:
+            assert torch.equal(ours[k], v.detach().float()), k
+        torch.testing.assert_close(v.detach().float(), base_sd[k].float(), rtol=0, atol=0)
+
+    prompt["3"]["inputs"]["strict"] = True
+    msg = _error(comfy, prompt)
+    assert "strict" in msg and "lora_B.bias" in msg

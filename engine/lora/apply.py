@@ -47,16 +47,22 @@ class FileAdapter(_Adapter):
 
 def network_from_lora(model: nn.Module, lora: LoRAFile, name: str, multiplier: float = 1.0,
                       module_filter=None) -> AdapterNetwork:
-    """An AdapterNetwork carrying the file's weights (LoRA: trainable-form LoRAModule; LoHa/LoKr: FileAdapter)."""
+    """An AdapterNetwork carrying the file's plain low-rank weights (LoRA: trainable-form LoRAModule; LoHa/LoKr:
+    FileAdapter). Patches a hook cannot compute from the input alone (DoRA, `.diff`, `.set_weight`, biases) are
+    not in it: merge them with `merge_into_model(..., hooked=True)`."""
     modules = dict(model.named_modules())
     net = AdapterNetwork(name, multiplier)
     for mod_name, mw in resolved_modules(lora, model).items():
-        if module_filter is not None and not module_filter(mod_name):
+        if not mw.hookable or (module_filter is not None and not module_filter(mod_name)):
             continue
         base = modules[mod_name]
         if mw.kind == "lora":
-            adapter = LoRAModule(base, rank=mw.rank, alpha=mw.scale * mw.rank)
-            adapter.load_factors(mw.tensors["down"].float(), mw.tensors["up"].float())
+            down = mw.tensors["down"].float()
+            if "mid" in mw.tensors:   # up @ (mid @ down): the LoCon/Tucker middle factor folded into down
+                down = mw.tensors["mid"].float() @ down
+            # the scale stays alpha / rank of the file's down (ComfyUI's rule), whatever the folded rank
+            adapter = LoRAModule(base, rank=down.shape[0], alpha=mw.scale * down.shape[0])
+            adapter.load_factors(down, mw.tensors["up"].float())
         else:
             adapter = FileAdapter(base, mw)
         adapter.to(base.weight.device if base.weight.device.type != "meta" else "cpu")
@@ -95,13 +101,16 @@ class AppliedLoRAs:
             self.merge.restore()
 
 
-def apply_loras(model: nn.Module, loras, mode: str = "adapter", block_filter=None) -> AppliedLoRAs:
+def apply_loras(model: nn.Module, loras, mode: str = "adapter", block_filter=None,
+                strict: bool = True) -> AppliedLoRAs:
     """Apply [(LoRA path or LoRAFile, strength), ...] to `model`.
 
-    mode "adapter": one named AdapterNetwork per LoRA (strength = multiplier, changeable later);
-    mode "merge": weights changed in place (fp32 math), original weights kept on CPU for `remove()`.
+    mode "adapter": one named AdapterNetwork per LoRA for the plain low-rank weights (strength = multiplier);
+    what a hook cannot compute (DoRA, `.diff`, `.set_weight`, biases) is merged in place as in mode "merge";
+    mode "merge": parameters changed in place (fp32 math), the originals kept on CPU for `remove()`.
     `block_filter`: block indices or a regex; only matching modules get the LoRA.
-    Every file is checked with `match_lora` first (wrong family/variant/size and unmatched keys are refused)."""
+    Every file is checked with `match_lora` first (wrong family/variant/size is refused; keys that match nothing
+    are refused when `strict`, else skipped and listed in the reports)."""
     if mode not in ("adapter", "merge"):
         raise invalid("LoRA apply mode", mode, "'adapter' or 'merge'")
     keep = block_filter_fn(block_filter)
@@ -110,21 +119,20 @@ def apply_loras(model: nn.Module, loras, mode: str = "adapter", block_filter=Non
         lora = item if isinstance(item, LoRAFile) else read_lora(item, model=model)
         label = str(lora.source or f"LoRA #{i + 1}")
         report = match_lora(lora, model, label)
-        require_complete(report, label)
+        if strict:
+            require_complete(report, label)
         files.append((lora, float(strength), report))
 
     previous = model.__dict__.get(_APPLIED_ATTR)
     if previous is not None:
         previous.remove()
     result = AppliedLoRAs(mode, [r for _, _, r in files])
-    if mode == "adapter":
-        for i, (lora, strength, _) in enumerate(files):
+    handle = MergeHandle(model)
+    for i, (lora, strength, _) in enumerate(files):
+        if mode == "adapter":
             net = network_from_lora(model, lora, f"{NAME_PREFIX}{i}:{lora.name}", strength, keep)
             result.networks.append(net.attach(model))
-    else:
-        handle = MergeHandle(model)
-        for lora, strength, _ in files:
-            merge_into_model(model, lora, strength, keep, handle)
-        result.merge = handle
+        merge_into_model(model, lora, strength, keep, handle, strict=False, hooked=mode == "adapter")
+    result.merge = handle
     model.__dict__[_APPLIED_ATTR] = result
     return result

@@ -16,6 +16,7 @@ touched.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,21 +32,24 @@ from ..families.identify import foreign_lora_layout
 from . import targets as T
 from .weights import ModuleWeights
 
-# file suffix -> (kind, part name in ModuleWeights.tensors); longest suffixes first
+# file suffix -> (kind, part name); longest suffixes first. Kind "" marks the parts any module may carry.
 _SUFFIXES: list[tuple[str, str, str]] = sorted([
     (".lora_down.weight", "lora", "down"), (".lora_up.weight", "lora", "up"),
     (".lora_A.weight", "lora", "down"), (".lora_B.weight", "lora", "up"),
     (".lora_A.default.weight", "lora", "down"), (".lora_B.default.weight", "lora", "up"),
     (".lora_A", "lora", "down"), (".lora_B", "lora", "up"),
     (".lora.down.weight", "lora", "down"), (".lora.up.weight", "lora", "up"),
-    *[(f".{p}", "loha", p) for p in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")],
-    *[(f".{p}", "lokr", p) for p in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")],
-    (".alpha", "", "alpha"),
+    (".lora_mid.weight", "lora", "mid"),
+    *[(f".{p}", "loha", p) for p in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")],
+    *[(f".{p}", "lokr", p) for p in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
+                                     "lokr_t2")],
+    *[(f".{p}", "", p) for p in ("alpha", "dora_scale", "diff", "diff_b", "set_weight", "w_norm", "b_norm")],
 ], key=lambda s: -len(s[0]))
-# Understood but not supported: reported as unused keys (so merges refuse them, loaders list them).
-_UNSUPPORTED = (".lora_mid.weight", ".hada_t1", ".hada_t2", ".lokr_t1", ".lokr_t2", ".dora_scale", ".diff",
-                ".diff_b", ".lora_B.bias", ".set_weight", ".w_norm", ".b_norm")
+# Not listed, so reported as keys not applied, as ComfyUI's loader leaves them: `lokr_t1` (ComfyUI reads no Tucker
+# core for w1), `lora_B.bias` / `lora_up.bias` (ComfyUI converts them only for one other family's files),
+# `reshape_weight`, and GLoRA/OFT/BOFT tensors.
 _BOOKKEEPING = {"lokr_factor"}  # Musubi LoKr network buffer, not a module
+_EXTRAS = ("alpha", "dora_scale", "diff", "diff_b", "set_weight", "w_norm", "b_norm")
 
 
 @dataclass
@@ -55,7 +59,7 @@ class LoRAFile:
     dialect: str = ""                              # e.g. "musubi", "comfyui", "diffusers", "videox-fun" (+ "/lycoris")
     source: Path | None = None
     unresolved: set[str] = field(default_factory=set)       # module keys whose name could not be resolved
-    unused_keys: list[str] = field(default_factory=list)    # file keys not understood (unsupported parts)
+    unused_keys: list[str] = field(default_factory=list)    # file keys not understood (not applied)
     stems: dict[str, tuple[str, str]] = field(default_factory=dict)  # module key -> (prefix kind, raw stem)
 
     @property
@@ -65,6 +69,19 @@ class LoRAFile:
     @property
     def kinds(self) -> set[str]:
         return {m.kind for m in self.modules.values()}
+
+    @property
+    def overridden_keys(self) -> list[str]:
+        """Keys read but without effect: a module's low-rank weights replaced by its `.diff` / `.set_weight` (the
+        precedence of ComfyUI's loader)."""
+        return [k for m in self.modules.values() for k in m.overridden]
+
+
+def _as_matrix(t: torch.Tensor) -> torch.Tensor:
+    """A conv-shaped [a, b, 1, 1] factor as the [a, b] matrix it is for a Linear layer (ComfyUI flattens it)."""
+    if t.ndim > 2 and all(d == 1 for d in t.shape[2:]):
+        return t.reshape(t.shape[0], t.shape[1])
+    return t
 
 
 def read_lora(source, model: nn.Module | None = None, module_names=None,
@@ -86,11 +103,11 @@ def read_lora(source, model: nn.Module | None = None, module_names=None,
     if not state:
         raise invalid(f"LoRA {path or 'state dict'}", "no tensors", "a LoRA file")
     if module_names is None and model is not None:
-        module_names = [n for n, _ in model.named_modules()]
+        module_names = _target_names(dict(model.named_parameters()))
     known = T.underscore_map(module_names) if module_names is not None else None
     where = str(path) if path else "LoRA state dict"
 
-    groups: dict[str, dict] = {}          # raw stem -> {"parts": {}, "alpha": .., "kind": .., "keys": []}
+    groups: dict[str, dict] = {}          # raw stem -> {"parts": {}, "extras": {}, "kind": .., "keys": {part: key}}
     unused: list[str] = []
     for key, value in state.items():
         if key in _BOOKKEEPING:
@@ -98,35 +115,34 @@ def read_lora(source, model: nn.Module | None = None, module_names=None,
         if not isinstance(value, torch.Tensor):
             raise invalid(f"{where} key {key!r}", type(value).__name__, "a tensor")
         hit = next(((suf, kind, part) for suf, kind, part in _SUFFIXES if key.endswith(suf)), None)
-        if hit is None or key.endswith(_UNSUPPORTED):
+        if hit is None:
             unused.append(key)
             continue
         suf, kind, part = hit
         stem = key[: -len(suf)]
-        g = groups.setdefault(stem, {"parts": {}, "alpha": None, "kind": None, "keys": []})
-        g["keys"].append(key)
-        if part == "alpha":
-            g["alpha"] = float(value.float().reshape(-1)[0]) if value.numel() else None
+        g = groups.setdefault(stem, {"parts": {}, "extras": {}, "kind": None, "keys": {}})
+        g["keys"][part] = key
+        if not kind:
+            g["extras"][part] = value
             continue
         if g["kind"] not in (None, kind):
             raise invalid(f"{where} module {stem!r}", f"{g['kind']} and {kind} tensors", "one adapter kind per module")
         g["kind"] = kind
-        g["parts"][part] = value
+        g["parts"][part] = _as_matrix(value)
 
     modules: dict[str, ModuleWeights] = {}
     unresolved: set[str] = set()
     stems: dict[str, tuple[str, str]] = {}
     dialects: set[str] = set()
     for stem, g in groups.items():
-        if g["kind"] is None:  # an alpha with nothing else
-            unused.extend(g["keys"])
+        mw = _module_weights(g, unused)
+        if mw is None:
             continue
         name, dialect = normalize_stem(stem, known)
         dialects.add(dialect)
         if name is None:
             name = stem
             unresolved.add(stem)
-        mw = ModuleWeights(g["kind"], g["parts"], g["alpha"], sorted(g["keys"]))
         mw.validate(f"{where} module {stem!r}")
         if name in modules:
             raise invalid(f"{where} module {name!r}", "two sets of weights (e.g. two dialects mixed)",
@@ -135,11 +151,49 @@ def read_lora(source, model: nn.Module | None = None, module_names=None,
         stems[name] = (dialect, stem)
     if not modules:
         raise invalid(f"LoRA {where}", f"{len(state)} tensors and no adapter weights (e.g. {list(state)[:3]})",
-                      "LoRA/LoHa/LoKr tensors (lora_down/lora_up, lora_A/lora_B, hada_*, lokr_*)")
+                      "LoRA/LoHa/LoKr tensors (lora_down/lora_up, lora_A/lora_B, hada_*, lokr_*) or weight "
+                      "differences (.diff, .diff_b)")
     dialect = "+".join(sorted(dialects))
     if {"loha", "lokr"} & {m.kind for m in modules.values()}:
         dialect += "/lycoris"
     return LoRAFile(modules, meta, dialect, path, unresolved, unused, stems)
+
+
+def _module_weights(g: dict, unused: list[str]) -> ModuleWeights | None:
+    """One stem's parts as ComfyUI's loader reads them, or None (its keys then go to `unused`)."""
+    parts, extras, keys, kind = dict(g["parts"]), g["extras"], g["keys"], g["kind"]
+    if kind == "lora" and "mid" in parts and not keys.get("up", "").endswith(".lora_up.weight"):
+        del parts["mid"]                    # ComfyUI reads lora_mid only beside lora_up/lora_down: not applied
+    used = set(parts)
+    alpha_t, dora = extras.get("alpha"), extras.get("dora_scale")
+    alpha = (float(alpha_t.float().reshape(-1)[0]) if alpha_t.numel() else None) if alpha_t is not None else None
+    weight_patch, wp_part, bias, overridden = None, None, None, []
+    for part, how in (("w_norm", "diff"), ("diff", "diff"), ("set_weight", "set")):   # later ones win
+        if part in extras:
+            if wp_part is not None:
+                overridden.append(keys[wp_part])
+            weight_patch, wp_part = (how, extras[part]), part
+    for part in ("b_norm", "diff_b"):
+        if part == "b_norm" and "w_norm" not in extras:
+            continue                         # ComfyUI reads b_norm only together with w_norm
+        if part in extras:
+            if bias is not None:
+                overridden.append(keys["b_norm"])
+            bias = extras[part]
+            used.add(part)
+    used |= {p for p in ("w_norm", "diff", "set_weight") if p in extras}
+    if kind is not None and weight_patch is None:
+        used |= {p for p in ("alpha", "dora_scale") if p in extras}
+    elif kind is not None:                   # the full weight patch replaces the low-rank one
+        overridden += [keys[p] for p in parts] + [keys[p] for p in ("alpha", "dora_scale") if p in extras]
+        used |= {p for p in ("alpha", "dora_scale") if p in extras}
+        kind, parts, dora = None, {}, None
+    unused.extend(keys[p] for p in keys if p not in used)
+    if kind is None and weight_patch is None and bias is None:
+        return None
+    return ModuleWeights(kind or "diff", parts, alpha if kind else None, sorted(keys[p] for p in used),
+                         dora_scale=dora if kind else None, weight_patch=weight_patch, bias_diff=bias,
+                         overridden=sorted(overridden))
 
 
 def normalize_stem(stem: str, known: dict[str, str] | None) -> tuple[str | None, str]:
@@ -161,10 +215,11 @@ def normalize_stem(stem: str, known: dict[str, str] | None) -> tuple[str | None,
 
 @dataclass
 class MatchReport:
-    matched: list[str]              # official module names that will be changed
-    unmatched_keys: list[str]       # LoRA file keys that match nothing in the model
+    matched: list[str]              # model names (modules, or bare parameters) that will be changed
+    unmatched_keys: list[str]       # LoRA file keys that match nothing in the model, or that are not applied
     uncovered: list[str]            # default LoRA targets of the model the file does not touch
     summary: str
+    overridden_keys: list[str] = field(default_factory=list)  # read, but replaced by a .diff/.set_weight
 
     @property
     def complete(self) -> bool:
@@ -183,6 +238,39 @@ def model_linear_shapes(model) -> dict[str, tuple[int, int]]:
     return out
 
 
+def model_param_shapes(model) -> dict[str, tuple]:
+    """parameter path -> shape (a mapping of Linear module names only stands for their `.weight`s)."""
+    if isinstance(model, Mapping):
+        return {f"{k}.weight": tuple(v) for k, v in model.items()}
+    return {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+
+def _target_names(params: Mapping) -> list[str]:
+    """What a LoRA key stem may name: a module owning a weight or bias, or a bare parameter (e.g. a modulation
+    table); ComfyUI's key map offers the same (`<module>` for `<module>.weight`, and any other key as it is)."""
+    names = set(params)
+    names.update(k.rsplit(".", 1)[0] for k in params if k.endswith((".weight", ".bias")))
+    return sorted(names)
+
+
+def weight_param(target: str, params: Mapping) -> str | None:
+    """The parameter a module-level weight patch changes: `<target>.weight`, or `target` itself if it is one."""
+    if f"{target}.weight" in params:
+        return f"{target}.weight"
+    return target if target in params else None
+
+
+def patch_params(target: str, mw: ModuleWeights, params: Mapping, hooked: bool = False) -> list[tuple[str, str]]:
+    """[(parameter path, "weight" | "bias")] a resolved module patch writes; `hooked`: leave out the weight when a
+    forward hook applies it (a plain low-rank ΔW)."""
+    out = []
+    if mw.touches_weight and not (hooked and mw.hookable):
+        out.append((weight_param(target, params), "weight"))
+    if mw.bias_diff is not None:
+        out.append((f"{target}.bias", "bias"))
+    return out
+
+
 def _model_family(model, shapes: dict):
     """The family of the model a LoRA is matched against (a module, or the module names of a checkpoint)."""
     if isinstance(model, nn.Module):
@@ -193,13 +281,71 @@ def _model_family(model, shapes: dict):
     return family
 
 
-def match_lora(lora: LoRAFile, model, label: str | None = None) -> MatchReport:
-    """Check `lora` against `model` (an nn.Module, or a mapping module name -> weight shape).
+def _bias_key(mw: ModuleWeights) -> str:
+    return next((k for k in mw.source_keys if k.endswith((".diff_b", ".b_norm"))), "?")
+
+
+def _nonleaf_owners(params: Mapping) -> set[str]:
+    """Modules whose own parameters ComfyUI never patches: those that also have submodules with parameters (its
+    model patcher skips them as "random weights in non leaf modules", e.g. a DiT block's modulation table)."""
+    out = set()
+    for k in params:
+        parts = k.split(".")
+        out.update(".".join(parts[:i]) for i in range(len(parts) - 1))   # every ancestor above the direct owner
+    return out
+
+
+def _resolve(lora: LoRAFile, params: Mapping, label: str):
+    """(target -> ModuleWeights trimmed to what the model has, unmatched keys). Raises on shape mismatches."""
+    known = T.underscore_map(_target_names(params))
+    linear_img = any(k.endswith(("k_img.weight", "v_img.weight")) for k in params)
+    nonleaf = _nonleaf_owners(params)
+    params = {k: v for k, v in params.items() if k.rpartition(".")[0] not in nonleaf}   # as ComfyUI: not patched
+    resolved, unmatched = {}, []
+    for name, mw in lora.modules.items():
+        target = name
+        if name in lora.unresolved:  # re-resolve underscore names against this model
+            target = normalize_stem(lora.stems[name][1], known)[0] or name
+        wp = weight_param(target, params)
+        if wp is None and f"{target}.bias" not in params:
+            if target.split(".")[-1].endswith(("k_img", "v_img")) and not linear_img:
+                raise invalid(f"{label}", f"image cross-attention weights ({mw.source_keys[0]!r})",
+                              "a LoRA for this model variant: it was trained on an I2V/FLF2V model and this "
+                              "model has no k_img/v_img (text-to-video)")
+            unmatched.extend(mw.source_keys)
+            continue
+        if mw.low_rank and (wp is None or len(params[wp]) != 2):
+            unmatched.extend(k for k in mw.source_keys if k != _bias_key(mw))   # low-rank: Linear layers only
+            mw = dataclasses.replace(mw, kind="diff", tensors={}, alpha=None, dora_scale=None)
+        elif mw.weight_patch is not None and wp is None:
+            unmatched.extend(k for k in mw.source_keys if k != _bias_key(mw))
+            mw = dataclasses.replace(mw, weight_patch=None)
+        if mw.touches_weight and tuple(mw.shape) != tuple(params[wp]):
+            raise invalid(f"{label} key {mw.source_keys[0]!r}", f"LoRA shape {tuple(mw.shape)}",
+                          f"the model's {wp} shape {tuple(params[wp])} (LoRA made for another model size, "
+                          "e.g. 14B vs 1.3B)")
+        if mw.bias_diff is not None:
+            bias = params.get(f"{target}.bias")
+            if bias is None:
+                unmatched.append(_bias_key(mw))
+                mw = dataclasses.replace(mw, bias_diff=None)
+            elif tuple(mw.bias_diff.shape) != tuple(bias):
+                raise invalid(f"{label} key {_bias_key(mw)!r}", f"shape {tuple(mw.bias_diff.shape)}",
+                              f"the model's {target}.bias shape {tuple(bias)} (LoRA made for another model size)")
+        if mw.touches_weight or mw.bias_diff is not None:
+            resolved[target] = mw
+    return resolved, unmatched
+
+
+def match_lora(lora: LoRAFile, model, label: str | None = None, params: Mapping | None = None) -> MatchReport:
+    """Check `lora` against `model` (an nn.Module, or a mapping module name -> weight shape; `params`, parameter
+    path -> shape, adds the model's other parameters for a mapping).
 
     Raises MusubiInputError for another model family, an I2V-only LoRA on a model without image cross-attention,
     or a shape mismatch (names the key, the LoRA shape and the model shape)."""
     label = label or (str(lora.source) if lora.source else "LoRA")
     shapes = model_linear_shapes(model)
+    params = params if params is not None else model_param_shapes(model)
     raw = [stem for _, stem in lora.stems.values()]
     family = _model_family(model, shapes)
     # another model's layout, unless the names are this family's own (a family may share a layout's names)
@@ -207,44 +353,23 @@ def match_lora(lora: LoRAFile, model, label: str | None = None) -> MatchReport:
     if foreign:
         other, example = foreign
         raise invalid(f"{label}", f"a {other} LoRA (key {example!r})", f"a LoRA trained for {family.display_name}")
-    known = T.underscore_map(shapes)
-    matched, unmatched = [], list(lora.unused_keys)
-    for name, mw in lora.modules.items():
-        target = name
-        if name in lora.unresolved:  # re-resolve underscore names against this model
-            dialect, stem = lora.stems[name]
-            target = normalize_stem(stem, known)[0] or name
-        if target not in shapes:
-            if target.endswith(("k_img", "v_img")) and not any(n.endswith("k_img") for n in shapes):
-                raise invalid(f"{label}", f"image cross-attention weights ({mw.source_keys[0]!r})",
-                              "a LoRA for this model variant: it was trained on an I2V/FLF2V model and this "
-                              "model has no k_img/v_img (text-to-video)")
-            unmatched.extend(mw.source_keys)
-            continue
-        if tuple(mw.shape) != shapes[target]:
-            raise invalid(f"{label} key {mw.source_keys[0]!r}", f"LoRA shape {tuple(mw.shape)}",
-                          f"the model's {target}.weight shape {shapes[target]} (LoRA made for another model size, "
-                          "e.g. 14B vs 1.3B)")
-        matched.append(target)
-    uncovered = [n for n in names_in_blocks(shapes, family.lora) if n not in set(matched)]
+    resolved, unmatched = _resolve(lora, params, label)
+    unmatched = list(lora.unused_keys) + unmatched
+    matched = list(resolved)
+    low_rank = {n for n, mw in resolved.items() if mw.low_rank}
+    uncovered = [n for n in names_in_blocks(shapes, family.lora) if n not in low_rank]
+    overridden = lora.overridden_keys
     summary = (f"{label}: {len(matched)}/{len(lora.modules)} LoRA modules matched"
                + (f", {len(unmatched)} keys unmatched (e.g. {unmatched[0]})" if unmatched else "")
+               + (f", {len(overridden)} keys overridden by .diff/.set_weight" if overridden else "")
                + f"; {len(uncovered)} default targets not covered")
-    return MatchReport(matched, unmatched, uncovered, summary)
+    return MatchReport(matched, unmatched, uncovered, summary, overridden)
 
 
-def resolved_modules(lora: LoRAFile, model) -> dict[str, ModuleWeights]:
-    """Model module name -> weights, for a LoRA already checked by `match_lora` (unmatched ones left out)."""
-    shapes = model_linear_shapes(model)
-    known = T.underscore_map(shapes)
-    out = {}
-    for name, mw in lora.modules.items():
-        target = name
-        if name in lora.unresolved:
-            target = normalize_stem(lora.stems[name][1], known)[0] or name
-        if target in shapes:
-            out[target] = mw
-    return out
+def resolved_modules(lora: LoRAFile, model, params: Mapping | None = None) -> dict[str, ModuleWeights]:
+    """Model name -> weights (trimmed to the parts the model has), for a LoRA already checked by `match_lora`."""
+    params = params if params is not None else model_param_shapes(model)
+    return _resolve(lora, params, str(lora.source or "LoRA"))[0]
 
 
 def require_complete(report: MatchReport, label: str) -> None:

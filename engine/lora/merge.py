@@ -13,7 +13,7 @@ import torch.nn as nn
 from ..atomic import atomic_path
 from ..checkpoint import SCALED_FP8_MARKER, SCALE_SUFFIX, Checkpoint
 from ..errors import invalid
-from .dialects import LoRAFile, match_lora, read_lora, require_complete, resolved_modules
+from .dialects import LoRAFile, match_lora, patch_params, read_lora, require_complete, resolved_modules
 from .writer import refuse_overwrite
 
 OUT_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
@@ -58,13 +58,15 @@ def merge_loras_into_checkpoint(base_path, loras, out_path, out_dtype=None, devi
     prefix = _detect_prefix(ckpt)
     shapes = {k[len(prefix):-len(".weight")]: ckpt.shape(k) for k in ckpt.weight_keys()
               if k.startswith(prefix) and k.endswith(".weight") and len(ckpt.shape(k)) == 2}
-    plan: dict[str, list[tuple]] = {}       # checkpoint key -> [(ModuleWeights, multiplier)]
+    params = {k[len(prefix):]: tuple(ckpt.shape(k)) for k in ckpt.weight_keys() if k.startswith(prefix)}
+    plan: dict[str, list[tuple]] = {}       # checkpoint key -> [(ModuleWeights, multiplier, "weight" | "bias")]
     for item, mult in loras:
         lora = _as_lora(item, shapes)
         label = str(lora.source or "LoRA")
-        require_complete(match_lora(lora, shapes, label), label)
-        for name, mw in resolved_modules(lora, shapes).items():
-            plan.setdefault(f"{prefix}{name}.weight", []).append((mw, float(mult)))
+        require_complete(match_lora(lora, shapes, label, params), label)
+        for name, mw in resolved_modules(lora, shapes, params).items():
+            for path, part in patch_params(name, mw, params):
+                plan.setdefault(f"{prefix}{path}", []).append((mw, float(mult), part))
 
     keys = [k for k in ckpt.weight_keys()] if scaled else [k for k in ckpt.keys() if k != SCALED_FP8_MARKER]
     specs = {}
@@ -81,10 +83,10 @@ def merge_loras_into_checkpoint(base_path, loras, out_path, out_dtype=None, devi
             progress(order[key], len(specs))
         w = ckpt.get(key)  # scaled fp8 -> dequantized float32
         adds = plan.get(key)
-        if adds:
+        if adds:   # in file order, each on the result of the previous one (as ComfyUI stacks patches)
             acc = w.to(device=device, dtype=torch.float32)
-            for mw, mult in adds:
-                acc += mult * mw.delta(device)
+            for mw, mult, part in adds:
+                acc = mw.patched_weight(acc, mult) if part == "weight" else mw.patched_bias(acc, mult)
             w = acc
         return w.to(device="cpu", dtype=specs[key][0])
 
@@ -138,41 +140,58 @@ def write_safetensors_streaming(path, specs: dict[str, tuple], produce, metadata
 
 @dataclass
 class MergeHandle:
-    """Undo record of an in-memory merge: the touched weights as they were (on CPU)."""
+    """Undo record of an in-memory merge: the touched parameters as they were (on CPU)."""
     model: nn.Module
-    backups: dict[str, torch.Tensor] = field(default_factory=dict)   # module name -> original weight (CPU)
+    backups: dict[str, torch.Tensor] = field(default_factory=dict)   # parameter path -> original value (CPU)
     restored: bool = False
 
     def restore(self) -> None:
-        """Put the original weights back, bit for bit."""
+        """Put the original parameters back, bit for bit."""
         if self.restored:
             return
-        modules = dict(self.model.named_modules())
         with torch.no_grad():
-            for name, original in self.backups.items():
-                w = modules[name].weight
-                w.data.copy_(original.to(w.device))
+            for path, original in self.backups.items():
+                p = self.model.get_parameter(path)
+                p.data.copy_(original.to(p.device))
         self.restored = True
 
 
-def merge_into_model(model: nn.Module, lora, multiplier: float = 1.0, module_filter=None,
-                     handle: MergeHandle | None = None) -> MergeHandle:
-    """W ← W + multiplier·ΔW for every module the LoRA matches (fp32 math, cast back to the weight dtype).
+def patch_module(model: nn.Module, name: str, mw, multiplier: float, handle: MergeHandle | None = None,
+                 hooked: bool = False, param=None, params: dict | None = None) -> list[str]:
+    """Write one resolved module patch into `model`'s parameters (fp32 math, cast back to each parameter's dtype);
+    `hooked`: a forward hook applies the plain low-rank ΔW, so only the rest (DoRA, full weight, bias) is written.
+    `param(path)` returns the parameter to write (default: the model's own); `params`: the model's
+    `dict(named_parameters())` when the caller has it. Returns the parameter paths written."""
+    params = params if params is not None else dict(model.named_parameters())
+    written = []
+    for path, part in patch_params(name, mw, params, hooked):
+        p = param(path) if param is not None else params[path]
+        if handle is not None and path not in handle.backups:
+            handle.backups[path] = p.detach().to("cpu", copy=True)
+        new = mw.patched_weight(p, multiplier) if part == "weight" else mw.patched_bias(p, multiplier)
+        p.data.copy_(new.to(p.dtype))
+        written.append(path)
+    return written
 
-    Refuses partial matches. `module_filter(name) -> bool` limits the merge (per-block strength). Returns a handle
-    whose `restore()` puts the original weights back exactly; pass `handle` to accumulate several merges in one."""
+
+def merge_into_model(model: nn.Module, lora, multiplier: float = 1.0, module_filter=None,
+                     handle: MergeHandle | None = None, strict: bool = True, hooked: bool = False) -> MergeHandle:
+    """W ← W + multiplier·ΔW for every module the LoRA matches (DoRA, `.diff`, `.set_weight` and bias patches as
+    ComfyUI applies them; fp32 math, cast back to the parameter dtype).
+
+    `strict` refuses keys that match nothing (else they are skipped). `module_filter(name) -> bool` limits the
+    merge (per-block strength). `hooked`: leave plain low-rank ΔW to adapters (see `patch_module`). Returns a handle
+    whose `restore()` puts the original parameters back exactly; pass `handle` to accumulate several merges."""
     lora = lora if isinstance(lora, LoRAFile) else read_lora(lora, model=model)
     label = str(lora.source or "LoRA")
-    require_complete(match_lora(lora, model, label), label)
+    report = match_lora(lora, model, label)
+    if strict:
+        require_complete(report, label)
     handle = handle or MergeHandle(model)
-    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
     with torch.no_grad():
         for name, mw in resolved_modules(lora, model).items():
             if module_filter is not None and not module_filter(name):
                 continue
-            w = modules[name].weight
-            if name not in handle.backups:
-                handle.backups[name] = w.detach().to("cpu", copy=True)
-            new = w.float() + multiplier * mw.delta(w.device)
-            w.data.copy_(new.to(w.dtype))
+            patch_module(model, name, mw, multiplier, handle, hooked, params=params)
     return handle

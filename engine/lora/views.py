@@ -17,7 +17,8 @@ import torch.nn as nn
 
 from ..memory.block_swap import SWAPPER_ATTR, BlockSwapper
 from ..memory.placement import execution_device
-from .merge import MergeHandle, merge_into_model
+from .dialects import resolved_modules
+from .merge import patch_module
 
 _STACK = "_musubi_lora_stack"          # view attribute: [{"name", "strength", "mode", "node"}] (inherited + own)
 _NETWORKS = "_musubi_lora_networks"    # view attribute: AdapterNetworks whose hooks the view carries
@@ -104,8 +105,9 @@ def _sync_lora_devices(view, args):
         m = view.get_submodule(name)
         if id(m) in swapped:
             continue
-        if m.weight.device != device:
-            m.to(device)
+        for p in m._parameters.values():   # the module's own parameters (a block's modulation: not its children)
+            if p is not None and p.device != device:
+                p.data = p.data.to(device)
     return None
 
 
@@ -128,25 +130,46 @@ def trainable_copy(lora):
                 return t.clone()
         return t
 
-    modules = {name: dataclasses.replace(mw, tensors={k: plain(v) for k, v in mw.tensors.items()})
-               for name, mw in lora.modules.items()}
+    modules = {name: dataclasses.replace(
+        mw, tensors={k: plain(v) for k, v in mw.tensors.items()}, dora_scale=plain(mw.dora_scale),
+        bias_diff=plain(mw.bias_diff),
+        weight_patch=None if mw.weight_patch is None else (mw.weight_patch[0], plain(mw.weight_patch[1])))
+        for name, mw in lora.modules.items()}
     return dataclasses.replace(lora, modules=modules)
 
 
-def merge_into_view(view: nn.Module, lora, strength: float, names: list[str], entry: dict,
-                    check_cancel=lambda: None) -> None:
-    """Give each touched module a private copy of its weight (copy-on-write), then merge W + strength·ΔW into it;
-    `check_cancel()` runs before each module (it may raise)."""
-    modules = dict(view.named_modules())
-    handle = MergeHandle(view)
-    for name in names:
-        check_cancel()
-        m = modules[name]
-        w = m._parameters["weight"]
+def private_param(view: nn.Module, path: str, owned: set) -> nn.Parameter:
+    """The view's own copy of the parameter at `path` (copy-on-write: cloned once per `owned` set, i.e. per Apply
+    node; the module gets its own parameter dict so the source and upstream views keep theirs)."""
+    mod_name, _, pname = path.rpartition(".")
+    m = view.get_submodule(mod_name)
+    if path not in owned:
+        p = m._parameters[pname]
         params = type(m._parameters)(m._parameters)
-        params["weight"] = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
+        params[pname] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
         m._parameters = params
-        merge_into_model(view, lora, strength, lambda n, name=name: n == name, handle)
-        handle.backups.clear()   # the view's private copy is the only thing changed: no undo record needed
-        view.__dict__[_COW].add(name)
-    view.__dict__[_STACK].append(dict(entry))
+        owned.add(path)
+        view.__dict__[_COW].add(mod_name)
+    return m._parameters[pname]
+
+
+def merge_into_view(view: nn.Module, lora, strength: float, names: list[str], entry: dict | None,
+                    check_cancel=lambda: None, hooked: bool = False, owned: set | None = None) -> list[str]:
+    """Merge the LoRA's patches of the modules `names` into private copies of the parameters they change
+    (copy-on-write; DoRA, `.diff`, `.set_weight` and bias patches included). `hooked`: the plain low-rank ΔW is
+    applied by adapters on the view, so only the rest is merged. `owned`: parameters already private to this
+    application (shared across the LoRAs of one node). `check_cancel()` runs before each module (it may raise).
+    Records `entry` in the view's stack when given. Returns the parameter paths written."""
+    owned = set() if owned is None else owned
+    wanted = set(names)
+    written, params = [], dict(view.named_parameters())
+    with torch.no_grad():
+        for name, mw in resolved_modules(lora, view).items():
+            if name not in wanted:
+                continue
+            check_cancel()
+            written += patch_module(view, name, mw, strength, None, hooked,
+                                    param=lambda path: private_param(view, path, owned), params=params)
+    if entry is not None:
+        view.__dict__[_STACK].append(dict(entry))
+    return written

@@ -28,7 +28,7 @@ from ..families import family_for_lora_names
 from . import targets as T
 from .dialects import LoRAFile, read_lora
 from .metadata import lora_metadata, with_hashes
-from .weights import ModuleWeights
+from .weights import LOW_RANK, ModuleWeights
 
 FORMATS = ("comfyui", "musubi", "diffusers", "musubi-other")
 FOLDED = ("diffusers", "musubi-other")  # alpha multiplied into the factors: the file's alpha is its rank
@@ -89,8 +89,9 @@ def save_lora(source, path, format: str = "comfyui", metadata: dict | None = Non
     for name, mw in source.modules.items():
         tensors.update(_module_tensors(name, mw, format, dtype, family.lora))
 
-    ranks = {mw.rank for mw in source.modules.values()}
-    alphas = {_written_alpha(mw, format) for mw in source.modules.values()}
+    low_rank = [mw for mw in source.modules.values() if mw.kind in LOW_RANK] or list(source.modules.values())
+    ranks = {mw.rank for mw in low_rank}
+    alphas = {_written_alpha(mw, format) for mw in low_rank}
     kinds = source.kinds
     meta = lora_metadata(next(iter(kinds)) if len(kinds) == 1 else "mixed",
                          ranks.pop() if len(ranks) == 1 else None, alphas.pop() if len(alphas) == 1 else None,
@@ -114,6 +115,10 @@ def _module_tensors(name: str, mw: ModuleWeights, format: str, dtype, spec) -> d
     def cast(t):
         return t.detach().to("cpu", dtype)
 
+    extras = mw.kind not in LOW_RANK or "mid" in mw.tensors or mw.dora_scale is not None or mw.bias_diff is not None
+    if format in FOLDED and extras:
+        raise invalid(f"LoRA module {name}", "DoRA / lora_mid / .diff / .diff_b / .set_weight weights",
+                      f"plain low-rank weights for format {format!r} (save as comfyui or musubi to keep them)")
     if format == "diffusers":
         if mw.kind != "lora":
             raise invalid(f"LoRA module {name}", mw.kind, "plain LoRA weights (diffusers/PEFT has no LoHa/LoKr format;"
@@ -132,11 +137,22 @@ def _module_tensors(name: str, mw: ModuleWeights, format: str, dtype, spec) -> d
                 f"{stem}.lora_B.weight": cast(mw.tensors["up"].float() * root)}
 
     stem = T.COMFY_PREFIX + name if format in ("comfyui", "musubi-other") else T.musubi_stem(name)
-    out = {f"{stem}.alpha": torch.tensor(_written_alpha(mw), dtype=dtype)}
+    out = {}
+    if mw.kind in LOW_RANK:
+        out[f"{stem}.alpha"] = torch.tensor(_written_alpha(mw), dtype=dtype)
     if mw.kind == "lora":
         out[f"{stem}.lora_down.weight"] = cast(mw.tensors["down"])
         out[f"{stem}.lora_up.weight"] = cast(mw.tensors["up"])
+        if "mid" in mw.tensors:
+            out[f"{stem}.lora_mid.weight"] = cast(mw.tensors["mid"])
     else:
         for part, t in mw.tensors.items():
             out[f"{stem}.{part}"] = cast(t)
+    if mw.dora_scale is not None:
+        out[f"{stem}.dora_scale"] = cast(mw.dora_scale)
+    if mw.weight_patch is not None:
+        how, t = mw.weight_patch
+        out[f"{stem}.{'diff' if how == 'diff' else 'set_weight'}"] = cast(t)
+    if mw.bias_diff is not None:
+        out[f"{stem}.diff_b"] = cast(mw.bias_diff)
     return out

@@ -502,8 +502,9 @@ class TrainingSession:
             raise invalid("network_weights", path, f"a LoRA with weights for every trained module (missing {missing[:3]})")
         for name, adapter in adapters.items():
             mw = lora.modules[name]
-            if adapter.kind != "lora" or mw.kind != "lora":
-                raise invalid("network_weights", path, "a LoRA (LoHa/LoKr initialisation is not supported)")
+            if adapter.kind != "lora" or mw.kind != "lora" or not mw.hookable or "mid" in mw.tensors:
+                raise invalid("network_weights", path, "a plain LoRA (LoHa/LoKr, DoRA, lora_mid and .diff "
+                                                       "initialisation is not supported)")
             down, up = mw.tensors["down"], mw.tensors["up"]
             if tuple(down.shape) != tuple(adapter.lora_down.weight.shape):
                 raise invalid("network_weights rank", down.shape[0], f"the configured rank {adapter.rank}")
