@@ -372,8 +372,11 @@ class ComfyServer:
         self._log = open(self.log_path, "a")   # one log across restarts, each start marked
         self._log.write(f"\n===== harness: start {self.starts} on port {self.port} =====\n")
         self._log.flush()
-        self.proc = subprocess.Popen(self.args, cwd=COMFYUI_DIR, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        # one torch thread, as the in-process tier (conftest._one_thread): tiny models on a loaded 2-core box run
+        # many times slower with two (measured: training steps 0.4-5 s instead of 0.05-0.2 s)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env.setdefault("OMP_NUM_THREADS", "1")
+        self.proc = subprocess.Popen(self.args, cwd=COMFYUI_DIR, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
             if self.proc.poll() is not None:
