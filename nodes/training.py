@@ -49,6 +49,10 @@ CONTINUE_INPUT = ("BOOLEAN", {"default": True, "tooltip": (
     "Continue from the training state saved under this output name (NAME-state in the output folder: an earlier "
     "run, or the one before a ComfyUI restart) when there is no session in memory. Off: start from step 0; the "
     "saved state is kept, and while this run is behind it, this run saves to NAME-run<id>-state instead.")})
+SAVE_MINUTES_INPUT = ("FLOAT", {"default": 10.0, "min": 0.0, "max": 100_000.0, "step": 1.0, "round": False,
+                                "tooltip": (
+    "Also save the training state (NAME-state) after this many minutes of training since the last save, so a crash "
+    "or power cut loses at most that much; continue_saved_state picks it up after a restart. 0 = off.")})
 
 
 def _schedulers() -> list[str]:
@@ -492,7 +496,7 @@ def _timestep_inputs() -> dict:
 def _training_config(*, seed, max_train_steps, mixed_precision, gradient_checkpointing, gradient_accumulation_steps,
                      timestep_sampling, discrete_flow_shift, sigmoid_scale, weighting_scheme, min_timestep,
                      max_timestep, save_every_n_steps, keep_last_n_saves, output_dir, output_name, save_state,
-                     attention_backend, save_format="comfyui"):
+                     attention_backend, save_format="comfyui", save_state_every_minutes=10.0):
     from ..engine.training import TimestepConfig, TrainingConfig
 
     ts = TimestepConfig(timestep_sampling=timestep_sampling, sigmoid_scale=float(sigmoid_scale),
@@ -507,7 +511,8 @@ def _training_config(*, seed, max_train_steps, mixed_precision, gradient_checkpo
         attention_backend=None if attention_backend in ("model", "", None) else attention_backend,
         seed=int(seed), timesteps=ts, save_every_n_steps=int(save_every_n_steps) or None,
         keep_last_n_saves=int(keep_last_n_saves) or None, save_state=bool(save_state),
-        keep_last_n_states=int(keep_last_n_saves) or None, save_format=save_format)
+        keep_last_n_states=int(keep_last_n_saves) or None, save_format=save_format,
+        save_state_every_minutes=float(save_state_every_minutes) or None)
 
 
 def network_config(network_kind, rank, alpha, dropout, rank_dropout, module_dropout, include_patterns="",
@@ -729,6 +734,7 @@ class MusubiInitTraining:
                             "tooltip": "Write TensorBoard event files (loss, average loss, learning rate, speed, "
                                        "timesteps) to <output_dir>/logs; view with `tensorboard --logdir` there."}),
             "continue_saved_state": CONTINUE_INPUT,
+            "save_state_every_minutes": SAVE_MINUTES_INPUT,
             "eval_dataset": (T.DATASET, {"tooltip": (
                 "Held-out clips (a second cached dataset the run never trains on): their loss at fixed timesteps "
                 "and fixed noise is measured every eval_every_n_steps, shown beside the training loss (status, "
@@ -743,7 +749,8 @@ class MusubiInitTraining:
              sigmoid_scale, weighting_scheme, min_timestep, max_timestep, save_every_n_steps, keep_last_n_saves,
              output_dir, output_name, save_state, attention_backend, save_format="comfyui", validation_prompts=None,
              validation_vae=None, validate_every_n_steps=0, validate_at_start=False, tensorboard=False,
-             continue_saved_state=True, eval_dataset=None, eval_every_n_steps=100, unique_id=None):
+             continue_saved_state=True, save_state_every_minutes=10.0, eval_dataset=None, eval_every_n_steps=100,
+             unique_id=None):
         config = _training_config(
             seed=seed, max_train_steps=max_train_steps, mixed_precision=mixed_precision,
             gradient_checkpointing=gradient_checkpointing, gradient_accumulation_steps=gradient_accumulation_steps,
@@ -751,7 +758,7 @@ class MusubiInitTraining:
             weighting_scheme=weighting_scheme, min_timestep=min_timestep, max_timestep=max_timestep,
             save_every_n_steps=save_every_n_steps, keep_last_n_saves=keep_last_n_saves, output_dir=output_dir,
             output_name=output_name, save_state=save_state, attention_backend=attention_backend,
-            save_format=save_format)
+            save_format=save_format, save_state_every_minutes=save_state_every_minutes)
         network, optimizer = _network_config(lora_config), _optimizer_config(optimizer_config)
         validate = check_validation_inputs(_dit(model).module, validation_prompts, validation_vae, validate_every_n_steps,
                                            validate_at_start)
@@ -1170,11 +1177,12 @@ class MusubiTrainLoRA:
                                                                "models/loras/musubi, the state in <ComfyUI "
                                                                "output>/musubi_training."}),
             "continue_saved_state": CONTINUE_INPUT,
+            "save_state_every_minutes": SAVE_MINUTES_INPUT,
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def train(self, model, dataset, steps, network_kind, rank, alpha, optimizer_type, learning_rate, lr_scheduler,
               seed, mixed_precision, gradient_checkpointing, timestep_sampling, discrete_flow_shift, output_name,
-              save_format, output_dir="", continue_saved_state=True, unique_id=None):
+              save_format, output_dir="", continue_saved_state=True, save_state_every_minutes=10.0, unique_id=None):
         from ..engine.training.state import lora_path
 
         network = network_config(network_kind, rank, alpha, 0.0, 0.0, 0.0)
@@ -1185,7 +1193,7 @@ class MusubiTrainLoRA:
             timestep_sampling=timestep_sampling, discrete_flow_shift=discrete_flow_shift, sigmoid_scale=1.0,
             weighting_scheme="none", min_timestep=0, max_timestep=1000, save_every_n_steps=0, keep_last_n_saves=0,
             output_dir=output_dir, output_name=output_name, save_state=False, attention_backend="model",
-            save_format=save_format)
+            save_format=save_format, save_state_every_minutes=save_state_every_minutes)
         run = open_run("train_lora", unique_id, model, dataset, network, optimizer, config,
                        continue_saved=bool(continue_saved_state))
         train_to(run, run.session.total_steps, unique_id)

@@ -22,6 +22,7 @@ import inspect
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -344,7 +345,10 @@ def free_port() -> int:
 
 
 class ComfyServer:
-    """`main.py --cpu` on a free port with the given packs symlinked into a throw-away base directory."""
+    """`main.py --cpu` on a free port with the given packs symlinked into a throw-away base directory.
+
+    `kill()` ends it with SIGKILL (a crash or power cut as ComfyUI sees it) and `start()` again runs a new server
+    process on the same base directory (models, inputs, outputs and user settings survive, as on a real restart)."""
 
     def __init__(self, pack_dirs: list[Path], extra_args: tuple = ()):
         _require_comfy_dir()
@@ -355,17 +359,34 @@ class ComfyServer:
             os.symlink(Path(d).resolve(), self.base / "custom_nodes" / Path(d).resolve().name)
         for sub in ("models", "input", "output", "temp", "user"):
             (self.base / sub).mkdir(exist_ok=True)
-        self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.base / "server.log"
-        self.args = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-                     "--base-directory", str(self.base), "--database-url", "sqlite:///:memory:",
-                     "--disable-auto-launch", "--disable-api-nodes", *extra_args]
+        self.extra_args = tuple(extra_args)
         self.proc = None
+        self._log = None
+        self.starts = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def args(self) -> list[str]:
+        return [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+                "--base-directory", str(self.base), "--database-url", "sqlite:///:memory:",
+                "--disable-auto-launch", "--disable-api-nodes", *self.extra_args]
 
     def start(self, timeout: float = 180):
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(self.args, cwd=COMFYUI_DIR, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        if self.starts:   # a restart: a fresh port (the killed server's sockets may linger in TIME_WAIT)
+            self.port = free_port()
+        self.starts += 1
+        self._log = open(self.log_path, "a")   # one log across restarts, each start marked
+        self._log.write(f"\n===== harness: start {self.starts} on port {self.port} =====\n")
+        self._log.flush()
+        # one torch thread, as the in-process tier (conftest._one_thread): tiny models on a loaded 2-core box run
+        # many times slower with two (measured: training steps 0.4-5 s instead of 0.05-0.2 s)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env.setdefault("OMP_NUM_THREADS", "1")
+        self.proc = subprocess.Popen(self.args, cwd=COMFYUI_DIR, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
             if self.proc.poll() is not None:
@@ -377,6 +398,19 @@ class ComfyServer:
             except OSError:
                 time.sleep(0.2)
         raise TimeoutError(f"ComfyUI not ready after {timeout}s:\n{self.log()[-4000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL the server process by its PID: no handler, no atexit, no flush runs (as on a crash)."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(60)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def restart(self, timeout: float = 180):
+        self.kill()
+        return self.start(timeout)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -395,8 +429,9 @@ class ComfyServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if getattr(self, "_log", None):
+        if self._log is not None:
             self._log.close()
+            self._log = None
         if not os.environ.get("KEEP_COMFY_BASE"):
             shutil.rmtree(self.base, ignore_errors=True)
 
@@ -418,11 +453,14 @@ class ComfyServer:
         with urllib.request.urlopen(self.url + path, timeout=60) as r:
             return r.read()
 
-    def run_prompt(self, prompt: dict, timeout: float = 600, extra_data: dict | None = None):
-        """POST /prompt, follow the websocket until done; returns (prompt_id, events, history entry)."""
-        return asyncio.run(self._run_prompt(prompt, timeout, extra_data or {}))
+    def run_prompt(self, prompt: dict, timeout: float = 600, extra_data: dict | None = None, stop_when=None):
+        """POST /prompt, follow the websocket until done; returns (prompt_id, events, history entry).
 
-    async def _run_prompt(self, prompt, timeout, extra_data):
+        `stop_when(event)`: return as soon as it is true for an event of this prompt (history entry None), e.g.
+        to kill the server at a chosen moment of the run; each event gets the client's receive time as `t`."""
+        return asyncio.run(self._run_prompt(prompt, timeout, extra_data or {}, stop_when))
+
+    async def _run_prompt(self, prompt, timeout, extra_data, stop_when=None):
         import aiohttp
 
         client_id = uuid.uuid4().hex
@@ -445,12 +483,15 @@ class ComfyServer:
                     if msg.type != aiohttp.WSMsgType.TEXT:
                         raise AssertionError(f"websocket closed: {msg}")
                     ev = json.loads(msg.data)
+                    ev["t"] = time.monotonic()
                     events.append(ev)
                     data = ev.get("data") or {}
                     if data.get("prompt_id") not in (None, prompt_id):
                         continue
                     if ev["type"] == "execution_error":
                         raise AssertionError(f"execution failed: {json.dumps(ev)[:4000]}")
+                    if stop_when is not None and stop_when(ev):
+                        return prompt_id, events, None
                     if ev["type"] == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
                         break
             for _ in range(100):  # /history is written just after the final `executing` event
@@ -470,8 +511,8 @@ def comfy() -> InProcessComfy:
     return InProcessComfy()
 
 
-@pytest.fixture(scope="session")
-def comfy_server():
+@contextlib.contextmanager
+def _pack_server():
     # ComfyUI's default is no latent previews; the server tier runs as a user who turned them on
     srv = ComfyServer([REPO_ROOT], ("--preview-method", "auto")).start()
     try:
@@ -482,6 +523,20 @@ def comfy_server():
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="session")
+def comfy_server():
+    with _pack_server() as srv:
+        yield srv
+
+
+@pytest.fixture
+def restartable_comfy_server():
+    """A server of this test's own, which it may `kill()` (SIGKILL) and `start()` / `restart()` again on the same
+    base directory; the shared `comfy_server` is never killed."""
+    with _pack_server() as srv:
+        yield srv
 
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")

@@ -230,6 +230,62 @@ def test_training_progress_survives_a_bad_new_config_a_release_and_a_restart(com
     assert state_run(tmp_path / "out" / f"lora-run{fresh.session.session_id}-state")["step"] == 4
 
 
+def test_two_workflows_sharing_the_training_node_id_continue_their_own_steps(comfy, data, tmp_path):
+    """#23 item 1: two graphs (other output names and seeds) whose Init Training has the same node id, queued in
+    turn: each queue replaces the other graph's session, which saves first, and continues its own graph's steps
+    from its state, with the losses of that graph run alone; neither starts again from step 0."""
+    def graph(name, seed, out, steps):
+        p = train_prompt(out, steps=steps, seed=seed, dropout=0.2)   # dropout: the global RNG must continue too
+        p["5"]["inputs"]["output_name"] = name
+        return p
+
+    alone = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        comfy.run(graph(name, seed, tmp_path / "alone", 6))
+        alone[name] = comfy.output("6", 2)["loss"]
+    assert alone["a"] != alone["b"]
+
+    shared = tmp_path / "shared"
+    a, b = graph("a", 1, shared, 3), graph("b", 2, shared, 3)
+    for p, name, step in ((a, "a", 3), (b, "b", 3), (a, "a", 6), (b, "b", 6)):
+        comfy.run(p)
+        (run,) = sessions(comfy)   # one session per node id: the other graph's was replaced
+        assert (run.session.config.output_name, run.session.step) == (name, step)
+        assert comfy.output("6", 2)["loss"] == alone[name][:step], f"{name} at step {step}"
+    comfy.pack_module("nodes.registry").SESSIONS.release()
+    from engine.training.state import state_run   # (the engine is importable standalone)
+
+    assert sorted(f.name for f in shared.iterdir()) == ["a-state", "b-state"], "a state saved beside another run's"
+    assert state_run(shared / "a-state")["step"] == state_run(shared / "b-state")["step"] == 6
+
+
+def test_two_train_lora_workflows_sharing_a_node_id_never_retrain_a_finished_run(comfy, data, tmp_path):
+    """#23 item 1: Train LoRA A, then B with the same node id (B's session replaces A's), then A again: A's run is
+    found finished in its state, trains nothing and keeps its file."""
+    def graph(name):
+        return {
+            "1": train_prompt(tmp_path)["1"], "2": train_prompt(tmp_path)["2"],
+            "3": {"class_type": "MusubiTrainLoRA", "inputs": {
+                "model": ["1", 0], "dataset": ["2", 0], "steps": 3, "network_kind": "lora", "rank": 4, "alpha": 4.0,
+                "optimizer_type": "AdamW", "learning_rate": 1e-3, "lr_scheduler": "constant", "seed": 0,
+                "mixed_precision": "no", "gradient_checkpointing": False, "timestep_sampling": "shift",
+                "discrete_flow_shift": 3.0, "output_name": name, "save_format": "comfyui",
+                "output_dir": str(tmp_path / "aio")}},
+            "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 1]}},
+        }
+
+    files = {}
+    for name in ("x", "y"):
+        comfy.run(graph(name))
+        assert [v for node, v, _ in comfy.progress_calls if node == "3"] == [1, 2, 3]
+        files[name] = Path(comfy.output("3", 2))
+    written = {name: f.stat().st_mtime_ns for name, f in files.items()}
+    for name in ("x", "y"):
+        comfy.run(graph(name))
+        assert not [c for c in comfy.progress_calls if c[0] == "3"], f"{name} was trained again"
+        assert Path(comfy.output("3", 2)) == files[name] and files[name].stat().st_mtime_ns == written[name]
+
+
 @pytest.mark.parametrize("emulate", [False, True], ids=["0.3.75", "0.38-emulated"])
 def test_cancel_stops_within_one_step_and_resume_is_exact(comfy, data, tmp_path, emulate):
     # with dropout: the resumed run must also continue the global RNG stream the dropout masks come from
