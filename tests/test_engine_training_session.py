@@ -313,3 +313,147 @@ def test_a_fresh_run_never_overwrites_a_later_state_of_another_run(tmp_path):
     fresh.close()
     assert read_state(tmp_path / "lora-state")["step"] == 6    # kept
     assert read_state(tmp_path / f"lora-run{fresh.session_id}-state")["step"] == 2
+
+
+# --- engine/training/state.py on its own: names, retention, RNG capture/restore, the state file (mutation testing) --
+
+def test_state_and_lora_names_for_step_epoch_and_latest(tmp_path):
+    from engine.training.state import lora_path, state_dir
+
+    assert lora_path(tmp_path, "x", step=12) == tmp_path / "x-step00000012.safetensors"
+    assert lora_path(tmp_path, "x", epoch=3) == tmp_path / "x-000003.safetensors"
+    assert lora_path(tmp_path, "x") == tmp_path / "x.safetensors"
+    assert state_dir(tmp_path, "x", step=12) == tmp_path / "x-step00000012-state"
+    assert state_dir(tmp_path, "x", epoch=3) == tmp_path / "x-000003-state"
+    assert state_dir(tmp_path, "x") == tmp_path / "x-state"
+
+
+@pytest.mark.parametrize("kind", ["step", "epoch", "step-state", "epoch-state"])
+def test_prune_keeps_the_newest_of_one_kind_and_returns_what_it_removed(tmp_path, kind):
+    from engine.training.state import lora_path, prune, state_dir
+
+    per = "step" if kind.startswith("step") else "epoch"
+    made = []
+    for n in (9, 10, 2, 100):                                   # created out of order
+        p = (state_dir if kind.endswith("state") else lora_path)(tmp_path, "a", **{per: n})
+        if kind.endswith("state"):
+            p.mkdir()
+            (p / "training_state.pt").write_bytes(b"x")
+        else:
+            p.write_bytes(b"x")
+        made.append((n, p))
+    others = [tmp_path / "a.safetensors", tmp_path / "a-state", tmp_path / "ab-step00000001.safetensors"]
+    for o in others:
+        o.mkdir() if o.name.endswith("state") else o.write_bytes(b"x")
+    removed = prune(tmp_path, "a", kind, 2)
+    assert removed == [p for n, p in sorted(made)[:2]]          # 2 and 9, oldest first
+    assert all(not p.exists() for p in removed)
+    assert all(p.exists() for n, p in sorted(made)[2:]) and all(o.exists() for o in others)
+    assert prune(tmp_path, "a", kind, 0) == [] and prune(tmp_path, "a", kind, None) == []
+
+
+def _draws():
+    import random
+
+    import numpy as np
+
+    return (torch.rand(3).tolist(), random.random(), np.random.rand(2).tolist())
+
+
+def test_rng_capture_and_restore_round_trip_every_generator(tmp_path):
+    from engine.training.state import capture_rng, read_state, restore_rng, write_state
+
+    gen = torch.Generator().manual_seed(5)
+    torch.manual_seed(1)
+    state = capture_rng(gen)
+    first = (torch.rand(2, generator=gen).tolist(), _draws())
+    write_state(tmp_path, {"step": 1, "rng": state})          # through the file, as a resume does
+    gen2 = torch.Generator().manual_seed(99)
+    torch.manual_seed(2)
+    restore_rng(read_state(tmp_path)["rng"], gen2)
+    assert (torch.rand(2, generator=gen2).tolist(), _draws()) == first
+
+
+def test_cuda_rng_is_captured_when_initialised_and_restored_only_on_the_same_device_count(monkeypatch):
+    from engine.training import state as st
+
+    cuda, calls = torch.cuda, []
+    monkeypatch.setattr(cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(cuda, "get_rng_state_all", lambda: [torch.tensor([1, 2], dtype=torch.uint8)])
+    monkeypatch.setattr(cuda, "set_rng_state_all", lambda states: calls.append([s.tolist() for s in states]))
+    gen = torch.Generator()
+    assert "torch_cuda" not in st.capture_rng(gen)            # not initialised: nothing to save (and no CUDA start)
+    monkeypatch.setattr(cuda, "is_initialized", lambda: True)
+    state = st.capture_rng(gen)
+    assert [s.tolist() for s in state["torch_cuda"]] == [[1, 2]]
+    monkeypatch.setattr(cuda, "device_count", lambda: 2)
+    st.restore_rng(state, gen)
+    assert calls == []                                        # another device count: left alone
+    monkeypatch.setattr(cuda, "device_count", lambda: 1)
+    st.restore_rng(state, gen)
+    assert calls == [[[1, 2]]]
+    monkeypatch.setattr(cuda, "is_available", lambda: False)
+    st.restore_rng(state, gen)                                # a state from a GPU run resumed on CPU
+    assert calls == [[[1, 2]]]
+    monkeypatch.setattr(cuda, "is_available", lambda: True)
+    st.restore_rng({k: v for k, v in state.items() if k != "torch_cuda"}, gen)
+    assert calls == [[[1, 2]]]
+
+
+def test_state_file_and_its_run_record(tmp_path):
+    from engine.training.state import RUN_FILE, read_state, state_run, write_state
+
+    target = write_state(tmp_path, {"step": 7, "session_id": "abc", "t": torch.arange(3)})
+    assert target == tmp_path / "training_state.pt"
+    assert state_run(tmp_path) == {"session_id": "abc", "step": 7}
+    for path in (tmp_path, target):                           # the folder or the .pt inside it
+        s = read_state(path)
+        assert s["step"] == 7 and s["version"] == 1 and s["t"].tolist() == [0, 1, 2]
+    for bad in ('{"step": "7"}', '[7]', '{"session_id": "abc"}', 'not json'):
+        (tmp_path / RUN_FILE).write_text(bad)
+        assert state_run(tmp_path) is None, bad
+    assert state_run(tmp_path / "missing") is None
+
+
+def test_read_state_refuses_missing_unreadable_foreign_and_old_states(tmp_path):
+    from engine.training.state import read_state
+
+    missing = tmp_path / "none"
+    with pytest.raises(MusubiInputError) as e:
+        read_state(missing)
+    assert str(e.value) == f"resume state: got {str(missing)!r}; expected a state folder containing training_state.pt"
+
+    garbage = tmp_path / "g.pt"
+    garbage.write_bytes(b"not a torch file")
+    try:
+        torch.load(garbage, map_location="cpu", weights_only=True)
+    except Exception as err:             # noqa: BLE001 - the type named in the message
+        kind = type(err).__name__
+    with pytest.raises(MusubiInputError) as e:
+        read_state(garbage)
+    assert str(e.value).startswith(f"resume state: got {str(garbage)!r}; expected a readable training state ({kind}: ")
+
+    pickled = tmp_path / "p.pt"                                # arbitrary objects are never unpickled
+    torch.save({"version": 1, "step": 1, "obj": SimpleNamespace(a=1)}, pickled)
+    with pytest.raises(MusubiInputError, match=r"^resume state: got .*p\.pt'; expected a readable training state"):
+        read_state(pickled)
+
+    for i, content in enumerate(({"version": 2, "step": 1}, {"step": 1}, [1, 2])):
+        old = tmp_path / f"old{i}.pt"
+        torch.save(content, old)
+        with pytest.raises(MusubiInputError) as e:
+            read_state(old)
+        assert str(e.value) == f"resume state: got {str(old)!r}; expected a training state of version 1"
+
+
+def test_read_state_loads_onto_the_cpu_with_weights_only_on_every_supported_torch(tmp_path, monkeypatch):
+    """torch 2.4/2.5 (supported) default to weights_only=False, and a state saved from a GPU run must load on a
+    CPU-only machine: both arguments are part of the contract, whatever this torch's defaults are."""
+    from engine.training.state import read_state, write_state
+
+    write_state(tmp_path, {"step": 1})
+    seen, real = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    assert read_state(tmp_path)["step"] == 1
+    assert seen == [{"map_location": "cpu", "weights_only": True}]
