@@ -240,19 +240,6 @@ def _dit(model):
     return T.handle(model, "model", "a DiT from Musubi Wan DiT Loader")
 
 
-def make_trainable(model: torch.nn.Module) -> None:
-    """Weights loaded inside ComfyUI's prompt are inference tensors, which autograd refuses to save for backward:
-    replace each by a normal copy, one tensor at a time (peak memory: one tensor), in the module's own parameter and
-    buffer dicts (shared with every LoRA view of the model). Values are unchanged; later runs find nothing to do."""
-    for module in model.modules():
-        for store in (module._parameters, module._buffers):
-            for name, t in list(store.items()):
-                if isinstance(t, torch.Tensor) and t.is_inference():
-                    plain = compat.unwrap_inference_tensor(t.detach())
-                    store[name] = (torch.nn.Parameter(plain, requires_grad=False)
-                                   if isinstance(t, torch.nn.Parameter) else plain)
-
-
 def open_run(kind: str, node_id, model, dataset, network, optimizer, config, resume_from=None,
              continue_saved: bool = False):
     """The session of this node for these inputs: the one in memory (following the loader's current run options),
@@ -284,7 +271,6 @@ def open_run(kind: str, node_id, model, dataset, network, optimizer, config, res
         if old is not None:
             old.session.save_progress()
     compat.free_all()
-    make_trainable(handle.module)
     with compat.training_context():  # adapter and optimizer tensors must be normal (autograd) tensors
         run = host_session(handle, loader, network, optimizer, config, residency=RESIDENCY,
                            device=compat.torch_device(), resume_from=resume_from, continue_saved=continue_saved,

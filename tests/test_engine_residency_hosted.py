@@ -142,3 +142,18 @@ def test_closing_a_hosted_session_saves_its_steps_and_a_new_one_continues_them(t
     second = _host(tiny_model(), tmp_path / "run", 6, residency, continue_saved=True)
     assert second.session.step == 3
     assert second.train_to(6, CPU) == reference[3:]
+
+
+def test_weights_loaded_under_inference_mode_become_trainable_in_place_with_the_same_values(tmp_path):
+    from engine.training.hosted import make_trainable
+
+    with torch.inference_mode():     # as ComfyUI loads models inside a prompt
+        model = tiny_model()
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    view = make_lora_view(model)     # shares the parameter dicts: fixed once for every view
+    assert any(p.is_inference() for p in model.parameters())
+    make_trainable(model)
+    assert not any(t.is_inference() for t in list(view.parameters()) + list(view.buffers()))
+    assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())
+    hosted = _host(model, tmp_path, 2, _residency())   # and autograd trains on top of it
+    assert len(hosted.train_to(2, CPU)) == 2

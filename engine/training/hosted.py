@@ -37,6 +37,21 @@ def move_optimizer_state(optimizer, device: torch.device) -> None:
                 state[k] = v.to(device)
 
 
+def make_trainable(model: torch.nn.Module) -> None:
+    """Weights loaded under `torch.inference_mode` (ComfyUI runs prompts in it) are inference tensors, which autograd
+    refuses to save for backward: replace each by a normal copy, one tensor at a time (peak memory: one tensor), in
+    the module's own parameter and buffer dicts (shared with every LoRA view). Values are unchanged; later calls
+    find nothing to do."""
+    with torch.inference_mode(False):
+        for module in model.modules():
+            for store in (module._parameters, module._buffers):
+                for name, t in list(store.items()):
+                    if isinstance(t, torch.Tensor) and t.is_inference():
+                        plain = t.detach().clone()
+                        store[name] = (torch.nn.Parameter(plain, requires_grad=False)
+                                       if isinstance(t, torch.nn.Parameter) else plain)
+
+
 def saved_state(config) -> Path | None:
     """The state folder saved under the config's output name, if one exists."""
     folder = state_dir(Path(config.output_dir), config.output_name)
@@ -117,8 +132,9 @@ def host_session(handle: ModelHandle, loader, network, optimizer, config, *, res
                  node: str = "?") -> HostedSession:
     """A new hosted session on a fresh LoRA view of `handle.module`. `continue_saved`: continue from the state saved
     under the output name when there is one the network fits (else start fresh; that state is kept). The caller
-    has validated the configs and made the model's weights trainable (not inference tensors)."""
+    has validated the configs."""
     model = handle.module
+    make_trainable(model)
     # no swapper on the weight set while the view and its adapters are made; with block swap the swapped blocks
     # stay in host memory (their adapters are created there and moved by activate, which attaches the swapper)
     residency.prepare_for_view(model, handle.options.blocks_to_swap, device)
