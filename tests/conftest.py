@@ -97,3 +97,55 @@ def dual_family():
     register(module.FAMILY)
     yield module
     unregister(module.FAMILY.name)
+
+
+# --- a cached dataset for the training-node tests -------------------------------------------------------------------
+DATASETS: dict = {}
+
+
+class MusubiTestCachedDataset:
+    CATEGORY = "Musubi/tests"
+    FUNCTION = "get"
+    RETURN_TYPES = ("MUSUBI_DATASET",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"name": ("STRING", {"default": "cached"})}}
+
+    def get(self, name):
+        return (DATASETS[name],)
+
+
+@pytest.fixture(scope="module")
+def data(comfy, tmp_path_factory):
+    """Two solid-colour 32x32 images ('red' / 'blue'), cached for the tiny T2V preset; one dataset left uncached.
+    The test node MusubiTestCachedDataset hands them to the training graphs of tests/training_graphs.py."""
+    import torch
+
+    from training_graphs import SIZE
+
+    edata = comfy.pack_module("engine.data")
+    wan_cache = comfy.pack_module("engine.families.wan.cache")
+    WanCacheAdapter, wan_cache_requirements = wan_cache.WanCacheAdapter, wan_cache.cache_requirements
+    ld = comfy.pack_module("nodes.wan")
+    (vae,) = ld.MusubiWanVAELoader().load("preset:tiny-vae", "fp32", False)
+    (te,) = ld.MusubiUMT5Loader().load("preset:tiny-umt5", "fp32")
+    root = tmp_path_factory.mktemp("training_data")
+    images = torch.zeros(2, SIZE, SIZE, 3)
+    images[0, ..., 0], images[0, ..., 1] = 0.9, 0.1
+    images[1, ..., 2], images[1, ..., 1] = 0.9, 0.6
+    captions = ["a red square", "a blue square"]
+    cfg = edata.dataset_from_tensors(images, captions, root / "cache", resolution=(SIZE, SIZE))
+    with torch.inference_mode():
+        edata.build_cache(cfg, WanCacheAdapter(vae=vae.module, text_encoder=te.module, dtype=torch.float32,
+                                                     text_dtype=torch.float32))
+    comfy.executor.reset()   # ComfyUI's cache may hold another module's dataset under the same node inputs
+    DATASETS["cached"] = cfg
+    DATASETS["uncached"] = edata.dataset_from_tensors(images, captions, root / "never", resolution=(SIZE, SIZE))
+    mappings = comfy.b.nodes.NODE_CLASS_MAPPINGS
+    mappings["MusubiTestCachedDataset"] = MusubiTestCachedDataset
+    cached = edata.check_cache_for_model(cfg, wan_cache_requirements(text_dim=32))
+    latents = {s.key: s.load()["latents"].float() for s in cached[0].samples}
+    yield {"root": root, "latents": [latents[k] for k in sorted(latents)], "vae": vae}
+    del mappings["MusubiTestCachedDataset"]
+    comfy.pack_module("nodes.registry").SESSIONS.release()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from test_nodes_wan import _base, _sampler
-from test_nodes_training import data, train_prompt  # noqa: F401  (data registers the test dataset node)
+from training_graphs import train_prompt
 
 pytestmark = pytest.mark.comfy
 

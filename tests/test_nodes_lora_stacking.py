@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from engine.lora import AdapterConfig, AdapterNetwork, merge_into_model, read_lora
 from lora_fixtures import tiny_model
 from test_engine_lora_core_kinds import community_lora
-from test_nodes_training import data, train_prompt  # noqa: F401  (data: the module fixture)
+from training_graphs import train_prompt
 
 pytestmark = pytest.mark.comfy
 

@@ -14,7 +14,7 @@ import importlib
 import pytest
 import torch
 
-from test_nodes_training import SIZE, data, sample_nodes, train_prompt  # noqa: F401  (module fixture `data`)
+from training_graphs import SIZE, sample_nodes, train_prompt
 
 pytestmark = pytest.mark.comfy
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from test_nodes_training import data, train_prompt  # noqa: F401  (data registers the test dataset node)
+from training_graphs import train_prompt
 
 pytestmark = pytest.mark.comfy
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_nodes_training import SIZE, data, sessions, train_prompt  # noqa: F401  (data: the module fixture)
+from training_graphs import SIZE, sessions, train_prompt
 
 pytestmark = pytest.mark.comfy
 

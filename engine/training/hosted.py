@@ -59,8 +59,11 @@ def saved_state(config) -> Path | None:
 
 
 class HostedSession:
-    def __init__(self, session: TrainingSession, residency: Residency, options: RunOptions, key=None):
+    def __init__(self, session: TrainingSession, residency: Residency, options: RunOptions, key=None, base=None):
         self.session = session
+        # the loaded model the view shares its weights with: kept alive, so a host registry that released it (weakly
+        # held) hands this same module back to a loader that runs again, and the session's key stays valid
+        self.base = base
         self.residency = residency
         self.options = options                # the loader's current run options (block swap, offload, attention)
         self.key = key                        # the host's registry key
@@ -151,4 +154,4 @@ def host_session(handle: ModelHandle, loader, network, optimizer, config, *, res
         session = TrainingSession(view, network, optimizer, loader, config, resume_from=resume_from)
     add_network(view, session.network, {"name": config.output_name, "strength": 1.0, "mode": "training",
                                         "node": node})
-    return HostedSession(session, residency, handle.options, key)
+    return HostedSession(session, residency, handle.options, key, base=model)
