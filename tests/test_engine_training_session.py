@@ -313,3 +313,20 @@ def test_a_fresh_run_never_overwrites_a_later_state_of_another_run(tmp_path):
     fresh.close()
     assert read_state(tmp_path / "lora-state")["step"] == 6    # kept
     assert read_state(tmp_path / f"lora-run{fresh.session_id}-state")["step"] == 2
+
+
+def test_a_state_whose_run_json_was_never_written_is_still_found(tmp_path):
+    """#23: killed between writing training_state.pt and its run.json sidecar, the state is still the run's latest
+    (a continuing run finds it; a fresh one saves beside it instead of overwriting it)."""
+    from engine.training.state import RUN_FILE, state_run
+
+    first = session(tmp_path, steps=10)
+    first.train_steps(4)
+    first.save_state()
+    (tmp_path / "lora-state" / RUN_FILE).unlink()
+    assert state_run(tmp_path / "lora-state") == {"session_id": first.session_id, "step": 4}
+    fresh = session(tmp_path, steps=10)
+    fresh.train_steps(1)
+    fresh.close()
+    assert read_state(tmp_path / "lora-state")["step"] == 4
+    assert state_run(tmp_path / "empty-state") is None
