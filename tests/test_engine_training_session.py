@@ -410,9 +410,11 @@ def test_state_file_and_its_run_record(tmp_path):
     for path in (tmp_path, target):                           # the folder or the .pt inside it
         s = read_state(path)
         assert s["step"] == 7 and s["version"] == 1 and s["t"].tolist() == [0, 1, 2]
-    for bad in ('{"step": "7"}', '[7]', '{"session_id": "abc"}', 'not json'):
+    for bad in ('{"step": "7"}', '[7]', '{"session_id": "abc"}', 'not json'):   # a broken sidecar: the state says
         (tmp_path / RUN_FILE).write_text(bad)
-        assert state_run(tmp_path) is None, bad
+        assert state_run(tmp_path) == {"session_id": "abc", "step": 7}, bad
+    target.write_bytes(b"not a state")
+    assert state_run(tmp_path) is None                          # and a broken state is no state
     assert state_run(tmp_path / "missing") is None
 
 
@@ -457,3 +459,20 @@ def test_read_state_loads_onto_the_cpu_with_weights_only_on_every_supported_torc
     monkeypatch.setattr(torch, "load", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
     assert read_state(tmp_path)["step"] == 1
     assert seen == [{"map_location": "cpu", "weights_only": True}]
+
+
+def test_a_state_whose_run_json_was_never_written_is_still_found(tmp_path):
+    """#23: killed between writing training_state.pt and its run.json sidecar, the state is still the run's latest
+    (a continuing run finds it; a fresh one saves beside it instead of overwriting it)."""
+    from engine.training.state import RUN_FILE, state_run
+
+    first = session(tmp_path, steps=10)
+    first.train_steps(4)
+    first.save_state()
+    (tmp_path / "lora-state" / RUN_FILE).unlink()
+    assert state_run(tmp_path / "lora-state") == {"session_id": first.session_id, "step": 4}
+    fresh = session(tmp_path, steps=10)
+    fresh.train_steps(1)
+    fresh.close()
+    assert read_state(tmp_path / "lora-state")["step"] == 4
+    assert state_run(tmp_path / "empty-state") is None

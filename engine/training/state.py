@@ -127,8 +127,18 @@ def state_run(folder: Path) -> dict | None:
     try:
         with open(Path(folder) / RUN_FILE, encoding="utf-8") as f:
             run = json.load(f)
-        return run if isinstance(run, dict) and isinstance(run.get("step"), int) else None
+        if isinstance(run, dict) and isinstance(run.get("step"), int):
+            return run
     except (OSError, ValueError):
+        pass
+    # no sidecar: a kill between the state's write and its run.json's. The state itself says (a rare, slow path:
+    # without it a continuing run would not see this state, start from step 0 and overwrite it)
+    if not (Path(folder) / STATE_FILE).is_file():
+        return None
+    try:
+        state = read_state(folder)
+        return {"session_id": state.get("session_id"), "step": int(state["step"])}
+    except Exception:  # noqa: BLE001 - an unreadable state is no state
         return None
 
 
