@@ -333,3 +333,37 @@ def test_lokr_with_two_full_factors_is_written_with_alpha_max_w2(tmp_path):
         w = load_file(str(save_lora(sd, tmp_path / f"k{alpha}.safetensors")))
         assert w["diffusion_model.blocks.1.ffn.2.alpha"].item() == 32.0
         torch.testing.assert_close(read_lora(w).modules["blocks.1.ffn.2"].delta(), torch.kron(w1, w2))
+
+
+def test_trained_lora_network_saves_its_scale_and_lycoris_keeps_the_comfy_stem_in_musubi_other(tmp_path):
+    from safetensors.torch import load_file
+
+    model = tiny_model("t2v")
+    net = AdapterNetwork.create(model, AdapterConfig(kind="lora", rank=4, alpha=2))     # scale 0.5
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in net.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    back = read_lora(save_lora(net, tmp_path / "n.safetensors"), model=model)
+    for name in ("blocks.0.self_attn.q", "blocks.1.ffn.2"):
+        torch.testing.assert_close(back.modules[name].delta(), net.delta_weight(name))
+        assert back.modules[name].alpha == 2.0 and back.modules[name].rank == 4
+    loha = AdapterNetwork.create(model, AdapterConfig(kind="loha", rank=2, alpha=1))
+    keys = set(load_file(str(save_lora(loha, tmp_path / "h.safetensors", format="musubi-other"))))
+    assert "diffusion_model.blocks.0.self_attn.q.hada_w1_a" in keys and "diffusion_model.blocks.0.self_attn.q.alpha" in keys
+
+
+def test_diffusers_refusals_name_the_module_and_the_reason(tmp_path):
+    g = torch.Generator().manual_seed(12)
+    loha = {f"lora_unet_blocks_0_self_attn_q.{k}": torch.randn(*s, generator=g) for k, s in
+            [("hada_w1_a", (256, 2)), ("hada_w1_b", (2, 256)), ("hada_w2_a", (256, 2)), ("hada_w2_b", (2, 256))]}
+    with pytest.raises(MusubiInputError) as e:
+        save_lora(loha, tmp_path / "d.safetensors", format="diffusers")
+    assert str(e.value) == ("LoRA module blocks.0.self_attn.q: got 'loha'; expected plain LoRA weights (diffusers/PEFT "
+                            "has no LoHa/LoKr format; save as comfyui or musubi)")
+    norm = {"diffusion_model.blocks.0.norm3.lora_down.weight": torch.zeros(2, 4),
+            "diffusion_model.blocks.0.norm3.lora_up.weight": torch.zeros(4, 2)}
+    with pytest.raises(MusubiInputError) as e:
+        save_lora(norm, tmp_path / "d.safetensors", format="diffusers")
+    assert str(e.value) == ("LoRA module blocks.0.norm3: got 'no diffusers equivalent'; expected a DiT Linear layer "
+                            "that diffusers names")
