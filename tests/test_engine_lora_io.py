@@ -243,3 +243,127 @@ def test_musubi_other_layout_is_what_musubi_tuner_reads_back(tmp_path, i2v):
     for name, (down, up, alpha) in factors.items():
         torch.testing.assert_close(musubi.modules[name].delta(), reference_delta(down, up, alpha), rtol=1e-5,
                                    atol=1e-6)
+
+
+# --- writer details the round trips above do not pin (mutation testing, #21 item 9) ------------------------------
+
+def _one_module_sd(rank=4, alpha=8.0, name="blocks.0.self_attn.q", seed=8):
+    g = torch.Generator().manual_seed(seed)
+    s = "lora_unet_" + name.replace(".", "_")
+    return {f"{s}.lora_down.weight": torch.randn(rank, 256, generator=g), f"{s}.lora_up.weight":
+            torch.randn(256, rank, generator=g), f"{s}.alpha": torch.tensor(alpha)}
+
+
+def test_save_dtype_by_name_every_source_kind_and_refusals(tmp_path):
+    from safetensors.torch import load_file
+
+    sd = _one_module_sd()
+    src = tmp_path / "src.safetensors"
+    save_file(sd, str(src))
+    outs = [save_lora(sd, tmp_path / "from_dict.safetensors", dtype="bf16"),          # a state dict
+            save_lora(str(src), tmp_path / "from_path.safetensors", dtype="bf16"),    # a path
+            save_lora(read_lora(src), tmp_path / "from_file.safetensors", dtype=torch.bfloat16)]
+    stem = "diffusion_model.blocks.0.self_attn.q"
+    for out in outs:
+        w = load_file(str(out))
+        assert all(t.dtype == torch.bfloat16 for t in w.values()), out
+        assert torch.equal(w[f"{stem}.lora_down.weight"], sd["lora_unet_blocks_0_self_attn_q.lora_down.weight"]
+                           .to(torch.bfloat16))
+        assert w[f"{stem}.alpha"].item() == 8.0
+    with pytest.raises(MusubiInputError) as e:
+        save_lora(sd, tmp_path / "x.safetensors", dtype="fp8")
+    assert str(e.value) == ("save dtype: got 'fp8'; expected one of "
+                            "['bf16', 'bfloat16', 'float16', 'float32', 'fp16', 'fp32']")
+    with pytest.raises(MusubiInputError) as e:
+        save_lora(sd, tmp_path / "x.safetensors", format="kohya")
+    assert str(e.value) == ("LoRA format: got 'kohya'; expected one of "
+                            "('comfyui', 'musubi', 'diffusers', 'musubi-other')")
+    for same in (lambda: save_lora(read_lora(src), src),                       # the LoRAFile's own source
+                 lambda: save_lora(sd, src, input_paths=[str(src)]),           # an input the caller names
+                 lambda: save_lora(str(src), tmp_path / "." / "src.safetensors")):
+        with pytest.raises(MusubiInputError) as e:
+            same()
+        assert str(e.value).startswith("output path: got '") and str(e.value).endswith(
+            "src.safetensors'; expected a file different from every input file")
+
+
+def test_save_refuses_unresolved_and_unknown_module_names(tmp_path):
+    unresolved = read_lora({"lora_unet_foo_bar.lora_down.weight": torch.zeros(2, 4),
+                            "lora_unet_foo_bar.lora_up.weight": torch.zeros(4, 2)})
+    assert unresolved.unresolved == {"lora_unet_foo_bar"}
+    with pytest.raises(MusubiInputError) as e:
+        save_lora(unresolved, tmp_path / "u.safetensors")
+    assert str(e.value) == ("LoRA  module names: got ['lora_unet_foo_bar']; expected module names of the model "
+                            "(read the LoRA with its model to resolve them)")
+    with pytest.raises(MusubiInputError) as e:
+        save_lora({"diffusion_model.foo.bar.lora_down.weight": torch.zeros(2, 4),
+                   "diffusion_model.foo.bar.lora_up.weight": torch.zeros(4, 2)}, tmp_path / "k.safetensors")
+    assert str(e.value) == "LoRA  module names: got ['foo.bar']; expected module names of a known model family"
+
+
+def test_metadata_of_mixed_kinds_and_ranks_and_the_title(tmp_path):
+    g = torch.Generator().manual_seed(9)
+    sd = _one_module_sd(rank=4, alpha=4.0) | _one_module_sd(rank=2, alpha=2.0, name="blocks.0.self_attn.k")
+    sd |= {f"lora_unet_blocks_1_ffn_2.{k}": torch.randn(*s, generator=g) for k, s in
+           [("hada_w1_a", (256, 2)), ("hada_w1_b", (2, 512)), ("hada_w2_a", (256, 2)), ("hada_w2_b", (2, 512))]}
+    sd["lora_unet_blocks_1_ffn_2.alpha"] = torch.tensor(2.0)
+    out = save_lora(sd, tmp_path / "my title.safetensors", format="musubi")
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert (meta["ss_network_module"], meta["ss_network_dim"], meta["ss_network_alpha"]) == ("mixed", "mixed", "mixed")
+    assert meta["modelspec.title"] == "my title"
+    out = save_lora(_one_module_sd(rank=4, alpha=4.0) | _one_module_sd(rank=2, alpha=2.0, name="blocks.0.self_attn.k"),
+                    tmp_path / "r.safetensors", format="musubi")
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("mixed", "mixed")
+    assert meta["ss_network_module"] == "networks.lora_wan"
+
+
+def test_lokr_with_two_full_factors_is_written_with_alpha_max_w2(tmp_path):
+    """Scale 1 (no low-rank factor); alpha = max(w2.shape) also gives 1 in Musubi, which divides by that dim."""
+    from safetensors.torch import load_file
+
+    g = torch.Generator().manual_seed(10)
+    w1, w2 = torch.randn(16, 16, generator=g), torch.randn(16, 32, generator=g)     # kron -> [256, 512] = ffn.2
+    for alpha in (None, 3.0):
+        sd = {"diffusion_model.blocks.1.ffn.2.lokr_w1": w1, "diffusion_model.blocks.1.ffn.2.lokr_w2": w2}
+        if alpha is not None:
+            sd["diffusion_model.blocks.1.ffn.2.alpha"] = torch.tensor(alpha)
+        w = load_file(str(save_lora(sd, tmp_path / f"k{alpha}.safetensors")))
+        assert w["diffusion_model.blocks.1.ffn.2.alpha"].item() == 32.0
+        torch.testing.assert_close(read_lora(w).modules["blocks.1.ffn.2"].delta(), torch.kron(w1, w2))
+
+
+def test_trained_lora_network_saves_its_scale_and_lycoris_keeps_the_comfy_stem_in_musubi_other(tmp_path):
+    from safetensors.torch import load_file
+
+    model = tiny_model("t2v")
+    net = AdapterNetwork.create(model, AdapterConfig(kind="lora", rank=4, alpha=2))     # scale 0.5
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in net.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    back = read_lora(save_lora(net, tmp_path / "n.safetensors"), model=model)
+    for name in ("blocks.0.self_attn.q", "blocks.1.ffn.2"):
+        torch.testing.assert_close(back.modules[name].delta(), net.delta_weight(name))
+        assert back.modules[name].alpha == 2.0 and back.modules[name].rank == 4
+    loha = AdapterNetwork.create(model, AdapterConfig(kind="loha", rank=2, alpha=1))
+    keys = set(load_file(str(save_lora(loha, tmp_path / "h.safetensors", format="musubi-other"))))
+    assert "diffusion_model.blocks.0.self_attn.q.hada_w1_a" in keys and "diffusion_model.blocks.0.self_attn.q.alpha" in keys
+
+
+def test_diffusers_refusals_name_the_module_and_the_reason(tmp_path):
+    g = torch.Generator().manual_seed(12)
+    loha = {f"lora_unet_blocks_0_self_attn_q.{k}": torch.randn(*s, generator=g) for k, s in
+            [("hada_w1_a", (256, 2)), ("hada_w1_b", (2, 256)), ("hada_w2_a", (256, 2)), ("hada_w2_b", (2, 256))]}
+    with pytest.raises(MusubiInputError) as e:
+        save_lora(loha, tmp_path / "d.safetensors", format="diffusers")
+    assert str(e.value) == ("LoRA module blocks.0.self_attn.q: got 'loha'; expected plain LoRA weights (diffusers/PEFT "
+                            "has no LoHa/LoKr format; save as comfyui or musubi)")
+    norm = {"diffusion_model.blocks.0.norm3.lora_down.weight": torch.zeros(2, 4),
+            "diffusion_model.blocks.0.norm3.lora_up.weight": torch.zeros(4, 2)}
+    with pytest.raises(MusubiInputError) as e:
+        save_lora(norm, tmp_path / "d.safetensors", format="diffusers")
+    assert str(e.value) == ("LoRA module blocks.0.norm3: got 'no diffusers equivalent'; expected a DiT Linear layer "
+                            "that diffusers names")
