@@ -161,11 +161,11 @@ def merge_into_view(view: nn.Module, lora, strength: float, names: list[str], en
     application (shared across the LoRAs of one node). `check_cancel()` runs before each module (it may raise).
     Records `entry` in the view's stack when given. Returns the parameter paths written."""
     owned = set() if owned is None else owned
-    wanted = set(names)
+    selected = set(names)
     written, params = [], dict(view.named_parameters())
     with torch.no_grad():
         for name, mw in resolved_modules(lora, view).items():
-            if name not in wanted:
+            if name not in selected:
                 continue
             check_cancel()
             written += patch_module(view, name, mw, strength, None, hooked,
