@@ -479,16 +479,48 @@ def _timestep_inputs() -> dict:
     }
 
 
+def _advanced_training_inputs() -> dict:
+    """Init Training's optional schedule and timestep options (Musubi's less common flags)."""
+    return {
+        "max_train_epochs": ("INT", {"default": 0, "min": 0, "max": 1_000_000,
+                             "tooltip": "Train for this many epochs instead of max_train_steps (0 = use "
+                                        "max_train_steps). One epoch = every batch of the dataset once."}),
+        "save_every_n_epochs": ("INT", {"default": 0, "min": 0, "max": 1_000_000,
+                                "tooltip": "Also save the LoRA at the end of every N-th epoch (0 = off)."}),
+        "logit_mean": ("FLOAT", {"default": 0.0, "min": -10.0, "max": 10.0, "step": 0.01,
+                       "tooltip": "Mean of the logit-normal timestep draw (weighting_scheme logit_normal, and "
+                                  "timestep_sampling logsnr/qinglong)."}),
+        "logit_std": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 10.0, "step": 0.01,
+                      "tooltip": "Standard deviation of the logit-normal timestep draw."}),
+        "mode_scale": ("FLOAT", {"default": 1.29, "min": 0.0, "max": 10.0, "step": 0.01,
+                       "tooltip": "Scale of the 'mode' weighting scheme."}),
+        "preserve_distribution_shape": ("BOOLEAN", {"default": False,
+                                        "tooltip": "With min/max_timestep: redraw timesteps outside the range "
+                                                   "(keeps the distribution's shape) instead of rescaling them into "
+                                                   "it."}),
+        "num_timestep_buckets": ("INT", {"default": 0, "min": 0, "max": 1000,
+                                 "tooltip": "Stratified timesteps: every N draws cover N equal buckets of the "
+                                            "range once each (lower loss noise). 0 = off; at least 2 to use."}),
+    }
+
+
 def _training_config(*, seed, max_train_steps, mixed_precision, gradient_checkpointing, gradient_accumulation_steps,
                      timestep_sampling, discrete_flow_shift, sigmoid_scale, weighting_scheme, min_timestep,
                      max_timestep, save_every_n_steps, keep_last_n_saves, output_dir, output_name, save_state,
-                     attention_backend, save_format="comfyui", save_state_every_minutes=10.0):
+                     attention_backend, save_format="comfyui", save_state_every_minutes=10.0, max_train_epochs=0,
+                     save_every_n_epochs=0, logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
+                     preserve_distribution_shape=False, num_timestep_buckets=0):
     from ..engine.training import TimestepConfig, TrainingConfig
 
+    if int(num_timestep_buckets) == 1:
+        raise invalid("num_timestep_buckets", 1, "0 (off) or at least 2 buckets")
     ts = TimestepConfig(timestep_sampling=timestep_sampling, sigmoid_scale=float(sigmoid_scale),
                         discrete_flow_shift=float(discrete_flow_shift), weighting_scheme=weighting_scheme,
                         min_timestep=int(min_timestep) or None,
-                        max_timestep=None if int(max_timestep) == 1000 else int(max_timestep))
+                        max_timestep=None if int(max_timestep) == 1000 else int(max_timestep),
+                        logit_mean=float(logit_mean), logit_std=float(logit_std), mode_scale=float(mode_scale),
+                        preserve_distribution_shape=bool(preserve_distribution_shape),
+                        num_timestep_buckets=int(num_timestep_buckets) or None)
     return TrainingConfig(
         output_dir=resolve_output_dir(output_dir), output_name=(output_name or "").strip(),
         lora_dir=default_lora_dir(output_dir),
@@ -498,7 +530,8 @@ def _training_config(*, seed, max_train_steps, mixed_precision, gradient_checkpo
         seed=int(seed), timesteps=ts, save_every_n_steps=int(save_every_n_steps) or None,
         keep_last_n_saves=int(keep_last_n_saves) or None, save_state=bool(save_state),
         keep_last_n_states=int(keep_last_n_saves) or None, save_format=save_format,
-        save_state_every_minutes=float(save_state_every_minutes) or None)
+        save_state_every_minutes=float(save_state_every_minutes) or None,
+        max_train_epochs=int(max_train_epochs) or None, save_every_n_epochs=int(save_every_n_epochs) or None)
 
 
 def network_config(network_kind, rank, alpha, dropout, rank_dropout, module_dropout, include_patterns="",
@@ -521,7 +554,7 @@ def network_config(network_kind, rank, alpha, dropout, rank_dropout, module_drop
 
 def optimizer_config(optimizer_type, learning_rate, max_grad_norm, lr_scheduler, lr_warmup_steps, optimizer_args="",
                      custom_optimizer="", lr_scheduler_args="", lr_scheduler_num_cycles=1, lr_scheduler_power=1.0,
-                     lr_scheduler_min_lr_ratio=0.0):
+                     lr_scheduler_min_lr_ratio=0.0, lr_decay_steps="0", loraplus_lr_ratio=0.0):
     """The Optimizer Config node's inputs -> a validated engine OptimizerConfig (Train LoRA builds one too)."""
     from ..engine.training import OptimizerConfig
 
@@ -538,7 +571,9 @@ def optimizer_config(optimizer_type, learning_rate, max_grad_norm, lr_scheduler,
                           lr_scheduler_num_cycles=int(lr_scheduler_num_cycles),
                           lr_scheduler_power=float(lr_scheduler_power),
                           lr_scheduler_min_lr_ratio=float(lr_scheduler_min_lr_ratio) or None,
-                          lr_scheduler_args=_kwargs(lr_scheduler_args, "lr_scheduler_args"))
+                          lr_scheduler_args=_kwargs(lr_scheduler_args, "lr_scheduler_args"),
+                          lr_decay_steps=_steps_value(lr_decay_steps, "lr_decay_steps"),
+                          loraplus_lr_ratio=float(loraplus_lr_ratio) or None)
     cfg.validate()
     if kind.lower() not in ("adamw", "adamw8bit", "adafactor", "prodigy"):
         from ..engine.training.optimizers import import_class
@@ -632,14 +667,21 @@ class MusubiOptimizerConfig:
             "lr_scheduler_min_lr_ratio": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                           "tooltip": "Floor of cosine_with_min_lr / warmup_stable_decay, as a "
                                                      "fraction of the learning rate."}),
+            "lr_decay_steps": ("STRING", {"default": "0",
+                               "tooltip": "warmup_stable_decay: length of the final decay phase, as a step count, "
+                                          "a fraction < 1 of the total steps, or 'N%' (0 = no decay phase)."}),
+            "loraplus_lr_ratio": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1000.0, "step": 0.5,
+                                  "tooltip": "LoRA+: the up (B) matrices learn at learning_rate × this ratio "
+                                             "(e.g. 4 or 16). 0 = off (one learning rate)."}),
         }}
 
     def build(self, optimizer_type, learning_rate, max_grad_norm, lr_scheduler, lr_warmup_steps, optimizer_args="",
               custom_optimizer="", lr_scheduler_args="", lr_scheduler_num_cycles=1, lr_scheduler_power=1.0,
-              lr_scheduler_min_lr_ratio=0.0):
+              lr_scheduler_min_lr_ratio=0.0, lr_decay_steps="0", loraplus_lr_ratio=0.0):
         return (optimizer_config(optimizer_type, learning_rate, max_grad_norm, lr_scheduler, lr_warmup_steps,
                                  optimizer_args, custom_optimizer, lr_scheduler_args, lr_scheduler_num_cycles,
-                                 lr_scheduler_power, lr_scheduler_min_lr_ratio),)
+                                 lr_scheduler_power, lr_scheduler_min_lr_ratio, lr_decay_steps,
+                                 loraplus_lr_ratio),)
 
 
 class MusubiInitTraining:
@@ -728,6 +770,7 @@ class MusubiInitTraining:
                 "overfitting.")}),
             "eval_every_n_steps": ("INT", {"default": 100, "min": 1, "max": 1_000_000,
                                    "tooltip": "Steps between two eval-loss measurements (with eval_dataset)."}),
+            **_advanced_training_inputs(),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def init(self, model, dataset, lora_config, optimizer_config, seed, max_train_steps, mixed_precision,
@@ -736,7 +779,8 @@ class MusubiInitTraining:
              output_dir, output_name, save_state, attention_backend, save_format="comfyui", validation_prompts=None,
              validation_vae=None, validate_every_n_steps=0, validate_at_start=False, tensorboard=False,
              continue_saved_state=True, save_state_every_minutes=10.0, eval_dataset=None, eval_every_n_steps=100,
-             unique_id=None):
+             max_train_epochs=0, save_every_n_epochs=0, logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
+             preserve_distribution_shape=False, num_timestep_buckets=0, unique_id=None):
         config = _training_config(
             seed=seed, max_train_steps=max_train_steps, mixed_precision=mixed_precision,
             gradient_checkpointing=gradient_checkpointing, gradient_accumulation_steps=gradient_accumulation_steps,
@@ -744,7 +788,10 @@ class MusubiInitTraining:
             weighting_scheme=weighting_scheme, min_timestep=min_timestep, max_timestep=max_timestep,
             save_every_n_steps=save_every_n_steps, keep_last_n_saves=keep_last_n_saves, output_dir=output_dir,
             output_name=output_name, save_state=save_state, attention_backend=attention_backend,
-            save_format=save_format, save_state_every_minutes=save_state_every_minutes)
+            save_format=save_format, save_state_every_minutes=save_state_every_minutes,
+            max_train_epochs=max_train_epochs, save_every_n_epochs=save_every_n_epochs, logit_mean=logit_mean,
+            logit_std=logit_std, mode_scale=mode_scale, preserve_distribution_shape=preserve_distribution_shape,
+            num_timestep_buckets=num_timestep_buckets)
         network, optimizer = _network_config(lora_config), _optimizer_config(optimizer_config)
         validate = check_validation_inputs(_dit(model).module, validation_prompts, validation_vae, validate_every_n_steps,
                                            validate_at_start)

@@ -476,3 +476,28 @@ def test_a_state_whose_run_json_was_never_written_is_still_found(tmp_path):
     fresh.close()
     assert read_state(tmp_path / "lora-state")["step"] == 4
     assert state_run(tmp_path / "empty-state") is None
+
+
+@pytest.mark.parametrize("kind, lokr_factor", [("lora", -1), ("loha", -1), ("lokr", 4), ("lokr", -1)])
+def test_network_weights_start_from_a_saved_adapter_of_each_kind(tmp_path, kind, lokr_factor):
+    """Musubi --network_weights: a new session starts with the saved adapter's weights (LoHa/LoKr included); a file of
+    another kind or rank is refused by name."""
+    net = NetworkConfig(kind=kind, rank=4, alpha=2.0, lokr_factor=lokr_factor)
+    first = session(tmp_path / "a", steps=3, network=net)
+    first.train_steps(3)
+    saved = tmp_path / "a" / "lora.safetensors"
+    trained = {k: v.clone() for k, v in first.network.state_dict().items()}
+    assert any(v.abs().sum() > 0 for k, v in trained.items() if "alpha" not in k)
+
+    second = session(tmp_path / "b", steps=3, network=NetworkConfig(kind=kind, rank=4, alpha=2.0,
+                                                                    lokr_factor=lokr_factor,
+                                                                    network_weights=str(saved)))
+    for k, v in second.network.state_dict().items():
+        torch.testing.assert_close(v, trained[k], rtol=0, atol=0, msg=k)
+
+    other = "loha" if kind != "loha" else "lora"
+    with pytest.raises(MusubiInputError, match="network_weights"):
+        session(tmp_path / "c", network=NetworkConfig(kind=other, rank=4, network_weights=str(saved)))
+    with pytest.raises(MusubiInputError, match="network_weights"):
+        session(tmp_path / "d", network=NetworkConfig(kind=kind, rank=2, lokr_factor=lokr_factor,
+                                                      network_weights=str(saved)))

@@ -405,3 +405,36 @@ def test_eval_loss_on_a_held_out_dataset_is_logged_beside_the_training_loss(comf
     assert [r for r in sessions(comfy) if r.session.config.output_dir == str(tmp_path / "eval")] == [run]
     assert comfy.output("6", 2)["loss"][:4] == reference
     assert run.session.history.eval_steps[-1] == 6
+
+
+def test_the_engines_schedule_and_timestep_options_from_the_graph(comfy, data, tmp_path):
+    """#19 item 4: epochs, save every N epochs, LoRA+, WSD decay and the timestep-distribution options are inputs
+    and reach the session (their arithmetic is tested in the engine tests)."""
+    p = train_prompt(tmp_path / "out", steps=1000, max_steps=1000, lr=1e-3)
+    p["4"]["inputs"].update({"lr_scheduler": "warmup_stable_decay", "lr_warmup_steps": "0", "lr_decay_steps": "50%",
+                             "lr_scheduler_min_lr_ratio": 0.1, "loraplus_lr_ratio": 4.0})
+    p["5"]["inputs"].update({"max_train_epochs": 2, "save_every_n_epochs": 1, "timestep_sampling": "logsnr",
+                             "logit_mean": -0.5, "logit_std": 1.5, "mode_scale": 1.1, "min_timestep": 100,
+                             "preserve_distribution_shape": True, "num_timestep_buckets": 4})
+    comfy.run(p)
+    [run] = sessions(comfy)
+    s = run.session
+    ts = s.config.timesteps
+    assert (ts.logit_mean, ts.logit_std, ts.mode_scale) == (-0.5, 1.5, 1.1)
+    assert ts.preserve_distribution_shape and ts.num_timestep_buckets == 4 and ts.min_timestep == 100
+    per_epoch = len(s.loader)
+    assert s.total_steps == 2 * per_epoch and s.step == s.total_steps      # epochs win over max_train_steps
+    out = tmp_path / "out"
+    # as Musubi: every N-th epoch but the last, which is the final file
+    assert sorted(f.name for f in out.glob("*.safetensors")) == ["lora-000001.safetensors", "lora.safetensors"]
+    lrs = sorted(g["lr"] for g in s.optimizer.param_groups)
+    assert lrs[-1] == pytest.approx(4 * lrs[0])                              # LoRA+: up matrices × 4
+    assert lrs[0] == pytest.approx(1e-3 * 0.1, rel=0.05)                    # WSD decayed to its floor
+
+
+@pytest.mark.parametrize("field, value", [("num_timestep_buckets", 1), ("lr_decay_steps", "soon")])
+def test_bad_advanced_training_inputs_are_refused_by_name(comfy, data, tmp_path, field, value):
+    p = train_prompt(tmp_path / "out", steps=1)
+    p["5" if field == "num_timestep_buckets" else "4"]["inputs"][field] = value
+    comfy.run(p, expect_success=False)
+    assert field in comfy.error_message()

@@ -109,6 +109,9 @@ def resolve_total_steps(config: TrainingConfig, loader) -> int:
 
 # --- the session ---------------------------------------------------------------------------------------------
 
+# adapter parameter -> its tensor name in a read LoRA file (LoHa/LoKr use their parameter names)
+_FILE_PART = {"lora_down.weight": "down", "lora_up.weight": "up"}
+
 class TrainingSession:
     def __init__(self, model: torch.nn.Module, network: NetworkConfig, optimizer: OptimizerConfig, loader,
                  config: TrainingConfig, validation: ValidationConfig | None = None,
@@ -493,6 +496,7 @@ class TrainingSession:
         self.history.load_state_dict(state.get("history", {}))
 
     def _load_network_weights(self, path: str) -> None:
+        """Start from a saved LoRA / LoHa / LoKr of the same kind and shape (Musubi `--network_weights`)."""
         from ..lora.dialects import read_lora
 
         lora = read_lora(path)
@@ -502,13 +506,21 @@ class TrainingSession:
             raise invalid("network_weights", path, f"a LoRA with weights for every trained module (missing {missing[:3]})")
         for name, adapter in adapters.items():
             mw = lora.modules[name]
-            if adapter.kind != "lora" or mw.kind != "lora" or not mw.hookable or "mid" in mw.tensors:
-                raise invalid("network_weights", path, "a plain LoRA (LoHa/LoKr, DoRA, lora_mid and .diff "
-                                                       "initialisation is not supported)")
-            down, up = mw.tensors["down"], mw.tensors["up"]
-            if tuple(down.shape) != tuple(adapter.lora_down.weight.shape):
-                raise invalid("network_weights rank", down.shape[0], f"the configured rank {adapter.rank}")
-            adapter.load_factors(down, up)
+            if mw.kind != adapter.kind or not mw.hookable or {"mid", "hada_t1", "hada_t2"} & mw.tensors.keys():
+                raise invalid("network_weights", path, f"a {adapter.kind} file without DoRA, Tucker cores or .diff "
+                                                       f"keys (found {mw.kind} in {name!r})")
+            params = {k: v for k, v in adapter.state_dict().items() if k != "alpha"}
+            stored = {_FILE_PART.get(k, k): k for k in params}      # file tensor name -> adapter parameter
+            if set(stored) != set(mw.tensors):
+                raise invalid("network_weights", path, f"{adapter.kind} tensors {sorted(stored)} in {name!r} "
+                                                       f"(found {sorted(mw.tensors)}: another rank or factor?)")
+            for part, key in stored.items():
+                if tuple(mw.tensors[part].shape) != tuple(params[key].shape):
+                    raise invalid(f"network_weights {name}.{part} shape", tuple(mw.tensors[part].shape),
+                                  f"{tuple(params[key].shape)} (the configured rank {adapter.rank} / factor)")
+            with torch.no_grad():
+                for part, key in stored.items():
+                    adapter.get_parameter(key).copy_(mw.tensors[part])
             adapter.set_alpha(mw.scale * adapter.rank)
 
     def _metadata(self, epoch: int | None) -> dict[str, str]:
