@@ -167,7 +167,10 @@ class MusubiUMT5Loader:
         return {"required": {
             "text_encoder_name": (model_choices(T5_PRESETS, "text_encoders"), {
                 "tooltip": "A umT5-XXL file from models/text_encoders, or the tiny preset."}),
-            "dtype": (["bf16", "fp16", "fp32"], {"default": "bf16", "tooltip": "Precision of the encoder weights."}),
+            "dtype": (["bf16", "fp16", "fp32", "fp8_e4m3fn"], {"default": "bf16",
+                      "tooltip": "Precision of the encoder weights. fp8_e4m3fn (Musubi's --fp8_t5): the block "
+                                 "Linear layers stored in fp8 with scales, computed in bf16 (about 40 % less memory, "
+                                 "embeddings differ slightly, so caches made with it are kept apart)."}),
         }, "optional": {
             "tokenizer_path": ("STRING", {"default": "",
                                "tooltip": "Optional: a folder with spiece.model/tokenizer.json, or a .model file. "
@@ -184,8 +187,9 @@ class MusubiUMT5Loader:
         source = resolve_source(text_encoder_name, "text_encoders", "text_encoder_name")
         tok = tokenizer_path.strip() or None
         key = ("umt5", source_identity(source), dtype, tok)
-        create = room_for(source, prompt, lambda: load_umt5(source, dtype=DTYPES[dtype], device="cpu",
-                                                            tokenizer_path=tok))
+        fp8 = dtype == "fp8_e4m3fn"
+        create = room_for(source, prompt, lambda: load_umt5(source, dtype=torch.bfloat16 if fp8 else DTYPES[dtype],
+                                                            device="cpu", tokenizer_path=tok, fp8=fp8))
         enc = MODELS.get_or_create(key, create, owner=owner_of(self, unique_id))
         return (ModelHandle(enc, FAMILY, RunOptions(keep_on_gpu=keep_on_gpu)),)
 

@@ -223,6 +223,30 @@ def test_umt5_comfy_current_quantized_layout(t5_files, tmp_path, comfy_quantize,
         torch.testing.assert_close(params[k], v.float(), atol=0, rtol=0)
 
 
+def test_umt5_fp8_storage_like_musubi_fp8_t5(t5_files):
+    """fp8 weights for the block Linears except `wo` (transformers casts its input to wo's dtype), compute in bf16;
+    the file's own fp8 tensors are kept as they are, never re-quantized; the identity tells the caches apart."""
+    from engine.memory.fp8 import Fp8Linear
+
+    d = t5_files["dir"]
+    ref = load_umt5(d / "umt5_fp16.safetensors", dtype=torch.bfloat16)
+    enc = load_umt5(d / "umt5_fp16.safetensors", dtype=torch.bfloat16, fp8=True)
+    fp8 = {n for n, m in enc.model.named_modules() if isinstance(m, Fp8Linear)}
+    assert len(fp8) == NL * 6 and not any(n.endswith("wo") for n in fp8)
+    assert enc.model.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.bfloat16
+    assert enc.model.shared.weight.dtype == torch.bfloat16 and enc.identity != ref.identity
+    for a, b in zip(enc.encode(PROMPTS), ref.encode(PROMPTS)):
+        assert a.dtype == torch.bfloat16 and a.shape == b.shape
+        assert torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0) > 0.99
+
+    scaled = load_umt5(d / "umt5_fp8_e4m3fn_scaled.safetensors", dtype=torch.bfloat16, fp8=True)
+    q = scaled.model.encoder.block[0].layer[0].SelfAttention.q
+    file_q = t5_files["dequant"]["encoder.block.0.layer.0.SelfAttention.q.weight"]
+    torch.testing.assert_close(q.dequantized_weight(), file_q, atol=0, rtol=0)
+    with pytest.raises(MusubiInputError, match="fp8"):
+        load_umt5(d / "umt5_fp16.safetensors", dtype=torch.float32, fp8=True)
+
+
 def test_umt5_tokenization_padding_and_trim(t5_files):
     enc = load_umt5(t5_files["dir"] / "umt5_fp16.safetensors", dtype=torch.float32)
     sp = spm.SentencePieceProcessor(model_file=str(SPIECE))

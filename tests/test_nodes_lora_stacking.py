@@ -80,3 +80,23 @@ def test_speed_lora_stacks_with_a_trained_adapter(comfy, data, tmp_path, where):
     ref.load_state_dict({k: v.clone() for k, v in base.state_dict().items()})
     torch.testing.assert_close(clean, _probe(ref), rtol=0, atol=0)
     assert sum(len(m._forward_hooks) for m in base.modules()) == 0
+
+
+def test_training_on_merged_base_weights_saves_only_the_new_adapter(comfy, data, tmp_path):
+    """Musubi's --base_weights in a graph: Apply LoRA (merge) before Init Training. The session trains on the merged
+    weights; the saved file holds only the trained adapter, never the merged LoRA."""
+    speed = community_lora()
+    p = train_prompt(tmp_path / "out", steps=2, max_steps=2, rank=4, lr=1e-2)
+    p["40"] = {"class_type": "MusubiLoadLoRA", "inputs": {"lora_name": _speed_file(comfy, speed, "speed_merge")}}
+    p["41"] = {"class_type": "MusubiApplyLoRA", "inputs": {"model": ["1", 0], "lora": ["40", 0], "strength": 0.9,
+                                                           "mode": "merge"}}
+    p["5"]["inputs"]["model"] = ["41", 0]
+    comfy.run(p)
+    final = comfy.module("6", 4)
+    trained = next(net for net in final.__dict__["_musubi_lora_networks"] if net.name == "training")
+    state = {k: v.detach().clone() for k, v in trained.state_dict().items()}
+    torch.testing.assert_close(_probe(final), _probe(_reference(comfy.module("1"), speed, state, 0.9)),
+                               rtol=1e-4, atol=1e-5)
+    saved = read_lora(str(tmp_path / "out" / "lora.safetensors"))
+    assert set(saved.modules) == set(trained.adapters())
+    assert all(mw.kind == "lora" and mw.weight_patch is None and mw.bias_diff is None for mw in saved.modules.values())
