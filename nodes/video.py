@@ -11,25 +11,27 @@ from . import comfy_compat as compat
 from . import checks
 from .paths import check_write_path
 from .placement import on_compute_device
+from ..engine.data.buckets import fit_frames
 from ..engine.errors import invalid
 
 
-def image_to_video_tensor(image: torch.Tensor, width: int, height: int, field: str) -> torch.Tensor:
-    """IMAGE [B,H,W,C] 0..1 (first image used) -> [3, H', W'] in [-1, 1] resized to width x height (bicubic)."""
+def image_to_video_tensor(image: torch.Tensor, width: int, height: int, field: str,
+                          resize_mode: str = "stretch") -> torch.Tensor:
+    """IMAGE [B,H,W,C] 0..1 (first image used) -> [3, H', W'] in [-1, 1] fitted to width x height (bicubic;
+    `engine.data.buckets.fit_frames` modes)."""
     if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] < 3:
         raise invalid(field, getattr(image, "shape", type(image).__name__), "an IMAGE [batch, height, width, 3]")
     x = compat.unwrap_inference_tensor(image[:1, :, :, :3]).movedim(-1, 1).float()  # [1,3,H,W]
-    x = torch.nn.functional.interpolate(x, size=(height, width), mode="bicubic", align_corners=False)
-    return (x[0].clamp(0, 1) * 2.0 - 1.0)
+    return (fit_frames(x, width, height, resize_mode)[0].clamp(0, 1) * 2.0 - 1.0)
 
 
-def video_frames_tensor(images: torch.Tensor, width: int, height: int, field: str) -> torch.Tensor:
-    """IMAGE frames [F,H,W,C] 0..1 -> [3, F, height, width] in [-1, 1] (each frame resized bicubic)."""
+def video_frames_tensor(images: torch.Tensor, width: int, height: int, field: str,
+                        resize_mode: str = "stretch") -> torch.Tensor:
+    """IMAGE frames [F,H,W,C] 0..1 -> [3, F, height, width] in [-1, 1] (each frame fitted like the image above)."""
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] < 3:
         raise invalid(field, getattr(images, "shape", type(images).__name__), "IMAGE frames [frames, height, width, 3]")
     x = compat.unwrap_inference_tensor(images[..., :3]).movedim(-1, 1).float()          # [F,3,H,W]
-    x = torch.nn.functional.interpolate(x, size=(height, width), mode="bicubic", align_corners=False)
-    return (x.clamp(0, 1) * 2.0 - 1.0).movedim(0, 1)                                    # [3,F,H,W]
+    return (fit_frames(x, width, height, resize_mode).clamp(0, 1) * 2.0 - 1.0).movedim(0, 1)   # [3,F,H,W]
 
 
 def decode_video(vae, latents: torch.Tensor, tile_size=None, tile_overlap=None) -> torch.Tensor:

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from engine.data.buckets import bucket_resolutions, resize_and_crop, select_bucket
+from engine.data.buckets import bucket_resolutions, fit_frames, resize_and_crop, select_bucket
 from engine.data.config import dataset_from_folder
 from engine.data.frames import extract_clips, kept_frame_indices, round_down_4k1
 from engine.data.items import DatasetWarning, list_items
@@ -292,3 +293,26 @@ def test_preview_grid_shows_evenly_spaced_frames_label_and_wrapped_caption():
     assert tuple(grid[row0 + PAD + tile // 2, PAD + 1 * (tile + PAD) + tile // 2]) == BACKGROUND   # one frame only
     empty = render_clip_grid([], frames_per_clip=2, tile=tile)
     assert empty.shape[1] == PAD + 2 * (tile + PAD) and (empty != BACKGROUND).any()   # the "no clips" message
+
+
+@pytest.mark.parametrize("mode", ["stretch", "crop", "pad"])
+def test_fit_frames_keeps_or_ignores_the_aspect_ratio(mode):
+    """A 2:1 image with a centred white square, fitted to a square: stretch squashes it, crop keeps the centre at
+    the same aspect, pad letterboxes it with black bars above and below."""
+    x = torch.zeros(1, 3, 32, 64)
+    x[..., 8:24, 24:40] = 1.0                                   # a 16x16 white square in the middle
+    y = fit_frames(x, 32, 32, mode)
+    assert y.shape == (1, 3, 32, 32)
+    white = (y[0, 0] > 0.5)
+    rows, cols = white.any(1).nonzero().flatten(), white.any(0).nonzero().flatten()
+    height, width = int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
+    if mode == "stretch":
+        assert (height, width) == (16, 8)                      # squashed horizontally
+    elif mode == "crop":
+        assert (height, width) == (16, 16)                     # same scale, sides cut
+        assert y.shape[-1] == 32 and white[:, :8].sum() == 0
+    else:
+        assert (height, width) == (8, 8)                       # scaled by 1/2, aspect kept
+        assert y[..., :8, :].abs().max() == 0 and y[..., 24:, :].abs().max() == 0   # black bars
+    with pytest.raises(MusubiInputError, match="resize_mode"):
+        fit_frames(x, 32, 32, "squash")

@@ -76,3 +76,32 @@ def resize_and_crop(frames: np.ndarray, bucket: tuple[int, int]) -> np.ndarray:
         im = Image.fromarray(f).resize((nw, nh), resample)
         out[i] = np.asarray(im)[top:top + bh, left:left + bw]
     return out[0] if single else out
+
+
+RESIZE_MODES = ("stretch", "crop", "pad")
+
+
+def fit_frames(x, width: int, height: int, mode: str = "stretch"):
+    """Float frames [N, C, H, W] -> [N, C, height, width] (bicubic): "stretch" ignores the aspect ratio (ComfyUI's
+    default), "crop" covers the size and center-crops (what the training buckets do), "pad" fits inside and pads
+    the borders with zeros (black for 0..1 images: letterbox)."""
+    import torch.nn.functional as F
+
+    if mode not in RESIZE_MODES:
+        raise invalid("resize_mode", mode, f"one of {RESIZE_MODES}")
+    h, w = x.shape[-2:]
+    if mode == "stretch" or (w, h) == (width, height):
+        return F.interpolate(x, size=(height, width), mode="bicubic", align_corners=False)
+    scale = (max if mode == "crop" else min)(width / w, height / h)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    if mode == "crop":
+        nw, nh = max(nw, width), max(nh, height)
+    y = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False)
+    if mode == "crop":
+        top, left = (nh - height) // 2, (nw - width) // 2
+        return y[..., top:top + height, left:left + width]
+    nw, nh = min(nw, width), min(nh, height)
+    out = x.new_zeros(*x.shape[:-2], height, width)
+    top, left = (height - nh) // 2, (width - nw) // 2
+    out[..., top:top + nh, left:left + nw] = y[..., :nh, :nw]
+    return out
