@@ -415,13 +415,15 @@ def test_the_engines_schedule_and_timestep_options_from_the_graph(comfy, data, t
                              "lr_scheduler_min_lr_ratio": 0.1, "loraplus_lr_ratio": 4.0})
     p["5"]["inputs"].update({"max_train_epochs": 2, "save_every_n_epochs": 1, "timestep_sampling": "logsnr",
                              "logit_mean": -0.5, "logit_std": 1.5, "mode_scale": 1.1, "min_timestep": 100,
-                             "preserve_distribution_shape": True, "num_timestep_buckets": 4})
+                             "preserve_distribution_shape": True, "num_timestep_buckets": 4,
+                             "checkpoint_dtype": "float32"})
     comfy.run(p)
     [run] = sessions(comfy)
     s = run.session
     ts = s.config.timesteps
     assert (ts.logit_mean, ts.logit_std, ts.mode_scale) == (-0.5, 1.5, 1.1)
     assert ts.preserve_distribution_shape and ts.num_timestep_buckets == 4 and ts.min_timestep == 100
+    assert s.config.checkpoint_dtype == "float32"
     per_epoch = len(s.loader)
     assert s.total_steps == 2 * per_epoch and s.step == s.total_steps      # epochs win over max_train_steps
     out = tmp_path / "out"
