@@ -802,29 +802,39 @@ class MusubiInitTraining:
         validate = check_validation_inputs(_dit(model).module, validation_prompts, validation_vae, validate_every_n_steps,
                                            validate_at_start)
         logging_dir = tensorboard_dir(config.output_dir) if tensorboard else None
-        evaluation = eval_config(eval_dataset, _dit(model).module, eval_every_n_steps, config.seed) \
-            if eval_dataset is not None else None
+        held_out = held_out_loader(eval_dataset, _dit(model).module, config.seed) if eval_dataset is not None else None
         run = open_run("init", unique_id, model, dataset, dataclasses.replace(network),
                        dataclasses.replace(optimizer), config, continue_saved=bool(continue_saved_state))
         # validation and TensorBoard apply to the session in memory: changing them never restarts training
         run.session.validation = validation_config(run, validation_prompts, validation_vae, validate_every_n_steps,
                                                    validate_at_start) if validate else None
-        run.session.evaluation = evaluation
+        run.session.evaluation = eval_config(held_out, eval_every_n_steps, config.seed, run.session.evaluation)
         set_logging_dir(run, logging_dir)
         return (SessionOutput(run, ("init",) + run.key[1:]), run.handle())
 
 
-def eval_config(eval_dataset, model, every_n_steps, seed: int):
-    """The held-out set (checked cached for this model) as batches in a fixed order, loaded once."""
-    from ..engine.training import EvalConfig
-
+def held_out_loader(eval_dataset, model, seed: int):
+    """(loader, identity) of the held-out set, checked cached for this model (cheap: no batch is read)."""
     try:
-        loader, _ = dataset_loader(eval_dataset, model, seed)
+        loader, identity = dataset_loader(eval_dataset, model, seed)
     except MusubiInputError as e:
         raise invalid("eval_dataset", type(eval_dataset).__name__, f"a dataset cached for this model ({e})") from e
-    loader.shuffle = False
-    batches = [loader.load_batch(loader.datasets[d], samples) for d, samples in loader.epoch_batches(0)]
-    cfg = EvalConfig(batches=batches, every_n_steps=int(every_n_steps), seed=int(seed))
+    return loader, identity
+
+
+def eval_config(held_out, every_n_steps, seed: int, current=None):
+    """The held-out batches in a fixed order, read once: a session that already evaluates the same cache keeps them."""
+    from ..engine.training import EvalConfig
+
+    if held_out is None:
+        return None
+    loader, identity = held_out
+    if current is not None and current.source == identity and current.seed == int(seed):
+        cfg = dataclasses.replace(current, every_n_steps=int(every_n_steps))
+    else:
+        loader.shuffle = False
+        batches = [loader.load_batch(loader.datasets[d], samples) for d, samples in loader.epoch_batches(0)]
+        cfg = EvalConfig(batches=batches, every_n_steps=int(every_n_steps), seed=int(seed), source=identity)
     cfg.validate()
     return cfg
 

@@ -401,7 +401,9 @@ def test_eval_loss_on_a_held_out_dataset_is_logged_beside_the_training_loss(comf
 
     p["5"]["inputs"]["eval_every_n_steps"] = 3      # an eval input changes: the same session goes on, not a new one
     p["6"]["inputs"]["steps"] = 2
+    batches = run.session.evaluation.batches
     comfy.run(p)
+    assert run.session.evaluation.batches is batches   # the held-out batches were not read again
     assert [r for r in sessions(comfy) if r.session.config.output_dir == str(tmp_path / "eval")] == [run]
     assert comfy.output("6", 2)["loss"][:4] == reference
     assert run.session.history.eval_steps[-1] == 6

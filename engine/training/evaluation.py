@@ -28,6 +28,7 @@ class EvalConfig:
     every_n_steps: int = 100
     sigmas: tuple[float, ...] = DEFAULT_SIGMAS    # fixed timesteps t = σ
     seed: int = 0
+    source: str = ""                              # what the batches were read from (lets a host reuse them)
 
     def validate(self) -> None:
         if not isinstance(self.every_n_steps, int) or self.every_n_steps < 1:
