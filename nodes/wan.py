@@ -452,11 +452,14 @@ class MusubiWanSampler:
             "slg_end": ("FLOAT", {"default": 0.3, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "SLG end (fraction of steps)."}),
             "offload_after": ("BOOLEAN", {"default": True, "tooltip": "Move the DiT back to CPU memory after sampling "
                               "(frees VRAM for the VAE and other models, as ComfyUI does; off: faster re-runs)."}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
+                           "tooltip": "Videos generated together (video b uses seed + b, so each is the video a "
+                                      "batch of 1 gives with that seed). Decoded one after another."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def sample(self, model, embeds, width, height, frames, steps, guidance_scale, shift, solver, seed, noise_device,
                image_embeds=None, cfg_skip_mode="none", cfg_apply_ratio=1.0, slg_layers="", slg_scale=3.0,
-               slg_start=0.0, slg_end=0.3, offload_after=True, unique_id=None):
+               slg_start=0.0, slg_end=0.3, offload_after=True, batch_size=1, unique_id=None):
         from ..engine.families.wan.pipeline import WanGenerateRequest, generate
 
         try:
@@ -479,7 +482,8 @@ class MusubiWanSampler:
         request = WanGenerateRequest(
             task=task, context=embeds["context"], negative_context=embeds["negative_context"], width=width,
             height=height, frames=frames, steps=steps or None, shift=shift or None, guidance_scale=guidance_scale,
-            solver=solver, seed=seed, noise_device=noise_device, cfg_skip_mode=cfg_skip_mode,
+            solver=solver, seed=seed, batch_size=int(batch_size), noise_device=noise_device,
+            cfg_skip_mode=cfg_skip_mode,
             cfg_apply_ratio=cfg_apply_ratio if cfg_skip_mode != "none" else None, slg_layers=layers,
             slg_scale=slg_scale, slg_start=slg_start, slg_end=slg_end,
             conditioning=image_embeds["conditioning"] if image_embeds is not None else None,

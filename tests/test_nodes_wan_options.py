@@ -1,4 +1,5 @@
-"""Wan node options a demanding user sets (#19 item 4) in a real ComfyUI: fp8 storage of the umT5 encoder."""
+"""Wan node options a demanding user sets (#19 item 4) in a real ComfyUI: fp8 umT5 storage, sampler batch size,
+aspect-preserving resize of conditioning images."""
 
 import pytest
 import torch
@@ -21,3 +22,34 @@ def test_umt5_loader_fp8_storage_encodes_close_to_bf16(comfy):
     a, b = comfy.output("20")["context"], comfy.output("10")["context"]
     assert a.shape == b.shape and not torch.equal(a, b)
     assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
+
+
+def _t2v(seed, batch_size=None):
+    p = {
+        "1": {"class_type": "MusubiWanDiTLoader", "inputs": {"model_name": "preset:tiny-t2v", "dtype": "fp32",
+                                                             "attention": "sdpa"}},
+        "2": {"class_type": "MusubiUMT5Loader", "inputs": {"text_encoder_name": "preset:tiny-umt5", "dtype": "fp32"}},
+        "3": {"class_type": "MusubiWanTextEncode", "inputs": {"text_encoder": ["2", 0], "prompt": "a cat",
+                                                              "negative_prompt": "", "offload_after": True}},
+        "4": {"class_type": "MusubiWanSampler", "inputs": {
+            "model": ["1", 0], "embeds": ["3", 0], "width": 32, "height": 32, "frames": 5, "steps": 3,
+            "guidance_scale": 3.0, "shift": 0.0, "solver": "euler", "seed": seed, "noise_device": "cpu"}},
+        "5": {"class_type": "MusubiWanVAELoader", "inputs": {"vae_name": "preset:tiny-vae", "dtype": "fp32",
+                                                             "cache_on_cpu": False}},
+        "6": {"class_type": "MusubiWanVAEDecode", "inputs": {"vae": ["5", 0], "latents": ["4", 0], "tile_size": 0,
+                                                             "tile_overlap": 64}},
+        "7": {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}},
+    }
+    if batch_size is not None:
+        p["4"]["inputs"]["batch_size"] = batch_size
+    return p
+
+
+def test_sampler_batch_size_gives_the_videos_of_consecutive_seeds(comfy):
+    comfy.run(_t2v(seed=7, batch_size=2))
+    batch, frames = comfy.output("4")["samples"], comfy.output("6")
+    assert batch.shape[0] == 2 and frames.shape[0] == 2 * 5          # two videos, decoded one after another
+    comfy.run(_t2v(seed=8))
+    single = comfy.output("4")["samples"]
+    torch.testing.assert_close(batch[1:], single, rtol=1e-5, atol=1e-5)   # video 1 of the batch = seed + 1
+    assert not torch.allclose(batch[0], batch[1])
