@@ -51,6 +51,8 @@ def _any(keys: list[str], *prefixes: str) -> bool:
 # ComfyUI's internal names -> official (the inverse of the renaming ComfyUI applies when it loads an official file).
 # Applied to whole keys, so quantization bookkeeping (`<layer>.scale_weight`, `<layer>.comfy_quant`) follows its layer.
 _FROM_COMFY = [
+    (re.compile(r"mlp\.0\."), "mlp.fc1."),                 # before the embedders below gain their `mlp.0`
+    (re.compile(r"mlp\.2\."), "mlp.fc2."),
     (re.compile(r"^(time_in|guidance_in|txt_in\.t_embedder)\.in_layer\."), r"\1.mlp.0."),
     (re.compile(r"^(time_in|guidance_in|txt_in\.t_embedder)\.out_layer\."), r"\1.mlp.2."),
     (re.compile(r"^txt_in\.c_embedder\.in_layer\."), "txt_in.c_embedder.linear_1."),
@@ -63,8 +65,6 @@ _FROM_COMFY = [
     (re.compile(r"_attn\.norm\.key_norm\.scale$"), "_attn_k_norm.weight"),
     (re.compile(r"\.norm\.query_norm\.scale$"), ".q_norm.weight"),
     (re.compile(r"\.norm\.key_norm\.scale$"), ".k_norm.weight"),
-    (re.compile(r"mlp\.0\."), "mlp.fc1."),
-    (re.compile(r"mlp\.2\."), "mlp.fc2."),
 ]
 COMFY_NATIVE_MARKER = "double_blocks.0.img_attn.qkv.weight"
 
