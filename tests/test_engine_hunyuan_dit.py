@@ -496,3 +496,21 @@ def test_diffusers_names_map_one_to_one_or_are_fused_pieces():
         mapped += 1
     assert mapped >= 20 and fused == 2 * 6 + 2 * 4
     assert name_to_diffusers("double_blocks.0.img_attn_qkv") is None
+
+
+def test_bf16_close_to_fp32_and_gradients_reach_every_block():
+    model = _model("tiny", seed=1)
+    x, t, text, mask, pooled = _inputs(model.config)
+    guidance = torch.tensor([6000.0, 6000.0])
+    with torch.no_grad():
+        ref = model(x, t, text, mask, pooled, guidance)
+        half = _model("tiny", seed=1).to(torch.bfloat16)(x, t, text, mask, pooled, guidance)
+    assert half.dtype == torch.float32
+    rel = ((half - ref).norm() / ref.norm()).item()
+    assert rel < 0.05, rel
+    model.requires_grad_(True)
+    model(x, t, text, mask, pooled, guidance).square().mean().backward()
+    for name in ("txt_in.individual_token_refiner.blocks.0.self_attn_qkv", "double_blocks.0.txt_attn_qkv",
+                 "single_blocks.1.linear1", "guidance_in.mlp.0", "vector_in.in_layer"):
+        grad = model.get_submodule(name).weight.grad
+        assert grad is not None and grad.abs().sum() > 0, name

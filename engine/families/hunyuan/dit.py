@@ -302,8 +302,8 @@ class TokenRefiner(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x [B, Lt, text_dim] compute dtype, t [B], mask [B, Lt] bool (at least one True per row)."""
-        m = mask.to(x.dtype)[..., None]                                     # [B, Lt, 1]
-        pooled = ((x * m).sum(dim=1) / m.sum(dim=1)).to(x.dtype)          # mean over the real tokens [B, text_dim]
+        m = mask.float()[..., None]                                         # [B, Lt, 1]
+        pooled = ((x.float() * m).sum(dim=1) / m.sum(dim=1)).to(x.dtype)  # mean of the real tokens [B, text_dim]
         c = self.t_embedder(t) + self.c_embedder(pooled)                    # [B, D]
         x = self.input_embedder(x)
         keys = key_selection(mask)
