@@ -109,18 +109,19 @@ def test_cached_tensors_equal_prepare_one_frame(tmp_path, encoders, clean, targe
         # training latent: control latents (from the conditioning) in control slots, the target latent in its slot
         with torch.no_grad():
             target_latent = vae.encode(_pixels(tgt)[None, :, None])[0, :, 0]
-            clip_ref = clip.encode(_pixels(ctrls[0])[None])[0]
+            # every control image's CLIP tokens, in control order (an FLF2V model takes both, an I2V model the first)
+            clip_ref = torch.cat([clip.encode(_pixels(c)[None])[0] for c in ctrls])
         torch.testing.assert_close(t["latents"][:, slot], target_latent)
         ctrl_slots = [i for i in range(n) if i != slot]
         torch.testing.assert_close(t["latents"][:, ctrl_slots], ref.y[4:, ctrl_slots].float())
         assert (t["latents_image"][:4, ctrl_slots] == 1).all() and (t["latents_image"][:4, slot] == 0).all()
-        assert t["clip"].shape == (257, clip_ref.shape[-1])
+        assert t["clip"].shape == (257 * len(clean), clip_ref.shape[-1])
         torch.testing.assert_close(t["clip"], clip_ref)
 
     cached = check_cache_for_model(cfg, wan_cache_requirements(text_dim=32, i2v=True, clip=True, one_frame=True))
     batch = next(iter(CachedBatchLoader(cached, seed=0)))
     assert batch["latents"].shape == (1, 16, n, 4, 4) and batch["y"].shape == (1, 20, n, 4, 4)
-    assert batch["clip_fea"].shape == (1, 257, 32)
+    assert batch["clip_fea"].shape == (1, 257 * len(clean), 32)
     assert batch["frame_indices"].tolist() == [order] and batch["target_slot"].tolist() == [slot]
 
 
