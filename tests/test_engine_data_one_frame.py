@@ -211,3 +211,24 @@ def test_one_frame_training_loss_on_target_frame_only_and_falls(tmp_path, encode
         torch.testing.assert_close(pred, out[:, :, 1:2])
     assert losses[0] == pytest.approx(float(real_loss(*seen["loss_in"][0])), rel=1e-5)
     assert sum(losses[-8:]) / 8 < 0.8 * sum(losses[:8]) / 8, losses
+
+
+def test_two_control_caches_made_before_both_clip_images_are_re_encoded(tmp_path, encoders, monkeypatch):
+    """Two-control one-frame caches used to hold the first control's CLIP tokens only (an FLF2V model needs both):
+    their cache key changes, so the next caching run re-encodes them; one-control datasets keep their caches."""
+    _write_dataset(tmp_path, 2)
+    cfg = _config(tmp_path, "fp_1f_clean_indices = [0, 2]\nfp_1f_target_index = 1")
+    with monkeypatch.context() as m:   # a cache written before the change: no per-dataset description
+        m.setattr(WanCacheAdapter, "dataset_latent_description", lambda self, ds: {}, raising=False)
+        build_cache(cfg, _adapter(encoders))
+    report = build_cache(cfg, _adapter(encoders))
+    assert len(report.latents_encoded) == N_ITEMS and report.texts_encoded == []
+    assert _cache_file(tmp_path, "item0")["clip"].shape == (514, 32)
+
+    one = tmp_path / "one"
+    _write_dataset(one, 1)
+    cfg1 = _config(one, "fp_1f_clean_indices = [0]\nfp_1f_target_index = 9")
+    with monkeypatch.context() as m:
+        m.setattr(WanCacheAdapter, "dataset_latent_description", lambda self, ds: {}, raising=False)
+        build_cache(cfg1, _adapter(encoders))
+    assert build_cache(cfg1, _adapter(encoders)).latents_encoded == []
