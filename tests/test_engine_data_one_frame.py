@@ -232,3 +232,28 @@ def test_two_control_caches_made_before_both_clip_images_are_re_encoded(tmp_path
         m.setattr(WanCacheAdapter, "dataset_latent_description", lambda self, ds: {}, raising=False)
         build_cache(cfg1, _adapter(encoders))
     assert build_cache(cfg1, _adapter(encoders)).latents_encoded == []
+
+
+@pytest.mark.parametrize("preset, tokens", [("tiny-i2v", 257), ("tiny-flf2v", 514)])
+def test_two_control_one_frame_batch_gives_each_model_its_clip_tokens(preset, tokens):
+    """A two-control one-frame batch holds both images' CLIP tokens (514): the FLF2V model trains on both, an I2V
+    model on the first image's 257 — what `pipeline.one_frame_clip` gives them at inference."""
+    from engine.families.wan.family import FAMILY
+
+    g = torch.Generator().manual_seed(0)
+    clip = torch.randn(1, 514, 32, generator=g)
+    batch = {"latents": torch.randn(1, 16, 3, 4, 4, generator=g), "context": [torch.randn(5, 32, generator=g)],
+             "y": torch.randn(1, 20, 3, 4, 4, generator=g), "clip_fea": clip,
+             "frame_indices": torch.tensor([[0, 1, 2]]), "target_slot": torch.tensor([1])}
+    model = load_wan_dit(f"preset:{preset}", dtype=torch.float32)
+    FAMILY.check_batch(model, batch)
+    seen = []
+    model.register_forward_hook(lambda mod, args, kwargs, out: seen.append(kwargs["clip_fea"]), with_kwargs=True)
+    noisy = torch.randn(1, 16, 3, 4, 4, generator=g)
+    pred, target = FAMILY.training_forward(model, batch, noisy, torch.tensor([500.0]), noisy)
+    assert pred.shape == target.shape == (1, 16, 1, 4, 4)
+    torch.testing.assert_close(seen[0], clip[:, :tokens])
+
+    if preset == "tiny-flf2v":   # one control image's tokens: refused naming what the FLF2V model needs
+        with pytest.raises(MusubiInputError, match="two control images"):
+            FAMILY.check_batch(model, {**batch, "clip_fea": clip[:, :257]})
