@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from training_graphs import SIZE, conditioned_train_prompt, sessions
@@ -139,6 +140,8 @@ def test_conditioned_training_from_the_nodes_caches_trains_validates_and_saves(c
     samples = comfy.output("16", 5)
     assert samples.shape == (frames, SIZE, SIZE, 3), samples.shape
     assert samples.isfinite().all() and samples.std() > 0
+    # Musubi Validate with the same conditioned prompt after the last step: the same sample
+    torch.testing.assert_close(comfy.output("19", 0), samples, rtol=1e-4, atol=1e-4)
     saved = Path(comfy.output("17", 1))
     assert saved.is_file() and saved.name.startswith("conditioned_")
     names = set(comfy.output("17", 0).modules)

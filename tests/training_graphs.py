@@ -73,7 +73,8 @@ def conditioned_train_prompt(out_dir, toml_path, *, dit: str, task: str, clip: b
 
     Nodes: 1 DiT, 2 dataset, 3 VAE, 4 CLIP vision, 5 umT5, 6 Cache Latents, 7 Cache Text, 8 LoRA config, 9 optimizer,
     10 text encode, 12 image (`frames` x SIZE x SIZE), 13 encode, 14 validation prompt, 15 Init Training,
-    16 Train Steps, 17 Save Trained LoRA, 18 samples preview."""
+    16 Train Steps, 17 Save Trained LoRA, 18 samples preview, 19 Musubi Validate (the same prompt, after training),
+    20 its preview."""
     base = train_prompt(out_dir, steps=steps, rank=4, lr=1e-3)
     init = base["5"]
     init["inputs"].update({"model": ["1", 0], "dataset": ["7", 0], "lora_config": ["8", 0],
@@ -107,4 +108,9 @@ def conditioned_train_prompt(out_dir, toml_path, *, dit: str, task: str, clip: b
                                                                 "filename_prefix": "loras/conditioned",
                                                                 "dtype": "fp32", "save_to": "output"}},
         "18": {"class_type": "PreviewImage", "inputs": {"images": ["16", 5]}},
+        "19": {"class_type": "MusubiValidate", "inputs": {
+            "session": ["16", 0], "vae": ["3", 0], "embeds": ["10", 0], "width": SIZE, "height": SIZE,
+            "frames": 1 if one_frame else frames, "steps": 2, "guidance_scale": 1.0, "shift": 0.0, "seed": 3,
+            "image_embeds": ["13", 0]}},
+        "20": {"class_type": "PreviewImage", "inputs": {"images": ["19", 0]}},
     }
