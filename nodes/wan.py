@@ -31,6 +31,7 @@ VAE_EXPECTED = "a VAE from Musubi Wan VAE Loader"
 TEXT_ENCODER_EXPECTED = "a text encoder from Musubi umT5 Text Encoder Loader"
 CLIP_EXPECTED = "a CLIP vision model from Musubi CLIP Vision Loader"
 CFG_SKIP = ["none", "early", "late", "middle", "early_late", "alternate"]
+END_IMAGE_MODES = ["flf2v", "i2v_extra_frame"]
 
 
 
@@ -283,26 +284,36 @@ class MusubiWanImageEncode:
             "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16, "tooltip": "Video height (multiple of 16)."}),
             "frames": ("INT", {"default": 81, "min": 1, "max": 1025, "step": 4, "tooltip": "Video length, 4k+1 frames."}),
         }, "optional": {
-            "end_image": ("IMAGE", {"tooltip": "Optional last frame (FLF2V models)."}),
+            "end_image": ("IMAGE", {"tooltip": "Optional last frame (FLF2V models; with end_image_mode "
+                                               "i2v_extra_frame, an I2V model)."}),
+            "end_image_mode": (END_IMAGE_MODES, {"default": "flf2v",
+                               "tooltip": "How the end image conditions the video. flf2v: an FLF2V model's first/last "
+                                          "frame (both CLIP features). i2v_extra_frame: Musubi's unofficial end "
+                                          "frame for a plain I2V model, encoded alone as one extra latent frame "
+                                          "(the video is 4 frames longer; trim them with the sampler's "
+                                          "trim_tail_frames, e.g. 3)."}),
         }}
 
-    def encode(self, vae, clip_vision, start_image, width, height, frames, end_image=None):
+    def encode(self, vae, clip_vision, start_image, width, height, frames, end_image=None, end_image_mode="flf2v"):
         from ..engine.families.wan.pipeline import prepare_flf2v, prepare_i2v
 
+        if end_image_mode not in END_IMAGE_MODES:
+            raise invalid("end_image_mode", end_image_mode, f"one of {END_IMAGE_MODES}")
         vae, clip_vision = T.handle(vae, "vae", VAE_EXPECTED), T.handle(clip_vision, "clip_vision", CLIP_EXPECTED)
         _check_size(width, height)
         first = image_to_video_tensor(start_image, width, height, "start_image")
         last = image_to_video_tensor(end_image, width, height, "end_image") if end_image is not None else None
+        flf2v = last is not None and end_image_mode == "flf2v"
         with on_compute_device(clip_vision):
             clips = [clip_vision.module.encode(first[None])[0]]
-            if last is not None:
+            if flf2v:   # an I2V model takes the start image's CLIP features only
                 clips.append(clip_vision.module.encode(last[None])[0])
         with on_compute_device(vae):
-            cond = (prepare_i2v(vae.module, first, frames) if last is None
-                    else prepare_flf2v(vae.module, first, last, frames))
+            cond = (prepare_flf2v(vae.module, first, last, frames) if flf2v
+                    else prepare_i2v(vae.module, first, frames, end_image=last))
         clip_fea = torch.cat(clips).float().cpu()
         return ({"conditioning": cond, "clip_fea": clip_fea, "width": width, "height": height, "frames": frames,
-                 "task": "i2v" if last is None else "flf2v"},)
+                 "task": "flf2v" if flf2v else "i2v"},)
 
 
 def _check_size(width: int, height: int) -> None:
@@ -357,9 +368,10 @@ class MusubiWanFunControlEncode:
 
 
 class MusubiWanOneFrameEncode:
-    DESCRIPTION = ("One-frame inference (Musubi's one_frame_inference, for I2V models): generate a single frame at "
-                   "`target_index` from one or two control images placed at `control_indices` on the time axis — "
-                   "edits, poses and next-frame prediction. Set the sampler's frames to 1.")
+    DESCRIPTION = ("One-frame inference (Musubi's one_frame_inference, for I2V models; FLF2V models with two control "
+                   "images for intermediate frames, e.g. control_indices '0;2', target_index 1): generate a single "
+                   "frame at `target_index` from one or two control images placed at `control_indices` on the time "
+                   "axis — edits, poses and next-frame prediction. Set the sampler's frames to 1.")
     CATEGORY = "Musubi/generation"
     FUNCTION = "encode"
     RETURN_TYPES = (T.IMAGE_EMBEDS,)
@@ -374,7 +386,8 @@ class MusubiWanOneFrameEncode:
     def INPUT_TYPES(cls):
         return {"required": {
             "vae": (T.VAE, {"tooltip": "The Wan VAE."}),
-            "clip_vision": (T.CLIP_VISION, {"tooltip": "CLIP ViT-H/14 (features of the first control image are used)."}),
+            "clip_vision": (T.CLIP_VISION, {"tooltip": "CLIP ViT-H/14: features of every control image (an I2V "
+                                                       "model uses the first image's, an FLF2V model both)."}),
             "control_image": ("IMAGE", {"tooltip": "The first control image."}),
             "control_indices": ("STRING", {"default": "0", "tooltip": "Frame index of each control image, e.g. '0' or '0;10'."}),
             "target_index": ("INT", {"default": 9, "min": 0, "max": 1000, "tooltip": "Frame index of the generated frame."}),
@@ -397,8 +410,8 @@ class MusubiWanOneFrameEncode:
         images = [image_to_video_tensor(control_image, width, height, "control_image")]
         if control_image_2 is not None:
             images.append(image_to_video_tensor(control_image_2, width, height, "control_image_2"))
-        with on_compute_device(clip_vision):
-            clip_fea = clip_vision.module.encode(images[0][None])[0].float().cpu()
+        with on_compute_device(clip_vision):   # [257 · controls, clip_dim], first control first
+            clip_fea = torch.cat([clip_vision.module.encode(im[None])[0] for im in images]).float().cpu()
         with on_compute_device(vae):
             cond = prepare_one_frame(vae.module, images, indices, target_index)
         return ({"conditioning": cond, "clip_fea": clip_fea, "width": width, "height": height, "frames": 1,
@@ -455,11 +468,15 @@ class MusubiWanSampler:
             "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
                            "tooltip": "Videos generated together (video b uses seed + b, so each is the video a "
                                       "batch of 1 gives with that seed). Decoded one after another."}),
+            "trim_tail_frames": ("INT", {"default": 0, "min": 0, "max": 1024,
+                                 "tooltip": "Drop this many frames at the end of the decoded video (Musubi "
+                                            "--trim_tail_frames; e.g. 3 with an I2V end image, which adds 4 frames). "
+                                            "Applied by Musubi Wan VAE Decode on the `latents` output."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def sample(self, model, embeds, width, height, frames, steps, guidance_scale, shift, solver, seed, noise_device,
                image_embeds=None, cfg_skip_mode="none", cfg_apply_ratio=1.0, slg_layers="", slg_scale=3.0,
-               slg_start=0.0, slg_end=0.3, offload_after=True, batch_size=1, unique_id=None):
+               slg_start=0.0, slg_end=0.3, offload_after=True, batch_size=1, trim_tail_frames=0, unique_id=None):
         from ..engine.families.wan.pipeline import WanGenerateRequest, generate
 
         try:
@@ -475,6 +492,17 @@ class MusubiWanSampler:
             raise invalid("image_embeds", None, f"a start image from Musubi Wan Image Encode: the loaded "
                                                 f"{model.config.variant} model is an image-to-video model")
         task = image_embeds["task"] if image_embeds is not None else ("t2i" if frames == 1 else "t2v")
+        if task == "flf2v" and kind == "i2v":
+            raise invalid("image_embeds", "first/last-frame (FLF2V) conditioning",
+                          f"I2V conditioning for the loaded {model.config.variant} I2V model: set Musubi Wan Image "
+                          "Encode's end_image_mode to i2v_extra_frame to use the end image with an I2V model")
+        cond = image_embeds["conditioning"] if image_embeds is not None else None
+        extra = getattr(cond, "extra_latent_frames", 0) if cond is not None else 0
+        decoded = 1 if task == "one_frame" else frames + 4 * extra
+        if isinstance(trim_tail_frames, bool) or not isinstance(trim_tail_frames, int) \
+                or not 0 <= trim_tail_frames < decoded:
+            raise invalid("trim_tail_frames", trim_tail_frames,
+                          f"0..{decoded - 1} (fewer than the {decoded} decoded frames)")
         if image_embeds is not None and (image_embeds["width"], image_embeds["height"], image_embeds["frames"]) != \
                 (width, height, frames):
             raise invalid("image_embeds", (image_embeds["width"], image_embeds["height"], image_embeds["frames"]),
@@ -502,7 +530,10 @@ class MusubiWanSampler:
         from ..engine.families.wan.vae import to_raw_latents
 
         latents = latents.float().cpu()
-        return ({"samples": latents, "fps": 16.0, "task": task}, {"samples": to_raw_latents(latents)})
+        out = {"samples": latents, "fps": 16.0, "task": task}
+        if trim_tail_frames:
+            out["trim_tail_frames"] = int(trim_tail_frames)
+        return (out, {"samples": to_raw_latents(latents)})
 
 
 class MusubiWanVAEDecode:
@@ -522,7 +553,8 @@ class MusubiWanVAEDecode:
                           "tooltip": "Spatial tile size in pixels (0 = no tiling; tiling lowers VRAM)."}),
             "tile_overlap": ("INT", {"default": 64, "min": 0, "max": 1024, "step": 16, "tooltip": "Tile overlap in pixels."}),
         }, "optional": {
-            "latents": (T.LATENTS, {"tooltip": "Latents from the Musubi sampler (connect this or `latent`)."}),
+            "latents": (T.LATENTS, {"tooltip": "Latents from the Musubi sampler (connect this or `latent`); its "
+                                               "trim_tail_frames are dropped from the end of the video."}),
             "latent": ("LATENT", {"tooltip": "A core LATENT in Wan 2.1 format (from any node; connect this or "
                                              "`latents`)."}),
         }}
@@ -541,6 +573,9 @@ class MusubiWanVAEDecode:
                               "a Wan 2.1 LATENT [batch, 16, frames, height/8, width/8]")
             latents = {"samples": from_raw_latents(samples)}
         video = decode_video(vae, latents["samples"], tile_size or None, tile_overlap if tile_size else None)
+        trim = int(latents.get("trim_tail_frames", 0) or 0)   # the sampler's trim_tail_frames (checked there)
+        if trim:
+            video = video[:, :, :max(1, video.shape[2] - trim)]
         return (video_to_image(video), float(latents.get("fps", 16.0)))
 
 
