@@ -961,10 +961,7 @@ class MusubiValidationPrompt:
         return {"required": {
             "embeds": (T.EMBEDS, {"tooltip": "Prompt embeddings from Musubi Wan Text Encode (its negative prompt is "
                                              "used for guidance)."}),
-            "width": ("INT", {"default": 256, "min": 16, "max": 4096, "step": 16, "tooltip": "Width (multiple of 16)."}),
-            "height": ("INT", {"default": 256, "min": 16, "max": 4096, "step": 16,
-                       "tooltip": "Height (multiple of 16)."}),
-            "frames": ("INT", {"default": 1, "min": 1, "max": 1025, "step": 4, "tooltip": "Frames, 4k+1 (1 = image)."}),
+            **checks.size_inputs(256, 256, 1),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1, "control_after_generate": False,
                      "tooltip": "Noise seed (fixed, so samples at different steps are comparable)."}),
             "steps": ("INT", {"default": 20, "min": 1, "max": 1000, "tooltip": "Denoising steps."}),
@@ -1026,10 +1023,7 @@ class MusubiValidate:
             "session": (T.TRAINING_SESSION, {"tooltip": "The training session to sample with."}),
             "vae": (T.VAE, {"tooltip": "The Wan VAE to decode the samples."}),
             "embeds": (T.EMBEDS, {"tooltip": "Prompt embeddings from Musubi Wan Text Encode."}),
-            "width": ("INT", {"default": 256, "min": 16, "max": 4096, "step": 16, "tooltip": "Width (multiple of 16)."}),
-            "height": ("INT", {"default": 256, "min": 16, "max": 4096, "step": 16,
-                       "tooltip": "Height (multiple of 16)."}),
-            "frames": ("INT", {"default": 1, "min": 1, "max": 1025, "step": 4, "tooltip": "Frames, 4k+1 (1 = image)."}),
+            **checks.size_inputs(256, 256, 1),
             "steps": ("INT", {"default": 20, "min": 1, "max": 1000, "tooltip": "Denoising steps."}),
             "guidance_scale": ("FLOAT", {"default": 5.0, "min": 1.0, "max": 30.0, "step": 0.1,
                                "tooltip": "Classifier-free guidance scale."}),

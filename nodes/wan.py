@@ -11,7 +11,7 @@ from . import types as T
 from .loading import DTYPES, model_choices, owner_of, resolve_source, room_for, source_identity
 from .placement import dit_on_device, on_compute_device
 from .registry import MODELS
-from .video import decode_video, image_to_video_tensor, video_frames_tensor, video_to_image
+from .video import RESIZE_INPUT, decode_video, image_to_video_tensor, video_frames_tensor, video_to_image
 from ..engine.errors import invalid
 from ..engine.handle import ModelHandle, RunOptions
 
@@ -280,9 +280,7 @@ class MusubiWanImageEncode:
             "vae": (T.VAE, {"tooltip": "The Wan VAE."}),
             "clip_vision": (T.CLIP_VISION, {"tooltip": "The CLIP ViT-H/14 image encoder."}),
             "start_image": ("IMAGE", {"tooltip": "The first frame of the video."}),
-            "width": ("INT", {"default": 832, "min": 16, "max": 4096, "step": 16, "tooltip": "Video width (multiple of 16)."}),
-            "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16, "tooltip": "Video height (multiple of 16)."}),
-            "frames": ("INT", {"default": 81, "min": 1, "max": 1025, "step": 4, "tooltip": "Video length, 4k+1 frames."}),
+            **checks.size_inputs(),
         }, "optional": {
             "end_image": ("IMAGE", {"tooltip": "Optional last frame (FLF2V models; with end_image_mode "
                                                "i2v_extra_frame, an I2V model)."}),
@@ -292,17 +290,20 @@ class MusubiWanImageEncode:
                                           "frame for a plain I2V model, encoded alone as one extra latent frame "
                                           "(the video is 4 frames longer; trim them with the sampler's "
                                           "trim_tail_frames, e.g. 3)."}),
+            "resize_mode": RESIZE_INPUT,
         }}
 
-    def encode(self, vae, clip_vision, start_image, width, height, frames, end_image=None, end_image_mode="flf2v"):
+    def encode(self, vae, clip_vision, start_image, width, height, frames, end_image=None, end_image_mode="flf2v",
+               resize_mode="stretch"):
         from ..engine.families.wan.pipeline import prepare_flf2v, prepare_i2v
 
         if end_image_mode not in END_IMAGE_MODES:
             raise invalid("end_image_mode", end_image_mode, f"one of {END_IMAGE_MODES}")
         vae, clip_vision = T.handle(vae, "vae", VAE_EXPECTED), T.handle(clip_vision, "clip_vision", CLIP_EXPECTED)
         _check_size(width, height)
-        first = image_to_video_tensor(start_image, width, height, "start_image")
-        last = image_to_video_tensor(end_image, width, height, "end_image") if end_image is not None else None
+        first = image_to_video_tensor(start_image, width, height, "start_image", resize_mode)
+        last = image_to_video_tensor(end_image, width, height, "end_image", resize_mode) \
+            if end_image is not None else None
         flf2v = last is not None and end_image_mode == "flf2v"
         with on_compute_device(clip_vision):
             clips = [clip_vision.module.encode(first[None])[0]]
@@ -339,23 +340,24 @@ class MusubiWanFunControlEncode:
         return {"required": {
             "vae": (T.VAE, {"tooltip": "The Wan VAE."}),
             "control_video": ("IMAGE", {"tooltip": "Control frames; at least `frames` of them (the first are used)."}),
-            "width": ("INT", {"default": 832, "min": 16, "max": 4096, "step": 16, "tooltip": "Video width (multiple of 16)."}),
-            "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16, "tooltip": "Video height (multiple of 16)."}),
-            "frames": ("INT", {"default": 81, "min": 1, "max": 1025, "step": 4, "tooltip": "Video length, 4k+1 frames."}),
+            **checks.size_inputs(),
         }, "optional": {
             "start_image": ("IMAGE", {"tooltip": "Optional first frame (needs clip_vision too)."}),
             "clip_vision": (T.CLIP_VISION, {"tooltip": "CLIP ViT-H/14, required with a start image."}),
+            "resize_mode": RESIZE_INPUT,
         }}
 
-    def encode(self, vae, control_video, width, height, frames, start_image=None, clip_vision=None):
+    def encode(self, vae, control_video, width, height, frames, start_image=None, clip_vision=None,
+               resize_mode="stretch"):
         from ..engine.families.wan.pipeline import prepare_fun_control
 
         vae = T.handle(vae, "vae", VAE_EXPECTED)
         _check_size(width, height)
         if start_image is not None and clip_vision is None:
             raise invalid("clip_vision", None, "a CLIP vision model when a start image is given")
-        control = video_frames_tensor(control_video, width, height, "control_video")
-        image = image_to_video_tensor(start_image, width, height, "start_image") if start_image is not None else None
+        control = video_frames_tensor(control_video, width, height, "control_video", resize_mode)
+        image = image_to_video_tensor(start_image, width, height, "start_image", resize_mode) \
+            if start_image is not None else None
         clip_fea = None
         if image is not None:
             clip_vision = T.handle(clip_vision, "clip_vision", CLIP_EXPECTED)
@@ -391,14 +393,14 @@ class MusubiWanOneFrameEncode:
             "control_image": ("IMAGE", {"tooltip": "The first control image."}),
             "control_indices": ("STRING", {"default": "0", "tooltip": "Frame index of each control image, e.g. '0' or '0;10'."}),
             "target_index": ("INT", {"default": 9, "min": 0, "max": 1000, "tooltip": "Frame index of the generated frame."}),
-            "width": ("INT", {"default": 832, "min": 16, "max": 4096, "step": 16, "tooltip": "Width (multiple of 16)."}),
-            "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16, "tooltip": "Height (multiple of 16)."}),
+            **checks.size_inputs(frames=None),
         }, "optional": {
             "control_image_2": ("IMAGE", {"tooltip": "Optional second control image (needs two control indices)."}),
+            "resize_mode": RESIZE_INPUT,
         }}
 
     def encode(self, vae, clip_vision, control_image, control_indices, target_index, width, height,
-               control_image_2=None):
+               control_image_2=None, resize_mode="stretch"):
         from ..engine.families.wan.pipeline import prepare_one_frame
 
         vae, clip_vision = T.handle(vae, "vae", VAE_EXPECTED), T.handle(clip_vision, "clip_vision", CLIP_EXPECTED)
@@ -407,9 +409,9 @@ class MusubiWanOneFrameEncode:
             indices = [int(s) for s in control_indices.replace(",", ";").split(";") if s.strip()]
         except ValueError:
             raise invalid("control_indices", control_indices, "frame indices separated by ';', e.g. '0;10'") from None
-        images = [image_to_video_tensor(control_image, width, height, "control_image")]
+        images = [image_to_video_tensor(control_image, width, height, "control_image", resize_mode)]
         if control_image_2 is not None:
-            images.append(image_to_video_tensor(control_image_2, width, height, "control_image_2"))
+            images.append(image_to_video_tensor(control_image_2, width, height, "control_image_2", resize_mode))
         with on_compute_device(clip_vision):   # [257 · controls, clip_dim], first control first
             clip_fea = torch.cat([clip_vision.module.encode(im[None])[0] for im in images]).float().cpu()
         with on_compute_device(vae):
@@ -439,9 +441,7 @@ class MusubiWanSampler:
         return {"required": {
             "model": (T.DIT, {"tooltip": "The Wan DiT (optionally with LoRAs applied or trained)."}),
             "embeds": (T.EMBEDS, {"tooltip": "Prompt embeddings from Musubi Wan Text Encode."}),
-            "width": ("INT", {"default": 832, "min": 16, "max": 4096, "step": 16, "tooltip": "Width in pixels (multiple of 16)."}),
-            "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16, "tooltip": "Height in pixels (multiple of 16)."}),
-            "frames": ("INT", {"default": 81, "min": 1, "max": 1025, "step": 4, "tooltip": "Frames, 4k+1 (1 = a still image)."}),
+            **checks.size_inputs(),
             "steps": ("INT", {"default": 0, "min": 0, "max": 1000,
                       "tooltip": "Denoising steps; 0 = the official default of the task (50 T2V, 40 I2V/FLF2V)."}),
             "guidance_scale": ("FLOAT", {"default": 5.0, "min": 1.0, "max": 30.0, "step": 0.1,
