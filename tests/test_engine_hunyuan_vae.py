@@ -241,10 +241,12 @@ def test_bad_latents_and_tiling_raise(vae):
 # --- loading: layouts, refusals, config inference ----------------------------------------------------------------
 
 def _comfy_converter(comfyui_dir):
-    """ComfyUI's own diffusers -> ldm VAE converter (comfy/diffusers_convert.py needs only torch), loaded from its file."""
+    """ComfyUI's own diffusers -> ldm VAE converter, loaded from its file (comfy/diffusers_convert.py needs only
+    torch)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("comfy_diffusers_convert", comfyui_dir / "comfy" / "diffusers_convert.py")
+    path = comfyui_dir / "comfy" / "diffusers_convert.py"
+    spec = importlib.util.spec_from_file_location("comfy_diffusers_convert", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.convert_vae_state_dict
@@ -299,8 +301,8 @@ def test_refuses_other_files(tmp_path):
     assert str(wan) in str(e.value) and "Wan VAE" in str(e.value)
 
     dit = tmp_path / "hunyuan_video_t2v_720p_bf16.safetensors"
-    save_file({"double_blocks.0.img_attn_qkv.weight": torch.zeros(6, 2), "img_in.proj.weight": torch.zeros(2, 16, 1, 2, 2)},
-              str(dit))
+    save_file({"double_blocks.0.img_attn_qkv.weight": torch.zeros(6, 2),
+               "img_in.proj.weight": torch.zeros(2, 16, 1, 2, 2)}, str(dit))
     with pytest.raises(MusubiInputError) as e:
         load_hunyuan_vae(dit)
     assert str(dit) in str(e.value) and "DiT" in str(e.value)

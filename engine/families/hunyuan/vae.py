@@ -7,7 +7,8 @@ Module names are the official ones (`hunyuan-video-t2v-720p/vae/pytorch_model.pt
 
     encoder.conv_in.conv, encoder.down_blocks.N.resnets.M.{norm1, conv1.conv, norm2, conv2.conv, conv_shortcut.conv},
     encoder.down_blocks.N.downsamplers.0.conv.conv, encoder.mid_block.resnets.{0,1},
-    encoder.mid_block.attentions.0.{group_norm, to_q, to_k, to_v, to_out.0}, encoder.conv_norm_out, encoder.conv_out.conv,
+    encoder.mid_block.attentions.0.{group_norm, to_q, to_k, to_v, to_out.0}, encoder.conv_norm_out,
+    encoder.conv_out.conv,
     quant_conv, post_quant_conv, decoder.conv_in.conv, decoder.mid_block.*, decoder.up_blocks.N.resnets.M.*,
     decoder.up_blocks.N.upsamplers.0.conv.conv, decoder.conv_norm_out, decoder.conv_out.conv
 
@@ -23,9 +24,11 @@ to frames <= t), so a clip goes through in one pass. The first frame is special:
 F = 4k+1 frames map to k+1 latent frames and back.
 
 Memory: optional spatial tiling (overlapping pixel tiles, blended) and temporal tiling (overlapping windows of latent
-frames, blended), as the official and diffusers VAEs do, plus exact time-chunked causal convs. The defaults
-(256 px tiles / 64 px overlap, 64-frame windows / 16-frame overlap, 16-frame conv chunks) keep a 720p x 129-frame
-decode in bf16 to a peak of a few GB.
+frames, blended), as the official and diffusers VAEs do, plus exact time-chunked causal convs. With the defaults
+(256 px tiles / 64 px overlap, 64-frame windows / 16-frame overlap, 16-frame conv chunks) a 720p x 129-frame bf16
+decode peaks at an estimated ~9.5 GB: ~6.7 GB inside one 256 px x 65-frame tile (input, GroupNorm output and conv
+output of the first full-resolution resnet, 256 -> 128 channels), ~2.2 GB of float32 blending buffers, 0.5 GB of
+weights. (An estimate from tensor sizes, not a GPU measurement.)
 
 Latents: the DiT consumes (and Musubi caches) the posterior mean times 0.476986 (`to_latent` / `from_latent`).
 """
@@ -348,7 +351,8 @@ def temporal_tiled_apply(fn, x: torch.Tensor, tile: int, overlap: int, in_step: 
 def _check_tiling(tile_size: int, tile_overlap: int, temporal_tile: int, temporal_overlap: int) -> None:
     if tile_size:
         if tile_size < 2 * SPATIAL_FACTOR or tile_size % SPATIAL_FACTOR:
-            raise invalid("tile_size", tile_size, f"0 (no spatial tiling) or a multiple of {SPATIAL_FACTOR} pixels >= 16")
+            raise invalid("tile_size", tile_size,
+                          f"0 (no spatial tiling) or a multiple of {SPATIAL_FACTOR} pixels >= 16")
         if tile_overlap < 0 or tile_overlap % SPATIAL_FACTOR or tile_overlap >= tile_size:
             raise invalid("tile_overlap", tile_overlap,
                           f"a multiple of {SPATIAL_FACTOR} pixels, >= 0 and smaller than tile_size ({tile_size})")
@@ -358,7 +362,8 @@ def _check_tiling(tile_size: int, tile_overlap: int, temporal_tile: int, tempora
                           f"0 (no temporal tiling) or a multiple of {TEMPORAL_FACTOR} frames >= 8")
         if temporal_overlap < 0 or temporal_overlap % TEMPORAL_FACTOR or temporal_overlap >= temporal_tile:
             raise invalid("temporal_overlap", temporal_overlap,
-                          f"a multiple of {TEMPORAL_FACTOR} frames, >= 0 and smaller than temporal_tile ({temporal_tile})")
+                          f"a multiple of {TEMPORAL_FACTOR} frames, >= 0 and smaller than temporal_tile "
+                          f"({temporal_tile})")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -480,7 +485,8 @@ class HunyuanVAE(nn.Module):
         return self.decoder(x).float()
 
     def decode_raw(self, latents: torch.Tensor) -> torch.Tensor:
-        """DiT latents [B, 16, T, h, w] -> unclamped video [B, 3, 1+4(T-1), 8h, 8w] (float32, compute device), no tiling."""
+        """DiT latents [B, 16, T, h, w] -> unclamped video [B, 3, 1+4(T-1), 8h, 8w] (float32, compute device),
+        no tiling."""
         self.validate_latents(latents)
         return self._decode_vae_latents(from_latent(latents))
 
@@ -500,7 +506,8 @@ class HunyuanVAE(nn.Module):
             return self._decode_vae_latents(z)
 
         if tt and raw.shape[2] > tt // TEMPORAL_FACTOR + 1:
-            video = temporal_tiled_apply(spatial, raw, tt // TEMPORAL_FACTOR, tto // TEMPORAL_FACTOR, 1, TEMPORAL_FACTOR)
+            video = temporal_tiled_apply(spatial, raw, tt // TEMPORAL_FACTOR, tto // TEMPORAL_FACTOR,
+                                         1, TEMPORAL_FACTOR)
         else:
             video = spatial(raw)
         return video.clamp_(-1.0, 1.0).to(latents.device, latents.dtype)
@@ -518,11 +525,14 @@ _COMFY_RULES = [
     (re.compile(r"^encoder\.down\.(\d+)\.downsample\."), lambda m, n: f"encoder.down_blocks.{m[1]}.downsamplers.0."),
     (re.compile(r"^decoder\.up\.(\d+)\.block\.(\d+)\."),
      lambda m, n: f"decoder.up_blocks.{n - 1 - int(m[1])}.resnets.{m[2]}."),
-    (re.compile(r"^decoder\.up\.(\d+)\.upsample\."), lambda m, n: f"decoder.up_blocks.{n - 1 - int(m[1])}.upsamplers.0."),
+    (re.compile(r"^decoder\.up\.(\d+)\.upsample\."),
+     lambda m, n: f"decoder.up_blocks.{n - 1 - int(m[1])}.upsamplers.0."),
     (re.compile(r"^(encoder|decoder)\.mid\.block_(\d)\."), lambda m, n: f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}."),
     (re.compile(r"^(encoder|decoder)\.mid\.attn_1\.norm\."), lambda m, n: f"{m[1]}.mid_block.attentions.0.group_norm."),
-    (re.compile(r"^(encoder|decoder)\.mid\.attn_1\.(q|k|v)\."), lambda m, n: f"{m[1]}.mid_block.attentions.0.to_{m[2]}."),
-    (re.compile(r"^(encoder|decoder)\.mid\.attn_1\.proj_out\."), lambda m, n: f"{m[1]}.mid_block.attentions.0.to_out.0."),
+    (re.compile(r"^(encoder|decoder)\.mid\.attn_1\.(q|k|v)\."),
+     lambda m, n: f"{m[1]}.mid_block.attentions.0.to_{m[2]}."),
+    (re.compile(r"^(encoder|decoder)\.mid\.attn_1\.proj_out\."),
+     lambda m, n: f"{m[1]}.mid_block.attentions.0.to_out.0."),
     (re.compile(r"^(encoder|decoder)\.norm_out\."), lambda m, n: f"{m[1]}.conv_norm_out."),
 ]
 _ATTN_PROJ = re.compile(r"\.mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight$")
@@ -618,6 +628,8 @@ def infer_vae_config(ckpt) -> HunyuanVAEConfig:
     if stages != list(range(4)):
         raise invalid(f"VAE file {ckpt.source}", f"{len(stages)} encoder stages", "4 (the 884-16c-hy layout)")
     groups = 32 if all(w % 32 == 0 for w in widths) else 4
+    if any(w % groups for w in widths):
+        raise invalid(f"VAE file {ckpt.source}", f"stage widths {widths}", "widths divisible by 4 (GroupNorm groups)")
     return HunyuanVAEConfig(latent_channels=z, block_out_channels=widths, layers_per_block=layers,
                             norm_num_groups=groups)
 
