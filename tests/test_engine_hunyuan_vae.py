@@ -154,6 +154,16 @@ def test_temporal_windows_are_exact_for_causal_local_functions(tile, overlap):
     assert got.shape == (1, 2, 29, 3, 3) and torch.allclose(got, decode_like(z), atol=1e-6)
 
 
+def test_temporal_windows_blend_with_linear_ramps():
+    # Each window outputs a constant: the value of its own first input frame (x[t] = t). 6 steps, windows of 4 with
+    # 2 of overlap -> windows at steps 0 and 2; the second drops its first output (latent 2), so latents 3 and 4 are
+    # shared and weighted 2/3 : 1/3 and 1/3 : 2/3 (ramps from 1/(r+1)), the rest belongs to one window.
+    x = torch.arange(25.0).view(1, 1, 25, 1, 1)
+    window_id = lambda v: v[:, :, :1].expand(-1, -1, (v.shape[2] - 1) // 4 + 1, -1, -1)  # noqa: E731
+    got = temporal_tiled_apply(window_id, x, 4, 2, in_step=4, out_step=1).flatten()
+    assert torch.allclose(got, torch.tensor([0, 0, 0, 8 / 3, 16 / 3, 8, 8]))
+
+
 def test_tiles_larger_than_clip_equal_untiled(vae):
     video = _clip(f=9, h=32, w=32)
     z = vae.encode(video, **UNTILED)
