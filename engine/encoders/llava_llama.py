@@ -360,7 +360,8 @@ def load_llava_llama(source: str | Path, dtype: torch.dtype = torch.float16, dev
         model.to(device=device, dtype=dtype)
         if fp8:
             quantize_model_fp8(model, "scaled", include=FP8_INCLUDE, exclude=())
-        return LlavaLlamaTextEncoder(model, tokenizer, TINY_LLAVA_LLAMA, _identity(PRESET_TINY, tokenizer) + suffix)
+        identity = PRESET_TINY if tokenizer_path is None else _identity(PRESET_TINY, tokenizer)
+        return LlavaLlamaTextEncoder(model, tokenizer, TINY_LLAVA_LLAMA, identity + suffix)
 
     path = Path(source)
     ckpt, named_by, search, hf_config = _open_weights(path)  # MusubiInputError for missing/unreadable files
