@@ -297,7 +297,7 @@ def test_llama_tokenizer_sources_and_missing_tokenizer(llama_files, tmp_path):
     # a tokenizer.json beside the weights is found; a tokenizer.json file works as tokenizer_path
     shutil.copy(LLAMA_TOK, hf / "text_encoder" / "tokenizer.json")
     a = load_llava_llama(hf, dtype=torch.float32)
-    b = load_llava_llama(path, dtype=torch.float32, tokenizer_path=folder_or_file(LLAMA_TOK))
+    b = load_llava_llama(path, dtype=torch.float32, tokenizer_path=LLAMA_TOK)  # the file itself
     torch.testing.assert_close(a.encode(["a cat"])[0], b.encode(["a cat"])[0], atol=0, rtol=0)
     # a tokenizer lacking the template's special tokens is refused
     from tokenizers import Tokenizer, models
@@ -306,10 +306,6 @@ def test_llama_tokenizer_sources_and_missing_tokenizer(llama_files, tmp_path):
     Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>")).save(str(bare))
     with pytest.raises(MusubiInputError, match="start_header_id"):
         load_llava_llama(path, tokenizer_path=bare)
-
-
-def folder_or_file(p):
-    return p  # the tiny tokenizer's tokenizer.json itself (the folder form is covered by the preset)
 
 
 def test_llama_refuses_other_files(tmp_path, llama_files):
@@ -405,7 +401,8 @@ def _reference_clip_text(seed=0):
 
     cfg = CLIPTextConfig(vocab_size=640, hidden_size=CW, intermediate_size=CF, num_hidden_layers=CL,
                          num_attention_heads=CW // 8, max_position_embeddings=77, hidden_act="quick_gelu",
-                         layer_norm_eps=1e-5, eos_token_id=2, attn_implementation="eager")
+                         layer_norm_eps=1e-5, bos_token_id=638, eos_token_id=2, pad_token_id=639,
+                         attn_implementation="eager")
     model = CLIPTextModel(cfg).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -51,7 +51,7 @@ class ClipTextConfig:
     max_positions: int = MAX_LENGTH
     eps: float = 1e-5
 
-    def to_transformers(self, eos_id: int):
+    def to_transformers(self, bos_id: int, eos_id: int):
         from transformers import CLIPTextConfig
 
         # eos_token_id != 2: pool at the first `eos_id` (the legacy value 2 means argmax of the ids, the same
@@ -60,7 +60,7 @@ class ClipTextConfig:
                               intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
                               num_attention_heads=self.num_heads, max_position_embeddings=self.max_positions,
                               layer_norm_eps=self.eps, hidden_act="quick_gelu", projection_dim=self.hidden_size,
-                              bos_token_id=eos_id - 1, eos_token_id=eos_id, pad_token_id=eos_id,
+                              bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=eos_id,
                               attention_dropout=0.0, dropout=0.0, attn_implementation="sdpa")
 
 
@@ -231,10 +231,10 @@ def text_transformer(model) -> torch.nn.Module:
     return getattr(model, "text_model", model)
 
 
-def _build(config: ClipTextConfig, eos_id: int, meta: bool):
+def _build(config: ClipTextConfig, tokenizer: ClipPromptTokenizer, meta: bool):
     from transformers import CLIPTextModel
 
-    hf = config.to_transformers(eos_id)
+    hf = config.to_transformers(tokenizer.bos_id, tokenizer.eos_id)
     if meta:
         with torch.device("meta"):
             model = CLIPTextModel(hf)
@@ -257,7 +257,7 @@ def load_clip_text(source: str | Path, dtype: torch.dtype = torch.float16, devic
             raise invalid("text encoder preset", source, f"'{PRESET_TINY}'")
         tokenizer = load_clip_tokenizer(tokenizer_path or TINY_TOKENIZER)
         _check_vocab(tokenizer, TINY_CLIP_L, source)
-        model = _build(TINY_CLIP_L, tokenizer.eos_id, meta=False)
+        model = _build(TINY_CLIP_L, tokenizer, meta=False)
         state = clip_text_view(Checkpoint.from_state_dict(tiny_clip_l_state_dict(), PRESET_TINY))
         text_transformer(model).load_state_dict(dict(state.items()), strict=False)  # position_ids: built
         identity = PRESET_TINY if tokenizer_path is None else f"{PRESET_TINY}|tokenizer={tokenizer.identity}"
@@ -269,7 +269,7 @@ def load_clip_text(source: str | Path, dtype: torch.dtype = torch.float16, devic
     config = infer_clip_text_config(view, hf_config)
     tokenizer = _resolve_tokenizer(tokenizer_path, search, path)  # before the heavy load: fail fast
     _check_vocab(tokenizer, config, str(path))
-    model = _build(config, tokenizer.eos_id, meta=True)
+    model = _build(config, tokenizer, meta=True)
     inner = text_transformer(model)
     load_into_module(inner, view, dtype=dtype, device=device, strict=False)
     missing = [n for n, t in inner.state_dict().items() if t.device.type == "meta"]
