@@ -39,7 +39,8 @@ class StandInDiT(nn.Module):
     def __init__(self, dim=32, seed=0):
         super().__init__()
         torch.manual_seed(seed)
-        self.config = SimpleNamespace(in_dim=16, out_dim=16, text_dim=TEXT_DIM, variant="stand-in", model_type="t2v")
+        self.config = SimpleNamespace(in_dim=16, out_dim=16, text_dim=TEXT_DIM, variant="stand-in", model_type="t2v",
+                                      has_flf_pos_emb=False)
         self.patch_embedding = nn.Linear(16, dim)
         self.time_embedding = nn.Linear(1, dim)
         self.text_embedding = nn.Linear(TEXT_DIM, dim)
