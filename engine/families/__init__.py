@@ -13,7 +13,7 @@ import torch.nn as nn
 from ..errors import invalid
 from .family import Family, Fp8Spec, LoRASpec, names_in_blocks
 
-_BUILT_IN = {"wan": ".wan.family"}      # name -> module whose FAMILY implements `Family`
+_BUILT_IN = {"wan": ".wan.family", "hunyuan": ".hunyuan.family"}      # name -> module whose FAMILY implements `Family`
 _REGISTERED: dict[str, Family] = {}
 
 
