@@ -21,6 +21,11 @@ _FILE_KINDS = (
     ("CLIP vision model", lambda ks: _has(ks, "vision_model.", "visual.transformer") or _prefix(ks, "log_scale",
                                                                                                "textual."),
      "a CLIP vision model (keys like 'visual.' / 'vision_model.')", "load it with a CLIP vision loader"),
+    # before T5: CLIP text embeddings are named `token_embedding` too
+    ("CLIP text encoder", lambda ks: _has(ks, "text_model."),
+     "a CLIP text encoder (keys like 'text_model.')", "load it with a text encoder loader"),
+    ("LLaMA text encoder", lambda ks: _has(ks, "mlp.gate_proj.", "mlp.up_proj."),
+     "a LLaMA-style language model (keys like 'model.layers.0.mlp.gate_proj')", "load it with a text encoder loader"),
     ("T5 text encoder", lambda ks: _has(ks, "SelfAttention", "token_embedding") or _prefix(ks, "shared.weight")
      or any(re.match(r"(encoder\.)?blocks\.0\.attn\.q\.weight", k) for k in ks),
      "a T5 text encoder (keys like 'token_embedding' / 'encoder.block.')", "load it with a text encoder loader"),
@@ -39,8 +44,6 @@ _FILE_KINDS = (
      "a Stable Diffusion model (keys like 'input_blocks.' / 'joint_blocks.')", "a file of a family this pack loads"),
     ("diffusion model (DiT)", lambda ks: _has(ks, "cross_attn"),
      "a diffusion model (DiT; keys like 'blocks.0.cross_attn')", "load it with a DiT loader"),
-    ("CLIP text encoder", lambda ks: _has(ks, "text_model."),
-     "a CLIP text encoder (keys like 'text_model.')", "load it with a text encoder loader"),
 )
 
 
