@@ -12,6 +12,8 @@ from safetensors.torch import save_file
 from engine.data import CachedBatchLoader, build_cache, check_cache_for_model, dataset_from_tensors
 from engine.data.cache import load_cache_file
 from engine.errors import MusubiInputError
+from engine.encoders.clip_text import PRESET_TINY as CLIP_PRESET, load_clip_text
+from engine.encoders.llava_llama import PRESET_TINY as LLM_PRESET, load_llava_llama
 from engine.families import family_for_cache_arch, get_family
 from engine.families.hunyuan.dit import HunyuanVideoModel
 from engine.families.hunyuan.presets import build_preset_state_dict, preset_config
@@ -19,33 +21,13 @@ from engine.families.hunyuan.vae import SCALING_FACTOR, TINY_VAE_PRESET, load_hu
 from engine.training import InMemoryBatchLoader, NetworkConfig, OptimizerConfig, TrainingConfig, TrainingSession
 
 FAMILY = get_family("hunyuan")
-TOKENS = 8                                  # the real encoder pads to 256
+TOKENS = 256                                # the LLM's prompt tokens after the template crop
 
 
-class StandInLLM:
-    """The LLaVA-LLaMA-3 encoder's API (states [B, L, D], mask [B, L] bool), deterministic per caption."""
-    identity = "stand-in-llm"
-
-    def encode(self, captions):
-        states, masks = [], []
-        for c in captions:
-            g = torch.Generator().manual_seed(sum(map(ord, c)))
-            mask = torch.zeros(TOKENS, dtype=torch.bool)
-            mask[: min(TOKENS, len(c.split()) + 1)] = True
-            states.append(torch.randn(TOKENS, 32, generator=g) * mask[:, None])
-            masks.append(mask)
-        return torch.stack(states), torch.stack(masks)
-
-
-class StandInCLIP:
-    """The CLIP-L encoder's API: pooled [B, 768] (here 24) and its token mask [B, 77]."""
-    identity = "stand-in-clip"
-
-    def encode(self, captions):
-        pooled = torch.stack([torch.randn(24, generator=torch.Generator().manual_seed(len(c))) for c in captions])
-        mask = torch.zeros(len(captions), 77, dtype=torch.int64)
-        mask[:, :5] = 1
-        return pooled, mask
+@pytest.fixture(scope="module")
+def encoders():
+    """The tiny LLaVA-LLaMA-3 and CLIP-L presets (32-wide states padded to 256 tokens, 24-wide pooled)."""
+    return (load_llava_llama(LLM_PRESET, dtype=torch.float32), load_clip_text(CLIP_PRESET, dtype=torch.float32))
 
 
 @pytest.fixture(scope="module")
@@ -67,15 +49,20 @@ def pixels_to(image):
     return pixels.permute(2, 0, 1)[None, :, None].float() / 127.5 - 1
 
 
+def meta_caption(path):
+    return _keys(path)[1]["caption1"]
+
+
 def _keys(path):
     with safe_open(str(path), "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
 
 
-def test_cache_is_written_in_musubis_layout_and_trains(tmp_path, vae):
+def test_cache_is_written_in_musubis_layout_and_trains(tmp_path, vae, encoders):
     images = torch.rand(2, 32, 32, 3, generator=torch.Generator().manual_seed(0))
     cfg = dataset_from_tensors(images, ["a red cat", "two blue dogs run"], tmp_path / "cache", resolution=(32, 32))
-    adapter = FAMILY.cache_adapter(vae=vae, text_encoder=StandInLLM(), text_encoder_2=StandInCLIP())
+    llm, clip = encoders
+    adapter = FAMILY.cache_adapter(vae=vae, text_encoder=llm, text_encoder_2=clip)
     assert family_for_cache_arch(adapter.arch) is FAMILY and adapter.target_fps == 24.0
     build_cache(cfg, adapter)
     latent_files = sorted((tmp_path / "cache").glob("*_hv.safetensors"))
@@ -90,14 +77,19 @@ def test_cache_is_written_in_musubis_layout_and_trains(tmp_path, vae):
     assert any(torch.allclose(tensors["latents_1x4x4_float16"].float(), m, rtol=2e-3, atol=2e-3) for m in means)
 
     text, _ = _keys(text_files[0])
-    assert set(text) == {"llm_float16", "llm_mask", "clipL_float16", "clipL_mask"}
+    assert set(text) == {"llm_float16", "llm_mask", "clipL_float16"}
     assert text["llm_float16"].shape == (TOKENS, 32) and text["llm_mask"].dtype == torch.int64
-    assert text["clipL_float16"].shape == (24,) and text["clipL_mask"].shape == (77,)
+    assert 2 < int(text["llm_mask"].sum()) < TOKENS and text["clipL_float16"].shape == (24,)
+    states, mask = llm.encode([meta_caption(text_files[0])])
+    torch.testing.assert_close(text["llm_float16"].float(), states[0], atol=2e-3, rtol=2e-3)
+    assert torch.equal(text["llm_mask"].bool(), mask[0])
+    torch.testing.assert_close(text["clipL_float16"].float(), clip.encode([meta_caption(text_files[0])])[0],
+                               atol=2e-3, rtol=2e-3)
 
     model = tiny()
     cached = check_cache_for_model(cfg, FAMILY.cache_requirements(model, vae_identity="tiny-hv-vae",
-                                                                  text_identity="stand-in-llm",
-                                                                  text_2_identity="stand-in-clip"))
+                                                                  text_identity=llm.identity,
+                                                                  text_2_identity=clip.identity))
     loader = CachedBatchLoader(cached, seed=1)
     (d, samples), _ = loader.epoch_batches(0)
     batch = loader.load_batch(cached[d], samples)
@@ -148,13 +140,13 @@ def test_a_cache_written_by_musubi_reads_into_the_same_batch(tmp_path):
     assert np.isfinite(session.train_steps(1)[0])
 
 
-def test_adapter_refusals(vae):
+def test_adapter_refusals(vae, encoders):
     with pytest.raises(MusubiInputError, match="both"):
-        FAMILY.cache_adapter(text_encoder=StandInLLM())
+        FAMILY.cache_adapter(text_encoder=encoders[0])
     with pytest.raises(MusubiInputError, match="cache dtype"):
         FAMILY.cache_adapter(vae=vae, dtype=torch.int8)
     with pytest.raises(MusubiInputError, match="no VAE"):
-        FAMILY.cache_adapter(text_encoder=StandInLLM(), text_encoder_2=StandInCLIP()).encode_clip(None)
+        FAMILY.cache_adapter(text_encoder=encoders[0], text_encoder_2=encoders[1]).encode_clip(None)
     req = FAMILY.described_cache_requirements({"vae": "v"}, {"text_encoder": "a", "text_encoder_2": "b"}, 32)
     assert req.arch == "hv" and req.text_key == "llm" and req.text_dim == 32
     assert req.identities == {"vae": "v", "text_encoder": "a", "text_encoder_2": "b"}

@@ -286,3 +286,19 @@ def test_preview_is_comfyuis_linear_map(comfyui_dir):
     assert [tuple(r) for r in values["latent_rgb_factors"]] == list(HUNYUAN_RGB_FACTORS)
     assert tuple(values["latent_rgb_factors_bias"]) == HUNYUAN_RGB_BIAS
     assert torch.equal(get_family("hunyuan").latent_preview(lat), latent_to_rgb_preview(lat))
+
+
+def test_encoded_prompts_padded_with_a_mask_sample_as_the_trimmed_tokens(t2v):
+    """The tiny LLaVA-LLaMA-3 / CLIP-L presets' outputs drive the pipeline; padding behind the mask changes nothing."""
+    from engine.encoders.clip_text import PRESET_TINY as CLIP_PRESET, load_clip_text
+    from engine.encoders.llava_llama import PRESET_TINY as LLM_PRESET, load_llava_llama
+
+    llm, clip = load_llava_llama(LLM_PRESET, dtype=torch.float32), load_clip_text(CLIP_PRESET, dtype=torch.float32)
+    states, mask = llm.encode(["a red fox", "snow"])                    # [2, 256, 32], [2, 256]
+    pooled = clip.encode(["a red fox", "snow"])                         # [2, 24]
+    padded = _request(context=states[0], context_mask=mask[0], pooled=pooled[0], guidance_scale=3.0,
+                      negative_context=states[1], negative_context_mask=mask[1], negative_pooled=pooled[1], steps=2)
+    trimmed = dataclasses.replace(padded, context=states[0][mask[0]], context_mask=None,
+                                  negative_context=states[1][mask[1]], negative_context_mask=None)
+    assert trimmed.context.shape[0] < 256
+    torch.testing.assert_close(generate(t2v, padded), generate(t2v, trimmed), rtol=1e-4, atol=1e-5)

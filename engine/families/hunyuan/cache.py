@@ -5,8 +5,8 @@ Latent file: `latents_{F}x{H}x{W}_{dtype}` [16, F_lat, H/8, W/8]: the *raw* VAE 
              stores it so and its trainer multiplies by 0.476986; `collate` does the same, so a batch holds the DiT's
              latents (what the pipeline samples and the VAE's `encode` returns).
 Text file:   `llm_{dtype}` [256, 4096] LLaVA-LLaMA-3 states (padded to the template's 256 prompt tokens),
-             `llm_mask` [256] int64, `clipL_{dtype}` [768] CLIP-L pooled, and `clipL_mask` [77] int64 when the CLIP
-             encoder reports its token mask (Musubi writes it; its trainer never reads it).
+             `llm_mask` [256] int64, `clipL_{dtype}` [768] CLIP-L pooled. (Musubi also writes `clipL_mask` [77], the
+             CLIP tokens' mask, which nothing reads; it is not written here and is ignored when present.)
 SkyReels I2V trains from these same files: the image latent is the clip's own first latent frame (Musubi).
 """
 
@@ -36,7 +36,7 @@ class HunyuanCacheAdapter:
     """Encoders are loaded objects, each with an `identity` string:
     `vae.encode([B,3,F,H,W] in [-1,1]) -> DiT latents [B,16,F_lat,H/8,W/8]` (x 0.476986; stored divided back),
     `text_encoder.encode(list[str]) -> (states [B, 256, D], mask [B, 256])` (LLaVA-LLaMA-3, video template),
-    `text_encoder_2.encode(list[str]) -> pooled [B, 768]` or `(pooled, token mask [B, 77])` (CLIP-L).
+    `text_encoder_2.encode(list[str]) -> pooled [B, 768]` (CLIP-L).
     Pass only the encoders of this run (latents with `vae`, text with both text encoders)."""
 
     arch = ARCH
@@ -82,24 +82,15 @@ class HunyuanCacheAdapter:
             raise invalid("HunyuanVideo cache", "no text encoders", "LLaVA-LLaMA-3 and CLIP-L text encoders")
         captions = list(captions)
         states, mask = self.text_encoder.encode(captions)                 # [B, 256, D], [B, 256]
-        pooled = self.text_encoder_2.encode(captions)                     # [B, 768] or ([B, 768], [B, 77])
-        clip_mask = None
-        if isinstance(pooled, (tuple, list)):
-            pooled, clip_mask = pooled
+        pooled = self.text_encoder_2.encode(captions)                     # [B, 768]
         for name, t in (("LLM states", states), ("LLM mask", mask), ("CLIP-L pooled", pooled)):
             if t.shape[0] != len(captions):
                 raise invalid(f"text encoder output ({name})", tuple(t.shape), f"one row per caption "
                                                                                 f"({len(captions)})")
         td = dtype_name(self.text_dtype)
-        out = []
-        for i in range(len(captions)):
-            item = {f"llm_{td}": states[i].detach().to("cpu", self.text_dtype).clone(),
-                    "llm_mask": mask[i].detach().to("cpu", torch.int64).clone(),
-                    f"clipL_{td}": pooled[i].detach().to("cpu", self.text_dtype).clone()}
-            if clip_mask is not None:
-                item["clipL_mask"] = clip_mask[i].detach().to("cpu", torch.int64).clone()
-            out.append(item)
-        return out
+        return [{f"llm_{td}": states[i].detach().to("cpu", self.text_dtype).clone(),
+                 "llm_mask": mask[i].detach().to("cpu", torch.int64).clone(),
+                 f"clipL_{td}": pooled[i].detach().to("cpu", self.text_dtype).clone()} for i in range(len(captions))]
 
     @staticmethod
     def collate(samples: list[dict[str, torch.Tensor]]) -> dict:
