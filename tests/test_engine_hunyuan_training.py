@@ -3,6 +3,8 @@ metric), the adapter covers Musubi's HunyuanVideo targets, resume is exact, bloc
 gradient checkpointing trains the same losses, the guidance embedder sees 1.0 x 1000, SkyReels I2V trains with the
 clip's first latent frame as y, and the LoRA saves in the Musubi / ComfyUI / diffusers dialects and reads back."""
 
+import re
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from engine.families import blocks_of, get_family
 from engine.families.hunyuan.dit import HunyuanVideoModel
 from engine.families.hunyuan.presets import build_preset_state_dict, preset_config
 from engine.lora import apply_loras, match_lora, read_lora, save_lora
+from engine.lora.dialects import LoRAFile
 from engine.memory import FakeTransfer, swap_blocks
 from engine.memory.checkpointing import block_checkpointing
 from engine.training import (InMemoryBatchLoader, NetworkConfig, OptimizerConfig, TimestepConfig, TrainingConfig,
@@ -144,8 +147,7 @@ def test_lora_dialects_save_and_read_back(tmp_path):
     with pytest.raises(MusubiInputError, match="img_attn_qkv|txt_attn_qkv|linear1"):
         save_lora(s.network, tmp_path / "all.diffusers.safetensors", format="diffusers")
     fused = r".*(_attn_qkv|linear1)"
-    one_to_one = {n: mw for n, mw in musubi.modules.items() if not __import__("re").fullmatch(fused, n)}
-    from engine.lora.dialects import LoRAFile
+    one_to_one = {n: mw for n, mw in musubi.modules.items() if not re.fullmatch(fused, n)}
     path = save_lora(LoRAFile(one_to_one, {}, "musubi"), tmp_path / "d.safetensors", format="diffusers")
     keys = _keys(path)
     assert "transformer.transformer_blocks.0.attn.to_out.0.lora_A.weight" in keys
@@ -161,3 +163,13 @@ def _keys(path):
 
     with safe_open(str(path), "pt") as f:
         return set(f.keys())
+
+
+def test_fp8_storage_follows_the_family_spec():
+    from engine.memory import quantize_model_fp8
+
+    converted = set(quantize_model_fp8(tiny(), "scaled"))
+    expected = {n for n, m in tiny().named_modules() if isinstance(m, torch.nn.Linear)
+                and n.startswith(("double_blocks.", "single_blocks.")) and "modulation" not in n and "norm" not in n}
+    assert converted == expected and "double_blocks.0.img_mod.linear" in converted   # Musubi quantizes img/txt_mod
+    assert "single_blocks.0.modulation.linear" not in converted
