@@ -77,3 +77,15 @@ def plain_file_name(value) -> str | None:
 
 
 VIDEO_SIZE = {"width": multiple_of_16, "height": multiple_of_16, "frames": frames_4k1}
+
+
+def size_inputs(width: int = 832, height: int = 480, frames: int | None = 81) -> dict:
+    """The width / height (/ frames) widgets of the video nodes, checked by VIDEO_SIZE when a prompt is queued."""
+    spec = {"width": ("INT", {"default": width, "min": 16, "max": 4096, "step": 16,
+                              "tooltip": "Width in pixels (multiple of 16)."}),
+            "height": ("INT", {"default": height, "min": 16, "max": 4096, "step": 16,
+                               "tooltip": "Height in pixels (multiple of 16)."})}
+    if frames is not None:
+        spec["frames"] = ("INT", {"default": frames, "min": 1, "max": 1025, "step": 4,
+                                  "tooltip": "Frames, 4k+1 (1 = a still image)."})
+    return spec

@@ -439,13 +439,17 @@ class MusubiCacheLatents:
             "vae": (T.VAE, {"tooltip": "The Wan 2.1 VAE (the one the model was trained with)."}),
             "task": (TASKS, {"default": "t2v",
                      "tooltip": "t2v: latents only; i2v: + first-frame conditioning and CLIP features (needs "
-                                "clip_vision); fun_control: + control-video latents (needs control files)."}),
+                                "clip_vision; also one-frame datasets, for I2V or FLF2V intermediate-frame "
+                                "training); fun_control: + control-video latents (needs control files), with "
+                                "clip_vision connected also the start image and its CLIP features (I2V "
+                                "Fun-Control)."}),
             "keep_cache": ("BOOLEAN", {"default": False,
                            "tooltip": "Keep cache files of items no longer in the dataset (off: they are deleted)."}),
             "workers": ("INT", {"default": 2, "min": 0, "max": 32,
                         "tooltip": "Threads decoding media ahead of the VAE (0 = decode in the main thread)."}),
         }, "optional": {
-            "clip_vision": (T.CLIP_VISION, {"tooltip": "CLIP ViT-H/14 for Wan 2.1 I2V (required for task i2v)."}),
+            "clip_vision": (T.CLIP_VISION, {"tooltip": "CLIP ViT-H/14 for Wan 2.1 I2V (required for task i2v; "
+                                                       "with fun_control: I2V Fun-Control)."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def cache(self, dataset, vae, task, keep_cache, workers, clip_vision=None, unique_id=None):

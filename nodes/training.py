@@ -929,6 +929,18 @@ class MusubiTrainSteps:
                 samples_image(run))
 
 
+def _image_conditioning(image_embeds, width, height, frames) -> tuple:
+    """(task, conditioning, clip_fea) of an IMAGE_EMBEDS value for a prompt of this size; Nones without one."""
+    if image_embeds is None:
+        return None, None, None
+    if not isinstance(image_embeds, dict) or "conditioning" not in image_embeds:
+        raise invalid("image_embeds", type(image_embeds).__name__, "conditioning from a Musubi Wan ... Encode node")
+    size = (image_embeds.get("width"), image_embeds.get("height"), image_embeds.get("frames"))
+    if size != (width, height, frames):
+        raise invalid("image_embeds", size, f"this prompt's width/height/frames {(width, height, frames)}")
+    return image_embeds.get("task"), image_embeds["conditioning"], image_embeds.get("clip_fea")
+
+
 class MusubiValidationPrompt:
     DESCRIPTION = ("One prompt to sample during training (Musubi Init Training's validation_prompts) with its size, "
                    "length, seed, steps and guidance. Chain several: connect a previous Validation Prompt to "
@@ -949,10 +961,7 @@ class MusubiValidationPrompt:
         return {"required": {
             "embeds": (T.EMBEDS, {"tooltip": "Prompt embeddings from Musubi Wan Text Encode (its negative prompt is "
                                              "used for guidance)."}),
-            "width": ("INT", {"default": 256, "min": 16, "max": 4096, "step": 16, "tooltip": "Width (multiple of 16)."}),
-            "height": ("INT", {"default": 256, "min": 16, "max": 4096, "step": 16,
-                       "tooltip": "Height (multiple of 16)."}),
-            "frames": ("INT", {"default": 1, "min": 1, "max": 1025, "step": 4, "tooltip": "Frames, 4k+1 (1 = image)."}),
+            **checks.size_inputs(256, 256, 1),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1, "control_after_generate": False,
                      "tooltip": "Noise seed (fixed, so samples at different steps are comparable)."}),
             "steps": ("INT", {"default": 20, "min": 1, "max": 1000, "tooltip": "Denoising steps."}),
@@ -982,16 +991,7 @@ class MusubiValidationPrompt:
         if not isinstance(previous, (list, tuple)) or not all(isinstance(p, ValidationPrompt) for p in previous):
             raise invalid("validation_prompts", type(previous).__name__, "VALIDATION_PROMPTS from Musubi Validation "
                                                                          "Prompt")
-        task = conditioning = clip_fea = None
-        if image_embeds is not None:
-            if not isinstance(image_embeds, dict) or "conditioning" not in image_embeds:
-                raise invalid("image_embeds", type(image_embeds).__name__, "conditioning from a Musubi Wan ... Encode "
-                                                                           "node")
-            size = (image_embeds.get("width"), image_embeds.get("height"), image_embeds.get("frames"))
-            if size != (width, height, frames):
-                raise invalid("image_embeds", size, f"this prompt's width/height/frames {(width, height, frames)}")
-            task, conditioning = image_embeds.get("task"), image_embeds["conditioning"]
-            clip_fea = image_embeds.get("clip_fea")
+        task, conditioning, clip_fea = _image_conditioning(image_embeds, width, height, frames)
         negative = embeds.get("negative_context")
         prompt = ValidationPrompt(
             context=compat.unwrap_inference_tensor(embeds["context"]),
@@ -1023,10 +1023,7 @@ class MusubiValidate:
             "session": (T.TRAINING_SESSION, {"tooltip": "The training session to sample with."}),
             "vae": (T.VAE, {"tooltip": "The Wan VAE to decode the samples."}),
             "embeds": (T.EMBEDS, {"tooltip": "Prompt embeddings from Musubi Wan Text Encode."}),
-            "width": ("INT", {"default": 256, "min": 16, "max": 4096, "step": 16, "tooltip": "Width (multiple of 16)."}),
-            "height": ("INT", {"default": 256, "min": 16, "max": 4096, "step": 16,
-                       "tooltip": "Height (multiple of 16)."}),
-            "frames": ("INT", {"default": 1, "min": 1, "max": 1025, "step": 4, "tooltip": "Frames, 4k+1 (1 = image)."}),
+            **checks.size_inputs(256, 256, 1),
             "steps": ("INT", {"default": 20, "min": 1, "max": 1000, "tooltip": "Denoising steps."}),
             "guidance_scale": ("FLOAT", {"default": 5.0, "min": 1.0, "max": 30.0, "step": 0.1,
                                "tooltip": "Classifier-free guidance scale."}),
@@ -1034,10 +1031,14 @@ class MusubiValidate:
                       "tooltip": "Flow shift; 0 = the task default."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1, "control_after_generate": False,
                      "tooltip": "Noise seed."}),
+        }, "optional": {
+            "image_embeds": (T.IMAGE_EMBEDS, {"tooltip": "I2V/FLF2V, Fun-Control or one-frame conditioning (Musubi "
+                                                         "Wan ... Encode) with the same width/height/frames, for a "
+                                                         "session training an image-conditioned model."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def validate(self, session, vae, embeds, width, height, frames, steps, guidance_scale, shift, seed,
-                 unique_id=None):
+                 image_embeds=None, unique_id=None):
         from ..engine.training import ValidationPrompt, run_validation
 
         out = _session_output(session)
@@ -1046,11 +1047,17 @@ class MusubiValidate:
             raise invalid("width/height", (width, height), "multiples of 16")
         if not isinstance(embeds, dict) or "context" not in embeds:
             raise invalid("embeds", type(embeds).__name__, "prompt embeddings from Musubi Wan Text Encode")
+        task, conditioning, clip_fea = _image_conditioning(image_embeds, width, height, frames)
         run = out.run
-        run.activate(compat.torch_device())
         prompt = ValidationPrompt(context=embeds["context"], negative_context=embeds.get("negative_context"),
                                   width=width, height=height, frames=frames, seed=int(seed), steps=steps,
-                                  guidance_scale=guidance_scale, shift=shift or None)
+                                  guidance_scale=guidance_scale, shift=shift or None, task=task,
+                                  clip_fea=clip_fea, conditioning=conditioning)
+        from ..engine.families import family_of
+        from ..engine.training.validation import build_request
+
+        family_of(run.model).check_sampling(run.model, build_request(run.model, prompt))   # before any move
+        run.activate(compat.torch_device())
         bar = compat.Progress(steps, unique_id)
         (latents,) = run_validation(run.model, [prompt], run.network, None, None,
                                     lambda step, total, x0: bar.update(step))

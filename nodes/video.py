@@ -11,8 +11,13 @@ from . import comfy_compat as compat
 from . import checks
 from .paths import check_write_path
 from .placement import on_compute_device
-from ..engine.data.buckets import fit_frames
+from ..engine.data.buckets import RESIZE_MODES, fit_frames
 from ..engine.errors import invalid
+
+RESIZE_INPUT = (list(RESIZE_MODES), {"default": "stretch", "tooltip": (
+    "How images of another aspect ratio are fitted to width x height: stretch (ComfyUI's usual resize), crop (keep "
+    "the aspect ratio, cut the overhang at the centre, as the training buckets do) or pad (keep all of the image, "
+    "black bars).")})
 
 
 def image_to_video_tensor(image: torch.Tensor, width: int, height: int, field: str,

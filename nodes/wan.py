@@ -11,7 +11,7 @@ from . import types as T
 from .loading import DTYPES, model_choices, owner_of, resolve_source, room_for, source_identity
 from .placement import dit_on_device, on_compute_device
 from .registry import MODELS
-from .video import decode_video, image_to_video_tensor, video_frames_tensor, video_to_image
+from .video import RESIZE_INPUT, decode_video, image_to_video_tensor, video_frames_tensor, video_to_image
 from ..engine.errors import invalid
 from ..engine.handle import ModelHandle, RunOptions
 
@@ -31,6 +31,7 @@ VAE_EXPECTED = "a VAE from Musubi Wan VAE Loader"
 TEXT_ENCODER_EXPECTED = "a text encoder from Musubi umT5 Text Encoder Loader"
 CLIP_EXPECTED = "a CLIP vision model from Musubi CLIP Vision Loader"
 CFG_SKIP = ["none", "early", "late", "middle", "early_late", "alternate"]
+END_IMAGE_MODES = ["flf2v", "i2v_extra_frame"]
 
 
 
@@ -279,30 +280,41 @@ class MusubiWanImageEncode:
             "vae": (T.VAE, {"tooltip": "The Wan VAE."}),
             "clip_vision": (T.CLIP_VISION, {"tooltip": "The CLIP ViT-H/14 image encoder."}),
             "start_image": ("IMAGE", {"tooltip": "The first frame of the video."}),
-            "width": ("INT", {"default": 832, "min": 16, "max": 4096, "step": 16, "tooltip": "Video width (multiple of 16)."}),
-            "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16, "tooltip": "Video height (multiple of 16)."}),
-            "frames": ("INT", {"default": 81, "min": 1, "max": 1025, "step": 4, "tooltip": "Video length, 4k+1 frames."}),
+            **checks.size_inputs(),
         }, "optional": {
-            "end_image": ("IMAGE", {"tooltip": "Optional last frame (FLF2V models)."}),
+            "end_image": ("IMAGE", {"tooltip": "Optional last frame (FLF2V models; with end_image_mode "
+                                               "i2v_extra_frame, an I2V model)."}),
+            "end_image_mode": (END_IMAGE_MODES, {"default": "flf2v",
+                               "tooltip": "How the end image conditions the video. flf2v: an FLF2V model's first/last "
+                                          "frame (both CLIP features). i2v_extra_frame: Musubi's unofficial end "
+                                          "frame for a plain I2V model, encoded alone as one extra latent frame "
+                                          "(the video is 4 frames longer; trim them with the sampler's "
+                                          "trim_tail_frames, e.g. 3)."}),
+            "resize_mode": RESIZE_INPUT,
         }}
 
-    def encode(self, vae, clip_vision, start_image, width, height, frames, end_image=None):
+    def encode(self, vae, clip_vision, start_image, width, height, frames, end_image=None, end_image_mode="flf2v",
+               resize_mode="stretch"):
         from ..engine.families.wan.pipeline import prepare_flf2v, prepare_i2v
 
+        if end_image_mode not in END_IMAGE_MODES:
+            raise invalid("end_image_mode", end_image_mode, f"one of {END_IMAGE_MODES}")
         vae, clip_vision = T.handle(vae, "vae", VAE_EXPECTED), T.handle(clip_vision, "clip_vision", CLIP_EXPECTED)
         _check_size(width, height)
-        first = image_to_video_tensor(start_image, width, height, "start_image")
-        last = image_to_video_tensor(end_image, width, height, "end_image") if end_image is not None else None
+        first = image_to_video_tensor(start_image, width, height, "start_image", resize_mode)
+        last = image_to_video_tensor(end_image, width, height, "end_image", resize_mode) \
+            if end_image is not None else None
+        flf2v = last is not None and end_image_mode == "flf2v"
         with on_compute_device(clip_vision):
             clips = [clip_vision.module.encode(first[None])[0]]
-            if last is not None:
+            if flf2v:   # an I2V model takes the start image's CLIP features only
                 clips.append(clip_vision.module.encode(last[None])[0])
         with on_compute_device(vae):
-            cond = (prepare_i2v(vae.module, first, frames) if last is None
-                    else prepare_flf2v(vae.module, first, last, frames))
+            cond = (prepare_flf2v(vae.module, first, last, frames) if flf2v
+                    else prepare_i2v(vae.module, first, frames, end_image=last))
         clip_fea = torch.cat(clips).float().cpu()
         return ({"conditioning": cond, "clip_fea": clip_fea, "width": width, "height": height, "frames": frames,
-                 "task": "i2v" if last is None else "flf2v"},)
+                 "task": "flf2v" if flf2v else "i2v"},)
 
 
 def _check_size(width: int, height: int) -> None:
@@ -328,23 +340,24 @@ class MusubiWanFunControlEncode:
         return {"required": {
             "vae": (T.VAE, {"tooltip": "The Wan VAE."}),
             "control_video": ("IMAGE", {"tooltip": "Control frames; at least `frames` of them (the first are used)."}),
-            "width": ("INT", {"default": 832, "min": 16, "max": 4096, "step": 16, "tooltip": "Video width (multiple of 16)."}),
-            "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16, "tooltip": "Video height (multiple of 16)."}),
-            "frames": ("INT", {"default": 81, "min": 1, "max": 1025, "step": 4, "tooltip": "Video length, 4k+1 frames."}),
+            **checks.size_inputs(),
         }, "optional": {
             "start_image": ("IMAGE", {"tooltip": "Optional first frame (needs clip_vision too)."}),
             "clip_vision": (T.CLIP_VISION, {"tooltip": "CLIP ViT-H/14, required with a start image."}),
+            "resize_mode": RESIZE_INPUT,
         }}
 
-    def encode(self, vae, control_video, width, height, frames, start_image=None, clip_vision=None):
+    def encode(self, vae, control_video, width, height, frames, start_image=None, clip_vision=None,
+               resize_mode="stretch"):
         from ..engine.families.wan.pipeline import prepare_fun_control
 
         vae = T.handle(vae, "vae", VAE_EXPECTED)
         _check_size(width, height)
         if start_image is not None and clip_vision is None:
             raise invalid("clip_vision", None, "a CLIP vision model when a start image is given")
-        control = video_frames_tensor(control_video, width, height, "control_video")
-        image = image_to_video_tensor(start_image, width, height, "start_image") if start_image is not None else None
+        control = video_frames_tensor(control_video, width, height, "control_video", resize_mode)
+        image = image_to_video_tensor(start_image, width, height, "start_image", resize_mode) \
+            if start_image is not None else None
         clip_fea = None
         if image is not None:
             clip_vision = T.handle(clip_vision, "clip_vision", CLIP_EXPECTED)
@@ -357,9 +370,10 @@ class MusubiWanFunControlEncode:
 
 
 class MusubiWanOneFrameEncode:
-    DESCRIPTION = ("One-frame inference (Musubi's one_frame_inference, for I2V models): generate a single frame at "
-                   "`target_index` from one or two control images placed at `control_indices` on the time axis — "
-                   "edits, poses and next-frame prediction. Set the sampler's frames to 1.")
+    DESCRIPTION = ("One-frame inference (Musubi's one_frame_inference, for I2V models; FLF2V models with two control "
+                   "images for intermediate frames, e.g. control_indices '0;2', target_index 1): generate a single "
+                   "frame at `target_index` from one or two control images placed at `control_indices` on the time "
+                   "axis — edits, poses and next-frame prediction. Set the sampler's frames to 1.")
     CATEGORY = "Musubi/generation"
     FUNCTION = "encode"
     RETURN_TYPES = (T.IMAGE_EMBEDS,)
@@ -374,18 +388,19 @@ class MusubiWanOneFrameEncode:
     def INPUT_TYPES(cls):
         return {"required": {
             "vae": (T.VAE, {"tooltip": "The Wan VAE."}),
-            "clip_vision": (T.CLIP_VISION, {"tooltip": "CLIP ViT-H/14 (features of the first control image are used)."}),
+            "clip_vision": (T.CLIP_VISION, {"tooltip": "CLIP ViT-H/14: features of every control image (an I2V "
+                                                       "model uses the first image's, an FLF2V model both)."}),
             "control_image": ("IMAGE", {"tooltip": "The first control image."}),
             "control_indices": ("STRING", {"default": "0", "tooltip": "Frame index of each control image, e.g. '0' or '0;10'."}),
             "target_index": ("INT", {"default": 9, "min": 0, "max": 1000, "tooltip": "Frame index of the generated frame."}),
-            "width": ("INT", {"default": 832, "min": 16, "max": 4096, "step": 16, "tooltip": "Width (multiple of 16)."}),
-            "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16, "tooltip": "Height (multiple of 16)."}),
+            **checks.size_inputs(frames=None),
         }, "optional": {
             "control_image_2": ("IMAGE", {"tooltip": "Optional second control image (needs two control indices)."}),
+            "resize_mode": RESIZE_INPUT,
         }}
 
     def encode(self, vae, clip_vision, control_image, control_indices, target_index, width, height,
-               control_image_2=None):
+               control_image_2=None, resize_mode="stretch"):
         from ..engine.families.wan.pipeline import prepare_one_frame
 
         vae, clip_vision = T.handle(vae, "vae", VAE_EXPECTED), T.handle(clip_vision, "clip_vision", CLIP_EXPECTED)
@@ -394,11 +409,11 @@ class MusubiWanOneFrameEncode:
             indices = [int(s) for s in control_indices.replace(",", ";").split(";") if s.strip()]
         except ValueError:
             raise invalid("control_indices", control_indices, "frame indices separated by ';', e.g. '0;10'") from None
-        images = [image_to_video_tensor(control_image, width, height, "control_image")]
+        images = [image_to_video_tensor(control_image, width, height, "control_image", resize_mode)]
         if control_image_2 is not None:
-            images.append(image_to_video_tensor(control_image_2, width, height, "control_image_2"))
-        with on_compute_device(clip_vision):
-            clip_fea = clip_vision.module.encode(images[0][None])[0].float().cpu()
+            images.append(image_to_video_tensor(control_image_2, width, height, "control_image_2", resize_mode))
+        with on_compute_device(clip_vision):   # [257 · controls, clip_dim], first control first
+            clip_fea = torch.cat([clip_vision.module.encode(im[None])[0] for im in images]).float().cpu()
         with on_compute_device(vae):
             cond = prepare_one_frame(vae.module, images, indices, target_index)
         return ({"conditioning": cond, "clip_fea": clip_fea, "width": width, "height": height, "frames": 1,
@@ -426,9 +441,7 @@ class MusubiWanSampler:
         return {"required": {
             "model": (T.DIT, {"tooltip": "The Wan DiT (optionally with LoRAs applied or trained)."}),
             "embeds": (T.EMBEDS, {"tooltip": "Prompt embeddings from Musubi Wan Text Encode."}),
-            "width": ("INT", {"default": 832, "min": 16, "max": 4096, "step": 16, "tooltip": "Width in pixels (multiple of 16)."}),
-            "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16, "tooltip": "Height in pixels (multiple of 16)."}),
-            "frames": ("INT", {"default": 81, "min": 1, "max": 1025, "step": 4, "tooltip": "Frames, 4k+1 (1 = a still image)."}),
+            **checks.size_inputs(),
             "steps": ("INT", {"default": 0, "min": 0, "max": 1000,
                       "tooltip": "Denoising steps; 0 = the official default of the task (50 T2V, 40 I2V/FLF2V)."}),
             "guidance_scale": ("FLOAT", {"default": 5.0, "min": 1.0, "max": 30.0, "step": 0.1,
@@ -455,11 +468,15 @@ class MusubiWanSampler:
             "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
                            "tooltip": "Videos generated together (video b uses seed + b, so each is the video a "
                                       "batch of 1 gives with that seed). Decoded one after another."}),
+            "trim_tail_frames": ("INT", {"default": 0, "min": 0, "max": 1024,
+                                 "tooltip": "Drop this many frames at the end of the decoded video (Musubi "
+                                            "--trim_tail_frames; e.g. 3 with an I2V end image, which adds 4 frames). "
+                                            "Applied by Musubi Wan VAE Decode on the `latents` output."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def sample(self, model, embeds, width, height, frames, steps, guidance_scale, shift, solver, seed, noise_device,
                image_embeds=None, cfg_skip_mode="none", cfg_apply_ratio=1.0, slg_layers="", slg_scale=3.0,
-               slg_start=0.0, slg_end=0.3, offload_after=True, batch_size=1, unique_id=None):
+               slg_start=0.0, slg_end=0.3, offload_after=True, batch_size=1, trim_tail_frames=0, unique_id=None):
         from ..engine.families.wan.pipeline import WanGenerateRequest, generate
 
         try:
@@ -475,6 +492,17 @@ class MusubiWanSampler:
             raise invalid("image_embeds", None, f"a start image from Musubi Wan Image Encode: the loaded "
                                                 f"{model.config.variant} model is an image-to-video model")
         task = image_embeds["task"] if image_embeds is not None else ("t2i" if frames == 1 else "t2v")
+        if task == "flf2v" and kind == "i2v":
+            raise invalid("image_embeds", "first/last-frame (FLF2V) conditioning",
+                          f"I2V conditioning for the loaded {model.config.variant} I2V model: set Musubi Wan Image "
+                          "Encode's end_image_mode to i2v_extra_frame to use the end image with an I2V model")
+        cond = image_embeds["conditioning"] if image_embeds is not None else None
+        extra = getattr(cond, "extra_latent_frames", 0) if cond is not None else 0
+        decoded = 1 if task == "one_frame" else frames + 4 * extra
+        if isinstance(trim_tail_frames, bool) or not isinstance(trim_tail_frames, int) \
+                or not 0 <= trim_tail_frames < decoded:
+            raise invalid("trim_tail_frames", trim_tail_frames,
+                          f"0..{decoded - 1} (fewer than the {decoded} decoded frames)")
         if image_embeds is not None and (image_embeds["width"], image_embeds["height"], image_embeds["frames"]) != \
                 (width, height, frames):
             raise invalid("image_embeds", (image_embeds["width"], image_embeds["height"], image_embeds["frames"]),
@@ -502,7 +530,10 @@ class MusubiWanSampler:
         from ..engine.families.wan.vae import to_raw_latents
 
         latents = latents.float().cpu()
-        return ({"samples": latents, "fps": 16.0, "task": task}, {"samples": to_raw_latents(latents)})
+        out = {"samples": latents, "fps": 16.0, "task": task}
+        if trim_tail_frames:
+            out["trim_tail_frames"] = int(trim_tail_frames)
+        return (out, {"samples": to_raw_latents(latents)})
 
 
 class MusubiWanVAEDecode:
@@ -522,7 +553,8 @@ class MusubiWanVAEDecode:
                           "tooltip": "Spatial tile size in pixels (0 = no tiling; tiling lowers VRAM)."}),
             "tile_overlap": ("INT", {"default": 64, "min": 0, "max": 1024, "step": 16, "tooltip": "Tile overlap in pixels."}),
         }, "optional": {
-            "latents": (T.LATENTS, {"tooltip": "Latents from the Musubi sampler (connect this or `latent`)."}),
+            "latents": (T.LATENTS, {"tooltip": "Latents from the Musubi sampler (connect this or `latent`); its "
+                                               "trim_tail_frames are dropped from the end of the video."}),
             "latent": ("LATENT", {"tooltip": "A core LATENT in Wan 2.1 format (from any node; connect this or "
                                              "`latents`)."}),
         }}
@@ -541,6 +573,9 @@ class MusubiWanVAEDecode:
                               "a Wan 2.1 LATENT [batch, 16, frames, height/8, width/8]")
             latents = {"samples": from_raw_latents(samples)}
         video = decode_video(vae, latents["samples"], tile_size or None, tile_overlap if tile_size else None)
+        trim = int(latents.get("trim_tail_frames", 0) or 0)   # the sampler's trim_tail_frames (checked there)
+        if trim:
+            video = video[:, :, :max(1, video.shape[2] - trim)]
         return (video_to_image(video), float(latents.get("fps", 16.0)))
 
 

@@ -109,18 +109,19 @@ def test_cached_tensors_equal_prepare_one_frame(tmp_path, encoders, clean, targe
         # training latent: control latents (from the conditioning) in control slots, the target latent in its slot
         with torch.no_grad():
             target_latent = vae.encode(_pixels(tgt)[None, :, None])[0, :, 0]
-            clip_ref = clip.encode(_pixels(ctrls[0])[None])[0]
+            # every control image's CLIP tokens, in control order (an FLF2V model takes both, an I2V model the first)
+            clip_ref = torch.cat([clip.encode(_pixels(c)[None])[0] for c in ctrls])
         torch.testing.assert_close(t["latents"][:, slot], target_latent)
         ctrl_slots = [i for i in range(n) if i != slot]
         torch.testing.assert_close(t["latents"][:, ctrl_slots], ref.y[4:, ctrl_slots].float())
         assert (t["latents_image"][:4, ctrl_slots] == 1).all() and (t["latents_image"][:4, slot] == 0).all()
-        assert t["clip"].shape == (257, clip_ref.shape[-1])
+        assert t["clip"].shape == (257 * len(clean), clip_ref.shape[-1])
         torch.testing.assert_close(t["clip"], clip_ref)
 
     cached = check_cache_for_model(cfg, wan_cache_requirements(text_dim=32, i2v=True, clip=True, one_frame=True))
     batch = next(iter(CachedBatchLoader(cached, seed=0)))
     assert batch["latents"].shape == (1, 16, n, 4, 4) and batch["y"].shape == (1, 20, n, 4, 4)
-    assert batch["clip_fea"].shape == (1, 257, 32)
+    assert batch["clip_fea"].shape == (1, 257 * len(clean), 32)
     assert batch["frame_indices"].tolist() == [order] and batch["target_slot"].tolist() == [slot]
 
 
@@ -210,3 +211,49 @@ def test_one_frame_training_loss_on_target_frame_only_and_falls(tmp_path, encode
         torch.testing.assert_close(pred, out[:, :, 1:2])
     assert losses[0] == pytest.approx(float(real_loss(*seen["loss_in"][0])), rel=1e-5)
     assert sum(losses[-8:]) / 8 < 0.8 * sum(losses[:8]) / 8, losses
+
+
+def test_two_control_caches_made_before_both_clip_images_are_re_encoded(tmp_path, encoders, monkeypatch):
+    """Two-control one-frame caches used to hold the first control's CLIP tokens only (an FLF2V model needs both):
+    their cache key changes, so the next caching run re-encodes them; one-control datasets keep their caches."""
+    _write_dataset(tmp_path, 2)
+    cfg = _config(tmp_path, "fp_1f_clean_indices = [0, 2]\nfp_1f_target_index = 1")
+    with monkeypatch.context() as m:   # a cache written before the change: no per-dataset description
+        m.setattr(WanCacheAdapter, "dataset_latent_description", lambda self, ds: {}, raising=False)
+        build_cache(cfg, _adapter(encoders))
+    report = build_cache(cfg, _adapter(encoders))
+    assert len(report.latents_encoded) == N_ITEMS and report.texts_encoded == []
+    assert _cache_file(tmp_path, "item0")["clip"].shape == (514, 32)
+
+    one = tmp_path / "one"
+    _write_dataset(one, 1)
+    cfg1 = _config(one, "fp_1f_clean_indices = [0]\nfp_1f_target_index = 9")
+    with monkeypatch.context() as m:
+        m.setattr(WanCacheAdapter, "dataset_latent_description", lambda self, ds: {}, raising=False)
+        build_cache(cfg1, _adapter(encoders))
+    assert build_cache(cfg1, _adapter(encoders)).latents_encoded == []
+
+
+@pytest.mark.parametrize("preset, tokens", [("tiny-i2v", 257), ("tiny-flf2v", 514)])
+def test_two_control_one_frame_batch_gives_each_model_its_clip_tokens(preset, tokens):
+    """A two-control one-frame batch holds both images' CLIP tokens (514): the FLF2V model trains on both, an I2V
+    model on the first image's 257 — what `pipeline.one_frame_clip` gives them at inference."""
+    from engine.families.wan.family import FAMILY
+
+    g = torch.Generator().manual_seed(0)
+    clip = torch.randn(1, 514, 32, generator=g)
+    batch = {"latents": torch.randn(1, 16, 3, 4, 4, generator=g), "context": [torch.randn(5, 32, generator=g)],
+             "y": torch.randn(1, 20, 3, 4, 4, generator=g), "clip_fea": clip,
+             "frame_indices": torch.tensor([[0, 1, 2]]), "target_slot": torch.tensor([1])}
+    model = load_wan_dit(f"preset:{preset}", dtype=torch.float32)
+    FAMILY.check_batch(model, batch)
+    seen = []
+    model.register_forward_hook(lambda mod, args, kwargs, out: seen.append(kwargs["clip_fea"]), with_kwargs=True)
+    noisy = torch.randn(1, 16, 3, 4, 4, generator=g)
+    pred, target = FAMILY.training_forward(model, batch, noisy, torch.tensor([500.0]), noisy)
+    assert pred.shape == target.shape == (1, 16, 1, 4, 4)
+    torch.testing.assert_close(seen[0], clip[:, :tokens])
+
+    if preset == "tiny-flf2v":   # one control image's tokens: refused naming what the FLF2V model needs
+        with pytest.raises(MusubiInputError, match="two control images"):
+            FAMILY.check_batch(model, {**batch, "clip_fea": clip[:, :257]})

@@ -7,9 +7,10 @@ import torch
 from engine.errors import MusubiInputError
 from engine.families.hunyuan.vae import (
     SCALING_FACTOR, TINY_VAE_PRESET, HunyuanVAE, HunyuanVAEConfig, build_vae_preset_state_dict, from_latent,
-    from_raw_latents, infer_vae_config, load_hunyuan_vae, temporal_tiled_apply, tiny_vae_config, to_latent,
+    from_raw_latents, infer_vae_config, load_hunyuan_vae, tiny_vae_config, to_latent,
     to_raw_latents, write_vae_preset,
 )
+from engine.tiling import temporal_tiled_apply
 
 # float32 end to end. Encode matches diffusers bit for bit (same ops in the same order); decode differs by ~4e-6 of
 # the output's magnitude (the frame-causal attention is computed frame by frame instead of under a mask). 1e-4

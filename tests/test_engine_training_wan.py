@@ -237,3 +237,36 @@ def test_held_out_eval_loss_is_deterministic_equals_a_hand_computation_and_leave
                 errors.append(((pred - (noise - x0)) ** 2).mean().item())
     assert abs(sum(errors) / len(errors) - a.history.eval_losses[-1]) < 1e-6
     assert a.evaluate() == a.history.eval_losses[-1]     # the same numbers whenever it runs
+
+
+def test_i2v_fun_control_training_conditioning_equals_inference():
+    """An I2V Fun-Control cache (control latents + I2V image latents + CLIP) gives the DiT the `y` of inference's
+    `prepare_fun_control`: the start image's latent in latent frame 0 only (VideoX-Fun), zeros elsewhere. Training
+    used to feed the cached I2V latents of every frame (VAE of the gray padding frames)."""
+    import numpy as np
+
+    from engine.data.encoding import Clip, strip_key
+    from engine.encoders import load_clip_vision
+    from engine.families.wan.cache import WanCacheAdapter
+    from engine.families.wan.family import build_y
+    from engine.families.wan.pipeline import prepare_fun_control
+    from engine.families.wan.vae import load_wan_vae
+
+    vae = load_wan_vae("preset:tiny-vae", dtype=torch.float32)
+    vae.identity = "preset:tiny-vae"
+    clip = load_clip_vision("preset:tiny-clip", dtype=torch.float32)
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (9, 32, 32, 3), dtype=np.uint8)
+    control = rng.integers(0, 256, (9, 32, 32, 3), dtype=np.uint8)
+    stored = WanCacheAdapter(vae=vae, clip=clip, control=True, dtype=torch.float32).encode_clip(Clip(frames, control))
+    batch = WanCacheAdapter.collate([{strip_key(k): v for k, v in stored.items()}])
+    assert batch["y"].shape == (1, 20, 3, 4, 4) and batch["clip_fea"].shape == (1, 257, 32)
+
+    def pixels(a):
+        return torch.from_numpy(a).float().permute(3, 0, 1, 2) / 127.5 - 1.0     # [3, F, H, W] in [-1, 1]
+
+    ref = prepare_fun_control(vae, pixels(control), 9, image=pixels(frames)[:, 0])
+    y = build_y(batch, 32)
+    assert y.shape == (1, 32, 3, 4, 4)
+    torch.testing.assert_close(y[0], ref.y, rtol=1e-4, atol=1e-4)
+    assert (y[0, 16:, 1:] == 0).all() and y[0, 16:, 0].abs().sum() > 0

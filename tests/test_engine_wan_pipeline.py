@@ -70,7 +70,8 @@ class Spy:
     def __enter__(self):
         def forward(x, t, context, clip_fea=None, y=None, skip_blocks=None, frame_indices=None):
             self.calls.append(dict(batch=x.shape[0], t=t.clone(), skip=skip_blocks, frame_indices=frame_indices,
-                                   y=None if y is None else y.shape, contexts=[c.shape[0] for c in context]))
+                                   y=None if y is None else y.shape, contexts=[c.shape[0] for c in context],
+                                   clip_fea=clip_fea))
             return self._orig(self.model, x, t, context, clip_fea, y, skip_blocks, frame_indices)
         self.model.forward = forward
         return self
@@ -277,6 +278,14 @@ def test_one_frame_layout_and_frame_indices(models, prompts, vae):
     c2 = prepare_one_frame(vae, [ctrl, _image(13)], control_indices=[2, 0], target_index=1)
     assert c2.frame_indices == (0, 1, 2) and c2.target_slot == 1
     assert c2.y[0].flatten(1).amax(1).tolist() == [1, 0, 1]
+    # two controls carry both images' CLIP tokens: the FLF2V model gets all 514, the I2V model the first image's 257
+    both = torch.randn(514, CLIP_DIM, generator=torch.Generator().manual_seed(14))
+    for name, tokens in (("flf2v", 514), ("i2v", 257)):
+        with Spy(models[name]) as spy:
+            generate(models[name], _req(prompts, "one_frame", frames=None, conditioning=c2, clip_fea=both))
+        torch.testing.assert_close(spy.calls[0]["clip_fea"][0], both[:tokens])
+    with pytest.raises(MusubiInputError, match="two control images"):   # FLF2V with one control image's tokens
+        generate(models["flf2v"], _req(prompts, "one_frame", frames=None, conditioning=c, clip_fea=clip))
 
 
 # --- validation (all before the first model call) -----------------------------------------------------------------

@@ -7,8 +7,9 @@ from engine.checkpoint import Checkpoint
 from engine.errors import MusubiInputError
 from engine.families.wan.vae import (
     LATENT_MEAN, LATENT_STD, TINY_VAE_PRESET, WanVAE, WanVAEConfig, build_vae_preset_state_dict, infer_vae_config,
-    load_wan_vae, ramp_weights, tile_starts, tiled_apply, tiny_vae_config, write_vae_preset,
+    load_wan_vae, tiny_vae_config, write_vae_preset,
 )
+from engine.tiling import ramp_weights, tile_starts, tiled_apply
 
 # float32 end to end; the two implementations run the same math in a different op order, so differences are
 # round-off (~1e-6 observed). 1e-4 relative to the output's magnitude leaves headroom yet catches any real mismatch

@@ -442,3 +442,20 @@ def test_bad_advanced_training_inputs_are_refused_by_name(comfy, data, tmp_path,
     p["5" if field == "num_timestep_buckets" else "4"]["inputs"][field] = value
     comfy.run(p, expect_success=False)
     assert field in comfy.error_message()
+
+
+def test_lora_config_network_weights_continues_a_saved_loha(comfy, data, tmp_path):
+    """LoRA Config's network_weights with a LyCORIS kind: the new session starts from the saved LoHa's weights."""
+    p = train_prompt(tmp_path / "first", steps=2, max_steps=2, rank=4)
+    p["3"]["inputs"]["network_kind"] = "loha"
+    comfy.run(p)
+    (first,) = [r for r in sessions(comfy) if r.session.config.output_dir == str(tmp_path / "first")]
+    saved = {k: v.clone() for k, v in first.session.network.state_dict().items()}
+
+    q = train_prompt(tmp_path / "second", rank=4, train_node=False)   # the session, no step
+    q["3"]["inputs"].update(network_kind="loha", network_weights=str(tmp_path / "first" / "lora.safetensors"))
+    comfy.run(q)
+    (second,) = [r for r in sessions(comfy) if r.session.config.output_dir == str(tmp_path / "second")]
+    assert second.session.step == 0
+    for k, v in second.session.network.state_dict().items():
+        torch.testing.assert_close(v, saved[k], rtol=0, atol=0, msg=k)

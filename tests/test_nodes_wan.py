@@ -58,6 +58,60 @@ def test_one_frame_generation(comfy):
     assert comfy.output("9").shape == (1, H, W, 3)
 
 
+def test_one_frame_intermediate_frame_generation_on_flf2v(comfy):
+    """FLF2V one-frame inference (control 0;2 -> target 1): the encoder carries both control images' CLIP tokens
+    (514, what the FLF2V model takes; it used to carry the first image's 257 and the sampler refused)."""
+    p = _base("preset:tiny-flf2v")
+    p["6b"] = {"class_type": "EmptyImage", "inputs": {"width": W, "height": H, "batch_size": 1, "color": 0xAA3322}}
+    p["7"] = {"class_type": "MusubiWanOneFrameEncode", "inputs": {"vae": ["3", 0], "clip_vision": ["4", 0],
+              "control_image": ["6", 0], "control_image_2": ["6b", 0], "control_indices": "0;2", "target_index": 1,
+              "width": W, "height": H}}
+    p["8"] = _sampler(1, "7")
+    p["9"] = {"class_type": "MusubiWanVAEDecode", "inputs": {"vae": ["3", 0], "latents": ["8", 0], "tile_size": 0, "tile_overlap": 64}}
+    p["10"] = {"class_type": "PreviewImage", "inputs": {"images": ["9", 0]}}
+    comfy.run(p)
+    embeds = comfy.output("7")
+    assert embeds["clip_fea"].shape == (514, 32)
+    assert not torch.equal(embeds["clip_fea"][:257], embeds["clip_fea"][257:])   # two different images
+    assert comfy.output("8")["samples"].shape == (1, 16, 1, H // 8, W // 8)
+    assert comfy.output("9").shape == (1, H, W, 3)
+
+    # one control image: refused naming what the FLF2V model needs
+    p["7"]["inputs"].pop("control_image_2")
+    p["7"]["inputs"]["control_indices"] = "0"
+    comfy.run(p, expect_success=False)
+    assert "two control images" in comfy.error_message(), comfy.error_message()
+
+
+def test_i2v_end_image_extra_frame_and_trim_tail_frames(comfy):
+    """Musubi's unofficial end image on a plain I2V model (one extra latent frame: 4 more frames) and
+    --trim_tail_frames (dropped after decoding); the FLF2V mode on an I2V model is refused naming the option."""
+    p = _base("preset:tiny-i2v")
+    p["6b"] = {"class_type": "EmptyImage", "inputs": {"width": W, "height": H, "batch_size": 1, "color": 0xAA3322}}
+    p["7"] = {"class_type": "MusubiWanImageEncode", "inputs": {"vae": ["3", 0], "clip_vision": ["4", 0],
+              "start_image": ["6", 0], "end_image": ["6b", 0], "end_image_mode": "i2v_extra_frame", "width": W,
+              "height": H, "frames": F}}
+    p["8"] = _sampler(F, "7")
+    p["8"]["inputs"]["trim_tail_frames"] = 3
+    p["9"] = {"class_type": "MusubiWanVAEDecode", "inputs": {"vae": ["3", 0], "latents": ["8", 0], "tile_size": 0, "tile_overlap": 64}}
+    p["10"] = {"class_type": "PreviewImage", "inputs": {"images": ["9", 0]}}
+    comfy.run(p)
+    embeds = comfy.output("7")
+    assert embeds["task"] == "i2v" and embeds["clip_fea"].shape == (257, 32)
+    assert embeds["conditioning"].y.shape == (20, (F - 1) // 4 + 2, H // 8, W // 8)
+    assert comfy.output("8")["samples"].shape == (1, 16, (F - 1) // 4 + 2, H // 8, W // 8)
+    assert comfy.output("9").shape == (F + 4 - 3, H, W, 3)
+
+    p["8"]["inputs"]["trim_tail_frames"] = F + 4          # as many as the video has: refused, input named
+    comfy.run(p, expect_success=False)
+    assert "trim_tail_frames" in comfy.error_message(), comfy.error_message()
+
+    p["8"]["inputs"]["trim_tail_frames"] = 0
+    p["7"]["inputs"]["end_image_mode"] = "flf2v"           # FLF2V conditioning on an I2V model
+    comfy.run(p, expect_success=False)
+    assert "end_image_mode" in comfy.error_message(), comfy.error_message()
+
+
 def test_saved_video_embeds_the_workflow(comfy):
     from engine.video_io import read_mp4_metadata
 

@@ -53,3 +53,34 @@ def test_sampler_batch_size_gives_the_videos_of_consecutive_seeds(comfy):
     single = comfy.output("4")["samples"]
     torch.testing.assert_close(batch[1:], single, rtol=1e-5, atol=1e-5)   # video 1 of the batch = seed + 1
     assert not torch.allclose(batch[0], batch[1])
+
+
+def test_image_encode_resize_mode_crop_equals_a_centre_cropped_image(comfy):
+    """A 2:1 start image fitted to a square: crop = the centre square as given; pad and stretch differ from it."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    wide = np.zeros((32, 64, 3), dtype=np.uint8)
+    wide[8:24, 24:40] = 255                                   # a white square in the middle
+    wide[:, :8] = (200, 30, 30)                               # a red band on the far left (cropped away)
+    inputs = Path(comfy.b.folder_paths.get_input_directory())
+    inputs.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(wide).save(inputs / "wide.png")
+    Image.fromarray(wide[:, 16:48]).save(inputs / "centre.png")
+    p = {"1": {"class_type": "MusubiWanVAELoader", "inputs": {"vae_name": "preset:tiny-vae", "dtype": "fp32",
+                                                             "cache_on_cpu": False}},
+         "2": {"class_type": "MusubiClipVisionLoader", "inputs": {"clip_name": "preset:tiny-clip", "dtype": "fp32"}}}
+    for node, image, mode in (("3", "wide.png", "crop"), ("4", "centre.png", "stretch"), ("5", "wide.png", "pad"),
+                              ("6", "wide.png", "stretch")):
+        p[f"{node}0"] = {"class_type": "LoadImage", "inputs": {"image": image}}
+        p[node] = {"class_type": "MusubiWanImageEncode", "inputs": {
+            "vae": ["1", 0], "clip_vision": ["2", 0], "start_image": [f"{node}0", 0], "width": 32, "height": 32,
+            "frames": 5, "resize_mode": mode}}
+        p[f"{node}1"] = {"class_type": "PreviewAny", "inputs": {"source": [node, 0]}}
+    comfy.run(p)
+    y = {n: comfy.output(n)["conditioning"].y for n in "3456"}
+    torch.testing.assert_close(y["3"], y["4"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(comfy.output("3")["clip_fea"], comfy.output("4")["clip_fea"], rtol=0, atol=1e-5)
+    assert not torch.allclose(y["5"], y["3"], atol=1e-3) and not torch.allclose(y["6"], y["3"], atol=1e-3)

@@ -224,7 +224,9 @@ def _plan_dataset(ds, adapter: CacheAdapter) -> _Plan:
                                                           "items": {}}
     latent_desc = adapter.latent_description()
     if latent_desc is not None:
-        latent_desc = {**latent_desc, "settings": cache_settings(ds), "target_fps": adapter.target_fps}
+        per_dataset = getattr(adapter, "dataset_latent_description", None)   # optional: what this dataset adds
+        latent_desc = {**latent_desc, **(per_dataset(ds) if per_dataset is not None else {}),
+                       "settings": cache_settings(ds), "target_fps": adapter.target_fps}
         latent_desc["key"] = _digest(latent_desc)
     text_desc = adapter.text_description()
     if text_desc is not None:

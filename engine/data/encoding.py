@@ -71,7 +71,9 @@ class CacheAdapter(Protocol):
     target_fps: float    # the family's training frame rate (source_fps frames are dropped to it)
 
     def latent_description(self) -> dict | None:
-        """Encoder identities + options that determine latent files; None = this run writes no latents."""
+        """Encoder identities + options that determine latent files; None = this run writes no latents. An adapter
+        may also define `dataset_latent_description(ds) -> dict`: what one dataset's latent files depend on besides
+        (added to that dataset's cache key)."""
 
     def text_description(self) -> dict | None:
         """Encoder identity + options that determine text files; None = this run writes no text caches."""

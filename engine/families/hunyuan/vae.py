@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from ...checkpoint import Checkpoint, load_into_module
 from ...errors import invalid
-from ..wan.vae import ramp_weights, tile_starts, tiled_apply
+from ...tiling import temporal_tiled_apply, tiled_apply
 
 SCALING_FACTOR = 0.476986
 SPATIAL_FACTOR = 8
@@ -320,32 +320,6 @@ def from_latent(latents: torch.Tensor) -> torch.Tensor:
 # parallel to the Wan VAE module's.
 to_raw_latents = from_latent
 from_raw_latents = to_latent
-
-
-def temporal_tiled_apply(fn, x: torch.Tensor, tile: int, overlap: int, in_step: int, out_step: int) -> torch.Tensor:
-    """Run `fn` on overlapping time windows of x [B, C, 1 + in_step*n, H, W] and blend to [B, C', 1 + out_step*n, ...].
-
-    Time is cut in whole steps (4 frames <-> 1 latent frame): a window of `tile` steps maps in_step*tile + 1 input
-    frames to out_step*tile + 1 output frames. Every window but the first drops its first output frame, which the
-    causal network computed as a lone first frame (the official temporal tiling does the same); the rest is averaged
-    with linear ramps over the out_step*overlap frames that neighbouring windows share."""
-    n = (x.shape[2] - 1) // in_step
-    starts = tile_starts(n, tile, overlap)
-    out = weight = None
-    for i, s in enumerate(starts):
-        span = min(tile, n)
-        piece = fn(x[:, :, in_step * s:in_step * (s + span) + 1])      # [B, C', out_step*span + 1, H', W']
-        o0 = out_step * s
-        if i > 0:
-            piece, o0 = piece[:, :, 1:], o0 + 1
-        if out is None:
-            out = torch.zeros(*piece.shape[:2], 1 + out_step * n, *piece.shape[3:], device=piece.device)
-            weight = torch.zeros(out.shape[2], device=piece.device)
-        w = ramp_weights(piece.shape[2], out_step * overlap, lead=i > 0, trail=i < len(starts) - 1).to(piece.device)
-        out[:, :, o0:o0 + piece.shape[2]] += piece.float() * w.view(1, 1, -1, 1, 1)
-        weight[o0:o0 + piece.shape[2]] += w
-        del piece
-    return out.div_(weight.view(1, 1, -1, 1, 1))
 
 
 def _check_tiling(tile_size: int, tile_overlap: int, temporal_tile: int, temporal_overlap: int) -> None:
@@ -698,6 +672,6 @@ def write_vae_preset(path: str | os.PathLike, seed: int = 0, dtype: torch.dtype 
 
 __all__ = [
     "SCALING_FACTOR", "TINY_VAE_PRESET", "HunyuanVAEConfig", "HunyuanVAE", "tiny_vae_config", "to_latent",
-    "from_latent", "to_raw_latents", "from_raw_latents", "temporal_tiled_apply", "infer_vae_config",
+    "from_latent", "to_raw_latents", "from_raw_latents", "infer_vae_config",
     "load_hunyuan_vae", "build_vae_preset_state_dict", "write_vae_preset",
 ]

@@ -92,7 +92,11 @@ class WanCacheAdapter:
                   latent in its slot (each a 1-frame encode); `latents_image_…` [20, n, H/8, W/8] = the `y` of
                   `pipeline.prepare_one_frame` (mask 1 on control slots, mid-gray latent in the target
                   slot); `f_indices_int32` [n] the RoPE frame positions; `f_target_slot_int32` [1] the target's slot;
-                  `clip` [257, clip_dim] of the first control image (required: one-frame uses an I2V model).
+                  `clip` [257 · controls, clip_dim]: the CLIP tokens of every control image in their order (required:
+                  one-frame uses an I2V model, which takes the first image's 257, or for intermediate frames an FLF2V
+                  model, which takes both images' 514; `pipeline.one_frame_clip`). Musubi stores [controls, 257, D].
+    Fun-Control with a CLIP encoder (I2V Fun-Control): the I2V tensors above and the control latents; training feeds
+                  only latent frame 0 of the image latents, as inference (`family.build_y`).
     Text file:    `varlen_t5` [L, text_dim] (true token length).
     Encoders are already loaded objects: `vae.encode([B,3,F,H,W] in [-1,1]) -> [B,16,F_lat,H/8,W/8]`,
     `text_encoder.encode(list[str]) -> list[[L, D]]`, `clip.encode([B,3,H,W] in [-1,1]) -> [B, 257, D]`; each has an
@@ -129,6 +133,15 @@ class WanCacheAdapter:
         if self.clip is not None:
             d["clip"] = encoder_identity(self.clip, "CLIP vision encoder")
         return d
+
+    def dataset_latent_description(self, ds) -> dict:
+        """What a dataset's latent files depend on beyond `latent_description` (the generic builder adds it to the
+        dataset's cache key): one-frame datasets with two control images store both images' CLIP tokens since the
+        FLF2V intermediate-frame fix (caches made before hold the first image's only and are re-encoded)."""
+        if self.vae is None or self.clip is None:
+            return {}
+        spec = one_frame_spec(ds, self.one_frame)
+        return {"one_frame_clip": "every_control"} if spec is not None and len(spec.clean_indices) > 1 else {}
 
     def text_description(self) -> dict | None:
         if self.text_encoder is None:
@@ -194,7 +207,7 @@ class WanCacheAdapter:
         latents = y[MASK_CHANNELS:].clone()                   # control latents in the control slots ...
         latents[:, cond.target_slot] = target[:, 0]     # ... and the target latent in its slot
         cdev, cdt = weights_placement(self.clip)
-        fea = self.clip.encode(images[0][None].to(cdev, cdt))[0].to("cpu", self.dtype)  # [257, clip_dim]
+        fea = torch.cat([self.clip.encode(im[None].to(cdev, cdt))[0] for im in images]).to("cpu", self.dtype)
         return {latent_key("latents", latents): latents, latent_key("latents_image", y): y,
                 f"clip_{dtype_name(self.dtype)}": fea,
                 "f_indices_int32": torch.tensor(cond.frame_indices, dtype=torch.int32),

@@ -97,6 +97,21 @@ class WanFamily:
                               "(I2V image latents / Fun-Control control latents)")
             if needs_clip(cfg) and batch.get("clip_fea") is None:
                 raise invalid("dataset CLIP features", "missing", f"cached CLIP vision features for {variant}")
+        one_frame = batch.get("frame_indices") is not None
+        if cfg.has_flf_pos_emb and not one_frame:
+            raise invalid("dataset for the FLF2V model", "a video cache (first-frame conditioning)",
+                          f"a one-frame intermediate-frame dataset for {variant} (image dataset with two control "
+                          "images, e.g. fp_1f_clean_indices = [0, 2] and fp_1f_target_index = 1): FLF2V video "
+                          "training is not supported, as in Musubi Tuner (its caches hold the first frame only)")
+        clip = batch.get("clip_fea")
+        if clip is not None and getattr(cfg, "has_image_input", False):
+            tokens = (pipeline.one_frame_clip(cfg, clip) if one_frame else clip).shape[-2]
+            if tokens != cfg.image_tokens:
+                what = ("two control images per item (the FLF2V model takes both images' CLIP features; "
+                        "re-cache the one-frame dataset with two controls)" if cfg.has_flf_pos_emb and one_frame
+                        else "re-cache the dataset with the CLIP vision encoder")
+                raise invalid("dataset CLIP features", f"{tokens} tokens", f"{cfg.image_tokens} tokens for "
+                              f"{variant}: {what}")
 
     @staticmethod
     def training_forward(model: nn.Module, batch: dict, noisy: torch.Tensor, t: torch.Tensor,
@@ -108,6 +123,8 @@ class WanFamily:
         context = batch["context"]
         context = [c.to(device) for c in context] if isinstance(context, (list, tuple)) else context.to(device)
         clip_fea = batch.get("clip_fea")
+        if frame_indices is not None:   # one-frame caches hold every control image's CLIP tokens, as inference
+            clip_fea = pipeline.one_frame_clip(model.config, clip_fea)
         extra = conditioning_channels(model.config)
         y = build_y(batch, extra) if extra > 0 else None
         kw = {} if frame_indices is None else {"frame_indices": frame_indices.to(device)}
@@ -143,13 +160,16 @@ class WanFamily:
 
 
 def build_y(batch: dict, channels: int) -> torch.Tensor | None:
-    """The DiT's channel-concatenated conditioning. Fun-Control: [control(16), image latents(16)] with the image
-    part taken from the cached I2V latents (mask channels dropped) or zeros — the inference layout."""
+    """The DiT's channel-concatenated conditioning. Fun-Control: [control(16), image latents(16)], the inference
+    layout of `pipeline.prepare_fun_control`: the image part is latent frame 0 of the cached I2V latents (mask
+    channels dropped; VideoX-Fun keeps only the first frame) and zeros elsewhere, or all zeros without I2V latents."""
     y, control = batch.get("y"), batch.get("control_latents")
     if control is None:
         return y
-    image = y[:, -LATENT_CHANNELS:] if y is not None else torch.zeros_like(control)
-    out = torch.cat([control, image.to(control.dtype)], dim=1)
+    image = torch.zeros_like(control)
+    if y is not None:
+        image[:, :, :1] = y[:, -LATENT_CHANNELS:, :1].to(control.dtype)
+    out = torch.cat([control, image], dim=1)
     return out if out.shape[1] == channels else out[:, :channels]
 
 

@@ -13,7 +13,9 @@ Only the conditioning layout is Wan specific; it is built by the `prepare_*` hel
             zeros without an image). No mask channels.
 * One-frame: latent frames are the sorted [control indices + target index]; each control image and a mid-gray
             "black" target (all zeros in [−1, 1]) encoded alone; mask 1 on control slots; RoPE frame positions =
-            those indices. Only the target frame is returned.
+            those indices. Only the target frame is returned. CLIP: every control image's 257 tokens, in the order
+            of the control images; an I2V model takes the first image's, an FLF2V model (intermediate frames, two
+            controls) both (514), as in Musubi Tuner (`one_frame_clip`).
 All images/videos are [3, H, W] / [3, F, H, W] (or with a leading batch of 1) in [−1, 1].
 """
 
@@ -201,7 +203,8 @@ class WanGenerateRequest:
     slg_end: float = 0.3
     batch_cfg: bool = True                       # cond + uncond in one B=2 forward (faster, more memory)
     conditioning: WanConditioning | None = None  # from a prepare_* helper (I2V/FLF2V/Fun-Control/one-frame)
-    clip_fea: torch.Tensor | None = None         # [257, clip_dim] (FLF2V: [514, clip_dim]: first then last image)
+    clip_fea: torch.Tensor | None = None         # [257, clip_dim] (FLF2V: [514, clip_dim]: first then last image;
+                                                 # one-frame: 257 per control image, see one_frame_clip)
     device: torch.device | str | None = None     # None: the device of the model's patch embedding
 
     def resolve(self) -> "WanGenerateRequest":
@@ -233,6 +236,18 @@ def model_task_kind(config) -> str:
     if config.in_dim == 36:
         return "flf2v" if config.model_type == "flf2v" else "i2v"
     return "t2v"
+
+
+def one_frame_clip(config, clip_fea: torch.Tensor | None) -> torch.Tensor | None:
+    """The one-frame CLIP tokens a model takes from those of every control image (257 each, first control first,
+    [..., n·257, clip_dim]): an FLF2V model both images' 514, an I2V model the first image's 257. Inference and
+    training both go through here, so their conditioning is the same."""
+    if clip_fea is None or not getattr(config, "has_image_input", False):
+        return clip_fea
+    want, have = int(config.image_tokens), int(clip_fea.shape[-2])
+    if have > want and have % CLIP_TOKENS == 0:
+        return clip_fea[..., :want, :]
+    return clip_fea
 
 
 # which model kinds each task runs on; one-frame uses an I2V (or, for intermediate frames, an FLF2V) model
@@ -309,8 +324,20 @@ def _validate_conditioning(cfg, r: WanGenerateRequest) -> None:
             raise invalid("clip_fea", None, f"CLIP vision features of the image(s) for task {r.task}")
         return
     tokens = CLIP_TOKENS * (2 if cfg.has_flf_pos_emb else 1)
-    if r.clip_fea.ndim != 2 or tuple(r.clip_fea.shape) != (tokens, cfg.clip_dim):
-        raise invalid("clip_fea", tuple(r.clip_fea.shape), f"[{tokens}, {cfg.clip_dim}] for {cfg.variant}")
+    clip_fea = _request_clip(cfg, r)
+    if r.task == "one_frame" and cfg.has_flf_pos_emb and (clip_fea.ndim != 2 or clip_fea.shape[0] != tokens):
+        raise invalid("control images", f"{clip_fea.shape[0] // CLIP_TOKENS if clip_fea.ndim == 2 else '?'} "
+                      f"(CLIP tokens {tuple(clip_fea.shape)})",
+                      f"two control images for the FLF2V model {cfg.variant} (intermediate-frame one-frame "
+                      "inference, e.g. control_indices '0;2' and target_index 1; their CLIP features make its "
+                      f"{tokens} image tokens)")
+    if clip_fea.ndim != 2 or tuple(clip_fea.shape) != (tokens, cfg.clip_dim):
+        raise invalid("clip_fea", tuple(clip_fea.shape), f"[{tokens}, {cfg.clip_dim}] for {cfg.variant}")
+
+
+def _request_clip(cfg, r: WanGenerateRequest) -> torch.Tensor | None:
+    """The CLIP tokens the model gets: one-frame requests hold every control image's (`one_frame_clip`)."""
+    return one_frame_clip(cfg, r.clip_fea) if r.task == "one_frame" else r.clip_fea
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -354,7 +381,8 @@ def generate(model, request: WanGenerateRequest, progress: Progress | None = Non
     noise = make_noise(shape, r.seed, b, r.noise_device, device)           # [B, 16, F_lat, h, w]
 
     y = None if cond_in is None else cond_in.y.to(device, torch.float32)[None].expand(b, *cond_in.y.shape)
-    clip = None if r.clip_fea is None else r.clip_fea.to(device)[None].expand(b, *r.clip_fea.shape)
+    clip_fea = _request_clip(model.config, r)
+    clip = None if clip_fea is None else clip_fea.to(device)[None].expand(b, *clip_fea.shape)
     cond = {"context": [r.context.to(device)] * b, "clip_fea": clip, "y": y}
     uncond = {"context": [r.negative_context.to(device)] * b, "clip_fea": clip, "y": y}
     frame_indices = None

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from ...checkpoint import Checkpoint, load_into_module
 from ...errors import invalid
+from ...tiling import tiled_apply
 
 # Per-channel statistics of Wan 2.1 posterior means (official constants).
 LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -300,61 +301,6 @@ class Decoder3d(nn.Module):
         # x: [B, z, 1, h, w] -> [B, 3, 1 (first latent frame) or 4, 8h, 8w]
         x = self.conv1(x, cache)
         return _run(self.head, _run(self.upsamples, _run(self.middle, x, cache), cache), cache)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Spatial tiling
-# ----------------------------------------------------------------------------------------------------------------
-
-def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets of tiles of length `tile` covering [0, size) with at least `overlap` shared; the last tile is
-    aligned to the end. A single tile when the axis fits."""
-    if size <= tile:
-        return [0]
-    starts = list(range(0, size - tile, tile - overlap))
-    return starts + [size - tile]
-
-
-def ramp_weights(length: int, ramp: int, lead: bool, trail: bool) -> torch.Tensor:
-    """1D blend weights [length]: linear ramps of `ramp` samples on the sides that touch a neighbour tile.
-
-    Ramps go from 1/(ramp+1) to ramp/(ramp+1), never 0, so every output sample has a positive total weight."""
-    w = torch.ones(length)
-    r = min(ramp, length)
-    if r > 0:
-        up = torch.arange(1, r + 1, dtype=torch.float32) / (r + 1)
-        if lead:
-            w[:r] = torch.minimum(w[:r], up)
-        if trail:
-            w[-r:] = torch.minimum(w[-r:], up.flip(0))
-    return w
-
-
-def tiled_apply(fn, x: torch.Tensor, tile: int, overlap: int, out_scale: float, out_overlap: int) -> torch.Tensor:
-    """Run `fn` on overlapping spatial tiles of x [B, C, T, H, W] and blend the outputs.
-
-    `fn` maps a tile of spatial size (h, w) to [B, C', T', h*out_scale, w*out_scale]. Tile starts and sizes must be
-    exact in output units (the caller aligns them). Outputs are averaged with `ramp_weights` of `out_overlap`
-    samples, so seams fade linearly instead of showing a hard edge."""
-    H, W = x.shape[-2:]
-    ys, xs = tile_starts(H, tile, overlap), tile_starts(W, tile, overlap)
-    out = weight = None
-    for iy, y0 in enumerate(ys):
-        for ix, x0 in enumerate(xs):
-            th, tw = min(tile, H), min(tile, W)
-            piece = fn(x[..., y0:y0 + th, x0:x0 + tw])
-            if out is None:
-                shape = (*piece.shape[:3], int(H * out_scale), int(W * out_scale))
-                out = torch.zeros(shape, dtype=torch.float32, device=piece.device)
-                weight = torch.zeros(shape[-2:], dtype=torch.float32, device=piece.device)
-            ph, pw = piece.shape[-2:]
-            wy = ramp_weights(ph, out_overlap, iy > 0, iy < len(ys) - 1)
-            wx = ramp_weights(pw, out_overlap, ix > 0, ix < len(xs) - 1)
-            w2 = (wy[:, None] * wx[None, :]).to(piece.device)
-            oy, ox = int(y0 * out_scale), int(x0 * out_scale)
-            out[..., oy:oy + ph, ox:ox + pw] += piece.float() * w2
-            weight[oy:oy + ph, ox:ox + pw] += w2
-    return out / weight
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -674,6 +620,5 @@ def write_vae_preset(path: str | os.PathLike, seed: int = 0, dtype: torch.dtype 
 
 __all__ = [
     "LATENT_MEAN", "LATENT_STD", "TINY_VAE_PRESET", "from_raw_latents", "to_raw_latents", "WanVAEConfig", "WanVAE", "FeatureCache", "tiny_vae_config",
-    "infer_vae_config", "load_wan_vae", "build_vae_preset_state_dict", "write_vae_preset", "tile_starts",
-    "ramp_weights", "tiled_apply",
+    "infer_vae_config", "load_wan_vae", "build_vae_preset_state_dict", "write_vae_preset",
 ]
