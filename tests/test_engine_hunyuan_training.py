@@ -173,3 +173,15 @@ def test_fp8_storage_follows_the_family_spec():
                 and n.startswith(("double_blocks.", "single_blocks.")) and "modulation" not in n and "norm" not in n}
     assert converted == expected and "double_blocks.0.img_mod.linear" in converted   # Musubi quantizes img/txt_mod
     assert "single_blocks.0.modulation.linear" not in converted
+
+
+def test_lora_names_find_their_family_when_block_lists_share_a_name(dual_family):
+    """The test family's blocks are also called double_blocks / single_blocks: the layout decides, not the order."""
+    from engine.families import families, family_for_lora_names
+
+    assert [f.name for f in families()][-1] == "dual"                    # registered after HunyuanVideo
+    hv = ["double_blocks.0.img_attn_qkv", "single_blocks.1.linear1", "double_blocks.1.txt_mlp.fc2"]
+    dual = ["double_blocks.0.imgqkv", "double_blocks.1.txtmlp.2", "single_blocks.2.linear1"]
+    assert family_for_lora_names(hv) is FAMILY
+    assert family_for_lora_names(dual) is dual_family.FAMILY
+    assert family_for_lora_names(["blocks.0.self_attn.q"]).name == "wan"
