@@ -13,7 +13,7 @@ import torch.nn as nn
 from ..errors import invalid
 from .family import Family, Fp8Spec, LoRASpec, names_in_blocks
 
-_BUILT_IN = {"wan": ".wan.family"}      # name -> module whose FAMILY implements `Family`
+_BUILT_IN = {"wan": ".wan.family", "hunyuan": ".hunyuan.family"}      # name -> module whose FAMILY implements `Family`
 _REGISTERED: dict[str, Family] = {}
 
 
@@ -56,11 +56,12 @@ def family_for_cache_arch(arch: str) -> Family:
 
 
 def family_for_lora_names(names: Iterable[str]) -> Family | None:
-    """The family whose blocks most of these canonical/underscore module names belong to (None: no family)."""
+    """The family whose blocks most of these canonical/underscore module names belong to (None: no family); among
+    families with the same block lists, the one whose layout spells the names."""
     names = list(names)
     best, count = None, 0
     for f in families():
-        n = sum(f.lora.owns(name) for name in names)
+        n = sum(f.lora.owns(name) + f.lora.spells(name) for name in names)
         if n > count:
             best, count = f, n
     return best

@@ -46,6 +46,11 @@ class LoRASpec:
         """Is `name` (canonical or diffusers spelling) a module inside this family's blocks?"""
         return self.block_of(name) is not None or self.underscore_to_name(name) is not None
 
+    def spells(self, name: str) -> bool:
+        """Is `name` a module of this family's own layout? (its kohya underscore spelling resolves back to it) —
+        tells apart families whose block lists share a name (`double_blocks`)."""
+        return self.block_of(name) is not None and self.underscore_to_name(name.replace(".", "_")) == name
+
     def looks_diffusers(self, name: str) -> bool:
         return re.search(self.diffusers_marker, name) is not None
 

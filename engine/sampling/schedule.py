@@ -29,6 +29,12 @@ class FlowSchedule:
     def steps(self) -> int:
         return int(self.timesteps.shape[0])
 
+    def tail(self, steps: int) -> "FlowSchedule":
+        """The last `steps` steps: a run that starts part-way down, at sigmas[N − steps] (video-to-video)."""
+        if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= self.steps:
+            raise invalid("steps to run", steps, f"an integer between 1 and {self.steps}")
+        return FlowSchedule(self.sigmas[self.steps - steps:], self.timesteps[self.steps - steps:])
+
 
 def _check(steps: int, shift: float) -> None:
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:

@@ -183,10 +183,13 @@ SOLVERS = {"unipc": (UniPCSolver, unipc_schedule), "dpm++": (DPMPP2MSolver, dpmp
 ALIASES = {"vanilla": "euler", "dpmpp": "dpm++", "dpm++2m": "dpm++"}
 
 
-def make_solver(name: str, steps: int, shift: float) -> FlowSolver:
-    """A fresh solver for one run. name: "unipc" (the official default), "dpm++", "euler" (alias "vanilla")."""
+def make_solver(name: str, steps: int, shift: float, run_steps: int | None = None) -> FlowSolver:
+    """A fresh solver for one run. name: "unipc" (the official default), "dpm++", "euler" (alias "vanilla").
+    `run_steps`: run only the last `run_steps` of the `steps`-step schedule (start part-way, e.g. video-to-video
+    strength); None runs them all."""
     key = ALIASES.get(str(name).lower(), str(name).lower())
     if key not in SOLVERS:
         raise invalid("solver", name, f"one of {sorted(SOLVERS)} (or 'vanilla' for euler)")
     cls, schedule_fn = SOLVERS[key]
-    return cls(schedule_fn(steps, shift))
+    schedule = schedule_fn(steps, shift)
+    return cls(schedule if run_steps is None else schedule.tail(run_steps))

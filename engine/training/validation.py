@@ -32,6 +32,9 @@ class ValidationPrompt:
     task: str | None = None                        # None: "t2i" for 1 frame, else "t2v"
     clip_fea: torch.Tensor | None = None
     conditioning: object | None = None            # the family's image/control conditioning (its pipeline's type)
+    pooled: torch.Tensor | None = None             # [D] pooled text vector of families that take one (CLIP-L)
+    negative_pooled: torch.Tensor | None = None    # [D] the negative prompt's pooled vector
+    embedded_guidance: float | None = None         # guidance-distilled models: the embedded scale; None: default
 
 
 @dataclass
