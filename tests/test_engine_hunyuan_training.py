@@ -142,20 +142,43 @@ def test_lora_dialects_save_and_read_back(tmp_path):
         torch.testing.assert_close(clean(x, t, *args, guidance=torch.tensor([6000.0])), expected,
                                    rtol=1e-4, atol=1e-5)
 
-    # diffusers splits the fused qkv / linear1 Linears: the writer has no split, so those modules are refused by
-    # name; the one-to-one modules (projections, MLPs, linear2) save and read back under diffusers names
-    with pytest.raises(MusubiInputError, match="img_attn_qkv|txt_attn_qkv|linear1"):
-        save_lora(s.network, tmp_path / "all.diffusers.safetensors", format="diffusers")
-    fused = r".*(_attn_qkv|linear1)"
-    one_to_one = {n: mw for n, mw in musubi.modules.items() if not re.fullmatch(fused, n)}
-    path = save_lora(LoRAFile(one_to_one, {}, "musubi"), tmp_path / "d.safetensors", format="diffusers")
+    # diffusers splits the fused qkv / linear1 Linears: each piece gets the shared down matrix and its rows of up;
+    # read back, the pieces join into the fused layer with the same ΔW, and the file reproduces the trained model
+    path = save_lora(s.network, tmp_path / "d.safetensors", format="diffusers")
     keys = _keys(path)
     assert "transformer.transformer_blocks.0.attn.to_out.0.lora_A.weight" in keys
     assert "transformer.single_transformer_blocks.1.proj_out.lora_B.weight" in keys
+    for piece in ("attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"):
+        assert f"transformer.transformer_blocks.0.{piece}.lora_B.weight" in keys
+    assert "transformer.single_transformer_blocks.0.proj_mlp.lora_B.weight" in keys
     back = read_lora(path)
-    assert back.dialect == "diffusers" and set(back.modules) == set(one_to_one)
-    for name, mw in one_to_one.items():                                  # alpha folded into B: same ΔW
+    assert back.dialect == "diffusers" and set(back.modules) == trained and not back.unused_keys
+    for name, mw in musubi.modules.items():                              # alpha folded into B: same ΔW
         torch.testing.assert_close(back.modules[name].delta(), mw.delta(), rtol=1e-5, atol=1e-7)
+        assert back.modules[name].rank == mw.rank                        # one shared down: no rank growth
+    with torch.no_grad():
+        clean = tiny()
+        apply_loras(clean, [(path, 1.0)])
+        torch.testing.assert_close(clean(x, t, *args, guidance=torch.tensor([6000.0])), expected,
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_a_peft_lora_on_some_pieces_of_a_fused_layer_joins_block_diagonally():
+    """Pieces with their own down matrices and alphas, one piece missing (a PEFT run that targeted to_q/to_v only):
+    the fused layer's ΔW holds each piece's up·down·scale in its rows and zeros in the missing piece's rows."""
+    g = torch.Generator().manual_seed(0)
+    width, ranks = 8, {0: 2, 2: 3}                                       # to_q rank 2, to_v rank 3, no to_k
+    sd, expected = {}, torch.zeros(3 * width, width)
+    for i, (piece, r) in zip(ranks, (("to_q", 2), ("to_v", 3))):
+        down, up = torch.randn(r, width, generator=g), torch.randn(width, r, generator=g)
+        stem = f"base_model.model.transformer_blocks.1.attn.{piece}"
+        sd[f"{stem}.lora_A.weight"], sd[f"{stem}.lora_B.weight"] = down, up
+        sd[f"{stem}.alpha"] = torch.tensor(float(2 * r))                # scale 2
+        expected[i * width:(i + 1) * width] = 2 * up @ down
+    lora = read_lora(sd)
+    mw = lora.modules["double_blocks.1.img_attn_qkv"]
+    assert set(lora.modules) == {"double_blocks.1.img_attn_qkv"} and mw.rank == 5
+    torch.testing.assert_close(mw.delta(), expected, rtol=1e-6, atol=1e-6)
 
 
 def _keys(path):

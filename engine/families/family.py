@@ -32,6 +32,11 @@ class LoRASpec:
     diffusers_to_name: NameMap = lambda s: None    # diffusers/PEFT module name -> name (None: unknown)
     name_to_diffusers: NameMap = lambda s: None    # name -> diffusers/PEFT module name (None: none)
     diffusers_marker: str = r"(?!)"           # regex searched in a name: it is spelled the diffusers way
+    # A fused Linear that diffusers splits (a fused qkv): name -> its diffusers pieces in row order, each with
+    # its row count as a multiple of the layer's input width; None for a layer that is not fused.
+    fused_to_diffusers: Callable[[str], tuple[tuple[str, int], ...] | None] = lambda s: None
+    # the reverse: a diffusers piece -> (fused name, piece index), None for anything else
+    diffusers_to_fused: Callable[[str], tuple[str, int] | None] = lambda s: None
 
     @cached_property
     def block_re(self) -> re.Pattern:

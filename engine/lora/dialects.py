@@ -134,12 +134,18 @@ def read_lora(source, model: nn.Module | None = None, module_names=None,
     unresolved: set[str] = set()
     stems: dict[str, tuple[str, str]] = {}
     dialects: set[str] = set()
+    fused: dict[str, dict[int, ModuleWeights]] = {}   # fused layer -> its diffusers pieces, joined below
     for stem, g in groups.items():
         mw = _module_weights(g, unused)
         if mw is None:
             continue
         name, dialect = normalize_stem(stem, known)
         dialects.add(dialect)
+        piece = _fused_piece(stem) if name is None else None
+        if piece is not None and mw.kind == "lora" and mw.hookable and "mid" not in mw.tensors:
+            mw.validate(f"{where} module {stem!r}")
+            fused.setdefault(piece[0], {})[piece[1]] = mw
+            continue
         if name is None:
             name = stem
             unresolved.add(stem)
@@ -149,6 +155,11 @@ def read_lora(source, model: nn.Module | None = None, module_names=None,
                           "one set of adapter weights per module")
         modules[name] = mw
         stems[name] = (dialect, stem)
+    for name, pieces in fused.items():
+        if name in modules:
+            raise invalid(f"{where} module {name!r}", "fused and split weights", "one set of weights per module")
+        modules[name] = _join_fused(name, pieces, where)
+        stems[name] = ("diffusers", name)
     if not modules:
         raise invalid(f"LoRA {where}", f"{len(state)} tensors and no adapter weights (e.g. {list(state)[:3]})",
                       "LoRA/LoHa/LoKr tensors (lora_down/lora_up, lora_A/lora_B, hada_*, lokr_*) or weight "
@@ -194,6 +205,46 @@ def _module_weights(g: dict, unused: list[str]) -> ModuleWeights | None:
     return ModuleWeights(kind or "diff", parts, alpha if kind else None, sorted(keys[p] for p in used),
                          dora_scale=dora if kind else None, weight_patch=weight_patch, bias_diff=bias,
                          overridden=sorted(overridden))
+
+
+def _fused_piece(stem: str) -> tuple[str, int] | None:
+    """A diffusers/PEFT stem naming a piece of a fused layer (the q piece of a fused qkv) -> (fused name,
+    piece index)."""
+    for prefix in ("base_model.model.", "transformer.", ""):
+        if stem.startswith(prefix):
+            return T.diffusers_to_fused(stem[len(prefix):])
+    return None
+
+
+def _join_fused(name: str, pieces: dict[int, ModuleWeights], where: str) -> ModuleWeights:
+    """The diffusers pieces of one fused layer as one LoRA on it (ComfyUI joins them the same way): each piece's
+    up matrix (scale folded in) in its own rows; pieces sharing one down matrix (as the pack writes them) keep it,
+    otherwise the downs are stacked on the rank axis with a block-diagonal up. Missing pieces change nothing."""
+    layout = T.fused_layout(name)
+    width = next(iter(pieces.values())).tensors["down"].shape[1]
+    rows = [per_input * width for _, per_input in layout]
+    for i, mw in pieces.items():
+        if mw.tensors["down"].shape[1] != width or mw.tensors["up"].shape[0] != rows[i]:
+            raise invalid(f"{where} {layout[i][0]} shape", (tuple(mw.tensors["up"].shape), tuple(mw.tensors["down"].shape)),
+                          f"{rows[i]} rows and {width} inputs (a piece of {name})")
+    ups = {i: mw.tensors["up"].float() * mw.scale for i, mw in pieces.items()}
+    downs = {i: mw.tensors["down"].float() for i, mw in pieces.items()}
+    first = downs[min(downs)]
+    keys = sorted(k for mw in pieces.values() for k in mw.source_keys)
+    if len(pieces) == len(layout) and all(torch.equal(d, first) for d in downs.values()):
+        up = torch.cat([ups[i] for i in range(len(layout))])
+        return ModuleWeights("lora", {"down": first, "up": up}, float(first.shape[0]), keys)
+    rank = sum(d.shape[0] for d in downs.values())
+    up = torch.zeros(sum(rows), rank)
+    row = col = 0
+    for i, n in enumerate(rows):
+        if i in pieces:
+            r = downs[i].shape[0]
+            up[row:row + n, col:col + r] = ups[i]
+            col += r
+        row += n
+    down = torch.cat([downs[i] for i in sorted(downs)])
+    return ModuleWeights("lora", {"down": down, "up": up}, float(rank), keys)
 
 
 def normalize_stem(stem: str, known: dict[str, str] | None) -> tuple[str | None, str]:

@@ -75,3 +75,13 @@ def looks_diffusers(name: str) -> bool:
 
 def diffusers_to_official(name: str) -> str | None:
     return next((n for f in families() if (n := f.lora.diffusers_to_name(name)) is not None), None)
+
+
+def diffusers_to_fused(name: str) -> tuple[str, int] | None:
+    """A diffusers piece of a fused layer -> (official fused name, piece index); None for anything else."""
+    return next((p for f in families() if (p := f.lora.diffusers_to_fused(name)) is not None), None)
+
+
+def fused_layout(name: str) -> tuple[tuple[str, int], ...] | None:
+    """An official fused layer -> its diffusers pieces in row order with their rows per input feature."""
+    return next((p for f in families() if (p := f.lora.fused_to_diffusers(name)) is not None), None)

@@ -123,12 +123,21 @@ def _module_tensors(name: str, mw: ModuleWeights, format: str, dtype, spec) -> d
         if mw.kind != "lora":
             raise invalid(f"LoRA module {name}", mw.kind, "plain LoRA weights (diffusers/PEFT has no LoHa/LoKr format;"
                                                           " save as comfyui or musubi)")
+        down, up = mw.tensors["down"], mw.tensors["up"].float() * mw.scale
         dname = spec.name_to_diffusers(name)
-        if dname is None:
+        pieces = ((dname, None),) if dname is not None else spec.fused_to_diffusers(name)
+        if pieces is None:
             raise invalid(f"LoRA module {name}", "no diffusers equivalent", "a DiT Linear layer that diffusers names")
-        stem = T.DIFFUSERS_PREFIX + dname
-        up = mw.tensors["up"].float() * mw.scale
-        return {f"{stem}.lora_A.weight": cast(mw.tensors["down"]), f"{stem}.lora_B.weight": cast(up)}
+        out, row = {}, 0
+        for piece, per_input in pieces:   # a fused layer: each piece shares the down matrix and takes its rows of up
+            rows = up.shape[0] if per_input is None else per_input * down.shape[1]
+            stem = T.DIFFUSERS_PREFIX + piece
+            out[f"{stem}.lora_A.weight"] = cast(down).clone()   # safetensors stores no shared storage
+            out[f"{stem}.lora_B.weight"] = cast(up[row:row + rows])
+            row += rows
+        if row != up.shape[0]:
+            raise invalid(f"LoRA module {name} rows", up.shape[0], f"{row} (its diffusers pieces)")
+        return out
 
     if format == "musubi-other" and mw.kind == "lora":
         stem = T.COMFY_PREFIX + name

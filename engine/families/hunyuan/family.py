@@ -29,7 +29,8 @@ class HunyuanFamily:
         base_model_version="hunyuan_video", architecture="hunyuan-video/lora",
         implementation="https://github.com/Tencent/HunyuanVideo", network_module="networks.lora",
         underscore_to_name=names.underscore_to_name, diffusers_to_name=names.diffusers_to_name,
-        name_to_diffusers=names.name_to_diffusers, diffusers_marker=names.DIFFUSERS_MARKER)
+        name_to_diffusers=names.name_to_diffusers, diffusers_marker=names.DIFFUSERS_MARKER,
+        fused_to_diffusers=names.fused_to_diffusers, diffusers_to_fused=names.diffusers_to_fused)
     fp8 = Fp8Spec(include=FP8_INCLUDE, exclude=FP8_EXCLUDE)
 
     # --- models ---------------------------------------------------------------------------------------------------

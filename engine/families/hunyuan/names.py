@@ -78,6 +78,7 @@ FUSED_PIECES = {
     "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
     "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
 }
+MLP_RATIO = 4   # rows of linear1's MLP part per input feature (q, k and v have one each)
 _LISTS = {"transformer_blocks": ("double_blocks", _DOUBLE_FROM_DIFFUSERS),
           "single_transformer_blocks": ("single_blocks", _SINGLE_FROM_DIFFUSERS)}
 _DIFFUSERS_BLOCK_RE = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
@@ -107,3 +108,25 @@ def name_to_diffusers(name: str) -> str | None:
         return f"{'transformer_blocks' if m[1] == 'double_blocks' else 'single_transformer_blocks'}.{m[2]}.{rest}" \
             if rest else None
     return _GLOBAL_TO.get(name)
+
+
+def fused_to_diffusers(name: str) -> tuple[tuple[str, int], ...] | None:
+    """`single_blocks.3.linear1` -> ((`single_transformer_blocks.3.attn.to_q`, 1), ..., (`….proj_mlp`, 4)): the
+    diffusers pieces of a fused layer in row order, each with its rows per input feature; None if not fused."""
+    m = BLOCK_RE.match(name)
+    pieces = FUSED_PIECES.get(name[m.end():]) if m else None
+    if pieces is None or (m[1] == "double_blocks") != (name[m.end():] != "linear1"):
+        return None
+    stem = f"{'transformer_blocks' if m[1] == 'double_blocks' else 'single_transformer_blocks'}.{m[2]}."
+    return tuple((stem + piece, MLP_RATIO if piece == "proj_mlp" else 1) for piece in pieces)
+
+
+def diffusers_to_fused(name: str) -> tuple[str, int] | None:
+    """`transformer_blocks.3.attn.add_k_proj` -> (`double_blocks.3.txt_attn_qkv`, 1); None for other names."""
+    m = _DIFFUSERS_BLOCK_RE.match(name)
+    if not m:
+        return None
+    fused = ("img_attn_qkv", "txt_attn_qkv") if m[1] == "transformer_blocks" else ("linear1",)
+    official = "double_blocks" if m[1] == "transformer_blocks" else "single_blocks"
+    return next(((f"{official}.{m[2]}.{f}", FUSED_PIECES[f].index(m[3])) for f in fused if m[3] in FUSED_PIECES[f]),
+                None)
