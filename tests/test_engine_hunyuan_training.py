@@ -163,6 +163,30 @@ def test_lora_dialects_save_and_read_back(tmp_path):
                                    rtol=1e-4, atol=1e-5)
 
 
+
+def test_trained_lora_merges_into_a_comfyui_hunyuan_checkpoint(tmp_path):
+    """Merge LoRA into Model on a ComfyUI-style HunyuanVideo file: the merged model equals the model with the LoRA."""
+    from safetensors.torch import save_file
+
+    from engine.families.hunyuan.loader import load_hunyuan_dit
+    from engine.lora import merge_loras_into_checkpoint
+
+    s = make(tmp_path / "run", 2)
+    s.train_steps(2)
+    base = tiny()
+    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in base.state_dict().items()},
+              str(tmp_path / "hv.safetensors"))
+    out = merge_loras_into_checkpoint(tmp_path / "hv.safetensors", [(tmp_path / "run" / "hv.safetensors", 0.8)],
+                                      tmp_path / "merged.safetensors")
+    merged = load_hunyuan_dit(out, dtype=torch.float32)
+    b = batches(1)[0]
+    x, t, g = torch.randn(1, 16, 1, 4, 4), torch.tensor([300.0]), torch.tensor([6000.0])
+    with torch.no_grad():
+        apply_loras(base, [(tmp_path / "run" / "hv.safetensors", 0.8)])
+        torch.testing.assert_close(merged(x, t, b["text_states"], b["text_mask"], b["pooled"], guidance=g),
+                                   base(x, t, b["text_states"], b["text_mask"], b["pooled"], guidance=g),
+                                   rtol=1e-4, atol=1e-5)
+
 def test_a_peft_lora_on_some_pieces_of_a_fused_layer_joins_block_diagonally():
     """Pieces with their own down matrices and alphas, one piece missing (a PEFT run that targeted to_q/to_v only):
     the fused layer's ΔW holds each piece's up·down·scale in its rows and zeros in the missing piece's rows."""
