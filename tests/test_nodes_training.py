@@ -420,7 +420,7 @@ def test_the_engines_schedule_and_timestep_options_from_the_graph(comfy, data, t
                              "preserve_distribution_shape": True, "num_timestep_buckets": 4,
                              "checkpoint_dtype": "float32"})
     comfy.run(p)
-    [run] = sessions(comfy)
+    (run,) = [r for r in sessions(comfy) if r.session.config.output_dir == str(tmp_path / "out")]
     s = run.session
     ts = s.config.timesteps
     assert (ts.logit_mean, ts.logit_std, ts.mode_scale) == (-0.5, 1.5, 1.1)
