@@ -435,6 +435,10 @@ class MusubiWanSampler:
         from ..engine.families.wan.pipeline import model_task_kind
 
         handle = T.handle(model, "model", DIT_EXPECTED)
+        if handle.family != FAMILY:
+            raise invalid("model", f"a model of family {handle.family!r}", DIT_EXPECTED)
+        if isinstance(embeds, dict) and embeds.get("family", FAMILY) != FAMILY:
+            raise invalid("embeds", f"made for {embeds['family']}", "prompt embeddings from Musubi Wan Text Encode")
         model = handle.module
         kind = model_task_kind(model.config)
         if image_embeds is None and kind in ("i2v", "flf2v"):
@@ -521,6 +525,8 @@ class MusubiWanVAEDecode:
                 raise invalid("latent", getattr(samples, "shape", type(latent).__name__),
                               "a Wan 2.1 LATENT [batch, 16, frames, height/8, width/8]")
             latents = {"samples": from_raw_latents(samples)}
+        if isinstance(latents, dict) and latents.get("family", FAMILY) != FAMILY:
+            raise invalid("latents", f"made for {latents['family']}", "latents from Musubi Wan Sampler")
         video = decode_video(vae, latents["samples"], tile_size or None, tile_overlap if tile_size else None)
         trim = int(latents.get("trim_tail_frames", 0) or 0)   # the sampler's trim_tail_frames (checked there)
         if trim:
