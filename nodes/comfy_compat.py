@@ -190,8 +190,14 @@ def shipped_tokenizer(name: str) -> str | None:
         import comfy
     except ImportError:
         return None
-    path = os.path.join(os.path.dirname(os.path.realpath(comfy.__file__)), *name.split("/"))
-    return path if os.path.isdir(path) else None
+    roots = list(getattr(comfy, "__path__", None) or [])   # a namespace package in some releases: no __file__
+    if getattr(comfy, "__file__", None):
+        roots.insert(0, os.path.dirname(comfy.__file__))
+    for root in roots:
+        path = os.path.join(os.path.realpath(root), *name.split("/"))
+        if os.path.isdir(path):
+            return path
+    return None
 
 
 def metadata_disabled() -> bool:
