@@ -1,12 +1,12 @@
-"""Node classes of the pack (classic V1 API). One module per family (`wan.py`) and per generic
+"""Node classes of the pack (classic V1 API). One module per family (`wan.py`, `hunyuan.py`) and per generic
 theme; each exports its own mappings.
 
 Node ids are prefixed `Musubi` and are never renamed once released: saved workflows refer to them.
 """
 
-from . import data, lora, training, utility, video, wan
+from . import data, hunyuan, lora, training, utility, video, wan
 
-_MODULES = [wan, video, utility, lora, training, data]   # family node files first, then the generic ones
+_MODULES = [wan, hunyuan, video, utility, lora, training, data]   # family node files first, then the generic ones
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}

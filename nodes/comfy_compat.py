@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import os
 from fractions import Fraction
 from typing import Iterator
 
@@ -164,21 +165,39 @@ def preview_max_size() -> int:
     return int(getattr(_args(), "preview_size", 512) or 512)
 
 
-def latent_previewer():
-    """ComfyUI's own previewer for Wan 2.1 latents, or None when previews are off (`--preview-method none`, the
-    default). It follows --preview-method (latent2rgb; taesd uses TAEHV `lighttaew2_1` from models/vae_approx when
-    installed) and --preview-size. Its `decode_latent_to_preview_image("JPEG", x0)` takes x0 [B,16,F,h,w] (the
-    sampler's normalized latents) and returns the tuple a progress bar sends."""
+def latent_previewer(latent_format: str = "Wan21"):
+    """ComfyUI's own previewer for a model family's latents (`comfy.latent_formats.<latent_format>`: "Wan21",
+    "HunyuanVideo"), or None when previews are off (`--preview-method none`, the default). It follows
+    --preview-method (latent2rgb; taesd uses the family's TAE from models/vae_approx when installed) and
+    --preview-size. Its `decode_latent_to_preview_image("JPEG", x0)` takes x0 [B,16,F,h,w] (the sampler's
+    normalized latents) and returns the tuple a progress bar sends."""
     try:
         import latent_preview
         from comfy import latent_formats
     except ImportError:
         return None
     try:
-        return latent_preview.get_previewer(torch_device(), latent_formats.Wan21())
+        return latent_preview.get_previewer(torch_device(), getattr(latent_formats, latent_format)())
     except Exception as e:  # noqa: BLE001 - a broken preview model must never fail sampling
         log.warning("ComfyUI-Musubi: no latent previews (%s: %s)", type(e).__name__, e)
         return None
+
+
+def shipped_tokenizer(name: str) -> str | None:
+    """A tokenizer folder ComfyUI ships inside its `comfy` package ("text_encoders/llama_tokenizer",
+    "sd1_tokenizer"), or None when this ComfyUI has none there. The pack never downloads tokenizers."""
+    try:
+        import comfy
+    except ImportError:
+        return None
+    roots = list(getattr(comfy, "__path__", None) or [])   # a namespace package in some releases: no __file__
+    if getattr(comfy, "__file__", None):
+        roots.insert(0, os.path.dirname(comfy.__file__))
+    for root in roots:
+        path = os.path.join(os.path.realpath(root), *name.split("/"))
+        if os.path.isdir(path):
+            return path
+    return None
 
 
 def metadata_disabled() -> bool:

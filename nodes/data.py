@@ -422,8 +422,8 @@ def _cache_summary(what: str, encoded: list, items: int, removed: list, dataset:
 
 
 class MusubiCacheLatents:
-    DESCRIPTION = ("Encode every item of the dataset with the Wan VAE (and CLIP vision for I2V) into the cache "
-                   "directory, as Musubi Tuner's wan_cache_latents. Incremental: items whose media, settings and "
+    DESCRIPTION = ("Encode every item of the dataset with the model family's VAE (and CLIP vision for Wan I2V) into "
+                   "the cache directory, as Musubi Tuner's wan_cache_latents / cache_latents. Incremental: items whose media, settings and "
                    "encoders did not change are reused; cancel keeps everything finished and the next run resumes.")
     CATEGORY = CATEGORY
     OUTPUT_NODE = True  # a graph that only caches (or previews) can be queued
@@ -436,11 +436,12 @@ class MusubiCacheLatents:
     def INPUT_TYPES(cls):
         return {"required": {
             "dataset": (T.DATASET, {"tooltip": "The dataset to cache."}),
-            "vae": (T.VAE, {"tooltip": "The Wan 2.1 VAE (the one the model was trained with)."}),
+            "vae": (T.VAE, {"tooltip": "The VAE of the model family (the one the model was trained with): its "
+                                       "loader names the family the cache is for."}),
             "task": (TASKS, {"default": "t2v",
-                     "tooltip": "t2v: latents only; i2v: + first-frame conditioning and CLIP features (needs "
-                                "clip_vision; also one-frame datasets, for I2V or FLF2V intermediate-frame "
-                                "training); fun_control: + control-video latents (needs control files), with "
+                     "tooltip": "t2v: latents only (HunyuanVideo always: SkyReels I2V trains from it too); "
+                                "i2v (Wan): + first-frame conditioning and CLIP features (needs clip_vision; "
+                                "also one-frame datasets, for I2V or FLF2V intermediate-frame training); fun_control: + control-video latents (needs control files), with "
                                 "clip_vision connected also the start image and its CLIP features (I2V "
                                 "Fun-Control)."}),
             "keep_cache": ("BOOLEAN", {"default": False,
@@ -454,18 +455,15 @@ class MusubiCacheLatents:
 
     def cache(self, dataset, vae, task, keep_cache, workers, clip_vision=None, unique_id=None):
         dataset = _dataset(dataset)
-        vae = T.handle(vae, "vae", "a VAE from Musubi Wan VAE Loader")
+        vae = T.handle(vae, "vae", "a VAE from a Musubi VAE loader node")
         if clip_vision is not None:
             clip_vision = T.handle(clip_vision, "clip_vision", "a CLIP vision model from Musubi CLIP Vision Loader")
         if task not in TASKS:
             raise invalid("task", task, f"one of {TASKS}")
-        if task == "i2v" and clip_vision is None:
-            raise invalid("clip_vision", None, "a CLIP vision encoder for task i2v (Wan 2.1 I2V uses CLIP features)")
-        if task == "t2v" and clip_vision is not None:
-            raise invalid("clip_vision", "connected", "no CLIP vision for task t2v (pick i2v or disconnect it)")
         family = _family_of(vae, dataset, "vae")
-        adapter = family.cache_adapter(vae=vae.module, clip=clip_vision.module if clip_vision is not None else None,
-                                       i2v=task == "i2v", control=task == "fun_control")
+        # the family's rules: which tasks it caches, and whether it takes CLIP vision features
+        adapter = family.latent_cache_adapter(vae.module, task,
+                                              clip_vision.module if clip_vision is not None else None)
         progress = _progress(unique_id, "latents")
         notes: list[str] = []
         with on_compute_device(vae), (on_compute_device(clip_vision) if clip_vision is not None
@@ -480,8 +478,9 @@ class MusubiCacheLatents:
 
 
 class MusubiCacheTextEmbeddings:
-    DESCRIPTION = ("Encode every caption of the dataset with umT5 into the cache directory, as Musubi Tuner's "
-                   "wan_cache_text_encoder_outputs. Only new or edited captions (or another encoder) are encoded; "
+    DESCRIPTION = ("Encode every caption of the dataset with the model family's text encoder(s) (Wan: umT5; "
+                   "HunyuanVideo: LLaVA-LLaMA-3 + CLIP-L) into the cache directory, as Musubi Tuner's "
+                   "*_cache_text_encoder_outputs. Only new or edited captions (or another encoder) are encoded; "
                    "cancel keeps everything finished.")
     CATEGORY = CATEGORY
     OUTPUT_NODE = True  # a graph that only caches (or previews) can be queued
@@ -494,14 +493,15 @@ class MusubiCacheTextEmbeddings:
     def INPUT_TYPES(cls):
         return {"required": {
             "dataset": (T.DATASET, {"tooltip": "The dataset whose captions to encode."}),
-            "text_encoder": (T.TEXT_ENCODER, {"tooltip": "The umT5 text encoder."}),
+            "text_encoder": (T.TEXT_ENCODER, {"tooltip": "The text encoder from the model family's loader (Wan: "
+                                                         "umT5; HunyuanVideo: the LLaVA-LLaMA-3 + CLIP-L pair)."}),
             "keep_cache": ("BOOLEAN", {"default": False,
                            "tooltip": "Keep cache files of items no longer in the dataset (off: they are deleted)."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def cache(self, dataset, text_encoder, keep_cache, unique_id=None):
         dataset = _dataset(dataset)
-        text_encoder = T.handle(text_encoder, "text_encoder", "a text encoder from Musubi umT5 Text Encoder Loader")
+        text_encoder = T.handle(text_encoder, "text_encoder", "a text encoder from a Musubi text encoder loader node")
         family = _family_of(text_encoder, dataset, "text_encoder")
         adapter = family.cache_adapter(text_encoder=text_encoder.module)
         progress = _progress(unique_id, "captions")

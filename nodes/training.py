@@ -238,7 +238,7 @@ def _session_output(value, field: str = "session") -> SessionOutput:
 
 
 def _dit(model):
-    return T.handle(model, "model", "a DiT from Musubi Wan DiT Loader")
+    return T.handle(model, "model", "a DiT from a Musubi DiT loader node")
 
 
 def open_run(kind: str, node_id, model, dataset, network, optimizer, config, resume_from=None,
@@ -404,11 +404,12 @@ def check_validation_inputs(model, prompts, vae, every_n_steps, at_start) -> boo
         raise invalid("validation_prompts", None, f"at least one prompt from Musubi Validation Prompt (connected) "
                                                   f"when {why} is set")
     if vae is None:
-        raise invalid("validation_vae", None, f"a VAE (Musubi Wan VAE Loader) to decode the samples when {why} "
-                                              "is set")
-    vae = T.handle(vae, "validation_vae", "a VAE from Musubi Wan VAE Loader")
+        raise invalid("validation_vae", None, f"a VAE (the model family's VAE loader) to decode the samples when "
+                                              f"{why} is set")
+    vae = T.handle(vae, "validation_vae", "a VAE from a Musubi VAE loader node")
     if not callable(getattr(vae.module, "decode", None)):
-        raise invalid("validation_vae", type(vae.module).__name__, "a VAE from Musubi Wan VAE Loader")
+        raise invalid("validation_vae", type(vae.module).__name__, "a VAE from a Musubi VAE loader node")
+    _check_vae_family(vae, model, "validation_vae")
     for i, p in enumerate(prompts):
         try:
             family_of(model).check_sampling(model, build_request(model, p))
@@ -416,6 +417,16 @@ def check_validation_inputs(model, prompts, vae, every_n_steps, at_start) -> boo
             raise invalid(f"validation_prompts[{i}]", f"{p.width}x{p.height}x{p.frames}",
                           f"a prompt the loaded model can sample: {e}") from e
     return True
+
+
+def _check_vae_family(vae, model, field: str) -> None:
+    """A VAE of another family than the DiT's decodes garbage: refused naming the input."""
+    from ..engine.families import family_of, get_family
+
+    family = family_of(model)
+    if vae.family is not None and vae.family != family.name:
+        raise invalid(field, f"a {get_family(vae.family).display_name} VAE", f"the {family.display_name} VAE (the "
+                                                                              "model's family)")
 
 
 def validation_config(run, prompts, vae, every_n_steps, at_start):
@@ -934,11 +945,28 @@ def _image_conditioning(image_embeds, width, height, frames) -> tuple:
     if image_embeds is None:
         return None, None, None
     if not isinstance(image_embeds, dict) or "conditioning" not in image_embeds:
-        raise invalid("image_embeds", type(image_embeds).__name__, "conditioning from a Musubi Wan ... Encode node")
+        raise invalid("image_embeds", type(image_embeds).__name__, "conditioning from a Musubi ... Encode node")
     size = (image_embeds.get("width"), image_embeds.get("height"), image_embeds.get("frames"))
     if size != (width, height, frames):
         raise invalid("image_embeds", size, f"this prompt's width/height/frames {(width, height, frames)}")
     return image_embeds.get("task"), image_embeds["conditioning"], image_embeds.get("clip_fea")
+
+
+def _prompt_embeds(embeds) -> dict:
+    """The ValidationPrompt fields an EMBEDS value gives: the prompt's and negative prompt's text states, and the
+    pooled vectors of families that take one (HunyuanVideo's CLIP-L)."""
+    if not isinstance(embeds, dict) or not isinstance(embeds.get("context"), torch.Tensor):
+        raise invalid("embeds", type(embeds).__name__, "prompt embeddings from a Musubi Text Encode node")
+    out = {}
+    for key in ("context", "negative_context", "pooled", "negative_pooled"):
+        value = embeds.get(key)
+        out[key] = None if value is None else compat.unwrap_inference_tensor(value)
+    return out
+
+
+EMBEDDED_GUIDANCE_INPUT = ("FLOAT", {"default": 0.0, "min": 0.0, "max": 30.0, "step": 0.1,
+                           "tooltip": "Guidance-distilled models (HunyuanVideo): the embedded guidance scale; 0 = "
+                                      "the model's default (6.0 for HunyuanVideo). Ignored by models without one."})
 
 
 class MusubiValidationPrompt:
@@ -973,16 +1001,17 @@ class MusubiValidationPrompt:
             "validation_prompts": (T.VALIDATION_PROMPTS, {"tooltip": "Earlier prompts to add this one to (chain "
                                                                      "Validation Prompt nodes)."}),
             "image_embeds": (T.IMAGE_EMBEDS, {"tooltip": "I2V/FLF2V or Fun-Control conditioning (Musubi Wan ... "
-                                                         "Encode) with the same width/height/frames, for training "
-                                                         "an image-to-video model."}),
+                                                         "Encode), SkyReels I2V or V2V conditioning (Musubi "
+                                                         "HunyuanVideo ... Encode) with the same width/height/"
+                                                         "frames, for training an image-to-video model."}),
+            "embedded_guidance": EMBEDDED_GUIDANCE_INPUT,
         }}
 
     def build(self, embeds, width, height, frames, seed, steps, guidance_scale, shift, validation_prompts=None,
-              image_embeds=None):
+              image_embeds=None, embedded_guidance=0.0):
         from ..engine.training import ValidationPrompt
 
-        if not isinstance(embeds, dict) or not isinstance(embeds.get("context"), torch.Tensor):
-            raise invalid("embeds", type(embeds).__name__, "prompt embeddings from Musubi Wan Text Encode")
+        text = _prompt_embeds(embeds)
         if width % 16 or height % 16:
             raise invalid("width/height", (width, height), "multiples of 16")
         if (frames - 1) % 4:
@@ -992,13 +1021,10 @@ class MusubiValidationPrompt:
             raise invalid("validation_prompts", type(previous).__name__, "VALIDATION_PROMPTS from Musubi Validation "
                                                                          "Prompt")
         task, conditioning, clip_fea = _image_conditioning(image_embeds, width, height, frames)
-        negative = embeds.get("negative_context")
         prompt = ValidationPrompt(
-            context=compat.unwrap_inference_tensor(embeds["context"]),
-            negative_context=None if negative is None else compat.unwrap_inference_tensor(negative),
-            width=int(width), height=int(height), frames=int(frames), seed=int(seed), steps=int(steps),
-            guidance_scale=float(guidance_scale), shift=float(shift) or None, task=task, clip_fea=clip_fea,
-            conditioning=conditioning)
+            **text, embedded_guidance=float(embedded_guidance) or None, width=int(width), height=int(height),
+            frames=int(frames), seed=int(seed), steps=int(steps), guidance_scale=float(guidance_scale),
+            shift=float(shift) or None, task=task, clip_fea=clip_fea, conditioning=conditioning)
         return (list(previous) + [prompt],)
 
 
@@ -1033,24 +1059,26 @@ class MusubiValidate:
                      "tooltip": "Noise seed."}),
         }, "optional": {
             "image_embeds": (T.IMAGE_EMBEDS, {"tooltip": "I2V/FLF2V, Fun-Control or one-frame conditioning (Musubi "
-                                                         "Wan ... Encode) with the same width/height/frames, for a "
-                                                         "session training an image-conditioned model."}),
+                                                         "Wan ... Encode; HunyuanVideo: SkyReels I2V or V2V) with "
+                                                         "the same width/height/frames, for a session training an "
+                                                         "image-conditioned model."}),
+            "embedded_guidance": EMBEDDED_GUIDANCE_INPUT,
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def validate(self, session, vae, embeds, width, height, frames, steps, guidance_scale, shift, seed,
-                 image_embeds=None, unique_id=None):
+                 image_embeds=None, embedded_guidance=0.0, unique_id=None):
         from ..engine.training import ValidationPrompt, run_validation
 
         out = _session_output(session)
-        vae = T.handle(vae, "vae", "a VAE from Musubi Wan VAE Loader")
+        vae = T.handle(vae, "vae", "a VAE from a Musubi VAE loader node")
         if width % 16 or height % 16:
             raise invalid("width/height", (width, height), "multiples of 16")
-        if not isinstance(embeds, dict) or "context" not in embeds:
-            raise invalid("embeds", type(embeds).__name__, "prompt embeddings from Musubi Wan Text Encode")
+        text = _prompt_embeds(embeds)
         task, conditioning, clip_fea = _image_conditioning(image_embeds, width, height, frames)
         run = out.run
-        prompt = ValidationPrompt(context=embeds["context"], negative_context=embeds.get("negative_context"),
-                                  width=width, height=height, frames=frames, seed=int(seed), steps=steps,
+        _check_vae_family(vae, run.model, "vae")
+        prompt = ValidationPrompt(**text, embedded_guidance=float(embedded_guidance) or None, width=width,
+                                  height=height, frames=frames, seed=int(seed), steps=steps,
                                   guidance_scale=guidance_scale, shift=shift or None, task=task,
                                   clip_fea=clip_fea, conditioning=conditioning)
         from ..engine.families import family_of

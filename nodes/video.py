@@ -39,11 +39,13 @@ def video_frames_tensor(images: torch.Tensor, width: int, height: int, field: st
     return (fit_frames(x, width, height, resize_mode).clamp(0, 1) * 2.0 - 1.0).movedim(0, 1)   # [3,F,H,W]
 
 
-def decode_video(vae, latents: torch.Tensor, tile_size=None, tile_overlap=None) -> torch.Tensor:
-    """Latents -> video [B, 3, F, H, W] in [-1, 1] (float32, CPU), decoded on the compute device."""
+def decode_video(vae, latents: torch.Tensor, tile_size=None, tile_overlap=None, **tiling) -> torch.Tensor:
+    """Latents -> video [B, 3, F, H, W] in [-1, 1] (float32, CPU), decoded on the compute device. `tiling`: the
+    family VAE's other decode options (HunyuanVideo: temporal_tile, temporal_overlap)."""
     with on_compute_device(vae) as device:
         dtype = next(vae.module.parameters()).dtype
-        video = vae.module.decode(latents.to(device, dtype), tile_size=tile_size, tile_overlap=tile_overlap)
+        video = vae.module.decode(latents.to(device, dtype), tile_size=tile_size, tile_overlap=tile_overlap,
+                                  **tiling)
     return video.float().cpu()
 
 

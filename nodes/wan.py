@@ -8,7 +8,8 @@ import torch
 from . import comfy_compat as compat
 from . import checks
 from . import types as T
-from .loading import DTYPES, model_choices, owner_of, resolve_source, room_for, source_identity
+from .loading import (ATTENTION, ATTENTION_INPUT, DIT_DTYPE_INPUT, DTYPES, dit_handle, dit_memory_inputs, load_dit,
+                      model_choices, owner_of, resolve_source, room_for, source_identity)
 from .placement import dit_on_device, on_compute_device
 from .registry import MODELS
 from .video import RESIZE_INPUT, decode_video, image_to_video_tensor, video_frames_tensor, video_to_image
@@ -20,7 +21,6 @@ DIT_PRESETS = ["preset:tiny-t2v", "preset:tiny-i2v", "preset:tiny-flf2v", "prese
 VAE_PRESETS = ["preset:tiny-vae"]
 T5_PRESETS = ["preset:tiny-umt5"]
 CLIP_PRESETS = ["preset:tiny-clip"]
-ATTENTION = ["sdpa", "flash", "sage", "xformers", "sdpa_split"]
 # The official Wan 2.1 default negative prompt (used when the negative prompt is left empty, as the release does).
 WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
                        "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
@@ -50,72 +50,21 @@ class MusubiWanDiTLoader:
         return {"required": {
             "model_name": (model_choices(DIT_PRESETS, "diffusion_models"), {
                 "tooltip": "A Wan 2.1 DiT file from models/diffusion_models, or a tiny built-in preset for tests."}),
-            "dtype": (["bf16", "fp16", "fp32", "keep"], {"default": "bf16",
-                      "tooltip": "Compute precision of the weights; 'keep' keeps the file's precision (fp8 files are "
-                                 "upcast to bf16)."}),
-            "attention": (ATTENTION, {"default": "sdpa",
-                          "tooltip": "Attention kernel. Missing backends fall back to sdpa with a warning; 'sage' "
-                                     "is for sampling only (it has no backward pass)."}),
-        }, "optional": {
-            "fp8": (["none", "scaled", "e4m3"], {"default": "none",
-                    "tooltip": "Store the transformer blocks' linear weights in fp8 (half the memory of bf16): "
-                               "'scaled' keeps block-wise scales (more accurate), 'e4m3' is a plain cast. fp8 files "
-                               "are used as they are. LoRAs train on top in full precision."}),
-            "blocks_to_swap": ("INT", {"default": 0, "min": 0, "max": 39,
-                               "tooltip": "Keep this many transformer blocks in CPU memory and stream them to the "
-                                          "GPU just before use (at most blocks-1: 39 for 14B, 29 for 1.3B). Saves "
-                                          "VRAM at some speed cost; ignored on CPU."}),
-            "activation_offload": ("BOOLEAN", {"default": False,
-                                   "tooltip": "With gradient checkpointing, keep the checkpointed activations in CPU "
-                                              "memory during training (less VRAM, slower)."}),
-            "offload_after_use": ("BOOLEAN", {"default": False,
-                                  "tooltip": "Move the DiT back to CPU memory after every node that uses it (frees "
-                                             "VRAM for other models; slower re-runs). Off: it stays on the GPU "
-                                             "until Musubi Unload Models or a node's own offload option."}),
-            "offload_non_block_weights": ("BOOLEAN", {"default": False,
-                                          "tooltip": "With blocks_to_swap > 0: also keep the embeddings and the "
-                                                     "output head in CPU memory, copied to the GPU for each "
-                                                     "forward pass (about 0.85 GB less VRAM for 14B, which keeps "
-                                                     "its time projection in fp32)."}),
-            "compile_blocks": ("BOOLEAN", {"default": False,
-                               "tooltip": "torch.compile each transformer block (Musubi --compile): faster steps "
-                                          "after a first slow one; needs triton on the GPU. A block that fails to "
-                                          "compile runs as usual, with a warning."}),
-            "fp8_matmul": ("BOOLEAN", {"default": False,
-                           "tooltip": "With fp8 weights: multiply in fp8 (Musubi --fp8_fast) when sampling on GPUs "
-                                      "that support it (RTX 40xx, H100 and newer); faster, slightly less exact. "
-                                      "Block-wise scales become per-row scales. Training is unaffected."}),
-        }, "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"}}
+            "dtype": DIT_DTYPE_INPUT,
+            "attention": ATTENTION_INPUT,
+        }, "optional": dit_memory_inputs(39, "39 for 14B, 29 for 1.3B",
+                                         "about 0.85 GB less VRAM for 14B, which keeps its time projection in fp32"),
+            "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"}}
 
     def load(self, model_name, dtype, attention, fp8="none", blocks_to_swap=0, activation_offload=False,
              offload_after_use=False, offload_non_block_weights=False, compile_blocks=False, fp8_matmul=False,
              unique_id=None, prompt=None):
-        from ..engine.memory import enable_fp8_matmul, validate_blocks_to_swap
         from ..engine.families.wan.loader import load_wan_dit
 
         source = resolve_source(model_name, "diffusion_models", "model_name")
-        dt = None if dtype == "keep" else DTYPES[dtype]
-        fp8_mode = None if fp8 == "none" else fp8
-
-        def load():
-            model = load_wan_dit(source, dtype=dt, device="cpu", fp8=fp8_mode)
-            if fp8_matmul and not enable_fp8_matmul(model) and not _has_fp8_layers(model):
-                raise invalid("fp8_matmul", True, "fp8 weights: fp8 'scaled' or 'e4m3', or an fp8 file")
-            return model
-
-        # fp8 matmul requantizes block-wise scales: a copy of its own, never the plain one's weights
-        key = ("wan_dit", source_identity(source), dtype, fp8) + (("fp8_matmul",) if fp8_matmul else ())
-        model = MODELS.get_or_create(key, room_for(source, prompt, load), owner=owner_of(self, unique_id))
-        validate_blocks_to_swap(blocks_to_swap, model.config.num_layers, model.config.variant)
-        return (ModelHandle.of(model, attention=attention, blocks_to_swap=blocks_to_swap,
-                               activation_offload=activation_offload, offload_after_use=offload_after_use,
-                               offload_non_blocks=offload_non_block_weights, compile=bool(compile_blocks)),)
-
-
-def _has_fp8_layers(model) -> bool:
-    from ..engine.memory.fp8 import Fp8Linear
-
-    return any(isinstance(m, Fp8Linear) for m in model.modules())
+        model = load_dit(self, unique_id, prompt, "wan_dit", source, dtype, fp8, fp8_matmul, load_wan_dit)
+        return (dit_handle(model, attention, blocks_to_swap, activation_offload, offload_after_use,
+                           offload_non_block_weights, compile_blocks),)
 
 
 class MusubiWanVAELoader:
@@ -486,6 +435,10 @@ class MusubiWanSampler:
         from ..engine.families.wan.pipeline import model_task_kind
 
         handle = T.handle(model, "model", DIT_EXPECTED)
+        if handle.family != FAMILY:
+            raise invalid("model", f"a model of family {handle.family!r}", DIT_EXPECTED)
+        if isinstance(embeds, dict) and embeds.get("family", FAMILY) != FAMILY:
+            raise invalid("embeds", f"made for {embeds['family']}", "prompt embeddings from Musubi Wan Text Encode")
         model = handle.module
         kind = model_task_kind(model.config)
         if image_embeds is None and kind in ("i2v", "flf2v"):
@@ -572,6 +525,8 @@ class MusubiWanVAEDecode:
                 raise invalid("latent", getattr(samples, "shape", type(latent).__name__),
                               "a Wan 2.1 LATENT [batch, 16, frames, height/8, width/8]")
             latents = {"samples": from_raw_latents(samples)}
+        if isinstance(latents, dict) and latents.get("family", FAMILY) != FAMILY:
+            raise invalid("latents", f"made for {latents['family']}", "latents from Musubi Wan Sampler")
         video = decode_video(vae, latents["samples"], tile_size or None, tile_overlap if tile_size else None)
         trim = int(latents.get("trim_tail_frames", 0) or 0)   # the sampler's trim_tail_frames (checked there)
         if trim:

@@ -149,9 +149,76 @@ TRAIN_THEN_GENERATE = [
     (22, "PreviewImage", {}, {"images": (20, 0)}),
 ]
 
+# HunyuanVideo on its tiny presets: the text-encoder pair (LLaVA-LLaMA-3 + CLIP-L) feeds the encode node; embedded
+# guidance 6.0 without real CFG (the cfg-distilled model's default), Euler, flow shift 7.
+HUNYUAN_LOADERS = [
+    (1, "MusubiHunyuanDiTLoader", {"model_name": "preset:tiny", "dtype": "fp32", "attention": "sdpa"}, {}),
+    (2, "MusubiHunyuanTextEncoderLoader", {"llm_name": "preset:tiny-llava-llama", "clip_name": "preset:tiny-clip-l",
+                                           "dtype": "fp32", "fp8_llm": False}, {}),
+    (3, "MusubiHunyuanVAELoader", {"vae_name": "preset:tiny-vae", "dtype": "fp32"}, {}),
+]
+HUNYUAN_T2V = HUNYUAN_LOADERS + [
+    (4, "MusubiHunyuanTextEncode", {"prompt": "a red square moving to the right", "negative_prompt": "",
+                                    "offload_after": True}, {"text_encoder": (2, 0)}),
+    (5, "MusubiHunyuanSampler", {"width": 64, "height": 48, "frames": 9, "steps": 6, "embedded_guidance": 6.0,
+                                 "guidance_scale": 1.0, "shift": 7.0, "solver": "euler", "seed": 42,
+                                 "noise_device": "cpu"}, {"model": (1, 0), "embeds": (4, 0)}),
+    (6, "MusubiHunyuanVAEDecode", {"tile_size": 256, "tile_overlap": 64, "temporal_tile": 64, "temporal_overlap": 16},
+     {"vae": (3, 0), "latents": (5, 0)}),
+    (7, "MusubiSaveVideo", {"filename_prefix": "musubi/hunyuan_t2v", "crf": 19}, {"images": (6, 0), "fps": (6, 1)}),
+    (8, "PreviewImage", {}, {"images": (6, 0)}),
+]
+
+# The train-then-generate graph on HunyuanVideo: the same generic dataset, caching, training and LoRA nodes as Wan's;
+# only the loaders, the encode, the sampler and the decode are the family's.
+HUNYUAN_TRAIN_THEN_GENERATE = HUNYUAN_LOADERS + [
+    (4, "EmptyImage", {"width": 48, "height": 48, "batch_size": 1, "color": 0xCC2222}, {}),
+    (7, "MusubiDatasetFromImages", {"captions": "a red square", "width": 48, "height": 48,
+                                    "num_repeats": 1, "as_video": False, "cache_directory": "", "batch_size": 1},
+     {"images": (4, 0)}),
+    (8, "MusubiCacheLatents", {"task": "t2v", "keep_cache": False, "workers": 0}, {"dataset": (7, 0), "vae": (3, 0)}),
+    (9, "MusubiCacheTextEmbeddings", {"keep_cache": False}, {"dataset": (8, 0), "text_encoder": (2, 0)}),
+    (10, "MusubiLoRAConfig", {"network_kind": "lora", "rank": 8, "alpha": 8.0, "dropout": 0.0, "rank_dropout": 0.0,
+                              "module_dropout": 0.0}, {}),
+    (11, "MusubiOptimizerConfig", {"optimizer_type": "AdamW", "learning_rate": 3e-3, "max_grad_norm": 1.0,
+                                   "lr_scheduler": "constant", "lr_warmup_steps": "0"}, {}),
+    (15, "MusubiHunyuanTextEncode", {"prompt": "a red square", "negative_prompt": "", "offload_after": True},
+     {"text_encoder": (2, 0)}),
+    (23, "MusubiValidationPrompt", {"width": 48, "height": 48, "frames": 1, "seed": 3, "steps": 8,
+                                    "guidance_scale": 1.0, "shift": 0.0, "embedded_guidance": 0.0},
+     {"embeds": (15, 0)}),
+    (12, "MusubiInitTraining", {"seed": 1, "max_train_steps": 60, "mixed_precision": "no",
+                                "gradient_checkpointing": True, "gradient_accumulation_steps": 1,
+                                "timestep_sampling": "shift", "discrete_flow_shift": 2.0, "sigmoid_scale": 1.0,
+                                "weighting_scheme": "none", "min_timestep": 0, "max_timestep": 1000,
+                                "save_every_n_steps": 0, "keep_last_n_saves": 0, "output_dir": "",
+                                "output_name": "tiny_hunyuan_lora", "save_state": False,
+                                "attention_backend": "model", "save_format": "comfyui",
+                                "validate_every_n_steps": 30},
+     {"model": (1, 0), "dataset": (9, 0), "lora_config": (10, 0), "optimizer_config": (11, 0),
+      "validation_prompts": (23, 0), "validation_vae": (3, 0)}),
+    (13, "MusubiTrainSteps", {"steps": 60, "train_on_every_queue": False}, {"session": (12, 0)}),
+    (14, "PreviewImage", {}, {"images": (13, 1)}),
+    (16, "MusubiValidate", {"width": 48, "height": 48, "frames": 1, "steps": 8, "guidance_scale": 1.0, "shift": 0.0,
+                            "seed": 3}, {"session": (13, 0), "vae": (3, 0), "embeds": (15, 0)}),
+    (17, "PreviewImage", {}, {"images": (16, 0)}),
+    (18, "MusubiSaveTrainedLoRA", {"format": "comfyui", "filename_prefix": "loras/tiny_hunyuan_lora",
+                                   "dtype": "bf16", "save_to": "output"}, {"session": (16, 1)}),
+    (19, "MusubiHunyuanSampler", {"width": 48, "height": 48, "frames": 5, "steps": 10, "embedded_guidance": 6.0,
+                                  "guidance_scale": 1.0, "shift": 7.0, "solver": "euler", "seed": 42,
+                                  "noise_device": "cpu"}, {"model": (13, 4), "embeds": (15, 0)}),
+    (20, "MusubiHunyuanVAEDecode", {"tile_size": 256, "tile_overlap": 64, "temporal_tile": 64,
+                                    "temporal_overlap": 16}, {"vae": (3, 0), "latents": (19, 0)}),
+    (21, "MusubiSaveVideo", {"filename_prefix": "musubi/hunyuan_train_then_generate", "crf": 19},
+     {"images": (20, 0), "fps": (20, 1)}),
+    (22, "PreviewImage", {}, {"images": (20, 0)}),
+]
+
 WORKFLOWS = {"wan_t2v_generate.json": TINY_T2V, "wan_i2v_generate.json": TINY_I2V, "lora_tools.json": LORA_TOOLS,
              "wan_dataset_cache.json": DATASET_CACHE,
-             "wan_train_then_generate.json": TRAIN_THEN_GENERATE}
+             "wan_train_then_generate.json": TRAIN_THEN_GENERATE,
+             "hunyuan_t2v_generate.json": HUNYUAN_T2V,
+             "hunyuan_train_then_generate.json": HUNYUAN_TRAIN_THEN_GENERATE}
 
 
 def _spec_lists(cls):
@@ -241,7 +308,9 @@ def build(nodes: list, classes: dict) -> dict:
 
 TITLES = {"wan_t2v_generate.json": "Wan 2.1 text to video", "wan_i2v_generate.json": "Wan 2.1 image to video",
           "lora_tools.json": "LoRA tools", "wan_dataset_cache.json": "Dataset caching",
-          "wan_train_then_generate.json": "Train a LoRA, then generate"}
+          "wan_train_then_generate.json": "Train a LoRA, then generate",
+          "hunyuan_t2v_generate.json": "HunyuanVideo text to video",
+          "hunyuan_train_then_generate.json": "HunyuanVideo: train a LoRA, then generate"}
 
 
 def thumbnail(name: str, nodes: list, path: Path) -> None:

@@ -2,7 +2,10 @@
 
 Usage (always in a subprocess: ComfyUI changes sys.path and global state):
     python comfy_lora_probe.py JOBS.json
-JOBS.json: [{"base": BASE.safetensors, "lora": LORA.safetensors, "strength": s, "out": OUT.safetensors}, ...]
+JOBS.json: [{"base": BASE.safetensors, "lora": LORA.safetensors, "strength": s, "out": OUT.safetensors,
+             "unet_config": {...} (optional)}, ...]
+`unet_config`: entries laid over what ComfyUI's detection reads from the base (sizes it fixes instead of reading from
+the weights: a tiny HunyuanVideo's head count, RoPE axes and CLIP width).
 (several jobs per process: importing ComfyUI costs ~30 s on a small CPU).
 Prints one JSON line: a list of {"model_class", "lora_keys", "patched_keys", "not_loaded"}; each OUT receives every
 weight that ComfyUI patched (float32, native key names without the `diffusion_model.` prefix).
@@ -40,9 +43,17 @@ class _Collect(logging.Handler):
             self.not_loaded.append(msg.split(":", 1)[1].strip())
 
 
-def main(base_path, lora_path, strength, out_path):
+def main(base_path, lora_path, strength, out_path, unet_config=None):
+    import comfy.model_detection as detection
+
     base = comfy.utils.load_torch_file(base_path)
-    patcher = comfy.sd.load_diffusion_model_state_dict(base, model_options={"dtype": torch.float32})
+    detect = detection.detect_unet_config
+    if unet_config:
+        detection.detect_unet_config = lambda *a, **k: {**detect(*a, **k), **unet_config}
+    try:
+        patcher = comfy.sd.load_diffusion_model_state_dict(base, model_options={"dtype": torch.float32})
+    finally:
+        detection.detect_unet_config = detect
     if patcher is None:
         raise SystemExit("ComfyUI did not recognise the model")
     key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
@@ -66,5 +77,5 @@ def main(base_path, lora_path, strength, out_path):
 
 if __name__ == "__main__":
     jobs = json.loads(Path(args[0]).read_text())
-    results = [main(j["base"], j["lora"], j["strength"], j["out"]) for j in jobs]
+    results = [main(j["base"], j["lora"], j["strength"], j["out"], j.get("unet_config")) for j in jobs]
     print(json.dumps(results))

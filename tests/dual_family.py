@@ -151,6 +151,12 @@ class DualFamily:
         return DualCacheAdapter(**kw)
 
     @staticmethod
+    def latent_cache_adapter(vae, task, clip_vision=None, **options):
+        if task != "t2v" or clip_vision is not None:
+            raise invalid("task", task, "t2v without clip_vision")
+        return DualCacheAdapter(vae=vae, **options)
+
+    @staticmethod
     def cache_requirements(model, **identities):
         return CacheRequirements("ds", LATENT, TEXT, ("latents", "llm"), None, identities or None, text_key="llm")
 

@@ -11,13 +11,15 @@ pytestmark = pytest.mark.browser
 BENIGN = ("Failed to load resource", "Content Security Policy", "reading 'id'")
 
 
-def test_drop_t2v_workflow_run_and_screenshot(comfy_server, browser_page):
+@pytest.mark.parametrize("name, sampler_type", [("wan_t2v_generate", "MusubiWanSampler"),
+                                                ("hunyuan_t2v_generate", "MusubiHunyuanSampler")])
+def test_drop_t2v_workflow_run_and_screenshot(comfy_server, browser_page, name, sampler_type):
     page = browser_page
-    path = REPO_ROOT / "workflows" / "wan_t2v_generate.json"
+    path = REPO_ROOT / "workflows" / f"{name}.json"
     drop_file(page, path)
-    page.wait_for_function("() => app.graph._nodes.some(n => n.type === 'MusubiWanSampler')", timeout=30000)
+    page.wait_for_function(f"() => app.graph._nodes.some(n => n.type === '{sampler_type}')", timeout=30000)
     api = page.evaluate("async () => (await app.graphToPrompt()).output")
-    sampler = next(v for v in api.values() if v["class_type"] == "MusubiWanSampler")
+    sampler = next(v for v in api.values() if v["class_type"] == sampler_type)
     assert sampler["inputs"]["seed"] == 42 and sampler["inputs"]["model"][1] == 0
 
     wait_ui_idle(page)
@@ -32,6 +34,7 @@ def test_drop_t2v_workflow_run_and_screenshot(comfy_server, browser_page):
     page.wait_for_function("() => (app.graph._nodes.find(n => n.type === 'PreviewImage')?.imgs?.length ?? 0) > 0",
                            timeout=60000)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / "browser_t2v_after_run.png"))
+    shot = "browser_t2v_after_run.png" if name.startswith("wan") else f"browser_{name}_after_run.png"
+    page.screenshot(path=str(ARTIFACTS / shot))
     unexpected = [e for e in page.console_errors if not any(b in e for b in BENIGN)]
     assert not unexpected, unexpected

@@ -12,7 +12,8 @@ WORKFLOWS = sorted((REPO_ROOT / "workflows").glob("*.json"))
 
 
 def test_there_are_workflows():
-    assert {p.name for p in WORKFLOWS} >= {"wan_t2v_generate.json", "wan_i2v_generate.json"}
+    assert {p.name for p in WORKFLOWS} >= {"wan_t2v_generate.json", "wan_i2v_generate.json",
+                                           "hunyuan_t2v_generate.json", "hunyuan_train_then_generate.json"}
 
 
 def _project():
@@ -54,17 +55,20 @@ def test_workflow_runs_in_process(comfy, path):
     assert outputs, "the workflow produced no output"
     links = {link[0]: (str(link[1]), link[2]) for link in wf["links"]}
     for node in wf["nodes"]:
-        if node["type"] == "MusubiWanVAEDecode":
+        if node["type"] in ("MusubiWanVAEDecode", "MusubiHunyuanVAEDecode"):
             images = comfy.output(str(node["id"]))
             assert images.ndim == 4 and images.shape[-1] == 3 and torch.isfinite(images).all()
             assert images.std() > 0.01, "decoded frames are constant"
             # the value: the VAE's decode of the latents the sampler produced, as [F, H, W, 3] in [0, 1]
             src = {i["name"]: comfy.output(*links[i["link"]]) for i in node["inputs"] if i.get("link") is not None}
-            tile = node["widgets_values"][0]
+            tile, *rest = node["widgets_values"]
+            if node["type"] == "MusubiWanVAEDecode":
+                tiling = {"tile_size": tile or None, "tile_overlap": rest[0] if tile else None}
+            else:   # HunyuanVideo: spatial and temporal tiling, 0 = off
+                tiling = dict(zip(("tile_size", "tile_overlap", "temporal_tile", "temporal_overlap"), [tile, *rest]))
             vae = src["vae"].module
             with torch.no_grad():
-                video = vae.decode(src["latents"]["samples"].to(next(vae.parameters()).dtype), tile_size=tile or None,
-                                   tile_overlap=node["widgets_values"][1] if tile else None)
+                video = vae.decode(src["latents"]["samples"].to(next(vae.parameters()).dtype), **tiling)
             expected = ((video.float().cpu() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 4, 1).flatten(0, 1)
             torch.testing.assert_close(images, expected, rtol=1e-4, atol=1e-4)
         if node["type"] in ("MusubiSaveVideo", "SaveVideo"):

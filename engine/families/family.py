@@ -86,6 +86,11 @@ class Family(Protocol):
     def cache_adapter(self, **encoders_and_options):
         """An `engine.data.CacheAdapter` that encodes clips and captions for this family."""
 
+    def latent_cache_adapter(self, vae, task: str, clip_vision=None, **options):
+        """The adapter for a latent-caching run from its user inputs: `task` (one of the caching node's task names,
+        e.g. "t2v", "i2v", "fun_control") and an optional CLIP vision encoder. The family's rules of which tasks and
+        inputs it takes live here; anything else is refused naming the input (MusubiInputError), before any work."""
+
     def cache_requirements(self, model: nn.Module, **identities):
         """`engine.data.CacheRequirements`: what `model` needs from a cache."""
 

@@ -17,6 +17,7 @@ import torch
 from ...data.encoding import (DTYPE_NAMES, CacheRequirements, Clip, dtype_name, encoder_identity, latent_key,
                               pixels_to_video, weights_placement)
 from ...errors import invalid
+from .text import HunyuanTextEncoders
 from .vae import SCALING_FACTOR  # raw cached latents x this = the DiT's latents
 
 ARCH = "hv"                      # Musubi's architecture short name (full name "hunyuan_video")
@@ -37,7 +38,8 @@ class HunyuanCacheAdapter:
     `vae.encode([B,3,F,H,W] in [-1,1]) -> DiT latents [B,16,F_lat,H/8,W/8]` (x 0.476986; stored divided back),
     `text_encoder.encode(list[str]) -> (states [B, 256, D], mask [B, 256])` (LLaVA-LLaMA-3, video template),
     `text_encoder_2.encode(list[str]) -> pooled [B, 768]` (CLIP-L).
-    Pass only the encoders of this run (latents with `vae`, text with both text encoders)."""
+    Pass only the encoders of this run (latents with `vae`, text with both text encoders). `text_encoder` may also be
+    the pair a loader node hands on (`text.HunyuanTextEncoders`, text_encoder_2 left out)."""
 
     arch = ARCH
     target_fps = 24.0            # Musubi's TARGET_FPS_HUNYUAN
@@ -46,6 +48,8 @@ class HunyuanCacheAdapter:
                  text_dtype: torch.dtype = torch.float16):
         if dtype not in DTYPE_NAMES or text_dtype not in DTYPE_NAMES:
             raise invalid("cache dtype", (dtype, text_dtype), "float16, bfloat16 or float32")
+        if text_encoder_2 is None and isinstance(text_encoder, HunyuanTextEncoders):
+            text_encoder, text_encoder_2 = text_encoder.llm, text_encoder.clip
         if (text_encoder is None) != (text_encoder_2 is None):
             raise invalid("HunyuanVideo text encoders", "only one of them",
                           "both the LLaVA-LLaMA-3 and the CLIP-L text encoder (one text file holds both outputs)")

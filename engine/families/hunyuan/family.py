@@ -44,6 +44,19 @@ class HunyuanFamily:
         return cache.HunyuanCacheAdapter(**encoders_and_options)
 
     @staticmethod
+    def latent_cache_adapter(vae, task: str, clip_vision=None, **options) -> cache.HunyuanCacheAdapter:
+        """Latents only (task t2v): T2V and SkyReels I2V train from the same cache (I2V takes the clip's own first
+        latent frame, as Musubi), and no image encoder is used."""
+        if task != "t2v":
+            raise invalid("task", task, "t2v for HunyuanVideo: its latent cache holds the video latents only, and "
+                                        "SkyReels I2V trains from that same cache (the clip's first frame is its "
+                                        "start image)")
+        if clip_vision is not None:
+            raise invalid("clip_vision", "connected", "nothing for HunyuanVideo (it uses no CLIP vision features): "
+                                                      "disconnect it")
+        return cache.HunyuanCacheAdapter(vae=vae, **options)
+
+    @staticmethod
     def cache_requirements(model: nn.Module, **identities) -> "cache.CacheRequirements":
         """Latents + LLM states/mask + CLIP-L pooled, for T2V and SkyReels I2V alike (I2V uses the clip's frame 0)."""
         return cache.cache_requirements(text_dim=model.config.text_dim, **identities)

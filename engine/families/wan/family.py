@@ -14,6 +14,7 @@ from ..family import Fp8Spec, LoRASpec
 from . import cache, names, pipeline
 
 LATENT_CHANNELS = 16
+LATENT_TASKS = ("t2v", "i2v", "fun_control")   # the latent-caching tasks
 CONTROL_CHANNELS = 32      # Fun-Control y: 16 control + 16 image latent channels
 I2V_CHANNELS = 20          # I2V/FLF2V y: 4 mask + 16 image latent channels
 
@@ -50,6 +51,19 @@ class WanFamily:
     @staticmethod
     def cache_adapter(**encoders_and_options) -> cache.WanCacheAdapter:
         return cache.WanCacheAdapter(**encoders_and_options)
+
+    @staticmethod
+    def latent_cache_adapter(vae, task: str, clip_vision=None, **options) -> cache.WanCacheAdapter:
+        """t2v: latents only; i2v: + first-frame conditioning and CLIP features (CLIP vision required); fun_control:
+        + control latents, with CLIP vision also the start image (I2V Fun-Control)."""
+        if task not in LATENT_TASKS:
+            raise invalid("task", task, f"one of {list(LATENT_TASKS)} for Wan 2.1")
+        if task == "i2v" and clip_vision is None:
+            raise invalid("clip_vision", None, "a CLIP vision encoder for task i2v (Wan 2.1 I2V uses CLIP features)")
+        if task == "t2v" and clip_vision is not None:
+            raise invalid("clip_vision", "connected", "no CLIP vision for task t2v (pick i2v or disconnect it)")
+        return cache.WanCacheAdapter(vae=vae, clip=clip_vision, i2v=task == "i2v", control=task == "fun_control",
+                                     **options)
 
     @staticmethod
     def cache_requirements(model: nn.Module, **identities) -> "cache.CacheRequirements":
