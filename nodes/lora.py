@@ -184,7 +184,7 @@ def parse_metadata(text: str) -> dict[str, str]:
 
 # --- nodes -----------------------------------------------------------------------------------------------------------
 class MusubiLoadLoRA:
-    DESCRIPTION = ("Load a LoRA file from models/loras (any Wan dialect: Musubi/kohya, ComfyUI, diffusers/PEFT, "
+    DESCRIPTION = ("Load a LoRA file from models/loras (any dialect: Musubi/kohya, ComfyUI, diffusers/PEFT, "
                    "diffusion-pipe, Wan Fun, LyCORIS LoHa/LoKr). The loaded file stays in memory between runs "
                    "(re-read only when the file changes).")
     CATEGORY = "Musubi/lora"
@@ -210,7 +210,7 @@ class MusubiLoadLoRA:
 
 
 class MusubiApplyLoRA:
-    DESCRIPTION = ("Apply one or two LoRAs to a Wan DiT with strengths, as adapters (hooks; the weights stay "
+    DESCRIPTION = ("Apply one or two LoRAs to a DiT with strengths, as adapters (hooks; the weights stay "
                    "untouched) or merged into the weights (faster sampling; needs memory for a copy of the changed "
                    "layers). The input model is never modified: the output is a LoRA view sharing the input's "
                    "weights. Re-queueing with another strength replaces this node's LoRA (never stacks); removing "
@@ -231,7 +231,7 @@ class MusubiApplyLoRA:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": (T.DIT, {"tooltip": "The Wan DiT (from the loader, or from another Apply LoRA node)."}),
+            "model": (T.DIT, {"tooltip": "The DiT (from a Musubi DiT loader, or from another Apply LoRA node)."}),
             "lora": (T.LORA, {"tooltip": "The LoRA to apply (from Musubi Load LoRA or another LoRA node)."}),
             "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
                          "tooltip": "Multiplier of the LoRA's change (1.0 = as trained, 0 = off, negative = invert)."}),
@@ -256,7 +256,7 @@ class MusubiApplyLoRA:
         from ..engine.lora import match_lora, network_from_lora
         from ..engine.lora.dialects import LoRAFile
 
-        handle = T.handle(model, "model", "a DiT from Musubi Wan DiT Loader")
+        handle = T.handle(model, "model", "a DiT from a Musubi DiT loader (Wan, HunyuanVideo)")
         model = handle.module
         if mode not in ("adapter", "merge"):
             raise invalid("mode", mode, "'adapter' or 'merge'")
@@ -406,7 +406,7 @@ class MusubiSaveLoRA:
 
 
 class MusubiConvertLoRA:
-    DESCRIPTION = ("Convert a LoRA file (any Wan dialect) to comfyui, musubi or diffusers format, keeping its "
+    DESCRIPTION = ("Convert a LoRA file (any dialect) to comfyui, musubi or diffusers format, keeping its "
                    "weights (ΔW) and metadata. Writes a new file; refuses to write over the input.")
     CATEGORY = "Musubi/lora"
     FUNCTION = "convert"
@@ -451,14 +451,14 @@ class MusubiConvertLoRA:
         if _same_file(out, src):
             raise invalid("output_name", output_name, f"a file different from the input LoRA {src}")
         if model is not None:
-            model = T.handle(model, "model", "a DiT from Musubi Wan DiT Loader").module
+            model = T.handle(model, "model", "a DiT from a Musubi DiT loader (Wan, HunyuanVideo)").module
         convert_lora(src, out, format=format, model=model, dtype=DTYPES[dtype])
         return {"ui": {"text": [str(out)]}, "result": (read_lora(out), str(out))}
 
 
 class MusubiMergeLoRAIntoModel:
-    DESCRIPTION = ("Merge up to three LoRAs into a Wan DiT file and write a new .safetensors checkpoint "
-                   "(base + Σ strength·ΔW), streaming one tensor at a time (RAM: about two copies of the largest "
+    DESCRIPTION = ("Merge up to three LoRAs into a DiT file (Wan or HunyuanVideo) and write a new .safetensors "
+                   "checkpoint (base + Σ strength·ΔW), streaming one tensor at a time (RAM: about two copies of the largest "
                    "tensor). Keeps the file's key layout; optional bf16/fp16/fp8 output. Never writes over an input.")
     CATEGORY = "Musubi/lora"
     FUNCTION = "merge"
@@ -476,7 +476,7 @@ class MusubiMergeLoRAIntoModel:
         loras = [NONE] + _lora_files()
         req = {
             "model_name": (compat.list_model_files("diffusion_models"),
-                           {"tooltip": "The Wan DiT file from models/diffusion_models to merge into."}),
+                           {"tooltip": "The DiT file from models/diffusion_models to merge into."}),
         }
         for i in (1, 2, 3):
             req[f"lora_{i}"] = (loras, {"tooltip": f"LoRA #{i} from models/loras ('none' = unused)."})
@@ -611,7 +611,7 @@ class MusubiLoRAInfo:
 
 
 class MusubiCreateRandomLoRA:
-    DESCRIPTION = ("A random LoRA for tests and demos: rank-r factors on every default Wan target of the model, "
+    DESCRIPTION = ("A random LoRA for tests and demos: rank-r factors on every default LoRA target of the model, "
                    "seeded, with a visible but moderate effect (|ΔW| about 20% of a typical weight).")
     CATEGORY = "Musubi/lora"
     FUNCTION = "create"
@@ -633,7 +633,7 @@ class MusubiCreateRandomLoRA:
         from ..engine.lora.dialects import LoRAFile
         from ..engine.lora.weights import ModuleWeights
 
-        model = T.handle(model, "model", "a DiT from Musubi Wan DiT Loader").module
+        model = T.handle(model, "model", "a DiT from a Musubi DiT loader (Wan, HunyuanVideo)").module
         modules = dict(model.named_modules())
         g = torch.Generator().manual_seed(int(seed) % (2**63))
         out = {}

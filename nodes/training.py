@@ -604,7 +604,7 @@ def optimizer_config(optimizer_type, learning_rate, max_grad_norm, lr_scheduler,
 # --- nodes -----------------------------------------------------------------------------------------------------------
 class MusubiLoRAConfig:
     DESCRIPTION = ("The adapter to train: LoRA, LoHa or LoKr with rank, alpha, dropouts and which layers to adapt "
-                   "(Musubi Tuner's --network_* options; defaults target Wan's attention and FFN Linear layers).")
+                   "(Musubi Tuner's --network_* options; defaults: Musubi Tuner's targets for the model family).")
     CATEGORY = CATEGORY
     FUNCTION = "build"
     RETURN_TYPES = (T.LORA_CONFIG,)
@@ -702,8 +702,8 @@ class MusubiOptimizerConfig:
 
 
 class MusubiInitTraining:
-    DESCRIPTION = ("Start a LoRA training session on the loaded Wan DiT with a cached dataset. Everything is checked "
-                   "before any step (rank, learning rate, attention, dataset cached for this model, output folder "
+    DESCRIPTION = ("Start a LoRA training session on a loaded DiT (Wan, HunyuanVideo) with a cached dataset. "
+                   "Everything is checked before any step (rank, learning rate, attention, dataset cached for this model, output folder "
                    "writable); ComfyUI's models are evicted first. The adapter lives on a view of the model sharing "
                    "its weights, so the loader's model stays clean. Re-queueing the same graph continues the same "
                    "session (even if ComfyUI evicted this node's output); changing an input here starts a new "
@@ -726,7 +726,7 @@ class MusubiInitTraining:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": (T.DIT, {"tooltip": "The Wan DiT to train a LoRA for (from Musubi Wan DiT Loader)."}),
+            "model": (T.DIT, {"tooltip": "The DiT to train a LoRA for (from a Musubi DiT loader)."}),
             "dataset": (T.DATASET, {"tooltip": "A dataset with cached latents and text embeddings for this model."}),
             "lora_config": (T.LORA_CONFIG, {"tooltip": "The adapter to train (Musubi LoRA Config)."}),
             "optimizer_config": (T.OPTIMIZER_CONFIG, {"tooltip": "Optimizer and LR schedule (Musubi Optimizer Config)."}),
@@ -766,7 +766,7 @@ class MusubiInitTraining:
             "validation_prompts": (T.VALIDATION_PROMPTS, {
                 "tooltip": "Prompts to sample during training (Musubi Validation Prompt, chained for several). Used "
                            "when validate_every_n_steps > 0 or validate_at_start is on."}),
-            "validation_vae": (T.VAE, {"tooltip": "The Wan VAE that decodes the validation samples (required "
+            "validation_vae": (T.VAE, {"tooltip": "The VAE of the DiT's family, decoding the validation samples (required "
                                                       "when validation is on)."}),
             "validate_every_n_steps": ("INT", {"default": 0, "min": 0, "max": 10_000_000,
                                        "tooltip": "Sample the validation prompts every N steps with the model and "
@@ -902,7 +902,7 @@ class MusubiTrainSteps:
                        "Loss curve of the whole session so far (raw and smoothed).",
                        "Loss per step of the whole session, core LOSS_MAP {'loss': [...]}.",
                        "Status: step, loss, learning rate, speed, ETA, memory.",
-                       "The model with the adapter as trained so far (connect to Musubi Wan Sampler).",
+                       "The model with the adapter as trained so far (connect to the family's Musubi sampler).",
                        "The latest validation samples (Init Training's validation prompts; every prompt's frames "
                        "one after another), or a 64x64 black image before the first validation.")
 
@@ -987,7 +987,7 @@ class MusubiValidationPrompt:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "embeds": (T.EMBEDS, {"tooltip": "Prompt embeddings from Musubi Wan Text Encode (its negative prompt is "
+            "embeds": (T.EMBEDS, {"tooltip": "Prompt embeddings from the family's Text Encode (its negative prompt is "
                                              "used for guidance)."}),
             **checks.size_inputs(256, 256, 1),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1, "control_after_generate": False,
@@ -1047,8 +1047,8 @@ class MusubiValidate:
     def INPUT_TYPES(cls):
         return {"required": {
             "session": (T.TRAINING_SESSION, {"tooltip": "The training session to sample with."}),
-            "vae": (T.VAE, {"tooltip": "The Wan VAE to decode the samples."}),
-            "embeds": (T.EMBEDS, {"tooltip": "Prompt embeddings from Musubi Wan Text Encode."}),
+            "vae": (T.VAE, {"tooltip": "The VAE of the DiT's family, to decode the samples."}),
+            "embeds": (T.EMBEDS, {"tooltip": "Prompt embeddings from the family's Musubi Text Encode."}),
             **checks.size_inputs(256, 256, 1),
             "steps": ("INT", {"default": 20, "min": 1, "max": 1000, "tooltip": "Denoising steps."}),
             "guidance_scale": ("FLOAT", {"default": 5.0, "min": 1.0, "max": 30.0, "step": 0.1,
@@ -1162,7 +1162,7 @@ class MusubiResumeTraining:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": (T.DIT, {"tooltip": "The same Wan DiT the state was trained on."}),
+            "model": (T.DIT, {"tooltip": "The same DiT the state was trained on."}),
             "dataset": (T.DATASET, {"tooltip": "The same cached dataset (same seed) the state was trained on."}),
             "state_path": ("STRING", {"default": "",
                            "tooltip": "The state folder (…/NAME-state) or its training_state.pt; a relative path is "
@@ -1236,7 +1236,7 @@ class MusubiTrainLoRA:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": (T.DIT, {"tooltip": "The Wan DiT to train a LoRA for."}),
+            "model": (T.DIT, {"tooltip": "The DiT to train a LoRA for."}),
             "dataset": (T.DATASET, {"tooltip": "A dataset with cached latents and text embeddings for this model."}),
             "steps": ("INT", {"default": 1000, "min": 1, "max": 10_000_000, "tooltip": "Total optimizer steps."}),
             "network_kind": (NETWORK_KINDS, {"default": "lora", "tooltip": "lora, loha or lokr."}),
