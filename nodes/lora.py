@@ -459,7 +459,8 @@ class MusubiConvertLoRA:
 class MusubiMergeLoRAIntoModel:
     DESCRIPTION = ("Merge up to three LoRAs into a DiT file (Wan or HunyuanVideo) and write a new .safetensors "
                    "checkpoint (base + Σ strength·ΔW), streaming one tensor at a time (RAM: about two copies of the "
-                   "largest tensor). Keeps the file's key layout; optional bf16/fp16/fp8 output. Never writes over an input.")
+                   "largest tensor). Keeps the file's key layout; optional bf16/fp16/fp8 output. Never writes over "
+                   "an input.")
     CATEGORY = "Musubi/lora"
     FUNCTION = "merge"
     OUTPUT_NODE = True

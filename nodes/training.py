@@ -704,8 +704,8 @@ class MusubiOptimizerConfig:
 class MusubiInitTraining:
     DESCRIPTION = ("Start a LoRA training session on a loaded DiT (Wan, HunyuanVideo) with a cached dataset. "
                    "Everything is checked before any step (rank, learning rate, attention, dataset cached for this "
-                   "model, output folder writable); ComfyUI's models are evicted first. The adapter lives on a view of the model sharing "
-                   "its weights, so the loader's model stays clean. Re-queueing the same graph continues the same "
+                   "model, output folder writable); ComfyUI's models are evicted first. The adapter lives on a "
+                   "view of the model sharing its weights, so the loader's model stays clean. Re-queueing the same graph continues the same "
                    "session (even if ComfyUI evicted this node's output); changing an input here starts a new "
                    "session that replaces this node's previous one (never two adapters), except the validation and "
                    "tensorboard inputs, which apply to the running session. Optional: sample validation prompts "
