@@ -38,7 +38,7 @@ def test_only_the_compat_module_imports_comfyui():
     offenders = {str(p.relative_to(REPO_ROOT)): sorted(_absolute_imports(p) & COMFY_MODULES)
                  for p in _pack_python_files() if p != COMPAT and _absolute_imports(p) & COMFY_MODULES}
     assert not offenders, f"only nodes/comfy_compat.py may import ComfyUI: {offenders}"
-    assert _absolute_imports(COMPAT, top_level_only=True) - {"__future__"} <= {"contextlib", "inspect", "logging", "fractions",
+    assert _absolute_imports(COMPAT, top_level_only=True) - {"__future__"} <= {"contextlib", "inspect", "logging", "fractions", "os",
                                                           "typing", "torch"}, \
         "comfy_compat imports ComfyUI lazily inside functions, so the pack imports on any ComfyUI layout"
 
