@@ -147,3 +147,11 @@ def torch_save_atomic(obj, target: str | os.PathLike) -> None:
 
     with atomic_path(target) as tmp:
         torch.save(obj, tmp)
+
+
+def save_weights_atomic(tensors: dict, target: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """A state dict as safetensors, or as a torch pickle when the name ends in .pt / .pth (official releases' form)."""
+    if str(target).endswith((".pt", ".pth")):
+        torch_save_atomic(tensors, target)
+    else:
+        save_safetensors_atomic(tensors, target, metadata)

@@ -607,14 +607,11 @@ def build_vae_preset_state_dict(seed: int = 0, cfg: WanVAEConfig | None = None) 
 
 def write_vae_preset(path: str | os.PathLike, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
     """Write the tiny preset as a ComfyUI-style safetensors file (or `.pth` by extension); returns the path."""
-    from ...atomic import save_safetensors_atomic, torch_save_atomic
+    from ...atomic import save_weights_atomic
 
     path = Path(path)
     sd = {k: v.to(dtype) for k, v in build_vae_preset_state_dict(seed).items()}
-    if path.suffix in (".pth", ".pt"):
-        torch_save_atomic(sd, path)
-    else:
-        save_safetensors_atomic(sd, path, metadata={"musubi_preset": "tiny-vae"})
+    save_weights_atomic(sd, path, metadata={"musubi_preset": "tiny-vae"})
     return path
 
 
