@@ -15,6 +15,7 @@ import torch
 from . import comfy_compat as compat
 from . import checks
 from . import types as T
+from .generation import step_progress, warnings_on_node
 from .loading import (ATTENTION_INPUT, DIT_DTYPE_INPUT, DTYPES, dit_handle, dit_memory_inputs, load_dit,
                       model_choices, owner_of, resolve_source, room_for, source_identity)
 from .placement import dit_on_device, on_compute_device
@@ -224,20 +225,13 @@ class MusubiHunyuanTextEncode:
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def encode(self, text_encoder, prompt, negative_prompt, offload_after, unique_id=None):
-        import warnings
-
         from ..engine.families.hunyuan.text import HunyuanTextEncoders, real_tokens
 
         handle = T.handle(text_encoder, "text_encoder", TEXT_ENCODER_EXPECTED)
         if not isinstance(handle.module, HunyuanTextEncoders):
             raise invalid("text_encoder", type(handle.module).__name__, TEXT_ENCODER_EXPECTED)
-        with on_compute_device(handle, offload_after), warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with on_compute_device(handle, offload_after), warnings_on_node(unique_id):   # > 256 tokens
             out = handle.module.encode([prompt, negative_prompt])
-        notes = [f"warning: {w.message}" for w in caught]
-        if notes:   # e.g. a prompt longer than 256 tokens: shown on the node, not only in the console
-            compat.log.warning("%s", "; ".join(notes))
-            compat.send_text(unique_id, "\n".join(notes))
         states, mask, pooled = (out[k].float().cpu() for k in ("states", "mask", "pooled"))
         return ({"family": FAMILY, "context": real_tokens(states[0], mask[0]), "pooled": pooled[0],
                  "negative_context": real_tokens(states[1], mask[1]), "negative_pooled": pooled[1],
@@ -406,17 +400,8 @@ class MusubiHunyuanSampler:
             batch_size=int(batch_size), noise_device=noise_device,
             conditioning=image_embeds["conditioning"] if image_embeds is not None else None).resolve()
         validate_request(module, request)   # every mistake before the DiT moves
-        bar = compat.Progress(request.run_steps(), unique_id)
-        previewer = compat.latent_previewer("HunyuanVideo")   # None with --preview-method none
-
-        def progress(step, total, x0):
-            preview = None
-            if x0 is not None and previewer is not None:
-                preview = previewer.decode_latent_to_preview_image("JPEG", x0)
-            bar.update(step, preview=preview)
-
         with dit_on_device(handle, offload_after):
-            latents = generate(module, request, progress)
+            latents = generate(module, request, step_progress(request.run_steps(), unique_id, "HunyuanVideo"))
         latents = latents.float().cpu()
         return ({"family": FAMILY, "samples": latents, "fps": FPS, "task": task},
                 {"samples": from_latent(latents)})

@@ -8,6 +8,7 @@ import torch
 from . import comfy_compat as compat
 from . import checks
 from . import types as T
+from .generation import step_progress, warnings_on_node
 from .loading import (ATTENTION, ATTENTION_INPUT, DIT_DTYPE_INPUT, DTYPES, dit_handle, dit_memory_inputs, load_dit,
                       model_choices, owner_of, resolve_source, room_for, source_identity)
 from .placement import dit_on_device, on_compute_device
@@ -195,17 +196,10 @@ class MusubiWanTextEncode:
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def encode(self, text_encoder, prompt, negative_prompt, offload_after, unique_id=None):
-        import warnings
-
         text_encoder = T.handle(text_encoder, "text_encoder", TEXT_ENCODER_EXPECTED)
         negative = negative_prompt.strip() or WAN_NEGATIVE_PROMPT
-        with on_compute_device(text_encoder, offload_after), warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with on_compute_device(text_encoder, offload_after), warnings_on_node(unique_id):   # > 512 tokens
             pos, neg = text_encoder.module.encode([prompt, negative])
-        notes = [f"warning: {w.message}" for w in caught]
-        if notes:   # e.g. a prompt longer than 512 tokens: shown on the node, not only in the console
-            compat.log.warning("%s", "; ".join(notes))
-            compat.send_text(unique_id, "\n".join(notes))
         return ({"context": pos.float().cpu(), "negative_context": neg.float().cpu(), "prompt": prompt,
                  "negative_prompt": negative},)
 
@@ -469,17 +463,8 @@ class MusubiWanSampler:
             slg_scale=slg_scale, slg_start=slg_start, slg_end=slg_end,
             conditioning=image_embeds["conditioning"] if image_embeds is not None else None,
             clip_fea=image_embeds["clip_fea"] if image_embeds is not None else None).resolve()
-        bar = compat.Progress(request.steps, unique_id)
-        previewer = compat.latent_previewer()   # None with --preview-method none
-
-        def progress(step, total, x0):
-            preview = None
-            if x0 is not None and previewer is not None:
-                preview = previewer.decode_latent_to_preview_image("JPEG", x0)
-            bar.update(step, preview=preview)
-
         with dit_on_device(handle, offload_after):
-            latents = generate(model, request, progress)
+            latents = generate(model, request, step_progress(request.steps, unique_id, "Wan21"))
         from ..engine.families.wan.vae import to_raw_latents
 
         latents = latents.float().cpu()

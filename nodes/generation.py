@@ -1,0 +1,35 @@
+"""What every family's generation nodes share: the sampler's per-step progress with live previews, and an
+encoder's warnings shown on its node."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+from . import comfy_compat as compat
+
+
+def step_progress(steps: int, node_id, latent_format: str):
+    """`progress(step, total, x0)` for an engine sampler: ComfyUI's progress bar with a live preview of x0 through
+    the family's latent format (none with --preview-method none); raising from it (ComfyUI's cancel) stops sampling."""
+    bar = compat.Progress(steps, node_id)
+    previewer = compat.latent_previewer(latent_format)
+
+    def progress(step, total, x0):
+        preview = None
+        if x0 is not None and previewer is not None:
+            preview = previewer.decode_latent_to_preview_image("JPEG", x0)
+        bar.update(step, preview=preview)
+    return progress
+
+
+@contextlib.contextmanager
+def warnings_on_node(node_id):
+    """Warnings raised inside (e.g. a prompt longer than the encoder reads) are shown on the node, not only logged."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    notes = [f"warning: {w.message}" for w in caught]
+    if notes:
+        compat.log.warning("%s", "; ".join(notes))
+        compat.send_text(node_id, "\n".join(notes))
