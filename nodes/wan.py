@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from . import comfy_compat as compat
 from . import checks
 from . import types as T
 from .generation import step_progress, warnings_on_node
