@@ -222,9 +222,11 @@ def test_parameter_shapes_dtypes_and_devices():
         loha = LoHaModule(b, rank=4, dtype=torch.bfloat16)
         assert {k: tuple(v.shape) for k, v in loha.state_dict().items()} == {
             "alpha": (), "hada_w1_a": (32, 4), "hada_w1_b": (4, 64), "hada_w2_a": (32, 4), "hada_w2_b": (4, 64)}
-        lokr = LoKrModule(b, rank=4, dtype=torch.bfloat16, factor=4)      # in 64 = 4·16, out 32 = 4·8
+        with torch.device(b.weight.device):
+            b48 = torch.nn.Linear(64, 48)
+        lokr = LoKrModule(b48, rank=4, dtype=torch.bfloat16, factor=4)    # in 64 = 4·16, out 48 = 4·12
         assert {k: tuple(v.shape) for k, v in lokr.state_dict().items()} == {
-            "alpha": (), "lokr_w1": (4, 4), "lokr_w2_a": (8, 4), "lokr_w2_b": (4, 16)}
+            "alpha": (), "lokr_w1": (4, 4), "lokr_w2_a": (12, 4), "lokr_w2_b": (4, 16)}
         for a in (LoRAModule(b, dtype=torch.bfloat16), loha, lokr):
             assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in a.parameters()), type(a)
             assert a.alpha.device.type == "cpu"
@@ -253,11 +255,13 @@ def test_lokr_with_a_full_w2_has_scale_1_and_alpha_max_w2_dim():
     """rank >= max(w2 shape): w2 is one full matrix, rank and the stored alpha become max(w2 shape), scale 1."""
     base = torch.nn.Linear(8, 8)                                 # 8 = 2·4 both ways: w2 [4, 4]
     for rank in (4, 9):
-        a = LoKrModule(base, rank=rank, alpha=1.0)
+        a = LoKrModule(base, rank=rank, alpha=1.0, dtype=torch.bfloat16)
         assert a.full_w2 and a.rank == 4 and a.alpha.item() == 4.0 and a.scale == 1.0
+        assert all(p.dtype == torch.bfloat16 for p in a.parameters())
         assert {k: tuple(v.shape) for k, v in a.state_dict().items()} == {
             "alpha": (), "lokr_w1": (2, 2), "lokr_w2": (4, 4)}
         assert torch.count_nonzero(a.lokr_w2) == 0
+    a = LoKrModule(base, rank=4)
     _randomize(a)
     torch.testing.assert_close(a.delta_weight(), torch.kron(a.lokr_w1, a.lokr_w2).detach())
     low = LoKrModule(base, rank=3)
@@ -395,6 +399,16 @@ def test_network_defaults_multiplier_and_refusals():
     assert not any(m._forward_hooks for m in other.modules())
     detach_all(model)
     assert attached_networks(model) == {} and not any(m._forward_hooks for m in model.modules())
+
+
+def test_a_network_built_by_hand_defaults_to_name_default_and_full_strength():
+    model = tiny_model("t2v")
+    net = AdapterNetwork()
+    assert net.name == "default" and net.multiplier == 1.0
+    net.add("blocks.0.ffn.0", LoRAModule(model.blocks[0].ffn[0], rank=2))
+    assert net.adapters()["blocks.0.ffn.0"].multiplier == 1.0
+    net.attach(model)
+    assert attached_networks(model) == {"default": net}
 
 
 def test_attaching_an_attached_network_again_hooks_once():
