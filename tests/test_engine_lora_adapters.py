@@ -177,12 +177,7 @@ def test_bad_config_refused():
 
 # --- mutation testing (docs/testing.md): defaults, init, dropouts, dtypes, network life cycle, refusals -------------
 
-def raises_input(name, value, expected):
-    """The engine's standard refusal, matched from its start: input name, value found, start of what was expected."""
-    return pytest.raises(MusubiInputError, match="^" + re.escape(f"{name}: got {value!r}; expected {expected}"))
-
-
-def test_config_refusals_and_bounds():
+def test_config_refusals_and_bounds(raises_input):
     with raises_input("network kind", "dora", "one of ('lora', 'loha', 'lokr')"):
         AdapterConfig(kind="dora").validate()
     with raises_input("network rank", 0, "an integer >= 1"):
@@ -380,7 +375,7 @@ def test_make_adapter_passes_every_setting():
     assert make_adapter(base, AdapterConfig(rank=3, alpha=0)).scale == 1.0   # alpha 0: alpha = rank
 
 
-def test_network_defaults_multiplier_and_refusals():
+def test_network_defaults_multiplier_and_refusals(raises_input):
     model = tiny_model("t2v")
     net = AdapterNetwork.create(model, AdapterConfig(rank=2))
     assert attached_networks(model) == {"default": net} and net.multiplier == 1.0
@@ -424,7 +419,7 @@ def test_attaching_an_attached_network_again_hooks_once():
         assert torch.equal(model(x, t, ctx), once)
 
 
-def test_load_state_dict_strictness_casting_and_shape_message():
+def test_load_state_dict_strictness_casting_and_shape_message(raises_input):
     model = tiny_model("t2v")
     net = AdapterNetwork.create(model, AdapterConfig(rank=4))
     sd = {k: torch.randn(v.shape, dtype=torch.float64) for k, v in net.state_dict().items()}

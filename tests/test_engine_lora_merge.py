@@ -1,6 +1,8 @@
 """Checkpoint merge (streaming), in-memory merge/restore, apply_loras, post-hoc EMA."""
 
+import json
 import os
+import re
 import time
 
 import pytest
@@ -8,10 +10,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from engine.checkpoint import Checkpoint
 from engine.errors import MusubiInputError
 from engine.lora import (EMAConfig, apply_loras, attached_networks, merge_into_model, merge_loras_into_checkpoint,
                          post_hoc_ema, read_lora, sigma_rel_to_gamma)
 from engine.families.wan.presets import build_preset_state_dict
+from engine.lora.dialects import resolved_modules
+from engine.lora.merge import MergeHandle, _detect_prefix, patch_module, write_safetensors_streaming
 
 from lora_fixtures import random_lora_factors, reference_delta, tiny_model
 
@@ -201,13 +206,6 @@ def test_post_hoc_ema_unsorted_and_errors(tmp_path):
 
 # --- mutation testing (docs/testing.md): refusals, labels, bias patches, scaled fp8 base, metadata, progress ----------
 
-import json
-import re
-
-from engine.checkpoint import Checkpoint
-from engine.lora.merge import MergeHandle, _detect_prefix, patch_module, write_safetensors_streaming
-from engine.lora.dialects import resolved_modules
-
 
 def _bias_lora(path, model, seed=8):
     """A Musubi LoRA on two layers of block 0, with a bias patch (`.diff_b`) on one of them."""
@@ -231,7 +229,8 @@ def test_checkpoint_merge_refusals_name_the_input(tmp_path, t2v):
     with pytest.raises(MusubiInputError, match=re.escape(
             "out_dtype: got 'fp64'; expected one of [None, 'bf16', 'fp16', 'fp32', 'fp8_e4m3fn']")):
         merge_loras_into_checkpoint(base, [(lora, 1.0)], tmp_path / "o.safetensors", out_dtype="fp64")
-    with pytest.raises(MusubiInputError, match=re.escape("loras: got []; expected at least one (LoRA, multiplier) pair")):
+    with pytest.raises(MusubiInputError,
+                       match=re.escape("loras: got []; expected at least one (LoRA, multiplier) pair")):
         merge_loras_into_checkpoint(base, [], tmp_path / "o.safetensors")
     with pytest.raises(MusubiInputError, match="output path"):               # never over one of the LoRAs
         merge_loras_into_checkpoint(base, [(lora, 1.0)], lora)
@@ -250,7 +249,7 @@ def test_checkpoint_merge_refusals_name_the_input(tmp_path, t2v):
         merge_into_model(model, in_memory)
 
 
-def test_checkpoint_merge_bias_patches_metadata_progress_and_loRAFile_items(tmp_path, t2v):
+def test_checkpoint_merge_bias_patches_metadata_progress_and_lorafile_items(tmp_path, t2v):
     base_sd = build_preset_state_dict("tiny-t2v")
     base = tmp_path / "base.safetensors"
     save_file(base_sd, str(base), metadata={"modelspec.title": "tiny"})
@@ -263,8 +262,8 @@ def test_checkpoint_merge_bias_patches_metadata_progress_and_loRAFile_items(tmp_
     n = len(base_sd)
     assert calls == [(i, n) for i in range(n)]
     for name, factors in f.items():
-        torch.testing.assert_close(merged[f"{name}.weight"], base_sd[f"{name}.weight"] + 0.5 * reference_delta(*factors),
-                                   rtol=1e-6, atol=1e-6)
+        expected = base_sd[f"{name}.weight"] + 0.5 * reference_delta(*factors)
+        torch.testing.assert_close(merged[f"{name}.weight"], expected, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(merged["blocks.0.ffn.0.bias"], base_sd["blocks.0.ffn.0.bias"] + 0.5 * diff_b)
     assert torch.equal(merged["blocks.0.self_attn.q.bias"], base_sd["blocks.0.self_attn.q.bias"])
     with safe_open(str(out), "pt") as fh:
@@ -377,7 +376,8 @@ def test_patch_module_defaults_return_value_and_param_callback(tmp_path):
     torch.testing.assert_close(model.blocks[0].ffn[0].bias, b0 + diff_b)
     handle.restore()
     assert torch.equal(model.blocks[0].ffn[0].weight, w0) and torch.equal(model.blocks[0].ffn[0].bias, b0)
-    copies = {"blocks.0.ffn.0.weight": torch.nn.Parameter(w0.clone()), "blocks.0.ffn.0.bias": torch.nn.Parameter(b0.clone())}
+    copies = {"blocks.0.ffn.0.weight": torch.nn.Parameter(w0.clone()),
+              "blocks.0.ffn.0.bias": torch.nn.Parameter(b0.clone())}
     assert patch_module(model, "blocks.0.ffn.0", mw, 1.0, hooked=True, param=copies.__getitem__) == \
         ["blocks.0.ffn.0.bias"]                                             # hooked: the adapter applies ΔW
     torch.testing.assert_close(copies["blocks.0.ffn.0.bias"], b0 + diff_b)

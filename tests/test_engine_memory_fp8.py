@@ -5,7 +5,6 @@ Tolerances: e4m3 keeps 3 mantissa bits, so one rounding has a relative error of 
 mantissa) and 6 % for the plain cast of weights of std 0.02 (small values lose bits to subnormals).
 """
 
-import re
 import warnings
 
 import pytest
@@ -23,12 +22,6 @@ from engine.memory.fp8 import (Fp8Linear, dequantize_weight, enable_fp8_matmul, 
 
 SCALED_TOL = 0.04
 PLAIN_TOL = 0.06
-
-
-def raises_input(name, value, expected):
-    """The engine's standard refusal (`engine.errors.invalid`): the message starts with the input's name, the value
-    found and the start of what was expected."""
-    return pytest.raises(MusubiInputError, match="^" + re.escape(f"{name}: got {value!r}; expected {expected}"))
 
 
 def rel_err(a, b):
@@ -203,7 +196,7 @@ def test_quantized_model_forward_matches_bf16():
     assert errs["scaled"] <= errs["e4m3"]
 
 
-def test_quantize_refuses_linears_with_hooks():
+def test_quantize_refuses_linears_with_hooks(raises_input):
     m = make_model()
     m.blocks[0].self_attn.q.register_forward_hook(lambda *a: None)
     with raises_input("fp8 conversion of 'blocks.0.self_attn.q'", "a Linear with hooks (adapters attached?)",
@@ -435,7 +428,7 @@ def test_per_tensor_and_per_channel_scale_values():
     assert q4.shape == w4.shape and _within_e4m3_of(dequantize_weight(q4, s4), w4, s4)
 
 
-def test_block_size_one_and_zero():
+def test_block_size_one_and_zero(raises_input):
     w = _rand(3, 5)
     q, s = quantize_weight(w, "scaled", block_size=1)      # one scale per weight: every value maps to ±448 exactly
     assert s.shape == (3, 5, 1)
@@ -448,7 +441,7 @@ def test_block_size_one_and_zero():
         quantize_model_fp8(nn.Sequential(nn.Linear(5, 3)), block_size=0)
 
 
-def test_refusals_name_the_input_the_value_and_the_choices():
+def test_refusals_name_the_input_the_value_and_the_choices(raises_input):
     with raises_input("fp8 mode", "e5m2", "one of ('e4m3', 'scaled')"):
         quantize_weight(torch.randn(4, 4), "e5m2")
     with raises_input("fp8 scale granularity", "row", "one of ('block', 'channel', 'tensor')"):
@@ -479,7 +472,7 @@ def test_accepted_scale_layouts_are_stored_as_fp8linear_uses_them(given, stored)
 
 
 @pytest.mark.parametrize("shape", [(4, 3, 1), (5,), (1, 4), (4, 2), (2, 2)])
-def test_scales_of_no_known_layout_are_refused_naming_the_tensor(shape):
+def test_scales_of_no_known_layout_are_refused_naming_the_tensor(shape, raises_input):
     """(4, 3, 1): 3 blocks do not divide 10 columns; (5,): not one per row; (1, 4) / (4, 2) / (2, 2): neither a
     column of row scales nor blocks."""
     q = _rand(4, 10).to(torch.float8_e4m3fn)
@@ -755,7 +748,7 @@ def _meta_model():
         return TinyWanLike().to(torch.bfloat16)
 
 
-def test_load_fp8_linears_defaults_consumed_keys_and_targets():
+def test_load_fp8_linears_defaults_consumed_keys_and_targets(raises_input):
     sd = {k: v.contiguous() for k, v in make_model().state_dict().items()}
     m = _meta_model()
     consumed = load_fp8_linears(m, Checkpoint.from_state_dict(sd))       # scaled, block-wise, on the CPU
@@ -775,7 +768,7 @@ def test_load_fp8_linears_defaults_consumed_keys_and_targets():
         load_fp8_linears(_meta_model(), Checkpoint.from_state_dict(sd), mode="fp4")
 
 
-def test_load_fp8_linears_skips_absent_and_high_precision_weights_and_refuses_bad_shapes():
+def test_load_fp8_linears_skips_absent_and_high_precision_weights_and_refuses_bad_shapes(raises_input):
     sd = {k: v.contiguous() for k, v in make_model().state_dict().items()}
     q_name = "blocks.1.self_attn.q"
     fp8_sd = dict(sd)
@@ -797,7 +790,7 @@ def test_load_fp8_linears_skips_absent_and_high_precision_weights_and_refuses_ba
         load_fp8_linears(_meta_model(), ckpt)
 
 
-def test_load_fp8_linears_scales_from_the_file():
+def test_load_fp8_linears_scales_from_the_file(raises_input):
     sd = {k: v.contiguous() for k, v in make_model().state_dict().items()}
     name = "blocks.0.ffn.0"                                  # 128 x 64
     plain = dict(sd)
@@ -835,7 +828,7 @@ def test_load_fp8_linears_bias_dtype_and_extra_bias():
                                Checkpoint.from_state_dict(sd)) == ["0.bias"]
 
 
-def test_load_fp8_checkpoint_options():
+def test_load_fp8_checkpoint_options(raises_input):
     sd = {k: v.contiguous() for k, v in make_model().state_dict().items()}
     sd["blocks.0.modulation"] = sd["blocks.0.modulation"].float()
     m = _meta_model()
