@@ -280,7 +280,7 @@ def test_checkpoint_merge_bias_patches_metadata_progress_and_lorafile_items(tmp_
 def test_checkpoint_merge_of_a_scaled_fp8_base(tmp_path, t2v, comfy_quantize):
     """A ComfyUI quantized base is dequantized and merged; its scale / format tensors are dropped. out_dtype None:
     the whole file in bf16; fp8: the 2-D weights in fp8, the other tensors in their own dtype."""
-    base_sd = build_preset_state_dict("tiny-t2v")
+    base_sd = {k: v.to(torch.bfloat16) for k, v in build_preset_state_dict("tiny-t2v").items()}
     stored, dequant, meta = comfy_quantize(base_sd, lambda k: k.startswith("blocks."))
     base = tmp_path / "q.safetensors"
     save_file(stored, str(base), metadata=meta)
@@ -338,9 +338,12 @@ def test_streaming_writer_refuses_a_tensor_that_differs_from_its_header(tmp_path
                 f"internal: a produced {bad.dtype}{tuple(bad.shape)}, header says torch.float32(2,)")):
             write_safetensors_streaming(tmp_path / "w.safetensors", specs, lambda k, t=bad: t, {"x": 1})
         assert not (tmp_path / "w.safetensors").exists()
-    write_safetensors_streaming(tmp_path / "w.safetensors", specs, lambda k: torch.ones(2), {"x": 1})
-    with safe_open(str(tmp_path / "w.safetensors"), "pt") as fh:
-        assert fh.metadata() == {"x": "1"} and torch.equal(fh.get_tensor("a"), torch.ones(2))
+    for n in range(8):                    # every header length: the data start is aligned to 8 bytes
+        write_safetensors_streaming(tmp_path / "w.safetensors", specs, lambda k: torch.ones(2), {"x": "y" * n})
+        with open(tmp_path / "w.safetensors", "rb") as fh:
+            assert int.from_bytes(fh.read(8), "little") % 8 == 0
+        with safe_open(str(tmp_path / "w.safetensors"), "pt") as fh:
+            assert fh.metadata() == {"x": "y" * n} and torch.equal(fh.get_tensor("a"), torch.ones(2))
 
 
 def test_in_memory_merge_defaults_bias_patches_and_restore_once(tmp_path):
