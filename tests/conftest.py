@@ -81,6 +81,22 @@ def _comfy_quantize(sd: dict, is_target, fmt: str = "float8_e4m3fn", conf_in_met
     return stored, dequant, meta
 
 
+def _raises_input(name, value, expected):
+    """pytest.raises for the engine's standard refusal (`engine.errors.invalid`), matched from the message's start:
+    the input's name, the value found and the start of what was expected."""
+    import re
+
+    from engine.errors import MusubiInputError
+
+    return pytest.raises(MusubiInputError, match="^" + re.escape(f"{name}: got {value!r}; expected {expected}"))
+
+
+@pytest.fixture
+def raises_input():
+    """`_raises_input` as a fixture: `with raises_input("fp8 mode", "fp4", "one of"): ...`."""
+    return _raises_input
+
+
 @pytest.fixture
 def comfy_quantize():
     """`_comfy_quantize` as a fixture (used by the DiT and text-encoder loading tests)."""

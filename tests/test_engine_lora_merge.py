@@ -1,6 +1,8 @@
 """Checkpoint merge (streaming), in-memory merge/restore, apply_loras, post-hoc EMA."""
 
+import json
 import os
+import re
 import time
 
 import pytest
@@ -8,10 +10,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from engine.checkpoint import Checkpoint
 from engine.errors import MusubiInputError
 from engine.lora import (EMAConfig, apply_loras, attached_networks, merge_into_model, merge_loras_into_checkpoint,
                          post_hoc_ema, read_lora, sigma_rel_to_gamma)
 from engine.families.wan.presets import build_preset_state_dict
+from engine.lora.dialects import resolved_modules
+from engine.lora.merge import MergeHandle, _detect_prefix, patch_module, write_safetensors_streaming
 
 from lora_fixtures import random_lora_factors, reference_delta, tiny_model
 
@@ -197,3 +202,187 @@ def test_post_hoc_ema_unsorted_and_errors(tmp_path):
                "lora_unet_blocks_0_ffn_0.alpha": torch.tensor(4.0), "step": torch.tensor([0])}, str(alpha))
     with pytest.raises(MusubiInputError, match="alpha"):
         post_hoc_ema([paths[0], alpha], tmp_path / "e.safetensors", EMAConfig(sort=False))
+
+
+# --- mutation testing (docs/testing.md): refusals, labels, bias patches, scaled fp8 base, metadata, progress ----------
+
+
+def _bias_lora(path, model, seed=8):
+    """A Musubi LoRA on two layers of block 0, with a bias patch (`.diff_b`) on one of them."""
+    g = torch.Generator().manual_seed(seed)
+    q, ffn = model.blocks[0].self_attn.q, model.blocks[0].ffn[0]
+    f = {"blocks.0.self_attn.q": (torch.randn(2, q.in_features, generator=g) * 0.1,
+                                  torch.randn(q.out_features, 2, generator=g) * 0.1, 4.0),
+         "blocks.0.ffn.0": (torch.randn(2, ffn.in_features, generator=g) * 0.1,
+                            torch.randn(ffn.out_features, 2, generator=g) * 0.1, 2.0)}
+    _musubi_file(path, f)
+    sd = load_file(str(path))
+    sd["lora_unet_blocks_0_ffn_0.diff_b"] = torch.randn(ffn.out_features, generator=g) * 0.1
+    save_file(sd, str(path))
+    return f, sd["lora_unet_blocks_0_ffn_0.diff_b"]
+
+
+def test_checkpoint_merge_refusals_name_the_input(tmp_path, t2v):
+    base = tmp_path / "base.safetensors"
+    save_file(build_preset_state_dict("tiny-t2v"), str(base))
+    lora = _musubi_file(tmp_path / "l.safetensors", random_lora_factors(t2v, seed=1, blocks=[0]))
+    with pytest.raises(MusubiInputError, match=re.escape(
+            "out_dtype: got 'fp64'; expected one of [None, 'bf16', 'fp16', 'fp32', 'fp8_e4m3fn']")):
+        merge_loras_into_checkpoint(base, [(lora, 1.0)], tmp_path / "o.safetensors", out_dtype="fp64")
+    with pytest.raises(MusubiInputError,
+                       match=re.escape("loras: got []; expected at least one (LoRA, multiplier) pair")):
+        merge_loras_into_checkpoint(base, [], tmp_path / "o.safetensors")
+    with pytest.raises(MusubiInputError, match="output path"):               # never over one of the LoRAs
+        merge_loras_into_checkpoint(base, [(lora, 1.0)], lora)
+    f = random_lora_factors(t2v, seed=3, blocks=[0])
+    f["blocks.7.self_attn.q"] = tuple(t.clone() if torch.is_tensor(t) else t for t in f["blocks.0.self_attn.q"])
+    bad = _musubi_file(tmp_path / "bad.safetensors", f)
+    with pytest.raises(MusubiInputError, match="^" + re.escape(f"{bad}: 3 LoRA keys match no weight")):
+        merge_loras_into_checkpoint(base, [(bad, 1.0)], tmp_path / "o.safetensors")
+    in_memory = read_lora(load_file(str(bad)))                                # no source: labelled "LoRA"
+    with pytest.raises(MusubiInputError, match=r"^LoRA: 3 LoRA keys match no weight"):
+        merge_loras_into_checkpoint(base, [(in_memory, 1.0)], tmp_path / "o.safetensors")
+    model = tiny_model("t2v")
+    with pytest.raises(MusubiInputError, match="^" + re.escape(f"{bad}: 3 LoRA keys match no weight")):
+        merge_into_model(model, bad)                                          # strict by default
+    with pytest.raises(MusubiInputError, match=r"^LoRA: 3 LoRA keys match no weight"):
+        merge_into_model(model, in_memory)
+
+
+def test_checkpoint_merge_bias_patches_metadata_progress_and_lorafile_items(tmp_path, t2v):
+    base_sd = build_preset_state_dict("tiny-t2v")
+    base = tmp_path / "base.safetensors"
+    save_file(base_sd, str(base), metadata={"modelspec.title": "tiny"})
+    f, diff_b = _bias_lora(tmp_path / "b.safetensors", t2v)
+    lora_file = read_lora(tmp_path / "b.safetensors")
+    calls = []
+    out = merge_loras_into_checkpoint(base, [(lora_file, 0.5)], tmp_path / "m.safetensors",
+                                      progress=lambda i, n: calls.append((i, n)))
+    merged = load_file(str(out))
+    n = len(base_sd)
+    assert calls == [(i, n) for i in range(n)]
+    for name, factors in f.items():
+        expected = base_sd[f"{name}.weight"] + 0.5 * reference_delta(*factors)
+        torch.testing.assert_close(merged[f"{name}.weight"], expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(merged["blocks.0.ffn.0.bias"], base_sd["blocks.0.ffn.0.bias"] + 0.5 * diff_b)
+    assert torch.equal(merged["blocks.0.self_attn.q.bias"], base_sd["blocks.0.self_attn.q.bias"])
+    with safe_open(str(out), "pt") as fh:
+        meta = fh.metadata()
+    assert meta["modelspec.title"] == "tiny"
+    assert json.loads(meta["musubi_merged_loras"]) == [[str(tmp_path / "b.safetensors"), 0.5]]
+    out2 = merge_loras_into_checkpoint(base, [(tmp_path / "b.safetensors", -1.0)], tmp_path / "m2.safetensors")
+    with safe_open(str(out2), "pt") as fh:
+        assert json.loads(fh.metadata()["musubi_merged_loras"]) == [[str(tmp_path / "b.safetensors"), -1.0]]
+    with open(out2, "rb") as fh:
+        assert int.from_bytes(fh.read(8), "little") % 8 == 0                    # data start aligned to 8 bytes
+
+
+def test_checkpoint_merge_of_a_scaled_fp8_base(tmp_path, t2v, comfy_quantize):
+    """A ComfyUI quantized base is dequantized and merged; its scale / format tensors are dropped. out_dtype None:
+    the whole file in bf16; fp8: the 2-D weights in fp8, the other tensors in their own dtype."""
+    base_sd = {k: v.to(torch.bfloat16) for k, v in build_preset_state_dict("tiny-t2v").items()}
+    stored, dequant, meta = comfy_quantize(base_sd, lambda k: k.startswith("blocks."))
+    base = tmp_path / "q.safetensors"
+    save_file(stored, str(base), metadata=meta)
+    f = random_lora_factors(t2v, seed=9, blocks=[1])
+    lora = _musubi_file(tmp_path / "l.safetensors", f)
+    for out_dtype in (None, "fp8_e4m3fn"):
+        out = merge_loras_into_checkpoint(base, [(lora, 1.0)], tmp_path / f"m_{out_dtype}.safetensors",
+                                          out_dtype=out_dtype)
+        merged = load_file(str(out))
+        assert set(merged) == set(base_sd)
+        for k, w in base_sd.items():
+            quantized = k.endswith(".weight") and w.ndim == 2 and k.startswith("blocks.")
+            want = torch.bfloat16 if out_dtype is None else \
+                torch.float8_e4m3fn if (k.endswith(".weight") and w.ndim == 2) else w.dtype
+            assert merged[k].dtype == want, (out_dtype, k)
+            if out_dtype is None and quantized:
+                expected = dequant[k].float()
+                name = k[: -len(".weight")]
+                if name in f:
+                    expected = expected + reference_delta(*f[name])
+                torch.testing.assert_close(merged[k].float(), expected, rtol=8e-3, atol=1e-5)
+
+
+def test_checkpoint_merge_fp8_output_keeps_non_matrices_in_their_dtype(tmp_path, t2v):
+    """fp8 output applies to 2-D `.weight` matrices; other tensors keep their dtype, or become bf16 when they are
+    1-byte floats themselves (an all-fp8 file)."""
+    base_sd = build_preset_state_dict("tiny-t2v")
+    lora = _musubi_file(tmp_path / "l.safetensors", random_lora_factors(t2v, seed=10, blocks=[0]))
+    for dtype, other in ((torch.float16, torch.float16), (torch.float8_e4m3fn, torch.bfloat16)):
+        base = tmp_path / f"base_{dtype}.safetensors".replace("torch.", "")
+        save_file({k: v.to(dtype) for k, v in base_sd.items()}, str(base))
+        merged = load_file(str(merge_loras_into_checkpoint(base, [(lora, 1.0)], base.with_suffix(".m.safetensors"),
+                                                           out_dtype="fp8_e4m3fn")))
+        for k, w in base_sd.items():
+            matrix = k.endswith(".weight") and w.ndim == 2
+            assert merged[k].dtype == (torch.float8_e4m3fn if matrix else other), (dtype, k)
+
+
+def test_prefix_is_the_one_more_than_half_the_keys_share():
+    def ckpt(n_prefixed, n_plain):
+        sd = {f"model.diffusion_model.a{i}.weight": torch.zeros(1) for i in range(n_prefixed)}
+        sd |= {f"b{i}.weight": torch.zeros(1) for i in range(n_plain)}
+        return Checkpoint.from_state_dict(sd)
+
+    assert _detect_prefix(ckpt(2, 2)) == ""
+    assert _detect_prefix(ckpt(3, 2)) == "model.diffusion_model."
+    assert _detect_prefix(ckpt(2, 1)) == "model.diffusion_model."
+    assert _detect_prefix(ckpt(1, 2)) == ""
+
+
+def test_streaming_writer_refuses_a_tensor_that_differs_from_its_header(tmp_path):
+    specs = {"a": (torch.float32, (2,))}
+    for bad in (torch.zeros(2, dtype=torch.float16), torch.zeros(3)):
+        with pytest.raises(RuntimeError, match=re.escape(
+                f"internal: a produced {bad.dtype}{tuple(bad.shape)}, header says torch.float32(2,)")):
+            write_safetensors_streaming(tmp_path / "w.safetensors", specs, lambda k, t=bad: t, {"x": 1})
+        assert not (tmp_path / "w.safetensors").exists()
+    for n in range(8):                    # every header length: the data start is aligned to 8 bytes
+        write_safetensors_streaming(tmp_path / "w.safetensors", specs, lambda k: torch.ones(2), {"x": "y" * n})
+        with open(tmp_path / "w.safetensors", "rb") as fh:
+            assert int.from_bytes(fh.read(8), "little") % 8 == 0
+        with safe_open(str(tmp_path / "w.safetensors"), "pt") as fh:
+            assert fh.metadata() == {"x": "y" * n} and torch.equal(fh.get_tensor("a"), torch.ones(2))
+
+
+def test_in_memory_merge_defaults_bias_patches_and_restore_once(tmp_path):
+    model = tiny_model("t2v")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    f, diff_b = _bias_lora(tmp_path / "b.safetensors", model)
+    handle = merge_into_model(model, tmp_path / "b.safetensors")           # multiplier 1
+    params = dict(model.named_parameters())
+    for name, factors in f.items():
+        torch.testing.assert_close(params[f"{name}.weight"], before[f"{name}.weight"] + reference_delta(*factors),
+                                   rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(params["blocks.0.ffn.0.bias"], before["blocks.0.ffn.0.bias"] + diff_b)
+    handle.restore()
+    assert handle.restored is True
+    merged_again = merge_into_model(model, tmp_path / "b.safetensors", 0.5)
+    after_second = {k: v.clone() for k, v in model.state_dict().items()}
+    handle.restore()                                                        # already restored: does nothing
+    assert all(torch.equal(after_second[k], v) for k, v in model.state_dict().items())
+    merged_again.restore()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_patch_module_defaults_return_value_and_param_callback(tmp_path):
+    model = tiny_model("t2v")
+    _, diff_b = _bias_lora(tmp_path / "b.safetensors", model)
+    lora = read_lora(tmp_path / "b.safetensors", model=model)
+    mw = resolved_modules(lora, model)["blocks.0.ffn.0"]
+    w0, b0 = model.blocks[0].ffn[0].weight.clone(), model.blocks[0].ffn[0].bias.clone()
+    handle = MergeHandle(model)
+    written = patch_module(model, "blocks.0.ffn.0", mw, 1.0, handle)        # not hooked: the weight is written too
+    assert written == ["blocks.0.ffn.0.weight", "blocks.0.ffn.0.bias"]
+    assert not torch.equal(model.blocks[0].ffn[0].weight, w0)
+    torch.testing.assert_close(model.blocks[0].ffn[0].bias, b0 + diff_b)
+    handle.restore()
+    assert torch.equal(model.blocks[0].ffn[0].weight, w0) and torch.equal(model.blocks[0].ffn[0].bias, b0)
+    copies = {"blocks.0.ffn.0.weight": torch.nn.Parameter(w0.clone()),
+              "blocks.0.ffn.0.bias": torch.nn.Parameter(b0.clone())}
+    assert patch_module(model, "blocks.0.ffn.0", mw, 1.0, hooked=True, param=copies.__getitem__) == \
+        ["blocks.0.ffn.0.bias"]                                             # hooked: the adapter applies ΔW
+    torch.testing.assert_close(copies["blocks.0.ffn.0.bias"], b0 + diff_b)
+    assert torch.equal(copies["blocks.0.ffn.0.weight"], w0)
+    assert torch.equal(model.blocks[0].ffn[0].bias, b0)                     # the callback's parameter, not the model's

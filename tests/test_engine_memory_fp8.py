@@ -5,6 +5,8 @@ Tolerances: e4m3 keeps 3 mantissa bits, so one rounding has a relative error of 
 mantissa) and 6 % for the plain cast of weights of std 0.02 (small values lose bits to subnormals).
 """
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -14,8 +16,9 @@ from safetensors.torch import save_file
 from engine.checkpoint import Checkpoint
 from engine.errors import MusubiInputError
 from engine.memory import fp8 as fp8mod
-from engine.memory.fp8 import (Fp8Linear, dequantize_weight, enable_fp8_matmul, fp8_matmul_supported,
-                               load_fp8_checkpoint, quantize_model_fp8, quantize_weight)
+from engine.memory.fp8 import (Fp8Linear, dequantize_weight, enable_fp8_matmul, fp8_matmul_supported, fp8_summary,
+                               load_fp8_checkpoint, load_fp8_linears, quantize_model_fp8, quantize_weight,
+                               warn_if_fp8_fast_unavailable)
 
 SCALED_TOL = 0.04
 PLAIN_TOL = 0.06
@@ -193,10 +196,11 @@ def test_quantized_model_forward_matches_bf16():
     assert errs["scaled"] <= errs["e4m3"]
 
 
-def test_quantize_refuses_linears_with_hooks():
+def test_quantize_refuses_linears_with_hooks(raises_input):
     m = make_model()
     m.blocks[0].self_attn.q.register_forward_hook(lambda *a: None)
-    with pytest.raises(MusubiInputError, match="blocks.0.self_attn.q"):
+    with raises_input("fp8 conversion of 'blocks.0.self_attn.q'", "a Linear with hooks (adapters attached?)",
+                      "fp8 conversion before LoRA adapters or block swap are attached"):
         quantize_model_fp8(m)
 
 
@@ -386,3 +390,460 @@ def test_fp8_matmul_requantizes_block_scales_and_falls_back_without_support(monk
     assert len(calls) == 18
     assert rel_err(y_fallback, ref) < SCALED_TOL
     assert rel_err(y_fp8, ref) < 2 * SCALED_TOL              # activations are quantized too
+
+
+# --- exact values, defaults and refusals (mutation testing, docs/testing.md) -----------------------------------------
+
+def _rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_defaults_are_scaled_block_64():
+    w = _rand(3, 128)
+    q, s = quantize_weight(w)
+    q2, s2 = quantize_weight(w, "scaled", 64, "block")
+    assert s.shape == (3, 2, 1) and torch.equal(s, s2) and torch.equal(q.view(torch.uint8), q2.view(torch.uint8))
+    lin = nn.Linear(128, 3, bias=False)
+    layer = Fp8Linear.from_linear(lin)
+    assert layer.scale_layout == "block" and layer.bias is None               # no bias: none made up
+    assert Fp8Linear.from_linear(lin, granularity="channel").scale_layout == "channel"
+
+
+def test_per_tensor_and_per_channel_scale_values():
+    w = _rand(6, 40)
+    w[2, 7] = -5.0                                         # the largest magnitude of the tensor (and of row 2)
+    w[4] = 0                                               # an all-zero row: clamped scale, zeros come back
+    _, s = quantize_weight(w, "scaled", granularity="tensor")
+    assert s.shape == () and s.item() == pytest.approx(5.0 / 448)
+    q, s = quantize_weight(w, "scaled", granularity="channel")
+    expected = (w.abs().amax(dim=1, keepdim=True) / 448).clamp_min(1e-8)
+    torch.testing.assert_close(s, expected, rtol=0, atol=0)
+    back = dequantize_weight(q, s)
+    assert back[2, 7].item() == pytest.approx(-5.0, rel=1e-6) and back[4].abs().max().item() == 0
+    # a non-2-D weight (a conv) gets one scale whatever the granularity
+    w4 = _rand(4, 3, 2, 2)
+    w4[1, 2, 0, 1] = 7.0
+    q4, s4 = quantize_weight(w4, "scaled", granularity="channel")
+    assert s4.shape == () and s4.item() == pytest.approx(7.0 / 448)
+    assert q4.shape == w4.shape and _within_e4m3_of(dequantize_weight(q4, s4), w4, s4)
+
+
+def test_block_size_one_and_zero(raises_input):
+    w = _rand(3, 5)
+    q, s = quantize_weight(w, "scaled", block_size=1)      # one scale per weight: every value maps to ±448 exactly
+    assert s.shape == (3, 5, 1)
+    torch.testing.assert_close(dequantize_weight(q, s), w, rtol=1e-6, atol=0)
+    _, s = quantize_weight(w, "scaled", block_size=0)      # no block size: per output channel, not a division by 0
+    assert s.shape == (3, 1)
+    m = nn.Sequential(nn.Linear(5, 3))
+    assert quantize_model_fp8(m, block_size=1) == ["0"] and m[0].scale_weight.shape == (3, 5, 1)
+    with raises_input("fp8 block size", 0, "an integer >= 1 (Musubi uses 64)"):
+        quantize_model_fp8(nn.Sequential(nn.Linear(5, 3)), block_size=0)
+
+
+def test_refusals_name_the_input_the_value_and_the_choices(raises_input):
+    with raises_input("fp8 mode", "e5m2", "one of ('e4m3', 'scaled')"):
+        quantize_weight(torch.randn(4, 4), "e5m2")
+    with raises_input("fp8 scale granularity", "row", "one of ('block', 'channel', 'tensor')"):
+        quantize_weight(torch.randn(4, 4), granularity="row")
+    with raises_input("fp8 mode", "fp4", "one of ('e4m3', 'scaled')"):
+        quantize_model_fp8(nn.Sequential(nn.Linear(4, 4)), mode="fp4")
+    with raises_input("fp8 matmul scale granularity", "block", "'channel' (row-wise) or 'tensor'"):
+        enable_fp8_matmul(nn.Sequential(), granularity="block")
+    with raises_input("Fp8Linear weight", (torch.bfloat16, (4, 8)), "a 2-D float8_e4m3fn tensor"):
+        Fp8Linear(torch.zeros(4, 8, dtype=torch.bfloat16), torch.ones(()))
+    with raises_input("Fp8Linear weight", (torch.float8_e4m3fn, (2, 4, 8)), "a 2-D float8_e4m3fn tensor"):
+        Fp8Linear(torch.zeros(2, 4, 8).to(torch.float8_e4m3fn), torch.ones(()))
+    with torch.device("meta"):
+        m = TinyWanLike()
+    with raises_input("fp8 conversion of 'blocks.0.self_attn.q'", "weights on the meta device",
+                      "a loaded model (use load_fp8_checkpoint for a model built on meta)"):
+        quantize_model_fp8(m)
+
+
+@pytest.mark.parametrize("given, stored", [((), ()), ((1,), ()), ((4,), (4, 1)), ((4, 1), (4, 1)),
+                                           ((4, 2, 1), (4, 2, 1))])
+def test_accepted_scale_layouts_are_stored_as_fp8linear_uses_them(given, stored):
+    q = _rand(4, 10).to(torch.float8_e4m3fn)
+    scale = torch.rand(given, generator=torch.Generator().manual_seed(1)) + 0.5
+    layer = Fp8Linear(q, scale)
+    assert layer.scale_weight.shape == stored and layer.scale_weight.dtype == torch.float32
+    _assert_fp8_layer_is(layer, q, scale)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 1), (5,), (1, 4), (4, 2), (2, 2)])
+def test_scales_of_no_known_layout_are_refused_naming_the_tensor(shape, raises_input):
+    """(4, 3, 1): 3 blocks do not divide 10 columns; (5,): not one per row; (1, 4) / (4, 2) / (2, 2): neither a
+    column of row scales nor blocks."""
+    q = _rand(4, 10).to(torch.float8_e4m3fn)
+    with raises_input("fp8 scale 'scale_weight'", shape,
+                      "a scalar, [4] / [4, 1] per channel, or [4, blocks, 1] for weight (4, 10)"):
+        Fp8Linear(q, torch.ones(shape))
+
+
+# --- chunked dequantization ------------------------------------------------------------------------------------------
+
+def _scale_for(q, layout):
+    g = torch.Generator().manual_seed(2)
+    shape = {"tensor": (), "channel": (q.shape[0], 1), "block": (q.shape[0], 2, 1)}[layout]
+    return torch.rand(shape, generator=g) * 3 + 0.01
+
+
+@pytest.mark.parametrize("layout", ["tensor", "channel", "block"])
+@pytest.mark.parametrize("shape, budget", [((10, 8), 96), ((10, 2), 24), ((5, 2), 24), ((4, 8), 16), ((7, 8), 10**9)])
+def test_chunked_dequantization_equals_the_whole_and_bounds_the_float32_rows(shape, budget, layout, monkeypatch):
+    """A budget of `budget` float32 bytes per chunk: chunks of max(1, budget // row bytes) rows (the last one
+    shorter), the same values as dequantizing at once. (10, 8) / 96 B: 3 rows per chunk, 4 chunks; (10, 2) / 24 B:
+    3 rows of 2 columns (fewer columns than rows per chunk); (4, 8) / 16 B: a row larger than the budget, one row per
+    chunk; (7, 8): within the budget, one piece."""
+    q = (_rand(*shape) * 100).to(torch.float8_e4m3fn)
+    scale = _scale_for(q, layout)
+    whole = _hand_dequant(q, scale).to(torch.bfloat16)
+    seen = []
+    real = fp8mod._dequantize
+    monkeypatch.setattr(fp8mod, "_dequantize", lambda qq, ss, dt: seen.append(qq.shape[0]) or real(qq, ss, dt))
+    monkeypatch.setattr(fp8mod, "_DEQUANT_CHUNK_BYTES", budget)
+    out = dequantize_weight(q, scale, torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and out.shape == shape
+    assert torch.equal(out, whole)
+    rows = max(1, budget // (4 * shape[1]))
+    assert seen == [min(rows, shape[0] - s) for s in range(0, shape[0], rows)]
+
+
+@pytest.mark.parametrize("shape, budget", [((5, 1), 12), ((1, 8), 4), ((2, 8), 32)])
+def test_chunking_edge_shapes(shape, budget, monkeypatch):
+    """One column (5 rows of 4 bytes, 12 B: chunks of 3 and 2); one row; two rows with one per chunk (per-channel
+    scale of two elements)."""
+    q = (_rand(*shape) * 100).to(torch.float8_e4m3fn)
+    seen = []
+    real = fp8mod._dequantize
+    monkeypatch.setattr(fp8mod, "_dequantize", lambda qq, ss, dt: seen.append(qq.shape[0]) or real(qq, ss, dt))
+    monkeypatch.setattr(fp8mod, "_DEQUANT_CHUNK_BYTES", budget)
+    rows = max(1, budget // (4 * shape[1]))
+    for scale in (_scale_for(q, "tensor"), _scale_for(q, "channel")):
+        for dtype in (torch.float32, torch.bfloat16):
+            seen.clear()
+            out = dequantize_weight(q, scale, dtype)
+            assert out.dtype == dtype and torch.equal(out, _hand_dequant(q, scale).to(dtype))
+        assert seen == [min(rows, shape[0] - s) for s in range(0, shape[0], rows)]     # bf16: in chunks
+
+
+def test_non_2d_weights_dequantize_in_one_piece_in_every_dtype(monkeypatch):
+    monkeypatch.setattr(fp8mod, "_DEQUANT_CHUNK_BYTES", 8)
+    w = _rand(6, 3, 2, 2)
+    q, s = quantize_weight(w, "scaled")
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        out = dequantize_weight(q, s, dtype)
+        assert out.dtype == dtype and out.shape == w.shape
+        assert torch.equal(out, (q.float() * s).to(dtype))
+
+
+# --- fp8 matmul eligibility and the _scaled_mm path ---------------------------------------------------------------
+
+def test_fp8_matmul_supported_rules(monkeypatch):
+    """Only a CUDA device of compute capability >= 8.9 (its own, not the current device's), with CUDA available and
+    torch._scaled_mm present. The CUDA queries are faked: this runs on CPU."""
+    caps = {0: (9, 0), 1: (8, 6), 2: (8, 9), 3: (12, 0)}
+
+    def capability(device=None):
+        d = torch.device("cuda", 0) if device is None else torch.device(device)
+        return caps[d.index or 0]
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    assert [fp8_matmul_supported(f"cuda:{i}") for i in range(4)] == [True, False, True, True]
+    assert fp8_matmul_supported(torch.device("cuda", 1)) is False
+    assert fp8_matmul_supported("cpu") is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_fp8_fast_unavailable("cuda:2")              # supported: silent
+    with pytest.warns(UserWarning, match="compute capability >= 8.9; cuda:1 falls back to dequantize"):
+        warn_if_fp8_fast_unavailable("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert fp8_matmul_supported("cuda:0") is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delattr(torch, "_scaled_mm")
+    assert fp8_matmul_supported("cuda:0") is False
+
+
+@pytest.fixture
+def scaled_mm_calls(monkeypatch):
+    """Run the _scaled_mm path through PyTorch's CPU kernel and count its calls."""
+    monkeypatch.setattr(fp8mod, "_SCALED_MM_ON_CPU", True)
+    calls = []
+    real = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def _layer(out_f, in_f, granularity, bias_dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, s = quantize_weight(torch.randn(out_f, in_f, generator=g), "scaled", granularity=granularity)
+    return Fp8Linear(q, s, torch.randn(out_f, generator=g).to(bias_dtype))
+
+
+def _dequant_forward(layer, x, dtype):
+    return F.linear(x.to(dtype), _hand_dequant(layer.weight, layer.scale_weight).to(dtype), layer.bias.to(dtype))
+
+
+def test_fp8_matmul_is_used_only_where_eligible(scaled_mm_calls):
+    """Off by default; then only without autograd through the layer, GEMM dims multiples of 16, no block scales,
+    and row-wise scales only with a bf16 output. Everywhere else the layer is the exact dequantizing one."""
+    x = _rand(3, 32).to(torch.bfloat16)
+    layer = _layer(48, 32, "channel")
+    assert layer.use_fp8_matmul is False and "fp8_matmul=False" in repr(layer)
+    with torch.no_grad():
+        assert torch.equal(layer(x), _dequant_forward(layer, x, torch.bfloat16)) and not scaled_mm_calls
+    layer.use_fp8_matmul = True
+    assert "in_features=32, out_features=48, bias=True, scale=channel, fp8_matmul=True" in repr(layer)
+    layer(x)                                             # grad mode on, but nothing needs a gradient: inference
+    assert len(scaled_mm_calls) == 1
+    xg = x.clone().requires_grad_(True)
+    y = layer(xg)                                        # training: no autograd formula for _scaled_mm
+    assert len(scaled_mm_calls) == 1 and torch.equal(y, _dequant_forward(layer, x, torch.bfloat16))
+    y.float().sum().backward()
+    assert xg.grad is not None
+    with torch.no_grad():
+        x32 = x.float()
+        assert torch.equal(layer(x32), _dequant_forward(layer, x32, torch.float32))   # row-wise needs bf16 out
+        assert len(scaled_mm_calls) == 1
+        tensor_layer = _layer(48, 32, "tensor")
+        tensor_layer.use_fp8_matmul = True
+        tensor_layer(x32)                                    # per-tensor scales: any output dtype
+        assert len(scaled_mm_calls) == 2
+        for out_f, in_f, granularity in ((48, 24, "channel"), (24, 32, "channel"), (32, 128, "block")):
+            other = _layer(out_f, in_f, granularity)
+            other.use_fp8_matmul = True
+            xi = _rand(3, in_f).to(torch.bfloat16)
+            assert torch.equal(other(xi), _dequant_forward(other, xi, torch.bfloat16)), (out_f, in_f, granularity)
+        assert len(scaled_mm_calls) == 2
+
+
+@pytest.mark.parametrize("granularity, dtype", [("tensor", torch.float32), ("tensor", torch.bfloat16),
+                                                ("channel", torch.bfloat16)])
+def test_fp8_matmul_values_per_tensor_and_row_wise(granularity, dtype, scaled_mm_calls):
+    """The activations are quantized with their own scale (per tensor, or per row for row-wise weights) and the
+    GEMM is rescaled by both: small activations (1e-3, below e4m3's normal range unscaled) keep their precision.
+    The bias (float32 here, as small as the outputs) is added in the output dtype."""
+    layer = _layer(32, 48, granularity)
+    layer.bias.data *= 1e-3
+    layer.use_fp8_matmul = True
+    x = (_rand(2, 3, 48, seed=4) * 1e-3).to(dtype)
+    with torch.no_grad():
+        y = layer(x)
+    assert len(scaled_mm_calls) == 1 and y.dtype == dtype and y.shape == (2, 3, 32)
+    x2 = x.float().reshape(6, 48)
+    sx = x2.abs().amax() / 448 if granularity == "tensor" else x2.abs().amax(dim=1, keepdim=True) / 448
+    xq = (x2 / sx).to(torch.float8_e4m3fn).float()
+    sw = layer.scale_weight.reshape(()) if granularity == "tensor" else layer.scale_weight.reshape(1, -1)
+    expected = ((xq @ layer.weight.float().t()) * sx * sw).to(dtype) + layer.bias.to(dtype)
+    tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-5)
+    torch.testing.assert_close(y.reshape(6, 32), expected, **tol)
+
+
+# --- training through an fp8 Linear -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("in_f", [128, 40])                  # block-wise and per-channel scales
+def test_backward_matches_a_float_reference(x_dtype, in_f):
+    """Gradients of the input and of an unfrozen bias equal those of F.linear on the dequantized weight in the compute
+    dtype (the input's, bf16 for a dtype fp8 layers do not compute in); the weight gets none."""
+    layer = Fp8Linear.from_linear(linear(in_f, 24, dtype=torch.float32))
+    assert not layer.bias.requires_grad
+    layer.bias.requires_grad_(True)
+    compute = x_dtype if x_dtype != torch.float64 else torch.bfloat16
+    x = _rand(2, 3, in_f).to(x_dtype).requires_grad_(True)
+    y = layer(x)
+    assert y.dtype == compute and y.shape == (2, 3, 24)
+    g = _rand(2, 3, 24, seed=5).to(compute)
+    y.backward(g)
+    w = _hand_dequant(layer.weight, layer.scale_weight).to(compute)
+    xr = x.detach().to(compute).requires_grad_(True)
+    br = layer.bias.detach().to(compute).requires_grad_(True)
+    yr = F.linear(xr, w, br)
+    yr.backward(g)
+    tol = dict(rtol=1e-5, atol=1e-5) if compute == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(y, yr, **tol)
+    assert x.grad.dtype == x_dtype and layer.bias.grad.dtype == torch.float32
+    torch.testing.assert_close(x.grad.to(compute), xr.grad, **tol)
+    torch.testing.assert_close(layer.bias.grad, br.grad.float(), **tol)
+    assert layer.bias.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
+    assert layer.weight.grad is None
+
+
+def test_backward_keeps_only_the_fp8_weight_and_its_scale():
+    """The memory claim of _Fp8LinearFunction: what autograd saves for backward is the fp8 weight and its scale,
+    never the dequantized weight nor the input."""
+    layer = Fp8Linear.from_linear(linear(128, 32))
+    saved = []
+
+    def pack(t):
+        saved.append((t.dtype, tuple(t.shape)))
+        return t
+
+    x = _rand(5, 128).to(torch.bfloat16).requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    assert sorted(saved, key=str) == sorted([(torch.float8_e4m3fn, (32, 128)), (torch.float32, (32, 2, 1))], key=str)
+    y.float().sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_forward_without_bias_or_gradients_and_in_float64():
+    layer = Fp8Linear.from_linear(nn.Linear(40, 16, bias=False))
+    x = _rand(3, 40)
+    y = layer(x)                                         # grad mode on, nothing requires grad, no bias
+    assert torch.equal(y, F.linear(x, _hand_dequant(layer.weight, layer.scale_weight)))
+    with torch.no_grad():
+        y64 = layer(x.double())                          # not a compute dtype: computed in bf16
+    assert y64.dtype == torch.bfloat16
+    assert torch.equal(y64, F.linear(x.to(torch.bfloat16),
+                                     _hand_dequant(layer.weight, layer.scale_weight).to(torch.bfloat16)))
+
+
+# --- targets, conversion options, summary ---------------------------------------------------------------------------
+
+def _fp8_names(model):
+    return sorted(n for n, mod in model.named_modules() if isinstance(mod, Fp8Linear))
+
+
+ATTN = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o")
+
+
+def test_include_and_exclude_replace_the_family_spec():
+    all_linears = sorted(n for n, mod in make_model().named_modules() if type(mod) is nn.Linear)
+    m = make_model()
+    assert sorted(quantize_model_fp8(m, include=["head."])) == ["head.head"] == _fp8_names(m)
+    m = make_model()
+    converted = quantize_model_fp8(m, exclude=["ffn", "norm"])          # no include: every other Linear
+    assert sorted(converted) == [n for n in all_linears if "ffn" not in n and "norm" not in n] == _fp8_names(m)
+    m = make_model()
+    converted = quantize_model_fp8(m, include=["blocks.1."], exclude=["ffn"])
+    assert sorted(converted) == sorted([f"blocks.1.{n}" for n in ATTN] + ["blocks.1.self_attn.norm_q"])
+    m = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))     # a model of no family: every Linear
+    assert quantize_model_fp8(m) == ["0", "2"] and _fp8_names(m) == ["0", "2"]
+
+
+def test_conversion_granularity_matmul_granularity_and_summary():
+    m = make_model()
+    quantize_model_fp8(m, include=["blocks.0."], exclude=["norm"])
+    quantize_model_fp8(m, include=["blocks.1."], exclude=["norm"], granularity="channel")
+    quantize_model_fp8(m, include=["blocks.2."], exclude=["norm"], granularity="tensor")
+    per_block = 4 * 64 * 64 + 2 * 64 * 128
+    assert fp8_summary(m) == {"block": 6, "channel": 6, "tensor": 6, "fp8_bytes": 3 * per_block,
+                              "high_precision_linears": 8}
+    assert enable_fp8_matmul(m, enabled=False) == 0                       # disabling requantizes nothing
+    assert fp8_summary(m)["block"] == 6
+    assert not any(mod.use_fp8_matmul for mod in m.modules() if isinstance(mod, Fp8Linear))
+    assert enable_fp8_matmul(m, granularity="tensor") == 6
+    assert fp8_summary(m) == {"block": 0, "channel": 6, "tensor": 12, "fp8_bytes": 3 * per_block,
+                              "high_precision_linears": 8}
+    assert all(mod.use_fp8_matmul for mod in m.modules() if isinstance(mod, Fp8Linear))
+
+
+# --- loading: options and refusals ------------------------------------------------------------------------------------
+
+def _meta_model():
+    with torch.device("meta"):
+        return TinyWanLike().to(torch.bfloat16)
+
+
+def test_load_fp8_linears_defaults_consumed_keys_and_targets(raises_input):
+    sd = {k: v.contiguous() for k, v in make_model().state_dict().items()}
+    m = _meta_model()
+    consumed = load_fp8_linears(m, Checkpoint.from_state_dict(sd))       # scaled, block-wise, on the CPU
+    targets = [f"blocks.{i}.{n}" for i in range(3) for n in ATTN + ("ffn.0", "ffn.2")]
+    assert sorted(consumed) == sorted(f"{n}.{p}" for n in targets for p in ("weight", "bias"))
+    assert _fp8_names(m) == sorted(targets)
+    for n in targets:
+        layer = m.get_submodule(n)
+        assert layer.scale_layout == "block" and layer.weight.device.type == "cpu"
+        assert layer.bias.dtype == torch.bfloat16 and torch.equal(layer.bias, sd[f"{n}.bias"])
+    m = _meta_model()
+    consumed = load_fp8_linears(m, Checkpoint.from_state_dict(sd), include=["blocks.1."], exclude=["ffn"])
+    names = [f"blocks.1.{n}" for n in ATTN] + ["blocks.1.self_attn.norm_q"]
+    assert sorted(consumed) == sorted(f"{n}.{p}" for n in names for p in ("weight", "bias"))
+    assert _fp8_names(m) == sorted(names)
+    with raises_input("fp8 mode", "fp4", "one of ('e4m3', 'scaled') or None (keep high-precision weights)"):
+        load_fp8_linears(_meta_model(), Checkpoint.from_state_dict(sd), mode="fp4")
+
+
+def test_load_fp8_linears_skips_absent_and_high_precision_weights_and_refuses_bad_shapes(raises_input):
+    sd = {k: v.contiguous() for k, v in make_model().state_dict().items()}
+    q_name = "blocks.1.self_attn.q"
+    fp8_sd = dict(sd)
+    q, s = quantize_weight(sd[f"{q_name}.weight"], "scaled", granularity="channel")
+    fp8_sd[f"{q_name}.weight"], fp8_sd[f"{q_name}.scale_weight"] = q, s.reshape(-1)
+    m = _meta_model()   # mode None: high-precision weights are left to the normal loader, fp8 ones are installed
+    consumed = load_fp8_linears(m, Checkpoint.from_state_dict(fp8_sd), mode=None)
+    assert _fp8_names(m) == [q_name]
+    assert sorted(consumed) == sorted(f"{q_name}.{p}" for p in ("weight", "bias", "scale_weight"))
+    _assert_fp8_layer_is(m.get_submodule(q_name), q, s, sd[f"{q_name}.bias"])
+    m = _meta_model()   # a weight absent from the file: that layer is left (the strict loader reports it), not the rest
+    partial = {k: v for k, v in sd.items() if not k.startswith("blocks.0.self_attn.q.")}
+    load_fp8_linears(m, Checkpoint.from_state_dict(partial))
+    assert type(m.blocks[0].self_attn.q) is nn.Linear and len(_fp8_names(m)) == 17
+    bad = dict(sd)
+    bad["blocks.0.self_attn.k.weight"] = torch.zeros(64, 32)
+    ckpt = Checkpoint.from_state_dict(bad)
+    with raises_input(f"checkpoint {ckpt.source} tensor 'blocks.0.self_attn.k.weight'", (64, 32), "shape (64, 64)"):
+        load_fp8_linears(_meta_model(), ckpt)
+
+
+def test_load_fp8_linears_scales_from_the_file(raises_input):
+    sd = {k: v.contiguous() for k, v in make_model().state_dict().items()}
+    name = "blocks.0.ffn.0"                                  # 128 x 64
+    plain = dict(sd)
+    plain[f"{name}.weight"] = sd[f"{name}.weight"].float().clamp(-448, 448).to(torch.float8_e4m3fn)
+    m = _meta_model()
+    consumed = load_fp8_linears(m, Checkpoint.from_state_dict(plain))      # plain fp8 (no scale): scale 1
+    assert f"{name}.weight" in consumed and not any(k.endswith("scale_weight") for k in consumed)
+    layer = m.get_submodule(name)
+    assert layer.scale_layout == "tensor" and layer.scale_weight.item() == 1.0
+    _assert_fp8_layer_is(layer, plain[f"{name}.weight"], torch.ones(()), sd[f"{name}.bias"])
+    plain[f"{name}.scale_weight"] = torch.ones(128, 3)
+    with raises_input(f"fp8 scale '{name}.scale_weight'", (128, 3),
+                      "a scalar, [128] / [128, 1] per channel, or [128, blocks, 1] for weight (128, 64)"):
+        load_fp8_linears(_meta_model(), Checkpoint.from_state_dict(plain))
+
+
+def test_load_fp8_linears_bias_dtype_and_extra_bias():
+    lin = nn.Linear(16, 16, dtype=torch.float32)
+    sd = {"0.weight": lin.weight.detach().clone(), "0.bias": lin.bias.detach().to(torch.bfloat16)}
+    loaded = nn.Sequential(nn.Linear(16, 16))                # a loaded float32 model: biases keep its dtype
+    load_fp8_linears(loaded, Checkpoint.from_state_dict(sd))
+    assert loaded[0].bias.dtype == torch.float32 and torch.equal(loaded[0].bias, sd["0.bias"].float())
+    loaded = nn.Sequential(nn.Linear(16, 16))
+    load_fp8_linears(loaded, Checkpoint.from_state_dict(sd), bias_dtype=torch.float16)
+    assert loaded[0].bias.dtype == torch.float16
+    with torch.device("meta"):                               # built on meta: its float32 means nothing yet, bf16
+        meta = nn.Sequential(nn.Linear(16, 16))
+    load_fp8_linears(meta, Checkpoint.from_state_dict(sd))
+    assert meta[0].bias.dtype == torch.bfloat16
+    # a bias in the file for a Linear without one is not taken (it stays an unused key)
+    no_bias = nn.Sequential(nn.Linear(16, 16, bias=False))
+    assert load_fp8_linears(no_bias, Checkpoint.from_state_dict(sd), bias_dtype=torch.bfloat16) == ["0.weight"]
+    assert no_bias[0].bias is None
+    assert load_fp8_checkpoint(nn.Sequential(nn.Linear(16, 16, bias=False)).to("meta"),
+                               Checkpoint.from_state_dict(sd)) == ["0.bias"]
+
+
+def test_load_fp8_checkpoint_options(raises_input):
+    sd = {k: v.contiguous() for k, v in make_model().state_dict().items()}
+    sd["blocks.0.modulation"] = sd["blocks.0.modulation"].float()
+    m = _meta_model()
+    assert load_fp8_checkpoint(m, Checkpoint.from_state_dict(sd)) == []    # defaults: scaled, bf16
+    assert fp8_summary(m)["block"] == 18 and m.head.head.weight.dtype == torch.bfloat16
+    m = _meta_model()
+    load_fp8_checkpoint(m, Checkpoint.from_state_dict(sd), dtype=torch.float16, include=["blocks.0."],
+                        exclude=["ffn", "norm"], keep_dtype=lambda n: n.endswith("modulation"))
+    assert _fp8_names(m) == sorted(f"blocks.0.{n}" for n in ATTN)
+    assert m.blocks[0].self_attn.q.bias.dtype == torch.float16                  # fp8 biases in `dtype` too
+    assert m.blocks[0].ffn[0].weight.dtype == torch.float16 and m.blocks[1].norm3.weight.dtype == torch.float16
+    assert m.blocks[0].modulation.dtype == torch.float32 and m.blocks[1].modulation.dtype == torch.float32
+    torch.testing.assert_close(m.blocks[0].modulation, sd["blocks.0.modulation"], rtol=0, atol=0)
+    partial = {k: v for k, v in sd.items() if not k.startswith("head.")}
+    ckpt = Checkpoint.from_state_dict(partial)
+    with raises_input(f"checkpoint {ckpt.source}", "2 missing tensors, e.g. ['head.head.weight', 'head.head.bias']",
+                      "every weight of TinyWanLike"):
+        load_fp8_checkpoint(_meta_model(), ckpt)

@@ -43,5 +43,6 @@ def test_bf16_scales_halve_their_bytes_and_stay_far_below_fp8_error():
 
 
 def test_scale_dtype_is_checked():
-    with pytest.raises(MusubiInputError, match="scale dtype"):
+    with pytest.raises(MusubiInputError, match=r"^fp8 scale dtype: got torch\.float8_e4m3fn; expected one of "
+                                               r"\(torch\.float32, torch\.bfloat16, torch\.float16\)"):
         set_fp8_scale_dtype(torch.nn.Linear(2, 2), torch.float8_e4m3fn)
