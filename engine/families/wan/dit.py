@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ...attention import BACKENDS, attention
 from ...errors import invalid
-from .ops import rms_norm
+from .ops import gated_residual, norm_to, rms_norm
 
 CLIP_TOKENS = 257          # CLIP ViT-H/14 penultimate tokens per image (256 patches + class token)
 ROPE_THETA = 10000.0
@@ -244,11 +244,13 @@ class WanAttentionBlock(nn.Module):
         (their dtype is the dtype the Linear layers run in)."""
         dtype = context.dtype
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).chunk(6, dim=1)  # [B, 1, D]
-        h = self.norm1(x) * (1 + scale1) + shift1
-        x = x + self.self_attn(h.to(dtype), rope).float() * gate1
-        x = x + self.cross_attn(self.norm3(x).to(dtype), context, context_img).float()
-        h = self.norm2(x) * (1 + scale2) + shift2
-        x = x + self.ffn(h.to(dtype)).float() * gate2
+        # = x + self_attn((norm1(x) * (1 + scale1) + shift1).to(dtype)).float() * gate1, and so on; `norm_to` and
+        # `gated_residual` compute exactly that with fewer float32 [L, D] intermediates alive at once
+        x = gated_residual(x, self.self_attn(norm_to(self.norm1, x, dtype, shift1, scale1), rope), gate1)
+        h = x.to(dtype) if isinstance(self.norm3, nn.Identity) else norm_to(self.norm3, x, dtype)
+        x = gated_residual(x, self.cross_attn(h, context, context_img))
+        del h
+        x = gated_residual(x, self.ffn(norm_to(self.norm2, x, dtype, shift2, scale2)), gate2)
         return x
 
 

@@ -8,9 +8,15 @@ float32 expressions save nothing big. The exceptions handled here:
 * `rms_norm` (q/k normalisation, three per block): plain autograd keeps `x.float()` (fp32) for the backward of
   `pow`/`mul`; this Function keeps the bf16 input and the per-token 1/rms and recomputes the rest: 1 GB less per
   Wan 14B block at 832×480×81. The forward is the same sequence of ops, so outputs are bit-identical.
+* `norm_to` (the block's three LayerNorms, with or without the shift/scale modulation, cast to the compute dtype)
+  and `gated_residual` (`x + branch.float() * gate`, the three residual adds): the same ops in the same order,
+  so bit-identical, but the float32 [L, D] intermediates are written in place into one buffer instead of two or
+  three, in forward and in backward. Autograd keeps none of them either way; what drops is the peak of the
+  block's recompute + backward under gradient checkpointing (Wan 14B, 832×480×81: 2–3 fewer float32 [L, D]
+  transients at its largest moment).
 * (fp8 base weights: `engine.memory.fp8._Fp8LinearFunction` keeps the fp8 weight instead of its bf16 copy.)
 
-Without gradients (inference) the plain expression runs.
+Without gradients (inference) the same in-place expressions run without a graph.
 """
 
 from __future__ import annotations
@@ -65,4 +71,105 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _RMSNorm.apply(x, weight, eps)
 
 
-__all__ = ["rms_norm"]
+# --- LayerNorm (+ modulation) cast to the compute dtype ---------------------------------------------------------
+
+def _norm_forward(x, weight, bias, shift, scale, eps):
+    """float32 (layer_norm(x.float(), weight, bias) * (1 + scale) + shift), mean, rstd: one [.., D] buffer, the
+    modulation applied in place (same values as the out-of-place expression)."""
+    w = None if weight is None else weight.float()
+    b = None if bias is None else bias.float()
+    y, mean, rstd = torch.native_layer_norm(x.float(), (x.shape[-1],), w, b, eps)
+    if scale is not None:
+        y.mul_(1 + scale)
+    if shift is not None:
+        y.add_(shift)
+    return y, mean, rstd
+
+
+class _NormTo(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, shift, scale, eps, dtype):
+        y, mean, rstd = _norm_forward(x, weight, bias, shift, scale, eps)
+        ctx.save_for_backward(x, weight, bias, scale, mean, rstd)
+        ctx.eps, ctx.shift_shape = eps, None if shift is None else shift.shape
+        return y.to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, bias, scale, mean, rstd = ctx.saved_tensors
+        need_x, need_w, need_b, need_shift, need_scale = ctx.needs_input_grad[:5]
+        grad_x = grad_w = grad_b = grad_shift = grad_scale = None
+        if need_shift:
+            grad_shift = grad_out.float().sum_to_size(ctx.shift_shape)
+        if need_scale:   # d/d scale needs the normalized value: recomputed
+            normed, _, _ = _norm_forward(x, weight, bias, None, None, ctx.eps)
+            grad_scale = _reduce_to(grad_out.float() * normed, scale)
+            del normed
+        if need_x or need_w or need_b:
+            # grad_out (compute dtype) * (1 + scale) promotes to float32: the value of grad_out.float() * (1 + scale)
+            g = grad_out * (1 + scale) if scale is not None else grad_out.float()
+            w = None if weight is None else weight.float()
+            b = None if bias is None else bias.float()
+            grad_x, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(
+                g, x.float(), (x.shape[-1],), mean, rstd, w, b, [need_x, need_w, need_b])
+            if grad_x is not None:
+                grad_x = grad_x.to(x.dtype)
+            grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+            grad_b = None if grad_b is None else grad_b.to(bias.dtype)
+        return grad_x, grad_w, grad_b, grad_shift, grad_scale, None, None
+
+
+def norm_to(norm, x: torch.Tensor, dtype: torch.dtype, shift: torch.Tensor | None = None,
+            scale: torch.Tensor | None = None) -> torch.Tensor:
+    """`((norm(x) * (1 + scale) + shift) if scale/shift given else norm(x)).to(dtype)` for a Wan LayerNorm module
+    (float32 normalization, optional affine weight/bias), bit-identical to that expression. In training it keeps
+    x, mean and rstd like the plain graph, without its float32 intermediates."""
+    weight, bias, eps = norm.weight, norm.bias, norm.eps
+    if _needs_graph(x, weight, bias, shift, scale):
+        return _NormTo.apply(x, weight, bias, shift, scale, eps, dtype)
+    return _norm_forward(x, weight, bias, shift, scale, eps)[0].to(dtype)
+
+
+# --- gated residual add -------------------------------------------------------------------------------------------
+
+def _gated_forward(x, branch, gate):
+    out = branch.to(torch.promote_types(x.dtype, torch.float32), copy=True)
+    if gate is not None:
+        out.mul_(gate)
+    return out.add_(x)   # m + x == x + m
+
+
+class _GatedResidual(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, branch, gate):
+        ctx.x_dtype, ctx.branch_dtype = x.dtype, branch.dtype
+        need_gate = gate is not None and ctx.needs_input_grad[2]
+        ctx.save_for_backward(gate, branch if need_gate else None)
+        return _gated_forward(x, branch, gate)
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, branch = ctx.saved_tensors
+        grad_x = grad_branch = grad_gate = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad if grad.dtype == ctx.x_dtype else grad.to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            if gate is None:
+                grad_branch = grad.to(ctx.branch_dtype)
+            else:   # written straight in the branch's dtype: same value as (grad * gate).to(dtype)
+                grad_branch = torch.empty(grad.shape, dtype=ctx.branch_dtype, device=grad.device)
+                torch.mul(grad, gate, out=grad_branch)
+        if gate is not None and ctx.needs_input_grad[2]:
+            grad_gate = _reduce_to(grad * branch.float(), gate)
+        return grad_x, grad_branch, grad_gate
+
+
+def gated_residual(x: torch.Tensor, branch: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+    """`x + branch.float() * gate` (or `x + branch.float()`), bit-identical, with one float32 buffer instead of
+    the float32 copy of the branch, its product and the sum."""
+    if _needs_graph(x, branch, gate):
+        return _GatedResidual.apply(x, branch, gate)
+    return _gated_forward(x, branch, gate)
+
+
+__all__ = ["rms_norm", "norm_to", "gated_residual"]
