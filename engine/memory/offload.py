@@ -30,6 +30,8 @@ import torch.nn as nn
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
+from .recompute import declare_upcast, recompute_scope
+
 
 @dataclass
 class OffloadStats:
@@ -79,6 +81,7 @@ class _Call:
     stats: OffloadStats | None
     saved_dtype: torch.dtype | None = None   # dtype of the saved x (None: x's); upcast again for the recompute
     prefetch: bool = False   # offload: in backward, start bringing back the input of the block whose backward is next
+    recompute_cheap: bool = True   # the recompute saves declared cheap tensors as recipes (engine.memory.recompute)
 
     def run(self, x: torch.Tensor, leaves) -> Any:
         tensors = iter(leaves)
@@ -146,7 +149,7 @@ class _Saved:
                 torch.cuda.current_stream(self.device).wait_event(self.event)
             x = self.host_x.to(self.device, non_blocking=self.pinned)
         self.host_x = None   # the host copy is not needed any more
-        return x.to(self.dtype)
+        return x   # in the saved dtype, on the device
 
 
 class _OffloadedCheckpoint(torch.autograd.Function):
@@ -208,7 +211,18 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     def backward(ctx, *grads):
         call = ctx.call
         need_x, need_leaves = ctx.needs_input_grad[2], ctx.needs_input_grad[3:]
-        x = ctx.saved.restore().detach().requires_grad_(need_x)
+        kept = ctx.saved.restore().detach()
+        grad_box = None
+        if kept.dtype == ctx.dtype:
+            x = kept.requires_grad_(need_x)
+        elif need_x:
+            # the recompute's x is the kept copy upcast; as a non-leaf (its gradient is caught by _Upcast) it can be
+            # freed after the recompute: what the block saves of it is the kept narrow copy (declare_upcast)
+            grad_box = []
+            with torch.enable_grad():
+                x = _Upcast.apply(kept, ctx.dtype, grad_box, torch.empty(0, device=kept.device, requires_grad=True))
+        else:
+            x = kept.to(ctx.dtype)
         if ctx.previous is not None:   # next block's input comes back while this block recomputes + backpropagates
             ctx.previous.prefetch()
             ctx.previous = None
@@ -219,8 +233,14 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             stack.enter_context(_replayed_rng(ctx.cpu_rng, ctx.cuda_rng))
             for device_type, enabled, dtype, cache in ctx.autocast:
                 stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=cache))
+            if call.recompute_cheap:
+                stack.enter_context(recompute_scope())
             with torch.enable_grad():
+                if kept is not x:
+                    declare_upcast(x, kept)
                 out = call.run(x, leaves)
+        x_leaf = x if grad_box is None else None
+        del x, kept
         outs = out if isinstance(out, tuple) else (out,)
         # Seed the recomputed graph through empty stand-ins, so the recomputed outputs themselves (e.g. a float32
         # [B, L, D], 0.67 GB at 14B/832x480x81) are freed before the block's backward runs instead of living on
@@ -231,8 +251,25 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         del out, outs
         if seeds:
             torch.autograd.backward(seeds, [torch.empty(0, device=s.device) for s in seeds])
-        return (None, None, x.grad if need_x else None,
-                *(t.grad if need else None for t, need in zip(leaves, need_leaves)))
+        grad_x = None
+        if need_x:
+            grad_x = x_leaf.grad if grad_box is None else (grad_box[0] if grad_box else None)
+        return (None, None, grad_x, *(t.grad if need else None for t, need in zip(leaves, need_leaves)))
+
+
+class _Upcast(torch.autograd.Function):
+    """x.to(dtype), whose gradient (the block input's) goes to `box` instead of flowing further: the recompute's
+    graph ends here. `anchor` (an empty tensor that requires grad) makes autograd call this backward."""
+
+    @staticmethod
+    def forward(ctx, x, dtype, box, anchor):
+        ctx.box = box
+        return x.to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.box.append(grad)
+        return None, None, None, None
 
 
 class _Seed(torch.autograd.Function):

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from ...attention import BACKENDS, attention
 from ...errors import invalid
-from .ops import gated_residual, norm_to, rms_norm
+from ...memory.recompute import recomputable
+from .ops import gated_residual, norm_to, rms_norm, rope
 
 CLIP_TOKENS = 257          # CLIP ViT-H/14 penultimate tokens per image (256 patches + class token)
 ROPE_THETA = 10000.0
@@ -114,11 +115,9 @@ def rope_cos_sin(grid: tuple[int, int, int], head_dim: int, device, frame_indice
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate [B, L, N, d] by the tables; adjacent channels (2i, 2i+1) form one complex number (official layout)."""
-    pairs = x.float().unflatten(-1, (-1, 2))            # [B, L, N, d/2, 2]
-    re, im = pairs[..., 0], pairs[..., 1]
-    out = torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1)
-    return out.flatten(-2).to(x.dtype)
+    """Rotate [B, L, N, d] by the tables; adjacent channels (2i, 2i+1) form one complex number (official layout):
+    (re·cos − im·sin, re·sin + im·cos), computed in float32 (`ops.rope`)."""
+    return rope(x, cos, sin)
 
 
 def unpatchify(x: torch.Tensor, grid: tuple[int, int, int], patch: tuple[int, int, int], out_dim: int) -> torch.Tensor:
@@ -188,11 +187,19 @@ class WanSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x [B, L, D] in compute dtype -> [B, L, D]."""
         cos, sin = rope
-        q = apply_rope(self._heads(self.norm_q(self.q(x))), cos, sin)
-        k = apply_rope(self._heads(self.norm_k(self.k(x))), cos, sin)
+
+        def q_rope(t):
+            return apply_rope(self._heads(self.norm_q(t)), cos, sin)
+
+        def k_rope(t):
+            return apply_rope(self._heads(self.norm_k(t)), cos, sin)
+
+        # the RoPE'd q/k that attention keeps are recomputed in backward from the q/k the RMSNorms keep anyway
+        q = _cheap(q_rope, self.q(x))
+        k = _cheap(k_rope, self.k(x))
         v = self._heads(self.v(x))
         out = attention(q, k, v, backend=self.attention_backend)
-        return self.o(out.flatten(2))
+        return self.o(_cheap(_merge_heads, out))
 
 
 class WanCrossAttention(WanSelfAttention):
@@ -210,7 +217,7 @@ class WanCrossAttention(WanSelfAttention):
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_img: torch.Tensor | None = None
                 ) -> torch.Tensor:
         """x [B, L, D]; context [B, Lt, D] (embedded text); context_img [B, Li, D] (embedded CLIP) or None."""
-        q = self._heads(self.norm_q(self.q(x)))
+        q = _cheap(lambda t: self._heads(self.norm_q(t)), self.q(x))
         k = self._heads(self.norm_k(self.k(context)))
         v = self._heads(self.v(context))
         out = attention(q, k, v, backend=self.attention_backend)
@@ -218,7 +225,17 @@ class WanCrossAttention(WanSelfAttention):
             k_img = self._heads(self.norm_k_img(self.k_img(context_img)))
             v_img = self._heads(self.v_img(context_img))
             out = out + attention(q, k_img, v_img, backend=self.attention_backend)
-        return self.o(out.flatten(2))
+        return self.o(_cheap(_merge_heads, out))
+
+
+def _merge_heads(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(2)   # [B, L, N, d] -> [B, L, D]
+
+
+def _cheap(fn, *args):
+    """fn(*args), declared recomputable: in a checkpointed block's recompute, what autograd keeps of the result is
+    (fn, args) and backward recomputes it (elementwise; args are kept anyway). Same values either way."""
+    return recomputable(fn(*args), fn, *args)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -246,11 +263,13 @@ class WanAttentionBlock(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).chunk(6, dim=1)  # [B, 1, D]
         # = x + self_attn((norm1(x) * (1 + scale1) + shift1).to(dtype)).float() * gate1, and so on; `norm_to` and
         # `gated_residual` compute exactly that with fewer float32 [L, D] intermediates alive at once
-        x = gated_residual(x, self.self_attn(norm_to(self.norm1, x, dtype, shift1, scale1), rope), gate1)
-        h = x.to(dtype) if isinstance(self.norm3, nn.Identity) else norm_to(self.norm3, x, dtype)
+        # (`_cheap`: the Linear inputs are recomputed in backward from the residual stream the norms keep anyway)
+        x = gated_residual(x, self.self_attn(_cheap(norm_to, self.norm1, x, dtype, shift1, scale1), rope), gate1)
+        h = x.to(dtype) if isinstance(self.norm3, nn.Identity) else _cheap(norm_to, self.norm3, x, dtype)
         x = gated_residual(x, self.cross_attn(h, context, context_img))
         del h
-        x = gated_residual(x, self.ffn(norm_to(self.norm2, x, dtype, shift2, scale2)), gate2)
+        h = self.ffn[0](_cheap(norm_to, self.norm2, x, dtype, shift2, scale2))
+        x = gated_residual(x, self.ffn[2](_cheap(self.ffn[1], h)), gate2)   # ffn = Linear, GELU, Linear
         return x
 
 

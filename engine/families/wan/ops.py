@@ -28,6 +28,11 @@ def _needs_graph(*tensors) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
+def _float_copy(t: torch.Tensor) -> torch.Tensor:
+    """A float32 tensor with t's values that may be written in place (a new one even when t is float32)."""
+    return t.to(torch.float32, copy=True)
+
+
 def _reduce_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return grad.sum_to_size(like.shape).to(like.dtype)
 
@@ -41,26 +46,33 @@ def _rms_norm_plain(x, weight, eps):
 
 
 class _RMSNorm(torch.autograd.Function):
+    # Both directions write their float32 [.., D] intermediates in place where the plain expression would allocate
+    # new ones (same ops in the same order per element, so the same values): at most three float32 copies of x live
+    # at once in backward instead of five.
+
     @staticmethod
     def forward(ctx, x, weight, eps):
-        xf = x.float()
+        xf = _float_copy(x)
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        normed = (xf * rstd).to(x.dtype)
+        normed = xf.mul_(rstd).to(x.dtype)
+        del xf
         ctx.save_for_backward(x, weight, rstd)
         return (normed * weight).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, rstd = ctx.saved_tensors
-        xf = x.float()
         g = grad_out.to(torch.promote_types(x.dtype, weight.dtype))
         grad_x = grad_w = None
         if ctx.needs_input_grad[1]:
-            grad_w = _reduce_to(g * (xf * rstd).to(x.dtype), weight)
+            grad_w = _reduce_to(g * _float_copy(x).mul_(rstd).to(x.dtype), weight)
         if ctx.needs_input_grad[0]:
-            gn = (g * weight).to(x.dtype).float()  # through `.to(x.dtype)` of the normalised value
+            gn = _float_copy((g * weight).to(x.dtype))  # through `.to(x.dtype)` of the normalised value
+            xf = _float_copy(x)
             # d(x·r)/dx with r = 1/sqrt(mean(x²) + eps): g·r − x·r³·mean(g·x)
-            grad_x = (gn * rstd - xf * rstd.pow(3) * (gn * xf).mean(-1, keepdim=True)).to(x.dtype)
+            m = (gn * xf).mean(-1, keepdim=True)
+            xf.mul_(rstd.pow(3)).mul_(m)   # x·r³·mean(g·x)
+            grad_x = gn.mul_(rstd).sub_(xf).to(x.dtype)
         return grad_x, grad_w, None
 
 
@@ -69,6 +81,48 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if not _needs_graph(x, weight):
         return _rms_norm_plain(x, weight, eps)
     return _RMSNorm.apply(x, weight, eps)
+
+
+# --- RoPE ----------------------------------------------------------------------------------------------------------
+
+def _rotate(x, cos, sin, inverse: bool = False) -> torch.Tensor:
+    """float32 [.., d/2, 2] pairs of x rotated by +θ (or −θ): (re·cos − im·sin, re·sin + im·cos), written into
+    one buffer (plus a half-size temporary) instead of the plain expression's six half-size tensors and a stack."""
+    pairs = x.float().unflatten(-1, (-1, 2))           # [B, L, N, d/2, 2]
+    re, im = pairs[..., 0], pairs[..., 1]
+    out = torch.empty(pairs.shape, dtype=torch.float32, device=x.device)
+    o_re, o_im = out[..., 0], out[..., 1]
+    if not inverse:   # re·cos − im·sin, re·sin + im·cos
+        tmp = im * sin
+        torch.mul(re, cos, out=o_re).sub_(tmp)
+        torch.mul(im, cos, out=tmp)
+        torch.mul(re, sin, out=o_im).add_(tmp)
+    else:             # the gradient: re·cos + im·sin, im·cos − re·sin (the order autograd sums them in)
+        tmp = im * sin
+        torch.mul(re, cos, out=o_re).add_(tmp)
+        torch.mul(re, sin, out=tmp)
+        torch.mul(im, cos, out=o_im).sub_(tmp)
+    return out.flatten(-2)
+
+
+class _Rope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        ctx.x_dtype = x.dtype
+        return _rotate(x, cos, sin).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, sin, inverse=True).to(ctx.x_dtype), None, None
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, L, N, d] rotated pairwise by the [L, 1, d/2] cos/sin tables, in float32, back in x's dtype."""
+    if _needs_graph(x):
+        return _Rope.apply(x, cos, sin)
+    return _rotate(x, cos, sin).to(x.dtype)
 
 
 # --- LayerNorm (+ modulation) cast to the compute dtype ---------------------------------------------------------
@@ -172,4 +226,4 @@ def gated_residual(x: torch.Tensor, branch: torch.Tensor, gate: torch.Tensor | N
     return _gated_forward(x, branch, gate)
 
 
-__all__ = ["rms_norm", "norm_to", "gated_residual"]
+__all__ = ["rms_norm", "rope", "norm_to", "gated_residual"]
