@@ -369,9 +369,11 @@ class AdapterNetwork(nn.Module):
 def _make_hook(adapter: _Adapter):
     def hook(module, args, output):
         term = adapter.term(args[0], output.dtype)
-        if isinstance(term, torch.Tensor) and term.shape == output.shape and term.dtype == output.dtype:
+        if (isinstance(term, torch.Tensor) and term.shape == output.shape and term.dtype == output.dtype
+                and output._base is None):
             # in place: the base Linear's output is a fresh tensor nothing saves, so this is output + term without
-            # a third [tokens, out] buffer (the same values)
+            # a third [tokens, out] buffer (the same values); a view (e.g. made inside a custom Function) is not
+            # written to
             return output.add_(term)
         return output + term
     return hook

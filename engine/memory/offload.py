@@ -268,7 +268,9 @@ class _Upcast(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        ctx.box.append(grad)
+        # contiguous, as AccumulateGrad would make a leaf's .grad: the layout of the gradient decides which matmul
+        # kernels the previous block's backward runs (and so its last-bit rounding)
+        ctx.box.append(grad.contiguous())
         return None, None, None, None
 
 
