@@ -215,14 +215,14 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         grad_box = None
         if kept.dtype == ctx.dtype:
             x = kept.requires_grad_(need_x)
-        elif need_x:
+        elif need_x and call.recompute_cheap:
             # the recompute's x is the kept copy upcast; as a non-leaf (its gradient is caught by _Upcast) it can be
             # freed after the recompute: what the block saves of it is the kept narrow copy (declare_upcast)
             grad_box = []
             with torch.enable_grad():
                 x = _Upcast.apply(kept, ctx.dtype, grad_box, torch.empty(0, device=kept.device, requires_grad=True))
         else:
-            x = kept.to(ctx.dtype)
+            x = kept.to(ctx.dtype).requires_grad_(need_x)
         if ctx.previous is not None:   # next block's input comes back while this block recomputes + backpropagates
             ctx.previous.prefetch()
             ctx.previous = None
@@ -236,8 +236,8 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             if call.recompute_cheap:
                 stack.enter_context(recompute_scope())
             with torch.enable_grad():
-                if kept is not x:
-                    declare_upcast(x, kept)
+                if kept is not x and (grad_box is not None or not need_x):
+                    declare_upcast(x, kept)   # (a leaf x stays alive anyway: its gradient is read from it)
                 out = call.run(x, leaves)
         x_leaf = x if grad_box is None else None
         del x, kept
@@ -290,7 +290,8 @@ class _Seed(torch.autograd.Function):
 
 def checkpoint_block(block: nn.Module, x: torch.Tensor, *args, offload: bool = False,
                      host: torch.device | str = "cpu", stats: OffloadStats | None = None,
-                     saved_dtype: torch.dtype | None = None, prefetch: bool = False, **kwargs) -> torch.Tensor:
+                     saved_dtype: torch.dtype | None = None, prefetch: bool = False, recompute_cheap: bool = True,
+                     **kwargs) -> torch.Tensor:
     """Gradient checkpointing of `block(x, *args, **kwargs)`, called as a module so block-swap hooks fire in forward
     and in the recompute.
 
@@ -305,7 +306,11 @@ def checkpoint_block(block: nn.Module, x: torch.Tensor, *args, offload: bool = F
 
     `prefetch` (with `offload`): in backward, each block starts copying back the input of the block whose backward
     comes next before running its own recompute, so that copy overlaps compute instead of stalling the next
-    block; costs one more saved input on the device."""
+    block; costs one more saved input on the device.
+
+    `recompute_cheap` (with `offload` or a narrowing `saved_dtype`): in the recompute, tensors the block declares
+    cheap (`engine.memory.recompute.recomputable`) are kept as recipes and recomputed in backward, and the narrowed
+    input is kept instead of its upcast copy: the same values, less memory during the block's backward."""
     narrowed = saved_dtype is not None and saved_dtype != x.dtype and x.is_floating_point()
     if not offload and not narrowed:
         return checkpoint(block, x, *args, use_reentrant=False, **kwargs)
@@ -315,7 +320,7 @@ def checkpoint_block(block: nn.Module, x: torch.Tensor, *args, offload: bool = F
     leaves = [v for v in values if isinstance(v, torch.Tensor)]
     values = [_TensorSlot() if isinstance(v, torch.Tensor) else v for v in values]
     call = _Call(block, spec, values, torch.device(host) if offload else None, stats,
-                 saved_dtype if narrowed else None, bool(prefetch and offload))
+                 saved_dtype if narrowed else None, bool(prefetch and offload), bool(recompute_cheap))
     anchor = torch.empty(0, device=x.device, requires_grad=True)
     return _OffloadedCheckpoint.apply(call, anchor, x, *leaves)
 

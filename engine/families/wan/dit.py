@@ -165,6 +165,19 @@ def _qk_norm(dim: int, eps: float, enabled: bool) -> nn.Module:
     return WanRMSNorm(dim, eps) if enabled else nn.Identity()
 
 
+class Float32Linear(nn.Linear):
+    """A Linear that computes in float32 whatever dtype its weights are stored in (the time embedding/projection and
+    the output head: the official code runs them in float32). Stored in bf16 (a bf16 file), the float32 result is
+    the same as from float32 copies of the same values; under autocast it runs like any Linear (autocast casts its
+    operands to the autocast dtype, which is what a float32-stored weight gets too)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            return F.linear(x, self.weight, self.bias)
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(x.float(), self.weight.float(), bias)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Attention layers
 # ---------------------------------------------------------------------------------------------------------------
@@ -277,14 +290,14 @@ class WanHead(nn.Module):
     def __init__(self, cfg: WanConfig):
         super().__init__()
         self.norm = WanLayerNorm(cfg.dim, cfg.eps)
-        self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
+        self.head = Float32Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
         self.modulation = nn.Parameter(torch.zeros(1, 2, cfg.dim))
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """x [B, L, D] float32, e [B, D] float32 (time embedding, before the projection) -> [B, L, pt*ph*pw*C]."""
         shift, scale = (self.modulation.float() + e.unsqueeze(1)).chunk(2, dim=1)
         h = self.norm(x) * (1 + scale) + shift
-        return self.head(h.to(self.head.weight.dtype)).float()   # the official head runs in float32
+        return self.head(h).float()   # the official head runs in float32
 
 
 class WanImageEmbedding(nn.Module):
@@ -325,8 +338,8 @@ class WanModel(nn.Module):
         self.patch_embedding = nn.Conv3d(config.in_dim, d, kernel_size=config.patch_size, stride=config.patch_size)
         self.text_embedding = nn.Sequential(nn.Linear(config.text_dim, d), nn.GELU(approximate="tanh"),
                                             nn.Linear(d, d))
-        self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
-        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.time_embedding = nn.Sequential(Float32Linear(config.freq_dim, d), nn.SiLU(), Float32Linear(d, d))
+        self.time_projection = nn.Sequential(nn.SiLU(), Float32Linear(d, 6 * d))
         self.blocks = nn.ModuleList([WanAttentionBlock(config) for _ in range(config.num_layers)])
         self.head = WanHead(config)
         if config.has_image_input:
@@ -416,9 +429,8 @@ class WanModel(nn.Module):
             t = t.expand(batch)
         if t.shape[0] != batch:
             raise invalid("t", tuple(t.shape), f"[{batch}] timesteps (one per latent)")
-        te_dtype = self.time_embedding[0].weight.dtype
-        e = self.time_embedding(sinusoidal_embedding(t, cfg.freq_dim).to(te_dtype)).float()
-        e0 = self.time_projection(e.to(self.time_projection[1].weight.dtype)).float().unflatten(1, (6, cfg.dim))
+        e = self.time_embedding(sinusoidal_embedding(t, cfg.freq_dim).float()).float()
+        e0 = self.time_projection(e).float().unflatten(1, (6, cfg.dim))
 
         context = self.text_embedding(self._pad_context(context, batch, device).to(dtype))  # [B, Lt, D]
         context_img = self._image_context(clip_fea, batch, device, dtype)                  # [B, Li, D] | None
@@ -440,5 +452,6 @@ def build_wan_model(config: WanConfig, device: torch.device | str = "meta") -> W
 
 def keep_fp32(name: str) -> bool:
     """Parameters the official code runs in float32 (time embedding/projection, every modulation, the output head).
-    The loader stores them in float32 whatever dtype the rest of the model uses; they are < 0.1 % of the weights."""
+    They compute in float32 whatever they are stored in; the loader stores them in float32 unless the file already
+    has them in the model's dtype (a bf16 file: the same values either way, 0.37 GB less for 14B)."""
     return name.startswith(("time_embedding.", "time_projection.", "head.")) or name.endswith("modulation")
