@@ -172,8 +172,8 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx.dtype = x.dtype
         saved_dtype = call.saved_dtype or x.dtype
         ctx.pinned, ctx.event = False, None
-        if call.host is None:   # kept on the device, only narrowed: an ordinary op on the current stream
-            host_x = x.detach().to(saved_dtype, copy=True)
+        if call.host is None:   # kept on the device: x itself, or narrowed by an ordinary op on the current stream
+            host_x = x.detach() if saved_dtype == x.dtype else x.detach().to(saved_dtype)
         else:
             # host copy of x first: on CUDA it runs on a side stream while the block computes
             ctx.pinned = call.host.type == "cpu" and x.is_cuda
@@ -295,7 +295,8 @@ def checkpoint_block(block: nn.Module, x: torch.Tensor, *args, offload: bool = F
     """Gradient checkpointing of `block(x, *args, **kwargs)`, called as a module so block-swap hooks fire in forward
     and in the recompute.
 
-    Without `offload` and `saved_dtype`: `torch.utils.checkpoint` (non-reentrant). With `offload`: the block runs on
+    Without `offload`, a narrowing `saved_dtype` and `recompute_cheap`: `torch.utils.checkpoint` (non-reentrant);
+    otherwise this module's reentrant-style Function (the same gradients). With `offload`: the block runs on
     the caller's x without keeping a graph, x is copied to `host` (pinned, asynchronously on CUDA) and only that copy
     is kept; in backward it is copied back once, the block recomputed (same RNG and autocast state) and
     backpropagated. With a `saved_dtype` other than x's (e.g. bf16 for a float32 residual stream under autocast) the
@@ -312,7 +313,7 @@ def checkpoint_block(block: nn.Module, x: torch.Tensor, *args, offload: bool = F
     cheap (`engine.memory.recompute.recomputable`) are kept as recipes and recomputed in backward, and the narrowed
     input is kept instead of its upcast copy: the same values, less memory during the block's backward."""
     narrowed = saved_dtype is not None and saved_dtype != x.dtype and x.is_floating_point()
-    if not offload and not narrowed:
+    if not offload and not narrowed and not recompute_cheap:
         return checkpoint(block, x, *args, use_reentrant=False, **kwargs)
     if not torch.is_grad_enabled():   # nothing to save for a backward
         return block(x, *args, **kwargs)
