@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ...attention import BACKENDS, attention
 from ...errors import invalid
 from ...memory.recompute import recomputable
-from .ops import gated_residual, norm_to, rms_norm, rope
+from .ops import gated_residual, layer_norm_to, rms_norm, rope
 
 CLIP_TOKENS = 257          # CLIP ViT-H/14 penultimate tokens per image (256 patches + class token)
 ROPE_THETA = 10000.0
@@ -200,16 +200,9 @@ class WanSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x [B, L, D] in compute dtype -> [B, L, D]."""
         cos, sin = rope
-
-        def q_rope(t):
-            return apply_rope(self._heads(self.norm_q(t)), cos, sin)
-
-        def k_rope(t):
-            return apply_rope(self._heads(self.norm_k(t)), cos, sin)
-
         # the RoPE'd q/k that attention keeps are recomputed in backward from the q/k the RMSNorms keep anyway
-        q = _cheap(q_rope, self.q(x))
-        k = _cheap(k_rope, self.k(x))
+        q = _cheap(_norm_heads_rope, self.q(x), *_rms_args(self.norm_q), self.num_heads, cos, sin)
+        k = _cheap(_norm_heads_rope, self.k(x), *_rms_args(self.norm_k), self.num_heads, cos, sin)
         v = self._heads(self.v(x))
         out = attention(q, k, v, backend=self.attention_backend)
         return self.o(_cheap(_merge_heads, out))
@@ -230,7 +223,7 @@ class WanCrossAttention(WanSelfAttention):
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_img: torch.Tensor | None = None
                 ) -> torch.Tensor:
         """x [B, L, D]; context [B, Lt, D] (embedded text); context_img [B, Li, D] (embedded CLIP) or None."""
-        q = _cheap(lambda t: self._heads(self.norm_q(t)), self.q(x))
+        q = _cheap(_norm_heads_rope, self.q(x), *_rms_args(self.norm_q), self.num_heads)
         k = self._heads(self.norm_k(self.k(context)))
         v = self._heads(self.v(context))
         out = attention(q, k, v, backend=self.attention_backend)
@@ -243,6 +236,20 @@ class WanCrossAttention(WanSelfAttention):
 
 def _merge_heads(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(2)   # [B, L, N, d] -> [B, L, D]
+
+
+def _rms_args(norm: nn.Module) -> tuple:
+    """(weight, eps) of a q/k WanRMSNorm, (None, 0) for nn.Identity: the tensors a recomputation needs."""
+    return (norm.weight, norm.eps) if isinstance(norm, WanRMSNorm) else (None, 0.0)
+
+
+def _norm_heads_rope(t: torch.Tensor, weight: torch.Tensor | None, eps: float, num_heads: int,
+                     cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor:
+    """q/k [B, L, D] -> RMSNorm (when weight is given) -> [B, L, N, d] -> RoPE (when the tables are given)."""
+    if weight is not None:
+        t = rms_norm(t, weight, eps)
+    t = t.unflatten(-1, (num_heads, -1))
+    return t if cos is None else apply_rope(t, cos, sin)
 
 
 def _cheap(fn, *args):
@@ -277,11 +284,13 @@ class WanAttentionBlock(nn.Module):
         # = x + self_attn((norm1(x) * (1 + scale1) + shift1).to(dtype)).float() * gate1, and so on; `norm_to` and
         # `gated_residual` compute exactly that with fewer float32 [L, D] intermediates alive at once
         # (`_cheap`: the Linear inputs are recomputed in backward from the residual stream the norms keep anyway)
-        x = gated_residual(x, self.self_attn(_cheap(norm_to, self.norm1, x, dtype, shift1, scale1), rope), gate1)
-        h = x.to(dtype) if isinstance(self.norm3, nn.Identity) else _cheap(norm_to, self.norm3, x, dtype)
+        n1, n2, n3 = self.norm1, self.norm2, self.norm3
+        x = gated_residual(x, self.self_attn(_cheap(layer_norm_to, x, n1.weight, n1.bias, n1.eps, dtype, shift1,
+                                                    scale1), rope), gate1)
+        h = x.to(dtype) if isinstance(n3, nn.Identity) else _cheap(layer_norm_to, x, n3.weight, n3.bias, n3.eps, dtype)
         x = gated_residual(x, self.cross_attn(h, context, context_img))
         del h
-        h = self.ffn[0](_cheap(norm_to, self.norm2, x, dtype, shift2, scale2))
+        h = self.ffn[0](_cheap(layer_norm_to, x, n2.weight, n2.bias, n2.eps, dtype, shift2, scale2))
         x = gated_residual(x, self.ffn[2](_cheap(self.ffn[1], h)), gate2)   # ffn = Linear, GELU, Linear
         return x
 

@@ -178,7 +178,14 @@ def norm_to(norm, x: torch.Tensor, dtype: torch.dtype, shift: torch.Tensor | Non
     """`((norm(x) * (1 + scale) + shift) if scale/shift given else norm(x)).to(dtype)` for a Wan LayerNorm module
     (float32 normalization, optional affine weight/bias), bit-identical to that expression. In training it keeps
     x, mean and rstd like the plain graph, without its float32 intermediates."""
-    weight, bias, eps = norm.weight, norm.bias, norm.eps
+    return layer_norm_to(x, norm.weight, norm.bias, norm.eps, dtype, shift, scale)
+
+
+def layer_norm_to(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                  dtype: torch.dtype, shift: torch.Tensor | None = None,
+                  scale: torch.Tensor | None = None) -> torch.Tensor:
+    """`norm_to` on the norm's tensors (what a recomputation keeps: a block swapper may re-point the module's
+    parameters to host memory before backward)."""
     if _needs_graph(x, weight, bias, shift, scale):
         return _NormTo.apply(x, weight, bias, shift, scale, eps, dtype)
     return _norm_forward(x, weight, bias, shift, scale, eps)[0].to(dtype)
@@ -226,4 +233,4 @@ def gated_residual(x: torch.Tensor, branch: torch.Tensor, gate: torch.Tensor | N
     return _gated_forward(x, branch, gate)
 
 
-__all__ = ["rms_norm", "rope", "norm_to", "gated_residual"]
+__all__ = ["rms_norm", "rope", "norm_to", "layer_norm_to", "gated_residual"]
