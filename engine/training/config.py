@@ -70,7 +70,7 @@ class TrainingConfig:
     # without mixed precision.
     checkpoint_dtype: str = "compute"
     # keep the optimizer's state (AdamW: two float32 moments per adapter weight) in host memory except during the
-    # optimizer step: same arithmetic, one copy each way per step (Wan 14B, rank 32: 1.2 GB less on the GPU)
+    # optimizer step: same arithmetic, one copy each way per step (rank 32 on a 14B DiT: 1.2 GB less on the GPU)
     offload_optimizer_state: bool = False
     attention_backend: str | None = None      # None: keep the model's
     seed: int = 42

@@ -179,7 +179,7 @@ def move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device 
 
     `TrainingConfig.offload_optimizer_state` uses it to keep the state on the host except during the optimizer
     step: the state never changes outside it, so the arithmetic is the same; the cost is one copy each way per step
-    (AdamW, rank 32 on Wan 14B: 1.2 GB)."""
+    (AdamW, rank 32 on a 14B video DiT: 1.2 GB)."""
     device = torch.device(device)
     moved = 0
     for state in optimizer.state.values():
