@@ -63,6 +63,10 @@ class SimConfig:
     checkpoint_dtype: str = "compute"  # what checkpointing saves of each block input: compute (bf16) | float32
     offload_prefetch: bool = False     # activation offload: prefetch the restore in backward
     fp8_scale_dtype: str = "float32"   # float32 | bf16 (engine.memory.set_fp8_scale_dtype)
+    source_dtype: str = "bf16"         # the simulated file: bf16 (ComfyUI's repackaged Wan, Musubi's recommendation:
+                                       # the float32-computed time path/head/modulations stay bf16, exactly what the
+                                       # file has) | float32 (the official release: they are kept in float32)
+    optimizer_offload: bool = False    # AdamW's state on the host between optimizer steps
     composition: bool = False          # also list what the peak is made of (slower: snapshots the live storages)
 
 
@@ -83,9 +87,11 @@ def resolve_swap(name: str, swap) -> int:
     return num_blocks(name) - 1 if swap == "max" else int(swap)
 
 
-def _build_on_host(config, fp8: str, device=DEVICE, host=HOST, scale_dtype: str = "float32"):
-    """The model as the loader leaves it in host memory: bf16, float32 where the official code computes in float32,
-    fp8 targets quantized. Built (and quantized) on the simulated GPU, then moved to the host, like a fake load."""
+def _build_on_host(config, fp8: str, device=DEVICE, host=HOST, scale_dtype: str = "float32",
+                   source_dtype: str = "bf16"):
+    """The model as the loader leaves it in host memory: bf16, the parameters the official code computes in float32
+    in float32 unless the file has them in bf16 (`source_dtype`), fp8 targets quantized. Built (and quantized) on
+    the simulated GPU, then moved to the host, like a fake load."""
     from engine.memory import move_to, quantize_model_fp8
     from engine.families.wan.dit import build_wan_model, keep_fp32
 
@@ -97,7 +103,7 @@ def _build_on_host(config, fp8: str, device=DEVICE, host=HOST, scale_dtype: str 
         torch.set_default_dtype(previous)
     for prefix, module in model.named_modules():
         for name, p in list(module._parameters.items()):
-            if p is not None and keep_fp32(f"{prefix}.{name}" if prefix else name):
+            if p is not None and source_dtype == "float32" and keep_fp32(f"{prefix}.{name}" if prefix else name):
                 module._parameters[name] = torch.nn.Parameter(p.detach().float(), requires_grad=False)
     model.requires_grad_(False)
     if fp8 != "none":
@@ -133,24 +139,30 @@ class _AdamWState:
     kernel makes no temporaries) plus the update's temporaries. (torch.optim reads the step count with .item(),
     which fake tensors do not have.)"""
 
-    def __init__(self, params, eight_bit: bool = False):
+    def __init__(self, params, eight_bit: bool = False, offload: bool = False):
         self.params = [p for p in params if p.requires_grad]
-        self.eight_bit = eight_bit
+        self.eight_bit, self.offload = eight_bit, offload
         # allocated up front: from the second step on they are live during the whole step, so one simulated step
-        # shows the steady state
+        # shows the steady state; with `offload` they live on the host between steps
         dtype = torch.uint8 if eight_bit else None
-        self.state = [(torch.zeros_like(p, dtype=dtype), torch.zeros_like(p, dtype=dtype)) for p in self.params]
+        home = HOST if offload else None
+        self.state = [(torch.zeros_like(p, dtype=dtype, device=home), torch.zeros_like(p, dtype=dtype, device=home))
+                      for p in self.params]
 
     def step(self):
+        if self.offload:   # the trainer's move_optimizer_state: all of it to the device, step, all back
+            self.state = [(m.to(DEVICE), v.to(DEVICE)) for m, v in self.state]
         with torch.no_grad():
             if self.eight_bit:
                 for p in self.params:
                     p.add_(p.grad, alpha=-1e-4)
-                return
-            for p, (m, v) in zip(self.params, self.state):
-                m.mul_(0.9).add_(p.grad, alpha=0.1)
-                v.mul_(0.999).addcmul_(p.grad, p.grad, value=0.001)
-                p.add_(m / (v.sqrt() + 1e-8), alpha=-1e-4)
+            else:
+                for p, (m, v) in zip(self.params, self.state):
+                    m.mul_(0.9).add_(p.grad, alpha=0.1)
+                    v.mul_(0.999).addcmul_(p.grad, p.grad, value=0.001)
+                    p.add_(m / (v.sqrt() + 1e-8), alpha=-1e-4)
+        if self.offload:
+            self.state = [(m.to(HOST), v.to(HOST)) for m, v in self.state]
 
 
 def simulate(cfg: SimConfig, fake: bool = True) -> dict:
@@ -172,7 +184,7 @@ def simulate(cfg: SimConfig, fake: bool = True) -> dict:
     started = time.perf_counter()
     with (FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()), \
             LiveMemoryMeter(DEVICE, snapshot_peak=cfg.composition) as meter:
-        model = _build_on_host(config, cfg.fp8, DEVICE, host, cfg.fp8_scale_dtype)
+        model = _build_on_host(config, cfg.fp8, DEVICE, host, cfg.fp8_scale_dtype, cfg.source_dtype)
         set_block_checkpointing(model, train, offload=train and cfg.activation_offload, host=str(host),
                                 saved_dtype=torch.bfloat16 if cfg.checkpoint_dtype == "compute" else None,
                                 prefetch=cfg.offload_prefetch)
@@ -189,7 +201,8 @@ def simulate(cfg: SimConfig, fake: bool = True) -> dict:
         weights = meter.live_bytes()   # base weights on the device (+ adapters)
         host_masters = swapper.host_bytes if swapper is not None else 0
         if train and cfg.optimizer != "none":
-            optimizer = _AdamWState(net.parameters(), eight_bit=cfg.optimizer == "adamw8bit")
+            optimizer = _AdamWState(net.parameters(), eight_bit=cfg.optimizer == "adamw8bit",
+                                    offload=cfg.optimizer_offload and host != DEVICE)
 
         f, h, w = cfg.latent
         batch = 1 if train else cfg.cfg_batch
@@ -223,6 +236,8 @@ def simulate(cfg: SimConfig, fake: bool = True) -> dict:
         "checkpoint_dtype": cfg.checkpoint_dtype if train else None,
         **({"offload_prefetch": True} if train and cfg.activation_offload and cfg.offload_prefetch else {}),
         **({"fp8_scale_dtype": cfg.fp8_scale_dtype} if cfg.fp8 != "none" and cfg.fp8_scale_dtype != "float32" else {}),
+        **({"source_dtype": cfg.source_dtype} if cfg.source_dtype != "bf16" else {}),
+        **({"optimizer_offload": True} if train and cfg.optimizer_offload else {}),
         "offload_non_blocks": bool(n_swap and cfg.offload_non_blocks), "optimizer": cfg.optimizer if train else None,
         "latent": list(cfg.latent),
         "tokens": f * h * w // 4, "batch": batch,
@@ -374,6 +389,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--checkpoint-dtype", default="compute", help="training: compute (bf16), float32 or both")
     p.add_argument("--fp8-scale-dtype", default="float32", help="fp8 block scales: float32 or bf16")
+    p.add_argument("--source-dtype", default="bf16", help="the simulated DiT file: bf16 or float32 (official release)")
+    p.add_argument("--optimizer-offload", default="0", help="optimizer state on the host between steps: 0, 1 or 0,1")
     p.add_argument("--composition", action="store_true", help="list what each peak is made of")
     p.add_argument("--gpus", default="rtx4060ti-16,rtx4090-24,h100-80")
     p.add_argument("--markdown", default=None, help="write the tables to this file")
@@ -402,16 +419,18 @@ def main(argv=None) -> list[dict]:
         for task in args.task.split(","):
             for fp8 in args.fp8.split(","):
                 for n in swaps:
-                    for off, nb, opt, cd in itertools.product(
+                    for off, nb, opt, cd, oo in itertools.product(
                             args.offload.split(",") if task == "train" else ["0"],
                             args.non_blocks.split(",") if n else ["0"],
                             args.optimizer.split(",") if task == "train" else ["adamw"],
-                            args.checkpoint_dtype.split(",") if task == "train" else ["compute"]):
+                            args.checkpoint_dtype.split(",") if task == "train" else ["compute"],
+                            args.optimizer_offload.split(",") if task == "train" else ["0"]):
                         row = simulate(SimConfig(model=model, task=task, fp8=fp8, blocks_to_swap=n,
                                                  activation_offload=off == "1", offload_non_blocks=nb == "1",
                                                  optimizer=opt, latent=latent, steps=args.steps,
                                                  checkpoint_dtype=cd, composition=args.composition,
-                                                 fp8_scale_dtype=args.fp8_scale_dtype))
+                                                 fp8_scale_dtype=args.fp8_scale_dtype,
+                                                 source_dtype=args.source_dtype, optimizer_offload=oo == "1"))
                         add_timing(row, gpus)
                         rows.append(row)
                         print(json.dumps(public(row)), flush=True)

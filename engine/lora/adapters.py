@@ -118,7 +118,9 @@ class _Adapter(nn.Module):
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.param_dtype)
         out = self._delta(x)
-        return (out * self.multiplier).to(out_dtype)
+        if self.multiplier != 1.0:   # (out * 1.0 is out: skip the full-size copy)
+            out = out * self.multiplier
+        return out.to(out_dtype)
 
     @property
     def param_dtype(self) -> torch.dtype:
@@ -162,7 +164,7 @@ class LoRAModule(_Adapter):
         mask, rescale = self._rank_mask(h)
         if mask is not None:
             h = h * mask
-        return self.lora_up(h) * (self.scale * rescale)
+        return self.lora_up(h).mul_(self.scale * rescale)   # in place: the Linear's fresh output (not saved)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_up.weight.float() @ self.lora_down.weight.float()) * self.scale
@@ -366,7 +368,14 @@ class AdapterNetwork(nn.Module):
 
 def _make_hook(adapter: _Adapter):
     def hook(module, args, output):
-        return output + adapter.term(args[0], output.dtype)
+        term = adapter.term(args[0], output.dtype)
+        if (isinstance(term, torch.Tensor) and term.shape == output.shape and term.dtype == output.dtype
+                and output._base is None):
+            # in place: the base Linear's output is a fresh tensor nothing saves, so this is output + term without
+            # a third [tokens, out] buffer (the same values); a view (e.g. made inside a custom Function) is not
+            # written to
+            return output.add_(term)
+        return output + term
     return hook
 
 

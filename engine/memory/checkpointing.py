@@ -24,6 +24,7 @@ class _Options:
     host: str               # that memory's device ("cpu"; the memory simulation uses "meta")
     saved_dtype: torch.dtype | None = None   # dtype the saved block input is kept in (None: the input's own)
     prefetch: bool = False  # offload: bring the next backward block's input back early (one more input on device)
+    recompute_cheap: bool = True   # the recompute keeps declared cheap tensors as recipes (engine.memory.recompute)
 
 
 _CLASSES: dict[tuple[type, _Options], type] = {}
@@ -37,7 +38,8 @@ def _checkpointed_class(base: type, options: _Options) -> type:
             if not torch.is_grad_enabled() or not args:
                 return call(*args, **kwargs)
             return checkpoint_block(call, *args, offload=options.offload, host=options.host,
-                                    saved_dtype=options.saved_dtype, prefetch=options.prefetch, **kwargs)
+                                    saved_dtype=options.saved_dtype, prefetch=options.prefetch,
+                                    recompute_cheap=options.recompute_cheap, **kwargs)
 
         _CLASSES[key] = type(base.__name__, (base,), {"__call__": __call__, "_checkpoint_base": base,
                                                        "_checkpoint_options": options, "__module__": base.__module__})
@@ -49,16 +51,18 @@ def _base(block: nn.Module) -> type:
 
 
 def set_block_checkpointing(model: nn.Module, enabled: bool, offload: bool = False, host: str = "cpu",
-                            saved_dtype: torch.dtype | None = None, prefetch: bool = False) -> None:
+                            saved_dtype: torch.dtype | None = None, prefetch: bool = False,
+                            recompute_cheap: bool = True) -> None:
     """Checkpoint every block of `model` (its family's block lists), with the input kept on `host` when `offload`;
     `enabled=False` restores plain blocks. Idempotent; switching options re-wraps.
 
     `saved_dtype`: what the kept block input is cast to (and upcast from for the recompute), e.g. the autocast
     dtype for a float32 residual stream — half the memory of the saved inputs; None keeps the input
-    exactly (bit-identical gradients). `prefetch` (with `offload`): see `offload.checkpoint_block`."""
+    exactly (bit-identical gradients). `prefetch` (with `offload`): see `offload.checkpoint_block`.
+    `recompute_cheap`: see `offload.checkpoint_block` (same values; less memory in the block's backward)."""
     from ..families import blocks_of
 
-    options = _Options(bool(offload), str(host), saved_dtype, bool(prefetch and offload))
+    options = _Options(bool(offload), str(host), saved_dtype, bool(prefetch and offload), bool(recompute_cheap))
     for block in blocks_of(model):
         base = _base(block)
         block.__class__ = _checkpointed_class(base, options) if enabled else base

@@ -154,7 +154,10 @@ class _Fp8LinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight_fp8, scale, bias, dtype):
         ctx.save_for_backward(weight_fp8, scale)
         ctx.dtype, ctx.x_dtype, ctx.has_bias = dtype, x.dtype, bias is not None
-        return F.linear(x.to(dtype), dequantize_weight(weight_fp8, scale, dtype), bias)
+        # on 2-D rows and reshaped with _unsafe_view, as F.linear does for a contiguous input: the output is then
+        # not a view, so a LoRA hook may add its term in place
+        y = F.linear(x.to(dtype).reshape(-1, x.shape[-1]), dequantize_weight(weight_fp8, scale, dtype), bias)
+        return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], y.shape[-1]))
 
     @staticmethod
     def backward(ctx, grad_out):

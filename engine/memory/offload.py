@@ -30,6 +30,8 @@ import torch.nn as nn
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
+from .recompute import declare_upcast, recompute_scope
+
 
 @dataclass
 class OffloadStats:
@@ -79,6 +81,7 @@ class _Call:
     stats: OffloadStats | None
     saved_dtype: torch.dtype | None = None   # dtype of the saved x (None: x's); upcast again for the recompute
     prefetch: bool = False   # offload: in backward, start bringing back the input of the block whose backward is next
+    recompute_cheap: bool = True   # the recompute saves declared cheap tensors as recipes (engine.memory.recompute)
 
     def run(self, x: torch.Tensor, leaves) -> Any:
         tensors = iter(leaves)
@@ -146,7 +149,7 @@ class _Saved:
                 torch.cuda.current_stream(self.device).wait_event(self.event)
             x = self.host_x.to(self.device, non_blocking=self.pinned)
         self.host_x = None   # the host copy is not needed any more
-        return x.to(self.dtype)
+        return x   # in the saved dtype, on the device
 
 
 class _OffloadedCheckpoint(torch.autograd.Function):
@@ -169,8 +172,8 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx.dtype = x.dtype
         saved_dtype = call.saved_dtype or x.dtype
         ctx.pinned, ctx.event = False, None
-        if call.host is None:   # kept on the device, only narrowed: an ordinary op on the current stream
-            host_x = x.detach().to(saved_dtype, copy=True)
+        if call.host is None:   # kept on the device: x itself, or narrowed by an ordinary op on the current stream
+            host_x = x.detach() if saved_dtype == x.dtype else x.detach().to(saved_dtype)
         else:
             # host copy of x first: on CUDA it runs on a side stream while the block computes
             ctx.pinned = call.host.type == "cpu" and x.is_cuda
@@ -208,7 +211,18 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     def backward(ctx, *grads):
         call = ctx.call
         need_x, need_leaves = ctx.needs_input_grad[2], ctx.needs_input_grad[3:]
-        x = ctx.saved.restore().detach().requires_grad_(need_x)
+        kept = ctx.saved.restore().detach()
+        grad_box = None
+        if kept.dtype == ctx.dtype:
+            x = kept.requires_grad_(need_x)
+        elif need_x and call.recompute_cheap:
+            # the recompute's x is the kept copy upcast; as a non-leaf (its gradient is caught by _Upcast) it can be
+            # freed after the recompute: what the block saves of it is the kept narrow copy (declare_upcast)
+            grad_box = []
+            with torch.enable_grad():
+                x = _Upcast.apply(kept, ctx.dtype, grad_box, torch.empty(0, device=kept.device, requires_grad=True))
+        else:
+            x = kept.to(ctx.dtype).requires_grad_(need_x)
         if ctx.previous is not None:   # next block's input comes back while this block recomputes + backpropagates
             ctx.previous.prefetch()
             ctx.previous = None
@@ -219,8 +233,14 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             stack.enter_context(_replayed_rng(ctx.cpu_rng, ctx.cuda_rng))
             for device_type, enabled, dtype, cache in ctx.autocast:
                 stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=cache))
+            if call.recompute_cheap:
+                stack.enter_context(recompute_scope())
             with torch.enable_grad():
+                if kept is not x and (grad_box is not None or not need_x):
+                    declare_upcast(x, kept)   # (a leaf x stays alive anyway: its gradient is read from it)
                 out = call.run(x, leaves)
+        x_leaf = x if grad_box is None else None
+        del x, kept
         outs = out if isinstance(out, tuple) else (out,)
         # Seed the recomputed graph through empty stand-ins, so the recomputed outputs themselves (e.g. a float32
         # [B, L, D], 0.67 GB at 14B/832x480x81) are freed before the block's backward runs instead of living on
@@ -231,8 +251,27 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         del out, outs
         if seeds:
             torch.autograd.backward(seeds, [torch.empty(0, device=s.device) for s in seeds])
-        return (None, None, x.grad if need_x else None,
-                *(t.grad if need else None for t, need in zip(leaves, need_leaves)))
+        grad_x = None
+        if need_x:
+            grad_x = x_leaf.grad if grad_box is None else (grad_box[0] if grad_box else None)
+        return (None, None, grad_x, *(t.grad if need else None for t, need in zip(leaves, need_leaves)))
+
+
+class _Upcast(torch.autograd.Function):
+    """x.to(dtype), whose gradient (the block input's) goes to `box` instead of flowing further: the recompute's
+    graph ends here. `anchor` (an empty tensor that requires grad) makes autograd call this backward."""
+
+    @staticmethod
+    def forward(ctx, x, dtype, box, anchor):
+        ctx.box = box
+        return x.to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # contiguous, as AccumulateGrad would make a leaf's .grad: the layout of the gradient decides which matmul
+        # kernels the previous block's backward runs (and so its last-bit rounding)
+        ctx.box.append(grad.contiguous())
+        return None, None, None, None
 
 
 class _Seed(torch.autograd.Function):
@@ -251,11 +290,13 @@ class _Seed(torch.autograd.Function):
 
 def checkpoint_block(block: nn.Module, x: torch.Tensor, *args, offload: bool = False,
                      host: torch.device | str = "cpu", stats: OffloadStats | None = None,
-                     saved_dtype: torch.dtype | None = None, prefetch: bool = False, **kwargs) -> torch.Tensor:
+                     saved_dtype: torch.dtype | None = None, prefetch: bool = False, recompute_cheap: bool = True,
+                     **kwargs) -> torch.Tensor:
     """Gradient checkpointing of `block(x, *args, **kwargs)`, called as a module so block-swap hooks fire in forward
     and in the recompute.
 
-    Without `offload` and `saved_dtype`: `torch.utils.checkpoint` (non-reentrant). With `offload`: the block runs on
+    Without `offload`, a narrowing `saved_dtype` and `recompute_cheap`: `torch.utils.checkpoint` (non-reentrant);
+    otherwise this module's reentrant-style Function (the same gradients). With `offload`: the block runs on
     the caller's x without keeping a graph, x is copied to `host` (pinned, asynchronously on CUDA) and only that copy
     is kept; in backward it is copied back once, the block recomputed (same RNG and autocast state) and
     backpropagated. With a `saved_dtype` other than x's (e.g. bf16 for a float32 residual stream under autocast) the
@@ -266,9 +307,13 @@ def checkpoint_block(block: nn.Module, x: torch.Tensor, *args, offload: bool = F
 
     `prefetch` (with `offload`): in backward, each block starts copying back the input of the block whose backward
     comes next before running its own recompute, so that copy overlaps compute instead of stalling the next
-    block; costs one more saved input on the device."""
+    block; costs one more saved input on the device.
+
+    `recompute_cheap` (with `offload` or a narrowing `saved_dtype`): in the recompute, tensors the block declares
+    cheap (`engine.memory.recompute.recomputable`) are kept as recipes and recomputed in backward, and the narrowed
+    input is kept instead of its upcast copy: the same values, less memory during the block's backward."""
     narrowed = saved_dtype is not None and saved_dtype != x.dtype and x.is_floating_point()
-    if not offload and not narrowed:
+    if not offload and not narrowed and not recompute_cheap:
         return checkpoint(block, x, *args, use_reentrant=False, **kwargs)
     if not torch.is_grad_enabled():   # nothing to save for a backward
         return block(x, *args, **kwargs)
@@ -276,7 +321,7 @@ def checkpoint_block(block: nn.Module, x: torch.Tensor, *args, offload: bool = F
     leaves = [v for v in values if isinstance(v, torch.Tensor)]
     values = [_TensorSlot() if isinstance(v, torch.Tensor) else v for v in values]
     call = _Call(block, spec, values, torch.device(host) if offload else None, stats,
-                 saved_dtype if narrowed else None, bool(prefetch and offload))
+                 saved_dtype if narrowed else None, bool(prefetch and offload), bool(recompute_cheap))
     anchor = torch.empty(0, device=x.device, requires_grad=True)
     return _OffloadedCheckpoint.apply(call, anchor, x, *leaves)
 

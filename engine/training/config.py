@@ -69,6 +69,9 @@ class TrainingConfig:
     # dtype (half of float32; Musubi keeps its residual stream in it), "float32" = exact gradients. No effect
     # without mixed precision.
     checkpoint_dtype: str = "compute"
+    # keep the optimizer's state (AdamW: two float32 moments per adapter weight) in host memory except during the
+    # optimizer step: same arithmetic, one copy each way per step (rank 32 on a 14B DiT: 1.2 GB less on the GPU)
+    offload_optimizer_state: bool = False
     attention_backend: str | None = None      # None: keep the model's
     seed: int = 42
     timesteps: TimestepConfig = field(default_factory=TimestepConfig)
@@ -97,6 +100,8 @@ class TrainingConfig:
             raise invalid("mixed_precision", self.mixed_precision, f"one of {MIXED_PRECISION}")
         if self.checkpoint_dtype not in CHECKPOINT_DTYPES:
             raise invalid("checkpoint_dtype", self.checkpoint_dtype, f"one of {CHECKPOINT_DTYPES}")
+        if not isinstance(self.offload_optimizer_state, bool):
+            raise invalid("offload_optimizer_state", self.offload_optimizer_state, "true or false")
         if self.attention_backend in TRAINING_BACKENDS_REFUSED:
             raise invalid("attention_backend", self.attention_backend, TRAINING_BACKENDS_REFUSED[self.attention_backend])
         if self.save_precision not in SAVE_DTYPES:

@@ -170,3 +170,27 @@ def optimizer_train_mode(optimizer, train: bool) -> None:
 
 __all__ = ["OptimizerConfig", "BuiltOptimizer", "build_optimizer", "parse_kwargs", "import_class",
            "optimizer_train_mode", "MusubiInputError"]
+
+
+def move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device | str) -> int:
+    """Move the per-parameter state tensors of `optimizer` (AdamW's two moments, 8-bit states and their scales) to
+    `device`; scalar step counters stay where the optimizer keeps them. To the CPU from a GPU they go to pinned
+    memory, asynchronously (later copies back are ordered after them on the same stream). Returns the bytes moved.
+
+    `TrainingConfig.offload_optimizer_state` uses it to keep the state on the host except during the optimizer
+    step: the state never changes outside it, so the arithmetic is the same; the cost is one copy each way per step
+    (AdamW, rank 32 on a 14B video DiT: 1.2 GB)."""
+    device = torch.device(device)
+    moved = 0
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.device == device:
+                continue
+            if device.type == "cpu" and value.is_cuda:
+                host = torch.empty(value.shape, dtype=value.dtype, device="cpu", pin_memory=True)
+                state[key] = host.copy_(value, non_blocking=True)
+            else:
+                state[key] = value.to(device, non_blocking=value.is_pinned())
+            moved += value.numel() * value.element_size()
+    return moved
+

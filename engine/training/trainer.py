@@ -41,7 +41,7 @@ from .config import SAVE_DTYPES, TRAINING_BACKENDS_REFUSED, NetworkConfig, Train
 from .evaluation import EvalConfig, held_out_loss
 from .logging import LossHistory, StepTimer, TensorBoardLogger, current_lrs, status_text
 from .loss import flow_matching_loss, noisy_latents, velocity_target
-from .optimizers import OptimizerConfig, build_optimizer, optimizer_train_mode
+from .optimizers import OptimizerConfig, build_optimizer, move_optimizer_state, optimizer_train_mode
 from .schedulers import build_scheduler
 from .state import capture_rng, lora_path, prune, read_state, restore_rng, state_dir, state_run, write_state
 from .timesteps import TimestepSampler
@@ -339,11 +339,16 @@ class TrainingSession:
             self.scaler.unscale_(self.optimizer)
         if self.optimizer_config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, self.optimizer_config.max_grad_norm)
+        offload = self.config.offload_optimizer_state
+        if offload:
+            move_optimizer_state(self.optimizer, params[0].device)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
+        if offload:
+            move_optimizer_state(self.optimizer, "cpu")
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from ...attention import BACKENDS, attention
 from ...errors import invalid
-from .ops import rms_norm
+from ...memory.recompute import recomputable
+from .ops import gated_residual, layer_norm_to, rms_norm, rope
 
 CLIP_TOKENS = 257          # CLIP ViT-H/14 penultimate tokens per image (256 patches + class token)
 ROPE_THETA = 10000.0
@@ -114,11 +115,9 @@ def rope_cos_sin(grid: tuple[int, int, int], head_dim: int, device, frame_indice
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate [B, L, N, d] by the tables; adjacent channels (2i, 2i+1) form one complex number (official layout)."""
-    pairs = x.float().unflatten(-1, (-1, 2))            # [B, L, N, d/2, 2]
-    re, im = pairs[..., 0], pairs[..., 1]
-    out = torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1)
-    return out.flatten(-2).to(x.dtype)
+    """Rotate [B, L, N, d] by the tables; adjacent channels (2i, 2i+1) form one complex number (official layout):
+    (re·cos − im·sin, re·sin + im·cos), computed in float32 (`ops.rope`)."""
+    return rope(x, cos, sin)
 
 
 def unpatchify(x: torch.Tensor, grid: tuple[int, int, int], patch: tuple[int, int, int], out_dim: int) -> torch.Tensor:
@@ -166,6 +165,19 @@ def _qk_norm(dim: int, eps: float, enabled: bool) -> nn.Module:
     return WanRMSNorm(dim, eps) if enabled else nn.Identity()
 
 
+class Float32Linear(nn.Linear):
+    """A Linear that computes in float32 whatever dtype its weights are stored in (the time embedding/projection and
+    the output head: the official code runs them in float32). Stored in bf16 (a bf16 file), the float32 result is
+    the same as from float32 copies of the same values; under autocast it runs like any Linear (autocast casts its
+    operands to the autocast dtype, which is what a float32-stored weight gets too)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            return F.linear(x, self.weight, self.bias)
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(x.float(), self.weight.float(), bias)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Attention layers
 # ---------------------------------------------------------------------------------------------------------------
@@ -188,11 +200,12 @@ class WanSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x [B, L, D] in compute dtype -> [B, L, D]."""
         cos, sin = rope
-        q = apply_rope(self._heads(self.norm_q(self.q(x))), cos, sin)
-        k = apply_rope(self._heads(self.norm_k(self.k(x))), cos, sin)
+        # the RoPE'd q/k that attention keeps are recomputed in backward from the q/k the RMSNorms keep anyway
+        q = _cheap(_norm_heads_rope, self.q(x), *_rms_args(self.norm_q), self.num_heads, cos, sin)
+        k = _cheap(_norm_heads_rope, self.k(x), *_rms_args(self.norm_k), self.num_heads, cos, sin)
         v = self._heads(self.v(x))
         out = attention(q, k, v, backend=self.attention_backend)
-        return self.o(out.flatten(2))
+        return self.o(_cheap(_merge_heads, out))
 
 
 class WanCrossAttention(WanSelfAttention):
@@ -210,7 +223,7 @@ class WanCrossAttention(WanSelfAttention):
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_img: torch.Tensor | None = None
                 ) -> torch.Tensor:
         """x [B, L, D]; context [B, Lt, D] (embedded text); context_img [B, Li, D] (embedded CLIP) or None."""
-        q = self._heads(self.norm_q(self.q(x)))
+        q = _cheap(_norm_heads_rope, self.q(x), *_rms_args(self.norm_q), self.num_heads)
         k = self._heads(self.norm_k(self.k(context)))
         v = self._heads(self.v(context))
         out = attention(q, k, v, backend=self.attention_backend)
@@ -218,7 +231,31 @@ class WanCrossAttention(WanSelfAttention):
             k_img = self._heads(self.norm_k_img(self.k_img(context_img)))
             v_img = self._heads(self.v_img(context_img))
             out = out + attention(q, k_img, v_img, backend=self.attention_backend)
-        return self.o(out.flatten(2))
+        return self.o(_cheap(_merge_heads, out))
+
+
+def _merge_heads(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(2)   # [B, L, N, d] -> [B, L, D]
+
+
+def _rms_args(norm: nn.Module) -> tuple:
+    """(weight, eps) of a q/k WanRMSNorm, (None, 0) for nn.Identity: the tensors a recomputation needs."""
+    return (norm.weight, norm.eps) if isinstance(norm, WanRMSNorm) else (None, 0.0)
+
+
+def _norm_heads_rope(t: torch.Tensor, weight: torch.Tensor | None, eps: float, num_heads: int,
+                     cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor:
+    """q/k [B, L, D] -> RMSNorm (when weight is given) -> [B, L, N, d] -> RoPE (when the tables are given)."""
+    if weight is not None:
+        t = rms_norm(t, weight, eps)
+    t = t.unflatten(-1, (num_heads, -1))
+    return t if cos is None else apply_rope(t, cos, sin)
+
+
+def _cheap(fn, *args):
+    """fn(*args), declared recomputable: in a checkpointed block's recompute, what autograd keeps of the result is
+    (fn, args) and backward recomputes it (elementwise; args are kept anyway). Same values either way."""
+    return recomputable(fn(*args), fn, *args)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -244,11 +281,17 @@ class WanAttentionBlock(nn.Module):
         (their dtype is the dtype the Linear layers run in)."""
         dtype = context.dtype
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).chunk(6, dim=1)  # [B, 1, D]
-        h = self.norm1(x) * (1 + scale1) + shift1
-        x = x + self.self_attn(h.to(dtype), rope).float() * gate1
-        x = x + self.cross_attn(self.norm3(x).to(dtype), context, context_img).float()
-        h = self.norm2(x) * (1 + scale2) + shift2
-        x = x + self.ffn(h.to(dtype)).float() * gate2
+        # = x + self_attn((norm1(x) * (1 + scale1) + shift1).to(dtype)).float() * gate1, and so on; `norm_to` and
+        # `gated_residual` compute exactly that with fewer float32 [L, D] intermediates alive at once
+        # (`_cheap`: the Linear inputs are recomputed in backward from the residual stream the norms keep anyway)
+        n1, n2, n3 = self.norm1, self.norm2, self.norm3
+        x = gated_residual(x, self.self_attn(_cheap(layer_norm_to, x, n1.weight, n1.bias, n1.eps, dtype, shift1,
+                                                    scale1), rope), gate1)
+        h = x.to(dtype) if isinstance(n3, nn.Identity) else _cheap(layer_norm_to, x, n3.weight, n3.bias, n3.eps, dtype)
+        x = gated_residual(x, self.cross_attn(h, context, context_img))
+        del h
+        h = self.ffn[0](_cheap(layer_norm_to, x, n2.weight, n2.bias, n2.eps, dtype, shift2, scale2))
+        x = gated_residual(x, self.ffn[2](_cheap(self.ffn[1], h)), gate2)   # ffn = Linear, GELU, Linear
         return x
 
 
@@ -256,14 +299,14 @@ class WanHead(nn.Module):
     def __init__(self, cfg: WanConfig):
         super().__init__()
         self.norm = WanLayerNorm(cfg.dim, cfg.eps)
-        self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
+        self.head = Float32Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
         self.modulation = nn.Parameter(torch.zeros(1, 2, cfg.dim))
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """x [B, L, D] float32, e [B, D] float32 (time embedding, before the projection) -> [B, L, pt*ph*pw*C]."""
         shift, scale = (self.modulation.float() + e.unsqueeze(1)).chunk(2, dim=1)
         h = self.norm(x) * (1 + scale) + shift
-        return self.head(h.to(self.head.weight.dtype)).float()   # the official head runs in float32
+        return self.head(h).float()   # the official head runs in float32
 
 
 class WanImageEmbedding(nn.Module):
@@ -304,8 +347,8 @@ class WanModel(nn.Module):
         self.patch_embedding = nn.Conv3d(config.in_dim, d, kernel_size=config.patch_size, stride=config.patch_size)
         self.text_embedding = nn.Sequential(nn.Linear(config.text_dim, d), nn.GELU(approximate="tanh"),
                                             nn.Linear(d, d))
-        self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
-        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.time_embedding = nn.Sequential(Float32Linear(config.freq_dim, d), nn.SiLU(), Float32Linear(d, d))
+        self.time_projection = nn.Sequential(nn.SiLU(), Float32Linear(d, 6 * d))
         self.blocks = nn.ModuleList([WanAttentionBlock(config) for _ in range(config.num_layers)])
         self.head = WanHead(config)
         if config.has_image_input:
@@ -395,9 +438,8 @@ class WanModel(nn.Module):
             t = t.expand(batch)
         if t.shape[0] != batch:
             raise invalid("t", tuple(t.shape), f"[{batch}] timesteps (one per latent)")
-        te_dtype = self.time_embedding[0].weight.dtype
-        e = self.time_embedding(sinusoidal_embedding(t, cfg.freq_dim).to(te_dtype)).float()
-        e0 = self.time_projection(e.to(self.time_projection[1].weight.dtype)).float().unflatten(1, (6, cfg.dim))
+        e = self.time_embedding(sinusoidal_embedding(t, cfg.freq_dim).float()).float()
+        e0 = self.time_projection(e).float().unflatten(1, (6, cfg.dim))
 
         context = self.text_embedding(self._pad_context(context, batch, device).to(dtype))  # [B, Lt, D]
         context_img = self._image_context(clip_fea, batch, device, dtype)                  # [B, Li, D] | None
@@ -419,5 +461,6 @@ def build_wan_model(config: WanConfig, device: torch.device | str = "meta") -> W
 
 def keep_fp32(name: str) -> bool:
     """Parameters the official code runs in float32 (time embedding/projection, every modulation, the output head).
-    The loader stores them in float32 whatever dtype the rest of the model uses; they are < 0.1 % of the weights."""
+    They compute in float32 whatever they are stored in; the loader stores them in float32 unless the file already
+    has them in the model's dtype (a bf16 file: the same values either way, 0.37 GB less for 14B)."""
     return name.startswith(("time_embedding.", "time_projection.", "head.")) or name.endswith("modulation")

@@ -5,8 +5,8 @@ CLIP/other-family files) -> check the task -> build the model on the meta device
 (scaled fp8 is dequantized by the checkpoint reader). No second full copy of the weights is made in RAM.
 
 dtype: bf16/fp16/fp32 casts the floating weights; None keeps the file's precision, except fp8 files (plain or
-ComfyUI scaled) which are dequantized to bf16. Time embedding/projection, modulations and the output head always
-stay float32 (`dit.keep_fp32`). fp8-resident weights are added by `engine.memory` on top of this loader.
+ComfyUI scaled) which are dequantized to bf16. Time embedding/projection, modulations and the output head compute in
+float32 and are stored in float32, or in `dtype` when the file stores them in it (`dit.keep_fp32`). fp8-resident weights are added by `engine.memory` on top of this loader.
 """
 
 from __future__ import annotations
@@ -69,12 +69,16 @@ def load_wan_dit(source: str | Path, dtype: torch.dtype | None = torch.bfloat16,
 
     model = build_wan_model(config, "meta")
     model.attention_backend = attention_backend
+
+    def keep_float32(name: str) -> bool:   # stored in `target` only where that is what the file has: exact
+        return keep_fp32(name) and not (name in ckpt and ckpt.dtype(name) == target)
+
     if fp8 is None:
-        unused = load_into_module(model, ckpt, dtype=target, device=device, keep_dtype=keep_fp32)
+        unused = load_into_module(model, ckpt, dtype=target, device=device, keep_dtype=keep_float32)
     else:
         from ...memory.fp8 import load_fp8_checkpoint
 
-        unused = load_fp8_checkpoint(model, ckpt, mode=fp8, dtype=target, device=device, keep_dtype=keep_fp32)
+        unused = load_fp8_checkpoint(model, ckpt, mode=fp8, dtype=target, device=device, keep_dtype=keep_float32)
     if unused:
         raise invalid(f"DiT file {source}", f"{len(unused)} unexpected tensors, e.g. {unused[:3]}",
                       f"only the weights of a {config.variant} Wan DiT")
