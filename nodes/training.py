@@ -517,6 +517,11 @@ def _advanced_training_inputs() -> dict:
                              "tooltip": "What gradient checkpointing keeps of each block input (and activation "
                                         "offload moves): 'compute' = the mixed-precision dtype, half the memory "
                                         "(LoRA gradients within ~0.5 %, see docs/memory.md); 'float32' = exact."}),
+        "offload_optimizer_state": ("BOOLEAN", {"default": False,
+                                    "tooltip": "Keep the optimizer's state (AdamW: two float32 values per LoRA "
+                                               "weight) in CPU RAM except during the optimizer step. Same results; "
+                                               "~1.2 GB less GPU memory for Wan 14B at rank 32, one copy each way "
+                                               "per step."}),
     }
 
 
@@ -525,7 +530,8 @@ def _training_config(*, seed, max_train_steps, mixed_precision, gradient_checkpo
                      max_timestep, save_every_n_steps, keep_last_n_saves, output_dir, output_name, save_state,
                      attention_backend, save_format="comfyui", save_state_every_minutes=10.0, max_train_epochs=0,
                      save_every_n_epochs=0, logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
-                     preserve_distribution_shape=False, num_timestep_buckets=0, checkpoint_dtype="compute"):
+                     preserve_distribution_shape=False, num_timestep_buckets=0, checkpoint_dtype="compute",
+                     offload_optimizer_state=False):
     from ..engine.training import TimestepConfig, TrainingConfig
 
     if int(num_timestep_buckets) == 1:
@@ -548,7 +554,7 @@ def _training_config(*, seed, max_train_steps, mixed_precision, gradient_checkpo
         keep_last_n_states=int(keep_last_n_saves) or None, save_format=save_format,
         save_state_every_minutes=float(save_state_every_minutes) or None,
         max_train_epochs=int(max_train_epochs) or None, save_every_n_epochs=int(save_every_n_epochs) or None,
-        checkpoint_dtype=checkpoint_dtype)
+        checkpoint_dtype=checkpoint_dtype, offload_optimizer_state=bool(offload_optimizer_state))
 
 
 def network_config(network_kind, rank, alpha, dropout, rank_dropout, module_dropout, include_patterns="",
@@ -797,7 +803,8 @@ class MusubiInitTraining:
              validation_vae=None, validate_every_n_steps=0, validate_at_start=False, tensorboard=False,
              continue_saved_state=True, save_state_every_minutes=10.0, eval_dataset=None, eval_every_n_steps=100,
              max_train_epochs=0, save_every_n_epochs=0, logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
-             preserve_distribution_shape=False, num_timestep_buckets=0, checkpoint_dtype="compute", unique_id=None):
+             preserve_distribution_shape=False, num_timestep_buckets=0, checkpoint_dtype="compute",
+             offload_optimizer_state=False, unique_id=None):
         config = _training_config(
             seed=seed, max_train_steps=max_train_steps, mixed_precision=mixed_precision,
             gradient_checkpointing=gradient_checkpointing, gradient_accumulation_steps=gradient_accumulation_steps,
@@ -808,7 +815,8 @@ class MusubiInitTraining:
             save_format=save_format, save_state_every_minutes=save_state_every_minutes,
             max_train_epochs=max_train_epochs, save_every_n_epochs=save_every_n_epochs, logit_mean=logit_mean,
             logit_std=logit_std, mode_scale=mode_scale, preserve_distribution_shape=preserve_distribution_shape,
-            num_timestep_buckets=num_timestep_buckets, checkpoint_dtype=checkpoint_dtype)
+            num_timestep_buckets=num_timestep_buckets, checkpoint_dtype=checkpoint_dtype,
+            offload_optimizer_state=offload_optimizer_state)
         network, optimizer = _network_config(lora_config), _optimizer_config(optimizer_config)
         validate = check_validation_inputs(_dit(model).module, validation_prompts, validation_vae, validate_every_n_steps,
                                            validate_at_start)

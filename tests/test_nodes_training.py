@@ -418,14 +418,14 @@ def test_the_engines_schedule_and_timestep_options_from_the_graph(comfy, data, t
     p["5"]["inputs"].update({"max_train_epochs": 2, "save_every_n_epochs": 1, "timestep_sampling": "logsnr",
                              "logit_mean": -0.5, "logit_std": 1.5, "mode_scale": 1.1, "min_timestep": 100,
                              "preserve_distribution_shape": True, "num_timestep_buckets": 4,
-                             "checkpoint_dtype": "float32"})
+                             "checkpoint_dtype": "float32", "offload_optimizer_state": True})
     comfy.run(p)
     (run,) = [r for r in sessions(comfy) if r.session.config.output_dir == str(tmp_path / "out")]
     s = run.session
     ts = s.config.timesteps
     assert (ts.logit_mean, ts.logit_std, ts.mode_scale) == (-0.5, 1.5, 1.1)
     assert ts.preserve_distribution_shape and ts.num_timestep_buckets == 4 and ts.min_timestep == 100
-    assert s.config.checkpoint_dtype == "float32"
+    assert s.config.checkpoint_dtype == "float32" and s.config.offload_optimizer_state
     per_epoch = len(s.loader)
     assert s.total_steps == 2 * per_epoch and s.step == s.total_steps      # epochs win over max_train_steps
     out = tmp_path / "out"
