@@ -101,13 +101,22 @@ def dit_memory_inputs(max_blocks_to_swap: int, blocks_hint: str, non_block_hint:
                        "tooltip": "With fp8 weights: multiply in fp8 (Musubi --fp8_fast) when sampling on GPUs "
                                   "that support it (RTX 40xx, H100 and newer); faster, slightly less exact. "
                                   "Block-wise scales become per-row scales. Training is unaffected."}),
+        "fp8_scale_dtype": (["float32", "bf16"], {"default": "float32",
+                            "tooltip": "With fp8 weights: precision of their scales. bf16 halves the scales' memory "
+                                       "(about 0.44 GB for Wan 14B) for a rounding of each scale (≤ 0.4 %)."}),
     }
 
 
-def load_dit(node, unique_id, prompt, kind: str, source: str, dtype: str, fp8: str, fp8_matmul: bool, loader):
+def load_dit(node, unique_id, prompt, kind: str, source: str, dtype: str, fp8: str, fp8_matmul: bool, loader,
+             fp8_scale_dtype: str = "float32"):
     """A DiT through the pack registry: `loader(source, dtype=torch dtype or None, device="cpu", fp8=None|mode)` runs
-    once per (kind, file, dtype, fp8, fp8_matmul); fp8_matmul without fp8 weights is refused naming the input."""
+    once per (kind, file, dtype, fp8, fp8_matmul, scale dtype); fp8_matmul or bf16 scales without fp8 weights are
+    refused naming the input."""
     from ..engine.memory import enable_fp8_matmul
+    from ..engine.memory.fp8 import set_fp8_scale_dtype
+
+    if fp8_scale_dtype not in ("float32", "bf16"):
+        raise invalid("fp8_scale_dtype", fp8_scale_dtype, "float32 or bf16")
 
     dt = None if dtype == "keep" else DTYPES[dtype]
     fp8_mode = None if fp8 == "none" else fp8
@@ -116,10 +125,14 @@ def load_dit(node, unique_id, prompt, kind: str, source: str, dtype: str, fp8: s
         model = loader(source, dtype=dt, device="cpu", fp8=fp8_mode)
         if fp8_matmul and not enable_fp8_matmul(model) and not _has_fp8_layers(model):
             raise invalid("fp8_matmul", True, "fp8 weights: fp8 'scaled' or 'e4m3', or an fp8 file")
+        if fp8_scale_dtype == "bf16" and not set_fp8_scale_dtype(model, torch.bfloat16) \
+                and not _has_fp8_layers(model):
+            raise invalid("fp8_scale_dtype", "bf16", "fp8 weights: fp8 'scaled' or 'e4m3', or an fp8 file")
         return model
 
-    # fp8 matmul requantizes block-wise scales: a copy of its own, never the plain one's weights
-    key = (kind, source_identity(source), dtype, fp8) + (("fp8_matmul",) if fp8_matmul else ())
+    # fp8 matmul requantizes block-wise scales, bf16 scales round them: a copy of its own, never the plain one's
+    key = (kind, source_identity(source), dtype, fp8) + (("fp8_matmul",) if fp8_matmul else ()) \
+        + (("bf16_scales",) if fp8_scale_dtype == "bf16" else ())
     return MODELS.get_or_create(key, room_for(source, prompt, load), owner=owner_of(node, unique_id))
 
 

@@ -58,11 +58,12 @@ class MusubiWanDiTLoader:
 
     def load(self, model_name, dtype, attention, fp8="none", blocks_to_swap=0, activation_offload=False,
              offload_after_use=False, offload_non_block_weights=False, compile_blocks=False, fp8_matmul=False,
-             unique_id=None, prompt=None):
+             fp8_scale_dtype="float32", unique_id=None, prompt=None):
         from ..engine.families.wan.loader import load_wan_dit
 
         source = resolve_source(model_name, "diffusion_models", "model_name")
-        model = load_dit(self, unique_id, prompt, "wan_dit", source, dtype, fp8, fp8_matmul, load_wan_dit)
+        model = load_dit(self, unique_id, prompt, "wan_dit", source, dtype, fp8, fp8_matmul, load_wan_dit,
+                         fp8_scale_dtype)
         return (dit_handle(model, attention, blocks_to_swap, activation_offload, offload_after_use,
                            offload_non_block_weights, compile_blocks),)
 

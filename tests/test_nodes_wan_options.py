@@ -84,3 +84,17 @@ def test_image_encode_resize_mode_crop_equals_a_centre_cropped_image(comfy):
     torch.testing.assert_close(y["3"], y["4"], rtol=0, atol=1e-6)
     torch.testing.assert_close(comfy.output("3")["clip_fea"], comfy.output("4")["clip_fea"], rtol=0, atol=1e-5)
     assert not torch.allclose(y["5"], y["3"], atol=1e-3) and not torch.allclose(y["6"], y["3"], atol=1e-3)
+
+
+def test_dit_loader_fp8_scale_dtype_bf16_halves_the_scales_and_needs_fp8(comfy):
+    p = {"1": {"class_type": "MusubiWanDiTLoader", "inputs": {"model_name": "preset:tiny-t2v", "dtype": "fp32",
+                                                              "attention": "sdpa", "fp8": "scaled",
+                                                              "fp8_scale_dtype": "bf16"}},
+         "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}}
+    comfy.run(p)
+    Fp8Linear = comfy.pack_module("engine.memory.fp8").Fp8Linear
+    scales = {m.scale_weight.dtype for m in comfy.module("1").modules() if isinstance(m, Fp8Linear)}
+    assert scales == {torch.bfloat16}
+    p["1"]["inputs"]["fp8"] = "none"
+    comfy.run(p, expect_success=False)
+    assert "fp8_scale_dtype" in comfy.error_message()
