@@ -386,3 +386,14 @@ def test_loha_factor_shapes_are_checked_as_products_with_and_without_tucker_core
         bad = loha(2, 2, out1=3, out2=5, tucker=tucker)
         with raises_input("m", {k: tuple(v.shape) for k, v in bad.tensors.items()}, "factor shapes that multiply"):
             bad.validate("m")
+
+
+def test_raw_delta_is_float32_and_only_for_low_rank_kinds():
+    from engine.lora.weights import ModuleWeights
+
+    g = torch.Generator().manual_seed(1)
+    down, up = torch.randn(2, 4, generator=g).half(), torch.randn(3, 2, generator=g).half()
+    mw = ModuleWeights("lora", {"down": down, "up": up})
+    assert mw.raw_delta().dtype == torch.float32 and torch.equal(mw.raw_delta(), up.float() @ down.float())
+    with pytest.raises(ValueError, match="^no low-rank weights in a 'diff' patch$"):
+        ModuleWeights("diff", {}, bias_diff=torch.zeros(3)).raw_delta()

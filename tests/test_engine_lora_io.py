@@ -464,3 +464,36 @@ def test_require_complete_lists_the_first_three_keys():
         require_complete(report, "L")
     assert str(e.value) == ("L: 4 LoRA keys match no weight of the model (e.g. ['a', 'b', 'c']); "
                             "expected every key to apply")
+
+
+def test_conv_shaped_factors_read_as_matrices_and_other_shapes_are_refused(raises_input):
+    """[a, b, 1, 1] and [a, b, 1] factors are the [a, b] matrices of a Linear (ComfyUI flattens them); a 1-D or a
+    real conv factor ([a, b, 3, 1]) is refused as not a matrix."""
+    g = torch.Generator().manual_seed(0)
+    down, up = torch.randn(2, 4, generator=g), torch.randn(3, 2, generator=g)
+    lora = read_lora({"m.lora_down.weight": down[:, :, None, None], "m.lora_up.weight": up[:, :, None]})
+    assert torch.equal(lora.modules["m"].tensors["down"], down) and torch.equal(lora.modules["m"].tensors["up"], up)
+    for bad in (torch.randn(4, generator=g), torch.randn(2, 4, 3, 1, generator=g)):
+        with raises_input("LoRA state dict module 'm' tensor down", tuple(bad.shape), "a 2-D matrix"):
+            read_lora({"m.lora_down.weight": bad, "m.lora_up.weight": up})
+
+
+def test_match_against_a_mapping_of_shapes_and_bare_parameters():
+    """A model given as {module: weight shape} (a checkpoint's names); a patch may name a bare parameter; an
+    underscore name no family knows is resolved against the model's own names; unknown weights are refused."""
+    from engine.lora.dialects import _resolve
+
+    model = tiny_model("t2v")
+    shapes = weight_shapes(model)
+    factors = random_lora_factors(model)
+    report = match_lora(read_lora(_dialect_sd(factors, "comfyui")), shapes)
+    assert sorted(report.matched) == sorted(factors) and report.complete
+    resolved, unmatched = _resolve(read_lora({"p.diff": torch.zeros(4, 4)}), {"p": (4, 4)}, "L")
+    assert list(resolved) == ["p"] and unmatched == []
+    lora = read_lora({"lora_unet_foo_bar_baz.diff": torch.zeros(4, 4)})
+    assert lora.unresolved == {"lora_unet_foo_bar_baz"}
+    resolved, unmatched = _resolve(lora, {"foo_bar.baz.weight": (4, 4)}, "L")
+    assert list(resolved) == ["foo_bar.baz"] and unmatched == []
+    with pytest.raises(MusubiInputError) as e:
+        match_lora(lora, {"a.x": (4, 4), "b.y": (4, 4), "c.z": (4, 4)})
+    assert str(e.value) == "model: got \"3 weights (e.g. ['a.x', 'b.y'])\"; expected the weights of a known DiT"
