@@ -497,3 +497,14 @@ def test_match_against_a_mapping_of_shapes_and_bare_parameters():
     with pytest.raises(MusubiInputError) as e:
         match_lora(lora, {"a.x": (4, 4), "b.y": (4, 4), "c.z": (4, 4)})
     assert str(e.value) == "model: got \"3 weights (e.g. ['a.x', 'b.y'])\"; expected the weights of a known DiT"
+
+
+def test_image_cross_attention_beyond_the_model_is_unmatched_on_an_i2v_model():
+    """The I2V-only refusal is for a model without image cross-attention: on an I2V model, a k_img/v_img key of a
+    block it does not have is just a key that matches nothing."""
+    sd = {f"diffusion_model.blocks.9.cross_attn.{p}.lora_{s}.weight": torch.zeros(*shape)
+          for p in ("k_img", "v_img") for s, shape in (("down", (4, 256)), ("up", (256, 4)))}
+    report = match_lora(read_lora(sd), tiny_model("i2v"))
+    assert sorted(report.unmatched_keys) == sorted(sd) and report.matched == []
+    with pytest.raises(MusubiInputError, match="k_img"):
+        match_lora(read_lora(sd), tiny_model("t2v"))
