@@ -390,7 +390,7 @@ def test_fused_pieces_sharing_one_down_join_into_one_lora():
     down, stacks the scaled ups in piece order and says alpha = rank (scale already folded in)."""
     down = torch.randn(2, 8, generator=torch.Generator().manual_seed(1))
     pieces = {0: ("attn.to_q", 2, 8, 4.0), 1: ("attn.to_k", 2, 8, 4.0), 2: ("attn.to_v", 2, 8, 4.0)}
-    sd, factors = _fused_sd(pieces, shared_down=down)
+    sd, factors = _fused_sd(pieces, prefix="base_model.model.", shared_down=down)   # PEFT's prefix
     lora = read_lora(sd)
     assert set(lora.modules) == {"double_blocks.1.img_attn_qkv"} and lora.stems["double_blocks.1.img_attn_qkv"] == (
         "diffusers", "double_blocks.1.img_attn_qkv")
