@@ -402,17 +402,18 @@ def test_fused_pieces_sharing_one_down_join_into_one_lora():
 
 
 def test_fused_pieces_with_their_own_downs_join_block_diagonally_in_row_order():
-    """Bare diffusers names (no prefix), two pieces of a single block's linear1 (k: 8 rows, proj_mlp: 4·8 rows),
-    q and v missing: downs stacked on the rank axis, each up in its own rows and rank columns, alpha = total rank."""
-    pieces = {1: ("attn.to_k", 2, 8, 2.0), 3: ("proj_mlp", 3, 32, 9.0)}
+    """Bare diffusers names (no prefix), three pieces of a single block's linear1 (q, k: 8 rows each, proj_mlp:
+    4·8 rows), v missing: downs stacked on the rank axis, each up in its own rows and rank columns, alpha = total
+    rank."""
+    pieces = {0: ("attn.to_q", 1, 8, 3.0), 1: ("attn.to_k", 2, 8, 2.0), 3: ("proj_mlp", 3, 32, 9.0)}
     sd, factors = _fused_sd(pieces, prefix="", block="single_transformer_blocks.0")
     lora = read_lora(sd)
     mw = lora.modules["single_blocks.0.linear1"]
     assert set(lora.modules) == {"single_blocks.0.linear1"} and mw.source_keys == sorted(sd)
-    (d1, u1, s1), (d3, u3, s3) = factors[1], factors[3]
-    assert mw.alpha == 5.0 and mw.rank == 5 and torch.equal(mw.tensors["down"], torch.cat([d1, d3]))
-    up = torch.zeros(56, 5)
-    up[8:16, :2], up[24:56, 2:] = u1 * s1, u3 * s3
+    (d0, u0, s0), (d1, u1, s1), (d3, u3, s3) = factors[0], factors[1], factors[3]
+    assert mw.alpha == 6.0 and mw.rank == 6 and torch.equal(mw.tensors["down"], torch.cat([d0, d1, d3]))
+    up = torch.zeros(56, 6)
+    up[0:8, :1], up[8:16, 1:3], up[24:56, 3:] = u0 * s0, u1 * s1, u3 * s3
     assert torch.equal(mw.tensors["up"], up)
 
 
