@@ -324,3 +324,76 @@ def test_speed_lora_view_stacks_with_a_fresh_training_adapter():
         ref_net.attach(ref)
         torch.testing.assert_close(stacked, ref(x, torch.tensor([500.0]), ctx), rtol=1e-4, atol=1e-5)
         assert not torch.allclose(stacked, want, atol=1e-5)
+
+
+# --- ModuleWeights details the merges above do not pin (mutation testing, #21 item 9) ----------------------------
+
+def test_full_weight_patches_compute_in_float32_and_only_a_diff_has_a_delta():
+    from engine.lora.weights import ModuleWeights
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3, 4, generator=g)
+    t16 = torch.randn(3, 4, generator=g).half()
+    diff = ModuleWeights("diff", {}, weight_patch=("diff", t16))
+    assert diff.delta().dtype == torch.float32 and torch.equal(diff.delta(), t16.float())
+    assert torch.equal(diff.patched_weight(w, 0.3), w + 0.3 * t16.float())   # not a float16 product
+    put = ModuleWeights("diff", {}, weight_patch=("set", t16))
+    assert put.patched_weight(w, 0.5).dtype == torch.float32 and torch.equal(put.patched_weight(w, 0.5), t16.float())
+    assert torch.equal(put.patched_weight(w, 0.0), w)          # strength 0 leaves the weight alone
+    with pytest.raises(ValueError, match="^a set_weight patch has no ΔW$"):
+        put.delta()
+    dora = ModuleWeights("lora", {"down": torch.ones(1, 4), "up": torch.ones(3, 1)}, dora_scale=torch.ones(3, 1))
+    with pytest.raises(ValueError, match="^a DoRA patch has no ΔW independent of the weight$"):
+        dora.delta()
+    b = torch.randn(3, generator=g)
+    bias = ModuleWeights("diff", {}, bias_diff=t16[0, :3])
+    assert torch.equal(bias.patched_bias(b, 0.3), b + 0.3 * t16[0, :3].float())
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_dora_is_comfyuis_exact_arithmetic_even_for_tiny_norms(axis):
+    """W' = (W + ΔW)·m / (‖·‖ + eps) bit for bit at strength 1 (no interpolation round trip); weights of norm ~1e-6
+    make the eps term visible (its sign included)."""
+    from engine.lora.weights import ModuleWeights
+
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(3, 4, generator=g) * 1e-6
+    down, up = torch.randn(1, 4, generator=g) * 1e-3, torch.randn(3, 1, generator=g) * 1e-3
+    mag = torch.rand(3, 1, generator=g) if axis == 0 else torch.rand(1, 4, generator=g)
+    mw = ModuleWeights("lora", {"down": down, "up": up}, alpha=2.0, dora_scale=mag)
+    merged = w + (up @ down).reshape(w.shape) * 2.0
+    norm = w.norm(dim=1, keepdim=True) if axis == 0 else merged.norm(dim=0, keepdim=True)
+    expected = merged * (mag / (norm + torch.finfo(torch.float32).eps))
+    assert torch.equal(mw.patched_weight(w, 1.0), expected)
+    torch.testing.assert_close(mw.patched_weight(w, 2.0), w + 2.0 * (expected - w))
+
+
+def test_loha_factor_shapes_are_checked_as_products_with_and_without_tucker_cores(raises_input):
+    """w1 and w2 may have different ranks; their products must have the same shape. Tucker: a is [rank, out]."""
+    from engine.lora.weights import ModuleWeights
+
+    def loha(r1, r2, out1=3, out2=3, tucker=False):
+        t = {"hada_w1_a": torch.ones(r1, out1) if tucker else torch.ones(out1, r1), "hada_w1_b": torch.ones(r1, 4),
+             "hada_w2_a": torch.ones(r2, out2) if tucker else torch.ones(out2, r2), "hada_w2_b": torch.ones(r2, 4)}
+        if tucker:
+            t["hada_t1"], t["hada_t2"] = torch.ones(r1, r1), torch.ones(r2, r2)
+        return ModuleWeights("loha", t)
+
+    for tucker in (False, True):
+        mw = loha(2, 3, tucker=tucker)
+        mw.validate("m")
+        assert mw.shape == (3, 4) and mw.raw_delta().shape == (3, 4)
+        bad = loha(2, 2, out1=3, out2=5, tucker=tucker)
+        with raises_input("m", {k: tuple(v.shape) for k, v in bad.tensors.items()}, "factor shapes that multiply"):
+            bad.validate("m")
+
+
+def test_raw_delta_is_float32_and_only_for_low_rank_kinds():
+    from engine.lora.weights import ModuleWeights
+
+    g = torch.Generator().manual_seed(1)
+    down, up = torch.randn(2, 4, generator=g).half(), torch.randn(3, 2, generator=g).half()
+    mw = ModuleWeights("lora", {"down": down, "up": up})
+    assert mw.raw_delta().dtype == torch.float32 and torch.equal(mw.raw_delta(), up.float() @ down.float())
+    with pytest.raises(ValueError, match="^no low-rank weights in a 'diff' patch$"):
+        ModuleWeights("diff", {}, bias_diff=torch.zeros(3)).raw_delta()

@@ -367,3 +367,145 @@ def test_diffusers_refusals_name_the_module_and_the_reason(tmp_path):
         save_lora(norm, tmp_path / "d.safetensors", format="diffusers")
     assert str(e.value) == ("LoRA module blocks.0.norm3: got 'no diffusers equivalent'; expected a DiT Linear layer "
                             "that diffusers names")
+
+
+# --- dialect details the round trips above do not pin (mutation testing, #21 item 9) -----------------------------
+
+def _fused_sd(pieces, prefix="transformer.", block="transformer_blocks.1", shared_down=None, seed=3):
+    """{piece index: (piece name, rank, rows, alpha)} -> a diffusers state dict of LoRA pieces of one fused layer."""
+    g = torch.Generator().manual_seed(seed)
+    sd, factors = {}, {}
+    for i, (piece, r, rows, alpha) in pieces.items():
+        down = shared_down if shared_down is not None else torch.randn(r, 8, generator=g)
+        up = torch.randn(rows, r, generator=g)
+        stem = f"{prefix}{block}.{piece}"
+        sd[f"{stem}.lora_A.weight"], sd[f"{stem}.lora_B.weight"] = down, up
+        sd[f"{stem}.alpha"] = torch.tensor(alpha)
+        factors[i] = (down, up, alpha / r)
+    return sd, factors
+
+
+def test_fused_pieces_sharing_one_down_join_into_one_lora():
+    """All pieces of a fused layer with the same down matrix (as the pack writes them): the joined LoRA keeps that
+    down, stacks the scaled ups in piece order and says alpha = rank (scale already folded in)."""
+    down = torch.randn(2, 8, generator=torch.Generator().manual_seed(1))
+    pieces = {0: ("attn.to_q", 2, 8, 4.0), 1: ("attn.to_k", 2, 8, 4.0), 2: ("attn.to_v", 2, 8, 4.0)}
+    sd, factors = _fused_sd(pieces, prefix="base_model.model.", shared_down=down)   # PEFT's prefix
+    lora = read_lora(sd)
+    assert set(lora.modules) == {"double_blocks.1.img_attn_qkv"} and lora.stems["double_blocks.1.img_attn_qkv"] == (
+        "diffusers", "double_blocks.1.img_attn_qkv")
+    mw = lora.modules["double_blocks.1.img_attn_qkv"]
+    assert mw.kind == "lora" and mw.alpha == 2.0 and mw.rank == 2 and torch.equal(mw.tensors["down"], down)
+    assert torch.equal(mw.tensors["up"], torch.cat([factors[i][1] * 2.0 for i in range(3)]))
+    assert mw.source_keys == sorted(sd)
+    torch.testing.assert_close(mw.delta(), torch.cat([2.0 * f[1] @ down for f in factors.values()]))
+
+
+def test_fused_pieces_with_their_own_downs_join_block_diagonally_in_row_order():
+    """Bare diffusers names (no prefix), three pieces of a single block's linear1 (q, k: 8 rows each, proj_mlp:
+    4·8 rows), v missing: downs stacked on the rank axis, each up in its own rows and rank columns, alpha = total
+    rank."""
+    pieces = {0: ("attn.to_q", 1, 8, 3.0), 1: ("attn.to_k", 2, 8, 2.0), 3: ("proj_mlp", 3, 32, 9.0)}
+    sd, factors = _fused_sd(pieces, prefix="", block="single_transformer_blocks.0")
+    lora = read_lora(sd)
+    mw = lora.modules["single_blocks.0.linear1"]
+    assert set(lora.modules) == {"single_blocks.0.linear1"} and mw.source_keys == sorted(sd)
+    (d0, u0, s0), (d1, u1, s1), (d3, u3, s3) = factors[0], factors[1], factors[3]
+    assert mw.alpha == 6.0 and mw.rank == 6 and torch.equal(mw.tensors["down"], torch.cat([d0, d1, d3]))
+    up = torch.zeros(56, 6)
+    up[0:8, :1], up[8:16, 1:3], up[24:56, 3:] = u0 * s0, u1 * s1, u3 * s3
+    assert torch.equal(mw.tensors["up"], up)
+
+
+def test_fused_piece_of_the_wrong_size_is_refused(raises_input):
+    pieces = {0: ("attn.to_q", 2, 8, 2.0), 1: ("attn.to_k", 2, 9, 2.0)}
+    sd, _ = _fused_sd(pieces)
+    with raises_input("LoRA state dict transformer_blocks.1.attn.to_k shape", ((9, 2), (2, 8)),
+                      "8 rows and 8 inputs (a piece of double_blocks.1.img_attn_qkv)"):
+        read_lora(sd)
+    sd, _ = _fused_sd(pieces={0: ("attn.to_q", 2, 8, 2.0)})
+    other, _ = _fused_sd(pieces={1: ("attn.to_k", 2, 8, 2.0)})
+    other["transformer.transformer_blocks.1.attn.to_k.lora_A.weight"] = torch.randn(2, 6)   # 6 inputs, not 8
+    with raises_input("LoRA state dict transformer_blocks.1.attn.to_k shape", ((8, 2), (2, 6)), "8 rows and 8 inputs"):
+        read_lora({**sd, **other})
+
+
+def test_a_bias_patch_stays_when_the_weight_part_cannot_apply():
+    """The bias key (`.diff_b`, or `.b_norm` beside `.w_norm`) is kept out of the unmatched keys when only the
+    module's weight part has nowhere to go: a LoRA on a 1-D weight, a `.w_norm` on a module with no weight."""
+    from engine.lora.dialects import _resolve
+
+    g = torch.Generator().manual_seed(0)
+    lora = read_lora({"m.lora_down.weight": torch.randn(2, 4, generator=g), "m.lora_up.weight": torch.randn(4, 2, generator=g),
+                      "m.diff_b": torch.randn(4, generator=g)})
+    resolved, unmatched = _resolve(lora, {"m.weight": (4,), "m.bias": (4,)}, "L")
+    assert unmatched == ["m.lora_down.weight", "m.lora_up.weight"] and list(resolved) == ["m"]
+    assert resolved["m"].kind == "diff" and torch.equal(resolved["m"].bias_diff, lora.modules["m"].bias_diff)
+    lora = read_lora({"m.w_norm": torch.randn(4, 4, generator=g), "m.b_norm": torch.randn(4, generator=g)})
+    resolved, unmatched = _resolve(lora, {"m.bias": (4,)}, "L")
+    assert unmatched == ["m.w_norm"] and resolved["m"].weight_patch is None and resolved["m"].bias_diff is not None
+
+
+def test_patch_params_names_weight_and_bias_and_resolved_modules_labels_its_refusals():
+    from engine.lora.dialects import patch_params, resolved_modules
+    from engine.lora.weights import ModuleWeights
+
+    mw = ModuleWeights("diff", {}, weight_patch=("diff", torch.zeros(4, 4)), bias_diff=torch.zeros(4))
+    assert patch_params("m", mw, {"m.weight": (4, 4)}) == [("m.weight", "weight"), ("m.bias", "bias")]
+    lora = read_lora({"m.diff": torch.zeros(4, 3)})
+    with pytest.raises(MusubiInputError, match=r"^LoRA key 'm\.diff': got 'LoRA shape \(4, 3\)'"):
+        resolved_modules(lora, None, params={"m.weight": (4, 4)})
+
+
+def test_require_complete_lists_the_first_three_keys():
+    from engine.lora.dialects import MatchReport, require_complete
+
+    report = MatchReport([], ["a", "b", "c", "d"], [], "")
+    with pytest.raises(MusubiInputError) as e:
+        require_complete(report, "L")
+    assert str(e.value) == ("L: 4 LoRA keys match no weight of the model (e.g. ['a', 'b', 'c']); "
+                            "expected every key to apply")
+
+
+def test_conv_shaped_factors_read_as_matrices_and_other_shapes_are_refused(raises_input):
+    """[a, b, 1, 1] and [a, b, 1] factors are the [a, b] matrices of a Linear (ComfyUI flattens them); a 1-D or a
+    real conv factor ([a, b, 3, 1]) is refused as not a matrix."""
+    g = torch.Generator().manual_seed(0)
+    down, up = torch.randn(2, 4, generator=g), torch.randn(3, 2, generator=g)
+    lora = read_lora({"m.lora_down.weight": down[:, :, None, None], "m.lora_up.weight": up[:, :, None]})
+    assert torch.equal(lora.modules["m"].tensors["down"], down) and torch.equal(lora.modules["m"].tensors["up"], up)
+    for bad in (torch.randn(4, generator=g), torch.randn(2, 4, 3, 1, generator=g)):
+        with raises_input("LoRA state dict module 'm' tensor down", tuple(bad.shape), "a 2-D matrix"):
+            read_lora({"m.lora_down.weight": bad, "m.lora_up.weight": up})
+
+
+def test_match_against_a_mapping_of_shapes_and_bare_parameters():
+    """A model given as {module: weight shape} (a checkpoint's names); a patch may name a bare parameter; an
+    underscore name no family knows is resolved against the model's own names; unknown weights are refused."""
+    from engine.lora.dialects import _resolve
+
+    model = tiny_model("t2v")
+    shapes = weight_shapes(model)
+    factors = random_lora_factors(model)
+    report = match_lora(read_lora(_dialect_sd(factors, "comfyui")), shapes)
+    assert sorted(report.matched) == sorted(factors) and report.complete
+    resolved, unmatched = _resolve(read_lora({"p.diff": torch.zeros(4, 4)}), {"p": (4, 4)}, "L")
+    assert list(resolved) == ["p"] and unmatched == []
+    lora = read_lora({"lora_unet_foo_bar_baz.diff": torch.zeros(4, 4)})
+    assert lora.unresolved == {"lora_unet_foo_bar_baz"}
+    resolved, unmatched = _resolve(lora, {"foo_bar.baz.weight": (4, 4)}, "L")
+    assert list(resolved) == ["foo_bar.baz"] and unmatched == []
+    with pytest.raises(MusubiInputError) as e:
+        match_lora(lora, {"a.x": (4, 4), "b.y": (4, 4), "c.z": (4, 4)})
+    assert str(e.value) == "model: got \"3 weights (e.g. ['a.x', 'b.y'])\"; expected the weights of a known DiT"
+
+
+def test_image_cross_attention_beyond_the_model_is_unmatched_on_an_i2v_model():
+    """The I2V-only refusal is for a model without image cross-attention: on an I2V model, a k_img/v_img key of a
+    block it does not have is just a key that matches nothing."""
+    sd = {f"diffusion_model.blocks.9.cross_attn.{p}.lora_{s}.weight": torch.zeros(*shape)
+          for p in ("k_img", "v_img") for s, shape in (("down", (4, 256)), ("up", (256, 4)))}
+    report = match_lora(read_lora(sd), tiny_model("i2v"))
+    assert sorted(report.unmatched_keys) == sorted(sd) and report.matched == []
+    with pytest.raises(MusubiInputError, match="k_img"):
+        match_lora(read_lora(sd), tiny_model("t2v"))

@@ -463,3 +463,42 @@ def test_choose_swapped():
     assert choose_swapped(30, 0) == []
     with pytest.raises(MusubiInputError, match="placement"):
         choose_swapped(30, 2, "middle")
+
+
+# --- details the tests above do not pin (mutation testing, #21 item 9) ------------------------------------------
+
+def test_swap_blocks_attaches_to_a_family_models_blocks_and_names_the_variant():
+    from engine.memory.block_swap import swap_blocks
+    from lora_fixtures import tiny_model
+
+    model = tiny_model("t2v")                                  # 2 blocks
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sw = swap_blocks(model, 1, "cpu", transfer=FakeTransfer(), placement="tail", prefetch=0)
+    assert all(a is b for a, b in zip(sw.blocks, model.blocks)) and len(sw.blocks) == 2 and sw.model is model and sw.chosen == [1] and sw.config.prefetch == 0
+    assert {p.device.type for p in model.blocks[1].parameters()} == {"meta"}       # streamed: on the host master
+    assert {p.device.type for p in model.blocks[0].parameters()} == {"cpu"}
+    sw.detach()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(MusubiInputError, match=r"^blocks_to_swap: got 2; expected an integer from 0 to 1 \(tiny-t2v has 2 "):
+        swap_blocks(model, 2, "cpu", transfer=FakeTransfer())
+
+
+def test_evict_loaded_drops_every_streamed_block_from_the_device():
+    net, ad = make_net()
+    sw = attach(net, 3, prefetch=1)
+    expected = run_steps(*make_net(), steps=1, train=False)
+    assert_same(run_steps(net, ad, steps=1, train=False), expected)
+    assert sw.resident_swapped
+    sw.evict_loaded()
+    assert sw.resident_swapped == set()
+    assert all(p.device.type == "meta" for i in sw.swapped for p in net.blocks[i].parameters())
+    assert_same(run_steps(net, ad, steps=1, train=False), expected)           # loaded again on the next forward
+    sw.detach()
+
+
+def test_non_block_layers_go_back_to_the_host_after_each_forward():
+    net, ad = make_net()
+    sw = attach(net, 2, offload_non_blocks=True)
+    run_steps(net, ad, steps=1, train=False)
+    assert {p.device.type for p in net.embed.parameters()} | {p.device.type for p in net.head.parameters()} == {"meta"}
+    sw.detach()

@@ -466,3 +466,34 @@ def test_largest_seed_is_valid_and_the_batch_wraps_to_zero():
 def test_bad_noise_device_rejected():
     with pytest.raises(MusubiInputError, match="noise_device"):
         make_noise([16, 1, 2, 2], seed=0, noise_device="tpu")
+
+
+# --- details the tests above do not pin (mutation testing, #21 item 9) ------------------------------------------
+
+def test_noise_is_moved_to_the_requested_device_and_gpu_noise_is_drawn_there():
+    """cpu noise: drawn by a CPU generator (the same numbers), then moved to `device` (here meta, the one non-CPU
+    device every machine has). gpu noise: the generator lives on the target device itself, so a device with no
+    generator (meta) is refused instead of silently drawing on the CPU."""
+    moved = make_noise((3, 2), 5, batch=2, device="meta")
+    assert moved.device.type == "meta" and moved.shape == (2, 3, 2) and moved.dtype == torch.float32
+    with pytest.raises(RuntimeError, match="(?i)meta"):
+        make_noise((3, 2), 5, noise_device="gpu", device="meta")
+    # on a CPU model device, gpu noise is the same CPU generator stream
+    assert torch.equal(make_noise((3, 2), 5, noise_device="gpu"), make_noise((3, 2), 5))
+
+
+@pytest.mark.parametrize("name", ["unipc", "dpm++", "euler"])
+def test_run_steps_keeps_the_end_of_the_schedule(name):
+    """run_steps = k: the last k steps of the full schedule (sigmas from index N − k, timesteps likewise)."""
+    full = make_solver(name, 5, 3.0)
+    for k in (1, 3, 5):
+        part = make_solver(name, 5, 3.0, run_steps=k)
+        assert part.steps == k
+        assert torch.equal(part.sigmas, full.sigmas[5 - k:]) and torch.equal(part.timesteps, full.timesteps[5 - k:])
+        assert len(part.sigmas) == k + 1 and float(part.sigmas[-1]) == 0.0
+
+
+@pytest.mark.parametrize("bad", [0, 6, -1, 2.0, True])
+def test_run_steps_out_of_range_refused(bad, raises_input):
+    with raises_input("steps to run", bad, "an integer between 1 and 5"):
+        make_solver("euler", 5, 3.0, run_steps=bad)
