@@ -21,7 +21,9 @@ M = 4·D MLP width, P = pt·ph·pw, B = 1):
                    + 2·(256·D + D²) per timestep embedder (time, guidance) + 2·(768·D + D²) (CLIP-L pooled)
 Norms, RoPE, gating and softmax (O(N·D)) are left out. A training step with checkpointing ≈ 3 forwards (forward,
 recompute, backward w.r.t. activations: the frozen base gets no weight gradient), 2 without; adapters (rank ≪ D)
-are left out.
+are left out. That convention (bench_training.py's) undercounts long clips: a flash-attention backward costs 2.5×
+its forward, so the memory simulator's FLOP meter counts 17.9 PFLOP for the 960×544×129 step, 4.19 forwards of
+4.29 PFLOP (its count of the 1280×720×129 forward, 12.07 PFLOP, is this formula's to 6 digits).
 """
 
 from __future__ import annotations
