@@ -29,7 +29,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from benchmarks.common import DTYPES, clip_size, sync as _sync  # noqa: E402
+
 DEFAULT_SIZE = {"tiny": (64, 64, 5)}   # real models: the official 832×480×81 clip (latent 21×60×104)
 
 
@@ -53,11 +54,6 @@ def build_random_model(name: str, device: torch.device, dtype: torch.dtype):
     return model.requires_grad_(False)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=["1.3B", "14B", "tiny"], default="1.3B")
@@ -73,10 +69,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--eval-sigmas", type=int, default=5, help="fixed timesteps of the timed eval loss (0: skip)")
     args = ap.parse_args(argv)
 
-    width, height, frames = DEFAULT_SIZE.get(args.model, (832, 480, 81))
-    width, height, frames = args.width or width, args.height or height, args.frames or frames
-    if width % 16 or height % 16 or (frames - 1) % 4:
-        ap.error("width and height must be multiples of 16 and frames of the form 4k+1")
+    width, height, frames = clip_size(ap, args, DEFAULT_SIZE.get(args.model, (832, 480, 81)))
     device = torch.device(args.device)
 
     import tempfile

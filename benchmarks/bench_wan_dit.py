@@ -31,10 +31,11 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from benchmarks.common import (DTYPES, clip_size, peak_matmul_tflops, print_rows,  # noqa: E402
+                               sync as _sync)
 from engine.families.wan.dit import WanConfig, build_wan_model, keep_fp32  # noqa: E402
 from engine.families.wan.presets import OFFICIAL, PRESETS, random_state_dict  # noqa: E402
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODELS = {"1.3B": OFFICIAL["t2v-1.3B"], "14B": OFFICIAL["t2v-14B"], "tiny": PRESETS["tiny-t2v"]}
 # Real models default to the official 480p clip; the tiny model to a clip small enough for a CPU.
 DEFAULT_SIZE = {"tiny": (128, 128, 9)}
@@ -52,26 +53,6 @@ def forward_flops(cfg: WanConfig, tokens: int, image_tokens: int = 0) -> dict[st
     linear = cfg.num_layers * per_block["linear"] + once
     attention = cfg.num_layers * per_block["attention"]
     return {"total": float(linear + attention), "attention": float(attention)}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
-    """Measured dense matmul throughput: n×n @ n×n, 2·n³ FLOPs per product."""
-    n, iters = (8192, 20) if device.type == "cuda" else (1024, 4)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        a @ b
-    _sync(device)
-    return 2 * n**3 * iters / (time.perf_counter() - start) / 1e12
 
 
 def build_random_model(cfg: WanConfig, device: torch.device, dtype: torch.dtype, backend: str):
@@ -96,10 +77,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--backend", default="sdpa", help="sdpa | sdpa_split | flash | sage | xformers")
     args = ap.parse_args(argv)
 
-    width, height, frames = DEFAULT_SIZE.get(args.model, (832, 480, 81))
-    width, height, frames = args.width or width, args.height or height, args.frames or frames
-    if width % 16 or height % 16 or (frames - 1) % 4:
-        ap.error("width and height must be multiples of 16 and frames of the form 4k+1")
+    width, height, frames = clip_size(ap, args, DEFAULT_SIZE.get(args.model, (832, 480, 81)))
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     cfg = dataclasses.replace(MODELS[args.model])
 
@@ -151,9 +129,7 @@ def main(argv=None) -> dict:
         (f"peak {args.dtype} matmul TFLOP/s", f"{peak:.3f}"),
         ("fraction of peak", f"{result['fraction_of_peak']:.2%}"),
     ]
-    width_col = max(len(r[0]) for r in rows)
-    for name, value in rows:
-        print(f"{name:<{width_col}}  {value}")
+    print_rows(rows)
     print("JSON " + json.dumps(result))
     return result
 

@@ -1,11 +1,13 @@
-"""Memory simulation of Wan training and inference at real shapes, on any machine (no GPU, no weights, no RAM).
+"""Memory simulation of Wan and HunyuanVideo training and inference at real shapes, on any machine (no GPU, no
+weights, no RAM).
 
     python benchmarks/sim_memory.py                                  # 1.3B and 14B grid at 832×480×81 (~10 min)
     python benchmarks/sim_memory.py --model 14B --task train --fp8 scaled --swap 0,20 --offload 1
     python benchmarks/sim_memory.py --model tiny --latent 2,8,8      # seconds
     python benchmarks/sim_memory.py --markdown docs/memory_tables.md  # also write the docs tables
+    python benchmarks/sim_memory.py --family hunyuan --model 13B --task train --fp8 scaled --swap 0,max --offload 1
 
-Runs the engine's own code — the Wan DiT with fp8 quantization, LoRA adapters (rank 32, fp32), gradient
+Runs the engine's own code — the Wan (default) or HunyuanVideo (`--family hunyuan`) DiT with fp8 quantization, LoRA adapters (rank 32, fp32), gradient
 checkpointing, activation offload, block swap and an AdamW step — under `FakeTensorMode`: tensors have shapes and
 devices but no data. The "GPU" is played by fake `cpu` tensors, host memory by fake `meta` tensors, and
 `engine.memory.meter.LiveMemoryMeter` counts every live storage on the "GPU" op by op. What it reports is exact for
@@ -16,6 +18,12 @@ attention workspaces and the CUDA context (~0.5–1 GB): budget 10–15 % + 1 GB
 Time: `engine.memory.timing.replay` replays the op-order timeline (FLOPs, host<->device copies, block-swap waits)
 on a modelled GPU (`GPU_MODELS`: assumed throughput and PCIe bandwidth) to estimate the swap/offload overhead
 (modelled step time ÷ pure compute time). Measured numbers come from `bench_memory.py` on a real card.
+
+HunyuanVideo: 16 latent channels (VAE 4×8×8, patch 1×2×2), 256 LLM text tokens × 4096 (all real: fake tensors have
+no data, so no padding is dropped — the most attention work) + CLIP-L pooled 768, the embedded guidance of the
+distilled T2V model; training goes through the family's `training_forward`, inference is one batch-1 forward (the
+distilled model needs no CFG pass). Its block lists (20 double + 40 single blocks) are swapped and checkpointed as
+one list of 60, through the same engine functions.
 
 One JSON line per configuration. Attention is PyTorch's flash kernel (memory linear in the sequence length), as
 on a GPU with SDPA, FlashAttention or SageAttention.
@@ -45,8 +53,123 @@ GB = 1e9
 
 
 @dataclass(frozen=True)
+class Family:
+    """What the simulator needs of a DiT family: its benchmark models, how to build one, its inputs and one call."""
+    display: str
+    models: dict                     # benchmark name -> official config name (tiny: a preset, see `config`)
+    config: object                   # name -> the family's config
+    num_blocks: object               # config -> blocks in swap/checkpoint order (all block lists)
+    build: object                    # (config, device) -> model
+    keep_fp32: object                # parameter name -> kept in float32 by the loader
+    inputs: object                   # (config, batch) -> dict of conditioning tensors on DEVICE
+    call: object                     # (model, inputs, x, t, train) -> prediction
+    cfg_batch: int                   # inference batch (2: cond + uncond batched; 1: guidance-distilled, no CFG)
+    latent: tuple                    # the default latent shape of the tables
+    swaps: str                       # the default --swap grid
+    default_models: str
+
+
+def _wan_config(name: str):
+    from engine.families.wan.presets import OFFICIAL, preset_config
+
+    if name == "tiny":
+        return dataclasses.replace(preset_config(MODELS[name]), num_layers=TINY_LAYERS)
+    return OFFICIAL[MODELS[name]]
+
+
+def _wan_build(config, device):
+    from engine.families.wan.dit import build_wan_model
+    return build_wan_model(config, device)
+
+
+def _wan_keep_fp32(name: str) -> bool:
+    from engine.families.wan.dit import keep_fp32
+    return keep_fp32(name)
+
+
+def _wan_inputs(config, batch: int) -> dict:
+    return {"context": torch.randn(batch, config.text_len, config.text_dim, device=DEVICE, dtype=torch.bfloat16)}
+
+
+def _wan_call(model, inputs: dict, x, t, train: bool):
+    return model(x, t, inputs["context"])
+
+
+HUNYUAN_MODELS = {"tiny": "tiny", "13B": "t2v-13B"}
+HUNYUAN_TEXT_TOKENS = 256    # Musubi Tuner's LLM text length for HunyuanVideo
+HUNYUAN_EMBEDDED_GUIDANCE = 6.0
+
+
+def _hunyuan_config(name: str):
+    from engine.families.hunyuan.presets import OFFICIAL, preset_config
+
+    if name == "tiny":   # 3 double + 3 single blocks: swapped blocks exist past the prefetch, in both lists
+        return dataclasses.replace(preset_config("tiny"), double_blocks=TINY_LAYERS // 2,
+                                   single_blocks=TINY_LAYERS - TINY_LAYERS // 2)
+    return OFFICIAL[HUNYUAN_MODELS[name]]
+
+
+def _hunyuan_build(config, device):
+    from engine.families.hunyuan.dit import build_hunyuan_model
+    return build_hunyuan_model(config, device)
+
+
+def _hunyuan_inputs(config, batch: int) -> dict:
+    return {"text_states": torch.randn(batch, HUNYUAN_TEXT_TOKENS, config.text_dim, device=DEVICE,
+                                       dtype=torch.bfloat16),
+            "text_mask": torch.ones(batch, HUNYUAN_TEXT_TOKENS, device=DEVICE, dtype=torch.bool),
+            "pooled": torch.randn(batch, config.text_pool_dim, device=DEVICE, dtype=torch.bfloat16)}
+
+
+def _hunyuan_call(model, inputs: dict, x, t, train: bool):
+    from engine.families.hunyuan.family import FAMILY
+    from engine.families.hunyuan.pipeline import GUIDANCE_EMBED_SCALE
+
+    if train:   # the trainer's own call (guidance 1.0 × 1000 on the distilled model)
+        pred, _ = FAMILY.training_forward(model, inputs, x, t, None)
+        return pred
+    guidance = None
+    if model.config.guidance_embed:
+        guidance = torch.full((x.shape[0],), HUNYUAN_EMBEDDED_GUIDANCE * GUIDANCE_EMBED_SCALE, device=DEVICE)
+    return model(x, t, inputs["text_states"], inputs["text_mask"], inputs["pooled"], guidance=guidance)
+
+
+FAMILIES = {
+    "wan": Family("Wan", MODELS, _wan_config, lambda c: c.num_layers, _wan_build, _wan_keep_fp32, _wan_inputs,
+                  _wan_call, cfg_batch=2, latent=(21, 60, 104), swaps="0,10,20,30,max", default_models="1.3B,14B"),
+    "hunyuan": Family("HunyuanVideo", HUNYUAN_MODELS, _hunyuan_config, lambda c: c.double_blocks + c.single_blocks,
+                      _hunyuan_build, lambda name: False, _hunyuan_inputs, _hunyuan_call, cfg_batch=1,
+                      latent=(33, 68, 120), swaps="0,20,40,50,max", default_models="13B"),
+}
+
+
+@contextlib.contextmanager
+def _fake_masks_all_real(family: str, fake: bool):
+    """Fake tensors have no data: HunyuanVideo's two host-side mask checks (`bool(mask.all())`, which decides
+    whether padded text keys are dropped, and the "one real token per prompt" check) would raise. During a fake
+    run they read True for fake tensors — every text token is real. The engine code runs otherwise unchanged."""
+    if family != "hunyuan" or not fake:
+        yield
+        return
+    import builtins
+
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    from engine.families.hunyuan import dit
+
+    def _bool(x=False):
+        return True if isinstance(x, FakeTensor) else builtins.bool(x)
+
+    dit.bool = _bool
+    try:
+        yield
+    finally:
+        del dit.bool
+
+
+@dataclass(frozen=True)
 class SimConfig:
-    model: str = "14B"                 # tiny | 1.3B | 14B
+    model: str = "14B"                 # tiny | 1.3B | 14B (HunyuanVideo: tiny | 13B)
     task: str = "train"                # train | infer
     fp8: str = "none"                  # none | e4m3 | scaled
     blocks_to_swap: int | str = 0      # an int or "max"
@@ -55,7 +178,8 @@ class SimConfig:
     rank: int = 32
     prefetch: int = 1
     placement: str = "spread"
-    cfg_batch: int = 2                 # inference: cond + uncond in one forward (the sampler's batch_cfg default)
+    cfg_batch: int | None = None       # inference batch; None: the family's (Wan 2: cond + uncond in one forward,
+                                       # the sampler's batch_cfg default; HunyuanVideo 1: guidance-distilled)
     steps: int = 1                     # optimizer state exists from the start, so one step is the steady state
     offload_non_blocks: bool = False   # with block swap: embeddings/head on the host between forwards
     optimizer: str = "adamw"           # adamw (two fp32 moments) | adamw8bit (two uint8 moments, bitsandbytes) |
@@ -68,37 +192,34 @@ class SimConfig:
                                        # file has) | float32 (the official release: they are kept in float32)
     optimizer_offload: bool = False    # AdamW's state on the host between optimizer steps
     composition: bool = False          # also list what the peak is made of (slower: snapshots the live storages)
+    family: str = "wan"                # wan | hunyuan
 
 
-def model_config(name: str):
-    """The Wan config of a benchmark model name (tiny gets 6 blocks, so swapped blocks exist past the prefetch)."""
-    from engine.families.wan.presets import OFFICIAL, preset_config
-
-    if name == "tiny":
-        return dataclasses.replace(preset_config(MODELS[name]), num_layers=TINY_LAYERS)
-    return OFFICIAL[MODELS[name]]
+def model_config(name: str, family: str = "wan"):
+    """The config of a benchmark model name (tiny gets 6 blocks, so swapped blocks exist past the prefetch)."""
+    return FAMILIES[family].config(name)
 
 
-def num_blocks(name: str) -> int:
-    return model_config(name).num_layers
+def num_blocks(name: str, family: str = "wan") -> int:
+    return FAMILIES[family].num_blocks(model_config(name, family))
 
 
-def resolve_swap(name: str, swap) -> int:
-    return num_blocks(name) - 1 if swap == "max" else int(swap)
+def resolve_swap(name: str, swap, family: str = "wan") -> int:
+    return num_blocks(name, family) - 1 if swap == "max" else int(swap)
 
 
 def _build_on_host(config, fp8: str, device=DEVICE, host=HOST, scale_dtype: str = "float32",
-                   source_dtype: str = "bf16"):
+                   source_dtype: str = "bf16", family: str = "wan"):
     """The model as the loader leaves it in host memory: bf16, the parameters the official code computes in float32
     in float32 unless the file has them in bf16 (`source_dtype`), fp8 targets quantized. Built (and quantized) on
     the simulated GPU, then moved to the host, like a fake load."""
     from engine.memory import move_to, quantize_model_fp8
-    from engine.families.wan.dit import build_wan_model, keep_fp32
 
+    keep_fp32 = FAMILIES[family].keep_fp32
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)   # Module.to() cannot swap fake parameters: build in the target dtype
     try:
-        model = build_wan_model(config, device)
+        model = FAMILIES[family].build(config, device)
     finally:
         torch.set_default_dtype(previous)
     for prefix, module in model.named_modules():
@@ -175,16 +296,17 @@ def simulate(cfg: SimConfig, fake: bool = True) -> dict:
     from engine.memory import move_to, set_block_checkpointing, swap_blocks
     from engine.memory.meter import LiveMemoryMeter
 
-    config = model_config(cfg.model)
-    n_swap = resolve_swap(cfg.model, cfg.blocks_to_swap)
+    fam = FAMILIES[cfg.family]
+    config = model_config(cfg.model, cfg.family)
+    n_swap = resolve_swap(cfg.model, cfg.blocks_to_swap, cfg.family)
     train = cfg.task == "train"
     host = HOST if fake else DEVICE
     if not fake and (n_swap or cfg.activation_offload):
         raise ValueError("a real (fake=False) run has no separate host memory: no block swap or activation offload")
     started = time.perf_counter()
     with (FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()), \
-            LiveMemoryMeter(DEVICE, snapshot_peak=cfg.composition) as meter:
-        model = _build_on_host(config, cfg.fp8, DEVICE, host, cfg.fp8_scale_dtype, cfg.source_dtype)
+            LiveMemoryMeter(DEVICE, snapshot_peak=cfg.composition) as meter, _fake_masks_all_real(cfg.family, fake):
+        model = _build_on_host(config, cfg.fp8, DEVICE, host, cfg.fp8_scale_dtype, cfg.source_dtype, cfg.family)
         set_block_checkpointing(model, train, offload=train and cfg.activation_offload, host=str(host),
                                 saved_dtype=torch.bfloat16 if cfg.checkpoint_dtype == "compute" else None,
                                 prefetch=cfg.offload_prefetch)
@@ -205,9 +327,9 @@ def simulate(cfg: SimConfig, fake: bool = True) -> dict:
                                     offload=cfg.optimizer_offload and host != DEVICE)
 
         f, h, w = cfg.latent
-        batch = 1 if train else cfg.cfg_batch
+        batch = 1 if train else (cfg.cfg_batch or fam.cfg_batch)
         x0 = torch.randn(batch, 16, f, h, w, device=DEVICE)
-        context = torch.randn(batch, config.text_len, config.text_dim, device=DEVICE, dtype=torch.bfloat16)
+        inputs = fam.inputs(config, batch)
         t = torch.full((batch,), 500.0, device=DEVICE)
         meter.reset_peak()
         for _ in range(cfg.steps):
@@ -216,7 +338,7 @@ def simulate(cfg: SimConfig, fake: bool = True) -> dict:
                 noise = torch.randn_like(x0)
                 x_t = 0.5 * x0 + 0.5 * noise
                 with torch.autocast("cpu", dtype=torch.bfloat16):
-                    pred = model(x_t, t, context)
+                    pred = fam.call(model, inputs, x_t, t, True)
                 loss = torch.nn.functional.mse_loss(pred.float(), noise - x0)
                 loss.backward()
                 del pred, loss, x_t, noise
@@ -225,12 +347,13 @@ def simulate(cfg: SimConfig, fake: bool = True) -> dict:
                 net.zero_grad(set_to_none=True)
             else:
                 with torch.no_grad():
-                    model(x0, t, context)
+                    fam.call(model, inputs, x0, t, False)
         report = meter.report()
         if swapper is not None:
             swapper.detach(device=host)
 
     return {
+        **({"family": cfg.family} if cfg.family != "wan" else {}),
         "model": cfg.model, "task": cfg.task, "fp8": cfg.fp8, "blocks_to_swap": n_swap,
         "activation_offload": bool(train and cfg.activation_offload),
         "checkpoint_dtype": cfg.checkpoint_dtype if train else None,
@@ -284,15 +407,25 @@ def public(row: dict) -> dict:
 
 # --- the docs tables ----------------------------------------------------------------------------------------------
 
+def row_family(row: dict) -> str:
+    return row.get("family", "wan")   # Wan rows carry no family key (their output predates the option)
+
+
+def _models(rows: list[dict]) -> list[tuple[str, str]]:
+    """(family, model) pairs of the rows, in the families' and their MODELS' order."""
+    pairs = {(row_family(r), r["model"]) for r in rows}
+    return sorted(pairs, key=lambda fm: (list(FAMILIES).index(fm[0]), list(FAMILIES[fm[0]].models).index(fm[1])))
+
+
 def markdown_tables(rows: list[dict], gpus: dict) -> str:
     lines = []
-    for model in sorted({r["model"] for r in rows}, key=lambda m: list(MODELS).index(m)):
+    for family, model in _models(rows):
         for task in ("train", "infer"):
-            sel = [r for r in rows if r["model"] == model and r["task"] == task]
+            sel = [r for r in rows if row_family(r) == family and r["model"] == model and r["task"] == task]
             if not sel:
                 continue
             what = "LoRA rank 32 training step" if task == "train" else f"inference forward (batch {sel[0]['batch']})"
-            lines += [f"### Wan {model}, {what}, latent {'×'.join(map(str, sel[0]['latent']))} "
+            lines += [f"### {FAMILIES[family].display} {model}, {what}, latent {'×'.join(map(str, sel[0]['latent']))} "
                       f"({sel[0]['tokens']} tokens)", "",
                       "| fp8 | swap | act. offload | non-block offload | optimizer | saved inputs | peak GB | "
                       "weights GB | host GB (swap + act.) | H2D GB/step | "
@@ -331,11 +464,12 @@ def ram_budget_gb(memory_gb: float) -> float:
     return 2 * memory_gb + 16
 
 
-def recommend(rows: list[dict], memory_gb: float, model: str, task: str) -> dict | None:
+def recommend(rows: list[dict], memory_gb: float, model: str, task: str, family: str = "wan") -> dict | None:
     """The setting to use on a card of `memory_gb`: among the simulated rows that fit (`fits`) and whose host RAM
     fits `ram_budget_gb`, the best weight quality, then the fewest swapped blocks, then no activation offload,
     then the default optimizer."""
-    fitting = [r for r in rows if r["model"] == model and r["task"] == task and fits(r, memory_gb)
+    fitting = [r for r in rows if row_family(r) == family and r["model"] == model and r["task"] == task
+               and fits(r, memory_gb)
                and host_gb(r) <= ram_budget_gb(memory_gb)]
     if not fitting:
         return None
@@ -358,17 +492,18 @@ def describe(r: dict) -> str:
 def recommendation_table(rows: list[dict], overhead_key: str = "rtx4090-24") -> str:
     """GPU memory -> setting per model and task, for the rows of one latent shape. A grid without swap-0 rows for
     some column only answers for cards up to 24 GB (bigger cards would want less swap than it has)."""
-    models = sorted({r["model"] for r in rows}, key=lambda m: list(MODELS).index(m))
-    cols = [(m, t) for m in models for t in ("train", "infer") if any(r["model"] == m and r["task"] == t for r in rows)]
-    complete = all(any(r["model"] == m and r["task"] == t and r["blocks_to_swap"] == 0 for r in rows)
-                   for m, t in cols)
+    def of(f, m, t):
+        return [r for r in rows if row_family(r) == f and r["model"] == m and r["task"] == t]
+
+    cols = [(f, m, t) for f, m in _models(rows) for t in ("train", "infer") if of(f, m, t)]
+    complete = all(any(r["blocks_to_swap"] == 0 for r in of(f, m, t)) for f, m, t in cols)
     cards = CARDS_GB if complete else tuple(gb for gb in CARDS_GB if gb <= 24)
-    lines = ["| GPU memory | " + " | ".join(f"Wan {m} {'training' if t == 'train' else 'inference'}" for m, t in cols)
-             + " |", "|---|" + "---|" * len(cols)]
+    lines = ["| GPU memory | " + " | ".join(f"{FAMILIES[f].display} {m} {'training' if t == 'train' else 'inference'}"
+                                          for f, m, t in cols) + " |", "|---|" + "---|" * len(cols)]
     for gb in cards:
         cells = []
-        for m, t in cols:
-            r = recommend(rows, gb, m, t)
+        for f, m, t in cols:
+            r = recommend(rows, gb, m, t, f)
             cells.append("does not fit" if r is None else
                          f"{describe(r)} ({r['peak_gb']:.1f} GB, host {host_gb(r):.0f} GB, "
                          f"{r.get(f'overhead_{overhead_key}', 1.0):.2f}×)")
@@ -378,14 +513,16 @@ def recommendation_table(rows: list[dict], overhead_key: str = "rtx4090-24") -> 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="1.3B,14B")
+    p.add_argument("--family", default="wan", choices=list(FAMILIES))
+    p.add_argument("--model", default=None, help="default: the family's (Wan 1.3B,14B; HunyuanVideo 13B)")
     p.add_argument("--task", default="train,infer")
     p.add_argument("--fp8", default="none,scaled")
-    p.add_argument("--swap", default="0,10,20,30,max")
+    p.add_argument("--swap", default=None, help="default: Wan 0,10,20,30,max; HunyuanVideo 0,20,40,50,max")
     p.add_argument("--offload", default="0,1", help="activation offload settings to try for training: 0, 1 or 0,1")
     p.add_argument("--non-blocks", default="0", help="offload_non_blocks settings for rows with swap: 0, 1 or 0,1")
     p.add_argument("--optimizer", default="adamw", help="training optimizers: adamw, adamw8bit or both")
-    p.add_argument("--latent", default="21,60,104")
+    p.add_argument("--latent", default=None, help="default: Wan 21,60,104 (832×480×81); HunyuanVideo 33,68,120 "
+                                                  "(960×544×129)")
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--checkpoint-dtype", default="compute", help="training: compute (bf16), float32 or both")
     p.add_argument("--fp8-scale-dtype", default="float32", help="fp8 block scales: float32 or bf16")
@@ -408,13 +545,14 @@ def main(argv=None) -> list[dict]:
         if args.markdown:
             write_markdown(args.markdown, rows, gpus)
         return rows
-    latent = tuple(int(v) for v in args.latent.split(","))
+    fam = FAMILIES[args.family]
+    latent = tuple(int(v) for v in args.latent.split(",")) if args.latent else fam.latent
     rows = []
-    for model in args.model.split(","):
+    for model in (args.model or fam.default_models).split(","):
         swaps = []
-        for s in args.swap.split(","):
-            n = resolve_swap(model, s)
-            if n <= num_blocks(model) - 1 and n not in swaps:
+        for s in (args.swap or fam.swaps).split(","):
+            n = resolve_swap(model, s, args.family)
+            if n <= num_blocks(model, args.family) - 1 and n not in swaps:
                 swaps.append(n)
         for task in args.task.split(","):
             for fp8 in args.fp8.split(","):
@@ -430,7 +568,8 @@ def main(argv=None) -> list[dict]:
                                                  optimizer=opt, latent=latent, steps=args.steps,
                                                  checkpoint_dtype=cd, composition=args.composition,
                                                  fp8_scale_dtype=args.fp8_scale_dtype,
-                                                 source_dtype=args.source_dtype, optimizer_offload=oo == "1"))
+                                                 source_dtype=args.source_dtype, optimizer_offload=oo == "1",
+                                                 family=args.family))
                         add_timing(row, gpus)
                         rows.append(row)
                         print(json.dumps(public(row)), flush=True)

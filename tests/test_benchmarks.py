@@ -11,12 +11,13 @@ from comfy_harness import REPO_ROOT
 
 BENCHES = {
     "bench_wan_dit.py": ["--model", "tiny", "--device", "cpu", "--steps", "2"],
+    "bench_hunyuan_dit.py": ["--model", "tiny", "--device", "cpu", "--steps", "1"],
     "bench_wan_vae.py": ["--device", "cpu"],
     "bench_training.py": ["--model", "tiny", "--device", "cpu"],
     "bench_dataset.py": ["--videos", "2", "--frames", "9", "--size", "64x48"],
     "bench_memory.py": ["--device", "cpu", "--model", "tiny"],
 }
-KEYS = {"bench_wan_dit.py": "s_per_step", "bench_wan_vae.py": "decode_s", "bench_training.py": "s_per_step",
+KEYS = {"bench_wan_dit.py": "s_per_step", "bench_hunyuan_dit.py": "s_per_train_step", "bench_wan_vae.py": "decode_s", "bench_training.py": "s_per_step",
         "bench_dataset.py": "clips_per_s", "bench_memory.py": "s_per_step"}
 
 
@@ -33,3 +34,36 @@ def test_benchmark_runs_on_cpu_and_reports_json(script):
     if script == "bench_memory.py":   # the default grid has both tasks, with and without swap
         assert {(row["task"], row["blocks_to_swap"] > 0) for row in rows} == \
             {("train", False), ("train", True), ("infer", False), ("infer", True)}, rows
+    if script == "bench_hunyuan_dit.py":   # the sampling forward is timed too, and the FLOPs add up
+        assert rows[0]["s_per_forward"] > 0 and rows[0]["tokens"] == 2 * 4 * 4, rows
+        assert rows[0]["tflop_per_train_step"] == pytest.approx(3 * rows[0]["gflop_per_forward"] / 1e3), rows
+
+
+def _load_bench(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("guidance", [True, False])
+def test_hunyuan_benchmark_flop_count_matches_torch_for_every_linear_and_conv(guidance):
+    """bench_hunyuan_dit's analytic FLOPs minus attention (FlopCounterMode does not see CPU SDPA) equal what torch
+    counts for every Linear/Conv3d of a real tiny forward, with and without the guidance embedder."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    bench = _load_bench("bench_hunyuan_dit")
+    model = bench.build_random_model(bench.MODELS["tiny"], torch.device("cpu"), torch.float32, "sdpa", "none")
+    cfg = model.config
+    x = torch.randn(1, 16, 3, 8, 12)
+    text = torch.randn(1, bench.TEXT_TOKENS, cfg.text_dim)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x, torch.tensor([500.0]), text, None, torch.randn(1, cfg.text_pool_dim),
+              guidance=torch.tensor([6000.0]) if guidance else None)
+    flops = bench.forward_flops(cfg, tokens=3 * 4 * 6, guidance=guidance)
+    assert counter.get_total_flops() == flops["total"] - flops["attention"]
+    n = 3 * 4 * 6 + bench.TEXT_TOKENS
+    assert flops["attention"] == 4 * (4 * n**2 * 64) + 2 * 4 * bench.TEXT_TOKENS**2 * 64
