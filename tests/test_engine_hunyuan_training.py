@@ -80,6 +80,19 @@ def test_block_swap_over_both_lists_and_checkpointing_train_the_same_losses(tmp_
     swapper.detach("cpu")
 
 
+def test_token_chunked_blocks_train_the_same_losses(tmp_path):
+    """The double blocks' image MLP and the single blocks' linear2 part run over token chunks in training (their
+    wide activations are the largest at real sizes): the same losses, with block swap and checkpointing too."""
+    plain = make(tmp_path / "plain", 4, checkpointing=False).train_steps(4)
+    model = tiny()
+    for block in blocks_of(model):
+        block.train_chunk_tokens = 3            # 4 image (+ 4-5 text) tokens: several chunks
+    swapper = swap_blocks(model, 3, "cpu", transfer=FakeTransfer())
+    chunked = make(tmp_path / "chunked", 4, model=model).train_steps(4)
+    torch.testing.assert_close(torch.tensor(chunked), torch.tensor(plain), rtol=1e-5, atol=1e-7)
+    swapper.detach("cpu")
+
+
 def test_training_forward_feeds_guidance_times_1000_and_i2v_first_frame(tmp_path):
     seen = []
     model = tiny()

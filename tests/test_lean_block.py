@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from engine.errors import MusubiInputError
-from engine.families.wan import ops
+from engine.memory import lean_ops as ops
 from engine.families.wan.dit import WanLayerNorm, apply_rope, rope_cos_sin
 from engine.families.wan.loader import load_wan_dit
 from engine.lora.adapters import AdapterConfig, AdapterNetwork

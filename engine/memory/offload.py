@@ -31,6 +31,7 @@ from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
 from .recompute import declare_upcast, recompute_scope
+from .replay import autocast_state, enter_autocast, replayed_rng, rng_state
 
 
 @dataclass
@@ -90,28 +91,6 @@ class _Call:
         return self.block(x, *args, **kwargs)   # as a module: forward hooks (block swap) fire
 
 
-def _autocast_state(device_type: str) -> list[tuple[str, bool, torch.dtype, bool]]:
-    types = ["cpu"] + ([device_type] if device_type not in ("cpu", "meta") else [])
-    cache = torch.is_autocast_cache_enabled()
-    return [(t, torch.is_autocast_enabled(t), torch.get_autocast_dtype(t), cache) for t in types]
-
-
-@contextlib.contextmanager
-def _replayed_rng(cpu_state: torch.Tensor, cuda_states: dict[int, torch.Tensor]) -> Iterator[None]:
-    """Set the RNG state captured in forward; give the caller's state back afterwards."""
-    saved_cpu = torch.get_rng_state()
-    saved_cuda = {d: torch.cuda.get_rng_state(d) for d in cuda_states}
-    torch.set_rng_state(cpu_state)
-    for d, s in cuda_states.items():
-        torch.cuda.set_rng_state(s, d)
-    try:
-        yield
-    finally:
-        torch.set_rng_state(saved_cpu)
-        for d, s in saved_cuda.items():
-            torch.cuda.set_rng_state(s, d)
-
-
 class _Saved:
     """The kept copy of one block's input, and (with prefetch) its copy back to the device started early."""
 
@@ -163,12 +142,8 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call: _Call, anchor: torch.Tensor, x: torch.Tensor, *leaves: torch.Tensor):
         ctx.call, ctx.device = call, x.device
-        ctx.autocast = _autocast_state(x.device.type)
-        ctx.cpu_rng = torch.get_rng_state()
-        ctx.cuda_rng = {}
-        if torch.cuda.is_initialized():
-            for d in sorted({t.device.index for t in (x, *leaves) if t.is_cuda}):
-                ctx.cuda_rng[d] = torch.cuda.get_rng_state(d)
+        ctx.autocast = autocast_state(x.device.type)
+        ctx.rng = rng_state((x, *leaves))
         ctx.dtype = x.dtype
         saved_dtype = call.saved_dtype or x.dtype
         ctx.pinned, ctx.event = False, None
@@ -230,9 +205,8 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             call.stats.tensors_restored += 1
         leaves = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, need_leaves)]
         with contextlib.ExitStack() as stack:
-            stack.enter_context(_replayed_rng(ctx.cpu_rng, ctx.cuda_rng))
-            for device_type, enabled, dtype, cache in ctx.autocast:
-                stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=cache))
+            stack.enter_context(replayed_rng(*ctx.rng))
+            enter_autocast(stack, ctx.autocast)
             if call.recompute_cheap:
                 stack.enter_context(recompute_scope())
             with torch.enable_grad():

@@ -31,6 +31,8 @@ import torch.nn.functional as F
 
 from ...attention import BACKENDS, attention
 from ...errors import invalid
+from ...memory.chunked import chunked
+from ...memory.lean_ops import rms_norm, rope
 
 FREQ_DIM = 256             # sinusoidal timestep features (time_in, guidance_in, the refiner's t_embedder)
 
@@ -112,10 +114,7 @@ def rope_cos_sin(grid: tuple[int, int, int], rope_dims: tuple[int, int, int], th
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate [B, Li, N, d] by the tables; adjacent channels (2i, 2i+1) form one complex number (official layout)."""
-    pairs = x.float().unflatten(-1, (-1, 2))            # [B, Li, N, d/2, 2]
-    re, im = pairs[..., 0], pairs[..., 1]
-    out = torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1)
-    return out.flatten(-2).to(x.dtype)
+    return rope(x, cos, sin)   # (re·cos − im·sin, re·sin + im·cos) in float32, without its float32 temporaries
 
 
 def unpatchify(x: torch.Tensor, grid: tuple[int, int, int], patch: tuple[int, int, int], out_channels: int
@@ -171,9 +170,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-        return normed * self.weight.to(x.dtype)
+        # = (x.float() * rsqrt(mean(x.float()²) + eps)).to(x.dtype) * weight.to(x.dtype), without keeping x.float()
+        return rms_norm(x, self.weight.to(x.dtype), self.eps)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -336,6 +334,7 @@ class MMDoubleStreamBlock(nn.Module):
         self.txt_attn_proj = nn.Linear(d, d)
         self.txt_mlp = MLP(d, cfg.mlp_hidden, nn.GELU(approximate="tanh"))
         self.attention_backend = "sdpa"
+        self.train_chunk_tokens = 16384
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor,
                 rope: tuple[torch.Tensor, torch.Tensor], keys) -> tuple[torch.Tensor, torch.Tensor]:
@@ -356,10 +355,17 @@ class MMDoubleStreamBlock(nn.Module):
         img_attn, txt_attn = attn[:, : img.shape[1]], attn[:, img.shape[1]:]
 
         img = img + self.img_attn_proj(img_attn) * i_gate1[:, None]
-        img = img + self.img_mlp(modulate(layer_norm(img, self.eps), i_shift2, i_scale2)) * i_gate2[:, None]
+        # token-wise: in training chunked over image tokens (the [Li, mlp] activations and their gradients are the
+        # block's largest tensors)
+        img = chunked(self._img_mlp, (img,), (i_shift2, i_scale2, i_gate2), (self.img_mlp,),
+                      chunk=self.train_chunk_tokens)
         txt = txt + self.txt_attn_proj(txt_attn) * t_gate1[:, None]
         txt = txt + self.txt_mlp(modulate(layer_norm(txt, self.eps), t_shift2, t_scale2)) * t_gate2[:, None]
         return img, txt
+
+    def _img_mlp(self, img: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, gate: torch.Tensor
+                 ) -> torch.Tensor:
+        return img + self.img_mlp(modulate(layer_norm(img, self.eps), shift, scale)) * gate[:, None]
 
 
 class MMSingleStreamBlock(nn.Module):
@@ -375,6 +381,7 @@ class MMSingleStreamBlock(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.eps)
         self.modulation = Modulation(d, 3)
         self.attention_backend = "sdpa"
+        self.train_chunk_tokens = 16384
 
     def forward(self, x: torch.Tensor, vec: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], keys
                 ) -> torch.Tensor:
@@ -388,6 +395,11 @@ class MMSingleStreamBlock(nn.Module):
         q = torch.cat([apply_rope(q[:, :li], *rope), q[:, li:]], dim=1)
         k = torch.cat([apply_rope(k[:, :li], *rope), k[:, li:]], dim=1)
         attn = masked_attention(q, k, v, keys, self.attention_backend).flatten(2)
+        # token-wise from here: in training, chunked over tokens (the [L, D + mlp] linear2 input and its gradients
+        # are the block's largest tensors)
+        return chunked(self._output, (x, attn, mlp), (gate,), (self.linear2,), chunk=self.train_chunk_tokens)
+
+    def _output(self, x: torch.Tensor, attn: torch.Tensor, mlp: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         out = self.linear2(torch.cat([attn, F.gelu(mlp, approximate="tanh")], dim=-1))
         return x + out * gate[:, None]
 

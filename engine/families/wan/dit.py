@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ...attention import BACKENDS, attention
 from ...errors import invalid
 from ...memory.recompute import recomputable
-from .ops import gated_residual, layer_norm_to, rms_norm, rope
+from ...memory.lean_ops import gated_residual, layer_norm_to, rms_norm, rope
 
 CLIP_TOKENS = 257          # CLIP ViT-H/14 penultimate tokens per image (256 patches + class token)
 ROPE_THETA = 10000.0

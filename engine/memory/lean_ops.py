@@ -1,9 +1,10 @@
-"""Memory-lean versions of Wan block ops, for training.
+"""Memory-lean versions of common DiT block ops (q/k RMSNorm, RoPE, modulated LayerNorm, gated residual), for
+training.
 
 With gradient checkpointing, what one block saves for backward is the activation memory of a training step; at
-Wan 14B, 832×480×81 (32 760 tokens) every float32 [L, 5120] tensor is 0.67 GB. Autograd saves only what the inputs
-that need gradients require, so in LoRA training (frozen modulation, norms and base weights) most of the block's
-float32 expressions save nothing big. The exceptions handled here:
+Wan 14B, 832×480×81 (32 760 tokens; the examples below are Wan's) every float32 [L, 5120] tensor is 0.67 GB.
+Autograd saves only what the inputs that need gradients require, so in LoRA training (frozen modulation, norms and
+base weights) most of the block's float32 expressions save nothing big. The exceptions handled here:
 
 * `rms_norm` (q/k normalisation, three per block): plain autograd keeps `x.float()` (fp32) for the backward of
   `pow`/`mul`; this Function keeps the bf16 input and the per-token 1/rms and recomputes the rest: 1 GB less per
@@ -77,7 +78,7 @@ class _RMSNorm(torch.autograd.Function):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """`(normalize(x.float()).to(x.dtype) * weight).to(x.dtype)` over the last dim (Wan's q/k RMSNorm)."""
+    """`(normalize(x.float()).to(x.dtype) * weight).to(x.dtype)` over the last dim (a q/k RMSNorm)."""
     if not _needs_graph(x, weight):
         return _rms_norm_plain(x, weight, eps)
     return _RMSNorm.apply(x, weight, eps)
@@ -175,7 +176,7 @@ class _NormTo(torch.autograd.Function):
 
 def norm_to(norm, x: torch.Tensor, dtype: torch.dtype, shift: torch.Tensor | None = None,
             scale: torch.Tensor | None = None) -> torch.Tensor:
-    """`((norm(x) * (1 + scale) + shift) if scale/shift given else norm(x)).to(dtype)` for a Wan LayerNorm module
+    """`((norm(x) * (1 + scale) + shift) if scale/shift given else norm(x)).to(dtype)` for a LayerNorm module
     (float32 normalization, optional affine weight/bias), bit-identical to that expression. In training it keeps
     x, mean and rstd like the plain graph, without its float32 intermediates."""
     return layer_norm_to(x, norm.weight, norm.bias, norm.eps, dtype, shift, scale)

@@ -1,11 +1,11 @@
-"""Memory-lean training ops: Wan's q/k RMSNorm (engine/families/wan/ops.py) and the fp8 Linear's autograd Function:
+"""Memory-lean training ops: the q/k RMSNorm (engine/memory/lean_ops.py) and the fp8 Linear's autograd Function:
 same forward bit for bit, same gradients, less saved for backward."""
 
 import pytest
 import torch
 
 from engine.memory.fp8 import Fp8Linear, dequantize_weight, quantize_weight
-from engine.families.wan import ops
+from engine.memory import lean_ops as ops
 
 
 def _plain_rms(x, w, eps):
