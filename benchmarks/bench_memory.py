@@ -1,6 +1,7 @@
-"""Memory-engine benchmark: Wan DiT with random weights, block swap × fp8 mode × training/inference.
+"""Memory-engine benchmark: a Wan or HunyuanVideo DiT with random weights, block swap × fp8 × training/inference.
 
-    python benchmarks/bench_memory.py                        # GPU: 1.3B and 14B at 832×480×81 (latent 21×60×104)
+    python benchmarks/bench_memory.py                        # GPU: Wan 1.3B and 14B at 832×480×81 (latent 21×60×104)
+    python benchmarks/bench_memory.py --family hunyuan       # GPU: HunyuanVideo 13B at 960×544×129 (latent 33×68×120)
     python benchmarks/bench_memory.py --device cpu --model tiny   # quick CPU smoke run, same output format
 
 One JSON line per configuration: seconds per step, peak device memory, host (pinned) memory held by block swap,
@@ -25,17 +26,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from benchmarks.sim_memory import model_config  # noqa: E402  (one list of models for measurement and simulation)
+from benchmarks.sim_memory import FAMILIES  # noqa: E402  (one list of models for measurement and simulation)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
-    p.add_argument("--model", default="1.3B,14B", help="comma list of tiny, 1.3B, 14B")
+    p.add_argument("--family", default="wan", choices=list(FAMILIES))
+    p.add_argument("--model", default=None, help="comma list (Wan: tiny, 1.3B, 14B; HunyuanVideo: tiny, 13B); "
+                                                 "default: the family's full-size models")
     p.add_argument("--task", default="train,infer")
-    p.add_argument("--swap", default=None, help="comma list of block counts or 'max' (default 0,10,20,30,max; tiny: 0,2,4,max)")
+    p.add_argument("--swap", default=None, help="comma list of block counts or 'max' (default: the family's grid; "
+                                                "tiny: 0,2,4,max)")
     p.add_argument("--fp8", default="none,e4m3,scaled")
-    p.add_argument("--latent", default=None, help="F,H,W of the latent (default 21,60,104; tiny: 2,8,8)")
+    p.add_argument("--latent", default=None, help="F,H,W of the latent (default: the family's; tiny: 2,8,8)")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--rank", type=int, default=32)
@@ -70,12 +74,12 @@ def h2d_bandwidth(device, nbytes=256 << 20) -> float | None:
     return 5 * nbytes / (time.perf_counter() - t0)
 
 
-def build_model(name: str, fp8: str):
+def build_model(family: str, name: str, fp8: str):
     """Random-weight bf16 model on the CPU (fp8-quantized if asked)."""
     from engine.memory import quantize_model_fp8
-    from engine.families.wan.dit import build_wan_model
 
-    model = build_wan_model(model_config(name), "meta").to_empty(device="cpu")
+    fam = FAMILIES[family]
+    model = fam.build(fam.config(name), "meta").to_empty(device="cpu")
     torch.manual_seed(0)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -90,24 +94,24 @@ def build_model(name: str, fp8: str):
     return model
 
 
-def make_inputs(model, latent, device):
-    cfg = model.config
+def make_inputs(family: str, model, latent, device):
     f, h, w = latent
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 16, f, h, w, generator=g).to(device, torch.bfloat16)
-    ctx = torch.randn(1, cfg.text_len, cfg.text_dim, generator=g).to(device, torch.bfloat16)
-    return x, torch.tensor([500.0], device=device), ctx
+    torch.manual_seed(0)
+    x = torch.randn(1, 16, f, h, w).to(device, torch.bfloat16)
+    return x, torch.tensor([500.0], device=device), FAMILIES[family].inputs(model.config, 1, device)
 
 
 def run_config(model, name, task, swap, fp8, latent, args, device, bandwidth, offload=False, non_blocks=False):
+    from engine.families import blocks_of
     from engine.lora.adapters import AdapterConfig, AdapterNetwork
     from engine.memory import move_to, pinned_bytes_in_use, set_block_checkpointing, swap_blocks
 
-    n_blocks = len(model.blocks)
+    call = FAMILIES[args.family].call
+    n_blocks = len(blocks_of(model))
     n_swap = n_blocks - 1 if swap == "max" else int(swap)
     offload = offload and task == "train"
     non_blocks = non_blocks and n_swap > 0
-    row = {"model": name, "task": task, "fp8": fp8, "blocks_to_swap": n_swap, "activation_offload": offload,
+    row = {"family": args.family, "model": name, "task": task, "fp8": fp8, "blocks_to_swap": n_swap, "activation_offload": offload,
            "offload_non_blocks": non_blocks, "latent": list(latent), "device": str(device),
            "checkpoint_dtype": args.checkpoint_dtype if task == "train" else None}
     if n_swap > n_blocks - 1:
@@ -124,7 +128,7 @@ def run_config(model, name, task, swap, fp8, latent, args, device, bandwidth, of
             swapper = swap_blocks(model, n_swap, device, prefetch=args.prefetch, offload_non_blocks=non_blocks)
         else:
             move_to(model, device)
-        x, t, ctx = make_inputs(model, latent, device)
+        x, t, inputs = make_inputs(args.family, model, latent, device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
@@ -136,13 +140,13 @@ def run_config(model, name, task, swap, fp8, latent, args, device, bandwidth, of
             t0 = time.perf_counter()
             if task == "train":
                 with torch.autocast(device.type, dtype=torch.bfloat16):   # the trainer's mixed precision
-                    pred = model(x, t, ctx)
+                    pred = call(model, inputs, x, t, True)
                 pred.float().pow(2).mean().backward()
                 del pred
                 net.zero_grad(set_to_none=True)
             else:
                 with torch.no_grad():
-                    model(x, t, ctx)
+                    call(model, inputs, x, t, False)
             sync(device)
             if step >= args.warmup:
                 times.append(time.perf_counter() - t0)
@@ -178,7 +182,7 @@ def simulated_peak(row: dict, args) -> int:
                         activation_offload=row["activation_offload"], offload_non_blocks=row["offload_non_blocks"],
                         latent=tuple(row["latent"]), rank=args.rank, prefetch=args.prefetch, cfg_batch=1,
                         steps=1 if row["task"] == "infer" else 2, optimizer="none",
-                        checkpoint_dtype=args.checkpoint_dtype)
+                        checkpoint_dtype=args.checkpoint_dtype, family=row["family"])
     return int(sim.simulate(cfg)["peak_gb"] * sim.GB)
 
 
@@ -186,12 +190,13 @@ def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
     bandwidth = h2d_bandwidth(device)
-    for name in args.model.split(","):
+    fam = FAMILIES[args.family]
+    for name in (args.model or fam.default_models).split(","):
         latent = tuple(int(v) for v in args.latent.split(",")) if args.latent else \
-            ((2, 8, 8) if name == "tiny" else (21, 60, 104))
-        swaps = args.swap or ("0,2,4,max" if name == "tiny" else "0,10,20,30,max")
+            ((2, 8, 8) if name == "tiny" else fam.latent)
+        swaps = args.swap or ("0,2,4,max" if name == "tiny" else fam.swaps)
         for fp8 in args.fp8.split(","):
-            model = build_model(name, fp8)
+            model = build_model(args.family, name, fp8)
             baseline: dict[str, float] = {}
             for task in args.task.split(","):
                 for swap in swaps.split(","):

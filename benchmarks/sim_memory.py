@@ -61,7 +61,7 @@ class Family:
     num_blocks: object               # config -> blocks in swap/checkpoint order (all block lists)
     build: object                    # (config, device) -> model
     keep_fp32: object                # parameter name -> kept in float32 by the loader
-    inputs: object                   # (config, batch) -> dict of conditioning tensors on DEVICE
+    inputs: object                   # (config, batch, device) -> dict of conditioning tensors
     call: object                     # (model, inputs, x, t, train) -> prediction
     cfg_batch: int                   # inference batch (2: cond + uncond batched; 1: guidance-distilled, no CFG)
     latent: tuple                    # the default latent shape of the tables
@@ -87,8 +87,8 @@ def _wan_keep_fp32(name: str) -> bool:
     return keep_fp32(name)
 
 
-def _wan_inputs(config, batch: int) -> dict:
-    return {"context": torch.randn(batch, config.text_len, config.text_dim, device=DEVICE, dtype=torch.bfloat16)}
+def _wan_inputs(config, batch: int, device=DEVICE) -> dict:
+    return {"context": torch.randn(batch, config.text_len, config.text_dim, device=device, dtype=torch.bfloat16)}
 
 
 def _wan_call(model, inputs: dict, x, t, train: bool):
@@ -114,11 +114,11 @@ def _hunyuan_build(config, device):
     return build_hunyuan_model(config, device)
 
 
-def _hunyuan_inputs(config, batch: int) -> dict:
-    return {"text_states": torch.randn(batch, HUNYUAN_TEXT_TOKENS, config.text_dim, device=DEVICE,
+def _hunyuan_inputs(config, batch: int, device=DEVICE) -> dict:
+    return {"text_states": torch.randn(batch, HUNYUAN_TEXT_TOKENS, config.text_dim, device=device,
                                        dtype=torch.bfloat16),
-            "text_mask": torch.ones(batch, HUNYUAN_TEXT_TOKENS, device=DEVICE, dtype=torch.bool),
-            "pooled": torch.randn(batch, config.text_pool_dim, device=DEVICE, dtype=torch.bfloat16)}
+            "text_mask": torch.ones(batch, HUNYUAN_TEXT_TOKENS, device=device, dtype=torch.bool),
+            "pooled": torch.randn(batch, config.text_pool_dim, device=device, dtype=torch.bfloat16)}
 
 
 def _hunyuan_call(model, inputs: dict, x, t, train: bool):
@@ -130,7 +130,8 @@ def _hunyuan_call(model, inputs: dict, x, t, train: bool):
         return pred
     guidance = None
     if model.config.guidance_embed:
-        guidance = torch.full((x.shape[0],), HUNYUAN_EMBEDDED_GUIDANCE * GUIDANCE_EMBED_SCALE, device=DEVICE)
+        guidance = torch.full((x.shape[0],), HUNYUAN_EMBEDDED_GUIDANCE * GUIDANCE_EMBED_SCALE,
+                              device=x.device)
     return model(x, t, inputs["text_states"], inputs["text_mask"], inputs["pooled"], guidance=guidance)
 
 

@@ -972,6 +972,9 @@ def _prompt_embeds(embeds) -> dict:
     return out
 
 
+GUIDANCE_SCALE_INPUT = ("FLOAT", {"default": 0.0, "min": 0.0, "max": 30.0, "step": 0.1,
+                        "tooltip": "Classifier-free guidance scale (1 = no negative pass, faster); 0 = the family's "
+                                   "default (Wan 5.0; HunyuanVideo 1.0: the distilled model uses embedded_guidance)."})
 EMBEDDED_GUIDANCE_INPUT = ("FLOAT", {"default": 0.0, "min": 0.0, "max": 30.0, "step": 0.1,
                            "tooltip": "Guidance-distilled models (HunyuanVideo): the embedded guidance scale; 0 = "
                                       "the model's default (6.0 for HunyuanVideo). Ignored by models without one."})
@@ -1001,8 +1004,7 @@ class MusubiValidationPrompt:
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1, "control_after_generate": False,
                      "tooltip": "Noise seed (fixed, so samples at different steps are comparable)."}),
             "steps": ("INT", {"default": 20, "min": 1, "max": 1000, "tooltip": "Denoising steps."}),
-            "guidance_scale": ("FLOAT", {"default": 5.0, "min": 1.0, "max": 30.0, "step": 0.1,
-                               "tooltip": "Classifier-free guidance scale (1 = no negative pass, faster)."}),
+            "guidance_scale": GUIDANCE_SCALE_INPUT,
             "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.1,
                       "tooltip": "Flow shift; 0 = the task default."}),
         }, "optional": {
@@ -1031,7 +1033,7 @@ class MusubiValidationPrompt:
         task, conditioning, clip_fea = _image_conditioning(image_embeds, width, height, frames)
         prompt = ValidationPrompt(
             **text, embedded_guidance=float(embedded_guidance) or None, width=int(width), height=int(height),
-            frames=int(frames), seed=int(seed), steps=int(steps), guidance_scale=float(guidance_scale),
+            frames=int(frames), seed=int(seed), steps=int(steps), guidance_scale=float(guidance_scale) or None,
             shift=float(shift) or None, task=task, clip_fea=clip_fea, conditioning=conditioning)
         return (list(previous) + [prompt],)
 
@@ -1059,8 +1061,7 @@ class MusubiValidate:
             "embeds": (T.EMBEDS, {"tooltip": "Prompt embeddings from the family's Musubi Text Encode."}),
             **checks.size_inputs(256, 256, 1),
             "steps": ("INT", {"default": 20, "min": 1, "max": 1000, "tooltip": "Denoising steps."}),
-            "guidance_scale": ("FLOAT", {"default": 5.0, "min": 1.0, "max": 30.0, "step": 0.1,
-                               "tooltip": "Classifier-free guidance scale."}),
+            "guidance_scale": GUIDANCE_SCALE_INPUT,
             "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.1,
                       "tooltip": "Flow shift; 0 = the task default."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1, "control_after_generate": False,
@@ -1087,7 +1088,7 @@ class MusubiValidate:
         _check_vae_family(vae, run.model, "vae")
         prompt = ValidationPrompt(**text, embedded_guidance=float(embedded_guidance) or None, width=width,
                                   height=height, frames=frames, seed=int(seed), steps=steps,
-                                  guidance_scale=guidance_scale, shift=shift or None, task=task,
+                                  guidance_scale=float(guidance_scale) or None, shift=shift or None, task=task,
                                   clip_fea=clip_fea, conditioning=conditioning)
         from ..engine.families import family_of
         from ..engine.training.validation import build_request

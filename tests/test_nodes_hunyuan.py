@@ -274,7 +274,7 @@ def _train_graph(out_dir, steps=60):
                                                                  "lr_warmup_steps": "0"}},
         "26": {"class_type": "MusubiValidationPrompt", "inputs": {
             "embeds": ["5", 0], "width": SIZE, "height": SIZE, "frames": 1, "seed": 3, "steps": 2,
-            "guidance_scale": 1.0, "shift": 0.0, "embedded_guidance": 4.0}},
+            "guidance_scale": 0.0, "shift": 0.0, "embedded_guidance": 4.0}},
         "27": {"class_type": "MusubiInitTraining", "inputs": {
             "model": ["1", 0], "dataset": ["23", 0], "lora_config": ["24", 0], "optimizer_config": ["25", 0],
             "seed": 1, "max_train_steps": 200, "mixed_precision": "no", "gradient_checkpointing": True,
@@ -321,6 +321,11 @@ def test_train_then_generate_from_the_nodes_and_comfyui_reads_the_lora(comfy, tm
 
     prompt = comfy.output("26")[0]
     assert prompt.pooled.shape == (24,) and prompt.negative_pooled.shape == (24,) and prompt.embedded_guidance == 4.0
+    # guidance_scale 0 = the family's default: no real CFG on the distilled HunyuanVideo (Wan's would be 5.0)
+    from engine.families import get_family
+    request = get_family("hunyuan").sampling_request(prompt).resolve()
+    assert prompt.guidance_scale is None and request.guidance_scale == 1.0 and not request.uses_cfg
+    assert get_family("wan").sampling_request(prompt).resolve().guidance_scale == 5.0
     losses = comfy.output("28", 2)["loss"]
     assert len(losses) == 60
     first, last = sum(losses[:15]) / 15, sum(losses[-15:]) / 15

@@ -124,7 +124,7 @@ class HunyuanGenerateRequest:
     frames: int | None = None                      # None: 129 (1 for t2i, where it must be 1)
     steps: int | None = None                       # None: 50
     shift: float | None = None                     # None: 7.0
-    guidance_scale: float = 1.0                    # real CFG; 1.0 = no negative pass
+    guidance_scale: float | None = None            # real CFG; None or 1.0: no negative pass
     embedded_guidance: float | None = None         # None: 6.0 on a model with a guidance embedder, else none
     strength: float | None = None                  # V2V only; None: 0.8
     solver: str = "euler"                          # Musubi: Euler only; unipc / dpm++ are offered too
@@ -145,13 +145,15 @@ class HunyuanGenerateRequest:
             r.steps = DEFAULT_STEPS
         if r.shift is None:
             r.shift = DEFAULT_SHIFT
+        if r.guidance_scale is None:
+            r.guidance_scale = 1.0
         if r.strength is None and r.task == "v2v":
             r.strength = DEFAULT_STRENGTH
         return r
 
     @property
     def uses_cfg(self) -> bool:
-        return float(self.guidance_scale) != 1.0
+        return self.guidance_scale is not None and float(self.guidance_scale) != 1.0
 
     def run_steps(self) -> int:
         """Steps actually run: all of them, or ⌊steps·strength⌋ for V2V (Musubi's int())."""
