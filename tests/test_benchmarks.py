@@ -16,7 +16,8 @@ BENCHES = {
     "bench_training.py": ["--model", "tiny", "--device", "cpu"],
     "bench_dataset.py": ["--videos", "2", "--frames", "9", "--size", "64x48"],
     "bench_memory.py": ["--device", "cpu", "--model", "tiny"],
-    "bench_memory.py hunyuan": ["--device", "cpu", "--model", "tiny", "--family", "hunyuan", "--fp8", "none,scaled"],
+    "bench_memory.py hunyuan": ["--device", "cpu", "--model", "tiny", "--family", "hunyuan", "--fp8", "scaled",
+                                "--swap", "0,max", "--steps", "1"],
 }
 KEYS = {"bench_wan_dit.py": "s_per_step", "bench_hunyuan_dit.py": "s_per_train_step", "bench_wan_vae.py": "decode_s", "bench_training.py": "s_per_step",
         "bench_dataset.py": "clips_per_s", "bench_memory.py": "s_per_step"}   # by script
