@@ -1,10 +1,10 @@
 """Token-chunked training of a token-wise part of a block: its wide intermediates exist for one chunk at a time.
 
-Some parts of a transformer block act on every token independently, e.g. HunyuanVideo's single-stream
+Some parts of a transformer block act on every token independently, e.g. a single-stream block's
 `x + linear2(cat(attn, gelu(mlp))) * gate`. Under gradient checkpointing the block's memory peak is in its
 recompute + backward, and there such a part holds several full-length wide tensors at once: the [L, 15360] input
-of linear2, its gradient through the base weight and through the LoRA adapter, and their sum (4 × 2 GB at
-HunyuanVideo 13B, 544×960×129). `chunked(fn, tokens, extras, modules)` runs `fn` over chunks of tokens without a
+of linear2, its gradient through the base weight and through the LoRA adapter, and their sum (4 × 2 GB for a 13B
+DiT at 67 k tokens). `chunked(fn, tokens, extras, modules)` runs `fn` over chunks of tokens without a
 graph; its backward recomputes and backpropagates one chunk at a time, writing each chunk's input gradients into
 full-length buffers. What it costs: `fn` runs once more per training step (for linear2, about 2 % of the block's
 FLOPs at that shape, where attention dominates). Gradients equal the unchunked ones up to summation order (the

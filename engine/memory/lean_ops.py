@@ -1,19 +1,18 @@
 """Memory-lean versions of common DiT block ops (q/k RMSNorm, RoPE, modulated LayerNorm, gated residual), for
 training.
 
-With gradient checkpointing, what one block saves for backward is the activation memory of a training step; at
-Wan 14B, 832×480×81 (32 760 tokens; the examples below are Wan's) every float32 [L, 5120] tensor is 0.67 GB.
-Autograd saves only what the inputs that need gradients require, so in LoRA training (frozen modulation, norms and
+With gradient checkpointing, what one block saves for backward is the activation memory of a training step; for a
+14B DiT at 32 760 tokens (832×480×81 video) every float32 [L, 5120] tensor is 0.67 GB. Autograd saves only what the inputs that need gradients require, so in LoRA training (frozen modulation, norms and
 base weights) most of the block's float32 expressions save nothing big. The exceptions handled here:
 
 * `rms_norm` (q/k normalisation, three per block): plain autograd keeps `x.float()` (fp32) for the backward of
   `pow`/`mul`; this Function keeps the bf16 input and the per-token 1/rms and recomputes the rest: 1 GB less per
-  Wan 14B block at 832×480×81. The forward is the same sequence of ops, so outputs are bit-identical.
+  14B block at 32 760 tokens. The forward is the same sequence of ops, so outputs are bit-identical.
 * `norm_to` (the block's three LayerNorms, with or without the shift/scale modulation, cast to the compute dtype)
   and `gated_residual` (`x + branch.float() * gate`, the three residual adds): the same ops in the same order,
   so bit-identical, but the float32 [L, D] intermediates are written in place into one buffer instead of two or
   three, in forward and in backward. Autograd keeps none of them either way; what drops is the peak of the
-  block's recompute + backward under gradient checkpointing (Wan 14B, 832×480×81: 2–3 fewer float32 [L, D]
+  block's recompute + backward under gradient checkpointing (14B, 32 760 tokens: 2–3 fewer float32 [L, D]
   transients at its largest moment).
 * (fp8 base weights: `engine.memory.fp8._Fp8LinearFunction` keeps the fp8 weight instead of its bf16 copy.)
 

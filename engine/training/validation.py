@@ -27,7 +27,7 @@ class ValidationPrompt:
     frames: int = 1
     seed: int = 0
     steps: int = 20
-    guidance_scale: float | None = None            # real CFG; None: the family's default (Wan 5.0, HV 1.0)
+    guidance_scale: float | None = None            # real CFG; None: the family's default
     shift: float | None = None                     # None: the pipeline's task default
     task: str | None = None                        # None: "t2i" for 1 frame, else "t2v"
     clip_fea: torch.Tensor | None = None

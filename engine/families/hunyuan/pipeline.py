@@ -31,13 +31,13 @@ from ...errors import invalid
 from ...lora.adapters import eval_mode
 from ...memory.placement import execution_device
 from ...sampling import GuidanceConfig, GuidedVelocity, make_noise, make_solver, run_sampler
+from ...sampling.inputs import SIZE_MULTIPLE, as_video, check_frames, encode, latent_frames
 from ...sampling.noise import NOISE_DEVICES, check_seed
 from ...sampling.solvers import ALIASES, SOLVERS
 
 TASKS = ("t2v", "t2i", "v2v", "i2v")
 LATENT_CHANNELS = 16
 VAE_STRIDE = (4, 8, 8)             # time, height, width
-SIZE_MULTIPLE = 16                 # VAE 8x and DiT patch 2x
 I2V_CHANNELS = 32                  # SkyReels V1 I2V: noisy latents + image latents
 DEFAULT_STEPS = 50
 DEFAULT_SHIFT = 7.0                # hv_generate_video --flow_shift (the paper: 7 for 50 steps, 17 under 20)
@@ -59,48 +59,19 @@ class HunyuanConditioning:
     latents: torch.Tensor      # [16, F_lat, H/8, W/8]: V2V the source latents, I2V the y (image latent in frame 0)
 
 
-def _as_video(x: torch.Tensor, name: str, frames_axis: bool) -> torch.Tensor:
-    """[3, H, W] image / [3, F, H, W] video (optionally with a batch of 1) -> [1, 3, F, H, W]."""
-    want = 4 if frames_axis else 3
-    if isinstance(x, torch.Tensor) and x.ndim == want + 1 and x.shape[0] == 1:
-        x = x[0]
-    if not isinstance(x, torch.Tensor) or x.ndim != want or x.shape[0] != 3:
-        shape = "[3, F, H, W]" if frames_axis else "[3, H, W]"
-        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise invalid(name, got, f"an RGB {'video' if frames_axis else 'image'} {shape} in [-1, 1]")
-    if x.shape[-1] % SIZE_MULTIPLE or x.shape[-2] % SIZE_MULTIPLE:
-        raise invalid(f"{name} size", (x.shape[-1], x.shape[-2]), f"width and height divisible by {SIZE_MULTIPLE}")
-    return (x if frames_axis else x[:, None])[None]
-
-
-def _check_frames(frames, name: str = "frames") -> None:
-    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1 or (frames - 1) % 4:
-        raise invalid(name, frames, "a frame count of the form 4k+1 (1, 5, 9, ..., 129)")
-
-
-def latent_frames(frames: int) -> int:
-    return (frames - 1) // VAE_STRIDE[0] + 1
-
-
-def _encode(vae, video: torch.Tensor) -> torch.Tensor:
-    """[1, 3, F, H, W] -> DiT latents [16, F_lat, H/8, W/8] float32 on CPU (the pipeline moves them)."""
-    with torch.no_grad():
-        return vae.encode(video).float()[0].cpu()
-
-
 def prepare_v2v(vae, video: torch.Tensor, frames: int) -> HunyuanConditioning:
     """video [3, F', H, W] in [-1, 1] with F' >= frames: its first `frames` frames are the source."""
-    _check_frames(frames)
-    v = _as_video(video, "video", frames_axis=True)
+    check_frames(frames, longest=129)
+    v = as_video(video, "video", frames_axis=True)
     if v.shape[2] < frames:
         raise invalid("video frames", v.shape[2], f"at least {frames} (the requested frame count)")
-    return HunyuanConditioning("v2v", _encode(vae, v[:, :, :frames]))
+    return HunyuanConditioning("v2v", encode(vae, v[:, :, :frames]))
 
 
 def prepare_skyreels_i2v(vae, image: torch.Tensor, frames: int) -> HunyuanConditioning:
     """image [3, H, W] in [-1, 1] -> y: its 1-frame latent in latent frame 0, zeros in the other frames."""
-    _check_frames(frames)
-    lat = _encode(vae, _as_video(image, "image", frames_axis=False))             # [16, 1, h, w]
+    check_frames(frames, longest=129)
+    lat = encode(vae, as_video(image, "image", frames_axis=False))             # [16, 1, h, w]
     y = lat.new_zeros(lat.shape[0], latent_frames(frames), *lat.shape[2:])
     y[:, :1] = lat
     return HunyuanConditioning("i2v", y)
@@ -197,7 +168,7 @@ def validate_request(model, r: HunyuanGenerateRequest) -> None:
     for name, v in (("width", r.width), ("height", r.height)):
         if not _is_int(v) or v < SIZE_MULTIPLE or v % SIZE_MULTIPLE:
             raise invalid(name, v, f"a positive multiple of {SIZE_MULTIPLE} pixels")
-    _check_frames(r.frames)
+    check_frames(r.frames, longest=129)
     if r.task == "t2i" and r.frames != 1:
         raise invalid("frames", r.frames, "1 for task t2i")
     if not _is_int(r.steps) or r.steps < 1:

@@ -31,13 +31,13 @@ from ...errors import invalid
 from ...lora.adapters import eval_mode
 from ...memory.placement import execution_device
 from ...sampling import GuidanceConfig, GuidedVelocity, make_noise, make_solver, run_sampler
+from ...sampling.inputs import SIZE_MULTIPLE, as_video, check_frames, encode, latent_frames
 from ...sampling.noise import NOISE_DEVICES, check_seed
 from ...sampling.solvers import ALIASES, SOLVERS
 
 TASKS = ("t2v", "t2i", "i2v", "flf2v", "fun_control", "one_frame")
 LATENT_CHANNELS = 16
 VAE_STRIDE = (4, 8, 8)           # time, height, width
-SIZE_MULTIPLE = 16               # VAE 8× and DiT patch 2×
 MASK_CHANNELS = 4
 CLIP_TOKENS = 257
 I2V_480P_SIZES = ((832, 480), (480, 832))
@@ -60,54 +60,26 @@ class WanConditioning:
     extra_latent_frames: int = 0                # I2V + end image (non-FLF2V model): 1 appended latent frame
 
 
-def _as_video(x: torch.Tensor, name: str, frames_axis: bool) -> torch.Tensor:
-    """[3, H, W] image / [3, F, H, W] video (optionally with a batch of 1) -> [1, 3, F, H, W]."""
-    want = 4 if frames_axis else 3
-    if x.ndim == want + 1 and x.shape[0] == 1:
-        x = x[0]
-    if x.ndim != want or x.shape[0] != 3:
-        shape = "[3, F, H, W]" if frames_axis else "[3, H, W]"
-        raise invalid(name, tuple(x.shape), f"an RGB {'video' if frames_axis else 'image'} {shape} in [-1, 1]")
-    if x.shape[-1] % SIZE_MULTIPLE or x.shape[-2] % SIZE_MULTIPLE:
-        raise invalid(f"{name} size", (x.shape[-1], x.shape[-2]), f"width and height divisible by {SIZE_MULTIPLE}")
-    return (x if frames_axis else x[:, None])[None]
-
-
-def _check_frames(frames: int, name: str = "frames") -> None:
-    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1 or (frames - 1) % 4:
-        raise invalid(name, frames, "a frame count of the form 4k+1 (1, 5, 9, ..., 81)")
-
-
-def latent_frames(frames: int) -> int:
-    return (frames - 1) // VAE_STRIDE[0] + 1
-
-
-def _encode(vae, video: torch.Tensor) -> torch.Tensor:
-    """[1, 3, F, H, W] -> [16, F_lat, H/8, W/8] float32 on CPU (conditioning is small; the pipeline moves it)."""
-    with torch.no_grad():
-        return vae.encode(video).float()[0].cpu()
-
-
 def _i2v_latents(vae, image: torch.Tensor, frames: int) -> torch.Tensor:
     """VAE([image, zeros × (F−1)]) -> [16, F_lat, h, w]. Zeros are mid-gray in [−1, 1]."""
-    img = _as_video(image, "image", frames_axis=False)
+    img = as_video(image, "image", frames_axis=False)
     video = torch.cat([img, img.new_zeros(1, 3, frames - 1, *img.shape[-2:])], dim=2)
-    return _encode(vae, video)
+    return encode(vae, video)
 
 
 def prepare_i2v(vae, image: torch.Tensor, frames: int, end_image: torch.Tensor | None = None) -> WanConditioning:
     """With `end_image` (Musubi's unofficial end frame for a plain I2V model): the end image is encoded alone and
     appended as one extra latent frame with all 4 mask channels set, so the result is 4 frames longer (decode and
     trim the tail frames)."""
-    _check_frames(frames)
-    start_hw = tuple(_as_video(image, "image", frames_axis=False).shape[-2:])
-    end = None if end_image is None else _as_video(end_image, "end_image", frames_axis=False)
+    check_frames(frames, longest=81)
+    start_hw = tuple(as_video(image, "image", frames_axis=False).shape[-2:])
+    end = None if end_image is None else as_video(end_image, "end_image", frames_axis=False)
     if end is not None and tuple(end.shape[-2:]) != start_hw:
         raise invalid("end_image size", tuple(end.shape[-2:]), f"the start image's size {start_hw}")
     lat = _i2v_latents(vae, image, frames)                       # [16, F_lat, h, w]
     extra = 0
     if end is not None:
-        lat = torch.cat([lat, _encode(vae, end)], dim=1)         # [16, F_lat + 1, h, w]
+        lat = torch.cat([lat, encode(vae, end)], dim=1)         # [16, F_lat + 1, h, w]
         extra = 1
     mask = torch.zeros(MASK_CHANNELS, *lat.shape[1:])
     mask[:, 0] = 1.0
@@ -117,15 +89,15 @@ def prepare_i2v(vae, image: torch.Tensor, frames: int, end_image: torch.Tensor |
 
 
 def prepare_flf2v(vae, first: torch.Tensor, last: torch.Tensor, frames: int) -> WanConditioning:
-    _check_frames(frames)
+    check_frames(frames, longest=81)
     if frames < 5:
         raise invalid("frames", frames, "at least 5 for first/last-frame video (1 frame cannot hold two images)")
-    a = _as_video(first, "image", frames_axis=False)
-    b = _as_video(last, "end_image", frames_axis=False)
+    a = as_video(first, "image", frames_axis=False)
+    b = as_video(last, "end_image", frames_axis=False)
     if a.shape != b.shape:
         raise invalid("end_image size", tuple(b.shape[-2:]), f"the start image's size {tuple(a.shape[-2:])}")
     video = torch.cat([a, a.new_zeros(1, 3, frames - 2, *a.shape[-2:]), b], dim=2)
-    lat = _encode(vae, video)
+    lat = encode(vae, video)
     mask = torch.zeros(MASK_CHANNELS, *lat.shape[1:])
     mask[:, 0] = 1.0
     mask[-1, -1] = 1.0          # the last latent frame folds pixel frames F−4..F−1; only the last one is given
@@ -135,14 +107,14 @@ def prepare_flf2v(vae, first: torch.Tensor, last: torch.Tensor, frames: int) -> 
 def prepare_fun_control(vae, control_video: torch.Tensor, frames: int,
                         image: torch.Tensor | None = None) -> WanConditioning:
     """control_video [3, F', H, W] with F' ≥ frames (the first `frames` are used)."""
-    _check_frames(frames)
-    ctrl = _as_video(control_video, "control_video", frames_axis=True)
+    check_frames(frames, longest=81)
+    ctrl = as_video(control_video, "control_video", frames_axis=True)
     if ctrl.shape[2] < frames:
         raise invalid("control_video frames", ctrl.shape[2], f"at least {frames} (the requested frame count)")
-    control = _encode(vae, ctrl[:, :, :frames])                 # [16, F_lat, h, w]
+    control = encode(vae, ctrl[:, :, :frames])                 # [16, F_lat, h, w]
     image_lat = torch.zeros_like(control)
     if image is not None:
-        img = _as_video(image, "image", frames_axis=False)
+        img = as_video(image, "image", frames_axis=False)
         if img.shape[-2:] != ctrl.shape[-2:]:
             raise invalid("image size", tuple(img.shape[-2:]), f"the control video's size {tuple(ctrl.shape[-2:])}")
         image_lat[:, :1] = _i2v_latents(vae, image, frames)[:, :1]   # VideoX-Fun keeps only the first frame
@@ -159,14 +131,14 @@ def prepare_one_frame(vae, control_images: Sequence[torch.Tensor], control_indic
     indices = [int(i) for i in control_indices] + [int(target_index)]
     if min(indices) < 0 or len(set(indices)) != len(indices):
         raise invalid("one-frame indices", indices, "distinct non-negative frame indices (target not a control)")
-    images = [_as_video(im, f"control_image[{k}]", frames_axis=False) for k, im in enumerate(control_images)]
+    images = [as_video(im, f"control_image[{k}]", frames_axis=False) for k, im in enumerate(control_images)]
     size = images[0].shape[-2:]
     if any(im.shape[-2:] != size for im in images):
         raise invalid("control image sizes", [tuple(im.shape[-2:]) for im in images], "all the same size")
     target = images[0].new_zeros(1, 3, 1, *size)                  # "black" target: zeros = mid-gray
     by_index = dict(zip(indices, images + [target]))
     order = sorted(indices)
-    lat = torch.cat([_encode(vae, by_index[i]) for i in order], dim=1)   # [16, n, h, w], each a 1-frame encode
+    lat = torch.cat([encode(vae, by_index[i]) for i in order], dim=1)   # [16, n, h, w], each a 1-frame encode
     mask = torch.zeros(MASK_CHANNELS, *lat.shape[1:])
     for slot, i in enumerate(order):
         if i != target_index:
@@ -273,7 +245,7 @@ def validate_request(model, r: WanGenerateRequest) -> None:
     for name, v in (("width", r.width), ("height", r.height)):
         if not _is_int(v) or v < SIZE_MULTIPLE or v % SIZE_MULTIPLE:
             raise invalid(name, v, f"a positive multiple of {SIZE_MULTIPLE} pixels")
-    _check_frames(r.frames)
+    check_frames(r.frames, longest=81)
     if r.task in ("t2i", "one_frame") and r.frames != 1:
         raise invalid("frames", r.frames, f"1 for task {r.task}")
     if not _is_int(r.steps) or r.steps < 1:
