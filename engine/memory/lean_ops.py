@@ -2,8 +2,9 @@
 training.
 
 With gradient checkpointing, what one block saves for backward is the activation memory of a training step; for a
-14B DiT at 32 760 tokens (832×480×81 video) every float32 [L, 5120] tensor is 0.67 GB. Autograd saves only what the inputs that need gradients require, so in LoRA training (frozen modulation, norms and
-base weights) most of the block's float32 expressions save nothing big. The exceptions handled here:
+14B DiT at 32 760 tokens (832×480×81 video) every float32 [L, 5120] tensor is 0.67 GB. Autograd saves only what
+the inputs that need gradients require, so in LoRA training (frozen modulation, norms and base weights) most of the
+block's float32 expressions save nothing big. The exceptions handled here:
 
 * `rms_norm` (q/k normalisation, three per block): plain autograd keeps `x.float()` (fp32) for the backward of
   `pow`/`mul`; this Function keeps the bf16 input and the per-token 1/rms and recomputes the rest: 1 GB less per
