@@ -15,7 +15,7 @@ import torch
 from . import comfy_compat as compat
 from . import checks
 from . import types as T
-from .generation import step_progress, warnings_on_node
+from .generation import NOISE_INPUTS, RUN_INPUTS, step_progress, warnings_on_node
 from .loading import (ATTENTION_INPUT, DIT_DTYPE_INPUT, DTYPES, dit_handle, dit_memory_inputs, load_dit,
                       model_choices, owner_of, resolve_source, room_for, source_identity)
 from .placement import dit_on_device, on_compute_device
@@ -358,18 +358,11 @@ class MusubiHunyuanSampler:
             "shift": ("FLOAT", {"default": 7.0, "min": 0.01, "max": 100.0, "step": 0.1,
                       "tooltip": "Flow shift (Musubi: 7.0 for 50 steps; about 17 under 20 steps)."}),
             "solver": (SOLVERS, {"default": "euler", "tooltip": "Sampler: Euler (Musubi's), UniPC or DPM++ 2M."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1, "control_after_generate": True,
-                     "tooltip": "Noise seed."}),
-            "noise_device": (["cpu", "gpu"], {"default": "cpu",
-                             "tooltip": "cpu: the same noise on any machine (as ComfyUI); gpu: drawn on the GPU."}),
+            **NOISE_INPUTS,
         }, "optional": {
             "image_embeds": (T.IMAGE_EMBEDS, {"tooltip": "SkyReels I2V (Musubi HunyuanVideo Image Encode) or V2V "
                                                          "(Musubi HunyuanVideo Video Encode) conditioning."}),
-            "offload_after": ("BOOLEAN", {"default": True, "tooltip": "Move the DiT back to CPU memory after sampling "
-                              "(frees VRAM for the VAE and other models, as ComfyUI does; off: faster re-runs)."}),
-            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
-                           "tooltip": "Videos generated together (video b uses seed + b, so each is the video a "
-                                      "batch of 1 gives with that seed). Decoded one after another."}),
+            **RUN_INPUTS,
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def sample(self, model, embeds, width, height, frames, steps, embedded_guidance, guidance_scale, shift, solver,

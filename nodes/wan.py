@@ -7,7 +7,7 @@ import torch
 
 from . import checks
 from . import types as T
-from .generation import step_progress, warnings_on_node
+from .generation import NOISE_INPUTS, RUN_INPUTS, step_progress, warnings_on_node
 from .loading import (ATTENTION, ATTENTION_INPUT, DIT_DTYPE_INPUT, DTYPES, dit_handle, dit_memory_inputs, load_dit,
                       model_choices, owner_of, resolve_source, room_for, source_identity)
 from .placement import dit_on_device, on_compute_device
@@ -392,10 +392,7 @@ class MusubiWanSampler:
             "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.1,
                       "tooltip": "Flow shift; 0 = the task default (5.0, or 3.0 for I2V at 832x480)."}),
             "solver": (SOLVERS, {"default": "unipc", "tooltip": "Sampler: UniPC (official default), DPM++ 2M or Euler."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1, "control_after_generate": True,
-                     "tooltip": "Noise seed."}),
-            "noise_device": (["cpu", "gpu"], {"default": "cpu",
-                             "tooltip": "cpu: the same noise on any machine (as ComfyUI); gpu: drawn on the GPU."}),
+            **NOISE_INPUTS,
         }, "optional": {
             "image_embeds": (T.IMAGE_EMBEDS, {"tooltip": "I2V/FLF2V, Fun-Control or one-frame conditioning from a "
                                                          "Musubi Wan ... Encode node."}),
@@ -406,11 +403,7 @@ class MusubiWanSampler:
             "slg_scale": ("FLOAT", {"default": 3.0, "min": 0.0, "max": 20.0, "step": 0.1, "tooltip": "Skip-layer guidance scale."}),
             "slg_start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "SLG start (fraction of steps)."}),
             "slg_end": ("FLOAT", {"default": 0.3, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "SLG end (fraction of steps)."}),
-            "offload_after": ("BOOLEAN", {"default": True, "tooltip": "Move the DiT back to CPU memory after sampling "
-                              "(frees VRAM for the VAE and other models, as ComfyUI does; off: faster re-runs)."}),
-            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
-                           "tooltip": "Videos generated together (video b uses seed + b, so each is the video a "
-                                      "batch of 1 gives with that seed). Decoded one after another."}),
+            **RUN_INPUTS,
             "trim_tail_frames": ("INT", {"default": 0, "min": 0, "max": 1024,
                                  "tooltip": "Drop this many frames at the end of the decoded video (Musubi "
                                             "--trim_tail_frames; e.g. 3 with an I2V end image, which adds 4 frames). "
