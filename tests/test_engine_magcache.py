@@ -4,7 +4,8 @@ residual, calibration records, ratio resampling and bad settings."""
 import pytest
 import torch
 
-from engine.sampling.magcache import DEFAULT_MAG_RATIOS, MagCache, MagCacheConfig, resample_ratios
+from engine.families.hunyuan.pipeline import MAGCACHE_RATIOS as DEFAULT_MAG_RATIOS
+from engine.sampling.magcache import MagCache, MagCacheConfig, resample_ratios
 
 
 def _blocks(calls):
@@ -40,8 +41,8 @@ def test_skip_pattern_matches_a_hand_computation():
 
 
 def test_defaults_retention_and_last_step():
-    """Default table at 25 steps: steps 0-4 (20 %) and 24 always run; Musubi's 0.24 / K 6."""
-    cache = MagCache(MagCacheConfig(), steps=25)
+    """The HunyuanVideo table at 25 steps: steps 0-4 (20 %) and 24 always run; Musubi's 0.24 / K 6."""
+    cache = MagCache(MagCacheConfig(DEFAULT_MAG_RATIOS), steps=25)
     assert cache.first_skippable == 5
     x = torch.zeros(1, 2, 2)
     for _ in range(25):
@@ -59,7 +60,7 @@ def test_resampling_is_nearest_index():
     assert resample_ratios([1, 2, 3], 1) == [3.0]
     r25 = resample_ratios(DEFAULT_MAG_RATIOS, 25)                         # index round(i·49/24)
     assert r25[:3] == [1.0, DEFAULT_MAG_RATIOS[2], DEFAULT_MAG_RATIOS[4]] and r25[-1] == DEFAULT_MAG_RATIOS[49]
-    assert len(DEFAULT_MAG_RATIOS) == 50 and MagCache(MagCacheConfig(), 50).ratios == list(DEFAULT_MAG_RATIOS)
+    assert len(DEFAULT_MAG_RATIOS) == 50 and MagCache(MagCacheConfig(DEFAULT_MAG_RATIOS), 50).ratios == list(DEFAULT_MAG_RATIOS)
 
 
 def test_calibration_runs_every_step_and_records_the_ratios():
@@ -82,6 +83,8 @@ def test_calibration_runs_every_step_and_records_the_ratios():
 ])
 def test_bad_settings_are_refused(kwargs, name):
     with pytest.raises(Exception, match=name):
-        MagCache(MagCacheConfig(**kwargs), steps=10)
+        MagCache(MagCacheConfig(**{"mag_ratios": [1.0], **kwargs}), steps=10)
     with pytest.raises(Exception, match="steps"):
-        MagCache(MagCacheConfig(), steps=0)
+        MagCache(MagCacheConfig([1.0]), steps=0)
+    with pytest.raises(Exception, match="mag_ratios"):   # no table and no calibration run
+        MagCache(MagCacheConfig(), steps=10)

@@ -1,9 +1,9 @@
 """MagCache: skip the transformer blocks on steps where their residual is predictable, reusing the last one.
 
-(Ma et al., "MagCache: Fast Video Generation with Magnitude-Aware Cache"; Musubi Tuner's FramePack inference.)
+(Ma et al., "MagCache: Fast Video Generation with Magnitude-Aware Cache"; as Musubi Tuner runs it.)
 The blocks of a DiT map the embedded tokens x to x + r. Across sampling steps the magnitude ratio
 |r_t| / |r_{t-1}| follows a curve that depends on the model and the schedule, not on the prompt; a calibration run
-records it once. At sampling time, step t may reuse the previous residual (output x + r_cached, no block runs) while
+records it once (a family ships its model's table). At sampling time, step t may reuse the previous residual (output x + r_cached, no block runs) while
 the accumulated error of doing so stays small:
 
     ratio ← ratio · mag_ratio[t];  error += |1 − ratio|;  skips += 1
@@ -24,26 +24,20 @@ import torch.nn.functional as F
 
 from ..errors import invalid
 
-# MagCache's calibration for HunyuanVideo at 50 steps (ratio of step t's residual norm to step t−1's; step 0: 1.0),
-# as published with the method and used by Musubi Tuner as its default for FramePack.
-DEFAULT_MAG_RATIOS = (
-    1.0, 1.06971, 1.29073, 1.11245, 1.09596, 1.05233, 1.01415, 1.05672, 1.00848, 1.03632,
-    1.02974, 1.00984, 1.03028, 1.00681, 1.06614, 1.05022, 1.02592, 1.01776, 1.02985, 1.00726,
-    1.03727, 1.01502, 1.00992, 1.03371, 0.9976, 1.02742, 1.0093, 1.01869, 1.00815, 1.01461,
-    1.01152, 1.03082, 1.0061, 1.02162, 1.01999, 0.99063, 1.01186, 1.0217, 0.99947, 1.01711,
-    0.9904, 1.00258, 1.00878, 0.97039, 0.97686, 0.94315, 0.97728, 0.91154, 0.86139, 0.76592,
-)
 
 
 @dataclass
 class MagCacheConfig:
-    mag_ratios: Sequence[float] | None = None   # None: DEFAULT_MAG_RATIOS; any length (resampled to the steps)
+    mag_ratios: Sequence[float] | None = None   # the calibration, any length (resampled to the steps); None only
+                                                # with `calibrate`
     retention_ratio: float = 0.2                # this fraction of the first steps always runs
     threshold: float = 0.24                     # accumulated error allowed while skipping
     max_skips: int = 6                          # consecutive skips at most (MagCache's K)
     calibrate: bool = False                     # run every step and record the ratios instead of skipping
 
     def validate(self) -> None:
+        if self.mag_ratios is None and not self.calibrate:
+            raise invalid("magcache mag_ratios", None, "a calibration (the model's table or a calibration run's)")
         if self.mag_ratios is not None:
             ratios = list(self.mag_ratios)
             if not ratios or not all(isinstance(r, (int, float)) and r > 0 for r in ratios):
@@ -83,7 +77,7 @@ class MagCache:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise invalid("magcache steps", steps, "the number of sampling steps (≥ 1)")
         self.config, self.steps = config, steps
-        table = config.mag_ratios if config.mag_ratios is not None else DEFAULT_MAG_RATIOS
+        table = config.mag_ratios if config.mag_ratios is not None else [1.0] * steps
         self.ratios = list(table) if len(table) == steps else resample_ratios(table, steps)
         self.first_skippable = max(int(config.retention_ratio * steps), 1)
         self.step = 0
@@ -129,4 +123,4 @@ class MagCache:
         self.calibration.cosine_distance.append(round((1 - cos).mean().item(), 5))
 
 
-__all__ = ["DEFAULT_MAG_RATIOS", "MagCacheConfig", "MagCache", "Calibration", "resample_ratios"]
+__all__ = ["MagCacheConfig", "MagCache", "Calibration", "resample_ratios"]
