@@ -1,12 +1,15 @@
 """What every family's generation nodes share: the sampler's seed/noise and run inputs, per-step progress with live
-previews, and an encoder's warnings shown on its node."""
+previews, an encoder's warnings shown on its node, and the MagCache settings node."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 
+from ..engine.errors import invalid
 from . import comfy_compat as compat
+from . import types as T
 
 # a sampler's required noise inputs (seed with ComfyUI's randomize control: a generation seed, unlike training's)
 NOISE_INPUTS = {
@@ -49,3 +52,68 @@ def warnings_on_node(node_id):
     if notes:
         compat.log.warning("%s", "; ".join(notes))
         compat.send_text(node_id, "\n".join(notes))
+
+
+def magcache_for(settings, node_id):
+    """The sampler's MagCacheConfig from a Musubi MagCache node's output (None: off); a calibration run shows its
+    table on the sampler node, ready to paste into mag_ratios."""
+    if settings is None:
+        return None
+    from ..engine.sampling.magcache import MagCacheConfig
+
+    if not isinstance(settings, MagCacheConfig):
+        raise invalid("magcache", type(settings).__name__, "settings from a Musubi MagCache node")
+    if not settings.calibrate:
+        return settings
+
+    def show(calibration):
+        table = ",".join(f"{r:g}" for r in calibration.mag_ratios())
+        compat.log.info("MagCache calibration: %s", table)
+        compat.send_text(node_id, f"MagCache calibration (paste into mag_ratios):\n{table}")
+    return dataclasses.replace(settings, on_calibrated=show)
+
+
+class MusubiMagCache:
+    DESCRIPTION = ("MagCache settings for a sampler: on steps where the DiT blocks' residual is predictable from a "
+                   "calibration, reuse the last one instead of running the blocks (fewer block passes, small "
+                   "change to the result). Calibrate once per model and step count for the best table.")
+    CATEGORY = "Musubi/generation"
+    FUNCTION = "build"
+    RETURN_TYPES = (T.MAGCACHE,)
+    RETURN_NAMES = ("magcache",)
+    OUTPUT_TOOLTIPS = ("Connect to a Musubi sampler's magcache input.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "mag_ratios": ("STRING", {"default": "", "tooltip": "Comma-separated calibration (any length, resampled "
+                                      "to the step count); empty = the model's built-in table."}),
+            "retention_ratio": ("FLOAT", {"default": 0.2, "min": 0.0, "max": 1.0, "step": 0.05,
+                                "tooltip": "This fraction of the first steps always runs the blocks."}),
+            "threshold": ("FLOAT", {"default": 0.24, "min": 0.0, "max": 10.0, "step": 0.01,
+                          "tooltip": "Accumulated error allowed while skipping (lower: fewer skips, closer "
+                                     "result)."}),
+            "max_skips": ("INT", {"default": 6, "min": 1, "max": 1000,
+                          "tooltip": "Consecutive skipped steps at most (MagCache's K)."}),
+            "calibrate": ("BOOLEAN", {"default": False, "tooltip": "Run every step and show the measured table on "
+                                                                   "the sampler node (to paste into mag_ratios)."}),
+        }}
+
+    def build(self, mag_ratios, retention_ratio, threshold, max_skips, calibrate):
+        from ..engine.sampling.magcache import MagCacheConfig
+
+        ratios = None
+        if mag_ratios.strip():
+            try:
+                ratios = [float(v) for v in mag_ratios.replace("\n", ",").split(",") if v.strip()]
+            except ValueError:
+                raise invalid("mag_ratios", mag_ratios, "comma-separated numbers, e.g. 1.0,1.06971,1.29073") \
+                    from None
+        config = MagCacheConfig(ratios, float(retention_ratio), float(threshold), int(max_skips), bool(calibrate))
+        if ratios is not None or calibrate:
+            config.validate()
+        return (config,)
+
+
+NODE_CLASS_MAPPINGS = {"MusubiMagCache": MusubiMagCache}
+NODE_DISPLAY_NAME_MAPPINGS = {"MusubiMagCache": "Musubi MagCache"}

@@ -15,7 +15,7 @@ import torch
 from . import comfy_compat as compat
 from . import checks
 from . import types as T
-from .generation import NOISE_INPUTS, RUN_INPUTS, step_progress, warnings_on_node
+from .generation import NOISE_INPUTS, RUN_INPUTS, magcache_for, step_progress, warnings_on_node
 from .loading import (ATTENTION_INPUT, DIT_DTYPE_INPUT, DTYPES, dit_handle, dit_memory_inputs, load_dit,
                       model_choices, owner_of, resolve_source, room_for, source_identity)
 from .placement import dit_on_device, on_compute_device
@@ -363,10 +363,13 @@ class MusubiHunyuanSampler:
             "image_embeds": (T.IMAGE_EMBEDS, {"tooltip": "SkyReels I2V (Musubi HunyuanVideo Image Encode) or V2V "
                                                          "(Musubi HunyuanVideo Video Encode) conditioning."}),
             **RUN_INPUTS,
+            "magcache": (T.MAGCACHE, {"tooltip": "Skip the blocks on predictable steps (Musubi MagCache; its "
+                                                 "built-in table is HunyuanVideo's, calibrated at 50 steps)."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def sample(self, model, embeds, width, height, frames, steps, embedded_guidance, guidance_scale, shift, solver,
-               seed, noise_device, image_embeds=None, offload_after=True, batch_size=1, unique_id=None):
+               seed, noise_device, image_embeds=None, offload_after=True, batch_size=1, magcache=None,
+               unique_id=None):
         from ..engine.families.hunyuan.pipeline import HunyuanGenerateRequest, generate, model_task_kind, \
             validate_request
         from ..engine.families.hunyuan.vae import from_latent
@@ -392,7 +395,8 @@ class MusubiHunyuanSampler:
             embedded_guidance=float(embedded_guidance) if module.config.guidance_embed else None,
             strength=image_embeds.get("strength") if task == "v2v" else None, solver=solver, seed=seed,
             batch_size=int(batch_size), noise_device=noise_device,
-            conditioning=image_embeds["conditioning"] if image_embeds is not None else None).resolve()
+            conditioning=image_embeds["conditioning"] if image_embeds is not None else None,
+            magcache=magcache_for(magcache, unique_id)).resolve()
         validate_request(module, request)   # every mistake before the DiT moves
         with dit_on_device(handle, offload_after):
             latents = generate(module, request, step_progress(request.run_steps(), unique_id, "HunyuanVideo"))

@@ -16,6 +16,7 @@ LORA_CONFIG = "MUSUBI_LORA_CONFIG"
 OPTIMIZER_CONFIG = "MUSUBI_OPTIMIZER_CONFIG"
 TRAINING_SESSION = "MUSUBI_TRAINING_SESSION"
 VALIDATION_PROMPTS = "MUSUBI_VALIDATION_PROMPTS"
+MAGCACHE = "MUSUBI_MAGCACHE"          # MagCache settings for a sampler (engine.sampling.magcache.MagCacheConfig)
 
 
 def handle(value, field: str, expected: str):

@@ -17,6 +17,7 @@ from engine.families.hunyuan.pipeline import (HUNYUAN_RGB_BIAS, HUNYUAN_RGB_FACT
 from engine.families.hunyuan.presets import build_preset_state_dict, preset_config
 from engine.families.hunyuan.vae import TINY_VAE_PRESET, load_hunyuan_vae
 from engine.sampling import euler_schedule, make_noise
+from engine.sampling.magcache import MagCacheConfig
 
 W = H = 32                      # latents 4 x 4
 
@@ -186,6 +187,40 @@ def test_progress_sees_every_step_and_can_cancel(t2v):
     assert len(rec.calls) == 2
 
 
+def test_magcache_skips_the_blocks_on_the_hand_computed_steps(t2v):
+    """10 steps, ratios all 1.0 (no error accumulates), at most 3 skips in a row: steps 0-1 run (20 %), 2-4 skip,
+    5 runs (a 4th skip), 6-8 skip, 9 (the last) runs. Every step still calls the DiT (embeddings, final layer)."""
+    from engine.memory import FakeTransfer, swap_blocks
+    from engine.sampling.magcache import MagCacheConfig
+
+    runs = []
+    hook = t2v.double_blocks[0].register_forward_pre_hook(lambda m, a: runs.append(1))
+    try:
+        plain = generate(t2v, _request(steps=10))
+        runs.clear()
+        never = generate(t2v, _request(steps=10, magcache=MagCacheConfig([2.0] * 10, max_skips=3)))
+        assert len(runs) == 10
+        torch.testing.assert_close(never, plain, rtol=0, atol=0)      # nothing skipped: the same latents
+        runs.clear()
+        with Calls(t2v) as rec:
+            cached = generate(t2v, _request(steps=10, magcache=MagCacheConfig([1.0] * 10, max_skips=3)))
+        assert len(rec.calls) == 10 and len(runs) == 4
+        assert not torch.equal(cached, plain) and torch.isfinite(cached).all()
+        swapper = swap_blocks(t2v, 3, "cpu", transfer=FakeTransfer())   # block swap sees whole forwards skipped
+        try:
+            swapped = generate(t2v, _request(steps=10, magcache=MagCacheConfig([1.0] * 10, max_skips=3)))
+        finally:
+            swapper.detach("cpu")
+        torch.testing.assert_close(swapped, cached)
+    finally:
+        hook.remove()
+    from engine.families.hunyuan.pipeline import MAGCACHE_RATIOS
+    assert _request(magcache=MagCacheConfig()).resolve().magcache.mag_ratios == MAGCACHE_RATIOS   # the model's table
+    got = []
+    generate(t2v, _request(steps=4, magcache=MagCacheConfig(calibrate=True, on_calibrated=got.append)))
+    assert len(got) == 1 and len(got[0].mag_ratios()) == 4 and got[0].mag_ratios()[0] == 1.0
+
+
 def test_the_family_runs_the_pipeline(t2v):
     fam = family_of(t2v)
     assert fam is get_family("hunyuan")
@@ -239,6 +274,9 @@ BAD = [
     (dict(strength=0.5), "strength"),
     (dict(conditioning=_cond("v2v")), "conditioning"),
     (dict(task="i2v", conditioning=_cond("i2v")), "takes no start image"),
+    (dict(magcache=MagCacheConfig([])), "mag_ratios"),
+    (dict(magcache=MagCacheConfig([1.0]), guidance_scale=3.0, batch_cfg=False, negative_context=torch.zeros(2, 32),
+          negative_pooled=torch.zeros(24)), "batch_cfg"),
 ]
 
 

@@ -113,6 +113,41 @@ def test_t2v_generation_cfg_latent_format_and_decode(comfy):
     assert not torch.allclose(untiled[:F], images, atol=1e-3)   # the tiling inputs reach the VAE
 
 
+def test_magcache_node_reaches_the_sampler(comfy):
+    from engine.families.hunyuan.pipeline import generate
+    from engine.sampling.magcache import MagCacheConfig
+
+    p = _base()
+    p["20"] = {"class_type": "MusubiMagCache", "inputs": {"mag_ratios": "1.0, 1.0, 1.0", "retention_ratio": 0.2,
+                                                          "threshold": 0.24, "max_skips": 2, "calibrate": False}}
+    p["8"] = {**_sampler(F, steps=8), "inputs": {**_sampler(F, steps=8)["inputs"], "magcache": ["20", 0]}}
+    p["9"] = {"class_type": "PreviewAny", "inputs": {"source": ["8", 1]}}
+    p["21"] = {"class_type": "MusubiMagCache", "inputs": {"mag_ratios": "", "retention_ratio": 0.2,
+                                                          "threshold": 0.24, "max_skips": 6, "calibrate": True}}
+    p["10"] = {**_sampler(F, steps=4), "inputs": {**_sampler(F, steps=4)["inputs"], "magcache": ["21", 0]}}
+    p["11"] = {"class_type": "PreviewAny", "inputs": {"source": ["10", 1]}}
+    comfy.run(p)
+    lat = comfy.output("8")["samples"]
+    embeds, model = comfy.output("5"), comfy.module("1")
+    expected = generate(model, _engine_request(embeds, task="t2v", frames=F, shift=7.0, steps=8,
+                                               magcache=MagCacheConfig([1.0] * 3, max_skips=2)))
+    torch.testing.assert_close(lat, expected.float().cpu(), rtol=1e-5, atol=1e-5)
+    plain = generate(model, _engine_request(embeds, task="t2v", frames=F, shift=7.0, steps=8))
+    assert not torch.allclose(lat, plain.float().cpu(), atol=1e-4)      # steps were skipped
+    calibration = [t for n, t in comfy.server.texts if n == "10" and "MagCache calibration" in t]
+    assert len(calibration) == 1, comfy.server.texts
+    table = [float(v) for v in calibration[0].splitlines()[-1].split(",")]
+    assert len(table) == 4 and table[0] == 1.0 and all(v > 0 for v in table)   # 4 steps: paste-able table
+
+
+def test_magcache_node_refuses_a_bad_table(comfy):
+    p = {"1": {"class_type": "MusubiMagCache", "inputs": {"mag_ratios": "1.0, x", "retention_ratio": 0.2,
+                                                         "threshold": 0.24, "max_skips": 6, "calibrate": False}},
+         "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}}
+    comfy.run(p, expect_success=False)
+    assert "mag_ratios" in comfy.error_message() and "comma-separated numbers" in comfy.error_message()
+
+
 def test_t2i_single_frame(comfy):
     p = _base()
     p["8"] = _sampler(1, seed=4)

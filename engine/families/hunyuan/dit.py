@@ -504,12 +504,14 @@ class HunyuanVideoModel(nn.Module):
     # --- forward ----------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor, text_states: torch.Tensor,
                 text_mask: torch.Tensor | None = None, text_states_2: torch.Tensor | None = None,
-                guidance: torch.Tensor | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
+                guidance: torch.Tensor | None = None, y: torch.Tensor | None = None, block_cache=None
+                ) -> torch.Tensor:
         """x [B, 16, F, H, W] noisy latents, t [B] timesteps (0..1000), text_states [B, Lt, text_dim], text_mask
         [B, Lt] (True: a real token; None: all real), text_states_2 [B, 768] CLIP-L pooled, guidance [B] the
         embedded guidance scale x 1000 (official convention; None skips the guidance embedding, as for an
         unconditional CFG pass), y [B, in_channels-16, F, H, W] channels concatenated to x (SkyReels I2V: the
-        first-frame latent) -> velocity [B, out_channels, F, H, W] float32."""
+        first-frame latent), block_cache: a sampler's `engine.sampling.magcache.MagCache` (may reuse the blocks'
+        residual on the image tokens instead of running them) -> velocity [B, out_channels, F, H, W] float32."""
         cfg = self.config
         dtype = self.compute_dtype
         device = self.img_in.proj.weight.device
@@ -541,13 +543,17 @@ class HunyuanVideoModel(nn.Module):
         keep = torch.cat([torch.ones(batch, img.shape[1], dtype=torch.bool, device=device), text_mask], dim=1)
         keys = key_selection(keep)                                                  # padded text: never a key
 
-        for block in self.double_blocks:     # checkpointing/offload/swap wrap the blocks from outside
-            img, txt = block(img, txt, vec, rope, keys)
-        x = torch.cat([img, txt], dim=1)                                            # [B, Li+Lt, D]
-        for block in self.single_blocks:
-            x = block(x, vec, rope, keys)
+        def blocks(img: torch.Tensor) -> torch.Tensor:
+            txt_ = txt
+            for block in self.double_blocks:     # checkpointing/offload/swap wrap the blocks from outside
+                img, txt_ = block(img, txt_, vec, rope, keys)
+            x = torch.cat([img, txt_], dim=1)                                       # [B, Li+Lt, D]
+            for block in self.single_blocks:
+                x = block(x, vec, rope, keys)
+            return x[:, : img.shape[1]]
 
-        out = self.final_layer(x[:, : img.shape[1]], vec)                           # [B, Li, C*pt*ph*pw]
+        img = blocks(img) if block_cache is None else block_cache.run(img, blocks)
+        out = self.final_layer(img, vec)                                            # [B, Li, C*pt*ph*pw]
         return unpatchify(out.float(), grid, cfg.patch_size, cfg.out_channels)
 
 

@@ -31,6 +31,7 @@ from ...errors import invalid
 from ...lora.adapters import eval_mode
 from ...memory.placement import execution_device
 from ...sampling import GuidanceConfig, GuidedVelocity, make_noise, make_solver, run_sampler
+from ...sampling.magcache import MagCache, MagCacheConfig
 from ...sampling.inputs import SIZE_MULTIPLE, as_video, check_frames, encode, latent_frames
 from ...sampling.noise import NOISE_DEVICES, check_seed
 from ...sampling.solvers import ALIASES, SOLVERS
@@ -115,6 +116,7 @@ class HunyuanGenerateRequest:
     noise_device: str = "cpu"
     batch_cfg: bool = True                         # cond + uncond in one B=2 forward (Musubi without --split_uncond)
     conditioning: HunyuanConditioning | None = None  # from prepare_v2v / prepare_skyreels_i2v
+    magcache: MagCacheConfig | None = None         # skip the blocks on predictable steps (no ratios: MAGCACHE_RATIOS)
     device: torch.device | str | None = None       # None: the device of the model's patch embedding
 
     def resolve(self) -> "HunyuanGenerateRequest":
@@ -129,6 +131,8 @@ class HunyuanGenerateRequest:
             r.shift = DEFAULT_SHIFT
         if r.guidance_scale is None:
             r.guidance_scale = 1.0
+        if r.magcache is not None and r.magcache.mag_ratios is None and not r.magcache.calibrate:
+            r.magcache = dataclasses.replace(r.magcache, mag_ratios=MAGCACHE_RATIOS)
         if r.strength is None and r.task == "v2v":
             r.strength = DEFAULT_STRENGTH
         return r
@@ -216,6 +220,10 @@ def validate_request(model, r: HunyuanGenerateRequest) -> None:
             raise invalid("negative prompt", None, f"negative prompt embeddings (LLM states and CLIP-L pooled) for "
                           f"guidance_scale {r.guidance_scale} (encode an empty prompt, or set guidance_scale 1)")
         _validate_text(cfg, "negative prompt", r.negative_context, r.negative_context_mask, r.negative_pooled)
+    if r.magcache is not None:
+        r.magcache.validate()
+        if r.uses_cfg and not r.batch_cfg:
+            raise invalid("batch_cfg", False, "True with MagCache (one forward per step: its cache follows the steps)")
     _validate_conditioning(r)
 
 
@@ -264,12 +272,12 @@ def _text(context, mask, pooled, b: int, device) -> dict:
             "pooled": pooled.reshape(1, -1).to(device).expand(b, -1)}
 
 
-def _hunyuan_predict(model):
+def _hunyuan_predict(model, block_cache=None):
     """The family's forward for the generic guidance: cond = text inputs + guidance [B] (or None) + y (or None)."""
 
     def predict(x, t, cond, skip_blocks):
         return model(x, t, cond["text_states"], cond["text_mask"], cond["pooled"], guidance=cond["guidance"],
-                     y=cond["y"])
+                     y=cond["y"], block_cache=block_cache)
     return predict
 
 
@@ -311,7 +319,9 @@ def generate(model, request: HunyuanGenerateRequest, progress: Progress | None =
     if r.task == "i2v":
         y = r.conditioning.latents.to(device, torch.float32)[None].expand(b, *shape)
     cond = {**_text(r.context, r.context_mask, r.pooled, b, device), "guidance": guidance, "y": y}
-    predict = _hunyuan_predict(model)
+    # one forward per step (CFG batched), so one cache follows the run
+    block_cache = MagCache(r.magcache, solver.steps) if r.magcache is not None else None
+    predict = _hunyuan_predict(model, block_cache)
     if r.uses_cfg:
         uncond = {**_text(r.negative_context, r.negative_context_mask, r.negative_pooled, b, device),
                   "guidance": guidance, "y": y}
