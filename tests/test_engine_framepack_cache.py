@@ -7,6 +7,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from engine.data.encoding import strip_key
 from engine.errors import MusubiInputError
 from engine.families.framepack import cache as C
 
@@ -224,7 +225,7 @@ def test_encode_video_sections_trims_and_encodes():
     assert vae.calls == [(1, 3, 73, 16, 24)]                                # trimmed to 2 sections, one pass
     assert len(seen) == 1 and (seen[0] == frames[0]).all()                 # SigLIP sees the first frame
     assert list(e) == [0, 1]
-    lat = e[1][f"latents_9x2x3_float16"]
+    lat = e[1]["latents_9x2x3_float16"]
     # latent frame k = pixel frame 4k -> value 12k / 127.5 - 1; section 1 = latent frames 10..18
     want = torch.tensor([12 * k / 127.5 - 1 for k in range(10, 19)]).half()
     assert torch.equal(lat[0, :, 0, 0], want)
@@ -336,7 +337,6 @@ def test_musubi_laid_out_files_read(tmp_path):
 
 def test_collate():
     e = C.video_section_entries(_video_latents(19), EMB, 9)
-    from engine.data.encoding import strip_key
     samples = [{strip_key(k): v for k, v in e[i].items()} for i in (0, 1)]
     for s in samples:
         s.update(llama_vec=torch.zeros(512, 4096).half(), llama_attention_mask=torch.ones(512, dtype=torch.bool),

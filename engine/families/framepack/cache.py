@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 from ...atomic import save_safetensors_atomic
-from ...data.encoding import DTYPE_NAMES, dtype_name, pixels_to_video, strip_key
+from ...data.cache import load_cache_file
+from ...data.encoding import DTYPE_NAMES, dtype_name, pixels_to_video
 from ...errors import invalid
 from . import sections as S
 
@@ -278,14 +279,7 @@ def write_video_sections(cache_dir: str | Path, clip_file: str, entries: dict[in
 def read_cache_file(path: str | Path) -> dict[str, torch.Tensor]:
     """A section / one-frame file -> batch names (`latents`, `latent_indices`, `latents_clean`,
     `clean_latent_indices`, `latents_clean_2x`, `clean_latent_2x_indices`, ..., `image_embeddings`)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            out = {strip_key(k): f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own types for corrupt files
-        raise invalid(f"FramePack cache file {path}", f"unreadable ({type(e).__name__}: {e})",
-                      "a complete cache file (build the cache again)") from e
+    out = load_cache_file(path)            # refuses unreadable files naming them
     for need in ("latents", "latent_indices", "latents_clean", "clean_latent_indices", "image_embeddings"):
         if need not in out:
             raise invalid(f"FramePack cache file {path}", f"no {need!r} tensor (has {sorted(out)})",
