@@ -140,6 +140,29 @@ def test_build_and_read_back_exact(data):
     assert torch.equal(got[0][1], FakeText().encode([item.caption])[0])
 
 
+def test_an_adapter_may_store_a_clip_as_several_files(data):
+    """`encode_clip_files`: each file is its own training sample, listed in the manifest and kept by cleanup."""
+
+    class Split(WanCacheAdapter):
+        def encode_clip_files(self, file, clip):
+            whole = self.encode_clip(clip)
+            stem = file[: -len("_wan.safetensors")]
+            return {f"{stem}-{i:04d}_wan.safetensors": {k: v[:, i:i + 1] if k.startswith("latents") else v
+                                                         for k, v in whole.items()}
+                    for i in range(whole[next(k for k in whole if k.startswith("latents"))].shape[1])}
+
+    cfg = _config(data)
+    adapter = Split(vae=FakeVAE(), text_encoder=FakeText(), dtype=torch.float32, text_dtype=torch.float32)
+    report = build_cache(cfg, adapter)
+    assert report.clips_written == 4 + 3 * (1 + 2 + 3)           # one file per latent frame
+    names = {p.name for p in (data / "cache_videos").iterdir()}
+    assert {f"video_000_00000-009_0064x0048-{i:04d}_wan.safetensors" for i in range(3)} <= names
+    cached = check_cache_for_model(cfg, wan_cache_requirements(text_dim=32, vae_identity="fake-vae"))
+    assert sum(len(d.samples) for d in cached) == 4 + 18
+    assert build_cache(cfg, adapter).clips_written == 0            # up to date: nothing re-encoded, nothing removed
+    assert names <= {p.name for p in (data / "cache_videos").iterdir()}
+
+
 def test_changed_caption_recomputes_only_its_text(data):
     cfg = _config(data)
     build_cache(cfg, _adapter())

@@ -290,15 +290,17 @@ def _run_latents(plan: _Plan, adapter: CacheAdapter, workers: int, report: Cache
     for item, clips in _prefetch(prepare, plan.latent_todo, workers):
         records = []
         for pc in clips:
-            tensors = adapter.encode_clip(pc.clip)
-            _check_finite(tensors, f"latents of {item.path or item.key}")
-            meta = {"architecture": adapter.arch, "width": str(pc.bucket[0]), "height": str(pc.bucket[1]),
-                    "format_version": FORMAT_VERSION}
-            if item.kind == "video":
-                meta["frame_count"] = str(pc.frames)
-            save_safetensors_atomic(tensors, plan.cache_dir / pc.file, metadata=meta)
-            records.append({"file": pc.file, "start": pc.start, "frames": pc.frames, "bucket": list(pc.bucket)})
-            report.clips_written += 1
+            split = getattr(adapter, "encode_clip_files", None)   # a family that stores a clip as several files
+            files = split(pc.file, pc.clip) if split is not None else {pc.file: adapter.encode_clip(pc.clip)}
+            for name, tensors in files.items():
+                _check_finite(tensors, f"latents of {item.path or item.key}")
+                meta = {"architecture": adapter.arch, "width": str(pc.bucket[0]), "height": str(pc.bucket[1]),
+                        "format_version": FORMAT_VERSION}
+                if item.kind == "video":
+                    meta["frame_count"] = str(pc.frames)
+                save_safetensors_atomic(tensors, plan.cache_dir / name, metadata=meta)
+                records.append({"file": name, "start": pc.start, "frames": pc.frames, "bucket": list(pc.bucket)})
+                report.clips_written += 1
         entry = plan.manifest["items"].setdefault(item.key, {})
         entry["latents"] = {"key": plan.latent_desc["key"], "fingerprint": _jsonable(item.fingerprint()),
                             "clips": records}

@@ -79,7 +79,9 @@ class CacheAdapter(Protocol):
         """Encoder identity + options that determine text files; None = this run writes no text caches."""
 
     def encode_clip(self, clip: Clip) -> dict[str, torch.Tensor]:
-        """Stored tensors for one clip (names with suffixes, see module docstring)."""
+        """Stored tensors for one clip (names with suffixes, see module docstring). An adapter that stores a clip
+        as several training samples (one file each) defines `encode_clip_files(file, clip) -> {file name: tensors}`
+        instead (names ending like `file`, `_<arch>.safetensors`)."""
 
     def encode_texts(self, captions: list[str]) -> list[dict[str, torch.Tensor]]:
         """Stored tensors for each caption."""
