@@ -1,0 +1,1 @@
+"""FramePack: HunyuanVideo-based packed I2V model (sections with compressed history)."""
