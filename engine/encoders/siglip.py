@@ -13,9 +13,9 @@ Accepted weights (layout from key names, sizes from shapes):
 * a Hugging Face folder: `config.json` + `model.safetensors` (FLUX.1-Redux-dev `image_encoder`, given as that folder
   or its parent), the heads, epsilon and activation read from the config.
 
-Preprocessing (Musubi: transformers' SiglipImageProcessor): the whole frame, aspect not kept, resized to 384x384
-bicubic with antialiasing (PIL's filter; PIL also rounds to uint8 in between, not done here), normalized with mean =
-std = 0.5, i.e. the [-1, 1] pixel range itself.
+Preprocessing (Musubi: transformers' SiglipImageProcessor on the uint8 frame): the whole frame, aspect not kept,
+resized to 384x384 with PIL's antialiased bicubic filter (emulated: the same result for all but a few pixels, those one
+uint8 step off), normalized with mean = std = 0.5.
 """
 
 from __future__ import annotations
@@ -73,13 +73,19 @@ _TINY_MAX_WIDTH = 256  # widths below this are test models: 16-dim heads (head c
 # Preprocessing
 # --------------------------------------------------------------------------------------------------------------
 def preprocess(images: torch.Tensor, size: int = 384) -> torch.Tensor:
-    """[B, 3, H, W] in [-1, 1] -> [B, 3, size, size] SigLIP pixel values (float32; (x01 - 0.5) / 0.5 = x)."""
+    """[B, 3, H, W] in [-1, 1] -> [B, 3, size, size] SigLIP pixel values (float32).
+
+    As Musubi's processor sees the frame: uint8 levels, resized the way PIL's bicubic filter does it (antialiased,
+    width first then height, rounded and clipped to uint8 after each pass), then (x/255 - 0.5) / 0.5."""
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
-        raise invalid("images", getattr(images, "shape", type(images).__name__), "a [B, 3, H, W] tensor in [-1, 1]")
-    x = images.float()
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-    return x.clamp(-1.0, 1.0)                     # PIL's bicubic result is clipped to the pixel range
+        shown = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise invalid("images", shown, "a [B, 3, H, W] tensor in [-1, 1]")
+    v = ((images.float() + 1) * 127.5).round().clamp(0, 255)
+    for target in ((v.shape[-2], size), (size, size)):
+        if tuple(v.shape[-2:]) != target:
+            v = F.interpolate(v, size=target, mode="bicubic", align_corners=False, antialias=True)
+            v = v.round().clamp(0, 255)
+    return v / 127.5 - 1
 
 
 # --------------------------------------------------------------------------------------------------------------
