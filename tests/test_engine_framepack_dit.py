@@ -204,11 +204,11 @@ def test_musubi_lora_names_map_one_to_one_onto_block_linears():
                and n.startswith(("transformer_blocks.", "single_transformer_blocks."))]
     kohya = {"lora_unet_" + n.replace(".", "_") for n in linears}
     assert len(kohya) == len(linears) == 2 * 14 + 2 * 6
-    for name in ("lora_unet_transformer_blocks_0_attn_to_q", "lora_unet_transformer_blocks_1_attn_add_v_proj",
-                 "lora_unet_transformer_blocks_0_attn_to_out_0", "lora_unet_transformer_blocks_0_ff_net_0_proj",
-                 "lora_unet_transformer_blocks_0_norm1_context_linear", "lora_unet_single_transformer_blocks_1_proj_mlp",
-                 "lora_unet_single_transformer_blocks_0_attn_to_k", "lora_unet_single_transformer_blocks_0_norm_linear"):
-        assert name in kohya, name
+    for name in ("transformer_blocks_0_attn_to_q", "transformer_blocks_1_attn_add_v_proj",
+                 "transformer_blocks_0_attn_to_out_0", "transformer_blocks_0_ff_net_0_proj",
+                 "transformer_blocks_0_norm1_context_linear", "single_transformer_blocks_1_proj_mlp",
+                 "single_transformer_blocks_0_attn_to_k", "single_transformer_blocks_0_norm_linear"):
+        assert "lora_unet_" + name in kohya, name
 
 
 # --------------------------------------------------------------------------------------------------------------
