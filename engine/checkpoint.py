@@ -1,6 +1,7 @@
 """Read weights from the files users actually have, one tensor at a time.
 
-Supported: safetensors (single file, `-0000N-of-0000M` shards, `*.safetensors.index.json`), and pickle-based
+Supported: safetensors (single file, `-0000N-of-0000M` shards given by any shard, `*.safetensors.index.json`, or a
+model folder holding one of these), and pickle-based
 `.pt/.pth/.ckpt/.bin` loaded with `torch.load(weights_only=True)` only (memory-mapped when the file allows it).
 
 A `Checkpoint` is a read-only name -> tensor view. Tensors are produced on demand, so a 14B model is streamed into
@@ -56,6 +57,10 @@ def expand_shards(path: Path) -> list[Path]:
             files = sorted(set(index["weight_map"].values()))
         except (OSError, ValueError, KeyError, AttributeError) as e:
             raise invalid(f"checkpoint index {path}", "unreadable", "a json file with a 'weight_map' object") from e
+        missing = [f for f in files if not (path.parent / f).is_file()]
+        if missing:
+            raise invalid(f"checkpoint index {path}", f"{len(files)} shards with {missing} missing",
+                          "every shard the index names, in the index's folder")
         return [path.parent / f for f in files]
     m = _SHARD_RE.match(path.name)
     if not m:
@@ -66,6 +71,21 @@ def expand_shards(path: Path) -> list[Path]:
     if missing:
         raise invalid(f"checkpoint {path}", f"{total} shards with {missing} missing", "every shard in the same folder")
     return shards
+
+
+def weights_in_folder(folder: Path) -> Path:
+    """The weight file a model folder holds (a Hugging Face snapshot, a diffusers component folder): its
+    `*.safetensors.index.json`, else its single `.safetensors` file or shard set (the first shard)."""
+    index = sorted(folder.glob("*.safetensors.index.json"))
+    if len(index) == 1:
+        return index[0]
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(SAFETENSORS_EXT))
+    sets = {(m["stem"], m["total"]) if (m := _SHARD_RE.match(p.name)) else p.name: p for p in reversed(files)}
+    if len(index) > 1 or len(sets) != 1:
+        found = [p.name for p in index] or [p.name for p in files[:6]]
+        raise invalid(f"checkpoint folder {folder}", found or "no .safetensors file",
+                      "one model in the folder: one *.safetensors.index.json, one .safetensors file or one shard set")
+    return next(iter(sets.values()))
 
 
 class _SafetensorsFile:
@@ -167,8 +187,10 @@ class Checkpoint:
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Checkpoint":
         path = Path(path)
+        if path.is_dir():
+            path = weights_in_folder(path)
         if not path.is_file():
-            raise invalid("checkpoint", str(path), "an existing weight file")
+            raise invalid("checkpoint", str(path), "an existing weight file or model folder")
         files = []
         for p in expand_shards(path):
             name = p.name.lower()

@@ -29,12 +29,13 @@ EXPECTED = f"a HunyuanVideo DiT (diffusion model) file with keys like {MARKER_KE
 _IDENTIFY_KIND = "HunyuanVideo or Flux DiT"      # our own kind in the generic table (engine/families/identify.py)
 
 # (key test, what the file is, what to do): what only this family knows of other files, checked before the table
+# (FramePack before diffusers-layout HunyuanVideo: it has the same refiner keys)
 _OTHER_FILES = (
+    (lambda ks: _any(ks, "clean_x_embedder.", "image_projection."),
+     "a FramePack DiT (HunyuanVideo-based, diffusers layout)", "use the FramePack loader"),
     (lambda ks: _any(ks, "context_embedder.token_refiner."),
      "a diffusers-layout HunyuanVideo DiT (keys like 'transformer_blocks.0.attn.to_q')",
      "the official single-file layout (mp_rank_00_model_states.pt, or ComfyUI's hunyuan_video_t2v_720p_bf16)"),
-    (lambda ks: _any(ks, "clean_x_embedder.", "image_projection."),
-     "a FramePack DiT (HunyuanVideo-based, diffusers layout)", "use the FramePack loader"),
     (lambda ks: _any(ks, "byt5_in.", "cond_type_embedding.", "vision_in."),
      "a HunyuanVideo 1.5 DiT", "a HunyuanVideo (1.0) or SkyReels V1 DiT (HunyuanVideo 1.5 is not supported)"),
     (lambda ks: _any(ks, "double_blocks.") and not _any(ks, "txt_in.individual_token_refiner."),

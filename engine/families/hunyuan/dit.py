@@ -100,13 +100,21 @@ def timestep_features(t: torch.Tensor, dim: int = FREQ_DIM) -> torch.Tensor:
 
 def rope_cos_sin(grid: tuple[int, int, int], rope_dims: tuple[int, int, int], theta: float, device
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [Li, 1, d/2] (float32, computed in float64) for a (f, h, w) patch grid, tokens in f,h,w order.
-    Each axis uses its own channel count: angle = pos·θ^(-2j/axis_dim), positions 0..n-1 on the patch grid."""
+    """cos/sin tables [Li, 1, d/2] (float32, computed in float64) for a (f, h, w) patch grid, tokens in f,h,w order,
+    positions 0..n-1 on every axis."""
+    return rope_cos_sin_at(tuple(torch.arange(n, dtype=torch.float64, device=device) for n in grid), rope_dims, theta)
+
+
+def rope_cos_sin_at(positions: tuple[torch.Tensor, torch.Tensor, torch.Tensor], rope_dims: tuple[int, int, int],
+                    theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [f*h*w, 1, d/2] (float32, computed in float64) for explicit per-axis positions (1-D tensors of
+    lengths f, h, w; e.g. FramePack's frame indices), tokens in f,h,w order. Each axis uses its own channel count:
+    angle = pos·θ^(-2j/axis_dim)."""
     axes = []
-    for n, dim in zip(grid, rope_dims):
-        omega = 1.0 / torch.pow(theta, torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)
-        axes.append(torch.outer(torch.arange(n, dtype=torch.float64, device=device), omega))   # [n, dim/2]
-    f, h, w = grid
+    for pos, dim in zip(positions, rope_dims):
+        omega = 1.0 / torch.pow(theta, torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device) / dim)
+        axes.append(torch.outer(pos.to(torch.float64), omega))                                   # [n, dim/2]
+    f, h, w = (len(p) for p in positions)
     angles = torch.cat([axes[0][:, None, None].expand(f, h, w, -1), axes[1][None, :, None].expand(f, h, w, -1),
                         axes[2][None, None, :].expand(f, h, w, -1)], dim=-1).reshape(f * h * w, 1, -1)
     return torch.cos(angles).float(), torch.sin(angles).float()

@@ -63,9 +63,10 @@ def _init_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, device
 
 
 def random_state_dict(config: HunyuanConfig, seed: int = 0, device: torch.device | str = "cpu",
-                      dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """A full official-layout state dict with random weights for any config (shapes from a meta-built model)."""
-    shapes = {k: tuple(v.shape) for k, v in build_hunyuan_model(config, "meta").state_dict().items()}
+                      dtype: torch.dtype = torch.float32, build=build_hunyuan_model) -> dict[str, torch.Tensor]:
+    """A full official-layout state dict with random weights for any config (shapes from a meta-built model;
+    `build(config, device)` builds it: FramePack passes its own model)."""
+    shapes = {k: tuple(v.shape) for k, v in build(config, "meta").state_dict().items()}
     gen = torch.Generator(device=device).manual_seed(seed)
     return {k: _init_tensor(k, shapes[k], gen, device, dtype) for k in sorted(shapes)}
 
