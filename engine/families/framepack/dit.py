@@ -472,15 +472,16 @@ class FramePackModel(nn.Module):
                 clean_latents: torch.Tensor | None = None, clean_latent_indices: torch.Tensor | None = None,
                 clean_latents_2x: torch.Tensor | None = None, clean_latent_2x_indices: torch.Tensor | None = None,
                 clean_latents_4x: torch.Tensor | None = None, clean_latent_4x_indices: torch.Tensor | None = None,
-                rope_scaling: tuple[float, float] | None = None) -> torch.Tensor:
+                rope_scaling: tuple[float, float] | None = None, block_cache=None) -> torch.Tensor:
         """x [B, 16, F, H, W] noisy latents of the section, t [B] timesteps (0..1000), text_states [B, Lt, text_dim],
         text_mask [B, Lt] (True: a real token; None: all real), pooled [B, 768] CLIP-L pooled, guidance [B] the
         embedded guidance scale x 1000 (None skips the guidance embedding), latent_indices [B, F] or [F] the
         section's frame positions (None: 0..F-1), image_embeddings [B, 729, 1152] SigLIP last hidden state (None: no
         image tokens), clean_latents* [B, 16, Fc, H, W] history latents (1x, 2x, 4x; each optional, each with its
         [B, Fc] or [Fc] indices), rope_scaling (timestep threshold, factor): h/w RoPE positions times factor for the
-        samples whose t >= threshold (inference at a higher resolution than trained)
-        -> velocity [B, out_channels, F, H, W] float32."""
+        samples whose t >= threshold (inference at a higher resolution than trained), block_cache a sampler's
+        `engine.sampling.magcache.MagCache` (may reuse the blocks' residual on the video tokens instead of running
+        them) -> velocity [B, out_channels, F, H, W] float32."""
         cfg = self.config
         dtype = self.compute_dtype
         device = self.x_embedder.proj.weight.device
@@ -543,14 +544,17 @@ class FramePackModel(nn.Module):
             keep.append(torch.ones(batch, image.shape[1], dtype=torch.bool, device=device))
         keys = key_selection(torch.cat([*keep, text_mask], dim=1))                 # padded text: never a key
 
-        for block in self.transformer_blocks:     # checkpointing/offload/swap wrap the blocks from outside
-            img, txt = block(img, txt, vec, rope, keys)
-        lv = img.shape[1]
-        x = torch.cat([img, txt], dim=1)                                           # [B, Lv+Lc, D]
-        for block in self.single_transformer_blocks:
-            x = block(x, vec, rope, keys)
+        def blocks(img: torch.Tensor) -> torch.Tensor:
+            txt_ = txt
+            for block in self.transformer_blocks:     # checkpointing/offload/swap wrap the blocks from outside
+                img, txt_ = block(img, txt_, vec, rope, keys)
+            x = torch.cat([img, txt_], dim=1)                                      # [B, Lv+Lc, D]
+            for block in self.single_transformer_blocks:
+                x = block(x, vec, rope, keys)
+            return x[:, : img.shape[1]]
 
-        out = self.norm_out(x[:, lv - math.prod(grid): lv], vec)                    # generated tokens [B, Lx, D]
+        img = blocks(img) if block_cache is None else block_cache.run(img, blocks)
+        out = self.norm_out(img[:, img.shape[1] - math.prod(grid):], vec)          # generated tokens [B, Lx, D]
         w, b = self.proj_out.weight, self.proj_out.bias
         out = self.proj_out(out.float()) if w.dtype == torch.float32 else F.linear(out.float(), w.float(), b.float())
         return unpatchify(out, grid, cfg.patch_size, cfg.out_channels)
