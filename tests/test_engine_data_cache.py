@@ -144,7 +144,7 @@ def test_an_adapter_may_store_a_clip_as_several_files(data):
     """`encode_clip_files`: each file is its own training sample, listed in the manifest and kept by cleanup."""
 
     class Split(WanCacheAdapter):
-        def encode_clip_files(self, file, clip):
+        def encode_clip_files(self, file, clip, ds):
             whole = self.encode_clip(clip)
             stem = file[: -len("_wan.safetensors")]
             return {f"{stem}-{i:04d}_wan.safetensors": {k: v[:, i:i + 1] if k.startswith("latents") else v

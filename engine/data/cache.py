@@ -291,7 +291,7 @@ def _run_latents(plan: _Plan, adapter: CacheAdapter, workers: int, report: Cache
         records = []
         for pc in clips:
             split = getattr(adapter, "encode_clip_files", None)   # a family that stores a clip as several files
-            files = split(pc.file, pc.clip) if split is not None else {pc.file: adapter.encode_clip(pc.clip)}
+            files = split(pc.file, pc.clip, ds) if split is not None else {pc.file: adapter.encode_clip(pc.clip)}
             for name, tensors in files.items():
                 _check_finite(tensors, f"latents of {item.path or item.key}")
                 meta = {"architecture": adapter.arch, "width": str(pc.bucket[0]), "height": str(pc.bucket[1]),

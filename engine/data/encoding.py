@@ -53,6 +53,7 @@ class OneFrameSpec:
 
     clean_indices: tuple[int, ...]     # `fp_1f_clean_indices`: one RoPE frame index per control image, in order
     target_index: int                  # `fp_1f_target_index`
+    no_post: bool = False              # `fp_1f_no_post`: no zero "post" clean latent after the controls
 
 
 @dataclass
@@ -80,8 +81,8 @@ class CacheAdapter(Protocol):
 
     def encode_clip(self, clip: Clip) -> dict[str, torch.Tensor]:
         """Stored tensors for one clip (names with suffixes, see module docstring). An adapter that stores a clip
-        as several training samples (one file each) defines `encode_clip_files(file, clip) -> {file name: tensors}`
-        instead (names ending like `file`, `_<arch>.safetensors`)."""
+        as several training samples (one file each) defines `encode_clip_files(file, clip, ds) -> {file name: tensors}`
+        instead (names ending like `file`, `_<arch>.safetensors`; `ds` is the item's dataset config)."""
 
     def encode_texts(self, captions: list[str]) -> list[dict[str, torch.Tensor]]:
         """Stored tensors for each caption."""

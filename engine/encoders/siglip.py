@@ -65,7 +65,7 @@ class SiglipConfig:
 
 SIGLIP_384 = SiglipConfig()
 # 56 px / patch 14: 16 tokens; 2 heads of 16 channels.
-TINY_SIGLIP = SiglipConfig(hidden_size=32, intermediate_size=48, num_layers=2, num_heads=2, image_size=56)
+TINY_SIGLIP = SiglipConfig(hidden_size=48, intermediate_size=64, num_layers=2, num_heads=3, image_size=56)
 _TINY_MAX_WIDTH = 256  # widths below this are test models: 16-dim heads (head count is not stored in the weights)
 
 

@@ -13,7 +13,8 @@ import torch.nn as nn
 from ..errors import invalid
 from .family import Family, Fp8Spec, LoRASpec, names_in_blocks
 
-_BUILT_IN = {"wan": ".wan.family", "hunyuan": ".hunyuan.family"}      # name -> module whose FAMILY implements `Family`
+_BUILT_IN = {"wan": ".wan.family", "hunyuan": ".hunyuan.family",   # name -> module whose FAMILY implements `Family`
+             "framepack": ".framepack.family"}
 _REGISTERED: dict[str, Family] = {}
 
 

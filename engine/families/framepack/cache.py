@@ -37,7 +37,8 @@ import torch
 
 from ...atomic import save_safetensors_atomic
 from ...data.cache import load_cache_file
-from ...data.encoding import DTYPE_NAMES, dtype_name, pixels_to_video
+from ...data.encoding import (DTYPE_NAMES, Clip, OneFrameSpec, dtype_name, encoder_identity, pixels_to_video,
+                              weights_placement)
 from ...errors import invalid
 from . import sections as S
 
@@ -322,6 +323,145 @@ def collate(samples: list[dict[str, torch.Tensor]]) -> dict:
     return batch
 
 
+# --- the family's cache adapter (the generic builder calls it) --------------------------------------------------------
+
+TEXT_TOKENS = 512            # Musubi pads the LLM states (at most 256 real tokens) to 512
+
+
+def one_frame_spec(ds) -> OneFrameSpec | None:
+    """An image dataset with control images is a one-frame dataset: `fp_1f_target_index` is required (Musubi fails
+    without it), `fp_1f_clean_indices` defaults to [0] (Musubi's fallback), `fp_1f_no_post` is honoured."""
+    if getattr(ds, "kind", None) != "image":
+        return None
+    target, clean = getattr(ds, "fp_1f_target_index", None), getattr(ds, "fp_1f_clean_indices", None)
+    if target is None:
+        raise invalid(f"dataset #{ds.index} ({ds.source or 'in-memory'}) fp_1f_target_index", None,
+                      "the target frame index of one-frame training (e.g. 9, or 1 with fp_1f_clean_indices = [0, 10] "
+                      "for kisekaeichi)")
+    return OneFrameSpec(tuple(int(i) for i in clean) if clean else (0,), int(target),
+                        bool(getattr(ds, "fp_1f_no_post", False)))
+
+
+def one_frame_control(path, ds, bucket: tuple[int, int]) -> np.ndarray:
+    """A control image in the target's bucket, [H, W, 4] uint8 when it has an alpha channel (its mask)."""
+    from PIL import Image
+
+    from ...data.buckets import resize_and_crop
+    from ...data.media import load_image
+
+    rgb = resize_and_crop(load_image(path), bucket)
+    with Image.open(path) as im:
+        if "A" not in im.getbands():
+            return rgb
+        alpha = np.asarray(im.getchannel("A"))
+    alpha = resize_and_crop(np.repeat(alpha[..., None], 3, axis=2), bucket)[..., :1]
+    return np.concatenate([rgb, alpha], axis=2)
+
+
+class FramePackCacheAdapter:
+    """Encoders are loaded objects with an `identity`: `vae.encode([B,3,F,H,W] in [-1,1]) -> DiT latents` (the
+    HunyuanVideo VAE), `image_encoder.encode([B,3,H,W] in [-1,1]) -> [B, 729, 1152]` (SigLIP), `text_encoder` the
+    HunyuanVideo pair (`..hunyuan.text.HunyuanTextEncoders`). `f1`: FramePack-F1's section layout;
+    `one_frame_no_2x` / `_no_4x`: Musubi's `--one_frame_no_2x/4x` caching flags."""
+
+    arch = ARCH
+    target_fps = 30.0            # Musubi's FramePack frame rate
+
+    def __init__(self, vae=None, image_encoder=None, text_encoder=None, *, f1: bool = False,
+                 one_frame_no_2x: bool = False, one_frame_no_4x: bool = False, dtype: torch.dtype = torch.float16,
+                 text_dtype: torch.dtype = torch.float16):
+        _check_dtype(dtype)
+        _check_dtype(text_dtype)
+        if vae is not None and image_encoder is None:
+            raise invalid("image encoder", None, "the SigLIP image encoder: every FramePack section cache holds the "
+                                                 "start image's embedding (connect it as clip_vision)")
+        self.vae, self.image_encoder, self.text_encoder = vae, image_encoder, text_encoder
+        self.f1, self.no_2x, self.no_4x = bool(f1), bool(one_frame_no_2x), bool(one_frame_no_4x)
+        self.dtype, self.text_dtype = dtype, text_dtype
+
+    def latent_description(self) -> dict | None:
+        if self.vae is None:
+            return None
+        return {"vae": encoder_identity(self.vae, "VAE"),
+                "image_encoder": encoder_identity(self.image_encoder, "SigLIP image encoder"),
+                "dtype": dtype_name(self.dtype), "f1": self.f1, "no_2x": self.no_2x, "no_4x": self.no_4x}
+
+    def dataset_latent_description(self, ds) -> dict:
+        return {"latent_window_size": int(getattr(ds, "fp_latent_window_size", S.DEFAULT_LATENT_WINDOW_SIZE))}
+
+    def text_description(self) -> dict | None:
+        if self.text_encoder is None:
+            return None
+        return {"text_encoder": encoder_identity(self.text_encoder, "HunyuanVideo text encoders"),
+                "dtype": dtype_name(self.text_dtype)}
+
+    # the generic builder asks these for image datasets with control images
+    one_frame_spec = staticmethod(one_frame_spec)
+    one_frame_control = staticmethod(one_frame_control)
+
+    def _vae_encode(self, video: torch.Tensor) -> torch.Tensor:
+        device, dtype = weights_placement(self.vae)
+        return self.vae.encode(video.to(device, dtype)).float()
+
+    def _image_encode(self, image: np.ndarray) -> torch.Tensor:
+        device, dtype = weights_placement(self.image_encoder)
+        pixels = pixels_to_video(np.asarray(image)[None, ..., :3], device, dtype)[:, :, 0]   # [1, 3, H, W]
+        return self.image_encoder.encode(pixels)[0].float().cpu()
+
+    @torch.no_grad()
+    def encode_clip_files(self, file: str, clip: Clip, ds) -> dict[str, dict[str, torch.Tensor]]:
+        if self.vae is None:
+            raise invalid("FramePack cache", "no VAE", "the HunyuanVideo VAE to encode latents")
+        lws = int(getattr(ds, "fp_latent_window_size", S.DEFAULT_LATENT_WINDOW_SIZE))
+        if clip.one_frame is not None:
+            spec = clip.one_frame
+            entry = encode_one_frame(clip.frames[0], clip.controls, self._vae_encode, self._image_encode,
+                                     clean_indices=spec.clean_indices, target_index=spec.target_index,
+                                     latent_window_size=lws, no_post=spec.no_post, no_2x=self.no_2x,
+                                     no_4x=self.no_4x, dtype=self.dtype)
+            return {file: entry}
+        if clip.control is not None or len(clip.frames) == 1:
+            raise invalid(f"FramePack cache item {file}", "an image or a control video",
+                          "video datasets (one file per section), or image datasets with control images and "
+                          "fp_1f_target_index (one-frame training)")
+        entries = encode_video_sections(clip.frames, self._vae_encode, self._image_encode, lws, f1=self.f1,
+                                        dtype=self.dtype)
+        return {section_file_name(file, i): t for i, t in entries.items()}
+
+    @torch.no_grad()
+    def encode_texts(self, captions: list[str]) -> list[dict[str, torch.Tensor]]:
+        if self.text_encoder is None:
+            raise invalid("FramePack cache", "no text encoders", "the HunyuanVideo text encoders (LLaMA + CLIP-L)")
+        out = self.text_encoder.encode(list(captions))          # states [B, L<=256, D], mask, pooled [B, 768]
+        states, mask, pooled = out["states"], out["mask"], out["pooled"]
+        if states.shape[1] > TEXT_TOKENS:
+            raise invalid("LLM text states", tuple(states.shape), f"at most {TEXT_TOKENS} tokens")
+        td = dtype_name(self.text_dtype)
+        rows = []
+        for i in range(len(captions)):
+            vec = states.new_zeros(TEXT_TOKENS, states.shape[-1])
+            keep = mask[i].bool()
+            n = int(keep.sum())
+            vec[:n] = states[i][keep]                           # real tokens first, then zeros (Musubi's layout)
+            m = torch.zeros(TEXT_TOKENS, dtype=torch.bool)
+            m[:n] = True
+            rows.append({f"llama_vec_{td}": vec.to("cpu", self.text_dtype).clone(), "llama_attention_mask": m,
+                         f"clip_l_pooler_{td}": pooled[i].to("cpu", self.text_dtype).clone()})
+        return rows
+
+
+def family_collate(samples: list[dict[str, torch.Tensor]]) -> dict:
+    """`collate` plus the text under the names the trainer and the DiT use (`text_states`, `text_mask`, `pooled`)."""
+    batch = collate(samples)
+    if "llama_vec" in batch:
+        batch["text_states"] = batch.pop("llama_vec")
+        batch["text_mask"] = batch.pop("llama_attention_mask").bool()
+    if "clip_l_pooler" in batch:
+        batch["pooled"] = batch.pop("clip_l_pooler").reshape(len(samples), -1)
+    return batch
+
+
 __all__ = ["ARCH", "ARCH_FULL", "FORMAT_VERSION", "aligned_frames", "section_file_name", "parse_section_file_name",
            "video_section_entries", "one_frame_entry", "encode_video_sections", "encode_one_frame", "file_metadata",
-           "write_cache_file", "write_video_sections", "read_cache_file", "section_inputs", "collate"]
+           "write_cache_file", "write_video_sections", "read_cache_file", "section_inputs", "collate",
+           "FramePackCacheAdapter", "family_collate", "one_frame_spec", "one_frame_control"]

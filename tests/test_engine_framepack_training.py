@@ -1,0 +1,190 @@
+"""FramePack through the generic engine: the family's cache adapter writes Musubi's section / one-frame / text files
+with real tiny encoders (HunyuanVideo VAE and text encoders, SigLIP), the batch carries every section input, a LoRA on
+Musubi's FramePack targets learns and resumes exactly, and saves in Musubi's names."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from engine.data import CachedBatchLoader, build_cache, check_cache_for_model, dataset_from_tensors
+from engine.data.cache import load_cache_file
+from engine.encoders.clip_text import PRESET_TINY as CLIP_PRESET, load_clip_text
+from engine.encoders.llava_llama import PRESET_TINY as LLM_PRESET, load_llava_llama
+from engine.encoders.siglip import load_siglip
+from engine.errors import MusubiInputError
+from engine.families import family_for_cache_arch, family_for_lora_names, family_of, get_family
+from engine.families.framepack.dit import FramePackModel
+from engine.families.framepack.presets import build_preset_state_dict, preset_config
+from engine.families.hunyuan.text import HunyuanTextEncoders
+from engine.families.hunyuan.vae import TINY_VAE_PRESET, load_hunyuan_vae
+from engine.lora import read_lora
+from engine.training import (InMemoryBatchLoader, NetworkConfig, OptimizerConfig, TimestepConfig, TrainingConfig,
+                             TrainingSession)
+
+FAMILY = get_family("framepack")
+LWS = 2                                   # latent window size of the tests: one section = 9 pixel frames
+
+
+@pytest.fixture(scope="module")
+def encoders():
+    vae = load_hunyuan_vae(TINY_VAE_PRESET, dtype=torch.float32)
+    vae.identity = "tiny-hv-vae"
+    siglip = load_siglip("preset:tiny-siglip", dtype=torch.float32)
+    text = HunyuanTextEncoders(load_llava_llama(LLM_PRESET, dtype=torch.float32),
+                               load_clip_text(CLIP_PRESET, dtype=torch.float32))
+    return vae, siglip, text
+
+
+def tiny():
+    model = FramePackModel(preset_config("tiny"))
+    model.load_state_dict(build_preset_state_dict("tiny"))
+    return model.eval().requires_grad_(False)
+
+
+def _video_dataset(tmp_path, frames=17):
+    g = torch.Generator().manual_seed(0)
+    clips = [torch.rand(frames, 32, 32, 3, generator=g) for _ in range(2)]
+    cfg = dataset_from_tensors(clips, ["a red cat walks", "two blue dogs run"], tmp_path / "cache",
+                               resolution=(32, 32))
+    cfg.datasets[0] = dataclasses.replace(cfg.datasets[0], fp_latent_window_size=LWS)
+    return cfg
+
+
+def test_section_caches_are_musubis_files_and_batch_every_section_input(tmp_path, encoders):
+    vae, siglip, text = encoders
+    cfg = _video_dataset(tmp_path)                      # 17 frames = 5 latents = 2 sections of 2 + the start
+    adapter = FAMILY.latent_cache_adapter(vae, "i2v", siglip)
+    assert family_for_cache_arch(adapter.arch) is FAMILY and adapter.target_fps == 30.0
+    build_cache(cfg, adapter)
+    build_cache(cfg, FAMILY.cache_adapter(text_encoder=text))
+    files = sorted(p.name for p in (tmp_path / "cache").glob("*_fp.safetensors"))
+    assert len(files) == 4 and all("-0000_" in f or "-0001_" in f for f in files)    # one file per section
+    stored = load_cache_file(tmp_path / "cache" / files[1])
+    assert stored["latents"].shape == (16, LWS, 4, 4) and stored["latents"].dtype == torch.float16
+    assert stored["latents_clean"].shape == (16, 2, 4, 4) and stored["latents_clean_4x"].shape == (16, 16, 4, 4)
+    assert stored["image_embeddings"].shape[-1] == siglip.config.hidden_size
+    te = load_cache_file(next((tmp_path / "cache").glob("*_fp_te.safetensors")))
+    assert te["llama_vec"].shape == (512, 32) and te["llama_attention_mask"].dtype == torch.bool
+    n = int(te["llama_attention_mask"].sum())
+    assert 0 < n <= 256 and not te["llama_attention_mask"][n:].any() and not te["llama_vec"][n:].any()
+    assert te["clip_l_pooler"].shape == (24,)
+
+    model = tiny()
+    cached = check_cache_for_model(cfg, FAMILY.cache_requirements(model))
+    batch = next(iter(CachedBatchLoader(cached, seed=0)))
+    FAMILY.check_batch(model, batch)
+    assert batch["latent_indices"].shape == (1, LWS) and batch["clean_latent_4x_indices"].shape == (1, 16)
+    assert batch["text_states"].shape == (1, 512, 32) and batch["pooled"].shape == (1, 24)
+    x = batch["latents"].float()
+    pred, _ = FAMILY.training_forward(model, batch, x, torch.tensor([500.0]), x)
+    assert pred.shape == x.shape and torch.isfinite(pred).all()
+
+
+def test_f1_layout_and_task_refusals(tmp_path, encoders):
+    vae, siglip, _ = encoders
+    cfg = _video_dataset(tmp_path)
+    build_cache(cfg, FAMILY.latent_cache_adapter(vae, "f1", siglip))
+    first = load_cache_file(sorted((tmp_path / "cache").glob("*-0000_*_fp.safetensors"))[0])
+    assert first["clean_latent_indices"].tolist() == [0, 19]           # F1: start, then the 1x frame at 19
+    with pytest.raises(MusubiInputError, match="clip_vision"):
+        FAMILY.latent_cache_adapter(vae, "i2v", None)
+    with pytest.raises(MusubiInputError, match="i2v .*FramePack"):
+        FAMILY.latent_cache_adapter(vae, "t2v", siglip)
+
+
+def test_one_frame_cache_with_a_masked_control(tmp_path, encoders):
+    vae, siglip, _ = encoders
+    (tmp_path / "img").mkdir()
+    rgb = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "img" / "a.png")
+    (tmp_path / "img" / "a.txt").write_text("a cat")
+    (tmp_path / "ctrl").mkdir()
+    rgba = np.concatenate([rgb, np.full((32, 32, 1), 255, np.uint8)], axis=2)
+    rgba[:, 16:, 3] = 0                                                  # right half masked out
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "ctrl" / "a.png")
+    from engine.data import load_dataset_config
+
+    cfg = load_dataset_config(f"""
+[general]
+resolution = [32, 32]
+caption_extension = ".txt"
+[[datasets]]
+image_directory = "{tmp_path / 'img'}"
+control_directory = "{tmp_path / 'ctrl'}"
+cache_directory = "{tmp_path / 'cache'}"
+fp_1f_clean_indices = [0]
+fp_1f_target_index = 9
+fp_1f_no_post = true
+""")
+    build_cache(cfg, FAMILY.latent_cache_adapter(vae, "i2v", siglip))
+    stored = load_cache_file(next((tmp_path / "cache").glob("*_fp.safetensors")))
+    assert stored["latent_indices"].tolist() == [9] and stored["clean_latent_indices"].tolist() == [0]
+    assert stored["latents_clean"].shape == (16, 1, 4, 4)                # no post latent
+    # the alpha, resized to the latent by LANCZOS (Musubi's), zeroes the masked side (the edge column is blended)
+    assert not stored["latents_clean"][:, :, :, 3].any() and stored["latents_clean"][:, :, :, 0].abs().sum() > 0
+
+    bad = cfg.datasets[0]
+    cfg.datasets[0] = dataclasses.replace(bad, fp_1f_target_index=None)
+    with pytest.raises(MusubiInputError, match="fp_1f_target_index"):
+        build_cache(cfg, FAMILY.latent_cache_adapter(vae, "i2v", siglip))
+
+
+def _section_batches(n=2):
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(n):
+        mask = torch.zeros(1, 6, dtype=torch.bool)
+        mask[:, : 4 + i] = True
+        out.append({"latents": torch.randn(1, 16, LWS, 4, 4, generator=g) * 0.3 + 0.5,
+                    "latent_indices": torch.tensor([[3, 4]]),
+                    "clean_latents": torch.randn(1, 16, 2, 4, 4, generator=g), "clean_latent_indices": torch.tensor([[0, 5]]),
+                    "clean_latents_2x": torch.randn(1, 16, 2, 4, 4, generator=g),
+                    "clean_latent_2x_indices": torch.tensor([[6, 7]]),
+                    "clean_latents_4x": torch.randn(1, 16, 16, 4, 4, generator=g),
+                    "clean_latent_4x_indices": torch.arange(8, 24)[None],
+                    "image_embeddings": torch.randn(1, 5, 48, generator=g),
+                    "text_states": torch.randn(1, 6, 32, generator=g), "text_mask": mask,
+                    "pooled": torch.randn(1, 24, generator=g)})
+    return out
+
+
+def make(tmp_path, steps, resume=None, model=None):
+    cfg = TrainingConfig(output_dir=str(tmp_path), output_name="fp", max_train_steps=steps, mixed_precision="no",
+                         seed=1, gradient_checkpointing=True, timesteps=TimestepConfig("shift", discrete_flow_shift=3.0))
+    return TrainingSession(model or tiny(), NetworkConfig(rank=8, alpha=8), OptimizerConfig(learning_rate=2e-3),
+                           InMemoryBatchLoader(_section_batches(), seed=0), cfg, resume_from=resume)
+
+
+def test_lora_on_musubis_targets_learns_resumes_and_saves_musubi_names(tmp_path):
+    s = make(tmp_path / "a", 30)
+    adapted = set(s.network.adapters())
+    assert family_of(s.model) is FAMILY
+    for block in ("transformer_blocks.0", "transformer_blocks.1"):
+        assert {f"{block}.{m}" for m in ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
+                                         "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj",
+                                         "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")} <= adapted
+    assert {"single_transformer_blocks.0.proj_mlp", "single_transformer_blocks.1.proj_out"} <= adapted
+    assert len(adapted) == 2 * 12 + 2 * 5                # no norm*.linear, nothing outside the blocks
+    losses = s.train_steps(30)
+    assert sum(losses[-8:]) / 8 < 0.8 * sum(losses[:8]) / 8, losses
+
+    part = make(tmp_path / "b", 30)
+    part.train_steps(20)
+    resumed = make(tmp_path / "b", 30, resume=part.save_state())
+    assert resumed.train_steps(10) == losses[20:]
+
+    path = s.save_lora()
+    with safe_open(str(path), "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    assert "lora_unet_transformer_blocks_0_attn_to_q.lora_down.weight" in keys
+    assert "lora_unet_single_transformer_blocks_1_proj_out.lora_up.weight" in keys
+    assert meta["ss_base_model_version"] == "framepack" and meta["ss_network_module"] == "networks.lora_framepack"
+    lora = read_lora(path)                               # back to the model's module names, nothing unresolved
+    assert set(lora.modules) == adapted and not lora.unresolved and lora.dialect.startswith("musubi")
+    assert family_for_lora_names(["transformer_blocks_0_attn_add_q_proj"]) is FAMILY
+    assert FAMILY.lora.underscore_to_name("transformer_blocks_3_ff_context_net_0_proj") == \
+        "transformer_blocks.3.ff_context.net.0.proj"
