@@ -140,7 +140,6 @@ def test_original_two_sections_end_image_and_per_section_inputs(dit):
     n1, n2 = torch.randn(16, 2, 4, 4, generator=g), torch.randn(16, 2, 4, 4, generator=g)
     torch.testing.assert_close(first[0]["x"], n1[None])
     torch.testing.assert_close(second[0]["x"], n2[None])
-    # sections' own outputs: section 0 alone from the same history reproduces frames 1, 2
     assert torch.isfinite(out).all()
 
 
@@ -152,7 +151,7 @@ def test_latent_paddings_override_moves_only_the_target(dit):
     assert rec.calls[1]["latent_indices"].tolist() == [[1, 2]]        # the default's last padding (0)
 
 
-# --- F1 ----------------------------------------------------------------------------------------------------------------
+# --- F1 ---------------------------------------------------------------------------------------------------------------
 
 def test_f1_one_and_two_sections(dit):
     r = _request(f1=True)
@@ -412,3 +411,13 @@ def test_bad_requests_are_refused_before_any_model_call(dit, kw, needle):
 
 def test_validate_request_alone_accepts_a_good_request(dit):
     validate_request(dit, _request(sections=2).resolve())
+
+
+def test_embedded_guidance_is_rounded_through_the_models_dtype_as_musubi(dit):
+    """Musubi / official FramePack build the guidance tensor in bf16: 10.0 x 1000 reaches the embedder as 9984."""
+    half = FramePackModel(preset_config("tiny"))
+    half.load_state_dict(build_preset_state_dict("tiny"))
+    half = half.to(torch.bfloat16).eval()
+    with Calls(half) as rec:
+        out = generate(half, _request(steps=1))
+    assert rec.calls[0]["guidance"].tolist() == [9984.0] and out.dtype == torch.float32

@@ -498,6 +498,8 @@ def generate(model, request: FramePackGenerateRequest, progress: Progress | None
         plans = r.plans()
         ref = torch.zeros(b, LATENT_CHANNELS, 1, h, w, device=device)
         end = None if r.end_image is None else _batch(r.end_image.latent[None], b, device)
+        # F1's history starts with section 0's start latent (Musubi: the image given for index 0; the lists here are
+        # already resolved, so a "-N" SPEC naming section 0 counts too)
         history = S.initial_history(ref, end, f1=r.f1, start_latent=_batch(r.image[0].latent[None], b, device))
         for plan in plans:
             image, prompt = r.image[plan.index], r.prompt[plan.index]
