@@ -325,11 +325,12 @@ def test_prepare_image_and_an_end_to_end_run_with_the_tiny_encoders(vae):
         torch.testing.assert_close(cond.embeddings, siglip.encode(image[None])[0].float())
     assert prepare_image(vae, None, image).embeddings is None
     wide = prepare_image(vae, siglip, torch.zeros(3, 32, 64), width=W, height=H)   # bucket resize: cover + crop
-    assert wide.latent.shape == (16, 1, 4, 4) and wide.embeddings.shape == (16, 32)
+    assert wide.latent.shape == (16, 1, 4, 4) and wide.embeddings.shape == (16, 48)
     with pytest.raises(MusubiInputError, match="image size"):
         prepare_image(vae, siglip, torch.zeros(3, 20, W))
 
-    cfg = dataclasses.replace(preset_config("tiny"), image_dim=32)          # tiny SigLIP's width
+    cfg = preset_config("tiny")
+    assert cfg.image_dim == siglip.config.hidden_size                        # the tiny presets fit together
     model = FramePackModel(cfg)
     model.load_state_dict(random_state_dict(cfg))
     out = generate(model.eval(), _request(image=cond, sections=2, steps=1, end_image=prepare_image(vae, None, image)))

@@ -188,3 +188,22 @@ def test_lora_on_musubis_targets_learns_resumes_and_saves_musubi_names(tmp_path)
     assert family_for_lora_names(["transformer_blocks_0_attn_add_q_proj"]) is FAMILY
     assert FAMILY.lora.underscore_to_name("transformer_blocks_3_ff_context_net_0_proj") == \
         "transformer_blocks.3.ff_context.net.0.proj"
+
+
+def test_validation_samples_with_the_section_sampler(encoders):
+    """A validation prompt with a start image samples through the family: one section of the default window."""
+    from engine.families.framepack.pipeline import prepare_image
+    from engine.training import ValidationPrompt, run_validation
+
+    vae, siglip, _ = encoders
+    model = tiny()
+    image = prepare_image(vae, siglip, torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1)
+    prompt = ValidationPrompt(context=torch.randn(5, 32), pooled=torch.randn(24), width=32, height=32, frames=1,
+                              steps=2, conditioning=image)
+    request = FAMILY.sampling_request(prompt)
+    assert request.sections == 1 and request.guidance_scale == 1.0
+    FAMILY.check_sampling(model, request)
+    (latents,) = run_validation(model, [prompt])
+    assert latents.shape == (1, 16, 1 + 9, 4, 4) and torch.isfinite(latents).all()
+    with pytest.raises(MusubiInputError, match="image"):           # FramePack needs a start image
+        FAMILY.check_sampling(model, FAMILY.sampling_request(dataclasses.replace(prompt, conditioning=None)))

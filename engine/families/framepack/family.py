@@ -4,14 +4,17 @@ section caches (`cache`), LoRA names (`names`); its VAE and text encoders are Hu
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
 from ...data.encoding import CacheRequirements
 from ...errors import invalid
 from ..family import Fp8Spec, LoRASpec
-from ..hunyuan.pipeline import GUIDANCE_EMBED_SCALE
-from . import cache, names
+from ..hunyuan.pipeline import GUIDANCE_EMBED_SCALE, latent_to_rgb_preview
+from . import cache, names, pipeline
+from . import sections as S
 from .dit import FP8_EXCLUDE, FP8_INCLUDE
 
 # The embedded guidance the distilled DiT trains at: 1.0, embedded x 1000 as at inference (see HunyuanVideo's family).
@@ -109,6 +112,36 @@ class FramePackFamily:
         pred = model(noisy, t, batch["text_states"].to(device), None if mask is None else mask.to(device),
                      batch["pooled"].to(device), guidance=guidance, **section)
         return pred, target
+
+    # --- sampling -------------------------------------------------------------------------------------------------
+    @staticmethod
+    def sampling_request(prompt) -> pipeline.FramePackGenerateRequest:
+        """A validation prompt: `conditioning` is the start image (`pipeline.FramePackImage`, Musubi FramePack Image
+        Encode); `frames` asks for enough sections of the default window to cover them (at least one: 37 frames);
+        `guidance_scale` is real CFG (None: 1), `embedded_guidance` the distilled scale (None: 10)."""
+        lws = S.DEFAULT_LATENT_WINDOW_SIZE
+        sections = max(1, math.ceil((int(prompt.frames) - 1) / (4 * lws)))
+        negative = None
+        if prompt.negative_context is not None:
+            negative = pipeline.FramePackPrompt(prompt.negative_context, prompt.negative_pooled)
+        return pipeline.FramePackGenerateRequest(
+            prompt=pipeline.FramePackPrompt(prompt.context, prompt.pooled), image=prompt.conditioning,
+            negative_prompt=negative, sections=sections, latent_window_size=lws, width=prompt.width,
+            height=prompt.height, steps=prompt.steps, shift=prompt.shift,
+            guidance_scale=1.0 if prompt.guidance_scale is None else prompt.guidance_scale,
+            embedded_guidance=prompt.embedded_guidance, seed=prompt.seed)
+
+    @staticmethod
+    def check_sampling(model: nn.Module, request) -> None:
+        pipeline.validate_request(model, request.resolve())
+
+    @staticmethod
+    def sample(model: nn.Module, request, progress=None) -> torch.Tensor:
+        return pipeline.generate(model, request, progress)
+
+    @staticmethod
+    def latent_preview(latents: torch.Tensor) -> torch.Tensor:
+        return latent_to_rgb_preview(latents)     # the HunyuanVideo VAE's latent space
 
 
 FAMILY = FramePackFamily()

@@ -49,7 +49,7 @@ from ...sampling.inputs import SIZE_MULTIPLE, as_video, encode
 from ...sampling.magcache import MagCache, MagCacheConfig
 from ...sampling.noise import NOISE_DEVICES, check_seed
 from ...sampling.solvers import ALIASES, SOLVERS
-from ..hunyuan.pipeline import MAGCACHE_RATIOS, _merge, _validate_text
+from ..hunyuan.pipeline import MAGCACHE_RATIOS, merge_text_batches, validate_text
 from . import sections as S
 
 LATENT_CHANNELS = 16
@@ -311,13 +311,13 @@ def _validate_prompts(cfg, r: FramePackGenerateRequest) -> None:
     for i, p in enumerate(prompts):
         if not isinstance(p, FramePackPrompt):
             raise invalid(f"section {i} prompt", type(p).__name__, "a FramePackPrompt")
-        _validate_text(cfg, "prompt" if r.sections == 1 else f"section {i} prompt", p.context, p.mask, p.pooled)
+        validate_text(cfg, "prompt" if r.sections == 1 else f"section {i} prompt", p.context, p.mask, p.pooled)
     if r.uses_cfg:
         n = r.negative_prompt
         if not isinstance(n, FramePackPrompt):
             raise invalid("negative prompt", n, f"negative prompt embeddings (FramePackPrompt) for guidance_scale "
                           f"{r.guidance_scale} (encode an empty prompt, or set guidance_scale 1)")
-        _validate_text(cfg, "negative prompt", n.context, n.mask, n.pooled)
+        validate_text(cfg, "negative prompt", n.context, n.mask, n.pooled)
 
 
 def _check_latent(name: str, latent, h: int, w: int, size_hint: str) -> None:
@@ -404,7 +404,7 @@ def _indices(idx, b: int, device) -> torch.Tensor | None:
 
 def _merge_all(conds: Sequence[dict]) -> dict:
     """Stack cond + uncond on the batch axis: text via the HunyuanVideo merge (padding + mask), the rest by cat."""
-    text = _merge([{**{k: c[k] for k in ("text_states", "text_mask", "pooled")}, "guidance": c["guidance"],
+    text = merge_text_batches([{**{k: c[k] for k in ("text_states", "text_mask", "pooled")}, "guidance": c["guidance"],
                     "y": None} for c in conds])
     out = {k: text[k] for k in ("text_states", "text_mask", "pooled", "guidance")}
     for k, v in conds[0].items():

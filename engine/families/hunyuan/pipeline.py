@@ -214,12 +214,12 @@ def validate_request(model, r: HunyuanGenerateRequest) -> None:
             raise invalid("strength", r.strength, f"at least 1/{r.steps} so that ⌊steps·strength⌋ >= 1 step runs")
     elif r.strength is not None:
         raise invalid("strength", r.strength, f"none for task {r.task} (strength is for v2v)")
-    _validate_text(cfg, "prompt", r.context, r.context_mask, r.pooled)
+    validate_text(cfg, "prompt", r.context, r.context_mask, r.pooled)
     if r.uses_cfg:
         if r.negative_context is None or r.negative_pooled is None:
             raise invalid("negative prompt", None, f"negative prompt embeddings (LLM states and CLIP-L pooled) for "
                           f"guidance_scale {r.guidance_scale} (encode an empty prompt, or set guidance_scale 1)")
-        _validate_text(cfg, "negative prompt", r.negative_context, r.negative_context_mask, r.negative_pooled)
+        validate_text(cfg, "negative prompt", r.negative_context, r.negative_context_mask, r.negative_pooled)
     if r.magcache is not None:
         r.magcache.validate()
         if r.uses_cfg and not r.batch_cfg:
@@ -227,7 +227,7 @@ def validate_request(model, r: HunyuanGenerateRequest) -> None:
     _validate_conditioning(r)
 
 
-def _validate_text(cfg, what: str, context, mask, pooled) -> None:
+def validate_text(cfg, what: str, context, mask, pooled) -> None:
     if not isinstance(context, torch.Tensor) or context.ndim != 2 or context.shape[1] != cfg.text_dim \
             or context.shape[0] < 1:
         shown = tuple(context.shape) if isinstance(context, torch.Tensor) else context
@@ -287,7 +287,7 @@ def _pad_tokens(t: torch.Tensor, length: int) -> torch.Tensor:
     return t if pad == 0 else torch.cat([t, t.new_zeros(t.shape[0], pad, *t.shape[2:])], dim=1)
 
 
-def _merge(conds: Sequence[dict]) -> dict:
+def merge_text_batches(conds: Sequence[dict]) -> dict:
     """Stack conditionings on the batch axis; prompts of different lengths are padded (and masked)."""
     length = max(c["text_states"].shape[1] for c in conds)
     cat = lambda key: None if conds[0][key] is None else torch.cat([c[key] for c in conds])  # noqa: E731
@@ -327,7 +327,7 @@ def generate(model, request: HunyuanGenerateRequest, progress: Progress | None =
                   "guidance": guidance, "y": y}
         velocity = GuidedVelocity(predict, cond, uncond, GuidanceConfig(scale=float(r.guidance_scale),
                                                                         batch_cfg=r.batch_cfg), solver.steps,
-                                  merge=_merge)
+                                  merge=merge_text_batches)
     else:   # no negative pass at all at guidance_scale 1 (Musubi)
         def velocity(x, t, step):
             return predict(x, t, cond, None).float()
