@@ -544,8 +544,8 @@ class FramePackModel(nn.Module):
             keep.append(torch.ones(batch, image.shape[1], dtype=torch.bool, device=device))
         keys = key_selection(torch.cat([*keep, text_mask], dim=1))                 # padded text: never a key
 
-        def blocks(img: torch.Tensor) -> torch.Tensor:
-            txt_ = txt
+        def blocks(box: list) -> torch.Tensor:
+            img, txt_ = box.pop(), txt    # the only reference: each block's input is freed once it ran
             for block in self.transformer_blocks:     # checkpointing/offload/swap wrap the blocks from outside
                 img, txt_ = block(img, txt_, vec, rope, keys)
             x = torch.cat([img, txt_], dim=1)                                      # [B, Lv+Lc, D]
@@ -553,7 +553,9 @@ class FramePackModel(nn.Module):
                 x = block(x, vec, rope, keys)
             return x[:, : img.shape[1]]
 
-        img = blocks(img) if block_cache is None else block_cache.run(img, blocks)
+        box = [img]
+        del img
+        img = blocks(box) if block_cache is None else block_cache.run(box[0], lambda x: blocks([x]))
         out = self.norm_out(img[:, img.shape[1] - math.prod(grid):], vec)          # generated tokens [B, Lx, D]
         w, b = self.proj_out.weight, self.proj_out.bias
         out = self.proj_out(out.float()) if w.dtype == torch.float32 else F.linear(out.float(), w.float(), b.float())

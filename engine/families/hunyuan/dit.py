@@ -551,8 +551,8 @@ class HunyuanVideoModel(nn.Module):
         keep = torch.cat([torch.ones(batch, img.shape[1], dtype=torch.bool, device=device), text_mask], dim=1)
         keys = key_selection(keep)                                                  # padded text: never a key
 
-        def blocks(img: torch.Tensor) -> torch.Tensor:
-            txt_ = txt
+        def blocks(box: list) -> torch.Tensor:
+            img, txt_ = box.pop(), txt    # the only reference: each block's input is freed once it ran
             for block in self.double_blocks:     # checkpointing/offload/swap wrap the blocks from outside
                 img, txt_ = block(img, txt_, vec, rope, keys)
             x = torch.cat([img, txt_], dim=1)                                       # [B, Li+Lt, D]
@@ -560,7 +560,9 @@ class HunyuanVideoModel(nn.Module):
                 x = block(x, vec, rope, keys)
             return x[:, : img.shape[1]]
 
-        img = blocks(img) if block_cache is None else block_cache.run(img, blocks)
+        box = [img]
+        del img
+        img = blocks(box) if block_cache is None else block_cache.run(box[0], lambda x: blocks([x]))
         out = self.final_layer(img, vec)                                            # [B, Li, C*pt*ph*pw]
         return unpatchify(out.float(), grid, cfg.patch_size, cfg.out_channels)
 
