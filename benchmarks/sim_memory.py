@@ -1,13 +1,15 @@
-"""Memory simulation of Wan and HunyuanVideo training and inference at real shapes, on any machine (no GPU, no
-weights, no RAM).
+"""Memory simulation of Wan, HunyuanVideo and FramePack training and inference at real shapes, on any machine (no
+GPU, no weights, no RAM).
 
     python benchmarks/sim_memory.py                                  # 1.3B and 14B grid at 832×480×81 (~10 min)
     python benchmarks/sim_memory.py --model 14B --task train --fp8 scaled --swap 0,20 --offload 1
     python benchmarks/sim_memory.py --model tiny --latent 2,8,8      # seconds
     python benchmarks/sim_memory.py --markdown docs/memory_tables.md  # also write the docs tables
     python benchmarks/sim_memory.py --family hunyuan --model 13B --task train --fp8 scaled --swap 0,max --offload 1
+    python benchmarks/sim_memory.py --family framepack --model 13B --task infer --fp8 scaled --swap max
 
-Runs the engine's own code — the Wan (default) or HunyuanVideo (`--family hunyuan`) DiT with fp8 quantization, LoRA adapters (rank 32, fp32), gradient
+Runs the engine's own code — the Wan (default), HunyuanVideo (`--family hunyuan`) or FramePack (`--family
+framepack`) DiT with fp8 quantization, LoRA adapters (rank 32, fp32), gradient
 checkpointing, activation offload, block swap and an AdamW step — under `FakeTensorMode`: tensors have shapes and
 devices but no data. The "GPU" is played by fake `cpu` tensors, host memory by fake `meta` tensors, and
 `engine.memory.meter.LiveMemoryMeter` counts every live storage on the "GPU" op by op. What it reports is exact for
@@ -24,6 +26,10 @@ no data, so no padding is dropped — the most attention work) + CLIP-L pooled 7
 distilled T2V model; training goes through the family's `training_forward`, inference is one batch-1 forward (the
 distilled model needs no CFG pass). Its block lists (20 double + 40 single blocks) are swapped and checkpointed as
 one list of 60, through the same engine functions.
+
+FramePack: one section (latent window 9 at 640×640: 14 400 generated tokens) with the longest history (start +
+post latents, 2 latents 2× and 16 latents 4× compressed: +4 000 tokens), 729 SigLIP image tokens and 512 LLaMA text
+tokens (all real) + CLIP-L; embedded guidance 10 (inference), 1.0 (training, through `training_forward`).
 
 One JSON line per configuration. Attention is PyTorch's flash kernel (memory linear in the sequence length), as
 on a GPU with SDPA, FlashAttention or SageAttention.
@@ -135,12 +141,75 @@ def _hunyuan_call(model, inputs: dict, x, t, train: bool):
     return model(x, t, inputs["text_states"], inputs["text_mask"], inputs["pooled"], guidance=guidance)
 
 
+FRAMEPACK_MODELS = {"tiny": "tiny", "13B": "i2v-13B"}
+FRAMEPACK_TEXT_TOKENS = 512        # Musubi pads the LLaMA states to 512 (at most 256 real; all real here: the worst)
+FRAMEPACK_IMAGE_TOKENS = 729       # SigLIP 384 px
+FRAMEPACK_EMBEDDED_GUIDANCE = 10.0
+
+
+def _framepack_config(name: str):
+    from engine.families.framepack.presets import OFFICIAL, preset_config
+
+    if name == "tiny":
+        return dataclasses.replace(preset_config("tiny"), double_blocks=TINY_LAYERS // 2,
+                                   single_blocks=TINY_LAYERS - TINY_LAYERS // 2)
+    return OFFICIAL[FRAMEPACK_MODELS[name]]
+
+
+def _framepack_build(config, device):
+    from engine.families.framepack.dit import build_framepack_model
+    return build_framepack_model(config, device)
+
+
+def _framepack_keep_fp32(name: str) -> bool:
+    from engine.families.framepack.dit import FP32_MODULES
+    return name.startswith(FP32_MODULES)
+
+
+def _framepack_inputs(config, batch: int, device=DEVICE) -> dict:
+    return {"text_states": torch.randn(batch, FRAMEPACK_TEXT_TOKENS, config.text_dim, device=device,
+                                       dtype=torch.bfloat16),
+            "text_mask": torch.ones(batch, FRAMEPACK_TEXT_TOKENS, device=device, dtype=torch.bool),
+            "pooled": torch.randn(batch, config.text_pool_dim, device=device, dtype=torch.bfloat16),
+            "image_embeddings": torch.randn(batch, FRAMEPACK_IMAGE_TOKENS, config.image_dim, device=device,
+                                            dtype=torch.bfloat16)}
+
+
+def _framepack_section(x) -> dict:
+    """One section of the original schedule at padding 0 (the last one sampled, the longest history): the window
+    of F latents at 1..F, start + post latents (1x), 2 latents 2x and 16 latents 4x compressed, at their indices."""
+    b, c, f, h, w = x.shape
+    hist = lambda n: torch.randn(b, c, n, h, w, device=x.device, dtype=x.dtype)   # noqa: E731
+    idx = lambda lo, n: torch.arange(lo, lo + n, device=x.device)[None].expand(b, -1)   # noqa: E731
+    return {"latent_indices": idx(1, f), "clean_latents": hist(2),
+            "clean_latent_indices": torch.tensor([[0, f + 1]], device=x.device).expand(b, -1),
+            "clean_latents_2x": hist(2), "clean_latent_2x_indices": idx(f + 2, 2),
+            "clean_latents_4x": hist(16), "clean_latent_4x_indices": idx(f + 4, 16)}
+
+
+def _framepack_call(model, inputs: dict, x, t, train: bool):
+    from engine.families.framepack.family import FAMILY
+    from engine.families.framepack.pipeline import GUIDANCE_EMBED_SCALE
+
+    section = _framepack_section(x)
+    if train:   # the trainer's own call (guidance 1.0 x 1000)
+        pred, _ = FAMILY.training_forward(model, {**inputs, **section}, x, t, None)
+        return pred
+    guidance = torch.full((x.shape[0],), FRAMEPACK_EMBEDDED_GUIDANCE * GUIDANCE_EMBED_SCALE, device=x.device)
+    return model(x, t, inputs["text_states"], inputs["text_mask"], inputs["pooled"], guidance=guidance,
+                 image_embeddings=inputs["image_embeddings"], **section)
+
+
 FAMILIES = {
     "wan": Family("Wan", MODELS, _wan_config, lambda c: c.num_layers, _wan_build, _wan_keep_fp32, _wan_inputs,
                   _wan_call, cfg_batch=2, latent=(21, 60, 104), swaps="0,10,20,30,max", default_models="1.3B,14B"),
     "hunyuan": Family("HunyuanVideo", HUNYUAN_MODELS, _hunyuan_config, lambda c: c.double_blocks + c.single_blocks,
                       _hunyuan_build, lambda name: False, _hunyuan_inputs, _hunyuan_call, cfg_batch=1,
                       latent=(33, 68, 120), swaps="0,20,40,50,max", default_models="13B"),
+    "framepack": Family("FramePack", FRAMEPACK_MODELS, _framepack_config,
+                        lambda c: c.double_blocks + c.single_blocks, _framepack_build, _framepack_keep_fp32,
+                        _framepack_inputs, _framepack_call, cfg_batch=1, latent=(9, 80, 80),
+                        swaps="0,20,40,50,max", default_models="13B"),
 }
 
 
@@ -149,23 +218,24 @@ def _fake_masks_all_real(family: str, fake: bool):
     """Fake tensors have no data: HunyuanVideo's two host-side mask checks (`bool(mask.all())`, which decides
     whether padded text keys are dropped, and the "one real token per prompt" check) would raise. During a fake
     run they read True for fake tensors — every text token is real. The engine code runs otherwise unchanged."""
-    if family != "hunyuan" or not fake:
+    if family not in ("hunyuan", "framepack") or not fake:
         yield
         return
     import builtins
 
     from torch._subclasses.fake_tensor import FakeTensor
 
+    from engine.families.framepack import dit as framepack_dit
     from engine.families.hunyuan import dit
 
     def _bool(x=False):
         return True if isinstance(x, FakeTensor) else builtins.bool(x)
 
-    dit.bool = _bool
+    dit.bool = framepack_dit.bool = _bool
     try:
         yield
     finally:
-        del dit.bool
+        del dit.bool, framepack_dit.bool
 
 
 @dataclass(frozen=True)
@@ -523,7 +593,7 @@ def parse_args(argv=None):
     p.add_argument("--non-blocks", default="0", help="offload_non_blocks settings for rows with swap: 0, 1 or 0,1")
     p.add_argument("--optimizer", default="adamw", help="training optimizers: adamw, adamw8bit or both")
     p.add_argument("--latent", default=None, help="default: Wan 21,60,104 (832×480×81); HunyuanVideo 33,68,120 "
-                                                  "(960×544×129)")
+                                                  "(960×544×129); FramePack 9,80,80 (one 640×640 section)")
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--checkpoint-dtype", default="compute", help="training: compute (bf16), float32 or both")
     p.add_argument("--fp8-scale-dtype", default="float32", help="fp8 block scales: float32 or bf16")

@@ -102,3 +102,18 @@ def test_hunyuan_swap_and_offload_row_keeps_one_blocks_work_on_the_gpu():
     # the rows group by family in the docs tables
     table = sim.markdown_tables([plain, low], {"rtx4090-24": GPU_MODELS["rtx4090-24"]})
     assert "### HunyuanVideo tiny, LoRA rank 32 training step, latent 4×32×32 (1024 tokens)" in table
+
+
+# --- FramePack (sim_memory --family framepack): one section with the longest history --------------------------------
+
+@pytest.mark.parametrize("task", ["train", "infer"])
+def test_framepack_simulation_equals_a_real_run(task):
+    """The tiny FramePack section step (history 1x/2x/4x, SigLIP image tokens, 512 text tokens) measured with real
+    CPU tensors and simulated with fake ones: same bytes and FLOPs."""
+    cfg = sim.SimConfig(family="framepack", model="tiny", task=task, latent=(2, 8, 8), steps=1 if task == "infer" else 2)
+    fake = sim.simulate(cfg)
+    real = sim.simulate(cfg, fake=False)
+    assert fake["family"] == "framepack" and sim.num_blocks("tiny", "framepack") == 6
+    assert fake["peak_gb"] == pytest.approx(real["peak_gb"], abs=16e3 / 1e9) and fake["peak_gb"] > 0.001
+    assert fake["weights_on_gpu_gb"] == real["weights_on_gpu_gb"]
+    assert fake["tflop_per_step"] == real["tflop_per_step"] > 0
