@@ -189,6 +189,20 @@ def test_lora_on_musubis_targets_learns_resumes_and_saves_musubi_names(tmp_path)
     assert FAMILY.lora.underscore_to_name("transformer_blocks_3_ff_context_net_0_proj") == \
         "transformer_blocks.3.ff_context.net.0.proj"
 
+    # the ComfyUI / diffusers spellings (HunyuanVideo's diffusers names) come back as the same weights
+    from engine.lora import merge_into_model, save_lora
+
+    trained = {n: a.delta_weight().detach() for n, a in s.network.adapters().items()}
+    for fmt in ("comfyui", "diffusers"):
+        model = tiny()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        merge_into_model(model, read_lora(save_lora(s.network, tmp_path / f"fp_{fmt}.safetensors", format=fmt),
+                                          model=model))
+        for name in ("transformer_blocks.0.attn.to_q", "transformer_blocks.1.attn.add_k_proj",
+                     "single_transformer_blocks.0.attn.to_v", "single_transformer_blocks.1.proj_mlp"):
+            torch.testing.assert_close(model.get_parameter(f"{name}.weight") - before[f"{name}.weight"],
+                                       trained[name], rtol=1e-4, atol=1e-6)
+
 
 def test_validation_samples_with_the_section_sampler(encoders):
     """A validation prompt with a start image samples through the family: one section of the default window."""
@@ -207,3 +221,45 @@ def test_validation_samples_with_the_section_sampler(encoders):
     assert latents.shape == (1, 16, 1 + 9, 4, 4) and torch.isfinite(latents).all()
     with pytest.raises(MusubiInputError, match="image"):           # FramePack needs a start image
         FAMILY.check_sampling(model, FAMILY.sampling_request(dataclasses.replace(prompt, conditioning=None)))
+
+
+def _hv_lora(tmp_path, fmt):
+    """A LoRA trained (a few steps) on the tiny HunyuanVideo DiT, saved in `fmt`."""
+    from engine.families.hunyuan.dit import HunyuanVideoModel
+    from engine.families.hunyuan.presets import build_preset_state_dict as hv_state, preset_config as hv_config
+
+    model = HunyuanVideoModel(hv_config("tiny"))
+    model.load_state_dict(hv_state("tiny"))
+    g = torch.Generator().manual_seed(0)
+    batches = [{"latents": torch.randn(1, 16, 1, 4, 4, generator=g), "text_states": torch.randn(1, 6, 32, generator=g),
+                "text_mask": torch.ones(1, 6, dtype=torch.bool), "pooled": torch.randn(1, 24, generator=g)}]
+    cfg = TrainingConfig(output_dir=str(tmp_path), output_name=f"hv_{fmt}", max_train_steps=3, mixed_precision="no",
+                         seed=1, save_format=fmt)
+    s = TrainingSession(model.eval().requires_grad_(False), NetworkConfig(rank=4, alpha=4),
+                        OptimizerConfig(learning_rate=5e-2), InMemoryBatchLoader(batches, seed=0), cfg)
+    s.train_steps(3)
+    return s.save_lora(), s.network
+
+
+@pytest.mark.parametrize("fmt", ["musubi", "comfyui", "diffusers"])
+def test_a_hunyuan_lora_applies_to_framepack_split_as_musubi_converts_it(tmp_path, fmt):
+    """ΔW of FramePack's attn.to_q / proj_mlp = the rows of HunyuanVideo's fused img_attn_qkv / linear1 ΔW."""
+    from engine.lora import merge_into_model
+
+    path, net = _hv_lora(tmp_path, fmt)
+    hv = {name: a.delta_weight().detach() for name, a in net.adapters().items()}
+    model = tiny()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    merge_into_model(model, read_lora(path, model=model))
+    delta = lambda name: model.get_parameter(f"{name}.weight") - before[f"{name}.weight"]   # noqa: E731
+    d = 64
+    torch.testing.assert_close(delta("transformer_blocks.1.attn.to_k"), hv["double_blocks.1.img_attn_qkv"][d:2 * d],
+                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(delta("transformer_blocks.0.attn.add_v_proj"),
+                               hv["double_blocks.0.txt_attn_qkv"][2 * d:], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(delta("single_transformer_blocks.0.proj_mlp"), hv["single_blocks.0.linear1"][3 * d:],
+                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(delta("single_transformer_blocks.1.proj_out"), hv["single_blocks.1.linear2"],
+                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(delta("transformer_blocks.0.ff_context.net.2"), hv["double_blocks.0.txt_mlp.fc2"],
+                               rtol=1e-4, atol=1e-6)

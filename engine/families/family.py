@@ -37,6 +37,10 @@ class LoRASpec:
     fused_to_diffusers: Callable[[str], tuple[tuple[str, int], ...] | None] = lambda s: None
     # the reverse: a diffusers piece -> (fused name, piece index), None for anything else
     diffusers_to_fused: Callable[[str], tuple[str, int] | None] = lambda s: None
+    # Another family's LoRA modules (canonical name -> `engine.lora.weights.ModuleWeights`) -> this family's, for a
+    # family whose model descends from another's (converting the parent's LoRAs on load, as Musubi does);
+    # None: not a layout this family converts
+    adopt: Callable[[dict], dict | None] = lambda modules: None
 
     @cached_property
     def block_re(self) -> re.Pattern:

@@ -209,8 +209,8 @@ def _module_weights(g: dict, unused: list[str]) -> ModuleWeights | None:
 
 def _fused_piece(stem: str) -> tuple[str, int] | None:
     """A diffusers/PEFT stem naming a piece of a fused layer (the q piece of a fused qkv) -> (fused name,
-    piece index)."""
-    for prefix in ("base_model.model.", "transformer.", ""):
+    piece index). ComfyUI's prefix too: a diffusers-named model keeps diffusers' names in ComfyUI."""
+    for prefix in ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.", ""):
         if stem.startswith(prefix):
             return T.diffusers_to_fused(stem[len(prefix):])
     return None
@@ -388,6 +388,20 @@ def _resolve(lora: LoRAFile, params: Mapping, label: str):
     return resolved, unmatched
 
 
+def adopted(lora: LoRAFile, family) -> LoRAFile:
+    """`lora` with its modules in `family`'s names when they are another family's layout the family converts
+    (`LoRASpec.adopt`: a family whose model descends from another's), else `lora` itself."""
+    if not lora.modules or any(family.lora.owns(n) for n in lora.modules):
+        return lora
+    # names read against this model did not resolve: the layout's own names, without a model
+    named = {(normalize_stem(lora.stems[n][1], None)[0] or n) if n in lora.unresolved else n: mw
+             for n, mw in lora.modules.items()}
+    modules = family.lora.adopt(named)
+    if modules is None:
+        return lora
+    return dataclasses.replace(lora, modules=modules, unresolved=set(), stems={n: ("adopted", n) for n in modules})
+
+
 def match_lora(lora: LoRAFile, model, label: str | None = None, params: Mapping | None = None) -> MatchReport:
     """Check `lora` against `model` (an nn.Module, or a mapping module name -> weight shape; `params`, parameter
     path -> shape, adds the model's other parameters for a mapping).
@@ -397,8 +411,9 @@ def match_lora(lora: LoRAFile, model, label: str | None = None, params: Mapping 
     label = label or (str(lora.source) if lora.source else "LoRA")
     shapes = model_linear_shapes(model)
     params = params if params is not None else model_param_shapes(model)
-    raw = [stem for _, stem in lora.stems.values()]
     family = _model_family(model, shapes)
+    lora = adopted(lora, family)
+    raw = [stem for _, stem in lora.stems.values()]
     # another model's layout, unless the names are this family's own (a family may share a layout's names)
     foreign = None if any(family.lora.owns(n) for n in lora.modules) else foreign_lora_layout(raw)
     if foreign:
@@ -420,6 +435,8 @@ def match_lora(lora: LoRAFile, model, label: str | None = None, params: Mapping 
 def resolved_modules(lora: LoRAFile, model, params: Mapping | None = None) -> dict[str, ModuleWeights]:
     """Model name -> weights (trimmed to the parts the model has), for a LoRA already checked by `match_lora`."""
     params = params if params is not None else model_param_shapes(model)
+    if model is not None:
+        lora = adopted(lora, _model_family(model, model_linear_shapes(model)))
     return _resolve(lora, params, str(lora.source or "LoRA"))[0]
 
 

@@ -31,7 +31,7 @@ class FramePackFamily:
         block_lists=names.BLOCK_LISTS, default_exclude=names.DEFAULT_EXCLUDE, base_model_version="framepack",
         architecture="framepack/lora", implementation="https://github.com/lllyasviel/FramePack",
         network_module="networks.lora_framepack", underscore_to_name=names.underscore_to_name,
-        name_to_diffusers=names.name_to_diffusers)
+        name_to_diffusers=names.name_to_diffusers, adopt=names.adopt_hunyuan)
     fp8 = Fp8Spec(include=FP8_INCLUDE, exclude=FP8_EXCLUDE)
 
     # --- models ---------------------------------------------------------------------------------------------------
