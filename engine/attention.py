@@ -54,6 +54,17 @@ def _load_kernel(backend: str):
     return None
 
 
+def set_backend(root, name: str) -> str:
+    """Check `name` and give it to every submodule of `root` that has an `attention_backend` (its attention layers);
+    returns it (a model's `attention_backend` setter stores it)."""
+    if name not in BACKENDS:
+        raise invalid("attention_backend", name, f"one of {list(BACKENDS)}")
+    for m in root.modules():
+        if m is not root and hasattr(m, "attention_backend"):
+            m.attention_backend = name
+    return name
+
+
 def available_backends() -> list[str]:
     """Backends usable in this Python environment (the CUDA-only ones still need CUDA tensors at call time)."""
     return [b for b in BACKENDS if b in ("sdpa", "sdpa_split") or _load_kernel(b) is not None]

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...attention import BACKENDS
+from ...attention import set_backend
 from ...errors import invalid
 from ...memory.chunked import chunked
 from ..hunyuan.dit import (HunyuanConfig, Modulation, PatchEmbed, RMSNorm, TextProjection, apply_rope, key_selection,
@@ -400,12 +400,7 @@ class FramePackModel(nn.Module):
 
     @attention_backend.setter
     def attention_backend(self, name: str) -> None:
-        if name not in BACKENDS:
-            raise invalid("attention_backend", name, f"one of {list(BACKENDS)}")
-        self._attention_backend = name
-        for m in self.modules():
-            if hasattr(m, "attention_backend") and m is not self:
-                m.attention_backend = name
+        self._attention_backend = set_backend(self, name)
 
     @property
     def compute_dtype(self) -> torch.dtype:

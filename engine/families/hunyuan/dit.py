@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...attention import BACKENDS, attention
+from ...attention import attention, set_backend
 from ...errors import invalid
 from ...memory.chunked import chunked
 from ...memory.lean_ops import rms_norm, rope
@@ -459,12 +459,7 @@ class HunyuanVideoModel(nn.Module):
 
     @attention_backend.setter
     def attention_backend(self, name: str) -> None:
-        if name not in BACKENDS:
-            raise invalid("attention_backend", name, f"one of {list(BACKENDS)}")
-        self._attention_backend = name
-        for m in self.modules():
-            if hasattr(m, "attention_backend") and m is not self:
-                m.attention_backend = name
+        self._attention_backend = set_backend(self, name)
 
     @property
     def compute_dtype(self) -> torch.dtype:

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...attention import BACKENDS, attention
+from ...attention import attention, set_backend
 from ...errors import invalid
 from ...memory.recompute import recomputable
 from ...memory.lean_ops import gated_residual, layer_norm_to, rms_norm, rope
@@ -363,12 +363,7 @@ class WanModel(nn.Module):
 
     @attention_backend.setter
     def attention_backend(self, name: str) -> None:
-        if name not in BACKENDS:
-            raise invalid("attention_backend", name, f"one of {list(BACKENDS)}")
-        self._attention_backend = name
-        for m in self.modules():
-            if isinstance(m, WanSelfAttention):
-                m.attention_backend = name
+        self._attention_backend = set_backend(self, name)
 
     @property
     def compute_dtype(self) -> torch.dtype:
