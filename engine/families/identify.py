@@ -7,6 +7,8 @@ from __future__ import annotations
 import re
 from typing import Iterable
 
+from ..errors import invalid
+
 def _has(keys: list[str], *parts: str) -> bool:
     return any(p in k for k in keys for p in parts)
 
@@ -79,3 +81,19 @@ def foreign_lora_layout(names: Iterable[str]) -> tuple[str, str] | None:
             if pattern.search(name):
                 return family, name
     return None
+
+
+def count_blocks(keys: Iterable[str], prefix: str, source: str, expected: str) -> int:
+    """Number of `<prefix>N.` blocks among a checkpoint's keys (0 when none); a gap means a missing shard or a
+    truncated conversion and is refused, naming `source` and the `expected` model."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    indices = {int(m.group(1)) for k in keys if (m := pattern.match(k))}
+    if not indices:
+        return 0
+    n = max(indices) + 1
+    missing = sorted(set(range(n)) - indices)
+    if missing:
+        raise invalid(source, f"{prefix}{missing[:5]} missing out of {n}", f"a complete {expected} (is a shard "
+                                                                            "missing?)")
+    return n
+

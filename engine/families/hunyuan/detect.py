@@ -20,7 +20,7 @@ import re
 
 from ...checkpoint import Checkpoint
 from ...errors import MusubiInputError, invalid
-from ..identify import identify_file
+from ..identify import count_blocks, identify_file
 from .dit import HunyuanConfig
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.", "module.")
@@ -102,17 +102,7 @@ def refuse_other_files(ckpt: Checkpoint) -> None:
 
 
 def _count(ckpt: Checkpoint, prefix: str) -> int:
-    """Number of `<prefix>N.` blocks; a gap means a missing shard or a truncated conversion."""
-    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
-    indices = {int(m.group(1)) for k in ckpt.keys() if (m := pattern.match(k))}
-    if not indices:
-        return 0
-    n = max(indices) + 1
-    missing = sorted(set(range(n)) - indices)
-    if missing:
-        raise invalid(f"DiT file {ckpt.source}", f"{prefix}{missing[:5]} missing out of {n}",
-                      "a complete HunyuanVideo DiT (is a shard missing?)")
-    return n
+    return count_blocks(ckpt.keys(), prefix, f"DiT file {ckpt.source}", "HunyuanVideo DiT")
 
 
 def _variant(hidden: int, doubles: int, singles: int, in_channels: int, guidance: bool) -> str:

@@ -7,12 +7,11 @@ names the file, what it looks like and what a Wan 2.1 DiT file is, before anythi
 from __future__ import annotations
 
 import math
-import re
 
 from ...checkpoint import Checkpoint
 from ...errors import MusubiInputError, invalid
 from .dit import CLIP_TOKENS, WanConfig
-from ..identify import identify_file
+from ..identify import count_blocks, identify_file
 
 WAN_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
 MARKER_KEY = "blocks.0.self_attn.q.weight"
@@ -48,13 +47,7 @@ def _refuse_non_wan(ckpt: Checkpoint) -> None:
 
 
 def _num_layers(ckpt: Checkpoint) -> int:
-    indices = {int(m.group(1)) for k in ckpt.keys() if (m := re.match(r"blocks\.(\d+)\.", k))}
-    n = max(indices) + 1
-    missing = sorted(set(range(n)) - indices)
-    if missing:
-        raise invalid(f"DiT file {ckpt.source}", f"blocks {missing[:5]} missing out of {n}",
-                      "a complete Wan DiT (is a shard missing?)")
-    return n
+    return count_blocks(ckpt.keys(), "blocks.", f"DiT file {ckpt.source}", "Wan DiT")
 
 
 def _variant(dim: int, layers: int, in_dim: int, image: bool, flf: bool) -> str:
