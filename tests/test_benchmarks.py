@@ -16,11 +16,13 @@ BENCHES = {
     "bench_training.py": ["--model", "tiny", "--device", "cpu"],
     "bench_dataset.py": ["--videos", "2", "--frames", "9", "--size", "64x48"],
     "bench_memory.py": ["--device", "cpu", "--model", "tiny"],
+    "bench_framepack.py": ["--model", "tiny", "--device", "cpu", "--steps", "6", "--window", "2", "--dtype", "fp32"],
     "bench_memory.py hunyuan": ["--device", "cpu", "--model", "tiny", "--family", "hunyuan", "--fp8", "scaled",
                                 "--swap", "0,max", "--steps", "1"],
 }
 KEYS = {"bench_wan_dit.py": "s_per_step", "bench_hunyuan_dit.py": "s_per_train_step", "bench_wan_vae.py": "decode_s", "bench_training.py": "s_per_step",
-        "bench_dataset.py": "clips_per_s", "bench_memory.py": "s_per_step"}   # by script
+        "bench_dataset.py": "clips_per_s", "bench_memory.py": "s_per_step",
+        "bench_framepack.py": "s_per_section"}   # by script
 
 
 @pytest.mark.parametrize("name", sorted(BENCHES))
@@ -37,6 +39,8 @@ def test_benchmark_runs_on_cpu_and_reports_json(name):
     if script == "bench_memory.py":   # the default grid has both tasks, with and without swap
         assert {(row["task"], row["blocks_to_swap"] > 0) for row in rows} == \
             {("train", False), ("train", True), ("infer", False), ("infer", True)}, rows
+    if script == "bench_framepack.py":   # MagCache at its defaults skips some of the 6 block passes, changes little
+        assert 1 <= rows[0]["magcache_block_passes"] < 6 and 0 < rows[0]["magcache_relative_difference"] < 1, rows
     if script == "bench_hunyuan_dit.py":   # the sampling forward is timed too, and the FLOPs add up
         assert rows[0]["s_per_forward"] > 0 and rows[0]["tokens"] == 2 * 4 * 4, rows
         assert rows[0]["tflop_per_train_step"] == pytest.approx(3 * rows[0]["gflop_per_forward"] / 1e3), rows
