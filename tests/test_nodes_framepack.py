@@ -50,15 +50,21 @@ def _pixels(color: int, width=48, height=40) -> torch.Tensor:
     return (rgb.view(3, 1, 1).expand(3, height, width) * 2 - 1).float()
 
 
-def _prompt(embeds_section):
-    from engine.families.framepack.pipeline import FramePackPrompt
+def _engine(comfy, sub):
+    """An engine module as the pack imported it (its classes are the ones the nodes' values are made of)."""
+    return comfy.pack_module("engine." + sub)
 
+
+def _prompt(comfy, embeds_section):
+    FramePackPrompt = _engine(comfy, "families.framepack.pipeline").FramePackPrompt
     return FramePackPrompt(embeds_section["context"], embeds_section["pooled"])
 
 
 def test_section_sampling_matches_the_engine_with_section_prompts_images_and_decode(comfy):
-    from engine.families.framepack.pipeline import FramePackGenerateRequest, decode_sections, generate, prepare_image
-    from engine.families.hunyuan.vae import from_latent
+    fp = _engine(comfy, "families.framepack.pipeline")
+    FramePackGenerateRequest, decode_sections, generate, prepare_image = (
+        fp.FramePackGenerateRequest, fp.decode_sections, fp.generate, fp.prepare_image)
+    from_latent = _engine(comfy, "families.hunyuan.vae").from_latent
 
     p = _base()
     p["10"] = {"class_type": "EmptyImage", "inputs": {"width": 48, "height": 40, "batch_size": 1, "color": 0xCC2222}}
@@ -83,7 +89,7 @@ def test_section_sampling_matches_the_engine_with_section_prompts_images_and_dec
     red = comfy.output("11")["conditioning"]
 
     embeds = comfy.output("5")
-    sits, jumps = (_prompt(v) for _, v in embeds["sections"])
+    sits, jumps = (_prompt(comfy, v) for _, v in embeds["sections"])
     assert [s for s, _ in embeds["sections"]] == ["0", "-1"]
     assert not torch.equal(sits.context, jumps.context)
     torch.testing.assert_close(embeds["context"], sits.context)          # section 0's: what Validation Prompt takes
@@ -104,7 +110,7 @@ def test_section_sampling_matches_the_engine_with_section_prompts_images_and_dec
     steps = [c for c in comfy.progress_calls if c[0] == "8"]
     assert steps[-1][1:] == (4, 4)                                      # 2 sections x 2 steps on one bar
 
-    negative = _prompt({"context": embeds["negative_context"], "pooled": embeds["negative_pooled"]})
+    negative = _prompt(comfy, {"context": embeds["negative_context"], "pooled": embeds["negative_pooled"]})
     cfg = generate(model, FramePackGenerateRequest(
         prompt=[sits, jumps], image=cond["conditioning"], negative_prompt=negative, guidance_scale=2.0,
         guidance_rescale=0.5, f1=True, shift=3.0, **{**request, "seed": 4}))
@@ -122,7 +128,8 @@ def test_section_sampling_matches_the_engine_with_section_prompts_images_and_dec
 
 
 def test_end_image_reaches_the_original_schedule(comfy):
-    from engine.families.framepack.pipeline import FramePackGenerateRequest, generate
+    fp = _engine(comfy, "families.framepack.pipeline")
+    FramePackGenerateRequest, generate = fp.FramePackGenerateRequest, fp.generate
 
     p = _base()
     p["5"]["inputs"]["prompt"] = "a cat"
@@ -134,7 +141,7 @@ def test_end_image_reaches_the_original_schedule(comfy):
     cond, embeds = comfy.output("7"), comfy.output("5")
     assert cond["end_image"].latent.shape == (16, 1, H // 8, W // 8) and cond["end_image"].embeddings is None
     expected = generate(comfy.module("1"), FramePackGenerateRequest(
-        prompt=_prompt(embeds), image=cond["conditioning"], end_image=cond["end_image"], sections=2,
+        prompt=_prompt(comfy, embeds), image=cond["conditioning"], end_image=cond["end_image"], sections=2,
         latent_window_size=LWS, latent_paddings=[1, 0], steps=2, solver="euler", seed=3))
     torch.testing.assert_close(comfy.output("8")["samples"], expected.float().cpu(), rtol=1e-5, atol=1e-5)
 
@@ -142,8 +149,11 @@ def test_end_image_reaches_the_original_schedule(comfy):
 def test_kisekaeichi_one_frame_with_a_mask(comfy):
     import numpy as np
 
-    from engine.families.framepack.pipeline import FramePackGenerateRequest, decode_sections, generate, prepare_image
-    from engine.families.framepack.sections import latent_mask, parse_one_frame_options
+    fp = _engine(comfy, "families.framepack.pipeline")
+    FramePackGenerateRequest, decode_sections, generate, prepare_image = (
+        fp.FramePackGenerateRequest, fp.decode_sections, fp.generate, fp.prepare_image)
+    sections = _engine(comfy, "families.framepack.sections")
+    latent_mask, parse_one_frame_options = sections.latent_mask, sections.parse_one_frame_options
 
     p = _base()
     p["5"]["inputs"]["prompt"] = "the woman wears the red dress"
@@ -176,14 +186,14 @@ def test_kisekaeichi_one_frame_with_a_mask(comfy):
     c1 = prepare_image(vae, None, _pixels(0xCC2222, W, H), W, H).latent
     torch.testing.assert_close(controls[0][0], c0, rtol=1e-5, atol=1e-5)
     expected = generate(model, FramePackGenerateRequest(
-        prompt=_prompt(comfy.output("5")), image=comfy.output("7")["conditioning"], width=W, height=H, steps=2,
+        prompt=_prompt(comfy, comfy.output("5")), image=comfy.output("7")["conditioning"], width=W, height=H, steps=2,
         seed=5, one_frame=parse_one_frame_options("target_index=1,control_index=0;10,no_post,no_2x,no_4x"),
         control_latents=[c0, c1], control_masks=[controls[0][1], None]))
     lat = comfy.output("8")["samples"]
     assert lat.shape == (1, 16, 1, H // 8, W // 8)
     torch.testing.assert_close(lat, expected.float().cpu(), rtol=1e-5, atol=1e-5)
     unmasked = generate(model, FramePackGenerateRequest(
-        prompt=_prompt(comfy.output("5")), image=comfy.output("7")["conditioning"], width=W, height=H, steps=2,
+        prompt=_prompt(comfy, comfy.output("5")), image=comfy.output("7")["conditioning"], width=W, height=H, steps=2,
         seed=5, one_frame=parse_one_frame_options("target_index=1,control_index=0;10,no_post,no_2x,no_4x"),
         control_latents=[c0, c1]))
     assert not torch.allclose(lat, unmasked.float().cpu(), atol=1e-4)     # the mask reached the control
@@ -202,7 +212,7 @@ def test_spec_outside_the_video_is_refused_before_sampling(comfy):
     assert msg.startswith("section SPEC: got '5'") and "2 sections" in msg, msg
     assert not [c for c in comfy.progress_calls if c[0] == "8"]
 
-    p["5"]["inputs"]["prompt"] = "0:a cat;;;x:a dog"                 # malformed: refused by the encode node
+    p["5"]["inputs"]["prompt"] = "0:a cat;;;dog:a dog"               # malformed: refused by the encode node
     comfy.run(p, expect_success=False)
     assert "section string part" in comfy.error_message(), comfy.error_message()
 
@@ -246,7 +256,7 @@ FRAMES = 37     # one section of the default window (9 latents) + the start fram
 
 
 def test_train_on_framepack_caches_with_a_validation_sample_then_generate(comfy, tmp_path):
-    from engine.families import get_family
+    get_family = _engine(comfy, "families").get_family
 
     p = _base()
     p["5"]["inputs"].update({"prompt": "a red square", "negative_prompt": ""})
