@@ -278,9 +278,7 @@ class MusubiFramePackImageEncode:
         from ..engine.families.framepack.pipeline import prepare_image
 
         vae = _check_family(T.handle(vae, "vae", VAE_EXPECTED), "vae", VAE_EXPECTED)
-        clip = T.handle(clip_vision, "clip_vision", CLIP_EXPECTED)
-        if not hasattr(clip.module, "encode_pixels"):
-            raise invalid("clip_vision", type(clip.module).__name__, CLIP_EXPECTED)
+        clip = _check_family(T.handle(clip_vision, "clip_vision", CLIP_EXPECTED), "clip_vision", CLIP_EXPECTED)
         start, _ = _rgb(start_image, "start_image")
         end = _rgb(end_image, "end_image")[0] if end_image is not None else None
         with on_compute_device(vae), on_compute_device(clip):

@@ -250,6 +250,12 @@ def test_other_family_values_are_refused_naming_the_input(comfy):
     comfy.run(p, expect_success=False)
     assert comfy.error_message().startswith("vae: got \"a model of family 'hunyuan'\""), comfy.error_message()
 
+    p["7"]["inputs"]["vae"] = ["3", 0]                              # Wan's CLIP vision is not FramePack's SigLIP
+    p["31"] = {"class_type": "MusubiClipVisionLoader", "inputs": {"clip_name": "preset:tiny-clip", "dtype": "fp32"}}
+    p["7"]["inputs"]["clip_vision"] = ["31", 0]
+    comfy.run(p, expect_success=False)
+    assert comfy.error_message().startswith("clip_vision: got \"a model of family 'wan'\""), comfy.error_message()
+
 
 # --- training from the generic nodes ---------------------------------------------------------------------------
 FRAMES = 37     # one section of the default window (9 latents) + the start frame: the dataset's smallest video
