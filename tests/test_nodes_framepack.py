@@ -320,3 +320,56 @@ def test_train_on_framepack_caches_with_a_validation_sample_then_generate(comfy,
                                                                 "frames_per_clip": 1, "tile_size": 64}}
     comfy.run(q, expect_success=False)
     assert comfy.error_message().startswith("clip_vision: got None"), comfy.error_message()
+
+
+def test_loaders_read_a_sharded_dit_and_siglip_files_from_comfyuis_folders(comfy, tmp_path):
+    """A sharded DiT (any shard loads all of them) and SigLIP as ComfyUI's single file and as a FLUX Redux
+    image_encoder folder: each loads the weights the engine loads from the same files."""
+    import json
+
+    from safetensors.torch import save_file
+
+    presets = _engine(comfy, "families.framepack.presets")
+    siglip = _engine(comfy, "encoders.siglip")
+    sd = presets.build_preset_state_dict("tiny")
+    keys = sorted(sd)
+    shards = tmp_path / "dit" / "FramePackI2V_tiny"
+    shards.mkdir(parents=True)
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:]), 1):
+        save_file({k: sd[k] for k in part}, str(shards / f"diffusion_pytorch_model-{i:05d}-of-00002.safetensors"))
+    vision = tmp_path / "clip_vision"
+    (vision / "image_encoder").mkdir(parents=True)
+    tiny = siglip.tiny_siglip_state_dict()
+    save_file(tiny, str(vision / "sigclip_tiny.safetensors"))
+    save_file({k.removeprefix("vision_model."): v for k, v in tiny.items() if not k.startswith("vision_model.head")},
+              str(vision / "image_encoder" / "model.safetensors"))
+    config = siglip.TINY_SIGLIP.to_transformers().to_dict()
+    (vision / "image_encoder" / "config.json").write_text(json.dumps(config))
+    _in_folder(comfy, "diffusion_models", tmp_path / "dit")
+    _in_folder(comfy, "clip_vision", vision)
+    try:
+        choices = comfy.input_types()["MusubiFramePackDiTLoader"]["required"]["model_name"][0]
+        shard2 = "FramePackI2V_tiny/diffusion_pytorch_model-00002-of-00002.safetensors"
+        assert shard2 in choices and choices[-1] == "preset:tiny"            # the user's files before the preset
+        p = {"1": {"class_type": "MusubiFramePackDiTLoader",
+                   "inputs": {"model_name": shard2, "dtype": "fp32", "attention": "sdpa"}},
+             "2": {"class_type": "MusubiFramePackImageEncoderLoader",
+                   "inputs": {"image_encoder_name": "sigclip_tiny.safetensors", "dtype": "fp32"}},
+             "3": {"class_type": "MusubiFramePackImageEncoderLoader",
+                   "inputs": {"image_encoder_name": "image_encoder/model.safetensors", "dtype": "fp32"}}}
+        for nid in ("1", "2", "3"):
+            p["1" + nid] = {"class_type": "MusubiUnloadModels", "inputs": {"mode": "offload", "what": "models",
+                                                                          "passthrough": [nid, 0]}}
+        comfy.run(p)
+        dit = comfy.module("1")
+        assert comfy.output("1").family == "framepack" and dit.family == "framepack"
+        for name, tensor in dit.state_dict().items():
+            torch.testing.assert_close(tensor.float(), sd[name].float(), msg=name)
+        pixels = torch.rand(1, 3, 56, 56) * 2 - 1
+        want = siglip.load_siglip("preset:tiny-siglip", dtype=torch.float32).encode(pixels)
+        for nid in ("2", "3"):
+            assert comfy.output(nid).family == "framepack"
+            torch.testing.assert_close(comfy.module(nid).encode(pixels), want)
+    finally:
+        _out_of_folder(comfy, "diffusion_models", tmp_path / "dit")
+        _out_of_folder(comfy, "clip_vision", vision)
