@@ -1,12 +1,12 @@
-"""Node classes of the pack (classic V1 API). One module per family (`wan.py`, `hunyuan.py`) and per generic
+"""Node classes of the pack (classic V1 API). One module per family (`wan.py`, `hunyuan.py`, `framepack.py`) and per generic
 theme; each exports its own mappings.
 
 Node ids are prefixed `Musubi` and are never renamed once released: saved workflows refer to them.
 """
 
-from . import data, generation, hunyuan, lora, training, utility, video, wan
+from . import data, framepack, generation, hunyuan, lora, training, utility, video, wan
 
-_MODULES = [wan, hunyuan, generation, video, utility, lora, training, data]   # family node files first, then the generic ones
+_MODULES = [wan, hunyuan, framepack, generation, video, utility, lora, training, data]   # family node files first, then the generic ones
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}

@@ -50,7 +50,7 @@ from ..engine.errors import invalid
 log = logging.getLogger("ComfyUI-Musubi")
 
 CATEGORY = "Musubi/data"
-TASKS = ["t2v", "i2v", "fun_control"]   # the pipeline's task names
+TASKS = ["t2v", "i2v", "fun_control", "f1"]   # the pipeline's task names (each family takes some)
 KINDS = ["auto", "image", "video"]
 
 
@@ -443,21 +443,23 @@ class MusubiCacheLatents:
                                 "i2v (Wan): + first-frame conditioning and CLIP features (needs clip_vision; "
                                 "also one-frame datasets, for I2V or FLF2V intermediate-frame training); fun_control: + control-video latents (needs control files), with "
                                 "clip_vision connected also the start image and its CLIP features (I2V "
-                                "Fun-Control)."}),
+                                "Fun-Control). FramePack: i2v (section caches of the original schedule) or f1 "
+                                "(FramePack-F1's), both with the SigLIP image encoder as clip_vision."}),
             "keep_cache": ("BOOLEAN", {"default": False,
                            "tooltip": "Keep cache files of items no longer in the dataset (off: they are deleted)."}),
             "workers": ("INT", {"default": 2, "min": 0, "max": 32,
                         "tooltip": "Threads decoding media ahead of the VAE (0 = decode in the main thread)."}),
         }, "optional": {
             "clip_vision": (T.CLIP_VISION, {"tooltip": "CLIP ViT-H/14 for Wan 2.1 I2V (required for task i2v; "
-                                                       "with fun_control: I2V Fun-Control)."}),
+                                                       "with fun_control: I2V Fun-Control); FramePack: the SigLIP "
+                                                       "image encoder (always required)."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def cache(self, dataset, vae, task, keep_cache, workers, clip_vision=None, unique_id=None):
         dataset = _dataset(dataset)
         vae = T.handle(vae, "vae", "a VAE from a Musubi VAE loader node")
         if clip_vision is not None:
-            clip_vision = T.handle(clip_vision, "clip_vision", "a CLIP vision model from Musubi CLIP Vision Loader")
+            clip_vision = T.handle(clip_vision, "clip_vision", "an image encoder from a Musubi loader node")
         if task not in TASKS:
             raise invalid("task", task, f"one of {TASKS}")
         family = _family_of(vae, dataset, "vae")

@@ -90,6 +90,37 @@ class MusubiHunyuanDiTLoader:
                            offload_non_block_weights, compile_blocks),)
 
 
+def vae_loader_inputs(family_name: str) -> dict:
+    """The inputs of a loader of HunyuanVideo's VAE (HunyuanVideo's own, FramePack's: the same files)."""
+    return {"required": {
+        "vae_name": (model_choices(VAE_PRESETS, "vae"), {
+            "tooltip": f"The HunyuanVideo VAE file from models/vae (what {family_name} uses), or the tiny preset."}),
+        "dtype": (["fp16", "bf16", "fp32"], {"default": "fp16",
+                  "tooltip": "Precision of the VAE weights (Musubi's default for HunyuanVideo: fp16)."}),
+    }, "optional": {
+        "keep_on_gpu": ("BOOLEAN", {"default": False,
+                        "tooltip": "Keep this model on the GPU between uses (faster, uses VRAM). Off: it goes "
+                                   "back to CPU memory after each use."}),
+    }, "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"}}
+
+
+def load_vae(node, family: str, vae_name, dtype, keep_on_gpu=False, unique_id=None, prompt=None) -> ModelHandle:
+    """HunyuanVideo's VAE through the registry (one copy whichever family's loader asks), on a handle naming
+    `family`: the family its latent caches and decodes are for."""
+    from ..engine.families.hunyuan.vae import load_hunyuan_vae
+
+    source = resolve_source(vae_name, "vae", "vae_name")
+    key = ("hunyuan_vae", source_identity(source), dtype)
+
+    def load():
+        vae = load_hunyuan_vae(source, dtype=DTYPES[dtype], device="cpu")
+        vae.identity = ":".join(map(str, key[1]))   # names the weights in latent caches
+        return vae
+
+    vae = MODELS.get_or_create(key, room_for(source, prompt, load), owner=owner_of(node, unique_id))
+    return ModelHandle(vae, family, RunOptions(keep_on_gpu=keep_on_gpu))
+
+
 class MusubiHunyuanVAELoader:
     DESCRIPTION = ("Load the HunyuanVideo VAE (the official pytorch_model.pt or ComfyUI's hunyuan_video_vae_bf16"
                    ".safetensors) from models/vae.")
@@ -101,30 +132,10 @@ class MusubiHunyuanVAELoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {
-            "vae_name": (model_choices(VAE_PRESETS, "vae"), {
-                "tooltip": "A HunyuanVideo VAE file from models/vae, or the tiny preset."}),
-            "dtype": (["fp16", "bf16", "fp32"], {"default": "fp16",
-                      "tooltip": "Precision of the VAE weights (Musubi's default for HunyuanVideo: fp16)."}),
-        }, "optional": {
-            "keep_on_gpu": ("BOOLEAN", {"default": False,
-                            "tooltip": "Keep this model on the GPU between uses (faster, uses VRAM). Off: it goes "
-                                       "back to CPU memory after each use."}),
-        }, "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"}}
+        return vae_loader_inputs("HunyuanVideo")
 
     def load(self, vae_name, dtype, keep_on_gpu=False, unique_id=None, prompt=None):
-        from ..engine.families.hunyuan.vae import load_hunyuan_vae
-
-        source = resolve_source(vae_name, "vae", "vae_name")
-        key = ("hunyuan_vae", source_identity(source), dtype)
-
-        def load():
-            vae = load_hunyuan_vae(source, dtype=DTYPES[dtype], device="cpu")
-            vae.identity = ":".join(map(str, key[1]))   # names the weights in latent caches
-            return vae
-
-        vae = MODELS.get_or_create(key, room_for(source, prompt, load), owner=owner_of(self, unique_id))
-        return (ModelHandle.of(vae, keep_on_gpu=keep_on_gpu),)
+        return (load_vae(self, FAMILY, vae_name, dtype, keep_on_gpu, unique_id, prompt),)
 
 
 def _tokenizer(source: str, given: str, shipped: str, field: str) -> str | None:
@@ -141,6 +152,74 @@ def _tokenizer(source: str, given: str, shipped: str, field: str) -> str | None:
     return path
 
 
+def text_encoder_loader_inputs() -> dict:
+    """The inputs of a loader of HunyuanVideo's text-encoder pair (HunyuanVideo's own, FramePack's)."""
+    return {"required": {
+        "llm_name": (model_choices(LLM_PRESETS, "text_encoders"), {
+            "tooltip": "The LLaVA-LLaMA-3 text encoder (text_encoder1 in Musubi) from models/text_encoders, "
+                       "or the tiny preset."}),
+        "clip_name": (model_choices(CLIP_PRESETS, "text_encoders"), {
+            "tooltip": "The CLIP-L text encoder (text_encoder2 in Musubi) from models/text_encoders, or the "
+                       "tiny preset."}),
+        "dtype": (["fp16", "bf16", "fp32"], {"default": "fp16",
+                  "tooltip": "Compute precision of both encoders (Musubi's default: fp16)."}),
+        "fp8_llm": ("BOOLEAN", {"default": False,
+                    "tooltip": "Store the LLM's decoder Linear layers in fp8 with scales (Musubi --fp8_llm): "
+                               "about half the memory; embeddings differ slightly, so caches made with it are "
+                               "kept apart. Needs dtype fp16 or bf16."}),
+    }, "optional": {
+        "llm_tokenizer_path": ("STRING", {"default": "",
+                               "tooltip": "Optional: a LLaMA-3 tokenizer.json or its folder. Empty: ComfyUI's "
+                                          "comfy/text_encoders/llama_tokenizer (or the HF folder's own)."}),
+        "clip_tokenizer_path": ("STRING", {"default": "",
+                                "tooltip": "Optional: a CLIP tokenizer folder (vocab.json + merges.txt). Empty: "
+                                           "ComfyUI's comfy/sd1_tokenizer (or the HF folder's own)."}),
+        "keep_on_gpu": ("BOOLEAN", {"default": False,
+                        "tooltip": "Keep these models on the GPU between uses (faster, uses VRAM). Off: they go "
+                                   "back to CPU memory after each use."}),
+    }, "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"}}
+
+
+def load_text_encoders(node, family: str, llm_name, clip_name, dtype, fp8_llm, llm_tokenizer_path="",
+                       clip_tokenizer_path="", keep_on_gpu=False, unique_id=None, prompt=None) -> ModelHandle:
+    """The LLaVA-LLaMA-3 + CLIP-L pair through the registry (one copy whichever family's loader asks), on a handle
+    naming `family`: the family its text caches are for."""
+    from ..engine.encoders.clip_text import load_clip_text
+    from ..engine.encoders.llava_llama import load_llava_llama
+    from ..engine.families.hunyuan.text import HunyuanTextEncoders
+
+    if fp8_llm and dtype == "fp32":
+        raise invalid("fp8_llm", True, "dtype fp16 or bf16 (fp8 weights compute in 16-bit), or fp8_llm off")
+    llm = resolve_source(llm_name, "text_encoders", "llm_name")
+    clip = resolve_source(clip_name, "text_encoders", "clip_name")
+    llm_tok = _tokenizer(llm, llm_tokenizer_path, LLAMA_TOKENIZER, "llm_tokenizer_path")
+    clip_tok = _tokenizer(clip, clip_tokenizer_path, CLIP_TOKENIZER, "clip_tokenizer_path")
+    key = ("hunyuan_text", source_identity(llm), source_identity(clip), dtype, bool(fp8_llm), llm_tok, clip_tok)
+
+    def load():
+        # CLIP-L first (small): every tokenizer problem shows before the 8B model is read
+        c = load_clip_text(clip, dtype=DTYPES[dtype], device="cpu", tokenizer_path=clip_tok)
+        m = load_llava_llama(llm, dtype=DTYPES[dtype], device="cpu", tokenizer_path=llm_tok, fp8=bool(fp8_llm))
+        return HunyuanTextEncoders(m, c)
+
+    pair = MODELS.get_or_create(key, room_for(llm, prompt, load), owner=owner_of(node, unique_id))
+    return ModelHandle(pair, family, RunOptions(keep_on_gpu=keep_on_gpu))
+
+
+def encode_prompts(text_encoder, texts: list[str], offload_after: bool, unique_id, expected: str) -> list[dict]:
+    """Each text through the HunyuanVideo text-encoder pair -> {"context": LLM states of the real tokens,
+    "pooled": CLIP-L pooled} (float32, CPU)."""
+    from ..engine.families.hunyuan.text import HunyuanTextEncoders, real_tokens
+
+    handle = T.handle(text_encoder, "text_encoder", expected)
+    if not isinstance(handle.module, HunyuanTextEncoders):
+        raise invalid("text_encoder", type(handle.module).__name__, expected)
+    with on_compute_device(handle, offload_after), warnings_on_node(unique_id):   # > 256 tokens
+        out = handle.module.encode(list(texts))
+    states, mask, pooled = (out[k].float().cpu() for k in ("states", "mask", "pooled"))
+    return [{"context": real_tokens(states[i], mask[i]), "pooled": pooled[i]} for i in range(len(texts))]
+
+
 class MusubiHunyuanTextEncoderLoader:
     DESCRIPTION = ("Load HunyuanVideo's two text encoders from models/text_encoders: LLaVA-LLaMA-3-8B (ComfyUI's "
                    "llava_llama3_fp16 / fp8_scaled safetensors, or an HF text_encoder folder) and CLIP-L (clip_l"
@@ -155,53 +234,12 @@ class MusubiHunyuanTextEncoderLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {
-            "llm_name": (model_choices(LLM_PRESETS, "text_encoders"), {
-                "tooltip": "The LLaVA-LLaMA-3 text encoder (text_encoder1 in Musubi) from models/text_encoders, "
-                           "or the tiny preset."}),
-            "clip_name": (model_choices(CLIP_PRESETS, "text_encoders"), {
-                "tooltip": "The CLIP-L text encoder (text_encoder2 in Musubi) from models/text_encoders, or the "
-                           "tiny preset."}),
-            "dtype": (["fp16", "bf16", "fp32"], {"default": "fp16",
-                      "tooltip": "Compute precision of both encoders (Musubi's default: fp16)."}),
-            "fp8_llm": ("BOOLEAN", {"default": False,
-                        "tooltip": "Store the LLM's decoder Linear layers in fp8 with scales (Musubi --fp8_llm): "
-                                   "about half the memory; embeddings differ slightly, so caches made with it are "
-                                   "kept apart. Needs dtype fp16 or bf16."}),
-        }, "optional": {
-            "llm_tokenizer_path": ("STRING", {"default": "",
-                                   "tooltip": "Optional: a LLaMA-3 tokenizer.json or its folder. Empty: ComfyUI's "
-                                              "comfy/text_encoders/llama_tokenizer (or the HF folder's own)."}),
-            "clip_tokenizer_path": ("STRING", {"default": "",
-                                    "tooltip": "Optional: a CLIP tokenizer folder (vocab.json + merges.txt). Empty: "
-                                               "ComfyUI's comfy/sd1_tokenizer (or the HF folder's own)."}),
-            "keep_on_gpu": ("BOOLEAN", {"default": False,
-                            "tooltip": "Keep these models on the GPU between uses (faster, uses VRAM). Off: they go "
-                                       "back to CPU memory after each use."}),
-        }, "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"}}
+        return text_encoder_loader_inputs()
 
     def load(self, llm_name, clip_name, dtype, fp8_llm, llm_tokenizer_path="", clip_tokenizer_path="",
              keep_on_gpu=False, unique_id=None, prompt=None):
-        from ..engine.encoders.clip_text import load_clip_text
-        from ..engine.encoders.llava_llama import load_llava_llama
-        from ..engine.families.hunyuan.text import HunyuanTextEncoders
-
-        if fp8_llm and dtype == "fp32":
-            raise invalid("fp8_llm", True, "dtype fp16 or bf16 (fp8 weights compute in 16-bit), or fp8_llm off")
-        llm = resolve_source(llm_name, "text_encoders", "llm_name")
-        clip = resolve_source(clip_name, "text_encoders", "clip_name")
-        llm_tok = _tokenizer(llm, llm_tokenizer_path, LLAMA_TOKENIZER, "llm_tokenizer_path")
-        clip_tok = _tokenizer(clip, clip_tokenizer_path, CLIP_TOKENIZER, "clip_tokenizer_path")
-        key = ("hunyuan_text", source_identity(llm), source_identity(clip), dtype, bool(fp8_llm), llm_tok, clip_tok)
-
-        def load():
-            # CLIP-L first (small): every tokenizer problem shows before the 8B model is read
-            c = load_clip_text(clip, dtype=DTYPES[dtype], device="cpu", tokenizer_path=clip_tok)
-            m = load_llava_llama(llm, dtype=DTYPES[dtype], device="cpu", tokenizer_path=llm_tok, fp8=bool(fp8_llm))
-            return HunyuanTextEncoders(m, c)
-
-        pair = MODELS.get_or_create(key, room_for(llm, prompt, load), owner=owner_of(self, unique_id))
-        return (ModelHandle(pair, FAMILY, RunOptions(keep_on_gpu=keep_on_gpu)),)
+        return (load_text_encoders(self, FAMILY, llm_name, clip_name, dtype, fp8_llm, llm_tokenizer_path,
+                                   clip_tokenizer_path, keep_on_gpu, unique_id, prompt),)
 
 
 class MusubiHunyuanTextEncode:
@@ -226,16 +264,10 @@ class MusubiHunyuanTextEncode:
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def encode(self, text_encoder, prompt, negative_prompt, offload_after, unique_id=None):
-        from ..engine.families.hunyuan.text import HunyuanTextEncoders, real_tokens
-
-        handle = T.handle(text_encoder, "text_encoder", TEXT_ENCODER_EXPECTED)
-        if not isinstance(handle.module, HunyuanTextEncoders):
-            raise invalid("text_encoder", type(handle.module).__name__, TEXT_ENCODER_EXPECTED)
-        with on_compute_device(handle, offload_after), warnings_on_node(unique_id):   # > 256 tokens
-            out = handle.module.encode([prompt, negative_prompt])
-        states, mask, pooled = (out[k].float().cpu() for k in ("states", "mask", "pooled"))
-        return ({"family": FAMILY, "context": real_tokens(states[0], mask[0]), "pooled": pooled[0],
-                 "negative_context": real_tokens(states[1], mask[1]), "negative_pooled": pooled[1],
+        pos, neg = encode_prompts(text_encoder, [prompt, negative_prompt], offload_after, unique_id,
+                                  TEXT_ENCODER_EXPECTED)
+        return ({"family": FAMILY, "context": pos["context"], "pooled": pos["pooled"],
+                 "negative_context": neg["context"], "negative_pooled": neg["pooled"],
                  "prompt": prompt, "negative_prompt": negative_prompt},)
 
 
@@ -405,6 +437,30 @@ class MusubiHunyuanSampler:
                 {"samples": from_latent(latents)})
 
 
+# the HunyuanVideo VAE's tiling widgets (its decode nodes: HunyuanVideo's, FramePack's)
+DECODE_TILING_INPUTS = {
+    "tile_size": ("INT", {"default": 256, "min": 0, "max": 4096, "step": 16,
+                  "tooltip": "Spatial tile size in pixels (0 = no spatial tiling; Musubi: 256)."}),
+    "tile_overlap": ("INT", {"default": 64, "min": 0, "max": 1024, "step": 8,
+                     "tooltip": "Spatial tile overlap in pixels (a multiple of 8, below tile_size)."}),
+    "temporal_tile": ("INT", {"default": 64, "min": 0, "max": 1024, "step": 4,
+                      "tooltip": "Frames per temporal window (0 = no temporal tiling; Musubi: 64)."}),
+    "temporal_overlap": ("INT", {"default": 16, "min": 0, "max": 512, "step": 4,
+                         "tooltip": "Overlapping frames between windows (a multiple of 4, below temporal_tile)."}),
+}
+
+
+def core_latent_samples(latent) -> torch.Tensor:
+    """A core LATENT in HunyuanVideo's format (FramePack's too) -> the DiT latents it holds."""
+    from ..engine.families.hunyuan.vae import to_latent
+
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not isinstance(samples, torch.Tensor) or samples.ndim != 5 or samples.shape[1] != 16:
+        raise invalid("latent", getattr(samples, "shape", type(latent).__name__),
+                      "a HunyuanVideo LATENT [batch, 16, frames, height/8, width/8]")
+    return to_latent(samples)
+
+
 class MusubiHunyuanVAEDecode:
     DESCRIPTION = ("Decode HunyuanVideo latents to IMAGE frames (usable by core CreateVideo/SaveVideo/PreviewImage) "
                    "and their fps. Spatial and temporal tiling keep the VRAM low (Musubi always tiles).")
@@ -419,15 +475,7 @@ class MusubiHunyuanVAEDecode:
     def INPUT_TYPES(cls):
         return {"required": {
             "vae": (T.VAE, {"tooltip": "The HunyuanVideo VAE."}),
-            "tile_size": ("INT", {"default": 256, "min": 0, "max": 4096, "step": 16,
-                          "tooltip": "Spatial tile size in pixels (0 = no spatial tiling; Musubi: 256)."}),
-            "tile_overlap": ("INT", {"default": 64, "min": 0, "max": 1024, "step": 8,
-                             "tooltip": "Spatial tile overlap in pixels (a multiple of 8, below tile_size)."}),
-            "temporal_tile": ("INT", {"default": 64, "min": 0, "max": 1024, "step": 4,
-                              "tooltip": "Frames per temporal window (0 = no temporal tiling; Musubi: 64)."}),
-            "temporal_overlap": ("INT", {"default": 16, "min": 0, "max": 512, "step": 4,
-                                 "tooltip": "Overlapping frames between windows (a multiple of 4, below "
-                                            "temporal_tile)."}),
+            **DECODE_TILING_INPUTS,
         }, "optional": {
             "latents": (T.LATENTS, {"tooltip": "Latents from Musubi HunyuanVideo Sampler (connect this or "
                                                "`latent`)."}),
@@ -436,18 +484,12 @@ class MusubiHunyuanVAEDecode:
         }}
 
     def decode(self, vae, tile_size, tile_overlap, temporal_tile, temporal_overlap, latents=None, latent=None):
-        from ..engine.families.hunyuan.vae import to_latent
-
         vae = _check_family(T.handle(vae, "vae", VAE_EXPECTED), "vae", VAE_EXPECTED)
         if (latents is None) == (latent is None):
             raise invalid("latents / latent", "both" if latents is not None else "neither",
                           "exactly one of them connected")
         if latent is not None:
-            samples = latent.get("samples") if isinstance(latent, dict) else None
-            if not isinstance(samples, torch.Tensor) or samples.ndim != 5 or samples.shape[1] != 16:
-                raise invalid("latent", getattr(samples, "shape", type(latent).__name__),
-                              "a HunyuanVideo LATENT [batch, 16, frames, height/8, width/8]")
-            latents = {"family": FAMILY, "samples": to_latent(samples)}
+            latents = {"family": FAMILY, "samples": core_latent_samples(latent)}
         _family_value(latents, "latents", "latents from Musubi HunyuanVideo Sampler")
         video = decode_video(vae, latents["samples"], tile_size, tile_overlap, temporal_tile=temporal_tile,
                              temporal_overlap=temporal_overlap)

@@ -955,7 +955,8 @@ def _image_conditioning(image_embeds, width, height, frames) -> tuple:
     if not isinstance(image_embeds, dict) or "conditioning" not in image_embeds:
         raise invalid("image_embeds", type(image_embeds).__name__, "conditioning from a Musubi ... Encode node")
     size = (image_embeds.get("width"), image_embeds.get("height"), image_embeds.get("frames"))
-    if size != (width, height, frames):
+    # a conditioning that fixes no frame count (a start image the sampler extends by sections) says frames None
+    if any(s is not None and s != want for s, want in zip(size, (width, height, frames))):
         raise invalid("image_embeds", size, f"this prompt's width/height/frames {(width, height, frames)}")
     return image_embeds.get("task"), image_embeds["conditioning"], image_embeds.get("clip_fea")
 
@@ -1012,8 +1013,10 @@ class MusubiValidationPrompt:
                                                                      "Validation Prompt nodes)."}),
             "image_embeds": (T.IMAGE_EMBEDS, {"tooltip": "I2V/FLF2V or Fun-Control conditioning (Musubi Wan ... "
                                                          "Encode), SkyReels I2V or V2V conditioning (Musubi "
-                                                         "HunyuanVideo ... Encode) with the same width/height/"
-                                                         "frames, for training an image-to-video model."}),
+                                                         "HunyuanVideo ... Encode), or a FramePack start image "
+                                                         "(Musubi FramePack Image Encode) with the same "
+                                                         "width/height/frames, for training an image-to-video "
+                                                         "model."}),
             "embedded_guidance": EMBEDDED_GUIDANCE_INPUT,
         }}
 
@@ -1068,8 +1071,9 @@ class MusubiValidate:
                      "tooltip": "Noise seed."}),
         }, "optional": {
             "image_embeds": (T.IMAGE_EMBEDS, {"tooltip": "I2V/FLF2V, Fun-Control or one-frame conditioning (Musubi "
-                                                         "Wan ... Encode; HunyuanVideo: SkyReels I2V or V2V) with "
-                                                         "the same width/height/frames, for a session training an "
+                                                         "Wan ... Encode; HunyuanVideo: SkyReels I2V or V2V; "
+                                                         "FramePack: a start image) with the same "
+                                                         "width/height/frames, for a session training an "
                                                          "image-conditioned model."}),
             "embedded_guidance": EMBEDDED_GUIDANCE_INPUT,
         }, "hidden": {"unique_id": "UNIQUE_ID"}}

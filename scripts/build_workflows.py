@@ -214,11 +214,117 @@ HUNYUAN_TRAIN_THEN_GENERATE = HUNYUAN_LOADERS + [
     (22, "PreviewImage", {}, {"images": (20, 0)}),
 ]
 
+# FramePack on its tiny presets: HunyuanVideo's VAE and text pair and the SigLIP image encoder loaded for FramePack;
+# a start image, per-section prompts in Musubi's SPEC syntax, a second start image for the last section, two sections
+# of 3 latents sampled by the original schedule (UniPC, embedded guidance 10, dynamic shift), decoded per section.
+FRAMEPACK_LOADERS = [
+    (1, "MusubiFramePackDiTLoader", {"model_name": "preset:tiny", "dtype": "fp32", "attention": "sdpa"}, {}),
+    (2, "MusubiFramePackTextEncoderLoader", {"llm_name": "preset:tiny-llava-llama",
+                                             "clip_name": "preset:tiny-clip-l", "dtype": "fp32", "fp8_llm": False},
+     {}),
+    (3, "MusubiFramePackVAELoader", {"vae_name": "preset:tiny-vae", "dtype": "fp32"}, {}),
+    (4, "MusubiFramePackImageEncoderLoader", {"image_encoder_name": "preset:tiny-siglip", "dtype": "fp32"}, {}),
+]
+FRAMEPACK_I2V = FRAMEPACK_LOADERS + [
+    (5, "EmptyImage", {"width": 64, "height": 48, "batch_size": 1, "color": 0xCC3322}, {}),
+    (6, "EmptyImage", {"width": 64, "height": 48, "batch_size": 1, "color": 0x2244CC}, {}),
+    (7, "MusubiFramePackTextEncode", {"prompt": "0:a red square;;;-1:the square turns blue", "negative_prompt": "",
+                                      "offload_after": True}, {"text_encoder": (2, 0)}),
+    (8, "MusubiFramePackImageEncode", {"width": 64, "height": 48},
+     {"vae": (3, 0), "clip_vision": (4, 0), "start_image": (5, 0)}),
+    (9, "MusubiFramePackImageEncode", {"width": 64, "height": 48},
+     {"vae": (3, 0), "clip_vision": (4, 0), "start_image": (6, 0)}),
+    (10, "MusubiFramePackSectionImage", {"section": "-1"}, {"image_embeds": (9, 0)}),
+    (11, "MusubiFramePackSampler", {"video_seconds": 5.0, "sections": 2, "latent_window_size": 3, "steps": 6,
+                                    "embedded_guidance": 10.0, "guidance_scale": 1.0, "guidance_rescale": 0.0,
+                                    "shift": 0.0, "solver": "unipc", "f1": False, "seed": 42, "noise_device": "cpu"},
+     {"model": (1, 0), "embeds": (7, 0), "image_embeds": (8, 0), "section_images": (10, 0)}),
+    (12, "MusubiFramePackVAEDecode", {"mode": "sections", "tile_size": 256, "tile_overlap": 64, "temporal_tile": 64,
+                                      "temporal_overlap": 16}, {"vae": (3, 0), "latents": (11, 0)}),
+    (13, "MusubiSaveVideo", {"filename_prefix": "musubi/framepack_i2v", "crf": 19}, {"images": (12, 0), "fps": (12, 1)}),
+    (14, "PreviewImage", {}, {"images": (12, 0)}),
+]
+
+# Kisekaeichi (one-frame inference): the reference image (left half masked out) at RoPE index 0 and the clothing
+# image at 10, the new frame at index 1, no post / 2x / 4x clean latents (Musubi's recommended options).
+FRAMEPACK_ONE_FRAME = FRAMEPACK_LOADERS + [
+    (5, "EmptyImage", {"width": 48, "height": 48, "batch_size": 1, "color": 0xDDBB99}, {}),
+    (6, "EmptyImage", {"width": 48, "height": 48, "batch_size": 1, "color": 0xCC2222}, {}),
+    (7, "SolidMask", {"value": 0.0, "width": 48, "height": 48}, {}),
+    (8, "SolidMask", {"value": 1.0, "width": 24, "height": 48}, {}),
+    (9, "MaskComposite", {"x": 0, "y": 0, "operation": "add"}, {"destination": (7, 0), "source": (8, 0)}),
+    (10, "MusubiFramePackTextEncode", {"prompt": "the woman wears the red dress", "negative_prompt": "",
+                                       "offload_after": True}, {"text_encoder": (2, 0)}),
+    (11, "MusubiFramePackImageEncode", {"width": 48, "height": 48},
+     {"vae": (3, 0), "clip_vision": (4, 0), "start_image": (5, 0)}),
+    (12, "MusubiFramePackControlImage", {"width": 48, "height": 48}, {"vae": (3, 0), "image": (5, 0), "mask": (9, 0)}),
+    (13, "MusubiFramePackControlImage", {"width": 48, "height": 48},
+     {"vae": (3, 0), "image": (6, 0), "previous": (12, 0)}),
+    (14, "MusubiFramePackOneFrameSampler", {"target_index": 1, "control_index": "0;10", "no_post": True,
+                                            "no_2x": True, "no_4x": True, "latent_window_size": 9, "steps": 6,
+                                            "embedded_guidance": 10.0, "guidance_scale": 1.0,
+                                            "guidance_rescale": 0.0, "shift": 0.0, "solver": "unipc", "seed": 42,
+                                            "noise_device": "cpu"},
+     {"model": (1, 0), "embeds": (10, 0), "image_embeds": (11, 0), "control_images": (13, 0)}),
+    (15, "MusubiFramePackVAEDecode", {"mode": "sections", "tile_size": 256, "tile_overlap": 64, "temporal_tile": 64,
+                                      "temporal_overlap": 16}, {"vae": (3, 0), "latents": (14, 0)}),
+    (16, "PreviewImage", {}, {"images": (15, 0)}),
+]
+
+# Train a FramePack LoRA: a 37-frame video made in the graph (one section of FramePack's 9-latent window), cached
+# with the FramePack VAE and the SigLIP encoder (section caches), captions with the text pair, trained with a
+# validation sample from a start image, then the trained model generates from the same start image.
+FRAMEPACK_TRAIN_THEN_GENERATE = FRAMEPACK_LOADERS + [
+    (5, "EmptyImage", {"width": 48, "height": 48, "batch_size": 37, "color": 0xCC2222}, {}),
+    (6, "EmptyImage", {"width": 48, "height": 48, "batch_size": 1, "color": 0xCC2222}, {}),
+    (7, "MusubiDatasetFromImages", {"captions": "a red square", "width": 48, "height": 48, "num_repeats": 1,
+                                    "as_video": True, "cache_directory": "", "batch_size": 1}, {"images": (5, 0)}),
+    (8, "MusubiCacheLatents", {"task": "i2v", "keep_cache": False, "workers": 0},
+     {"dataset": (7, 0), "vae": (3, 0), "clip_vision": (4, 0)}),
+    (9, "MusubiCacheTextEmbeddings", {"keep_cache": False}, {"dataset": (8, 0), "text_encoder": (2, 0)}),
+    (10, "MusubiLoRAConfig", {"network_kind": "lora", "rank": 8, "alpha": 8.0, "dropout": 0.0, "rank_dropout": 0.0,
+                              "module_dropout": 0.0}, {}),
+    (11, "MusubiOptimizerConfig", {"optimizer_type": "AdamW", "learning_rate": 3e-3, "max_grad_norm": 1.0,
+                                   "lr_scheduler": "constant", "lr_warmup_steps": "0"}, {}),
+    (15, "MusubiFramePackTextEncode", {"prompt": "a red square", "negative_prompt": "", "offload_after": True},
+     {"text_encoder": (2, 0)}),
+    (24, "MusubiFramePackImageEncode", {"width": 48, "height": 48},
+     {"vae": (3, 0), "clip_vision": (4, 0), "start_image": (6, 0)}),
+    (23, "MusubiValidationPrompt", {"width": 48, "height": 48, "frames": 1, "seed": 3, "steps": 4,
+                                    "guidance_scale": 1.0, "shift": 0.0, "embedded_guidance": 0.0},
+     {"embeds": (15, 0), "image_embeds": (24, 0)}),
+    (12, "MusubiInitTraining", {"seed": 1, "max_train_steps": 20, "mixed_precision": "no",
+                                "gradient_checkpointing": True, "gradient_accumulation_steps": 1,
+                                "timestep_sampling": "shift", "discrete_flow_shift": 2.0, "sigmoid_scale": 1.0,
+                                "weighting_scheme": "none", "min_timestep": 0, "max_timestep": 1000,
+                                "save_every_n_steps": 0, "keep_last_n_saves": 0, "output_dir": "",
+                                "output_name": "tiny_framepack_lora", "save_state": False,
+                                "attention_backend": "model", "save_format": "comfyui",
+                                "validate_every_n_steps": 10},
+     {"model": (1, 0), "dataset": (9, 0), "lora_config": (10, 0), "optimizer_config": (11, 0),
+      "validation_prompts": (23, 0), "validation_vae": (3, 0)}),
+    (13, "MusubiTrainSteps", {"steps": 20, "train_on_every_queue": False}, {"session": (12, 0)}),
+    (14, "PreviewImage", {}, {"images": (13, 1)}),
+    (18, "MusubiSaveTrainedLoRA", {"format": "comfyui", "filename_prefix": "loras/tiny_framepack_lora",
+                                   "dtype": "bf16", "save_to": "output"}, {"session": (13, 0)}),
+    (19, "MusubiFramePackSampler", {"video_seconds": 5.0, "sections": 1, "latent_window_size": 9, "steps": 6,
+                                    "embedded_guidance": 10.0, "guidance_scale": 1.0, "guidance_rescale": 0.0,
+                                    "shift": 0.0, "solver": "unipc", "f1": False, "seed": 42, "noise_device": "cpu"},
+     {"model": (13, 4), "embeds": (15, 0), "image_embeds": (24, 0)}),
+    (20, "MusubiFramePackVAEDecode", {"mode": "sections", "tile_size": 256, "tile_overlap": 64, "temporal_tile": 64,
+                                      "temporal_overlap": 16}, {"vae": (3, 0), "latents": (19, 0)}),
+    (21, "MusubiSaveVideo", {"filename_prefix": "musubi/framepack_train_then_generate", "crf": 19},
+     {"images": (20, 0), "fps": (20, 1)}),
+    (22, "PreviewImage", {}, {"images": (20, 0)}),
+]
+
 WORKFLOWS = {"wan_t2v_generate.json": TINY_T2V, "wan_i2v_generate.json": TINY_I2V, "lora_tools.json": LORA_TOOLS,
              "wan_dataset_cache.json": DATASET_CACHE,
              "wan_train_then_generate.json": TRAIN_THEN_GENERATE,
              "hunyuan_t2v_generate.json": HUNYUAN_T2V,
-             "hunyuan_train_then_generate.json": HUNYUAN_TRAIN_THEN_GENERATE}
+             "hunyuan_train_then_generate.json": HUNYUAN_TRAIN_THEN_GENERATE,
+             "framepack_i2v_generate.json": FRAMEPACK_I2V, "framepack_one_frame.json": FRAMEPACK_ONE_FRAME,
+             "framepack_train_then_generate.json": FRAMEPACK_TRAIN_THEN_GENERATE}
 
 
 def _spec_lists(cls):
@@ -310,7 +416,10 @@ TITLES = {"wan_t2v_generate.json": "Wan 2.1 text to video", "wan_i2v_generate.js
           "lora_tools.json": "LoRA tools", "wan_dataset_cache.json": "Dataset caching",
           "wan_train_then_generate.json": "Train a LoRA, then generate",
           "hunyuan_t2v_generate.json": "HunyuanVideo text to video",
-          "hunyuan_train_then_generate.json": "HunyuanVideo: train a LoRA, then generate"}
+          "hunyuan_train_then_generate.json": "HunyuanVideo: train a LoRA, then generate",
+          "framepack_i2v_generate.json": "FramePack image to video (per-section prompts and images)",
+          "framepack_one_frame.json": "FramePack one-frame inference (kisekaeichi)",
+          "framepack_train_then_generate.json": "FramePack: train a LoRA, then generate"}
 
 
 def thumbnail(name: str, nodes: list, path: Path) -> None:

@@ -12,7 +12,9 @@ BENIGN = ("Failed to load resource", "Content Security Policy", "reading 'id'")
 
 
 @pytest.mark.parametrize("name, sampler_type", [("wan_t2v_generate", "MusubiWanSampler"),
-                                                ("hunyuan_t2v_generate", "MusubiHunyuanSampler")])
+                                                ("hunyuan_t2v_generate", "MusubiHunyuanSampler"),
+                                                ("framepack_i2v_generate", "MusubiFramePackSampler"),
+                                                ("framepack_one_frame", "MusubiFramePackOneFrameSampler")])
 def test_drop_t2v_workflow_run_and_screenshot(comfy_server, browser_page, name, sampler_type):
     page = browser_page
     path = REPO_ROOT / "workflows" / f"{name}.json"
@@ -31,6 +33,9 @@ def test_drop_t2v_workflow_run_and_screenshot(comfy_server, browser_page, name, 
         entry = comfy_server.get_json(f"/history/{new.pop()}").popitem()[1] if new else None
         time.sleep(0.5)
     assert entry and entry["status"]["status_str"] == "success", entry
+    # the canvas loads a node's images when it draws it: bring the preview into view (larger graphs put it low)
+    page.evaluate("""() => { const n = app.graph._nodes.find(n => n.type === 'PreviewImage');
+                             app.canvas.centerOnNode?.(n); app.canvas.setDirty(true, true); }""")
     page.wait_for_function("() => (app.graph._nodes.find(n => n.type === 'PreviewImage')?.imgs?.length ?? 0) > 0",
                            timeout=60000)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)

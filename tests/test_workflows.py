@@ -13,7 +13,9 @@ WORKFLOWS = sorted((REPO_ROOT / "workflows").glob("*.json"))
 
 def test_there_are_workflows():
     assert {p.name for p in WORKFLOWS} >= {"wan_t2v_generate.json", "wan_i2v_generate.json",
-                                           "hunyuan_t2v_generate.json", "hunyuan_train_then_generate.json"}
+                                           "hunyuan_t2v_generate.json", "hunyuan_train_then_generate.json",
+                                           "framepack_i2v_generate.json", "framepack_one_frame.json",
+                                           "framepack_train_then_generate.json"}
 
 
 def _project():
@@ -69,6 +71,23 @@ def test_workflow_runs_in_process(comfy, path):
             vae = src["vae"].module
             with torch.no_grad():
                 video = vae.decode(src["latents"]["samples"].to(next(vae.parameters()).dtype), **tiling)
+            expected = ((video.float().cpu() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 4, 1).flatten(0, 1)
+            torch.testing.assert_close(images, expected, rtol=1e-4, atol=1e-4)
+        if node["type"] == "MusubiFramePackVAEDecode":
+            # per section (blended) or bulk, as the engine decodes the sampler's latents with the same tiling
+            images = comfy.output(str(node["id"]))
+            assert images.ndim == 4 and images.shape[-1] == 3 and torch.isfinite(images).all()
+            assert images.std() > 0.01, "decoded frames are constant"
+            src = {i["name"]: comfy.output(*links[i["link"]]) for i in node["inputs"] if i.get("link") is not None}
+            mode, *tiling = node["widgets_values"][:5]
+            latents, vae = src["latents"], src["vae"].module
+            decode_sections = comfy.pack_module("engine.families.framepack.pipeline").decode_sections
+            with torch.no_grad():
+                video = decode_sections(vae, latents["samples"].to(next(vae.parameters()).dtype),
+                                        latents["latent_window_size"], bulk=mode == "bulk",
+                                        one_frame=latents["one_frame"],
+                                        **dict(zip(("tile_size", "tile_overlap", "temporal_tile", "temporal_overlap"),
+                                                   tiling)))
             expected = ((video.float().cpu() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 4, 1).flatten(0, 1)
             torch.testing.assert_close(images, expected, rtol=1e-4, atol=1e-4)
         if node["type"] in ("MusubiSaveVideo", "SaveVideo"):
