@@ -103,6 +103,28 @@ def comfy_quantize():
     return _comfy_quantize
 
 
+def _diffusers_framepack(cfg, sd, guidance: bool = True):
+    """diffusers' HunyuanVideoFramepackTransformer3DModel (an independent implementation) with the pack's FramePack
+    config and state dict: the checkpoint's names are diffusers', so the state dict loads unchanged."""
+    from diffusers import HunyuanVideoFramepackTransformer3DModel
+
+    ref = HunyuanVideoFramepackTransformer3DModel(  # config built locally, no hub access
+        in_channels=cfg.in_channels, out_channels=cfg.out_channels, num_attention_heads=cfg.num_heads,
+        attention_head_dim=cfg.head_dim, num_layers=cfg.double_blocks, num_single_layers=cfg.single_blocks,
+        num_refiner_layers=cfg.refiner_blocks, mlp_ratio=cfg.mlp_ratio, patch_size=cfg.patch_size[1],
+        patch_size_t=cfg.patch_size[0], guidance_embeds=guidance, text_embed_dim=cfg.text_dim,
+        pooled_projection_dim=cfg.text_pool_dim, rope_theta=cfg.rope_theta, rope_axes_dim=cfg.rope_dims,
+        has_image_proj=True, image_proj_dim=cfg.image_dim, has_clean_x_embedder=True)
+    ref.load_state_dict({k: v for k, v in sd.items() if guidance or "guidance_embedder" not in k}, strict=True)
+    return ref.eval()
+
+
+@pytest.fixture
+def diffusers_framepack():
+    """`_diffusers_framepack` as a fixture (the FramePack DiT parity tests and the LoRA-loading test)."""
+    return _diffusers_framepack
+
+
 @pytest.fixture
 def dual_family():
     """The test-only second model family (tests/dual_family.py), registered for one test."""

@@ -54,21 +54,6 @@ def _model(name="tiny", seed=0) -> FramePackModel:
     return model.eval()
 
 
-def _diffusers(cfg, sd, guidance=True):
-    from diffusers import HunyuanVideoFramepackTransformer3DModel
-
-    ref = HunyuanVideoFramepackTransformer3DModel(  # config built locally, no hub access
-        in_channels=cfg.in_channels, out_channels=cfg.out_channels, num_attention_heads=cfg.num_heads,
-        attention_head_dim=cfg.head_dim, num_layers=cfg.double_blocks, num_single_layers=cfg.single_blocks,
-        num_refiner_layers=cfg.refiner_blocks, mlp_ratio=cfg.mlp_ratio, patch_size=cfg.patch_size[1],
-        patch_size_t=cfg.patch_size[0], guidance_embeds=guidance, text_embed_dim=cfg.text_dim,
-        pooled_projection_dim=cfg.text_pool_dim, rope_theta=cfg.rope_theta, rope_axes_dim=cfg.rope_dims,
-        has_image_proj=True, image_proj_dim=cfg.image_dim, has_clean_x_embedder=True)
-    # the same names: the checkpoint's state dict loads into both models unchanged
-    ref.load_state_dict({k: v for k, v in sd.items() if guidance or "guidance_embedder" not in k}, strict=True)
-    return ref.eval()
-
-
 def _run_diffusers(ref, i, guidance):
     return ref(i["x"], i["t"], i["text_states"], i["text_mask"].long(), i["pooled"], i["image_embeddings"],
                i["latent_indices"], guidance, i["clean_latents"], i["clean_latent_indices"], i["clean_latents_2x"],
@@ -89,13 +74,13 @@ def _rel(a, b):
     (False, (4, 4), 3),     # no guidance embedding (diffusers built without one), same padding (one gathered call)
     (True, (7, 2), 1),      # one-frame section (one prompt unpadded)
 ])
-def test_matches_diffusers(guidance, valid, frames):
+def test_matches_diffusers(guidance, valid, frames, diffusers_framepack):
     cfg = preset_config("tiny")
     sd = build_preset_state_dict("tiny", seed=3)
     ours = FramePackModel(cfg)
     ours.load_state_dict(sd)
     ours.eval()
-    ref = _diffusers(cfg, sd, guidance)
+    ref = diffusers_framepack(cfg, sd, guidance)
     i = _inputs(cfg, frames=frames, valid=valid)
     g = torch.tensor([10000.0, 6000.0]) if guidance else None                  # 10.0 / 6.0 x 1000
     with torch.no_grad():
@@ -105,12 +90,12 @@ def test_matches_diffusers(guidance, valid, frames):
     assert _rel(out, expected) < PARITY_RTOL, _rel(out, expected)
 
 
-def test_per_sample_frame_indices_match_diffusers_one_sample_at_a_time():
+def test_per_sample_frame_indices_match_diffusers_one_sample_at_a_time(diffusers_framepack):
     """Training batches mix section layouts: each sample's RoPE follows its own indices (diffusers takes one index
     list per call, so it runs each sample alone)."""
     cfg = preset_config("tiny")
     sd = build_preset_state_dict("tiny", seed=4)
-    ours, ref = FramePackModel(cfg), _diffusers(cfg, sd)
+    ours, ref = FramePackModel(cfg), diffusers_framepack(cfg, sd)
     ours.load_state_dict(sd)
     i = _inputs(cfg)
     per_sample = {"latent_indices": torch.tensor([[4, 5, 6], [1, 2, 3]]),

@@ -265,12 +265,11 @@ def test_a_hunyuan_lora_applies_to_framepack_split_as_musubi_converts_it(tmp_pat
                                rtol=1e-4, atol=1e-6)
 
 
-def test_a_diffusers_format_framepack_lora_loads_the_way_framepack_wrappers_load_it(tmp_path):
+def test_a_diffusers_format_framepack_lora_loads_the_way_framepack_wrappers_load_it(tmp_path, diffusers_framepack):
     """kijai's ComfyUI-FramePackWrapper loads LoRAs with diffusers' `_convert_hunyuan_video_lora_to_diffusers` and
     PEFT's `load_lora_adapter` on the diffusers-named packed model (ComfyUI itself has no FramePack model). Done
     here on diffusers' own `HunyuanVideoFramepackTransformer3DModel`: the pack's diffusers-format file sets every
     adapted weight to the trained ΔW."""
-    from diffusers import HunyuanVideoFramepackTransformer3DModel
     from diffusers.loaders.lora_conversion_utils import _convert_hunyuan_video_lora_to_diffusers
     from safetensors.torch import load_file
 
@@ -279,15 +278,7 @@ def test_a_diffusers_format_framepack_lora_loads_the_way_framepack_wrappers_load
     s = make(tmp_path / "a", 3)
     s.train_steps(3)
     trained = {n: a.delta_weight().detach() for n, a in s.network.adapters().items()}
-    cfg = preset_config("tiny")
-    ref = HunyuanVideoFramepackTransformer3DModel(
-        in_channels=cfg.in_channels, out_channels=cfg.out_channels, num_attention_heads=cfg.num_heads,
-        attention_head_dim=cfg.head_dim, num_layers=cfg.double_blocks, num_single_layers=cfg.single_blocks,
-        num_refiner_layers=cfg.refiner_blocks, mlp_ratio=cfg.mlp_ratio, patch_size=cfg.patch_size[1],
-        patch_size_t=cfg.patch_size[0], guidance_embeds=True, text_embed_dim=cfg.text_dim,
-        pooled_projection_dim=cfg.text_pool_dim, rope_theta=cfg.rope_theta, rope_axes_dim=cfg.rope_dims,
-        has_image_proj=True, image_proj_dim=cfg.image_dim, has_clean_x_embedder=True)
-    ref.load_state_dict(build_preset_state_dict("tiny"))
+    ref = diffusers_framepack(preset_config("tiny"), build_preset_state_dict("tiny"))
     before = {n: p.detach().clone() for n, p in ref.named_parameters()}
     path = save_lora(s.network, tmp_path / "fp_diffusers.safetensors", format="diffusers")
     ref.load_lora_adapter(_convert_hunyuan_video_lora_to_diffusers(load_file(str(path))), adapter_name="fp",
