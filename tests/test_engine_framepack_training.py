@@ -288,3 +288,45 @@ def test_a_diffusers_format_framepack_lora_loads_the_way_framepack_wrappers_load
     for name, delta in trained.items():
         weight = params.get(f"{name}.base_layer.weight", params.get(f"{name}.weight"))
         torch.testing.assert_close(weight.detach() - before[f"{name}.weight"], delta, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["f1", "one_frame"])
+def test_training_runs_on_f1_and_one_frame_caches(tmp_path, encoders, layout):
+    """The trainer takes every FramePack cache layout as it is: F1 sections, and one-frame items whose 2x/4x
+    history is absent (no_post, zero 2x/4x made at batch time)."""
+    vae, siglip, text = encoders
+    if layout == "f1":
+        cfg = _video_dataset(tmp_path)
+        build_cache(cfg, FAMILY.latent_cache_adapter(vae, "f1", siglip))
+    else:
+        from engine.data import load_dataset_config
+
+        for d in ("img", "ctrl"):
+            (tmp_path / d).mkdir()
+            Image.fromarray((np.random.default_rng(len(d)).random((32, 32, 3)) * 255).astype(np.uint8)).save(
+                tmp_path / d / "a.png")
+        (tmp_path / "img" / "a.txt").write_text("a cat")
+        cfg = load_dataset_config(f"""
+[general]
+resolution = [32, 32]
+caption_extension = ".txt"
+[[datasets]]
+image_directory = "{tmp_path / 'img'}"
+control_directory = "{tmp_path / 'ctrl'}"
+cache_directory = "{tmp_path / 'cache'}"
+fp_1f_target_index = 1
+fp_1f_no_post = true
+""")
+        build_cache(cfg, FAMILY.latent_cache_adapter(vae, "i2v", siglip, one_frame_no_2x=True))
+    build_cache(cfg, FAMILY.cache_adapter(text_encoder=text))
+    model = tiny()
+    cached = check_cache_for_model(cfg, FAMILY.cache_requirements(model))
+    batch = next(iter(CachedBatchLoader(cached, seed=0)))
+    if layout == "one_frame":
+        assert batch["clean_latents_2x"] is None and batch["clean_latents_4x"].shape[2] == 16
+    train = TrainingConfig(output_dir=str(tmp_path / "out"), output_name=layout, max_train_steps=3,
+                           mixed_precision="no", seed=1)
+    s = TrainingSession(model, NetworkConfig(rank=4, alpha=4), OptimizerConfig(learning_rate=1e-3),
+                        CachedBatchLoader(cached, seed=0), train)
+    losses = s.train_steps(3)
+    assert len(losses) == 3 and all(np.isfinite(losses))
