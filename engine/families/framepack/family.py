@@ -12,7 +12,7 @@ import torch.nn as nn
 from ...data.encoding import CacheRequirements
 from ...errors import invalid
 from ..family import Fp8Spec, LoRASpec
-from ..hunyuan.pipeline import GUIDANCE_EMBED_SCALE, latent_to_rgb_preview
+from ..hunyuan.pipeline import latent_to_rgb_preview
 from . import cache, names, pipeline
 from . import sections as S
 from .dit import FP8_EXCLUDE, FP8_INCLUDE
@@ -106,7 +106,7 @@ class FramePackFamily:
         """v̂ = DiT(section x_t at its latent indices, history latents at theirs, SigLIP start image, LLaMA + CLIP-L
         text, guidance 1.0 x 1000)."""
         device = noisy.device
-        guidance = torch.full((noisy.shape[0],), TRAINING_GUIDANCE * GUIDANCE_EMBED_SCALE, device=device)
+        guidance = torch.full((noisy.shape[0],), TRAINING_GUIDANCE * pipeline.GUIDANCE_EMBED_SCALE, device=device)
         section = {k: (None if batch.get(k) is None else batch[k].to(device)) for k in SECTION_INPUTS}
         mask = batch.get("text_mask")
         pred = model(noisy, t, batch["text_states"].to(device), None if mask is None else mask.to(device),
