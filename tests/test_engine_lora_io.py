@@ -430,6 +430,22 @@ def test_fused_piece_of_the_wrong_size_is_refused(raises_input):
         read_lora({**sd, **other})
 
 
+def test_a_fused_lora_whose_rows_do_not_fill_its_diffusers_pieces_is_refused(tmp_path, raises_input):
+    """Saving in the diffusers format splits a fused qkv LoRA into q/k/v by rows (3 × hidden); an up matrix of
+    another height is refused naming the module and both row counts, not written as wrong pieces."""
+    hidden, rank = 8, 2
+    good = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.randn(rank, hidden),
+            "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.randn(3 * hidden, rank)}
+    out = save_lora(read_lora(good), tmp_path / "good.safetensors", format="diffusers")
+    with safe_open(str(out), "pt") as f:
+        assert {k.split(".lora_")[0] for k in f.keys()} == {
+            f"transformer.transformer_blocks.0.attn.to_{p}" for p in "qkv"}
+    bad = {**good, "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.randn(3 * hidden + 1, rank)}
+    with raises_input("LoRA module double_blocks.0.img_attn_qkv rows", 3 * hidden + 1, f"{3 * hidden} (its "
+                      "diffusers pieces)"):
+        save_lora(read_lora(bad), tmp_path / "bad.safetensors", format="diffusers")
+
+
 def test_a_bias_patch_stays_when_the_weight_part_cannot_apply():
     """The bias key (`.diff_b`, or `.b_norm` beside `.w_norm`) is kept out of the unmatched keys when only the
     module's weight part has nowhere to go: a LoRA on a 1-D weight, a `.w_norm` on a module with no weight."""
