@@ -15,10 +15,10 @@ SIZE_MULTIPLE = 16     # VAE 8× and DiT patch 2×
 
 def as_video(x: torch.Tensor, name: str, frames_axis: bool) -> torch.Tensor:
     """[3, H, W] image / [3, F, H, W] video (optionally with a batch of 1) -> [1, 3, F, H, W]."""
-    want = 4 if frames_axis else 3
-    if isinstance(x, torch.Tensor) and x.ndim == want + 1 and x.shape[0] == 1:
+    dims = 4 if frames_axis else 3
+    if isinstance(x, torch.Tensor) and x.ndim == dims + 1 and x.shape[0] == 1:
         x = x[0]
-    if not isinstance(x, torch.Tensor) or x.ndim != want or x.shape[0] != 3:
+    if not isinstance(x, torch.Tensor) or x.ndim != dims or x.shape[0] != 3:
         shape = "[3, F, H, W]" if frames_axis else "[3, H, W]"
         got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise invalid(name, got, f"an RGB {'video' if frames_axis else 'image'} {shape} in [-1, 1]")
