@@ -55,22 +55,28 @@ def warnings_on_node(node_id):
 
 
 def magcache_for(settings, node_id):
-    """The sampler's MagCacheConfig from a Musubi MagCache node's output (None: off); a calibration run shows its
-    table on the sampler node, ready to paste into mag_ratios."""
+    """The sampler's MagCacheConfig from a Musubi MagCache node's output (None: off). The sampler node shows how many
+    block passes were skipped (all runs of this execution: FramePack runs one per section), or a calibration run's
+    table, ready to paste into mag_ratios."""
     if settings is None:
         return None
     from ..engine.sampling.magcache import MagCacheConfig
 
     if not isinstance(settings, MagCacheConfig):
         raise invalid("magcache", type(settings).__name__, "settings from a Musubi MagCache node")
-    if not settings.calibrate:
-        return settings
+    runs = []
 
-    def show(calibration):
-        table = ",".join(f"{r:g}" for r in calibration.mag_ratios())
-        compat.log.info("MagCache calibration: %s", table)
-        compat.send_text(node_id, f"MagCache calibration (paste into mag_ratios):\n{table}")
-    return dataclasses.replace(settings, on_calibrated=show)
+    def show(cache):
+        runs.append(cache)
+        if settings.calibrate:
+            table = ",".join(f"{r:g}" for r in cache.calibration.mag_ratios())
+            compat.log.info("MagCache calibration: %s", table)
+            compat.send_text(node_id, f"MagCache calibration (paste into mag_ratios):\n{table}")
+            return
+        skipped, steps = sum(len(c.skipped) for c in runs), sum(c.steps for c in runs)
+        compat.log.info("MagCache skipped %d of %d block passes", skipped, steps)
+        compat.send_text(node_id, f"MagCache skipped {skipped} of {steps} block passes")
+    return dataclasses.replace(settings, on_done=show)
 
 
 class MusubiMagCache:

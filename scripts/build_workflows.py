@@ -216,7 +216,8 @@ HUNYUAN_TRAIN_THEN_GENERATE = HUNYUAN_LOADERS + [
 
 # FramePack on its tiny presets: HunyuanVideo's VAE and text pair and the SigLIP image encoder loaded for FramePack;
 # a start image, per-section prompts in Musubi's SPEC syntax, a second start image for the last section, two sections
-# of 3 latents sampled by the original schedule (UniPC, embedded guidance 10, dynamic shift), decoded per section.
+# of 3 latents sampled by the original schedule (UniPC, embedded guidance 10, dynamic shift, MagCache with the
+# built-in table), decoded per section.
 FRAMEPACK_LOADERS = [
     (1, "MusubiFramePackDiTLoader", {"model_name": "preset:tiny", "dtype": "fp32", "attention": "sdpa"}, {}),
     (2, "MusubiFramePackTextEncoderLoader", {"llm_name": "preset:tiny-llava-llama",
@@ -238,11 +239,13 @@ FRAMEPACK_I2V = FRAMEPACK_LOADERS + [
     (11, "MusubiFramePackSampler", {"video_seconds": 5.0, "sections": 2, "latent_window_size": 3, "steps": 6,
                                     "embedded_guidance": 10.0, "guidance_scale": 1.0, "guidance_rescale": 0.0,
                                     "shift": 0.0, "solver": "unipc", "f1": False, "seed": 42, "noise_device": "cpu"},
-     {"model": (1, 0), "embeds": (7, 0), "image_embeds": (8, 0), "section_images": (10, 0)}),
+     {"model": (1, 0), "embeds": (7, 0), "image_embeds": (8, 0), "section_images": (10, 0), "magcache": (15, 0)}),
     (12, "MusubiFramePackVAEDecode", {"mode": "sections", "tile_size": 256, "tile_overlap": 64, "temporal_tile": 64,
                                       "temporal_overlap": 16}, {"vae": (3, 0), "latents": (11, 0)}),
     (13, "MusubiSaveVideo", {"filename_prefix": "musubi/framepack_i2v", "crf": 19}, {"images": (12, 0), "fps": (12, 1)}),
     (14, "PreviewImage", {}, {"images": (12, 0)}),
+    (15, "MusubiMagCache", {"mag_ratios": "", "retention_ratio": 0.2, "threshold": 0.24, "max_skips": 6,
+                            "calibrate": False}, {}),
 ]
 
 # Kisekaeichi (one-frame inference): the reference image (left half masked out) at RoPE index 0 and the clothing

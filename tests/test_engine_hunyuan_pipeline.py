@@ -217,7 +217,8 @@ def test_magcache_skips_the_blocks_on_the_hand_computed_steps(t2v):
     from engine.families.hunyuan.pipeline import MAGCACHE_RATIOS
     assert _request(magcache=MagCacheConfig()).resolve().magcache.mag_ratios == MAGCACHE_RATIOS   # the model's table
     got = []
-    generate(t2v, _request(steps=4, magcache=MagCacheConfig(calibrate=True, on_calibrated=got.append)))
+    calibrating = MagCacheConfig(calibrate=True, on_done=lambda cache: got.append(cache.calibration))
+    generate(t2v, _request(steps=4, magcache=calibrating))
     assert len(got) == 1 and len(got[0].mag_ratios()) == 4 and got[0].mag_ratios()[0] == 1.0
 
 

@@ -137,13 +137,24 @@ def test_end_image_reaches_the_original_schedule(comfy):
     p["7"]["inputs"]["end_image"] = ["10", 0]
     p["8"] = _sampler(sections=0, video_seconds=0.6, latent_paddings="1,0")    # 0.6 s at lws 2: 2 sections
     p["9"] = {"class_type": "PreviewAny", "inputs": {"source": ["8", 1]}}
+    p["20"] = {"class_type": "MusubiMagCache", "inputs": {"mag_ratios": "1.0", "retention_ratio": 0.2,
+                                                          "threshold": 0.24, "max_skips": 3, "calibrate": False}}
+    p["21"] = _sampler(sections=2, steps=6, magcache=["20", 0])
+    p["22"] = {"class_type": "PreviewAny", "inputs": {"source": ["21", 1]}}
     comfy.run(p)
     cond, embeds = comfy.output("7"), comfy.output("5")
     assert cond["end_image"].latent.shape == (16, 1, H // 8, W // 8) and cond["end_image"].embeddings is None
-    expected = generate(comfy.module("1"), FramePackGenerateRequest(
-        prompt=_prompt(comfy, embeds), image=cond["conditioning"], end_image=cond["end_image"], sections=2,
-        latent_window_size=LWS, latent_paddings=[1, 0], steps=2, solver="euler", seed=3))
+    request = dict(prompt=_prompt(comfy, embeds), image=cond["conditioning"], end_image=cond["end_image"],
+                   sections=2, latent_window_size=LWS, solver="euler", seed=3)
+    expected = generate(comfy.module("1"), FramePackGenerateRequest(latent_paddings=[1, 0], steps=2, **request))
     torch.testing.assert_close(comfy.output("8")["samples"], expected.float().cpu(), rtol=1e-5, atol=1e-5)
+
+    # MagCache, fresh every section: steps 1..4 of 6 skippable (retention 0.2, never the last), 3 in a row at most
+    MagCacheConfig = _engine(comfy, "sampling.magcache").MagCacheConfig
+    cached = generate(comfy.module("1"), FramePackGenerateRequest(
+        steps=6, magcache=MagCacheConfig([1.0], max_skips=3), **request))
+    torch.testing.assert_close(comfy.output("21")["samples"], cached.float().cpu(), rtol=1e-5, atol=1e-5)
+    assert ("21", "MagCache skipped 6 of 12 block passes") in comfy.server.texts
 
 
 def test_kisekaeichi_one_frame_with_a_mask(comfy):

@@ -134,6 +134,8 @@ def test_magcache_node_reaches_the_sampler(comfy):
     torch.testing.assert_close(lat, expected.float().cpu(), rtol=1e-5, atol=1e-5)
     plain = generate(model, _engine_request(embeds, task="t2v", frames=F, shift=7.0, steps=8))
     assert not torch.allclose(lat, plain.float().cpu(), atol=1e-4)      # steps were skipped
+    # flat table, max 2 in a row, steps 1..6 skippable (retention 0.2 of 8, never the last): 1, 2, 4, 5 skipped
+    assert ("8", "MagCache skipped 4 of 8 block passes") in comfy.server.texts
     calibration = [t for n, t in comfy.server.texts if n == "10" and "MagCache calibration" in t]
     assert len(calibration) == 1, comfy.server.texts
     table = [float(v) for v in calibration[0].splitlines()[-1].split(",")]

@@ -34,7 +34,7 @@ class MagCacheConfig:
     threshold: float = 0.24                     # accumulated error allowed while skipping
     max_skips: int = 6                          # consecutive skips at most (MagCache's K)
     calibrate: bool = False                     # run every step and record the ratios instead of skipping
-    on_calibrated: Callable[["Calibration"], None] | None = field(default=None, compare=False)  # after the last step
+    on_done: Callable[["MagCache"], None] | None = field(default=None, compare=False)  # after the last step
 
     def validate(self) -> None:
         if self.mag_ratios is None and not self.calibrate:
@@ -114,8 +114,8 @@ class MagCache:
                 self._record(residual, self.residual)
             self.residual = residual
         self.step += 1
-        if self.config.calibrate and self.step == self.steps and self.config.on_calibrated is not None:
-            self.config.on_calibrated(self.calibration)
+        if self.step == self.steps and self.config.on_done is not None:
+            self.config.on_done(self)
         return out
 
     def _record(self, current: torch.Tensor, previous: torch.Tensor) -> None:
