@@ -51,6 +51,9 @@ log = logging.getLogger("ComfyUI-Musubi")
 
 CATEGORY = "Musubi/data"
 TASKS = ["t2v", "i2v", "fun_control", "f1"]   # the pipeline's task names (each family takes some)
+# one-frame caches: which downsampled clean-history latents an item keeps (Musubi --one_frame_no_2x / _no_4x)
+ONE_FRAME_HISTORY = {"2x and 4x": {}, "4x only": {"one_frame_no_2x": True}, "2x only": {"one_frame_no_4x": True},
+                     "none": {"one_frame_no_2x": True, "one_frame_no_4x": True}}
 KINDS = ["auto", "image", "video"]
 
 
@@ -453,19 +456,26 @@ class MusubiCacheLatents:
             "clip_vision": (T.CLIP_VISION, {"tooltip": "CLIP ViT-H/14 for Wan 2.1 I2V (required for task i2v; "
                                                        "with fun_control: I2V Fun-Control); FramePack: the SigLIP "
                                                        "image encoder (always required)."}),
+            "one_frame_history": (list(ONE_FRAME_HISTORY), {
+                "default": "2x and 4x", "tooltip": "FramePack one-frame datasets: the downsampled clean-history "
+                "latents each item keeps (Musubi --one_frame_no_2x / --one_frame_no_4x); kisekaeichi: none."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
-    def cache(self, dataset, vae, task, keep_cache, workers, clip_vision=None, unique_id=None):
+    def cache(self, dataset, vae, task, keep_cache, workers, clip_vision=None, one_frame_history="2x and 4x",
+              unique_id=None):
         dataset = _dataset(dataset)
         vae = T.handle(vae, "vae", "a VAE from a Musubi VAE loader node")
         if clip_vision is not None:
             clip_vision = T.handle(clip_vision, "clip_vision", "an image encoder from a Musubi loader node")
         if task not in TASKS:
             raise invalid("task", task, f"one of {TASKS}")
+        if one_frame_history not in ONE_FRAME_HISTORY:
+            raise invalid("one_frame_history", one_frame_history, f"one of {list(ONE_FRAME_HISTORY)}")
         family = _family_of(vae, dataset, "vae")
-        # the family's rules: which tasks it caches, and whether it takes CLIP vision features
+        # the family's rules: which tasks it caches, whether it takes CLIP vision features and the history options
         adapter = family.latent_cache_adapter(vae.module, task,
-                                              clip_vision.module if clip_vision is not None else None)
+                                              clip_vision.module if clip_vision is not None else None,
+                                              **ONE_FRAME_HISTORY[one_frame_history])
         progress = _progress(unique_id, "latents")
         notes: list[str] = []
         with on_compute_device(vae), (on_compute_device(clip_vision) if clip_vision is not None

@@ -384,3 +384,116 @@ def test_loaders_read_a_sharded_dit_and_siglip_files_from_comfyuis_folders(comfy
     finally:
         _out_of_folder(comfy, "diffusion_models", tmp_path / "dit")
         _out_of_folder(comfy, "clip_vision", vision)
+
+
+def _kisekaeichi_dataset(root):
+    """One image item with two masked control images (Musubi's kisekaeichi training layout): the reference at RoPE
+    index 0, the clothing at 10, the target at 1, no post latent."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    (root / "controls").mkdir()
+    Image.fromarray((rng.random((H, W, 3)) * 255).astype(np.uint8)).save(root / "images" / "item.png")
+    (root / "images" / "item.txt").write_text("the woman wears the red dress")
+    for k in range(2):
+        rgba = (rng.random((H, W, 4)) * 255).astype(np.uint8)
+        rgba[..., 3] = 255
+        rgba[:, : W // 2, 3] = 0                                         # left half masked out
+        Image.fromarray(rgba, "RGBA").save(root / "controls" / f"item_{k}.png")
+    toml = root / "dataset.toml"
+    toml.write_text(f"""
+[general]
+resolution = [{W}, {H}]
+caption_extension = ".txt"
+batch_size = 1
+[[datasets]]
+image_directory = "{(root / 'images').as_posix()}"
+control_directory = "{(root / 'controls').as_posix()}"
+cache_directory = "{(root / 'cache').as_posix()}"
+fp_1f_clean_indices = [0, 10]
+fp_1f_target_index = 1
+fp_1f_no_post = true
+""")
+    return toml
+
+
+def test_f1_and_kisekaeichi_one_frame_training_from_the_nodes(comfy, tmp_path):
+    """The two other FramePack cache layouts train from the generic nodes: F1 section caches (task f1) and one-frame
+    caches without the 2x/4x history (Musubi --one_frame_no_2x --one_frame_no_4x); losses match the engine's
+    session on the same caches."""
+    import numpy as np
+
+    data = _engine(comfy, "data")
+    training = _engine(comfy, "training")
+    get_family = _engine(comfy, "families").get_family
+
+    p = _base()
+    p.update({
+        "20": {"class_type": "EmptyImage", "inputs": {"width": W, "height": H, "batch_size": FRAMES,
+                                                      "color": 0x22AA44}},
+        "21": {"class_type": "MusubiDatasetFromImages", "inputs": {
+            "images": ["20", 0], "captions": "a green square", "width": W, "height": H, "num_repeats": 1,
+            "as_video": True, "cache_directory": str(tmp_path / "f1cache"), "batch_size": 1}},
+        "22": {"class_type": "MusubiCacheLatents", "inputs": {"dataset": ["21", 0], "vae": ["3", 0], "task": "f1",
+                                                              "keep_cache": False, "workers": 0,
+                                                              "clip_vision": ["4", 0]}},
+        "23": {"class_type": "MusubiCacheTextEmbeddings", "inputs": {"dataset": ["22", 0], "text_encoder": ["2", 0],
+                                                                     "keep_cache": False}},
+        "30": {"class_type": "MusubiDatasetFromTOML",
+               "inputs": {"toml_path": str(_kisekaeichi_dataset(tmp_path / "kise"))}},
+        "31": {"class_type": "MusubiCacheLatents", "inputs": {"dataset": ["30", 0], "vae": ["3", 0], "task": "i2v",
+                                                              "keep_cache": False, "workers": 0,
+                                                              "clip_vision": ["4", 0], "one_frame_history": "none"}},
+        "32": {"class_type": "MusubiCacheTextEmbeddings", "inputs": {"dataset": ["31", 0], "text_encoder": ["2", 0],
+                                                                     "keep_cache": False}},
+        "24": {"class_type": "MusubiLoRAConfig", "inputs": {"network_kind": "lora", "rank": 4, "alpha": 4.0,
+                                                            "dropout": 0.0, "rank_dropout": 0.0,
+                                                            "module_dropout": 0.0}},
+        "25": {"class_type": "MusubiOptimizerConfig", "inputs": {"optimizer_type": "AdamW", "learning_rate": 3e-3,
+                                                                 "max_grad_norm": 1.0, "lr_scheduler": "constant",
+                                                                 "lr_warmup_steps": "0"}},
+    })
+    init = {"model": ["1", 0], "lora_config": ["24", 0], "optimizer_config": ["25", 0], "seed": 1,
+            "max_train_steps": 3, "mixed_precision": "no", "gradient_checkpointing": True,
+            "gradient_accumulation_steps": 1, "timestep_sampling": "shift", "discrete_flow_shift": 2.0,
+            "sigmoid_scale": 1.0, "weighting_scheme": "none", "min_timestep": 0, "max_timestep": 1000,
+            "save_every_n_steps": 0, "keep_last_n_saves": 0, "output_dir": str(tmp_path),
+            "save_state": False, "attention_backend": "model"}
+    for nid, dataset in (("26", "23"), ("33", "32")):
+        p[nid] = {"class_type": "MusubiInitTraining",
+                  "inputs": {**init, "dataset": [dataset, 0], "output_name": f"lora{nid}"}}
+        p[str(int(nid) + 1)] = {"class_type": "MusubiTrainSteps", "inputs": {"session": [nid, 0], "steps": 3}}
+        p[str(int(nid) + 100)] = {"class_type": "PreviewAny", "inputs": {"source": [str(int(nid) + 1), 2]}}
+    comfy.run(p)
+
+    f1, one = comfy.output("23"), comfy.output("32")
+    assert f1.latent["f1"] and not f1.latent["no_2x"]
+    assert not one.latent["f1"] and one.latent["no_2x"] and one.latent["no_4x"]
+    family = get_family("framepack")
+    for dataset, steps_node in ((f1, "27"), (one, "34")):
+        losses = comfy.output(steps_node, 2)["loss"]
+        assert len(losses) == 3 and np.isfinite(losses).all()
+        # the engine's session on the same caches, same seed and settings: the same losses
+        cached = data.check_cache_for_model(dataset.config, family.cache_requirements(comfy.module("1")))
+        batch = next(iter(data.CachedBatchLoader(cached, seed=1)))
+        if dataset is one:
+            assert batch["clean_latents_2x"] is None and batch["clean_latents_4x"] is None
+        session = training.TrainingSession(
+            comfy.module("1"), training.NetworkConfig(rank=4, alpha=4),
+            training.OptimizerConfig(learning_rate=3e-3, max_grad_norm=1.0),
+            data.CachedBatchLoader(cached, seed=1),
+            training.TrainingConfig(output_dir=str(tmp_path / "engine"), output_name="e", max_train_steps=3,
+                                    mixed_precision="no", seed=1, gradient_checkpointing=True,
+                                    timesteps=training.TimestepConfig(timestep_sampling="shift",
+                                                                      discrete_flow_shift=2.0)))
+        np.testing.assert_allclose(session.train_steps(3), losses, rtol=1e-5)
+
+    q = {k: v for k, v in p.items() if k in ("1", "3", "4", "30")}
+    q["40"] = {"class_type": "MusubiWanVAELoader", "inputs": {"vae_name": "preset:tiny-vae", "dtype": "fp32",
+                                                              "cache_on_cpu": False}}
+    q["41"] = {**p["31"], "inputs": {**p["31"]["inputs"], "vae": ["40", 0]}}
+    del q["41"]["inputs"]["clip_vision"]
+    comfy.run(q, expect_success=False)
+    assert comfy.error_message().startswith("one_frame_history"), comfy.error_message()

@@ -47,6 +47,8 @@ class HunyuanFamily:
     def latent_cache_adapter(vae, task: str, clip_vision=None, **options) -> cache.HunyuanCacheAdapter:
         """Latents only (task t2v): T2V and SkyReels I2V train from the same cache (I2V takes the clip's own first
         latent frame, as Musubi), and no image encoder is used."""
+        if options:   # the one-frame history options are FramePack's
+            raise invalid("one_frame_history", sorted(options), "2x and 4x (the default) for HunyuanVideo caches")
         if task != "t2v":
             raise invalid("task", task, "t2v for HunyuanVideo: its latent cache holds the video latents only, and "
                                         "SkyReels I2V trains from that same cache (the clip's first frame is its "
@@ -54,7 +56,7 @@ class HunyuanFamily:
         if clip_vision is not None:
             raise invalid("clip_vision", "connected", "nothing for HunyuanVideo (it uses no CLIP vision features): "
                                                       "disconnect it")
-        return cache.HunyuanCacheAdapter(vae=vae, **options)
+        return cache.HunyuanCacheAdapter(vae=vae)
 
     @staticmethod
     def cache_requirements(model: nn.Module, **identities) -> "cache.CacheRequirements":

@@ -56,14 +56,15 @@ class WanFamily:
     def latent_cache_adapter(vae, task: str, clip_vision=None, **options) -> cache.WanCacheAdapter:
         """t2v: latents only; i2v: + first-frame conditioning and CLIP features (CLIP vision required); fun_control:
         + control latents, with CLIP vision also the start image (I2V Fun-Control)."""
+        if options:   # the one-frame history options are FramePack's
+            raise invalid("one_frame_history", sorted(options), "2x and 4x (the default) for Wan 2.1 caches")
         if task not in LATENT_TASKS:
             raise invalid("task", task, f"one of {list(LATENT_TASKS)} for Wan 2.1")
         if task == "i2v" and clip_vision is None:
             raise invalid("clip_vision", None, "a CLIP vision encoder for task i2v (Wan 2.1 I2V uses CLIP features)")
         if task == "t2v" and clip_vision is not None:
             raise invalid("clip_vision", "connected", "no CLIP vision for task t2v (pick i2v or disconnect it)")
-        return cache.WanCacheAdapter(vae=vae, clip=clip_vision, i2v=task == "i2v", control=task == "fun_control",
-                                     **options)
+        return cache.WanCacheAdapter(vae=vae, clip=clip_vision, i2v=task == "i2v", control=task == "fun_control")
 
     @staticmethod
     def cache_requirements(model: nn.Module, **identities) -> "cache.CacheRequirements":
