@@ -101,6 +101,8 @@ def _architecture(config) -> dict:
     """What two experts must share: every config field but the human name."""
     fields = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(vars(config))
     fields.pop("variant", None)
+    if not fields.get("has_image_input"):
+        fields.pop("clip_dim", None)   # unused without an image branch (detection cannot read it from such a file)
     return fields
 
 
