@@ -72,7 +72,7 @@ def bytes_to_move(module: nn.Module, device: torch.device | str, exclude: Iterab
 
 def _to(t: torch.Tensor, device: torch.device, non_blocking: bool, pin_memory: bool) -> torch.Tensor:
     if pin_memory and device.type == "cpu" and t.device.type == "cuda":
-        host = torch.empty_like(t, device="cpu", pin_memory=True)   # pinned: the way back is a fast async copy
+        host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)   # pinned: a fast way back
         return host.copy_(t)
     return t.to(device, non_blocking=non_blocking)
 
