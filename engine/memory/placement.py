@@ -70,10 +70,18 @@ def bytes_to_move(module: nn.Module, device: torch.device | str, exclude: Iterab
                if not _same_device(t, device))
 
 
+def _to(t: torch.Tensor, device: torch.device, non_blocking: bool, pin_memory: bool) -> torch.Tensor:
+    if pin_memory and device.type == "cpu" and t.device.type == "cuda":
+        host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)   # pinned: a fast way back
+        return host.copy_(t)
+    return t.to(device, non_blocking=non_blocking)
+
+
 def move_to(module: nn.Module, device: torch.device | str, exclude: Iterable[nn.Module] = (),
-            non_blocking: bool = False) -> nn.Module:
+            non_blocking: bool = False, pin_memory: bool = False) -> nn.Module:
     """Move `module`'s tensors (except the `exclude` subtrees) to `device`. Costs one pass over the tensors when
-    everything is already there. Calls the before-move hook with the bytes that will land on an accelerator."""
+    everything is already there. Calls the before-move hook with the bytes that will land on an accelerator.
+    `pin_memory`: tensors leaving a CUDA device for the CPU land in pinned host memory."""
     device = torch.device(device)
     exclude = tuple(exclude)
     need = bytes_to_move(module, device, exclude)
@@ -84,7 +92,7 @@ def move_to(module: nn.Module, device: torch.device | str, exclude: Iterable[nn.
         for owner, name, t, is_param in list(_own_tensors(module, exclude)):
             if _same_device(t, device):
                 continue
-            moved = t.to(device, non_blocking=non_blocking)
+            moved = _to(t, device, non_blocking, pin_memory)
             if is_param:
                 try:
                     t.data = moved                  # same Parameter object: optimizers/adapters keep working

@@ -178,6 +178,10 @@ class Residency:
                 if keep:
                     if training:
                         self.drop_loaded(entry.swapper)
+                    streamed = set(entry.swapper.swapped)
+                    for i, block in enumerate(blocks):   # resident blocks `park` left in host memory come back
+                        if i not in streamed:
+                            move_to(block, device)      # no-op when already there
                     if not offload_non_blocks:   # (offloaded non-block layers come to the device in each forward)
                         move_to(module, device, exclude=list(blocks))   # no-op when already there
                 else:
@@ -187,6 +191,25 @@ class Residency:
                     self._active[key] = _Active(module, swapper, blocks_to_swap, device, offload_non_blocks)
                     module.__dict__[SWAPPER_ATTR] = swapper
         return device
+
+    def park(self, module: nn.Module, pin_memory: bool = True) -> None:
+        """Off the device between two uses, keeping the weight set's block swapper attached (its host masters and
+        hooks stay valid): streamed blocks are dropped (free), every other tensor on the accelerator goes to (pinned)
+        host memory. The next `place` with the same settings brings the resident parts back."""
+        with self._lock:
+            entry = self._active.get(weight_key(module))
+            with torch.inference_mode(False):
+                if entry is None:
+                    move_to(module, "cpu", pin_memory=pin_memory)
+                    return
+                self.drop_loaded(entry.swapper)
+                blocks = blocks_of(module)
+                streamed = set(entry.swapper.swapped)
+                for i, block in enumerate(blocks):
+                    if i not in streamed:
+                        move_to(block, "cpu", pin_memory=pin_memory)
+                if not entry.offload_non_blocks:   # offloaded non-block layers already live in a host master
+                    move_to(module, "cpu", exclude=list(blocks), pin_memory=pin_memory)
 
     def offload(self, module: nn.Module) -> None:
         """After use: detach the weight set's swapper to CPU and move the whole module to CPU."""

@@ -34,6 +34,7 @@ from ...sampling import GuidanceConfig, GuidedVelocity, make_noise, make_solver,
 from ...sampling.inputs import SIZE_MULTIPLE, as_video, check_frames, encode, latent_frames
 from ...sampling.noise import NOISE_DEVICES, check_seed
 from ...sampling.solvers import ALIASES, SOLVERS
+from .experts import ExpertRunner, WanExperts, reference, resolve_for_experts
 
 TASKS = ("t2v", "t2i", "i2v", "flf2v", "fun_control", "one_frame")
 LATENT_CHANNELS = 16
@@ -178,6 +179,7 @@ class WanGenerateRequest:
     clip_fea: torch.Tensor | None = None         # [257, clip_dim] (FLF2V: [514, clip_dim]: first then last image;
                                                  # one-frame: 257 per control image, see one_frame_clip)
     device: torch.device | str | None = None     # None: the device of the model's patch embedding
+    guidance_scale_high: float | None = None     # Wan 2.2 A14B pair: the high-noise steps' scale (None: per kind)
 
     def resolve(self) -> "WanGenerateRequest":
         """A copy with the per-task defaults filled in (the official release's values)."""
@@ -342,10 +344,17 @@ def _merge(conds: Sequence[dict]) -> dict:
 def generate(model, request: WanGenerateRequest, progress: Progress | None = None) -> torch.Tensor:
     """-> float32 latents [B, 16, F_lat, H/8, W/8] on the model device (one-frame: the target frame only).
 
-    `progress(step, total, x0_estimate)` runs after every step; it may raise (ComfyUI interrupt) to cancel."""
+    `progress(step, total, x0_estimate)` runs after every step; it may raise (ComfyUI interrupt) to cancel.
+    `model` may be a Wan 2.2 A14B pair (`experts.WanExperts`): its experts take turns by the step's timestep."""
+    experts = model if isinstance(model, WanExperts) else None
+    if experts is not None:
+        request, model = resolve_for_experts(experts, request), reference(experts)
     r = request.resolve()
     validate_request(model, r)
-    device = torch.device(r.device) if r.device is not None else execution_device(model)
+    solver = make_solver(r.solver, r.steps, r.shift)
+    runner = None if experts is None else ExpertRunner(experts, solver.timesteps)
+    on = execution_device(model) if runner is None else runner.start()   # (a pair places its first expert)
+    device = torch.device(r.device) if r.device is not None else on
     b = r.batch_size
     cond_in = r.conditioning
     f_lat = _latent_frame_count(r)
@@ -361,9 +370,10 @@ def generate(model, request: WanGenerateRequest, progress: Progress | None = Non
     if cond_in is not None and cond_in.frame_indices is not None:
         frame_indices = torch.tensor(cond_in.frame_indices, dtype=torch.long, device=device)
 
-    solver = make_solver(r.solver, r.steps, r.shift)
-    guided = GuidedVelocity(_wan_predict(model, frame_indices), cond, uncond, r.guidance(), r.steps, merge=_merge)
-    with eval_mode(model):  # adapter dropout never applies to samples, whatever mode a trainer left it in
+    guided = GuidedVelocity(_wan_predict(model, frame_indices), cond, uncond, r.guidance(), r.steps, merge=_merge) \
+        if runner is None else runner.velocity(r.guidance(), r.guidance_scale_high, lambda m, g: GuidedVelocity(
+            _wan_predict(m, frame_indices), cond, uncond, g, r.steps, merge=_merge))
+    with eval_mode(model) if runner is None else runner:  # no adapter dropout in samples, whatever a trainer left
         latents = run_sampler(solver, noise, guided, progress)
     if r.task == "one_frame":
         slot = cond_in.target_slot

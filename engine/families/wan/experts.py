@@ -1,0 +1,341 @@
+"""Wan 2.2 A14B: a high-noise and a low-noise expert (two DiTs with the Wan 2.1 14B architecture) sampled as one.
+
+Which expert runs step i: the high-noise one when the step's timestep t_i >= boundary·1000, the low-noise one below
+(diffusers' WanPipeline: `t >= boundary_ratio * num_train_timesteps`; Musubi Tuner: `t / 1000 >= boundary`: the
+boundary timestep itself is high-noise). The guidance scale follows the same phase, also when the high-noise expert
+is absent: the low-noise expert then runs every step, with the high-noise scale on the high-noise steps (Musubi).
+
+Memory modes, i.e. what is on the execution device while a step runs:
+* "both":    both experts, placed before the first step.
+* "offload": the running expert only; the other one is parked (`Residency.park`: resident weights in pinned host
+             memory, its block swapper kept attached), brought back at its next step. A normal schedule switches
+             once per generation (high -> low), and the next generation switches back at its first step.
+* "lazy":    an expert is loaded (`LazyExpert.load`) at its first step and freed after its last one (`unload`).
+Block swap works in every mode: the options ride on each expert's `ModelHandle`, and each expert is its own weight
+set with its own swapper in the `Residency`.
+
+Per-expert LoRA: each expert is its own module (or handle), so a LoRA view of one (Apply LoRA on that expert's
+socket, or applied inside a `LazyExpert.load`) never touches the other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from ...errors import invalid
+from ...handle import ModelHandle, apply_run_options, as_handle
+from ...lora.adapters import eval_mode
+from ...memory.placement import execution_device
+from ...memory.residency import Residency
+
+HIGH, LOW = "high", "low"
+MODES = ("both", "offload", "lazy")
+STEPS = 40
+# official Wan 2.2 A14B configs (Musubi's wan_t2v_A14B / wan_i2v_A14B): T2V, and image-conditioned experts
+BOUNDARY = {"t2v": 0.875, "i2v": 0.9}
+SHIFT = {"t2v": 12.0, "i2v": 5.0}
+GUIDANCE = {"t2v": (3.0, 4.0), "i2v": (3.5, 3.5)}   # (low-noise, high-noise)
+TIMESTEPS = 1000
+NAMES = {HIGH: "high-noise expert", LOW: "low-noise expert"}
+
+
+@dataclass(frozen=True)
+class LazyExpert:
+    """An expert loaded only when its first step comes ("lazy" mode; other modes load it before the first step)."""
+    config: object                                   # its WanConfig, read from the file header: pairing is checked
+                                                     # before anything loads
+    load: Callable[[], object]                       # -> a WanModel or a ModelHandle (LoRA views made in here)
+    unload: Callable[[object], None] | None = None   # called with what `load` returned, once it is off the device
+    name: str = ""                                   # the file, for messages
+
+
+@dataclass
+class WanExperts:
+    """The pair `generate` takes in place of a DiT. Experts: a WanModel, a ModelHandle (block swap and the other run
+    options of its loader) or a LazyExpert; `high` may be None (the low-noise expert runs throughout)."""
+    low: object
+    high: object | None = None
+    boundary: float | None = None        # 0 < b < 1, or a timestep 1 < b < 1000 (Musubi takes both); None: per kind
+    mode: str = "both"                   # one of MODES
+    device: torch.device | str | None = None   # where the experts run; None: where they are (no placement)
+    residency: Residency | None = None   # the host's; None: a private one
+    offload_after: bool = False          # every expert back to CPU memory after the generation
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checks (before any model call)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _config(source):
+    if isinstance(source, LazyExpert):
+        return source.config
+    handle = as_handle(source)
+    return None if handle is None else getattr(handle.module, "config", None)
+
+
+def _describe(source) -> str:
+    cfg = _config(source)
+    where = source.name if isinstance(source, LazyExpert) else getattr(_module(source), "source_path", None)
+    return f"{cfg.variant} ({_kind(cfg)}, in_dim={cfg.in_dim}, dim={cfg.dim}, {cfg.num_layers} blocks)" + \
+        (f" from {where}" if where else "")
+
+
+def _module(source) -> nn.Module | None:
+    handle = None if isinstance(source, LazyExpert) else as_handle(source)
+    return None if handle is None else handle.module
+
+
+def _kind(config) -> str:
+    from .pipeline import model_task_kind   # (pipeline imports this module)
+
+    return model_task_kind(config)
+
+
+def _architecture(config) -> dict:
+    """What two experts must share: every config field but the human name."""
+    fields = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(vars(config))
+    fields.pop("variant", None)
+    if not fields.get("has_image_input"):
+        fields.pop("clip_dim", None)   # unused without an image branch (detection cannot read it from such a file)
+    return fields
+
+
+def normalize_boundary(boundary) -> float:
+    """0 < b < 1 as is; 1 < b < 1000 as a timestep (b / 1000). 1 itself is refused: fraction or timestep?"""
+    ok = isinstance(boundary, (int, float)) and not isinstance(boundary, bool) and boundary == boundary
+    if ok and 0 < boundary < 1:
+        return float(boundary)
+    if ok and 1 < boundary < TIMESTEPS:
+        return float(boundary) / TIMESTEPS
+    raise invalid("boundary", boundary, "a fraction 0 < b < 1 (0.875 T2V, 0.9 I2V) or a timestep 1 < b < 1000 (875)")
+
+
+def check_experts(experts: WanExperts) -> None:
+    """Refuse a pair that cannot run: wrong mode, a missing or unusable expert, experts of different kinds/shapes
+    (naming which file is which), a boundary out of range."""
+    if not isinstance(experts, WanExperts):
+        raise invalid("experts", type(experts).__name__, "a WanExperts pair")
+    if experts.mode not in MODES:
+        raise invalid("expert memory mode", experts.mode, f"one of {MODES}")
+    for name in (LOW, HIGH):
+        source = getattr(experts, name)
+        if source is None and name == HIGH:
+            continue
+        cfg = _config(source)
+        if cfg is None or not hasattr(cfg, "in_dim"):
+            raise invalid(NAMES[name], type(source).__name__, "a Wan DiT (model, handle or LazyExpert)")
+    if experts.high is not None:
+        low, high = _architecture(_config(experts.low)), _architecture(_config(experts.high))
+        if low != high:
+            differ = sorted(k for k in set(low) | set(high) if low.get(k) != high.get(k))
+            raise invalid(NAMES[HIGH], _describe(experts.high),
+                          f"the same architecture as the {NAMES[LOW]} {_describe(experts.low)}: both experts of one "
+                          f"Wan 2.2 A14B release (they differ in {', '.join(differ)})")
+    if experts.boundary is not None:
+        normalize_boundary(experts.boundary)
+
+
+def defaults_kind(config) -> str:
+    """Which release's defaults apply: "t2v" for a text-to-video expert, "i2v" for an image-conditioned one."""
+    return "t2v" if _kind(config) == "t2v" else "i2v"
+
+
+def resolve_for_experts(experts: WanExperts, request):
+    """The request with the A14B defaults where it leaves them open (steps 40, shift 12 T2V / 5 I2V, guidance
+    (low, high) 3.0/4.0 T2V, 3.5/3.5 I2V); the Wan 2.1 `resolve` fills the rest. Checks the pair first."""
+    check_experts(experts)
+    kind = defaults_kind(_config(experts.low))
+    low, high = GUIDANCE[kind]
+    r = dataclasses.replace(request)
+    r.steps = STEPS if r.steps is None else r.steps
+    r.shift = SHIFT[kind] if r.shift is None else r.shift
+    r.guidance_scale = low if r.guidance_scale is None else r.guidance_scale
+    r.guidance_scale_high = high if r.guidance_scale_high is None else r.guidance_scale_high
+    g = r.guidance_scale_high
+    if isinstance(g, bool) or not isinstance(g, (int, float)) or g != g:
+        raise invalid("guidance_scale_high", g, "a number (4.0 T2V, 3.5 I2V)")
+    return r
+
+
+def boundary_of(experts: WanExperts) -> float:
+    """The normalized boundary (the per-kind default when None)."""
+    if experts.boundary is None:
+        return BOUNDARY[defaults_kind(_config(experts.low))]
+    return normalize_boundary(experts.boundary)
+
+
+class _Reference:
+    """What the request checks read of a model (its config) for a pair whose experts may not be loaded yet."""
+
+    def __init__(self, config):
+        self.config = config
+
+
+def reference(experts: WanExperts) -> _Reference:
+    return _Reference(_config(experts.low))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Schedule
+# ---------------------------------------------------------------------------------------------------------------
+
+def phase_of(timestep, boundary: float) -> str:
+    """HIGH when t >= boundary·1000 (the boundary timestep is high-noise), else LOW."""
+    return HIGH if float(timestep) >= boundary * TIMESTEPS else LOW
+
+
+def expert_plan(timesteps: torch.Tensor, boundary: float, has_high: bool = True) -> list[tuple[str, str]]:
+    """(expert that runs, guidance phase) per step: without a high-noise expert the low one runs the high phase."""
+    phases = [phase_of(t, boundary) for t in timesteps.tolist()]
+    return [(p if has_high else LOW, p) for p in phases]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------------------------
+
+class ExpertRunner:
+    """Places, parks, loads and frees the experts as the steps go (see the module docstring); `events` records
+    what it did: ("load" | "place" | "park" | "free" | "offload", expert) and ("run", expert, step).
+
+    `start()` (returns the execution device), then `with runner:` around the loop that calls `velocity(...)`."""
+
+    def __init__(self, experts: WanExperts, timesteps: torch.Tensor):
+        plan = expert_plan(timesteps, boundary_of(experts), experts.high is not None)
+        self.experts, self.plan = experts, plan
+        self.mode = experts.mode
+        self.residency = experts.residency if experts.residency is not None else Residency()
+        self.device = torch.device(experts.device) if experts.device is not None else None
+        self.sources = {LOW: experts.low, HIGH: experts.high}
+        self.handles: dict[str, ModelHandle] = {}      # loaded experts
+        self.loaded_by_us: dict[str, object] = {}      # what LazyExpert.load returned (given back to unload)
+        self.last_step = {name: max(i for i, (e, _) in enumerate(plan) if e == name) for name, _ in plan}
+        self.placed: set[str] = set()
+        self.events: list[tuple] = []
+        self._stack = contextlib.ExitStack()
+
+    # --- one expert ---------------------------------------------------------------------------------------------
+    def _load(self, name: str) -> ModelHandle:
+        if name not in self.handles:
+            source = self.sources[name]
+            if isinstance(source, LazyExpert):
+                got = source.load()
+                self.loaded_by_us[name] = got
+                handle = as_handle(got)
+                cfg = getattr(getattr(handle, "module", None), "config", None)
+                if handle is None or cfg is None or _architecture(cfg) != _architecture(source.config):
+                    shown = cfg.variant if cfg is not None else type(got).__name__
+                    raise invalid(f"{NAMES[name]} {source.name}".strip(), f"a loaded {shown}",
+                                  f"the model its file header describes ({source.config.variant})")
+                self.events.append(("load", name))
+            else:
+                handle = as_handle(source)
+            self.handles[name] = handle
+            self._stack.enter_context(eval_mode(handle.module))   # adapter dropout never applies to samples
+        return self.handles[name]
+
+    def _place(self, name: str) -> None:
+        handle = self._load(name)
+        apply_run_options(handle)
+        if self.device is not None and name not in self.placed:
+            opts = handle.options
+            self.residency.place(handle.module, self.device, opts.blocks_to_swap, opts.offload_non_blocks)
+            self.events.append(("place", name))
+        self.placed.add(name)
+
+    def _park(self, name: str) -> None:
+        if name in self.placed:
+            if self.device is not None:
+                self.residency.park(self.handles[name].module)
+                self.events.append(("park", name))
+            self.placed.discard(name)
+
+    def _free(self, name: str) -> None:
+        """Lazy mode after the expert's last step: off the device, handed to `unload`, forgotten."""
+        handle = self.handles.pop(name, None)
+        if handle is None:
+            return
+        if self.device is not None:
+            self.residency.offload(handle.module)
+        self.placed.discard(name)
+        source = self.sources[name]
+        if name in self.loaded_by_us:
+            got = self.loaded_by_us.pop(name)
+            if isinstance(source, LazyExpert) and source.unload is not None:
+                source.unload(got)
+        self.events.append(("free", name))
+
+    # --- the generation -------------------------------------------------------------------------------------------
+    def start(self) -> torch.device:
+        """Before the first step: load/place what the mode wants there; returns the execution device."""
+        first = self.plan[0][0]
+        if self.mode == "both":
+            for name in (HIGH, LOW):
+                if name in self.last_step:
+                    self._place(name)
+        self.activate(first)
+        return self.device if self.device is not None else execution_device(self.handles[first].module)
+
+    def activate(self, name: str) -> nn.Module:
+        """The module of `name`, on the device; in "offload" mode the other expert is parked first."""
+        if name not in self.placed:
+            if self.mode == "offload":
+                for other in list(self.placed):
+                    self._park(other)
+            self._place(name)
+        return self.handles[name].module
+
+    def step_done(self, step: int) -> None:
+        """After the model calls of `step`: in "lazy" mode, free an expert whose last step it was."""
+        if self.mode == "lazy":
+            for name, last in self.last_step.items():
+                if last == step:
+                    self._free(name)
+
+    def velocity(self, guidance, guidance_scale_high: float, make_guided: Callable) -> Callable:
+        """velocity_fn(x, t, step) for the generic loop. guidance: the request's GuidanceConfig (its scale is the
+        low-noise one); make_guided(module, guidance) -> a GuidedVelocity of that module, made once per
+        (expert, phase) that occurs."""
+        scales = {LOW: guidance.scale, HIGH: float(guidance_scale_high)}
+        guided: dict[tuple[str, str], object] = {}
+
+        def velocity_fn(x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+            name, phase = self.plan[step]
+            module = self.activate(name)
+            if (name, phase) not in guided:
+                guided[name, phase] = make_guided(module, dataclasses.replace(guidance, scale=scales[phase]))
+            self.events.append(("run", name, step))
+            v = guided[name, phase](x, t, step)
+            self.step_done(step)
+            if name not in self.handles:        # freed (lazy): nothing may keep its module alive
+                for key in [k for k in guided if k[0] == name]:
+                    del guided[key]
+            return v
+        return velocity_fn
+
+    def __enter__(self) -> "ExpertRunner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """After the last step (or on error / interrupt): lazy experts freed; with `offload_after`, every expert
+        that is still loaded back in CPU memory."""
+        try:
+            if self.mode == "lazy":
+                for name in list(self.handles):
+                    self._free(name)
+            elif self.experts.offload_after and self.device is not None:
+                for name, handle in self.handles.items():
+                    self.residency.offload(handle.module)
+                    self.events.append(("offload", name))
+                self.placed.clear()
+        finally:
+            self._stack.close()

@@ -1,0 +1,396 @@
+"""Wan 2.2 A14B expert pairs (engine/families/wan/experts.py) on two tiny T2V experts of different seeds: which
+expert runs each step (by hand and against diffusers' WanPipeline), per-expert guidance, memory modes (with block
+swap), refusals before any model call. On CUDA the same tests place on the GPU and check the parked expert is in
+pinned host memory; on CPU only that assertion is left out."""
+
+import dataclasses
+import types
+
+import pytest
+import torch
+
+from engine.families.wan import experts as E
+from engine.families.wan.experts import LazyExpert, WanExperts
+from engine.families.wan.loader import load_wan_dit
+from engine.families.wan.pipeline import WanGenerateRequest, generate
+from engine.families.wan.presets import write_preset_checkpoint
+from engine.handle import ModelHandle, RunOptions
+from engine.memory.residency import Residency
+from engine.memory.transfer import FakeTransfer
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("wan22")
+    return {"low": write_preset_checkpoint("tiny-t2v", d / "low_noise.safetensors", torch.float32, seed=1),
+            "high": write_preset_checkpoint("tiny-t2v", d / "high_noise.safetensors", torch.float32, seed=2),
+            "i2v": write_preset_checkpoint("tiny-i2v", d / "i2v_expert.safetensors", torch.float32, seed=3)}
+
+
+def _load(path):
+    return load_wan_dit(path, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def pair(files):
+    return {k: _load(files[k]) for k in ("low", "high")}
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(7, 32, generator=g), torch.randn(5, 32, generator=g)
+
+
+def _req(prompts, **kw):
+    base = dict(width=32, height=32, frames=1, seed=3)
+    base.update(kw)
+    return WanGenerateRequest("t2v", prompts[0], prompts[1], **base)
+
+
+class Calls:
+    """Every DiT call of the given experts: (expert name, timestep) in order (forward pre-hooks)."""
+
+    def __init__(self, **models):
+        self.calls, self.handles = [], []
+        for name, m in models.items():
+            self.handles.append(m.register_forward_pre_hook(
+                lambda mod, args, name=name: self.calls.append((name, float(args[1].flatten()[0])))))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Which expert runs
+# ---------------------------------------------------------------------------------------------------------------
+
+def _hand_unipc_timesteps(steps, shift):
+    """The official FlowUniPC timesteps written out: σ_k = 0.999·(1 − k/N) (0.999 as float32), shifted
+    S·σ/(1 + (S−1)·σ), truncated σ·1000."""
+    smax = float(torch.tensor(0.999, dtype=torch.float32))
+    out = []
+    for k in range(steps):
+        s = smax + (0.0 - smax) * k / steps
+        s = shift * s / (1 + (shift - 1) * s)
+        out.append(int(s * 1000))
+    return out
+
+
+def test_t2v_a14b_schedule_by_hand(pair, prompts):
+    """40 steps, shift 12, boundary 0.875 (all A14B T2V defaults): steps with t >= 875 run the high-noise expert
+    with guidance 4.0, the rest the low-noise expert with 3.0; cond and uncond in one batched call per step."""
+    ts = _hand_unipc_timesteps(40, 12.0)
+    want = ["high" if t >= 875 else "low" for t in ts]
+    switch = want.index("low")
+    assert 0 < switch < 40 and all(w == "low" for w in want[switch:])   # one switch
+    with Calls(**pair) as spy:
+        generate(WanExperts(low=pair["low"], high=pair["high"]), _req(prompts))
+    assert [name for name, _ in spy.calls] == want
+    assert [int(t) for _, t in spy.calls] == ts
+
+
+def test_switch_rule_matches_diffusers_wan_pipeline(pair):
+    """diffusers' WanPipeline itself (tiny transformers, a scheduler stub that yields chosen timesteps, exact
+    boundary values included) picks the same expert as `phase_of` / `expert_plan` for every timestep."""
+    diffusers = pytest.importorskip("diffusers")
+
+    def tiny():
+        return diffusers.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                               in_channels=16, out_channels=16, text_dim=32, freq_dim=32, ffn_dim=32,
+                                               num_layers=1, rope_max_seq_len=32)
+
+    class Stub:   # what WanPipeline asks of a scheduler
+        order = 1
+
+        def __init__(self, timesteps):
+            self.config = types.SimpleNamespace(num_train_timesteps=1000)
+            self._ts = torch.tensor(timesteps, dtype=torch.float32)
+
+        def set_timesteps(self, n, device=None):
+            self.timesteps, self.sigmas = self._ts, torch.cat([self._ts / 1000, torch.zeros(1)])
+
+        def set_begin_index(self, i):
+            pass
+
+        def step(self, v, t, x, return_dict=False, **kw):
+            return (x,)
+
+    ours_unipc = [float(t) for t in _hand_unipc_timesteps(40, 12.0)]
+    for boundary, ts in ((0.875, ours_unipc + [876.0, 875.0, 874.9990234375, 874.0]),
+                         (0.9, [999.0, 900.5, 900.0, 899.9, 120.0])):
+        high, low = tiny(), tiny()
+        seen = []
+        high.register_forward_pre_hook(lambda m, a, kw: seen.append("high"), with_kwargs=True)
+        low.register_forward_pre_hook(lambda m, a, kw: seen.append("low"), with_kwargs=True)
+        pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=Stub(ts),
+                                     transformer=high, transformer_2=low, boundary_ratio=boundary)
+        pipe.set_progress_bar_config(disable=True)
+        pipe(prompt_embeds=torch.randn(1, 4, 32), negative_prompt_embeds=torch.randn(1, 4, 32), height=16, width=16,
+             num_frames=1, num_inference_steps=len(ts), guidance_scale=4.0, guidance_scale_2=3.0, output_type="latent")
+        diffusers_choice = seen[::2]   # cond then uncond call per step
+        plan = E.expert_plan(torch.tensor(ts, dtype=torch.float32), boundary)
+        assert [e for e, _ in plan] == diffusers_choice, boundary
+        assert [E.phase_of(t, E.normalize_boundary(boundary * 1000)) for t in ts] == diffusers_choice
+
+
+def test_boundary_inputs_normalized():
+    assert E.normalize_boundary(0.875) == 0.875
+    assert E.normalize_boundary(875) == 0.875
+    assert E.normalize_boundary(900.0) == 0.9
+    assert E.phase_of(875, 0.875) == "high" and E.phase_of(874, 0.875) == "low"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Guidance per expert, a missing high-noise expert
+# ---------------------------------------------------------------------------------------------------------------
+
+def _hand_euler_pair(models, prompts, steps, shift, boundary, g_low, g_high, seed=3):
+    """Euler + CFG with the expert and scale chosen per step from the timestep, written out independently."""
+    x = torch.randn(1, 16, 1, 4, 4, generator=torch.Generator().manual_seed(seed))
+    sig = [shift * s / (1 + (shift - 1) * s) for s in (1 - k / steps for k in range(steps + 1))]
+    with torch.no_grad():
+        for i in range(steps):
+            t = torch.tensor([sig[i] * 1000.0], dtype=torch.float32)
+            high = float(t) >= boundary * 1000
+            m, g = (models["high"], g_high) if high and "high" in models else (models["low"], g_high if high
+                                                                                 else g_low)
+            vc, vu = m(x, t, [prompts[0]]), m(x, t, [prompts[1]])
+            x = x + (vu + g * (vc - vu)) * (sig[i + 1] - sig[i])
+    return x
+
+
+def test_per_expert_guidance_numerics_and_spy(pair, prompts, monkeypatch):
+    """Scales 2.0 (low) / 7.0 (high) are the ones applied: a spy on the guided velocity sees each step's scale,
+    and the latents match a hand-written loop at fp32 tolerance."""
+    from engine.sampling import guidance as G
+
+    seen, call = [], G.GuidedVelocity.__call__
+
+    def spy(self, x, t, step):
+        seen.append((step, self.config.scale))
+        return call(self, x, t, step)
+    monkeypatch.setattr(G.GuidedVelocity, "__call__", spy)
+    req = _req(prompts, steps=6, shift=3.0, solver="euler", guidance_scale=2.0, guidance_scale_high=7.0)
+    with Calls(**pair) as calls:
+        out = generate(WanExperts(low=pair["low"], high=pair["high"], boundary=0.7), req)
+    phases = ["high" if t >= 700 else "low" for _, t in calls.calls]   # cond + uncond: one batched call a step
+    assert [n for n, _ in calls.calls] == phases
+    assert "high" in phases and "low" in phases
+    assert seen == [(i, 7.0 if p == "high" else 2.0) for i, p in enumerate(phases)]
+    ref = _hand_euler_pair(pair, prompts, 6, 3.0, 0.7, 2.0, 7.0)
+    err = (out - ref).abs().max().item()
+    assert err <= 1e-5 * max(1.0, ref.abs().max().item()), err
+
+
+def test_missing_high_expert_equals_single_model_generate(pair, prompts):
+    """No high-noise expert: the low one runs every step (Musubi); with equal scales that is exactly generate() with
+    the single model. With different scales the high-noise steps still take guidance_scale_high."""
+    req = _req(prompts, steps=5, shift=12.0, guidance_scale=3.0)
+    single = generate(pair["low"], req)
+    with Calls(low=pair["low"], high=pair["high"]) as calls:
+        paired = generate(WanExperts(low=pair["low"]), dataclasses.replace(req, guidance_scale_high=3.0))
+    assert {n for n, _ in calls.calls} == {"low"}
+    assert torch.equal(single, paired)
+    req2 = _req(prompts, steps=5, shift=12.0, solver="euler", guidance_scale=3.0, guidance_scale_high=6.0)
+    out = generate(WanExperts(low=pair["low"]), req2)
+    ref = _hand_euler_pair({"low": pair["low"]}, prompts, 5, 12.0, 0.875, 3.0, 6.0)
+    assert (out - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+
+
+def test_a14b_defaults(pair, files):
+    low_i2v = _load(files["i2v"])
+    t2v = E.resolve_for_experts(WanExperts(low=pair["low"], high=pair["high"]),
+                                WanGenerateRequest("t2v", torch.zeros(1, 32), torch.zeros(1, 32)))
+    assert (t2v.steps, t2v.shift, t2v.guidance_scale, t2v.guidance_scale_high) == (40, 12.0, 3.0, 4.0)
+    assert E.boundary_of(WanExperts(low=pair["low"])) == 0.875
+    i2v_pair = WanExperts(low=low_i2v)
+    i2v = E.resolve_for_experts(i2v_pair, WanGenerateRequest("i2v", torch.zeros(1, 32), torch.zeros(1, 32)))
+    assert (i2v.steps, i2v.shift, i2v.guidance_scale, i2v.guidance_scale_high) == (40, 5.0, 3.5, 3.5)
+    assert E.boundary_of(i2v_pair) == 0.9
+    kept = E.resolve_for_experts(i2v_pair, WanGenerateRequest("i2v", torch.zeros(1, 32), torch.zeros(1, 32),
+                                                              steps=8, shift=2.0, guidance_scale=1.5,
+                                                              guidance_scale_high=2.5))
+    assert (kept.steps, kept.shift, kept.guidance_scale, kept.guidance_scale_high) == (8, 2.0, 1.5, 2.5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory modes
+# ---------------------------------------------------------------------------------------------------------------
+
+class Recorder(Residency):
+    """The host's Residency, recording which experts it has placed (and not parked/offloaded since)."""
+
+    def __init__(self, names):
+        super().__init__()
+        self.names, self.on_device, self.log = names, set(), []
+
+    def place(self, module, device, blocks_to_swap=0, offload_non_blocks=False, training=False):
+        self.on_device.add(self.names[id(module)])
+        self.log.append(("place", self.names[id(module)]))
+        return super().place(module, device, blocks_to_swap, offload_non_blocks, training)
+
+    def park(self, module, pin_memory=True):
+        self.on_device.discard(self.names[id(module)])
+        self.log.append(("park", self.names[id(module)]))
+        return super().park(module, pin_memory)
+
+    def offload(self, module):
+        self.on_device.discard(self.names[id(module)])
+        self.log.append(("offload", self.names[id(module)]))
+        return super().offload(module)
+
+
+def _resident_tensors(module, swap):
+    """Parameters of the blocks block swap leaves resident, and of the non-block layers."""
+    streamed = set(swap.swapped) if swap is not None else set()
+    blocks = [b for i, b in enumerate(module.blocks) if i not in streamed]
+    rest = [p for n, p in module.named_parameters() if not n.startswith("blocks.")]
+    return [p for b in blocks for p in b.parameters()] + rest
+
+
+@pytest.mark.parametrize("swap", [0, 1])
+def test_memory_modes_bit_identical_and_placement(files, prompts, swap):
+    """both / offload / lazy, with and without block swap (the fake transfer on CPU), give bit-identical latents.
+    At every DiT call: the running expert is placed and on the device; in offload/lazy mode the other one is not
+    (parked: its resident weights in pinned host memory on CUDA, its swapper still attached); lazy loads an expert
+    at its first step and unloads it after its last."""
+    results, peak = {}, {}
+    for mode in ("both", "offload", "lazy"):
+        models = {k: _load(files[k]) for k in ("low", "high")}
+        names = {id(m): k for k, m in models.items()}
+        res = Recorder(names)
+        if swap and not CUDA:
+            res.use_test_transfer(lambda: FakeTransfer())
+        handles = {k: ModelHandle(m, "wan", RunOptions(blocks_to_swap=swap)) for k, m in models.items()}
+        loads, unloads = [], []
+        if mode == "lazy":
+            src = {k: LazyExpert(m.config, load=lambda k=k: (loads.append(k), handles[k])[1],
+                                 unload=lambda got, k=k: unloads.append(k), name=str(files[k]))
+                   for k, m in models.items()}
+        else:
+            src = handles
+        states = []
+
+        def check(name):
+            def hook(mod, args):
+                other = "low" if name == "high" else "high"
+                assert name in res.on_device
+                for p in _resident_tensors(models[name], res.active_swapper(models[name])):
+                    assert p.device.type == DEVICE.type
+                if mode != "both":
+                    assert other not in res.on_device
+                    if CUDA and mode == "offload" and ("park", other) in res.log:
+                        assert all(p.device.type == "cpu" and p.is_pinned()
+                                   for p in _resident_tensors(models[other], res.active_swapper(models[other])))
+                states.append((name, frozenset(res.on_device)))
+            return hook
+        hooks = [m.register_forward_pre_hook(check(k)) for k, m in models.items()]
+        experts = WanExperts(low=src["low"], high=src["high"], mode=mode, device=DEVICE, residency=res)
+        out = generate(experts, _req(prompts, steps=6, shift=5.0, guidance_scale_high=5.0)).cpu()
+        for h in hooks:
+            h.remove()
+        results[mode], peak[mode] = out, max(len(s) for _, s in states)
+        ran = [n for n, _ in states]
+        assert ran[0] == "high" and ran[-1] == "low"
+        if mode == "lazy":
+            assert loads == ["high", "low"] and unloads == ["high", "low"]
+            assert res.log.index(("offload", "high")) < res.log.index(("place", "low"))
+        if mode == "offload":
+            assert res.log == [("place", "high"), ("park", "high"), ("place", "low")]
+            if swap:   # the parked expert kept its swapper: a second generation reuses both swappers
+                swappers = [res.active_swapper(m) for m in models.values()]
+                assert all(s is not None for s in swappers)
+                again = generate(experts, _req(prompts, steps=6, shift=5.0, guidance_scale_high=5.0)).cpu()
+                assert torch.equal(again, out)
+                assert [res.active_swapper(m) for m in models.values()] == swappers
+        res.release()
+    assert peak == {"both": 2, "offload": 1, "lazy": 1}
+    assert torch.equal(results["both"], results["offload"]) and torch.equal(results["both"], results["lazy"])
+
+
+def test_per_expert_lora_views_stay_separate(pair, prompts):
+    """A pair carries whatever module each expert socket brings: a LoRA-merged view of the high-noise expert
+    changes the high-noise steps only and leaves the low-noise expert (and the source model) untouched."""
+    from engine.lora.views import make_lora_view
+
+    view = make_lora_view(pair["high"])
+    w = view.blocks[0].self_attn.q
+    private = torch.nn.Linear(w.in_features, w.out_features)   # a merged LoRA's copy-on-write weights
+    private.weight.data = w.weight.data + 0.05
+    private.bias.data = w.bias.data.clone()
+    view.blocks[0].self_attn.q = private
+    req = _req(prompts, steps=4, shift=5.0)
+    base = generate(WanExperts(low=pair["low"], high=pair["high"]), req)
+    with Calls(low=pair["low"], high=view) as calls:
+        lora = generate(WanExperts(low=pair["low"], high=view), req)
+    assert {n for n, _ in calls.calls} == {"low", "high"}
+    assert not torch.equal(base, lora)
+    assert pair["high"].blocks[0].self_attn.q is not private
+    assert torch.equal(generate(WanExperts(low=pair["low"], high=pair["high"]), req), base)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Refusals before any model call
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("boundary", [0, 1, 1000, -0.5, 1500, float("nan"), True, "0.9"])
+def test_boundary_out_of_range(pair, prompts, boundary, raises_input):
+    loads = []
+    lazy = LazyExpert(pair["high"].config, load=lambda: loads.append(1) or pair["high"])
+    with Calls(**pair) as calls, raises_input("boundary", boundary, "a fraction 0 < b < 1"):
+        generate(WanExperts(low=pair["low"], high=lazy, boundary=boundary, mode="lazy"), _req(prompts, steps=2))
+    assert calls.calls == [] and loads == []
+
+
+def test_mismatched_experts_refused_naming_files(pair, files, prompts):
+    from engine.errors import MusubiInputError
+
+    i2v = _load(files["i2v"])
+    with Calls(low=pair["low"], i2v=i2v) as calls:
+        with pytest.raises(MusubiInputError) as err:
+            generate(WanExperts(low=pair["low"], high=i2v), _req(prompts, steps=2))
+        msg = str(err.value)
+        assert msg.startswith("high-noise expert: got 'tiny-i2v (i2v, in_dim=36")
+        assert str(files["i2v"]) in msg and str(files["low"]) in msg and "in_dim" in msg
+        # different dims (a lazy expert: refused from its header config, nothing loaded)
+        other = dataclasses.replace(pair["high"].config, ffn_dim=384, variant="tiny-t2v-wide")
+        lazy = LazyExpert(other, load=lambda: pytest.fail("loaded"), name="wide_high.safetensors")
+        with pytest.raises(MusubiInputError, match="high-noise expert: got 'tiny-t2v-wide .*wide_high.safetensors"
+                                                   ".*they differ in ffn_dim"):
+            generate(WanExperts(low=pair["low"], high=lazy, mode="lazy"), _req(prompts, steps=2))
+    assert calls.calls == []
+
+
+@pytest.mark.parametrize("field,value,name", [("mode", "swap", "expert memory mode"),
+                                              ("low", object(), "low-noise expert")])
+def test_bad_pair_fields(pair, prompts, field, value, name):
+    from engine.errors import MusubiInputError
+
+    experts = dataclasses.replace(WanExperts(low=pair["low"], high=pair["high"]), **{field: value})
+    with Calls(**pair) as calls, pytest.raises(MusubiInputError, match=f"^{name}: got"):
+        generate(experts, _req(prompts, steps=2))
+    assert calls.calls == []
+
+
+def test_bad_guidance_scale_high(pair, prompts, raises_input):
+    with Calls(**pair) as calls, raises_input("guidance_scale_high", "x", "a number"):
+        generate(WanExperts(low=pair["low"], high=pair["high"]), _req(prompts, steps=2, guidance_scale_high="x"))
+    assert calls.calls == []
+
+
+def test_lazy_expert_that_loads_another_model_refused(pair, prompts, files):
+    """A loader that returns something else than its header described is refused naming the file."""
+    from engine.errors import MusubiInputError
+
+    i2v = _load(files["i2v"])
+    lazy = LazyExpert(pair["high"].config, load=lambda: i2v, name="high_noise.safetensors")
+    with pytest.raises(MusubiInputError, match="^high-noise expert high_noise.safetensors: got 'a loaded tiny-i2v'"):
+        generate(WanExperts(low=pair["low"], high=lazy, mode="lazy"), _req(prompts, steps=2))
