@@ -370,11 +370,15 @@ def generate(model, request: WanGenerateRequest, progress: Progress | None = Non
     if cond_in is not None and cond_in.frame_indices is not None:
         frame_indices = torch.tensor(cond_in.frame_indices, dtype=torch.long, device=device)
 
-    guided = GuidedVelocity(_wan_predict(model, frame_indices), cond, uncond, r.guidance(), r.steps, merge=_merge) \
-        if runner is None else runner.velocity(r.guidance(), r.guidance_scale_high, lambda m, g: GuidedVelocity(
-            _wan_predict(m, frame_indices), cond, uncond, g, r.steps, merge=_merge))
-    with eval_mode(model) if runner is None else runner:  # no adapter dropout in samples, whatever a trainer left
-        latents = run_sampler(solver, noise, guided, progress)
+    def guided_by(module, guidance: GuidanceConfig) -> GuidedVelocity:
+        return GuidedVelocity(_wan_predict(module, frame_indices), cond, uncond, guidance, r.steps, merge=_merge)
+
+    if runner is None:
+        velocity, sampling = guided_by(model, r.guidance()), eval_mode(model)
+    else:   # each expert with its phase's guidance scale; the runner also keeps adapters in eval mode
+        velocity, sampling = runner.velocity(r.guidance(), r.guidance_scale_high, guided_by), runner
+    with sampling:   # adapter dropout never applies to samples, whatever mode a trainer left the model in
+        latents = run_sampler(solver, noise, velocity, progress)
     if r.task == "one_frame":
         slot = cond_in.target_slot
         latents = latents[:, :, slot:slot + 1]
