@@ -188,21 +188,27 @@ def test_tiled_apply_at_16x_is_exact_for_local_functions():
 
 
 def test_tiled_close_to_untiled_and_overlap_helps(vae):
-    # As for 2.1 (tests/test_engine_wan_vae.py): tiles see only their own pixels, so tiling approximates; with
-    # random weights the border effects are large. Asserted: bounded, and overlap blended with ramps beats hard
-    # edges. Tiles are cut in whole 16-pixel latent cells.
-    video = _clip(f=1, h=128, w=128, seed=3)
+    # As for 2.1 (tests/test_engine_wan_vae.py): tiles see only their own pixels, so tiling approximates, and random
+    # weights make border effects large. At 16x a 128-pixel tile is only 8 latent pixels wide. Observed mean
+    # deviation with 64-pixel overlap: ~14 % (encode) / ~23 % (decode) of the signal, ~7 % / ~11 % with 192-pixel
+    # tiles. Asserted: bounded, ramp-blended overlap beats hard edges, bigger tiles come closer.
+    video = _clip(f=1, h=256, w=256, seed=3)
     z, y = vae.encode(video), vae.decode(vae.encode(video))
 
     def err(a, b):
         return ((a - b).abs().mean() / b.abs().mean()).item()
 
-    enc_hard, enc_soft = (err(vae.encode(video, tile_size=64, tile_overlap=o), z) for o in (0, 32))
-    dec_hard, dec_soft = (err(vae.decode(z, tile_size=64, tile_overlap=o), y) for o in (0, 32))
-    assert 0 < enc_soft < enc_hard and enc_soft < 0.5
-    assert 0 < dec_soft < dec_hard and dec_soft < 0.8
-    print(f"tiled/untiled mean rel error: encode {enc_soft:.3f} (hard {enc_hard:.3f}), "
-          f"decode {dec_soft:.3f} (hard {dec_hard:.3f})")
+    enc_hard, enc_soft = (err(vae.encode(video, tile_size=128, tile_overlap=o), z) for o in (0, 64))
+    dec_hard, dec_soft = (err(vae.decode(z, tile_size=128, tile_overlap=o), y) for o in (0, 64))
+    assert 0 < enc_soft < enc_hard and enc_soft < 0.25
+    assert 0 < dec_soft < dec_hard and dec_soft < 0.4
+    assert err(vae.decode(z, tile_size=192, tile_overlap=64), y) < dec_soft
+    # Instance defaults are used when no per-call value is given.
+    vae.tile_size, vae.tile_overlap = 128, 64
+    try:
+        assert torch.equal(vae.encode(video), vae.encode(video, tile_size=128, tile_overlap=64))
+    finally:
+        vae.tile_size, vae.tile_overlap = 0, 64
 
 
 def test_tiling_refuses_sizes_off_the_16_pixel_grid(vae):

@@ -19,7 +19,9 @@ Two layers are *not* plain streaming convs, and the chunking is part of the mode
 So F frames map to 1 + (F-1)/4 latent frames and back.
 
 Latents are normalized per channel, z = (mu - mean) / std (posterior mean, never sampled), with Wan's constants.
-Also here: spatial tiling, the checkpoint loader, config inference from shapes and the tiny test preset.
+Also here: spatial tiling, the checkpoint loader, config inference from shapes and the tiny test preset. The chunked
+encode/decode flow is `CausalVideoVAE`, shared with the Wan 2.2 VAE (`vae22.py`, 48 channels, 16x); `load_wan_vae` and
+`infer_vae_config` recognize both files.
 """
 
 from __future__ import annotations
