@@ -125,6 +125,49 @@ def diffusers_framepack():
     return _diffusers_framepack
 
 
+def _wan22_vae_key_to_diffusers(key: str, num_res_blocks: int) -> str:
+    """Official Wan 2.2 VAE key -> diffusers AutoencoderKLWan(is_residual=True) key, written for the tests from
+    diffusers' module tree (the engine's own map goes the other way, in engine/families/wan/vae22.py)."""
+    import re
+
+    key = re.sub(r"^conv1\.", "quant_conv.", re.sub(r"^conv2\.", "post_quant_conv.", key))
+    key = re.sub(r"^(encoder|decoder)\.conv1\.", r"\1.conv_in.", key)
+    for a, b in ((".head.0.", ".norm_out."), (".head.2.", ".conv_out."), (".middle.0.", ".mid_block.resnets.0."),
+                 (".middle.1.", ".mid_block.attentions.0."), (".middle.2.", ".mid_block.resnets.1.")):
+        key = key.replace(a, b)
+    for side, outer, blocks, sampler, n in (("encoder", "downsamples", "down_blocks", "downsampler", num_res_blocks),
+                                            ("decoder", "upsamples", "up_blocks", "upsampler", num_res_blocks + 1)):
+        m = re.match(rf"{side}\.{outer}\.(\d+)\.{outer}\.(\d+)\.(.*)", key)
+        if m:
+            i, j, rest = m.groups()
+            key = f"{side}.{blocks}.{i}." + (f"resnets.{j}." if int(j) < n else f"{sampler}.") + rest
+    for a, b in (("residual.0.", "norm1."), ("residual.2.", "conv1."), ("residual.3.", "norm2."),
+                 ("residual.6.", "conv2."), ("shortcut.", "conv_shortcut.")):
+        key = key.replace("." + a, "." + b)
+    return key
+
+
+def _diffusers_wan22_vae(cfg, sd):
+    """diffusers' AutoencoderKLWan in its Wan 2.2 shape (is_residual, 2x2 patch, 12 channels in/out, 16x stride)
+    with the engine's config and official-named state dict renamed to diffusers names; loaded strictly."""
+    from diffusers import AutoencoderKLWan
+    from engine.families.wan.vae22 import LATENT_MEAN, LATENT_STD
+
+    ref = AutoencoderKLWan(  # config built locally, no hub access
+        base_dim=cfg.dim, decoder_base_dim=cfg.dec_dim, z_dim=cfg.z_dim, dim_mult=cfg.dim_mult,
+        num_res_blocks=cfg.num_res_blocks, temperal_downsample=cfg.temporal_downsample, is_residual=True,
+        in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4,
+        latents_mean=list(LATENT_MEAN), latents_std=list(LATENT_STD))
+    ref.load_state_dict({_wan22_vae_key_to_diffusers(k, cfg.num_res_blocks): v for k, v in sd.items()}, strict=True)
+    return ref.eval()
+
+
+@pytest.fixture(scope="session")
+def diffusers_wan22_vae():
+    """`_diffusers_wan22_vae` as a fixture: the independent reference for the Wan 2.2 VAE."""
+    return _diffusers_wan22_vae
+
+
 @pytest.fixture
 def dual_family():
     """The test-only second model family (tests/dual_family.py), registered for one test."""

@@ -19,7 +19,9 @@ Two layers are *not* plain streaming convs, and the chunking is part of the mode
 So F frames map to 1 + (F-1)/4 latent frames and back.
 
 Latents are normalized per channel, z = (mu - mean) / std (posterior mean, never sampled), with Wan's constants.
-Also here: spatial tiling, the checkpoint loader, config inference from shapes and the tiny test preset.
+Also here: spatial tiling, the checkpoint loader, config inference from shapes and the tiny test preset. The chunked
+encode/decode flow is `CausalVideoVAE`, shared with the Wan 2.2 VAE (`vae22.py`, 48 channels, 16x); `load_wan_vae` and
+`infer_vae_config` recognize both files.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -57,6 +60,7 @@ class WanVAEConfig:
     attn_scales: list = field(default_factory=list)   # spatial scales (1.0, 0.5, ...) that get an attention block
     temporal_downsample: list = field(default_factory=lambda: [False, True, True])
     dropout: float = 0.0
+    version: ClassVar[str] = "2.1"      # which Wan VAE a config describes (`WanVAE22Config.version` is "2.2")
 
     @property
     def temporal_upsample(self) -> list:
@@ -159,12 +163,13 @@ def _per_frame(fn, x: torch.Tensor) -> torch.Tensor:
 class Resample(nn.Module):
     """Spatial 2x down/up sampling, optionally with the temporal 2x step (see the module docstring)."""
 
-    def __init__(self, dim: int, mode: str):
+    def __init__(self, dim: int, mode: str, up_dim: int | None = None):
         super().__init__()
         self.mode = mode
         if mode.startswith("upsample"):
-            # The conv halves the channels; the next stage's first residual block expects dim // 2.
-            self.resample = nn.Sequential(Upsample2x(), nn.Conv2d(dim, dim // 2, 3, padding=1))
+            # 2.1: the conv halves the channels (the next stage's first residual block expects dim // 2); the 2.2
+            # decoder keeps them (`up_dim=dim`).
+            self.resample = nn.Sequential(Upsample2x(), nn.Conv2d(dim, up_dim or dim // 2, 3, padding=1))
         else:
             # Pad right/bottom only, then a stride-2 conv: H -> H/2 for even H.
             self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
@@ -319,92 +324,122 @@ def from_raw_latents(raw: torch.Tensor) -> torch.Tensor:
     return (raw.float() - mean) / std
 
 
-def _check_tiling(tile_size: int, tile_overlap: int) -> None:
+def _check_tiling(tile_size: int, tile_overlap: int, factor: int = SPATIAL_FACTOR) -> None:
+    """Tiles are cut in latent pixels, so both sizes must be whole multiples of the VAE's spatial stride."""
     if tile_size == 0:
         return
-    if tile_size < 2 * SPATIAL_FACTOR or tile_size % SPATIAL_FACTOR:
-        raise invalid("tile_size", tile_size, f"0 (no tiling) or a multiple of {SPATIAL_FACTOR} pixels >= 16")
-    if tile_overlap < 0 or tile_overlap % SPATIAL_FACTOR or tile_overlap >= tile_size:
+    if tile_size < 2 * factor or tile_size % factor:
+        raise invalid("tile_size", tile_size, f"0 (no tiling) or a multiple of {factor} pixels >= {2 * factor}")
+    if tile_overlap < 0 or tile_overlap % factor or tile_overlap >= tile_size:
         raise invalid("tile_overlap", tile_overlap,
-                      f"a multiple of {SPATIAL_FACTOR} pixels, >= 0 and smaller than tile_size ({tile_size})")
+                      f"a multiple of {factor} pixels, >= 0 and smaller than tile_size ({tile_size})")
 
 
-class WanVAE(nn.Module):
-    """Wan 2.1 VAE. `encode`/`decode` run without autograd, chunk by chunk, on the module's device and dtype.
+class CausalVideoVAE(nn.Module):
+    """What the Wan VAEs share: chunked causal encode/decode, normalization, tiling and input checks.
+
+    A subclass builds `encoder`, `decoder`, `conv1` (posterior 1x1) and `conv2` (post-quant 1x1), sets the class
+    attributes below and maps one chunk through its encoder / decoder (`_encode_chunk`, `_decode_chunk`).
+    Callers read `latent_channels` (z) and `stride` (time, height, width) instead of asking which VAE this is.
 
     Instance defaults (overridable per call): `cache_device` (None = compute device; "cpu" = Musubi's
     vae_cache_cpu), `tile_size` (pixels, 0 = no tiling), `tile_overlap` (pixels)."""
 
     family = "wan"
+    display_name = "Wan VAE"
+    stride: tuple = (TEMPORAL_FACTOR, SPATIAL_FACTOR, SPATIAL_FACTOR)   # video pixels per latent (t, h, w)
+    latent_mean: tuple = ()
+    latent_std: tuple = ()
 
-    def __init__(self, cfg: WanVAEConfig | None = None):
+    def __init__(self, cfg):
         super().__init__()
-        self.config = cfg = cfg or WanVAEConfig()
-        self.encoder = Encoder3d(cfg)
-        self.conv1 = CausalConv3d(cfg.z_dim * 2, cfg.z_dim * 2, 1)
-        self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
-        self.decoder = Decoder3d(cfg)
+        self.config = cfg
         self.cache_device: str | None = None
         self.tile_size = 0
         self.tile_overlap = 64
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.z_dim
+
+    def _encode_chunk(self, video: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+        """[B, 3, 1 or 4, H, W] -> encoder features [B, 2z, 1, h, w] (before `conv1`)."""
+        raise NotImplementedError
+
+    def _decode_chunk(self, z: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+        """One latent frame after `conv2` [B, z, 1, h, w] -> RGB [B, 3, 1 (first chunk) or 4, H, W]."""
+        raise NotImplementedError
 
     # --- helpers ----------------------------------------------------------------------------------------------
     @property
     def _param(self) -> torch.Tensor:
         return self.conv2.weight
 
-    @staticmethod
-    def _stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    @classmethod
+    def _stats(cls, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         # [1, z, 1, 1, 1] float32; kept out of the state dict so checkpoints need no extra tensors.
         shape = (1, -1, 1, 1, 1)
-        mean = torch.tensor(LATENT_MEAN, dtype=torch.float32, device=device).view(shape)
-        std = torch.tensor(LATENT_STD, dtype=torch.float32, device=device).view(shape)
+        mean = torch.tensor(cls.latent_mean, dtype=torch.float32, device=device).view(shape)
+        std = torch.tensor(cls.latent_std, dtype=torch.float32, device=device).view(shape)
         return mean, std
+
+    def to_raw(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalized latents (DiT / `decode` input) -> raw VAE latents (ComfyUI's LATENT), float32."""
+        mean, std = self._stats(latents.device)
+        return latents.float() * std + mean
+
+    def from_raw(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw VAE latents (ComfyUI's LATENT) -> normalized latents, float32."""
+        mean, std = self._stats(raw.device)
+        return (raw.float() - mean) / std
 
     def _options(self, tile_size, tile_overlap, cache_device):
         tile_size = self.tile_size if tile_size is None else tile_size
         tile_overlap = self.tile_overlap if tile_overlap is None else tile_overlap
         cache_device = self.cache_device if cache_device is None else cache_device
-        _check_tiling(tile_size, tile_overlap)
+        _check_tiling(tile_size, tile_overlap, self.stride[1])
         return tile_size, tile_overlap, cache_device
 
     # --- encode -----------------------------------------------------------------------------------------------
     def validate_video(self, video) -> None:
+        st, ss = self.stride[0], self.stride[1]
         if not isinstance(video, torch.Tensor) or video.ndim != 5 or not video.is_floating_point():
             got = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
             raise invalid("video", got, "a float tensor [B, 3, F, H, W] in [-1, 1]")
         _, c, f, h, w = video.shape
         if c != 3:
             raise invalid("video channels", c, "3 (RGB) in [B, 3, F, H, W]")
-        if f < 1 or (f - 1) % TEMPORAL_FACTOR:
+        if f < 1 or (f - 1) % st:
             raise invalid("video frames", f, "4k+1 frames (1, 5, 9, ..., 81)")
-        if h < SPATIAL_FACTOR or w < SPATIAL_FACTOR or h % SPATIAL_FACTOR or w % SPATIAL_FACTOR:
-            raise invalid("video size (H, W)", (h, w), f"height and width divisible by {SPATIAL_FACTOR}")
+        if h < ss or w < ss or h % ss or w % ss:
+            raise invalid("video size (H, W)", (h, w), f"height and width divisible by {ss}")
 
     @torch.no_grad()
     def encode_mean(self, video: torch.Tensor, cache_device=None) -> torch.Tensor:
-        """Raw posterior mean [B, z, 1+(F-1)/4, H/8, W/8] (float32, compute device), no tiling, no normalization."""
+        """Raw posterior mean [B, z, 1+(F-1)/4, H/s, W/s] (float32, compute device), no tiling, no normalization."""
         self.validate_video(video)
+        st = self.stride[0]
         cache = FeatureCache(cache_device)
         dev, dt = self._param.device, self._param.dtype
         # Frame 0 alone, then groups of 4 (F = 4k+1 is validated, so every group is full).
-        chunks = [video[:, :, :1]] + [video[:, :, s:s + TEMPORAL_FACTOR]
-                                      for s in range(1, video.shape[2], TEMPORAL_FACTOR)]
+        chunks = [video[:, :, :1]] + [video[:, :, s:s + st] for s in range(1, video.shape[2], st)]
         means = []
         for chunk in chunks:
-            h = self.encoder(chunk.to(dev, dt), cache)               # [B, 2z, 1, H/8, W/8]
+            h = self._encode_chunk(chunk.to(dev, dt), cache)        # [B, 2z, 1, H/s, W/s]
             mu, _log_var = self.conv1(h).chunk(2, dim=1)
             means.append(mu.float())
         return torch.cat(means, dim=2)
 
     def encode(self, video: torch.Tensor, *, tile_size: int | None = None, tile_overlap: int | None = None,
                cache_device=None) -> torch.Tensor:
-        """video [B, 3, F, H, W] in [-1, 1] -> normalized latents [B, 16, (F-1)/4+1, H/8, W/8], video's dtype/device."""
+        """video [B, 3, F, H, W] in [-1, 1] -> normalized latents [B, z, (F-1)/4+1, H/s, W/s], video's dtype/device
+        (s = stride[1]: 8 for 2.1, 16 for 2.2)."""
         self.validate_video(video)
         tile_size, tile_overlap, cache_device = self._options(tile_size, tile_overlap, cache_device)
+        ss = self.stride[1]
         run = lambda v: self.encode_mean(v, cache_device)  # noqa: E731
         if tile_size and max(video.shape[-2:]) > tile_size:
-            mu = tiled_apply(run, video, tile_size, tile_overlap, 1 / SPATIAL_FACTOR, tile_overlap // SPATIAL_FACTOR)
+            mu = tiled_apply(run, video, tile_size, tile_overlap, 1 / ss, tile_overlap // ss)
         else:
             mu = run(video)
         mean, std = self._stats(mu.device)
@@ -417,41 +452,67 @@ class WanVAE(nn.Module):
             got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
             raise invalid("latents", got, f"a float tensor [B, {z}, F, H, W]")
         if latents.shape[1] != z:
-            raise invalid("latent channels", latents.shape[1], f"{z} (Wan 2.1 VAE latents)")
+            raise invalid("latent channels", latents.shape[1], f"{z} ({self.display_name} latents)")
         if latents.shape[2] < 1 or min(latents.shape[-2:]) < 1:
             raise invalid("latents shape", tuple(latents.shape), "at least one latent frame and pixel")
 
     @torch.no_grad()
     def decode_raw(self, latents: torch.Tensor, cache_device=None) -> torch.Tensor:
-        """Normalized latents [B, z, T, h, w] -> unclamped video [B, 3, 1+4(T-1), 8h, 8w] (float32, compute device)."""
+        """Normalized latents [B, z, T, h, w] -> unclamped video [B, 3, 1+4(T-1), s*h, s*w] (float32, compute
+        device)."""
         self.validate_latents(latents)
+        st, ss = self.stride[0], self.stride[1]
         cache = FeatureCache(cache_device)
         dev, dt = self._param.device, self._param.dtype
         mean, std = self._stats(dev)
         b, _, t, h, w = latents.shape
-        out = torch.empty(b, 3, 1 + TEMPORAL_FACTOR * (t - 1), h * SPATIAL_FACTOR, w * SPATIAL_FACTOR, device=dev)
+        out = torch.empty(b, 3, 1 + st * (t - 1), h * ss, w * ss, device=dev)
         start = 0
         for i in range(t):
             z = latents[:, :, i:i + 1].to(dev).float() * std + mean   # undo the normalization in fp32
-            frames = self.decoder(self.conv2(z.to(dt)), cache)        # [B, 3, 1 (i = 0) or 4, 8h, 8w]
+            frames = self._decode_chunk(self.conv2(z.to(dt)), cache)  # [B, 3, 1 (i = 0) or 4, s*h, s*w]
             out[:, :, start:start + frames.shape[2]] = frames
             start += frames.shape[2]
         return out
 
     def decode(self, latents: torch.Tensor, *, tile_size: int | None = None, tile_overlap: int | None = None,
                cache_device=None) -> torch.Tensor:
-        """latents [B, 16, T, h, w] -> video [B, 3, 1+4(T-1), 8h, 8w] clamped to [-1, 1], latents' dtype/device.
+        """latents [B, z, T, h, w] -> video [B, 3, 1+4(T-1), s*h, s*w] clamped to [-1, 1], latents' dtype/device.
 
-        `tile_size`/`tile_overlap` are in pixels (divided by 8 in latent space)."""
+        `tile_size`/`tile_overlap` are in pixels (divided by the spatial stride s in latent space)."""
         self.validate_latents(latents)
         tile_size, tile_overlap, cache_device = self._options(tile_size, tile_overlap, cache_device)
+        ss = self.stride[1]
         run = lambda z: self.decode_raw(z, cache_device)  # noqa: E731
-        lt, lo = tile_size // SPATIAL_FACTOR, tile_overlap // SPATIAL_FACTOR
+        lt, lo = tile_size // ss, tile_overlap // ss
         if tile_size and max(latents.shape[-2:]) > lt:
-            video = tiled_apply(run, latents, lt, lo, SPATIAL_FACTOR, tile_overlap)
+            video = tiled_apply(run, latents, lt, lo, ss, tile_overlap)
         else:
             video = run(latents)
         return video.clamp_(-1.0, 1.0).to(latents.device, latents.dtype)
+
+
+class WanVAE(CausalVideoVAE):
+    """Wan 2.1 VAE. `encode`/`decode` run without autograd, chunk by chunk, on the module's device and dtype."""
+
+    display_name = "Wan 2.1 VAE"
+    stride = (TEMPORAL_FACTOR, SPATIAL_FACTOR, SPATIAL_FACTOR)
+    latent_mean = LATENT_MEAN
+    latent_std = LATENT_STD
+
+    def __init__(self, cfg: WanVAEConfig | None = None):
+        cfg = cfg or WanVAEConfig()
+        super().__init__(cfg)
+        self.encoder = Encoder3d(cfg)
+        self.conv1 = CausalConv3d(cfg.z_dim * 2, cfg.z_dim * 2, 1)
+        self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
+        self.decoder = Decoder3d(cfg)
+
+    def _encode_chunk(self, video: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+        return self.encoder(video, cache)
+
+    def _decode_chunk(self, z: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+        return self.decoder(z, cache)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -508,27 +569,42 @@ def _from_diffusers_key(key: str, up_stride: int) -> str:
 
 
 def _official_view(ckpt: Checkpoint) -> Checkpoint:
-    if not _is_diffusers_layout(set(ckpt.keys())):
+    keys = set(ckpt.keys())
+    if not _is_diffusers_layout(keys):
         return ckpt
+    from . import vae22
+
+    if vae22.DIFFUSERS_MARKER in keys:                 # the 2.2 layout (is_residual=True)
+        n = vae22.diffusers_num_res_blocks(keys)
+        return ckpt.renamed(lambda k: vae22.from_diffusers_key(k, n))
     resnets = {int(k.split(".")[4]) for k in ckpt.keys() if k.startswith("decoder.up_blocks.0.resnets.")}
     return ckpt.renamed(lambda k: _from_diffusers_key(k, len(resnets) + 1))
 
 
-def infer_vae_config(ckpt: Checkpoint) -> WanVAEConfig:
-    """Derive the architecture from tensor shapes and key names. Raises MusubiInputError for non-VAE files."""
+def infer_vae_config(ckpt: Checkpoint):
+    """Derive the architecture from tensor shapes and key names (official names: see `_open_vae_checkpoint`).
+
+    Returns a `WanVAEConfig` for a Wan 2.1 VAE or a `vae22.WanVAE22Config` for a Wan 2.2 one (`config.version` says
+    which). Raises MusubiInputError for non-VAE files."""
     keys = set(ckpt.keys())
     required = ("encoder.conv1.weight", "decoder.conv1.weight", "conv1.weight", "conv2.weight",
                 "encoder.head.2.weight")
     missing = [k for k in required if k not in keys]
     if missing:
         what = _describe_foreign(keys) or f"no {missing[0]!r} among {len(keys)} tensors, e.g. {sorted(keys)[:3]}"
-        raise invalid(f"VAE file {ckpt.source}", what, "a Wan 2.1 VAE checkpoint (Wan2.1_VAE.pth / wan_2.1_vae.safetensors)")
+        raise invalid(f"VAE file {ckpt.source}", what, "a Wan VAE checkpoint (Wan2.1_VAE.pth / wan_2.1_vae.safetensors "
+                      "or Wan2.2_VAE.pth / wan2.2_vae.safetensors)")
+    from . import vae22
+
+    if vae22.is_vae22_keys(keys):
+        return vae22.infer_vae22_config(ckpt)
 
     dim, in_ch = ckpt.shape("encoder.conv1.weight")[:2]
     z_dim = ckpt.shape("conv2.weight")[0]
     if z_dim != 16 or in_ch != 3:
-        raise invalid(f"VAE file {ckpt.source}", f"{z_dim} latent channels, {in_ch} input channels",
-                      "a Wan 2.1 VAE (16 latent channels, RGB input); the Wan 2.2 48-channel VAE is not supported")
+        raise invalid(f"VAE file {ckpt.source}", f"{z_dim} latent channels, {in_ch} input channels in the Wan 2.1 layout",
+                      "a Wan 2.1 VAE (16 latent channels, RGB input) or a complete Wan 2.2 VAE (nested "
+                      "'encoder.downsamples.N.downsamples.M' blocks)")
 
     # Walk encoder.downsamples.N: residual blocks (with output width), attention blocks, resamples (+time_conv).
     idx = sorted({int(k.split(".")[2]) for k in keys if k.startswith("encoder.downsamples.")})
@@ -559,23 +635,31 @@ def _open_vae_checkpoint(path) -> Checkpoint:
 
 
 def load_wan_vae(source: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
-                 cache_device: str | None = None) -> WanVAE:
-    """Load a Wan 2.1 VAE from a `.pth`/`.safetensors` file or `"preset:tiny-vae"` (built in memory, no files).
+                 cache_device: str | None = None) -> CausalVideoVAE:
+    """Load a Wan VAE from a `.pth`/`.safetensors` file (official, ComfyUI or diffusers names) or a preset built
+    in memory (`"preset:tiny-vae"`, `"preset:tiny-vae22"`): a `WanVAE` for a 2.1 file, a `vae22.WanVAE22` for a
+    2.2 one (read `latent_channels` / `stride`; refusing the wrong one is the caller's job).
 
     Weights are streamed one tensor at a time into a module built on the meta device."""
+    from . import vae22
+
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise invalid("vae dtype", dtype, "torch.float32, torch.float16 or torch.bfloat16")
     if isinstance(source, str) and source.startswith("preset:"):
-        if source != TINY_VAE_PRESET:
-            raise invalid("VAE preset", source, f"{TINY_VAE_PRESET!r}")
-        vae = WanVAE(tiny_vae_config())
-        vae.load_state_dict(build_vae_preset_state_dict())
+        presets = {TINY_VAE_PRESET: (WanVAE, tiny_vae_config, build_vae_preset_state_dict),
+                   vae22.TINY_VAE22_PRESET: (vae22.WanVAE22, vae22.tiny_vae22_config,
+                                             vae22.build_vae22_preset_state_dict)}
+        if source not in presets:
+            raise invalid("VAE preset", source, " or ".join(map(repr, presets)))
+        cls, config, weights = presets[source]
+        vae = cls(config())
+        vae.load_state_dict(weights())
         vae = vae.to(device=device, dtype=dtype)
     else:
         ckpt = _open_vae_checkpoint(source)
         cfg = infer_vae_config(ckpt)
         with torch.device("meta"):
-            vae = WanVAE(cfg)
+            vae = (vae22.WanVAE22 if cfg.version == "2.2" else WanVAE)(cfg)
         load_into_module(vae, ckpt, dtype=dtype, device=device, strict=True)
     vae.cache_device = cache_device
     return vae.eval().requires_grad_(False)
@@ -589,7 +673,14 @@ def build_vae_preset_state_dict(seed: int = 0, cfg: WanVAEConfig | None = None) 
     normalized latents of std ~0.4 and decodes to pixels of std ~0.4 (a few % at the clamp)."""
     cfg = cfg or tiny_vae_config()
     with torch.device("meta"):
-        shapes = {k: (tuple(v.shape)) for k, v in WanVAE(cfg).state_dict().items()}
+        model = WanVAE(cfg)
+    return random_vae_weights(model, seed)
+
+
+def random_vae_weights(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """Deterministic random float32 tensors for every entry of `model`'s state dict (meta-built is fine), in
+    sorted key order: convs ~ N(0, 1/fan_in), biases ~ N(0, 0.05^2), RMS-norm gains ~ 1 + N(0, 0.1^2)."""
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for name in sorted(shapes):
@@ -617,5 +708,6 @@ def write_vae_preset(path: str | os.PathLike, seed: int = 0, dtype: torch.dtype 
 
 __all__ = [
     "LATENT_MEAN", "LATENT_STD", "TINY_VAE_PRESET", "from_raw_latents", "to_raw_latents", "WanVAEConfig", "WanVAE", "FeatureCache", "tiny_vae_config",
-    "infer_vae_config", "load_wan_vae", "build_vae_preset_state_dict", "write_vae_preset",
+    "CausalVideoVAE", "infer_vae_config", "load_wan_vae", "build_vae_preset_state_dict", "random_vae_weights",
+    "write_vae_preset",
 ]
