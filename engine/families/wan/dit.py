@@ -1,4 +1,9 @@
-"""Wan 2.1 diffusion transformer (DiT), written from the published architecture.
+"""Wan 2.1 / 2.2 diffusion transformer (DiT), written from the published architecture.
+
+Wan 2.2 A14B experts have the 2.1 14B layout (I2V: in_dim 36 without the CLIP branch); TI2V-5B is a smaller 2.1
+layout with 48 latent channels. What 2.2 adds is per-token timesteps (t [B, L]: TI2V keeps the image frame's tokens
+at t = 0), hence a per-token modulation [B, L, 6, D]; with one t per sample it is the 2.1 per-sample form, which
+runs as [B, 1, 6, D] (broadcast, never expanded to L).
 
 Module names are exactly the official ones (`blocks.N.self_attn.q`, `head.modulation`, ...), which ComfyUI's native
 Wan also uses, so checkpoints load without renaming and a LoRA key maps one to one onto a module.
@@ -32,7 +37,8 @@ ROPE_THETA = 10000.0
 
 @dataclass
 class WanConfig:
-    model_type: str                      # "t2v" | "i2v" | "flf2v" (t2i = t2v weights on one frame; Fun-Control: in_dim 48)
+    model_type: str                      # "t2v" | "i2v" | "flf2v" | "ti2v" (t2i = t2v weights on one frame;
+                                         # Fun-Control: in_dim 48; ti2v: Wan 2.2 5B, 48 latent channels)
     dim: int
     ffn_dim: int
     num_heads: int
@@ -49,7 +55,8 @@ class WanConfig:
     cross_attn_norm: bool = True
     has_image_input: bool = False        # k_img/v_img/norm_k_img in every cross-attention + img_emb
     has_flf_pos_emb: bool = False        # FLF2V: img_emb.emb_pos [1, 2*257, clip_dim]
-    variant: str = "custom"              # human name, e.g. "t2v-1.3B", "i2v-14B", "tiny-t2v"
+    variant: str = "custom"              # human name, e.g. "t2v-1.3B", "i2v-14B", "ti2v-5B", "tiny-t2v"
+    expert: str | None = None            # Wan 2.2 A14B: "high" | "low" noise expert when the file name says so
 
     def __post_init__(self):
         self.patch_size = tuple(int(p) for p in self.patch_size)
@@ -57,6 +64,8 @@ class WanConfig:
             raise invalid("WanConfig.num_heads", self.num_heads, f"a divisor of dim={self.dim}")
         if self.head_dim % 2:
             raise invalid("WanConfig head dim", self.head_dim, "an even number (RoPE pairs channels)")
+        if self.expert not in (None, "high", "low"):
+            raise invalid("WanConfig.expert", self.expert, "'high', 'low' or None")
 
     @property
     def head_dim(self) -> int:
@@ -65,6 +74,12 @@ class WanConfig:
     @property
     def image_tokens(self) -> int:
         return 2 * CLIP_TOKENS if self.has_flf_pos_emb else CLIP_TOKENS
+
+    @property
+    def vae_stride(self) -> tuple[int, int, int]:
+        """(time, height, width) pixels per latent of the VAE this DiT is trained with: the 48-channel Wan 2.2 VAE
+        of TI2V-5B compresses 16x spatially, the 16-channel Wan 2.1 VAE (used by every other model) 8x."""
+        return (4, 16, 16) if self.out_dim == 48 else (4, 8, 8)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -277,10 +292,11 @@ class WanAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor, context_img: torch.Tensor | None,
                 rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x [B, L, D] float32 residual stream; e0 [B, 6, D] float32; context/context_img in the compute dtype
-        (their dtype is the dtype the Linear layers run in)."""
+        """x [B, L, D] float32 residual stream; e0 [B, 1, 6, D] (one t per sample) or [B, L, 6, D] (per-token t)
+        float32; context/context_img in the compute dtype (their dtype is the dtype the Linear layers run in)."""
         dtype = context.dtype
-        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).chunk(6, dim=1)  # [B, 1, D]
+        # [B, 1 | L, D] each
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).unbind(2)
         # = x + self_attn((norm1(x) * (1 + scale1) + shift1).to(dtype)).float() * gate1, and so on; `norm_to` and
         # `gated_residual` compute exactly that with fewer float32 [L, D] intermediates alive at once
         # (`_cheap`: the Linear inputs are recomputed in backward from the residual stream the norms keep anyway)
@@ -303,8 +319,8 @@ class WanHead(nn.Module):
         self.modulation = nn.Parameter(torch.zeros(1, 2, cfg.dim))
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        """x [B, L, D] float32, e [B, D] float32 (time embedding, before the projection) -> [B, L, pt*ph*pw*C]."""
-        shift, scale = (self.modulation.float() + e.unsqueeze(1)).chunk(2, dim=1)
+        """x [B, L, D] float32, e [B, 1 | L, D] float32 (time embedding, before the projection) -> [B, L, pt*ph*pw*C]."""
+        shift, scale = (self.modulation.float() + e.unsqueeze(2)).unbind(2)     # [B, 1 | L, D] each
         h = self.norm(x) * (1 + scale) + shift
         return self.head(h).float()   # the official head runs in float32
 
@@ -335,7 +351,7 @@ class WanImageEmbedding(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 
 class WanModel(nn.Module):
-    """Wan 2.1 DiT. Build it on the meta device and fill it with `engine.checkpoint.load_into_module`
+    """Wan 2.1 / 2.2 DiT. Build it on the meta device and fill it with `engine.checkpoint.load_into_module`
     (see `engine.families.wan.loader.load_wan_dit`)."""
 
     family = "wan"   # engine.families registry key: the generic engine finds this family's rules through it
@@ -402,12 +418,26 @@ class WanModel(nn.Module):
             clip_fea = clip_fea.expand(batch, -1, -1)
         return self.img_emb(clip_fea.to(device), dtype)
 
+    @staticmethod
+    def _timesteps(t, batch: int, tokens: int, device) -> torch.Tensor:
+        """t as [B, 1] (a scalar, [1] or [B]) or [B, L] (per token; [1, L] is shared by the batch)."""
+        t = torch.as_tensor(t, device=device)
+        if t.ndim <= 1:
+            t = t.reshape(-1, 1)
+        if t.ndim == 2 and t.shape[0] == 1:
+            t = t.expand(batch, -1)
+        if t.ndim != 2 or t.shape[0] != batch or t.shape[1] not in (1, tokens):
+            raise invalid("t", tuple(t.shape), f"[{batch}] timesteps (one per latent) or [{batch}, {tokens}] "
+                                               "per-token timesteps (one per video token)")
+        return t
+
     # --- forward ----------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor, context, clip_fea: torch.Tensor | None = None,
                 y: torch.Tensor | None = None, skip_blocks: set[int] | None = None,
                 frame_indices: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, 16, F, H, W] noisy latents, t [B] timesteps (0..1000), context [B, L<=512, text_dim] (or a list of
-        [L_i, text_dim]), clip_fea [B, Li, clip_dim], y [B, in_dim-16, F, H, W] -> velocity [B, out_dim, F, H, W]."""
+        """x [B, out_dim, F, H, W] noisy latents, t [B] timesteps (0..1000) or [B, L] per-token timesteps (Wan 2.2,
+        tokens in f, h, w order), context [B, L<=512, text_dim] (or a list of [L_i, text_dim]), clip_fea
+        [B, Li, clip_dim], y [B, in_dim-out_dim, F, H, W] -> velocity [B, out_dim, F, H, W]."""
         cfg = self.config
         dtype = self.compute_dtype
         device = self.patch_embedding.weight.device
@@ -427,14 +457,11 @@ class WanModel(nn.Module):
         x = self.patch_embedding(x.to(device, dtype)).flatten(2).transpose(1, 2).float()
         rope = rope_cos_sin(grid, cfg.head_dim, device, frame_indices)
 
-        # Time: [B] -> e [B, D] and e0 [B, 6, D], all float32
-        t = torch.as_tensor(t, device=device).reshape(-1)
-        if t.numel() == 1:
-            t = t.expand(batch)
-        if t.shape[0] != batch:
-            raise invalid("t", tuple(t.shape), f"[{batch}] timesteps (one per latent)")
-        e = self.time_embedding(sinusoidal_embedding(t, cfg.freq_dim).float()).float()
-        e0 = self.time_projection(e).float().unflatten(1, (6, cfg.dim))
+        # Time: t [B, T] (T = 1, or L per-token) -> e [B, T, D] and e0 [B, T, 6, D], all float32
+        t = self._timesteps(t, batch, x.shape[1], device)
+        e = self.time_embedding(sinusoidal_embedding(t.flatten(), cfg.freq_dim).float()).float()
+        e = e.unflatten(0, t.shape)
+        e0 = self.time_projection(e).float().unflatten(2, (6, cfg.dim))
 
         context = self.text_embedding(self._pad_context(context, batch, device).to(dtype))  # [B, Lt, D]
         context_img = self._image_context(clip_fea, batch, device, dtype)                  # [B, Li, D] | None
