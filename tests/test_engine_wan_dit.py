@@ -91,9 +91,10 @@ def _assert_same(got, expected):
         assert torch.equal(got[k], expected[k].float()), k
 
 
-@pytest.fixture(scope="module")
-def master():
-    return build_preset_state_dict("tiny-i2v", seed=5)
+@pytest.fixture(scope="module", params=["tiny-i2v", "tiny-i2v-a14b", "tiny-ti2v-5b"])
+def master(request):
+    """2.1 I2V (CLIP branch), 2.2 I2V A14B expert (none), 2.2 TI2V-5B (48 channels): every format loads each."""
+    return build_preset_state_dict(request.param, seed=5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn])

@@ -124,7 +124,9 @@ def detect_wan_config(ckpt: Checkpoint) -> WanConfig:
     else:
         model_type = "flf2v" if flf else ("i2v" if in_dim > out_dim else "t2v")
     variant = _variant(dim, layers, in_dim, out_dim, image, flf, _named_wan22(ckpt.source))
-    expert = expert_from_name(ckpt.source) if variant in ("t2v-A14B", "i2v-A14B") else None
+    # an expert is a T2V / I2V DiT without CLIP branch (the A14B layouts; any size, so tiny test files too)
+    expert = expert_from_name(ckpt.source) if (in_dim, out_dim, image, flf) in ((16, 16, False, False),
+                                                                                (36, 16, False, False)) else None
     return WanConfig(
         model_type=model_type, dim=dim, ffn_dim=ffn_dim, num_heads=dim // _OFFICIAL_HEAD_DIM, num_layers=layers,
         in_dim=in_dim, out_dim=out_dim, freq_dim=freq_dim, text_dim=text_dim,
