@@ -77,8 +77,8 @@ def test_i2v_a14b_matches_diffusers(diffusers_wan):
     assert rel < PARITY_RTOL
 
 
-@pytest.mark.parametrize("per_token", [True, False])
-def test_ti2v_5b_matches_diffusers(diffusers_wan, per_token):
+@pytest.mark.parametrize("timesteps", ["first_frame", "per_token", "per_sample"])
+def test_ti2v_5b_matches_diffusers(diffusers_wan, timesteps):
     cfg = preset_config("tiny-ti2v-5b")
     assert (cfg.in_dim, cfg.out_dim, cfg.model_type) == (48, 48, "ti2v")
     sd = build_preset_state_dict("tiny-ti2v-5b", seed=3)
@@ -87,17 +87,24 @@ def test_ti2v_5b_matches_diffusers(diffusers_wan, per_token):
     ref = diffusers_wan(cfg, sd)
     x, context = _latents(48, batch=2), _context(batch=2)
     t = torch.tensor([880.0, 41.0])
-    if per_token:   # frame-0 tokens (the first 2*3 of 3*2*3) at t = 0, as TI2V I2V runs
+    if timesteps == "first_frame":   # frame-0 tokens (the first 2*3 of 3*2*3) at t = 0, as TI2V I2V runs
         t = first_frame_timesteps(t, (3, 2, 3))
         assert t.shape == (2, 18) and (t[:, :6] == 0).all() and (t[:, 6:] > 0).all()
+    elif timesteps == "per_token":   # a t that varies inside frames: the [B, L, 6, D] modulation path
+        t = torch.rand(2, 18, generator=torch.Generator().manual_seed(6)) * 1000
+    shapes, hooks = _block_e0_shapes(ours)
     with torch.no_grad():
         out = ours(x, t, context)
         expected = ref(x, t, _padded(context), return_dict=False)[0]
+    for h in hooks:
+        h.remove()
+    # T of the [B, T, 6, D] modulation: per frame for the TI2V t (same values as per token, 6x fewer here)
+    assert shapes[0] == (2, {"first_frame": 3, "per_token": 18, "per_sample": 1}[timesteps], 6, cfg.dim)
     assert out.shape == expected.shape == (2, 48, 3, 4, 6)
     rel = _rel(out, expected)
-    print(f"ti2v-5B (per_token={per_token}) vs diffusers: max abs {(out - expected).abs().max():.2e}, rel {rel:.2e}")
+    print(f"ti2v-5B ({timesteps} t) vs diffusers: max abs {(out - expected).abs().max():.2e}, rel {rel:.2e}")
     assert rel < PARITY_RTOL
-    if per_token:   # the frame-0 timestep changes the whole output (attention mixes frames), not just frame 0
+    if timesteps == "first_frame":   # frame 0's t changes the whole output (attention mixes frames), not only frame 0
         with torch.no_grad():
             flat = ours(x, t.amax(dim=1), context)
         assert (flat - out)[:, :, 1:].abs().max() > 1e-3
@@ -125,10 +132,13 @@ def test_per_sample_t_equals_constant_per_token_t(name):
     with torch.no_grad():
         per_sample = model(x, t, context)
         per_token = model(x, t[:, None].expand(2, tokens), context)
+        per_frame = model(x, t[:, None].expand(2, 3), context)
     for h in hooks:
         h.remove()
-    # [B] t keeps the 2.1 memory: a [B, 1, 6, D] modulation broadcast over the tokens, never [B, L, 6, D]
-    assert shapes == [(2, 1, 6, cfg.dim)] * 2 + [(2, tokens, 6, cfg.dim)] * 2
+    # [B] t keeps the 2.1 memory: a [B, 1, 6, D] modulation broadcast over the tokens, never [B, L, 6, D]; a
+    # per-token t that is constant over each frame runs per frame
+    assert shapes == [(2, 1, 6, cfg.dim)] * 2 + [(2, 3, 6, cfg.dim)] * 4
+    assert torch.equal(per_frame, per_token)
     # the same values up to float32 summation order (a Linear over B rows or B*L rows blocks its sums differently)
     rel = _rel(per_token, per_sample)
     print(f"{name}: [B] t vs constant [B, L] t: max abs {(per_token - per_sample).abs().max():.2e}, rel {rel:.2e}")
@@ -141,17 +151,21 @@ def test_per_sample_t_equals_constant_per_token_t(name):
 def test_bad_per_token_t():
     model = _model("tiny-ti2v-5b")
     x, context = _latents(48), _context()
-    with torch.no_grad(), pytest.raises(MusubiInputError, match=r"\[1, 18\] per-token timesteps"):
+    with torch.no_grad(), pytest.raises(MusubiInputError, match=r"\[1, 18\] per-token timesteps.*\[1, 3\] \(per frame"):
         model(x, torch.zeros(1, 17), context)
     with torch.no_grad(), pytest.raises(MusubiInputError, match="^t: "):
         model(x, torch.zeros(1, 3, 6), context)
 
 
-def test_per_token_t_gradient_checkpointing_same_grads():
-    """Per-token modulation in training: the lean ops reduce [B, L, D] shift/scale/gate gradients correctly."""
+@pytest.mark.parametrize("per_token", [False, True])
+def test_per_token_t_gradient_checkpointing_same_grads(per_token):
+    """Per-frame / per-token modulation in training: gradients through the grouped views and the lean ops' reduction
+    of [B, T, 1, D] shift/scale/gate gradients, with and without block checkpointing."""
     model = _model("tiny-ti2v-5b").train()
     x, context = _latents(48, batch=2, frames=2), _context(batch=2)
     t = first_frame_timesteps(torch.tensor([600.0, 300.0]), (2, 2, 3))
+    if per_token:
+        t[:, -1] = 5.0    # not constant per frame: the per-token [B, L, 6, D] path
 
     def grads(flag):
         model.zero_grad(set_to_none=True)

@@ -2,8 +2,9 @@
 
 Wan 2.2 A14B experts have the 2.1 14B layout (I2V: in_dim 36 without the CLIP branch); TI2V-5B is a smaller 2.1
 layout with 48 latent channels. What 2.2 adds is per-token timesteps (t [B, L]: TI2V keeps the image frame's tokens
-at t = 0), hence a per-token modulation [B, L, 6, D]; with one t per sample it is the 2.1 per-sample form, which
-runs as [B, 1, 6, D] (broadcast, never expanded to L).
+at t = 0), hence a per-token modulation [B, L, 6, D]. The modulation runs as [B, T, 6, D] broadcast over groups of
+L/T tokens: T = 1 for one t per sample (the 2.1 form), T = f when t is constant over each latent frame (TI2V: the
+official per-token t is of that kind), T = L only for a t that varies inside a frame.
 
 Module names are exactly the official ones (`blocks.N.self_attn.q`, `head.modulation`, ...), which ComfyUI's native
 Wan also uses, so checkpoints load without renaming and a LoRA key maps one to one onto a module.
@@ -292,23 +293,26 @@ class WanAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor, context_img: torch.Tensor | None,
                 rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x [B, L, D] float32 residual stream; e0 [B, 1, 6, D] (one t per sample) or [B, L, 6, D] (per-token t)
-        float32; context/context_img in the compute dtype (their dtype is the dtype the Linear layers run in)."""
+        """x [B, L, D] float32 residual stream; e0 [B, T, 6, D] float32 with T = 1 (one t per sample), f (one t per
+        latent frame) or L (per token); context/context_img in the compute dtype (their dtype is the dtype the Linear
+        layers run in)."""
         dtype = context.dtype
-        # [B, 1 | L, D] each
-        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).unbind(2)
+        # the L tokens as T groups of L/T sharing one modulation: [B, T, L/T, D] views, modulations [B, T, 1, D]
+        # broadcast over their group (never repeated to [B, L, D])
+        group = lambda a: a.unflatten(1, (e0.shape[1], -1))  # noqa: E731
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).unsqueeze(2).unbind(3)
         # = x + self_attn((norm1(x) * (1 + scale1) + shift1).to(dtype)).float() * gate1, and so on; `norm_to` and
         # `gated_residual` compute exactly that with fewer float32 [L, D] intermediates alive at once
         # (`_cheap`: the Linear inputs are recomputed in backward from the residual stream the norms keep anyway)
         n1, n2, n3 = self.norm1, self.norm2, self.norm3
-        x = gated_residual(x, self.self_attn(_cheap(layer_norm_to, x, n1.weight, n1.bias, n1.eps, dtype, shift1,
-                                                    scale1), rope), gate1)
+        h = _cheap(layer_norm_to, group(x), n1.weight, n1.bias, n1.eps, dtype, shift1, scale1).flatten(1, 2)
+        x = gated_residual(group(x), group(self.self_attn(h, rope)), gate1).flatten(1, 2)
         h = x.to(dtype) if isinstance(n3, nn.Identity) else _cheap(layer_norm_to, x, n3.weight, n3.bias, n3.eps, dtype)
         x = gated_residual(x, self.cross_attn(h, context, context_img))
         del h
-        h = self.ffn[0](_cheap(layer_norm_to, x, n2.weight, n2.bias, n2.eps, dtype, shift2, scale2))
-        x = gated_residual(x, self.ffn[2](_cheap(self.ffn[1], h)), gate2)   # ffn = Linear, GELU, Linear
-        return x
+        h = self.ffn[0](_cheap(layer_norm_to, group(x), n2.weight, n2.bias, n2.eps, dtype, shift2, scale2))
+        x = gated_residual(group(x), self.ffn[2](_cheap(self.ffn[1], h)), gate2)   # ffn = Linear, GELU, Linear
+        return x.flatten(1, 2)
 
 
 class WanHead(nn.Module):
@@ -319,10 +323,11 @@ class WanHead(nn.Module):
         self.modulation = nn.Parameter(torch.zeros(1, 2, cfg.dim))
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        """x [B, L, D] float32, e [B, 1 | L, D] float32 (time embedding, before the projection) -> [B, L, pt*ph*pw*C]."""
-        shift, scale = (self.modulation.float() + e.unsqueeze(2)).unbind(2)     # [B, 1 | L, D] each
-        h = self.norm(x) * (1 + scale) + shift
-        return self.head(h).float()   # the official head runs in float32
+        """x [B, L, D] float32, e [B, T, D] float32 (time embedding before the projection; T as in the blocks)
+        -> [B, L, pt*ph*pw*C]."""
+        shift, scale = (self.modulation.float() + e.unsqueeze(2)).unsqueeze(2).unbind(3)   # [B, T, 1, D] each
+        h = self.norm(x.unflatten(1, (e.shape[1], -1))) * (1 + scale) + shift              # [B, T, L/T, D]
+        return self.head(h).float().flatten(1, 2)   # the official head runs in float32
 
 
 class WanImageEmbedding(nn.Module):
@@ -419,16 +424,23 @@ class WanModel(nn.Module):
         return self.img_emb(clip_fea.to(device), dtype)
 
     @staticmethod
-    def _timesteps(t, batch: int, tokens: int, device) -> torch.Tensor:
-        """t as [B, 1] (a scalar, [1] or [B]) or [B, L] (per token; [1, L] is shared by the batch)."""
+    def _timesteps(t, batch: int, grid: tuple[int, int, int], device) -> torch.Tensor:
+        """t as [B, 1] (a scalar, [1] or [B]), [B, f] (per latent frame) or [B, L] (per token; [1, ...] is shared by
+        the batch). Per-token t that is constant over each frame's tokens (TI2V: frame 0 at 0, the rest at t) is
+        taken per frame: the same values, with f time embeddings instead of L."""
+        frames, tokens = grid[0], math.prod(grid)
         t = torch.as_tensor(t, device=device)
         if t.ndim <= 1:
             t = t.reshape(-1, 1)
         if t.ndim == 2 and t.shape[0] == 1:
             t = t.expand(batch, -1)
-        if t.ndim != 2 or t.shape[0] != batch or t.shape[1] not in (1, tokens):
-            raise invalid("t", tuple(t.shape), f"[{batch}] timesteps (one per latent) or [{batch}, {tokens}] "
-                                               "per-token timesteps (one per video token)")
+        if t.ndim != 2 or t.shape[0] != batch or t.shape[1] not in (1, frames, tokens):
+            raise invalid("t", tuple(t.shape), f"[{batch}] timesteps (one per latent), [{batch}, {tokens}] per-token "
+                                               f"timesteps (one per video token) or [{batch}, {frames}] (per frame)")
+        if t.shape[1] == tokens != frames:
+            per_frame = t.unflatten(1, (frames, -1))
+            if bool((per_frame == per_frame[:, :, :1]).all()):
+                t = per_frame[:, :, 0]
         return t
 
     # --- forward ----------------------------------------------------------------------------------------------------
@@ -457,8 +469,8 @@ class WanModel(nn.Module):
         x = self.patch_embedding(x.to(device, dtype)).flatten(2).transpose(1, 2).float()
         rope = rope_cos_sin(grid, cfg.head_dim, device, frame_indices)
 
-        # Time: t [B, T] (T = 1, or L per-token) -> e [B, T, D] and e0 [B, T, 6, D], all float32
-        t = self._timesteps(t, batch, x.shape[1], device)
+        # Time: t [B, T] (T = 1, f or L) -> e [B, T, D] and e0 [B, T, 6, D], all float32
+        t = self._timesteps(t, batch, grid, device)
         e = self.time_embedding(sinusoidal_embedding(t.flatten(), cfg.freq_dim).float()).float()
         e = e.unflatten(0, t.shape)
         e0 = self.time_projection(e).float().unflatten(2, (6, cfg.dim))
