@@ -104,6 +104,14 @@ def test_ti2v_5b_matches_diffusers(diffusers_wan, timesteps):
     rel = _rel(out, expected)
     print(f"ti2v-5B ({timesteps} t) vs diffusers: max abs {(out - expected).abs().max():.2e}, rel {rel:.2e}")
     assert rel < PARITY_RTOL
+    # backward through the grouped modulation: the input gradient of a fixed projection equals diffusers'
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(8))
+    grads = []
+    for fn in (lambda v: ours(v, t, context), lambda v: ref(v, t, _padded(context), return_dict=False)[0]):
+        v = x.clone().requires_grad_(True)
+        (fn(v) * w).sum().backward()
+        grads.append(v.grad)
+    assert _rel(grads[0], grads[1]) < PARITY_RTOL
     if timesteps == "first_frame":   # frame 0's t changes the whole output (attention mixes frames), not only frame 0
         with torch.no_grad():
             flat = ours(x, t.amax(dim=1), context)

@@ -447,8 +447,8 @@ class WanModel(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, context, clip_fea: torch.Tensor | None = None,
                 y: torch.Tensor | None = None, skip_blocks: set[int] | None = None,
                 frame_indices: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, out_dim, F, H, W] noisy latents, t [B] timesteps (0..1000) or [B, L] per-token timesteps (Wan 2.2,
-        tokens in f, h, w order), context [B, L<=512, text_dim] (or a list of [L_i, text_dim]), clip_fea
+        """x [B, out_dim, F, H, W] noisy latents, t [B] timesteps (0..1000), [B, L] per-token timesteps (Wan 2.2,
+        tokens in f, h, w order) or [B, f] per latent frame, context [B, L<=512, text_dim] (or a list of [L_i, text_dim]), clip_fea
         [B, Li, clip_dim], y [B, in_dim-out_dim, F, H, W] -> velocity [B, out_dim, F, H, W]."""
         cfg = self.config
         dtype = self.compute_dtype
