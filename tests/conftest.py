@@ -168,6 +168,59 @@ def diffusers_wan22_vae():
     return _diffusers_wan22_vae
 
 
+def _diffusers_wan(cfg, official_sd):
+    """diffusers' WanTransformer3DModel (an independent implementation) with a pack WanConfig, its weights converted
+    from the official layout by diffusers' own single-file converter (2.1 and 2.2: per-token t when t is [B, L])."""
+    from diffusers import WanTransformer3DModel
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    ref = WanTransformer3DModel(  # config built locally, no hub access
+        patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
+        in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
+        ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=cfg.cross_attn_norm,
+        qk_norm="rms_norm_across_heads", eps=cfg.eps,
+        image_dim=cfg.clip_dim if cfg.has_image_input else None,
+        added_kv_proj_dim=cfg.dim if cfg.has_image_input else None,
+        pos_embed_seq_len=cfg.image_tokens if cfg.has_flf_pos_emb else None,
+    )
+    converted = convert_wan_transformer_to_diffusers({k: v.clone() for k, v in official_sd.items()})
+    if "img_emb.emb_pos" in converted:  # the one FLF2V key diffusers' single-file converter does not rename
+        converted["condition_embedder.image_embedder.pos_embed"] = converted.pop("img_emb.emb_pos")
+    missing, unexpected = ref.load_state_dict(converted, strict=False)
+    assert not unexpected and not missing, (missing, unexpected)
+    return ref.eval()
+
+
+@pytest.fixture
+def diffusers_wan():
+    """`_diffusers_wan` as a fixture (the Wan 2.1 and 2.2 DiT parity tests)."""
+    return _diffusers_wan
+
+
+class _MetaFile:
+    """Shapes without data: lets detection run on full-size (14B) key layouts without allocating them."""
+
+    def __init__(self, state, name="meta.safetensors"):
+        self.path, self.state, self.keys, self.metadata = Path(name), state, list(state), {}
+
+    def get(self, key):
+        return self.state[key]
+
+    def shape(self, key):
+        return tuple(self.state[key].shape)
+
+    def dtype(self, key):
+        return self.state[key].dtype
+
+
+@pytest.fixture
+def meta_checkpoint():
+    """state dict (meta tensors), file name -> an `engine.checkpoint.Checkpoint` of those shapes under that name."""
+    from engine.checkpoint import Checkpoint
+
+    return lambda state, name="meta.safetensors": Checkpoint([_MetaFile(state, name)])
+
+
 @pytest.fixture
 def dual_family():
     """The test-only second model family (tests/dual_family.py), registered for one test."""

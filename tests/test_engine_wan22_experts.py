@@ -366,6 +366,11 @@ def test_mismatched_experts_refused_naming_files(pair, files, prompts):
         with pytest.raises(MusubiInputError, match="high-noise expert: got 'tiny-t2v-wide .*wide_high.safetensors"
                                                    ".*they differ in ffn_dim"):
             generate(WanExperts(low=pair["low"], high=lazy, mode="lazy"), _req(prompts, steps=2))
+        # the two files in each other's slots: their names (high_noise / low_noise) say so
+        assert (pair["low"].config.expert, pair["high"].config.expert) == ("low", "high")
+        with pytest.raises(MusubiInputError, match="^low-noise expert: got 'tiny-t2v .*high_noise.safetensors'; "
+                                                   "expected the low_noise file of the pair .*swap the two inputs"):
+            generate(WanExperts(low=pair["high"], high=pair["low"]), _req(prompts, steps=2))
     assert calls.calls == []
 
 

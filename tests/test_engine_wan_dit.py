@@ -1,4 +1,4 @@
-"""Wan 2.1 DiT: numerics against diffusers, checkpoint formats, config detection, bad input, training features.
+"""Wan 2.1 DiT (2.2 variants: test_engine_wan22_dit.py): numerics against diffusers, checkpoint formats, config detection, bad input, training features.
 
 All models are tiny (dim 256 = 2 heads x 128, 2 blocks, text/CLIP width 32) so the file runs in seconds on CPU.
 """
@@ -12,10 +12,9 @@ import torch
 from safetensors.torch import save_file
 
 from engine.memory.checkpointing import set_block_checkpointing
-from engine.checkpoint import Checkpoint
 from engine.errors import MusubiInputError
 from engine.families.wan.detect import detect_wan_config, require_task
-from engine.families.wan.dit import WanConfig, WanModel, keep_fp32, rope_axis_dims
+from engine.families.wan.dit import WanModel, keep_fp32, rope_axis_dims
 from engine.families.wan.loader import PRESET_PREFIX, load_wan_dit
 from engine.families.wan.presets import PRESETS, build_preset_state_dict, preset_config, write_preset_checkpoint
 
@@ -43,35 +42,14 @@ def _model(name, seed=0) -> WanModel:
 # (a) numerics vs diffusers' WanTransformer3DModel (independent implementation, converted with its own converter)
 # --------------------------------------------------------------------------------------------------------------
 
-def _diffusers_model(cfg, official_sd):
-    from diffusers import WanTransformer3DModel
-    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
-
-    ref = WanTransformer3DModel(  # config built locally, no hub access
-        patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
-        in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
-        ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=cfg.cross_attn_norm,
-        qk_norm="rms_norm_across_heads", eps=cfg.eps,
-        image_dim=cfg.clip_dim if cfg.has_image_input else None,
-        added_kv_proj_dim=cfg.dim if cfg.has_image_input else None,
-        pos_embed_seq_len=cfg.image_tokens if cfg.has_flf_pos_emb else None,
-    )
-    converted = convert_wan_transformer_to_diffusers({k: v.clone() for k, v in official_sd.items()})
-    if "img_emb.emb_pos" in converted:  # the one FLF2V key diffusers' single-file converter does not rename
-        converted["condition_embedder.image_embedder.pos_embed"] = converted.pop("img_emb.emb_pos")
-    missing, unexpected = ref.load_state_dict(converted, strict=False)
-    assert not unexpected and not missing, (missing, unexpected)
-    return ref.eval()
-
-
 @pytest.mark.parametrize("name,frames", [("tiny-t2v", 3), ("tiny-t2v", 1), ("tiny-i2v", 3), ("tiny-flf2v", 2),
                                          ("tiny-fun-control", 2)])
-def test_matches_diffusers(name, frames):
+def test_matches_diffusers(diffusers_wan, name, frames):
     cfg = preset_config(name)
     sd = build_preset_state_dict(name, seed=3)
     ours = WanModel(cfg)
     ours.load_state_dict(sd)
-    ref = _diffusers_model(cfg, sd)
+    ref = diffusers_wan(cfg, sd)
     x, t, context, clip, y = _inputs(cfg, frames=frames)
 
     with torch.no_grad():
@@ -113,9 +91,10 @@ def _assert_same(got, expected):
         assert torch.equal(got[k], expected[k].float()), k
 
 
-@pytest.fixture(scope="module")
-def master():
-    return build_preset_state_dict("tiny-i2v", seed=5)
+@pytest.fixture(scope="module", params=["tiny-i2v", "tiny-i2v-a14b", "tiny-ti2v-5b"])
+def master(request):
+    """2.1 I2V (CLIP branch), 2.2 I2V A14B expert (none), 2.2 TI2V-5B (48 channels): every format loads each."""
+    return build_preset_state_dict(request.param, seed=5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn])
@@ -196,37 +175,18 @@ def test_keep_file_dtype_and_preset(tmp_path):
     assert out.dtype == torch.float32 and torch.isfinite(out).all() and out.std() > 0.1
 
 
-def test_detect_official_sizes():
+def test_detect_official_sizes(meta_checkpoint):
     from engine.families.wan.dit import build_wan_model
     from engine.families.wan.presets import OFFICIAL
 
     for name, cfg in OFFICIAL.items():
-        ckpt = Checkpoint([_MetaFile(build_wan_model(cfg, "meta").state_dict())])  # shapes only
-        got = detect_wan_config(ckpt)
+        # shapes only; a T2V A14B expert has the T2V-14B layout: only its (ComfyUI) file name says Wan 2.2
+        file = "wan2.2_t2v_low_noise_14B_fp16.safetensors" if name == "t2v-A14B" else "meta.safetensors"
+        got = detect_wan_config(meta_checkpoint(build_wan_model(cfg, "meta").state_dict(), file))
         assert got.variant == name
         for field in ("model_type", "dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "text_dim",
                       "clip_dim", "has_image_input", "has_flf_pos_emb"):
             assert getattr(got, field) == getattr(cfg, field), (name, field)
-    wan22_5b = WanConfig(model_type="t2v", dim=3072, ffn_dim=14336, num_heads=24, num_layers=2, in_dim=48, out_dim=48)
-    with pytest.raises(MusubiInputError, match="TI2V-5B"):
-        detect_wan_config(Checkpoint([_MetaFile(build_wan_model(wan22_5b, "meta").state_dict())]))
-
-
-class _MetaFile:
-    """Shapes without data: lets detection run on full-size (14B) key layouts without allocating them."""
-
-    def __init__(self, state):
-        from pathlib import Path
-        self.path, self.state, self.keys, self.metadata = Path("meta.safetensors"), state, list(state), {}
-
-    def get(self, key):
-        return self.state[key]
-
-    def shape(self, key):
-        return tuple(self.state[key].shape)
-
-    def dtype(self, key):
-        return self.state[key].dtype
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -246,7 +206,7 @@ def test_refuses_other_files(tmp_path, keys, needle):
     save_file({k: torch.zeros(s) for k, s in keys.items()}, str(path))
     with pytest.raises(MusubiInputError) as e:
         load_wan_dit(path)
-    assert needle in str(e.value) and str(path) in str(e.value) and "Wan 2.1 DiT" in str(e.value)
+    assert needle in str(e.value) and str(path) in str(e.value) and "Wan 2.1 / 2.2 DiT" in str(e.value)
 
 
 def test_truncated_file(tmp_path):

@@ -1,4 +1,10 @@
-"""Wan 2.1 diffusion transformer (DiT), written from the published architecture.
+"""Wan 2.1 / 2.2 diffusion transformer (DiT), written from the published architecture.
+
+Wan 2.2 A14B experts have the 2.1 14B layout (I2V: in_dim 36 without the CLIP branch); TI2V-5B is a smaller 2.1
+layout with 48 latent channels. What 2.2 adds is per-token timesteps (t [B, L]: TI2V keeps the image frame's tokens
+at t = 0), hence a per-token modulation [B, L, 6, D]. The modulation runs as [B, T, 6, D] broadcast over groups of
+L/T tokens: T = 1 for one t per sample (the 2.1 form), T = f when t is constant over each latent frame (TI2V: the
+official per-token t is of that kind), T = L only for a t that varies inside a frame.
 
 Module names are exactly the official ones (`blocks.N.self_attn.q`, `head.modulation`, ...), which ComfyUI's native
 Wan also uses, so checkpoints load without renaming and a LoRA key maps one to one onto a module.
@@ -32,7 +38,8 @@ ROPE_THETA = 10000.0
 
 @dataclass
 class WanConfig:
-    model_type: str                      # "t2v" | "i2v" | "flf2v" (t2i = t2v weights on one frame; Fun-Control: in_dim 48)
+    model_type: str                      # "t2v" | "i2v" | "flf2v" | "ti2v" (t2i = t2v weights on one frame;
+                                         # Fun-Control: in_dim 48; ti2v: Wan 2.2 5B, 48 latent channels)
     dim: int
     ffn_dim: int
     num_heads: int
@@ -49,7 +56,8 @@ class WanConfig:
     cross_attn_norm: bool = True
     has_image_input: bool = False        # k_img/v_img/norm_k_img in every cross-attention + img_emb
     has_flf_pos_emb: bool = False        # FLF2V: img_emb.emb_pos [1, 2*257, clip_dim]
-    variant: str = "custom"              # human name, e.g. "t2v-1.3B", "i2v-14B", "tiny-t2v"
+    variant: str = "custom"              # human name, e.g. "t2v-1.3B", "i2v-14B", "ti2v-5B", "tiny-t2v"
+    expert: str | None = None            # Wan 2.2 A14B: "high" | "low" noise expert when the file name says so
 
     def __post_init__(self):
         self.patch_size = tuple(int(p) for p in self.patch_size)
@@ -57,6 +65,8 @@ class WanConfig:
             raise invalid("WanConfig.num_heads", self.num_heads, f"a divisor of dim={self.dim}")
         if self.head_dim % 2:
             raise invalid("WanConfig head dim", self.head_dim, "an even number (RoPE pairs channels)")
+        if self.expert not in (None, "high", "low"):
+            raise invalid("WanConfig.expert", self.expert, "'high', 'low' or None")
 
     @property
     def head_dim(self) -> int:
@@ -65,6 +75,12 @@ class WanConfig:
     @property
     def image_tokens(self) -> int:
         return 2 * CLIP_TOKENS if self.has_flf_pos_emb else CLIP_TOKENS
+
+    @property
+    def vae_stride(self) -> tuple[int, int, int]:
+        """(time, height, width) pixels per latent of the VAE this DiT is trained with: the 48-channel Wan 2.2 VAE
+        of TI2V-5B compresses 16x spatially, the 16-channel Wan 2.1 VAE (used by every other model) 8x."""
+        return (4, 16, 16) if self.out_dim == 48 else (4, 8, 8)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -277,22 +293,26 @@ class WanAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor, context_img: torch.Tensor | None,
                 rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x [B, L, D] float32 residual stream; e0 [B, 6, D] float32; context/context_img in the compute dtype
-        (their dtype is the dtype the Linear layers run in)."""
+        """x [B, L, D] float32 residual stream; e0 [B, T, 6, D] float32 with T = 1 (one t per sample), f (one t per
+        latent frame) or L (per token); context/context_img in the compute dtype (their dtype is the dtype the Linear
+        layers run in)."""
         dtype = context.dtype
-        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).chunk(6, dim=1)  # [B, 1, D]
+        # the L tokens as T groups of L/T sharing one modulation: [B, T, L/T, D] views, modulations [B, T, 1, D]
+        # broadcast over their group (never repeated to [B, L, D])
+        group = lambda a: a.unflatten(1, (e0.shape[1], -1))  # noqa: E731
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).unsqueeze(2).unbind(3)
         # = x + self_attn((norm1(x) * (1 + scale1) + shift1).to(dtype)).float() * gate1, and so on; `norm_to` and
         # `gated_residual` compute exactly that with fewer float32 [L, D] intermediates alive at once
         # (`_cheap`: the Linear inputs are recomputed in backward from the residual stream the norms keep anyway)
         n1, n2, n3 = self.norm1, self.norm2, self.norm3
-        x = gated_residual(x, self.self_attn(_cheap(layer_norm_to, x, n1.weight, n1.bias, n1.eps, dtype, shift1,
-                                                    scale1), rope), gate1)
+        h = _cheap(layer_norm_to, group(x), n1.weight, n1.bias, n1.eps, dtype, shift1, scale1).flatten(1, 2)
+        x = gated_residual(group(x), group(self.self_attn(h, rope)), gate1).flatten(1, 2)
         h = x.to(dtype) if isinstance(n3, nn.Identity) else _cheap(layer_norm_to, x, n3.weight, n3.bias, n3.eps, dtype)
         x = gated_residual(x, self.cross_attn(h, context, context_img))
         del h
-        h = self.ffn[0](_cheap(layer_norm_to, x, n2.weight, n2.bias, n2.eps, dtype, shift2, scale2))
-        x = gated_residual(x, self.ffn[2](_cheap(self.ffn[1], h)), gate2)   # ffn = Linear, GELU, Linear
-        return x
+        h = self.ffn[0](_cheap(layer_norm_to, group(x), n2.weight, n2.bias, n2.eps, dtype, shift2, scale2))
+        x = gated_residual(group(x), self.ffn[2](_cheap(self.ffn[1], h)), gate2)   # ffn = Linear, GELU, Linear
+        return x.flatten(1, 2)
 
 
 class WanHead(nn.Module):
@@ -303,10 +323,11 @@ class WanHead(nn.Module):
         self.modulation = nn.Parameter(torch.zeros(1, 2, cfg.dim))
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        """x [B, L, D] float32, e [B, D] float32 (time embedding, before the projection) -> [B, L, pt*ph*pw*C]."""
-        shift, scale = (self.modulation.float() + e.unsqueeze(1)).chunk(2, dim=1)
-        h = self.norm(x) * (1 + scale) + shift
-        return self.head(h).float()   # the official head runs in float32
+        """x [B, L, D] float32, e [B, T, D] float32 (time embedding before the projection; T as in the blocks)
+        -> [B, L, pt*ph*pw*C]."""
+        shift, scale = (self.modulation.float() + e.unsqueeze(2)).unsqueeze(2).unbind(3)   # [B, T, 1, D] each
+        h = self.norm(x.unflatten(1, (e.shape[1], -1))) * (1 + scale) + shift              # [B, T, L/T, D]
+        return self.head(h).float().flatten(1, 2)   # the official head runs in float32
 
 
 class WanImageEmbedding(nn.Module):
@@ -335,7 +356,7 @@ class WanImageEmbedding(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 
 class WanModel(nn.Module):
-    """Wan 2.1 DiT. Build it on the meta device and fill it with `engine.checkpoint.load_into_module`
+    """Wan 2.1 / 2.2 DiT. Build it on the meta device and fill it with `engine.checkpoint.load_into_module`
     (see `engine.families.wan.loader.load_wan_dit`)."""
 
     family = "wan"   # engine.families registry key: the generic engine finds this family's rules through it
@@ -402,12 +423,33 @@ class WanModel(nn.Module):
             clip_fea = clip_fea.expand(batch, -1, -1)
         return self.img_emb(clip_fea.to(device), dtype)
 
+    @staticmethod
+    def _timesteps(t, batch: int, grid: tuple[int, int, int], device) -> torch.Tensor:
+        """t as [B, 1] (a scalar, [1] or [B]), [B, f] (per latent frame) or [B, L] (per token; [1, ...] is shared by
+        the batch). Per-token t that is constant over each frame's tokens (TI2V: frame 0 at 0, the rest at t) is
+        taken per frame: the same values, with f time embeddings instead of L."""
+        frames, tokens = grid[0], math.prod(grid)
+        t = torch.as_tensor(t, device=device)
+        if t.ndim <= 1:
+            t = t.reshape(-1, 1)
+        if t.ndim == 2 and t.shape[0] == 1:
+            t = t.expand(batch, -1)
+        if t.ndim != 2 or t.shape[0] != batch or t.shape[1] not in (1, frames, tokens):
+            raise invalid("t", tuple(t.shape), f"[{batch}] timesteps (one per latent), [{batch}, {tokens}] per-token "
+                                               f"timesteps (one per video token) or [{batch}, {frames}] (per frame)")
+        if t.shape[1] == tokens != frames:
+            per_frame = t.unflatten(1, (frames, -1))
+            if bool((per_frame == per_frame[:, :, :1]).all()):
+                t = per_frame[:, :, 0]
+        return t
+
     # --- forward ----------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor, context, clip_fea: torch.Tensor | None = None,
                 y: torch.Tensor | None = None, skip_blocks: set[int] | None = None,
                 frame_indices: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, 16, F, H, W] noisy latents, t [B] timesteps (0..1000), context [B, L<=512, text_dim] (or a list of
-        [L_i, text_dim]), clip_fea [B, Li, clip_dim], y [B, in_dim-16, F, H, W] -> velocity [B, out_dim, F, H, W]."""
+        """x [B, out_dim, F, H, W] noisy latents, t [B] timesteps (0..1000), [B, L] per-token timesteps (Wan 2.2,
+        tokens in f, h, w order) or [B, f] per latent frame, context [B, L<=512, text_dim] (or a list of [L_i, text_dim]), clip_fea
+        [B, Li, clip_dim], y [B, in_dim-out_dim, F, H, W] -> velocity [B, out_dim, F, H, W]."""
         cfg = self.config
         dtype = self.compute_dtype
         device = self.patch_embedding.weight.device
@@ -427,14 +469,11 @@ class WanModel(nn.Module):
         x = self.patch_embedding(x.to(device, dtype)).flatten(2).transpose(1, 2).float()
         rope = rope_cos_sin(grid, cfg.head_dim, device, frame_indices)
 
-        # Time: [B] -> e [B, D] and e0 [B, 6, D], all float32
-        t = torch.as_tensor(t, device=device).reshape(-1)
-        if t.numel() == 1:
-            t = t.expand(batch)
-        if t.shape[0] != batch:
-            raise invalid("t", tuple(t.shape), f"[{batch}] timesteps (one per latent)")
-        e = self.time_embedding(sinusoidal_embedding(t, cfg.freq_dim).float()).float()
-        e0 = self.time_projection(e).float().unflatten(1, (6, cfg.dim))
+        # Time: t [B, T] (T = 1, f or L) -> e [B, T, D] and e0 [B, T, 6, D], all float32
+        t = self._timesteps(t, batch, grid, device)
+        e = self.time_embedding(sinusoidal_embedding(t.flatten(), cfg.freq_dim).float()).float()
+        e = e.unflatten(0, t.shape)
+        e0 = self.time_projection(e).float().unflatten(2, (6, cfg.dim))
 
         context = self.text_embedding(self._pad_context(context, batch, device).to(dtype))  # [B, Lt, D]
         context_img = self._image_context(clip_fea, batch, device, dtype)                  # [B, Li, D] | None

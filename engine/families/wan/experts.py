@@ -101,6 +101,7 @@ def _architecture(config) -> dict:
     """What two experts must share: every config field but the human name."""
     fields = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(vars(config))
     fields.pop("variant", None)
+    fields.pop("expert", None)         # which expert a file is (from its name), checked against its slot
     if not fields.get("has_image_input"):
         fields.pop("clip_dim", None)   # unused without an image branch (detection cannot read it from such a file)
     return fields
@@ -130,6 +131,10 @@ def check_experts(experts: WanExperts) -> None:
         cfg = _config(source)
         if cfg is None or not hasattr(cfg, "in_dim"):
             raise invalid(NAMES[name], type(source).__name__, "a Wan DiT (model, handle or LazyExpert)")
+        named = getattr(cfg, "expert", None)
+        if named not in (None, name):
+            raise invalid(NAMES[name], _describe(source), f"the {name}_noise file of the pair (its name says it "
+                                                          f"is the {NAMES[named]}: swap the two inputs)")
     if experts.high is not None:
         low, high = _architecture(_config(experts.low)), _architecture(_config(experts.high))
         if low != high:

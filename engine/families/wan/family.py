@@ -20,8 +20,10 @@ I2V_CHANNELS = 20          # I2V/FLF2V y: 4 mask + 16 image latent channels
 
 
 def needs_clip(config) -> bool:
-    """Does this DiT take CLIP vision tokens? (I2V/FLF2V; Fun-Control feeds zeros when there is no image)."""
-    return config.model_type in ("i2v", "flf2v") and config.in_dim - config.out_dim == I2V_CHANNELS
+    """Does this DiT take CLIP vision tokens? (2.1 I2V/FLF2V; Fun-Control feeds zeros when there is no image; the
+    Wan 2.2 I2V A14B experts have the I2V channels but no CLIP branch)."""
+    return (config.model_type in ("i2v", "flf2v") and config.in_dim - config.out_dim == I2V_CHANNELS
+            and bool(getattr(config, "has_image_input", True)))
 
 
 def conditioning_channels(config) -> int:
@@ -163,7 +165,7 @@ class WanFamily:
 
     @staticmethod
     def check_sampling(model: nn.Module, request) -> None:
-        pipeline.validate_request(model, request.resolve())
+        pipeline.validate_request(model, request.resolve(model.config))
 
     @staticmethod
     def sample(model: nn.Module, request, progress=None) -> torch.Tensor:

@@ -1,8 +1,9 @@
-"""Wan 2.1 generation: T2V, T2I, I2V, FLF2V, Fun-Control and one-frame inference on in-memory models.
+"""Wan 2.1 / 2.2 generation: T2V, T2I, I2V, FLF2V, Fun-Control and one-frame inference on in-memory models.
 
 Flow: `WanGenerateRequest` (per-task defaults of the official release) -> `resolve()` fills the defaults ->
 `validate_request(model, request)` (every user mistake raises MusubiInputError before any model call) -> noise ->
-the generic loop (`engine.sampling`) with CFG / CFG skip / SLG -> latents [B, 16, F_lat, H/8, W/8].
+the generic loop (`engine.sampling`) with CFG / CFG skip / SLG -> latents [B, C, F_lat, H/s, W/s]: C = 16, s = 8
+(Wan 2.1 VAE: 2.1 models and the 2.2 A14B experts) or C = 48, s = 16 (Wan 2.2 VAE: TI2V-5B).
 
 Only the conditioning layout is Wan specific; it is built by the `prepare_*` helpers from VAE-encoded frames:
 * I2V:      y = [mask(4), VAE([image, zeros × (F−1)])(16)], mask 1 on latent frame 0 (the 4 mask channels are the
@@ -16,6 +17,10 @@ Only the conditioning layout is Wan specific; it is built by the `prepare_*` hel
             those indices. Only the target frame is returned. CLIP: every control image's 257 tokens, in the order
             of the control images; an I2V model takes the first image's, an FLF2V model (intermediate frames, two
             controls) both (514), as in Musubi Tuner (`one_frame_clip`).
+* Wan 2.2 I2V A14B: the 2.1 I2V y (mask + image latents) without CLIP (the experts have no image cross-attention).
+* Wan 2.2 TI2V-5B I2V ("ti2v" conditioning): no y; latent frame 0 is the image's clean latent [48, 1, h, w],
+            its tokens run at t = 0 (per-token timesteps) and it is put back after every solver step (official
+            `textimage2video.py`). T2V on the 5B is the plain loop (one t for all tokens).
 All images/videos are [3, H, W] / [3, F, H, W] (or with a leading batch of 1) in [−1, 1].
 """
 
@@ -34,14 +39,17 @@ from ...sampling import GuidanceConfig, GuidedVelocity, make_noise, make_solver,
 from ...sampling.inputs import SIZE_MULTIPLE, as_video, check_frames, encode, latent_frames
 from ...sampling.noise import NOISE_DEVICES, check_seed
 from ...sampling.solvers import ALIASES, SOLVERS
+from .detect import TI2V_CHANNELS, model_kind
 from .experts import ExpertRunner, WanExperts, reference, resolve_for_experts
 
 TASKS = ("t2v", "t2i", "i2v", "flf2v", "fun_control", "one_frame")
 LATENT_CHANNELS = 16
-VAE_STRIDE = (4, 8, 8)           # time, height, width
+VAE_STRIDE = (4, 8, 8)           # time, height, width (Wan 2.1 VAE; a model's own: `config.vae_stride`)
 MASK_CHANNELS = 4
 CLIP_TOKENS = 257
 I2V_480P_SIZES = ((832, 480), (480, 832))
+TI2V_SIZE = (1280, 704)          # TI2V-5B native width x height (704x1280 portrait), 121 frames at 24 fps
+TI2V_FRAMES = 121
 
 Progress = Callable[[int, int, "torch.Tensor | None"], None]
 
@@ -53,12 +61,14 @@ Progress = Callable[[int, int, "torch.Tensor | None"], None]
 @dataclass
 class WanConditioning:
     """What the `prepare_*` helpers produce; `generate` concatenates `y` to the noisy latents on channels."""
-    kind: str                                   # "i2v" | "flf2v" | "fun_control" | "one_frame"
-    y: torch.Tensor                             # [C_y, F_lat, H/8, W/8]: 20 (4 mask + 16) or 32 (16 control + 16 image)
+    kind: str                                   # "i2v" | "flf2v" | "fun_control" | "one_frame" | "ti2v"
+    y: torch.Tensor | None                      # [C_y, F_lat, H/8, W/8]: 20 (4 mask + 16) or 32 (16 control + 16
+                                                # image); None for "ti2v"
     frame_indices: tuple[int, ...] | None = None  # one-frame: RoPE frame position of each latent frame
     target_slot: int | None = None              # one-frame: latent frame returned as the result
     has_image: bool = True                      # Fun-Control: False when no start image was given
     extra_latent_frames: int = 0                # I2V + end image (non-FLF2V model): 1 appended latent frame
+    first_frame: torch.Tensor | None = None     # "ti2v": the image's clean latent [48, 1, H/16, W/16]
 
 
 def _i2v_latents(vae, image: torch.Tensor, frames: int) -> torch.Tensor:
@@ -148,6 +158,41 @@ def prepare_one_frame(vae, control_images: Sequence[torch.Tensor], control_indic
                            target_slot=order.index(int(target_index)))
 
 
+def prepare_ti2v(vae, image: torch.Tensor) -> WanConditioning:
+    """TI2V-5B image-to-video: the image encoded alone (one latent frame) with the Wan 2.2 VAE."""
+    return WanConditioning("ti2v", None, first_frame=encode(vae, as_video(image, "image", frames_axis=False)))
+
+
+def first_frame_timesteps(t: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    """t [B] -> per-token t [B, f*h*w] that is 0 on the tokens of latent frame 0 (tokens in f, h, w order), as the
+    official TI2V: the frame mask times t, flattened."""
+    f, h, w = grid
+    keep = torch.ones(f, h, w, device=t.device, dtype=t.dtype)
+    keep[0] = 0
+    return t.reshape(-1, 1) * keep.flatten()
+
+
+class _FirstFrameKept:
+    """A solver whose steps (and x0 previews) put the clean latent back on latent frame 0, as the official TI2V does
+    after each scheduler step. Solver updates are elementwise, so what a solver keeps of frame 0 never reaches the
+    other frames."""
+
+    def __init__(self, solver, first_frame: torch.Tensor):
+        self._solver, self._first = solver, first_frame      # [B, C, 1, h, w] float32
+
+    def __getattr__(self, name):
+        return getattr(self._solver, name)
+
+    def _kept(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self._first.to(x.dtype), x[:, :, 1:]], dim=2)
+
+    def step(self, velocity: torch.Tensor, index: int, sample: torch.Tensor) -> torch.Tensor:
+        return self._kept(self._solver.step(velocity, index, sample))
+
+    def denoised(self, velocity: torch.Tensor, index: int, sample: torch.Tensor) -> torch.Tensor:
+        return self._kept(self._solver.denoised(velocity, index, sample))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Request
 # ---------------------------------------------------------------------------------------------------------------
@@ -157,11 +202,11 @@ class WanGenerateRequest:
     task: str                                    # one of TASKS
     context: torch.Tensor                        # [L, text_dim] prompt embeddings (umT5, trimmed)
     negative_context: torch.Tensor               # [L', text_dim]: Wan always runs a negative prompt
-    width: int = 832
-    height: int = 480
-    frames: int | None = None                    # None: 81 (1 for t2i / one_frame, where it must be 1)
-    steps: int | None = None                     # None: 50 T2V/T2I/T2V-Fun-Control, 40 I2V/FLF2V/one-frame
-    shift: float | None = None                   # None: 5.0; 3.0 for I2V-type tasks at 832x480 / 480x832
+    width: int | None = None                     # None: 832 (TI2V-5B: 1280)
+    height: int | None = None                    # None: 480 (TI2V-5B: 704)
+    frames: int | None = None                    # None: 81, TI2V-5B 121 (1 for t2i / one_frame, where it must be 1)
+    steps: int | None = None                     # None: 50 T2V/T2I/T2V-Fun-Control/TI2V-5B, 40 I2V/FLF2V/one-frame
+    shift: float | None = None                   # None: 5.0; 3.0 for I2V-type tasks at 832x480 / 480x832 (2.1)
     guidance_scale: float | None = None          # None: 5.0
     solver: str = "unipc"                        # unipc | dpm++ | euler (vanilla)
     seed: int = 0
@@ -181,11 +226,20 @@ class WanGenerateRequest:
     device: torch.device | str | None = None     # None: the device of the model's patch embedding
     guidance_scale_high: float | None = None     # Wan 2.2 A14B pair: the high-noise steps' scale (None: per kind)
 
-    def resolve(self) -> "WanGenerateRequest":
-        """A copy with the per-task defaults filled in (the official release's values)."""
+    def resolve(self, config=None) -> "WanGenerateRequest":
+        """A copy with the per-task defaults filled in (the official release's values); `config` (the DiT's) picks
+        the TI2V-5B ones (wan/configs/wan_ti2v_5B.py: 1280x704, 121 frames, 50 steps, shift 5, guidance 5)."""
         r = dataclasses.replace(self)
+        ti2v = config is not None and model_kind(config) == "ti2v"
+        if r.width is None:
+            r.width = TI2V_SIZE[0] if ti2v else 832
+        if r.height is None:
+            r.height = TI2V_SIZE[1] if ti2v else 480
         if r.frames is None:
-            r.frames = 1 if r.task in ("t2i", "one_frame") else 81
+            r.frames = 1 if r.task in ("t2i", "one_frame") else (TI2V_FRAMES if ti2v else 81)
+        if ti2v:
+            r.steps = 50 if r.steps is None else r.steps
+            r.shift = 5.0 if r.shift is None else r.shift
         i2v_like = r.task in ("i2v", "one_frame") or (
             r.task == "fun_control" and r.conditioning is not None and r.conditioning.has_image)
         if r.steps is None:
@@ -204,12 +258,8 @@ class WanGenerateRequest:
 
 
 def model_task_kind(config) -> str:
-    """What a loaded Wan DiT can do: "t2v" (in_dim 16), "i2v"/"flf2v" (36), "fun_control" (48)."""
-    if config.in_dim == 48:
-        return "fun_control"
-    if config.in_dim == 36:
-        return "flf2v" if config.model_type == "flf2v" else "i2v"
-    return "t2v"
+    """What a loaded Wan DiT can do: "t2v" (in_dim 16), "i2v"/"flf2v" (36), "fun_control" (48), "ti2v" (2.2 5B)."""
+    return model_kind(config)
 
 
 def one_frame_clip(config, clip_fea: torch.Tensor | None) -> torch.Tensor | None:
@@ -224,10 +274,20 @@ def one_frame_clip(config, clip_fea: torch.Tensor | None) -> torch.Tensor | None
     return clip_fea
 
 
-# which model kinds each task runs on; one-frame uses an I2V (or, for intermediate frames, an FLF2V) model
-_TASK_MODELS = {"t2v": ("t2v",), "t2i": ("t2v",), "i2v": ("i2v",), "flf2v": ("flf2v",),
+# which model kinds each task runs on; one-frame uses an I2V (or, for intermediate frames, an FLF2V) model; the
+# TI2V-5B runs T2V/T2I and I2V (with its own conditioning)
+_TASK_MODELS = {"t2v": ("t2v", "ti2v"), "t2i": ("t2v", "ti2v"), "i2v": ("i2v", "ti2v"), "flf2v": ("flf2v",),
                 "fun_control": ("fun_control",), "one_frame": ("i2v", "flf2v")}
 _TASK_CONDITIONING = {"i2v": "i2v", "flf2v": "flf2v", "fun_control": "fun_control", "one_frame": "one_frame"}
+
+
+def _wanted_conditioning(kind: str, task: str) -> str | None:
+    return "ti2v" if kind == "ti2v" and task == "i2v" else _TASK_CONDITIONING.get(task)
+
+
+def size_multiple(config) -> int:
+    """Pixels per DiT token side: VAE stride x patch (16 for the Wan 2.1 VAE, 32 for TI2V-5B's 16x VAE)."""
+    return int(config.vae_stride[1]) * int(config.patch_size[1])
 
 
 def _is_int(v) -> bool:
@@ -244,10 +304,13 @@ def validate_request(model, r: WanGenerateRequest) -> None:
         raise invalid("task", r.task, f"a task the loaded {cfg.variant} model ({kind}, in_dim={cfg.in_dim}) runs: "
                       f"{[t for t, kinds in _TASK_MODELS.items() if kind in kinds]}")
     # sizes
+    multiple = max(SIZE_MULTIPLE, size_multiple(cfg))
     for name, v in (("width", r.width), ("height", r.height)):
-        if not _is_int(v) or v < SIZE_MULTIPLE or v % SIZE_MULTIPLE:
-            raise invalid(name, v, f"a positive multiple of {SIZE_MULTIPLE} pixels")
-    check_frames(r.frames, longest=81)
+        if not _is_int(v) or v < multiple or v % multiple:
+            why = f" (VAE stride {cfg.vae_stride[1]} x patch {cfg.patch_size[1]} of {cfg.variant})" \
+                if multiple != SIZE_MULTIPLE else ""
+            raise invalid(name, v, f"a positive multiple of {multiple} pixels{why}")
+    check_frames(r.frames, longest=TI2V_FRAMES if kind == "ti2v" else 81)
     if r.task in ("t2i", "one_frame") and r.frames != 1:
         raise invalid("frames", r.frames, f"1 for task {r.task}")
     if not _is_int(r.steps) or r.steps < 1:
@@ -275,7 +338,12 @@ def validate_request(model, r: WanGenerateRequest) -> None:
 
 def _validate_conditioning(cfg, r: WanGenerateRequest) -> None:
     cond = r.conditioning
-    wanted = _TASK_CONDITIONING.get(r.task)
+    wanted = _wanted_conditioning(model_kind(cfg), r.task)
+    if r.clip_fea is not None and not cfg.has_image_input:
+        # refused rather than ignored: a 2.1 I2V workflow moved to 2.2 would otherwise encode CLIP for nothing
+        raise invalid("clip_fea", f"CLIP vision features {tuple(getattr(r.clip_fea, 'shape', ()))}",
+                      f"none for the loaded {cfg.variant} model: it has no image cross-attention (Wan 2.2 takes the "
+                      "image through the latents only); disconnect the CLIP vision encoder")
     if wanted is None:
         if cond is not None:
             raise invalid("conditioning", cond.kind, f"none for task {r.task} (text only)")
@@ -286,13 +354,24 @@ def _validate_conditioning(cfg, r: WanGenerateRequest) -> None:
         raise invalid("conditioning", None, f"{what} for task {r.task} (prepare it with prepare_{wanted})")
     if cond.kind != wanted:
         extra = " (an end image is required)" if r.task == "flf2v" else ""
-        raise invalid("conditioning", cond.kind, f"{wanted} conditioning for task {r.task}{extra}")
+        model = f" on the {cfg.variant} model" if "ti2v" in (wanted, cond.kind) else ""
+        raise invalid("conditioning", cond.kind, f"{wanted} conditioning for task {r.task}{model}{extra} "
+                                                 f"(prepare it with prepare_{wanted})")
+    stride = cfg.vae_stride
+    if wanted == "ti2v":
+        _validate_first_frame(cfg, r, cond.first_frame)
+        return
     f_lat = _latent_frame_count(r)
-    shape = (cfg.in_dim - LATENT_CHANNELS, f_lat, r.height // VAE_STRIDE[1], r.width // VAE_STRIDE[2])
+    shape = (cfg.in_dim - cfg.out_dim, f_lat, r.height // stride[1], r.width // stride[2])
+    if not isinstance(cond.y, torch.Tensor) or cond.y.ndim != 4 or cond.y.shape[0] != shape[0]:
+        raise invalid("conditioning y", tuple(getattr(cond.y, "shape", ())),
+                      f"{shape[0]} channels for {cfg.variant} (made from {_vae_name(cfg)} latents: re-prepare it "
+                      "with that VAE)")
     if tuple(cond.y.shape) != shape:
         raise invalid("conditioning y", tuple(cond.y.shape), f"{list(shape)} for {r.width}x{r.height}, "
                       f"{r.frames} frames (re-prepare it with the request's size and frame count)")
-    needs_clip = r.task in ("i2v", "flf2v", "one_frame") or (r.task == "fun_control" and cond.has_image)
+    needs_clip = cfg.has_image_input and (r.task in ("i2v", "flf2v", "one_frame") or
+                                          (r.task == "fun_control" and cond.has_image))
     if r.clip_fea is None:
         if needs_clip:
             raise invalid("clip_fea", None, f"CLIP vision features of the image(s) for task {r.task}")
@@ -307,6 +386,22 @@ def _validate_conditioning(cfg, r: WanGenerateRequest) -> None:
                       f"{tokens} image tokens)")
     if clip_fea.ndim != 2 or tuple(clip_fea.shape) != (tokens, cfg.clip_dim):
         raise invalid("clip_fea", tuple(clip_fea.shape), f"[{tokens}, {cfg.clip_dim}] for {cfg.variant}")
+
+
+def _vae_name(cfg) -> str:
+    return "48-channel Wan 2.2 VAE" if cfg.out_dim == TI2V_CHANNELS else "16-channel Wan 2.1 VAE"
+
+
+def _validate_first_frame(cfg, r: WanGenerateRequest, lat) -> None:
+    """The TI2V clean first-frame latent: [48, 1, H/16, W/16] from the Wan 2.2 VAE."""
+    shape = (cfg.out_dim, 1, r.height // cfg.vae_stride[1], r.width // cfg.vae_stride[2])
+    got = tuple(lat.shape) if isinstance(lat, torch.Tensor) else lat
+    if not isinstance(lat, torch.Tensor) or lat.ndim != 4 or lat.shape[0] != shape[0]:
+        raise invalid("conditioning first_frame", got, f"a {list(shape)} image latent from the {_vae_name(cfg)} "
+                      f"for {cfg.variant} (re-encode the image with that VAE)")
+    if got != shape:
+        raise invalid("conditioning first_frame", got, f"{list(shape)} for {r.width}x{r.height} (re-prepare it "
+                      "with the request's size)")
 
 
 def _request_clip(cfg, r: WanGenerateRequest) -> torch.Tensor | None:
@@ -325,10 +420,14 @@ def _latent_frame_count(r: WanGenerateRequest) -> int:
     return latent_frames(r.frames) + (cond.extra_latent_frames if cond is not None else 0)
 
 
-def _wan_predict(model, frame_indices):
-    """The family-specific forward for the generic guidance: cond = {"context": [..], "clip_fea", "y"}."""
+def _wan_predict(model, frame_indices, first_frame_clean: bool = False):
+    """The family-specific forward for the generic guidance: cond = {"context": [..], "clip_fea", "y"}.
+    `first_frame_clean` (TI2V I2V): per-token t, 0 on the tokens of latent frame 0."""
 
     def predict(x, t, cond, skip_blocks):
+        if first_frame_clean:
+            pt, ph, pw = model.config.patch_size
+            t = first_frame_timesteps(t, (x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw))
         return model(x, t, cond["context"], clip_fea=cond["clip_fea"], y=cond["y"],
                      skip_blocks=set(skip_blocks) if skip_blocks else None, frame_indices=frame_indices)
     return predict
@@ -342,14 +441,16 @@ def _merge(conds: Sequence[dict]) -> dict:
 
 @torch.no_grad()
 def generate(model, request: WanGenerateRequest, progress: Progress | None = None) -> torch.Tensor:
-    """-> float32 latents [B, 16, F_lat, H/8, W/8] on the model device (one-frame: the target frame only).
+    """-> float32 latents [B, C, F_lat, H/s, W/s] (C, s: 16, 8 or TI2V-5B 48, 16) on the model device (one-frame:
+    the target frame only; TI2V I2V: frame 0 is the image latent exactly).
 
     `progress(step, total, x0_estimate)` runs after every step; it may raise (ComfyUI interrupt) to cancel.
     `model` may be a Wan 2.2 A14B pair (`experts.WanExperts`): its experts take turns by the step's timestep."""
     experts = model if isinstance(model, WanExperts) else None
     if experts is not None:
         request, model = resolve_for_experts(experts, request), reference(experts)
-    r = request.resolve()
+    cfg = model.config
+    r = request.resolve(cfg)
     validate_request(model, r)
     solver = make_solver(r.solver, r.steps, r.shift)
     runner = None if experts is None else ExpertRunner(experts, solver.timesteps)
@@ -358,10 +459,11 @@ def generate(model, request: WanGenerateRequest, progress: Progress | None = Non
     b = r.batch_size
     cond_in = r.conditioning
     f_lat = _latent_frame_count(r)
-    shape = (LATENT_CHANNELS, f_lat, r.height // VAE_STRIDE[1], r.width // VAE_STRIDE[2])
-    noise = make_noise(shape, r.seed, b, r.noise_device, device)           # [B, 16, F_lat, h, w]
+    shape = (cfg.out_dim, f_lat, r.height // cfg.vae_stride[1], r.width // cfg.vae_stride[2])
+    noise = make_noise(shape, r.seed, b, r.noise_device, device)           # [B, C, F_lat, h, w]
 
-    y = None if cond_in is None else cond_in.y.to(device, torch.float32)[None].expand(b, *cond_in.y.shape)
+    y = None if cond_in is None or cond_in.y is None else \
+        cond_in.y.to(device, torch.float32)[None].expand(b, *cond_in.y.shape)
     clip_fea = _request_clip(model.config, r)
     clip = None if clip_fea is None else clip_fea.to(device)[None].expand(b, *clip_fea.shape)
     cond = {"context": [r.context.to(device)] * b, "clip_fea": clip, "y": y}
@@ -370,8 +472,15 @@ def generate(model, request: WanGenerateRequest, progress: Progress | None = Non
     if cond_in is not None and cond_in.frame_indices is not None:
         frame_indices = torch.tensor(cond_in.frame_indices, dtype=torch.long, device=device)
 
+    kept = cond_in is not None and cond_in.kind == "ti2v"
+    if kept:   # TI2V I2V: the image latent replaces frame 0 of the noise and is put back after every step
+        first = cond_in.first_frame.to(device, torch.float32)[None].expand(b, *cond_in.first_frame.shape)
+        noise = torch.cat([first, noise[:, :, 1:]], dim=2)
+        solver = _FirstFrameKept(solver, first)
+
     def guided_by(module, guidance: GuidanceConfig) -> GuidedVelocity:
-        return GuidedVelocity(_wan_predict(module, frame_indices), cond, uncond, guidance, r.steps, merge=_merge)
+        return GuidedVelocity(_wan_predict(module, frame_indices, kept), cond, uncond, guidance, r.steps,
+                              merge=_merge)
 
     if runner is None:
         velocity, sampling = guided_by(model, r.guidance()), eval_mode(model)

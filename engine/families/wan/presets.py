@@ -32,6 +32,9 @@ PRESETS: dict[str, WanConfig] = {
                             variant="tiny-flf2v", **_TINY),
     "tiny-fun-control": WanConfig(model_type="i2v", in_dim=48, has_image_input=True, variant="tiny-fun-control",
                                   **_TINY),
+    # Wan 2.2: an A14B T2V expert is tiny-t2v; the I2V expert has the mask + image channels but no CLIP branch
+    "tiny-i2v-a14b": WanConfig(model_type="i2v", in_dim=36, variant="tiny-i2v-a14b", **_TINY),
+    "tiny-ti2v-5b": WanConfig(model_type="ti2v", in_dim=48, out_dim=48, variant="tiny-ti2v-5b", **_TINY),
 }
 
 _1_3B = dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30)
@@ -46,6 +49,11 @@ OFFICIAL: dict[str, WanConfig] = {
                                   **_1_3B),
     "fun-control-14B": WanConfig(model_type="i2v", in_dim=48, has_image_input=True, variant="fun-control-14B",
                                  **_14B),
+    # Wan 2.2 (wan/configs/wan_t2v_A14B.py, wan_i2v_A14B.py, wan_ti2v_5B.py); each A14B expert is one such DiT
+    "t2v-A14B": WanConfig(model_type="t2v", variant="t2v-A14B", **_14B),
+    "i2v-A14B": WanConfig(model_type="i2v", in_dim=36, variant="i2v-A14B", **_14B),
+    "ti2v-5B": WanConfig(model_type="ti2v", in_dim=48, out_dim=48, variant="ti2v-5B", dim=3072, ffn_dim=14336,
+                         num_heads=24, num_layers=30),
 }
 
 
