@@ -10,6 +10,7 @@ Tests run on CPU: `use_test_transfer(FakeTransfer)` makes the swap path run ther
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Iterator
 
 import torch
@@ -99,3 +100,14 @@ def dit_on_device(value, offload_after: bool = False, training: bool = False) ->
     finally:
         if offload_after or handle.options.offload_after_use:
             offload_dit(handle)
+
+
+def experts_on_device(experts, offload_after: bool = False):
+    """A Wan 2.2 expert pair set up to run on the compute device through the pack's residency (each expert with its
+    loader's block swap); its runner places, parks and offloads the experts as the steps go."""
+    for source in (experts.low, experts.high):
+        if source is not None:
+            check_blocks_to_swap(source)
+    offload = offload_after or any(s is not None and _handle(s).options.offload_after_use
+                                   for s in (experts.low, experts.high))
+    return dataclasses.replace(experts, device=compat.torch_device(), residency=RESIDENCY, offload_after=offload)

@@ -17,6 +17,7 @@ OPTIMIZER_CONFIG = "MUSUBI_OPTIMIZER_CONFIG"
 TRAINING_SESSION = "MUSUBI_TRAINING_SESSION"
 VALIDATION_PROMPTS = "MUSUBI_VALIDATION_PROMPTS"
 MAGCACHE = "MUSUBI_MAGCACHE"          # MagCache settings for a sampler (engine.sampling.magcache.MagCacheConfig)
+WAN_EXPERTS = "MUSUBI_WAN_EXPERTS"    # a Wan 2.2 A14B expert pair (engine.families.wan.experts.WanExperts)
 
 
 def handle(value, field: str, expected: str):

@@ -1,5 +1,6 @@
-"""Wan 2.1 nodes: loaders (DiT, VAE, umT5 text encoder, CLIP vision), encoders (text, I2V/FLF2V image,
-Fun-Control, one-frame), the sampler and the VAE decode. The family's node file (docs/ARCHITECTURE.md)."""
+"""Wan nodes (2.1 and 2.2): loaders (DiT, VAE, umT5 text encoder, CLIP vision), the 2.2 A14B expert pair, encoders
+(text, I2V/FLF2V/TI2V image, Fun-Control, one-frame), the sampler and the VAE decode. The family's node file
+(docs/ARCHITECTURE.md)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,18 @@ from . import types as T
 from .generation import NOISE_INPUTS, RUN_INPUTS, step_progress, warnings_on_node
 from .loading import (ATTENTION, ATTENTION_INPUT, DIT_DTYPE_INPUT, DTYPES, dit_handle, dit_memory_inputs, load_dit,
                       model_choices, owner_of, resolve_source, room_for, source_identity)
-from .placement import dit_on_device, on_compute_device
+from .placement import dit_on_device, experts_on_device, on_compute_device
 from .registry import MODELS
 from .video import RESIZE_INPUT, decode_video, image_to_video_tensor, video_frames_tensor, video_to_image
 from ..engine.errors import invalid
 from ..engine.handle import ModelHandle, RunOptions
 
 FAMILY = "wan"   # the family these loaders load for (encoders are shared modules; their handle names the family)
-DIT_PRESETS = ["preset:tiny-t2v", "preset:tiny-i2v", "preset:tiny-flf2v", "preset:tiny-fun-control"]
-VAE_PRESETS = ["preset:tiny-vae"]
+DIT_PRESETS = ["preset:tiny-t2v", "preset:tiny-i2v", "preset:tiny-flf2v", "preset:tiny-fun-control",
+               "preset:tiny-t2v-a14b-high-noise", "preset:tiny-t2v-a14b-low-noise", "preset:tiny-i2v-a14b-high-noise",
+               "preset:tiny-i2v-a14b-low-noise", "preset:tiny-ti2v-5b"]
+VAE_PRESETS = ["preset:tiny-vae", "preset:tiny-vae22"]
+EXPERT_MODES = ["both", "offload"]
 T5_PRESETS = ["preset:tiny-umt5"]
 CLIP_PRESETS = ["preset:tiny-clip"]
 # The official Wan 2.1 default negative prompt (used when the negative prompt is left empty, as the release does).
@@ -26,7 +30,7 @@ WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，�
                        "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
                        "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
 SOLVERS = ["unipc", "dpm++", "euler"]
-DIT_EXPECTED = "a DiT from Musubi Wan DiT Loader"
+DIT_EXPECTED = "a DiT from Musubi Wan DiT Loader (or a pair from Musubi Wan 2.2 Experts)"
 VAE_EXPECTED = "a VAE from Musubi Wan VAE Loader"
 TEXT_ENCODER_EXPECTED = "a text encoder from Musubi umT5 Text Encoder Loader"
 CLIP_EXPECTED = "a CLIP vision model from Musubi CLIP Vision Loader"
@@ -69,7 +73,8 @@ class MusubiWanDiTLoader:
 
 
 class MusubiWanVAELoader:
-    DESCRIPTION = "Load the Wan 2.1 VAE (Wan2.1_VAE.pth or ComfyUI's wan_2.1_vae.safetensors) from models/vae."
+    DESCRIPTION = ("Load a Wan VAE from models/vae: the Wan 2.1 VAE (Wan2.1_VAE.pth, ComfyUI's wan_2.1_vae; also "
+                   "for Wan 2.2 A14B) or the Wan 2.2 VAE of TI2V-5B (Wan2.2_VAE.pth, wan2.2_vae).")
     CATEGORY = "Musubi/loaders"
     FUNCTION = "load"
     RETURN_TYPES = (T.VAE,)
@@ -79,7 +84,7 @@ class MusubiWanVAELoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "vae_name": (model_choices(VAE_PRESETS, "vae"), {"tooltip": "A Wan 2.1 VAE file from models/vae, or the tiny preset."}),
+            "vae_name": (model_choices(VAE_PRESETS, "vae"), {"tooltip": "A Wan 2.1 or 2.2 VAE file from models/vae, or a tiny preset."}),
             "dtype": (["bf16", "fp16", "fp32"], {"default": "bf16", "tooltip": "Precision of the VAE weights."}),
             "cache_on_cpu": ("BOOLEAN", {"default": False,
                              "tooltip": "Keep the VAE's temporal feature caches in CPU memory (less VRAM, slower)."}),
@@ -206,7 +211,8 @@ class MusubiWanTextEncode:
 
 class MusubiWanImageEncode:
     DESCRIPTION = ("Prepare image conditioning for Wan I2V (start image) or FLF2V (start + end image): VAE latents "
-                   "with the frame mask, and CLIP vision features.")
+                   "with the frame mask, and CLIP vision features (Wan 2.1). Wan 2.2: the I2V A14B experts take no "
+                   "CLIP (leave clip_vision unconnected); TI2V-5B (with the Wan 2.2 VAE) the start image's latent.")
     CATEGORY = "Musubi/generation"
     FUNCTION = "encode"
     RETURN_TYPES = (T.IMAGE_EMBEDS,)
@@ -220,11 +226,12 @@ class MusubiWanImageEncode:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "vae": (T.VAE, {"tooltip": "The Wan VAE."}),
-            "clip_vision": (T.CLIP_VISION, {"tooltip": "The CLIP ViT-H/14 image encoder."}),
+            "vae": (T.VAE, {"tooltip": "The Wan VAE (the Wan 2.2 VAE for TI2V-5B)."}),
             "start_image": ("IMAGE", {"tooltip": "The first frame of the video."}),
             **checks.size_inputs(),
         }, "optional": {
+            "clip_vision": (T.CLIP_VISION, {"tooltip": "The CLIP ViT-H/14 image encoder: Wan 2.1 I2V/FLF2V models "
+                                                       "need it; Wan 2.2 models take none."}),
             "end_image": ("IMAGE", {"tooltip": "Optional last frame (FLF2V models; with end_image_mode "
                                                "i2v_extra_frame, an I2V model)."}),
             "end_image_mode": (END_IMAGE_MODES, {"default": "flf2v",
@@ -236,26 +243,40 @@ class MusubiWanImageEncode:
             "resize_mode": RESIZE_INPUT,
         }}
 
-    def encode(self, vae, clip_vision, start_image, width, height, frames, end_image=None, end_image_mode="flf2v",
-               resize_mode="stretch"):
-        from ..engine.families.wan.pipeline import prepare_flf2v, prepare_i2v
+    def encode(self, vae, start_image, width, height, frames, clip_vision=None, end_image=None,
+               end_image_mode="flf2v", resize_mode="stretch"):
+        from ..engine.families.wan.pipeline import prepare_flf2v, prepare_i2v, prepare_ti2v
 
         if end_image_mode not in END_IMAGE_MODES:
             raise invalid("end_image_mode", end_image_mode, f"one of {END_IMAGE_MODES}")
-        vae, clip_vision = T.handle(vae, "vae", VAE_EXPECTED), T.handle(clip_vision, "clip_vision", CLIP_EXPECTED)
+        vae = T.handle(vae, "vae", VAE_EXPECTED)
+        if clip_vision is not None:
+            clip_vision = T.handle(clip_vision, "clip_vision", CLIP_EXPECTED)
+        ti2v = vae.module.latent_channels != 16          # the Wan 2.2 VAE: TI2V-5B's start image
+        if ti2v and (clip_vision is not None or end_image is not None):
+            raise invalid("clip_vision" if clip_vision is not None else "end_image", "connected",
+                          "nothing with the Wan 2.2 VAE (TI2V-5B takes the start image's latent only)")
         _check_size(width, height)
         first = image_to_video_tensor(start_image, width, height, "start_image", resize_mode)
         last = image_to_video_tensor(end_image, width, height, "end_image", resize_mode) \
             if end_image is not None else None
         flf2v = last is not None and end_image_mode == "flf2v"
-        with on_compute_device(clip_vision):
-            clips = [clip_vision.module.encode(first[None])[0]]
-            if flf2v:   # an I2V model takes the start image's CLIP features only
-                clips.append(clip_vision.module.encode(last[None])[0])
+        if flf2v and clip_vision is None:
+            raise invalid("clip_vision", None, "the CLIP vision encoder for first/last-frame (FLF2V) conditioning")
+        clip_fea = None
+        if clip_vision is not None:
+            with on_compute_device(clip_vision):
+                clips = [clip_vision.module.encode(first[None])[0]]
+                if flf2v:   # an I2V model takes the start image's CLIP features only
+                    clips.append(clip_vision.module.encode(last[None])[0])
+            clip_fea = torch.cat(clips).float().cpu()
         with on_compute_device(vae):
-            cond = (prepare_flf2v(vae.module, first, last, frames) if flf2v
-                    else prepare_i2v(vae.module, first, frames, end_image=last))
-        clip_fea = torch.cat(clips).float().cpu()
+            if ti2v:
+                cond = prepare_ti2v(vae.module, first)
+            elif flf2v:
+                cond = prepare_flf2v(vae.module, first, last, frames)
+            else:
+                cond = prepare_i2v(vae.module, first, frames, end_image=last)
         return ({"conditioning": cond, "clip_fea": clip_fea, "width": width, "height": height, "frames": frames,
                  "task": "flf2v" if flf2v else "i2v"},)
 
@@ -363,6 +384,46 @@ class MusubiWanOneFrameEncode:
                  "task": "one_frame"},)
 
 
+class MusubiWan22Experts:
+    DESCRIPTION = ("Pair the two Wan 2.2 A14B experts for the sampler: the high-noise DiT runs the steps whose "
+                   "timestep is at or above the boundary, the low-noise DiT the rest. Each expert keeps its own "
+                   "loader settings (block swap, fp8) and LoRAs (apply them to each DiT before pairing).")
+    CATEGORY = "Musubi/loaders"
+    FUNCTION = "pair"
+    RETURN_TYPES = (T.WAN_EXPERTS,)
+    RETURN_NAMES = ("experts",)
+    OUTPUT_TOOLTIPS = ("The expert pair: connect it to Musubi Wan Sampler's model input.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "high_noise_model": (T.DIT, {"tooltip": "The high-noise expert (e.g. wan2.2_t2v_high_noise_14B_*)."}),
+            "low_noise_model": (T.DIT, {"tooltip": "The low-noise expert (e.g. wan2.2_t2v_low_noise_14B_*)."}),
+            "boundary": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 999.0, "step": 0.005,
+                         "tooltip": "Switch point as a fraction of the timesteps (or a timestep 1-999); 0 = the "
+                                    "release's default (0.875 T2V, 0.9 I2V)."}),
+            "memory_mode": (EXPERT_MODES, {"default": "both",
+                            "tooltip": "both: both experts on the GPU; offload: only the running one, the other in "
+                                       "pinned CPU memory (moved at the switch; works with block swap)."}),
+        }}
+
+    def pair(self, high_noise_model, low_noise_model, boundary, memory_mode):
+        from ..engine.families.wan.experts import WanExperts, check_experts
+
+        handles = {}
+        for field, value in (("high_noise_model", high_noise_model), ("low_noise_model", low_noise_model)):
+            handle = T.handle(value, field, "a DiT from Musubi Wan DiT Loader")
+            if handle.family != FAMILY:
+                raise invalid(field, f"a model of family {handle.family!r}", "a Wan 2.2 A14B DiT")
+            handles[field] = handle
+        if memory_mode not in EXPERT_MODES:
+            raise invalid("memory_mode", memory_mode, f"one of {EXPERT_MODES}")
+        experts = WanExperts(low=handles["low_noise_model"], high=handles["high_noise_model"],
+                             boundary=float(boundary) or None, mode=memory_mode)
+        check_experts(experts)   # mismatched or swapped experts, a bad boundary: refused here
+        return (experts,)
+
+
 class MusubiWanSampler:
     DESCRIPTION = ("Generate Wan 2.1 latents: T2V, T2I (1 frame), I2V, FLF2V, Fun-Control and one-frame (with image embeds). Flow-matching "
                    "UniPC / DPM++ / Euler, CFG with negative prompt, CFG skip and skip-layer guidance. A LoRA applied "
@@ -382,7 +443,9 @@ class MusubiWanSampler:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": (T.DIT, {"tooltip": "The Wan DiT (optionally with LoRAs applied or trained)."}),
+            "model": (f"{T.DIT},{T.WAN_EXPERTS}", {"tooltip": "The Wan DiT (optionally with LoRAs applied or "
+                                                             "trained), or a Wan 2.2 A14B pair from Musubi Wan 2.2 "
+                                                             "Experts."}),
             "embeds": (T.EMBEDS, {"tooltip": "Prompt embeddings from Musubi Wan Text Encode."}),
             **checks.size_inputs(),
             "steps": ("INT", {"default": 0, "min": 0, "max": 1000,
@@ -404,6 +467,10 @@ class MusubiWanSampler:
             "slg_start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "SLG start (fraction of steps)."}),
             "slg_end": ("FLOAT", {"default": 0.3, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "SLG end (fraction of steps)."}),
             **RUN_INPUTS,
+            "guidance_scale_high": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 30.0, "step": 0.1,
+                                    "tooltip": "Wan 2.2 A14B pair: the guidance scale of the high-noise steps "
+                                               "(guidance_scale is the low-noise one); 0 = the release's default "
+                                               "(4.0 T2V, 3.5 I2V)."}),
             "trim_tail_frames": ("INT", {"default": 0, "min": 0, "max": 1024,
                                  "tooltip": "Drop this many frames at the end of the decoded video (Musubi "
                                             "--trim_tail_frames; e.g. 3 with an I2V end image, which adds 4 frames). "
@@ -412,8 +479,11 @@ class MusubiWanSampler:
 
     def sample(self, model, embeds, width, height, frames, steps, guidance_scale, shift, solver, seed, noise_device,
                image_embeds=None, cfg_skip_mode="none", cfg_apply_ratio=1.0, slg_layers="", slg_scale=3.0,
-               slg_start=0.0, slg_end=0.3, offload_after=True, batch_size=1, trim_tail_frames=0, unique_id=None):
-        from ..engine.families.wan.pipeline import WanGenerateRequest, generate
+               slg_start=0.0, slg_end=0.3, offload_after=True, batch_size=1, guidance_scale_high=0.0,
+               trim_tail_frames=0, unique_id=None):
+        from ..engine.families.wan.experts import WanExperts, resolve_for_experts
+        from ..engine.families.wan.pipeline import (WanGenerateRequest, fps_of, generate, latent_format_of,
+                                                    raw_latents)
 
         try:
             layers = tuple(int(s) for s in slg_layers.replace(" ", "").split(",") if s)
@@ -421,11 +491,15 @@ class MusubiWanSampler:
             raise invalid("slg_layers", slg_layers, "comma-separated block indices such as '9' or '4,5,6'") from None
         from ..engine.families.wan.pipeline import model_task_kind
 
-        handle = T.handle(model, "model", DIT_EXPECTED)
+        experts = model if isinstance(model, WanExperts) else None
+        handle = T.handle(model if experts is None else experts.low, "model", DIT_EXPECTED)
         if handle.family != FAMILY:
             raise invalid("model", f"a model of family {handle.family!r}", DIT_EXPECTED)
         if isinstance(embeds, dict) and embeds.get("family", FAMILY) != FAMILY:
             raise invalid("embeds", f"made for {embeds['family']}", "prompt embeddings from Musubi Wan Text Encode")
+        if experts is None and guidance_scale_high:
+            raise invalid("guidance_scale_high", guidance_scale_high, "0 for a single DiT (it is the high-noise "
+                                                                      "scale of a Wan 2.2 A14B expert pair)")
         model = handle.module
         kind = model_task_kind(model.config)
         if image_embeds is None and kind in ("i2v", "flf2v"):
@@ -455,16 +529,22 @@ class MusubiWanSampler:
             cfg_apply_ratio=cfg_apply_ratio if cfg_skip_mode != "none" else None, slg_layers=layers,
             slg_scale=slg_scale, slg_start=slg_start, slg_end=slg_end,
             conditioning=image_embeds["conditioning"] if image_embeds is not None else None,
-            clip_fea=image_embeds["clip_fea"] if image_embeds is not None else None).resolve()
-        with dit_on_device(handle, offload_after):
-            latents = generate(model, request, step_progress(request.steps, unique_id, "Wan21"))
-        from ..engine.families.wan.vae import to_raw_latents
-
+            clip_fea=image_embeds["clip_fea"] if image_embeds is not None else None,
+            guidance_scale_high=guidance_scale_high or None)
+        preview = latent_format_of(model.config)
+        if experts is None:
+            request = request.resolve(model.config)
+            with dit_on_device(handle, offload_after):
+                latents = generate(model, request, step_progress(request.steps, unique_id, preview))
+        else:
+            request = resolve_for_experts(experts, request).resolve(model.config)
+            latents = generate(experts_on_device(experts, offload_after), request,
+                               step_progress(request.steps, unique_id, preview))
         latents = latents.float().cpu()
-        out = {"samples": latents, "fps": 16.0, "task": task}
+        out = {"samples": latents, "fps": fps_of(model.config), "task": task}
         if trim_tail_frames:
             out["trim_tail_frames"] = int(trim_tail_frames)
-        return (out, {"samples": to_raw_latents(latents)})
+        return (out, {"samples": raw_latents(latents)})
 
 
 class MusubiWanVAEDecode:
@@ -474,7 +554,7 @@ class MusubiWanVAEDecode:
     RETURN_TYPES = ("IMAGE", "FLOAT")
     RETURN_NAMES = ("images", "fps")
     OUTPUT_TOOLTIPS = ("Decoded frames [frames, height, width, 3] (samples of a batch one after another).",
-                       "Frame rate of the video (16 for Wan 2.1).")
+                       "Frame rate of the video (16 for Wan 2.1 and 2.2 A14B, 24 for TI2V-5B).")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -486,12 +566,12 @@ class MusubiWanVAEDecode:
         }, "optional": {
             "latents": (T.LATENTS, {"tooltip": "Latents from the Musubi sampler (connect this or `latent`); its "
                                                "trim_tail_frames are dropped from the end of the video."}),
-            "latent": ("LATENT", {"tooltip": "A core LATENT in Wan 2.1 format (from any node; connect this or "
-                                             "`latents`)."}),
+            "latent": ("LATENT", {"tooltip": "A core LATENT in Wan 2.1 or 2.2 (TI2V-5B) format (from any "
+                                             "node; connect this or `latents`)."}),
         }}
 
     def decode(self, vae, tile_size, tile_overlap, latents=None, latent=None):
-        from ..engine.families.wan.vae import from_raw_latents
+        from ..engine.families.wan.pipeline import normalized_latents
 
         vae = T.handle(vae, "vae", VAE_EXPECTED)
         if (latents is None) == (latent is None):
@@ -499,12 +579,19 @@ class MusubiWanVAEDecode:
                           "exactly one of them connected")
         if latent is not None:
             samples = latent.get("samples") if isinstance(latent, dict) else None
-            if not isinstance(samples, torch.Tensor) or samples.ndim != 5 or samples.shape[1] != 16:
+            if not isinstance(samples, torch.Tensor) or samples.ndim != 5 or samples.shape[1] not in (16, 48):
                 raise invalid("latent", getattr(samples, "shape", type(latent).__name__),
-                              "a Wan 2.1 LATENT [batch, 16, frames, height/8, width/8]")
-            latents = {"samples": from_raw_latents(samples)}
+                              "a Wan LATENT [batch, 16, frames, height/8, width/8] (Wan 2.2 TI2V-5B: "
+                              "[batch, 48, frames, height/16, width/16])")
+            latents = {"samples": normalized_latents(samples),
+                       "fps": 24.0 if samples.shape[1] == 48 else 16.0}
         if isinstance(latents, dict) and latents.get("family", FAMILY) != FAMILY:
             raise invalid("latents", f"made for {latents['family']}", "latents from Musubi Wan Sampler")
+        channels, wanted = latents["samples"].shape[1], vae.module.latent_channels
+        if channels != wanted:
+            raise invalid("latents", f"{channels}-channel latents", f"{wanted}-channel latents for the connected "
+                          f"{'Wan 2.2' if wanted == 48 else 'Wan 2.1'} VAE (TI2V-5B latents need the Wan 2.2 VAE, "
+                          "all other Wan models the Wan 2.1 VAE)")
         video = decode_video(vae, latents["samples"], tile_size or None, tile_overlap if tile_size else None)
         trim = int(latents.get("trim_tail_frames", 0) or 0)   # the sampler's trim_tail_frames (checked there)
         if trim:
@@ -521,6 +608,7 @@ NODE_CLASS_MAPPINGS = {
     "MusubiWanImageEncode": MusubiWanImageEncode,
     "MusubiWanFunControlEncode": MusubiWanFunControlEncode,
     "MusubiWanOneFrameEncode": MusubiWanOneFrameEncode,
+    "MusubiWan22Experts": MusubiWan22Experts,
     "MusubiWanSampler": MusubiWanSampler,
     "MusubiWanVAEDecode": MusubiWanVAEDecode,
 }
@@ -533,6 +621,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "MusubiWanImageEncode": "Musubi Wan Image Encode (I2V/FLF2V)",
     "MusubiWanFunControlEncode": "Musubi Wan Fun-Control Encode",
     "MusubiWanOneFrameEncode": "Musubi Wan One-Frame Encode",
+    "MusubiWan22Experts": "Musubi Wan 2.2 Experts (A14B)",
     "MusubiWanSampler": "Musubi Wan Sampler",
     "MusubiWanVAEDecode": "Musubi Wan VAE Decode",
 }

@@ -511,7 +511,11 @@ WAN21_RGB_BIAS = (-0.1835, -0.0868, -0.3360)
 
 def latent_to_rgb_preview(latents: torch.Tensor, frame: int = 0) -> torch.Tensor:
     """latents [B, 16, F, h, w] or [16, F, h, w] -> float32 RGB [h, w, 3] in [0, 1] of sample 0, latent `frame`
-    (a cheap approximation at 1/8 resolution; no VAE)."""
+    (a cheap approximation at 1/8 resolution; no VAE). 48-channel (TI2V-5B) latents: the Wan 2.2 factors."""
+    if latents.shape[-4] == TI2V_CHANNELS:
+        from .vae22 import latent_to_rgb_preview22
+
+        return latent_to_rgb_preview22(latents, frame)
     if latents.ndim == 5:
         latents = latents[0]
     if latents.ndim != 4 or latents.shape[0] != LATENT_CHANNELS:
@@ -520,3 +524,33 @@ def latent_to_rgb_preview(latents: torch.Tensor, frame: int = 0) -> torch.Tensor
     w = torch.tensor(WAN21_RGB_FACTORS, device=x.device)                        # [16, 3]
     rgb = x @ w + torch.tensor(WAN21_RGB_BIAS, device=x.device)                 # [h, w, 3] in ~[-1, 1]
     return ((rgb + 1.0) / 2.0).clamp(0.0, 1.0).cpu()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the nodes read of a result
+# ---------------------------------------------------------------------------------------------------------------
+
+FPS, TI2V_FPS = 16.0, 24.0      # Wan 2.1 and the A14B experts; TI2V-5B
+
+
+def fps_of(config) -> float:
+    return TI2V_FPS if model_kind(config) == "ti2v" else FPS
+
+
+def latent_format_of(config) -> str:
+    """ComfyUI's latent format (live previews) of a DiT's latents."""
+    return "Wan22" if model_kind(config) == "ti2v" else "Wan21"
+
+
+def raw_latents(latents: torch.Tensor) -> torch.Tensor:
+    """Normalized latents -> ComfyUI's LATENT (the VAE's raw latents) of their VAE (2.2 for 48 channels)."""
+    from . import vae, vae22
+
+    return (vae22 if latents.shape[1] == TI2V_CHANNELS else vae).to_raw_latents(latents)
+
+
+def normalized_latents(raw: torch.Tensor) -> torch.Tensor:
+    """ComfyUI's LATENT -> the normalized latents the DiT and VAE decode take (2.2 for 48 channels)."""
+    from . import vae, vae22
+
+    return (vae22 if raw.shape[1] == TI2V_CHANNELS else vae).from_raw_latents(raw)

@@ -35,7 +35,14 @@ PRESETS: dict[str, WanConfig] = {
     # Wan 2.2: an A14B T2V expert is tiny-t2v; the I2V expert has the mask + image channels but no CLIP branch
     "tiny-i2v-a14b": WanConfig(model_type="i2v", in_dim=36, variant="tiny-i2v-a14b", **_TINY),
     "tiny-ti2v-5b": WanConfig(model_type="ti2v", in_dim=48, out_dim=48, variant="tiny-ti2v-5b", **_TINY),
+    # A14B expert pairs (the name says which expert, as ComfyUI's file names do); each expert its own weights
+    "tiny-t2v-a14b-high-noise": WanConfig(model_type="t2v", variant="tiny-t2v-a14b-high-noise", **_TINY),
+    "tiny-t2v-a14b-low-noise": WanConfig(model_type="t2v", variant="tiny-t2v-a14b-low-noise", **_TINY),
+    "tiny-i2v-a14b-high-noise": WanConfig(model_type="i2v", in_dim=36, variant="tiny-i2v-a14b-high-noise", **_TINY),
+    "tiny-i2v-a14b-low-noise": WanConfig(model_type="i2v", in_dim=36, variant="tiny-i2v-a14b-low-noise", **_TINY),
 }
+# weights seed of a preset (added to the caller's): the two experts of a pair differ
+_PRESET_SEEDS = {name: 1 for name in PRESETS if name.endswith("-high-noise")}
 
 _1_3B = dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30)
 _14B = dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
@@ -96,7 +103,7 @@ def random_state_dict(config: WanConfig, seed: int = 0, device: torch.device | s
 
 def build_preset_state_dict(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
     """float32 CPU weights of a tiny preset, identical for the same (name, seed) on every machine."""
-    return random_state_dict(preset_config(name), seed)
+    return random_state_dict(preset_config(name), seed + _PRESET_SEEDS.get(name, 0))
 
 
 def write_preset_checkpoint(name: str, path: str | Path, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
