@@ -321,13 +321,53 @@ FRAMEPACK_TRAIN_THEN_GENERATE = FRAMEPACK_LOADERS + [
     (22, "PreviewImage", {}, {"images": (20, 0)}),
 ]
 
+# Wan 2.2 A14B on tiny expert presets: the high- and low-noise DiTs paired (the release's boundary, both on the GPU),
+# per-expert guidance (3.0 low, 4.0 high), decoded with the Wan 2.1 VAE the A14B models use.
+WAN22_T2V = [
+    (1, "MusubiWanDiTLoader", {"model_name": "preset:tiny-t2v-a14b-high-noise", "dtype": "fp32", "attention": "sdpa"},
+     {}),
+    (2, "MusubiWanDiTLoader", {"model_name": "preset:tiny-t2v-a14b-low-noise", "dtype": "fp32", "attention": "sdpa"},
+     {}),
+    (3, "MusubiWan22Experts", {"boundary": 0.0, "memory_mode": "both"},
+     {"high_noise_model": (1, 0), "low_noise_model": (2, 0)}),
+    (4, "MusubiUMT5Loader", {"text_encoder_name": "preset:tiny-umt5", "dtype": "fp32", "tokenizer_path": ""}, {}),
+    (5, "MusubiWanVAELoader", {"vae_name": "preset:tiny-vae", "dtype": "fp32", "cache_on_cpu": False}, {}),
+    (6, "MusubiWanTextEncode", {"prompt": "a red square moving to the right", "negative_prompt": "",
+                                "offload_after": True}, {"text_encoder": (4, 0)}),
+    (7, "MusubiWanSampler", {"width": 64, "height": 48, "frames": 9, "steps": 6, "guidance_scale": 3.0, "shift": 0.0,
+                             "solver": "unipc", "seed": 42, "noise_device": "cpu", "guidance_scale_high": 4.0},
+     {"model": (3, 0), "embeds": (6, 0)}),
+    (8, "MusubiWanVAEDecode", {"tile_size": 0, "tile_overlap": 64}, {"vae": (5, 0), "latents": (7, 0)}),
+    (9, "MusubiSaveVideo", {"filename_prefix": "musubi/wan22_t2v", "crf": 19}, {"images": (8, 0), "fps": (8, 1)}),
+    (10, "PreviewImage", {}, {"images": (8, 0)}),
+]
+
+# Wan 2.2 TI2V-5B on its tiny preset: one model for text and image to video; the start image's latent (Wan 2.2 VAE,
+# 48 channels, 16x) is kept clean as frame 0; 24 fps.
+WAN22_TI2V_5B = [
+    (1, "MusubiWanDiTLoader", {"model_name": "preset:tiny-ti2v-5b", "dtype": "fp32", "attention": "sdpa"}, {}),
+    (2, "MusubiUMT5Loader", {"text_encoder_name": "preset:tiny-umt5", "dtype": "fp32", "tokenizer_path": ""}, {}),
+    (3, "MusubiWanVAELoader", {"vae_name": "preset:tiny-vae22", "dtype": "fp32", "cache_on_cpu": False}, {}),
+    (4, "EmptyImage", {"width": 64, "height": 64, "batch_size": 1, "color": 0x22AA66}, {}),
+    (5, "MusubiWanTextEncode", {"prompt": "the green square starts to spin", "negative_prompt": "",
+                                "offload_after": True}, {"text_encoder": (2, 0)}),
+    (6, "MusubiWanImageEncode", {"width": 64, "height": 64, "frames": 9}, {"vae": (3, 0), "start_image": (4, 0)}),
+    (7, "MusubiWanSampler", {"width": 64, "height": 64, "frames": 9, "steps": 6, "guidance_scale": 5.0, "shift": 0.0,
+                             "solver": "unipc", "seed": 7, "noise_device": "cpu"},
+     {"model": (1, 0), "embeds": (5, 0), "image_embeds": (6, 0)}),
+    (8, "MusubiWanVAEDecode", {"tile_size": 0, "tile_overlap": 64}, {"vae": (3, 0), "latents": (7, 0)}),
+    (9, "MusubiSaveVideo", {"filename_prefix": "musubi/wan22_ti2v", "crf": 19}, {"images": (8, 0), "fps": (8, 1)}),
+    (10, "PreviewImage", {}, {"images": (8, 0)}),
+]
+
 WORKFLOWS = {"wan_t2v_generate.json": TINY_T2V, "wan_i2v_generate.json": TINY_I2V, "lora_tools.json": LORA_TOOLS,
              "wan_dataset_cache.json": DATASET_CACHE,
              "wan_train_then_generate.json": TRAIN_THEN_GENERATE,
              "hunyuan_t2v_generate.json": HUNYUAN_T2V,
              "hunyuan_train_then_generate.json": HUNYUAN_TRAIN_THEN_GENERATE,
              "framepack_i2v_generate.json": FRAMEPACK_I2V, "framepack_one_frame.json": FRAMEPACK_ONE_FRAME,
-             "framepack_train_then_generate.json": FRAMEPACK_TRAIN_THEN_GENERATE}
+             "framepack_train_then_generate.json": FRAMEPACK_TRAIN_THEN_GENERATE,
+             "wan22_t2v_generate.json": WAN22_T2V, "wan22_ti2v_5b_generate.json": WAN22_TI2V_5B}
 
 
 def _spec_lists(cls):
@@ -422,7 +462,9 @@ TITLES = {"wan_t2v_generate.json": "Wan 2.1 text to video", "wan_i2v_generate.js
           "hunyuan_train_then_generate.json": "HunyuanVideo: train a LoRA, then generate",
           "framepack_i2v_generate.json": "FramePack image to video (per-section prompts and images)",
           "framepack_one_frame.json": "FramePack one-frame inference (kisekaeichi)",
-          "framepack_train_then_generate.json": "FramePack: train a LoRA, then generate"}
+          "framepack_train_then_generate.json": "FramePack: train a LoRA, then generate",
+          "wan22_t2v_generate.json": "Wan 2.2 A14B text to video (two experts)",
+          "wan22_ti2v_5b_generate.json": "Wan 2.2 TI2V-5B image to video"}
 
 
 def thumbnail(name: str, nodes: list, path: Path) -> None:

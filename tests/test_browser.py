@@ -14,7 +14,8 @@ BENIGN = ("Failed to load resource", "Content Security Policy", "reading 'id'")
 @pytest.mark.parametrize("name, sampler_type", [("wan_t2v_generate", "MusubiWanSampler"),
                                                 ("hunyuan_t2v_generate", "MusubiHunyuanSampler"),
                                                 ("framepack_i2v_generate", "MusubiFramePackSampler"),
-                                                ("framepack_one_frame", "MusubiFramePackOneFrameSampler")])
+                                                ("framepack_one_frame", "MusubiFramePackOneFrameSampler"),
+                                                ("wan22_t2v_generate", "MusubiWanSampler")])
 def test_drop_t2v_workflow_run_and_screenshot(comfy_server, browser_page, name, sampler_type):
     page = browser_page
     path = REPO_ROOT / "workflows" / f"{name}.json"
