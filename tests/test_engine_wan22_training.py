@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from engine.families.wan.experts import WanExperts
+from engine.families.wan.experts import WanExperts, phase_of
 from engine.families.wan.loader import load_wan_dit
 from engine.families.wan.pipeline import generate
 from engine.families.wan.presets import write_preset_checkpoint
@@ -40,12 +40,14 @@ def experts(files):
 
 
 def session(files, out, steps=30, layout="separate", mode="both", resume=None, lr=1e-2, models=None,
-            boundary=BOUNDARY, optimizer_args=None, validation=None, evaluation=None, **kw):
+            boundary=BOUNDARY, optimizer_args=None, validation=None, evaluation=None, network_weights=None,
+            gradient_accumulation_steps=1, **kw):
     m = models or experts(files)
     cfg = TrainingConfig(output_dir=str(out), max_train_steps=steps, mixed_precision="no", seed=1,
-                         gradient_checkpointing=True, timesteps=TimestepConfig("shift", discrete_flow_shift=2.0))
+                         gradient_checkpointing=True, timesteps=TimestepConfig("shift", discrete_flow_shift=2.0),
+                         gradient_accumulation_steps=gradient_accumulation_steps)
     pair = TimestepExperts(m["high"], boundary, layout=layout, mode=mode, **kw)
-    return TrainingSession(m["low"], NetworkConfig(rank=8, alpha=8),
+    return TrainingSession(m["low"], NetworkConfig(rank=8, alpha=8, network_weights=network_weights),
                            OptimizerConfig(learning_rate=lr, optimizer_args=optimizer_args),
                            InMemoryBatchLoader(batches(32), seed=0), cfg, validation=validation, evaluation=evaluation,
                            resume_from=resume, experts=pair)
@@ -120,6 +122,15 @@ def test_session_draws_its_batches_with_the_choice_from_its_generator(files, tmp
     (expert, t), = calls
     assert expert == choice.expert and torch.equal(t, choice.draws[0].model_t)
     assert side_of(t[0], BOUNDARY) == expert
+
+
+def test_training_side_is_the_sampler_phase():
+    """A timestep trains the expert that samples it: the boundary timestep itself is high-noise in both."""
+    for b in (0.875, 0.9, 0.6):
+        edge = b * 1000
+        for t in (edge - 1e-3, edge, edge + 1e-3, 0.0, 1000.0, float(torch.tensor(b, dtype=torch.float32) * 1000)):
+            assert side_of(t, b) == phase_of(t, b)
+    assert side_of(875.0, 0.875) == HIGH and side_of(874.99, 0.875) == LOW
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -215,6 +226,40 @@ def test_separate_networks_move_only_on_their_own_batches(files, tmp_path):
         changed = weights(nets[expert])
         assert any(not torch.equal(before[expert][k], changed[k]) for k in changed if "lora_up" in k)
     assert seen == {HIGH, LOW}
+
+
+def test_accumulation_steps_both_networks_when_its_micro_batches_differ(files, tmp_path):
+    """Each micro-batch picks its expert; one optimizer step then moves exactly the networks that ran."""
+    s = session(files, tmp_path, steps=8, gradient_accumulation_steps=2)
+    nets, mixed = s.network.networks(), 0
+    for _ in range(8):
+        before = {e: weights(n) for e, n in nets.items()}
+        info = []
+        s.train_steps(1, progress=lambda step, total, i: info.append(i["experts"]))
+        (ran,) = info
+        assert len(ran) == 2
+        mixed += len(set(ran)) == 2
+        for e in (HIGH, LOW):
+            assert same(before[e], weights(nets[e])) == (e not in ran)
+    assert mixed >= 1
+
+
+def test_network_weights_start_both_experts_and_networks_reattach(files, tmp_path):
+    first = session(files, tmp_path / "a", steps=3)
+    train(first, 3)
+    start = tmp_path / "a" / "lora_low_noise.safetensors"
+    m = experts(files)
+    s = session(files, tmp_path / "b", steps=2, models=m, network_weights=str(start))
+    stored = read_lora(start).modules
+    assert any(bool(w.tensors["up"].any()) for w in stored.values())   # trained: not the zero init
+    for net in s.network.networks().values():
+        for name, a in net.adapters().items():
+            assert torch.equal(a.lora_up.weight, stored[name].tensors["up"])
+    s.network.detach()
+    assert not attached_networks(m["low"]) and not attached_networks(m["high"])
+    s.network.attach(m["low"])
+    assert attached_networks(m["high"])["training"] is s.network.high
+    assert attached_networks(m["low"])["training"] is s.network.low
 
 
 def test_shared_network_is_one_set_of_tensors_on_both_experts(files, tmp_path):

@@ -205,10 +205,11 @@ class ExpertNetworks(nn.Module):
     """The session's adapters for a pair: `high` on the high-noise expert, `low` on the low-noise one (in the shared
     layout their parameters are the same tensors: `parameters()` lists each once)."""
 
-    def __init__(self, high: AdapterNetwork, low: AdapterNetwork, shared: bool):
+    def __init__(self, high: AdapterNetwork, low: AdapterNetwork, shared: bool, models: dict[str, nn.Module]):
         super().__init__()
         self.high, self.low = high, low
         self.shared = shared
+        object.__setattr__(self, "_models", dict(models))   # plain attribute: the experts are not adapter state
 
     def networks(self) -> dict[str, AdapterNetwork]:
         return {HIGH: self.high, LOW: self.low}
@@ -219,6 +220,14 @@ class ExpertNetworks(nn.Module):
     @property
     def is_attached(self) -> bool:
         return self.high.is_attached and self.low.is_attached
+
+    def attach(self, model: nn.Module | None = None) -> "ExpertNetworks":
+        """Each network back on its own expert (`model`, a host's single-model call, is the low-noise one)."""
+        if model is not None and model is not self._models[LOW]:
+            raise invalid("model", type(model).__name__, f"the {NAMES[LOW]} these adapters were made for")
+        for expert, net in self.networks().items():
+            net.attach(self._models[expert])
+        return self
 
     def detach(self) -> None:
         self.high.detach()
@@ -240,6 +249,7 @@ class ExpertPair:
         self.active: str | None = None        # the expert of the last batch
         self.switches = 0                     # batches whose expert differs from the previous batch's
         self.placed: set[str] = set()         # experts this pair has placed and not parked since
+        self.networks: ExpertNetworks | None = None
         self._stale = True                    # placement not known (yet): the first batch sets it
         self.events: list[tuple] = []
 
@@ -249,7 +259,8 @@ class ExpertPair:
         high = AdapterNetwork.create(self.models[HIGH], config, name=name)
         if self.layout == "shared":
             tie_parameters(high, low)
-        return ExpertNetworks(high, low, shared=self.layout == "shared")
+        self.networks = ExpertNetworks(high, low, self.layout == "shared", self.models)
+        return self.networks
 
     # --- per batch --------------------------------------------------------------------------------------------
     def choose(self, sampler: TimestepSampler, batch_size: int, latent_shape, generator) -> ExpertChoice:
@@ -272,6 +283,9 @@ class ExpertPair:
             for name in (EXPERTS if self.mode == "both" else (expert,)):
                 if stale or name not in self.placed:
                     self.residency.place(self.models[name], self.device, training=True)
+                    if self.networks is not None:   # adapters follow their expert (they stay there when it parks)
+                        with torch.inference_mode(False):
+                            self.networks.networks()[name].to(self.device)
                     self.placed.add(name)
                     self.events.append(("place", name))
         self.events.append(("run", expert))

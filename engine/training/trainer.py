@@ -144,7 +144,9 @@ class TrainingSession:
         self.family = family_of(model)
         self.network_config, self.optimizer_config, self.validation = network, optimizer, validation
         self.evaluation = evaluation
-        self.device = execution_device(model)   # the swapper's device when layers sit on the host
+        # the swapper's device when layers sit on the host; a pair's own device when it places its experts
+        self.device = self.pair.device if self.pair is not None and self.pair.device is not None \
+            else execution_device(model)
         self.activation_offload = False         # checkpointed block inputs in host memory (set by the host)
         self._interrupt: Callable[[], None] | None = None   # cancel check between micro-batches (train_steps)
         self.output_dir = Path(config.output_dir)
@@ -196,11 +198,6 @@ class TrainingSession:
         self._boundary = self._snapshot()
 
     # --- public API -----------------------------------------------------------------------------------------
-    def _models(self, model=None) -> list[torch.nn.Module]:
-        """The trained DiT, or both experts (low-noise first)."""
-        low = model if model is not None else self.model
-        return [low] if self.pair is None else [low, self.pair.models[HIGH]]
-
     @property
     def finished(self) -> bool:
         return self.step >= self.total_steps
@@ -421,6 +418,11 @@ class TrainingSession:
             scaled = self.scaler.scale(scaled)
         scaled.backward()
         return loss.detach(), t
+
+    def _models(self, model=None) -> list[torch.nn.Module]:
+        """The trained DiT, or both experts (low-noise first)."""
+        low = model if model is not None else self.model
+        return [low] if self.pair is None else [low, self.pair.models[HIGH]]
 
     def _autocast(self):
         dtype = AMP_DTYPES.get(self.config.mixed_precision)
