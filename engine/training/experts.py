@@ -90,7 +90,8 @@ def expert_timesteps(config: TimestepConfig, expert: str, boundary) -> TimestepC
     new_lo, new_hi = max(lo, side[0]), min(hi, side[1])
     if new_lo >= new_hi:
         raise invalid("min_timestep/max_timestep", (lo, hi),
-                      f"a range reaching the {NAMES[expert]}'s side of the boundary {b} (timesteps {side[0]}..{side[1]})")
+                      f"a range reaching the {NAMES[expert]}'s side of the boundary {b} "
+                      f"(timesteps {side[0]}..{side[1]})")
     return dataclasses.replace(config, min_timestep=new_lo, max_timestep=new_hi, preserve_distribution_shape=True)
 
 

@@ -7,6 +7,9 @@ One optimizer step = `gradient_accumulation_steps` micro-batches:
     1000·t, ε − x0) (the model's family runs its DiT on the batch's conditioning and may narrow the target);
     loss = mean((v̂ − target)²·w) / accum, backward; then clip, optimizer/scheduler step.
 Drawing t and ε per sample makes "accumulate 2 × batch 1" see the same noise as "batch 2".
+With two timestep experts (`experts=TimestepExperts(...)`, experts.py) each micro-batch's timesteps are drawn first
+and pick the expert that runs it (Musubi Tuner's per-batch choice), then its noise; the pair owns that logic, the
+networks (one per expert, or one shared) and the placement of the experts.
 
 Crash/cancel safety: at every step boundary the session snapshots the cheap, fast-moving parts of its state (RNGs,
 data position, timestep pool, step). Weights and optimizer only change inside the optimizer step, so on any
@@ -119,7 +122,7 @@ class TrainingSession:
                  config: TrainingConfig, validation: ValidationConfig | None = None,
                  evaluation: EvalConfig | None = None,
                  resume_from: str | Path | None = None, experts: TimestepExperts | None = None):
-        """`experts`: train `model` (the low-noise expert) with a high-noise expert in one run (`.experts`)."""
+        """`experts`: train `model` (the low-noise expert) and a high-noise expert in one run (experts.py)."""
         # 1. everything a user can get wrong, before touching the model
         config.validate()
         network.validate()
@@ -297,10 +300,10 @@ class TrainingSession:
         inputs = [getattr(m, "source_path", None) for m in self._models()]
         optimizer_train_mode(self.optimizer, False)  # schedule-free: save the averaged weights
         try:
-            self.saved_loras = [
-                save_lora(net, where, format=self.config.save_format, metadata={**self._metadata(epoch, model), **extra},
-                          dtype=SAVE_DTYPES[self.config.save_precision], input_paths=inputs)
-                for where, net, extra, model in files]
+            self.saved_loras = [save_lora(net, where, format=self.config.save_format,
+                                          metadata={**self._metadata(epoch, model), **extra},
+                                          dtype=SAVE_DTYPES[self.config.save_precision], input_paths=inputs)
+                                for where, net, extra, model in files]
         finally:
             optimizer_train_mode(self.optimizer, True)
         return self.saved_loras[0]
