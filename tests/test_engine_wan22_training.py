@@ -3,8 +3,6 @@ seeds: the per-batch expert choice against a hand trace, one-expert timestep ran
 per-expert networks moving only on their batches, parking with the least traffic, exact resume across a switch,
 the saved pair read back, validation samples through both experts, refusals before any step."""
 
-import math
-
 import pytest
 import torch
 
@@ -18,8 +16,7 @@ from engine.memory.residency import Residency
 from engine.training import (EvalConfig, InMemoryBatchLoader, NetworkConfig, OptimizerConfig, TimestepConfig,
                              TimestepSampler, TrainingConfig, TrainingSession, ValidationConfig, ValidationPrompt,
                              sample_timesteps)
-from engine.training.experts import (HIGH, LOW, ExpertPair, TimestepExperts, choose_expert, expert_timesteps,
-                                     side_of)
+from engine.training.experts import HIGH, LOW, TimestepExperts, choose_expert, expert_timesteps, side_of
 from test_engine_training_wan import batches
 
 SHAPE = (1, 16, 1, 4, 4)
