@@ -126,6 +126,9 @@ class Family(Protocol):
     def latent_preview(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents [B, C, F, h, w] -> a cheap RGB preview [h, w, 3] in [0, 1] of sample 0, frame 0."""
 
+    # optional: `expert_pair(high, low, boundary, mode, device, residency)` -> what `sample` takes in place of a model
+    # for two timestep experts (validation samples while training both; engine.training.experts)
+
 
 def names_in_blocks(names: Iterable[str], spec: LoRASpec) -> list[str]:
     """The default LoRA targets among `names`: inside the blocks and not excluded."""

@@ -7,6 +7,9 @@ One optimizer step = `gradient_accumulation_steps` micro-batches:
     1000·t, ε − x0) (the model's family runs its DiT on the batch's conditioning and may narrow the target);
     loss = mean((v̂ − target)²·w) / accum, backward; then clip, optimizer/scheduler step.
 Drawing t and ε per sample makes "accumulate 2 × batch 1" see the same noise as "batch 2".
+With two timestep experts (`experts=TimestepExperts(...)`, experts.py) each micro-batch's timesteps are drawn first
+and pick the expert that runs it (Musubi Tuner's per-batch choice), then its noise; the pair owns that logic, the
+networks (one per expert, or one shared) and the placement of the experts.
 
 Crash/cancel safety: at every step boundary the session snapshots the cheap, fast-moving parts of its state (RNGs,
 data position, timestep pool, step). Weights and optimizer only change inside the optimizer step, so on any
@@ -39,6 +42,7 @@ from ..memory.checkpointing import set_block_checkpointing
 from ..memory.placement import execution_device
 from .config import SAVE_DTYPES, TRAINING_BACKENDS_REFUSED, NetworkConfig, TrainingConfig, to_plain
 from .evaluation import EvalConfig, held_out_loss
+from .experts import HIGH, ExpertPair, TimestepExperts
 from .logging import LossHistory, StepTimer, TensorBoardLogger, current_lrs, status_text
 from .loss import flow_matching_loss, noisy_latents, velocity_target
 from .optimizers import OptimizerConfig, build_optimizer, move_optimizer_state, optimizer_train_mode
@@ -62,6 +66,7 @@ class StepInfo:
     epoch: int
     status: str
     timesteps: list[float] = field(default_factory=list)
+    experts: list[str] = field(default_factory=list)   # the expert of each micro-batch (two-expert training)
 
 
 # --- checks that run before any heavy work -------------------------------------------------------------------
@@ -116,19 +121,25 @@ class TrainingSession:
     def __init__(self, model: torch.nn.Module, network: NetworkConfig, optimizer: OptimizerConfig, loader,
                  config: TrainingConfig, validation: ValidationConfig | None = None,
                  evaluation: EvalConfig | None = None,
-                 resume_from: str | Path | None = None):
+                 resume_from: str | Path | None = None, experts: TimestepExperts | None = None):
+        """`experts`: train `model` (the low-noise expert) and a high-noise expert in one run (experts.py)."""
         # 1. everything a user can get wrong, before touching the model
         config.validate()
         network.validate()
         optimizer.validate()
         if validation is not None:
             validation.validate()
-        check_attention(model, config)
+        self.pair = ExpertPair(model, experts) if experts is not None else None
+        if self.pair is not None and evaluation is not None:
+            raise invalid("eval dataset", "given", "no held-out evaluation while training two experts (not supported)")
         check_loader(loader)
-        check_batch_for_model(model, peek_batch(loader))
+        batch = peek_batch(loader)
+        for m in self._models(model):
+            check_attention(m, config)
+            check_batch_for_model(m, batch)
         if resume_from is not None:
             resume_state = read_state(resume_from)
-            _check_resume_compatible(resume_state, network)
+            _check_resume_compatible(resume_state, network, experts)
         else:
             resume_state = None
 
@@ -136,7 +147,9 @@ class TrainingSession:
         self.family = family_of(model)
         self.network_config, self.optimizer_config, self.validation = network, optimizer, validation
         self.evaluation = evaluation
-        self.device = execution_device(model)   # the swapper's device when layers sit on the host
+        # the swapper's device when layers sit on the host; a pair's own device when it places its experts
+        self.device = self.pair.device if self.pair is not None and self.pair.device is not None \
+            else execution_device(model)
         self.activation_offload = False         # checkpointed block inputs in host memory (set by the host)
         self._interrupt: Callable[[], None] | None = None   # cancel check between micro-batches (train_steps)
         self.output_dir = Path(config.output_dir)
@@ -144,15 +157,19 @@ class TrainingSession:
         self.total_steps = resolve_total_steps(config, loader)
 
         # 2. model: frozen base, chosen attention (checkpointing is set per train_steps call)
-        model.requires_grad_(False)
-        if config.attention_backend:
-            model.attention_backend = config.attention_backend
+        for m in self._models():
+            m.requires_grad_(False)
+            if config.attention_backend:
+                m.attention_backend = config.attention_backend
 
         # 3. adapter (fp32, seeded init), optimizer, scheduler, scaler, RNG
         _seed_everything(config.seed)
         from ..lora.adapters import AdapterNetwork
 
-        self.network = AdapterNetwork.create(model, network.adapter_config(), name=network.name)
+        if self.pair is not None:
+            self.network = self.pair.create_networks(network.adapter_config(), network.name)
+        else:
+            self.network = AdapterNetwork.create(model, network.adapter_config(), name=network.name)
         if network.network_weights:
             self._load_network_weights(network.network_weights)
         built = build_optimizer(list(self.network.named_parameters()), optimizer)
@@ -170,6 +187,8 @@ class TrainingSession:
         self.timer = StepTimer()
         self.last_samples: list[torch.Tensor] | None = None
         self.last_info: StepInfo | None = None
+        self.saved_loras: list[Path] = []                 # the files of the last save_lora (two for a pair)
+        self._step_experts: list[str] = []                # the expert of each micro-batch of the current step
         self._iter = None
         self._epochs_done = self._completed_epochs()
         self._tb: TensorBoardLogger | None = None
@@ -204,13 +223,14 @@ class TrainingSession:
         end = min(self.total_steps, self.step + n)
         losses: list[float] = []
         completed = False
-        self.model.train()
         self.network.train()
-        # activation offload is a memory option of the host's (the DiT loader's), read at each call
-        set_block_checkpointing(self.model, bool(self.config.gradient_checkpointing),
-                                offload=bool(self.activation_offload),
-                                saved_dtype=(AMP_DTYPES.get(self.config.mixed_precision)
-                                             if self.config.checkpoint_dtype == "compute" else None))
+        for m in self._models():
+            m.train()
+            # activation offload is a memory option of the host's (the DiT loader's), read at each call
+            set_block_checkpointing(m, bool(self.config.gradient_checkpointing),
+                                    offload=bool(self.activation_offload),
+                                    saved_dtype=(AMP_DTYPES.get(self.config.mixed_precision)
+                                                 if self.config.checkpoint_dtype == "compute" else None))
         optimizer_train_mode(self.optimizer, True)
         self.timer.reset()
         self._interrupt = interrupt
@@ -228,7 +248,8 @@ class TrainingSession:
                     progress(self.step, self.total_steps, info.__dict__)
             completed = True
         finally:
-            self.model.eval()
+            for m in self._models():
+                m.eval()
             self.network.eval()  # dropout is for training steps only: samples after training must be deterministic
             self._interrupt = None
             if not completed:
@@ -261,21 +282,31 @@ class TrainingSession:
 
     def load_state(self, folder: str | Path) -> None:
         state = read_state(folder)
-        _check_resume_compatible(state, self.network_config)
+        _check_resume_compatible(state, self.network_config, self.pair.spec if self.pair is not None else None)
         self._apply_state(state)
         self._boundary = self._snapshot()
 
     def save_lora(self, path: str | Path | None = None, epoch: int | None = None, step: int | None = None) -> Path:
+        """The LoRA file; two experts in the separate layout write `<name>_high_noise` and `<name>_low_noise`
+        (`saved_loras` lists them; the high-noise one is returned)."""
         from ..lora.writer import save_lora
 
-        path = Path(path) if path is not None else lora_path(self.lora_dir, self.config.output_name, step, epoch)
+        path = Path(path) if path is not None else None
+        name = self.config.output_name
+        if self.pair is None:
+            files = [(path or lora_path(self.lora_dir, name, step, epoch), self.network, {}, self.model)]
+        else:
+            files = self.pair.lora_files(self.network, name, path, self.lora_dir, step, epoch, lora_path)
+        inputs = [getattr(m, "source_path", None) for m in self._models()]
         optimizer_train_mode(self.optimizer, False)  # schedule-free: save the averaged weights
         try:
-            return save_lora(self.network, path, format=self.config.save_format, metadata=self._metadata(epoch),
-                             dtype=SAVE_DTYPES[self.config.save_precision],
-                             input_paths=[getattr(self.model, "source_path", None)])
+            self.saved_loras = [save_lora(net, where, format=self.config.save_format,
+                                          metadata={**self._metadata(epoch, model), **extra},
+                                          dtype=SAVE_DTYPES[self.config.save_precision], input_paths=inputs)
+                                for where, net, extra, model in files]
         finally:
             optimizer_train_mode(self.optimizer, True)
+        return self.saved_loras[0]
 
     def sample(self, progress=None) -> list[torch.Tensor]:
         """Run the validation prompts now (model + adapter as trained so far)."""
@@ -284,7 +315,13 @@ class TrainingSession:
             return []
         optimizer_train_mode(self.optimizer, False)
         try:
-            self.last_samples = run_validation(self.model, v.prompts, self.network, v.vae, v.sample_fn, progress)
+            if self.pair is None:
+                self.last_samples = run_validation(self.model, v.prompts, self.network, v.vae, v.sample_fn, progress)
+            else:   # both experts, through the family's pair
+                self.last_samples = run_validation(self.model, v.prompts, self.network, v.vae, v.sample_fn, progress,
+                                                   sampled=self.pair.sampling_target(self.family),
+                                                   modules=self._models())
+                self.pair.placement_unknown()
         finally:
             optimizer_train_mode(self.optimizer, True)
         return self.last_samples
@@ -322,7 +359,7 @@ class TrainingSession:
     def _optimizer_step(self) -> tuple[float, torch.Tensor]:
         accum = self.config.gradient_accumulation_steps
         params = self.network.trainable_parameters()
-        total, ts = 0.0, []
+        total, ts, self._step_experts = 0.0, [], []
         for k in range(accum):
             if k and self._interrupt is not None:
                 self._interrupt()
@@ -357,10 +394,18 @@ class TrainingSession:
 
     def _micro_step(self, batch: dict, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         x0 = batch["latents"].to(self.device, torch.float32)                     # [B, C, F, H, W]
-        draws, noises = [], []
-        for _ in range(x0.shape[0]):  # t then ε for each sample in turn: batch 2 == 2 micro-batches of 1
-            draws.append(self.timesteps.sample(1, x0.shape, self.generator))
-            noises.append(torch.randn(x0.shape[1:], generator=self.generator))
+        model = self.model
+        if self.pair is None:
+            draws, noises = [], []
+            for _ in range(x0.shape[0]):  # t then ε for each sample in turn: batch 2 == 2 micro-batches of 1
+                draws.append(self.timesteps.sample(1, x0.shape, self.generator))
+                noises.append(torch.randn(x0.shape[1:], generator=self.generator))
+        else:   # the batch's timesteps pick the expert, then the noise of each sample
+            choice = self.pair.choose(self.timesteps, x0.shape[0], x0.shape, self.generator)
+            draws = choice.draws
+            noises = [torch.randn(x0.shape[1:], generator=self.generator) for _ in draws]
+            model = self.pair.activate(choice.expert)
+            self._step_experts.append(choice.expert)
         noise = torch.stack(noises).to(self.device)                               # [B, C, F, H, W]
         t = torch.cat([d.t for d in draws])                                       # [B] in [0, 1]
         model_t = torch.cat([d.model_t for d in draws]).to(self.device)           # [B] 0..1000
@@ -369,13 +414,18 @@ class TrainingSession:
         x_t = noisy_latents(x0, noise, t.to(self.device))
         target = velocity_target(x0, noise)
         with self._autocast():   # the family runs its DiT on the batch's conditioning
-            pred, target = self.family.training_forward(self.model, batch, x_t, model_t, target)
+            pred, target = self.family.training_forward(model, batch, x_t, model_t, target)
         loss = flow_matching_loss(pred, target, weight)
         scaled = loss * scale
         if self.scaler is not None:
             scaled = self.scaler.scale(scaled)
         scaled.backward()
         return loss.detach(), t
+
+    def _models(self, model=None) -> list[torch.nn.Module]:
+        """The trained DiT, or both experts (low-noise first)."""
+        low = model if model is not None else self.model
+        return [low] if self.pair is None else [low, self.pair.models[HIGH]]
 
     def _autocast(self):
         dtype = AMP_DTYPES.get(self.config.mixed_precision)
@@ -430,7 +480,8 @@ class TrainingSession:
         status = status_text(self.step, self.total_steps, loss, avg, lr, it_s, self.device)
         if self.history.eval_losses:
             status += f" | eval loss {self.history.eval_losses[-1]:.4f} (step {self.history.eval_steps[-1]})"
-        info = StepInfo(self.step, self.total_steps, loss, avg, lr, it_s, epochs, status, [float(v) for v in t])
+        info = StepInfo(self.step, self.total_steps, loss, avg, lr, it_s, epochs, status, [float(v) for v in t],
+                        list(self._step_experts))
         self.last_info = info
         return info
 
@@ -438,7 +489,8 @@ class TrainingSession:
         cfg, out = self.config, self.output_dir
         kind = "step" if step is not None else "epoch"
         self.save_lora(step=step, epoch=epoch)
-        prune(self.lora_dir, cfg.output_name, kind, cfg.keep_last_n_saves)
+        for name in ([cfg.output_name] if self.pair is None else self.pair.file_names(cfg.output_name)):
+            prune(self.lora_dir, name, kind, cfg.keep_last_n_saves)
         if cfg.save_state:
             self.save_state(state_dir(out, cfg.output_name, step, epoch))
             prune(out, cfg.output_name, f"{kind}-state", cfg.keep_last_n_states)
@@ -465,23 +517,27 @@ class TrainingSession:
         self._iter = None
         self.timesteps.load_state_dict(b["timesteps"])
         self._epochs_done = b["epochs_done"]
+        if self.pair is not None:
+            self.pair.load_state_dict(b["experts"])
 
     def _snapshot(self) -> dict:
         return {"step": self.step, "rng": capture_rng(self.generator),
                 "loader": copy.deepcopy(self.loader.state_dict()), "timesteps": self.timesteps.state_dict(),
-                "epochs_done": self._epochs_done, "session_id": self.session_id, "started_at": self.started_at}
+                "epochs_done": self._epochs_done, "session_id": self.session_id, "started_at": self.started_at,
+                "experts": self.pair.state_dict() if self.pair is not None else None}
 
     def _state(self) -> dict:
         b = self._boundary
         return {
             "step": b["step"], "epochs_done": b["epochs_done"], "rng": b["rng"], "loader": b["loader"],
             "session_id": b["session_id"], "started_at": b["started_at"],
-            "timesteps": b["timesteps"], "history": self.history.state_dict(),
+            "timesteps": b["timesteps"], "history": self.history.state_dict(), "experts": b["experts"],
             "network": {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()},
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else {},
             "config": {"training": to_plain(self.config), "network": to_plain(self.network_config),
-                       "optimizer": to_plain(self.optimizer_config), "total_steps": self.total_steps},
+                       "optimizer": to_plain(self.optimizer_config), "total_steps": self.total_steps,
+                       "experts": self.pair.spec.plain() if self.pair is not None else None},
         }
 
     def _apply_state(self, state: dict) -> None:
@@ -499,13 +555,20 @@ class TrainingSession:
         self.session_id = int(state.get("session_id", self.session_id))   # a resumed run is the same session
         self.started_at = float(state.get("started_at", self.started_at))
         self.history.load_state_dict(state.get("history", {}))
+        if self.pair is not None:
+            self.pair.load_state_dict(state.get("experts") or {})
 
     def _load_network_weights(self, path: str) -> None:
-        """Start from a saved LoRA / LoHa / LoKr of the same kind and shape (Musubi `--network_weights`)."""
+        """Start from a saved LoRA / LoHa / LoKr of the same kind and shape (Musubi `--network_weights`); with two
+        experts, both networks start from it."""
         from ..lora.dialects import read_lora
 
         lora = read_lora(path)
-        adapters = self.network.adapters()
+        for net in (self.network.networks().values() if self.pair is not None else [self.network]):
+            self._load_adapters(net.adapters(), lora, path)
+
+    @staticmethod
+    def _load_adapters(adapters: dict, lora, path: str) -> None:
         missing = [n for n in adapters if n not in lora.modules]
         if missing:
             raise invalid("network_weights", path, f"a LoRA with weights for every trained module (missing {missing[:3]})")
@@ -528,7 +591,7 @@ class TrainingSession:
                     adapter.get_parameter(key).copy_(mw.tensors[part])
             adapter.set_alpha(mw.scale * adapter.rank)
 
-    def _metadata(self, epoch: int | None) -> dict[str, str]:
+    def _metadata(self, epoch: int | None, model=None) -> dict[str, str]:
         cfg, o, ts = self.config, self.optimizer_config, self.config.timesteps
         meta = {
             "ss_learning_rate": o.learning_rate, "ss_optimizer": self.optimizer_name, "ss_lr_scheduler": o.lr_scheduler,
@@ -561,8 +624,9 @@ class TrainingSession:
             meta["ss_network_args"] = json.dumps(args)
         if ts.min_timestep is not None or ts.max_timestep is not None:
             meta["modelspec.timestep_range"] = f"{ts.min_timestep or 0},{ts.max_timestep or 1000}"
-        if getattr(self.model, "source_path", None):
-            meta["ss_sd_model_name"] = Path(self.model.source_path).name
+        model = model if model is not None else self.model   # the base model of the file written
+        if getattr(model, "source_path", None):
+            meta["ss_sd_model_name"] = Path(model.source_path).name
         return {k: str(v) for k, v in meta.items()}
 
 
@@ -601,11 +665,14 @@ def _datasets_metadata(loader) -> list[dict]:
     return out
 
 
-def _check_resume_compatible(state: dict, network: NetworkConfig) -> None:
+def _check_resume_compatible(state: dict, network: NetworkConfig, experts: TimestepExperts | None = None) -> None:
     saved = state.get("config", {}).get("network", {})
     for key in ("kind", "rank"):
         if key in saved and saved[key] != getattr(network, key):
             raise invalid(f"resume state network {key}", saved[key], f"{getattr(network, key)} (the current network)")
+    pair, now = state.get("config", {}).get("experts"), (experts.plain() if experts is not None else None)
+    if pair != now:   # one model vs two, another layout or boundary: the saved weights and choices do not apply
+        raise invalid("resume state experts", pair, f"{now} (the current training)")
 
 
 def _seed_everything(seed: int) -> None:

@@ -81,15 +81,17 @@ def sampling_mode(*modules: torch.nn.Module):
 
 
 def run_validation(model: torch.nn.Module, prompts: list[ValidationPrompt], network: torch.nn.Module | None = None,
-                   vae=None, sample_fn: Callable | None = None, progress=None) -> list[torch.Tensor]:
+                   vae=None, sample_fn: Callable | None = None, progress=None, sampled=None,
+                   modules: list[torch.nn.Module] = ()) -> list[torch.Tensor]:
     """One output per prompt: frames [B, 3, F, H, W] in [-1, 1] when `vae` is given, else latents
-    [B, C, F_lat, h, w]. `progress(step, total, x0)` is passed to the sampler (it may raise to cancel)."""
+    [B, C, F_lat, h, w]. `progress(step, total, x0)` is passed to the sampler (it may raise to cancel).
+    `sampled`: what the sampler gets in place of `model` (a family's expert pair), `modules`: further models it runs."""
     if sample_fn is None:
         sample_fn = family_of(model).sample
     outputs = []
-    modules = [model] + ([network] if network is not None else [])
+    modules = [model, *[m for m in modules if m is not model]] + ([network] if network is not None else [])
     with sampling_mode(*modules):
         for p in prompts:
-            latents = sample_fn(model, build_request(model, p), progress)
+            latents = sample_fn(model if sampled is None else sampled, build_request(model, p), progress)
             outputs.append(vae.decode(latents).float().cpu() if vae is not None else latents.float().cpu())
     return outputs

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from ...errors import invalid
 from ..family import Fp8Spec, LoRASpec
-from . import cache, names, pipeline
+from . import cache, experts, names, pipeline
 
 LATENT_CHANNELS = 16
 LATENT_TASKS = ("t2v", "i2v", "fun_control")   # the latent-caching tasks
@@ -170,6 +170,14 @@ class WanFamily:
     @staticmethod
     def sample(model: nn.Module, request, progress=None) -> torch.Tensor:
         return pipeline.generate(model, request, progress)
+
+    @staticmethod
+    def expert_pair(high: nn.Module, low: nn.Module, boundary: float, mode: str = "both", device=None,
+                    residency=None) -> experts.WanExperts:
+        """Two trained experts (Wan 2.2 A14B) as the pipeline's pair: what `sample` takes for validation samples
+        during two-expert training (the generic trainer's `ExpertPair.sampling_target`)."""
+        return experts.WanExperts(low=low, high=high, boundary=boundary, mode=mode, device=device,
+                                  residency=residency)
 
     @staticmethod
     def latent_preview(latents: torch.Tensor) -> torch.Tensor:
