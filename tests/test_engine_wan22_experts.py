@@ -99,7 +99,7 @@ def test_t2v_a14b_schedule_by_hand(pair, prompts):
 
 def test_switch_rule_matches_diffusers_wan_pipeline(pair):
     """diffusers' WanPipeline itself (tiny transformers, a scheduler stub that yields chosen timesteps, exact
-    boundary values included) picks the same expert as `phase_of` / `expert_plan` for every timestep."""
+    boundary values included) picks the same expert as `side_of` / `expert_plan` for every timestep."""
     diffusers = pytest.importorskip("diffusers")
 
     def tiny():
@@ -138,14 +138,14 @@ def test_switch_rule_matches_diffusers_wan_pipeline(pair):
         diffusers_choice = seen[::2]   # cond then uncond call per step
         plan = E.expert_plan(torch.tensor(ts, dtype=torch.float32), boundary)
         assert [e for e, _ in plan] == diffusers_choice, boundary
-        assert [E.phase_of(t, E.normalize_boundary(boundary * 1000)) for t in ts] == diffusers_choice
+        assert [E.side_of(t, E.normalize_boundary(boundary * 1000)) for t in ts] == diffusers_choice
 
 
 def test_boundary_inputs_normalized():
     assert E.normalize_boundary(0.875) == 0.875
     assert E.normalize_boundary(875) == 0.875
     assert E.normalize_boundary(900.0) == 0.9
-    assert E.phase_of(875, 0.875) == "high" and E.phase_of(874, 0.875) == "low"
+    assert E.side_of(875, 0.875) == "high" and E.side_of(874, 0.875) == "low"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ the saved pair read back, validation samples through both experts, refusals befo
 import pytest
 import torch
 
-from engine.families.wan.experts import WanExperts, phase_of
+from engine.families.wan.experts import WanExperts
 from engine.families.wan.loader import load_wan_dit
 from engine.families.wan.pipeline import generate
 from engine.families.wan.presets import write_preset_checkpoint
@@ -122,11 +122,14 @@ def test_session_draws_its_batches_with_the_choice_from_its_generator(files, tmp
 
 
 def test_training_side_is_the_sampler_phase():
-    """A timestep trains the expert that samples it: the boundary timestep itself is high-noise in both."""
+    """A timestep trains the expert that samples it (one rule): the boundary timestep itself is high-noise."""
+    from engine.families.wan.experts import expert_plan
+
     for b in (0.875, 0.9, 0.6):
         edge = b * 1000
-        for t in (edge - 1e-3, edge, edge + 1e-3, 0.0, 1000.0, float(torch.tensor(b, dtype=torch.float32) * 1000)):
-            assert side_of(t, b) == phase_of(t, b)
+        ts = torch.tensor([edge - 1e-3, edge, edge + 1e-3, 0.0, 1000.0], dtype=torch.float64)
+        sampled = [expert for expert, _ in expert_plan(ts, b)]
+        assert sampled == [side_of(t, b) for t in ts.tolist()] == [LOW, HIGH, HIGH, LOW, HIGH]
     assert side_of(875.0, 0.875) == HIGH and side_of(874.99, 0.875) == LOW
 
 
@@ -174,7 +177,7 @@ def test_expert_timesteps_intersect_the_user_range_and_refuse_an_empty_one(raise
         expert_timesteps(TimestepConfig("shift", max_timestep=500), HIGH, 0.875)
     with raises_input("expert", "middle", "one of ('high', 'low')"):
         expert_timesteps(cfg, "middle", 0.875)
-    with raises_input("timestep boundary", 1, "a fraction 0 < b < 1"):
+    with raises_input("boundary", 1, "a fraction 0 < b < 1"):
         expert_timesteps(cfg, HIGH, 1)
 
 
@@ -389,10 +392,10 @@ def test_validation_samples_run_both_experts_with_their_adapters(files, tmp_path
 # ---------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("change, name, value, expected", [
-    ({"boundary": 1}, "timestep boundary", 1, "a fraction 0 < b < 1"),
-    ({"boundary": 0.0}, "timestep boundary", 0.0, "a fraction 0 < b < 1"),
-    ({"boundary": 1000}, "timestep boundary", 1000, "a fraction 0 < b < 1"),
-    ({"boundary": True}, "timestep boundary", True, "a fraction 0 < b < 1"),
+    ({"boundary": 1}, "boundary", 1, "a fraction 0 < b < 1"),
+    ({"boundary": 0.0}, "boundary", 0.0, "a fraction 0 < b < 1"),
+    ({"boundary": 1000}, "boundary", 1000, "a fraction 0 < b < 1"),
+    ({"boundary": True}, "boundary", True, "a fraction 0 < b < 1"),
     ({"layout": "merged"}, "expert LoRA layout", "merged", "one of ('separate', 'shared')"),
     ({"mode": "lazy"}, "expert memory mode", "lazy", "one of ('both', 'offload')"),
 ])

@@ -55,7 +55,7 @@ def normalize_boundary(boundary) -> float:
         return float(boundary)
     if ok and 1 < boundary < TIMESTEPS:
         return float(boundary) / TIMESTEPS
-    raise invalid("timestep boundary", boundary, "a fraction 0 < b < 1 (e.g. 0.875) or a timestep 1 < b < 1000 (875)")
+    raise invalid("boundary", boundary, "a fraction 0 < b < 1 (e.g. 0.875) or a timestep 1 < b < 1000 (875)")
 
 
 def side_of(model_t, boundary: float) -> str:

@@ -33,15 +33,14 @@ from ...handle import ModelHandle, apply_run_options, as_handle
 from ...lora.adapters import eval_mode
 from ...memory.placement import execution_device
 from ...memory.residency import Residency
+from ...training.experts import HIGH, LOW, TIMESTEPS, normalize_boundary, side_of
 
-HIGH, LOW = "high", "low"
 MODES = ("both", "offload", "lazy")
 STEPS = 40
 # official Wan 2.2 A14B configs (Musubi's wan_t2v_A14B / wan_i2v_A14B): T2V, and image-conditioned experts
 BOUNDARY = {"t2v": 0.875, "i2v": 0.9}
 SHIFT = {"t2v": 12.0, "i2v": 5.0}
 GUIDANCE = {"t2v": (3.0, 4.0), "i2v": (3.5, 3.5)}   # (low-noise, high-noise)
-TIMESTEPS = 1000
 NAMES = {HIGH: "high-noise expert", LOW: "low-noise expert"}
 
 
@@ -105,16 +104,6 @@ def _architecture(config) -> dict:
     if not fields.get("has_image_input"):
         fields.pop("clip_dim", None)   # unused without an image branch (detection cannot read it from such a file)
     return fields
-
-
-def normalize_boundary(boundary) -> float:
-    """0 < b < 1 as is; 1 < b < 1000 as a timestep (b / 1000). 1 itself is refused: fraction or timestep?"""
-    ok = isinstance(boundary, (int, float)) and not isinstance(boundary, bool) and boundary == boundary
-    if ok and 0 < boundary < 1:
-        return float(boundary)
-    if ok and 1 < boundary < TIMESTEPS:
-        return float(boundary) / TIMESTEPS
-    raise invalid("boundary", boundary, "a fraction 0 < b < 1 (0.875 T2V, 0.9 I2V) or a timestep 1 < b < 1000 (875)")
 
 
 def check_experts(experts: WanExperts) -> None:
@@ -190,14 +179,9 @@ def reference(experts: WanExperts) -> _Reference:
 # Schedule
 # ---------------------------------------------------------------------------------------------------------------
 
-def phase_of(timestep, boundary: float) -> str:
-    """HIGH when t >= boundary·1000 (the boundary timestep is high-noise), else LOW."""
-    return HIGH if float(timestep) >= boundary * TIMESTEPS else LOW
-
-
 def expert_plan(timesteps: torch.Tensor, boundary: float, has_high: bool = True) -> list[tuple[str, str]]:
     """(expert that runs, guidance phase) per step: without a high-noise expert the low one runs the high phase."""
-    phases = [phase_of(t, boundary) for t in timesteps.tolist()]
+    phases = [side_of(t, boundary) for t in timesteps.tolist()]
     return [(p if has_high else LOW, p) for p in phases]
 
 
