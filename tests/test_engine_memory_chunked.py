@@ -77,6 +77,25 @@ def test_chunks_give_the_unchunked_values_and_gradients():
         assert torch.equal(part(x, gate, 3), part.fn(x, gate))
 
 
+def test_adapters_train_when_no_input_needs_a_gradient():
+    """The first block of a frozen DiT: its inputs need no gradient, the adapters inside the part do."""
+    part, net = _part()
+    x, gate = (t.detach() for t in _inputs())
+    grads = []
+    for chunk in (L, 3):
+        net.zero_grad(set_to_none=True)
+        part(x, gate, chunk).square().sum().backward()
+        grads.append([p.grad.clone() for p in net.parameters()])
+    for whole, chunked_grad in zip(*grads):
+        torch.testing.assert_close(chunked_grad, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_a_token_input_the_part_does_not_use_gets_a_zero_gradient():
+    x, unused = _inputs()[0], torch.randn(2, L, D).requires_grad_(True)
+    chunked(lambda a, b: a * 2, (x, unused), chunk=3).sum().backward()
+    assert torch.equal(unused.grad, torch.zeros_like(unused)) and torch.equal(x.grad, torch.full_like(x, 2.0))
+
+
 def test_adapter_dropout_is_replayed_in_backward():
     part, net = _part(dropout=0.5)
     net.train()
