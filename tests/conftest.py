@@ -283,3 +283,29 @@ def data(comfy, tmp_path_factory):
     yield {"root": root, "latents": [latents[k] for k in sorted(latents)], "vae": vae}
     del mappings["MusubiTestCachedDataset"]
     comfy.pack_module("nodes.registry").SESSIONS.release()
+
+
+@pytest.fixture(scope="module")
+def factors_a():
+    """Random LoRA factors {module: (down, up, alpha)} for the tiny Wan T2V layout (rank 4)."""
+    from lora_fixtures import random_lora_factors, tiny_model
+
+    return random_lora_factors(tiny_model("t2v"), rank=4, seed=1)
+
+
+@pytest.fixture(scope="module")
+def factors_b():
+    from lora_fixtures import random_lora_factors, tiny_model
+
+    return random_lora_factors(tiny_model("t2v"), rank=2, seed=2)
+
+
+@pytest.fixture
+def lora_files(comfy, factors_a, factors_b):
+    """factors_a / factors_b as Musubi LoRA files in ComfyUI's loras folder: names for the loader, and paths."""
+    from lora_fixtures import write_musubi_lora
+
+    loras = Path(comfy.b.folder_paths.get_folder_paths("loras")[0])
+    a = write_musubi_lora(loras / "nodes_test" / "lora_a.safetensors", factors_a)
+    b = write_musubi_lora(loras / "nodes_test" / "lora_b.safetensors", factors_b)
+    return {"a": "nodes_test/lora_a.safetensors", "b": "nodes_test/lora_b.safetensors", "a_path": a, "b_path": b}

@@ -50,3 +50,21 @@ def reference_delta(down, up, alpha, rank=None):
     rank = rank or down.shape[0]
     scale = 1.0 if alpha is None else alpha / rank
     return (up.double() @ down.double() * scale).float()
+
+
+def write_musubi_lora(path, factors: dict):
+    """Hand-spelled Musubi/kohya keys (independent of the engine's writer)."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    sd = {}
+    for name, (down, up, alpha) in factors.items():
+        stem = "lora_unet_" + name.replace(".", "_")
+        sd[f"{stem}.lora_down.weight"] = down.contiguous()
+        sd[f"{stem}.lora_up.weight"] = up.contiguous()
+        sd[f"{stem}.alpha"] = torch.tensor(alpha)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path))
+    return path

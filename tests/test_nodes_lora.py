@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from engine.lora import EMAConfig, merge_into_model, post_hoc_ema
 from engine.families.wan.presets import build_preset_state_dict
 
-from lora_fixtures import random_lora_factors, tiny_model
+from lora_fixtures import random_lora_factors, tiny_model, write_musubi_lora
 
 pytestmark = pytest.mark.comfy
 
@@ -28,37 +28,6 @@ def _folder(comfy, key) -> Path:
     p = Path(comfy.b.folder_paths.get_folder_paths(key)[0])
     p.mkdir(parents=True, exist_ok=True)
     return p
-
-
-def _write_musubi_lora(path: Path, factors: dict) -> Path:
-    """Hand-spelled Musubi/kohya keys (independent of the engine's writer)."""
-    sd = {}
-    for name, (down, up, alpha) in factors.items():
-        stem = "lora_unet_" + name.replace(".", "_")
-        sd[f"{stem}.lora_down.weight"] = down.contiguous()
-        sd[f"{stem}.lora_up.weight"] = up.contiguous()
-        sd[f"{stem}.alpha"] = torch.tensor(alpha)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def factors_a():
-    return random_lora_factors(tiny_model("t2v"), rank=4, seed=1)
-
-
-@pytest.fixture(scope="module")
-def factors_b():
-    return random_lora_factors(tiny_model("t2v"), rank=2, seed=2)
-
-
-@pytest.fixture
-def lora_files(comfy, factors_a, factors_b):
-    loras = _folder(comfy, "loras")
-    a = _write_musubi_lora(loras / "nodes_test" / "lora_a.safetensors", factors_a)
-    b = _write_musubi_lora(loras / "nodes_test" / "lora_b.safetensors", factors_b)
-    return {"a": "nodes_test/lora_a.safetensors", "b": "nodes_test/lora_b.safetensors", "a_path": a, "b_path": b}
 
 
 def _probe(model, seed=0):
@@ -309,7 +278,7 @@ def ema_files(comfy):
     model = tiny_model("t2v")
     paths = []
     for i in range(3):
-        p = _write_musubi_lora(folder / f"step{i}.safetensors", random_lora_factors(model, rank=2, seed=10 + i))
+        p = write_musubi_lora(folder / f"step{i}.safetensors", random_lora_factors(model, rank=2, seed=10 + i))
         t = time.time() - 100 + 10 * (2 - i)          # mtimes in reverse name order
         os.utime(p, (t, t))
         paths.append(p)

@@ -80,6 +80,29 @@ def test_a14b_expert_pair_samples_as_the_engine_in_both_memory_modes(comfy):
     assert steps[-1][1:] == (4, 4)
 
 
+def test_a_lora_on_one_expert_only(comfy, lora_files):
+    """Apply LoRA on the high-noise DiT before pairing: the pair samples with that view, the low expert and the
+    shared high model stay as they were."""
+    experts = comfy.pack_module("engine.families.wan.experts")
+    generate = comfy.pack_module("engine.families.wan.pipeline").generate
+
+    p = _loaders({"1": "preset:tiny-t2v-a14b-high-noise", "11": "preset:tiny-t2v-a14b-low-noise"})
+    p["20"] = {"class_type": "MusubiLoadLoRA", "inputs": {"lora_name": lora_files["a"]}}
+    p["21"] = {"class_type": "MusubiApplyLoRA", "inputs": {"model": ["1", 0], "lora": ["20", 0], "strength": 0.8,
+                                                           "mode": "adapter", "block_filter": ""}}
+    p["12"] = _experts(high="21")
+    p["8"] = _sampler("12")
+    p["9"] = {"class_type": "PreviewAny", "inputs": {"source": ["8", 1]}}
+    comfy.run(p)
+    high, view, low = comfy.module("1"), comfy.module("21"), comfy.module("11")
+    assert view is not high
+    request = _request(comfy, task="t2v", guidance_scale=3.0)
+    with_lora = generate(experts.WanExperts(low=low, high=view), request)
+    torch.testing.assert_close(comfy.output("8")["samples"], with_lora.float().cpu(), rtol=1e-5, atol=1e-5)
+    plain = generate(experts.WanExperts(low=low, high=high), request)
+    assert not torch.allclose(with_lora, plain, atol=1e-4)
+
+
 def test_i2v_experts_take_no_clip(comfy):
     experts = comfy.pack_module("engine.families.wan.experts")
     pipeline = comfy.pack_module("engine.families.wan.pipeline")
