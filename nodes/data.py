@@ -447,7 +447,8 @@ class MusubiCacheLatents:
                                 "also one-frame datasets, for I2V or FLF2V intermediate-frame training); fun_control: + control-video latents (needs control files), with "
                                 "clip_vision connected also the start image and its CLIP features (I2V "
                                 "Fun-Control). FramePack: i2v (section caches of the original schedule) or f1 "
-                                "(FramePack-F1's), both with the SigLIP image encoder as clip_vision."}),
+                                "(FramePack-F1's), both with the SigLIP image encoder as clip_vision. Wan 2.2 VAE "
+                                "(TI2V-5B): t2v, or i2v (each clip's first frame given; no clip_vision)."}),
             "keep_cache": ("BOOLEAN", {"default": False,
                            "tooltip": "Keep cache files of items no longer in the dataset (off: they are deleted)."}),
             "workers": ("INT", {"default": 2, "min": 0, "max": 32,

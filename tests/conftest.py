@@ -168,6 +168,23 @@ def diffusers_wan22_vae():
     return _diffusers_wan22_vae
 
 
+@pytest.fixture(scope="session")
+def tiny_wan_encoders():
+    """The tiny Wan encoders in fp32 as the engine's caching takes them (each with an `identity`): "vae22" (48
+    channels, Wan 2.2 / TI2V-5B), "vae" (16 channels, Wan 2.1) and "umt5" (32-wide text)."""
+    import torch
+
+    from engine.encoders.umt5 import load_umt5
+    from engine.families.wan.vae import load_wan_vae
+
+    out = {"vae22": load_wan_vae("preset:tiny-vae22", dtype=torch.float32),
+           "vae": load_wan_vae("preset:tiny-vae", dtype=torch.float32),
+           "umt5": load_umt5("preset:tiny-umt5", dtype=torch.float32)}
+    for name in ("vae22", "vae"):
+        out[name].identity = f"preset:tiny-{name}"
+    return out
+
+
 def _diffusers_wan(cfg, official_sd):
     """diffusers' WanTransformer3DModel (an independent implementation) with a pack WanConfig, its weights converted
     from the official layout by diffusers' own single-file converter (2.1 and 2.2: per-token t when t is [B, L])."""

@@ -1,6 +1,7 @@
 """Aspect-ratio buckets and the resize + center-crop that puts a frame into its bucket.
 
-All sizes are (W, H) with W and H multiples of 16 (VAE /8, then DiT patch 2).
+All sizes are (W, H) with W and H multiples of the step: 16 by default (VAE /8, then DiT patch 2); an adapter whose
+latents are coarser asks for its own (`bucket_step`: 32 for a VAE /16 with patch 2).
 """
 
 from __future__ import annotations
@@ -36,20 +37,23 @@ def bucket_resolutions(resolution: tuple[int, int], step: int = STEP) -> list[tu
 
 
 def select_bucket(size: tuple[int, int], resolution: tuple[int, int], enable_bucket: bool,
-                  bucket_no_upscale: bool = False, buckets: list[tuple[int, int]] | None = None) -> tuple[int, int]:
+                  bucket_no_upscale: bool = False, buckets: list[tuple[int, int]] | None = None,
+                  step: int = STEP) -> tuple[int, int]:
     """The (W, H) bucket for a frame of `size` (W, H).
 
     Without bucketing: the resolution itself (floored to the step). With `bucket_no_upscale`, a frame no larger
     than the bucket area keeps its own size, floored to the step. Otherwise the bucket with the nearest aspect ratio
     (first in sorted order on ties)."""
     w, h = size
-    if w < STEP or h < STEP:
-        raise invalid("frame size", f"{w}x{h}", f"at least {STEP}x{STEP} pixels")
+    if w < step or h < step:
+        raise invalid("frame size", f"{w}x{h}", f"at least {step}x{step} pixels")
     if not enable_bucket:
-        return (_floor(resolution[0]), _floor(resolution[1]))
+        if min(resolution) < step:
+            raise invalid("resolution", list(resolution), f"at least {step}x{step} pixels for this model's latents")
+        return (_floor(resolution[0], step), _floor(resolution[1], step))
     if bucket_no_upscale and w * h <= resolution[0] * resolution[1]:
-        return (_floor(w), _floor(h))
-    buckets = buckets or bucket_resolutions(resolution)
+        return (_floor(w, step), _floor(h, step))
+    buckets = buckets or bucket_resolutions(resolution, step)
     ar = w / h
     return min(buckets, key=lambda b: abs(b[0] / b[1] - ar))
 

@@ -91,7 +91,8 @@ def prepare_item(item: SourceItem, ds, target_fps: float, arch: str, adapter=Non
         need = frames_needed(ds.frame_extraction, ds.target_frames, ds.max_frames)
         video = read_video(item.path, max_frames=need, source_fps=ds.source_fps, target_fps=target_fps)
     H, W = video.shape[1:3]                                          # original size (names the files)
-    bucket = select_bucket((W, H), ds.resolution, ds.enable_bucket, ds.bucket_no_upscale)
+    bucket = select_bucket((W, H), ds.resolution, ds.enable_bucket, ds.bucket_no_upscale,
+                           step=getattr(adapter, "bucket_step", STEP))
     if item.kind == "image":
         spans = [(0, 1)]
     else:
@@ -413,11 +414,15 @@ def check_cache_for_model(config: DatasetConfig, req: CacheRequirements) -> list
         cache_dir = Path(ds.cache_directory)
         m = read_manifest(cache_dir, req.arch)
         if m is None or "latent" not in m:
-            raise invalid(where, "no latent cache", f"a {req.arch} cache: run the cache step for this dataset first")
-        if "text" not in m:
-            raise invalid(where, "no text-encoder cache", f"a {req.arch} text cache: run the text caching step")
+            raise invalid(where, "no latent cache", f"a {req.arch} cache: run the cache step for this dataset first"
+                          + _other_caches(cache_dir, req.arch))
+        # the text part: in the latent manifest, or in the one of `req.text_arch` (shared by several latent arches)
+        tm = m if req.text_arch in (None, req.arch) else read_manifest(cache_dir, req.text_arch) or {}
+        if "text" not in tm:
+            raise invalid(where, "no text-encoder cache",
+                          f"a {req.text_arch or req.arch} text cache: run the text caching step")
         for name, ident in (req.identities or {}).items():
-            found = m["latent"].get(name, m["text"].get(name))
+            found = m["latent"].get(name, tm["text"].get(name))
             if found != ident:
                 raise invalid(f"{where} encoder {name!r}", found, f"{ident} (the model's encoder; re-run caching)")
         if cache_settings(ds) != m["latent"].get("settings"):
@@ -426,12 +431,12 @@ def check_cache_for_model(config: DatasetConfig, req: CacheRequirements) -> list
         samples = []
         stale = []
         for it in list_items(ds):
-            entry = m["items"].get(it.key, {})
+            entry, text = m["items"].get(it.key, {}), tm["items"].get(it.key, {}).get("text")
             if not (_latents_valid(entry.get("latents"), it, m["latent"]["key"], cache_dir)
-                    and _text_valid(entry.get("text"), it, m["text"]["key"], cache_dir)):
+                    and _text_valid(text, it, tm["text"]["key"], cache_dir)):
                 stale.append(it.key)
                 continue
-            text_file = cache_dir / entry["text"]["file"]
+            text_file = cache_dir / text["file"]
             for c in entry["latents"]["clips"]:
                 samples.append(CachedSample(it.key, cache_dir / c["file"], text_file, (*c["bucket"], c["frames"])))
         if stale:
@@ -442,6 +447,13 @@ def check_cache_for_model(config: DatasetConfig, req: CacheRequirements) -> list
         _check_sample_shapes(samples[0], req, where)
         out.append(CachedDataset(req.arch, samples, ds.batch_size, ds.num_repeats, cache_dir))
     return out
+
+
+def _other_caches(cache_dir: Path, arch: str) -> str:
+    """` (found: wan22_5b)` when the folder holds caches of other architectures (made with another VAE)."""
+    found = sorted(p.name[len("musubi_cache_"):-len(".json")] for p in cache_dir.glob("musubi_cache_*.json"))
+    found = [a for a in found if a != arch]
+    return f" (this folder holds {', '.join(found)} caches: made with another VAE)" if found else ""
 
 
 def _check_sample_shapes(sample: CachedSample, req: CacheRequirements, where: str) -> None:

@@ -70,6 +70,7 @@ class Clip:
 class CacheAdapter(Protocol):
     arch: str            # short name used in cache file names (`Family.cache_arch`)
     target_fps: float    # the family's training frame rate (source_fps frames are dropped to it)
+    # optional: `bucket_step` (int, default buckets.STEP = 16): the multiple bucket sizes are floored to
 
     def latent_description(self) -> dict | None:
         """Encoder identities + options that determine latent files; None = this run writes no latents. An adapter
@@ -122,6 +123,7 @@ class CacheRequirements:
     channels: dict | None = None                       # batch name -> expected first-dim size (e.g. y: 20)
     identities: dict | None = None                     # e.g. {"vae": ..., "text_encoder": ..., "clip": ...}
     text_key: str | None = None                        # batch name of the text embeddings whose width is text_dim
+    text_arch: str | None = None                       # manifest holding the text cache (None: `arch`'s own)
 
 
 def collate_for(arch: str):

@@ -51,9 +51,10 @@ def family_of(model) -> Family:
 
 def family_for_cache_arch(arch: str) -> Family:
     for f in families():
-        if f.cache_arch == arch:
+        if arch == f.cache_arch or arch in getattr(f, "cache_arches", ()):   # a family may write several
             return f
-    raise invalid("cache architecture", arch, f"one of {[f.cache_arch for f in families()]}")
+    known = [a for f in families() for a in dict.fromkeys((f.cache_arch, *getattr(f, "cache_arches", ())))]
+    raise invalid("cache architecture", arch, f"one of {known}")
 
 
 def family_for_lora_names(names: Iterable[str]) -> Family | None:

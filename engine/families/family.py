@@ -81,6 +81,8 @@ class Family(Protocol):
     lora: LoRASpec
     fp8: Fp8Spec
     cache_arch: str              # short name in cache file names (Musubi's architecture names)
+    # optional: `cache_arches` (tuple[str, ...]): every arch its adapters write when there are several (latents of
+    # two VAEs); `cache_arch` is also the one its text caches use
 
     # --- models -------------------------------------------------------------------------------------------------
     def block_lists(self, model: nn.Module) -> list[nn.ModuleList]:

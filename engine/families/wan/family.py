@@ -11,7 +11,8 @@ import torch.nn as nn
 
 from ...errors import invalid
 from ..family import Fp8Spec, LoRASpec
-from . import cache, experts, names, pipeline
+from . import cache, cache22, experts, names, pipeline
+from .detect import TI2V_CHANNELS, model_kind
 
 LATENT_CHANNELS = 16
 LATENT_TASKS = ("t2v", "i2v", "fun_control")   # the latent-caching tasks
@@ -34,6 +35,7 @@ class WanFamily:
     name = "wan"
     display_name = "Wan 2.1"
     cache_arch = cache.ARCH
+    cache_arches = (cache.ARCH, cache22.ARCH)   # 2.1 VAE latents, 2.2 VAE latents (TI2V-5B); text always "wan"
     lora = LoRASpec(
         block_lists=("blocks",), default_exclude=names.DEFAULT_EXCLUDE, base_model_version="wan",
         architecture="wan2.1/lora", implementation="https://github.com/Wan-Video/Wan2.1",
@@ -57,7 +59,10 @@ class WanFamily:
     @staticmethod
     def latent_cache_adapter(vae, task: str, clip_vision=None, **options) -> cache.WanCacheAdapter:
         """t2v: latents only; i2v: + first-frame conditioning and CLIP features (CLIP vision required); fun_control:
-        + control latents, with CLIP vision also the start image (I2V Fun-Control)."""
+        + control latents, with CLIP vision also the start image (I2V Fun-Control). The Wan 2.2 VAE (TI2V-5B): its
+        own rules (`cache22.latent_cache_adapter`)."""
+        if getattr(vae, "latent_channels", LATENT_CHANNELS) == TI2V_CHANNELS:
+            return cache22.latent_cache_adapter(vae, task, clip_vision, **options)
         if options:   # the one-frame history options are FramePack's
             raise invalid("one_frame_history", sorted(options), "2x and 4x (the default) for Wan 2.1 caches")
         if task not in LATENT_TASKS:
@@ -72,6 +77,8 @@ class WanFamily:
     def cache_requirements(model: nn.Module, **identities) -> "cache.CacheRequirements":
         """T2V: latents + text; I2V/FLF2V also image latents and CLIP; Fun-Control control latents."""
         cfg = model.config
+        if model_kind(cfg) == "ti2v":   # T2V or I2V: the cache decides (its first-frame latents), both train
+            return cache22.cache_requirements(text_dim=cfg.text_dim, **identities)
         extra = conditioning_channels(cfg)
         return cache.cache_requirements(text_dim=cfg.text_dim, i2v=extra == I2V_CHANNELS, clip=needs_clip(cfg),
                                         control=extra == CONTROL_CHANNELS, **identities)
@@ -79,11 +86,14 @@ class WanFamily:
     @staticmethod
     def described_cache_requirements(latent: dict | None, text: dict | None, text_dim: int | None = None):
         lat, txt = latent or {}, text or {}
+        if lat.get("channels") == TI2V_CHANNELS:
+            return cache22.cache_requirements(text_dim=text_dim, i2v=bool(lat.get("i2v")), vae_identity=lat.get("vae"),
+                                              text_identity=txt.get("text_encoder"))
         return cache.cache_requirements(text_dim=text_dim, i2v=bool(lat.get("i2v")), clip="clip" in lat,
                                         control=bool(lat.get("control")), vae_identity=lat.get("vae"),
                                         clip_identity=lat.get("clip"), text_identity=txt.get("text_encoder"))
 
-    collate = staticmethod(cache.WanCacheAdapter.collate)
+    collate = staticmethod(cache22.collate)   # the Wan batch, TI2V's first-frame latents named apart
 
     # --- training -------------------------------------------------------------------------------------------------
     @staticmethod
@@ -96,8 +106,10 @@ class WanFamily:
                           "cached video latents [B, 16, F, H, W]")
         variant = cfg.variant
         if lat.shape[1] != cfg.out_dim:
-            raise invalid("dataset latents", tuple(lat.shape),
-                          f"{cfg.out_dim}-channel latents cached with the VAE of {variant}: re-cache the dataset")
+            vae = {TI2V_CHANNELS: "the Wan 2.2 VAE", LATENT_CHANNELS: "the Wan 2.1 VAE"}
+            raise invalid("dataset latents", f"{tuple(lat.shape)} ({vae.get(lat.shape[1], 'another VAE')})",
+                          f"{cfg.out_dim}-channel latents cached with {vae.get(cfg.out_dim, 'the VAE of ' + variant)} "
+                          f"for {variant}: re-cache the dataset with that VAE")
         ctx = batch.get("context")
         if ctx is None:
             raise invalid("dataset text cache", "missing", f"cached text embeddings for {variant}: cache the captions")
@@ -105,6 +117,8 @@ class WanFamily:
         if widths != {cfg.text_dim}:
             raise invalid("dataset text embeddings", f"width {sorted(widths)}",
                           f"{cfg.text_dim}-wide embeddings (the text encoder of {variant}): re-cache the captions")
+        if model_kind(cfg) == "ti2v":
+            check_first_frame(cfg, batch)
         extra = conditioning_channels(cfg)
         if extra > 0:
             y = build_y(batch, extra)
@@ -136,6 +150,8 @@ class WanFamily:
         """v̂ = DiT(x_t, t, context, clip_fea, y); one-frame batches learn only the target slot (the controls are
         given through y), with the RoPE frame positions fed to the DiT as at inference (Musubi does not)."""
         device = noisy.device
+        if model_kind(model.config) == "ti2v":
+            return ti2v_forward(model, batch, noisy, t, target)
         frame_indices, slot = one_frame_inputs(batch, noisy.shape[2])
         context = batch["context"]
         context = [c.to(device) for c in context] if isinstance(context, (list, tuple)) else context.to(device)
@@ -196,6 +212,40 @@ def build_y(batch: dict, channels: int) -> torch.Tensor | None:
         image[:, :, :1] = y[:, -LATENT_CHANNELS:, :1].to(control.dtype)
     out = torch.cat([control, image], dim=1)
     return out if out.shape[1] == channels else out[:, :channels]
+
+
+def check_first_frame(cfg, batch: dict) -> None:
+    """A TI2V I2V batch's clean first frame fits its latents: [B, 48, 1, h, w], and the clip has frames after it."""
+    lat, first = batch["latents"], batch.get("first_frame")
+    if first is None:
+        return
+    want = (lat.shape[0], cfg.out_dim, 1, *lat.shape[3:])
+    if tuple(first.shape) != want:
+        raise invalid("dataset first-frame latents", tuple(first.shape), f"{list(want)} (re-cache the dataset)")
+    if lat.shape[2] < 2:
+        raise invalid("dataset latents", tuple(lat.shape), "clips of 2+ latent frames (5+ frames) for image-to-video "
+                      "training: frame 0 is the given image (re-cache the images with task t2v)")
+
+
+def ti2v_forward(model: nn.Module, batch: dict, noisy: torch.Tensor, t: torch.Tensor,
+                 target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """TI2V-5B. Text-to-video batches: v̂ = DiT(x_t, t [B], context). Image-to-video batches (cached with task i2v:
+    `first_frame`): as inference (`pipeline.generate`), latent frame 0 of x_t is the clean image latent and its tokens
+    run at t = 0 (per-token t, `pipeline.first_frame_timesteps`); frame 0 is given, not predicted, so the loss covers
+    frames 1.. only. The official Wan2.2 repo ships no training code and Musubi Tuner no TI2V-5B; this follows
+    DiffSynth-Studio's TI2V-5B training (diffsynth/diffusion/loss.py `FlowMatchSFTLoss`: first frame put back after
+    noising, prediction and target cut to frames 1..; `model_fn_wan_video`: zero timesteps on frame 0's tokens)."""
+    device = noisy.device
+    context = batch["context"]
+    context = [c.to(device) for c in context] if isinstance(context, (list, tuple)) else context.to(device)
+    first = batch.get("first_frame")
+    if first is None:
+        return model(noisy, t, context), target
+    noisy = torch.cat([first.to(device, noisy.dtype), noisy[:, :, 1:]], dim=2)          # [B, 48, F, h, w]
+    pt, ph, pw = model.config.patch_size
+    grid = (noisy.shape[2] // pt, noisy.shape[3] // ph, noisy.shape[4] // pw)
+    pred = model(noisy, pipeline.first_frame_timesteps(t, grid), context)              # t [B, f*h*w]
+    return pred[:, :, 1:], target[:, :, 1:]
 
 
 def one_frame_inputs(batch: dict, slots: int) -> tuple[torch.Tensor | None, int | None]:

@@ -1,0 +1,88 @@
+"""Wan 2.2 TI2V-5B training from the nodes, end to end in a real ComfyUI (tiny presets): Cache Latents with the Wan 2.2
+VAE (t2v, or i2v: the first frame's latent too) -> Cache Text -> train 3 steps -> validation sample (I2V: the start
+image's latent from Musubi Wan Image Encode on the 2.2 VAE) -> save; CLIP vision with the 2.2 VAE and a 2.2 cache on a
+Wan 2.1 model are refused naming what to do."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_nodes_wan_training import F, video_dataset
+from training_graphs import SIZE, conditioned_train_prompt, sessions
+
+pytestmark = pytest.mark.comfy
+STEPS = 3
+_ENCODE = {"class_type": "MusubiWanImageEncode", "inputs": {"vae": ["3", 0], "start_image": ["12", 0],
+                                                            "width": SIZE, "height": SIZE, "frames": F}}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_sessions(comfy):
+    yield
+    comfy.pack_module("nodes.registry").SESSIONS.release()
+
+
+def ti2v_prompt(tmp_path: Path, task: str, dit: str = "preset:tiny-ti2v-5b", clip: bool = False) -> dict:
+    """`conditioned_train_prompt` on the Wan 2.2 VAE: i2v validates from a start image, t2v from text alone."""
+    p = conditioned_train_prompt(tmp_path / "out", video_dataset(tmp_path / "data", controls=False), dit=dit,
+                                 task=task, clip=clip, encode=_ENCODE, frames=F, steps=STEPS)
+    p["3"]["inputs"]["vae_name"] = "preset:tiny-vae22"
+    if task == "t2v":
+        del p["13"], p["14"]["inputs"]["image_embeds"], p["19"]["inputs"]["image_embeds"]
+    return p
+
+
+@pytest.mark.parametrize("task", ["t2v", "i2v"])
+def test_ti2v_training_from_the_nodes_caches_trains_validates_and_saves(comfy, tmp_path, task):
+    comfy.run(ti2v_prompt(tmp_path, task))
+
+    # 48-channel latents under their own arch; the captions in the shared Wan text cache
+    cache = tmp_path / "data" / "cache"
+    load = comfy.pack_module("engine.data.cache").load_cache_file
+    files = sorted(cache.glob("*_wan22_5b.safetensors"))
+    assert len(files) == 2 and len(list(cache.glob("*_wan_te.safetensors"))) == 2, sorted(cache.iterdir())
+    assert not list(cache.glob("*_wan.safetensors"))
+    tensors = load(files[0])
+    assert tuple(tensors["latents"].shape) == (48, 2, 2, 2)
+    assert ("latents_image" in tensors) == (task == "i2v")
+    if task == "i2v":
+        assert tuple(tensors["latents_image"].shape) == (48, 1, 2, 2)
+
+    (run,) = sessions(comfy, "15")
+    assert run.session.step == STEPS
+    losses = comfy.output("16", 2)["loss"]
+    assert len(losses) == STEPS and all(math.isfinite(v) for v in losses), losses
+    samples = comfy.output("16", 5)
+    assert samples.shape == (F, SIZE, SIZE, 3), samples.shape
+    assert samples.isfinite().all() and samples.std() > 0
+    torch.testing.assert_close(comfy.output("19", 0), samples, rtol=1e-4, atol=1e-4)   # Musubi Validate: the same
+    saved = Path(comfy.output("17", 1))
+    assert saved.is_file() and saved.name.startswith("conditioned_")
+    names = set(comfy.output("17", 0).modules)
+    assert "blocks.0.self_attn.q" in names and not any("k_img" in n for n in names), sorted(names)[:8]
+
+
+def test_clip_vision_with_the_2_2_vae_is_refused(comfy, tmp_path):
+    p = ti2v_prompt(tmp_path, "i2v", clip=True)
+    comfy.pack_module("nodes.registry").SESSIONS.release()
+    comfy.run(p, expect_success=False)
+    msg = comfy.error_message()
+    assert "clip_vision" in msg and "no CLIP vision with the Wan 2.2 VAE" in msg, msg
+    assert sessions(comfy, "15") == []
+
+
+def test_a_2_2_cache_on_a_wan_2_1_model_is_refused(comfy, tmp_path):
+    p = ti2v_prompt(tmp_path, "t2v", dit="preset:tiny-t2v")
+    for node in ("14", "19", "20"):        # no validation: the refusal comes from the cache, not the VAE
+        del p[node]
+    for name in ("validation_prompts", "validation_vae", "validate_every_n_steps"):
+        del p["15"]["inputs"][name]
+    comfy.pack_module("nodes.registry").SESSIONS.release()
+    comfy.run(p, expect_success=False)
+    msg = comfy.error_message()
+    assert "(the Wan 2.2 VAE)" in msg and "16-channel latents cached with the Wan 2.1 VAE" in msg, msg
+    assert sessions(comfy, "15") == []
