@@ -288,10 +288,10 @@ class TrainingSession:
 
     def save_lora(self, path: str | Path | None = None, epoch: int | None = None, step: int | None = None) -> Path:
         """The LoRA file; two experts in the separate layout write `<name>_high_noise` and `<name>_low_noise`
-        (`saved_loras` lists them; the high-noise one is returned)."""
+        (`saved_loras` lists them; the high-noise one is returned); `path` may then be a dict of both files."""
         from ..lora.writer import save_lora
 
-        path = Path(path) if path is not None else None
+        path = Path(path) if path is not None and not isinstance(path, dict) else path
         name = self.config.output_name
         if self.pair is None:
             files = [(path or lora_path(self.lora_dir, name, step, epoch), self.network, {}, self.model)]
