@@ -443,7 +443,8 @@ class MusubiCacheLatents:
                                        "loader names the family the cache is for."}),
             "task": (TASKS, {"default": "t2v",
                      "tooltip": "t2v: latents only (HunyuanVideo always: SkyReels I2V trains from it too); "
-                                "i2v (Wan): + first-frame conditioning and CLIP features (needs clip_vision; "
+                                "i2v (Wan): + first-frame conditioning and CLIP features (needs clip_vision for "
+                                "Wan 2.1; without it for the Wan 2.2 I2V A14B experts, which take none; "
                                 "also one-frame datasets, for I2V or FLF2V intermediate-frame training); fun_control: + control-video latents (needs control files), with "
                                 "clip_vision connected also the start image and its CLIP features (I2V "
                                 "Fun-Control). FramePack: i2v (section caches of the original schedule) or f1 "
@@ -455,8 +456,8 @@ class MusubiCacheLatents:
                         "tooltip": "Threads decoding media ahead of the VAE (0 = decode in the main thread)."}),
         }, "optional": {
             "clip_vision": (T.CLIP_VISION, {"tooltip": "CLIP ViT-H/14 for Wan 2.1 I2V (required for task i2v; "
-                                                       "with fun_control: I2V Fun-Control); FramePack: the SigLIP "
-                                                       "image encoder (always required)."}),
+                                                       "none for Wan 2.2 I2V A14B; with fun_control: I2V Fun-Control); "
+                                                       "FramePack: the SigLIP image encoder (always required)."}),
             "one_frame_history": (list(ONE_FRAME_HISTORY), {
                 "default": "2x and 4x", "tooltip": "FramePack one-frame datasets: the downsampled clean-history "
                 "latents each item keeps (Musubi --one_frame_no_2x / --one_frame_no_4x); kisekaeichi: none."}),

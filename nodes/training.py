@@ -241,30 +241,100 @@ def _dit(model):
     return T.handle(model, "model", "a DiT from a Musubi DiT loader node")
 
 
+# --- two timestep experts (Wan 2.2 A14B) -----------------------------------------------------------------------------
+# The training nodes take a DiT or a family's expert pair (Musubi Wan 2.2 Experts): the pair trains both experts in
+# one session (engine/training/experts.py); its boundary and memory mode come from the pair, the LoRA layout from
+# expert_layout. One expert alone trains from its DiT with train_expert + expert_boundary (its side of the boundary).
+MODEL_TYPES = f"{T.DIT},{T.WAN_EXPERTS}"
+EXPERT_LAYOUTS = ["auto", "separate", "shared"]
+TRAIN_EXPERTS = ["none", "high", "low"]
+PAIR_MODES = ("both", "offload")
+PAIR_EXPECTED = "a DiT from a Musubi DiT loader node, or a pair from Musubi Wan 2.2 Experts"
+
+
+def is_pair(value) -> bool:
+    """A family's expert pair on the model socket (`low`, `high`, `mode`, `resolved_boundary()`)."""
+    return callable(getattr(value, "resolved_boundary", None)) and hasattr(value, "low") and hasattr(value, "high")
+
+
+def trained_models(model, expert_layout: str = "auto"):
+    """(the DiT's handle — a pair's low-noise expert —, `HostedExperts` or None) of a training node's model input;
+    every mistake refused naming the input."""
+    from ..engine.training.hosted import HostedExperts
+
+    if expert_layout not in EXPERT_LAYOUTS:
+        raise invalid("expert_layout", expert_layout, f"one of {EXPERT_LAYOUTS}")
+    if not is_pair(model):
+        if expert_layout != "auto":
+            raise invalid("expert_layout", expert_layout, "auto for a single DiT (the layout is for a pair of "
+                                                          "experts from Musubi Wan 2.2 Experts)")
+        return T.handle(model, "model", PAIR_EXPECTED), None
+    if model.high is None:
+        raise invalid("model", "a pair without a high-noise expert", "both experts of the pair")
+    low = T.handle(model.low, "model (low-noise expert)", "a DiT from a Musubi DiT loader node")
+    high = T.handle(model.high, "model (high-noise expert)", "a DiT from a Musubi DiT loader node")
+    if model.mode not in PAIR_MODES:
+        raise invalid("model (the pair's memory_mode)", model.mode, f"one of {PAIR_MODES} for training")
+    layout = "separate" if expert_layout == "auto" else expert_layout
+    return low, HostedExperts(high, model.resolved_boundary(), layout, model.mode)
+
+
+def one_expert_timesteps(config, handle, experts, train_expert: str, expert_boundary: float):
+    """Init Training's train_expert / expert_boundary: the config's timesteps restricted to one expert's side of
+    the boundary (a single DiT), or checked unused."""
+    from ..engine.training.experts import expert_timesteps
+
+    if train_expert not in TRAIN_EXPERTS:
+        raise invalid("train_expert", train_expert, f"one of {TRAIN_EXPERTS}")
+    if train_expert == "none":
+        if expert_boundary:
+            raise invalid("expert_boundary", expert_boundary, "0 unless train_expert is high or low (a pair's "
+                                                              "boundary comes from Musubi Wan 2.2 Experts)")
+        return config
+    if experts is not None:
+        raise invalid("train_expert", train_expert, "none for a pair (both experts train; to train one expert "
+                                                    "alone connect its DiT)")
+    if not expert_boundary:
+        raise invalid("expert_boundary", expert_boundary, f"the pair's boundary for train_expert={train_expert}: "
+                                                          "0.875 (Wan 2.2 T2V A14B), 0.9 (I2V A14B), or a timestep "
+                                                          "such as 875")
+    named = getattr(getattr(handle.module, "config", None), "expert", None)   # from the file name, if it says
+    if named not in (None, train_expert):
+        raise invalid("train_expert", train_expert, f"{named} (the model's file is the {named}-noise expert)")
+    return dataclasses.replace(config, timesteps=expert_timesteps(config.timesteps, train_expert, expert_boundary))
+
+
 def open_run(kind: str, node_id, model, dataset, network, optimizer, config, resume_from=None,
-             continue_saved: bool = False):
-    """The session of this node for these inputs: the one in memory (following the loader's current run options),
+             continue_saved: bool = False, experts=None):
+    """The session of this node for these inputs: the one in memory (following the loaders' current run options),
     or a new one replacing this node's old one (which saves its unsaved steps first). `continue_saved`: a new
     session continues from the state saved under the output name, when there is one the network fits.
+    `experts` (`HostedExperts`): `model` is the low-noise expert of a pair trained in one session.
 
     Everything a user can get wrong is checked before ComfyUI's models are evicted or a weight moves."""
+    from ..engine.training.experts import TimestepExperts, check_experts
     from ..engine.training.hosted import host_session
     from ..engine.training.trainer import check_attention
 
     handle = _dit(model)
     node_id = str(node_id)
     loader, ds_identity = dataset_loader(dataset, handle.module, config.seed)
+    pair_key = None if experts is None else (id(experts.high.module), experts.boundary, experts.layout, experts.mode)
     key = (kind, node_id, id(handle.module), ds_identity, _plain_key(network), _plain_key(optimizer),
-           _plain_key(config), str(resume_from) if resume_from else "", bool(continue_saved))
+           _plain_key(config), str(resume_from) if resume_from else "", bool(continue_saved), pair_key)
     existing = SESSIONS.get(key)
     if existing is not None:
-        existing.options = handle.options
+        existing.set_options(handle.options, experts.high.options if experts is not None else None)
         return existing
     config.validate()
     network.validate()
     optimizer.validate()
-    check_attention(handle.module, config, handle.options.attention)
-    check_blocks_to_swap(handle)
+    for h in [handle] + ([experts.high] if experts is not None else []):
+        check_attention(h.module, config, h.options.attention)
+        check_blocks_to_swap(h)
+    if experts is not None:   # mismatched experts, one model twice, a bad boundary or layout
+        check_experts(handle.module, TimestepExperts(experts.high.module, experts.boundary, experts.layout,
+                                                     experts.mode))
 
     stale = [k for k in SESSIONS.keys() if isinstance(k, tuple) and k[:2] == (kind, node_id) and k != key]
     for k in stale:   # their steps on disk before anything else (a new session may continue from them)
@@ -275,7 +345,7 @@ def open_run(kind: str, node_id, model, dataset, network, optimizer, config, res
     with compat.training_context():  # adapter and optimizer tensors must be normal (autograd) tensors
         run = host_session(handle, loader, network, optimizer, config, residency=RESIDENCY,
                            device=compat.torch_device(), resume_from=resume_from, continue_saved=continue_saved,
-                           key=key, node=node_id)
+                           key=key, node=node_id, experts=experts)
     # only now that the new session exists (a bad config fails above and leaves the old one intact) is this
     # node's previous session replaced
     if stale:
@@ -380,7 +450,7 @@ def _validation_sample_fn(run):
             if progress is not None:
                 progress(step, total, x0)
 
-        return family_of(model).sample(model, request, step_progress)
+        return family_of(run.model).sample(model, request, step_progress)   # (model: a pair for two experts)
     return sample
 
 
@@ -522,6 +592,23 @@ def _advanced_training_inputs() -> dict:
                                                "weight) in CPU RAM except during the optimizer step. Same results; "
                                                "~1.2 GB less GPU memory for Wan 14B at rank 32, one copy each way "
                                                "per step."}),
+    }
+
+
+def _expert_inputs() -> dict:
+    """Init Training's optional inputs for Wan 2.2 A14B timestep experts."""
+    return {
+        "expert_layout": (EXPERT_LAYOUTS, {"default": "auto", "tooltip": (
+            "With a pair from Musubi Wan 2.2 Experts: separate = one LoRA per expert (NAME_high_noise / "
+            "NAME_low_noise, for ComfyUI's two model loaders; what auto means), shared = one LoRA trained on both "
+            "(Musubi Tuner's layout). Must be auto for a single DiT.")}),
+        "train_expert": (TRAIN_EXPERTS, {"default": "none", "tooltip": (
+            "Train one Wan 2.2 A14B expert alone from its DiT (no pair needed): high / low = only timesteps on that "
+            "expert's side of expert_boundary (the distribution's shape kept, min/max_timestep intersected). "
+            "none = every timestep (or both experts, with a pair).")}),
+        "expert_boundary": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 999.0, "step": 0.005, "tooltip": (
+            "With train_expert high/low: the pair's boundary, 0.875 (T2V A14B) or 0.9 (I2V A14B), or a timestep "
+            "(875). 0 otherwise: a pair's boundary comes from Musubi Wan 2.2 Experts.")}),
     }
 
 
@@ -715,14 +802,18 @@ class MusubiInitTraining:
                    "session (even if ComfyUI evicted this node's output); changing an input here starts a new "
                    "session that replaces this node's previous one (never two adapters), except the validation and "
                    "tensorboard inputs, which apply to the running session. Optional: sample validation prompts "
-                   "every N steps (shown on Train Steps) and write TensorBoard logs to <output_dir>/logs.")
+                   "every N steps (shown on Train Steps) and write TensorBoard logs to <output_dir>/logs. Wan 2.2 "
+                   "A14B: connect the pair from Musubi Wan 2.2 Experts to train both experts in one run (its "
+                   "boundary and memory mode; expert_layout: one LoRA per expert or one shared), or one expert's "
+                   "DiT with train_expert and expert_boundary to train that expert alone.")
     CATEGORY = CATEGORY
     FUNCTION = "init"
-    RETURN_TYPES = (T.TRAINING_SESSION, T.DIT)
+    RETURN_TYPES = (T.TRAINING_SESSION, MODEL_TYPES)
     RETURN_NAMES = ("session", "model")
     OUTPUT_TOOLTIPS = ("The training session (connect Musubi Train Steps, Validate, Save Trained LoRA).",
                        "The model with the session's adapter attached (what the Sampler should use to generate "
-                       "with the LoRA as trained so far).")
+                       "with the LoRA as trained so far); for a pair of experts, the pair with each expert's "
+                       "adapter.")
 
     @classmethod
     def VALIDATE_INPUTS(cls, output_name=None, output_dir=None):
@@ -732,7 +823,10 @@ class MusubiInitTraining:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": (T.DIT, {"tooltip": "The DiT to train a LoRA for (from a Musubi DiT loader)."}),
+            "model": (MODEL_TYPES, {"tooltip": "The DiT to train a LoRA for (from a Musubi DiT loader), or a Wan 2.2 "
+                                               "A14B pair from Musubi Wan 2.2 Experts (both experts train: each "
+                                               "batch trains the expert whose side of the boundary its timesteps "
+                                               "fall on, as Musubi Tuner)."}),
             "dataset": (T.DATASET, {"tooltip": "A dataset with cached latents and text embeddings for this model."}),
             "lora_config": (T.LORA_CONFIG, {"tooltip": "The adapter to train (Musubi LoRA Config)."}),
             "optimizer_config": (T.OPTIMIZER_CONFIG, {"tooltip": "Optimizer and LR schedule (Musubi Optimizer Config)."}),
@@ -794,6 +888,7 @@ class MusubiInitTraining:
             "eval_every_n_steps": ("INT", {"default": 100, "min": 1, "max": 1_000_000,
                                    "tooltip": "Steps between two eval-loss measurements (with eval_dataset)."}),
             **_advanced_training_inputs(),
+            **_expert_inputs(),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def init(self, model, dataset, lora_config, optimizer_config, seed, max_train_steps, mixed_precision,
@@ -804,7 +899,9 @@ class MusubiInitTraining:
              continue_saved_state=True, save_state_every_minutes=10.0, eval_dataset=None, eval_every_n_steps=100,
              max_train_epochs=0, save_every_n_epochs=0, logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
              preserve_distribution_shape=False, num_timestep_buckets=0, checkpoint_dtype="compute",
-             offload_optimizer_state=False, unique_id=None):
+             offload_optimizer_state=False, expert_layout="auto", train_expert="none", expert_boundary=0.0,
+             unique_id=None):
+        dit, experts = trained_models(model, expert_layout)
         config = _training_config(
             seed=seed, max_train_steps=max_train_steps, mixed_precision=mixed_precision,
             gradient_checkpointing=gradient_checkpointing, gradient_accumulation_steps=gradient_accumulation_steps,
@@ -817,19 +914,24 @@ class MusubiInitTraining:
             logit_std=logit_std, mode_scale=mode_scale, preserve_distribution_shape=preserve_distribution_shape,
             num_timestep_buckets=num_timestep_buckets, checkpoint_dtype=checkpoint_dtype,
             offload_optimizer_state=offload_optimizer_state)
+        config = one_expert_timesteps(config, dit, experts, train_expert, expert_boundary)
         network, optimizer = _network_config(lora_config), _optimizer_config(optimizer_config)
-        validate = check_validation_inputs(_dit(model).module, validation_prompts, validation_vae, validate_every_n_steps,
+        validate = check_validation_inputs(dit.module, validation_prompts, validation_vae, validate_every_n_steps,
                                            validate_at_start)
         logging_dir = tensorboard_dir(config.output_dir) if tensorboard else None
-        held_out = held_out_loader(eval_dataset, _dit(model).module, config.seed) if eval_dataset is not None else None
-        run = open_run("init", unique_id, model, dataset, dataclasses.replace(network),
-                       dataclasses.replace(optimizer), config, continue_saved=bool(continue_saved_state))
+        if experts is not None and eval_dataset is not None:
+            raise invalid("eval_dataset", "connected", "no held-out evaluation while training a pair of experts (not "
+                                                       "supported): disconnect it")
+        held_out = held_out_loader(eval_dataset, dit.module, config.seed) if eval_dataset is not None else None
+        run = open_run("init", unique_id, dit, dataset, dataclasses.replace(network),
+                       dataclasses.replace(optimizer), config, continue_saved=bool(continue_saved_state),
+                       experts=experts)
         # validation and TensorBoard apply to the session in memory: changing them never restarts training
         run.session.validation = validation_config(run, validation_prompts, validation_vae, validate_every_n_steps,
                                                    validate_at_start) if validate else None
         run.session.evaluation = eval_config(held_out, eval_every_n_steps, config.seed, run.session.evaluation)
         set_logging_dir(run, logging_dir)
-        return (SessionOutput(run, ("init",) + run.key[1:]), run.handle())
+        return (SessionOutput(run, ("init",) + run.key[1:]), run.trained_model())
 
 
 def held_out_loader(eval_dataset, model, seed: int):
@@ -904,13 +1006,14 @@ class MusubiTrainSteps:
                    "loss, lr, it/s, ETA and memory as progress text, and the loss curve as preview.")
     CATEGORY = CATEGORY
     FUNCTION = "train"
-    RETURN_TYPES = (T.TRAINING_SESSION, "IMAGE", LOSS_MAP, "STRING", T.DIT, "IMAGE")
+    RETURN_TYPES = (T.TRAINING_SESSION, "IMAGE", LOSS_MAP, "STRING", MODEL_TYPES, "IMAGE")
     RETURN_NAMES = ("session", "loss_curve", "loss_map", "status", "model", "samples")
     OUTPUT_TOOLTIPS = ("The same session, trained further (chain another Train Steps, Validate or Save).",
                        "Loss curve of the whole session so far (raw and smoothed).",
                        "Loss per step of the whole session, core LOSS_MAP {'loss': [...]}.",
                        "Status: step, loss, learning rate, speed, ETA, memory.",
-                       "The model with the adapter as trained so far (connect to the family's Musubi sampler).",
+                       "The model with the adapter as trained so far (connect to the family's Musubi sampler); "
+                       "for a pair of experts, the pair with each expert's adapter (Musubi Wan Sampler).",
                        "The latest validation samples (Init Training's validation prompts; every prompt's frames "
                        "one after another), or a 64x64 black image before the first validation.")
 
@@ -944,8 +1047,8 @@ class MusubiTrainSteps:
         if target is None:
             target = run.targets[token] = run.session.step + steps
         train_to(run, target, unique_id)
-        return (SessionOutput(run, token), _loss_image(run), run.session.loss_map(), status_of(run), run.handle(),
-                samples_image(run))
+        return (SessionOutput(run, token), _loss_image(run), run.session.loss_map(), status_of(run),
+                run.trained_model(), samples_image(run))
 
 
 def _image_conditioning(image_embeds, width, height, frames) -> tuple:
@@ -1080,7 +1183,7 @@ class MusubiValidate:
 
     def validate(self, session, vae, embeds, width, height, frames, steps, guidance_scale, shift, seed,
                  image_embeds=None, embedded_guidance=0.0, unique_id=None):
-        from ..engine.training import ValidationPrompt, run_validation
+        from ..engine.training import ValidationPrompt
 
         out = _session_output(session)
         vae = T.handle(vae, "vae", "a VAE from a Musubi VAE loader node")
@@ -1100,21 +1203,27 @@ class MusubiValidate:
         family_of(run.model).check_sampling(run.model, build_request(run.model, prompt))   # before any move
         run.activate(compat.torch_device())
         bar = compat.Progress(steps, unique_id)
-        (latents,) = run_validation(run.model, [prompt], run.network, None, None,
-                                    lambda step, total, x0: bar.update(step))
+        # (a pair of experts samples through both, each with its adapter)
+        (latents,) = run.session.sample_prompts([prompt], progress=lambda step, total, x0: bar.update(step))
         return (video_to_image(decode_video(vae, latents)), out)
 
 
 class MusubiSaveTrainedLoRA:
     DESCRIPTION = ("Save the session's adapter as trained so far as a .safetensors LoRA (comfyui format loads in "
                    "core Load LoRA; musubi = Musubi Tuner/kohya names; diffusers = PEFT names), numbered like "
-                   "ComfyUI's savers, with Musubi's training metadata.")
+                   "ComfyUI's savers, with Musubi's training metadata. A pair of Wan 2.2 experts (separate "
+                   "layout) writes PREFIX_high_noise_NNNNN_ and PREFIX_low_noise_NNNNN_ (one counter), for "
+                   "ComfyUI's two model loaders.")
     CATEGORY = CATEGORY
     FUNCTION = "save"
     OUTPUT_NODE = True
-    RETURN_TYPES = (T.LORA, "STRING")
-    RETURN_NAMES = ("lora", "path")
-    OUTPUT_TOOLTIPS = ("The saved LoRA, read back (for Musubi Apply LoRA / LoRA Info).", "Full path of the saved file.")
+    RETURN_TYPES = (T.LORA, "STRING", T.LORA, "STRING")
+    RETURN_NAMES = ("lora", "path", "low_noise_lora", "low_noise_path")
+    OUTPUT_TOOLTIPS = ("The saved LoRA, read back (for Musubi Apply LoRA / LoRA Info); for a pair of experts "
+                       "(separate layout) the high-noise expert's.",
+                       "Full path of the saved file (a pair: the high-noise expert's).",
+                       "A pair of experts (separate layout): the low-noise expert's LoRA; otherwise the same as lora.",
+                       "A pair of experts (separate layout): the low-noise expert's file; otherwise the same as path.")
 
     @classmethod
     def VALIDATE_INPUTS(cls, filename_prefix=None):
@@ -1144,21 +1253,37 @@ class MusubiSaveTrainedLoRA:
         run = _session_output(session).run
         if format not in SAVE_FORMATS:
             raise invalid("format", format, f"one of {SAVE_FORMATS}")
-        path = numbered_file(save_to, "loras", filename_prefix, "filename_prefix")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        pair = run.pair is not None and run.pair.layout == "separate"
+        path = (_numbered_pair(save_to, filename_prefix) if pair
+                else numbered_file(save_to, "loras", filename_prefix, "filename_prefix"))
+        (path[next(iter(path))] if pair else path).parent.mkdir(parents=True, exist_ok=True)
         cfg = run.session.config
         old = (cfg.save_format, cfg.save_precision)
         cfg.save_format, cfg.save_precision = format, dtype
         try:
-            saved = run.session.save_lora(path)
+            run.session.save_lora(path)
         finally:
             cfg.save_format, cfg.save_precision = old
+        saved = list(run.session.saved_loras)   # [file], or [high-noise, low-noise]
         # ComfyUI re-runs this node when its cached output was evicted: the same adapter is not saved twice
-        previous = previous_numbered(saved)
-        if previous is not None and same_tensors(previous, saved):
-            saved.unlink()
+        previous = [previous_numbered(f) for f in saved]
+        if all(p is not None and same_tensors(p, f) for p, f in zip(previous, saved)):
+            for f in saved:
+                f.unlink()
             saved = previous
-        return {"ui": {"text": [str(saved)]}, "result": (read_lora(saved), str(saved))}
+        loras = [read_lora(f) for f in saved]
+        return {"ui": {"text": [str(f) for f in saved]},
+                "result": (loras[0], str(saved[0]), loras[-1], str(saved[-1]))}
+
+
+def _numbered_pair(save_to: str, prefix: str) -> dict:
+    """{expert: `<prefix>_high_noise_NNNNN_.safetensors` / `..._low_noise_...`}: one counter, free for both."""
+    from ..engine.training.experts import EXPERTS, SUFFIX
+    from .lora import numbered_file
+
+    first = {e: numbered_file(save_to, "loras", prefix + SUFFIX[e], "filename_prefix") for e in EXPERTS}
+    n = max(int(re.search(r"_(\d+)_\.safetensors$", p.name).group(1)) for p in first.values())
+    return {e: p.with_name(re.sub(r"_\d+_\.safetensors$", f"_{n:05}_.safetensors", p.name)) for e, p in first.items()}
 
 
 class MusubiResumeTraining:
@@ -1168,14 +1293,17 @@ class MusubiResumeTraining:
                    "and training options are those saved in the state unless configs are connected.")
     CATEGORY = CATEGORY
     FUNCTION = "resume"
-    RETURN_TYPES = (T.TRAINING_SESSION, T.DIT)
+    RETURN_TYPES = (T.TRAINING_SESSION, MODEL_TYPES)
     RETURN_NAMES = ("session", "model")
-    OUTPUT_TOOLTIPS = ("The resumed training session.", "The model with the resumed adapter attached.")
+    OUTPUT_TOOLTIPS = ("The resumed training session.", "The model with the resumed adapter attached (a pair of "
+                                                        "experts: the pair with each expert's adapter).")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": (T.DIT, {"tooltip": "The same DiT the state was trained on."}),
+            "model": (MODEL_TYPES, {"tooltip": "The same DiT the state was trained on (a pair of experts: the same "
+                                               "pair from Musubi Wan 2.2 Experts; the LoRA layout is the saved "
+                                               "one)."}),
             "dataset": (T.DATASET, {"tooltip": "The same cached dataset (same seed) the state was trained on."}),
             "state_path": ("STRING", {"default": "",
                            "tooltip": "The state folder (…/NAME-state) or its training_state.pt; a relative path is "
@@ -1198,6 +1326,12 @@ class MusubiResumeTraining:
         if not path.is_absolute():
             path = Path(compat.output_directory()) / path
         saved = read_state(path).get("config", {})
+        pair = saved.get("experts")
+        if bool(pair) != is_pair(model):
+            raise invalid("model", "a pair of experts" if is_pair(model) else "a single DiT",
+                          f"a pair from Musubi Wan 2.2 Experts (the state trained two experts: {pair})" if pair
+                          else "the single DiT the state was trained on")
+        dit, experts = trained_models(model, pair["layout"] if pair else "auto")
         network = _network_config(lora_config) if lora_config is not None else _from_plain(
             NetworkConfig, saved.get("network", {}))
         optimizer = _optimizer_config(optimizer_config) if optimizer_config is not None else _from_plain(
@@ -1208,9 +1342,9 @@ class MusubiResumeTraining:
             check_write_path(config.lora_dir, "state_path (its saved lora_dir)")
         if max_train_steps:
             config.max_train_steps = int(max_train_steps)
-        run = open_run("resume", unique_id, model, dataset, dataclasses.replace(network),
-                       dataclasses.replace(optimizer), config, resume_from=str(path))
-        return (SessionOutput(run, ("resume",) + run.key[1:]), run.handle())
+        run = open_run("resume", unique_id, dit, dataset, dataclasses.replace(network),
+                       dataclasses.replace(optimizer), config, resume_from=str(path), experts=experts)
+        return (SessionOutput(run, ("resume",) + run.key[1:]), run.trained_model())
 
 
 def _from_plain(cls, plain: dict):

@@ -360,6 +360,60 @@ WAN22_TI2V_5B = [
     (10, "PreviewImage", {}, {"images": (8, 0)}),
 ]
 
+# Wan 2.2 A14B I2V: train both experts of the pair in one run, then generate with the trained pair. A 9-frame video
+# made in the graph is cached for I2V without CLIP vision (the A14B experts take none); Init Training takes the pair
+# from Musubi Wan 2.2 Experts (its boundary, the release's 0.9, and its memory mode) and trains one LoRA per expert
+# (each batch trains the expert whose side of the boundary its timestep falls on); Save Trained LoRA writes
+# NAME_high_noise / NAME_low_noise; Train Steps' model output is the pair with each expert's adapter.
+WAN22_I2V_TRAIN_THEN_GENERATE = [
+    (1, "MusubiWanDiTLoader", {"model_name": "preset:tiny-i2v-a14b-high-noise", "dtype": "fp32", "attention": "sdpa"},
+     {}),
+    (2, "MusubiWanDiTLoader", {"model_name": "preset:tiny-i2v-a14b-low-noise", "dtype": "fp32", "attention": "sdpa"},
+     {}),
+    (3, "MusubiWan22Experts", {"boundary": 0.0, "memory_mode": "offload"},
+     {"high_noise_model": (1, 0), "low_noise_model": (2, 0)}),
+    (4, "MusubiUMT5Loader", {"text_encoder_name": "preset:tiny-umt5", "dtype": "fp32", "tokenizer_path": ""}, {}),
+    (5, "MusubiWanVAELoader", {"vae_name": "preset:tiny-vae", "dtype": "fp32", "cache_on_cpu": False}, {}),
+    (6, "EmptyImage", {"width": 48, "height": 48, "batch_size": 9, "color": 0xCC2222}, {}),
+    (7, "EmptyImage", {"width": 48, "height": 48, "batch_size": 1, "color": 0xCC2222}, {}),
+    (8, "MusubiDatasetFromImages", {"captions": "a red square", "width": 48, "height": 48, "num_repeats": 1,
+                                    "as_video": True, "cache_directory": "", "batch_size": 1}, {"images": (6, 0)}),
+    (9, "MusubiCacheLatents", {"task": "i2v", "keep_cache": False, "workers": 0}, {"dataset": (8, 0), "vae": (5, 0)}),
+    (10, "MusubiCacheTextEmbeddings", {"keep_cache": False}, {"dataset": (9, 0), "text_encoder": (4, 0)}),
+    (11, "MusubiLoRAConfig", {"network_kind": "lora", "rank": 8, "alpha": 8.0, "dropout": 0.0, "rank_dropout": 0.0,
+                              "module_dropout": 0.0}, {}),
+    (12, "MusubiOptimizerConfig", {"optimizer_type": "AdamW", "learning_rate": 3e-3, "max_grad_norm": 1.0,
+                                   "lr_scheduler": "constant", "lr_warmup_steps": "0"}, {}),
+    (13, "MusubiWanTextEncode", {"prompt": "a red square", "negative_prompt": "", "offload_after": True},
+     {"text_encoder": (4, 0)}),
+    (14, "MusubiWanImageEncode", {"width": 48, "height": 48, "frames": 9}, {"vae": (5, 0), "start_image": (7, 0)}),
+    (15, "MusubiValidationPrompt", {"width": 48, "height": 48, "frames": 9, "seed": 3, "steps": 6,
+                                    "guidance_scale": 1.0, "shift": 0.0, "embedded_guidance": 0.0},
+     {"embeds": (13, 0), "image_embeds": (14, 0)}),
+    (16, "MusubiInitTraining", {"seed": 1, "max_train_steps": 20, "mixed_precision": "no",
+                                "gradient_checkpointing": True, "gradient_accumulation_steps": 1,
+                                "timestep_sampling": "shift", "discrete_flow_shift": 3.0, "sigmoid_scale": 1.0,
+                                "weighting_scheme": "none", "min_timestep": 0, "max_timestep": 1000,
+                                "save_every_n_steps": 0, "keep_last_n_saves": 0, "output_dir": "",
+                                "output_name": "tiny_wan22_i2v_lora", "save_state": False,
+                                "attention_backend": "model", "save_format": "comfyui",
+                                "validate_every_n_steps": 10, "expert_layout": "separate"},
+     {"model": (3, 0), "dataset": (10, 0), "lora_config": (11, 0), "optimizer_config": (12, 0),
+      "validation_prompts": (15, 0), "validation_vae": (5, 0)}),
+    (17, "MusubiTrainSteps", {"steps": 20, "train_on_every_queue": False}, {"session": (16, 0)}),
+    (18, "PreviewImage", {}, {"images": (17, 1)}),
+    (19, "MusubiSaveTrainedLoRA", {"format": "comfyui", "filename_prefix": "loras/tiny_wan22_i2v_lora",
+                                   "dtype": "bf16", "save_to": "output"}, {"session": (17, 0)}),
+    (20, "MusubiWanSampler", {"width": 48, "height": 48, "frames": 9, "steps": 8, "guidance_scale": 3.5,
+                              "shift": 0.0, "solver": "unipc", "seed": 42, "noise_device": "cpu",
+                              "guidance_scale_high": 3.5},
+     {"model": (17, 4), "embeds": (13, 0), "image_embeds": (14, 0)}),
+    (21, "MusubiWanVAEDecode", {"tile_size": 0, "tile_overlap": 64}, {"vae": (5, 0), "latents": (20, 0)}),
+    (22, "MusubiSaveVideo", {"filename_prefix": "musubi/wan22_i2v_train_then_generate", "crf": 19},
+     {"images": (21, 0), "fps": (21, 1)}),
+    (23, "PreviewImage", {}, {"images": (21, 0)}),
+]
+
 WORKFLOWS = {"wan_t2v_generate.json": TINY_T2V, "wan_i2v_generate.json": TINY_I2V, "lora_tools.json": LORA_TOOLS,
              "wan_dataset_cache.json": DATASET_CACHE,
              "wan_train_then_generate.json": TRAIN_THEN_GENERATE,
@@ -367,7 +421,8 @@ WORKFLOWS = {"wan_t2v_generate.json": TINY_T2V, "wan_i2v_generate.json": TINY_I2
              "hunyuan_train_then_generate.json": HUNYUAN_TRAIN_THEN_GENERATE,
              "framepack_i2v_generate.json": FRAMEPACK_I2V, "framepack_one_frame.json": FRAMEPACK_ONE_FRAME,
              "framepack_train_then_generate.json": FRAMEPACK_TRAIN_THEN_GENERATE,
-             "wan22_t2v_generate.json": WAN22_T2V, "wan22_ti2v_5b_generate.json": WAN22_TI2V_5B}
+             "wan22_t2v_generate.json": WAN22_T2V, "wan22_ti2v_5b_generate.json": WAN22_TI2V_5B,
+             "wan22_i2v_train_then_generate.json": WAN22_I2V_TRAIN_THEN_GENERATE}
 
 
 def _spec_lists(cls):
@@ -464,7 +519,8 @@ TITLES = {"wan_t2v_generate.json": "Wan 2.1 text to video", "wan_i2v_generate.js
           "framepack_one_frame.json": "FramePack one-frame inference (kisekaeichi)",
           "framepack_train_then_generate.json": "FramePack: train a LoRA, then generate",
           "wan22_t2v_generate.json": "Wan 2.2 A14B text to video (two experts)",
-          "wan22_ti2v_5b_generate.json": "Wan 2.2 TI2V-5B image to video"}
+          "wan22_ti2v_5b_generate.json": "Wan 2.2 TI2V-5B image to video",
+          "wan22_i2v_train_then_generate.json": "Wan 2.2 A14B I2V: train both experts, then generate"}
 
 
 def thumbnail(name: str, nodes: list, path: Path) -> None:

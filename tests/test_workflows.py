@@ -16,7 +16,7 @@ def test_there_are_workflows():
                                            "hunyuan_t2v_generate.json", "hunyuan_train_then_generate.json",
                                            "framepack_i2v_generate.json", "framepack_one_frame.json",
                                            "framepack_train_then_generate.json", "wan22_t2v_generate.json",
-                                           "wan22_ti2v_5b_generate.json"}
+                                           "wan22_ti2v_5b_generate.json", "wan22_i2v_train_then_generate.json"}
 
 
 def _project():

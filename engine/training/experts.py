@@ -21,6 +21,8 @@ LoRA layouts:
 
 Memory modes: "both" keeps both experts placed; "offload" parks the inactive one (`Residency.park`) only when the
 expert changes between batches (`switches` counts the changes; two batches in a row on one expert move nothing).
+Each expert is placed with its own run options (`TimestepExperts.options`: its loader's block swap), so each weight
+set keeps its own swapper in the `Residency`, as in sampling.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import invalid
+from ..handle import ModelHandle, RunOptions
 from ..lora.adapters import AdapterConfig, AdapterNetwork
 from ..memory.residency import Residency
 from .timesteps import TimestepConfig, TimestepSample, TimestepSampler, shift_sigma
@@ -154,6 +157,7 @@ class TimestepExperts:
     mode: str = "both"                     # one of MODES
     device: torch.device | str | None = None   # where the experts run; None: where they are (no placement)
     residency: Residency | None = None     # the host's; None: a private one
+    options: dict[str, RunOptions] | None = None   # HIGH / LOW -> the expert's run options (block swap); None: none
 
     def plain(self) -> dict:
         """What a saved state records (and a resume must match)."""
@@ -247,6 +251,7 @@ class ExpertPair:
         self.layout, self.mode = spec.layout, spec.mode
         self.device = torch.device(spec.device) if spec.device is not None else None
         self.residency = spec.residency if spec.residency is not None else Residency()
+        self.options: dict[str, RunOptions] = dict(spec.options or {})   # a host may update them between calls
         self.active: str | None = None        # the expert of the last batch
         self.switches = 0                     # batches whose expert differs from the previous batch's
         self.placed: set[str] = set()         # experts this pair has placed and not parked since
@@ -283,7 +288,9 @@ class ExpertPair:
                         self.events.append(("park", other))
             for name in (EXPERTS if self.mode == "both" else (expert,)):
                 if stale or name not in self.placed:
-                    self.residency.place(self.models[name], self.device, training=True)
+                    opts = self.options.get(name, RunOptions())
+                    self.residency.place(self.models[name], self.device, opts.blocks_to_swap,
+                                         opts.offload_non_blocks, training=True)
                     if self.networks is not None:   # adapters follow their expert (they stay there when it parks)
                         with torch.inference_mode(False):
                             self.networks.networks()[name].to(self.device)
@@ -298,26 +305,44 @@ class ExpertPair:
         self._stale = True
 
     # --- sampling, saving, state ------------------------------------------------------------------------------
-    def sampling_target(self, family):
-        """What the family's `sample` takes for both experts (its `expert_pair`), placed as in training."""
+    def handles(self) -> dict[str, ModelHandle]:
+        """Each expert with its run options (what a sampler places it with), less the attention kernel: the
+        module's, which the training chose (a loader's kernel may have no backward pass)."""
+        return {e: ModelHandle(m, getattr(type(m), "family", None),
+                               dataclasses.replace(self.options.get(e, RunOptions()), attention=None))
+                for e, m in self.models.items()}
+
+    def sampling_target(self, family, device=True):
+        """What the family's `sample` takes for both experts (its `expert_pair` of handles), placed as in training
+        (`device=False`: no device nor residency, for a host that places them itself)."""
         make = getattr(family, "expert_pair", None)
         if make is None:
-            raise invalid("validation with two experts", family.display_name, "a family that samples expert pairs")
-        return make(high=self.models[HIGH], low=self.models[LOW], boundary=self.boundary, mode=self.mode,
-                    device=self.device, residency=self.residency)
+            raise invalid("sampling with two experts", family.display_name, "a family that samples expert pairs")
+        h = self.handles()
+        return make(high=h[HIGH], low=h[LOW], boundary=self.boundary, mode=self.mode,
+                    device=self.device if device else None, residency=self.residency if device else None)
 
     def lora_files(self, networks: ExpertNetworks, name: str, path: Path | None, folder: Path, step, epoch,
                    lora_path) -> list[tuple[Path, AdapterNetwork, dict, nn.Module]]:
         """(file, network, metadata entries, model) per file to write: `<name>_high_noise` / `<name>_low_noise`
-        (or `<file stem>_high_noise.safetensors` for an explicit path); the shared layout writes one file."""
+        (or `<file stem>_high_noise.safetensors` for an explicit path, or `path[HIGH]` / `path[LOW]` for a dict of
+        both); the shared layout writes one file (a dict's LOW path)."""
         meta = {"ss_timestep_boundary": self.boundary}
+        if isinstance(path, dict):
+            if set(path) != set(EXPERTS):
+                raise invalid("LoRA paths", sorted(path), f"one path per expert {EXPERTS}")
+            path = {e: Path(p) for e, p in path.items()}
         if self.layout == "shared":
-            where = path if path is not None else lora_path(folder, name, step, epoch)
+            where = path[LOW] if isinstance(path, dict) else path
+            where = where if where is not None else lora_path(folder, name, step, epoch)
             return [(where, networks.low, {**meta, "ss_timestep_expert": "both"}, self.models[LOW])]
         out = []
         for expert in EXPERTS:
-            where = (path.with_name(path.stem + SUFFIX[expert] + path.suffix) if path is not None
-                     else lora_path(folder, name + SUFFIX[expert], step, epoch))
+            if isinstance(path, dict):
+                where = path[expert]
+            else:
+                where = (path.with_name(path.stem + SUFFIX[expert] + path.suffix) if path is not None
+                         else lora_path(folder, name + SUFFIX[expert], step, epoch))
             out.append((where, networks.networks()[expert], {**meta, "ss_timestep_expert": f"{expert}_noise"},
                         self.models[expert]))
         return out

@@ -10,20 +10,27 @@ Three names, three things:
 
 The view shares every weight with the loaded model, so the model itself never carries an adapter and replacing a
 session drops its view: adapters never stack.
+
+Two timestep experts (`HostedExperts`): the session trains a view of each (experts.py); `handle` is the low-noise
+expert's view, each expert is placed by the pair with its own loader's options, and `trained_model` is the family's
+expert pair of both trained views (what its sampler takes).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from ..errors import MusubiInputError
+from ..families import family_of
 from ..handle import ModelHandle, RunOptions, apply_run_options
 from ..lora.views import add_network, make_lora_view
 from ..memory.residency import Residency
+from .experts import HIGH, LOW, TimestepExperts
 from .state import state_dir, state_run
 from .trainer import TrainingSession, check_attention
 
@@ -52,6 +59,16 @@ def make_trainable(model: torch.nn.Module) -> None:
                                        if isinstance(t, torch.nn.Parameter) else plain)
 
 
+@dataclass(frozen=True)
+class HostedExperts:
+    """The second expert of a hosted session (`host_session`'s handle is the low-noise one) and the pair's
+    settings (experts.py `TimestepExperts`)."""
+    high: ModelHandle
+    boundary: float
+    layout: str = "separate"
+    mode: str = "both"
+
+
 def saved_state(config) -> Path | None:
     """The state folder saved under the config's output name, if one exists."""
     folder = state_dir(Path(config.output_dir), config.output_name)
@@ -59,13 +76,15 @@ def saved_state(config) -> Path | None:
 
 
 class HostedSession:
-    def __init__(self, session: TrainingSession, residency: Residency, options: RunOptions, key=None, base=None):
+    def __init__(self, session: TrainingSession, residency: Residency, options: RunOptions, key=None, base=None,
+                 high_base=None):
         self.session = session
         # the loaded model the view shares its weights with: kept alive, so a host registry that released it (weakly
         # held) hands this same module back to a loader that runs again, and the session's key stays valid
         self.base = base
         self.residency = residency
         self.options = options                # the loader's current run options (block swap, offload, attention)
+        self.high_base = high_base            # two experts: the high-noise expert's loaded model (kept alive too)
         self.key = key                        # the host's registry key
         self.targets: dict[tuple, int] = {}   # host bookkeeping: a caller's token -> the step it must reach
         self.listener = None                  # whoever shows validation progress while training (host's choice)
@@ -78,31 +97,69 @@ class HostedSession:
     def network(self):
         return self.session.network
 
+    @property
+    def pair(self):
+        """The session's `ExpertPair` (two experts), or None."""
+        return self.session.pair
+
     def handle(self) -> ModelHandle:
-        """The trained view with the loader's run options (to sample with)."""
+        """The trained view with the loader's run options (two experts: the low-noise one's)."""
         return ModelHandle(self.model, getattr(type(self.model), "family", None), self.options)
+
+    def handles(self) -> dict[str, ModelHandle]:
+        """Each trained view with its loader's run options: {LOW: handle()}, and HIGH for two experts."""
+        if self.pair is None:
+            return {LOW: self.handle()}
+        m = self.pair.models[HIGH]
+        return {HIGH: ModelHandle(m, getattr(type(m), "family", None), self.pair.options[HIGH]), LOW: self.handle()}
+
+    def set_options(self, options: RunOptions, high_options: RunOptions | None = None) -> None:
+        """The loaders' current run options (a loader node re-ran with other settings)."""
+        self.options = options
+        if self.pair is not None:
+            self.pair.options = {HIGH: high_options or self.pair.options[HIGH], LOW: options}
+
+    def trained_model(self):
+        """What the family's sampler takes to generate with the adapter as trained so far: the view's handle, or
+        for two experts the family's pair of both views (each with its loader's options)."""
+        if self.pair is None:
+            return self.handle()
+        h = self.handles()
+        return family_of(self.model).expert_pair(high=h[HIGH], low=h[LOW], boundary=self.pair.boundary,
+                                                 mode=self.pair.mode)
 
     def activate(self, device: torch.device) -> torch.device:
         """Before training or sampling: the adapter attached, the view placed (with block swap: the weight set's
-        swapper on the view), adapter and optimizer state on the device; activation offload as the loader says."""
-        s, opts = self.session, self.options
-        apply_run_options(self.handle())
-        if s.config.attention_backend:   # the training config's kernel wins over the loader's
-            s.model.attention_backend = s.config.attention_backend
-        check_attention(s.model, s.config)
+        swapper on the view), adapter and optimizer state on the device; activation offload as the loader says.
+        Two experts: placed by the pair at its next batch (or sample), each with its own loader's options."""
+        s = self.session
+        for handle in self.handles().values():
+            apply_run_options(handle)
+            if s.config.attention_backend:   # the training config's kernel wins over the loader's
+                handle.module.attention_backend = s.config.attention_backend
+            check_attention(handle.module, s.config)
         if not s.network.is_attached:
             s.network.attach(s.model)
-        s.activation_offload = opts.activation_offload
-        device = self.residency.place(s.model, device, opts.blocks_to_swap, opts.offload_non_blocks, training=True)
+        s.activation_offload = any(h.options.activation_offload for h in self.handles().values())
+        if self.pair is None:
+            opts = self.options
+            device = self.residency.place(s.model, device, opts.blocks_to_swap, opts.offload_non_blocks,
+                                          training=True)
+        else:   # anything may have moved the experts since the last call (a sampler, another session)
+            self.pair.placement_unknown()
         with torch.inference_mode(False):   # adapters of swapped blocks were created in host memory: move them
             s.network.to(device)
             move_optimizer_state(s.optimizer, device)
         return device
 
+    def _release(self) -> None:
+        for handle in self.handles().values():
+            self.residency.release(handle.module, only_if_attached_to_it=True)
+
     def offload(self, device="cpu") -> "HostedSession":
-        """The view's block swapper detached (to CPU), adapter and optimizer state to `device`; `activate` brings
+        """The views' block swappers detached (to CPU), adapter and optimizer state to `device`; `activate` brings
         them back."""
-        self.residency.release(self.session.model, only_if_attached_to_it=True)
+        self._release()
         with torch.inference_mode(False):
             self.session.network.to(device)
             move_optimizer_state(self.session.optimizer, torch.device(device))
@@ -114,7 +171,7 @@ class HostedSession:
     def close(self) -> None:
         """Replaced or released: unsaved steps go to the state folder first, then the adapter comes off."""
         self.session.close(save=True)
-        self.residency.release(self.session.model, only_if_attached_to_it=True)
+        self._release()
         self.session.network.detach()
 
     def train_to(self, target: int, device: torch.device, progress: Callable | None = None,
@@ -132,26 +189,38 @@ class HostedSession:
 
 def host_session(handle: ModelHandle, loader, network, optimizer, config, *, residency: Residency,
                  device: torch.device, resume_from=None, continue_saved: bool = False, key=None,
-                 node: str = "?") -> HostedSession:
-    """A new hosted session on a fresh LoRA view of `handle.module`. `continue_saved`: continue from the state saved
-    under the output name when there is one the network fits (else start fresh; that state is kept). The caller
-    has validated the configs."""
-    model = handle.module
-    make_trainable(model)
-    # no swapper on the weight set while the view and its adapters are made; with block swap the swapped blocks
-    # stay in host memory (their adapters are created there and moved by activate, which attaches the swapper)
-    residency.prepare_for_view(model, handle.options.blocks_to_swap, device)
-    view = make_lora_view(model)
+                 node: str = "?", experts: HostedExperts | None = None) -> HostedSession:
+    """A new hosted session on a fresh LoRA view of `handle.module` (and of `experts.high.module`: two experts).
+    `continue_saved`: continue from the state saved under the output name when there is one the network fits
+    (else start fresh; that state is kept). The caller has validated the configs."""
+    handles = [handle] + ([experts.high] if experts is not None else [])
+    for h in handles:
+        make_trainable(h.module)
+        # no swapper on the weight set while the view and its adapters are made; with block swap the swapped blocks
+        # stay in host memory (their adapters are created there and moved by activate, which attaches the swapper)
+        residency.prepare_for_view(h.module, h.options.blocks_to_swap, device)
+
+    def start(resume):
+        views = [make_lora_view(h.module) for h in handles]
+        pair = None if experts is None else TimestepExperts(
+            views[1], experts.boundary, layout=experts.layout, mode=experts.mode, device=device,
+            residency=residency, options={LOW: handle.options, HIGH: experts.high.options})
+        return TrainingSession(views[0], network, optimizer, loader, config, resume_from=resume, experts=pair)
+
     saved = saved_state(config) if continue_saved and not resume_from else None
     session = None
     if saved is not None:
         try:
-            session = TrainingSession(view, network, optimizer, loader, config, resume_from=saved)
-        except MusubiInputError as e:   # saved for another network (kind/rank): a fresh run beside it
+            session = start(saved)
+        except MusubiInputError as e:   # saved for another network (kind/rank) or pair: a fresh run beside it
             log.warning("ComfyUI-Musubi: not continuing from %s (%s); starting from step 0", saved, e)
-            view = make_lora_view(model)
     if session is None:
-        session = TrainingSession(view, network, optimizer, loader, config, resume_from=resume_from)
-    add_network(view, session.network, {"name": config.output_name, "strength": 1.0, "mode": "training",
-                                        "node": node})
-    return HostedSession(session, residency, handle.options, key, base=model)
+        session = start(resume_from)
+    entry = {"name": config.output_name, "strength": 1.0, "mode": "training", "node": node}
+    if session.pair is None:
+        add_network(session.model, session.network, entry)
+    else:
+        for expert, net in session.network.networks().items():
+            add_network(session.pair.models[expert], net, entry)
+    return HostedSession(session, residency, handle.options, key, base=handle.module,
+                         high_base=experts.high.module if experts is not None else None)

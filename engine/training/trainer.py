@@ -288,10 +288,10 @@ class TrainingSession:
 
     def save_lora(self, path: str | Path | None = None, epoch: int | None = None, step: int | None = None) -> Path:
         """The LoRA file; two experts in the separate layout write `<name>_high_noise` and `<name>_low_noise`
-        (`saved_loras` lists them; the high-noise one is returned)."""
+        (`saved_loras` lists them; the high-noise one is returned); `path` may then be a dict of both files."""
         from ..lora.writer import save_lora
 
-        path = Path(path) if path is not None else None
+        path = Path(path) if path is not None and not isinstance(path, dict) else path
         name = self.config.output_name
         if self.pair is None:
             files = [(path or lora_path(self.lora_dir, name, step, epoch), self.network, {}, self.model)]
@@ -313,18 +313,23 @@ class TrainingSession:
         v = self.validation
         if v is None or not v.prompts:
             return []
+        self.last_samples = self.sample_prompts(v.prompts, v.vae, v.sample_fn, progress)
+        return self.last_samples
+
+    def sample_prompts(self, prompts, vae=None, sample_fn=None, progress=None) -> list[torch.Tensor]:
+        """`run_validation` of `prompts` with the model and adapter as trained so far (two experts: through the
+        family's pair, placed as in training)."""
         optimizer_train_mode(self.optimizer, False)
         try:
             if self.pair is None:
-                self.last_samples = run_validation(self.model, v.prompts, self.network, v.vae, v.sample_fn, progress)
-            else:   # both experts, through the family's pair
-                self.last_samples = run_validation(self.model, v.prompts, self.network, v.vae, v.sample_fn, progress,
-                                                   sampled=self.pair.sampling_target(self.family),
-                                                   modules=self._models())
+                return run_validation(self.model, prompts, self.network, vae, sample_fn, progress)
+            try:
+                return run_validation(self.model, prompts, self.network, vae, sample_fn, progress,
+                                      sampled=self.pair.sampling_target(self.family), modules=self._models())
+            finally:
                 self.pair.placement_unknown()
         finally:
             optimizer_train_mode(self.optimizer, True)
-        return self.last_samples
 
     def evaluate(self) -> float:
         """The held-out eval loss now (recorded in the history and TensorBoard); needs `evaluation` set."""

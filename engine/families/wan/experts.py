@@ -66,6 +66,11 @@ class WanExperts:
     residency: Residency | None = None   # the host's; None: a private one
     offload_after: bool = False          # every expert back to CPU memory after the generation
 
+    def resolved_boundary(self) -> float:
+        """The normalized boundary, the release's default when None (what generic callers, e.g. the training
+        nodes, read of a pair)."""
+        return boundary_of(self)
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Checks (before any model call)

@@ -58,17 +58,16 @@ class WanFamily:
 
     @staticmethod
     def latent_cache_adapter(vae, task: str, clip_vision=None, **options) -> cache.WanCacheAdapter:
-        """t2v: latents only; i2v: + first-frame conditioning and CLIP features (CLIP vision required); fun_control:
-        + control latents, with CLIP vision also the start image (I2V Fun-Control). The Wan 2.2 VAE (TI2V-5B): its
-        own rules (`cache22.latent_cache_adapter`)."""
+        """t2v: latents only; i2v: + first-frame conditioning, and CLIP features when CLIP vision is given (Wan 2.1
+        I2V needs them; the Wan 2.2 I2V A14B experts take none); fun_control: + control latents, with CLIP vision
+        also the start image (I2V Fun-Control). A cache without CLIP is refused for a model that needs it when
+        training starts (`check_batch`). The Wan 2.2 VAE (TI2V-5B): its own rules (`cache22.latent_cache_adapter`)."""
         if getattr(vae, "latent_channels", LATENT_CHANNELS) == TI2V_CHANNELS:
             return cache22.latent_cache_adapter(vae, task, clip_vision, **options)
         if options:   # the one-frame history options are FramePack's
             raise invalid("one_frame_history", sorted(options), "2x and 4x (the default) for Wan 2.1 caches")
         if task not in LATENT_TASKS:
             raise invalid("task", task, f"one of {list(LATENT_TASKS)} for Wan 2.1")
-        if task == "i2v" and clip_vision is None:
-            raise invalid("clip_vision", None, "a CLIP vision encoder for task i2v (Wan 2.1 I2V uses CLIP features)")
         if task == "t2v" and clip_vision is not None:
             raise invalid("clip_vision", "connected", "no CLIP vision for task t2v (pick i2v or disconnect it)")
         return cache.WanCacheAdapter(vae=vae, clip=clip_vision, i2v=task == "i2v", control=task == "fun_control")
