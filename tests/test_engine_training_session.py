@@ -40,7 +40,7 @@ class StandInDiT(nn.Module):
         super().__init__()
         torch.manual_seed(seed)
         self.config = SimpleNamespace(in_dim=16, out_dim=16, text_dim=TEXT_DIM, variant="stand-in", model_type="t2v",
-                                      has_flf_pos_emb=False)
+                                      has_flf_pos_emb=False, has_image_input=False)
         self.patch_embedding = nn.Linear(16, dim)
         self.time_embedding = nn.Linear(1, dim)
         self.text_embedding = nn.Linear(TEXT_DIM, dim)
