@@ -105,9 +105,9 @@ def dit_on_device(value, offload_after: bool = False, training: bool = False) ->
 def experts_on_device(experts, offload_after: bool = False):
     """A Wan 2.2 expert pair set up to run on the compute device through the pack's residency (each expert with its
     loader's block swap); its runner places, parks and offloads the experts as the steps go."""
-    for source in (experts.low, experts.high):
-        if source is not None:
-            check_blocks_to_swap(source)
-    offload = offload_after or any(s is not None and _handle(s).options.offload_after_use
-                                   for s in (experts.low, experts.high))
+    handles = [as_handle(s) for s in (experts.low, experts.high)]   # None for an absent or lazy expert
+    for handle in handles:
+        if handle is not None:
+            check_blocks_to_swap(handle)
+    offload = offload_after or any(h is not None and h.options.offload_after_use for h in handles)
     return dataclasses.replace(experts, device=compat.torch_device(), residency=RESIDENCY, offload_after=offload)

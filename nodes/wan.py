@@ -14,7 +14,7 @@ from .loading import (ATTENTION, ATTENTION_INPUT, DIT_DTYPE_INPUT, DTYPES, dit_h
 from .placement import dit_on_device, experts_on_device, on_compute_device
 from .registry import MODELS
 from .video import RESIZE_INPUT, decode_video, image_to_video_tensor, video_frames_tensor, video_to_image
-from ..engine.errors import invalid
+from ..engine.errors import MusubiInputError, invalid
 from ..engine.handle import ModelHandle, RunOptions
 
 FAMILY = "wan"   # the family these loaders load for (encoders are shared modules; their handle names the family)
@@ -424,6 +424,73 @@ class MusubiWan22Experts:
         return (experts,)
 
 
+class MusubiWan22LazyExperts:
+    DESCRIPTION = ("A Wan 2.2 A14B expert pair loaded lazily (Musubi --lazy_loading): nothing is loaded here; each "
+                   "expert is read from its file at its first step and freed after its last, so host memory holds "
+                   "one expert at a time (each generation reads the files again). For LoRAs on the experts, use two "
+                   "Musubi Wan DiT Loaders and Musubi Wan 2.2 Experts instead.")
+    CATEGORY = "Musubi/loaders"
+    FUNCTION = "pair"
+    RETURN_TYPES = (T.WAN_EXPERTS,)
+    RETURN_NAMES = ("experts",)
+    OUTPUT_TOOLTIPS = ("The lazily loaded expert pair: connect it to Musubi Wan Sampler's model input.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        files = model_choices(DIT_PRESETS, "diffusion_models")
+        return {"required": {
+            "high_noise_name": (files, {"tooltip": "The high-noise expert's file."}),
+            "low_noise_name": (files, {"tooltip": "The low-noise expert's file."}),
+            "dtype": DIT_DTYPE_INPUT,
+            "attention": ATTENTION_INPUT,
+            "fp8": (["none", "scaled", "e4m3"], {"default": "none", "tooltip": "Store the block Linears in fp8 "
+                                                 "('scaled': block-wise scales); fp8 files are used as they are."}),
+            "blocks_to_swap": ("INT", {"default": 0, "min": 0, "max": 39,
+                               "tooltip": "Blocks of each expert kept in CPU memory and streamed in (at most 39)."}),
+            "boundary": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 999.0, "step": 0.005,
+                         "tooltip": "Switch point as a fraction of the timesteps (or a timestep 1-999); 0 = the "
+                                    "release's default (0.875 T2V, 0.9 I2V)."}),
+        }}
+
+    def pair(self, high_noise_name, low_noise_name, dtype, attention, fp8, blocks_to_swap, boundary):
+        from ..engine.families.wan.experts import LazyExpert, WanExperts, check_experts
+
+        if fp8 not in ("none", "scaled", "e4m3"):
+            raise invalid("fp8", fp8, "none, scaled or e4m3")
+        if dtype not in DIT_DTYPE_INPUT[0]:
+            raise invalid("dtype", dtype, f"one of {DIT_DTYPE_INPUT[0]}")
+        experts = {}
+        for field, name in (("high_noise_name", high_noise_name), ("low_noise_name", low_noise_name)):
+            source = resolve_source(name, "diffusion_models", field)
+            experts[field] = LazyExpert(wan_dit_config(source, field), name=str(name),
+                                        load=_lazy_loader(source, dtype, fp8, attention, int(blocks_to_swap)))
+        pair = WanExperts(low=experts["low_noise_name"], high=experts["high_noise_name"],
+                          boundary=float(boundary) or None, mode="lazy")
+        check_experts(pair)   # mismatched or swapped files, a bad boundary: refused before anything loads
+        return (pair,)
+
+
+def wan_dit_config(source: str, field: str):
+    """The WanConfig of a DiT file from its header (no weights read); other files refused naming the input."""
+    from ..engine.families.wan.loader import read_wan_config
+
+    try:
+        return read_wan_config(source)
+    except MusubiInputError as e:
+        raise invalid(field, source, f"a Wan 2.2 A14B DiT file ({e})") from None
+
+
+def _lazy_loader(source: str, dtype: str, fp8: str, attention: str, blocks_to_swap: int):
+    """Load one expert at its first step: read from the file each time (not shared with the loader nodes' copies)."""
+    def load():
+        from ..engine.families.wan.loader import load_wan_dit
+
+        model = load_wan_dit(source, dtype=None if dtype == "keep" else DTYPES[dtype], device="cpu",
+                             fp8=None if fp8 == "none" else fp8)
+        return dit_handle(model, attention, blocks_to_swap, False, False, False, False)
+    return load
+
+
 class MusubiWanSampler:
     DESCRIPTION = ("Generate Wan 2.1 latents: T2V, T2I (1 frame), I2V, FLF2V, Fun-Control and one-frame (with image embeds). Flow-matching "
                    "UniPC / DPM++ / Euler, CFG with negative prompt, CFG skip and skip-layer guidance. A LoRA applied "
@@ -481,7 +548,7 @@ class MusubiWanSampler:
                image_embeds=None, cfg_skip_mode="none", cfg_apply_ratio=1.0, slg_layers="", slg_scale=3.0,
                slg_start=0.0, slg_end=0.3, offload_after=True, batch_size=1, guidance_scale_high=0.0,
                trim_tail_frames=0, unique_id=None):
-        from ..engine.families.wan.experts import WanExperts, resolve_for_experts
+        from ..engine.families.wan.experts import WanExperts, reference, resolve_for_experts
         from ..engine.families.wan.pipeline import (WanGenerateRequest, fps_of, generate, latent_format_of,
                                                     raw_latents)
 
@@ -492,15 +559,18 @@ class MusubiWanSampler:
         from ..engine.families.wan.pipeline import model_task_kind
 
         experts = model if isinstance(model, WanExperts) else None
-        handle = T.handle(model if experts is None else experts.low, "model", DIT_EXPECTED)
-        if handle.family != FAMILY:
-            raise invalid("model", f"a model of family {handle.family!r}", DIT_EXPECTED)
+        if experts is None:
+            handle = T.handle(model, "model", DIT_EXPECTED)
+            if handle.family != FAMILY:
+                raise invalid("model", f"a model of family {handle.family!r}", DIT_EXPECTED)
+            model = handle.module
+        else:
+            model = reference(experts)           # the pair's config (its experts may not be loaded yet)
         if isinstance(embeds, dict) and embeds.get("family", FAMILY) != FAMILY:
             raise invalid("embeds", f"made for {embeds['family']}", "prompt embeddings from Musubi Wan Text Encode")
         if experts is None and guidance_scale_high:
             raise invalid("guidance_scale_high", guidance_scale_high, "0 for a single DiT (it is the high-noise "
                                                                       "scale of a Wan 2.2 A14B expert pair)")
-        model = handle.module
         kind = model_task_kind(model.config)
         if image_embeds is None and kind in ("i2v", "flf2v"):
             raise invalid("image_embeds", None, f"a start image from Musubi Wan Image Encode: the loaded "
@@ -609,6 +679,7 @@ NODE_CLASS_MAPPINGS = {
     "MusubiWanFunControlEncode": MusubiWanFunControlEncode,
     "MusubiWanOneFrameEncode": MusubiWanOneFrameEncode,
     "MusubiWan22Experts": MusubiWan22Experts,
+    "MusubiWan22LazyExperts": MusubiWan22LazyExperts,
     "MusubiWanSampler": MusubiWanSampler,
     "MusubiWanVAEDecode": MusubiWanVAEDecode,
 }
@@ -622,6 +693,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "MusubiWanFunControlEncode": "Musubi Wan Fun-Control Encode",
     "MusubiWanOneFrameEncode": "Musubi Wan One-Frame Encode",
     "MusubiWan22Experts": "Musubi Wan 2.2 Experts (A14B)",
+    "MusubiWan22LazyExperts": "Musubi Wan 2.2 Experts Loader (A14B, lazy)",
     "MusubiWanSampler": "Musubi Wan Sampler",
     "MusubiWanVAEDecode": "Musubi Wan VAE Decode",
 }

@@ -190,3 +190,50 @@ def test_refusals_before_any_model_call(comfy):
     p["10"] = {"class_type": "PreviewImage", "inputs": {"images": ["9", 0]}}
     comfy.run(p, expect_success=False)
     assert comfy.error_message().startswith("latents: got '48-channel latents'"), comfy.error_message()
+
+
+def test_lazy_experts_load_at_their_first_step_and_leave_nothing_loaded(comfy):
+    """Musubi Wan 2.2 Experts Loader (lazy): nothing loads at the node; the sampler reads each expert from its file
+    when its steps come and frees it after; the latents are those of the same pair loaded up front."""
+    import gc
+    import weakref
+
+    experts = comfy.pack_module("engine.families.wan.experts")
+    pipeline = comfy.pack_module("engine.families.wan.pipeline")
+    loader = comfy.pack_module("engine.families.wan.loader")
+
+    p = _loaders({})
+    p["12"] = {"class_type": "MusubiWan22LazyExperts", "inputs": {
+        "high_noise_name": "preset:tiny-t2v-a14b-high-noise", "low_noise_name": "preset:tiny-t2v-a14b-low-noise",
+        "dtype": "fp32", "attention": "sdpa", "fp8": "none", "blocks_to_swap": 0, "boundary": 0.0}}
+    p["8"] = _sampler("12")
+    p["9"] = {"class_type": "PreviewAny", "inputs": {"source": ["8", 1]}}
+    loaded = []
+    real = loader.load_wan_dit
+
+    def spy(source, *args, **kwargs):
+        model = real(source, *args, **kwargs)
+        loaded.append((source, weakref.ref(model)))
+        return model
+
+    loader.load_wan_dit = spy
+    try:
+        comfy.run(p)
+    finally:
+        loader.load_wan_dit = real
+    pair = comfy.output("12")
+    assert pair.mode == "lazy" and [s for s, _ in loaded] == ["preset:tiny-t2v-a14b-high-noise",
+                                                               "preset:tiny-t2v-a14b-low-noise"]
+    gc.collect()
+    assert all(ref() is None for _, ref in loaded)                  # both freed after their last step
+    f32 = dict(dtype=torch.float32)
+    eager = experts.WanExperts(low=real("preset:tiny-t2v-a14b-low-noise", **f32),
+                               high=real("preset:tiny-t2v-a14b-high-noise", **f32))
+    expected = pipeline.generate(eager, _request(comfy, task="t2v", guidance_scale=3.0))
+    torch.testing.assert_close(comfy.output("8")["samples"], expected.float().cpu(), rtol=1e-5, atol=1e-5)
+
+    # swapped files: refused at the node, before anything loads
+    p["12"]["inputs"].update({"high_noise_name": "preset:tiny-t2v-a14b-low-noise",
+                              "low_noise_name": "preset:tiny-t2v-a14b-high-noise"})
+    comfy.run(p, expect_success=False)
+    assert comfy.error_message().startswith("low-noise expert: got 'tiny-t2v-a14b-high-noise"), comfy.error_message()

@@ -18,7 +18,7 @@ import torch
 from ...checkpoint import Checkpoint, load_into_module
 from ...errors import invalid
 from .detect import detect_wan_config, require_task, strip_wan_prefix
-from .dit import WanModel, build_wan_model, keep_fp32
+from .dit import WanConfig, WanModel, build_wan_model, keep_fp32
 from .presets import build_preset_state_dict
 
 PRESET_PREFIX = "preset:"
@@ -47,6 +47,20 @@ def resolve_dtype(ckpt: Checkpoint, dtype: torch.dtype | None) -> torch.dtype:
 FP8_MODES = (None, "e4m3", "scaled")
 
 
+def _config(ckpt: Checkpoint, source) -> WanConfig:
+    config = detect_wan_config(ckpt)
+    if isinstance(source, str) and source.startswith(PRESET_PREFIX):
+        config.variant = source[len(PRESET_PREFIX):]
+    elif ckpt.metadata.get("musubi_preset"):             # a preset written to disk by write_preset_checkpoint
+        config.variant = ckpt.metadata["musubi_preset"]
+    return config
+
+
+def read_wan_config(source: str | Path) -> WanConfig:
+    """The config `load_wan_dit` would load, from the file's header only (no weights read)."""
+    return _config(open_wan_checkpoint(source), source)
+
+
 def load_wan_dit(source: str | Path, dtype: torch.dtype | None = torch.bfloat16, device: torch.device | str = "cpu",
                  attention_backend: str = "sdpa", expected_task: str | None = None, fp8: str | None = None) -> WanModel:
     """A `WanModel` in eval mode with `model.config` and `model.source_path` set.
@@ -58,11 +72,7 @@ def load_wan_dit(source: str | Path, dtype: torch.dtype | None = torch.bfloat16,
     if fp8 not in FP8_MODES:
         raise invalid("fp8", fp8, f"one of {FP8_MODES}")
     ckpt = open_wan_checkpoint(source)
-    config = detect_wan_config(ckpt)
-    if isinstance(source, str) and source.startswith(PRESET_PREFIX):
-        config.variant = source[len(PRESET_PREFIX):]
-    elif ckpt.metadata.get("musubi_preset"):             # a preset written to disk by write_preset_checkpoint
-        config.variant = ckpt.metadata["musubi_preset"]
+    config = _config(ckpt, source)
     if expected_task is not None:
         require_task(config, expected_task, str(source))
     target = resolve_dtype(ckpt, dtype)
