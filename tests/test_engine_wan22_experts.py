@@ -27,7 +27,9 @@ def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("wan22")
     return {"low": write_preset_checkpoint("tiny-t2v", d / "low_noise.safetensors", torch.float32, seed=1),
             "high": write_preset_checkpoint("tiny-t2v", d / "high_noise.safetensors", torch.float32, seed=2),
-            "i2v": write_preset_checkpoint("tiny-i2v", d / "i2v_expert.safetensors", torch.float32, seed=3)}
+            "i2v": write_preset_checkpoint("tiny-i2v", d / "i2v_expert.safetensors", torch.float32, seed=3),
+            "i2v_a14b": write_preset_checkpoint("tiny-i2v-a14b-low-noise", d / "i2v_low_noise.safetensors",
+                                                torch.float32, seed=4)}
 
 
 def _load(path):
@@ -206,7 +208,7 @@ def test_missing_high_expert_equals_single_model_generate(pair, prompts):
 
 
 def test_a14b_defaults(pair, files):
-    low_i2v = _load(files["i2v"])
+    low_i2v = _load(files["i2v_a14b"])
     t2v = E.resolve_for_experts(WanExperts(low=pair["low"], high=pair["high"]),
                                 WanGenerateRequest("t2v", torch.zeros(1, 32), torch.zeros(1, 32)))
     assert (t2v.steps, t2v.shift, t2v.guidance_scale, t2v.guidance_scale_high) == (40, 12.0, 3.0, 4.0)
@@ -366,6 +368,14 @@ def test_mismatched_experts_refused_naming_files(pair, files, prompts):
         with pytest.raises(MusubiInputError, match="high-noise expert: got 'tiny-t2v-wide .*wide_high.safetensors"
                                                    ".*they differ in ffn_dim"):
             generate(WanExperts(low=pair["low"], high=lazy, mode="lazy"), _req(prompts, steps=2))
+        # two Wan 2.1 models: the same architecture, but a CLIP branch (I2V) or a file named as Wan 2.1 (T2V)
+        with pytest.raises(MusubiInputError, match="^low-noise expert: got 'tiny-i2v .*with a CLIP image branch "
+                                                   r"\(Wan 2.1\)'; expected a Wan 2.2 A14B expert"):
+            generate(WanExperts(low=i2v, high=i2v), _req(prompts, steps=2))
+        named_21 = LazyExpert(pair["low"].config, load=lambda: pytest.fail("loaded"),
+                              name="wan2.1_t2v_14B_fp16.safetensors")
+        with pytest.raises(MusubiInputError, match="^low-noise expert: got .*a file named as Wan 2.1'"):
+            generate(WanExperts(low=named_21, high=pair["high"], mode="lazy"), _req(prompts, steps=2))
         # the two files in each other's slots: their names (high_noise / low_noise) say so
         assert (pair["low"].config.expert, pair["high"].config.expert) == ("low", "high")
         with pytest.raises(MusubiInputError, match="^low-noise expert: got 'tiny-t2v .*high_noise.safetensors'; "

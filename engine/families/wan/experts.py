@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -136,8 +138,28 @@ def check_experts(experts: WanExperts) -> None:
             raise invalid(NAMES[HIGH], _describe(experts.high),
                           f"the same architecture as the {NAMES[LOW]} {_describe(experts.low)}: both experts of one "
                           f"Wan 2.2 A14B release (they differ in {', '.join(differ)})")
+    for name in (LOW, HIGH):
+        source = getattr(experts, name)
+        if source is not None:
+            _check_a14b(name, source)
     if experts.boundary is not None:
         normalize_boundary(experts.boundary)
+
+
+_WAN21_NAME = re.compile(r"wan[ _.-]?2[ _.-]?1(?!\d)", re.IGNORECASE)
+
+
+def _check_a14b(name: str, source) -> None:
+    """An A14B expert is a T2V or I2V DiT without a CLIP branch; a Wan 2.1 I2V / FLF2V / Fun-Control model, TI2V-5B,
+    or a file named as Wan 2.1 (its T2V-14B has the A14B T2V layout) is refused."""
+    cfg = _config(source)
+    path = source.name if isinstance(source, LazyExpert) else getattr(_module(source), "source_path", None)
+    wan21_file = path is not None and _WAN21_NAME.search(Path(str(path)).name) is not None
+    if _kind(cfg) not in ("t2v", "i2v") or cfg.has_image_input or wan21_file:
+        why = "a file named as Wan 2.1" if wan21_file else f"a model of kind {_kind(cfg)}" + (
+            " with a CLIP image branch (Wan 2.1)" if cfg.has_image_input else "")
+        raise invalid(NAMES[name], f"{_describe(source)}: {why}", "a Wan 2.2 A14B expert (a T2V or I2V DiT without "
+                      "CLIP, e.g. wan2.2_t2v_high_noise_14B / wan2.2_i2v_low_noise_14B)")
 
 
 def defaults_kind(config) -> str:
