@@ -6,6 +6,7 @@ against an independent source."""
 import torch
 
 from engine.families.wan.loader import load_wan_dit
+from engine.families.wan.presets import build_preset_state_dict
 
 T2V_TARGETS_PER_BLOCK = ["self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
                          "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2"]
@@ -50,3 +51,18 @@ def reference_delta(down, up, alpha, rank=None):
     rank = rank or down.shape[0]
     scale = 1.0 if alpha is None else alpha / rank
     return (up.double() @ down.double() * scale).float()
+
+
+def comfy_base(variant):
+    """The tiny preset resized where ComfyUI's Wan detection does not read sizes from the weights: it derives dim,
+    heads (dim/128), ffn_dim, layers and in_dim, but fixes text_dim = 4096 and the CLIP width = 1280."""
+    sd = build_preset_state_dict(f"tiny-{variant}")
+    g = torch.Generator().manual_seed(11)
+    dim = sd["head.modulation"].shape[-1]
+    sd["text_embedding.0.weight"] = torch.randn(dim, 4096, generator=g) * 0.01
+    if "img_emb.proj.1.weight" in sd:
+        sd |= {"img_emb.proj.0.weight": torch.ones(1280), "img_emb.proj.0.bias": torch.zeros(1280),
+               "img_emb.proj.1.weight": torch.randn(1280, 1280, generator=g) * 0.01,
+               "img_emb.proj.1.bias": torch.zeros(1280),
+               "img_emb.proj.3.weight": torch.randn(dim, 1280, generator=g) * 0.01}
+    return sd
