@@ -617,18 +617,23 @@ def markdown_tables(rows: list[dict], gpus: dict) -> str:
             if not sel:
                 continue
             what = "LoRA rank 32 training step" if task == "train" else f"inference forward (batch {sel[0]['batch']})"
+            pair = any("experts" in r for r in sel)
             lines += [f"### {FAMILIES[family].display} {model}, {what}, latent {'×'.join(map(str, sel[0]['latent']))} "
                       f"({sel[0]['tokens']} tokens)", "",
-                      "| fp8 | swap | act. offload | non-block offload | optimizer | saved inputs | peak GB | "
-                      "weights GB | host GB (swap + act.) | H2D GB/step | "
+                      "| " + ("experts | " if pair else "") + "fp8 | swap | act. offload | non-block offload | "
+                      "optimizer | saved inputs | peak GB | weights GB | host GB (swap + act."
+                      + (" + parked" if pair else "") + ") | H2D GB/step | "
+                      + ("switch GB | " if pair else "")
                       + " | ".join(f"overhead {k}" for k in gpus) + " |",
-                      "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(gpus)]
+                      "|---|---|---|---|---|---|---|---|---|---|" + "---|" * (len(gpus) + 2 * pair)]
             for r in sel:
-                lines.append(f"| {r['fp8']} | {r['blocks_to_swap']} | {'yes' if r['activation_offload'] else 'no'} "
+                lines.append(("| " + r.get("experts", "-") + " " if pair else "")
+                             + f"| {r['fp8']} | {r['blocks_to_swap']} | {'yes' if r['activation_offload'] else 'no'} "
                              f"| {'yes' if r.get('offload_non_blocks') else 'no'} | {r.get('optimizer') or '-'} "
                              f"| {saved_inputs(r)} | {r['peak_gb']:.1f} | {r['weights_on_gpu_gb']:.1f} "
                              f"| {host_gb(r):.1f} | "
                              f"{r['h2d_gb_per_step']:.1f} | "
+                             + (f"{r.get('switch_gb', 0.0):.1f} | " if pair else "")
                              + " | ".join(f"{r.get(f'overhead_{k}', 0):.2f}×" for k in gpus) + " |")
             lines.append("")
     return "\n".join(lines)
@@ -643,12 +648,14 @@ def saved_inputs(row: dict) -> str:
 
 QUALITY = {"none": 0, "scaled": 1, "e4m3": 2}   # bf16 > fp8 scaled > fp8 e4m3 (Musubi's docs)
 CARDS_GB = (8, 12, 16, 24, 32, 48, 80)
+PAIR_PREFERENCE = {"both": 0, "offload": 1, "lazy": 2}   # no switch cost, then a switch from RAM, then from disk
 
 
 def host_gb(row: dict) -> float:
     """Host RAM the setting holds (pinned on CUDA): block-swap masters plus the offloaded activations, which are
-    all live at the end of the forward pass."""
-    return row["host_swap_gb"] + (row["d2h_gb_per_step"] if row.get("activation_offload") else 0.0)
+    all live at the end of the forward pass, plus a parked expert's weights."""
+    return row["host_swap_gb"] + (row["d2h_gb_per_step"] if row.get("activation_offload") else 0.0) \
+        + row.get("host_parked_gb", 0.0)   # an expert pair's parked expert ("offload")
 
 
 def ram_budget_gb(memory_gb: float) -> float:
@@ -666,11 +673,15 @@ def recommend(rows: list[dict], memory_gb: float, model: str, task: str, family:
     if not fitting:
         return None
     return min(fitting, key=lambda r: (QUALITY[r["fp8"]], r["blocks_to_swap"], r["activation_offload"],
-                                       r.get("offload_non_blocks", False), r.get("optimizer") == "adamw8bit"))
+                                       r.get("offload_non_blocks", False), r.get("optimizer") == "adamw8bit",
+                                       PAIR_PREFERENCE.get(r.get("experts"), 0)))
 
 
 def describe(r: dict) -> str:
     parts = ["bf16" if r["fp8"] == "none" else f"fp8 {r['fp8']}"]
+    if r.get("experts"):
+        parts.insert(0, {"both": "both experts on the GPU", "offload": "idle expert offloaded",
+                         "lazy": "lazy experts"}[r["experts"]])
     parts.append(f"swap {r['blocks_to_swap']}" if r["blocks_to_swap"] else "no swap")
     if r.get("activation_offload"):
         parts.append("activation offload")
@@ -785,10 +796,15 @@ def _expert_modes(arg: str | None, model: str, task: str, fam: Family) -> list[s
 def write_markdown(path: str, rows: list[dict], gpus: dict) -> None:
     """Per latent shape: the recommendation table, then every simulated row."""
     parts = []
-    for latent in sorted({tuple(r["latent"]) for r in rows}, key=lambda x: -x[0] * x[1] * x[2]):
-        sel = [r for r in rows if tuple(r["latent"]) == latent]
+    def stride(r):
+        fam = FAMILIES[row_family(r)]
+        return tuple(fam.stride(fam.config(r["model"])))
+
+    for latent, st in sorted({(tuple(r["latent"]), stride(r)) for r in rows},
+                             key=lambda x: -x[0][0] * x[0][1] * x[0][2] * x[1][1] * x[1][2]):
+        sel = [r for r in rows if tuple(r["latent"]) == latent and stride(r) == st]
         f, h, w = latent
-        parts += [f"## {w * 8}×{h * 8}×{(f - 1) * 4 + 1} (latent {f}×{h}×{w}, {sel[0]['tokens']} tokens)", "",
+        parts += [f"## {w * st[2]}×{h * st[1]}×{(f - 1) * st[0] + 1} (latent {f}×{h}×{w}, {sel[0]['tokens']} tokens)", "",
                   recommendation_table(sel), "", markdown_tables(sel, gpus)]
     Path(path).write_text("\n".join(parts), encoding="utf-8")
 
