@@ -5,6 +5,8 @@ GPU, no weights, no RAM).
     python benchmarks/sim_memory.py --model 14B --task train --fp8 scaled --swap 0,20 --offload 1
     python benchmarks/sim_memory.py --model tiny --latent 2,8,8      # seconds
     python benchmarks/sim_memory.py --markdown docs/memory_tables.md  # also write the docs tables
+    python benchmarks/sim_memory.py --family wan22 --model A14B-T2V --task train --fp8 scaled --swap 30 --offload 1 \
+        --experts both,offload                                       # Wan 2.2 A14B: both experts in one session
     python benchmarks/sim_memory.py --family hunyuan --model 13B --task train --fp8 scaled --swap 0,max --offload 1
     python benchmarks/sim_memory.py --family framepack --model 13B --task infer --fp8 scaled --swap max
 
@@ -30,6 +32,11 @@ one list of 60, through the same engine functions.
 FramePack: one section (latent window 9 at 640×640: 14 400 generated tokens) with the longest history (start +
 post latents, 2 latents 2× and 16 latents 4× compressed: +4 000 tokens), 729 SigLIP image tokens and 512 LLaMA text
 tokens (all real) + CLIP-L; embedded guidance 10 (inference), 1.0 (training, through `training_forward`).
+
+Wan 2.2 (`--family wan22`): A14B experts (the 14B DiT; I2V with 36 input channels, no CLIP) and TI2V-5B (48
+channels, 16× VAE, t per latent frame with frame 0 clean). An A14B model is a pair: `--experts` both (the idle
+expert placed too, its own block swapper), offload (parked in pinned host memory; switches cost park + place) or
+lazy (inference: not loaded); training gives each expert its own LoRA, and one AdamW holds both.
 
 One JSON line per configuration. Attention is PyTorch's flash kernel (memory linear in the sequence length), as
 on a GPU with SDPA, FlashAttention or SageAttention.
@@ -804,7 +811,8 @@ def write_markdown(path: str, rows: list[dict], gpus: dict) -> None:
                              key=lambda x: -x[0][0] * x[0][1] * x[0][2] * x[1][1] * x[1][2]):
         sel = [r for r in rows if tuple(r["latent"]) == latent and stride(r) == st]
         f, h, w = latent
-        parts += [f"## {w * st[2]}×{h * st[1]}×{(f - 1) * st[0] + 1} (latent {f}×{h}×{w}, {sel[0]['tokens']} tokens)", "",
+        size = f"{w * st[2]}×{h * st[1]}×{(f - 1) * st[0] + 1}"
+        parts += [f"## {size} (latent {f}×{h}×{w}, {sel[0]['tokens']} tokens)", "",
                   recommendation_table(sel), "", markdown_tables(sel, gpus)]
     Path(path).write_text("\n".join(parts), encoding="utf-8")
 

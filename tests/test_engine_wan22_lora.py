@@ -130,7 +130,8 @@ def test_musubi_file_round_trips_through_the_engine_reader(tmp_path, variant):
     """Musubi's spelling (lora_unet_…, alpha per module) read back by the engine, with and without the model:
     the same modules, shapes and ΔW as the network, and the Wan metadata Musubi writes."""
     model, net, deltas = _network(variant, seed=60)
-    path = save_lora(net, tmp_path / f"{variant}.safetensors", format="musubi", metadata={"ss_timestep_boundary": 0.875})
+    path = save_lora(net, tmp_path / f"{variant}.safetensors", format="musubi",
+                     metadata={"ss_timestep_boundary": 0.875})
     with safe_open(str(path), "pt") as f:
         keys, meta = list(f.keys()), f.metadata()
     assert all(k.startswith("lora_unet_blocks_") for k in keys) and len(keys) == 3 * len(deltas)

@@ -121,6 +121,21 @@ def test_framepack_simulation_equals_a_real_run(task):
 
 # --- Wan 2.2 (sim_memory --family wan22): A14B expert pairs, TI2V-5B -----------------------------------------------
 
+def test_wan22_a14b_pair_lora_training_fits_24gb_and_64gb_host_ram():
+    """Issue 16's goal: both A14B experts trained in one session at 832×480×81 within 24 GB of VRAM and 64 GB of RAM.
+    fp8 scaled, the idle expert parked in pinned host memory (its adapters and AdamW moments stay on the GPU),
+    30 blocks swapped per expert, activation offload: the modelled step pays ≤ 10 % for swap, offload and the
+    expected expert switches."""
+    cfg = sim.SimConfig(family="wan22", model="A14B-T2V", task="train", fp8="scaled", blocks_to_swap=30,
+                        activation_offload=True, experts="offload")
+    row = sim.add_timing(sim.simulate(cfg), {"rtx4090-24": GPU_MODELS["rtx4090-24"]})
+    assert row["tokens"] == 32760
+    assert sim.fits(row, 24), row["peak_gb"]
+    assert sim.host_gb(row) <= 64, sim.host_gb(row)
+    assert 14 < row["host_parked_gb"] < 16                  # the parked expert: 14 B parameters in fp8 + scales
+    assert row["overhead_rtx4090-24"] <= 1.10
+
+
 @pytest.mark.parametrize("model", ["tiny-i2v", "tiny-ti2v"])
 def test_wan22_simulation_equals_a_real_run(model):
     """An A14B I2V expert pair with both experts placed (y channels, the idle expert's weights, adapters and AdamW
