@@ -24,6 +24,21 @@ def tiny_model(variant="t2v", dtype=torch.float32):
     return load_wan_dit(f"preset:tiny-{variant}", dtype=dtype).eval()
 
 
+def comfy_base(variant):
+    """The tiny preset resized where ComfyUI's Wan detection does not read sizes from the weights: it derives dim,
+    heads (dim/128), ffn_dim, layers and in_dim, but fixes text_dim = 4096 and the CLIP width = 1280."""
+    sd = build_preset_state_dict(f"tiny-{variant}")
+    g = torch.Generator().manual_seed(11)
+    dim = sd["head.modulation"].shape[-1]
+    sd["text_embedding.0.weight"] = torch.randn(dim, 4096, generator=g) * 0.01
+    if "img_emb.proj.1.weight" in sd:
+        sd |= {"img_emb.proj.0.weight": torch.ones(1280), "img_emb.proj.0.bias": torch.zeros(1280),
+               "img_emb.proj.1.weight": torch.randn(1280, 1280, generator=g) * 0.01,
+               "img_emb.proj.1.bias": torch.zeros(1280),
+               "img_emb.proj.3.weight": torch.randn(dim, 1280, generator=g) * 0.01}
+    return sd
+
+
 def weight_shapes(model):
     return {n: tuple(m.weight.shape) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
@@ -51,18 +66,3 @@ def reference_delta(down, up, alpha, rank=None):
     rank = rank or down.shape[0]
     scale = 1.0 if alpha is None else alpha / rank
     return (up.double() @ down.double() * scale).float()
-
-
-def comfy_base(variant):
-    """The tiny preset resized where ComfyUI's Wan detection does not read sizes from the weights: it derives dim,
-    heads (dim/128), ffn_dim, layers and in_dim, but fixes text_dim = 4096 and the CLIP width = 1280."""
-    sd = build_preset_state_dict(f"tiny-{variant}")
-    g = torch.Generator().manual_seed(11)
-    dim = sd["head.modulation"].shape[-1]
-    sd["text_embedding.0.weight"] = torch.randn(dim, 4096, generator=g) * 0.01
-    if "img_emb.proj.1.weight" in sd:
-        sd |= {"img_emb.proj.0.weight": torch.ones(1280), "img_emb.proj.0.bias": torch.zeros(1280),
-               "img_emb.proj.1.weight": torch.randn(1280, 1280, generator=g) * 0.01,
-               "img_emb.proj.1.bias": torch.zeros(1280),
-               "img_emb.proj.3.weight": torch.randn(dim, 1280, generator=g) * 0.01}
-    return sd
