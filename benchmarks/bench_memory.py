@@ -3,6 +3,7 @@
     python benchmarks/bench_memory.py                        # GPU: Wan 1.3B and 14B at 832×480×81 (latent 21×60×104)
     python benchmarks/bench_memory.py --family hunyuan       # GPU: HunyuanVideo 13B at 960×544×129 (latent 33×68×120)
     python benchmarks/bench_memory.py --device cpu --model tiny   # quick CPU smoke run, same output format
+    python benchmarks/bench_memory.py --family wan22 --model TI2V-5B --latent 31,44,80   # GPU: 1280×704×121
 
 One JSON line per configuration: seconds per step, peak device memory, host (pinned) memory held by block swap,
 bytes copied host->device per step, the measured host->device bandwidth, the transfer time those bytes imply, and the
@@ -33,7 +34,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
     p.add_argument("--family", default="wan", choices=list(FAMILIES))
-    p.add_argument("--model", default=None, help="comma list (Wan: tiny, 1.3B, 14B; HunyuanVideo: tiny, 13B); "
+    p.add_argument("--model", default=None, help="comma list (Wan: tiny, 1.3B, 14B; HunyuanVideo: tiny, 13B; "
+                                                 "Wan 2.2: tiny, tiny-i2v, tiny-ti2v, A14B-T2V, A14B-I2V (one "
+                                                 "expert), TI2V-5B); "
                                                  "default: the family's full-size models")
     p.add_argument("--task", default="train,infer")
     p.add_argument("--swap", default=None, help="comma list of block counts or 'max' (default: the family's grid; "
@@ -97,7 +100,7 @@ def build_model(family: str, name: str, fp8: str):
 def make_inputs(family: str, model, latent, device):
     f, h, w = latent
     torch.manual_seed(0)
-    x = torch.randn(1, 16, f, h, w).to(device, torch.bfloat16)
+    x = torch.randn(1, FAMILIES[family].channels(model.config), f, h, w).to(device, torch.bfloat16)
     return x, torch.tensor([500.0], device=device), FAMILIES[family].inputs(model.config, 1, device)
 
 

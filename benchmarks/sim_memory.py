@@ -5,6 +5,8 @@ GPU, no weights, no RAM).
     python benchmarks/sim_memory.py --model 14B --task train --fp8 scaled --swap 0,20 --offload 1
     python benchmarks/sim_memory.py --model tiny --latent 2,8,8      # seconds
     python benchmarks/sim_memory.py --markdown docs/memory_tables.md  # also write the docs tables
+    python benchmarks/sim_memory.py --family wan22 --model A14B-T2V --task train --fp8 scaled --swap 30 --offload 1 \
+        --experts both,offload                                       # Wan 2.2 A14B: both experts in one session
     python benchmarks/sim_memory.py --family hunyuan --model 13B --task train --fp8 scaled --swap 0,max --offload 1
     python benchmarks/sim_memory.py --family framepack --model 13B --task infer --fp8 scaled --swap max
 
@@ -30,6 +32,11 @@ one list of 60, through the same engine functions.
 FramePack: one section (latent window 9 at 640×640: 14 400 generated tokens) with the longest history (start +
 post latents, 2 latents 2× and 16 latents 4× compressed: +4 000 tokens), 729 SigLIP image tokens and 512 LLaMA text
 tokens (all real) + CLIP-L; embedded guidance 10 (inference), 1.0 (training, through `training_forward`).
+
+Wan 2.2 (`--family wan22`): A14B experts (the 14B DiT; I2V with 36 input channels, no CLIP) and TI2V-5B (48
+channels, 16× VAE, t per latent frame with frame 0 clean). An A14B model is a pair: `--experts` both (the idle
+expert placed too, its own block swapper), offload (parked in pinned host memory; switches cost park + place) or
+lazy (inference: not loaded); training gives each expert its own LoRA, and one AdamW holds both.
 
 One JSON line per configuration. Attention is PyTorch's flash kernel (memory linear in the sequence length), as
 on a GPU with SDPA, FlashAttention or SageAttention.
@@ -73,6 +80,9 @@ class Family:
     latent: tuple                    # the default latent shape of the tables
     swaps: str                       # the default --swap grid
     default_models: str
+    channels: object = lambda c: 16  # config -> latent channels
+    stride: object = lambda c: (4, 8, 8)   # config -> VAE (time, height, width) pixels per latent
+    pairs: tuple = ()                # models that are timestep-expert pairs (Wan 2.2 A14B)
 
 
 def _wan_config(name: str):
@@ -98,7 +108,26 @@ def _wan_inputs(config, batch: int, device=DEVICE) -> dict:
 
 
 def _wan_call(model, inputs: dict, x, t, train: bool):
-    return model(x, t, inputs["context"])
+    cfg = model.config
+    y = None
+    if cfg.in_dim > cfg.out_dim:   # image-conditioned (A14B I2V: mask + image latents), as the cache gives them
+        y = torch.randn(x.shape[0], cfg.in_dim - cfg.out_dim, *x.shape[2:], device=x.device, dtype=x.dtype)
+    if cfg.model_type == "ti2v":   # TI2V-5B: the first latent frame kept clean, t per latent frame [B, f]
+        t = torch.cat([torch.zeros_like(t)[:, None], t[:, None].expand(-1, x.shape[2] - 1)], dim=1)
+    return model(x, t, inputs["context"], y=y)
+
+
+WAN22_MODELS = {"tiny": "tiny-t2v-a14b-low-noise", "tiny-i2v": "tiny-i2v-a14b-low-noise",
+                "tiny-ti2v": "tiny-ti2v-5b", "A14B-T2V": "t2v-A14B", "A14B-I2V": "i2v-A14B", "TI2V-5B": "ti2v-5B"}
+WAN22_PAIRS = ("tiny", "tiny-i2v", "A14B-T2V", "A14B-I2V")   # expert pairs (the other models are one DiT)
+
+
+def _wan22_config(name: str):
+    from engine.families.wan.presets import OFFICIAL, preset_config
+
+    if name.startswith("tiny"):
+        return dataclasses.replace(preset_config(WAN22_MODELS[name]), num_layers=TINY_LAYERS)
+    return OFFICIAL[WAN22_MODELS[name]]
 
 
 HUNYUAN_MODELS = {"tiny": "tiny", "13B": "t2v-13B"}
@@ -210,6 +239,10 @@ FAMILIES = {
                         lambda c: c.double_blocks + c.single_blocks, _framepack_build, _framepack_keep_fp32,
                         _framepack_inputs, _framepack_call, cfg_batch=1, latent=(9, 80, 80),
                         swaps="0,20,40,50,max", default_models="13B"),
+    "wan22": Family("Wan 2.2", WAN22_MODELS, _wan22_config, lambda c: c.num_layers, _wan_build, _wan_keep_fp32,
+                    _wan_inputs, _wan_call, cfg_batch=2, latent=(21, 60, 104), swaps="0,20,30,max",
+                    default_models="A14B-T2V,A14B-I2V", channels=lambda c: c.out_dim,
+                    stride=lambda c: c.vae_stride, pairs=WAN22_PAIRS),
 }
 
 
@@ -263,7 +296,11 @@ class SimConfig:
                                        # file has) | float32 (the official release: they are kept in float32)
     optimizer_offload: bool = False    # AdamW's state on the host between optimizer steps
     composition: bool = False          # also list what the peak is made of (slower: snapshots the live storages)
-    family: str = "wan"                # wan | hunyuan
+    family: str = "wan"                # wan | hunyuan | framepack | wan22
+    experts: str = "none"              # a timestep-expert pair (wan22 A14B): both (the idle expert placed too) |
+                                       # offload (the idle expert parked in pinned host memory) | lazy (inference:
+                                       # the idle expert not loaded) | none (one DiT)
+    layout: str = "separate"           # pair training: one LoRA per expert (separate) | one shared LoRA (shared)
 
 
 def model_config(name: str, family: str = "wan"):
@@ -344,17 +381,88 @@ class _AdamWState:
     def step(self):
         if self.offload:   # the trainer's move_optimizer_state: all of it to the device, step, all back
             self.state = [(m.to(DEVICE), v.to(DEVICE)) for m, v in self.state]
-        with torch.no_grad():
+        with torch.no_grad():   # (an idle expert's adapters have no gradient: the optimizer skips them)
             if self.eight_bit:
                 for p in self.params:
-                    p.add_(p.grad, alpha=-1e-4)
+                    if p.grad is not None:
+                        p.add_(p.grad, alpha=-1e-4)
             else:
                 for p, (m, v) in zip(self.params, self.state):
+                    if p.grad is None:
+                        continue
                     m.mul_(0.9).add_(p.grad, alpha=0.1)
                     v.mul_(0.999).addcmul_(p.grad, p.grad, value=0.001)
                     p.add_(m / (v.sqrt() + 1e-8), alpha=-1e-4)
         if self.offload:
             self.state = [(m.to(HOST), v.to(HOST)) for m, v in self.state]
+
+
+EXPERT_MODES = ("both", "offload", "lazy")
+INFERENCE_STEPS = 40   # the A14B sampler's default: one park + one place per expert per generation ("offload")
+
+
+def _tensors_bytes(module, device, skip=()) -> int:
+    """Bytes of the module's parameters and buffers on `device` (not counting `skip`, e.g. adapter parameters)."""
+    skip = {id(t) for t in skip}
+    return sum(t.numel() * t.element_size() for t in itertools.chain(module.parameters(), module.buffers())
+               if id(t) not in skip and t.device == torch.device(device))
+
+
+def _resident_bytes(model, net) -> int:
+    """What parking an expert moves off the device (and placing it back on): its weights on the device between
+    steps, i.e. all but the streamed blocks; the adapters stay on the device."""
+    return _tensors_bytes(model, DEVICE, net.parameters() if net is not None else ())
+
+
+class _Idle:
+    """The expert that does not run this step: the same architecture with its own weights. "both": placed like the
+    running one (resident weights on the device, streamed blocks in its own block swapper's host masters);
+    "offload": parked, every weight in (pinned) host memory; "lazy": not loaded. Training: its own adapters, on the
+    device in every mode (they follow their expert there and stay when it parks); shared layout: the same tensors."""
+
+    def __init__(self, cfg: SimConfig, config, meter, active_net, host):
+        from engine.lora.adapters import AdapterConfig, AdapterNetwork
+        from engine.memory import move_to, swap_blocks
+        from engine.training.experts import tie_parameters
+
+        self.cfg, self.swapper, self.net = cfg, None, None
+        self.model = _build_on_host(config, cfg.fp8, DEVICE, host, cfg.fp8_scale_dtype, cfg.source_dtype,
+                                    cfg.family)
+        self.bytes = _tensors_bytes(self.model, host)   # every weight of the expert
+        if active_net is not None:
+            self.net = AdapterNetwork.create(self.model, AdapterConfig(rank=cfg.rank, alpha=cfg.rank))
+            if cfg.layout == "shared":
+                tie_parameters(self.net, active_net)
+            move_to(self.net, DEVICE)
+        n_swap = resolve_swap(cfg.model, cfg.blocks_to_swap, cfg.family)
+        if cfg.experts == "both":
+            if n_swap:
+                self.swapper = swap_blocks(self.model, n_swap, DEVICE, prefetch=cfg.prefetch,
+                                           placement=cfg.placement, offload_non_blocks=cfg.offload_non_blocks,
+                                           transfer=metered_transfer(meter))
+                self.swapper.evict_loaded()   # what `Residency.place(training=True)` leaves: nothing streamed in
+            else:
+                move_to(self.model, DEVICE)
+        self.host_masters = self.swapper.host_bytes if self.swapper is not None else 0
+        self.parked = self.bytes if cfg.experts == "offload" else 0
+
+    def detach(self):
+        if self.swapper is not None:
+            self.swapper.detach(device=HOST)
+
+
+def _pair_fields(cfg: SimConfig, config, idle: _Idle, resident: int) -> dict:
+    """The pair's columns: mode, host RAM of the parked expert, bytes per expert switch and switches per step.
+    Training ("offload"): Musubi's per-batch choice switches with probability 2p(1-p), p = the high-noise share of
+    the timesteps (1 - boundary for uniform t); inference: two switches per generation of INFERENCE_STEPS steps."""
+    from engine.families.wan.experts import BOUNDARY
+
+    train = cfg.task == "train"
+    p = 1 - BOUNDARY["i2v" if config.in_dim > config.out_dim else "t2v"]
+    moving = cfg.experts != "both"
+    return {"experts": cfg.experts, **({"layout": cfg.layout} if train else {}),
+            "host_parked_gb": idle.parked / GB, "switch_gb": resident / GB if moving else 0.0,
+            "switches_per_step": (2 * p * (1 - p) if train else 2 / INFERENCE_STEPS) if moving else 0.0}
 
 
 def simulate(cfg: SimConfig, fake: bool = True) -> dict:
@@ -372,8 +480,14 @@ def simulate(cfg: SimConfig, fake: bool = True) -> dict:
     n_swap = resolve_swap(cfg.model, cfg.blocks_to_swap, cfg.family)
     train = cfg.task == "train"
     host = HOST if fake else DEVICE
-    if not fake and (n_swap or cfg.activation_offload):
-        raise ValueError("a real (fake=False) run has no separate host memory: no block swap or activation offload")
+    if not fake and (n_swap or cfg.activation_offload or cfg.experts in ("offload", "lazy")):
+        raise ValueError("a real (fake=False) run has no separate host memory: no block swap, activation offload "
+                         "or parked expert")
+    pair = cfg.experts != "none"
+    if pair and (cfg.model not in fam.pairs or cfg.experts not in EXPERT_MODES
+                 or (train and cfg.experts == "lazy")):
+        raise ValueError(f"experts={cfg.experts!r}: {EXPERT_MODES} for an expert pair ({fam.pairs}), lazy only "
+                         f"for inference")
     started = time.perf_counter()
     with (FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()), \
             LiveMemoryMeter(DEVICE, snapshot_peak=cfg.composition) as meter, _fake_masks_all_real(cfg.family, fake):
@@ -391,15 +505,18 @@ def simulate(cfg: SimConfig, fake: bool = True) -> dict:
                                   offload_non_blocks=cfg.offload_non_blocks, transfer=metered_transfer(meter))
         else:
             move_to(model, DEVICE)
-        weights = meter.live_bytes()   # base weights on the device (+ adapters)
-        host_masters = swapper.host_bytes if swapper is not None else 0
-        if train and cfg.optimizer != "none":
-            optimizer = _AdamWState(net.parameters(), eight_bit=cfg.optimizer == "adamw8bit",
+        idle = _Idle(cfg, config, meter, net, host) if pair else None
+        weights = meter.live_bytes()   # base weights on the device (+ adapters; + the idle expert's)
+        host_masters = (swapper.host_bytes if swapper is not None else 0) + (idle.host_masters if idle else 0)
+        if train and cfg.optimizer != "none":   # a pair: one optimizer for both experts' adapters (separate layout)
+            params = list(net.parameters()) + (list(idle.net.parameters()) if idle and idle.net else [])
+            params = list({id(p): p for p in params}.values())   # shared layout: the same tensors once
+            optimizer = _AdamWState(params, eight_bit=cfg.optimizer == "adamw8bit",
                                     offload=cfg.optimizer_offload and host != DEVICE)
 
         f, h, w = cfg.latent
         batch = 1 if train else (cfg.cfg_batch or fam.cfg_batch)
-        x0 = torch.randn(batch, 16, f, h, w, device=DEVICE)
+        x0 = torch.randn(batch, fam.channels(config), f, h, w, device=DEVICE)
         inputs = fam.inputs(config, batch)
         t = torch.full((batch,), 500.0, device=DEVICE)
         meter.reset_peak()
@@ -422,6 +539,9 @@ def simulate(cfg: SimConfig, fake: bool = True) -> dict:
         report = meter.report()
         if swapper is not None:
             swapper.detach(device=host)
+        if idle is not None:
+            idle.detach()
+        resident = _resident_bytes(model, net)
 
     return {
         **({"family": cfg.family} if cfg.family != "wan" else {}),
@@ -440,6 +560,7 @@ def simulate(cfg: SimConfig, fake: bool = True) -> dict:
         "host_swap_gb": host_masters / GB,
         "h2d_gb_per_step": report.h2d_bytes / GB, "d2h_gb_per_step": report.d2h_bytes / GB,
         "tflop_per_step": report.flops / 1e12,
+        **(_pair_fields(cfg, config, idle, resident) if pair else {}),
         "sim_seconds": round(time.perf_counter() - started, 1),
         "_timeline": report.timeline,
         **({"peak_composition": composition(meter.peak_snapshot)} if cfg.composition else {}),
@@ -467,8 +588,15 @@ def add_timing(row: dict, gpus: dict) -> dict:
 
     for key, gpu in gpus.items():
         t = replay(row["_timeline"], gpu)
-        row[f"overhead_{key}"] = round(t.seconds / t.compute_seconds, 3) if t.compute_seconds else None
-        row[f"step_s_{key}"] = round(t.seconds, 2)
+        # an expert switch ("offload", "lazy"): park the running expert (D2H; "lazy" frees it) and place the other
+        # (H2D; "lazy" also reads its file, not modelled), synchronous; amortized over the steps
+        switch = row.get("switch_gb", 0.0) * (1 / gpu.h2d_gbps + (1 / gpu.d2h_gbps if row.get("experts") == "offload"
+                                                                  else 0.0))
+        seconds = t.seconds + row.get("switches_per_step", 0.0) * switch
+        row[f"overhead_{key}"] = round(seconds / t.compute_seconds, 3) if t.compute_seconds else None
+        row[f"step_s_{key}"] = round(seconds, 2)
+        if "switch_gb" in row:
+            row[f"switch_s_{key}"] = round(switch, 2)
     return row
 
 
@@ -496,18 +624,23 @@ def markdown_tables(rows: list[dict], gpus: dict) -> str:
             if not sel:
                 continue
             what = "LoRA rank 32 training step" if task == "train" else f"inference forward (batch {sel[0]['batch']})"
+            pair = any("experts" in r for r in sel)
             lines += [f"### {FAMILIES[family].display} {model}, {what}, latent {'×'.join(map(str, sel[0]['latent']))} "
                       f"({sel[0]['tokens']} tokens)", "",
-                      "| fp8 | swap | act. offload | non-block offload | optimizer | saved inputs | peak GB | "
-                      "weights GB | host GB (swap + act.) | H2D GB/step | "
+                      "| " + ("experts | " if pair else "") + "fp8 | swap | act. offload | non-block offload | "
+                      "optimizer | saved inputs | peak GB | weights GB | host GB (swap + act."
+                      + (" + parked" if pair else "") + ") | H2D GB/step | "
+                      + ("switch GB | " if pair else "")
                       + " | ".join(f"overhead {k}" for k in gpus) + " |",
-                      "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(gpus)]
+                      "|---|---|---|---|---|---|---|---|---|---|" + "---|" * (len(gpus) + 2 * pair)]
             for r in sel:
-                lines.append(f"| {r['fp8']} | {r['blocks_to_swap']} | {'yes' if r['activation_offload'] else 'no'} "
+                lines.append(("| " + r.get("experts", "-") + " " if pair else "")
+                             + f"| {r['fp8']} | {r['blocks_to_swap']} | {'yes' if r['activation_offload'] else 'no'} "
                              f"| {'yes' if r.get('offload_non_blocks') else 'no'} | {r.get('optimizer') or '-'} "
                              f"| {saved_inputs(r)} | {r['peak_gb']:.1f} | {r['weights_on_gpu_gb']:.1f} "
                              f"| {host_gb(r):.1f} | "
                              f"{r['h2d_gb_per_step']:.1f} | "
+                             + (f"{r.get('switch_gb', 0.0):.1f} | " if pair else "")
                              + " | ".join(f"{r.get(f'overhead_{k}', 0):.2f}×" for k in gpus) + " |")
             lines.append("")
     return "\n".join(lines)
@@ -522,12 +655,14 @@ def saved_inputs(row: dict) -> str:
 
 QUALITY = {"none": 0, "scaled": 1, "e4m3": 2}   # bf16 > fp8 scaled > fp8 e4m3 (Musubi's docs)
 CARDS_GB = (8, 12, 16, 24, 32, 48, 80)
+PAIR_PREFERENCE = {"both": 0, "offload": 1, "lazy": 2}   # no switch cost, then a switch from RAM, then from disk
 
 
 def host_gb(row: dict) -> float:
     """Host RAM the setting holds (pinned on CUDA): block-swap masters plus the offloaded activations, which are
-    all live at the end of the forward pass."""
-    return row["host_swap_gb"] + (row["d2h_gb_per_step"] if row.get("activation_offload") else 0.0)
+    all live at the end of the forward pass, plus a parked expert's weights."""
+    return row["host_swap_gb"] + (row["d2h_gb_per_step"] if row.get("activation_offload") else 0.0) \
+        + row.get("host_parked_gb", 0.0)   # an expert pair's parked expert ("offload")
 
 
 def ram_budget_gb(memory_gb: float) -> float:
@@ -545,11 +680,15 @@ def recommend(rows: list[dict], memory_gb: float, model: str, task: str, family:
     if not fitting:
         return None
     return min(fitting, key=lambda r: (QUALITY[r["fp8"]], r["blocks_to_swap"], r["activation_offload"],
-                                       r.get("offload_non_blocks", False), r.get("optimizer") == "adamw8bit"))
+                                       r.get("offload_non_blocks", False), r.get("optimizer") == "adamw8bit",
+                                       PAIR_PREFERENCE.get(r.get("experts"), 0)))
 
 
 def describe(r: dict) -> str:
     parts = ["bf16" if r["fp8"] == "none" else f"fp8 {r['fp8']}"]
+    if r.get("experts"):
+        parts.insert(0, {"both": "both experts on the GPU", "offload": "idle expert offloaded",
+                         "lazy": "lazy experts"}[r["experts"]])
     parts.append(f"swap {r['blocks_to_swap']}" if r["blocks_to_swap"] else "no swap")
     if r.get("activation_offload"):
         parts.append("activation offload")
@@ -600,6 +739,9 @@ def parse_args(argv=None):
     p.add_argument("--source-dtype", default="bf16", help="the simulated DiT file: bf16 or float32 (official release)")
     p.add_argument("--optimizer-offload", default="0", help="optimizer state on the host between steps: 0, 1 or 0,1")
     p.add_argument("--composition", action="store_true", help="list what each peak is made of")
+    p.add_argument("--experts", default=None, help="expert pairs (wan22 A14B): both, offload, lazy (inference) or a "
+                                                   "comma list; default both,offload (+ lazy for inference)")
+    p.add_argument("--layout", default="separate", help="pair training: separate (a LoRA per expert) or shared")
     p.add_argument("--gpus", default="rtx4060ti-16,rtx4090-24,h100-80")
     p.add_argument("--markdown", default=None, help="write the tables to this file")
     p.add_argument("--from-jsonl", default=None, help="no simulation: read rows this script printed earlier")
@@ -628,13 +770,15 @@ def main(argv=None) -> list[dict]:
         for task in args.task.split(","):
             for fp8 in args.fp8.split(","):
                 for n in swaps:
-                    for off, nb, opt, cd, oo in itertools.product(
+                    for off, nb, opt, cd, oo, ex in itertools.product(
                             args.offload.split(",") if task == "train" else ["0"],
                             args.non_blocks.split(",") if n else ["0"],
                             args.optimizer.split(",") if task == "train" else ["adamw"],
                             args.checkpoint_dtype.split(",") if task == "train" else ["compute"],
-                            args.optimizer_offload.split(",") if task == "train" else ["0"]):
-                        row = simulate(SimConfig(model=model, task=task, fp8=fp8, blocks_to_swap=n,
+                            args.optimizer_offload.split(",") if task == "train" else ["0"],
+                            _expert_modes(args.experts, model, task, fam)):
+                        row = simulate(SimConfig(model=model, task=task, fp8=fp8, blocks_to_swap=n, experts=ex,
+                                                 layout=args.layout,
                                                  activation_offload=off == "1", offload_non_blocks=nb == "1",
                                                  optimizer=opt, latent=latent, steps=args.steps,
                                                  checkpoint_dtype=cd, composition=args.composition,
@@ -649,13 +793,26 @@ def main(argv=None) -> list[dict]:
     return rows
 
 
+def _expert_modes(arg: str | None, model: str, task: str, fam: Family) -> list[str]:
+    if model not in fam.pairs:
+        return ["none"]
+    modes = arg.split(",") if arg else ["both", "offload"] + (["lazy"] if task == "infer" else [])
+    return [m for m in modes if not (m == "lazy" and task == "train")]
+
+
 def write_markdown(path: str, rows: list[dict], gpus: dict) -> None:
     """Per latent shape: the recommendation table, then every simulated row."""
     parts = []
-    for latent in sorted({tuple(r["latent"]) for r in rows}, key=lambda x: -x[0] * x[1] * x[2]):
-        sel = [r for r in rows if tuple(r["latent"]) == latent]
+    def stride(r):
+        fam = FAMILIES[row_family(r)]
+        return tuple(fam.stride(fam.config(r["model"])))
+
+    for latent, st in sorted({(tuple(r["latent"]), stride(r)) for r in rows},
+                             key=lambda x: -x[0][0] * x[0][1] * x[0][2] * x[1][1] * x[1][2]):
+        sel = [r for r in rows if tuple(r["latent"]) == latent and stride(r) == st]
         f, h, w = latent
-        parts += [f"## {w * 8}×{h * 8}×{(f - 1) * 4 + 1} (latent {f}×{h}×{w}, {sel[0]['tokens']} tokens)", "",
+        size = f"{w * st[2]}×{h * st[1]}×{(f - 1) * st[0] + 1}"
+        parts += [f"## {size} (latent {f}×{h}×{w}, {sel[0]['tokens']} tokens)", "",
                   recommendation_table(sel), "", markdown_tables(sel, gpus)]
     Path(path).write_text("\n".join(parts), encoding="utf-8")
 

@@ -6,6 +6,7 @@ against an independent source."""
 import torch
 
 from engine.families.wan.loader import load_wan_dit
+from engine.families.wan.presets import build_preset_state_dict
 
 T2V_TARGETS_PER_BLOCK = ["self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
                          "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2"]
@@ -21,6 +22,21 @@ DIFFUSERS_NAME = {"self_attn.q": "attn1.to_q", "self_attn.k": "attn1.to_k", "sel
 def tiny_model(variant="t2v", dtype=torch.float32):
     """The tiny Wan DiT preset (real architecture and key names), in eval mode: the tests' one tiny-DiT factory."""
     return load_wan_dit(f"preset:tiny-{variant}", dtype=dtype).eval()
+
+
+def comfy_base(variant):
+    """The tiny preset resized where ComfyUI's Wan detection does not read sizes from the weights: it derives dim,
+    heads (dim/128), ffn_dim, layers and in_dim, but fixes text_dim = 4096 and the CLIP width = 1280."""
+    sd = build_preset_state_dict(f"tiny-{variant}")
+    g = torch.Generator().manual_seed(11)
+    dim = sd["head.modulation"].shape[-1]
+    sd["text_embedding.0.weight"] = torch.randn(dim, 4096, generator=g) * 0.01
+    if "img_emb.proj.1.weight" in sd:
+        sd |= {"img_emb.proj.0.weight": torch.ones(1280), "img_emb.proj.0.bias": torch.zeros(1280),
+               "img_emb.proj.1.weight": torch.randn(1280, 1280, generator=g) * 0.01,
+               "img_emb.proj.1.bias": torch.zeros(1280),
+               "img_emb.proj.3.weight": torch.randn(dim, 1280, generator=g) * 0.01}
+    return sd
 
 
 def weight_shapes(model):

@@ -19,6 +19,8 @@ BENCHES = {
     "bench_framepack.py": ["--model", "tiny", "--device", "cpu", "--steps", "6", "--window", "2", "--dtype", "fp32"],
     "bench_memory.py hunyuan": ["--device", "cpu", "--model", "tiny", "--family", "hunyuan", "--fp8", "scaled",
                                 "--swap", "0,max", "--steps", "1"],
+    "bench_memory.py wan22": ["--device", "cpu", "--model", "tiny-i2v,tiny-ti2v", "--family", "wan22", "--fp8",
+                              "none", "--swap", "0,max", "--steps", "1", "--latent", "3,8,8"],
 }
 KEYS = {"bench_wan_dit.py": "s_per_step", "bench_hunyuan_dit.py": "s_per_train_step", "bench_wan_vae.py": "decode_s", "bench_training.py": "s_per_step",
         "bench_dataset.py": "clips_per_s", "bench_memory.py": "s_per_step",

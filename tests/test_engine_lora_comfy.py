@@ -12,28 +12,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.lora import AdapterConfig, AdapterNetwork, merge_into_model, read_lora, save_lora
-from engine.families.wan.presets import build_preset_state_dict
 
-from lora_fixtures import tiny_model
+from lora_fixtures import comfy_base, tiny_model
 
 PROBE = Path(__file__).with_name("comfy_lora_probe.py")
 CASES = [("t2v", "lora"), ("i2v", "lora"), ("t2v", "loha"), ("i2v", "lokr")]
 STRENGTH = 0.75
-
-
-def _comfy_base(variant):
-    """The tiny preset resized where ComfyUI's Wan detection does not read sizes from the weights: it derives dim,
-    heads (dim/128), ffn_dim, layers and in_dim, but fixes text_dim = 4096 and the CLIP width = 1280."""
-    sd = build_preset_state_dict(f"tiny-{variant}")
-    g = torch.Generator().manual_seed(11)
-    dim = sd["head.modulation"].shape[-1]
-    sd["text_embedding.0.weight"] = torch.randn(dim, 4096, generator=g) * 0.01
-    if "img_emb.proj.1.weight" in sd:
-        sd |= {"img_emb.proj.0.weight": torch.ones(1280), "img_emb.proj.0.bias": torch.zeros(1280),
-               "img_emb.proj.1.weight": torch.randn(1280, 1280, generator=g) * 0.01,
-               "img_emb.proj.1.bias": torch.zeros(1280),
-               "img_emb.proj.3.weight": torch.randn(dim, 1280, generator=g) * 0.01}
-    return sd
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +32,7 @@ def comfy_runs(tmp_path_factory, comfyui_dir):
             for p in net.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
         net.detach()
-        base = _comfy_base(variant)
+        base = comfy_base(variant)
         # the in-memory trained network's answer, captured before anything is written: W + strength·scale·ΔW
         expected = {f"{m}.weight": base[f"{m}.weight"] + STRENGTH * net.delta_weight(m) for m in net.adapters()}
         lora_path = save_lora(net, tmp / f"lora_{i}.safetensors", format="comfyui")
