@@ -35,7 +35,7 @@ from ...handle import ModelHandle, apply_run_options, as_handle
 from ...lora.adapters import eval_mode
 from ...memory.placement import execution_device
 from ...memory.residency import Residency
-from ...training.experts import HIGH, LOW, TIMESTEPS, normalize_boundary, side_of
+from ...training.experts import HIGH, LOW, normalize_boundary, side_of
 
 MODES = ("both", "offload", "lazy")
 STEPS = 40
