@@ -210,9 +210,10 @@ def dataset_loader(dataset, model, seed: int):
     for ds, c in zip(config.datasets, cached):
         h.update(str(c.cache_dir).encode())
         h.update(f"{c.batch_size}/{c.num_repeats}/{len(c.samples)}".encode())
-        m = manifest_path(c.cache_dir, c.arch)
-        if m.is_file():
-            h.update(m.read_bytes())
+        for arch in (c.arch, c.text_arch):   # latents, and captions when they live in another manifest
+            m = manifest_path(c.cache_dir, arch) if arch else None
+            if m is not None and m.is_file():
+                h.update(m.read_bytes())
     return CachedBatchLoader(cached, seed=seed), h.hexdigest()[:16]
 
 

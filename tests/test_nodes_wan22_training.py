@@ -62,6 +62,13 @@ def test_ti2v_training_from_the_nodes_caches_trains_validates_and_saves(comfy, t
     torch.testing.assert_close(comfy.output("19", 0), samples, rtol=1e-4, atol=1e-4)   # Musubi Validate: the same
     saved = Path(comfy.output("17", 1))
     assert saved.is_file() and saved.name.startswith("conditioned_")
+
+    # the training data's identity covers the captions, which live in the shared "wan" text manifest
+    training, data = comfy.pack_module("nodes.training"), comfy.pack_module("engine.data")
+    identity = lambda: training.dataset_loader(comfy.output("7"), comfy.module("1"), 0)[1]  # noqa: E731
+    before, text = identity(), data.manifest_path(cache, "wan")
+    text.write_bytes(text.read_bytes() + b" ")
+    assert identity() != before
     names = set(comfy.output("17", 0).modules)
     assert "blocks.0.self_attn.q" in names and not any("k_img" in n for n in names), sorted(names)[:8]
 

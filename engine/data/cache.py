@@ -397,6 +397,7 @@ class CachedDataset:
     batch_size: int
     num_repeats: int
     cache_dir: Path
+    text_arch: str | None = None           # the manifest of its text cache when not `arch`'s own
 
     @property
     def collate(self):
@@ -445,7 +446,8 @@ def check_cache_for_model(config: DatasetConfig, req: CacheRequirements) -> list
         if not samples:
             raise invalid(where, "no cached clips", "at least one clip (are the videos shorter than target_frames?)")
         _check_sample_shapes(samples[0], req, where)
-        out.append(CachedDataset(req.arch, samples, ds.batch_size, ds.num_repeats, cache_dir))
+        out.append(CachedDataset(req.arch, samples, ds.batch_size, ds.num_repeats, cache_dir,
+                                 req.text_arch if req.text_arch not in (None, req.arch) else None))
     return out
 
 
