@@ -194,9 +194,9 @@ def _comfy_key_check(comfy_lora_path: Path):
     import comfy.lora_convert
     import comfy.sd
     import comfy.utils
-    from test_engine_lora_comfy import _comfy_base
+    from lora_fixtures import comfy_base
 
-    patcher = comfy.sd.load_diffusion_model_state_dict(_comfy_base("t2v"), model_options={"dtype": torch.float32})
+    patcher = comfy.sd.load_diffusion_model_state_dict(comfy_base("t2v"), model_options={"dtype": torch.float32})
     key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
     lora_sd = comfy.lora_convert.convert_lora(comfy.utils.load_torch_file(str(comfy_lora_path)))
     not_loaded = []
@@ -420,9 +420,9 @@ def _comfy_patched(lora_path: Path, strength: float):
     import comfy.lora_convert
     import comfy.sd
     import comfy.utils
-    from test_engine_lora_comfy import _comfy_base
+    from lora_fixtures import comfy_base
 
-    patcher = comfy.sd.load_diffusion_model_state_dict(_comfy_base("t2v"), model_options={"dtype": torch.float32})
+    patcher = comfy.sd.load_diffusion_model_state_dict(comfy_base("t2v"), model_options={"dtype": torch.float32})
     key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
     lora_sd = comfy.lora_convert.convert_lora(comfy.utils.load_torch_file(str(lora_path)))
     not_loaded = []
