@@ -367,17 +367,31 @@ class MusubiDatasetFromImages:
                                 "tooltip": "Where the latent/text caches go. Empty: <ComfyUI output>/musubi_cache/images-<pixel hash>."}),
         }, "optional": {
             "batch_size": ("INT", {"default": 1, "min": 1, "max": 256, "tooltip": "Samples per training batch."}),
+            "frames_per_clip": ("INT", {"default": 0, "min": 0, "max": 4096,
+                                "tooltip": "0: off. N: the batch is several video clips of N frames each, one after "
+                                           "the other (e.g. Musubi Demo Shape Clips), one caption line per clip."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def load(self, images, captions, width, height, num_repeats, as_video, cache_directory, batch_size=1,
-             unique_id=None):
+             frames_per_clip=0, unique_id=None):
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] not in (3, 4):
             raise invalid("images", getattr(images, "shape", type(images).__name__), "an IMAGE [batch, height, width, 3]")
         if images.shape[1] < 16 or images.shape[2] < 16:
             raise invalid("images", f"{images.shape[2]}x{images.shape[1]} pixels", "images of at least 16x16 pixels")
         images = compat.unwrap_inference_tensor(images[..., :3]).float().cpu().contiguous()
         lines = [ln.strip() for ln in str(captions).splitlines() if ln.strip()]  # blank lines are ignored
-        if as_video:
+        if frames_per_clip:
+            n = images.shape[0]
+            if n % frames_per_clip:
+                raise invalid("frames_per_clip", frames_per_clip, f"a divisor of the {n} images of the batch")
+            frames = list(images.split(frames_per_clip))
+            if len(lines) == 1:
+                lines = lines * len(frames)
+            if len(lines) != len(frames):
+                raise invalid("captions", f"{len(lines)} non-empty line(s) for {len(frames)} clip(s)",
+                              f"{len(frames)} lines (one caption per clip) or a single line for all")
+            caps = lines
+        elif as_video:
             if not lines:
                 raise invalid("captions", captions, "a caption for the clip")
             frames, caps = [images], [" ".join(lines)]
@@ -392,7 +406,7 @@ class MusubiDatasetFromImages:
         cache = str(cache_directory).strip()
         if not cache:
             digest = hashlib.sha1(images.numpy().tobytes())
-            digest.update(f"{tuple(images.shape)}|{as_video}".encode())
+            digest.update(f"{tuple(images.shape)}|{as_video}|{frames_per_clip}".encode())
             cache = str(_cache_root() / f"images-{digest.hexdigest()[:10]}")
         cache = str(resolve_write_folder(cache, "cache_directory", Path(cache)))
         _check_cache_folder(cache)

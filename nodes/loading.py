@@ -13,6 +13,7 @@ import torch
 
 from . import comfy_compat as compat
 from .registry import MODELS
+from ..engine import demo
 from ..engine.errors import invalid
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -20,14 +21,16 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def model_choices(presets: list[str], folder: str) -> list[str]:
     """Files of ComfyUI's model folder first (a combo's first entry is a new node's default: a user's real model,
-    not a test preset), then the tiny presets."""
+    not a test preset), then the built-in ones: trained demo models ("demo:…"), then the tiny random presets."""
     return compat.list_model_files(folder) + presets
 
 
 def resolve_source(name: str, folder: str, field: str) -> str:
-    """A preset name stays as it is; a file name becomes its full path in ComfyUI's model folder."""
+    """A preset name stays as it is; a demo model or a file name becomes its full path (a model folder's file)."""
     if name.startswith("preset:"):
         return name
+    if name.startswith(demo.PREFIX):
+        return str(demo.model_path(name))
     path = compat.model_file_path(folder, name)
     if path is None:
         if os.path.isfile(name):

@@ -18,17 +18,13 @@ from ..engine.errors import MusubiInputError, invalid
 from ..engine.handle import ModelHandle, RunOptions
 
 FAMILY = "wan"   # the family these loaders load for (encoders are shared modules; their handle names the family)
-DIT_PRESETS = ["preset:tiny-t2v", "preset:tiny-i2v", "preset:tiny-flf2v", "preset:tiny-fun-control",
-               "preset:tiny-t2v-a14b-high-noise", "preset:tiny-t2v-a14b-low-noise", "preset:tiny-i2v-a14b-high-noise",
-               "preset:tiny-i2v-a14b-low-noise", "preset:tiny-ti2v-5b"]
-VAE_PRESETS = ["preset:tiny-vae", "preset:tiny-vae22"]
+DIT_PRESETS = ["demo:wan2.1_demo_t2v.safetensors", "preset:tiny-t2v", "preset:tiny-i2v", "preset:tiny-flf2v",
+               "preset:tiny-fun-control", "preset:tiny-t2v-a14b-high-noise", "preset:tiny-t2v-a14b-low-noise",
+               "preset:tiny-i2v-a14b-high-noise", "preset:tiny-i2v-a14b-low-noise", "preset:tiny-ti2v-5b"]
+VAE_PRESETS = ["demo:wan2.1_demo_vae.safetensors", "preset:tiny-vae", "preset:tiny-vae22"]
 EXPERT_MODES = ["both", "offload"]
-T5_PRESETS = ["preset:tiny-umt5"]
+T5_PRESETS = ["demo:umt5_demo.safetensors", "preset:tiny-umt5"]
 CLIP_PRESETS = ["preset:tiny-clip"]
-# The official Wan 2.1 default negative prompt (used when the negative prompt is left empty, as the release does).
-WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
-                       "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
-                       "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
 SOLVERS = ["unipc", "dpm++", "euler"]
 DIT_EXPECTED = "a DiT from Musubi Wan DiT Loader (or a pair from Musubi Wan 2.2 Experts)"
 VAE_EXPECTED = "a VAE from Musubi Wan VAE Loader"
@@ -202,7 +198,9 @@ class MusubiWanTextEncode:
 
     def encode(self, text_encoder, prompt, negative_prompt, offload_after, unique_id=None):
         text_encoder = T.handle(text_encoder, "text_encoder", TEXT_ENCODER_EXPECTED)
-        negative = negative_prompt.strip() or WAN_NEGATIVE_PROMPT
+        from ..engine.families.wan.pipeline import NEGATIVE_PROMPT
+
+        negative = negative_prompt.strip() or NEGATIVE_PROMPT
         with on_compute_device(text_encoder, offload_after), warnings_on_node(unique_id):   # > 512 tokens
             pos, neg = text_encoder.module.encode([prompt, negative])
         return ({"context": pos.float().cpu(), "negative_context": neg.float().cpu(), "prompt": prompt,

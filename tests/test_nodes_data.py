@@ -194,6 +194,38 @@ def test_dataset_from_images_caption_count_mismatch_is_named(comfy):
     assert "captions" in msg and "3 image" in msg, msg
 
 
+def test_demo_shape_clips_become_one_item_per_clip(comfy, tmp_path):
+    """Musubi Demo Shape Clips -> Dataset from Images with frames_per_clip: one captioned 9-frame clip per
+    combination, cached as video items; the frames are the engine's clips."""
+    shapes = comfy.pack_module("engine.demo.shapes")
+    source = {"class_type": "MusubiDatasetFromImages", "inputs": {
+        "images": ["0", 0], "captions": ["0", 1], "frames_per_clip": ["0", 2], "width": 64, "height": 64,
+        "num_repeats": 1, "as_video": False, "cache_directory": str(tmp_path / "c")}}
+    prompt = {**cache_prompt(source), "0": {"class_type": "MusubiDemoShapeClips", "inputs": {
+        "colours": "magenta, cyan", "shapes": "circle", "motions": "up; left", "clips_per_combination": 1,
+        "variation": 3, "frames": 9, "width": 64, "height": 64}}}
+    r = run(comfy, prompt)
+    frames, captions, per_clip = (comfy.output("0", i) for i in range(3))
+    assert per_clip == 9 and frames.shape == (4 * 9, 64, 64, 3)
+    assert captions.splitlines() == ["a magenta circle moving up", "a magenta circle moving to the left",
+                                     "a cyan circle moving up", "a cyan circle moving to the left"]
+    expected = shapes.render_clip(shapes.ClipSpec("cyan", "circle", "left"), 3 * 100003 + 3 * 1009, frames=9)
+    assert (frames[27:36] * 255).round().byte().numpy().tolist() == expected.tolist()
+    assert counts(text_of(r, "5")) == (4, 0, 0) and counts(text_of(r, "6")) == (4, 0, 0)
+    clips = manifest(tmp_path / "c")["items"].values()
+    assert sorted(c["latents"]["clips"][0]["frames"] for c in clips) == [9] * 4
+
+    for field, value, said in (("colours", "purple", "purple"), ("frames", 8, "4k+1")):
+        bad = copy.deepcopy(prompt)
+        bad["0"]["inputs"][field] = value
+        run(comfy, bad, expect_success=False)
+        assert field in comfy.error_message() and said in comfy.error_message(), comfy.error_message()
+    bad = copy.deepcopy(prompt)
+    bad["1"]["inputs"]["frames_per_clip"] = 5
+    run(comfy, bad, expect_success=False)
+    assert "frames_per_clip" in comfy.error_message() and "36 images" in comfy.error_message()
+
+
 # --- cancel + resume --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("emulate", [False, True], ids=["0.3.75", "0.38-emulated"])
 def test_cancel_during_cache_latents_stops_within_one_item_and_resumes(comfy, tmp_path, emulate):

@@ -1,0 +1,21 @@
+"""The demo: procedural shape clips (`shapes`), a detector that scores a clip against its caption (`score`), and the
+tiny trained demo models shipped in `demo_models/` (trained by `scripts/train_demo_models.py`; docs/demo.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import invalid
+
+MODELS_DIR = Path(__file__).resolve().parents[2] / "demo_models"
+PREFIX = "demo:"      # how loaders list a demo model: "demo:<file name>"
+
+
+def model_path(name: str) -> Path:
+    """"demo:<file>" (or "<file>") -> the shipped file's path; refuses names that are not a shipped demo model."""
+    file = name[len(PREFIX):] if name.startswith(PREFIX) else name
+    path = MODELS_DIR / file
+    if "/" in file or "\\" in file or not path.is_file():
+        shipped = sorted(p.name for p in MODELS_DIR.glob("*.safetensors"))
+        raise invalid("demo model", name, f"one of the shipped demo models {shipped} in {MODELS_DIR}")
+    return path

@@ -1,0 +1,101 @@
+"""Score a generated clip against its caption: which colour, shape and motion does it show? Pure numpy.
+
+Colour: the palette colour covering the most pixels (each pixel goes to its nearest palette colour when it is close
+enough to it). Shape: how much of its bounding box the mask fills (square 1, circle pi/4, triangle 1/2), median over
+frames. Motion: the direction of the mask centroid's least-squares path, when it moves far enough.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import invalid
+from .shapes import PALETTE, ClipSpec, parse_caption
+
+COLOUR_DISTANCE = 100.0     # RGB distance within which a pixel counts as that palette colour
+MIN_PIXELS = 12             # a colour needs this many pixels per frame on average to count as shown
+MIN_TRAVEL = 0.12           # of the frame size: less is "still"
+FILL_SQUARE, FILL_TRIANGLE = 0.88, 0.64   # fill ratio thresholds: > square, < triangle, between: circle
+
+
+@dataclass
+class ClipScore:
+    colour: str | None
+    shape: str | None
+    motion: str | None
+
+    def matches(self, spec: ClipSpec) -> dict[str, bool]:
+        return {"colour": self.colour == spec.colour, "shape": self.shape == spec.shape,
+                "motion": self.motion == spec.motion}
+
+
+def colour_masks(clip: np.ndarray) -> dict[str, np.ndarray]:
+    """uint8 [F, H, W, 3] -> {colour: bool [F, H, W]}: each pixel in the mask of its nearest palette colour."""
+    names = list(PALETTE)
+    palette = np.array([PALETTE[n] for n in names], dtype=np.float32)          # [P, 3]
+    dist = np.linalg.norm(clip.astype(np.float32)[..., None, :] - palette, axis=-1)   # [F, H, W, P]
+    nearest = dist.argmin(axis=-1)
+    close = dist.min(axis=-1) < COLOUR_DISTANCE
+    return {n: close & (nearest == i) for i, n in enumerate(names)}
+
+
+def _shape_of(mask: np.ndarray) -> str | None:
+    fills = []
+    for m in mask:
+        ys, xs = np.nonzero(m)
+        if len(ys) < MIN_PIXELS:
+            continue
+        box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
+        fills.append(len(ys) / box)
+    if not fills:
+        return None
+    fill = float(np.median(fills))
+    return "square" if fill > FILL_SQUARE else "triangle" if fill < FILL_TRIANGLE else "circle"
+
+
+def _motion_of(mask: np.ndarray) -> str | None:
+    f, h, w = mask.shape
+    t, cx, cy = [], [], []
+    for i, m in enumerate(mask):
+        ys, xs = np.nonzero(m)
+        if len(ys) >= MIN_PIXELS:
+            t.append(i), cx.append(xs.mean()), cy.append(ys.mean())
+    if len(t) < max(2, f // 2):
+        return None
+    t = np.array(t, dtype=np.float64)
+    slope_x = np.polyfit(t, cx, 1)[0] * (f - 1) / w      # travel over the clip, in frame widths
+    slope_y = np.polyfit(t, cy, 1)[0] * (f - 1) / h
+    if max(abs(slope_x), abs(slope_y)) < MIN_TRAVEL:
+        return None
+    if abs(slope_x) >= abs(slope_y):
+        return "right" if slope_x > 0 else "left"
+    return "down" if slope_y > 0 else "up"
+
+
+def score_clip(clip: np.ndarray) -> ClipScore:
+    """uint8 [F, H, W, 3] (or float in [0, 1]) -> what the clip shows."""
+    clip = np.asarray(clip)
+    if clip.ndim != 4 or clip.shape[-1] != 3:
+        raise invalid("clip", clip.shape, "frames [F, H, W, 3]")
+    if clip.dtype != np.uint8:
+        clip = np.clip(np.rint(clip.astype(np.float32) * 255), 0, 255).astype(np.uint8)
+    masks = colour_masks(clip)
+    colour, mask = max(masks.items(), key=lambda kv: kv[1].sum())
+    if mask.sum() < MIN_PIXELS * len(clip):
+        return ClipScore(None, None, None)
+    return ClipScore(colour, _shape_of(mask), _motion_of(mask))
+
+
+def clip_matches(clip: np.ndarray, caption: str) -> dict[str, bool]:
+    """Per attribute, does the clip show what the caption says? Adds "all"."""
+    spec = parse_caption(caption)
+    if spec is None:
+        raise invalid("caption", caption, "a caption naming a palette colour, a shape and a motion")
+    m = score_clip(clip).matches(spec)
+    m["all"] = all(m.values())
+    return m
+
+
+__all__ = ["ClipScore", "colour_masks", "score_clip", "clip_matches"]

@@ -1,0 +1,68 @@
+"""The demo's procedural clips and the detector that scores a clip against its caption (engine/demo)."""
+
+import numpy as np
+import pytest
+
+from engine import demo, errors
+from engine.demo import score, shapes
+
+
+def test_clips_are_deterministic_and_vary_with_the_seed():
+    spec = shapes.ClipSpec("red", "square", "right")
+    a, b, c = shapes.render_clip(spec, 3), shapes.render_clip(spec, 3), shapes.render_clip(spec, 4)
+    assert a.shape == (17, 64, 64, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert spec.caption == "a red square moving to the right"
+    assert shapes.parse_caption("A Green circle, moving up") == shapes.ClipSpec("green", "circle", "up")
+    assert shapes.parse_caption("a cat on a beach") is None
+
+
+def test_a_clip_shows_one_shape_of_its_colour_moving_its_way():
+    clip = shapes.render_clip(shapes.ClipSpec("blue", "circle", "down"), 0, frames=9, height=64, width=96)
+    assert clip.shape == (9, 64, 96, 3)
+    lit = clip.max(axis=-1) > 0
+    weight = clip.max(axis=-1).astype(np.float64)                              # coverage-weighted centroids
+    ys = [(w.sum(axis=1) * np.arange(64)).sum() / w.sum() for w in weight]
+    xs = [(w.sum(axis=0) * np.arange(96)).sum() / w.sum() for w in weight]
+    assert all(b > a + 1 for a, b in zip(ys, ys[1:])) and np.ptp(xs) < 0.1    # straight down
+    colours = {tuple(int(v) for v in px) for px in clip[lit]}
+    full = clip[clip.max(axis=-1) == 235]                                      # fully covered pixels
+    assert len(full) and (full == np.array(shapes.PALETTE["blue"])).all()
+    assert len(colours) > 1                                                    # edges are anti-aliased
+
+
+@pytest.mark.parametrize("colour", list(shapes.PALETTE))
+def test_the_detector_reads_every_ground_truth_clip(colour):
+    for spec in shapes.all_specs(colours=(colour,)):
+        for seed in (0, 1):
+            clip = shapes.render_clip(spec, seed)
+            assert score.score_clip(clip) == score.ClipScore(spec.colour, spec.shape, spec.motion), spec
+            assert score.clip_matches(clip, spec.caption)["all"]
+
+
+def test_the_detector_tells_what_is_wrong():
+    clip = shapes.render_clip(shapes.ClipSpec("red", "triangle", "left"), 5)
+    assert score.clip_matches(clip, "a green circle moving to the right") == {
+        "colour": False, "shape": False, "motion": False, "all": False}
+    assert score.score_clip(clip[::-1]).motion == "right"                     # played backwards
+    assert score.score_clip(np.repeat(clip[:1], 17, axis=0)).motion is None   # standing still
+    assert score.score_clip(np.zeros_like(clip)) == score.ClipScore(None, None, None)
+    floats = clip.astype(np.float32) / 255                                     # IMAGE-style floats work too
+    assert score.score_clip(floats) == score.score_clip(clip)
+    noise = np.random.default_rng(0).integers(0, 256, clip.shape, dtype=np.uint8)
+    assert not score.clip_matches(noise, "a red triangle moving to the left")["all"]
+
+
+def test_bad_input_is_refused_by_name():
+    with pytest.raises(errors.MusubiInputError, match="colour.*purple"):
+        shapes.render_clip(shapes.ClipSpec("purple", "square", "up"), 0)
+    with pytest.raises(errors.MusubiInputError, match="frames"):
+        shapes.render_clip(shapes.ClipSpec("red", "square", "up"), 0, frames=1)
+    with pytest.raises(errors.MusubiInputError, match="caption"):
+        score.clip_matches(np.zeros((5, 32, 32, 3), np.uint8), "a cat")
+    with pytest.raises(errors.MusubiInputError, match="clip"):
+        score.score_clip(np.zeros((32, 32, 3), np.uint8))
+    with pytest.raises(errors.MusubiInputError, match="demo model.*nope"):
+        demo.model_path("demo:nope.safetensors")
+    with pytest.raises(errors.MusubiInputError, match="demo model"):
+        demo.model_path("demo:../pyproject.toml")
