@@ -206,6 +206,9 @@ class SingleProcess:
     def check(self, network_config, experts) -> None:
         pass
 
+    def check_same_start(self, step: int) -> None:
+        pass
+
 
 class _NetworkForward(torch.nn.Module):
     """What DDP wraps: the adapter network as its only submodule (its parameters are DDP's), and the family's
@@ -245,6 +248,18 @@ class DataParallel:
 
     def shard(self, loader):
         return ShardedLoader(loader, self.rank, self.world_size)
+
+    def check_same_start(self, step: int) -> None:
+        """Every rank starts from the same step (a resumed state must be readable by all of them)."""
+        with self.errors(lambda: step):
+            mine = torch.tensor([int(step)], dtype=torch.int64, device=self.comm_device)
+            every = torch.empty(self.world_size, dtype=torch.int64, device=self.comm_device)
+            dist.all_gather_into_tensor(every, mine, group=self.group)
+        steps = every.tolist()
+        if len(set(steps)) > 1:
+            raise invalid("training state per rank (steps)", steps, "the same step on every rank: the output_dir "
+                                                                    "(and resume_from) must be a folder every node "
+                                                                    "reads")
 
     # --- random numbers of one micro-batch --------------------------------------------------------------------
     def draw(self, fn: Callable, shape: tuple):

@@ -189,10 +189,11 @@ class HostedSession:
 
 def host_session(handle: ModelHandle, loader, network, optimizer, config, *, residency: Residency,
                  device: torch.device, resume_from=None, continue_saved: bool = False, key=None,
-                 node: str = "?", experts: HostedExperts | None = None) -> HostedSession:
+                 node: str = "?", experts: HostedExperts | None = None, parallel=None) -> HostedSession:
     """A new hosted session on a fresh LoRA view of `handle.module` (and of `experts.high.module`: two experts).
     `continue_saved`: continue from the state saved under the output name when there is one the network fits
-    (else start fresh; that state is kept). The caller has validated the configs."""
+    (else start fresh; that state is kept). `parallel`: this rank of a data-parallel run (distributed.py).
+    The caller has validated the configs."""
     handles = [handle] + ([experts.high] if experts is not None else [])
     for h in handles:
         make_trainable(h.module)
@@ -205,7 +206,8 @@ def host_session(handle: ModelHandle, loader, network, optimizer, config, *, res
         pair = None if experts is None else TimestepExperts(
             views[1], experts.boundary, layout=experts.layout, mode=experts.mode, device=device,
             residency=residency, options={LOW: handle.options, HIGH: experts.high.options})
-        return TrainingSession(views[0], network, optimizer, loader, config, resume_from=resume, experts=pair)
+        return TrainingSession(views[0], network, optimizer, loader, config, resume_from=resume, experts=pair,
+                               parallel=parallel)
 
     saved = saved_state(config) if continue_saved and not resume_from else None
     session = None
