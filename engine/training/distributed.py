@@ -254,7 +254,7 @@ class DataParallel:
         with self.errors(lambda: step):
             mine = torch.tensor([int(step)], dtype=torch.int64, device=self.comm_device)
             every = torch.empty(self.world_size, dtype=torch.int64, device=self.comm_device)
-            dist.all_gather_into_tensor(every, mine, group=self.group)
+            _all_gather(every, mine, group=self.group)
         steps = every.tolist()
         if len(set(steps)) > 1:
             raise invalid("training state per rank (steps)", steps, "the same step on every rank: the output_dir "
@@ -276,7 +276,7 @@ class DataParallel:
         mine = torch.tensor([len(shape), *shape, *([0] * (width - 1 - len(shape)))], dtype=torch.int64,
                             device=self.comm_device)
         every = torch.empty(self.world_size * width, dtype=torch.int64, device=self.comm_device)
-        dist.all_gather_into_tensor(every, mine, group=self.group)
+        _all_gather(every, mine, group=self.group)
         rows = every.view(self.world_size, width).tolist()
         return [tuple(r[1:1 + r[0]]) for r in rows]
 
@@ -346,6 +346,10 @@ class DataParallel:
                            f"rank during step {step() + 1} ({type(e).__name__}: {str(e).splitlines()[0][:300]}). "
                            f"Another rank died or hung; see its log. The state of the last completed step is "
                            f"saved by rank 0: resume from it.") from e
+
+
+# torch 2.14 renamed it (the old name warns); older torch has only the old one
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def _is_comm_error(e: BaseException) -> bool:
