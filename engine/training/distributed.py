@@ -91,7 +91,9 @@ def init_process_group(launch: LaunchEnv, device: torch.device, timeout_s: float
     if dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
-    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    # NCCL binds the group to this rank's GPU (torch ≥ 2.3 takes device_id; older ones find it themselves)
+    takes_device = "device_id" in inspect.signature(dist.init_process_group).parameters
+    kwargs = {"device_id": device} if device.type == "cuda" and takes_device else {}
     dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size,
                             timeout=timedelta(seconds=float(timeout_s)), **kwargs)
 
