@@ -4,9 +4,9 @@ theme; each exports its own mappings.
 Node ids are prefixed `Musubi` and are never renamed once released: saved workflows refer to them.
 """
 
-from . import data, framepack, generation, hunyuan, lora, training, utility, video, wan
+from . import data, distributed, framepack, generation, hunyuan, lora, training, utility, video, wan
 
-_MODULES = [wan, hunyuan, framepack, generation, video, utility, lora, training, data]   # family node files first, then the generic ones
+_MODULES = [wan, hunyuan, framepack, generation, video, utility, lora, training, distributed, data]   # family node files first, then the generic ones
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}

@@ -140,11 +140,10 @@ def parse_run_config(raw: dict, base_dir: str | Path | None = None) -> RunConfig
 
 
 def to_dict(config: RunConfig) -> dict:
-    """The config as plain data (what `parse_run_config` reads back): the export of a graph's training."""
+    """A config (or one section) as plain JSON data, None kept (what `parse_run_config` reads back)."""
     def plain(obj):
         if dataclasses.is_dataclass(obj):
-            return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-                    if getattr(obj, f.name) is not None}
+            return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
         if isinstance(obj, (list, tuple)):
             return [plain(v) for v in obj]
         if isinstance(obj, dict):
