@@ -78,19 +78,18 @@ def dataset_loader(config, model, seed: int):
     return CachedBatchLoader(cached, seed=seed)
 
 
-def run(config, parallel=None, device: torch.device | None = None, out=print) -> int:
-    """Train as `config` says on this rank; returns the exit code. `parallel`: this rank's `DataParallel`."""
+def prepare(config):
+    """The heavy part before any rank talks to another: (model, loader)."""
+    model = load_model(config.model)
+    return model, dataset_loader(config.dataset, model, config.training.seed)
+
+
+def open_session(config, model, loader, parallel, device: torch.device):
+    """The hosted session of this rank (the nodes' kind: a LoRA view of the model, placed by a Residency)."""
     from .handle import ModelHandle, RunOptions
     from .memory.residency import Residency
-    from .training.distributed import SingleProcess, TrainingStopped
     from .training.hosted import host_session
 
-    parallel = parallel or SingleProcess()
-    device = device or torch.device("cpu")
-    main = parallel.is_main
-    say = out if main else (lambda *a, **k: None)   # other ranks are silent
-    model = load_model(config.model)
-    loader = dataset_loader(config.dataset, model, config.training.seed)
     opts = RunOptions(attention=config.model.attention, blocks_to_swap=config.model.blocks_to_swap,
                       offload_non_blocks=config.model.offload_non_blocks,
                       activation_offload=config.model.activation_offload)
@@ -98,8 +97,21 @@ def run(config, parallel=None, device: torch.device | None = None, out=print) ->
     hosted = host_session(handle, loader, config.network, config.optimizer, config.training, residency=Residency(),
                           device=device, resume_from=config.run.resume_from,
                           continue_saved=config.run.continue_saved, node="cli", parallel=parallel)
+    parallel.check_same_start(hosted.session.step)
+    return hosted
+
+
+def run(config, parallel=None, device: torch.device | None = None, out=print) -> int:
+    """Train as `config` says on this rank; returns the exit code. `parallel`: this rank's `DataParallel`."""
+    from .training.distributed import SingleProcess, TrainingStopped
+
+    parallel = parallel or SingleProcess()
+    device = device or torch.device("cpu")
+    main = parallel.is_main
+    say = out if main else (lambda *a, **k: None)   # other ranks are silent
+    model, loader = prepare(config)
+    hosted = open_session(config, model, loader, parallel, device)
     session = hosted.session
-    parallel.check_same_start(session.step)
     stop = _Stop(config.stop_path() if main else None)
     stop.install()
     say(f"training {config.training.output_name}: step {session.step}/{session.total_steps} on "
@@ -126,6 +138,36 @@ def run(config, parallel=None, device: torch.device | None = None, out=print) ->
     return 0
 
 
+def follow(config, launch, device: torch.device) -> int:
+    """A worker rank of a session hosted by rank 0 in another process (training/workers.py): load, say ready,
+    join the group, then train to each step rank 0 names until it says close."""
+    from .training.distributed import DataParallel, TrainingStopped, init_process_group
+    from .training.workers import ERROR, READY, die_with_parent, next_command, worker_store
+
+    parent_alive = die_with_parent()
+    store = worker_store(config.run.timeout_s)
+    try:
+        model, loader = prepare(config)
+    except Exception as e:  # noqa: BLE001 - rank 0 shows it on the node
+        store.set(ERROR.format(launch.rank), f"{type(e).__name__}: {e}")
+        raise
+    store.set(READY.format(launch.rank), "ok")
+    init_process_group(launch, device, config.run.timeout_s, store=store)
+    parallel = DataParallel(device=device)
+    hosted = open_session(config, model, loader, parallel, device)
+    number = 0
+    while True:
+        number += 1
+        command = next_command(store, number, parent_alive)
+        if command == "close":
+            hosted.session.close(save=False)
+            return 0
+        try:
+            hosted.train_to(int(command.split()[1]), device)
+        except TrainingStopped:   # rank 0 was cancelled: wait for its next command
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -135,21 +177,27 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m engine.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("config", help="the run's .toml or .json config")
+    parser.add_argument("--follow", action="store_true", help=argparse.SUPPRESS)   # a worker of a hosted session
+    parser.add_argument("--device", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:   # every mistake before a process group or a model exists
         config = load_run_config(args.config)
         launch = LaunchEnv.read()
-        device = launch_device(launch, config.run.device)
+        device = launch_device(launch, args.device or config.run.device)
     except MusubiInputError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     parallel = None
     try:
+        if args.follow:
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            return follow(config, launch, device)
         if launch.world_size > 1:
             if device.type == "cuda":
                 torch.cuda.set_device(device)
             init_process_group(launch, device, config.run.timeout_s)
-            parallel = DataParallel()
+            parallel = DataParallel(device=device)
         return run(config, parallel, device)
     except MusubiInputError as e:
         print(f"error (rank {launch.rank}): {e}", file=sys.stderr, flush=True)

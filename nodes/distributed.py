@@ -61,20 +61,69 @@ def dataset_file(dataset) -> str:
     return str(Path(source).resolve())
 
 
-def run_config_dict(model, dataset, lora_config, optimizer_config, prompt=None, unique_id=None, **inputs) -> dict:
-    """What `engine.training.run_config.parse_run_config` reads: the graph's training as a config."""
+def run_config(handle, dataset, network, optimizer, training, continue_saved: bool = True, loader=None) -> dict:
+    """What `engine.training.run_config.parse_run_config` reads: a graph's training as a config (`loader`: the
+    inputs of the DiT's loader node, when known)."""
     from ..engine.training.run_config import RunSection, to_dict
 
+    return {"model": model_section(handle, loader or {}), "dataset": {"config": dataset_file(dataset)},
+            "network": to_dict(network), "optimizer": to_dict(optimizer), "training": to_dict(training),
+            "run": to_dict(RunSection(continue_saved=bool(continue_saved)))}
+
+
+def run_config_dict(model, dataset, lora_config, optimizer_config, prompt=None, unique_id=None, **inputs) -> dict:
+    """`run_config` from Init Training's inputs."""
     names = inspect.signature(_training_config).parameters
     training = _training_config(**{k: v for k, v in inputs.items() if k in names})
     network, optimizer = _network_config(lora_config), _optimizer_config(optimizer_config)
     network.validate()
     optimizer.validate()
     training.validate()
-    run = RunSection(continue_saved=bool(inputs.get("continue_saved_state", True)))
-    return {"model": model_section(_dit(model), loader_inputs(prompt, unique_id)),
-            "dataset": {"config": dataset_file(dataset)}, "network": to_dict(network),
-            "optimizer": to_dict(optimizer), "training": to_dict(training), "run": to_dict(run)}
+    return run_config(_dit(model), dataset, network, optimizer, training, inputs.get("continue_saved_state", True),
+                      loader_inputs(prompt, unique_id))
+
+
+# --- Init Training's `devices` ------------------------------------------------------------------------------------
+
+DEVICES_INPUT = ("STRING", {"default": "", "tooltip": (
+    "Train on several devices at once (data parallel, PyTorch DDP): a comma-separated list such as "
+    "'cuda:0, cuda:1, cuda:2'. The first is ComfyUI's own device (this process trains there); the pack starts one "
+    "worker process for each other device, loading the same model files with the same memory settings and reading "
+    "the same caches. Each optimizer step then reads devices × gradient_accumulation_steps batches. Empty = "
+    "ComfyUI's device only. Needs a dataset from a TOML file (the workers read it).")})
+
+
+def parse_devices(text, own: torch.device) -> list[str]:
+    """[] for one device; else the devices, the first being `own` (ComfyUI's)."""
+    names = [d.strip() for d in str(text or "").split(",") if d.strip()]
+    if len(names) <= 1 and all(_same(n, own) for n in names):
+        return []
+    devices = []
+    for name in names:
+        try:
+            d = torch.device(name)
+        except (RuntimeError, ValueError):
+            raise invalid("devices", text, "torch devices separated by commas, e.g. 'cuda:0, cuda:1'") from None
+        devices.append(torch.device("cuda", 0) if d.type == "cuda" and d.index is None else d)
+    if not _same(names[0], own):
+        raise invalid("devices", text, f"ComfyUI's own device first ({own}): this process is rank 0")
+    cuda = [d for d in devices if d.type == "cuda"]
+    if len(set(cuda)) != len(cuda):
+        raise invalid("devices", text, "each GPU once (NCCL runs one rank per GPU)")
+    if cuda and len(cuda) != len(devices):
+        raise invalid("devices", text, "all CUDA devices or all cpu (one backend for the group)")
+    if cuda and torch.cuda.is_available() and max(d.index for d in cuda) >= torch.cuda.device_count():
+        raise invalid("devices", text, f"GPUs 0..{torch.cuda.device_count() - 1} of this machine")
+    return [str(d) for d in devices]
+
+
+def _same(name: str, own: torch.device) -> bool:
+    try:
+        d = torch.device(name)
+    except (RuntimeError, ValueError):
+        return False
+    index = lambda x: 0 if x.type == "cuda" and x.index is None else x.index   # noqa: E731
+    return d.type == own.type and index(d) == index(own)
 
 
 class MusubiExportTrainingConfig:

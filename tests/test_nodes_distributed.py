@@ -65,3 +65,46 @@ def test_export_refuses_a_dataset_without_a_toml(comfy, data, tmp_path):
         p.pop(node)
     comfy.run(p, expect_success=False)
     assert "a dataset read from a TOML file" in comfy.error_message()
+
+
+def test_two_devices_from_the_graph_train_like_one_accumulating_two(comfy, tiny_t2v_dataset, tmp_path):
+    """Init Training with devices 'cpu, cpu': a worker process is rank 1. Losses of 2 ranks × accumulation 1 ==
+    1 device × accumulation 2; a cancel stops both ranks and the re-queued graph continues exactly; a killed
+    worker is named on the node; releasing the session ends the worker."""
+    import os
+    import signal
+
+    from training_graphs import sessions
+
+    comfy.run(export_prompt(tmp_path / "one", tiny_t2v_dataset, steps=6))
+    reference = comfy.output("6", 2)["loss"]
+
+    p = export_prompt(tmp_path / "two", tiny_t2v_dataset, steps=6)
+    del p["8"]
+    p["5"]["inputs"].update(gradient_accumulation_steps=1, devices="cpu, cpu", max_train_steps=50)
+    comfy.cancel_after = ("6", 2)
+    try:
+        comfy.run(p, expect_success=False)
+    finally:
+        comfy.cancel_after = None
+    assert comfy.events_of("execution_interrupted")
+    (run,) = sessions(comfy)
+    (worker,) = run.workers.procs
+    assert worker.poll() is None                                   # the worker waits for the next command
+    done = run.session.step
+    assert 2 <= done < 6 and run.session.history.losses == pytest.approx(reference[:done], rel=1e-5)
+
+    comfy.run(p)                                                   # continues the session in memory
+    assert run.session.step == 6
+    torch.testing.assert_close(torch.tensor(run.session.history.losses), torch.tensor(reference), rtol=1e-5,
+                               atol=1e-6)
+    assert sorted(f.name for f in (tmp_path / "two").glob("lora-rank*.log")) == ["lora-rank1.log"]
+
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait()
+    p["6"]["inputs"]["steps"] = 8
+    comfy.run(p, expect_success=False)
+    assert "the worker for cpu (rank 1) ended" in comfy.error_message(), comfy.error_message()
+
+    comfy.pack_module("nodes.registry").SESSIONS.release()
+    assert run.workers.closed and not torch.distributed.is_initialized()

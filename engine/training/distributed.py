@@ -86,14 +86,17 @@ class LaunchEnv:
         return launch
 
 
-def init_process_group(launch: LaunchEnv, device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-    """env:// rendezvous (MASTER_ADDR / MASTER_PORT), NCCL on CUDA devices, gloo otherwise."""
+def init_process_group(launch: LaunchEnv, device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S,
+                       store=None) -> None:
+    """env:// rendezvous (MASTER_ADDR / MASTER_PORT) or `store`'s; NCCL on CUDA devices, gloo otherwise."""
     if dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     # NCCL binds the group to this rank's GPU (torch ≥ 2.3 takes device_id; older ones find it themselves)
     takes_device = "device_id" in inspect.signature(dist.init_process_group).parameters
     kwargs = {"device_id": device} if device.type == "cuda" and takes_device else {}
+    if store is not None:
+        kwargs["store"] = store
     dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size,
                             timeout=timedelta(seconds=float(timeout_s)), **kwargs)
 
@@ -211,6 +214,9 @@ class SingleProcess:
     def check_same_start(self, step: int) -> None:
         pass
 
+    def start_steps(self) -> None:
+        pass
+
 
 class _NetworkForward(torch.nn.Module):
     """What DDP wraps: the adapter network as its only submodule (its parameters are DDP's), and the family's
@@ -228,7 +234,8 @@ class _NetworkForward(torch.nn.Module):
 class DataParallel:
     """This rank of an initialised process group (`torch.distributed`)."""
 
-    def __init__(self, group=None):
+    def __init__(self, group=None, device: torch.device | None = None):
+        """`device`: this rank's CUDA device for NCCL's small tensors (default: the current CUDA device)."""
         if not dist.is_available() or not dist.is_initialized():
             raise invalid("distributed training", "no process group", "torch.distributed initialised (torchrun, or "
                                                                      "engine.training.distributed.init_process_group)")
@@ -238,8 +245,11 @@ class DataParallel:
         self.is_main = self.rank == 0
         # NCCL moves CUDA tensors only: the small agreement tensors go where the backend wants them
         backend = dist.get_backend(group)
-        self.comm_device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" \
-            else torch.device("cpu")
+        if backend != "nccl":
+            self.comm_device = torch.device("cpu")
+        else:
+            self.comm_device = device if device is not None and device.type == "cuda" \
+                else torch.device("cuda", torch.cuda.current_device())
         self._ddp = None
         self._ddp_key = None
 
@@ -287,6 +297,11 @@ class DataParallel:
             torch.manual_seed((int(seed) * 1_000_003 + int(step)) * 1_009 + self.rank)
 
     # --- gradients ------------------------------------------------------------------------------------------
+    def start_steps(self) -> None:
+        """Every rank calls this at the start of each `train_steps`: DDP is built again there (a collective), so
+        a network moved in between (a hosted session offloaded and placed again) never keeps stale buckets."""
+        self._ddp, self._ddp_key = None, None
+
     def forward(self, run: Callable, network, *args):
         ddp = self._wrapped(network)
         ddp.module.run = run

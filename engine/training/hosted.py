@@ -88,6 +88,7 @@ class HostedSession:
         self.key = key                        # the host's registry key
         self.targets: dict[tuple, int] = {}   # host bookkeeping: a caller's token -> the step it must reach
         self.listener = None                  # whoever shows validation progress while training (host's choice)
+        self.workers = None                   # data-parallel: the other ranks' processes (workers.WorkerGroup)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -170,7 +171,11 @@ class HostedSession:
 
     def close(self) -> None:
         """Replaced or released: unsaved steps go to the state folder first, then the adapter comes off."""
-        self.session.close(save=True)
+        try:
+            self.session.close(save=True)
+        finally:
+            if self.workers is not None:
+                self.workers.close()
         self._release()
         self.session.network.detach()
 
@@ -183,6 +188,8 @@ class HostedSession:
         todo = min(target, s.total_steps) - s.step
         if todo <= 0:
             return []
+        if self.workers is not None:   # the other ranks train the same steps (every collective pairs up)
+            self.workers.train(s.step + todo)
         self.activate(device)
         return s.train_steps(todo, progress, interrupt)
 

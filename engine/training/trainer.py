@@ -240,6 +240,7 @@ class TrainingSession:
         optimizer_train_mode(self.optimizer, True)
         self.timer.reset()
         self._interrupt = interrupt
+        self.parallel.start_steps()
         # the random streams as the last completed step left them: whatever ran since (a sampler, another session)
         # does not change this run, and a call continues exactly as a resume from the saved state would
         restore_rng(self._boundary["rng"], self.generator)
