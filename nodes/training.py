@@ -416,6 +416,8 @@ def train_to(run, target: int, node_id) -> list[float]:
             return run.train_to(target, compat.torch_device(), progress, interrupt=compat.check_interrupt)
     finally:
         run.listener = None
+        if run.workers is not None and run.workers.closed:   # a lost or failed rank: the next queue starts afresh
+            SESSIONS.release(lambda k: k == run.key)
 
 
 # --- sampling during training (the session's ValidationConfig) -------------------------------------------------------

@@ -252,6 +252,7 @@ class DataParallel:
                 else torch.device("cuda", torch.cuda.current_device())
         self._ddp = None
         self._ddp_key = None
+        self.agreed_stop = False   # the last train_steps ended by a stop all ranks agreed on (they are in step)
 
     def check(self, network_config, experts) -> None:
         if experts is not None:
@@ -301,6 +302,7 @@ class DataParallel:
         """Every rank calls this at the start of each `train_steps`: DDP is built again there (a collective), so
         a network moved in between (a hosted session offloaded and placed again) never keeps stale buckets."""
         self._ddp, self._ddp_key = None, None
+        self.agreed_stop = False
 
     def forward(self, run: Callable, network, *args):
         ddp = self._wrapped(network)
@@ -345,6 +347,7 @@ class DataParallel:
         flag = torch.tensor([1 if raised is not None else 0], dtype=torch.int32, device=self.comm_device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         if int(flag.item()):
+            self.agreed_stop = True
             if raised is not None:
                 raise raised
             raise TrainingStopped(step)

@@ -30,6 +30,7 @@ from ..families import family_of
 from ..handle import ModelHandle, RunOptions, apply_run_options
 from ..lora.views import add_network, make_lora_view
 from ..memory.residency import Residency
+from .distributed import PeerLost
 from .experts import HIGH, LOW, TimestepExperts
 from .state import state_dir, state_run
 from .trainer import TrainingSession, check_attention
@@ -188,10 +189,21 @@ class HostedSession:
         todo = min(target, s.total_steps) - s.step
         if todo <= 0:
             return []
-        if self.workers is not None:   # the other ranks train the same steps (every collective pairs up)
-            self.workers.train(s.step + todo)
-        self.activate(device)
-        return s.train_steps(todo, progress, interrupt)
+        if self.workers is None:
+            self.activate(device)
+            return s.train_steps(todo, progress, interrupt)
+        if self.workers.closed:
+            raise PeerLost("distributed training: this session's worker processes were stopped after an error; "
+                           "queue Init Training again to start new ones (it continues from the saved state)")
+        self.workers.parallel.agreed_stop = False
+        try:
+            self.workers.train(s.step + todo)   # the other ranks train the same steps (every collective pairs up)
+            self.activate(device)
+            return s.train_steps(todo, progress, interrupt)
+        except BaseException:
+            if not self.workers.parallel.agreed_stop:   # they may wait inside a step: never pair it with another
+                self.workers.close()
+            raise
 
 
 def host_session(handle: ModelHandle, loader, network, optimizer, config, *, residency: Residency,
