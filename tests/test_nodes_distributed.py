@@ -100,6 +100,16 @@ def test_two_devices_from_the_graph_train_like_one_accumulating_two(comfy, tiny_
                                atol=1e-6)
     assert sorted(f.name for f in (tmp_path / "two").glob("lora-rank*.log")) == ["lora-rank1.log"]
 
+    registry = comfy.pack_module("nodes.registry").SESSIONS
+    registry.release()                                             # the worker is told to close, and does
+    assert worker.wait(30) == 0 and run.workers.closed and not torch.distributed.is_initialized()
+
+    comfy.executor.reset()   # ComfyUI's cache would skip the nodes: run them again
+    comfy.run(p)   # a new session: rank 0 and a new worker continue from the state saved at step 6, 6 more steps
+    (run,) = sessions(comfy)
+    (worker,) = run.workers.procs
+    assert run.session.step == 12 and worker.poll() is None
+    assert run.session.history.losses[:6] == pytest.approx(reference, rel=1e-5)
     os.kill(worker.pid, signal.SIGKILL)
     worker.wait()
     p["6"]["inputs"]["steps"] = 8
