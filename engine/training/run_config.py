@@ -112,7 +112,7 @@ def load_run_config(path: str | Path) -> RunConfig:
         if path.suffix.lower() == ".toml":
             try:
                 import tomllib
-            except ImportError:   # Python 3.10
+            except ImportError:   # Python 3.10: the `tomli` backport (a dependency there)
                 import tomli as tomllib
             raw = tomllib.loads(text)
         else:
