@@ -18,7 +18,8 @@ exactly the last completed step, and re-raises. Resuming from it reproduces the 
 
 Data source protocol (engine.data.loader.CachedBatchLoader satisfies it): iterating yields the rest of the current
 epoch's batches (dicts with `latents` and the family's conditioning keys, see `Family.collate`), `len()` = batches
-per epoch, attributes `epoch` / `index` (position), `state_dict()` / `load_state_dict()`.
+per epoch, attributes `epoch` / `index` (position), `state_dict()` / `load_state_dict()`; for data-parallel
+training also `batch_at(epoch, index)` (distributed.py: each rank reads only its share of the global sequence).
 """
 
 from __future__ import annotations
