@@ -117,3 +117,33 @@ def test_two_devices_from_the_graph_train_like_one_accumulating_two(comfy, tiny_
     assert "the worker for cpu (rank 1) ended" in comfy.error_message(), comfy.error_message()
     # the session with a lost rank is gone: the worker group closed, the process group destroyed
     assert run.workers.closed and not sessions(comfy) and not torch.distributed.is_initialized()
+
+
+def test_an_error_on_rank_0_mid_step_ends_the_workers_at_once(comfy, tiny_t2v_dataset, tmp_path, monkeypatch):
+    """Rank 0 fails inside a step (here: its forward raises) while the worker waits in that step's all-reduce: the
+    worker must never pair that wait with a later step. The workers are ended (closing the group ends the wait) and
+    the session released, so the next queue starts afresh from the saved state."""
+    import time
+
+    from training_graphs import sessions
+
+    family = comfy.pack_module("engine.families.wan.family").FAMILY
+    original, calls = type(family).training_forward, []
+
+    def failing(model, batch, *args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("rank 0 broke")
+        return original(model, batch, *args)
+
+    monkeypatch.setattr(type(family), "training_forward", staticmethod(failing))
+    p = export_prompt(tmp_path / "two", tiny_t2v_dataset, steps=4)
+    del p["8"]
+    p["5"]["inputs"].update(gradient_accumulation_steps=1, devices="cpu, cpu")
+    start = time.monotonic()
+    comfy.run(p, expect_success=False)
+    assert "rank 0 broke" in comfy.error_message()
+    assert not sessions(comfy) and not torch.distributed.is_initialized()
+    assert time.monotonic() - start < 20                      # no 30 s wait for a worker stuck in a collective
+    state = torch.load(tmp_path / "two" / "lora-state" / "training_state.pt", weights_only=True)
+    assert state["step"] == 2

@@ -202,7 +202,7 @@ class HostedSession:
             return s.train_steps(todo, progress, interrupt)
         except BaseException:
             if not self.workers.parallel.agreed_stop:   # they may wait inside a step: never pair it with another
-                self.workers.close()
+                self.workers.close(wait_s=0)            # (nothing of theirs to save: rank 0 saved the state)
             raise
 
 

@@ -125,7 +125,8 @@ class WorkerGroup:
         self.store.set(COMMAND.format(self.commands), text)
 
     def close(self, wait_s: float = 30.0) -> None:
-        """Workers told to stop, then ended (killed after `wait_s`); the process group destroyed."""
+        """Workers told to stop, then ended (killed after `wait_s`: 0 after an error, when a worker may wait in a
+        collective that rank 0 never joins); the process group destroyed."""
         if self.closed:
             return
         self.closed = True
@@ -134,6 +135,8 @@ class WorkerGroup:
                 self._command("close")
         except Exception:  # noqa: BLE001 - the store may be gone with a dead worker; the processes end below
             pass
+        if dist.is_initialized():
+            dist.destroy_process_group()
         end = time.monotonic() + wait_s
         for p in self.procs:
             try:
@@ -141,8 +144,6 @@ class WorkerGroup:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        if dist.is_initialized():
-            dist.destroy_process_group()
         self.store = None
         if WorkerGroup._active is self:
             WorkerGroup._active = None
