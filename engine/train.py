@@ -64,8 +64,19 @@ def load_model(config):
     load = getattr(family, "load_dit", None)
     if load is None:
         raise invalid("[model] family", config.family, "a family the headless trainer can load (it has load_dit)")
+    from .memory.fp8 import Fp8Linear, enable_fp8_matmul, set_fp8_scale_dtype
+
     fp8 = None if config.fp8 == "none" else config.fp8
-    return load(config.path, dtype=DTYPES[config.dtype], device="cpu", fp8=fp8)
+    model = load(config.path, dtype=DTYPES[config.dtype], device="cpu", fp8=fp8)
+    has_fp8 = any(isinstance(m, Fp8Linear) for m in model.modules())
+    if (config.fp8_matmul or config.fp8_scale_dtype == "bf16") and not has_fp8:
+        raise invalid("[model] fp8_matmul / fp8_scale_dtype", (config.fp8_matmul, config.fp8_scale_dtype),
+                      "fp8 weights: fp8 'scaled' or 'e4m3', or an fp8 file")
+    if config.fp8_matmul:
+        enable_fp8_matmul(model)
+    if config.fp8_scale_dtype == "bf16":
+        set_fp8_scale_dtype(model, torch.bfloat16)
+    return model
 
 
 def dataset_loader(config, model, seed: int):
@@ -92,7 +103,7 @@ def open_session(config, model, loader, parallel, device: torch.device):
 
     opts = RunOptions(attention=config.model.attention, blocks_to_swap=config.model.blocks_to_swap,
                       offload_non_blocks=config.model.offload_non_blocks,
-                      activation_offload=config.model.activation_offload)
+                      activation_offload=config.model.activation_offload, compile=config.model.compile_blocks)
     handle = ModelHandle(model, getattr(type(model), "family", None), opts)
     hosted = host_session(handle, loader, config.network, config.optimizer, config.training, residency=Residency(),
                           device=device, resume_from=config.run.resume_from,

@@ -46,10 +46,13 @@ def model_section(handle, loader: dict) -> dict:
         dtype = next((DTYPE_NAMES[p.dtype] for p in module.parameters() if p.dtype in DTYPE_NAMES), "keep")
     if fp8 is None:
         fp8 = "scaled" if any(isinstance(m, Fp8Linear) for m in module.modules()) else "none"
+    fp8_matmul = any(getattr(m, "use_fp8_matmul", False) for m in module.modules())
+    scale_dtype = next((m.scale_weight.dtype for m in module.modules() if isinstance(m, Fp8Linear)), torch.float32)
     opts = handle.options
-    return {"family": handle.family, "path": str(source), "dtype": dtype, "fp8": fp8, "attention": opts.attention,
+    return {"family": handle.family, "path": str(source), "dtype": dtype, "fp8": fp8, "fp8_matmul": fp8_matmul,
+            "fp8_scale_dtype": "bf16" if scale_dtype == torch.bfloat16 else "float32", "attention": opts.attention,
             "blocks_to_swap": int(opts.blocks_to_swap), "offload_non_blocks": bool(opts.offload_non_blocks),
-            "activation_offload": bool(opts.activation_offload)}
+            "activation_offload": bool(opts.activation_offload), "compile_blocks": bool(opts.compile)}
 
 
 def dataset_file(dataset) -> str:

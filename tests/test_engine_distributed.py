@@ -205,6 +205,8 @@ def test_config_refusals_name_the_key(tiny_t2v_dataset, tmp_path):
             r"\[training.timesteps\] discrete_flow_shift")
     refused(lambda r: r["model"].pop("family"), r"\[model\] family: got None; expected a value")
     refused(lambda r: r["model"].update(dtype="fp64"), r"\[model\] dtype")
+    refused(lambda r: r["model"].update(fp8_scale_dtype="fp16"), r"\[model\] fp8_scale_dtype")
+    refused(lambda r: r["model"].update(compile_blocks="yes"), r"\[model\] compile_blocks: got 'yes'; expected true")
     refused(lambda r: r["model"].update(path="missing.safetensors"), r"\[model\] path")
     refused(lambda r: r["training"].update(gradient_accumulation_steps=0), "gradient_accumulation_steps")
 

@@ -41,8 +41,9 @@ def test_exported_config_trains_like_the_graph_on_one_and_two_ranks(comfy, tiny_
     assert path == str(tmp_path / "graph" / "train_config.json")
     config = json.loads((tmp_path / "graph" / "train_config.json").read_text())
     assert config["model"] == {"family": "wan", "path": "preset:tiny-t2v", "dtype": "fp32", "fp8": "none",
-                               "attention": "sdpa", "blocks_to_swap": 0, "offload_non_blocks": False,
-                               "activation_offload": False}
+                               "fp8_matmul": False, "fp8_scale_dtype": "float32", "attention": "sdpa",
+                               "blocks_to_swap": 0, "offload_non_blocks": False, "activation_offload": False,
+                               "compile_blocks": False}
     assert config["dataset"]["config"] == str(tiny_t2v_dataset.resolve())
     assert config["training"]["gradient_accumulation_steps"] == 2 and config["network"]["rank"] == 4
 
@@ -137,6 +138,14 @@ def test_an_error_on_rank_0_mid_step_ends_the_workers_at_once(comfy, tiny_t2v_da
         return original(model, batch, *args)
 
     monkeypatch.setattr(type(family), "training_forward", staticmethod(failing))
+    workers = comfy.pack_module("engine.training.workers").WorkerGroup
+    started, start_group = [], workers.start.__func__
+
+    def recording(cls, *args, **kw):
+        started.append(start_group(cls, *args, **kw))
+        return started[-1]
+
+    monkeypatch.setattr(workers, "start", classmethod(recording))
     p = export_prompt(tmp_path / "two", tiny_t2v_dataset, steps=4)
     del p["8"]
     p["5"]["inputs"].update(gradient_accumulation_steps=1, devices="cpu, cpu")
@@ -145,5 +154,6 @@ def test_an_error_on_rank_0_mid_step_ends_the_workers_at_once(comfy, tiny_t2v_da
     assert "rank 0 broke" in comfy.error_message()
     assert not sessions(comfy) and not torch.distributed.is_initialized()
     assert time.monotonic() - start < 20                      # no 30 s wait for a worker stuck in a collective
+    assert all(p.poll() is not None for p in started[0].procs)   # no process left behind
     state = torch.load(tmp_path / "two" / "lora-state" / "training_state.pt", weights_only=True)
     assert state["step"] == 2

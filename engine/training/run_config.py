@@ -4,7 +4,8 @@ the training nodes fill from their inputs. Every key is a field of a dataclass b
 wrong type or a missing required key is refused naming it, before any model is loaded. Relative paths are relative
 to the config file's folder.
 
-    [model]       family, path, dtype, fp8, attention, blocks_to_swap, offload_non_blocks, activation_offload
+    [model]       family, path, dtype, fp8, fp8_matmul, fp8_scale_dtype, attention, blocks_to_swap,
+                  offload_non_blocks, activation_offload, compile_blocks
     [dataset]     config (the dataset TOML whose caches were built: Cache Latents / Cache Text Embeddings)
     [network]     NetworkConfig      [optimizer] OptimizerConfig
     [training]    TrainingConfig, with [training.timesteps] TimestepConfig
@@ -34,16 +35,21 @@ class ModelConfig:
     path: str                            # a DiT file, or a preset ("preset:<name>")
     dtype: str = "bf16"                  # weights: bf16 | fp16 | fp32 | keep (as stored)
     fp8: str = "none"                    # block Linears in fp8: none | e4m3 | scaled
+    fp8_matmul: bool = False             # fp8 weights: multiply in fp8 (_scaled_mm) where the GPU can
+    fp8_scale_dtype: str = "float32"     # fp8 weights: scales in float32 | bf16
     attention: str | None = None         # the DiT's attention kernel; None: the model's
     blocks_to_swap: int = 0              # blocks kept in host memory and streamed in (CUDA)
     offload_non_blocks: bool = False     # with block swap: embeddings and head in host memory too
     activation_offload: bool = False     # checkpointed block inputs in host memory
+    compile_blocks: bool = False         # torch.compile each block
 
     def validate(self) -> None:
         if self.dtype not in DTYPES:
             raise invalid("[model] dtype", self.dtype, f"one of {DTYPES}")
         if self.fp8 not in FP8:
             raise invalid("[model] fp8", self.fp8, f"one of {FP8}")
+        if self.fp8_scale_dtype not in ("float32", "bf16"):
+            raise invalid("[model] fp8_scale_dtype", self.fp8_scale_dtype, "float32 or bf16")
         if self.blocks_to_swap < 0:
             raise invalid("[model] blocks_to_swap", self.blocks_to_swap, "an integer ≥ 0")
         if not self.path.startswith("preset:") and not Path(self.path).is_file():
