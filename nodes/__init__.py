@@ -4,9 +4,10 @@ theme; each exports its own mappings.
 Node ids are prefixed `Musubi` and are never renamed once released: saved workflows refer to them.
 """
 
-from . import data, demo, framepack, generation, hunyuan, lora, training, utility, video, wan
+from . import data, demo, distributed, framepack, generation, hunyuan, lora, training, utility, video, wan
 
-_MODULES = [wan, hunyuan, framepack, generation, video, utility, lora, training, data, demo]   # family node files first, then the generic ones
+# family node files first, then the generic ones
+_MODULES = [wan, hunyuan, framepack, generation, video, utility, lora, training, distributed, data, demo]
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}

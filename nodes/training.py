@@ -306,11 +306,13 @@ def one_expert_timesteps(config, handle, experts, train_expert: str, expert_boun
 
 
 def open_run(kind: str, node_id, model, dataset, network, optimizer, config, resume_from=None,
-             continue_saved: bool = False, experts=None):
+             continue_saved: bool = False, experts=None, devices=None, prompt=None):
     """The session of this node for these inputs: the one in memory (following the loaders' current run options),
     or a new one replacing this node's old one (which saves its unsaved steps first). `continue_saved`: a new
     session continues from the state saved under the output name, when there is one the network fits.
     `experts` (`HostedExperts`): `model` is the low-noise expert of a pair trained in one session.
+    `devices` (nodes/distributed.py `parse_devices`): this process is rank 0 of a data-parallel run whose other
+    ranks are worker processes (engine/training/workers.py); `prompt`: the graph (their model's loader inputs).
 
     Everything a user can get wrong is checked before ComfyUI's models are evicted or a weight moves."""
     from ..engine.training.experts import TimestepExperts, check_experts
@@ -322,7 +324,8 @@ def open_run(kind: str, node_id, model, dataset, network, optimizer, config, res
     loader, ds_identity = dataset_loader(dataset, handle.module, config.seed)
     pair_key = None if experts is None else (id(experts.high.module), experts.boundary, experts.layout, experts.mode)
     key = (kind, node_id, id(handle.module), ds_identity, _plain_key(network), _plain_key(optimizer),
-           _plain_key(config), str(resume_from) if resume_from else "", bool(continue_saved), pair_key)
+           _plain_key(config), str(resume_from) if resume_from else "", bool(continue_saved), pair_key,
+           tuple(devices or ()))
     existing = SESSIONS.get(key)
     if existing is not None:
         existing.set_options(handle.options, experts.high.options if experts is not None else None)
@@ -337,16 +340,43 @@ def open_run(kind: str, node_id, model, dataset, network, optimizer, config, res
         check_experts(handle.module, TimestepExperts(experts.high.module, experts.boundary, experts.layout,
                                                      experts.mode))
 
+    worker_config = None
+    if devices:
+        from .distributed import loader_inputs, run_config
+
+        if experts is not None or resume_from:
+            raise invalid("devices", ", ".join(devices), "one device for a pair of experts or Resume Training "
+                                                         "(not supported on several devices yet)")
+        worker_config = run_config(handle, dataset, network, optimizer, config, continue_saved,
+                                   loader_inputs(prompt, node_id))
+
     stale = [k for k in SESSIONS.keys() if isinstance(k, tuple) and k[:2] == (kind, node_id) and k != key]
     for k in stale:   # their steps on disk before anything else (a new session may continue from them)
         old = SESSIONS.get(k)
         if old is not None:
             old.session.save_progress()
     compat.free_all()
-    with compat.training_context():  # adapter and optimizer tensors must be normal (autograd) tensors
-        run = host_session(handle, loader, network, optimizer, config, residency=RESIDENCY,
-                           device=compat.torch_device(), resume_from=resume_from, continue_saved=continue_saved,
-                           key=key, node=node_id, experts=experts)
+    workers = None
+    if devices:   # an older session of this node may hold the process group and its workers
+        SESSIONS.release(lambda k: k in stale)
+        stale = []
+        from ..engine.training.workers import WorkerGroup
+
+        workers = WorkerGroup.start(worker_config, devices, Path(config.output_dir), config.output_name,
+                                    compat.torch_device(), interrupt=compat.check_interrupt)
+    try:
+        with compat.training_context():  # adapter and optimizer tensors must be normal (autograd) tensors
+            run = host_session(handle, loader, network, optimizer, config, residency=RESIDENCY,
+                               device=compat.torch_device(), resume_from=resume_from, continue_saved=continue_saved,
+                               key=key, node=node_id, experts=experts,
+                               parallel=workers.parallel if workers is not None else None)
+            if workers is not None:
+                workers.parallel.check_same_start(run.session.step)
+                run.workers = workers
+    except BaseException:
+        if workers is not None:
+            workers.close()
+        raise
     # only now that the new session exists (a bad config fails above and leaves the old one intact) is this
     # node's previous session replaced
     if stale:
@@ -386,6 +416,8 @@ def train_to(run, target: int, node_id) -> list[float]:
             return run.train_to(target, compat.torch_device(), progress, interrupt=compat.check_interrupt)
     finally:
         run.listener = None
+        if run.workers is not None and run.workers.closed:   # a lost or failed rank: the next queue starts afresh
+            SESSIONS.release(lambda k: k == run.key)
 
 
 # --- sampling during training (the session's ValidationConfig) -------------------------------------------------------
@@ -594,6 +626,12 @@ def _advanced_training_inputs() -> dict:
                                                "~1.2 GB less GPU memory for Wan 14B at rank 32, one copy each way "
                                                "per step."}),
     }
+
+
+def _devices_input():
+    from .distributed import DEVICES_INPUT
+
+    return DEVICES_INPUT
 
 
 def _expert_inputs() -> dict:
@@ -890,7 +928,8 @@ class MusubiInitTraining:
                                    "tooltip": "Steps between two eval-loss measurements (with eval_dataset)."}),
             **_advanced_training_inputs(),
             **_expert_inputs(),
-        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+            "devices": _devices_input(),
+        }, "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"}}
 
     def init(self, model, dataset, lora_config, optimizer_config, seed, max_train_steps, mixed_precision,
              gradient_checkpointing, gradient_accumulation_steps, timestep_sampling, discrete_flow_shift,
@@ -901,8 +940,11 @@ class MusubiInitTraining:
              max_train_epochs=0, save_every_n_epochs=0, logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
              preserve_distribution_shape=False, num_timestep_buckets=0, checkpoint_dtype="compute",
              offload_optimizer_state=False, expert_layout="auto", train_expert="none", expert_boundary=0.0,
-             unique_id=None):
+             devices="", unique_id=None, prompt=None):
         dit, experts = trained_models(model, expert_layout)
+        from .distributed import parse_devices
+
+        device_list = parse_devices(devices, compat.torch_device())
         config = _training_config(
             seed=seed, max_train_steps=max_train_steps, mixed_precision=mixed_precision,
             gradient_checkpointing=gradient_checkpointing, gradient_accumulation_steps=gradient_accumulation_steps,
@@ -926,7 +968,7 @@ class MusubiInitTraining:
         held_out = held_out_loader(eval_dataset, dit.module, config.seed) if eval_dataset is not None else None
         run = open_run("init", unique_id, dit, dataset, dataclasses.replace(network),
                        dataclasses.replace(optimizer), config, continue_saved=bool(continue_saved_state),
-                       experts=experts)
+                       experts=experts, devices=device_list, prompt=prompt)
         # validation and TensorBoard apply to the session in memory: changing them never restarts training
         run.session.validation = validation_config(run, validation_prompts, validation_vae, validate_every_n_steps,
                                                    validate_at_start) if validate else None

@@ -185,6 +185,34 @@ def tiny_wan_encoders():
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_t2v_dataset(tiny_wan_encoders, tmp_path_factory):
+    """A dataset on disk as a user has it after caching: four solid-colour 32x32 PNGs with captions, a dataset TOML
+    (batch size 1) and its caches built for the tiny T2V preset with the tiny encoders. Returns the TOML's path."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from engine.data import build_cache, load_dataset_config
+    from engine.families.wan.cache import WanCacheAdapter
+
+    root = tmp_path_factory.mktemp("tiny_t2v_dataset")
+    (root / "images").mkdir()
+    colours = {"red": (230, 30, 20), "blue": (20, 40, 230), "green": (30, 200, 40), "grey": (128, 128, 128)}
+    for name, rgb in colours.items():
+        Image.fromarray(np.full((32, 32, 3), rgb, dtype=np.uint8)).save(root / "images" / f"{name}.png")
+        (root / "images" / f"{name}.txt").write_text(f"a {name} square")
+    toml = root / "dataset.toml"
+    toml.write_text('[general]\nresolution = [32, 32]\ncaption_extension = ".txt"\nbatch_size = 1\n\n'
+                    f'[[datasets]]\nimage_directory = "{(root / "images").as_posix()}"\n'
+                    f'cache_directory = "{(root / "cache").as_posix()}"\n')
+    enc = tiny_wan_encoders
+    with torch.inference_mode():
+        build_cache(load_dataset_config(toml), WanCacheAdapter(vae=enc["vae"], text_encoder=enc["umt5"],
+                                                               dtype=torch.float32, text_dtype=torch.float32))
+    return toml
+
+
 def _diffusers_wan(cfg, official_sd):
     """diffusers' WanTransformer3DModel (an independent implementation) with a pack WanConfig, its weights converted
     from the official layout by diffusers' own single-file converter (2.1 and 2.2: per-token t when t is [B, L])."""

@@ -65,6 +65,11 @@ class CachedBatchLoader:
             yield batch
         self.epoch, self.index = self.epoch + 1, 0
 
+    def batch_at(self, epoch: int, index: int) -> dict:
+        """Batch `index` of `epoch` alone (a data-parallel rank reads only its share), the position unchanged."""
+        d, samples = self._batches(epoch)[index]
+        return self.load_batch(self.datasets[d], samples)
+
     @staticmethod
     def load_batch(ds: CachedDataset, samples: list[CachedSample]) -> dict:
         batch = ds.collate([s.load() for s in samples])

@@ -130,6 +130,8 @@ class Family(Protocol):
 
     # optional: `expert_pair(high, low, boundary, mode, device, residency)` -> what `sample` takes in place of a model
     # for two timestep experts (validation samples while training both; engine.training.experts)
+    # optional: `load_dit(source, dtype, device, fp8)` -> the DiT of a file or preset (the headless trainer,
+    # engine/train.py, which has no loader node)
 
 
 def names_in_blocks(names: Iterable[str], spec: LoRASpec) -> list[str]:

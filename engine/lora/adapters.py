@@ -71,6 +71,7 @@ class _Adapter(nn.Module):
     """Common behaviour: the base Linear (not registered: its weights are not adapter state), multiplier, dropouts."""
 
     kind = ""
+    dropped_in_graph = False   # module dropout as a zero term instead of no term (set for data-parallel training)
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout=None, rank_dropout=None,
                  module_dropout=None):
@@ -110,7 +111,8 @@ class _Adapter(nn.Module):
         """multiplier · scale · delta(x), or 0 when disabled / module-dropped."""
         if self.multiplier == 0:
             return 0.0
-        if self.training and self.module_dropout and torch.rand(()) < self.module_dropout:
+        dropped = bool(self.training and self.module_dropout and torch.rand(()) < self.module_dropout)
+        if dropped and not self.dropped_in_graph:
             return 0.0
         # Under autocast (mixed-precision training) x goes in as it is: autocast runs the adapter in its dtype like
         # the base layer, and autograd saves x itself. Casting it to float32 first would make autograd keep a
@@ -118,7 +120,9 @@ class _Adapter(nn.Module):
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.param_dtype)
         out = self._delta(x)
-        if self.multiplier != 1.0:   # (out * 1.0 is out: skip the full-size copy)
+        if dropped:   # data-parallel training: a zero term keeps every adapter weight in every backward (DDP)
+            out = out * 0.0
+        elif self.multiplier != 1.0:   # (out * 1.0 is out: skip the full-size copy)
             out = out * self.multiplier
         return out.to(out_dtype)
 

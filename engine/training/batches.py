@@ -37,6 +37,9 @@ class InMemoryBatchLoader:
             yield batch
         self.epoch, self.index = self.epoch + 1, 0
 
+    def batch_at(self, epoch: int, index: int) -> dict:
+        return self.batches[self.order(epoch)[index]]
+
     def state_dict(self) -> dict:
         return {"seed": self.seed, "epoch": self.epoch, "index": self.index}
 

@@ -30,6 +30,7 @@ from ..families import family_of
 from ..handle import ModelHandle, RunOptions, apply_run_options
 from ..lora.views import add_network, make_lora_view
 from ..memory.residency import Residency
+from .distributed import PeerLost
 from .experts import HIGH, LOW, TimestepExperts
 from .state import state_dir, state_run
 from .trainer import TrainingSession, check_attention
@@ -88,6 +89,7 @@ class HostedSession:
         self.key = key                        # the host's registry key
         self.targets: dict[tuple, int] = {}   # host bookkeeping: a caller's token -> the step it must reach
         self.listener = None                  # whoever shows validation progress while training (host's choice)
+        self.workers = None                   # data-parallel: the other ranks' processes (workers.WorkerGroup)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -170,7 +172,11 @@ class HostedSession:
 
     def close(self) -> None:
         """Replaced or released: unsaved steps go to the state folder first, then the adapter comes off."""
-        self.session.close(save=True)
+        try:
+            self.session.close(save=True)
+        finally:
+            if self.workers is not None:
+                self.workers.close()
         self._release()
         self.session.network.detach()
 
@@ -183,16 +189,30 @@ class HostedSession:
         todo = min(target, s.total_steps) - s.step
         if todo <= 0:
             return []
-        self.activate(device)
-        return s.train_steps(todo, progress, interrupt)
+        if self.workers is None:
+            self.activate(device)
+            return s.train_steps(todo, progress, interrupt)
+        if self.workers.closed:
+            raise PeerLost("distributed training: this session's worker processes were stopped after an error; "
+                           "queue Init Training again to start new ones (it continues from the saved state)")
+        self.workers.parallel.agreed_stop = False
+        try:
+            self.workers.train(s.step + todo)   # the other ranks train the same steps (every collective pairs up)
+            self.activate(device)
+            return s.train_steps(todo, progress, interrupt)
+        except BaseException:
+            if not self.workers.parallel.agreed_stop:   # they may wait inside a step: never pair it with another
+                self.workers.close(wait_s=0)            # (nothing of theirs to save: rank 0 saved the state)
+            raise
 
 
 def host_session(handle: ModelHandle, loader, network, optimizer, config, *, residency: Residency,
                  device: torch.device, resume_from=None, continue_saved: bool = False, key=None,
-                 node: str = "?", experts: HostedExperts | None = None) -> HostedSession:
+                 node: str = "?", experts: HostedExperts | None = None, parallel=None) -> HostedSession:
     """A new hosted session on a fresh LoRA view of `handle.module` (and of `experts.high.module`: two experts).
     `continue_saved`: continue from the state saved under the output name when there is one the network fits
-    (else start fresh; that state is kept). The caller has validated the configs."""
+    (else start fresh; that state is kept). `parallel`: this rank of a data-parallel run (distributed.py).
+    The caller has validated the configs."""
     handles = [handle] + ([experts.high] if experts is not None else [])
     for h in handles:
         make_trainable(h.module)
@@ -205,7 +225,8 @@ def host_session(handle: ModelHandle, loader, network, optimizer, config, *, res
         pair = None if experts is None else TimestepExperts(
             views[1], experts.boundary, layout=experts.layout, mode=experts.mode, device=device,
             residency=residency, options={LOW: handle.options, HIGH: experts.high.options})
-        return TrainingSession(views[0], network, optimizer, loader, config, resume_from=resume, experts=pair)
+        return TrainingSession(views[0], network, optimizer, loader, config, resume_from=resume, experts=pair,
+                               parallel=parallel)
 
     saved = saved_state(config) if continue_saved and not resume_from else None
     session = None

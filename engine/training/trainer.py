@@ -18,7 +18,8 @@ exactly the last completed step, and re-raises. Resuming from it reproduces the 
 
 Data source protocol (engine.data.loader.CachedBatchLoader satisfies it): iterating yields the rest of the current
 epoch's batches (dicts with `latents` and the family's conditioning keys, see `Family.collate`), `len()` = batches
-per epoch, attributes `epoch` / `index` (position), `state_dict()` / `load_state_dict()`.
+per epoch, attributes `epoch` / `index` (position), `state_dict()` / `load_state_dict()`; for data-parallel
+training also `batch_at(epoch, index)` (distributed.py: each rank reads only its share of the global sequence).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from ..families import family_of
 from ..memory.checkpointing import set_block_checkpointing
 from ..memory.placement import execution_device
 from .config import SAVE_DTYPES, TRAINING_BACKENDS_REFUSED, NetworkConfig, TrainingConfig, to_plain
+from .distributed import SingleProcess
 from .evaluation import EvalConfig, held_out_loss
 from .experts import HIGH, ExpertPair, TimestepExperts
 from .logging import LossHistory, StepTimer, TensorBoardLogger, current_lrs, status_text
@@ -121,14 +123,19 @@ class TrainingSession:
     def __init__(self, model: torch.nn.Module, network: NetworkConfig, optimizer: OptimizerConfig, loader,
                  config: TrainingConfig, validation: ValidationConfig | None = None,
                  evaluation: EvalConfig | None = None,
-                 resume_from: str | Path | None = None, experts: TimestepExperts | None = None):
-        """`experts`: train `model` (the low-noise expert) and a high-noise expert in one run (experts.py)."""
+                 resume_from: str | Path | None = None, experts: TimestepExperts | None = None,
+                 parallel=None):
+        """`experts`: train `model` (the low-noise expert) and a high-noise expert in one run (experts.py).
+        `parallel`: this rank of a data-parallel run (distributed.py `DataParallel`; None: one process)."""
         # 1. everything a user can get wrong, before touching the model
         config.validate()
         network.validate()
         optimizer.validate()
         if validation is not None:
             validation.validate()
+        self.parallel = parallel if parallel is not None else SingleProcess()
+        self.parallel.check(network, experts)
+        loader = self.parallel.shard(loader)   # this rank's share of the global batch sequence
         self.pair = ExpertPair(model, experts) if experts is not None else None
         if self.pair is not None and evaluation is not None:
             raise invalid("eval dataset", "given", "no held-out evaluation while training two experts (not supported)")
@@ -234,18 +241,22 @@ class TrainingSession:
         optimizer_train_mode(self.optimizer, True)
         self.timer.reset()
         self._interrupt = interrupt
+        self.parallel.start_steps()
         # the random streams as the last completed step left them: whatever ran since (a sampler, another session)
         # does not change this run, and a call continues exactly as a resume from the saved state would
         restore_rng(self._boundary["rng"], self.generator)
         try:
-            if self.step == 0 and self.validation is not None and self.validation.at_first and self.last_samples is None:
-                self.sample()
-            while self.step < end:
-                loss, t = self._optimizer_step()
-                losses.append(loss)
-                info = self._after_step(loss, t)
-                if progress is not None:
-                    progress(self.step, self.total_steps, info.__dict__)
+            with self.parallel.errors(lambda: self.step):
+                if self.step == 0 and self.validation is not None and self.validation.at_first \
+                        and self.last_samples is None and self.parallel.is_main:
+                    self.sample()
+                while self.step < end:
+                    loss, t = self._optimizer_step()
+                    losses.append(loss)
+                    info = self._after_step(loss, t)
+                    # a cancel raised by the hook stops every rank after this same step
+                    self.parallel.agree_stop(_raised(progress, self.step, self.total_steps, info.__dict__),
+                                             self.step)
             completed = True
         finally:
             for m in self._models():
@@ -266,6 +277,8 @@ class TrainingSession:
         default the latest-state folder (`latest_state_dir`)."""
         latest = folder is None
         folder = self.latest_state_dir() if latest else Path(folder)
+        if not self.parallel.is_main:   # rank 0 writes the states of a data-parallel run
+            return folder
         write_state(folder, self._state())
         if latest:   # what close() and the time-based save look at
             self.saved_step, self._last_state_save = self._boundary["step"], self._clock()
@@ -297,6 +310,8 @@ class TrainingSession:
             files = [(path or lora_path(self.lora_dir, name, step, epoch), self.network, {}, self.model)]
         else:
             files = self.pair.lora_files(self.network, name, path, self.lora_dir, step, epoch, lora_path)
+        if not self.parallel.is_main:   # rank 0 writes the files of a data-parallel run
+            return Path(files[0][0])
         inputs = [getattr(m, "source_path", None) for m in self._models()]
         optimizer_train_mode(self.optimizer, False)  # schedule-free: save the averaged weights
         try:
@@ -365,16 +380,19 @@ class TrainingSession:
         accum = self.config.gradient_accumulation_steps
         params = self.network.trainable_parameters()
         total, ts, self._step_experts = 0.0, [], []
+        self.parallel.seed_step(self.config.seed, self.step)
         for k in range(accum):
-            if k and self._interrupt is not None:
-                self._interrupt()
-            loss, t = self._micro_step(self._next_batch(), 1.0 / accum)
+            if k:
+                self.parallel.agree_stop(_raised(self._interrupt), self.step)
+            with self.parallel.no_sync(self.network, last=k == accum - 1):
+                loss, t = self._micro_step(self._next_batch(), 1.0 / accum)
             total += float(loss)
             ts.append(t)
-        if not math.isfinite(total):
+        mean = self.parallel.mean_loss(total, accum)   # over the micro-batches of every rank
+        if not math.isfinite(mean):
             # stop before the optimizer step turns the adapter into NaN; train_steps saves the last good step
             folder = self.latest_state_dir()
-            raise invalid(f"training loss at step {self.step + 1}", total,
+            raise invalid(f"training loss at step {self.step + 1}", mean,
                           f"a finite value: training diverged (lower the learning rate, or use bf16/fp32 instead of "
                           f"fp16); the state of step {self.step} is saved in {folder} to resume from")
         if self.scaler is not None:
@@ -395,16 +413,19 @@ class TrainingSession:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self._boundary = self._snapshot()
-        return total / accum, torch.cat(ts)
+        return mean, torch.cat(ts)
 
     def _micro_step(self, batch: dict, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         x0 = batch["latents"].to(self.device, torch.float32)                     # [B, C, F, H, W]
         model = self.model
         if self.pair is None:
-            draws, noises = [], []
-            for _ in range(x0.shape[0]):  # t then ε for each sample in turn: batch 2 == 2 micro-batches of 1
-                draws.append(self.timesteps.sample(1, x0.shape, self.generator))
-                noises.append(torch.randn(x0.shape[1:], generator=self.generator))
+            def draw(shape):   # t then ε for each sample in turn: batch 2 == 2 micro-batches of 1 == 2 ranks
+                draws, noises = [], []
+                for _ in range(shape[0]):
+                    draws.append(self.timesteps.sample(1, shape, self.generator))
+                    noises.append(torch.randn(shape[1:], generator=self.generator))
+                return draws, noises
+            draws, noises = self.parallel.draw(draw, tuple(x0.shape))
         else:   # the batch's timesteps pick the expert, then the noise of each sample
             choice = self.pair.choose(self.timesteps, x0.shape[0], x0.shape, self.generator)
             draws = choice.draws
@@ -418,8 +439,9 @@ class TrainingSession:
 
         x_t = noisy_latents(x0, noise, t.to(self.device))
         target = velocity_target(x0, noise)
-        with self._autocast():   # the family runs its DiT on the batch's conditioning
-            pred, target = self.family.training_forward(model, batch, x_t, model_t, target)
+        with self._autocast():   # the family runs its DiT on the batch's conditioning (through DDP: several ranks)
+            pred, target = self.parallel.forward(lambda *a: self.family.training_forward(model, *a), self.network,
+                                                 batch, x_t, model_t, target)
         loss = flow_matching_loss(pred, target, weight)
         scaled = loss * scale
         if self.scaler is not None:
@@ -449,6 +471,8 @@ class TrainingSession:
         raise invalid("dataset", "no batches", "at least one cached batch")
 
     def _completed_epochs(self) -> int:
+        if hasattr(self.loader, "completed_epochs"):   # a rank's share (distributed.py)
+            return int(self.loader.completed_epochs)
         epoch = int(getattr(self.loader, "epoch", 0))
         index = getattr(self.loader, "index", None)
         return epoch + (1 if index is not None and index >= len(self.loader) else 0)
@@ -462,7 +486,8 @@ class TrainingSession:
         lr = lrs.get("lr/unet")
         avg = self.history.moving_average()
         it_s = self.timer.it_per_s
-        if cfg.logging_dir and self.step % cfg.log_every_n_steps == 0:
+        main = self.parallel.is_main   # logging, saving, validation: rank 0 of a data-parallel run
+        if main and cfg.logging_dir and self.step % cfg.log_every_n_steps == 0:
             if self._tb is None:
                 self._tb = TensorBoardLogger(cfg.logging_dir, prefix=f"{cfg.output_name}_")
             self._tb.log_step(self.step, loss, avg, lrs, it_s, t)
@@ -470,7 +495,7 @@ class TrainingSession:
         epochs = self._completed_epochs()
         new_epoch = epochs > self._epochs_done
         self._epochs_done = epochs
-        if not self.finished:
+        if main and not self.finished:
             if cfg.save_every_n_steps and self.step % cfg.save_every_n_steps == 0:
                 self._periodic_save(step=self.step)
             if new_epoch and cfg.save_every_n_epochs and epochs % cfg.save_every_n_epochs == 0:
@@ -478,9 +503,9 @@ class TrainingSession:
             minutes = cfg.save_state_every_minutes
             if minutes and self.saved_step != self.step and self._clock() - self._last_state_save >= 60 * minutes:
                 self.save_state()   # a crash or power cut loses at most this much training time
-        if self.validation is not None and self.validation.due(self.step):
+        if main and self.validation is not None and self.validation.due(self.step):
             self.sample()
-        if self.evaluation is not None and self.evaluation.due(self.step):
+        if main and self.evaluation is not None and self.evaluation.due(self.step):
             self.evaluate()
         status = status_text(self.step, self.total_steps, loss, avg, lr, it_s, self.device)
         if self.history.eval_losses:
@@ -611,9 +636,10 @@ class TrainingSession:
             "ss_session_id": self.session_id, "ss_training_started_at": self.started_at,
             "ss_training_finished_at": time.time(), "ss_network_dropout": self.network_config.dropout,
         }
-        batches = len(self.loader)
+        batches = self.loader.global_len() if hasattr(self.loader, "global_len") else len(self.loader)
+        per_step = cfg.gradient_accumulation_steps * self.parallel.world_size   # batches of one optimizer step
         meta["ss_num_batches_per_epoch"] = batches
-        meta["ss_num_epochs"] = math.ceil(self.total_steps / max(1, math.ceil(batches / cfg.gradient_accumulation_steps)))
+        meta["ss_num_epochs"] = math.ceil(self.total_steps / max(1, math.ceil(batches / per_step)))
         datasets = _datasets_metadata(self.loader)
         if datasets:
             meta["ss_datasets"] = json.dumps(datasets)
@@ -678,6 +704,17 @@ def _check_resume_compatible(state: dict, network: NetworkConfig, experts: Times
     pair, now = state.get("config", {}).get("experts"), (experts.plain() if experts is not None else None)
     if pair != now:   # one model vs two, another layout or boundary: the saved weights and choices do not apply
         raise invalid("resume state experts", pair, f"{now} (the current training)")
+
+
+def _raised(hook: Callable | None, *args) -> BaseException | None:
+    """What `hook(*args)` raised (a cancel), instead of raising it: the ranks agree before anyone stops."""
+    if hook is None:
+        return None
+    try:
+        hook(*args)
+    except BaseException as e:  # noqa: BLE001 - ComfyUI's interrupt is a BaseException; re-raised by agree_stop
+        return e
+    return None
 
 
 def _seed_everything(seed: int) -> None:

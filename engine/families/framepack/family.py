@@ -36,6 +36,13 @@ class FramePackFamily:
 
     # --- models ---------------------------------------------------------------------------------------------------
     @staticmethod
+    def load_dit(source, dtype: torch.dtype | None = None, device="cpu", fp8: str | None = None) -> nn.Module:
+        """The DiT of a file or preset (the headless trainer: engine/train.py)."""
+        from .loader import load_framepack_dit
+
+        return load_framepack_dit(source, dtype=dtype, device=device, fp8=fp8)
+
+    @staticmethod
     def block_lists(model: nn.Module) -> list[nn.ModuleList]:
         return [model.transformer_blocks, model.single_transformer_blocks]
 

@@ -35,6 +35,13 @@ class HunyuanFamily:
 
     # --- models ---------------------------------------------------------------------------------------------------
     @staticmethod
+    def load_dit(source, dtype: torch.dtype | None = None, device="cpu", fp8: str | None = None) -> nn.Module:
+        """The DiT of a file or preset (the headless trainer: engine/train.py)."""
+        from .loader import load_hunyuan_dit
+
+        return load_hunyuan_dit(source, dtype=dtype, device=device, fp8=fp8)
+
+    @staticmethod
     def block_lists(model: nn.Module) -> list[nn.ModuleList]:
         return [model.double_blocks, model.single_blocks]
 

@@ -48,6 +48,13 @@ class WanFamily:
 
     # --- models ---------------------------------------------------------------------------------------------------
     @staticmethod
+    def load_dit(source, dtype: torch.dtype | None = None, device="cpu", fp8: str | None = None) -> nn.Module:
+        """The DiT of a file or preset (the headless trainer: engine/train.py)."""
+        from .loader import load_wan_dit
+
+        return load_wan_dit(source, dtype=dtype, device=device, fp8=fp8)
+
+    @staticmethod
     def block_lists(model: nn.Module) -> list[nn.ModuleList]:
         return [model.blocks]
 
