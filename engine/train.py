@@ -105,8 +105,10 @@ def open_session(config, model, loader, parallel, device: torch.device):
                       offload_non_blocks=config.model.offload_non_blocks,
                       activation_offload=config.model.activation_offload, compile=config.model.compile_blocks)
     handle = ModelHandle(model, getattr(type(model), "family", None), opts)
+    # a sharded base stays in host memory until each rank's shards go to its device (never the whole model there)
+    prepare_on = torch.device("cpu") if parallel.shards_base else device
     hosted = host_session(handle, loader, config.network, config.optimizer, config.training, residency=Residency(),
-                          device=device, resume_from=config.run.resume_from,
+                          device=prepare_on, resume_from=config.run.resume_from,
                           continue_saved=config.run.continue_saved, node="cli", parallel=parallel)
     parallel.check_same_start(hosted.session.step)
     return hosted
@@ -127,6 +129,13 @@ def run(config, parallel=None, device: torch.device | None = None, out=print) ->
     stop.install()
     say(f"training {config.training.output_name}: step {session.step}/{session.total_steps} on "
         f"{parallel.world_size} rank(s), device {device}", flush=True)
+    report = getattr(parallel, "shard_report", None)
+    if report is not None:
+        say(f"base sharded (fsdp2, {report.units} units): {report.local_bytes / 2**20:.1f} MiB of "
+            f"{report.total_bytes / 2**20:.1f} MiB on rank 0", flush=True)
+    elif config.model.shard_base != "none":
+        say(f"shard_base = {config.model.shard_base}: one rank, nothing to shard (the whole base is on {device})",
+            flush=True)
 
     def progress(step, total, info):
         say(info["status"], flush=True)
@@ -208,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             if device.type == "cuda":
                 torch.cuda.set_device(device)
             init_process_group(launch, device, config.run.timeout_s)
-            parallel = DataParallel(device=device)
+            parallel = DataParallel(device=device, shard_base=config.model.shard_base)
         return run(config, parallel, device)
     except MusubiInputError as e:
         print(f"error (rank {launch.rank}): {e}", file=sys.stderr, flush=True)

@@ -8,6 +8,7 @@ clear error; no process is left behind."""
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -24,10 +25,11 @@ from distributed_runs import REPO, Ranks, history, train
 
 # --- runs -------------------------------------------------------------------------------------------------------
 
-def write_config(folder: Path, dataset: Path, *, steps: int, accum: int = 1, network=None, **training) -> Path:
+def write_config(folder: Path, dataset: Path, *, steps: int, accum: int = 1, network=None, model=None,
+                 **training) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     cfg = {
-        "model": {"family": "wan", "path": "preset:tiny-t2v", "dtype": "fp32", "attention": "sdpa"},
+        "model": {"family": "wan", "path": "preset:tiny-t2v", "dtype": "fp32", "attention": "sdpa", **(model or {})},
         "dataset": {"config": str(dataset)},
         "network": network or {"rank": 4, "alpha": 4.0},
         "optimizer": {"optimizer_type": "AdamW", "learning_rate": 3e-3, "max_grad_norm": 1.0},
@@ -126,6 +128,42 @@ def test_killed_rank_fails_the_other_with_a_clear_error_and_no_hang(tiny_t2v_dat
     ranks.assert_gone()
     state = read_state(tmp_path / "out" / "lora-state")   # rank 0 saved its last completed step
     assert state["step"] >= 2
+
+
+# --- the frozen base sharded with FSDP2 ------------------------------------------------------------------------
+
+FSDP2 = {"shard_base": "fsdp2"}
+
+
+def test_fsdp2_sharded_base_trains_like_ddp(reference, tiny_t2v_dataset, tmp_path):
+    """2 ranks with the base split by FSDP2 == 2 ranks of plain DDP == 1 process accumulating 2 (`reference`): the
+    same losses and the same LoRA file (keys, dtypes, metadata keys; values at fp32 tolerance)."""
+    ranks = train(write_config(tmp_path, tiny_t2v_dataset, steps=6, model=FSDP2), 2)
+    got = history(tmp_path)
+    assert len(got) == 6
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(history(reference)), rtol=1e-5, atol=1e-6)
+    (a, meta_a), (b, meta_b) = lora_tensors(reference), lora_tensors(tmp_path)
+    assert list(a) == list(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+    assert set(meta_a) == set(meta_b) and meta_b["ss_steps"] == "6"
+    line = next(x for x in ranks.out(0).splitlines() if x.startswith("base sharded (fsdp2"))
+    local, total = (float(v) for v in re.findall(r"([\d.]+) MiB", line))
+    assert 0.45 < local / total < 0.6, line        # rank 0 holds about half of the base (buffers are whole)
+    assert ranks.out(1) == ""
+
+
+def test_fsdp2_resume(reference, tiny_t2v_dataset, tmp_path):
+    """A sharded run saved at step 3 continues sharded to 6, and its state continues on one process (where there
+    is nothing to shard): the steps of the uninterrupted run."""
+    train(write_config(tmp_path, tiny_t2v_dataset, steps=3, model=FSDP2), 2)
+    assert read_state(tmp_path / "out" / "lora-state")["step"] == 3
+    train(write_config(tmp_path, tiny_t2v_dataset, steps=5, model=FSDP2), 2)
+    ranks = train(write_config(tmp_path, tiny_t2v_dataset, steps=6, accum=2, model=FSDP2), 1)
+    assert "one rank, nothing to shard" in ranks.out(0)
+    torch.testing.assert_close(torch.tensor(history(tmp_path)), torch.tensor(history(reference)), rtol=1e-5,
+                               atol=1e-6)
 
 
 # --- pieces, in this process ------------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ What a session asks of its `Parallel` (`SingleProcess` when there is no group: t
 * failures: a rank that dies makes the next collective fail on the others (gloo: connection closed, at once; a
   hung rank: the group's timeout); the session turns it into `PeerLost` naming the rank and the step.
 * side effects (LoRA files, states, TensorBoard, validation, evaluation, progress) happen on rank 0 only.
+* frozen base (`shard_base="fsdp2"`): each rank keeps 1/W of the base weights (sharding.py, FSDP2 per block);
+  the adapters stay whole under DDP as above. Nothing may run the model on one rank alone then (no validation).
 """
 
 from __future__ import annotations
@@ -181,9 +183,13 @@ class SingleProcess:
     """No process group: every call does what one process does, without communication."""
 
     rank, world_size, is_main = 0, 1, True
+    shards_base = False
 
     def shard(self, loader):
         return loader
+
+    def shard_model(self, model) -> None:
+        pass
 
     def draw(self, fn: Callable, shape: tuple):
         return fn(tuple(shape))
@@ -234,8 +240,12 @@ class _NetworkForward(torch.nn.Module):
 class DataParallel:
     """This rank of an initialised process group (`torch.distributed`)."""
 
-    def __init__(self, group=None, device: torch.device | None = None):
-        """`device`: this rank's CUDA device for NCCL's small tensors (default: the current CUDA device)."""
+    def __init__(self, group=None, device: torch.device | None = None, shard_base: str = "none"):
+        """`device`: this rank's CUDA device for NCCL's small tensors (default: the current CUDA device).
+        `shard_base`: "fsdp2" splits the frozen base across the ranks (sharding.py); "none" keeps it whole."""
+        from .sharding import validate_shard_mode
+
+        validate_shard_mode(shard_base)
         if not dist.is_available() or not dist.is_initialized():
             raise invalid("distributed training", "no process group", "torch.distributed initialised (torchrun, or "
                                                                      "engine.training.distributed.init_process_group)")
@@ -253,6 +263,8 @@ class DataParallel:
         self._ddp = None
         self._ddp_key = None
         self.agreed_stop = False   # the last train_steps ended by a stop all ranks agreed on (they are in step)
+        self.shard_base = shard_base
+        self.shard_report = None   # sharding.ShardReport once the base is sharded
 
     def check(self, network_config, experts) -> None:
         if experts is not None:
@@ -261,6 +273,20 @@ class DataParallel:
 
     def shard(self, loader):
         return ShardedLoader(loader, self.rank, self.world_size)
+
+    @property
+    def shards_base(self) -> bool:
+        return self.shard_base != "none" and self.world_size > 1
+
+    def shard_model(self, model) -> None:
+        """The frozen base split across the ranks (every rank calls it at the same point; before the adapters
+        are made, so they land on the shards' device). Idempotent."""
+        if not self.shards_base or self.shard_report is not None:
+            return
+        from .sharding import shard_frozen_base
+
+        with self.errors(lambda: 0):
+            self.shard_report = shard_frozen_base(model, self.comm_device, self.group)
 
     def check_same_start(self, step: int) -> None:
         """Every rank starts from the same step (a resumed state must be readable by all of them)."""

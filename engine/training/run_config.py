@@ -5,7 +5,7 @@ wrong type or a missing required key is refused naming it, before any model is l
 to the config file's folder.
 
     [model]       family, path, dtype, fp8, fp8_matmul, fp8_scale_dtype, attention, blocks_to_swap,
-                  offload_non_blocks, activation_offload, compile_blocks
+                  offload_non_blocks, activation_offload, compile_blocks, shard_base
     [dataset]     config (the dataset TOML whose caches were built: Cache Latents / Cache Text Embeddings)
     [network]     NetworkConfig      [optimizer] OptimizerConfig
     [training]    TrainingConfig, with [training.timesteps] TimestepConfig
@@ -24,6 +24,7 @@ from pathlib import Path
 from ..errors import invalid
 from .config import NetworkConfig, TrainingConfig
 from .optimizers import OptimizerConfig
+from .sharding import validate_shard_mode
 
 DTYPES = ("bf16", "fp16", "fp32", "keep")
 FP8 = ("none", "e4m3", "scaled")
@@ -42,6 +43,7 @@ class ModelConfig:
     offload_non_blocks: bool = False     # with block swap: embeddings and head in host memory too
     activation_offload: bool = False     # checkpointed block inputs in host memory
     compile_blocks: bool = False         # torch.compile each block
+    shard_base: str = "none"             # none | fsdp2: each of W ranks holds 1/W of the frozen base (FSDP2)
 
     def validate(self) -> None:
         if self.dtype not in DTYPES:
@@ -52,6 +54,12 @@ class ModelConfig:
             raise invalid("[model] fp8_scale_dtype", self.fp8_scale_dtype, "float32 or bf16")
         if self.blocks_to_swap < 0:
             raise invalid("[model] blocks_to_swap", self.blocks_to_swap, "an integer ≥ 0")
+        validate_shard_mode(self.shard_base, "[model] shard_base")
+        if self.shard_base != "none" and (self.blocks_to_swap or self.offload_non_blocks):
+            raise invalid("[model] blocks_to_swap / offload_non_blocks with shard_base = fsdp2",
+                          (self.blocks_to_swap, self.offload_non_blocks),
+                          "0 and false: sharding and block swap are two answers to the same problem (a model "
+                          "larger than one GPU), use one")
         if not self.path.startswith("preset:") and not Path(self.path).is_file():
             raise invalid("[model] path", self.path, "an existing DiT file (or preset:<name>)")
 

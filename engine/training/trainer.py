@@ -149,6 +149,12 @@ class TrainingSession:
             _check_resume_compatible(resume_state, network, experts)
         else:
             resume_state = None
+        if self.parallel.shards_base:
+            if validation is not None and validation.prompts or evaluation is not None:
+                raise invalid("validation / eval dataset", "given with a sharded base (fsdp2)",
+                              "none: one rank cannot run a model whose weights are split across all ranks")
+            model.requires_grad_(False)
+            self.parallel.shard_model(model)   # before the adapters: they are made on the shards' device
 
         self.model, self.loader, self.config = model, loader, config
         self.family = family_of(model)
