@@ -166,6 +166,56 @@ def test_fsdp2_resume(reference, tiny_t2v_dataset, tmp_path):
                                atol=1e-6)
 
 
+def _shard_rank(rank: int, world: int, folder: str, dtype: str, fp8):
+    """One rank of `test_sharded_base_holds_its_shards_and_computes_the_same`."""
+    import torch.distributed as dist
+
+    from engine.families import get_family
+    from engine.training.sharding import resident_bytes, shard_frozen_base
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world)
+    try:
+        model = get_family("wan").load_dit("preset:tiny-t2v", dtype=getattr(torch, dtype), device="cpu", fp8=fp8)
+        model.requires_grad_(False)
+        g = torch.Generator().manual_seed(0)
+        x, t = torch.randn(2, 16, 1, 4, 4, generator=g), torch.tensor([300.0, 800.0])
+        context = [torch.randn(6, 32, generator=g) for _ in range(2)]
+        with torch.no_grad():
+            want = model(x, t, context)
+        full = {n: p.detach().clone() for n, p in model.named_parameters()}
+        before = resident_bytes(model)
+        report = shard_frozen_base(model, torch.device("cpu"))
+        with torch.no_grad():
+            got = model(x, t, context)
+        wrong = []
+        for n, p in model.named_parameters():   # rank r holds the r-th dim-0 chunk of every weight
+            chunks = full[n].chunk(world)
+            expected = chunks[rank] if rank < len(chunks) else full[n][:0]
+            if not torch.equal(p.to_local(), expected):
+                wrong.append(n)
+        torch.save({"before": before, "report": report.__dict__, "resident": resident_bytes(model), "want": want,
+                    "got": got, "wrong": wrong}, f"{folder}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dtype, fp8", [("float32", None), ("bfloat16", "scaled")], ids=["fp32", "fp8-scaled"])
+def test_sharded_base_holds_its_shards_and_computes_the_same(tmp_path, dtype, fp8):
+    """FSDP2 over the tiny DiT on 2 gloo ranks: each rank's resident base is about half the model (its dim-0
+    chunk of every weight; buffers such as fp8 scales stay whole) and the sharded model's output is bit-equal."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_shard_rank, args=(2, str(tmp_path), dtype, fp8), nprocs=2, start_method="spawn")
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for r, res in enumerate(results):
+        assert res["wrong"] == [], (r, res["wrong"])
+        assert torch.equal(res["got"], res["want"]), r
+        assert res["report"]["total_bytes"] == res["before"] and res["report"]["units"] == 3
+        assert res["report"]["local_bytes"] == res["resident"]
+        assert 0.45 < res["resident"] / res["before"] < 0.6, (r, res["resident"], res["before"])
+
+
 # --- pieces, in this process ------------------------------------------------------------------------------------
 
 def test_sharded_order_is_the_single_process_order_across_epochs():
@@ -247,11 +297,43 @@ def test_config_refusals_name_the_key(tiny_t2v_dataset, tmp_path):
     refused(lambda r: r["model"].update(compile_blocks="yes"), r"\[model\] compile_blocks: got 'yes'; expected true")
     refused(lambda r: r["model"].update(path="missing.safetensors"), r"\[model\] path")
     refused(lambda r: r["training"].update(gradient_accumulation_steps=0), "gradient_accumulation_steps")
+    refused(lambda r: r["model"].update(shard_base="zero3"), r"\[model\] shard_base: got 'zero3'")
+    refused(lambda r: r["model"].update(shard_base="fsdp2", blocks_to_swap=4),
+            r"\[model\] blocks_to_swap / offload_non_blocks with shard_base = fsdp2")
 
     from engine.train import main
 
     (tmp_path / "bad.json").write_text(json.dumps({**good, "run": {"timeout_s": -1}}))
     assert main([str(tmp_path / "bad.json")]) == 2
+
+
+def test_a_sharded_base_refuses_what_one_rank_would_run_alone(tmp_path):
+    """Validation and held-out evaluation run the model on rank 0 alone: with the base split across ranks the
+    others would never join its all-gathers. Refused before the model is touched; block swap is refused too."""
+    from engine.training import NetworkConfig, OptimizerConfig, TimestepConfig, TrainingConfig, TrainingSession
+    from engine.training.distributed import SingleProcess
+    from engine.training.sharding import shard_frozen_base
+    from engine.training.validation import ValidationConfig, ValidationPrompt
+    from lora_fixtures import tiny_model
+
+    class Sharding(SingleProcess):
+        shards_base = True
+
+        def shard_model(self, model):
+            raise AssertionError("sharded before the refusal")
+
+    data = [{"latents": torch.zeros(1, 16, 1, 4, 4), "context": [torch.zeros(6, 32)]}]
+    cfg = TrainingConfig(output_dir=str(tmp_path), max_train_steps=1, mixed_precision="no",
+                         timesteps=TimestepConfig("shift", discrete_flow_shift=2.0), save_state_every_minutes=None)
+    validation = ValidationConfig(prompts=[ValidationPrompt(context=torch.zeros(6, 32))])
+    with pytest.raises(MusubiInputError, match="validation / eval dataset: got 'given with a sharded base"):
+        TrainingSession(tiny_model(), NetworkConfig(rank=4), OptimizerConfig(), InMemoryBatchLoader(data, seed=0),
+                        cfg, validation=validation, parallel=Sharding())
+
+    model = tiny_model().requires_grad_(False)
+    model.__dict__["_musubi_block_swap"] = object()   # a block swapper attached
+    with pytest.raises(MusubiInputError, match="shard_base: got 'fsdp2 with block swap'"):
+        shard_frozen_base(model, torch.device("cpu"))
 
 
 def test_the_documented_config_parses():
