@@ -21,10 +21,11 @@ BENCHES = {
                                 "--swap", "0,max", "--steps", "1"],
     "bench_memory.py wan22": ["--device", "cpu", "--model", "tiny-i2v,tiny-ti2v", "--family", "wan22", "--fp8",
                               "none", "--swap", "0,max", "--steps", "1", "--latent", "3,8,8"],
+    "bench_multi_gpu.py": ["--tiny"],
 }
 KEYS = {"bench_wan_dit.py": "s_per_step", "bench_hunyuan_dit.py": "s_per_train_step", "bench_wan_vae.py": "decode_s", "bench_training.py": "s_per_step",
         "bench_dataset.py": "clips_per_s", "bench_memory.py": "s_per_step",
-        "bench_framepack.py": "s_per_section"}   # by script
+        "bench_framepack.py": "s_per_section", "bench_multi_gpu.py": "steps_per_s"}   # by script
 
 
 @pytest.mark.parametrize("name", sorted(BENCHES))
@@ -41,6 +42,10 @@ def test_benchmark_runs_on_cpu_and_reports_json(name):
     if script == "bench_memory.py":   # the default grid has both tasks, with and without swap
         assert {(row["task"], row["blocks_to_swap"] > 0) for row in rows} == \
             {("train", False), ("train", True), ("infer", False), ("infer", True)}, rows
+    if script == "bench_multi_gpu.py":   # 1 and 2 gloo ranks, DDP and FSDP2 (each rank holds half the base)
+        assert [(row["world_size"], row["shard_base"]) for row in rows] == [(1, "none"), (2, "none"), (2, "fsdp2")]
+        assert rows[0]["scaling_efficiency"] == 1.0 and rows[2]["scaling_efficiency"] > 0, rows
+        assert 0.45 < rows[2]["base_gib_per_rank"] / rows[2]["base_gib"] < 0.6, rows
     if script == "bench_framepack.py":   # MagCache at its defaults skips some of the 6 block passes, changes little
         assert 1 <= rows[0]["magcache_block_passes"] < 6 and 0 < rows[0]["magcache_relative_difference"] < 1, rows
     if script == "bench_hunyuan_dit.py":   # the sampling forward is timed too, and the FLOPs add up
