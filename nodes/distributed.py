@@ -64,14 +64,16 @@ def dataset_file(dataset) -> str:
     return str(Path(source).resolve())
 
 
-def run_config(handle, dataset, network, optimizer, training, continue_saved: bool = True, loader=None) -> dict:
+def run_config(handle, dataset, network, optimizer, training, continue_saved: bool = True, loader=None,
+               resume_from=None) -> dict:
     """What `engine.training.run_config.parse_run_config` reads: a graph's training as a config (`loader`: the
-    inputs of the DiT's loader node, when known)."""
+    inputs of the DiT's loader node, when known; `resume_from`: the state folder Resume Training continues)."""
     from ..engine.training.run_config import RunSection, to_dict
 
+    run = RunSection(continue_saved=bool(continue_saved), resume_from=str(resume_from) if resume_from else None)
     return {"model": model_section(handle, loader or {}), "dataset": {"config": dataset_file(dataset)},
             "network": to_dict(network), "optimizer": to_dict(optimizer), "training": to_dict(training),
-            "run": to_dict(RunSection(continue_saved=bool(continue_saved)))}
+            "run": to_dict(run)}
 
 
 def run_config_dict(model, dataset, lora_config, optimizer_config, prompt=None, unique_id=None, **inputs) -> dict:

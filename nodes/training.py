@@ -344,11 +344,11 @@ def open_run(kind: str, node_id, model, dataset, network, optimizer, config, res
     if devices:
         from .distributed import loader_inputs, run_config
 
-        if experts is not None or resume_from:
-            raise invalid("devices", ", ".join(devices), "one device for a pair of experts or Resume Training "
-                                                         "(not supported on several devices yet)")
+        if experts is not None:
+            raise invalid("devices", ", ".join(devices), "one device for a pair of experts (not supported on "
+                                                         "several devices yet)")
         worker_config = run_config(handle, dataset, network, optimizer, config, continue_saved,
-                                   loader_inputs(prompt, node_id))
+                                   loader_inputs(prompt, node_id), resume_from=resume_from)
 
     stale = [k for k in SESSIONS.keys() if isinstance(k, tuple) and k[:2] == (kind, node_id) and k != key]
     for k in stale:   # their steps on disk before anything else (a new session may continue from them)
@@ -1356,11 +1356,15 @@ class MusubiResumeTraining:
             "optimizer_config": (T.OPTIMIZER_CONFIG, {"tooltip": "Override the saved optimizer config."}),
             "max_train_steps": ("INT", {"default": 0, "min": 0, "max": 10_000_000,
                                 "tooltip": "0 = as saved; otherwise a new total (changes the LR schedule)."}),
-        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+            "devices": _devices_input(),
+        }, "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"}}
 
     def resume(self, model, dataset, state_path, lora_config=None, optimizer_config=None, max_train_steps=0,
-               unique_id=None):
+               devices="", unique_id=None, prompt=None):
         from ..engine.training import NetworkConfig, OptimizerConfig, read_state
+        from .distributed import parse_devices
+
+        device_list = parse_devices(devices, compat.torch_device())
 
         text = (state_path or "").strip()
         if not text:
@@ -1386,7 +1390,8 @@ class MusubiResumeTraining:
         if max_train_steps:
             config.max_train_steps = int(max_train_steps)
         run = open_run("resume", unique_id, dit, dataset, dataclasses.replace(network),
-                       dataclasses.replace(optimizer), config, resume_from=str(path), experts=experts)
+                       dataclasses.replace(optimizer), config, resume_from=str(path), experts=experts,
+                       devices=device_list, prompt=prompt)
         return (SessionOutput(run, ("resume",) + run.key[1:]), run.trained_model())
 
 

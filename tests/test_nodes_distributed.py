@@ -157,3 +157,34 @@ def test_an_error_on_rank_0_mid_step_ends_the_workers_at_once(comfy, tiny_t2v_da
     assert all(p.poll() is not None for p in started[0].procs)   # no process left behind
     state = torch.load(tmp_path / "two" / "lora-state" / "training_state.pt", weights_only=True)
     assert state["step"] == 2
+
+
+def test_resume_training_on_two_devices_continues_exactly(comfy, tiny_t2v_dataset, tmp_path):
+    """Resume Training with devices 'cpu, cpu' from the state of a 2-device run (its worker is rank 1 and resumes
+    from the same state): the losses of the uninterrupted run, 1 device accumulating 2."""
+    from training_graphs import sessions
+
+    comfy.run(export_prompt(tmp_path / "one", tiny_t2v_dataset, steps=6))
+    reference = comfy.output("6", 2)["loss"]
+
+    p = export_prompt(tmp_path / "two", tiny_t2v_dataset, steps=3)
+    del p["8"]
+    p["5"]["inputs"].update(gradient_accumulation_steps=1, devices="cpu, cpu", max_train_steps=3)
+    comfy.run(p)
+    registry = comfy.pack_module("nodes.registry").SESSIONS
+    registry.release()                                             # the state of step 3 is written, the worker ends
+    assert not torch.distributed.is_initialized()
+
+    p["5"] = {"class_type": "MusubiResumeTraining",
+              "inputs": {"model": ["1", 0], "dataset": ["14", 0], "state_path": str(tmp_path / "two" / "lora-state"),
+                         "max_train_steps": 6, "devices": "cpu, cpu"}}
+    comfy.run(p)
+    (run,) = sessions(comfy)
+    (worker,) = run.workers.procs
+    assert run.session.step == 6 and worker.poll() is None
+    torch.testing.assert_close(torch.tensor(run.session.history.losses), torch.tensor(reference), rtol=1e-5,
+                               atol=1e-6)
+    config = json.loads((tmp_path / "two" / "lora-workers.json").read_text())
+    assert config["run"]["resume_from"] == str(tmp_path / "two" / "lora-state")
+    registry.release()
+    assert worker.wait(30) == 0
