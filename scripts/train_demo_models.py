@@ -77,20 +77,29 @@ def vae_forward(vae, video: torch.Tensor, noise: float = 0.0):
     return torch.cat(frames, dim=2), mu
 
 
-def train_vae(seed: int, steps: int, batch: int = 16) -> dict[str, torch.Tensor]:
+def train_vae(seed: int, steps: int, batch: int = 16, on_progress=None) -> dict[str, torch.Tensor]:
+    """-> the calibrated VAE state dict. `on_progress(state)` runs every 250 steps (uncalibrated partial files)."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     specs = shapes.all_specs(colours=tuple(shapes.PALETTE))
     pool = np.stack([c for c, _ in shapes.make_dataset(specs, 3, seed, **CLIP)])     # [N, 17, 64, 64, 3]
     vae = wan_vae.WanVAE(VAE_CONFIG).float()
-    with torch.no_grad():   # start from a constant near-black output: the network then only learns the shapes
-        vae.decoder.head[-1].weight.zero_()
-        vae.decoder.head[-1].bias.fill_(float(to_video(pool[:16]).mean()))
+    for name, p in vae.named_parameters():   # zero biases: at init the decoder's features then depend on z alone
+        if name.endswith("bias"):
+            torch.nn.init.zeros_(p)
     fixed = to_video(pool[::len(pool) // 8][:8, :5, 16:48, 16:48])                 # a fixed batch to report on
-    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    # Trained end to end from scratch, the decoder first learns the mean clip and stops listening to z (the encoder's
+    # gradients vanish). So the decoder first learns to invert the random encoder's features, then both train.
+    decoder_first = steps * 2 // 5
+    vae.encoder.requires_grad_(False)
+    vae.conv1.requires_grad_(False)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     sched = warmup_cosine(opt, steps)
     log(f"VAE: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M parameters, {len(pool)} clips, {steps} steps")
     for step in range(steps):
+        if step == decoder_first:
+            vae.encoder.requires_grad_(True)
+            vae.conv1.requires_grad_(True)
         # 32x32 crops of 5 frames (the first chunk and one cached chunk), every 4th step 9 frames (a chunk whose
         # cache came from a cached chunk): the convolutions and caches see all they see on whole clips, 8x cheaper
         frames, n = (9, batch // 2) if step % 4 == 3 else (5, batch)
@@ -102,7 +111,7 @@ def train_vae(seed: int, steps: int, batch: int = 16) -> dict[str, torch.Tensor]
         x = to_video(np.stack(crops))
         y, mu = vae_forward(vae, x, noise=0.1)
         # the shapes are a small part of each frame: weight their pixels up, or black everywhere is a fine minimum
-        weight = 1.0 + 8.0 * (x.amax(dim=1, keepdim=True) > -0.9).float()
+        weight = 1.0 + 4.0 * (x.amax(dim=1, keepdim=True) > -0.9).float()
         rec = ((y - x).abs() * weight).mean() + ((y - x).pow(2) * weight).mean()
         loss = rec + 1e-3 * mu.pow(2).mean()          # keeps the latents from drifting in scale (a weak KL)
         opt.zero_grad(set_to_none=True)
@@ -110,6 +119,8 @@ def train_vae(seed: int, steps: int, batch: int = 16) -> dict[str, torch.Tensor]
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         sched.step()
+        if on_progress is not None and step % 250 == 249:
+            on_progress(vae.state_dict())
         if step % 50 == 0 or step == steps - 1:
             with torch.no_grad():
                 err = (vae_forward(vae, fixed)[0] - fixed).abs().mean(dim=1)             # [B, F, H, W]
@@ -231,14 +242,17 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vae-steps", type=int, default=1000)
+    ap.add_argument("--vae-dim", type=int, default=VAE_CONFIG.dim, help="the VAE's base channel count")
     ap.add_argument("--dit-steps", type=int, default=3000)
     args = ap.parse_args(argv)
+    VAE_CONFIG.dim = args.vae_dim
     warnings.simplefilter("ignore", umt5.PromptTruncatedWarning)   # the negative prompt is long in tiny tokens
     torch.set_num_threads(max(1, torch.get_num_threads()))
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     if args.stage in ("vae", "all"):
-        save(train_vae(args.seed, args.vae_steps), args.out / VAE_FILE, "wan2.1-vae", args.seed)
+        partial = lambda state: save(state, args.out / ("partial_" + VAE_FILE), "wan2.1-vae (partial)", args.seed)  # noqa: E731
+        save(train_vae(args.seed, args.vae_steps, on_progress=partial), args.out / VAE_FILE, "wan2.1-vae", args.seed)
     if args.stage in ("dit", "all"):
         vae_state = {k: v.float() for k, v in
                      wan_vae.load_wan_vae(args.out / VAE_FILE, dtype=torch.float32).state_dict().items()}
