@@ -21,8 +21,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def model_choices(presets: list[str], folder: str) -> list[str]:
     """Files of ComfyUI's model folder first (a combo's first entry is a new node's default: a user's real model,
-    not a test preset), then the built-in ones: trained demo models ("demo:…"), then the tiny random presets."""
-    return compat.list_model_files(folder) + presets
+    not a test preset), then the built-in ones: trained demo models ("demo:…", those shipped), then the tiny random
+    presets."""
+    shipped = [p for p in presets if not p.startswith(demo.PREFIX) or demo.is_shipped(p)]
+    return compat.list_model_files(folder) + shipped
 
 
 def resolve_source(name: str, folder: str, field: str) -> str:

@@ -149,61 +149,6 @@ TRAIN_THEN_GENERATE = [
     (22, "PreviewImage", {}, {"images": (20, 0)}),
 ]
 
-# The main job on the embedded default: the trained demo models (demo_models/, docs/demo.md) generate a prompted
-# shape, colour and motion; then a LoRA learns a colour they have never seen (magenta clips made in the graph) and
-# the same prompt is generated before and after it. Every stage shares the one loaded DiT.
-DEMO_PROMPT, DEMO_NEW_PROMPT = "a red square moving to the right", "a magenta circle moving up"
-DEMO_SAMPLE = {"width": 64, "height": 64, "frames": 17, "steps": 20, "guidance_scale": 4.0, "shift": 3.0,
-               "solver": "unipc", "seed": 42, "noise_device": "cpu"}
-DEMO_TRAIN_THEN_GENERATE = [
-    (1, "MusubiWanDiTLoader", {"model_name": "demo:wan2.1_demo_t2v.safetensors", "dtype": "fp32",
-                               "attention": "sdpa"}, {}),
-    (2, "MusubiUMT5Loader", {"text_encoder_name": "demo:umt5_demo.safetensors", "dtype": "fp32",
-                             "tokenizer_path": ""}, {}),
-    (3, "MusubiWanVAELoader", {"vae_name": "demo:wan2.1_demo_vae.safetensors", "dtype": "fp32",
-                               "cache_on_cpu": False}, {}),
-    (4, "MusubiWanTextEncode", {"prompt": DEMO_PROMPT, "negative_prompt": "", "offload_after": True},
-     {"text_encoder": (2, 0)}),
-    (5, "MusubiWanSampler", DEMO_SAMPLE, {"model": (1, 0), "embeds": (4, 0)}, "Base model: a known concept"),
-    (6, "MusubiWanVAEDecode", {"tile_size": 0, "tile_overlap": 64}, {"vae": (3, 0), "latents": (5, 0)}),
-    (7, "MusubiSaveVideo", {"filename_prefix": "musubi_demo/base_red_square", "crf": 19},
-     {"images": (6, 0), "fps": (6, 1)}),
-    (8, "MusubiWanTextEncode", {"prompt": DEMO_NEW_PROMPT, "negative_prompt": "", "offload_after": True},
-     {"text_encoder": (2, 0)}),
-    (9, "MusubiWanSampler", DEMO_SAMPLE, {"model": (1, 0), "embeds": (8, 0)}, "Before the LoRA: a new colour"),
-    (10, "MusubiWanVAEDecode", {"tile_size": 0, "tile_overlap": 64}, {"vae": (3, 0), "latents": (9, 0)}),
-    (11, "MusubiSaveVideo", {"filename_prefix": "musubi_demo/before_lora_magenta", "crf": 19},
-     {"images": (10, 0), "fps": (10, 1)}),
-    (12, "MusubiDemoShapeClips", {"colours": "magenta", "shapes": "square, circle, triangle",
-                                  "motions": "right, left, up, down", "clips_per_combination": 2, "variation": 7,
-                                  "frames": 17, "width": 64, "height": 64}, {}),
-    (13, "MusubiDatasetFromImages", {"captions": "", "width": 64, "height": 64, "num_repeats": 1, "as_video": True,
-                                     "cache_directory": "", "batch_size": 4, "frames_per_clip": 17},
-     {"images": (12, 0), "captions": (12, 1), "frames_per_clip": (12, 2)}),
-    (14, "MusubiCacheLatents", {"task": "t2v", "keep_cache": False, "workers": 0}, {"dataset": (13, 0), "vae": (3, 0)}),
-    (15, "MusubiCacheTextEmbeddings", {"keep_cache": False}, {"dataset": (14, 0), "text_encoder": (2, 0)}),
-    (16, "MusubiLoRAConfig", {"network_kind": "lora", "rank": 16, "alpha": 16.0, "dropout": 0.0, "rank_dropout": 0.0,
-                              "module_dropout": 0.0}, {}),
-    (17, "MusubiOptimizerConfig", {"optimizer_type": "AdamW", "learning_rate": 2e-3, "max_grad_norm": 1.0,
-                                   "lr_scheduler": "constant", "lr_warmup_steps": "0"}, {}),
-    (18, "MusubiInitTraining", {"seed": 1, "max_train_steps": 300, "mixed_precision": "no",
-                                "gradient_checkpointing": False, "gradient_accumulation_steps": 1,
-                                "timestep_sampling": "shift", "discrete_flow_shift": 3.0, "sigmoid_scale": 1.0,
-                                "weighting_scheme": "none", "min_timestep": 0, "max_timestep": 1000,
-                                "save_every_n_steps": 0, "keep_last_n_saves": 0, "output_dir": "",
-                                "output_name": "demo_magenta_lora", "save_state": False, "attention_backend": "model",
-                                "save_format": "comfyui"},
-     {"model": (1, 0), "dataset": (15, 0), "lora_config": (16, 0), "optimizer_config": (17, 0)}),
-    (19, "MusubiTrainSteps", {"steps": 300, "train_on_every_queue": False}, {"session": (18, 0)}),
-    (20, "PreviewImage", {}, {"images": (19, 1)}),
-    (21, "MusubiSaveTrainedLoRA", {"format": "comfyui", "filename_prefix": "loras/demo_magenta_lora", "dtype": "bf16",
-                                   "save_to": "output"}, {"session": (19, 0)}),
-    (22, "MusubiWanSampler", DEMO_SAMPLE, {"model": (19, 4), "embeds": (8, 0)}, "After the LoRA: the new colour"),
-    (23, "MusubiWanVAEDecode", {"tile_size": 0, "tile_overlap": 64}, {"vae": (3, 0), "latents": (22, 0)}),
-    (24, "MusubiSaveVideo", {"filename_prefix": "musubi_demo/after_lora_magenta", "crf": 19},
-     {"images": (23, 0), "fps": (23, 1)}),
-]
-
 # HunyuanVideo on its tiny presets: the text-encoder pair (LLaVA-LLaMA-3 + CLIP-L) feeds the encode node; embedded
 # guidance 6.0 without real CFG (the cfg-distilled model's default), Euler, flow shift 7.
 HUNYUAN_LOADERS = [
@@ -472,7 +417,6 @@ WAN22_I2V_TRAIN_THEN_GENERATE = [
 WORKFLOWS = {"wan_t2v_generate.json": TINY_T2V, "wan_i2v_generate.json": TINY_I2V, "lora_tools.json": LORA_TOOLS,
              "wan_dataset_cache.json": DATASET_CACHE,
              "wan_train_then_generate.json": TRAIN_THEN_GENERATE,
-             "wan_demo_train_then_generate.json": DEMO_TRAIN_THEN_GENERATE,
              "hunyuan_t2v_generate.json": HUNYUAN_T2V,
              "hunyuan_train_then_generate.json": HUNYUAN_TRAIN_THEN_GENERATE,
              "framepack_i2v_generate.json": FRAMEPACK_I2V, "framepack_one_frame.json": FRAMEPACK_ONE_FRAME,
@@ -571,7 +515,6 @@ def build(nodes: list, classes: dict) -> dict:
 TITLES = {"wan_t2v_generate.json": "Wan 2.1 text to video", "wan_i2v_generate.json": "Wan 2.1 image to video",
           "lora_tools.json": "LoRA tools", "wan_dataset_cache.json": "Dataset caching",
           "wan_train_then_generate.json": "Train a LoRA, then generate",
-          "wan_demo_train_then_generate.json": "Demo: the trained tiny models learn a new colour",
           "hunyuan_t2v_generate.json": "HunyuanVideo text to video",
           "hunyuan_train_then_generate.json": "HunyuanVideo: train a LoRA, then generate",
           "framepack_i2v_generate.json": "FramePack image to video (per-section prompts and images)",

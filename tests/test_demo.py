@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from engine import demo, errors
 from engine.demo import score, shapes
@@ -66,3 +67,26 @@ def test_bad_input_is_refused_by_name():
         demo.model_path("demo:nope.safetensors")
     with pytest.raises(errors.MusubiInputError, match="demo model"):
         demo.model_path("demo:../pyproject.toml")
+
+
+@pytest.mark.comfy
+def test_a_shipped_demo_model_is_listed_and_loads_like_a_file(comfy, tmp_path, monkeypatch):
+    """Demo models appear in the loaders as "demo:<file>" only when their file ships, and load through the file
+    loader (config detected from the weights), not a preset path."""
+    pack_demo = comfy.pack_module("engine.demo")
+    vae_mod = comfy.pack_module("engine.families.wan.vae")
+    wan_nodes = comfy.pack_module("nodes.wan")
+    monkeypatch.setattr(pack_demo, "MODELS_DIR", tmp_path)
+    choices = lambda: comfy.input_types()["MusubiWanVAELoader"]["required"]["vae_name"][0]  # noqa: E731
+    assert not [c for c in choices() if c.startswith("demo:")]
+
+    name = next(p for p in wan_nodes.VAE_PRESETS if p.startswith("demo:"))
+    vae_mod.write_vae_preset(tmp_path / name[len("demo:"):], seed=5)
+    assert name in choices() and choices().index(name) < choices().index("preset:tiny-vae")
+    comfy.run({"1": {"class_type": "MusubiWanVAELoader",
+                     "inputs": {"vae_name": name, "dtype": "fp32", "cache_on_cpu": False}},
+               "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}})
+    loaded = comfy.module("1")
+    expected = vae_mod.build_vae_preset_state_dict(seed=5)
+    for key, value in loaded.state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0)

@@ -11,11 +11,19 @@ MODELS_DIR = Path(__file__).resolve().parents[2] / "demo_models"
 PREFIX = "demo:"      # how loaders list a demo model: "demo:<file name>"
 
 
+def _file(name: str) -> str:
+    return name[len(PREFIX):] if name.startswith(PREFIX) else name
+
+
+def is_shipped(name: str) -> bool:
+    """Is "demo:<file>" (or "<file>") a demo model file of this install?"""
+    file = _file(name)
+    return "/" not in file and "\\" not in file and (MODELS_DIR / file).is_file()
+
+
 def model_path(name: str) -> Path:
     """"demo:<file>" (or "<file>") -> the shipped file's path; refuses names that are not a shipped demo model."""
-    file = name[len(PREFIX):] if name.startswith(PREFIX) else name
-    path = MODELS_DIR / file
-    if "/" in file or "\\" in file or not path.is_file():
+    if not is_shipped(name):
         shipped = sorted(p.name for p in MODELS_DIR.glob("*.safetensors"))
         raise invalid("demo model", name, f"one of the shipped demo models {shipped} in {MODELS_DIR}")
-    return path
+    return MODELS_DIR / _file(name)

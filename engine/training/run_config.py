@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +26,11 @@ from ..errors import invalid
 from .config import NetworkConfig, TrainingConfig
 from .optimizers import OptimizerConfig
 from .sharding import validate_shard_mode
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:   # Python 3.10: the `tomli` backport (a dependency there)
+    import tomli as tomllib
 
 DTYPES = ("bf16", "fp16", "fp32", "keep")
 FP8 = ("none", "e4m3", "scaled")
@@ -124,10 +130,6 @@ def load_run_config(path: str | Path) -> RunConfig:
     text = path.read_text(encoding="utf-8")
     try:
         if path.suffix.lower() == ".toml":
-            try:
-                import tomllib
-            except ImportError:   # Python 3.10: the `tomli` backport (a dependency there)
-                import tomli as tomllib
             raw = tomllib.loads(text)
         else:
             raw = json.loads(text)
