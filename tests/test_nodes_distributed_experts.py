@@ -122,3 +122,18 @@ def test_resume_training_a_pair_on_two_devices_continues_exactly(comfy, tiny_t2v
                                atol=1e-6)
     registry.release()
     assert worker.wait(30) == 0
+
+
+def test_devices_refuse_a_pair_whose_loaders_differ(comfy, tiny_t2v_dataset, tmp_path):
+    """The worker loads both experts with one set of options: loaders that differ are named before any worker
+    starts."""
+    p = pair_export_prompt(tmp_path / "two", tiny_t2v_dataset, steps=1)
+    del p["8"]
+    p["30"]["inputs"]["dtype"] = "bf16"
+    p["5"]["inputs"].update(gradient_accumulation_steps=1, devices="cpu, cpu")
+    comfy.run(p, expect_success=False)
+    message = comfy.error_message()
+    assert "devices with a pair of experts: got {'dtype': ('bf16', 'fp32')}" in message, message
+    assert "the same loader settings for both experts" in message
+    assert not sessions(comfy) and not torch.distributed.is_initialized()
+    assert not (tmp_path / "two" / "lora-workers.json").exists()
