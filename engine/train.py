@@ -56,8 +56,8 @@ class _Stop:
             raise StopRequested(str(self.stop_file))
 
 
-def load_model(config):
-    """The DiT of `[model]` through its family's `load_dit`."""
+def load_model(config, path: str | None = None):
+    """The DiT of `[model]` (or the one at `path` with `[model]`'s options) through its family's `load_dit`."""
     from .families import get_family
 
     family = get_family(config.family)
@@ -67,7 +67,7 @@ def load_model(config):
     from .memory.fp8 import Fp8Linear, enable_fp8_matmul, set_fp8_scale_dtype
 
     fp8 = None if config.fp8 == "none" else config.fp8
-    model = load(config.path, dtype=DTYPES[config.dtype], device="cpu", fp8=fp8)
+    model = load(path or config.path, dtype=DTYPES[config.dtype], device="cpu", fp8=fp8)
     has_fp8 = any(isinstance(m, Fp8Linear) for m in model.modules())
     if (config.fp8_matmul or config.fp8_scale_dtype == "bf16") and not has_fp8:
         raise invalid("[model] fp8_matmul / fp8_scale_dtype", (config.fp8_matmul, config.fp8_scale_dtype),
@@ -90,9 +90,13 @@ def dataset_loader(config, model, seed: int):
 
 
 def prepare(config):
-    """The heavy part before any rank talks to another: (model, loader)."""
-    model = load_model(config.model)
-    return model, dataset_loader(config.dataset, model, config.training.seed)
+    """The heavy part before any rank talks to another: (model, loader); `model` is (low, high) for a pair of
+    timestep experts (`[model] high_path`)."""
+    low = load_model(config.model)
+    loader = dataset_loader(config.dataset, low, config.training.seed)
+    if config.model.high_path is None:
+        return low, loader
+    return (low, load_model(config.model, config.model.high_path)), loader
 
 
 def open_session(config, model, loader, parallel, device: torch.device):
@@ -104,12 +108,20 @@ def open_session(config, model, loader, parallel, device: torch.device):
     opts = RunOptions(attention=config.model.attention, blocks_to_swap=config.model.blocks_to_swap,
                       offload_non_blocks=config.model.offload_non_blocks,
                       activation_offload=config.model.activation_offload, compile=config.model.compile_blocks)
+    experts = None
+    if isinstance(model, tuple):   # a pair: the low-noise expert trains as the session's model
+        from .training.hosted import HostedExperts
+
+        model, high = model
+        experts = HostedExperts(ModelHandle(high, getattr(type(high), "family", None), opts),
+                                config.model.boundary, config.model.expert_layout, config.model.expert_mode)
     handle = ModelHandle(model, getattr(type(model), "family", None), opts)
     # a sharded base stays in host memory until each rank's shards go to its device (never the whole model there)
     prepare_on = torch.device("cpu") if parallel.shards_base else device
     hosted = host_session(handle, loader, config.network, config.optimizer, config.training, residency=Residency(),
                           device=prepare_on, resume_from=config.run.resume_from,
-                          continue_saved=config.run.continue_saved, node="cli", parallel=parallel)
+                          continue_saved=config.run.continue_saved, node="cli", experts=experts,
+                          parallel=parallel)
     parallel.check_same_start(hosted.session.step)
     return hosted
 
@@ -138,7 +150,8 @@ def run(config, parallel=None, device: torch.device | None = None, out=print) ->
             flush=True)
 
     def progress(step, total, info):
-        say(info["status"], flush=True)
+        experts = f" | experts {','.join(info['experts'])}" if info.get("experts") else ""   # a pair's choices
+        say(info["status"] + experts, flush=True)
         stop.check()
 
     try:

@@ -9,17 +9,16 @@ from pathlib import Path
 import torch
 
 from . import checks
-from . import types as T
 from ..engine.errors import invalid
-from .training import (MusubiInitTraining, _dit, _network_config, _optimizer_config, _training_config,
-                       dataset_config)
+from .training import (MODEL_TYPES, MusubiInitTraining, _network_config, _optimizer_config, _training_config,
+                       dataset_config, trained_models)
 
 CATEGORY = "Musubi/training"
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 # Init Training's inputs the headless run takes (validation prompts and held-out sets are tensors of this graph)
 _KEPT_OPTIONAL = ("save_format", "continue_saved_state", "save_state_every_minutes", "max_train_epochs",
                   "save_every_n_epochs", "logit_mean", "logit_std", "mode_scale", "preserve_distribution_shape",
-                  "num_timestep_buckets", "checkpoint_dtype", "offload_optimizer_state")
+                  "num_timestep_buckets", "checkpoint_dtype", "offload_optimizer_state", "expert_layout")
 
 
 def loader_inputs(prompt, unique_id, field: str = "model") -> dict:
@@ -64,14 +63,45 @@ def dataset_file(dataset) -> str:
     return str(Path(source).resolve())
 
 
+def pair_section(low, experts, loaders: tuple = ({}, {})) -> dict:
+    """[model] of a pair of timestep experts (`experts`: hosted.py `HostedExperts`; `low` the low-noise handle):
+    the low-noise expert's section, the high-noise file, boundary, layout and memory mode. The workers load both
+    experts with one set of options: the two loaders must agree on everything but the file."""
+    section = model_section(low, loaders[0] or {})
+    high = model_section(experts.high, loaders[1] or {})
+    differ = sorted(k for k in section if k != "path" and section[k] != high[k])
+    if differ:
+        raise invalid("devices with a pair of experts", {k: (high[k], section[k]) for k in differ},
+                      "the same loader settings for both experts (high-noise, low-noise above): the worker "
+                      "processes load both with one set of dtype / fp8 / memory options")
+    return {**section, "high_path": high["path"], "boundary": float(experts.boundary),
+            "expert_layout": experts.layout, "expert_mode": experts.mode}
+
+
+def pair_loader_inputs(prompt, unique_id) -> tuple[dict, dict]:
+    """The inputs of the two DiT loader nodes behind the pair node feeding `model` of node `unique_id`
+    (({}, {}) when unknown: the sections then read dtype and fp8 from the weights)."""
+    pair = loader_inputs(prompt, unique_id)
+    found = []
+    for field in ("low_noise_model", "high_noise_model"):
+        try:
+            found.append(dict(prompt[str(pair[field][0])]["inputs"]))
+        except (KeyError, TypeError, IndexError):
+            found.append({})
+    return found[0], found[1]
+
+
 def run_config(handle, dataset, network, optimizer, training, continue_saved: bool = True, loader=None,
-               resume_from=None) -> dict:
+               resume_from=None, experts=None) -> dict:
     """What `engine.training.run_config.parse_run_config` reads: a graph's training as a config (`loader`: the
-    inputs of the DiT's loader node, when known; `resume_from`: the state folder Resume Training continues)."""
+    inputs of the DiT's loader node, when known, a pair of them for `experts`; `resume_from`: the state folder
+    Resume Training continues; `experts`: hosted.py `HostedExperts`, `handle` being the low-noise expert)."""
     from ..engine.training.run_config import RunSection, to_dict
 
     run = RunSection(continue_saved=bool(continue_saved), resume_from=str(resume_from) if resume_from else None)
-    return {"model": model_section(handle, loader or {}), "dataset": {"config": dataset_file(dataset)},
+    model = model_section(handle, loader or {}) if experts is None else \
+        pair_section(handle, experts, loader or ({}, {}))
+    return {"model": model, "dataset": {"config": dataset_file(dataset)},
             "network": to_dict(network), "optimizer": to_dict(optimizer), "training": to_dict(training),
             "run": to_dict(run)}
 
@@ -84,8 +114,10 @@ def run_config_dict(model, dataset, lora_config, optimizer_config, prompt=None, 
     network.validate()
     optimizer.validate()
     training.validate()
-    return run_config(_dit(model), dataset, network, optimizer, training, inputs.get("continue_saved_state", True),
-                      loader_inputs(prompt, unique_id))
+    dit, experts = trained_models(model, inputs.get("expert_layout", "auto"))
+    loaders = loader_inputs(prompt, unique_id) if experts is None else pair_loader_inputs(prompt, unique_id)
+    return run_config(dit, dataset, network, optimizer, training, inputs.get("continue_saved_state", True),
+                      loaders, experts=experts)
 
 
 # --- Init Training's `devices` ------------------------------------------------------------------------------------
@@ -154,8 +186,9 @@ class MusubiExportTrainingConfig:
     def INPUT_TYPES(cls):
         init = MusubiInitTraining.INPUT_TYPES()
         required = dict(init["required"])
-        required["model"] = (T.DIT, {"tooltip": "The DiT to train a LoRA for, from a Musubi DiT loader (one DiT: "
-                                                "a pair of experts trains in the graph)."})
+        required["model"] = (MODEL_TYPES, {"tooltip": "The DiT to train a LoRA for, from a Musubi DiT loader, or a "
+                                                      "pair from Musubi Wan 2.2 Experts (both experts train; its two "
+                                                      "loaders need the same settings)."})
         required["config_name"] = ("STRING", {"default": "train_config.json",
                                    "tooltip": "File name of the config, written into output_dir (.json)."})
         optional = {k: v for k, v in init["optional"].items() if k in _KEPT_OPTIONAL}

@@ -342,13 +342,11 @@ def open_run(kind: str, node_id, model, dataset, network, optimizer, config, res
 
     worker_config = None
     if devices:
-        from .distributed import loader_inputs, run_config
+        from .distributed import loader_inputs, pair_loader_inputs, run_config
 
-        if experts is not None:
-            raise invalid("devices", ", ".join(devices), "one device for a pair of experts (not supported on "
-                                                         "several devices yet)")
-        worker_config = run_config(handle, dataset, network, optimizer, config, continue_saved,
-                                   loader_inputs(prompt, node_id), resume_from=resume_from)
+        loaders = loader_inputs(prompt, node_id) if experts is None else pair_loader_inputs(prompt, node_id)
+        worker_config = run_config(handle, dataset, network, optimizer, config, continue_saved, loaders,
+                                   resume_from=resume_from, experts=experts)
 
     stale = [k for k in SESSIONS.keys() if isinstance(k, tuple) and k[:2] == (kind, node_id) and k != key]
     for k in stale:   # their steps on disk before anything else (a new session may continue from them)

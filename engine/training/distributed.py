@@ -16,6 +16,12 @@ What a session asks of its `Parallel` (`SingleProcess` when there is no group: t
   for all but the last micro-batch of a step. DDP averages over ranks, the session scales by 1/A: the gradient of
   the mean loss of the A·W micro-batches. Module dropout keeps a dropped adapter in the graph with a zero term
   (DDP needs every adapter weight in every backward; gradient checkpointing rules out `find_unused_parameters`).
+* two timestep experts (a pair): each rank's batch picks its own expert (the draws of all W batches are made on
+  every rank, so every rank knows all W choices), so the ranks of one micro-batch may run different experts and
+  DDP's per-bucket all-reduces would not pair up. A pair trains without DDP: each rank accumulates its own
+  gradients and `reduce_gradients` averages them once per step, after the last backward (one flag all-reduce, then
+  the gradients in flat buckets). A weight no rank touched in the step (the idle expert) keeps a None gradient, so
+  the optimizer leaves it alone as in one process; a weight only some ranks touched gets zeros from the others.
 * agreement: the step loss is the mean over ranks (`mean_loss`: every rank sees the same value, so a non-finite
   loss stops all of them at the same step); a cancel on any rank (rank 0's progress / interrupt hooks, a signal)
   is agreed with one all-reduce (`agree_stop`) at every step and micro-batch boundary, so all ranks stop at the
@@ -194,6 +200,15 @@ class SingleProcess:
     def draw(self, fn: Callable, shape: tuple):
         return fn(tuple(shape))
 
+    def draw_all(self, fn: Callable, shape: tuple) -> list:
+        return [fn(tuple(shape))]
+
+    def sync_parameters(self, params) -> None:
+        pass
+
+    def reduce_gradients(self, params) -> None:
+        pass
+
     def forward(self, run: Callable, network, *args):
         return run(*args)
 
@@ -265,11 +280,14 @@ class DataParallel:
         self.agreed_stop = False   # the last train_steps ended by a stop all ranks agreed on (they are in step)
         self.shard_base = shard_base
         self.shard_report = None   # sharding.ShardReport once the base is sharded
+        self.per_step_reduce = False   # a pair of experts: no DDP, `reduce_gradients` once per step (check)
 
     def check(self, network_config, experts) -> None:
-        if experts is not None:
-            raise invalid("distributed training", "two timestep experts", "one DiT (training a pair of experts on "
-                                                                          "several ranks is not supported yet)")
+        """Called by the session before anything is built: a pair of experts reduces per step, without DDP."""
+        if experts is not None and self.shards_base:
+            raise invalid("shard_base", f"{self.shard_base} with two timestep experts",
+                          "none: a pair of experts trains with each rank holding both whole experts")
+        self.per_step_reduce = experts is not None
 
     def shard(self, loader):
         return ShardedLoader(loader, self.rank, self.world_size)
@@ -304,9 +322,11 @@ class DataParallel:
     def draw(self, fn: Callable, shape: tuple):
         """`fn(shape)` for every rank's batch shape in rank order (the same generator calls on every rank); this
         rank's result."""
-        shapes = self._gather_shapes(tuple(shape))
-        results = [fn(s) for s in shapes]
-        return results[self.rank]
+        return self.draw_all(fn, shape)[self.rank]
+
+    def draw_all(self, fn: Callable, shape: tuple) -> list:
+        """`fn(shape)` for every rank's batch shape in rank order: every rank's result (the same on every rank)."""
+        return [fn(s) for s in self._gather_shapes(tuple(shape))]
 
     def _gather_shapes(self, shape: tuple) -> list[tuple]:
         width = 8
@@ -331,6 +351,8 @@ class DataParallel:
         self.agreed_stop = False
 
     def forward(self, run: Callable, network, *args):
+        if self.per_step_reduce:
+            return run(*args)
         ddp = self._wrapped(network)
         ddp.module.run = run
         try:
@@ -358,8 +380,42 @@ class DataParallel:
 
     def no_sync(self, network, last: bool):
         """Accumulate locally; the last micro-batch of a step all-reduces (overlapped with its backward)."""
+        if self.per_step_reduce:
+            return contextlib.nullcontext()
         ddp = self._wrapped(network)
         return contextlib.nullcontext() if last else ddp.no_sync()
+
+    # --- gradients without DDP (a pair of experts) ------------------------------------------------------------
+    def sync_parameters(self, params) -> None:
+        """Rank 0's trainable weights on every rank (what DDP's construction does), at the start of each
+        `train_steps` of a pair."""
+        if not self.per_step_reduce:
+            return
+        with torch.no_grad():
+            for bucket in _buckets(list(params)):
+                flat = torch.cat([p.detach().reshape(-1) for p in bucket])
+                dist.broadcast(flat, 0, group=self.group)
+                _unflatten(flat, bucket, lambda p, v: p.copy_(v))
+
+    def reduce_gradients(self, params) -> None:
+        """A pair's step gradients averaged over the ranks, after the step's last backward: the gradient of the
+        mean loss of the A·W micro-batches, as one process accumulating A·W computes it. A weight without a
+        gradient on every rank keeps None (its expert ran nowhere in this step: the optimizer skips it)."""
+        if not self.per_step_reduce:
+            return
+        params = list(params)
+        if not params:
+            return
+        has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=self.comm_device)
+        dist.all_reduce(has, op=dist.ReduceOp.MAX, group=self.group)
+        used = [p for p, h in zip(params, has.tolist()) if h]
+        with torch.no_grad():
+            for bucket in _buckets(used):
+                flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                                  for p in bucket])
+                dist.all_reduce(flat, group=self.group)
+                flat /= self.world_size
+                _unflatten(flat, bucket, _set_grad)
 
     # --- agreement ------------------------------------------------------------------------------------------
     def mean_loss(self, total: float, count: int) -> float:
@@ -405,6 +461,37 @@ def _is_comm_error(e: BaseException) -> bool:
     text = str(e).lower()
     return any(w in text for w in ("gloo", "nccl", "connection closed", "connection reset", "timed out",
                                    "broken pipe", "process group"))
+
+
+BUCKET_ELEMENTS = 1 << 24   # 64 MiB of fp32 per flat all-reduce: bounds the extra memory of a pair's reduction
+
+
+def _buckets(params: list, size: int = BUCKET_ELEMENTS) -> list[list]:
+    """Consecutive runs of `params` of one device and dtype, each at most `size` elements (or one tensor)."""
+    out, current, count = [], [], 0
+    for p in params:
+        if current and (count + p.numel() > size or p.device != current[0].device or p.dtype != current[0].dtype):
+            out.append(current)
+            current, count = [], 0
+        current.append(p)
+        count += p.numel()
+    if current:
+        out.append(current)
+    return out
+
+
+def _unflatten(flat: torch.Tensor, params: list, put: Callable) -> None:
+    offset = 0
+    for p in params:
+        put(p, flat[offset:offset + p.numel()].view_as(p))
+        offset += p.numel()
+
+
+def _set_grad(p: torch.Tensor, value: torch.Tensor) -> None:
+    if p.grad is None:
+        p.grad = value.clone()
+    else:
+        p.grad.copy_(value)
 
 
 def _keep_dropped_adapters_in_graph(network) -> None:

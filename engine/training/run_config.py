@@ -5,7 +5,8 @@ wrong type or a missing required key is refused naming it, before any model is l
 to the config file's folder.
 
     [model]       family, path, dtype, fp8, fp8_matmul, fp8_scale_dtype, attention, blocks_to_swap,
-                  offload_non_blocks, activation_offload, compile_blocks, shard_base
+                  offload_non_blocks, activation_offload, compile_blocks, shard_base; a pair of timestep experts:
+                  high_path (then `path` is the low-noise expert), boundary, expert_layout, expert_mode
     [dataset]     config (the dataset TOML whose caches were built: Cache Latents / Cache Text Embeddings)
     [network]     NetworkConfig      [optimizer] OptimizerConfig
     [training]    TrainingConfig, with [training.timesteps] TimestepConfig
@@ -50,6 +51,11 @@ class ModelConfig:
     activation_offload: bool = False     # checkpointed block inputs in host memory
     compile_blocks: bool = False         # torch.compile each block
     shard_base: str = "none"             # none | fsdp2: each of W ranks holds 1/W of the frozen base (FSDP2)
+    # two timestep experts trained in one run (experts.py): `path` is the low-noise one, loaded with the same options
+    high_path: str | None = None         # the high-noise expert's DiT file (or preset); None: one DiT
+    boundary: float | None = None        # with high_path: 0 < b < 1, or a timestep 1 < b < 1000
+    expert_layout: str = "separate"      # separate (one LoRA per expert) | shared (one LoRA for both)
+    expert_mode: str = "both"            # both experts on the device | offload: the idle one parked in host memory
 
     def validate(self) -> None:
         if self.dtype not in DTYPES:
@@ -68,6 +74,37 @@ class ModelConfig:
                           "larger than one GPU), use one")
         if not self.path.startswith("preset:") and not Path(self.path).is_file():
             raise invalid("[model] path", self.path, "an existing DiT file (or preset:<name>)")
+        self._validate_pair()
+
+    def _validate_pair(self) -> None:
+        from .experts import LAYOUTS, MODES, normalize_boundary
+
+        if self.high_path is None:
+            changed = {k: getattr(self, k) for k, default in (("boundary", None), ("expert_layout", "separate"),
+                                                              ("expert_mode", "both")) if getattr(self, k) != default}
+            if changed:
+                raise invalid(f"[model] {', '.join(changed)}", tuple(changed.values()),
+                              "unset without high_path (they describe a pair of timestep experts)")
+            return
+        if not self.high_path.startswith("preset:") and not Path(self.high_path).is_file():
+            raise invalid("[model] high_path", self.high_path, "an existing DiT file of the high-noise expert (or "
+                                                               "preset:<name>)")
+        if self.high_path == self.path:
+            raise invalid("[model] high_path", self.high_path, "a file other than path (the low-noise expert)")
+        if self.boundary is None:
+            raise invalid("[model] boundary", None, "the pair's boundary with high_path: a fraction 0 < b < 1 "
+                                                    "(e.g. 0.875) or a timestep 1 < b < 1000")
+        try:
+            normalize_boundary(self.boundary)
+        except ValueError as e:
+            raise invalid("[model] boundary", self.boundary, str(e).split("expected ", 1)[-1]) from None
+        if self.expert_layout not in LAYOUTS:
+            raise invalid("[model] expert_layout", self.expert_layout, f"one of {LAYOUTS}")
+        if self.expert_mode not in MODES:
+            raise invalid("[model] expert_mode", self.expert_mode, f"one of {MODES}")
+        if self.shard_base != "none":
+            raise invalid("[model] shard_base with high_path", self.shard_base,
+                          "none: a pair of experts trains with each rank holding both whole experts")
 
 
 @dataclass
@@ -118,7 +155,7 @@ class RunConfig:
 
 
 # paths of the file, resolved against its folder
-_PATHS = {"model": ("path",), "dataset": ("config",), "network": ("network_weights",),
+_PATHS = {"model": ("path", "high_path"), "dataset": ("config",), "network": ("network_weights",),
           "training": ("output_dir", "lora_dir", "logging_dir"), "run": ("resume_from", "stop_file")}
 
 

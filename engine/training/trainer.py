@@ -68,7 +68,8 @@ class StepInfo:
     epoch: int
     status: str
     timesteps: list[float] = field(default_factory=list)
-    experts: list[str] = field(default_factory=list)   # the expert of each micro-batch (two-expert training)
+    experts: list[str] = field(default_factory=list)   # the expert of each micro-batch (two experts; all ranks',
+                                                        # in the order one process accumulating A·W reads them)
 
 
 # --- checks that run before any heavy work -------------------------------------------------------------------
@@ -253,6 +254,7 @@ class TrainingSession:
         restore_rng(self._boundary["rng"], self.generator)
         try:
             with self.parallel.errors(lambda: self.step):
+                self.parallel.sync_parameters(self.network.trainable_parameters())
                 if self.step == 0 and self.validation is not None and self.validation.at_first \
                         and self.last_samples is None and self.parallel.is_main:
                     self.sample()
@@ -394,6 +396,7 @@ class TrainingSession:
                 loss, t = self._micro_step(self._next_batch(), 1.0 / accum)
             total += float(loss)
             ts.append(t)
+        self.parallel.reduce_gradients(params)   # a pair of experts on several ranks (DDP did it otherwise)
         mean = self.parallel.mean_loss(total, accum)   # over the micro-batches of every rank
         if not math.isfinite(mean):
             # stop before the optimizer step turns the adapter into NaN; train_steps saves the last good step
@@ -432,12 +435,15 @@ class TrainingSession:
                     noises.append(torch.randn(shape[1:], generator=self.generator))
                 return draws, noises
             draws, noises = self.parallel.draw(draw, tuple(x0.shape))
-        else:   # the batch's timesteps pick the expert, then the noise of each sample
-            choice = self.pair.choose(self.timesteps, x0.shape[0], x0.shape, self.generator)
+        else:   # the batch's timesteps pick the expert, then the noise of each sample; each rank's batch its own
+            def draw(shape):
+                choice = self.pair.choose(self.timesteps, shape[0], shape, self.generator)
+                return choice, [torch.randn(shape[1:], generator=self.generator) for _ in choice.draws]
+            every = self.parallel.draw_all(draw, tuple(x0.shape))   # [(choice, noises)] of all ranks, in order
+            choice, noises = every[self.parallel.rank]
             draws = choice.draws
-            noises = [torch.randn(x0.shape[1:], generator=self.generator) for _ in draws]
             model = self.pair.activate(choice.expert)
-            self._step_experts.append(choice.expert)
+            self._step_experts.extend(c.expert for c, _ in every)   # the global order of one process
         noise = torch.stack(noises).to(self.device)                               # [B, C, F, H, W]
         t = torch.cat([d.t for d in draws])                                       # [B] in [0, 1]
         model_t = torch.cat([d.model_t for d in draws]).to(self.device)           # [B] 0..1000
