@@ -3,12 +3,14 @@
 Plain PyTorch on the CPU, reproducible from the seed; the weights are written with the real key names to
 `demo_models/` and load through the same loaders as real checkpoints (docs/demo.md).
 
-    python scripts/train_demo_models.py [--stage vae|dit|all] [--out demo_models] [--seed 0]
+    python scripts/train_demo_models.py [--stage vae|dit|all|eval] [--out demo_models] [--seed 0]
 
 Stage `vae` trains the autoencoder on clips of every palette colour (the VAE must be able to show a colour the DiT
 has never seen, for the demo LoRA to teach it), then maps its latents onto Wan 2.1's latent statistics so the
 unchanged pipeline normalisation applies. Stage `dit` trains the DiT (flow matching, text-conditioned) together with
-the text encoder on the base colours only, on latents of the frozen demo VAE.
+the text encoder on the base colours only, on latents of the frozen demo VAE. Stage `eval` scores the files in
+`--out` with the demo detector: the VAE on held-out clips of every colour (encode, decode), the DiT + umT5 + VAE on
+generated clips (the sampler the demo workflow uses).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ pack = __import__(REPO.name)   # the pack as a package, so its relative imports 
 from importlib import import_module  # noqa: E402
 
 shapes = import_module(f"{REPO.name}.engine.demo.shapes")
+score = import_module(f"{REPO.name}.engine.demo.score")
 wan_vae = import_module(f"{REPO.name}.engine.families.wan.vae")
 wan_dit = import_module(f"{REPO.name}.engine.families.wan.dit")
 umt5 = import_module(f"{REPO.name}.engine.encoders.umt5")
@@ -238,9 +241,61 @@ def save(state: dict, path: Path, what: str, seed: int, extra: dict | None = Non
         f"({path.stat().st_size / 1e6:.2f} MB)")
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------------------
+
+# The demo workflow's sampler settings
+SAMPLE = dict(width=CLIP["width"], height=CLIP["height"], frames=CLIP["frames"], steps=20, guidance_scale=4.0,
+              shift=TRAIN_SHIFT, solver="unipc")
+
+
+def _tally(results: list[dict]) -> str:
+    return ", ".join(f"{k} {sum(r[k] for r in results)}/{len(results)}" for k in ("colour", "shape", "motion", "all"))
+
+
+def to_clip(video: torch.Tensor) -> np.ndarray:
+    # [3, F, H, W] in [-1, 1] -> uint8 [F, H, W, 3]
+    return ((video.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).numpy()
+
+
+@torch.no_grad()
+def evaluate(out: Path, seed: int, seeds_per_prompt: int = 2) -> None:
+    vae = wan_vae.load_wan_vae(out / VAE_FILE, dtype=torch.float32)
+    specs = shapes.all_specs(colours=tuple(shapes.PALETTE))
+    held_out = shapes.make_dataset(specs, 1, seed + 7, **CLIP)
+    results = {}
+    for clip, caption in held_out:
+        back = to_clip(vae.decode(vae.encode(to_video(clip[None])))[0])
+        results.setdefault(caption.split()[1], []).append(score.clip_matches(back, caption))
+    for colour, r in results.items():
+        log(f"VAE round trip, {colour}: {_tally(r)}")
+    log(f"VAE round trip, all colours: {_tally(sum(results.values(), []))}")
+
+    dit_path = out / DIT_FILE
+    if not dit_path.is_file():
+        return
+    family = import_module(f"{REPO.name}.engine.families.wan.family").WanFamily
+    model = family.load_dit(dit_path, dtype=torch.float32).eval()
+    text_encoder = umt5.load_umt5(out / TEXT_FILE, dtype=torch.float32)
+    negative = text_encoder.encode([pipeline.NEGATIVE_PROMPT])[0]
+    prompts = [s.caption for s in shapes.all_specs()][::4]          # 12 of the 48 base prompts, every motion
+    results = []
+    for prompt in prompts:
+        context = text_encoder.encode([prompt])[0]
+        for k in range(seeds_per_prompt):
+            request = pipeline.WanGenerateRequest(task="t2v", context=context, negative_context=negative,
+                                                  seed=42 + k, **SAMPLE)
+            clip = to_clip(vae.decode(pipeline.generate(model, request))[0])
+            m = score.clip_matches(clip, prompt)
+            log(f"  {prompt!r} seed {42 + k}: {score.score_clip(clip)}")
+            results.append(m)
+    log(f"DiT generation, {len(prompts)} prompts x {seeds_per_prompt} seeds: {_tally(results)}")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--stage", choices=("vae", "dit", "all"), default="all")
+    ap.add_argument("--stage", choices=("vae", "dit", "all", "eval"), default="all")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vae-steps", type=int, default=1000)
@@ -264,6 +319,8 @@ def main(argv=None) -> None:
             save(dit_state, args.out / DIT_FILE, "wan2.1-t2v", args.seed)
             save(text_state, args.out / TEXT_FILE, "umt5", args.seed, {umt5.EMBEDDED_SPIECE_KEY: spiece})
         save_dit(*train_dit(args.seed, args.dit_steps, vae_state, on_progress=save_dit))
+    if args.stage == "eval":
+        evaluate(args.out, args.seed)
     log(f"done in {(time.time() - start) / 60:.1f} min")
 
 

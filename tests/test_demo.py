@@ -41,6 +41,26 @@ def test_the_detector_reads_every_ground_truth_clip(colour):
             assert score.clip_matches(clip, spec.caption)["all"]
 
 
+def _blurred(clip: np.ndarray, sigma: float) -> np.ndarray:
+    """A Gaussian blur of each frame: how a tiny VAE's decoder softens edges and rounds corners."""
+    x = torch.from_numpy(clip).float().permute(0, 3, 1, 2)                    # [F, 3, H, W]
+    t = torch.arange(-4, 5, dtype=torch.float32)
+    g = torch.exp(-t * t / (2 * sigma * sigma))
+    g = (g / g.sum()).repeat(3, 1)
+    x = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (4, 4, 4, 4), mode="replicate"),
+                                   g.view(3, 1, 1, 9), groups=3)
+    x = torch.nn.functional.conv2d(x, g.view(3, 1, 9, 1), groups=3)
+    return x.permute(0, 2, 3, 1).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def test_the_detector_reads_blurred_clips():
+    """Generated clips are soft: the shape must be read from where the mass is, not from sharp corners (a
+    bounding-box fill ratio misreads a blurred square as a circle)."""
+    for spec in shapes.all_specs(colours=("red", "magenta")):
+        clip = _blurred(shapes.render_clip(spec, 2), sigma=2.5)
+        assert score.score_clip(clip) == score.ClipScore(spec.colour, spec.shape, spec.motion), spec
+
+
 def test_the_detector_tells_what_is_wrong():
     clip = shapes.render_clip(shapes.ClipSpec("red", "triangle", "left"), 5)
     assert score.clip_matches(clip, "a green circle moving to the right") == {

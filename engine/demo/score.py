@@ -1,23 +1,24 @@
 """Score a generated clip against its caption: which colour, shape and motion does it show? Pure numpy.
 
 Colour: the palette colour covering the most pixels (each pixel goes to its nearest palette colour when it is close
-enough to it). Shape: how much of its bounding box the mask fills (square 1, circle pi/4, triangle 1/2), median over
-frames. Motion: the direction of the mask centroid's least-squares path, when it moves far enough.
+enough to it). Shape: which shape, drawn with the mask's area and centroid, overlaps the mask best (intersection over
+union), by majority over frames; robust to the blur of a tiny VAE, which rounds corners but keeps the mass where it
+is. Motion: the direction of the mask centroid's least-squares path, when it moves far enough.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import invalid
-from .shapes import PALETTE, ClipSpec, parse_caption
+from .shapes import PALETTE, SHAPES, ClipSpec, parse_caption, shape_mask
 
 COLOUR_DISTANCE = 100.0     # RGB distance within which a pixel counts as that palette colour
 MIN_PIXELS = 12             # a colour needs this many pixels per frame on average to count as shown
 MIN_TRAVEL = 0.12           # of the frame size: less is "still"
-FILL_SQUARE, FILL_TRIANGLE = 0.88, 0.64   # fill ratio thresholds: > square, < triangle, between: circle
 
 
 @dataclass
@@ -41,18 +42,25 @@ def colour_masks(clip: np.ndarray) -> dict[str, np.ndarray]:
     return {n: close & (nearest == i) for i, n in enumerate(names)}
 
 
+def _best_shape(mask: np.ndarray) -> str:
+    """The shape whose template, with the mask's area and centroid, has the largest IoU with the mask [H, W]."""
+    h, w = mask.shape
+    ys, xs = np.nonzero(mask)
+    area, cx, cy = len(ys), xs.mean() + 0.5, ys.mean() + 0.5
+    ious = {}
+    for shape in SHAPES:
+        # size from the area (square s^2, circle pi s^2 / 4, triangle s^2 / 2); the triangle's centroid lies s/6
+        # below its box centre
+        size = {"square": np.sqrt(area), "circle": np.sqrt(4 * area / np.pi), "triangle": np.sqrt(2 * area)}[shape]
+        box_cy = cy - size / 6 if shape == "triangle" else cy
+        template = shape_mask(shape, size, cx, box_cy, h, w, ss=2) >= 0.5
+        ious[shape] = (template & mask).sum() / max((template | mask).sum(), 1)
+    return max(ious, key=ious.get)
+
+
 def _shape_of(mask: np.ndarray) -> str | None:
-    fills = []
-    for m in mask:
-        ys, xs = np.nonzero(m)
-        if len(ys) < MIN_PIXELS:
-            continue
-        box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
-        fills.append(len(ys) / box)
-    if not fills:
-        return None
-    fill = float(np.median(fills))
-    return "square" if fill > FILL_SQUARE else "triangle" if fill < FILL_TRIANGLE else "circle"
+    votes = Counter(_best_shape(m) for m in mask if m.sum() >= MIN_PIXELS)
+    return votes.most_common(1)[0][0] if votes else None
 
 
 def _motion_of(mask: np.ndarray) -> str | None:

@@ -62,9 +62,9 @@ def all_specs(colours=BASE_COLOURS, shapes=SHAPES, motions=tuple(MOTIONS)) -> li
     return [ClipSpec(c, s, m) for c, s, m in itertools.product(colours, shapes, motions)]
 
 
-def _shape_mask(shape: str, size: float, cx: float, cy: float, height: int, width: int) -> np.ndarray:
-    # [H, W] float coverage in [0, 1], 4x4 supersampled so edges are anti-aliased like real footage
-    ss = 4
+def shape_mask(shape: str, size: float, cx: float, cy: float, height: int, width: int, ss: int = 4) -> np.ndarray:
+    """[H, W] float coverage in [0, 1] of a shape whose size x size box is centred on (cx, cy); ss x ss
+    supersampled so edges are anti-aliased like real footage."""
     ys = (np.arange(height * ss) + 0.5) / ss
     xs = (np.arange(width * ss) + 0.5) / ss
     x, y = np.meshgrid(xs - cx, ys - cy)
@@ -86,10 +86,11 @@ def render_clip(spec: ClipSpec, seed: int, frames: int = 17, height: int = 64, w
     if min(height, width) < 32:
         raise invalid("clip size", (height, width), "at least 32x32 pixels")
     rng = np.random.default_rng(seed)
-    size = rng.uniform(0.25, 0.32) * min(height, width)
+    # large enough that a tiny VAE (8x smaller latents) keeps the corners that tell the shapes apart
+    size = rng.uniform(0.34, 0.42) * min(height, width)
     dx, dy = MOTIONS[spec.motion]
     margin = size / 2 + 1
-    travel = rng.uniform(0.35, 0.5) * (width if dx else height)   # pixels covered over the clip
+    travel = rng.uniform(0.3, 0.42) * (width if dx else height)   # pixels covered over the clip
     along_lo = margin + (travel if (dx + dy) < 0 else 0)        # start so the whole path is visible
     span = (width if dx else height) - 2 * margin - travel
     start_along = along_lo + rng.uniform(0, max(span, 0))
@@ -99,7 +100,7 @@ def render_clip(spec: ClipSpec, seed: int, frames: int = 17, height: int = 64, w
     for f in range(frames):
         along = start_along + (dx + dy) * travel * f / (frames - 1)
         cx, cy = (along, across) if dx else (across, along)
-        out[f] = _shape_mask(spec.shape, size, cx, cy, height, width)[..., None] * colour
+        out[f] = shape_mask(spec.shape, size, cx, cy, height, width)[..., None] * colour
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
@@ -110,4 +111,4 @@ def make_dataset(specs: list[ClipSpec], clips_per_spec: int, seed: int, **size) 
 
 
 __all__ = ["PALETTE", "BASE_COLOURS", "SHAPES", "MOTIONS", "ClipSpec", "check_spec", "parse_caption", "all_specs",
-           "render_clip", "make_dataset"]
+           "shape_mask", "render_clip", "make_dataset"]
