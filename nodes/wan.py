@@ -639,7 +639,7 @@ class MusubiWanVAEDecode:
         }}
 
     def decode(self, vae, tile_size, tile_overlap, latents=None, latent=None):
-        from ..engine.families.wan.pipeline import normalized_latents
+        from ..engine.families.wan.pipeline import FPS, TI2V_FPS, normalized_latents
 
         vae = T.handle(vae, "vae", VAE_EXPECTED)
         if (latents is None) == (latent is None):
@@ -652,7 +652,7 @@ class MusubiWanVAEDecode:
                               "a Wan LATENT [batch, 16, frames, height/8, width/8] (Wan 2.2 TI2V-5B: "
                               "[batch, 48, frames, height/16, width/16])")
             latents = {"samples": normalized_latents(samples),
-                       "fps": 24.0 if samples.shape[1] == 48 else 16.0}
+                       "fps": TI2V_FPS if samples.shape[1] == 48 else FPS}
         if isinstance(latents, dict) and latents.get("family", FAMILY) != FAMILY:
             raise invalid("latents", f"made for {latents['family']}", "latents from Musubi Wan Sampler")
         channels, wanted = latents["samples"].shape[1], vae.module.latent_channels
@@ -664,7 +664,7 @@ class MusubiWanVAEDecode:
         trim = int(latents.get("trim_tail_frames", 0) or 0)   # the sampler's trim_tail_frames (checked there)
         if trim:
             video = video[:, :, :max(1, video.shape[2] - trim)]
-        return (video_to_image(video), float(latents.get("fps", 16.0)))
+        return (video_to_image(video), float(latents.get("fps", FPS)))
 
 
 NODE_CLASS_MAPPINGS = {

@@ -149,6 +149,64 @@ TRAIN_THEN_GENERATE = [
     (22, "PreviewImage", {}, {"images": (20, 0)}),
 ]
 
+# The main job: the trained demo models (demo_models/, docs/demo.md) generate the prompted shape, colour and motion;
+# then a LoRA learns a colour the base model has never seen (magenta, from clips made in the graph) and the same
+# prompt and seed are generated again with the LoRA still in memory. Before / after go side by side.
+DEMO_LOADERS = [
+    (1, "MusubiWanDiTLoader", {"model_name": "demo:wan2.1_demo_t2v.safetensors", "dtype": "fp32",
+                               "attention": "sdpa"}, {}),
+    (2, "MusubiUMT5Loader", {"text_encoder_name": "demo:umt5_demo.safetensors", "dtype": "fp32",
+                             "tokenizer_path": ""}, {}),
+    (3, "MusubiWanVAELoader", {"vae_name": "demo:wan2.1_demo_vae.safetensors", "dtype": "fp32",
+                               "cache_on_cpu": False}, {}),
+]
+DEMO_SAMPLER = {"width": 64, "height": 64, "frames": 17, "steps": 20, "guidance_scale": 5.0, "shift": 3.0,
+                "solver": "unipc", "seed": 42, "noise_device": "cpu"}
+DEMO_LORA_PROMPT = "a magenta circle moving up"
+
+
+def _demo_generate(first_id: int, prompt: str, model: tuple[int, int], prefix: str, title: str) -> list:
+    """Text Encode -> Sampler -> VAE Decode -> Save Video, ids first_id .. first_id + 3."""
+    t, s, d, v = range(first_id, first_id + 4)
+    return [
+        (t, "MusubiWanTextEncode", {"prompt": prompt, "negative_prompt": "", "offload_after": False},
+         {"text_encoder": (2, 0)}, f"{title}: prompt"),
+        (s, "MusubiWanSampler", DEMO_SAMPLER, {"model": model, "embeds": (t, 0)}, f"{title}: sample"),
+        (d, "MusubiWanVAEDecode", {"tile_size": 0, "tile_overlap": 64}, {"vae": (3, 0), "latents": (s, 0)}),
+        (v, "MusubiSaveVideo", {"filename_prefix": f"musubi/{prefix}", "crf": 12},
+         {"images": (d, 0), "fps": (d, 1)}, title),
+    ]
+
+
+WAN_DEMO = DEMO_LOADERS + _demo_generate(4, "a green triangle moving up", (1, 0), "demo_base",
+                                         "Base model") + \
+    _demo_generate(8, DEMO_LORA_PROMPT, (1, 0), "demo_before", "New colour, before the LoRA") + [
+    (12, "MusubiDemoShapeClips", {"colours": "magenta", "shapes": "square, circle, triangle",
+                                  "motions": "right, left, up, down", "clips_per_combination": 2, "variation": 7,
+                                  "frames": 17, "width": 64, "height": 64}, {}, "Clips of the new colour"),
+    (13, "MusubiDatasetFromImages", {"width": 64, "height": 64, "num_repeats": 1, "as_video": True,
+                                     "cache_directory": "", "batch_size": 1},
+     {"images": (12, 0), "captions": (12, 1), "frames_per_clip": (12, 2)}),
+    (14, "MusubiCacheLatents", {"task": "t2v", "keep_cache": False, "workers": 0}, {"dataset": (13, 0), "vae": (3, 0)}),
+    (15, "MusubiCacheTextEmbeddings", {"keep_cache": False}, {"dataset": (14, 0), "text_encoder": (2, 0)}),
+    (16, "MusubiLoRAConfig", {"network_kind": "lora", "rank": 16, "alpha": 16.0, "dropout": 0.0, "rank_dropout": 0.0,
+                              "module_dropout": 0.0}, {}),
+    (17, "MusubiOptimizerConfig", {"optimizer_type": "AdamW", "learning_rate": 2e-3, "max_grad_norm": 1.0,
+                                   "lr_scheduler": "constant", "lr_warmup_steps": "0"}, {}),
+    (18, "MusubiInitTraining", {"seed": 1, "max_train_steps": 300, "mixed_precision": "no",
+                                "gradient_checkpointing": False, "gradient_accumulation_steps": 1,
+                                "timestep_sampling": "shift", "discrete_flow_shift": 3.0, "sigmoid_scale": 1.0,
+                                "weighting_scheme": "none", "min_timestep": 0, "max_timestep": 1000,
+                                "save_every_n_steps": 0, "keep_last_n_saves": 0, "output_dir": "",
+                                "output_name": "demo_magenta_lora", "save_state": False,
+                                "attention_backend": "model", "save_format": "comfyui"},
+     {"model": (1, 0), "dataset": (15, 0), "lora_config": (16, 0), "optimizer_config": (17, 0)}),
+    (19, "MusubiTrainSteps", {"steps": 300, "train_on_every_queue": False}, {"session": (18, 0)}, "Train the LoRA"),
+    (20, "PreviewImage", {}, {"images": (19, 1)}, "Loss"),
+    (21, "MusubiSaveTrainedLoRA", {"format": "comfyui", "filename_prefix": "loras/demo_magenta_lora",
+                                   "dtype": "bf16", "save_to": "output"}, {"session": (19, 0)}),
+] + _demo_generate(22, DEMO_LORA_PROMPT, (19, 4), "demo_after", "New colour, after the LoRA")
+
 # HunyuanVideo on its tiny presets: the text-encoder pair (LLaVA-LLaMA-3 + CLIP-L) feeds the encode node; embedded
 # guidance 6.0 without real CFG (the cfg-distilled model's default), Euler, flow shift 7.
 HUNYUAN_LOADERS = [
@@ -422,7 +480,8 @@ WORKFLOWS = {"wan_t2v_generate.json": TINY_T2V, "wan_i2v_generate.json": TINY_I2
              "framepack_i2v_generate.json": FRAMEPACK_I2V, "framepack_one_frame.json": FRAMEPACK_ONE_FRAME,
              "framepack_train_then_generate.json": FRAMEPACK_TRAIN_THEN_GENERATE,
              "wan22_t2v_generate.json": WAN22_T2V, "wan22_ti2v_5b_generate.json": WAN22_TI2V_5B,
-             "wan22_i2v_train_then_generate.json": WAN22_I2V_TRAIN_THEN_GENERATE}
+             "wan22_i2v_train_then_generate.json": WAN22_I2V_TRAIN_THEN_GENERATE,
+             "wan_demo_train_then_generate.json": WAN_DEMO}
 
 
 def _spec_lists(cls):
@@ -522,7 +581,8 @@ TITLES = {"wan_t2v_generate.json": "Wan 2.1 text to video", "wan_i2v_generate.js
           "framepack_train_then_generate.json": "FramePack: train a LoRA, then generate",
           "wan22_t2v_generate.json": "Wan 2.2 A14B text to video (two experts)",
           "wan22_ti2v_5b_generate.json": "Wan 2.2 TI2V-5B image to video",
-          "wan22_i2v_train_then_generate.json": "Wan 2.2 A14B I2V: train both experts, then generate"}
+          "wan22_i2v_train_then_generate.json": "Wan 2.2 A14B I2V: train both experts, then generate",
+          "wan_demo_train_then_generate.json": "Demo: generate, teach a new colour, generate again"}
 
 
 def thumbnail(name: str, nodes: list, path: Path) -> None:

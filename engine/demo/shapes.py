@@ -62,6 +62,12 @@ def all_specs(colours=BASE_COLOURS, shapes=SHAPES, motions=tuple(MOTIONS)) -> li
     return [ClipSpec(c, s, m) for c, s, m in itertools.product(colours, shapes, motions)]
 
 
+def eval_specs() -> list[ClipSpec]:
+    """The fixed prompts the demo models are judged on: 12 of the 48 base ones, every colour and shape, each motion
+    three times."""
+    return [s for i, s in enumerate(all_specs()) if i % 4 == (i // 4) % 4]
+
+
 def shape_mask(shape: str, size: float, cx: float, cy: float, height: int, width: int, ss: int = 4) -> np.ndarray:
     """[H, W] float coverage in [0, 1] of a shape whose size x size box is centred on (cx, cy); ss x ss
     supersampled so edges are anti-aliased like real footage."""
@@ -111,4 +117,4 @@ def make_dataset(specs: list[ClipSpec], clips_per_spec: int, seed: int, **size) 
 
 
 __all__ = ["PALETTE", "BASE_COLOURS", "SHAPES", "MOTIONS", "ClipSpec", "check_spec", "parse_caption", "all_specs",
-           "shape_mask", "render_clip", "make_dataset"]
+           "eval_specs", "shape_mask", "render_clip", "make_dataset"]

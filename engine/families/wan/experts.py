@@ -35,15 +35,15 @@ from ...handle import ModelHandle, apply_run_options, as_handle
 from ...lora.adapters import eval_mode
 from ...memory.placement import execution_device
 from ...memory.residency import Residency
-from ...training.experts import HIGH, LOW, normalize_boundary, side_of
+from ...training.experts import HIGH, LOW, NAMES, normalize_boundary, side_of
+from ...training.experts import MODES as RESIDENT_MODES   # both / offload: what a pair in training may use
 
-MODES = ("both", "offload", "lazy")
+MODES = RESIDENT_MODES + ("lazy",)     # a lazy pair reads each expert from its file for its own steps
 STEPS = 40
 # official Wan 2.2 A14B configs (Musubi's wan_t2v_A14B / wan_i2v_A14B): T2V, and image-conditioned experts
 BOUNDARY = {"t2v": 0.875, "i2v": 0.9}
 SHIFT = {"t2v": 12.0, "i2v": 5.0}
 GUIDANCE = {"t2v": (3.0, 4.0), "i2v": (3.5, 3.5)}   # (low-noise, high-noise)
-NAMES = {HIGH: "high-noise expert", LOW: "low-noise expert"}
 
 
 @dataclass(frozen=True)
