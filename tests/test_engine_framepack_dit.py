@@ -432,5 +432,7 @@ def test_bf16_close_to_fp32():
         half = _model(seed=1).to(torch.bfloat16)(**i, guidance=g)
     assert half.dtype == torch.float32
     rel = ((half - ref).norm() / ref.norm()).item()
-    assert rel < 0.05, rel
+    # bf16 rounding through this random tiny model: 5.1-6.2 % over seeds 1-6 on an AVX512 CPU (under 5 % on others);
+    # a wrong cast or a dropped upcast is far above this
+    assert rel < 0.08, rel
     assert math.isfinite(rel)
