@@ -268,7 +268,7 @@ class DataParallel:
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.is_main = self.rank == 0
-        # NCCL moves CUDA tensors only: the small agreement tensors go where the backend wants them
+        # NCCL moves CUDA tensors only: the small agreement tensors go to the device the backend needs
         backend = dist.get_backend(group)
         if backend != "nccl":
             self.comm_device = torch.device("cpu")
