@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import invalid
-from .shapes import PALETTE, SHAPES, ClipSpec, parse_caption, shape_mask
+from .shapes import PALETTE, ClipSpec, parse_caption, shape_mask
 
 COLOUR_DISTANCE = 100.0     # RGB distance within which a pixel counts as that palette colour
 MIN_PIXELS = 12             # a colour needs this many pixels per frame on average to count as shown
@@ -47,11 +47,11 @@ def _best_shape(mask: np.ndarray) -> str:
     h, w = mask.shape
     ys, xs = np.nonzero(mask)
     area, cx, cy = len(ys), xs.mean() + 0.5, ys.mean() + 0.5
+    # size from the area (square s^2, circle pi s^2 / 4, triangle s^2 / 2); the triangle's centroid lies s/6 below
+    # its box centre
+    sizes = {"square": np.sqrt(area), "circle": np.sqrt(4 * area / np.pi), "triangle": np.sqrt(2 * area)}
     ious = {}
-    for shape in SHAPES:
-        # size from the area (square s^2, circle pi s^2 / 4, triangle s^2 / 2); the triangle's centroid lies s/6
-        # below its box centre
-        size = {"square": np.sqrt(area), "circle": np.sqrt(4 * area / np.pi), "triangle": np.sqrt(2 * area)}[shape]
+    for shape, size in sizes.items():
         box_cy = cy - size / 6 if shape == "triangle" else cy
         template = shape_mask(shape, size, cx, box_cy, h, w, ss=2) >= 0.5
         ious[shape] = (template & mask).sum() / max((template | mask).sum(), 1)
