@@ -66,14 +66,16 @@ def write_png(path: Path, image: np.ndarray) -> None:
 
 
 def write_mp4(path: Path, frames: np.ndarray, fps: int = 16) -> None:
-    """H.264 (yuv420p) mp4 through PyAV; near-lossless quality so tests can compare pixels loosely."""
+    """Lossless H.264 (yuv420p, qp 0) mp4 through PyAV.
+
+    Lossless because x264's bitstream differs from run to run even on one thread; the decoded frames then do not."""
     import av
 
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "12", "preset": "veryfast", "threads": "1"}  # threads=1: byte-identical output
+        stream.options = {"qp": "0", "preset": "veryfast", "threads": "1"}
         for f in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
                 container.mux(packet)
