@@ -3,13 +3,17 @@ expert runs each step (by hand and against diffusers' WanPipeline), per-expert g
 swap), refusals before any model call. On CUDA the same tests place on the GPU and check the parked expert is in
 pinned host memory; on CPU only that assertion is left out."""
 
+import copy
 import dataclasses
+import gc
 import types
+import weakref
 
 import pytest
 import torch
 
 from engine.families.wan import experts as E
+from engine.families.wan.detect import model_kind
 from engine.families.wan.experts import LazyExpert, WanExperts
 from engine.families.wan.loader import load_wan_dit
 from engine.families.wan.pipeline import WanGenerateRequest, generate
@@ -28,6 +32,7 @@ def files(tmp_path_factory):
     return {"low": write_preset_checkpoint("tiny-t2v", d / "low_noise.safetensors", torch.float32, seed=1),
             "high": write_preset_checkpoint("tiny-t2v", d / "high_noise.safetensors", torch.float32, seed=2),
             "i2v": write_preset_checkpoint("tiny-i2v", d / "i2v_expert.safetensors", torch.float32, seed=3),
+            "ti2v": write_preset_checkpoint("tiny-ti2v-5b", d / "ti2v_5B.safetensors", torch.float32, seed=5),
             "i2v_a14b": write_preset_checkpoint("tiny-i2v-a14b-low-noise", d / "i2v_low_noise.safetensors",
                                                 torch.float32, seed=4)}
 
@@ -409,3 +414,223 @@ def test_lazy_expert_that_loads_another_model_refused(pair, prompts, files):
     lazy = LazyExpert(pair["high"].config, load=lambda: i2v, name="high_noise.safetensors")
     with pytest.raises(MusubiInputError, match="^high-noise expert high_noise.safetensors: got 'a loaded tiny-i2v'"):
         generate(WanExperts(low=pair["low"], high=lazy, mode="lazy"), _req(prompts, steps=2))
+
+
+def test_refusal_messages_name_input_value_and_expectation(pair, files, prompts, raises_input):
+    """The whole message of each refusal: the input, what was found (the file, or no file for a model built in
+    memory) and what was expected."""
+    from engine.families.wan.dit import WanModel
+    from engine.errors import MusubiInputError
+
+    req = _req(prompts, steps=2)
+    with raises_input("experts", "str", "a WanExperts pair"):
+        E.check_experts("low_noise.safetensors")
+    with raises_input("expert memory mode", "swap", f"one of {E.MODES}"):
+        generate(WanExperts(low=pair["low"], high=pair["high"], mode="swap"), req)
+    no_config = torch.nn.Linear(2, 2)
+    other_config = torch.nn.Linear(2, 2)
+    other_config.config = types.SimpleNamespace(variant="a text encoder")
+    expected = "a Wan DiT (model, handle or LazyExpert)"
+    for bad in (object(), no_config, other_config):
+        with raises_input("low-noise expert", type(bad).__name__, expected):
+            generate(WanExperts(low=bad, high=pair["high"]), req)
+        with raises_input("high-noise expert", type(bad).__name__, expected):
+            generate(WanExperts(low=pair["low"], high=bad), req)
+    with raises_input("guidance_scale_high", "x", "a number (4.0 T2V, 3.5 I2V)"):
+        generate(WanExperts(low=pair["low"], high=pair["high"]), _req(prompts, guidance_scale_high="x"))
+
+    def about(cfg, where=None):
+        return (f"{cfg.variant} ({model_kind(cfg)}, in_dim={cfg.in_dim}, dim={cfg.dim}, {cfg.num_layers} blocks)"
+                + (f" from {where}" if where else ""))
+    low = pair["low"].config
+    wide = WanModel(dataclasses.replace(pair["high"].config, ffn_dim=384, variant="wide"))
+    with pytest.raises(MusubiInputError) as err:      # built in memory: no file to name
+        generate(WanExperts(low=pair["low"], high=wide), req)
+    assert str(err.value) == (f"high-noise expert: got {about(wide.config)!r}; expected the same architecture as "
+                              f"the low-noise expert {about(low, files['low'])}: both experts of one Wan 2.2 A14B "
+                              f"release (they differ in ffn_dim)")
+    i2v = _load(files["i2v"])                          # every differing field, also one only the I2V model has
+    with pytest.raises(MusubiInputError, match=r"\(they differ in clip_dim, has_image_input, in_dim, model_type\)$"):
+        generate(WanExperts(low=pair["low"], high=i2v), req)
+
+    a14b = "a Wan 2.2 A14B expert (a T2V or I2V DiT without CLIP, e.g. wan2.2_t2v_high_noise_14B / " \
+           "wan2.2_i2v_low_noise_14B)"
+    renamed = _load(files["low"])                      # a loaded model whose file is named as Wan 2.1
+    renamed.source_path = "/models/wan2.1_t2v_14B_fp16.safetensors"
+    with raises_input("low-noise expert", f"{about(renamed.config, renamed.source_path)}: a file named as Wan 2.1",
+                      a14b):
+        generate(WanExperts(low=renamed, high=pair["high"]), req)
+    ti2v = _load(files["ti2v"])
+    with raises_input("low-noise expert", f"{about(ti2v.config, files['ti2v'])}: a model of kind ti2v", a14b):
+        generate(WanExperts(low=ti2v, high=ti2v), req)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The runner step by step: what is loaded, placed, parked, freed and offloaded when
+# ---------------------------------------------------------------------------------------------------------------
+
+T_HIGH_THEN_LOW = torch.tensor([999.0, 500.0, 400.0, 100.0])   # boundary 0.875: high, low, low, low
+
+
+class PlacementLog:
+    """A Residency that records its calls and moves nothing, so any device can be asked for."""
+
+    def __init__(self, names):
+        self.names, self.calls = names, []
+
+    def place(self, module, device, blocks_to_swap=0, offload_non_blocks=False, training=False):
+        self.calls.append(("place", self.names(module), str(device), blocks_to_swap, offload_non_blocks))
+
+    def park(self, module, pin_memory=True):
+        self.calls.append(("park", self.names(module)))
+
+    def offload(self, module):
+        self.calls.append(("offload", self.names(module)))
+
+
+def _drive(runner, steps, on_step=None):
+    """Run the runner as `generate` does (start, then one velocity call per step) with a stand-in for the guided
+    DiT; -> the device start() returned and (expert module id, guidance scale) per step."""
+    ran = []
+
+    def make_guided(module, guidance):
+        def velocity(x, t, step):
+            ran.append((id(module), guidance.scale))
+            if on_step is not None:
+                on_step(step)
+            return x
+        return velocity
+    from engine.sampling.guidance import GuidanceConfig
+
+    device = runner.start()
+    with runner:
+        v = runner.velocity(GuidanceConfig(scale=3.0), 4.0, make_guided)
+        for step in range(steps):
+            v(torch.zeros(1), torch.tensor(0.0), step)
+    return device, ran
+
+
+RUN_EVENTS = [("run", "high", 0), ("run", "low", 1), ("run", "low", 2), ("run", "low", 3)]
+
+
+@pytest.mark.parametrize("mode,events", [
+    ("both", [("place", "high"), ("place", "low")] + RUN_EVENTS),
+    ("offload", [("place", "high"), RUN_EVENTS[0], ("park", "high"), ("place", "low")] + RUN_EVENTS[1:]),
+    ("lazy", [("load", "high"), ("place", "high"), RUN_EVENTS[0], ("free", "high"), ("load", "low"),
+              ("place", "low")] + RUN_EVENTS[1:] + [("free", "low")]),
+])
+def test_runner_places_each_expert_with_its_options_when_the_mode_says(pair, mode, events):
+    """Where each expert is after each phase, per mode, with each expert's own block swap options; the device asked
+    for is where the steps run; every step runs the expert and guidance scale of its phase."""
+    ids = {id(pair["high"]): "high", id(pair["low"]): "low"}
+    log = PlacementLog(lambda m: ids[id(m)])
+    options = {"high": RunOptions(blocks_to_swap=1, offload_non_blocks=True), "low": RunOptions(blocks_to_swap=2)}
+    handles = {k: ModelHandle(pair[k], "wan", options[k]) for k in ("high", "low")}
+    loaded, unloaded = [], []
+    if mode == "lazy":
+        sources = {k: LazyExpert(pair[k].config, load=lambda k=k: loaded.append(k) or handles[k],
+                                 unload=lambda got: unloaded.append(got)) for k in handles}
+    else:
+        sources = handles
+    runner = E.ExpertRunner(WanExperts(low=sources["low"], high=sources["high"], mode=mode, device="cuda:7",
+                                       residency=log), T_HIGH_THEN_LOW)
+    device, ran = _drive(runner, 4)
+    assert device == torch.device("cuda:7")
+    assert runner.events == events
+    placements = {"high": ("place", "high", "cuda:7", 1, True), "low": ("place", "low", "cuda:7", 2, False)}
+    assert log.calls == [placements[e[1]] if e[0] == "place" else ("offload", e[1]) if e[0] == "free" else e
+                         for e in events if e[0] in ("place", "park", "free")]
+    assert ran == [(id(pair["high"]), 4.0)] + [(id(pair["low"]), 3.0)] * 3
+    if mode == "lazy":
+        assert loaded == ["high", "low"] and unloaded[0] is handles["high"] and unloaded[1] is handles["low"]
+        assert runner.placed == set() and runner.handles == {}
+
+
+def test_runner_without_a_device_places_nothing_and_runs_where_the_experts_are(pair):
+    log = PlacementLog(lambda m: m)
+    runner = E.ExpertRunner(WanExperts(low=pair["low"], high=pair["high"], mode="offload", residency=log),
+                            T_HIGH_THEN_LOW)
+    device, _ = _drive(runner, 4)
+    assert device == torch.device("cpu") and log.calls == [] and runner.events == RUN_EVENTS
+
+
+def test_runner_without_a_residency_uses_its_own(pair, prompts):
+    """A pair given a device but no host Residency places through a private one (CPU here)."""
+    experts = WanExperts(low=pair["low"], high=pair["high"], mode="offload", device="cpu")
+    req = _req(prompts, steps=3, shift=5.0)
+    assert torch.equal(generate(experts, req), generate(WanExperts(low=pair["low"], high=pair["high"]), req))
+
+
+def test_an_expert_parked_earlier_is_placed_again_at_its_next_step(pair):
+    ids = {id(pair["high"]): "high", id(pair["low"]): "low"}
+    log = PlacementLog(lambda m: ids[id(m)])
+    runner = E.ExpertRunner(WanExperts(low=pair["low"], high=pair["high"], mode="offload", device="cpu",
+                                       residency=log), torch.tensor([999.0, 100.0, 950.0]))
+    _drive(runner, 3)
+    assert runner.events == [("place", "high"), ("run", "high", 0), ("park", "high"), ("place", "low"),
+                             ("run", "low", 1), ("park", "low"), ("place", "high"), ("run", "high", 2)]
+
+
+def test_offload_after_puts_every_loaded_expert_back_in_cpu_memory(pair):
+    ids = {id(pair["high"]): "high", id(pair["low"]): "low"}
+    log = PlacementLog(lambda m: ids[id(m)])
+    runner = E.ExpertRunner(WanExperts(low=pair["low"], high=pair["high"], mode="both", device="cpu",
+                                       residency=log, offload_after=True), T_HIGH_THEN_LOW)
+    _drive(runner, 4)
+    assert runner.events[-2:] == [("offload", "high"), ("offload", "low")]
+    assert log.calls[-2:] == [("offload", "high"), ("offload", "low")] and runner.placed == set()
+
+
+def test_lazy_frees_an_expert_after_its_last_step_and_nothing_keeps_it_alive(pair):
+    """In lazy mode the high-noise expert is unloaded after its last step and no reference to it remains while the
+    low-noise steps run (the runner's eval-mode guard and guided-velocity cache included), so its memory is
+    returned before the generation ends; an expert without `unload` is simply dropped."""
+    refs, alive = {}, []
+
+    def load(k):
+        m = copy.deepcopy(pair[k])
+        refs[k] = weakref.ref(m)
+        return m
+    lazy = {"high": LazyExpert(pair["high"].config, load=lambda: load("high")),
+            "low": LazyExpert(pair["low"].config, load=lambda: load("low"))}
+
+    def on_step(step):
+        if step >= 1:
+            gc.collect()
+            alive.append(refs["high"]() is not None)
+    runner = E.ExpertRunner(WanExperts(low=lazy["low"], high=lazy["high"], mode="lazy"), T_HIGH_THEN_LOW)
+    _drive(runner, 4, on_step)
+    assert alive == [False, False, False]
+    assert runner.events[:2] == [("load", "high"), ("run", "high", 0)] and runner.events[-1] == ("free", "low")
+
+
+def test_an_interrupted_generation_frees_lazy_experts_and_offloads(pair):
+    """An interrupt (any exception) between steps still frees what lazy mode loaded and, with offload_after, puts
+    the experts back in CPU memory."""
+    class Interrupt(Exception):
+        pass
+
+    def stop(step):
+        if step == 0:
+            raise Interrupt
+    unloaded = []
+    lazy = LazyExpert(pair["high"].config, load=lambda: pair["high"], unload=unloaded.append)
+    runner = E.ExpertRunner(WanExperts(low=pair["low"], high=lazy, mode="lazy"), T_HIGH_THEN_LOW)
+    with pytest.raises(Interrupt):
+        _drive(runner, 4, stop)
+    assert unloaded == [pair["high"]] and runner.events[-1] == ("free", "high") and runner.handles == {}
+    ids = {id(pair["high"]): "high", id(pair["low"]): "low"}
+    log = PlacementLog(lambda m: ids[id(m)])
+    runner = E.ExpertRunner(WanExperts(low=pair["low"], high=pair["high"], mode="offload", device="cpu",
+                                       residency=log, offload_after=True), T_HIGH_THEN_LOW)
+    with pytest.raises(Interrupt):
+        _drive(runner, 4, stop)
+    assert log.calls == [("place", "high", "cpu", 0, False), ("offload", "high")]
+
+
+def test_a_lazy_loader_that_returns_no_model_is_refused_naming_the_file(pair, prompts, raises_input):
+    for got, shown in (("oops", "str"), (torch.nn.Linear(2, 2), "Linear")):
+        lazy = LazyExpert(pair["high"].config, load=lambda got=got: got, name="high_noise.safetensors")
+        with raises_input("high-noise expert high_noise.safetensors", f"a loaded {shown}",
+                          f"the model its file header describes ({pair['high'].config.variant})"):
+            generate(WanExperts(low=pair["low"], high=lazy, mode="lazy"), _req(prompts, steps=2))

@@ -37,6 +37,7 @@ from ...memory.placement import execution_device
 from ...memory.residency import Residency
 from ...training.experts import HIGH, LOW, NAMES, normalize_boundary, side_of
 from ...training.experts import MODES as RESIDENT_MODES   # both / offload: what a pair in training may use
+from .detect import model_kind
 
 MODES = RESIDENT_MODES + ("lazy",)     # a lazy pair reads each expert from its file for its own steps
 STEPS = 40
@@ -85,31 +86,24 @@ def _config(source):
     return None if handle is None else getattr(handle.module, "config", None)
 
 
+def _source_path(source) -> str | None:
+    """The file an expert comes from (None for a model built in memory). Only for sources `_config` accepted."""
+    return source.name if isinstance(source, LazyExpert) else as_handle(source).module.source_path
+
+
 def _describe(source) -> str:
-    cfg = _config(source)
-    where = source.name if isinstance(source, LazyExpert) else getattr(_module(source), "source_path", None)
-    return f"{cfg.variant} ({_kind(cfg)}, in_dim={cfg.in_dim}, dim={cfg.dim}, {cfg.num_layers} blocks)" + \
+    cfg, where = _config(source), _source_path(source)
+    return f"{cfg.variant} ({model_kind(cfg)}, in_dim={cfg.in_dim}, dim={cfg.dim}, {cfg.num_layers} blocks)" + \
         (f" from {where}" if where else "")
-
-
-def _module(source) -> nn.Module | None:
-    handle = None if isinstance(source, LazyExpert) else as_handle(source)
-    return None if handle is None else handle.module
-
-
-def _kind(config) -> str:
-    from .pipeline import model_task_kind   # (pipeline imports this module)
-
-    return model_task_kind(config)
 
 
 def _architecture(config) -> dict:
     """What two experts must share: every config field but the human name."""
-    fields = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(vars(config))
-    fields.pop("variant", None)
-    fields.pop("expert", None)         # which expert a file is (from its name), checked against its slot
-    if not fields.get("has_image_input"):
-        fields.pop("clip_dim", None)   # unused without an image branch (detection cannot read it from such a file)
+    fields = dataclasses.asdict(config)
+    del fields["variant"]
+    del fields["expert"]            # which expert a file is (from its name), checked against its slot
+    if not fields["has_image_input"]:
+        del fields["clip_dim"]      # unused without an image branch (detection cannot read it from such a file)
     return fields
 
 
@@ -120,14 +114,12 @@ def check_experts(experts: WanExperts) -> None:
         raise invalid("experts", type(experts).__name__, "a WanExperts pair")
     if experts.mode not in MODES:
         raise invalid("expert memory mode", experts.mode, f"one of {MODES}")
-    for name in (LOW, HIGH):
-        source = getattr(experts, name)
-        if source is None and name == HIGH:
-            continue
+    sources = {LOW: experts.low} if experts.high is None else {LOW: experts.low, HIGH: experts.high}
+    for name, source in sources.items():
         cfg = _config(source)
         if cfg is None or not hasattr(cfg, "in_dim"):
             raise invalid(NAMES[name], type(source).__name__, "a Wan DiT (model, handle or LazyExpert)")
-        named = getattr(cfg, "expert", None)
+        named = cfg.expert
         if named not in (None, name):
             raise invalid(NAMES[name], _describe(source), f"the {name}_noise file of the pair (its name says it "
                                                           f"is the {NAMES[named]}: swap the two inputs)")
@@ -138,10 +130,8 @@ def check_experts(experts: WanExperts) -> None:
             raise invalid(NAMES[HIGH], _describe(experts.high),
                           f"the same architecture as the {NAMES[LOW]} {_describe(experts.low)}: both experts of one "
                           f"Wan 2.2 A14B release (they differ in {', '.join(differ)})")
-    for name in (LOW, HIGH):
-        source = getattr(experts, name)
-        if source is not None:
-            _check_a14b(name, source)
+    for name, source in sources.items():
+        _check_a14b(name, source)
     if experts.boundary is not None:
         normalize_boundary(experts.boundary)
 
@@ -152,11 +142,10 @@ _WAN21_NAME = re.compile(r"wan[ _.-]?2[ _.-]?1(?!\d)", re.IGNORECASE)
 def _check_a14b(name: str, source) -> None:
     """An A14B expert is a T2V or I2V DiT without a CLIP branch; a Wan 2.1 I2V / FLF2V / Fun-Control model, TI2V-5B,
     or a file named as Wan 2.1 (its T2V-14B has the A14B T2V layout) is refused."""
-    cfg = _config(source)
-    path = source.name if isinstance(source, LazyExpert) else getattr(_module(source), "source_path", None)
+    cfg, path = _config(source), _source_path(source)
     wan21_file = path is not None and _WAN21_NAME.search(Path(str(path)).name) is not None
-    if _kind(cfg) not in ("t2v", "i2v") or cfg.has_image_input or wan21_file:
-        why = "a file named as Wan 2.1" if wan21_file else f"a model of kind {_kind(cfg)}" + (
+    if model_kind(cfg) not in ("t2v", "i2v") or cfg.has_image_input or wan21_file:
+        why = "a file named as Wan 2.1" if wan21_file else f"a model of kind {model_kind(cfg)}" + (
             " with a CLIP image branch (Wan 2.1)" if cfg.has_image_input else "")
         raise invalid(NAMES[name], f"{_describe(source)}: {why}", "a Wan 2.2 A14B expert (a T2V or I2V DiT without "
                       "CLIP, e.g. wan2.2_t2v_high_noise_14B / wan2.2_i2v_low_noise_14B)")
@@ -164,7 +153,7 @@ def _check_a14b(name: str, source) -> None:
 
 def defaults_kind(config) -> str:
     """Which release's defaults apply: "t2v" for a text-to-video expert, "i2v" for an image-conditioned one."""
-    return "t2v" if _kind(config) == "t2v" else "i2v"
+    return "t2v" if model_kind(config) == "t2v" else "i2v"
 
 
 def resolve_for_experts(experts: WanExperts, request):
@@ -234,7 +223,7 @@ class ExpertRunner:
         self.last_step = {name: max(i for i, (e, _) in enumerate(plan) if e == name) for name, _ in plan}
         self.placed: set[str] = set()
         self.events: list[tuple] = []
-        self._stack = contextlib.ExitStack()
+        self._eval_modes: dict[str, contextlib.ExitStack] = {}   # per expert: a freed one's ends with it
 
     # --- one expert ---------------------------------------------------------------------------------------------
     def _load(self, name: str) -> ModelHandle:
@@ -253,7 +242,8 @@ class ExpertRunner:
             else:
                 handle = as_handle(source)
             self.handles[name] = handle
-            self._stack.enter_context(eval_mode(handle.module))   # adapter dropout never applies to samples
+            modes = self._eval_modes[name] = contextlib.ExitStack()
+            modes.enter_context(eval_mode(handle.module))   # adapter dropout never applies to samples
         return self.handles[name]
 
     def _place(self, name: str) -> None:
@@ -273,10 +263,10 @@ class ExpertRunner:
             self.placed.discard(name)
 
     def _free(self, name: str) -> None:
-        """Lazy mode after the expert's last step: off the device, handed to `unload`, forgotten."""
-        handle = self.handles.pop(name, None)
-        if handle is None:
-            return
+        """Lazy mode after the expert's last step: off the device, handed to `unload`, forgotten (nothing here keeps
+        its module alive)."""
+        handle = self.handles.pop(name)
+        self._eval_modes.pop(name).close()
         if self.device is not None:
             self.residency.offload(handle.module)
         self.placed.discard(name)
@@ -354,4 +344,6 @@ class ExpertRunner:
                     self.events.append(("offload", name))
                 self.placed.clear()
         finally:
-            self._stack.close()
+            for modes in self._eval_modes.values():
+                modes.close()
+            self._eval_modes.clear()
