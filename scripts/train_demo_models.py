@@ -273,7 +273,7 @@ def to_clip(video: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def evaluate(out: Path, seed: int, seeds_per_prompt: int = 2) -> None:
+def evaluate(out: Path, seed: int, seeds_per_prompt: int = 6) -> None:
     vae = wan_vae.load_wan_vae(out / VAE_FILE, dtype=torch.float32)
     specs = shapes.all_specs(colours=tuple(shapes.PALETTE))
     held_out = shapes.make_dataset(specs, 1, seed + 7, **CLIP)

@@ -18,6 +18,7 @@ BASE_PROMPTS = [s.caption for s in shapes.eval_specs()]          # 12 prompts: e
 BASE_NODES = ("1", "2", "3", "4", "5", "6", "7")                 # loaders, then encode -> sample -> decode -> save
 LORA_PROMPT = "a magenta circle moving up"
 SEEDS = range(42, 52)
+BASE_SEEDS = range(42, 48)                                       # 12 prompts x 6 seeds: 72 clips
 
 
 def _prompt(comfy) -> dict:
@@ -28,24 +29,24 @@ def _clip(comfy, decode_node: str):
     return (comfy.output(decode_node, 0).numpy() * 255).round().astype("uint8")    # IMAGE [F, H, W, 3]
 
 
-def _base_match_rate(comfy) -> tuple[float, list]:
+def _base_match_rate(comfy, seeds=BASE_SEEDS) -> tuple[float, list]:
     """Fraction of (prompt, seed) pairs whose clip matches colour, shape and motion, and the misses."""
     base = {k: v for k, v in _prompt(comfy).items() if k in BASE_NODES}
     hits, misses = 0, []
     for prompt in BASE_PROMPTS:
-        for seed in (42, 43):
+        for seed in seeds:
             base["4"]["inputs"]["prompt"], base["5"]["inputs"]["seed"] = prompt, seed
             comfy.run(base)
             m = clip_matches(_clip(comfy, "6"), prompt)
             hits += m["all"]
             if not m["all"]:
                 misses.append((prompt, seed, m))
-    return hits / (2 * len(BASE_PROMPTS)), misses
+    return hits / (len(seeds) * len(BASE_PROMPTS)), misses
 
 
-# Issue #20 asks for 80 %; the shipped models reach 19 of 24 (79 %): colour and motion always, some squares come out
-# with corners round enough to read as circles (docs/demo.md). The bar stays just under what they reach.
-BASE_BAR = 0.75
+# Issue #20's bar. The shipped models reach 61 of 72 (85 %; docs/demo.md): colour and motion always, some squares
+# come out with corners round enough to read as circles.
+BASE_BAR = 0.8
 
 
 def test_the_base_demo_model_generates_the_prompted_shape_colour_and_motion(comfy):
@@ -58,7 +59,7 @@ def test_a_wrong_latent_normalisation_fails_the_oracle(comfy, monkeypatch):
     shape or finiteness check never sees) drops the match rate far below the bar."""
     vae = comfy.pack_module("engine.families.wan.vae")
     monkeypatch.setattr(vae.WanVAE, "latent_std", tuple(0.4 * s for s in vae.LATENT_STD))
-    rate, _ = _base_match_rate(comfy)
+    rate, _ = _base_match_rate(comfy, seeds=(42, 43))
     assert rate < 0.3, rate
 
 

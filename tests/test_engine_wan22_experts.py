@@ -389,6 +389,24 @@ def test_mismatched_experts_refused_naming_files(pair, files, prompts):
     assert calls.calls == []
 
 
+def test_experts_of_one_architecture_pair_whatever_their_names_and_unused_fields(pair):
+    """Only the architecture must match: the human name, and a CLIP width without a CLIP branch (file detection
+    cannot read it), may differ; the pair's resolved boundary is the release default or the one given."""
+    from engine.errors import MusubiInputError
+
+    cfg = pair["high"].config
+    renamed = LazyExpert(dataclasses.replace(cfg, variant="my-finetune", clip_dim=cfg.clip_dim + 8),
+                         load=lambda: pytest.fail("loaded"))
+    experts = WanExperts(low=pair["low"], high=renamed)
+    E.check_experts(experts)
+    assert experts.resolved_boundary() == E.BOUNDARY["t2v"]
+    assert WanExperts(low=pair["low"], boundary=900).resolved_boundary() == 0.9
+    image = dataclasses.replace(cfg, model_type="i2v", in_dim=36, has_image_input=True, expert=None)  # CLIP branch
+    wider = LazyExpert(dataclasses.replace(image, clip_dim=cfg.clip_dim + 8), load=lambda: pytest.fail("loaded"))
+    with pytest.raises(MusubiInputError, match=r"\(they differ in clip_dim\)$"):
+        E.check_experts(WanExperts(low=LazyExpert(image, load=lambda: pytest.fail("loaded")), high=wider))
+
+
 @pytest.mark.parametrize("field,value,name", [("mode", "swap", "expert memory mode"),
                                               ("low", object(), "low-noise expert")])
 def test_bad_pair_fields(pair, prompts, field, value, name):

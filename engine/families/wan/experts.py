@@ -309,19 +309,19 @@ class ExpertRunner:
         low-noise one); make_guided(module, guidance) -> a GuidedVelocity of that module, made once per
         (expert, phase) that occurs."""
         scales = {LOW: guidance.scale, HIGH: float(guidance_scale_high)}
-        guided: dict[tuple[str, str], object] = {}
+        guided: dict[str, dict[str, object]] = {}     # expert -> phase -> its GuidedVelocity
 
         def velocity_fn(x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
             name, phase = self.plan[step]
             module = self.activate(name)
-            if (name, phase) not in guided:
-                guided[name, phase] = make_guided(module, dataclasses.replace(guidance, scale=scales[phase]))
+            by_phase = guided.setdefault(name, {})
+            if phase not in by_phase:
+                by_phase[phase] = make_guided(module, dataclasses.replace(guidance, scale=scales[phase]))
             self.events.append(("run", name, step))
-            v = guided[name, phase](x, t, step)
+            v = by_phase[phase](x, t, step)
             self.step_done(step)
             if name not in self.handles:        # freed (lazy): nothing may keep its module alive
-                for key in [k for k in guided if k[0] == name]:
-                    del guided[key]
+                del guided[name]
             return v
         return velocity_fn
 
