@@ -400,6 +400,23 @@ WAN22_T2V = [
     (10, "PreviewImage", {}, {"images": (8, 0)}),
 ]
 
+# The same generation with the experts loaded lazily (Musubi's --lazy_loading): each one is read from its file at its
+# first step and freed after its last, so host memory holds one 14B expert at a time.
+WAN22_T2V_LAZY = [
+    (1, "MusubiWan22LazyExperts", {"high_noise_name": "preset:tiny-t2v-a14b-high-noise",
+                                   "low_noise_name": "preset:tiny-t2v-a14b-low-noise", "dtype": "fp32",
+                                   "attention": "sdpa", "fp8": "none", "blocks_to_swap": 0, "boundary": 0.0}, {}),
+    (2, "MusubiUMT5Loader", {"text_encoder_name": "preset:tiny-umt5", "dtype": "fp32", "tokenizer_path": ""}, {}),
+    (3, "MusubiWanVAELoader", {"vae_name": "preset:tiny-vae", "dtype": "fp32", "cache_on_cpu": False}, {}),
+    (4, "MusubiWanTextEncode", {"prompt": "a red square moving to the right", "negative_prompt": "",
+                                "offload_after": True}, {"text_encoder": (2, 0)}),
+    (5, "MusubiWanSampler", {"width": 64, "height": 48, "frames": 9, "steps": 6, "guidance_scale": 3.0, "shift": 0.0,
+                             "solver": "unipc", "seed": 42, "noise_device": "cpu", "guidance_scale_high": 4.0},
+     {"model": (1, 0), "embeds": (4, 0)}),
+    (6, "MusubiWanVAEDecode", {"tile_size": 0, "tile_overlap": 64}, {"vae": (3, 0), "latents": (5, 0)}),
+    (7, "MusubiSaveVideo", {"filename_prefix": "musubi/wan22_t2v_lazy", "crf": 19}, {"images": (6, 0), "fps": (6, 1)}),
+]
+
 # Wan 2.2 TI2V-5B on its tiny preset: one model for text and image to video; the start image's latent (Wan 2.2 VAE,
 # 48 channels, 16x) is kept clean as frame 0; 24 fps.
 WAN22_TI2V_5B = [
@@ -479,7 +496,8 @@ WORKFLOWS = {"wan_t2v_generate.json": TINY_T2V, "wan_i2v_generate.json": TINY_I2
              "hunyuan_train_then_generate.json": HUNYUAN_TRAIN_THEN_GENERATE,
              "framepack_i2v_generate.json": FRAMEPACK_I2V, "framepack_one_frame.json": FRAMEPACK_ONE_FRAME,
              "framepack_train_then_generate.json": FRAMEPACK_TRAIN_THEN_GENERATE,
-             "wan22_t2v_generate.json": WAN22_T2V, "wan22_ti2v_5b_generate.json": WAN22_TI2V_5B,
+             "wan22_t2v_generate.json": WAN22_T2V, "wan22_t2v_lazy_generate.json": WAN22_T2V_LAZY,
+             "wan22_ti2v_5b_generate.json": WAN22_TI2V_5B,
              "wan22_i2v_train_then_generate.json": WAN22_I2V_TRAIN_THEN_GENERATE,
              "wan_demo_train_then_generate.json": WAN_DEMO}
 
