@@ -546,9 +546,9 @@ class MusubiWanSampler:
                image_embeds=None, cfg_skip_mode="none", cfg_apply_ratio=1.0, slg_layers="", slg_scale=3.0,
                slg_start=0.0, slg_end=0.3, offload_after=True, batch_size=1, guidance_scale_high=0.0,
                trim_tail_frames=0, unique_id=None):
-        from ..engine.families.wan.experts import WanExperts, reference, resolve_for_experts
+        from ..engine.families.wan.experts import WanExperts, reference
         from ..engine.families.wan.pipeline import (WanGenerateRequest, fps_of, generate, latent_format_of,
-                                                    raw_latents)
+                                                    raw_latents, resolve_request)
 
         try:
             layers = tuple(int(s) for s in slg_layers.replace(" ", "").split(",") if s)
@@ -600,12 +600,11 @@ class MusubiWanSampler:
             clip_fea=image_embeds["clip_fea"] if image_embeds is not None else None,
             guidance_scale_high=guidance_scale_high or None)
         preview = latent_format_of(model.config)
+        request = resolve_request(experts or model, request)    # (for the progress bar's step count)
         if experts is None:
-            request = request.resolve(model.config)
             with dit_on_device(handle, offload_after):
                 latents = generate(model, request, step_progress(request.steps, unique_id, preview))
         else:
-            request = resolve_for_experts(experts, request).resolve(model.config)
             latents = generate(experts_on_device(experts, offload_after), request,
                                step_progress(request.steps, unique_id, preview))
         latents = latents.float().cpu()

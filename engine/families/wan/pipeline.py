@@ -445,6 +445,14 @@ def _merge(conds: Sequence[dict]) -> dict:
     return {"context": [ctx for c in conds for ctx in c["context"]], "clip_fea": cat("clip_fea"), "y": cat("y")}
 
 
+def resolve_request(model, request: WanGenerateRequest) -> WanGenerateRequest:
+    """The request with every default filled in for `model`, a DiT or an A14B pair (whose defaults come first, after
+    the pair is checked)."""
+    if isinstance(model, WanExperts):
+        return resolve_for_experts(model, request).resolve(reference(model).config)
+    return request.resolve(model.config)
+
+
 @torch.no_grad()
 def generate(model, request: WanGenerateRequest, progress: Progress | None = None) -> torch.Tensor:
     """-> float32 latents [B, C, F_lat, H/s, W/s] (C, s: 16, 8 or TI2V-5B 48, 16) on the model device (one-frame:
@@ -453,10 +461,10 @@ def generate(model, request: WanGenerateRequest, progress: Progress | None = Non
     `progress(step, total, x0_estimate)` runs after every step; it may raise (ComfyUI interrupt) to cancel.
     `model` may be a Wan 2.2 A14B pair (`experts.WanExperts`): its experts take turns by the step's timestep."""
     experts = model if isinstance(model, WanExperts) else None
+    r = resolve_request(model, request)
     if experts is not None:
-        request, model = resolve_for_experts(experts, request), reference(experts)
+        model = reference(experts)
     cfg = model.config
-    r = request.resolve(cfg)
     validate_request(model, r)
     solver = make_solver(r.solver, r.steps, r.shift)
     runner = None if experts is None else ExpertRunner(experts, solver.timesteps)
