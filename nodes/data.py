@@ -575,10 +575,13 @@ class MusubiDatasetPreview:
         bar.update(0)
         rows, buckets, lines = [], {}, []
         family = get_family(dataset.family)
-        adapter = family.cache_adapter()   # no encoders: only its clip planning (target fps, one-frame rules)
+        # no encoders: only the clip planning (target fps, buckets, one-frame rules) of the caches the dataset has
+        plan = getattr(family, "planning_adapter", None)   # optional: a family whose caches plan clips differently
+        adapter = plan(dataset.latent) if plan is not None else family.cache_adapter()
+        requirements = dataset.requirements()
         with _collect_warnings(notes):
             for n, (ds, it) in enumerate(todo):
-                for pc in prepare_item(it, ds, adapter.target_fps, family.cache_arch, adapter):
+                for pc in prepare_item(it, ds, adapter.target_fps, requirements.arch, adapter):
                     key = (ds.index, pc.bucket[0], pc.bucket[1], pc.frames)
                     buckets[key] = buckets.get(key, 0) + 1
                     rows.append({"frames": pc.clip.frames, "caption": it.caption,
@@ -601,7 +604,7 @@ class MusubiDatasetPreview:
                          + (", ".join(f"{w}x{h}x{t}f: {c}" for (w, h, t), c in sorted(per.items())) or "none"))
             empty = [it.key for it in its if not it.caption.strip()]
             lines.append(f"  empty captions: {len(empty)}" + (f" ({', '.join(empty[:6])})" if empty else ""))
-            lines.append("  " + _cache_state(ds, its, family.cache_arch))
+            lines.append("  " + _cache_state(ds, its, requirements))
         missing = [n for n in notes if "no caption file" in n]
         lines.append(f"missing caption files (items skipped): {len(missing)}")
         lines += [f"warning: {n}" for n in notes]
@@ -613,14 +616,16 @@ class MusubiDatasetPreview:
         return {"ui": {"text": [summary]}, "result": (image, summary)}
 
 
-def _cache_state(ds, items, arch: str) -> str:
-    m = read_manifest(Path(ds.cache_directory), arch) if Path(ds.cache_directory).is_dir() else None
-    if m is None:
+def _cache_state(ds, items, requirements) -> str:
+    folder = Path(ds.cache_directory)
+    manifests = {kind: read_manifest(folder, arch) if folder.is_dir() else None for kind, arch in
+                 (("latents", requirements.arch), ("text", requirements.text_arch or requirements.arch))}
+    if not any(manifests.values()):
         return f"cache {ds.cache_directory}: none yet"
-    entries = m.get("items", {})
-    lat = sum(1 for it in items if "latents" in entries.get(it.key, {}))
-    txt = sum(1 for it in items if "text" in entries.get(it.key, {}))
-    return f"cache {ds.cache_directory}: latents for {lat}/{len(items)} item(s), text for {txt}/{len(items)}"
+    done = {kind: sum(1 for it in items if kind in (m or {}).get("items", {}).get(it.key, {}))
+            for kind, m in manifests.items()}
+    return f"cache {ds.cache_directory}: latents for {done['latents']}/{len(items)} item(s), text for " \
+           f"{done['text']}/{len(items)}"
 
 
 NODE_CLASS_MAPPINGS = {

@@ -93,3 +93,23 @@ def test_a_2_2_cache_on_a_wan_2_1_model_is_refused(comfy, tmp_path):
     msg = comfy.error_message()
     assert "(the Wan 2.2 VAE)" in msg and "16-channel latents cached with the Wan 2.1 VAE" in msg, msg
     assert sessions(comfy, "15") == []
+
+
+def test_dataset_preview_shows_a_2_2_cache_as_it_was_made(comfy, tmp_path):
+    """Dataset Preview on a dataset cached with the Wan 2.2 VAE plans its clips as the 2.2 cache did (buckets of
+    32 pixels, where the 2.1 planning gives 48x48 at resolution 48) and finds its latents (their own manifest) and
+    captions (the shared Wan text manifest)."""
+    p = ti2v_prompt(tmp_path, "t2v")
+    toml = Path(p["2"]["inputs"]["toml_path"])
+    toml.write_text(toml.read_text().replace(f"resolution = [{SIZE}, {SIZE}]", "resolution = [48, 48]"))
+    preview = {"max_items": 8, "frames_per_clip": 1, "tile_size": 64}
+    graph = {k: p[k] for k in ("2", "3", "5", "6", "7")}
+    graph["30"] = {"class_type": "MusubiDatasetPreview", "inputs": {"dataset": ["2", 0], **preview}}
+    graph["31"] = {"class_type": "MusubiDatasetPreview", "inputs": {"dataset": ["7", 0], **preview}}
+    comfy.run(graph)
+    before, after = comfy.output("30", 1), comfy.output("31", 1)
+    assert "48x48x5f: 2" in before and "cache " in before and "none yet" in before, before
+    buckets = [line for line in after.splitlines() if line.strip().startswith("buckets")]
+    sizes = [tuple(int(v) for v in b.split("f:")[0].split("x")[:2]) for b in buckets[0].split(": ", 1)[1].split(", ")]
+    assert sizes and all(w % 32 == 0 and h % 32 == 0 for w, h in sizes), after
+    assert "latents for 2/2 item(s), text for 2/2" in after, after

@@ -62,10 +62,11 @@ class Wan22CacheAdapter:
     def __init__(self, vae, *, i2v: bool = False, dtype: torch.dtype = torch.bfloat16):
         if dtype not in DTYPE_NAMES:
             raise invalid("cache dtype", dtype, "float16, bfloat16 or float32")
-        channels = getattr(vae, "latent_channels", None)
-        if channels != TI2V_CHANNELS:
-            raise invalid("vae", f"{channels}-channel latents", f"the {TI2V_CHANNELS}-channel Wan 2.2 VAE")
-        encoder_identity(vae, "VAE")
+        if vae is not None:    # None: clip planning only (Dataset Preview)
+            channels = getattr(vae, "latent_channels", None)
+            if channels != TI2V_CHANNELS:
+                raise invalid("vae", f"{channels}-channel latents", f"the {TI2V_CHANNELS}-channel Wan 2.2 VAE")
+            encoder_identity(vae, "VAE")
         self.vae, self.i2v, self.dtype = vae, bool(i2v), dtype
 
     def latent_description(self) -> dict:

@@ -64,6 +64,14 @@ class WanFamily:
         return cache.WanCacheAdapter(**encoders_and_options)
 
     @staticmethod
+    def planning_adapter(latent: dict | None):
+        """Without encoders, the clip planning (fps, buckets) of a dataset whose latent cache `latent` describes:
+        the Wan 2.2 VAE's (24 fps, 32-pixel buckets) for TI2V-5B caches."""
+        if (latent or {}).get("channels") == TI2V_CHANNELS:
+            return cache22.Wan22CacheAdapter(None, i2v=bool(latent.get("i2v")))
+        return cache.WanCacheAdapter()
+
+    @staticmethod
     def latent_cache_adapter(vae, task: str, clip_vision=None, **options) -> cache.WanCacheAdapter:
         """t2v: latents only; i2v: + first-frame conditioning, and CLIP features when CLIP vision is given (Wan 2.1
         I2V needs them; the Wan 2.2 I2V A14B experts take none); fun_control: + control latents, with CLIP vision
