@@ -21,14 +21,15 @@ from .loading import (ATTENTION_INPUT, DIT_DTYPE_INPUT, DTYPES, dit_handle, dit_
 from .placement import dit_on_device, on_compute_device
 from .registry import MODELS
 from .video import RESIZE_INPUT, decode_video, image_to_video_tensor, video_frames_tensor, video_to_image
+from ..engine import demo
 from ..engine.errors import invalid
 from ..engine.handle import ModelHandle, RunOptions
 
 FAMILY = "hunyuan"   # the family these loaders load for (the text-encoder handle names it: caches are made for it)
-DIT_PRESETS = ["preset:tiny", "preset:tiny-i2v"]
-VAE_PRESETS = ["preset:tiny-vae"]
-LLM_PRESETS = ["preset:tiny-llava-llama"]
-CLIP_PRESETS = ["preset:tiny-clip-l"]
+DIT_PRESETS = ["demo:hunyuan_video_demo_t2v.safetensors", "preset:tiny", "preset:tiny-i2v"]
+VAE_PRESETS = ["demo:hunyuan_video_demo_vae.safetensors", "preset:tiny-vae"]
+LLM_PRESETS = ["demo:llava_llama3_demo.safetensors", "preset:tiny-llava-llama"]
+CLIP_PRESETS = ["demo:clip_l_demo.safetensors", "preset:tiny-clip-l"]
 SOLVERS = ["euler", "unipc", "dpm++"]     # Musubi's hv_generate_video: Euler only
 FPS = 24.0
 LLAMA_TOKENIZER = "text_encoders/llama_tokenizer"   # inside ComfyUI's `comfy` package
@@ -140,11 +141,12 @@ class MusubiHunyuanVAELoader:
 
 def _tokenizer(source: str, given: str, shipped: str, field: str) -> str | None:
     """The tokenizer a text encoder loads with: the given path; for a weight file, the one ComfyUI ships; for a
-    preset (its own tiny tokenizer) or an HF folder (its tokenizer folder), None."""
+    preset (its own tiny tokenizer), an HF folder (its tokenizer folder) or a demo model (the tiny tokenizers next
+    to it), None."""
     given = (given or "").strip()
     if given:
         return given
-    if source.startswith("preset:") or os.path.isdir(source):
+    if source.startswith("preset:") or os.path.isdir(source) or demo.is_demo_file(source):
         return None
     path = compat.shipped_tokenizer(shipped)
     if path is None:

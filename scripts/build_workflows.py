@@ -152,60 +152,89 @@ TRAIN_THEN_GENERATE = [
 # The main job: the trained demo models (demo_models/, docs/demo.md) generate the prompted shape, colour and motion;
 # then a LoRA learns a colour the base model has never seen (magenta, from clips made in the graph) and the same
 # prompt and seed are generated again with the LoRA still in memory. Before / after go side by side.
-DEMO_LOADERS = [
-    (1, "MusubiWanDiTLoader", {"model_name": "demo:wan2.1_demo_t2v.safetensors", "dtype": "fp32",
-                               "attention": "sdpa"}, {}),
-    (2, "MusubiUMT5Loader", {"text_encoder_name": "demo:umt5_demo.safetensors", "dtype": "fp32",
-                             "tokenizer_path": ""}, {}),
-    (3, "MusubiWanVAELoader", {"vae_name": "demo:wan2.1_demo_vae.safetensors", "dtype": "fp32",
-                               "cache_on_cpu": False}, {}),
-]
-DEMO_SAMPLER = {"width": 64, "height": 64, "frames": 17, "steps": 20, "guidance_scale": 5.0, "shift": 3.0,
-                "solver": "unipc", "seed": 42, "noise_device": "cpu"}
+DEMO_LOADERS = {
+    "wan": [
+        (1, "MusubiWanDiTLoader", {"model_name": "demo:wan2.1_demo_t2v.safetensors", "dtype": "fp32",
+                                   "attention": "sdpa"}, {}),
+        (2, "MusubiUMT5Loader", {"text_encoder_name": "demo:umt5_demo.safetensors", "dtype": "fp32",
+                                 "tokenizer_path": ""}, {}),
+        (3, "MusubiWanVAELoader", {"vae_name": "demo:wan2.1_demo_vae.safetensors", "dtype": "fp32",
+                                   "cache_on_cpu": False}, {}),
+    ],
+    "hunyuan": [
+        (1, "MusubiHunyuanDiTLoader", {"model_name": "demo:hunyuan_video_demo_t2v.safetensors", "dtype": "fp32",
+                                       "attention": "sdpa"}, {}),
+        (2, "MusubiHunyuanTextEncoderLoader", {"llm_name": "demo:llava_llama3_demo.safetensors",
+                                               "clip_name": "demo:clip_l_demo.safetensors", "dtype": "fp32",
+                                               "fp8_llm": False}, {}),
+        (3, "MusubiHunyuanVAELoader", {"vae_name": "demo:hunyuan_video_demo_vae.safetensors", "dtype": "fp32"}, {}),
+    ],
+}
+DEMO_SAMPLE = {"width": 64, "height": 64, "frames": 17, "steps": 20, "guidance_scale": 5.0, "shift": 3.0,
+               "solver": "unipc", "seed": 42, "noise_device": "cpu"}
+# per family: text encode, sampler (its widgets), VAE decode (its widgets). The HunyuanVideo demo DiT has no
+# guidance embedder (it is not guidance-distilled): real CFG, embedded guidance 0.
+DEMO_NODES = {
+    "wan": ("MusubiWanTextEncode", "MusubiWanSampler", DEMO_SAMPLE, "MusubiWanVAEDecode",
+            {"tile_size": 0, "tile_overlap": 64}),
+    "hunyuan": ("MusubiHunyuanTextEncode", "MusubiHunyuanSampler", {**DEMO_SAMPLE, "embedded_guidance": 0.0},
+                "MusubiHunyuanVAEDecode", {"tile_size": 256, "tile_overlap": 64, "temporal_tile": 64,
+                                           "temporal_overlap": 16}),
+}
 DEMO_LORA_PROMPT = "a magenta circle moving up"
 
 
-def _demo_generate(first_id: int, prompt: str, model: tuple[int, int], prefix: str, title: str) -> list:
+def _demo_generate(family: str, first_id: int, prompt: str, model: tuple[int, int], prefix: str, title: str) -> list:
     """Text Encode -> Sampler -> VAE Decode -> Save Video, ids first_id .. first_id + 3."""
+    encode, sampler, sample, decode, decoding = DEMO_NODES[family]
     t, s, d, v = range(first_id, first_id + 4)
     return [
-        (t, "MusubiWanTextEncode", {"prompt": prompt, "negative_prompt": "", "offload_after": False},
-         {"text_encoder": (2, 0)}, f"{title}: prompt"),
-        (s, "MusubiWanSampler", DEMO_SAMPLER, {"model": model, "embeds": (t, 0)}, f"{title}: sample"),
-        (d, "MusubiWanVAEDecode", {"tile_size": 0, "tile_overlap": 64}, {"vae": (3, 0), "latents": (s, 0)}),
+        (t, encode, {"prompt": prompt, "negative_prompt": "", "offload_after": False}, {"text_encoder": (2, 0)},
+         f"{title}: prompt"),
+        (s, sampler, sample, {"model": model, "embeds": (t, 0)}, f"{title}: sample"),
+        (d, decode, decoding, {"vae": (3, 0), "latents": (s, 0)}),
         (v, "MusubiSaveVideo", {"filename_prefix": f"musubi/{prefix}", "crf": 12},
          {"images": (d, 0), "fps": (d, 1)}, title),
     ]
 
 
-WAN_DEMO = DEMO_LOADERS + _demo_generate(4, "a green triangle moving up", (1, 0), "demo_base",
-                                         "Base model") + \
-    _demo_generate(8, DEMO_LORA_PROMPT, (1, 0), "demo_before", "New colour, before the LoRA") + [
-    (12, "MusubiDemoShapeClips", {"colours": "magenta", "shapes": "square, circle, triangle",
-                                  "motions": "right, left, up, down", "clips_per_combination": 2, "variation": 7,
-                                  "frames": 17, "width": 64, "height": 64}, {}, "Clips of the new colour"),
-    (13, "MusubiDatasetFromImages", {"width": 64, "height": 64, "num_repeats": 1, "as_video": True,
-                                     "cache_directory": "", "batch_size": 1},
-     {"images": (12, 0), "captions": (12, 1), "frames_per_clip": (12, 2)}),
-    (14, "MusubiCacheLatents", {"task": "t2v", "keep_cache": False, "workers": 0}, {"dataset": (13, 0), "vae": (3, 0)}),
-    (15, "MusubiCacheTextEmbeddings", {"keep_cache": False}, {"dataset": (14, 0), "text_encoder": (2, 0)}),
-    (16, "MusubiLoRAConfig", {"network_kind": "lora", "rank": 16, "alpha": 16.0, "dropout": 0.0, "rank_dropout": 0.0,
-                              "module_dropout": 0.0}, {}),
-    (17, "MusubiOptimizerConfig", {"optimizer_type": "AdamW", "learning_rate": 2e-3, "max_grad_norm": 1.0,
-                                   "lr_scheduler": "constant", "lr_warmup_steps": "0"}, {}),
-    (18, "MusubiInitTraining", {"seed": 1, "max_train_steps": 300, "mixed_precision": "no",
-                                "gradient_checkpointing": False, "gradient_accumulation_steps": 1,
-                                "timestep_sampling": "shift", "discrete_flow_shift": 3.0, "sigmoid_scale": 1.0,
-                                "weighting_scheme": "none", "min_timestep": 0, "max_timestep": 1000,
-                                "save_every_n_steps": 0, "keep_last_n_saves": 0, "output_dir": "",
-                                "output_name": "demo_magenta_lora", "save_state": False,
-                                "attention_backend": "model", "save_format": "comfyui"},
-     {"model": (1, 0), "dataset": (15, 0), "lora_config": (16, 0), "optimizer_config": (17, 0)}),
-    (19, "MusubiTrainSteps", {"steps": 300, "train_on_every_queue": False}, {"session": (18, 0)}, "Train the LoRA"),
-    (20, "PreviewImage", {}, {"images": (19, 1)}, "Loss"),
-    (21, "MusubiSaveTrainedLoRA", {"format": "comfyui", "filename_prefix": "loras/demo_magenta_lora",
-                                   "dtype": "bf16", "save_to": "output"}, {"session": (19, 0)}),
-] + _demo_generate(22, DEMO_LORA_PROMPT, (19, 4), "demo_after", "New colour, after the LoRA")
+def _demo(family: str, prefix: str) -> list:
+    """The demo: the base model generates a prompt it was trained on and one in a colour it never saw (magenta);
+    magenta clips made in the graph train a LoRA on the loaded DiT, then the same prompt and seed again."""
+    return DEMO_LOADERS[family] + \
+        _demo_generate(family, 4, "a green triangle moving up", (1, 0), f"{prefix}_base", "Base model") + \
+        _demo_generate(family, 8, DEMO_LORA_PROMPT, (1, 0), f"{prefix}_before", "New colour, before the LoRA") + [
+        (12, "MusubiDemoShapeClips", {"colours": "magenta", "shapes": "square, circle, triangle",
+                                      "motions": "right, left, up, down", "clips_per_combination": 2, "variation": 7,
+                                      "frames": 17, "width": 64, "height": 64}, {}, "Clips of the new colour"),
+        (13, "MusubiDatasetFromImages", {"width": 64, "height": 64, "num_repeats": 1, "as_video": True,
+                                         "cache_directory": "", "batch_size": 1},
+         {"images": (12, 0), "captions": (12, 1), "frames_per_clip": (12, 2)}),
+        (14, "MusubiCacheLatents", {"task": "t2v", "keep_cache": False, "workers": 0},
+         {"dataset": (13, 0), "vae": (3, 0)}),
+        (15, "MusubiCacheTextEmbeddings", {"keep_cache": False}, {"dataset": (14, 0), "text_encoder": (2, 0)}),
+        (16, "MusubiLoRAConfig", {"network_kind": "lora", "rank": 16, "alpha": 16.0, "dropout": 0.0,
+                                  "rank_dropout": 0.0, "module_dropout": 0.0}, {}),
+        (17, "MusubiOptimizerConfig", {"optimizer_type": "AdamW", "learning_rate": 2e-3, "max_grad_norm": 1.0,
+                                       "lr_scheduler": "constant", "lr_warmup_steps": "0"}, {}),
+        (18, "MusubiInitTraining", {"seed": 1, "max_train_steps": 300, "mixed_precision": "no",
+                                    "gradient_checkpointing": False, "gradient_accumulation_steps": 1,
+                                    "timestep_sampling": "shift", "discrete_flow_shift": 3.0, "sigmoid_scale": 1.0,
+                                    "weighting_scheme": "none", "min_timestep": 0, "max_timestep": 1000,
+                                    "save_every_n_steps": 0, "keep_last_n_saves": 0, "output_dir": "",
+                                    "output_name": f"{prefix}_magenta_lora", "save_state": False,
+                                    "attention_backend": "model", "save_format": "comfyui"},
+         {"model": (1, 0), "dataset": (15, 0), "lora_config": (16, 0), "optimizer_config": (17, 0)}),
+        (19, "MusubiTrainSteps", {"steps": 300, "train_on_every_queue": False}, {"session": (18, 0)},
+         "Train the LoRA"),
+        (20, "PreviewImage", {}, {"images": (19, 1)}, "Loss"),
+        (21, "MusubiSaveTrainedLoRA", {"format": "comfyui", "filename_prefix": f"loras/{prefix}_magenta_lora",
+                                       "dtype": "bf16", "save_to": "output"}, {"session": (19, 0)}),
+    ] + _demo_generate(family, 22, DEMO_LORA_PROMPT, (19, 4), f"{prefix}_after", "New colour, after the LoRA")
+
+
+WAN_DEMO = _demo("wan", "demo")
+HUNYUAN_DEMO = _demo("hunyuan", "hunyuan_demo")
 
 # HunyuanVideo on its tiny presets: the text-encoder pair (LLaVA-LLaMA-3 + CLIP-L) feeds the encode node; embedded
 # guidance 6.0 without real CFG (the cfg-distilled model's default), Euler, flow shift 7.
@@ -499,7 +528,8 @@ WORKFLOWS = {"wan_t2v_generate.json": TINY_T2V, "wan_i2v_generate.json": TINY_I2
              "wan22_t2v_generate.json": WAN22_T2V, "wan22_t2v_lazy_generate.json": WAN22_T2V_LAZY,
              "wan22_ti2v_5b_generate.json": WAN22_TI2V_5B,
              "wan22_i2v_train_then_generate.json": WAN22_I2V_TRAIN_THEN_GENERATE,
-             "wan_demo_train_then_generate.json": WAN_DEMO}
+             "wan_demo_train_then_generate.json": WAN_DEMO,
+             "hunyuan_demo_train_then_generate.json": HUNYUAN_DEMO}
 
 
 def _spec_lists(cls):

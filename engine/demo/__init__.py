@@ -21,6 +21,11 @@ def is_shipped(name: str) -> bool:
     return "/" not in file and "\\" not in file and (MODELS_DIR / file).is_file()
 
 
+def is_demo_file(path: str | Path) -> bool:
+    """Is `path` a file of the demo models folder (whose text encoders have their tokenizers next to them)?"""
+    return Path(path).resolve().parent == MODELS_DIR.resolve()
+
+
 def model_path(name: str) -> Path:
     """"demo:<file>" (or "<file>") -> the shipped file's path; refuses names that are not a shipped demo model."""
     if not is_shipped(name):
