@@ -4,6 +4,7 @@ schedule, the VAE's auxiliary colour target and latent calibration, flow-matchin
 from __future__ import annotations
 
 import math
+import random
 import sys
 import time
 from importlib import import_module
@@ -116,16 +117,86 @@ def calibrate_latents(mus: torch.Tensor, target_mean, target_std, into, out_of) 
     return s
 
 
-def zero_biases(module: torch.nn.Module) -> None:
-    # at init the decoder's features then depend on z alone
-    for name, p in module.named_parameters():
+def train_autoencoder(vae, forward, pool: np.ndarray, rng, steps: int, batch: int, on_progress=None) -> None:
+    """The VAE's training loop. `forward(vae, video, noise) -> (reconstruction, raw latent mean)` with autograd;
+    `on_progress(state)` runs every 250 steps. Biases start at zero: the decoder's features then depend on z alone."""
+    for name, p in vae.named_parameters():
         if name.endswith("bias"):
             torch.nn.init.zeros_(p)
+    fixed = to_video(pool[::len(pool) // 8][:8, :5, 16:48, 16:48])                 # a fixed batch to report on
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    sched = warmup_cosine(opt, steps)
+    log(f"VAE: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M parameters, {len(pool)} clips, {steps} steps")
+    for step in range(steps):
+        x = vae_crops(pool, rng, step, batch)
+        y, mu = forward(vae, x, noise=0.1)
+        loss = vae_loss(x, y, mu)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if on_progress is not None and step % 250 == 249:
+            on_progress(vae.state_dict())
+        if step % 50 == 0 or step == steps - 1:
+            with torch.no_grad():
+                err = (forward(vae, fixed)[0] - fixed).abs().mean(dim=1)               # [B, F, H, W]
+            shape = fixed.amax(dim=1) > -0.9
+            log(f"VAE step {step}: L1 on shapes {err[shape].mean():.3f}, on background {err[~shape].mean():.3f}")
+    vae.eval()
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # DiT
 # ----------------------------------------------------------------------------------------------------------------
+
+def dit_data(seed: int, make_vae) -> tuple[random.Random, torch.Tensor, list[str]]:
+    """Seeds torch, then the DiT's data: 8 clips of every base-colour combination, encoded by the frozen VAE that
+    `make_vae()` builds (in eval mode, giving the latents the pipeline samples) -> a Python RNG for the batches,
+    latents [N, 16, 5, 8, 8], captions."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed + 1)
+    clips = shapes.make_dataset(shapes.all_specs(), 8, seed + 1, **CLIP)     # base colours only
+    vae = make_vae()
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(to_video(np.stack([c for c, _ in clips[i:i + 16]])))
+                             for i in range(0, len(clips), 16)])
+    log(f"DiT data: {len(clips)} clips, latents std {latents.std():.3f}")
+    return rng, latents, [cap for _, cap in clips]
+
+
+class FlowTraining:
+    """What the DiT loops share: AdamW (DiT 1e-3, text encoders 3e-4) with warm-up and cosine, gradient clipping
+    over everything, the averaged weights that ship (they sample much cleaner shapes than the last step's: a tiny
+    model at a high learning rate), and the loss log."""
+
+    def __init__(self, model, text_modules, steps: int):
+        groups = [{"params": model.parameters(), "lr": 1e-3}] + [{"params": m.parameters(), "lr": 3e-4}
+                                                                 for m in text_modules]
+        self.opt = torch.optim.AdamW(groups, weight_decay=0.01)
+        self.sched = warmup_cosine(self.opt, steps)
+        self.modules = (model, *text_modules)
+        self.params = [p for m in self.modules for p in m.parameters()]
+        self.ema = ema_of(*self.modules)
+        self.steps, self.smoothed = steps, None
+        log(f"DiT: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {steps} steps")
+
+    def step(self, step: int, loss: torch.Tensor) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.sched.step()
+        for averaged, m in zip(self.ema, self.modules):
+            averaged.update_parameters(m)
+        self.smoothed = loss.item() if self.smoothed is None else 0.98 * self.smoothed + 0.02 * loss.item()
+        if step % 100 == 0 or step == self.steps - 1:
+            log(f"DiT step {step}: loss {loss.item():.4f} (smoothed {self.smoothed:.4f})")
+
+    def averaged(self) -> list:
+        """The averaged modules, in the order given (the DiT first)."""
+        return [a.module for a in self.ema]
+
 
 def flow_batch(latents: torch.Tensor, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flow matching at shift-3 timesteps: -> x_t, sigma [B] (the DiT's timestep is 1000·sigma), target noise - x0."""

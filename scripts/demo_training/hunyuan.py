@@ -15,9 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .common import (CLIP, UNCOND_PROB, calibrate_latents, ema_of, flow_batch, log, pack, save,
-                     score_generation, score_vae_round_trip, shapes, to_clip, to_video, vae_crops, vae_loss,
-                     warmup_cosine, zero_biases)
+from .common import (CLIP, UNCOND_PROB, FlowTraining, calibrate_latents, dit_data, flow_batch, log, pack, save,
+                     score_generation, score_vae_round_trip, shapes, to_clip, to_video, train_autoencoder)
 
 hv_vae = pack("engine.families.hunyuan.vae")
 hv_dit = pack("engine.families.hunyuan.dit")
@@ -57,28 +56,7 @@ def train_vae(seed: int, steps: int, batch: int = 16, on_progress=None) -> dict[
     pool = np.stack([c for c, _ in shapes.make_dataset(specs, 3, seed, **CLIP)])     # [N, 17, 64, 64, 3]
     vae = hv_vae.HunyuanVAE(VAE_CONFIG).float()
     vae.conv_chunk = 0                                                                 # whole clips per conv
-    zero_biases(vae)
-    fixed = to_video(pool[::len(pool) // 8][:8, :5, 16:48, 16:48])
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    sched = warmup_cosine(opt, steps)
-    log(f"VAE: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M parameters, {len(pool)} clips, {steps} steps")
-    for step in range(steps):
-        x = vae_crops(pool, rng, step, batch)
-        y, mu = vae_forward(vae, x, noise=0.1)
-        loss = vae_loss(x, y, mu)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if on_progress is not None and step % 250 == 249:
-            on_progress(vae.state_dict())
-        if step % 50 == 0 or step == steps - 1:
-            with torch.no_grad():
-                err = (vae_forward(vae, fixed)[0] - fixed).abs().mean(dim=1)
-            shape = fixed.amax(dim=1) > -0.9
-            log(f"VAE step {step}: L1 on shapes {err[shape].mean():.3f}, on background {err[~shape].mean():.3f}")
-    vae.eval()
+    train_autoencoder(vae, vae_forward, pool, rng, steps, batch, on_progress)
     with torch.no_grad():
         mus = torch.cat([vae.encode_mean(to_video(pool[i:i + 16])) for i in range(0, len(pool), 16)])
     # raw latents x 0.476986 (the pipeline's scaling) then have mean 0 and std 1 per channel
@@ -110,75 +88,48 @@ class TextEncoders:
         pooled = self.clip.model(input_ids=cids, attention_mask=cmask).pooler_output
         return states, mask[:, crop:n].bool(), pooled
 
-    def llm_file_state(self) -> dict:
-        """ComfyUI's llava_llama3 layout: the trained layers over a whole tiny file (the layers after them, the
-        final norm and lm_head are never used for HunyuanVideo's states, as in the real file)."""
-        sd = llava.tiny_llava_llama_state_dict()
-        trained = {f"model.{k}": v for k, v in self.llm.model.state_dict().items()}
-        return {k: trained.get(k, v) for k, v in sd.items()}
 
-    def clip_file_state(self) -> dict:
-        """ComfyUI's clip_l layout (`text_model.*`)."""
-        sd = clip_text.tiny_clip_l_state_dict()
-        inner = clip_text.text_transformer(self.clip.model).state_dict()
-        trained = {f"text_model.{k}": v for k, v in inner.items()}
-        return {k: trained.get(k, v) for k, v in sd.items()}
+def llm_file_state(trained) -> dict:
+    """ComfyUI's llava_llama3 layout: the trained LLaMA module's layers over a whole tiny file (the layers after
+    them, the final norm and lm_head are never used for HunyuanVideo's states, as in the real file)."""
+    trained = {f"model.{k}": v for k, v in trained.state_dict().items()}
+    return {k: trained.get(k, v) for k, v in llava.tiny_llava_llama_state_dict().items()}
 
 
-def train_dit(seed: int, steps: int, vae_state: dict, batch: int = 16, on_progress=None) -> tuple[dict, TextEncoders]:
-    """-> the DiT's averaged state dict and the text encoders holding their averaged weights. `on_progress(dit_state,
-    text_encoders)` runs every 500 steps (partial files)."""
-    torch.manual_seed(seed)
-    rng = random.Random(seed + 1)
-    clips = shapes.make_dataset(shapes.all_specs(), 8, seed + 1, **CLIP)     # base colours only
-    vae = hv_vae.HunyuanVAE(VAE_CONFIG).float()
-    vae.load_state_dict(vae_state)
-    vae.eval()
-    with torch.no_grad():
-        latents = torch.cat([vae.encode(to_video(np.stack([c for c, _ in clips[i:i + 16]])))
-                             for i in range(0, len(clips), 16)])   # scaled [N, 16, 5, 8, 8]
-    captions = [cap for _, cap in clips]
-    log(f"DiT data: {len(clips)} clips, latents std {latents.std():.3f}")
+def clip_file_state(trained) -> dict:
+    """ComfyUI's clip_l layout (`text_model.*`) of the trained CLIP module."""
+    inner = {f"text_model.{k}": v for k, v in clip_text.text_transformer(trained).state_dict().items()}
+    return {k: inner.get(k, v) for k, v in clip_text.tiny_clip_l_state_dict().items()}
+
+
+def train_dit(seed: int, steps: int, vae_state: dict, batch: int = 16, on_progress=None) -> tuple[dict, dict, dict]:
+    """-> the file states of the averaged DiT, LLaVA-LLaMA-3 and CLIP-L. `on_progress(dit, llm, clip)` runs every 500
+    steps (partial files)."""
+    def frozen_vae():
+        vae = hv_vae.HunyuanVAE(VAE_CONFIG).float()
+        vae.load_state_dict(vae_state)
+        return vae.eval()
+    rng, latents, captions = dit_data(seed, frozen_vae)
 
     text = TextEncoders()
     model = hv_dit.build_hunyuan_model(DIT_CONFIG, "cpu").float()
     model.load_state_dict(pack("engine.families.hunyuan.presets").random_state_dict(DIT_CONFIG, seed))
     model.train()
-    params = [{"params": model.parameters(), "lr": 1e-3}] + [{"params": m.parameters(), "lr": 3e-4}
-                                                               for m in text.modules]
-    opt = torch.optim.AdamW(params, weight_decay=0.01)
-    sched = warmup_cosine(opt, steps)
-    log(f"DiT: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {steps} steps")
-    ema = ema_of(model, *text.modules)
-    everything = [p for group in params for p in group["params"]]
-    smoothed = None
+    training = FlowTraining(model, text.modules, steps)
     for step in range(steps):
-        idx = [rng.randrange(len(clips)) for _ in range(batch)]
+        idx = [rng.randrange(len(captions)) for _ in range(batch)]
         prompts = [captions[i] if rng.random() >= UNCOND_PROB else NEGATIVE_PROMPT for i in idx]
         xt, sigma, target = flow_batch(latents, idx)
         states, mask, pooled = text.encode(prompts)
-        loss = F.mse_loss(model(xt, sigma * 1000, states, mask, pooled), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(everything, 1.0)
-        opt.step()
-        sched.step()
-        for averaged, m in zip(ema, (model, *text.modules)):
-            averaged.update_parameters(m)
-        smoothed = loss.item() if smoothed is None else 0.98 * smoothed + 0.02 * loss.item()
-        if step % 100 == 0 or step == steps - 1:
-            log(f"DiT step {step}: loss {loss.item():.4f} (smoothed {smoothed:.4f})")
+        training.step(step, F.mse_loss(model(xt, sigma * 1000, states, mask, pooled), target))
         if on_progress is not None and step % 500 == 499 and step < steps - 1:
-            on_progress(*_averaged(ema, text))
-    return _averaged(ema, text)
+            on_progress(*_file_states(training))
+    return _file_states(training)
 
 
-def _averaged(ema, text: TextEncoders):
-    """The DiT's averaged weights, and `text` with the averaged text-encoder weights copied in (a snapshot)."""
-    with torch.no_grad():
-        for averaged, m in zip(ema[1:], text.modules):
-            m.load_state_dict(averaged.module.state_dict())
-    return ema[0].module.state_dict(), text
+def _file_states(training: FlowTraining) -> tuple[dict, dict, dict]:
+    dit, llm, clip = training.averaged()
+    return dit.state_dict(), llm_file_state(llm), clip_file_state(clip)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -199,10 +150,10 @@ def stage_dit(out: Path, seed: int, steps: int) -> None:
     for name in clip_text.TOKENIZER_FILES:
         shutil.copy(clip_text.TINY_TOKENIZER / name, out / name)
 
-    def save_all(dit_state, text: TextEncoders):
+    def save_all(dit_state: dict, llm_state: dict, clip_state: dict):
         save(dit_state, out / DIT_FILE, "hunyuan-video-t2v", seed)
-        save(text.llm_file_state(), out / LLM_FILE, "llava-llama3", seed)
-        save(text.clip_file_state(), out / CLIP_FILE, "clip-l", seed)
+        save(llm_state, out / LLM_FILE, "llava-llama3", seed)
+        save(clip_state, out / CLIP_FILE, "clip-l", seed)
     save_all(*train_dit(seed, steps, vae_state, on_progress=save_all))
 
 

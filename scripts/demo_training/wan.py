@@ -9,9 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .common import (CLIP, UNCOND_PROB, calibrate_latents, ema_of, flow_batch, log, pack, save,
-                     score_generation, score_vae_round_trip, shapes, to_clip, to_video, vae_crops, vae_loss,
-                     warmup_cosine, zero_biases)
+from .common import (CLIP, UNCOND_PROB, FlowTraining, calibrate_latents, dit_data, flow_batch, log, pack, save,
+                     score_generation, score_vae_round_trip, shapes, to_clip, to_video, train_autoencoder)
 
 wan_vae = pack("engine.families.wan.vae")
 wan_dit = pack("engine.families.wan.dit")
@@ -51,28 +50,7 @@ def train_vae(seed: int, steps: int, batch: int = 16, on_progress=None) -> dict[
     specs = shapes.all_specs(colours=tuple(shapes.PALETTE))
     pool = np.stack([c for c, _ in shapes.make_dataset(specs, 3, seed, **CLIP)])     # [N, 17, 64, 64, 3]
     vae = wan_vae.WanVAE(VAE_CONFIG).float()
-    zero_biases(vae)
-    fixed = to_video(pool[::len(pool) // 8][:8, :5, 16:48, 16:48])                 # a fixed batch to report on
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    sched = warmup_cosine(opt, steps)
-    log(f"VAE: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M parameters, {len(pool)} clips, {steps} steps")
-    for step in range(steps):
-        x = vae_crops(pool, rng, step, batch)
-        y, mu = vae_forward(vae, x, noise=0.1)
-        loss = vae_loss(x, y, mu)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if on_progress is not None and step % 250 == 249:
-            on_progress(vae.state_dict())
-        if step % 50 == 0 or step == steps - 1:
-            with torch.no_grad():
-                err = (vae_forward(vae, fixed)[0] - fixed).abs().mean(dim=1)             # [B, F, H, W]
-            shape = fixed.amax(dim=1) > -0.9
-            log(f"VAE step {step}: L1 on shapes {err[shape].mean():.3f}, on background {err[~shape].mean():.3f}")
-    vae.eval()
+    train_autoencoder(vae, vae_forward, pool, rng, steps, batch, on_progress)
     with torch.no_grad():
         mus = torch.cat([vae.encode_mean(to_video(pool[i:i + 16])) for i in range(0, len(pool), 16)])   # raw
     # Wan 2.1's per-channel latent mean and std: the pipeline's unchanged normalisation then applies
@@ -105,18 +83,11 @@ def encode_text(text_encoder, prompts: list[str]) -> list[torch.Tensor]:
 
 def train_dit(seed: int, steps: int, vae_state: dict, batch: int = 16, on_progress=None) -> tuple[dict, dict]:
     """-> DiT and umT5 state dicts. `on_progress(dit_state, text_state)` runs every 500 steps (partial files)."""
-    torch.manual_seed(seed)
-    rng = random.Random(seed + 1)
-    specs = shapes.all_specs()                                   # base colours only
-    clips = shapes.make_dataset(specs, 8, seed + 1, **CLIP)
-    vae = wan_vae.WanVAE(VAE_CONFIG).float()
-    vae.load_state_dict(vae_state)
-    vae.eval()
-    with torch.no_grad():
-        latents = torch.cat([vae.encode(to_video(np.stack([c for c, _ in clips[i:i + 16]])))
-                             for i in range(0, len(clips), 16)])   # normalized [N, 16, 5, 8, 8]
-    captions = [cap for _, cap in clips]
-    log(f"DiT data: {len(clips)} clips, latents std {latents.std():.3f}")
+    def frozen_vae():
+        vae = wan_vae.WanVAE(VAE_CONFIG).float()
+        vae.load_state_dict(vae_state)
+        return vae.eval()
+    rng, latents, captions = dit_data(seed, frozen_vae)
 
     text_encoder = umt5.load_umt5(umt5.PRESET_TINY, dtype=torch.float32)
     text_encoder.model.train().requires_grad_(True)
@@ -124,35 +95,20 @@ def train_dit(seed: int, steps: int, vae_state: dict, batch: int = 16, on_progre
     presets = pack("engine.families.wan.presets")
     model.load_state_dict(presets.random_state_dict(DIT_CONFIG, seed))
     model.train()
-    params = [{"params": model.parameters(), "lr": 1e-3},
-              {"params": text_encoder.model.parameters(), "lr": 3e-4}]
-    opt = torch.optim.AdamW(params, weight_decay=0.01)
-    sched = warmup_cosine(opt, steps)
-    log(f"DiT: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {steps} steps")
+    training = FlowTraining(model, [text_encoder.model], steps)
     uncond = [pipeline.NEGATIVE_PROMPT, ""]
-    # averaged weights sample much cleaner shapes than the last step's (a tiny model at a high learning rate)
-    ema = ema_of(model, text_encoder.model)
-    smoothed = None
     for step in range(steps):
-        idx = [rng.randrange(len(clips)) for _ in range(batch)]
+        idx = [rng.randrange(len(captions)) for _ in range(batch)]
         prompts = [captions[i] if rng.random() >= UNCOND_PROB else rng.choice(uncond) for i in idx]
         xt, sigma, target = flow_batch(latents, idx)
         unique = sorted(set(prompts))
         embedded = dict(zip(unique, encode_text(text_encoder, unique)))
-        loss = F.mse_loss(model(xt, sigma * 1000, [embedded[p] for p in prompts]), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(text_encoder.model.parameters()), 1.0)
-        opt.step()
-        sched.step()
-        for averaged, m in zip(ema, (model, text_encoder.model)):
-            averaged.update_parameters(m)
-        smoothed = loss.item() if smoothed is None else 0.98 * smoothed + 0.02 * loss.item()
-        if step % 100 == 0 or step == steps - 1:
-            log(f"DiT step {step}: loss {loss.item():.4f} (smoothed {smoothed:.4f})")
+        training.step(step, F.mse_loss(model(xt, sigma * 1000, [embedded[p] for p in prompts]), target))
         if on_progress is not None and step % 500 == 499 and step < steps - 1:
-            on_progress(ema[0].module.state_dict(), text_state_dict(ema[1].module))
-    return ema[0].module.state_dict(), text_state_dict(ema[1].module)
+            dit, text = training.averaged()
+            on_progress(dit.state_dict(), text_state_dict(text))
+    dit, text = training.averaged()
+    return dit.state_dict(), text_state_dict(text)
 
 
 def text_state_dict(umt5_model) -> dict:
