@@ -9,21 +9,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import av
 import numpy as np
 from PIL import Image, ImageDraw
 
-REPO = Path(__file__).resolve().parent.parent
+from demo_training.common import REPO, pack
+
+read_video = pack("engine.data.media").read_video     # [F, H, W, 3] uint8
 ROWS = (("demo_base", "base model: a green triangle moving up"),
         ("demo_before", "before the LoRA: a magenta circle moving up"),
         ("demo_after", "after the LoRA (300 steps in the graph): same prompt and seed"))
 FRAMES = (0, 4, 8, 12, 16)
 SCALE, LABEL_W = 2, 330
-
-
-def frames_of(path: Path) -> list[np.ndarray]:
-    with av.open(str(path)) as container:
-        return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
 
 
 def main() -> None:
@@ -34,7 +30,7 @@ def main() -> None:
     rows = []
     for prefix, label in ROWS:
         latest = sorted(args.videos.glob(f"{prefix}_*.mp4"))[-1]
-        frames = frames_of(latest)
+        frames = read_video(latest)
         tiles = [np.kron(frames[i], np.ones((SCALE, SCALE, 1), np.uint8)) for i in FRAMES]
         gap = np.full((tiles[0].shape[0], 4, 3), 255, np.uint8)
         rows.append((label, np.concatenate(sum(([t, gap] for t in tiles), [])[:-1], axis=1)))

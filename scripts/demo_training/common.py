@@ -70,6 +70,15 @@ def latent_pixel_colour(video: torch.Tensor) -> torch.Tensor:
     return torch.cat([F.avg_pool3d(c, (c.shape[2], 8, 8)) for c in chunks], dim=2)
 
 
+def vae_data(seed: int) -> tuple[random.Random, np.ndarray]:
+    """Seeds torch, then the VAE's data: 3 clips of every palette combination (the VAE must show colours the DiT
+    never sees) -> a Python RNG for the crops, clips [N, 17, 64, 64, 3]."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    specs = shapes.all_specs(colours=tuple(shapes.PALETTE))
+    return rng, np.stack([c for c, _ in shapes.make_dataset(specs, 3, seed, **CLIP)])
+
+
 def vae_crops(pool: np.ndarray, rng, step: int, batch: int) -> torch.Tensor:
     """32x32 crops of 5 frames (the first chunk and one more), every 4th step 9 frames at half the batch: the
     convolutions see all they see on whole clips, 8x cheaper."""

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .common import (CLIP, UNCOND_PROB, FlowTraining, calibrate_latents, dit_data, flow_batch, log, pack, save,
-                     score_generation, score_vae_round_trip, shapes, to_clip, to_video, train_autoencoder)
+                     score_generation, score_vae_round_trip, to_clip, to_video, train_autoencoder, vae_data)
 
 wan_vae = pack("engine.families.wan.vae")
 wan_dit = pack("engine.families.wan.dit")
@@ -45,10 +43,7 @@ def vae_forward(vae, video: torch.Tensor, noise: float = 0.0):
 
 def train_vae(seed: int, steps: int, batch: int = 16, on_progress=None) -> dict[str, torch.Tensor]:
     """-> the calibrated VAE state dict. `on_progress(state)` runs every 250 steps (uncalibrated partial files)."""
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    specs = shapes.all_specs(colours=tuple(shapes.PALETTE))
-    pool = np.stack([c for c, _ in shapes.make_dataset(specs, 3, seed, **CLIP)])     # [N, 17, 64, 64, 3]
+    rng, pool = vae_data(seed)
     vae = wan_vae.WanVAE(VAE_CONFIG).float()
     train_autoencoder(vae, vae_forward, pool, rng, steps, batch, on_progress)
     with torch.no_grad():
