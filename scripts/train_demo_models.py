@@ -26,7 +26,7 @@ from demo_training import hunyuan, wan
 from demo_training.common import OUT, log
 
 FAMILIES = {"wan": wan, "hunyuan": hunyuan}
-STEPS = {"wan": (2000, 6000), "hunyuan": (1500, 6000)}   # (VAE, DiT) steps of the shipped models
+STEPS = {"wan": (2000, 6000), "hunyuan": (1500, 8000)}   # (VAE, DiT) steps of the shipped models
 
 
 def main(argv=None) -> None:

@@ -100,11 +100,10 @@ def expert_timesteps(config: TimestepConfig, expert: str, boundary) -> TimestepC
 
 def _sigma_edge(config: TimestepConfig, boundary: float) -> int:
     """The first schedule timestep k (1..1000) whose t, computed as `sample_timesteps` does (k/1000 shifted, float32),
-    is high-noise; 1001 when none is."""
+    is high-noise (k = 1000 always is: any shift leaves t = 1, and the boundary is below 1)."""
     k = torch.arange(1, TIMESTEPS + 1, dtype=torch.float64)
     model_t = shift_sigma(k / 1000.0, config.discrete_flow_shift).to(torch.float32) * 1000.0
-    high = (model_t >= boundary * TIMESTEPS).nonzero()
-    return int(high[0]) + 1 if len(high) else TIMESTEPS + 1
+    return int((model_t >= boundary * TIMESTEPS).nonzero()[0]) + 1
 
 
 def _whole(x: float):
