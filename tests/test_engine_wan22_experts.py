@@ -652,3 +652,18 @@ def test_a_lazy_loader_that_returns_no_model_is_refused_naming_the_file(pair, pr
         with raises_input("high-noise expert high_noise.safetensors", f"a loaded {shown}",
                           f"the model its file header describes ({pair['high'].config.variant})"):
             generate(WanExperts(low=pair["low"], high=lazy, mode="lazy"), _req(prompts, steps=2))
+
+
+def test_a_failure_after_the_first_expert_loaded_still_frees_it(pair, prompts, monkeypatch):
+    """`generate` starts the runner (loading a lazy first expert) inside its `with`: an error before the first step
+    (here, making the noise) still gives the loaded expert back."""
+    import engine.families.wan.pipeline as P
+
+    def broken(*a, **k):
+        raise RuntimeError("noise")
+    monkeypatch.setattr(P, "make_noise", broken)
+    unloaded = []
+    lazy = LazyExpert(pair["high"].config, load=lambda: pair["high"], unload=unloaded.append)
+    with pytest.raises(RuntimeError, match="noise"):
+        generate(WanExperts(low=pair["low"], high=lazy, mode="lazy"), _req(prompts, steps=2))
+    assert unloaded == [pair["high"]]

@@ -464,10 +464,22 @@ def generate(model, request: WanGenerateRequest, progress: Progress | None = Non
     r = resolve_request(model, request)
     if experts is not None:
         model = reference(experts)
-    cfg = model.config
     validate_request(model, r)
     solver = make_solver(r.solver, r.steps, r.shift)
     runner = None if experts is None else ExpertRunner(experts, solver.timesteps)
+    # adapter dropout never applies to samples, whatever mode a trainer left the model in (a pair's runner sets
+    # each expert's eval mode); the runner's `with` also covers its start, which may load a lazy expert
+    with eval_mode(model) if runner is None else runner:
+        latents = _sample(model, r, solver, runner, progress)
+    if r.task == "one_frame":
+        slot = r.conditioning.target_slot
+        latents = latents[:, :, slot:slot + 1]
+    return latents
+
+
+def _sample(model, r: WanGenerateRequest, solver, runner: ExpertRunner | None, progress) -> torch.Tensor:
+    """The body of `generate`: noise, conditioning, the guided sampler loop -> latents (all frames)."""
+    cfg = model.config
     on = execution_device(model) if runner is None else runner.start()   # (a pair places its first expert)
     device = torch.device(r.device) if r.device is not None else on
     b = r.batch_size
@@ -497,15 +509,10 @@ def generate(model, request: WanGenerateRequest, progress: Progress | None = Non
                               merge=_merge)
 
     if runner is None:
-        velocity, sampling = guided_by(model, r.guidance()), eval_mode(model)
-    else:   # each expert with its phase's guidance scale; the runner also keeps adapters in eval mode
-        velocity, sampling = runner.velocity(r.guidance(), r.guidance_scale_high, guided_by), runner
-    with sampling:   # adapter dropout never applies to samples, whatever mode a trainer left the model in
-        latents = run_sampler(solver, noise, velocity, progress)
-    if r.task == "one_frame":
-        slot = cond_in.target_slot
-        latents = latents[:, :, slot:slot + 1]
-    return latents
+        velocity = guided_by(model, r.guidance())
+    else:   # each expert with its phase's guidance scale
+        velocity = runner.velocity(r.guidance(), r.guidance_scale_high, guided_by)
+    return run_sampler(solver, noise, velocity, progress)
 
 
 # ---------------------------------------------------------------------------------------------------------------
