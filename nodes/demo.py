@@ -40,8 +40,9 @@ class MusubiDemoShapeClips:
                         "tooltip": f"Comma-separated colours: {', '.join(demo.PALETTE)}."}),
             "shapes": ("STRING", {"default": ", ".join(demo.SHAPES),
                        "tooltip": f"Comma-separated shapes: {', '.join(demo.SHAPES)}."}),
-            "motions": ("STRING", {"default": ", ".join(demo.MOTIONS),
-                        "tooltip": f"Comma-separated directions: {', '.join(demo.MOTIONS)}."}),
+            "motions": ("STRING", {"default": ", ".join(demo.BASE_MOTIONS),
+                        "tooltip": f"Comma-separated motions: {', '.join(demo.MOTIONS)} (the demo base models "
+                                   "know the four directions)."}),
             "clips_per_combination": ("INT", {"default": 1, "min": 1, "max": 64,
                                       "tooltip": "Clips per colour/shape/motion (each with its own size, start and "
                                                  "speed)."}),

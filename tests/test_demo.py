@@ -16,6 +16,12 @@ def test_clips_are_deterministic_and_vary_with_the_seed():
     assert spec.caption == "a red square moving to the right"
     assert shapes.parse_caption("A Green circle, moving up") == shapes.ClipSpec("green", "circle", "up")
     assert shapes.parse_caption("a cat on a beach") is None
+    # standing still: a concept for a LoRA, not in the base models' data
+    still = shapes.ClipSpec("magenta", "circle", "still")
+    assert still.caption == "a magenta circle staying still" and shapes.parse_caption(still.caption) == still
+    assert all(s.motion != "still" for s in shapes.all_specs()) and len(shapes.all_specs()) == 48
+    clip = shapes.render_clip(still, 3)
+    assert (clip == clip[:1]).all() and clip.max() > 0
 
 
 def test_a_clip_shows_one_shape_of_its_colour_moving_its_way():
@@ -34,7 +40,7 @@ def test_a_clip_shows_one_shape_of_its_colour_moving_its_way():
 
 @pytest.mark.parametrize("colour", list(shapes.PALETTE))
 def test_the_detector_reads_every_ground_truth_clip(colour):
-    for spec in shapes.all_specs(colours=(colour,)):
+    for spec in shapes.all_specs(colours=(colour,), motions=tuple(shapes.MOTIONS)):
         for seed in (0, 1):
             clip = shapes.render_clip(spec, seed)
             assert score.score_clip(clip) == score.ClipScore(spec.colour, spec.shape, spec.motion), spec
@@ -56,7 +62,7 @@ def _blurred(clip: np.ndarray, sigma: float) -> np.ndarray:
 def test_the_detector_reads_blurred_clips():
     """Generated clips are soft: the shape must be read from where the mass is, not from sharp corners (a
     bounding-box fill ratio misreads a blurred square as a circle)."""
-    for spec in shapes.all_specs(colours=("red", "magenta")):
+    for spec in shapes.all_specs(colours=("red", "magenta"), motions=tuple(shapes.MOTIONS)):
         clip = _blurred(shapes.render_clip(spec, 2), sigma=2.5)
         assert score.score_clip(clip) == score.ClipScore(spec.colour, spec.shape, spec.motion), spec
 
@@ -66,7 +72,11 @@ def test_the_detector_tells_what_is_wrong():
     assert score.clip_matches(clip, "a green circle moving to the right") == {
         "colour": False, "shape": False, "motion": False, "all": False}
     assert score.score_clip(clip[::-1]).motion == "right"                     # played backwards
-    assert score.score_clip(np.repeat(clip[:1], 17, axis=0)).motion is None   # standing still
+    assert score.score_clip(np.repeat(clip[:1], 17, axis=0)).motion == "still"
+    slow = np.stack([np.roll(clip[0], round(6 * f / 16), axis=1) for f in range(17)])   # 6 px of 64: no direction
+    assert score.score_clip(slow).motion is None
+    assert score.score_clip(np.stack([np.roll(clip[0], round(10 * f / 16), axis=1) for f in range(17)])).motion \
+        == "right"
     assert score.score_clip(np.zeros_like(clip)) == score.ClipScore(None, None, None)
     floats = clip.astype(np.float32) / 255                                     # IMAGE-style floats work too
     assert score.score_clip(floats) == score.score_clip(clip)

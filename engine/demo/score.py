@@ -3,7 +3,8 @@
 Colour: the palette colour covering the most pixels (each pixel goes to its nearest palette colour when it is close
 enough to it). Shape: which shape, drawn with the mask's area and centroid, overlaps the mask best (intersection over
 union), by majority over frames; robust to the blur of a tiny VAE, which rounds corners but keeps the mass where it
-is. Motion: the direction of the mask centroid's least-squares path, when it moves far enough.
+is. Motion: the direction of the mask centroid's least-squares path, when it moves far enough; "still" when it
+hardly moves at all (in between: none).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from .shapes import PALETTE, ClipSpec, parse_caption, shape_mask
 
 COLOUR_DISTANCE = 100.0     # RGB distance within which a pixel counts as that palette colour
 MIN_PIXELS = 12             # a colour needs this many pixels per frame on average to count as shown
-MIN_TRAVEL = 0.12           # of the frame size: less is "still"
+MIN_TRAVEL = 0.12           # of the frame size: less is no direction
+STILL_TRAVEL = 0.04         # of the frame size: less is "still"
 
 
 @dataclass
@@ -75,7 +77,10 @@ def _motion_of(mask: np.ndarray) -> str | None:
     t = np.array(t, dtype=np.float64)
     slope_x = np.polyfit(t, cx, 1)[0] * (f - 1) / w      # travel over the clip, in frame widths
     slope_y = np.polyfit(t, cy, 1)[0] * (f - 1) / h
-    if max(abs(slope_x), abs(slope_y)) < MIN_TRAVEL:
+    travel = max(abs(slope_x), abs(slope_y))
+    if travel < STILL_TRAVEL:
+        return "still"
+    if travel < MIN_TRAVEL:
         return None
     if abs(slope_x) >= abs(slope_y):
         return "right" if slope_x > 0 else "left"

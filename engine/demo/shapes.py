@@ -1,8 +1,9 @@
 """Procedural shape clips: the demo dataset, drawn in numpy (no downloads), deterministic from a seed.
 
 A clip is one filled shape of one colour moving in a straight line on a black background, with its caption
-("a red square moving to the right"). The demo models are trained on the base colours; the other palette colours
-are concepts a demo LoRA teaches.
+("a red square moving to the right"). The demo models are trained on the base colours and motions; the other palette
+colours, and a shape staying still, are concepts a demo LoRA teaches (standing still: for image-to-video models,
+whose start image already shows the colour).
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ PALETTE = {                       # RGB, far apart so a colour mask tells them a
 }
 BASE_COLOURS = ("red", "green", "blue", "yellow")   # what the demo base models know
 SHAPES = ("square", "circle", "triangle")
-MOTIONS = {"right": (1, 0), "left": (-1, 0), "up": (0, -1), "down": (0, 1)}   # (dx, dy) in image axes
+MOTIONS = {"right": (1, 0), "left": (-1, 0), "up": (0, -1), "down": (0, 1), "still": (0, 0)}   # (dx, dy), image axes
 MOTION_WORDS = {"right": "moving to the right", "left": "moving to the left", "up": "moving up",
-                "down": "moving down"}
+                "down": "moving down", "still": "staying still"}
+BASE_MOTIONS = ("right", "left", "up", "down")     # what the demo base models know
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,7 @@ def parse_caption(caption: str) -> ClipSpec | None:
     return ClipSpec(colour, shape, motion)
 
 
-def all_specs(colours=BASE_COLOURS, shapes=SHAPES, motions=tuple(MOTIONS)) -> list[ClipSpec]:
+def all_specs(colours=BASE_COLOURS, shapes=SHAPES, motions=BASE_MOTIONS) -> list[ClipSpec]:
     return [ClipSpec(c, s, m) for c, s, m in itertools.product(colours, shapes, motions)]
 
 
@@ -97,6 +99,8 @@ def render_clip(spec: ClipSpec, seed: int, frames: int = 17, height: int = 64, w
     dx, dy = MOTIONS[spec.motion]
     margin = size / 2 + 1
     travel = rng.uniform(0.3, 0.42) * (width if dx else height)   # pixels covered over the clip
+    if not (dx or dy):
+        travel = 0.0            # (drawn all the same: a seed gives every motion the same size and position stream)
     along_lo = margin + (travel if (dx + dy) < 0 else 0)        # start so the whole path is visible
     span = (width if dx else height) - 2 * margin - travel
     start_along = along_lo + rng.uniform(0, max(span, 0))
@@ -116,5 +120,5 @@ def make_dataset(specs: list[ClipSpec], clips_per_spec: int, seed: int, **size) 
             for i, spec in enumerate(specs) for k in range(clips_per_spec)]
 
 
-__all__ = ["PALETTE", "BASE_COLOURS", "SHAPES", "MOTIONS", "ClipSpec", "check_spec", "parse_caption", "all_specs",
+__all__ = ["PALETTE", "BASE_COLOURS", "SHAPES", "MOTIONS", "BASE_MOTIONS", "ClipSpec", "check_spec", "parse_caption", "all_specs",
            "eval_specs", "shape_mask", "render_clip", "make_dataset"]
