@@ -1,9 +1,10 @@
-"""Train the demo models: tiny Wan 2.1 and HunyuanVideo models that really generate the procedural shape clips.
+"""Train the demo models: tiny Wan 2.1, HunyuanVideo and FramePack models that really generate the procedural shape
+clips.
 
 Plain PyTorch on the CPU, reproducible from the seed; the weights are written with the real key names to
 `demo_models/` and load through the same loaders as real checkpoints (docs/demo.md).
 
-    python scripts/train_demo_models.py [--family wan|hunyuan] [--stage vae|dit|all|eval] [--out demo_models]
+    python scripts/train_demo_models.py [--family wan|hunyuan|framepack] [--stage vae|dit|all|eval] [--out demo_models]
 
 Stage `vae` trains the autoencoder on clips of every palette colour (the VAE must be able to show a colour the DiT
 has never seen, for the demo LoRA to teach it), then maps its latents onto the statistics the family's pipeline
@@ -22,11 +23,12 @@ from pathlib import Path
 
 import torch
 
-from demo_training import hunyuan, wan
+from demo_training import framepack, hunyuan, wan
 from demo_training.common import OUT, log
 
-FAMILIES = {"wan": wan, "hunyuan": hunyuan}
-STEPS = {"wan": (2000, 6000), "hunyuan": (1500, 8000)}   # (VAE, DiT) steps of the shipped models
+FAMILIES = {"wan": wan, "hunyuan": hunyuan, "framepack": framepack}
+# (VAE, DiT) steps of the shipped models; FramePack uses HunyuanVideo's VAE and text encoders (train those first)
+STEPS = {"wan": (2000, 6000), "hunyuan": (1500, 8000), "framepack": (0, 6000)}
 
 
 def main(argv=None) -> None:

@@ -159,13 +159,18 @@ def train_autoencoder(vae, forward, pool: np.ndarray, rng, steps: int, batch: in
 # DiT
 # ----------------------------------------------------------------------------------------------------------------
 
+def dit_clips(seed: int) -> list[tuple[np.ndarray, str]]:
+    """The DiTs' clips: 8 of every base combination (colours and motions), with their captions."""
+    return shapes.make_dataset(shapes.all_specs(), 8, seed + 1, **CLIP)
+
+
 def dit_data(seed: int, make_vae) -> tuple[random.Random, torch.Tensor, list[str]]:
-    """Seeds torch, then the DiT's data: 8 clips of every base-colour combination, encoded by the frozen VAE that
+    """Seeds torch, then the DiT's data: `dit_clips`, encoded by the frozen VAE that
     `make_vae()` builds (in eval mode, giving the latents the pipeline samples) -> a Python RNG for the batches,
     latents [N, 16, 5, 8, 8], captions."""
     torch.manual_seed(seed)
     rng = random.Random(seed + 1)
-    clips = shapes.make_dataset(shapes.all_specs(), 8, seed + 1, **CLIP)     # base colours only
+    clips = dit_clips(seed)
     vae = make_vae()
     with torch.no_grad():
         latents = torch.cat([vae.encode(to_video(np.stack([c for c, _ in clips[i:i + 16]])))
@@ -245,9 +250,10 @@ def score_vae_round_trip(encode_decode, seed: int) -> None:
     log(f"VAE round trip, all colours: {tally(sum(results.values(), []))}")
 
 
-def score_generation(generate_clip, seeds_per_prompt: int = 6) -> None:
-    """`generate_clip(prompt, seed) -> uint8 clip` on the fixed prompts of `shapes.eval_specs()`, seeds 42, 43, ..."""
-    prompts = [s.caption for s in shapes.eval_specs()]
+def score_generation(generate_clip, seeds_per_prompt: int = 6, prompts: list[str] | None = None) -> None:
+    """`generate_clip(prompt, seed) -> uint8 clip` on `prompts` (None: the fixed prompts of `shapes.eval_specs()`),
+    seeds 42, 43, ..."""
+    prompts = prompts or [s.caption for s in shapes.eval_specs()]
     results = []
     for prompt in prompts:
         for k in range(seeds_per_prompt):
