@@ -17,9 +17,9 @@ from engine.handle import RunOptions
 from engine.lora.adapters import AdapterConfig, attached_networks
 from engine.memory.residency import Residency
 from engine.training import TimestepConfig
-from engine.training.experts import (HIGH, LOW, ExpertNetworks, ExpertPair, TimestepExperts, check_experts,
+from engine.training.experts import (HIGH, LOW, ExpertPair, TimestepExperts, check_experts, choose_expert,
                                      expert_timesteps, normalize_boundary)
-from engine.training.timesteps import shift_sigma
+from engine.training.timesteps import TimestepSample, shift_sigma
 from test_engine_wan22_training import experts, files  # noqa: F401  (files: the presets fixture)
 
 
@@ -89,6 +89,32 @@ def test_a_side_outside_the_users_range_is_refused_whole():
         expert_timesteps(TimestepConfig("shift"), "middle", 0.875)
 
 
+class ScriptedSampler:
+    """Hands out the given model timesteps (0..1000) one draw at a time."""
+
+    def __init__(self, model_ts):
+        self.left = list(model_ts)
+
+    def sample(self, n, latent_shape, generator):
+        t = torch.tensor([self.left.pop(0) for _ in range(n)])
+        return TimestepSample(t / 1000, t, None)
+
+
+def test_every_sample_that_misses_its_side_is_counted_and_the_batch_falls_back():
+    # decided low (500 < 875); each of the 3 samples misses twice; then 3 unconstrained draws
+    sampler = ScriptedSampler([500] + [900] * 6 + [100, 950, 300])
+    with pytest.warns(UserWarning) as caught:
+        choice = choose_expert(sampler, 3, (1,), None, 0.875, max_tries=2)
+    assert [str(w.message) for w in caught] == [
+        "3 of 3 samples found no timestep on the low-noise expert's side of the boundary 0.875 in 2 draws: this batch "
+        "uses unconstrained timesteps"]
+    assert choice.expert == LOW and choice.constrained is False and sampler.left == []
+    assert [float(d.model_t[0]) for d in choice.draws] == [100, 950, 300]
+    choice = choose_expert(ScriptedSampler([900, 950, 100, 875]), 2, (1,), None, 0.875, max_tries=2)
+    assert choice.expert == HIGH and choice.constrained is True
+    assert [float(d.model_t[0]) for d in choice.draws] == [950, 875]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Refusals of a pair
 # ---------------------------------------------------------------------------------------------------------------
@@ -123,6 +149,13 @@ def test_experts_of_two_architectures_are_refused_with_the_first_differences(fil
                  f"low-noise expert tiny-t2v from low_noise.safetensors: two experts of one release (they differ in "
                  f"{', '.join(differ[:3])})"):
         check_experts(low, TimestepExperts(i2v, 0.5))
+
+    # a module with no config nor file, of another class: named by its class
+    linear = torch.nn.Linear(2, 2)
+    differ = sorted(set(dict(low.named_parameters())) | {"bias", "weight"})
+    with refused(f"high-noise expert: got 'Linear'; expected the architecture of the low-noise expert tiny-t2v from "
+                 f"low_noise.safetensors: two experts of one release (they differ in {', '.join(differ[:3])})"):
+        check_experts(low, TimestepExperts(linear, 0.5))
 
     # the same shapes in a module of another class: named by its class
     other = copy.deepcopy(high)
@@ -278,6 +311,11 @@ def test_handles_keep_each_experts_options_but_the_attention_kernel(files):
     assert h[HIGH].family == h[LOW].family == type(m[LOW]).family
     assert h[HIGH].options == RunOptions(attention=None, blocks_to_swap=2, offload_non_blocks=True, compile=True)
     assert h[LOW].options == RunOptions()
+
+
+def test_a_module_of_no_family_gets_handles_of_no_family():
+    pair = ExpertPair(torch.nn.Linear(2, 2), TimestepExperts(torch.nn.Linear(2, 2), 0.5))
+    assert {e: h.family for e, h in pair.handles().items()} == {HIGH: None, LOW: None}
 
 
 class PairFamily:

@@ -200,9 +200,10 @@ def tie_parameters(dst: AdapterNetwork, src: AdapterNetwork) -> None:
     """Make every adapter parameter of `dst` the very tensor of `src`'s same-named adapter (shared layout)."""
     theirs = src.adapters()
     for name, adapter in dst.adapters().items():
-        for pname, p in theirs[name].named_parameters():
-            owner, _, leaf = pname.rpartition(".")
-            setattr(adapter.get_submodule(owner) if owner else adapter, leaf, p)
+        source = dict(theirs[name].named_modules())
+        for owner, module in adapter.named_modules():
+            for leaf, _ in list(module.named_parameters(recurse=False)):
+                setattr(module, leaf, getattr(source[owner], leaf))
 
 
 class ExpertNetworks(nn.Module):
