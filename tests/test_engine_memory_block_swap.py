@@ -14,7 +14,7 @@ from engine.errors import MusubiInputError
 from engine.memory import (BlockSwapConfig, BlockSwapper, CudaTransfer, FakeTransfer, Transfer, checkpoint_block,
                            choose_swapped, estimate_module_bytes, pinned_bytes_in_use, quantize_model_fp8,
                            validate_blocks_to_swap)
-from engine.memory.block_swap import stream_plan
+from engine.memory.block_swap import NON_BLOCKS, stream_plan
 from engine.memory.transfer import TransferLog
 
 
@@ -481,6 +481,15 @@ def test_swap_blocks_attaches_to_a_family_models_blocks_and_names_the_variant():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with pytest.raises(MusubiInputError, match=r"^blocks_to_swap: got 2; expected an integer from 0 to 1 \(tiny-t2v has 2 "):
         swap_blocks(model, 2, "cpu", transfer=FakeTransfer())
+    # no transfer given: the device's own (a plain synchronous one on the CPU); the defaults of BlockSwapConfig
+    sw = swap_blocks(model, 1, "cpu")
+    assert type(sw.transfer) is Transfer and sw.device == torch.device("cpu") and sw.config == BlockSwapConfig(1)
+    sw.detach()
+    # a model of no variant is named by its class
+    model.config.variant = None
+    name = type(model).__name__
+    with pytest.raises(MusubiInputError, match=rf"^blocks_to_swap: got 2; expected an integer from 0 to 1 \({name} has 2 "):
+        swap_blocks(model, 2, "cpu")
 
 
 def test_evict_loaded_drops_every_streamed_block_from_the_device():
@@ -499,6 +508,36 @@ def test_evict_loaded_drops_every_streamed_block_from_the_device():
 def test_non_block_layers_go_back_to_the_host_after_each_forward():
     net, ad = make_net()
     sw = attach(net, 2, offload_non_blocks=True)
-    run_steps(net, ad, steps=1, train=False)
+    run_steps(net, ad, steps=2, train=False)
     assert {p.device.type for p in net.embed.parameters()} | {p.device.type for p in net.head.parameters()} == {"meta"}
+    events = sw.transfer.log.events
+    assert [e for e in events if e[1] == NON_BLOCKS] == [("load", NON_BLOCKS), ("wait", NON_BLOCKS)] * 2   # per forward
+    assert events.index(("load", NON_BLOCKS)) < events.index(("run", 0))
     sw.detach()
+
+
+@pytest.mark.parametrize("case, expected", [
+    # checkpointed training: the recompute starts with blocks 5 and 4, already there: nothing moves
+    ("recompute", [[], []]),
+    # inference: the next forward's blocks 0 and 1 (0 was taken at block 5's start)
+    ("inference", [[("evict", 5), ("load", 1)], [("evict", 5), ("load", 1)]]),
+    # training without checkpointing: the first forward guesses a recompute; the backward recomputes nothing, so from
+    # the second forward on the slots go to the next forward
+    ("no recompute", [[], [("evict", 5), ("load", 1)], [("evict", 5), ("load", 1)]]),
+    # the same, told there is no recompute (BlockSwapConfig.recompute=False): right from the first forward
+    ("told no recompute", [[("evict", 5), ("load", 1)], [("evict", 5), ("load", 1)]]),
+    # told there is one (recompute=True): kept for it whatever the backward did
+    ("told recompute", [[], [], []]),
+])
+def test_the_slots_at_the_end_of_a_forward_go_to_what_runs_next(case, expected):
+    net, ad = make_net()
+    net.gradient_checkpointing = case == "recompute"
+    told = {"told no recompute": {"recompute": False}, "told recompute": {"recompute": True}}.get(case, {})
+    sw = attach(net, 3, prefetch=1, **told)
+    assert sw.swapped == [0, 1, 3, 4, 5] and sw.slots == 2
+    events = sw.transfer.log.events
+    net.register_forward_hook(lambda *_: events.append(("forward done", None)))   # after block 5's own hooks
+    run_steps(net, ad, steps=len(expected), train=case != "inference")
+    ends = [p for p, e in enumerate(events) if e[0] == "forward done"]
+    last_runs = [max(q for q in range(p) if events[q] == ("run", 5)) for p in ends]
+    assert [[e for e in events[r + 1:p] if e[0] in ("load", "evict")] for r, p in zip(last_runs, ends)] == expected

@@ -28,7 +28,8 @@ siglip = pack("engine.encoders.siglip")
 DIT_FILE, SIGLIP_FILE = "framepack_demo_i2v.safetensors", "siglip_demo.safetensors"
 LATENT_WINDOW = 4                  # one section of 4 latent frames after the start latent: 17 frames
 DIT_CONFIG = fp_dit.FramePackConfig(hidden_size=128, num_heads=1, double_blocks=2, single_blocks=2,
-                                    text_dim=hunyuan.DIT_CONFIG.text_dim, text_pool_dim=hunyuan.DIT_CONFIG.text_pool_dim,
+                                    text_dim=hunyuan.DIT_CONFIG.text_dim,
+                                    text_pool_dim=hunyuan.DIT_CONFIG.text_pool_dim,
                                     image_dim=siglip.TINY_SIGLIP.hidden_size, variant="demo-i2v")
 GUIDANCE_RANGE = (1.0, 10.0)       # embedded guidance scales drawn in training (ignored by the trained model)
 # The demo workflow's sampler settings
