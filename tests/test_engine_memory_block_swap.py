@@ -535,9 +535,27 @@ def test_the_slots_at_the_end_of_a_forward_go_to_what_runs_next(case, expected):
     told = {"told no recompute": {"recompute": False}, "told recompute": {"recompute": True}}.get(case, {})
     sw = attach(net, 3, prefetch=1, **told)
     assert sw.swapped == [0, 1, 3, 4, 5] and sw.slots == 2
+    assert _moves_as_forwards_end(net, ad, sw, len(expected), train=case != "inference") == expected
+
+
+def test_a_recompute_that_reaches_block_0_keeps_block_1_for_it():
+    """4 slots for 5 streamed blocks (0, 1, 3, 4, 5): at the end of a checkpointed forward they hold the recompute's
+    first streamed blocks 5, 4, 3 and 1; block 1, loaded since the forward, stays."""
+    net, ad = make_net()
+    net.gradient_checkpointing = True
+    sw = attach(net, 1, prefetch=3)
+    assert sw.swapped == [0, 1, 3, 4, 5] and sw.slots == 4
+    resident = []
+    net.register_forward_hook(lambda *_: resident.append(sw.resident_swapped))
+    assert _moves_as_forwards_end(net, ad, sw, 2, train=True) == [[], []]
+    assert resident == [{1, 3, 4, 5}] * 2
+
+
+def _moves_as_forwards_end(net, ad, sw, steps: int, train: bool) -> list[list]:
+    """Per forward pass of `run_steps`, the loads and evictions after the last block ran (in its hook)."""
     events = sw.transfer.log.events
     net.register_forward_hook(lambda *_: events.append(("forward done", None)))   # after block 5's own hooks
-    run_steps(net, ad, steps=len(expected), train=case != "inference")
+    run_steps(net, ad, steps=steps, train=train)
     ends = [p for p, e in enumerate(events) if e[0] == "forward done"]
     last_runs = [max(q for q in range(p) if events[q] == ("run", 5)) for p in ends]
-    assert [[e for e in events[r + 1:p] if e[0] in ("load", "evict")] for r, p in zip(last_runs, ends)] == expected
+    return [[e for e in events[r + 1:p] if e[0] in ("load", "evict")] for r, p in zip(last_runs, ends)]
