@@ -120,5 +120,5 @@ def make_dataset(specs: list[ClipSpec], clips_per_spec: int, seed: int, **size) 
             for i, spec in enumerate(specs) for k in range(clips_per_spec)]
 
 
-__all__ = ["PALETTE", "BASE_COLOURS", "SHAPES", "MOTIONS", "BASE_MOTIONS", "ClipSpec", "check_spec", "parse_caption", "all_specs",
-           "eval_specs", "shape_mask", "render_clip", "make_dataset"]
+__all__ = ["PALETTE", "BASE_COLOURS", "SHAPES", "MOTIONS", "BASE_MOTIONS", "ClipSpec", "check_spec", "parse_caption",
+           "all_specs", "eval_specs", "shape_mask", "render_clip", "make_dataset"]
