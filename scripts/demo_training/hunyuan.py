@@ -25,7 +25,7 @@ clip_text = pack("engine.encoders.clip_text")
 VAE_FILE, DIT_FILE = "hunyuan_video_demo_vae.safetensors", "hunyuan_video_demo_t2v.safetensors"
 LLM_FILE, CLIP_FILE = "llava_llama3_demo.safetensors", "clip_l_demo.safetensors"
 VAE_CONFIG = hv_vae.HunyuanVAEConfig(block_out_channels=(8, 16, 32, 32), layers_per_block=1, norm_num_groups=4)
-DIT_CONFIG = hv_dit.HunyuanConfig(hidden_size=128, num_heads=1, double_blocks=2, single_blocks=2,
+DIT_CONFIG = hv_dit.HunyuanConfig(hidden_size=128, num_heads=2, double_blocks=2, single_blocks=2,
                                   text_dim=llava.TINY_LLAVA_LLAMA.hidden_size,
                                   text_pool_dim=clip_text.TINY_CLIP_L.hidden_size, guidance_embed=False,
                                   variant="demo-t2v")
