@@ -9,7 +9,6 @@ them with the HunyuanVideo demo, so train that family's models first."""
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from . import hunyuan
-from .common import (CLIP, UNCOND_PROB, FlowTraining, dit_clips, flow_batch, log, pack, save, score_generation,
-                     shapes, to_clip, to_video)
+from .common import (CLIP, UNCOND_PROB, FlowTraining, dit_clips, dit_data, flow_batch, log, pack, save,
+                     score_generation, shapes, to_clip, to_video)
 
 fp_dit = pack("engine.families.framepack.dit")
 fp_sections = pack("engine.families.framepack.sections")
@@ -102,17 +101,11 @@ def encode_images(model, frames: torch.Tensor) -> torch.Tensor:
 
 def train_dit(out: Path, seed: int, steps: int, batch: int = 16, on_progress=None) -> tuple[dict, dict]:
     """-> the file states of the averaged DiT and SigLIP. `on_progress(dit, siglip)` runs every 500 steps."""
-    vae = pack("engine.families.hunyuan.vae").load_hunyuan_vae(out / hunyuan.VAE_FILE, dtype=torch.float32).eval()
-    torch.manual_seed(seed)
-    rng = random.Random(seed + 1)
-    clips = dit_clips(seed)
-    pixels = np.stack([c for c, _ in clips])                                          # [N, F, H, W, 3]
-    with torch.no_grad():
-        latents = torch.cat([vae.encode(to_video(pixels[i:i + 16])) for i in range(0, len(clips), 16)])
-    captions = [cap for _, cap in clips]
-    first = to_video(pixels[:, :1])[:, :, 0]                                          # [N, 3, H, W] start images
+    rng, latents, captions = dit_data(seed, lambda: hunyuan.hv_vae.load_hunyuan_vae(out / hunyuan.VAE_FILE,
+                                                                                    dtype=torch.float32).eval())
+    first = to_video(np.stack([c[:1] for c, _ in dit_clips(seed)]))[:, :, 0]          # [N, 3, H, W] start images
     data = section_data(latents)
-    log(f"DiT data: {len(clips)} clips, sections {tuple(data['x0'].shape[1:])}, latents std {latents.std():.3f}")
+    log(f"DiT sections: {tuple(data['x0'].shape[1:])}")
     text = FrozenText(out, captions)
     image_model = trainable_siglip()
 
@@ -154,7 +147,7 @@ def stage_dit(out: Path, seed: int, steps: int) -> None:
 def stage_eval(out: Path, seed: int) -> None:
     """The DiT on the fixed prompts, each from the first frame of a clip of its spec (the seed's), and the still
     prompts of the LoRA concept (which the base model should not know)."""
-    vae = pack("engine.families.hunyuan.vae").load_hunyuan_vae(out / hunyuan.VAE_FILE, dtype=torch.float32)
+    vae = hunyuan.hv_vae.load_hunyuan_vae(out / hunyuan.VAE_FILE, dtype=torch.float32)
     model = pack("engine.families.framepack.loader").load_framepack_dit(out / DIT_FILE, dtype=torch.float32).eval()
     image_encoder = siglip.load_siglip(out / SIGLIP_FILE, dtype=torch.float32)
     encoders = hunyuan.load_text_encoders(out)
