@@ -370,10 +370,14 @@ class MusubiDatasetFromImages:
             "frames_per_clip": ("INT", {"default": 0, "min": 0, "max": 4096,
                                 "tooltip": "0: off. N: the batch is several video clips of N frames each, one after "
                                            "the other (e.g. Musubi Demo Shape Clips), one caption line per clip."}),
+            "fp_latent_window_size": ("INT", {"default": 9, "min": 1, "max": 64,
+                                      "tooltip": "FramePack section caches only: latent frames per section "
+                                                 "(Musubi's fp_latent_window_size; 9 = 36 frames after the start "
+                                                 "frame). Other families ignore it."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def load(self, images, captions, width, height, num_repeats, as_video, cache_directory, batch_size=1,
-             frames_per_clip=0, unique_id=None):
+             frames_per_clip=0, fp_latent_window_size=9, unique_id=None):
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] not in (3, 4):
             raise invalid("images", getattr(images, "shape", type(images).__name__), "an IMAGE [batch, height, width, 3]")
         if images.shape[1] < 16 or images.shape[2] < 16:
@@ -413,7 +417,8 @@ class MusubiDatasetFromImages:
         notes: list[str] = []
         with _collect_warnings(notes):
             config = dataset_from_tensors(frames, caps, cache, resolution=_resolution(width, height),
-                                          batch_size=batch_size, num_repeats=num_repeats)
+                                          batch_size=batch_size, num_repeats=num_repeats,
+                                          fp_latent_window_size=fp_latent_window_size)
         return _source_result(MusubiDataset(config), unique_id, notes)
 
 

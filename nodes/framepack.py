@@ -27,8 +27,8 @@ from ..engine.errors import invalid
 from ..engine.handle import ModelHandle, RunOptions
 
 FAMILY = "framepack"   # the family these loaders load for (caches, validation and decodes follow the handles)
-DIT_PRESETS = ["preset:tiny"]
-SIGLIP_PRESETS = ["preset:tiny-siglip"]
+DIT_PRESETS = ["demo:framepack_demo_i2v.safetensors", "preset:tiny"]
+SIGLIP_PRESETS = ["demo:siglip_demo.safetensors", "preset:tiny-siglip"]
 SOLVERS = ["unipc", "dpm++", "euler"]    # Musubi's FramePack sampler: UniPC
 FPS = 30.0
 DIT_EXPECTED = "a DiT from Musubi FramePack DiT Loader"

@@ -236,6 +236,94 @@ def _demo(family: str, prefix: str) -> list:
 WAN_DEMO = _demo("wan", "demo")
 HUNYUAN_DEMO = _demo("hunyuan", "hunyuan_demo")
 
+# FramePack's demo is image to video: each generation starts from the first frame of a demo clip of its prompt, and
+# the LoRA teaches a motion the base model never saw (a shape staying still), since the start image already shows
+# the colour. Same node ids as the text-to-video demos for what they share; 30 and up for the start images.
+FRAMEPACK_DEMO_SAMPLE = {"video_seconds": 1.0, "sections": 1, "latent_window_size": 4, "steps": 20,
+                         "embedded_guidance": 10.0, "guidance_scale": 5.0, "guidance_rescale": 0.0, "shift": 3.0,
+                         "solver": "unipc", "f1": False, "seed": 42, "noise_device": "cpu"}
+FRAMEPACK_DEMO_LORA_PROMPT = "a red square staying still"
+
+
+def _framepack_start(first_id: int, clip: tuple[str, str, str], title: str) -> list:
+    """Demo Shape Clips (one clip: colour, shape, motion) -> FramePack Image Encode (its first frame), ids first_id,
+    first_id + 1."""
+    colour, shape, motion = clip
+    return [
+        (first_id, "MusubiDemoShapeClips", {"colours": colour, "shapes": shape, "motions": motion,
+                                            "clips_per_combination": 1, "variation": 42, "frames": 17, "width": 64,
+                                            "height": 64}, {}, f"{title}: start image"),
+        (first_id + 1, "MusubiFramePackImageEncode", {"width": 64, "height": 64},
+         {"vae": (3, 0), "clip_vision": (30, 0), "start_image": (first_id, 0)}),
+    ]
+
+
+def _framepack_generate(first_id: int, prompt: str, model: tuple[int, int], start: int, prefix: str,
+                        title: str) -> list:
+    """Text Encode -> Sampler (from the start image `start`) -> VAE Decode -> Save Video, ids first_id .. +3."""
+    t, s, d, v = range(first_id, first_id + 4)
+    return [
+        (t, "MusubiFramePackTextEncode", {"prompt": prompt, "negative_prompt": "", "offload_after": False},
+         {"text_encoder": (2, 0)}, f"{title}: prompt"),
+        (s, "MusubiFramePackSampler", FRAMEPACK_DEMO_SAMPLE,
+         {"model": model, "embeds": (t, 0), "image_embeds": (start, 0)}, f"{title}: sample"),
+        (d, "MusubiFramePackVAEDecode", {"mode": "sections", "tile_size": 256, "tile_overlap": 64,
+                                         "temporal_tile": 64, "temporal_overlap": 16},
+         {"vae": (3, 0), "latents": (s, 0)}),
+        (v, "MusubiSaveVideo", {"filename_prefix": f"musubi/{prefix}", "crf": 12},
+         {"images": (d, 0), "fps": (d, 1)}, title),
+    ]
+
+
+def _framepack_demo(prefix: str) -> list:
+    base_prompt = "a green triangle moving up"
+    return [
+        (1, "MusubiFramePackDiTLoader", {"model_name": "demo:framepack_demo_i2v.safetensors", "dtype": "fp32",
+                                         "attention": "sdpa"}, {}),
+        (2, "MusubiFramePackTextEncoderLoader", {"llm_name": "demo:llava_llama3_demo.safetensors",
+                                                 "clip_name": "demo:clip_l_demo.safetensors", "dtype": "fp32",
+                                                 "fp8_llm": False}, {}),
+        (3, "MusubiFramePackVAELoader", {"vae_name": "demo:hunyuan_video_demo_vae.safetensors", "dtype": "fp32"},
+         {}),
+        (30, "MusubiFramePackImageEncoderLoader", {"image_encoder_name": "demo:siglip_demo.safetensors",
+                                                   "dtype": "fp32"}, {}),
+    ] + _framepack_start(31, ("green", "triangle", "up"), "Base model") + \
+        _framepack_generate(4, base_prompt, (1, 0), 32, f"{prefix}_base", "Base model") + \
+        _framepack_start(33, ("red", "square", "still"), "New motion") + \
+        _framepack_generate(8, FRAMEPACK_DEMO_LORA_PROMPT, (1, 0), 34, f"{prefix}_before",
+                            "New motion, before the LoRA") + [
+        (12, "MusubiDemoShapeClips", {"colours": "red, green, blue, yellow", "shapes": "square, circle, triangle",
+                                      "motions": "still", "clips_per_combination": 2, "variation": 7, "frames": 17,
+                                      "width": 64, "height": 64}, {}, "Clips of the new motion"),
+        (13, "MusubiDatasetFromImages", {"width": 64, "height": 64, "num_repeats": 1, "as_video": True,
+                                         "cache_directory": "", "batch_size": 1, "fp_latent_window_size": 4},
+         {"images": (12, 0), "captions": (12, 1), "frames_per_clip": (12, 2)}),
+        (14, "MusubiCacheLatents", {"task": "i2v", "keep_cache": False, "workers": 0},
+         {"dataset": (13, 0), "vae": (3, 0), "clip_vision": (30, 0)}),
+        (15, "MusubiCacheTextEmbeddings", {"keep_cache": False}, {"dataset": (14, 0), "text_encoder": (2, 0)}),
+        (16, "MusubiLoRAConfig", {"network_kind": "lora", "rank": 16, "alpha": 16.0, "dropout": 0.0,
+                                  "rank_dropout": 0.0, "module_dropout": 0.0}, {}),
+        (17, "MusubiOptimizerConfig", {"optimizer_type": "AdamW", "learning_rate": 2e-3, "max_grad_norm": 1.0,
+                                       "lr_scheduler": "constant", "lr_warmup_steps": "0"}, {}),
+        (18, "MusubiInitTraining", {"seed": 1, "max_train_steps": 300, "mixed_precision": "no",
+                                    "gradient_checkpointing": False, "gradient_accumulation_steps": 1,
+                                    "timestep_sampling": "shift", "discrete_flow_shift": 3.0, "sigmoid_scale": 1.0,
+                                    "weighting_scheme": "none", "min_timestep": 0, "max_timestep": 1000,
+                                    "save_every_n_steps": 0, "keep_last_n_saves": 0, "output_dir": "",
+                                    "output_name": f"{prefix}_still_lora", "save_state": False,
+                                    "attention_backend": "model", "save_format": "comfyui"},
+         {"model": (1, 0), "dataset": (15, 0), "lora_config": (16, 0), "optimizer_config": (17, 0)}),
+        (19, "MusubiTrainSteps", {"steps": 300, "train_on_every_queue": False}, {"session": (18, 0)},
+         "Train the LoRA"),
+        (20, "PreviewImage", {}, {"images": (19, 1)}, "Loss"),
+        (21, "MusubiSaveTrainedLoRA", {"format": "comfyui", "filename_prefix": f"loras/{prefix}_still_lora",
+                                       "dtype": "bf16", "save_to": "output"}, {"session": (19, 0)}),
+    ] + _framepack_generate(22, FRAMEPACK_DEMO_LORA_PROMPT, (19, 4), 34, f"{prefix}_after",
+                            "New motion, after the LoRA")
+
+
+FRAMEPACK_DEMO = _framepack_demo("framepack_demo")
+
 # HunyuanVideo on its tiny presets: the text-encoder pair (LLaVA-LLaMA-3 + CLIP-L) feeds the encode node; embedded
 # guidance 6.0 without real CFG (the cfg-distilled model's default), Euler, flow shift 7.
 HUNYUAN_LOADERS = [
@@ -529,7 +617,8 @@ WORKFLOWS = {"wan_t2v_generate.json": TINY_T2V, "wan_i2v_generate.json": TINY_I2
              "wan22_ti2v_5b_generate.json": WAN22_TI2V_5B,
              "wan22_i2v_train_then_generate.json": WAN22_I2V_TRAIN_THEN_GENERATE,
              "wan_demo_train_then_generate.json": WAN_DEMO,
-             "hunyuan_demo_train_then_generate.json": HUNYUAN_DEMO}
+             "hunyuan_demo_train_then_generate.json": HUNYUAN_DEMO,
+             "framepack_demo_train_then_generate.json": FRAMEPACK_DEMO}
 
 
 def _spec_lists(cls):

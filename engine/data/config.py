@@ -349,8 +349,8 @@ def dataset_from_folder(folder: str | os.PathLike, *, kind: str = "auto", captio
 
 def dataset_from_tensors(frames, captions: list[str], cache_directory: str | os.PathLike, *,
                          resolution: int | tuple[int, int] = DEFAULT_RESOLUTION, batch_size: int = 1,
-                         num_repeats: int = 1, enable_bucket: bool = True, bucket_no_upscale: bool = False
-                         ) -> DatasetConfig:
+                         num_repeats: int = 1, enable_bucket: bool = True, bucket_no_upscale: bool = False,
+                         fp_latent_window_size: int = 9) -> DatasetConfig:
     """An in-memory dataset ("Dataset from Images" node).
 
     `frames`: a float tensor [N, H, W, 3] in 0..1 (N images, one caption each), or a list of clips, each
@@ -382,7 +382,7 @@ def dataset_from_tensors(frames, captions: list[str], cache_directory: str | os.
     common = dict(resolution=res, batch_size=_check(_int, batch_size, "batch_size"),
                   num_repeats=_check(_int, num_repeats, "num_repeats"), enable_bucket=enable_bucket,
                   bucket_no_upscale=bucket_no_upscale, cache_directory=str(Path(cache_directory).resolve()),
-                  in_memory=items)
+                  in_memory=items, fp_latent_window_size=_check(_int, fp_latent_window_size, "fp_latent_window_size"))
     if images is not None:
         ds = ImageDatasetConfig(**common)
     else:
