@@ -237,12 +237,12 @@ WAN_DEMO = _demo("wan", "demo")
 HUNYUAN_DEMO = _demo("hunyuan", "hunyuan_demo")
 
 # FramePack's demo is image to video: each generation starts from the first frame of a demo clip of its prompt, and
-# the LoRA teaches a motion the base model never saw (a shape staying still), since the start image already shows
-# the colour. Same node ids as the text-to-video demos for what they share; 30 and up for the start images.
+# the LoRA teaches a motion the base model never saw (a shape moving diagonally: down and to the right), since the
+# start image already shows the colour and the shape. Same node ids as the text-to-video demos for what they share; 30 and up for the start images.
 FRAMEPACK_DEMO_SAMPLE = {"video_seconds": 1.0, "sections": 1, "latent_window_size": 4, "steps": 20,
                          "embedded_guidance": 10.0, "guidance_scale": 5.0, "guidance_rescale": 0.0, "shift": 3.0,
                          "solver": "unipc", "f1": False, "seed": 42, "noise_device": "cpu"}
-FRAMEPACK_DEMO_LORA_PROMPT = "a red square staying still"
+FRAMEPACK_DEMO_LORA_PROMPT = "a red square moving diagonally"
 
 
 def _framepack_start(first_id: int, clip: tuple[str, str, str], title: str) -> list:
@@ -289,11 +289,11 @@ def _framepack_demo(prefix: str) -> list:
                                                    "dtype": "fp32"}, {}),
     ] + _framepack_start(31, ("green", "triangle", "up"), "Base model") + \
         _framepack_generate(4, base_prompt, (1, 0), 32, f"{prefix}_base", "Base model") + \
-        _framepack_start(33, ("red", "square", "still"), "New motion") + \
+        _framepack_start(33, ("red", "square", "diagonally"), "New motion") + \
         _framepack_generate(8, FRAMEPACK_DEMO_LORA_PROMPT, (1, 0), 34, f"{prefix}_before",
                             "New motion, before the LoRA") + [
         (12, "MusubiDemoShapeClips", {"colours": "red, green, blue, yellow", "shapes": "square, circle, triangle",
-                                      "motions": "still", "clips_per_combination": 2, "variation": 7, "frames": 17,
+                                      "motions": "diagonally", "clips_per_combination": 2, "variation": 7, "frames": 17,
                                       "width": 64, "height": 64}, {}, "Clips of the new motion"),
         (13, "MusubiDatasetFromImages", {"width": 64, "height": 64, "num_repeats": 1, "as_video": True,
                                          "cache_directory": "", "batch_size": 1, "fp_latent_window_size": 4},
@@ -310,13 +310,13 @@ def _framepack_demo(prefix: str) -> list:
                                     "timestep_sampling": "shift", "discrete_flow_shift": 3.0, "sigmoid_scale": 1.0,
                                     "weighting_scheme": "none", "min_timestep": 0, "max_timestep": 1000,
                                     "save_every_n_steps": 0, "keep_last_n_saves": 0, "output_dir": "",
-                                    "output_name": f"{prefix}_still_lora", "save_state": False,
+                                    "output_name": f"{prefix}_diagonal_lora", "save_state": False,
                                     "attention_backend": "model", "save_format": "comfyui"},
          {"model": (1, 0), "dataset": (15, 0), "lora_config": (16, 0), "optimizer_config": (17, 0)}),
         (19, "MusubiTrainSteps", {"steps": 300, "train_on_every_queue": False}, {"session": (18, 0)},
          "Train the LoRA"),
         (20, "PreviewImage", {}, {"images": (19, 1)}, "Loss"),
-        (21, "MusubiSaveTrainedLoRA", {"format": "comfyui", "filename_prefix": f"loras/{prefix}_still_lora",
+        (21, "MusubiSaveTrainedLoRA", {"format": "comfyui", "filename_prefix": f"loras/{prefix}_diagonal_lora",
                                        "dtype": "bf16", "save_to": "output"}, {"session": (19, 0)}),
     ] + _framepack_generate(22, FRAMEPACK_DEMO_LORA_PROMPT, (19, 4), 34, f"{prefix}_after",
                             "New motion, after the LoRA")

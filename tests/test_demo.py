@@ -22,6 +22,15 @@ def test_clips_are_deterministic_and_vary_with_the_seed():
     assert all(s.motion != "still" for s in shapes.all_specs()) and len(shapes.all_specs()) == 48
     clip = shapes.render_clip(still, 3)
     assert (clip == clip[:1]).all() and clip.max() > 0
+    # moving diagonally (down and to the right), the other LoRA concept: as far along both axes, inside the frame
+    diagonal = shapes.ClipSpec("red", "square", "diagonally")
+    assert shapes.parse_caption("a red square moving diagonally") == diagonal
+    assert all(s.motion != "diagonally" for s in shapes.all_specs())
+    for seed in range(20):
+        clip = shapes.render_clip(diagonal, seed)
+        (y0, x0), (y1, x1) = (np.argwhere(clip[f].max(axis=-1)).mean(axis=0) for f in (0, -1))
+        assert x1 - x0 > 15 and abs((x1 - x0) - (y1 - y0)) <= 1
+        assert all(clip[f, [0, -1]].max() == 0 and clip[f, :, [0, -1]].max() == 0 for f in (0, 16))
 
 
 def test_a_clip_shows_one_shape_of_its_colour_moving_its_way():
@@ -73,6 +82,17 @@ def test_the_detector_tells_what_is_wrong():
         "colour": False, "shape": False, "motion": False, "all": False}
     assert score.score_clip(clip[::-1]).motion == "right"                     # played backwards
     assert score.score_clip(np.repeat(clip[:1], 17, axis=0)).motion == "still"
+
+    centre = np.argwhere(clip[0].max(axis=-1)).mean(axis=0).round().astype(int)
+
+    def moved(dx: int, dy: int) -> np.ndarray:              # dx, dy pixels over the clip, centred in the frame
+        return np.stack([np.roll(clip[0], (32 - centre[0] + round(dy * (f / 16 - 0.5)),
+                                           32 - centre[1] + round(dx * (f / 16 - 0.5))), axis=(0, 1))
+                         for f in range(17)])
+    assert score.score_clip(moved(14, 14)).motion == "diagonally"               # down and to the right
+    assert score.score_clip(moved(14, 8)).motion == "diagonally"
+    assert score.score_clip(moved(14, 6)).motion == "right"                     # a drift is not a diagonal
+    assert score.score_clip(moved(-14, 14)).motion is None                      # a diagonal the demo has no word for
     slow = np.stack([np.roll(clip[0], round(6 * f / 16), axis=1) for f in range(17)])   # 6 px of 64: no direction
     assert score.score_clip(slow).motion is None
     assert score.score_clip(np.stack([np.roll(clip[0], round(10 * f / 16), axis=1) for f in range(17)])).motion \

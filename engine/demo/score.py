@@ -4,7 +4,8 @@ Colour: the palette colour covering the most pixels (each pixel goes to its near
 enough to it). Shape: which shape, drawn with the mask's area and centroid, overlaps the mask best (intersection over
 union), by majority over frames; robust to the blur of a tiny VAE, which rounds corners but keeps the mass where it
 is. Motion: the direction of the mask centroid's least-squares path, when it moves far enough; "still" when it
-hardly moves at all (in between: none).
+hardly moves at all (in between: none); a diagonal when it moves along both axes alike (only the demo's diagonal
+has a name).
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import invalid
-from .shapes import PALETTE, ClipSpec, parse_caption, shape_mask
+from .shapes import MOTIONS, PALETTE, ClipSpec, parse_caption, shape_mask
 
 COLOUR_DISTANCE = 100.0     # RGB distance within which a pixel counts as that palette colour
 MIN_PIXELS = 12             # a colour needs this many pixels per frame on average to count as shown
 MIN_TRAVEL = 0.12           # of the frame size: less is no direction
 STILL_TRAVEL = 0.04         # of the frame size: less is "still"
+DIAGONAL_RATIO = 0.5        # the lesser axis travels at least this share of the greater: a diagonal
+_MOTION_NAMES = {direction: name for name, direction in MOTIONS.items()}
 
 
 @dataclass
@@ -82,9 +85,10 @@ def _motion_of(mask: np.ndarray) -> str | None:
         return "still"
     if travel < MIN_TRAVEL:
         return None
-    if abs(slope_x) >= abs(slope_y):
-        return "right" if slope_x > 0 else "left"
-    return "down" if slope_y > 0 else "up"
+    sx, sy = int(np.sign(slope_x)), int(np.sign(slope_y))
+    if min(abs(slope_x), abs(slope_y)) >= DIAGONAL_RATIO * travel:
+        return _MOTION_NAMES.get((sx, sy))
+    return _MOTION_NAMES[(sx, 0) if abs(slope_x) >= abs(slope_y) else (0, sy)]
 
 
 def score_clip(clip: np.ndarray) -> ClipScore:

@@ -2,8 +2,8 @@
 
 A clip is one filled shape of one colour moving in a straight line on a black background, with its caption
 ("a red square moving to the right"). The demo models are trained on the base colours and motions; the other palette
-colours, and a shape staying still, are concepts a demo LoRA teaches (standing still: for image-to-video models,
-whose start image already shows the colour).
+colours, a shape staying still and a shape moving diagonally are concepts a demo LoRA teaches (the motions: for
+image-to-video models, whose start image already shows the colour).
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ PALETTE = {                       # RGB, far apart so a colour mask tells them a
 }
 BASE_COLOURS = ("red", "green", "blue", "yellow")   # what the demo base models know
 SHAPES = ("square", "circle", "triangle")
-MOTIONS = {"right": (1, 0), "left": (-1, 0), "up": (0, -1), "down": (0, 1), "still": (0, 0)}   # (dx, dy), image axes
+MOTIONS = {"right": (1, 0), "left": (-1, 0), "up": (0, -1), "down": (0, 1), "still": (0, 0),   # (dx, dy), image axes
+           "diagonally": (1, 1)}
 MOTION_WORDS = {"right": "moving to the right", "left": "moving to the left", "up": "moving up",
-                "down": "moving down", "still": "staying still"}
+                "down": "moving down", "still": "staying still", "diagonally": "moving diagonally"}
 BASE_MOTIONS = ("right", "left", "up", "down")     # what the demo base models know
 
 
@@ -101,15 +102,19 @@ def render_clip(spec: ClipSpec, seed: int, frames: int = 17, height: int = 64, w
     travel = rng.uniform(0.3, 0.42) * (width if dx else height)   # pixels covered over the clip
     if not (dx or dy):
         travel = 0.0            # (drawn all the same: a seed gives every motion the same size and position stream)
-    along_lo = margin + (travel if (dx + dy) < 0 else 0)        # start so the whole path is visible
-    span = (width if dx else height) - 2 * margin - travel
-    start_along = along_lo + rng.uniform(0, max(span, 0))
-    across = rng.uniform(margin, (height if dx else width) - margin)
+    if dx and dy:               # a diagonal: the same travel along both axes
+        x0, y0 = (margin + (travel if d < 0 else 0) + rng.uniform(0, max(extent - 2 * margin - travel, 0))
+                  for d, extent in ((dx, width), (dy, height)))
+    else:
+        along_lo = margin + (travel if (dx + dy) < 0 else 0)        # start so the whole path is visible
+        span = (width if dx else height) - 2 * margin - travel
+        start_along = along_lo + rng.uniform(0, max(span, 0))
+        across = rng.uniform(margin, (height if dx else width) - margin)
+        x0, y0 = (start_along, across) if dx else (across, start_along)
     out = np.zeros((frames, height, width, 3), dtype=np.float32)
     colour = np.array(PALETTE[spec.colour], dtype=np.float32)
     for f in range(frames):
-        along = start_along + (dx + dy) * travel * f / (frames - 1)
-        cx, cy = (along, across) if dx else (across, along)
+        cx, cy = x0 + dx * travel * f / (frames - 1), y0 + dy * travel * f / (frames - 1)
         out[f] = shape_mask(spec.shape, size, cx, cy, height, width)[..., None] * colour
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 

@@ -145,7 +145,7 @@ def stage_dit(out: Path, seed: int, steps: int) -> None:
 
 @torch.no_grad()
 def stage_eval(out: Path, seed: int) -> None:
-    """The DiT on the fixed prompts, each from the first frame of a clip of its spec (the seed's), and the still
+    """The DiT on the fixed prompts, each from the first frame of a clip of its spec (the seed's), and the diagonal
     prompts of the LoRA concept (which the base model should not know)."""
     vae = hunyuan.hv_vae.load_hunyuan_vae(out / hunyuan.VAE_FILE, dtype=torch.float32)
     model = pack("engine.families.framepack.loader").load_framepack_dit(out / DIT_FILE, dtype=torch.float32).eval()
@@ -165,5 +165,5 @@ def stage_eval(out: Path, seed: int) -> None:
                                                     seed=seed, **SAMPLE)
         return to_clip(vae.decode(pipeline.generate(model, request))[0])
     score_generation(generate_clip)
-    still = [shapes.ClipSpec(s.colour, s.shape, "still").caption for s in shapes.eval_specs()[:4]]
-    score_generation(generate_clip, prompts=still, seeds_per_prompt=3)
+    diagonal = [shapes.ClipSpec(s.colour, s.shape, "diagonally").caption for s in shapes.eval_specs()[:4]]
+    score_generation(generate_clip, prompts=diagonal, seeds_per_prompt=3)
