@@ -173,6 +173,11 @@ def test_dataset_from_tensors(tmp_path):
     clips = [torch.rand(9, 32, 32, 3), torch.rand(6, 32, 32, 3)]
     vcfg = dataset_from_tensors(clips, ["x", "y"], tmp_path / "c2")
     assert isinstance(vcfg.datasets[0], VideoDatasetConfig) and vcfg.datasets[0].frame_extraction == "full"
+    assert vcfg.datasets[0].fp_latent_window_size == 9                     # Musubi's default
+    assert dataset_from_tensors(clips, ["x", "y"], tmp_path / "c2", fp_latent_window_size=4
+                                ).datasets[0].fp_latent_window_size == 4
+    with pytest.raises(MusubiInputError, match="fp_latent_window_size.*0.*integer >= 1"):
+        dataset_from_tensors(clips, ["x", "y"], tmp_path / "c2", fp_latent_window_size=0)
     with pytest.raises(MusubiInputError, match="one caption each"):
         dataset_from_tensors(images, ["a"], tmp_path / "c3")
     with pytest.raises(MusubiInputError, match="N, H, W, 3"):

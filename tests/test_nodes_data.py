@@ -184,6 +184,13 @@ def test_dataset_from_images_batch(comfy, tmp_path):
     assert counts(text_of(r, "5")) == (1, 0, 0) and "1 clip(s) written" in text_of(r, "5")
     (clip,) = manifest(tmp_path / "v")["items"].values()
     assert clip["latents"]["clips"][0]["frames"] == 5
+    assert comfy.output("5").datasets[0].fp_latent_window_size == 9
+
+    # FramePack's section length reaches the dataset (its section caches read it)
+    nodes = images_node("a green clip", as_video=True, batch=5, cache=tmp_path / "w")
+    nodes["1"]["inputs"]["fp_latent_window_size"] = 4
+    run(comfy, {**cache_prompt(nodes.pop("1"), text=False), **nodes})
+    assert comfy.output("5").datasets[0].fp_latent_window_size == 4
 
 
 def test_dataset_from_images_caption_count_mismatch_is_named(comfy):
