@@ -238,7 +238,8 @@ HUNYUAN_DEMO = _demo("hunyuan", "hunyuan_demo")
 
 # FramePack's demo is image to video: each generation starts from the first frame of a demo clip of its prompt, and
 # the LoRA teaches a motion the base model never saw (a shape moving diagonally: down and to the right), since the
-# start image already shows the colour and the shape. Same node ids as the text-to-video demos for what they share; 30 and up for the start images.
+# start image already shows the colour and the shape. Same node ids as the text-to-video demos for what they share;
+# 30 and up for the start images.
 FRAMEPACK_DEMO_SAMPLE = {"video_seconds": 1.0, "sections": 1, "latent_window_size": 4, "steps": 20,
                          "embedded_guidance": 10.0, "guidance_scale": 5.0, "guidance_rescale": 0.0, "shift": 3.0,
                          "solver": "unipc", "f1": False, "seed": 42, "noise_device": "cpu"}
