@@ -4,6 +4,7 @@ clean image latent at t = 0 per token, the loss on frames 1..) learns, resumes e
 prompt through the pipeline; the I2V forward matches diffusers' transformer fed the official TI2V timestep mask;
 refusals of mixed-up caches and inputs before any step."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 
 from engine.errors import MusubiInputError
 from engine.data import CachedBatchLoader, build_cache, check_cache_for_model, dataset_from_tensors, load_cache_file
+from engine.data.encoding import CacheRequirements, Clip
 from engine.data.cache import manifest_path
 from engine.families import family_for_cache_arch
 from engine.families.wan import cache22
@@ -278,11 +280,13 @@ def test_cache_latents_rules_for_the_2_2_vae(tiny_wan_encoders, tmp_path, raises
     vae22, clip = tiny_wan_encoders["vae22"], object()
     assert isinstance(FAMILY.latent_cache_adapter(vae22, "t2v"), cache22.Wan22CacheAdapter)
     assert FAMILY.latent_cache_adapter(vae22, "i2v").i2v
-    with raises_input("clip_vision", "connected", "no CLIP vision with the Wan 2.2 VAE"):
+    with raises_input("clip_vision", "connected", "no CLIP vision with the Wan 2.2 VAE (TI2V-5B takes the start "
+                      "image through its latent only): disconnect it"):
         FAMILY.latent_cache_adapter(vae22, "i2v", clip)
-    with raises_input("task", "fun_control", "one of ['t2v', 'i2v'] with the Wan 2.2 VAE"):
+    with raises_input("task", "fun_control", "one of ['t2v', 'i2v'] with the Wan 2.2 VAE (TI2V-5B: text-to-video, "
+                      "or i2v to train image-to-video from each clip's first frame)"):
         FAMILY.latent_cache_adapter(vae22, "fun_control")
-    with raises_input("one_frame_history", ["one_frame_no_2x"], "2x and 4x"):
+    with raises_input("one_frame_history", ["one_frame_no_2x"], "2x and 4x (the default) for Wan caches"):
         FAMILY.latent_cache_adapter(vae22, "t2v", one_frame_no_2x=True)
     # 2.1 latents never come from the 2.2 adapter, and the 2.1 rules still apply to the 2.1 VAE
     with raises_input("vae", "16-channel latents", "the 48-channel Wan 2.2 VAE"):
@@ -296,6 +300,53 @@ def test_cache_latents_rules_for_the_2_2_vae(tiny_wan_encoders, tmp_path, raises
     assert not list((tmp_path / "img").glob("*.safetensors"))
     build_cache(images, FAMILY.latent_cache_adapter(vae22, "t2v"))          # text-to-image is fine
     assert len(list((tmp_path / "img").glob("*_wan22_5b.safetensors"))) == 2
+
+
+def test_the_5b_cache_requirements_and_description(tiny_wan_encoders, raises_input):
+    """What a TI2V model asks of a cache, and what its adapter writes into the manifest: the 48-channel latents
+    (and for I2V the image latent) under `wan22_5b`, the umT5 states from the shared `wan` text cache."""
+    assert cache22.cache_requirements(text_dim=4096, i2v=True, vae_identity="vae.st", text_identity="t5.st") == \
+        CacheRequirements("wan22_5b", 48, 4096, ("latents", "t5", "latents_image"), {"latents_image": 48},
+                          {"vae": "vae.st", "text_encoder": "t5.st"}, text_key="t5", text_arch="wan")
+    assert cache22.cache_requirements(text_dim=32) == CacheRequirements(
+        "wan22_5b", 48, 32, ("latents", "t5"), {"latents_image": 48}, {}, text_key="t5", text_arch="wan")
+    vae22 = tiny_wan_encoders["vae22"]
+    assert cache22.Wan22CacheAdapter(vae22, i2v=True).latent_description() == {
+        "vae": vae22.identity, "dtype": "bfloat16", "channels": 48, "i2v": True}
+    assert cache22.Wan22CacheAdapter(vae22, dtype=torch.float32).latent_description()["dtype"] == "float32"
+    planning = cache22.Wan22CacheAdapter(None)                              # Dataset Preview: no VAE needed
+    assert planning.text_description() is None
+    with raises_input("VAE", "NoneType", "an encoder with an `identity` string"):
+        planning.latent_description()
+
+
+def test_the_5b_adapter_refuses_what_it_cannot_cache(tiny_wan_encoders, tmp_path, raises_input):
+    vae22 = tiny_wan_encoders["vae22"]
+    with raises_input("cache dtype", torch.int8, "float16, bfloat16 or float32"):
+        cache22.Wan22CacheAdapter(vae22, dtype=torch.int8)
+    with raises_input("VAE", "NoIdentity", "an encoder with an `identity` string"):
+        cache22.Wan22CacheAdapter(type("NoIdentity", (), {"latent_channels": 48})())
+    with raises_input("vae", "None-channel latents", "the 48-channel Wan 2.2 VAE"):
+        cache22.Wan22CacheAdapter(object())
+    adapter = cache22.Wan22CacheAdapter(vae22, i2v=True)
+    with raises_input("Wan 2.2 VAE cache", "text", "captions cached by the Cache Text Embeddings node (umT5)"):
+        adapter.encode_texts(["a"])
+    frames = np.zeros((5, SIZE, SIZE, 3), np.uint8)
+    with raises_input("dataset control images", "given", "no control files with the Wan 2.2 VAE"):
+        adapter.encode_clip(Clip(frames, control=frames))
+    clips = _dataset(tmp_path).datasets[0]                                  # in-memory clips, each whole
+    with raises_input("dataset #0 (in-memory) control_directory", "set", "no control images with the Wan 2.2 VAE"):
+        adapter.one_frame_spec(clips)
+    # I2V needs frames after the given one: clips cut to 1 frame are refused, by the key that asks for them
+    assert adapter.dataset_latent_description(dataclasses.replace(clips, target_frames=[1])) == {}   # whole clips
+    cut = dataclasses.replace(clips, frame_extraction="head", target_frames=[1, 5], video_directory="/clips")
+    with raises_input("dataset #0 (/clips) target_frames", [1, 5], "video clips of 5 frames or more for task i2v "
+                      "on the Wan 2.2 VAE (the first frame is the given image; the loss is on the frames after it)"):
+        adapter.dataset_latent_description(cut)
+    assert adapter.dataset_latent_description(dataclasses.replace(cut, target_frames=[5, 9])) == {}
+    with raises_input("dataset #0 (in-memory) target_frames", [5, 1], "video clips of 5 frames or more"):
+        adapter.dataset_latent_description(dataclasses.replace(clips, frame_extraction="uniform", target_frames=[5, 1]))
+    assert cache22.Wan22CacheAdapter(vae22).dataset_latent_description(cut) == {}             # t2v: any clip
 
 
 def test_buckets_are_multiples_of_32(tiny_wan_encoders, tmp_path):

@@ -30,7 +30,7 @@ TASKS = ("t2v", "i2v")
 BUCKET_STEP = 32
 
 
-def cache_requirements(*, text_dim: int | None = 4096, i2v: bool = False, vae_identity: str | None = None,
+def cache_requirements(*, text_dim: int | None, i2v: bool = False, vae_identity: str | None = None,
                        text_identity: str | None = None) -> CacheRequirements:
     required = ("latents", "t5") + (("latents_image",) if i2v else ())
     ids = {k: v for k, v in (("vae", vae_identity), ("text_encoder", text_identity)) if v}
@@ -77,12 +77,11 @@ class Wan22CacheAdapter:
     def dataset_latent_description(self, ds) -> dict:
         """Nothing to add to the key; refuses (before any encoding) what I2V cannot learn from: clips of one frame
         (frame 0 is the given image, nothing would be left to predict)."""
-        clips = getattr(ds, "frame_extraction", "full") != "full"     # "full": each video whole
-        single = getattr(ds, "kind", None) == "image" or (clips and 1 in (getattr(ds, "target_frames", None) or ()))
-        if self.i2v and single:
-            key = "image_directory" if getattr(ds, "kind", None) == "image" else "target_frames"
+        images = ds.kind == "image"
+        if self.i2v and (images or (ds.frame_extraction != "full" and 1 in ds.target_frames)):   # "full": whole
+            key = "image_directory" if images else "target_frames"
             raise invalid(f"dataset #{ds.index} ({ds.source or 'in-memory'}) {key}",
-                          getattr(ds, "target_frames", None) if key == "target_frames" else "an image dataset",
+                          "an image dataset" if images else ds.target_frames,
                           "video clips of 5 frames or more for task i2v on the Wan 2.2 VAE (the first frame is the "
                           "given image; the loss is on the frames after it): use task t2v for images")
         return {}
