@@ -382,6 +382,56 @@ def test_refuses_truncated_and_inconsistent_files(tmp_path):
         load_wan_vae(odd)
 
 
+
+class _Edited(_ShapeOnly):
+    """The tiny preset's keys and shapes with some keys dropped and some shapes replaced."""
+
+    def __init__(self, drop=(), **shapes):
+        with torch.device("meta"):
+            super().__init__(WanVAE22(tiny_vae22_config()))
+        self.source = "edited.safetensors"
+        for k in [k for k in self._shapes if k.startswith(drop)] if drop else ():
+            del self._shapes[k]
+        self._shapes.update({k.replace("__", "."): v for k, v in shapes.items()})
+
+
+def test_a_layout_that_is_not_the_2_2_vae_is_refused_by_what_differs(raises_input):
+    tiny = tiny_vae22_config()
+    assert (tiny.dim, tiny.dec_dim, tiny.dim_mult) == (16, 24, [1, 2, 4, 4])    # a decoder width of its own
+    assert infer_vae_config(_Edited()) == tiny
+    layout = "the Wan 2.2 VAE layout (equal residual blocks per stage, widths multiple of the base dim)"
+    stage1 = "encoder.downsamples.1.downsamples."
+    with raises_input("VAE file edited.safetensors", "encoder stage widths [16, 32, 64, 64], residual blocks [1, 2]",
+                      layout):                                                    # one stage one block short
+        infer_vae_config(_Edited(drop=f"{stage1}1."))
+    with raises_input("VAE file edited.safetensors", "encoder stage widths [16, 0, 64, 64], residual blocks [0, 2]",
+                      layout):                                                    # a stage without blocks
+        infer_vae_config(_Edited(drop=(f"{stage1}0.", f"{stage1}1.")))
+    with raises_input("VAE file edited.safetensors", "encoder stage widths [16, 40, 64, 64], residual blocks [2]",
+                      layout):                                                    # a width off the base dim
+        infer_vae_config(_Edited(**{f"{stage1}0.residual.2.weight".replace(".", "__"): (40, 40, 3, 3, 3)}))
+    with raises_input("VAE file edited.safetensors", "decoder width 98", "a multiple of 4"):
+        infer_vae_config(_Edited(decoder__conv1__weight=(98, 48, 3, 3, 3)))
+    with raises_input("VAE file edited.safetensors", "16 encoder input channels",
+                      "the Wan 2.2 VAE's 12 (2x2-patchified RGB)"):
+        infer_vae_config(_Edited(encoder__conv1__weight=(16, 16, 3, 3, 3)))
+
+
+def test_the_shortcuts_refuse_channels_that_do_not_divide():
+    assert AvgDown(3, 8, 2, 2).group == 3 and DupUp(8, 3, 2, 2).repeats == 3    # 3 * 8 = 24 = 8 * 3
+    with pytest.raises(ValueError, match=r"^AvgDown: 3\*8 channels do not group into 5$"):
+        AvgDown(3, 5, 2, 2)
+    with pytest.raises(ValueError, match=r"^DupUp: 5 channels do not spread over 3\*8$"):
+        DupUp(5, 3, 2, 2)
+
+
+def test_the_preset_file_says_what_it_is(tmp_path):
+    from safetensors import safe_open
+
+    with safe_open(str(write_vae22_preset(tmp_path / "v.safetensors")), "pt") as f:
+        assert f.metadata() == {"musubi_preset": "tiny-vae22"}
+
+
 # --- preview -----------------------------------------------------------------------------------------------------
 
 def test_rgb_preview_uses_comfyui_factors(comfyui_dir):
@@ -395,5 +445,6 @@ def test_rgb_preview_uses_comfyui_factors(comfyui_dir):
               + torch.tensor(fmt.latent_rgb_factors_bias))
     assert torch.allclose(rgb, ((manual + 1) / 2).clamp(0, 1), atol=1e-6)
     assert torch.equal(latent_to_rgb_preview22(z[0]), latent_to_rgb_preview22(z))
-    with pytest.raises(MusubiInputError, match="48"):
+    with pytest.raises(MusubiInputError, match=r"^latents: got \(1, 16, 1, 2, 2\); expected \[B, 48, F, h, w\] or "
+                                               r"\[48, F, h, w\] Wan 2.2 latents"):
         latent_to_rgb_preview22(torch.zeros(1, 16, 1, 2, 2))

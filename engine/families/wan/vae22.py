@@ -390,10 +390,11 @@ WAN22_RGB_BIAS = (0.0317, -0.0878, -0.1388)
 def latent_to_rgb_preview22(latents: torch.Tensor, frame: int = 0) -> torch.Tensor:
     """latents [B, 48, F, h, w] or [48, F, h, w] -> float32 RGB [h, w, 3] in [0, 1] of sample 0, latent `frame`
     (a cheap approximation at 1/16 resolution; no VAE). The 2.2 twin of `pipeline.latent_to_rgb_preview`."""
+    given = tuple(latents.shape)
     if latents.ndim == 5:
         latents = latents[0]
     if latents.ndim != 4 or latents.shape[0] != len(WAN22_RGB_FACTORS):
-        raise invalid("latents", tuple(latents.shape), "[B, 48, F, h, w] or [48, F, h, w] Wan 2.2 latents")
+        raise invalid("latents", given, "[B, 48, F, h, w] or [48, F, h, w] Wan 2.2 latents")
     x = latents[:, frame].float().movedim(0, -1)                               # [h, w, 48]
     w = torch.tensor(WAN22_RGB_FACTORS, device=x.device)                        # [48, 3]
     rgb = x @ w + torch.tensor(WAN22_RGB_BIAS, device=x.device)                 # [h, w, 3] in ~[-1, 1]
