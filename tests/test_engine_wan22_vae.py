@@ -261,6 +261,9 @@ class _ShapeOnly:
     WanVAE22Config(),
     tiny_vae22_config(),
     WanVAE22Config(dim=8, dec_dim=16, dim_mult=[1, 2, 2], num_res_blocks=1, temporal_downsample=[True, False]),
+    # every stage its own width (the real VAE repeats its last), the first one too, and 16 latent channels
+    WanVAE22Config(z_dim=16, dim=8, dec_dim=4, dim_mult=[2, 8, 4], num_res_blocks=1,
+                   temporal_downsample=[False, True]),
 ])
 def test_infer_config_from_shapes(cfg):
     with torch.device("meta"):
@@ -417,6 +420,23 @@ def test_a_layout_that_is_not_the_2_2_vae_is_refused_by_what_differs(raises_inpu
         infer_vae_config(_Edited(encoder__conv1__weight=(16, 16, 3, 3, 3)))
 
 
+def test_a_vae_whose_stages_all_differ_in_width_runs_and_is_read_back():
+    """The real VAE repeats its last width (mult 1, 2, 4, 4), so an index off by one there goes unseen: a layout
+    with every width its own still builds, encodes, decodes and reads back from its shapes."""
+    cfg = WanVAE22Config(dim=8, dec_dim=4, dim_mult=[2, 8, 4, 2], num_res_blocks=1,
+                         temporal_downsample=[False, True, True])
+    vae = WanVAE22(cfg).eval()
+    with torch.no_grad():
+        z = vae.encode(_clip(f=5, h=32, w=32))
+        assert z.shape == (1, 48, 2, 2, 2) and vae.decode(z).shape == (1, 3, 5, 32, 32)
+    shapes = _ShapeOnly(vae)
+    shapes._shapes["decoder.conv1.weight"] = (10, 48, 3, 3, 3)                  # dec_dim 5: 10 is 5 x 2
+    assert infer_vae_config(shapes).dec_dim == 5
+    shapes._shapes["decoder.conv1.weight"] = (9, 48, 3, 3, 3)
+    with pytest.raises(MusubiInputError, match=r"^VAE file meta: got 'decoder width 9'; expected a multiple of 2$"):
+        infer_vae_config(shapes)
+
+
 def test_the_shortcuts_refuse_channels_that_do_not_divide():
     assert AvgDown(3, 8, 2, 2).group == 3 and DupUp(8, 3, 2, 2).repeats == 3    # 3 * 8 = 24 = 8 * 3
     with pytest.raises(ValueError, match=r"^AvgDown: 3\*8 channels do not group into 5$"):
@@ -444,7 +464,8 @@ def test_rgb_preview_uses_comfyui_factors(comfyui_dir):
     manual = (z[0, :, 1].permute(1, 2, 0) @ torch.tensor(fmt.latent_rgb_factors)
               + torch.tensor(fmt.latent_rgb_factors_bias))
     assert torch.allclose(rgb, ((manual + 1) / 2).clamp(0, 1), atol=1e-6)
-    assert torch.equal(latent_to_rgb_preview22(z[0]), latent_to_rgb_preview22(z))
+    assert torch.equal(latent_to_rgb_preview22(z[0]), latent_to_rgb_preview22(z, frame=0))
+    assert torch.equal(latent_to_rgb_preview22(z), latent_to_rgb_preview22(z, frame=0))          # frame 0 by default
     with pytest.raises(MusubiInputError, match=r"^latents: got \(1, 16, 1, 2, 2\); expected \[B, 48, F, h, w\] or "
                                                r"\[48, F, h, w\] Wan 2.2 latents"):
         latent_to_rgb_preview22(torch.zeros(1, 16, 1, 2, 2))
