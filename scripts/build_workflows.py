@@ -198,20 +198,18 @@ def _demo_generate(family: str, first_id: int, prompt: str, model: tuple[int, in
     ]
 
 
-def _demo(family: str, prefix: str) -> list:
-    """The demo: the base model generates a prompt it was trained on and one in a colour it never saw (magenta);
-    magenta clips made in the graph train a LoRA on the loaded DiT, then the same prompt and seed again."""
-    return DEMO_LOADERS[family] + \
-        _demo_generate(family, 4, "a green triangle moving up", (1, 0), f"{prefix}_base", "Base model") + \
-        _demo_generate(family, 8, DEMO_LORA_PROMPT, (1, 0), f"{prefix}_before", "New colour, before the LoRA") + [
-        (12, "MusubiDemoShapeClips", {"colours": "magenta", "shapes": "square, circle, triangle",
-                                      "motions": "right, left, up, down", "clips_per_combination": 2, "variation": 7,
-                                      "frames": 17, "width": 64, "height": 64}, {}, "Clips of the new colour"),
+def _demo_lora(name: str, title: str, concept: dict, cache: dict, cache_links: dict | None = None,
+               dataset: dict | None = None) -> list:
+    """Nodes 12-21 of a demo: 24 clips of the new concept (`concept`: colours, shapes, motions) made in the graph,
+    cached, a rank-16 LoRA trained 300 steps on the loaded DiT (node 1), saved as `name`."""
+    return [
+        (12, "MusubiDemoShapeClips", {**concept, "clips_per_combination": 2, "variation": 7, "frames": 17,
+                                      "width": 64, "height": 64}, {}, title),
         (13, "MusubiDatasetFromImages", {"width": 64, "height": 64, "num_repeats": 1, "as_video": True,
-                                         "cache_directory": "", "batch_size": 1},
+                                         "cache_directory": "", "batch_size": 1, **(dataset or {})},
          {"images": (12, 0), "captions": (12, 1), "frames_per_clip": (12, 2)}),
-        (14, "MusubiCacheLatents", {"task": "t2v", "keep_cache": False, "workers": 0},
-         {"dataset": (13, 0), "vae": (3, 0)}),
+        (14, "MusubiCacheLatents", {**cache, "keep_cache": False, "workers": 0},
+         {"dataset": (13, 0), "vae": (3, 0), **(cache_links or {})}),
         (15, "MusubiCacheTextEmbeddings", {"keep_cache": False}, {"dataset": (14, 0), "text_encoder": (2, 0)}),
         (16, "MusubiLoRAConfig", {"network_kind": "lora", "rank": 16, "alpha": 16.0, "dropout": 0.0,
                                   "rank_dropout": 0.0, "module_dropout": 0.0}, {}),
@@ -222,15 +220,27 @@ def _demo(family: str, prefix: str) -> list:
                                     "timestep_sampling": "shift", "discrete_flow_shift": 3.0, "sigmoid_scale": 1.0,
                                     "weighting_scheme": "none", "min_timestep": 0, "max_timestep": 1000,
                                     "save_every_n_steps": 0, "keep_last_n_saves": 0, "output_dir": "",
-                                    "output_name": f"{prefix}_magenta_lora", "save_state": False,
+                                    "output_name": name, "save_state": False,
                                     "attention_backend": "model", "save_format": "comfyui"},
          {"model": (1, 0), "dataset": (15, 0), "lora_config": (16, 0), "optimizer_config": (17, 0)}),
         (19, "MusubiTrainSteps", {"steps": 300, "train_on_every_queue": False}, {"session": (18, 0)},
          "Train the LoRA"),
         (20, "PreviewImage", {}, {"images": (19, 1)}, "Loss"),
-        (21, "MusubiSaveTrainedLoRA", {"format": "comfyui", "filename_prefix": f"loras/{prefix}_magenta_lora",
+        (21, "MusubiSaveTrainedLoRA", {"format": "comfyui", "filename_prefix": f"loras/{name}",
                                        "dtype": "bf16", "save_to": "output"}, {"session": (19, 0)}),
-    ] + _demo_generate(family, 22, DEMO_LORA_PROMPT, (19, 4), f"{prefix}_after", "New colour, after the LoRA")
+    ]
+
+
+def _demo(family: str, prefix: str) -> list:
+    """The demo: the base model generates a prompt it was trained on and one in a colour it never saw (magenta);
+    magenta clips made in the graph train a LoRA on the loaded DiT, then the same prompt and seed again."""
+    return DEMO_LOADERS[family] + \
+        _demo_generate(family, 4, "a green triangle moving up", (1, 0), f"{prefix}_base", "Base model") + \
+        _demo_generate(family, 8, DEMO_LORA_PROMPT, (1, 0), f"{prefix}_before", "New colour, before the LoRA") + \
+        _demo_lora(f"{prefix}_magenta_lora", "Clips of the new colour",
+                   {"colours": "magenta", "shapes": "square, circle, triangle", "motions": "right, left, up, down"},
+                   {"task": "t2v"}) + \
+        _demo_generate(family, 22, DEMO_LORA_PROMPT, (19, 4), f"{prefix}_after", "New colour, after the LoRA")
 
 
 WAN_DEMO = _demo("wan", "demo")
@@ -292,34 +302,12 @@ def _framepack_demo(prefix: str) -> list:
         _framepack_generate(4, base_prompt, (1, 0), 32, f"{prefix}_base", "Base model") + \
         _framepack_start(33, ("red", "square", "diagonally"), "New motion") + \
         _framepack_generate(8, FRAMEPACK_DEMO_LORA_PROMPT, (1, 0), 34, f"{prefix}_before",
-                            "New motion, before the LoRA") + [
-        (12, "MusubiDemoShapeClips", {"colours": "red, green, blue, yellow", "shapes": "square, circle, triangle",
-                                      "motions": "diagonally", "clips_per_combination": 2, "variation": 7, "frames": 17,
-                                      "width": 64, "height": 64}, {}, "Clips of the new motion"),
-        (13, "MusubiDatasetFromImages", {"width": 64, "height": 64, "num_repeats": 1, "as_video": True,
-                                         "cache_directory": "", "batch_size": 1, "fp_latent_window_size": 4},
-         {"images": (12, 0), "captions": (12, 1), "frames_per_clip": (12, 2)}),
-        (14, "MusubiCacheLatents", {"task": "i2v", "keep_cache": False, "workers": 0},
-         {"dataset": (13, 0), "vae": (3, 0), "clip_vision": (30, 0)}),
-        (15, "MusubiCacheTextEmbeddings", {"keep_cache": False}, {"dataset": (14, 0), "text_encoder": (2, 0)}),
-        (16, "MusubiLoRAConfig", {"network_kind": "lora", "rank": 16, "alpha": 16.0, "dropout": 0.0,
-                                  "rank_dropout": 0.0, "module_dropout": 0.0}, {}),
-        (17, "MusubiOptimizerConfig", {"optimizer_type": "AdamW", "learning_rate": 2e-3, "max_grad_norm": 1.0,
-                                       "lr_scheduler": "constant", "lr_warmup_steps": "0"}, {}),
-        (18, "MusubiInitTraining", {"seed": 1, "max_train_steps": 300, "mixed_precision": "no",
-                                    "gradient_checkpointing": False, "gradient_accumulation_steps": 1,
-                                    "timestep_sampling": "shift", "discrete_flow_shift": 3.0, "sigmoid_scale": 1.0,
-                                    "weighting_scheme": "none", "min_timestep": 0, "max_timestep": 1000,
-                                    "save_every_n_steps": 0, "keep_last_n_saves": 0, "output_dir": "",
-                                    "output_name": f"{prefix}_diagonal_lora", "save_state": False,
-                                    "attention_backend": "model", "save_format": "comfyui"},
-         {"model": (1, 0), "dataset": (15, 0), "lora_config": (16, 0), "optimizer_config": (17, 0)}),
-        (19, "MusubiTrainSteps", {"steps": 300, "train_on_every_queue": False}, {"session": (18, 0)},
-         "Train the LoRA"),
-        (20, "PreviewImage", {}, {"images": (19, 1)}, "Loss"),
-        (21, "MusubiSaveTrainedLoRA", {"format": "comfyui", "filename_prefix": f"loras/{prefix}_diagonal_lora",
-                                       "dtype": "bf16", "save_to": "output"}, {"session": (19, 0)}),
-    ] + _framepack_generate(22, FRAMEPACK_DEMO_LORA_PROMPT, (19, 4), 34, f"{prefix}_after",
+                            "New motion, before the LoRA") + \
+        _demo_lora(f"{prefix}_diagonal_lora", "Clips of the new motion",
+                   {"colours": "red, green, blue, yellow", "shapes": "square, circle, triangle",
+                    "motions": "diagonally"},
+                   {"task": "i2v"}, {"clip_vision": (30, 0)}, {"fp_latent_window_size": 4}) + \
+        _framepack_generate(22, FRAMEPACK_DEMO_LORA_PROMPT, (19, 4), 34, f"{prefix}_after",
                             "New motion, after the LoRA")
 
 
