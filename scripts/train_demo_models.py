@@ -28,7 +28,7 @@ from demo_training.common import OUT, log
 
 FAMILIES = {"wan": wan, "hunyuan": hunyuan, "framepack": framepack}
 # (VAE, DiT) steps of the shipped models; FramePack uses HunyuanVideo's VAE and text encoders (train those first)
-STEPS = {"wan": (2000, 6000), "hunyuan": (1500, 6000), "framepack": (0, 6000)}
+STEPS = {"wan": (2000, 6000), "hunyuan": (1500, 6000), "framepack": (0, 8000)}
 
 
 def main(argv=None) -> None:

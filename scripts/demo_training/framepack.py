@@ -26,7 +26,7 @@ siglip = pack("engine.encoders.siglip")
 
 DIT_FILE, SIGLIP_FILE = "framepack_demo_i2v.safetensors", "siglip_demo.safetensors"
 LATENT_WINDOW = 4                  # one section of 4 latent frames after the start latent: 17 frames
-DIT_CONFIG = fp_dit.FramePackConfig(hidden_size=128, num_heads=1, double_blocks=2, single_blocks=2,
+DIT_CONFIG = fp_dit.FramePackConfig(hidden_size=128, num_heads=2, double_blocks=2, single_blocks=2,
                                     text_dim=hunyuan.DIT_CONFIG.text_dim,
                                     text_pool_dim=hunyuan.DIT_CONFIG.text_pool_dim,
                                     image_dim=siglip.TINY_SIGLIP.hidden_size, variant="demo-i2v")
