@@ -3,6 +3,7 @@
 FakeTransfer keeps evicted weights on the meta device, so a block that runs without its weights raises; results
 with and without block swap must be bit-identical (the same CPU kernels run on the same values)."""
 
+import re
 from collections import deque
 
 import pytest
@@ -441,7 +442,7 @@ def test_offload_non_blocks_keeps_results():
 @pytest.mark.parametrize("bad", [6, -1, 7, 2.5, True, "3"])
 def test_blocks_to_swap_validated(bad):
     net, _ = make_net(lora=False)
-    with pytest.raises(MusubiInputError, match=r"blocks_to_swap.*0 to 5"):
+    with pytest.raises(MusubiInputError, match=r"blocks_to_swap.*0 to 5 \(model has 6 blocks"):
         BlockSwapper(net.blocks, "cpu", BlockSwapConfig(blocks_to_swap=bad), transfer=FakeTransfer())
 
 
@@ -559,3 +560,179 @@ def _moves_as_forwards_end(net, ad, sw, steps: int, train: bool) -> list[list]:
     ends = [p for p, e in enumerate(events) if e[0] == "forward done"]
     last_runs = [max(q for q in range(p) if events[q] == ("run", 5)) for p in ends]
     return [[e for e in events[r + 1:p] if e[0] in ("load", "evict")] for r, p in zip(last_runs, ends)]
+
+
+# --- the rest of block swap's mutants (#21: the 413 not checked before) -------------------------------------------
+
+def test_refusals_name_the_value_and_what_was_expected():
+    with pytest.raises(MusubiInputError, match=r"^blocks_to_swap: got 6; expected an integer from 0 to 5 \(model "
+                                               r"has 6 blocks and at least one stays on the GPU\)$"):
+        validate_blocks_to_swap(6, 6)
+    assert validate_blocks_to_swap(0, 6) == 0                                # no swap is a valid setting
+    with pytest.raises(MusubiInputError, match=r"^block swap placement: got 'middle'; expected one of "
+                                               r"\('spread', 'tail'\)$"):
+        choose_swapped(30, 2, "middle")
+    net, _ = make_net(lora=False)
+    for bad in (-1, True, 1.5, "1"):
+        with pytest.raises(MusubiInputError, match=rf"^block swap prefetch: got {re.escape(repr(bad))}; expected "
+                                                   r"an integer >= 0$"):
+            BlockSwapper(net.blocks, "cpu", BlockSwapConfig(blocks_to_swap=1, prefetch=bad), transfer=FakeTransfer())
+
+
+def test_stream_plan_spreads_the_extra_blocks_over_the_rest():
+    # chosen: the blocks at the centres of 10 cut in thirds, 1, 5 and 8. The 7 others are 0 2 3 4 6 7 9; prefetch 1
+    # takes 2 more, those at their halves' centres (positions 1 and 5: blocks 2 and 7), prefetch 2 three more
+    # (positions 1, 3 and 5: blocks 2, 4 and 7)
+    assert choose_swapped(10, 3) == [1, 5, 8]
+    assert stream_plan(10, 3) == stream_plan(10, 3, 1, "spread") == ([1, 2, 5, 7, 8], 2)
+    assert stream_plan(10, 3, 2) == ([1, 2, 4, 5, 7, 8], 3)
+
+
+class TiedBlock(Block):
+    """A block with a tied weight, a shared buffer and empty slots (a bias-free layer's `bias` is None)."""
+
+    def __init__(self, d):
+        super().__init__(d)
+        self.out = nn.Linear(d, d)
+        self.out.weight = self.self_attn.q.weight
+        self.out.register_parameter("unused", None)
+        self.out.register_buffer("absent", None)
+        self.out.register_buffer("gain", self.gain)
+
+    def forward(self, x, ctx):
+        return self.out(super().forward(x, ctx)) * self.out.gain
+
+
+def test_a_tied_tensor_is_packed_once_and_stays_tied():
+    def tied_net():
+        net = Net()
+        torch.manual_seed(1)
+        net.blocks = nn.ModuleList(TiedBlock(64) for _ in range(6))
+        return net.requires_grad_(False)
+    ref = tied_net()
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        expected = ref(x)
+    net = tied_net()
+    trainable = net.blocks[4].self_attn.q.weight.requires_grad_(True)     # tied and trainable: stays on the device
+    sw = attach(net, 2, placement="tail")
+    assert sw.swapped == [2, 3, 4, 5] and net.blocks[4].out.weight is trainable and trainable.device.type == "cpu"
+    block = net.blocks[5]
+    frozen = sum(estimate_module_bytes(net.blocks[i], only_frozen=True) for i in sw.swapped)   # shared: once
+    assert frozen <= sw.host_bytes <= frozen + 256 * 10 * 4                          # (alignment)
+    # every slot of the tied tensors is re-pointed: nothing stays behind in the streamed blocks
+    slots = [*block.named_parameters(remove_duplicate=False), *block.named_buffers(remove_duplicate=False)]
+    assert {t.device.type for _, t in slots} == {"meta"}
+    with torch.no_grad():
+        assert torch.equal(net(x), expected)
+    sw.detach()
+    assert block.out.weight is block.self_attn.q.weight and block.out.gain is block.gain
+    assert block.out.bias.device.type == "cpu" and block.out.unused is None and block.out.absent is None
+    with torch.no_grad():
+        assert torch.equal(net(x), expected)
+
+
+class Undelivered(FakeTransfer):
+    """A broken transfer: its loads finish, but hand back the host-side (meta) views."""
+
+    def finish(self, load):
+        super().finish(load)
+        return self.evicted_views(load.master)
+
+
+def test_a_block_whose_weights_did_not_arrive_is_refused_before_it_runs():
+    net, _ = make_net(lora=False)
+    sw = BlockSwapper(net.blocks, "cpu", BlockSwapConfig(blocks_to_swap=2), transfer=Undelivered(), model=net).attach()
+    first = sw.swapped[0]
+    with pytest.raises(RuntimeError, match=rf"^block swap: block {first} tensor 'gain' is on meta, not cpu$"):
+        net(torch.randn(2, 5, 8))
+    assert ("run", first) not in sw.transfer.log.events
+    sw.detach()
+
+
+def test_room_is_asked_for_the_bytes_each_move_puts_on_the_device(monkeypatch):
+    import engine.memory.block_swap as block_swap
+
+    asked = []
+    monkeypatch.setattr(block_swap, "request_room", lambda nbytes, device: asked.append((nbytes, str(device))))
+    net, ad = make_net()
+    net.blocks[5].norm.weight.requires_grad_(True)                  # trainable, in a streamed block: moved at attach
+    net.embed.bias.requires_grad_(True)                             # trainable, outside the blocks: never asked for
+    sw = attach(net, 2, placement="tail", offload_non_blocks=True)
+    masters = {i: m.nbytes for i, m in sw._masters.items()}
+    assert asked == [(64 * 4, "cpu")]                               # the trainable norm weight, 64 floats
+    asked.clear()
+    run_steps(net, ad, steps=1, train=False)
+    loads = [b for kind, b in sw.transfer.log.events if kind == "load"]
+    non_block = sw.host_bytes - sum(masters.values())
+    assert asked == [(non_block, "cpu")] + [(masters[b], "cpu") for b in loads[1:]]
+    asked.clear()
+    sw.detach("meta")
+    assert asked == [(masters[i], "meta") for i in sorted(masters)] + [(non_block, "meta")]
+
+
+def test_attach_and_detach_are_idempotent_and_set_the_execution_device():
+    from engine.memory.placement import EXECUTION_DEVICE_ATTR, execution_device
+
+    net, ad = make_net()
+    sw = attach(net, 2, offload_non_blocks=True)
+    assert sw.attach() is sw                                         # a second attach adds nothing
+    assert execution_device(net) == torch.device("cpu") and net.embed.weight.device.type == "meta"
+    run_steps(net, ad, steps=1, train=False)
+    assert [e for e in sw.transfer.log.events if e[0] == "run"] == [("run", i) for i in range(6)]   # one hook each
+    sw.detach()
+    sw.detach()                                                      # (`with` after `close()`)
+    assert EXECUTION_DEVICE_ATTR not in net.__dict__ and sw.host_bytes == 0
+    assert all(t.device.type == "cpu" for t in net.state_dict().values())
+    sw.attach()                                                      # attached again after a detach
+    assert sw.host_bytes > 0 and net.blocks[sw.swapped[0]].gain.device.type == "meta"
+    sw.detach()
+
+
+def test_non_block_layers_keep_their_weights_readable_between_forwards():
+    net, ad = make_net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    net.head.bias.requires_grad_(True)                              # trainable: stays a device tensor
+    sw = attach(net, 2, offload_non_blocks=True)
+    assert net.embed.weight.shape == before["embed.weight"].shape and net.head.bias.device.type == "cpu"
+    run_steps(net, ad, steps=1)
+    assert net.head.bias.grad is not None
+    sw.detach()
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
+def test_detach_gives_each_tensor_its_own_memory_on_the_target():
+    net, _ = make_net(lora=False)
+    config = BlockSwapConfig(blocks_to_swap=2, offload_non_blocks=True)
+    sw = BlockSwapper(net.blocks, "cpu", config, transfer=Transfer("cpu"), model=net).attach()
+    swapped = list(sw.swapped)
+    sw.detach()
+    for t in net.state_dict().values():   # not views into the released masters (which would keep them alive)
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    sw = BlockSwapper(net.blocks, "cpu", config, transfer=Transfer("cpu"), model=net).attach()
+    sw.detach("meta")
+    assert all(t.device.type == "meta" for i in swapped for t in net.blocks[i].parameters())
+    assert all(t.device.type == "meta" for t in net.embed.parameters())
+
+
+def test_the_pin_memory_setting_reaches_the_default_transfer(monkeypatch):
+    import engine.memory.block_swap as block_swap
+
+    made = []
+    monkeypatch.setattr(block_swap, "default_transfer", lambda device, pin: made.append((device, pin)) or FakeTransfer())
+    net, _ = make_net(lora=False)
+    for pin in (True, False):
+        BlockSwapper(net.blocks, "cpu", BlockSwapConfig(blocks_to_swap=1, pin_memory=pin))
+    assert made == [("cpu", True), ("cpu", False)]
+
+
+def test_attach_puts_the_resident_blocks_and_the_other_layers_on_the_device(monkeypatch):
+    import engine.memory.block_swap as block_swap
+
+    moved = []
+    monkeypatch.setattr(block_swap, "move_to", lambda module, device, exclude=(): moved.append((module, device, exclude)))
+    net, _ = make_net(lora=False)
+    sw = attach(net, 2, placement="tail")
+    assert sw.swapped == [2, 3, 4, 5]
+    assert moved == [(net.blocks[0], sw.device, ()), (net.blocks[1], sw.device, ()),
+                     (net, sw.device, list(net.blocks))]

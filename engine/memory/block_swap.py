@@ -97,41 +97,52 @@ def _training_forward() -> bool:
 
 
 class _Entry:
-    """One frozen tensor slot of a block: where it is registered."""
-    __slots__ = ("owner", "name", "is_param")
+    """One frozen tensor of a block and every slot it is registered in (a tied tensor has several): all are
+    re-pointed together, so a tie survives swapping."""
+    __slots__ = ("owners", "is_param")
 
     def __init__(self, owner: nn.Module, name: str, is_param: bool):
-        self.owner, self.name, self.is_param = owner, name, is_param
+        self.owners, self.is_param = [(owner, name)], is_param
+
+    @property
+    def name(self) -> str:
+        return self.owners[0][1]
 
     def get(self) -> torch.Tensor:
-        return (self.owner._parameters if self.is_param else self.owner._buffers)[self.name]
+        owner, name = self.owners[0]
+        return (owner._parameters if self.is_param else owner._buffers)[name]
 
     def set(self, t: torch.Tensor) -> None:
         if self.is_param:
-            self.owner._parameters[self.name] = nn.Parameter(t, requires_grad=False)
-        else:
-            self.owner._buffers[self.name] = t
+            t = nn.Parameter(t, requires_grad=False)
+        for owner, name in self.owners:
+            (owner._parameters if self.is_param else owner._buffers)[name] = t
 
 
 NON_BLOCKS = -1   # the transfer-log index of the non-block layers (offload_non_blocks)
 
 
 def _frozen_entries(module: nn.Module, skip: set[int] = frozenset()) -> tuple[list[_Entry], list[nn.Parameter]]:
-    """(frozen parameter/buffer slots, trainable parameters) of a module, leaving out the submodules whose id is in
-    `skip`; shared tensors listed once."""
-    entries, trainable, seen = [], [], set()
+    """(frozen parameter/buffer entries, trainable parameters) of a module, leaving out the submodules whose id is
+    in `skip`; a shared tensor is one entry (packed once) with all its slots."""
+    entries, trainable, seen = [], [], {}
     for m in module.modules():
         if id(m) in skip:
             continue
-        for name, p in m._parameters.items():
-            if p is None or id(p) in seen:
-                continue
-            seen.add(id(p))
-            (trainable.append(p) if p.requires_grad else entries.append(_Entry(m, name, True)))
-        for name, b in m._buffers.items():
-            if b is not None and id(b) not in seen:
-                seen.add(id(b))
-                entries.append(_Entry(m, name, False))
+        for is_param, tensors in ((True, m._parameters), (False, m._buffers)):
+            for name, t in tensors.items():
+                if t is None:
+                    continue
+                if id(t) in seen:
+                    if seen[id(t)] is not None:
+                        seen[id(t)].owners.append((m, name))
+                    continue
+                if is_param and t.requires_grad:
+                    trainable.append(t)
+                    seen[id(t)] = None
+                else:
+                    seen[id(t)] = _Entry(m, name, is_param)
+                    entries.append(seen[id(t)])
     return entries, trainable
 
 
@@ -378,7 +389,7 @@ def swap_blocks(model: nn.Module, blocks_to_swap: int, device: torch.device | st
 
     blocks = blocks_of(model)
     transfer = options.pop("transfer", None)
-    name = getattr(getattr(model, "config", None), "variant", None) or type(model).__name__
+    name = model.config.variant or type(model).__name__
     config = BlockSwapConfig(blocks_to_swap=blocks_to_swap, **options)
     return BlockSwapper(blocks, device, config, transfer=transfer, model=model, model_name=name).attach()
 
