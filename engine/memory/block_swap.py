@@ -389,7 +389,7 @@ def swap_blocks(model: nn.Module, blocks_to_swap: int, device: torch.device | st
 
     blocks = blocks_of(model)
     transfer = options.pop("transfer", None)
-    name = model.config.variant or type(model).__name__
+    name = getattr(getattr(model, "config", None), "variant", None) or type(model).__name__   # any family's model
     config = BlockSwapConfig(blocks_to_swap=blocks_to_swap, **options)
     return BlockSwapper(blocks, device, config, transfer=transfer, model=model, model_name=name).attach()
 
