@@ -5,6 +5,7 @@ import pickle
 
 import pytest
 import torch
+import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -525,3 +526,68 @@ def test_image_cross_attention_beyond_the_model_is_unmatched_on_an_i2v_model():
     assert sorted(report.unmatched_keys) == sorted(sd) and report.matched == []
     with pytest.raises(MusubiInputError, match="k_img"):
         match_lora(read_lora(sd), tiny_model("t2v"))
+
+
+# --- read_lora's refusals and its reading of names (mutation testing, #21) -----------------------------------------
+
+def _lora_pair(stem: str, rank: int = 2, size: int = 8, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {f"{stem}.lora_down.weight": torch.randn(rank, size, generator=g),
+            f"{stem}.lora_up.weight": torch.randn(size, rank, generator=g)}
+
+
+def test_read_lora_refusals_say_where_what_and_what_was_expected(tmp_path, raises_input):
+    with raises_input("LoRA", "int", "a file path or a state dict of tensors"):
+        read_lora(42)
+    with raises_input("LoRA state dict", "no tensors", "a LoRA file"):
+        read_lora({})
+    empty = tmp_path / "empty.safetensors"
+    save_file({}, str(empty))
+    with raises_input(f"checkpoint {empty}", "no tensors", "a file with model weights"):
+        read_lora(empty)
+    with raises_input("LoRA state dict key 'x.lora_down.weight'", "int", "a tensor"):
+        read_lora({"x.lora_down.weight": 3})
+    q = "lora_unet_blocks_0_self_attn_q"
+    two_kinds = {**_lora_pair(q), f"{q}.hada_w1_a": torch.zeros(8, 2)}
+    mixed = tmp_path / "mixed.safetensors"            # (safetensors files keep their keys sorted: hada_ first)
+    save_file(two_kinds, str(mixed))
+    with raises_input(f"{mixed} module {q!r}", "loha and lora tensors", "one adapter kind per module"):
+        read_lora(mixed)
+    with raises_input("LoRA state dict module 'blocks.0.self_attn.q'", "two sets of weights (e.g. two dialects "
+                      "mixed)", "one set of adapter weights per module"):
+        read_lora({**_lora_pair(q), **_lora_pair("diffusion_model.blocks.0.self_attn.q")})
+    fused, _ = _fused_sd({0: ("attn.to_q", 2, 8, 2.0)})
+    with raises_input("LoRA state dict module 'double_blocks.1.img_attn_qkv'", "fused and split weights",
+                      "one set of weights per module"):
+        read_lora({**fused, **_lora_pair("diffusion_model.double_blocks.1.img_attn_qkv", size=8)})
+    piece = "transformer.transformer_blocks.1.attn.to_q"
+    with raises_input(f"LoRA state dict module {piece!r}", {"down": (3, 8), "up": (8, 2)}, "factor shapes that "
+                      "multiply"):                                            # a fused piece, checked on its own
+        read_lora({f"{piece}.lora_A.weight": torch.zeros(3, 8), f"{piece}.lora_B.weight": torch.zeros(8, 2)})
+
+
+class _Toy(nn.Module):
+    """Module names that only a model resolves: `my_layer_sub_mod` could be `my.layer_sub.mod` or others."""
+
+    def __init__(self):
+        super().__init__()
+        self.my_layer = nn.Module()
+        self.my_layer.sub_mod = nn.Linear(8, 8)
+
+
+def test_underscore_names_resolve_against_the_model_or_the_names_given():
+    sd = {"lokr_factor": torch.tensor(4), **_lora_pair("lora_unet_my_layer_sub_mod")}   # a bookkeeping key first
+    alone = read_lora(sd)
+    assert set(alone.modules) == alone.unresolved == {"lora_unet_my_layer_sub_mod"}
+    for lora in (read_lora(sd, model=_Toy()), read_lora(sd, module_names=["my_layer.sub_mod"])):
+        assert set(lora.modules) == {"my_layer.sub_mod"} and lora.unresolved == set()
+        assert lora.stems == {"my_layer.sub_mod": ("musubi", "lora_unet_my_layer_sub_mod")}
+    assert alone.source is None and alone.metadata == {} and alone.unused_keys == []
+    assert read_lora(sd, metadata={"ss_network_dim": "2"}).metadata == {"ss_network_dim": "2"}
+
+
+def test_a_stem_without_usable_weights_does_not_stop_the_others():
+    """A lone `alpha` (no factors) goes to the unused keys; the modules after it are still read."""
+    sd = {"lora_unet_blocks_0_self_attn_k.alpha": torch.tensor(2.0), **_lora_pair("lora_unet_blocks_0_self_attn_q")}
+    lora = read_lora(sd)
+    assert set(lora.modules) == {"blocks.0.self_attn.q"} and lora.unused_keys == ["lora_unet_blocks_0_self_attn_k.alpha"]

@@ -100,8 +100,8 @@ def read_lora(source, model: nn.Module | None = None, module_names=None,
         meta = dict(metadata or {})
     else:
         raise invalid("LoRA", type(source).__name__, "a file path or a state dict of tensors")
-    if not state:
-        raise invalid(f"LoRA {path or 'state dict'}", "no tensors", "a LoRA file")
+    if not state:                    # (a file without tensors is refused by Checkpoint.open)
+        raise invalid("LoRA state dict", "no tensors", "a LoRA file")
     if module_names is None and model is not None:
         module_names = _target_names(dict(model.named_parameters()))
     known = T.underscore_map(module_names) if module_names is not None else None
