@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from engine.errors import MusubiInputError
 from engine.lora import AdapterConfig, AdapterNetwork, convert_lora, match_lora, read_lora, save_lora
+from engine.lora.dialects import resolved_modules
 from engine.lora.metadata import sshs_hashes
 
 from lora_fixtures import DIFFUSERS_NAME, random_lora_factors, reference_delta, tiny_model, weight_shapes
@@ -134,12 +135,27 @@ def test_convert_any_to_any(tmp_path, i2v):
         save_lora(str(b), str(tmp_path / "." / "c.safetensors"))
 
 
-def test_refuses_other_families_variants_and_sizes():
+def test_refuses_other_families_variants_and_sizes(raises_input):
     t2v = tiny_model("t2v")
     hv = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(4, 8),
           "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(8, 4)}
-    with pytest.raises(MusubiInputError, match="HunyuanVideo"):
+    with raises_input("LoRA", "a HunyuanVideo or Flux LoRA (key 'lora_unet_double_blocks_0_img_attn_qkv')",
+                      "a LoRA trained for Wan 2.1"):
         match_lora(read_lora(hv), t2v)
+    for piece in ("k_img", "v_img"):                     # either one names an I2V LoRA
+        stem = f"diffusion_model.blocks.0.cross_attn.{piece}"
+        one = {f"{stem}.lora_down.weight": torch.zeros(4, 256), f"{stem}.lora_up.weight": torch.zeros(256, 4)}
+        with raises_input("my.safetensors", f"image cross-attention weights ('{stem}.lora_down.weight')",
+                          "a LoRA for this model variant: it was trained on an I2V/FLF2V model and this model has "
+                          "no k_img/v_img (text-to-video)"):
+            match_lora(read_lora(one), t2v, label="my.safetensors")
+    q = "diffusion_model.blocks.0.self_attn.q"
+    with raises_input(f"LoRA key '{q}.lora_down.weight'", "LoRA shape (512, 512)", "the model's blocks.0.self_attn"
+                      ".q.weight shape (256, 256) (LoRA made for another model size, e.g. 14B vs 1.3B)"):
+        match_lora(read_lora({f"{q}.lora_down.weight": torch.zeros(4, 512), f"{q}.lora_up.weight": torch.zeros(512, 4)}), t2v)
+    with raises_input(f"LoRA key '{q}.diff_b'", "shape (7,)", "the model's blocks.0.self_attn.q.bias shape (256,) "
+                      "(LoRA made for another model size)"):
+        match_lora(read_lora({f"{q}.diff_b": torch.zeros(7)}), t2v)
     fp = {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 8),
           "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(8, 4)}
     with pytest.raises(MusubiInputError, match="HunyuanVideo"):   # diffusers pieces of HunyuanVideo's fused qkv
@@ -147,11 +163,6 @@ def test_refuses_other_families_variants_and_sizes():
     i2v_lora = read_lora(_dialect_sd(random_lora_factors(tiny_model("i2v"), seed=5), "musubi"))
     with pytest.raises(MusubiInputError, match="k_img"):
         match_lora(i2v_lora, t2v)
-    big = {"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.zeros(4, 512),
-           "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.zeros(512, 4)}
-    with pytest.raises(MusubiInputError, match=r"blocks\.0\.self_attn\.q.*\(512, 512\).*\(256, 256\)"):
-        match_lora(read_lora(big), t2v)
-    partial = dict(big)
     partial = {"diffusion_model.blocks.9.self_attn.q.lora_down.weight": torch.zeros(4, 256),
                "diffusion_model.blocks.9.self_attn.q.lora_up.weight": torch.zeros(256, 4)}
     report = match_lora(read_lora(partial), t2v)
@@ -591,3 +602,29 @@ def test_a_stem_without_usable_weights_does_not_stop_the_others():
     sd = {"lora_unet_blocks_0_self_attn_k.alpha": torch.tensor(2.0), **_lora_pair("lora_unet_blocks_0_self_attn_q")}
     lora = read_lora(sd)
     assert set(lora.modules) == {"blocks.0.self_attn.q"} and lora.unused_keys == ["lora_unet_blocks_0_self_attn_k.alpha"]
+
+
+def test_match_report_counts_unmatched_and_overridden_keys_and_keeps_bias_patches_alone(tmp_path):
+    t2v = tiny_model("t2v")
+    q, norm3 = "diffusion_model.blocks.0.self_attn.q", "diffusion_model.blocks.0.norm3"
+    sd = {f"{q}.lora_down.weight": torch.zeros(4, 256), f"{q}.lora_up.weight": torch.zeros(256, 4),
+          f"{q}.diff": torch.zeros(256, 256), "foo": torch.zeros(1),
+          # low-rank factors on a norm (not a Linear: unmatched) with a bias patch that applies
+          f"{norm3}.lora_down.weight": torch.zeros(4, 256), f"{norm3}.lora_up.weight": torch.zeros(256, 4),
+          f"{norm3}.diff_b": torch.ones(256)}
+    path = tmp_path / "mine.safetensors"
+    save_file(sd, str(path))
+    report = match_lora(read_lora(path), t2v)
+    assert report.summary == (f"{path}: 2/2 LoRA modules matched, 3 keys unmatched (e.g. foo), 2 keys overridden by "
+                              ".diff/.set_weight; 20 default targets not covered")
+    assert report.unmatched_keys == ["foo", f"{norm3}.lora_down.weight", f"{norm3}.lora_up.weight"]
+    norm = resolved_modules(read_lora(sd), t2v)["blocks.0.norm3"]      # its bias patch alone
+    assert (norm.kind, norm.tensors, norm.alpha, norm.dora_scale, norm.touches_weight) == ("diff", {}, None, None, False)
+    assert torch.equal(norm.bias_diff, torch.ones(256))
+    # a bias patch where the model has no bias: unmatched with the rest of the module
+    nq = "diffusion_model.blocks.0.self_attn.norm_q"
+    alone = {f"{nq}.lora_down.weight": torch.zeros(4, 256), f"{nq}.lora_up.weight": torch.zeros(256, 4),
+             f"{nq}.diff_b": torch.zeros(256)}
+    report = match_lora(read_lora(alone), t2v)
+    assert report.summary.startswith("LoRA: 0/1 LoRA modules matched, 3 keys unmatched (e.g. ")
+    assert sorted(report.unmatched_keys) == sorted(alone) and report.matched == []
