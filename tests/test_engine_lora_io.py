@@ -49,12 +49,20 @@ def i2v():
     return tiny_model("i2v")
 
 
-@pytest.mark.parametrize("dialect", ["musubi", "videox-fun", "comfyui", "diffusion-pipe", "diffusers", "peft"])
+@pytest.mark.parametrize("dialect", ["musubi", "videox-fun", "comfyui", "diffusion-pipe", "diffusers", "peft",
+                                     "model.diffusion_model", "lycoris"])
 @pytest.mark.parametrize("with_model", [True, False])
 def test_every_lora_dialect_reads_to_same_delta(i2v, dialect, with_model):
     factors = random_lora_factors(i2v, rank=4, seed=1)
-    lora = read_lora(_dialect_sd(factors, dialect), model=i2v if with_model else None)
+    if dialect == "model.diffusion_model":           # ComfyUI's full prefix
+        sd = {f"model.{k}": v for k, v in _dialect_sd(factors, "comfyui").items()}
+    elif dialect == "lycoris":                       # LyCORIS' prefix for the same underscore names
+        sd = {k.replace("lora_unet_", "lycoris_"): v for k, v in _dialect_sd(factors, "musubi").items()}
+    else:
+        sd = _dialect_sd(factors, dialect)
+    lora = read_lora(sd, model=i2v if with_model else None)
     assert set(lora.modules) == set(factors)  # self_attn/cross_attn/k_img recovered exactly
+    assert lora.dialect == {"diffusion-pipe": "comfyui", "model.diffusion_model": "comfyui"}.get(dialect, dialect)
     for name, (down, up, alpha) in factors.items():
         torch.testing.assert_close(lora.modules[name].delta(), reference_delta(down, up, alpha), rtol=1e-5, atol=1e-7)
     report = match_lora(lora, i2v)
@@ -628,3 +636,29 @@ def test_match_report_counts_unmatched_and_overridden_keys_and_keeps_bias_patche
     report = match_lora(read_lora(alone), t2v)
     assert report.summary.startswith("LoRA: 0/1 LoRA modules matched, 3 keys unmatched (e.g. ")
     assert sorted(report.unmatched_keys) == sorted(alone) and report.matched == []
+
+
+def test_full_weight_patches_override_in_comfyuis_order_and_say_what_they_override():
+    """set_weight > diff > w_norm > the low-rank factors (with their alpha and DoRA scale); diff_b > b_norm, and
+    b_norm only counts beside w_norm. Every key read is listed; what lost is in `overridden`."""
+    s = "diffusion_model.blocks.0.self_attn.q"
+    z = torch.zeros
+    sd = {f"{s}.lora_down.weight": z(2, 8), f"{s}.lora_up.weight": z(8, 2), f"{s}.alpha": torch.tensor(1.0),
+          f"{s}.dora_scale": z(8, 1), f"{s}.w_norm": z(8, 8), f"{s}.diff": z(8, 8), f"{s}.set_weight": torch.ones(8, 8),
+          f"{s}.b_norm": z(8), f"{s}.diff_b": torch.ones(8)}
+    lora = read_lora(sd)
+    mw = lora.modules["blocks.0.self_attn.q"]
+    assert (mw.kind, mw.tensors, mw.alpha, mw.dora_scale, mw.weight_patch[0]) == ("diff", {}, None, None, "set")
+    assert torch.equal(mw.weight_patch[1], torch.ones(8, 8)) and torch.equal(mw.bias_diff, torch.ones(8))
+    assert mw.source_keys == sorted(sd) and lora.unused_keys == []
+    assert lora.overridden_keys == sorted(f"{s}.{p}" for p in ("alpha", "b_norm", "diff", "dora_scale",
+                                                                "lora_down.weight", "lora_up.weight", "w_norm"))
+    w_norm = read_lora({f"{s}.w_norm": torch.ones(8, 8), f"{s}.b_norm": torch.ones(8)}).modules["blocks.0.self_attn.q"]
+    assert w_norm.weight_patch[0] == "diff" and torch.equal(w_norm.bias_diff, torch.ones(8)) and w_norm.overridden == []
+    # b_norm without w_norm is not read; an empty alpha is no alpha
+    lora = read_lora({f"{s}.lora_down.weight": z(2, 8), f"{s}.lora_up.weight": z(8, 2), f"{s}.alpha": torch.tensor([]),
+                      f"{s}.b_norm": z(8)})
+    mw = lora.modules["blocks.0.self_attn.q"]
+    assert (mw.kind, mw.alpha, mw.bias_diff, lora.unused_keys) == ("lora", None, None, [f"{s}.b_norm"])
+    assert read_lora({f"{s}.lora_down.weight": z(2, 8), f"{s}.lora_up.weight": z(8, 2),
+                      f"{s}.alpha": torch.tensor([[3.0]])}).modules["blocks.0.self_attn.q"].alpha == 3.0
