@@ -405,12 +405,14 @@ def _fused_sd(pieces, prefix="transformer.", block="transformer_blocks.1", share
     return sd, factors
 
 
-def test_fused_pieces_sharing_one_down_join_into_one_lora():
+@pytest.mark.parametrize("prefix", ["base_model.model.", "diffusion_model.", "model.diffusion_model."])
+def test_fused_pieces_sharing_one_down_join_into_one_lora(prefix):
     """All pieces of a fused layer with the same down matrix (as the pack writes them): the joined LoRA keeps that
-    down, stacks the scaled ups in piece order and says alpha = rank (scale already folded in)."""
+    down, stacks the scaled ups in piece order and says alpha = rank (scale already folded in). PEFT's prefix, and
+    ComfyUI's (a diffusers-named model keeps diffusers' names in ComfyUI)."""
     down = torch.randn(2, 8, generator=torch.Generator().manual_seed(1))
     pieces = {0: ("attn.to_q", 2, 8, 4.0), 1: ("attn.to_k", 2, 8, 4.0), 2: ("attn.to_v", 2, 8, 4.0)}
-    sd, factors = _fused_sd(pieces, prefix="base_model.model.", shared_down=down)   # PEFT's prefix
+    sd, factors = _fused_sd(pieces, prefix=prefix, shared_down=down)
     lora = read_lora(sd)
     assert set(lora.modules) == {"double_blocks.1.img_attn_qkv"} and lora.stems["double_blocks.1.img_attn_qkv"] == (
         "diffusers", "double_blocks.1.img_attn_qkv")
