@@ -38,7 +38,7 @@ NEGATIVE_PROMPT = ""
 # The text encoders train along with the DiT, and the causal LLaMA learns to carry colour and motion to its later
 # tokens but not the shape (docs/demo.md). With a weight > 0, linear probes on the prompt's mean LLaMA state and on
 # CLIP's pooled vector must name the caption's colour, shape and motion, which makes both vectors carry all three
-# (the probes are not shipped). 0: the shipped models' recipe.
+# (the probes are not shipped). 0: the shipped models' recipe; 0.1 was tried and did worse (docs/demo.md).
 TEXT_PROBE_WEIGHT = 0.0
 
 
