@@ -397,3 +397,48 @@ def test_raw_delta_is_float32_and_only_for_low_rank_kinds():
     assert mw.raw_delta().dtype == torch.float32 and torch.equal(mw.raw_delta(), up.float() @ down.float())
     with pytest.raises(ValueError, match="^no low-rank weights in a 'diff' patch$"):
         ModuleWeights("diff", {}, bias_diff=torch.zeros(3)).raw_delta()
+
+
+def _m(*shape):
+    return torch.ones(*shape)
+
+
+@pytest.mark.parametrize("kind, tensors, value, expected", [
+    # parts missing: the message lists what the module has
+    ("lokr", {"lokr_w1": _m(2, 2)}, ["lokr_w1"], "LoKr tensors lokr_w1 (or _a/_b) and lokr_w2 (or _a/_b)"),
+    ("lokr", {"lokr_w1_a": _m(2, 1), "lokr_w2": _m(2, 2)}, ["lokr_w1_a", "lokr_w2"], "LoKr tensors lokr_w1"),
+    ("lokr", {"lokr_w1": _m(2, 2), "lokr_w2_b": _m(1, 2)}, ["lokr_w1", "lokr_w2_b"], "LoKr tensors lokr_w1"),
+    ("loha", {"hada_w1_a": _m(3, 2), "hada_w1_b": _m(2, 4), "hada_w2_a": _m(3, 2)},
+     ["hada_w1_a", "hada_w1_b", "hada_w2_a"], "all of ['hada_w1_a', 'hada_w1_b', 'hada_w2_a', 'hada_w2_b']"),
+    ("loha", {"hada_w1_a": _m(2, 3), "hada_w1_b": _m(2, 4), "hada_w2_a": _m(2, 3), "hada_w2_b": _m(2, 4),
+              "hada_t1": _m(2, 2)}, ["hada_t1", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"],
+     "both Tucker cores hada_t1 and hada_t2, or neither"),
+    ("lora", {"down": _m(2, 4)}, ["down"], "all of ['down', 'up']"),
+    # factors that do not multiply, in the first product as well as the second
+    ("loha", {"hada_w1_a": _m(3, 2), "hada_w1_b": _m(5, 4), "hada_w2_a": _m(3, 2), "hada_w2_b": _m(2, 4)},
+     {"hada_w1_a": (3, 2), "hada_w1_b": (5, 4), "hada_w2_a": (3, 2), "hada_w2_b": (2, 4)}, "factor shapes that multiply"),
+    ("lokr", {"lokr_w1_a": _m(2, 1), "lokr_w1_b": _m(3, 2), "lokr_w2": _m(2, 2)},
+     {"lokr_w1_a": (2, 1), "lokr_w1_b": (3, 2), "lokr_w2": (2, 2)}, "factor shapes that multiply"),
+])
+def test_module_weight_refusals_name_the_module_its_tensors_and_what_was_expected(kind, tensors, value, expected,
+                                                                                  raises_input):
+    from engine.lora.weights import ModuleWeights
+
+    with raises_input("m", value, expected):
+        ModuleWeights(kind, tensors).validate("m")
+
+
+def test_dora_scale_refusals_and_a_non_square_mid_factor(raises_input):
+    from engine.lora.weights import ModuleWeights
+
+    with raises_input("m dora_scale", "no LoRA/LoHa/LoKr weights", "DoRA with low-rank weights"):
+        ModuleWeights("diff", {}, weight_patch=("diff", _m(8, 8)), dora_scale=_m(8, 1)).validate("m")
+    lora = {"down": _m(2, 8), "up": _m(8, 2)}
+    with raises_input("m dora_scale", (3, 3), "shape (8, 1) or (1, 8) for a weight of shape (8, 8)"):
+        ModuleWeights("lora", lora, dora_scale=_m(3, 3)).validate("m")
+    for ok in ((8, 1), (1, 8)):
+        ModuleWeights("lora", lora, dora_scale=_m(*ok)).validate("m")
+    # LoCon's mid [rank_up, rank_down] need not be square: up [8, 4] @ mid [4, 2] @ down [2, 8]
+    mw = ModuleWeights("lora", {"down": _m(2, 8), "mid": _m(4, 2), "up": _m(8, 4)})
+    mw.validate("m")
+    assert mw.shape == (8, 8)
