@@ -250,7 +250,16 @@ def test_a_hunyuan_lora_applies_to_framepack_split_as_musubi_converts_it(tmp_pat
     hv = {name: a.delta_weight().detach() for name, a in net.adapters().items()}
     model = tiny()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    merge_into_model(model, read_lora(path, model=model))
+    lora = read_lora(path, model=model)
+    merge_into_model(model, lora)
+    # matched against FramePack: HunyuanVideo's modules are adopted under FramePack's names, all of them resolved
+    from engine.families import family_of
+    from engine.lora.dialects import adopted
+
+    fp = adopted(lora, family_of(model))
+    assert fp.unresolved == set() and fp.stems == {n: ("adopted", n) for n in fp.modules}
+    assert "transformer_blocks.1.attn.to_k" in fp.modules and all(family_of(model).lora.owns(n) for n in fp.modules)
+    assert adopted(fp, family_of(model)) is fp                      # FramePack's own names: nothing to adopt
     delta = lambda name: model.get_parameter(f"{name}.weight") - before[f"{name}.weight"]   # noqa: E731
     d = 64
     torch.testing.assert_close(delta("transformer_blocks.1.attn.to_k"), hv["double_blocks.1.img_attn_qkv"][d:2 * d],

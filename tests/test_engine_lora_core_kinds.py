@@ -419,6 +419,20 @@ def _m(*shape):
      {"hada_w1_a": (3, 2), "hada_w1_b": (5, 4), "hada_w2_a": (3, 2), "hada_w2_b": (2, 4)}, "factor shapes that multiply"),
     ("lokr", {"lokr_w1_a": _m(2, 1), "lokr_w1_b": _m(3, 2), "lokr_w2": _m(2, 2)},
      {"lokr_w1_a": (2, 1), "lokr_w1_b": (3, 2), "lokr_w2": (2, 2)}, "factor shapes that multiply"),
+    ("lokr", {"lokr_w1": _m(2, 2), "lokr_w2_a": _m(2, 1), "lokr_w2_b": _m(3, 2)},
+     {"lokr_w1": (2, 2), "lokr_w2_a": (2, 1), "lokr_w2_b": (3, 2)}, "factor shapes that multiply"),
+    # LoCon mid [rank_up, rank_down]: either side off
+    ("lora", {"down": _m(2, 8), "mid": _m(4, 3), "up": _m(8, 4)}, {"down": (2, 8), "mid": (4, 3), "up": (8, 4)},
+     "factor shapes that multiply"),
+    ("lora", {"down": _m(2, 8), "mid": _m(3, 2), "up": _m(8, 4)}, {"down": (2, 8), "mid": (3, 2), "up": (8, 4)},
+     "factor shapes that multiply"),
+    # Tucker cores [rank_a, rank_b] between a [rank_a, out] and b [rank_b, in]: the b side off
+    ("loha", {"hada_w1_a": _m(2, 3), "hada_t1": _m(2, 6), "hada_w1_b": _m(5, 4),
+              "hada_w2_a": _m(2, 3), "hada_t2": _m(2, 5), "hada_w2_b": _m(5, 4)},
+     {"hada_w1_a": (2, 3), "hada_t1": (2, 6), "hada_w1_b": (5, 4), "hada_w2_a": (2, 3), "hada_t2": (2, 5),
+      "hada_w2_b": (5, 4)}, "factor shapes that multiply"),
+    ("lokr", {"lokr_w1": _m(2, 2), "lokr_w2_a": _m(2, 3), "lokr_t2": _m(2, 6), "lokr_w2_b": _m(5, 4)},
+     {"lokr_w1": (2, 2), "lokr_w2_a": (2, 3), "lokr_t2": (2, 6), "lokr_w2_b": (5, 4)}, "factor shapes that multiply"),
 ])
 def test_module_weight_refusals_name_the_module_its_tensors_and_what_was_expected(kind, tensors, value, expected,
                                                                                   raises_input):
@@ -433,12 +447,17 @@ def test_dora_scale_refusals_and_a_non_square_mid_factor(raises_input):
 
     with raises_input("m dora_scale", "no LoRA/LoHa/LoKr weights", "DoRA with low-rank weights"):
         ModuleWeights("diff", {}, weight_patch=("diff", _m(8, 8)), dora_scale=_m(8, 1)).validate("m")
-    lora = {"down": _m(2, 8), "up": _m(8, 2)}
-    with raises_input("m dora_scale", (3, 3), "shape (8, 1) or (1, 8) for a weight of shape (8, 8)"):
+    lora = {"down": _m(2, 6), "up": _m(8, 2)}
+    with raises_input("m dora_scale", (3, 3), "shape (8, 1) or (1, 6) for a weight of shape (8, 6)"):
         ModuleWeights("lora", lora, dora_scale=_m(3, 3)).validate("m")
-    for ok in ((8, 1), (1, 8)):
+    for ok in ((8, 1), (1, 6)):
         ModuleWeights("lora", lora, dora_scale=_m(*ok)).validate("m")
     # LoCon's mid [rank_up, rank_down] need not be square: up [8, 4] @ mid [4, 2] @ down [2, 8]
     mw = ModuleWeights("lora", {"down": _m(2, 8), "mid": _m(4, 2), "up": _m(8, 4)})
     mw.validate("m")
     assert mw.shape == (8, 8)
+    # and Tucker cores need not be square: a [2, out 3] · core [2, 5] · b [5, in 4]
+    for kind, t in (("loha", {"hada_w1_a": _m(2, 3), "hada_t1": _m(2, 5), "hada_w1_b": _m(5, 4),
+                              "hada_w2_a": _m(2, 3), "hada_t2": _m(2, 5), "hada_w2_b": _m(5, 4)}),
+                    ("lokr", {"lokr_w1": _m(2, 2), "lokr_w2_a": _m(2, 3), "lokr_t2": _m(2, 5), "lokr_w2_b": _m(5, 4)})):
+        ModuleWeights(kind, t).validate("m")
