@@ -178,7 +178,7 @@ def test_refuses_other_families_variants_and_sizes(raises_input):
     assert "0/1" in report.summary
 
 
-def test_bad_files_refused(tmp_path):
+def test_bad_files_refused(tmp_path, raises_input):
     good = tmp_path / "good.safetensors"
     save_file({"lora_unet_blocks_0_self_attn_q.lora_down.weight": torch.zeros(4, 256),
                "lora_unet_blocks_0_self_attn_q.lora_up.weight": torch.zeros(256, 4)}, str(good))
@@ -203,8 +203,10 @@ def test_bad_files_refused(tmp_path):
                 "lora_unet_blocks_0_self_attn_q.lora_up.weight": torch.zeros(256, 8)}
     with pytest.raises(MusubiInputError, match="factor shapes"):
         read_lora(mismatch)
-    with pytest.raises(MusubiInputError, match="no adapter weights"):
-        read_lora({"foo.weight": torch.zeros(2)})
+    with raises_input("LoRA state dict", "4 tensors and no adapter weights (e.g. ['a.weight', 'b.weight', "
+                      "'c.weight'])", "LoRA/LoHa/LoKr tensors (lora_down/lora_up, lora_A/lora_B, hada_*, lokr_*) or "
+                      "weight differences (.diff, .diff_b)"):
+        read_lora({f"{k}.weight": torch.zeros(2) for k in "abcd"})
 
 
 def _musubi_target_default(sd: dict) -> dict:
@@ -664,3 +666,12 @@ def test_full_weight_patches_override_in_comfyuis_order_and_say_what_they_overri
     assert (mw.kind, mw.alpha, mw.bias_diff, lora.unused_keys) == ("lora", None, None, [f"{s}.b_norm"])
     assert read_lora({f"{s}.lora_down.weight": z(2, 8), f"{s}.lora_up.weight": z(8, 2),
                       f"{s}.alpha": torch.tensor([[3.0]])}).modules["blocks.0.self_attn.q"].alpha == 3.0
+
+
+def test_the_dialect_names_every_layout_in_the_file_and_lycoris_kinds():
+    q, k = "blocks.0.self_attn.q", "blocks.0.self_attn.k"
+    mixed = {**_lora_pair(f"diffusion_model.{q}"), **_lora_pair("lora_unet_blocks_0_self_attn_k")}
+    assert read_lora(mixed).dialect == "comfyui+musubi"
+    loha = {f"diffusion_model.{k}.{p}": torch.ones(8, 2) if p.endswith("_a") else torch.ones(2, 8)
+            for p in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
+    assert read_lora({**_lora_pair(f"diffusion_model.{q}"), **loha}).dialect == "comfyui/lycoris"

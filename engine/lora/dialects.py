@@ -161,7 +161,7 @@ def read_lora(source, model: nn.Module | None = None, module_names=None,
         modules[name] = _join_fused(name, pieces, where)
         stems[name] = ("diffusers", name)
     if not modules:
-        raise invalid(f"LoRA {where}", f"{len(state)} tensors and no adapter weights (e.g. {list(state)[:3]})",
+        raise invalid(where, f"{len(state)} tensors and no adapter weights (e.g. {list(state)[:3]})",
                       "LoRA/LoHa/LoKr tensors (lora_down/lora_up, lora_A/lora_B, hada_*, lokr_*) or weight "
                       "differences (.diff, .diff_b)")
     dialect = "+".join(sorted(dialects))
