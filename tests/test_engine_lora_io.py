@@ -67,6 +67,7 @@ def test_every_lora_dialect_reads_to_same_delta(i2v, dialect, with_model):
         torch.testing.assert_close(lora.modules[name].delta(), reference_delta(down, up, alpha), rtol=1e-5, atol=1e-7)
     report = match_lora(lora, i2v)
     assert report.complete and len(report.matched) == 24 and report.uncovered == []
+    assert report.summary == "LoRA: 24/24 LoRA modules matched; 0 default targets not covered"
 
 
 def test_lycoris_loha_and_lokr_read(i2v):
@@ -675,3 +676,8 @@ def test_the_dialect_names_every_layout_in_the_file_and_lycoris_kinds():
     loha = {f"diffusion_model.{k}.{p}": torch.ones(8, 2) if p.endswith("_a") else torch.ones(2, 8)
             for p in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
     assert read_lora({**_lora_pair(f"diffusion_model.{q}"), **loha}).dialect == "comfyui/lycoris"
+    lokr = {f"{k}.lokr_w1": torch.ones(2, 2), f"{k}.lokr_w2": torch.ones(4, 4)}      # official names, no prefix
+    assert read_lora(lokr).dialect == "bare/lycoris"
+    # LoCon's mid without an up matrix: refused as an incomplete LoRA
+    with pytest.raises(MusubiInputError, match=r"^LoRA state dict module 'x': got \['down'\]; expected all of "):
+        read_lora({"x.lora_down.weight": torch.ones(2, 8), "x.lora_mid.weight": torch.ones(2, 2)})
