@@ -424,29 +424,56 @@ def test_pickled_code_is_never_run(tmp_path, master):
         load_hunyuan_dit(path)
 
 
-def test_bad_forward_inputs():
+def test_bad_forward_inputs(raises_input):
     model = _model("tiny")
     x, t, text, mask, pooled = _inputs(model.config)
-    with pytest.raises(MusubiInputError, match="text_states"):
-        model(x, t, torch.zeros(2, 7, 40), mask, pooled)
-    with pytest.raises(MusubiInputError, match="text_states_2"):
-        model(x, t, text, mask, None)
-    with pytest.raises(MusubiInputError, match="text_states_2"):
-        model(x, t, text, mask, pooled[:, :8])
-    with pytest.raises(MusubiInputError, match="no real token"):
-        model(x, t, text, torch.zeros_like(mask), pooled)
-    with pytest.raises(MusubiInputError, match="text_mask"):
-        model(x, t, text, mask[:, :5], pooled)
-    with pytest.raises(MusubiInputError, match="patch size"):
-        model(x[..., :5], t, text, mask, pooled)
-    with pytest.raises(MusubiInputError, match=r"\[2\] timesteps"):
-        model(x, torch.ones(3), text, mask, pooled)
-    no_guidance = _model("tiny-i2v")
-    xi, ti, texti, maski, pooledi = _inputs(no_guidance.config)
-    with pytest.raises(MusubiInputError, match="no guidance embedder"):
-        no_guidance(xi, ti, texti, maski, pooledi, torch.tensor([6000.0, 6000.0]))
+    cases = [
+        ((x, t, torch.zeros(2, 7, 40), mask, pooled), "text_states", (2, 7, 40), "[B, tokens, 32] LLM hidden states for tiny"),
+        ((x, t, text[:1].repeat(3, 1, 1), mask, pooled), "text_states", (3, 7, 32), "batch 2 (one prompt per latent)"),
+        ((x, t, text, mask, None), "text_states_2", None, "[B, 24] CLIP-L pooled embeddings"),
+        ((x, t, text, mask, pooled[:, :8]), "text_states_2", (2, 8), "[B, 24] CLIP-L pooled embeddings"),
+        ((x, t, text, mask, torch.zeros(3, 24)), "text_states_2", (3, 24), "[2, 24]"),
+        ((x, t, text, torch.zeros_like(mask), pooled), "text_mask", "a prompt with no real token",
+         "at least one True (unpadded) token per prompt"),
+        ((x, t, text, mask[:, :5], pooled), "text_mask", (2, 5), "(2, 7) (one flag per token)"),
+        ((x[..., :5], t, text, mask, pooled), "x", (2, 16, 3, 4, 5), "F, H, W divisible by the patch size (1, 2, 2)"),
+        ((x[:, :8], t, text, mask, pooled), "x", "noisy latents (no y given) with shape (2, 8, 3, 4, 6)",
+         "[B, 16, F, H, W] for tiny (in_channels=16)"),
+        ((x[:, :, 0], t, text, mask, pooled), "x", "noisy latents (no y given) with shape (2, 16, 4, 6)",
+         "[B, 16, F, H, W] for tiny (in_channels=16)"),
+        ((x, torch.ones(3), text, mask, pooled), "t", (3,), "[2] timesteps (one per latent)"),
+        ((x, t, text, mask, pooled, torch.ones(3)), "guidance", (3,), "[2] guidance values (one per latent)"),
+    ]
+    for args, name, value, expected in cases:
+        with raises_input(name, value, expected):
+            model(*args)
+    i2v = _model("tiny-i2v")
+    xi, ti, texti, maski, pooledi = _inputs(i2v.config)
+    with raises_input("guidance", "a guidance value", "None: tiny-i2v has no guidance embedder (not a "
+                      "guidance-distilled model; use real CFG)"):
+        i2v(xi, ti, texti, maski, pooledi, torch.tensor([6000.0, 6000.0]))
+    with raises_input("x", "noisy latents (no y given) with shape (2, 16, 3, 4, 6)", "[B, 32, F, H, W] for tiny-i2v"):
+        i2v(xi[:, :16], ti, texti, maski, pooledi)
+    with raises_input("x", "noisy latents + y with shape (2, 64, 3, 4, 6)", "[B, 32, F, H, W] for tiny-i2v"):
+        i2v(xi, ti, texti, maski, pooledi, y=xi)
     with pytest.raises(MusubiInputError, match="attention_backend"):
         model.attention_backend = "magic"
+
+
+def test_one_prompt_serves_a_batch_and_no_mask_means_every_token_is_real():
+    """Text states, mask, pooled vector and guidance of batch 1 are broadcast over the latents' batch; y is
+    concatenated to x on the channels."""
+    model = _model("tiny")
+    x, t, text, mask, pooled = _inputs(model.config, valid=(7, 7))
+    g = torch.full((2,), 4000.0)
+    with torch.no_grad():
+        expected = model(x, t, text[:1].expand(2, -1, -1), mask, pooled[:1].expand(2, -1), g)
+        assert torch.equal(model(x, t, text[:1], mask[:1], pooled[:1], g[:1]), expected)
+        assert torch.equal(model(x, t, text[:1], None, pooled[:1], g), expected)
+        assert not torch.equal(model(x, t, text, mask, pooled, g), expected)        # (the prompts differ)
+        i2v = _model("tiny-i2v")
+        xi = torch.randn(2, 32, 3, 4, 6, generator=torch.Generator().manual_seed(3))
+        assert torch.equal(i2v(xi[:, :16], t, text, mask, pooled, y=xi[:, 16:]), i2v(xi, t, text, mask, pooled))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -514,3 +541,19 @@ def test_bf16_close_to_fp32_and_gradients_reach_every_block():
                  "single_blocks.1.linear1", "guidance_in.mlp.0", "vector_in.in_layer"):
         grad = model.get_submodule(name).weight.grad
         assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_config_refusals_and_the_official_rope_split(raises_input):
+    from engine.families.hunyuan.dit import HunyuanConfig, official_rope_dims
+
+    assert official_rope_dims(128) == (16, 56, 56) and official_rope_dims(64) == (8, 28, 28)
+    assert official_rope_dims(96) == (12, 42, 42)
+    assert HunyuanConfig(hidden_size=128, num_heads=2).rope_dims == (8, 28, 28)
+    assert HunyuanConfig(hidden_size=128, num_heads=2, rope_dims=[16, 24, 24]).rope_dims == (16, 24, 24)
+    with raises_input("HunyuanVideo head dim", 48, "a multiple of 32 (RoPE splits it 1/8, 7/16, 7/16)"):
+        HunyuanConfig(hidden_size=96, num_heads=2)
+    with raises_input("HunyuanConfig.num_heads", 3, "a divisor of hidden_size=128"):
+        HunyuanConfig(hidden_size=128, num_heads=3)
+    for bad in ((16, 24, 22), (15, 25, 24)):
+        with raises_input("HunyuanConfig.rope_dims", bad, "three even numbers summing to the head dim 64"):
+            HunyuanConfig(hidden_size=128, num_heads=2, rope_dims=bad)
